@@ -1,0 +1,191 @@
+"""cffi builder for ``kvmfw.abi._kvm``: the arch-neutral KVM ABI, compiled in API mode.
+
+API mode (``set_source`` against ``<linux/kvm.h>``) means every struct size and field offset
+below comes from the C compiler, never from a hand-typed number: a field name that does not
+exist in the host headers is a build error, not silent guest corruption. Architecture
+plugins build their own module for ``<asm/kvm.h>`` structs and pass buffers to the one ioctl
+wrapper here (``kvmfw_ioctl``) by address.
+
+Besides the structs this module carries four tiny C helpers that Python cannot express
+without a compiler: the ioctl call itself (returning ``-errno`` so the hot path needs no
+second lookup), a no-op signal handler for the kick signal, a POSIX timer aimed at one
+thread (``SIGEV_THREAD_ID``), and ``perf_event_open``.
+"""
+
+from cffi import FFI
+
+CDEF = r"""
+struct kvm_userspace_memory_region {
+    uint32_t slot; uint32_t flags; uint64_t guest_phys_addr; uint64_t memory_size;
+    uint64_t userspace_addr; ...;
+};
+struct kvm_coalesced_mmio_zone { uint64_t addr; uint32_t size; uint32_t pio; ...; };
+struct kvm_coalesced_mmio {
+    uint64_t phys_addr; uint32_t len; uint32_t pio; uint8_t data[8]; ...;
+};
+struct kvm_coalesced_mmio_ring { uint32_t first; uint32_t last; ...; };
+struct kvm_irq_level { uint32_t irq; uint32_t level; ...; };
+struct kvm_one_reg { uint64_t id; uint64_t addr; ...; };
+struct kvm_reg_list { uint64_t n; ...; };
+struct kvm_create_device { uint32_t type; uint32_t fd; uint32_t flags; ...; };
+struct kvm_device_attr { uint32_t flags; uint32_t group; uint64_t attr; uint64_t addr; ...; };
+struct kvm_signal_mask { uint32_t len; ...; };
+struct kvm_enable_cap { uint32_t cap; uint32_t flags; uint64_t args[4]; ...; };
+struct kvm_dirty_log { uint32_t slot; ...; };
+struct kvm_guest_debug { uint32_t control; ...; };
+
+struct kvm_run {
+    uint8_t request_interrupt_window;
+    uint8_t immediate_exit;
+    uint32_t exit_reason;
+    uint8_t ready_for_interrupt_injection;
+    uint8_t if_flag;
+    uint16_t flags;
+    uint64_t cr8;
+    uint64_t apic_base;
+    union {
+        struct { uint64_t hardware_exit_reason; } hw;
+        struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } fail_entry;
+        struct { uint32_t exception; uint32_t error_code; } ex;
+        struct { uint8_t direction; uint8_t size; uint16_t port; uint32_t count;
+                 uint64_t data_offset; } io;
+        struct { uint64_t phys_addr; uint8_t data[8]; uint32_t len; uint8_t is_write; } mmio;
+        struct { uint64_t nr; uint64_t args[6]; uint64_t ret; uint32_t longmode;
+                 uint32_t pad; } hypercall;
+        struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } internal;
+        struct { uint32_t suberror; uint32_t ndata; uint64_t flags;
+                 union { struct { uint8_t insn_size; uint8_t insn_bytes[15]; }; };
+               } emulation_failure;
+        struct { uint32_t type; uint32_t ndata; uint64_t data[16]; } system_event;
+        struct { uint8_t error; uint8_t pad[7]; uint32_t reason; uint32_t index;
+                 uint64_t data; } msr;
+        char padding[256];
+    };
+    uint64_t kvm_valid_regs;
+    uint64_t kvm_dirty_regs;
+    ...;
+};
+
+int kvmfw_ioctl(int fd, unsigned long request, uintptr_t arg);
+int kvmfw_run(int fd);
+int kvmfw_install_kick_handler(int signo);
+int kvmfw_gettid(void);
+intptr_t kvmfw_timer_create(int signo, int tid);
+int kvmfw_timer_arm(intptr_t timer, int64_t deadline_ns);
+int64_t kvmfw_timer_disarm(intptr_t timer);
+int kvmfw_timer_delete(intptr_t timer);
+int kvmfw_perf_open(uint32_t type, uint64_t config, int exclude_host);
+int64_t kvmfw_perf_read(int fd);
+"""
+
+SOURCE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <linux/kvm.h>
+#include <linux/perf_event.h>
+
+/* The one ioctl call: returns the result, or -errno on failure. */
+static int kvmfw_ioctl(int fd, unsigned long request, uintptr_t arg)
+{
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+/* KVM_RUN: cffi releases the GIL around this call. */
+static int kvmfw_run(int fd)
+{
+    int r = ioctl(fd, KVM_RUN, 0);
+    return r < 0 ? -errno : r;
+}
+
+static void kvmfw_kick_handler(int sig, siginfo_t *info, void *ctx)
+{
+    (void)sig; (void)info; (void)ctx;   /* its only job is to make KVM_RUN return */
+}
+
+static int kvmfw_install_kick_handler(int signo)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = kvmfw_kick_handler;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
+}
+
+static int kvmfw_gettid(void) { return (int)syscall(SYS_gettid); }
+
+static intptr_t kvmfw_timer_create(int signo, int tid)
+{
+    struct sigevent sev;
+    timer_t t;
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = signo;
+    sev._sigev_un._tid = tid;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &t) < 0)
+        return -errno;
+    return (intptr_t)t;
+}
+
+static int kvmfw_timer_arm(intptr_t timer, int64_t deadline_ns)
+{
+    struct itimerspec its;
+    memset(&its, 0, sizeof(its));
+    if (deadline_ns <= 0)
+        deadline_ns = 1;
+    its.it_value.tv_sec = deadline_ns / 1000000000LL;
+    its.it_value.tv_nsec = deadline_ns % 1000000000LL;
+    return timer_settime((timer_t)timer, TIMER_ABSTIME, &its, NULL) < 0 ? -errno : 0;
+}
+
+/* Disarm; returns the nanoseconds that were left (0 = it had expired). */
+static int64_t kvmfw_timer_disarm(intptr_t timer)
+{
+    struct itimerspec its, old;
+    memset(&its, 0, sizeof(its));
+    if (timer_settime((timer_t)timer, 0, &its, &old) < 0)
+        return -errno;
+    return (int64_t)old.it_value.tv_sec * 1000000000LL + old.it_value.tv_nsec;
+}
+
+static int kvmfw_timer_delete(intptr_t timer)
+{
+    return timer_delete((timer_t)timer) < 0 ? -errno : 0;
+}
+
+/* A counting perf event on the calling thread (guest only when exclude_host). */
+static int kvmfw_perf_open(uint32_t type, uint64_t config, int exclude_host)
+{
+    struct perf_event_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.size = sizeof(attr);
+    attr.type = type;
+    attr.config = config;
+    attr.exclude_hv = 1;
+    attr.exclude_host = exclude_host ? 1 : 0;
+    long fd = syscall(SYS_perf_event_open, &attr, 0, -1, -1, 0);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+static int64_t kvmfw_perf_read(int fd)
+{
+    uint64_t v;
+    ssize_t n = read(fd, &v, sizeof(v));
+    return n == (ssize_t)sizeof(v) ? (int64_t)v : -errno;
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("kvmfw.abi._kvm", SOURCE, libraries=["rt"])
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

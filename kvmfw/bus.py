@@ -1,0 +1,172 @@
+"""The IO/MMIO bus: address ranges of one space (port IO or MMIO) mapped to devices.
+
+A device sees offsets relative to its own base and bytes: ``read(offset, size) -> bytes``
+and ``write(offset, data)``. The bus keeps ranges sorted, rejects overlaps, remembers the
+last lookups (the run loop's hot path is one dict hit and one call), counts accesses no
+device claims and answers them by policy: ``ignore`` (reads return all ones, writes are
+dropped) or ``fatal`` (:class:`~kvmfw.errors.UnclaimedAccessError`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from kvmfw.errors import BusError, BusOverlapError, DeviceError, UnclaimedAccessError
+
+log = logging.getLogger("kvmfw.bus")
+
+
+@runtime_checkable
+class BusDevice(Protocol):
+    """What the bus needs from a device."""
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class Mapping:
+    base: int
+    size: int
+    device: BusDevice
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+class AddressSpace:
+    """One address space (``pio`` or ``mmio``)."""
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, name: str, *, unclaimed: str = "ignore", limit: int | None = None) -> None:
+        if unclaimed not in ("ignore", "fatal"):
+            raise BusError(f"unclaimed-access policy must be 'ignore' or 'fatal', not {unclaimed!r}")
+        self.name = name
+        self.unclaimed = unclaimed
+        self.limit = limit
+        self._maps: list[Mapping] = []
+        self._starts: list[int] = []
+        self._cache: dict[int, Mapping | None] = {}
+        self.unclaimed_reads = 0
+        self.unclaimed_writes = 0
+
+    # --- registration --------------------------------------------------------------
+
+    def register(self, base: int, size: int, device: BusDevice, name: str | None = None) -> Mapping:
+        """Map ``device`` at ``[base, base + size)``; overlaps raise :class:`BusOverlapError`."""
+        label = name or getattr(device, "name", type(device).__name__)
+        if size <= 0:
+            raise BusError(f"{self.name}: {label} has an empty range at {base:#x}")
+        if base < 0 or (self.limit is not None and base + size > self.limit):
+            raise BusError(f"{self.name}: {label} range [{base:#x}, {base + size:#x}) is outside "
+                           f"the address space")
+        for m in self._maps:
+            if base < m.end and m.base < base + size:
+                raise BusOverlapError(
+                    f"{self.name}: {label} [{base:#x}, {base + size:#x}) overlaps "
+                    f"{m.name} [{m.base:#x}, {m.end:#x})")
+        m = Mapping(base, size, device, label)
+        i = bisect.bisect(self._starts, base)
+        self._maps.insert(i, m)
+        self._starts.insert(i, base)
+        self._cache.clear()
+        return m
+
+    def unregister(self, device_or_base: BusDevice | int) -> None:
+        for i, m in enumerate(self._maps):
+            if m.device is device_or_base or m.base == device_or_base:
+                del self._maps[i]
+                del self._starts[i]
+                self._cache.clear()
+                return
+        raise BusError(f"{self.name}: nothing registered for {device_or_base!r}")
+
+    def mappings(self) -> list[Mapping]:
+        return list(self._maps)
+
+    # --- lookup and access -----------------------------------------------------------
+
+    def lookup(self, addr: int) -> Mapping | None:
+        try:
+            return self._cache[addr]
+        except KeyError:
+            pass
+        i = bisect.bisect(self._starts, addr) - 1
+        m = self._maps[i] if i >= 0 and addr < self._maps[i].end else None
+        if len(self._cache) >= self._CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[addr] = m
+        return m
+
+    def read(self, addr: int, size: int) -> bytes:
+        m = self._cache.get(addr) or self.lookup(addr)
+        if m is None or addr + size > m.base + m.size:
+            return self._unclaimed(addr, size, None)
+        try:
+            data = m.device.read(addr - m.base, size)
+        except Exception as exc:
+            raise DeviceError(f"device {m.name} raised on a {size}-byte read of {self.name} "
+                              f"{addr:#x} (offset {addr - m.base:#x}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if len(data) != size:
+            raise DeviceError(f"device {m.name} answered a {size}-byte read of {self.name} "
+                              f"{addr:#x} with {len(data)} bytes")
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        m = self._cache.get(addr) or self.lookup(addr)
+        if m is None or addr + len(data) > m.base + m.size:
+            self._unclaimed(addr, len(data), data)
+            return
+        try:
+            m.device.write(addr - m.base, data)
+        except Exception as exc:
+            raise DeviceError(f"device {m.name} raised on a {len(data)}-byte write of "
+                              f"{self.name} {addr:#x} (offset {addr - m.base:#x}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _unclaimed(self, addr: int, size: int, data: bytes | None) -> bytes:
+        kind = "read" if data is None else "write"
+        if data is None:
+            self.unclaimed_reads += 1
+        else:
+            self.unclaimed_writes += 1
+        if self.unclaimed == "fatal":
+            raise UnclaimedAccessError(
+                f"unclaimed {size}-byte {self.name} {kind} at {addr:#x}"
+                + ("" if data is None else f" of {data.hex()}")
+                + ": no device is mapped there (use --unclaimed ignore to let it pass)")
+        log.debug("unclaimed %s %s at %#x size %d", self.name, kind, addr, size)
+        return b"\xff" * size
+
+
+class Bus:
+    """The machine's two address spaces."""
+
+    def __init__(self, unclaimed: str = "ignore") -> None:
+        self.pio = AddressSpace("pio", unclaimed=unclaimed, limit=1 << 16)
+        self.mmio = AddressSpace("mmio", unclaimed=unclaimed, limit=1 << 64)
+
+    def space(self, name: str) -> AddressSpace:
+        if name == "pio":
+            return self.pio
+        if name == "mmio":
+            return self.mmio
+        raise BusError(f"no address space {name!r} (use 'pio' or 'mmio')")
+
+    @property
+    def unclaimed(self) -> str:
+        return self.pio.unclaimed
+
+    @unclaimed.setter
+    def unclaimed(self, policy: str) -> None:
+        if policy not in ("ignore", "fatal"):
+            raise BusError(f"unclaimed-access policy must be 'ignore' or 'fatal', not {policy!r}")
+        self.pio.unclaimed = self.mmio.unclaimed = policy

@@ -1,0 +1,657 @@
+"""``KvmCPU``: the run loop of one vCPU (gem5's ``BaseKvmCPU``), ISA-neutral.
+
+State machine (gem5 names)::
+
+    IDLE --activate()--> RUNNING --exit--> RUNNING_SERVICE --IO/MMIO done--> RUNNING_SERVICE_COMPLETION
+      ^                    |  ^                 |   \\--HLT--> IDLE            |
+      |                    |  +--INTR/other-----+    \\--timing MMIO--> RUNNING_MMIO_PENDING
+      +--suspend()/halt()--+                                          --finish_mmio_pending()-->+
+
+``tick()`` is the CPU's event. Each call runs KVM slices bounded by the next event in the
+queue, servicing exits in between, until an event is due, the CPU goes idle, or the
+machine stops. The exit path is the hot path: one table lookup, no pluggy call, no
+allocation beyond the IO tuple.
+
+Thread context: the arch plugin's register cache. Two flags make sync lazy (gem5):
+``_tc_dirty`` (someone changed the context: push before the next entry) and
+``_pulled_level`` (how much was read back since KVM last ran: pull only on demand).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import struct
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kvmfw.abi import ExitReason, InternalError, SystemEvent, constants, lib
+from kvmfw.errors import (
+    EmulationFailureError,
+    EntryFailureError,
+    GuestCrashError,
+    GuestError,
+    GuestExceptionError,
+    InternalKvmError,
+    KvmError,
+    KvmfwError,
+    PluginHookError,
+    StateError,
+    TripleFaultError,
+    UnhandledExitError,
+)
+from kvmfw.eventq import PRIO_CPU_TICK, Event
+from kvmfw.hookspecs import SyncLevel
+from kvmfw.stats import KvmCpuStats
+from kvmfw.timer import CycleSource, RunTimer
+from kvmfw.vcpu import KICK_SIGNAL, MMIO_DATA, RUN_PAYLOAD
+
+if TYPE_CHECKING:
+    from kvmfw.machine import Machine
+    from kvmfw.plugins import BoundHooks
+    from kvmfw.vcpu import VCpu
+
+log = logging.getLogger("kvmfw.cpu")
+log_run = logging.getLogger("kvmfw.run")
+log_io = logging.getLogger("kvmfw.io")
+log_ctx = logging.getLogger("kvmfw.context")
+
+_EINTR = -errno.EINTR
+_EAGAIN = -errno.EAGAIN
+_unpack_io = struct.Struct("<BBHIQ").unpack_from
+_unpack_mmio = struct.Struct("<Q8sIB").unpack_from
+_NUM_EXIT_SLOTS = 64
+
+
+class CpuStatus(enum.Enum):
+    """The five states of gem5's ``BaseKvmCPU::_status``."""
+
+    IDLE = "Idle"
+    RUNNING = "Running"
+    RUNNING_SERVICE = "RunningService"
+    RUNNING_MMIO_PENDING = "RunningMMIOPending"
+    RUNNING_SERVICE_COMPLETION = "RunningServiceCompletion"
+
+
+IDLE = CpuStatus.IDLE
+RUNNING = CpuStatus.RUNNING
+RUNNING_SERVICE = CpuStatus.RUNNING_SERVICE
+RUNNING_MMIO_PENDING = CpuStatus.RUNNING_MMIO_PENDING
+RUNNING_SERVICE_COMPLETION = CpuStatus.RUNNING_SERVICE_COMPLETION
+
+
+class IoExit(NamedTuple):
+    """A ``KVM_EXIT_IO``: ``data_offset`` is into the vCPU mapping (``vcpu.run_view``)."""
+
+    direction: int
+    size: int
+    port: int
+    count: int
+    data_offset: int
+
+    @property
+    def is_write(self) -> bool:
+        return self.direction == constants.KVM_EXIT_IO_OUT
+
+
+class KvmCPU:
+    """One vCPU and its run loop."""
+
+    def __init__(self, machine: Machine, vcpu: VCpu, hooks: BoundHooks, *,
+                 always_sync: bool = False, host_factor: float = 1.0,
+                 use_coalesced_mmio: bool = False) -> None:
+        self.machine = machine
+        self.vcpu = vcpu
+        self.id = vcpu.id
+        self.hooks = hooks
+        self.eventq = machine.eventq
+        self.always_sync = always_sync
+        self.host_factor = host_factor
+        self.use_coalesced_mmio = use_coalesced_mmio and bool(vcpu.coalesced_ring_offset)
+        self.status = IDLE
+        self.stats = KvmCpuStats()
+        self.context: Any = None
+        self._tc_dirty = True
+        self._pulled_level = SyncLevel.NONE
+        self.interrupt_pending = False
+        """Set by an interrupt controller (``post_interrupt``); the arch clears it."""
+        self.halted = False
+        """Suspended by HLT: waits for :meth:`wakeup`."""
+        self.drain_pending = False
+        self.tick_event = Event(self.tick, f"cpu{self.id}.tick", PRIO_CPU_TICK)
+        self._timer: RunTimer | None = None
+        self.cycle_source: CycleSource | None = None
+        self.cycle_source_reason = ""
+        self._dispatch: list[Any] = []
+        self._started = False
+        self.last_exit: int | None = None
+        self.suspended_ticks = 0
+        self._idle_since: int | None = None
+
+    # --- start-up --------------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Bind hooks, initialise the vCPU (arch hook) and its thread context."""
+        h = self.hooks
+        self._update_kvm_state = h.bind("update_kvm_state")
+        self._update_thread_context = h.bind("update_thread_context")
+        self._pre_run = h.bind("pre_run")
+        self._post_run = h.bind("post_run")
+        self._deliver_interrupts = h.bind("deliver_interrupts")
+        self._handle_exit_io = h.bind("handle_exit_io")
+        self._handle_arch_exit = h.bind("handle_arch_exit")
+        self._finalize_mmio = h.bind("finalize_mmio_address")
+        self._dispatch = self._build_dispatch()
+        h.call("vcpu_init", cpu=self)
+        self.context = h.call("create_thread_context", cpu=self)
+        if self.context is None:
+            raise StateError("the architecture plugin did not create a thread context")
+        self._started = True
+
+    def bind_thread(self, cycle_source: CycleSource, reason: str) -> None:
+        """Called on the thread that will run this vCPU: signals, run timer, cycle source."""
+        self.vcpu.bind_thread()
+        if self._timer is not None:
+            self._timer.close()
+        self._timer = RunTimer(KICK_SIGNAL, self.vcpu.thread_tid or 0)
+        self.cycle_source = cycle_source
+        self.cycle_source_reason = reason
+
+    def _build_dispatch(self) -> list[Any]:
+        table: list[Any] = [self._exit_arch_or_unexpected] * _NUM_EXIT_SLOTS
+        E = ExitReason
+        table[E.UNKNOWN] = self._exit_unknown
+        table[E.EXCEPTION] = self._exit_exception
+        table[E.IO] = self._exit_io
+        table[E.HLT] = self._exit_hlt
+        table[E.MMIO] = self._exit_mmio
+        table[E.IRQ_WINDOW_OPEN] = self._exit_irq_window
+        table[E.SHUTDOWN] = self._exit_shutdown
+        table[E.FAIL_ENTRY] = self._exit_fail_entry
+        table[E.INTR] = self._exit_intr
+        table[E.INTERNAL_ERROR] = self._exit_internal_error
+        table[E.SYSTEM_EVENT] = self._exit_system_event
+        table[E.HYPERCALL] = self._exit_hypercall
+        return table
+
+    # --- thread context (lazy two-way sync) ---------------------------------------------
+
+    def get_context(self, level: SyncLevel = SyncLevel.FULL) -> Any:
+        """The thread context, pulled from KVM first if KVM ran since the last pull at
+        ``level`` (never pulls twice for one run)."""
+        if self._pulled_level < level:
+            self._pull(level)
+        return self.context
+
+    def _pull(self, level: SyncLevel) -> None:
+        if self._tc_dirty and self._pulled_level is not SyncLevel.NONE:
+            # the context holds unpushed writes: push them before reading more back
+            self.sync_kvm_state()
+        fn = self._update_thread_context
+        if fn is not None:
+            self._call_hook("update_thread_context", fn, self, self.context, level)
+            self.stats.syncs_from_kvm += 1
+            if log_ctx.isEnabledFor(logging.DEBUG):
+                log_ctx.debug("cpu%d: pulled context at level %s", self.id, level.name)
+        self._pulled_level = level
+
+    def mark_context_dirty(self) -> None:
+        """Say the context was changed: it is pushed to KVM before the next entry."""
+        self._tc_dirty = True
+
+    def sync_kvm_state(self, level: SyncLevel = SyncLevel.RUNTIME) -> None:
+        """Push the context into KVM now if it is dirty (or ``level`` is FULL)."""
+        if not (self._tc_dirty or level >= SyncLevel.FULL):
+            return
+        fn = self._update_kvm_state
+        if fn is not None:
+            self._call_hook("update_kvm_state", fn, self, self.context, level)
+            self.stats.syncs_to_kvm += 1
+            if log_ctx.isEnabledFor(logging.DEBUG):
+                log_ctx.debug("cpu%d: pushed context at level %s", self.id, level.name)
+        self._tc_dirty = False
+
+    def _call_hook(self, name: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except KvmfwError:
+            raise
+        except Exception as exc:
+            raise PluginHookError(name, _owner(fn), exc) from exc
+
+    # --- state machine -------------------------------------------------------------------
+
+    def activate(self, delay: int = 0) -> None:
+        """IDLE -> RUNNING, and schedule ``tick``."""
+        if self.status is not IDLE:
+            return
+        if self._idle_since is not None:
+            self.suspended_ticks += self.eventq.cur_tick - self._idle_since
+            self._idle_since = None
+        self.status = RUNNING
+        self.halted = False
+        self._schedule_tick(self.eventq.cur_tick + delay)
+
+    def suspend(self) -> None:
+        """Any state -> IDLE; the tick is descheduled."""
+        if self.status is IDLE:
+            return
+        self.status = IDLE
+        self._idle_since = self.eventq.cur_tick
+        if self.tick_event.scheduled:
+            self.eventq.deschedule(self.tick_event)
+        if self._timer is not None:
+            self._timer.disarm()
+
+    def halt(self) -> None:
+        """Suspend until an interrupt :meth:`wakeup`\\ s the CPU (guest HLT)."""
+        self.suspend()
+        self.halted = True
+
+    def wakeup(self) -> None:
+        """An interrupt arrived: reactivate a halted CPU, or kick a running one."""
+        if self.status is IDLE and self.halted:
+            self.activate()
+        else:
+            self.kick()
+
+    def post_interrupt(self) -> None:
+        """Called by a userspace interrupt controller: deliver before the next entry."""
+        self.interrupt_pending = True
+        self.wakeup()
+
+    def kick(self) -> None:
+        """Make a running KVM_RUN return (``KVM_EXIT_INTR``)."""
+        self.vcpu.kick()
+
+    def finish_mmio_pending(self) -> None:
+        """RUNNING_MMIO_PENDING -> RUNNING_SERVICE_COMPLETION (timing-mode accesses done)."""
+        if self.status is not RUNNING_MMIO_PENDING:
+            raise StateError(f"cpu{self.id} is {self.status.value}, not RunningMMIOPending")
+        self.status = RUNNING_SERVICE_COMPLETION
+        self._schedule_tick(self.eventq.cur_tick)
+
+    def _schedule_tick(self, when: int) -> None:
+        eq = self.eventq
+        if self.tick_event.scheduled:
+            eq.reschedule(self.tick_event, max(when, eq.cur_tick))
+        else:
+            eq.schedule(self.tick_event, max(when, eq.cur_tick))
+
+    # --- the run loop --------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Run and service until an event is due, the CPU idles, or the machine stops."""
+        eq = self.eventq
+        machine = self.machine
+        while True:
+            st = self.status
+            if st is RUNNING_SERVICE:
+                self._dispatch_exit()
+            elif st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
+                nxt = eq.next_tick()
+                if self.drain_pending:
+                    self.run_drain()
+                elif nxt is not None and nxt <= eq.cur_tick:
+                    pass  # an event is due now: service it before entering
+                else:
+                    self._run_slice(None if nxt is None else nxt - eq.cur_tick)
+            else:
+                return  # IDLE or MMIO pending: someone else reschedules us
+            if machine.stop_requested:
+                if self.status is not IDLE:
+                    self._schedule_tick(eq.cur_tick)
+                return
+            nxt = eq.next_tick()
+            if nxt is not None and nxt <= eq.cur_tick:
+                if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
+                    self._schedule_tick(eq.cur_tick)
+                return
+
+    def _run_slice(self, ticks: int | None) -> None:
+        """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time."""
+        if self._tc_dirty or self.always_sync:
+            self.sync_kvm_state(SyncLevel.FULL if self.always_sync else SyncLevel.RUNTIME)
+        if self.interrupt_pending and self._deliver_interrupts is not None:
+            self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+        timer = self._timer
+        src = self.cycle_source
+        if ticks is None:
+            if timer is not None and timer.deadline_ns is not None:
+                timer.disarm()
+        elif timer is not None:
+            ns = int(ticks / (1000 * self.host_factor)) if ticks > 0 else 0
+            timer.arm_at(time.monotonic_ns() + max(ns, 1000))
+        if self._pre_run is not None:
+            self._pre_run(self)
+        read = src.read if src is not None else time.monotonic_ns
+        c0 = read()
+        t0 = time.monotonic_ns()
+        r = lib.kvmfw_run(self.vcpu.fd)
+        t1 = time.monotonic_ns()
+        c1 = read()
+        stats = self.stats
+        stats.vm_exits += 1
+        stats.host_ns_in_kvm += t1 - t0
+        cycles = c1 - c0
+        stats.cycles += cycles
+        if src is not None:
+            executed = src.ticks(cycles, self.host_factor)
+        else:
+            executed = int((t1 - t0) * 1000 * self.host_factor)
+        stats.ticks_in_kvm += executed
+        self._pulled_level = SyncLevel.NONE
+        if r < 0:
+            if r != _EINTR and r != _EAGAIN:
+                raise KvmError("KVM_RUN", -r, self._dump_suffix())
+            reason = ExitReason.INTR
+        else:
+            reason = self.vcpu.run.exit_reason
+        self.last_exit = reason
+        if self._post_run is not None:
+            self._post_run(self, reason)
+        if self.use_coalesced_mmio:
+            self._drain_coalesced_mmio()
+        if log_run.isEnabledFor(logging.DEBUG):
+            log_run.debug("cpu%d: ran %s ticks (%d ns), exit %s", self.id, ticks, t1 - t0,
+                          _exit_name(reason))
+        # simulated time moves on, but never past the event that bounded the slice; when the
+        # slice timer ended the run, time jumps to that event (gem5's rule)
+        eq = self.eventq
+        if reason == ExitReason.INTR:
+            stats.exit_signal += 1
+            self.status = RUNNING
+            if ticks is not None and timer is not None and timer.deadline_ns is not None \
+                    and t1 >= timer.deadline_ns:
+                executed = ticks
+                timer.deadline_ns = None
+        else:
+            self.status = RUNNING_SERVICE
+        if ticks is not None and executed > ticks:
+            executed = ticks
+        eq.cur_tick += executed
+
+    def half_entry(self) -> None:
+        """Enter KVM only to complete a pending IO/MMIO (``immediate_exit``), then exit."""
+        if self._tc_dirty:
+            self.sync_kvm_state()
+        run = self.vcpu.run
+        run.immediate_exit = 1
+        try:
+            r = lib.kvmfw_run(self.vcpu.fd)
+        finally:
+            run.immediate_exit = 0
+        self.stats.vm_half_entries += 1
+        self._pulled_level = SyncLevel.NONE
+        if r < 0 and r != _EINTR and r != _EAGAIN:
+            raise KvmError("KVM_RUN", -r, "half entry")
+        if self.status is RUNNING_SERVICE_COMPLETION:
+            self.status = RUNNING
+
+    def _dispatch_exit(self) -> None:
+        reason = self.last_exit or 0
+        handler = self._dispatch[reason] if reason < _NUM_EXIT_SLOTS else \
+            self._exit_arch_or_unexpected
+        try:
+            handler()
+        except KvmfwError:
+            raise
+        except Exception as exc:
+            raise PluginHookError(f"exit handler for {_exit_name(reason)}",
+                                  _culprit(exc), exc) from exc
+
+    # --- exit handlers (one per reason; the table is built in _build_dispatch) ---------
+
+    def _exit_intr(self) -> None:
+        self.status = RUNNING
+
+    def _exit_io(self) -> None:
+        self.stats.io += 1
+        io = IoExit._make(_unpack_io(self.vcpu.run_view, RUN_PAYLOAD))
+        fn = self._handle_exit_io
+        if fn is None or fn(self, io) is None:
+            raise self._error(UnhandledExitError, ExitReason.IO,
+                              f"port IO {'out' if io.is_write else 'in'} at port {io.port:#x} "
+                              f"(size {io.size}, count {io.count}) that no plugin handles",
+                              port=io.port, size=io.size, count=io.count,
+                              direction="out" if io.is_write else "in")
+        if log_io.isEnabledFor(logging.DEBUG):
+            log_io.debug("cpu%d: io %s port %#x size %d count %d", self.id,
+                         "out" if io.is_write else "in", io.port, io.size, io.count)
+        if self.status is RUNNING_SERVICE:
+            self.status = RUNNING_SERVICE_COMPLETION
+
+    def _exit_mmio(self) -> None:
+        self.stats.mmio += 1
+        view = self.vcpu.run_view
+        addr, data, length, is_write = _unpack_mmio(view, RUN_PAYLOAD)
+        if self._finalize_mmio is not None:
+            new = self._finalize_mmio(self, addr)
+            if new is not None:
+                addr = new
+        mmio = self.machine.bus.mmio
+        if is_write:
+            mmio.write(addr, data[:length])
+        else:
+            view[MMIO_DATA:MMIO_DATA + length] = mmio.read(addr, length)
+        if log_io.isEnabledFor(logging.DEBUG):
+            log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
+                         addr, length)
+        if self.status is RUNNING_SERVICE:
+            self.status = RUNNING_SERVICE_COMPLETION
+
+    def _drain_coalesced_mmio(self) -> None:
+        view = self.vcpu.run_view
+        base = self.vcpu.coalesced_ring_offset
+        first, last = struct.unpack_from("<II", view, base)
+        if first == last:
+            return
+        size = struct.calcsize("<QII8s")
+        max_entries = (len(view) - base - 8) // size
+        bus = self.machine.bus
+        while first != last:
+            addr, length, pio, data = struct.unpack_from("<QII8s", view, base + 8 + first * size)
+            (bus.pio if pio else bus.mmio).write(addr, data[:length])
+            self.stats.coalesced_mmio += 1
+            first = (first + 1) % max_entries
+            struct.pack_into("<I", view, base, first)
+
+    def _exit_hlt(self) -> None:
+        self.stats.halt += 1
+        if self.interrupt_pending:
+            self.status = RUNNING
+            return
+        log.debug("cpu%d: halted", self.id)
+        self.halt()
+
+    def _exit_irq_window(self) -> None:
+        self.status = RUNNING
+        if self._deliver_interrupts is not None:
+            self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+
+    def _exit_hypercall(self) -> None:
+        self.stats.hypercalls += 1
+        if self._arch_exit(ExitReason.HYPERCALL):
+            return
+        hc = self.vcpu.run.hypercall
+        raise self._error(UnhandledExitError, ExitReason.HYPERCALL,
+                          f"hypercall {hc.nr} that no plugin handles", nr=int(hc.nr),
+                          args=[int(a) for a in hc.args])
+
+    def _exit_unknown(self) -> None:
+        if self._arch_exit(ExitReason.UNKNOWN):
+            return
+        hw = int(self.vcpu.run.hw.hardware_exit_reason)
+        raise self._error(UnhandledExitError, ExitReason.UNKNOWN,
+                          f"KVM_EXIT_UNKNOWN with hardware exit reason {hw:#x}",
+                          hardware_exit_reason=hw)
+
+    def _exit_exception(self) -> None:
+        if self._arch_exit(ExitReason.EXCEPTION):
+            return
+        ex = self.vcpu.run.ex
+        raise self._error(GuestExceptionError, ExitReason.EXCEPTION,
+                          f"guest exception {int(ex.exception)} (error code "
+                          f"{int(ex.error_code):#x}) handed to userspace",
+                          exception=int(ex.exception), error_code=int(ex.error_code))
+
+    def _exit_shutdown(self) -> None:
+        raise self._error(TripleFaultError, ExitReason.SHUTDOWN,
+                          "the guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception occurred "
+                          "while the CPU could not deliver one (bad IDT, GDT or stack)")
+
+    def _exit_fail_entry(self) -> None:
+        fe = self.vcpu.run.fail_entry
+        code = int(fe.hardware_entry_failure_reason)
+        raise self._error(EntryFailureError, ExitReason.FAIL_ENTRY,
+                          f"KVM could not enter the guest: hardware entry failure reason "
+                          f"{code:#x} on host cpu {int(fe.cpu)} (the vCPU state is invalid)",
+                          hardware_entry_failure_reason=code, cpu=int(fe.cpu))
+
+    def _exit_internal_error(self) -> None:
+        run = self.vcpu.run
+        sub = int(run.internal.suberror)
+        ndata = int(run.internal.ndata)
+        data = [int(run.internal.data[i]) for i in range(min(ndata, 16))]
+        try:
+            sub_name = InternalError(sub).name
+        except ValueError:
+            sub_name = str(sub)
+        details: dict[str, Any] = {"suberror": sub, "suberror_name": sub_name, "data": data}
+        pc = self._pc()
+        where = f" at pc {pc:#x}" if pc is not None else ""
+        if sub == InternalError.EMULATION:
+            ef = run.emulation_failure
+            insn = b""
+            if ndata >= 2 and int(ef.flags) & constants.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+                n = min(int(ef.insn_size), 15)
+                insn = bytes(ef.insn_bytes[0:n])
+            details["insn_bytes"] = insn.hex(" ")
+            details["pc"] = pc
+            shown = f", instruction bytes {insn.hex(' ')}" if insn else ""
+            raise self._error(EmulationFailureError, ExitReason.INTERNAL_ERROR,
+                              f"KVM's instruction emulator failed{where}{shown} "
+                              f"(KVM_INTERNAL_ERROR_EMULATION): this KVM cannot emulate that "
+                              f"instruction in this mode", **details)
+        raise self._error(InternalKvmError, ExitReason.INTERNAL_ERROR,
+                          f"KVM internal error {sub_name}{where} (data "
+                          f"{' '.join(hex(d) for d in data) or 'none'})", **details)
+
+    def _exit_system_event(self) -> None:
+        self.stats.system_events += 1
+        se = self.vcpu.run.system_event
+        kind = int(se.type)
+        if kind == SystemEvent.SHUTDOWN:
+            self.machine.request_exit(0, "guest powered off (system event)")
+        elif kind == SystemEvent.RESET:
+            self.machine.request_exit(0, "guest requested a reset (system event)")
+        elif kind == SystemEvent.CRASH:
+            raise self._error(GuestCrashError, ExitReason.SYSTEM_EVENT,
+                              "the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")
+        elif kind == SystemEvent.SUSPEND:
+            self.halt()
+            return
+        elif kind == SystemEvent.WAKEUP:
+            pass
+        elif not self._arch_exit(ExitReason.SYSTEM_EVENT):
+            raise self._error(UnhandledExitError, ExitReason.SYSTEM_EVENT,
+                              f"unknown system event type {kind}")
+        self.status = RUNNING
+
+    def _exit_arch_or_unexpected(self) -> None:
+        reason = self.last_exit or 0
+        if self._arch_exit(reason):
+            return
+        raise self._error(UnhandledExitError, reason,
+                          f"unexpected exit {_exit_name(reason)} that neither the core nor a "
+                          "plugin handles")
+
+    def _arch_exit(self, reason: int) -> bool:
+        fn = self._handle_arch_exit
+        if fn is None or not fn(self, reason):
+            return False
+        if self.status is RUNNING_SERVICE:
+            self.status = RUNNING
+        return True
+
+    # --- drain -----------------------------------------------------------------------
+
+    def is_drained(self) -> bool:
+        """True when nothing is in flight: no pending IO/MMIO completion and the arch says
+        no event is injected or pending inside KVM."""
+        if self.status in (RUNNING_SERVICE, RUNNING_SERVICE_COMPLETION, RUNNING_MMIO_PENDING):
+            return False
+        r = self.hooks.call("arch_is_drained", cpu=self)
+        return r is None or bool(r)
+
+    def run_drain(self) -> None:
+        """One step towards a drained state (arch ``kvm_run_drain`` or a half entry)."""
+        if self.status is RUNNING_SERVICE:
+            self._dispatch_exit()
+        if self.status is RUNNING_SERVICE_COMPLETION:
+            self.half_entry()
+        if self.hooks.call("arch_is_drained", cpu=self) is False:
+            if not self.hooks.call("kvm_run_drain", cpu=self):
+                self.half_entry()
+        if self.is_drained():
+            self.drain_pending = False
+            self.get_context(SyncLevel.FULL)
+
+    # --- errors and dumps -----------------------------------------------------------------
+
+    def _pc(self) -> int | None:
+        try:
+            ctx = self.get_context(SyncLevel.RUNTIME)
+            pc = getattr(ctx, "pc", None)
+            return int(pc) if pc is not None else None
+        except Exception:
+            return None
+
+    def dump_state(self) -> str:
+        """The arch's register dump (``dump_state`` hook), or a note why there is none."""
+        try:
+            self.get_context(SyncLevel.FULL)
+            text = self.hooks.call("dump_state", cpu=self)
+        except Exception as exc:  # a dump must never hide the original error
+            return f"(register dump failed: {type(exc).__name__}: {exc})"
+        return text or "(the architecture plugin provides no register dump)"
+
+    def _dump_suffix(self) -> str:
+        return f"vcpu {self.id}"
+
+    def _error(self, cls: type[GuestError], reason: int, message: str,
+               **details: Any) -> GuestError:
+        details.setdefault("vcpu", self.id)
+        details.setdefault("exit", _exit_name(reason))
+        return cls(f"vcpu {self.id}: {message}", exit_reason=int(reason), details=details,
+                   dump=self.dump_state())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+
+
+def _exit_name(reason: int) -> str:
+    try:
+        return f"KVM_EXIT_{ExitReason(reason).name}"
+    except ValueError:
+        return f"exit reason {reason}"
+
+
+def _owner(fn: Any) -> str:
+    mod = getattr(fn, "__module__", None) or getattr(getattr(fn, "__func__", None),
+                                                     "__module__", "?")
+    return str(mod).split(".")[0]
+
+
+def _culprit(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    name = "?"
+    while tb is not None:
+        mod = tb.tb_frame.f_globals.get("__name__", "?")
+        if not str(mod).startswith("kvmfw."):
+            name = str(mod)
+        tb = tb.tb_next
+    return name

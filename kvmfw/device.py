@@ -1,0 +1,200 @@
+"""The device contract: what a device plugin implements and what it is given.
+
+A device is a small object with a narrow interface, in the spirit of rust-vmm:
+
+* ``read(offset, size) -> bytes`` and ``write(offset, data)`` for guest accesses, with
+  offsets relative to each of its ranges (declared by :meth:`Device.ranges`);
+* ``reset()``, ``save() -> dict`` and ``restore(state)`` (plain data, for checkpoints);
+* ``stats`` (a dict of counters) and ``is_drained()``.
+
+It is constructed with a :class:`DeviceContext` (its IRQ lines, the event queue, guest
+RAM for DMA, a way to end the run) and its configuration keys; it never sees ``kvm_run``,
+the VM or another device. Device plugins publish classes under the ``kvmfw.devices``
+entry-point group; the entry-point name is the name used on the command line
+(``--device uart16550,port=0x3f8,irq=4``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from kvmfw.errors import ConfigError
+from kvmfw.eventq import EventQueue
+from kvmfw.memory import GuestMemory
+
+log = logging.getLogger("kvmfw.device")
+
+
+class IrqLine(Protocol):
+    """One interrupt line as a device sees it."""
+
+    def raise_(self) -> None: ...
+
+    def lower(self) -> None: ...
+
+    def pulse(self) -> None: ...
+
+
+class CallbackIrqLine:
+    """An IRQ line that calls ``set_level(level)``, skipping calls that change nothing."""
+
+    __slots__ = ("_set_level", "level", "raised_count")
+
+    def __init__(self, set_level: Callable[[int], None]) -> None:
+        self._set_level = set_level
+        self.level = 0
+        self.raised_count = 0
+
+    def raise_(self) -> None:
+        if not self.level:
+            self.level = 1
+            self.raised_count += 1
+            self._set_level(1)
+
+    def lower(self) -> None:
+        if self.level:
+            self.level = 0
+            self._set_level(0)
+
+    def pulse(self) -> None:
+        self.raised_count += 1
+        self._set_level(1)
+        self._set_level(0)
+        self.level = 0
+
+
+class NullIrqLine(CallbackIrqLine):
+    """An IRQ line that goes nowhere (for devices configured without an interrupt)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda level: None)
+
+
+@dataclass(frozen=True)
+class Range:
+    """One address range of a device: ``space`` is ``"pio"`` or ``"mmio"``."""
+
+    space: str
+    base: int
+    size: int
+    name: str = ""
+
+
+@dataclass
+class DeviceContext:
+    """What the machine gives a device (and nothing more)."""
+
+    eventq: EventQueue
+    irq: Callable[[int], IrqLine]
+    """``irq(n)``: the line for interrupt input ``n`` of the platform's interrupt controller."""
+    memory: GuestMemory
+    request_exit: Callable[[int, str], None]
+    """``request_exit(status, reason)``: end the run after the current access."""
+    console_output: Any = None
+    """A binary file-like sink for console devices (None: the machine's default console)."""
+    console_input: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+    """Machine-wide options (memory size, CPU count, checkpoint directory, ...)."""
+    services: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    """Named machine services a device may call (``dump_stats``, ``reset_stats``, ...)."""
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One documented configuration key of a device."""
+
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+def parse_int(text: str) -> int:
+    """Integers in any base Python accepts (``0x3f8``, ``1016``, ``0o17``, ``0b1``)."""
+    return int(str(text), 0)
+
+
+def parse_bool(text: str) -> bool:
+    t = str(text).lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+class Device:
+    """Base class for devices; subclasses set ``name``, ``config`` and implement access."""
+
+    name: ClassVar[str] = "device"
+    config: ClassVar[dict[str, ConfigKey]] = {}
+    """The documented configuration keys (``--device NAME,key=value``)."""
+
+    def __init__(self, ctx: DeviceContext, **params: Any) -> None:
+        self.ctx = ctx
+        self.params = self.validate_params(params)
+        self.stats: dict[str, int] = {"reads": 0, "writes": 0, "bad_accesses": 0}
+        self.log = logging.getLogger(f"kvmfw.device.{self.name}")
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults and convert values; unknown keys raise :class:`ConfigError`."""
+        out: dict[str, Any] = {}
+        for key in params:
+            if key not in cls.config:
+                known = ", ".join(sorted(cls.config)) or "none"
+                raise ConfigError(f"device {cls.name}: unknown key {key!r} (known keys: {known})")
+        for key, spec in cls.config.items():
+            if key in params:
+                value = params[key]
+                try:
+                    out[key] = spec.type(value) if isinstance(value, str) else value
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"device {cls.name}: bad value {value!r} for {key}: {exc}")
+            else:
+                out[key] = spec.default
+        return out
+
+    def ranges(self) -> list[Range]:
+        """The address ranges this device occupies."""
+        return []
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.stats["bad_accesses"] += 1
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.stats["bad_accesses"] += 1
+
+    def reset(self) -> None:
+        """Return to the power-on state."""
+
+    def save(self) -> dict[str, Any]:
+        """Every guest-visible bit of state, as plain data (JSON-serialisable)."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a state produced by :meth:`save`."""
+
+    def is_drained(self) -> bool:
+        """True when no access or event is in flight (safe to checkpoint)."""
+        return True
+
+    def close(self) -> None:
+        """Release host resources (files, sockets, terminal modes)."""
+
+
+def parse_device_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"uart16550,port=0x3f8,irq=4"`` -> ``("uart16550", {"port": "0x3f8", "irq": "4"})``."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("empty --device specification")
+    name, params = parts[0], {}
+    for p in parts[1:]:
+        if "=" not in p:
+            raise ConfigError(f"--device {spec}: expected key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        params[k.strip().replace("-", "_")] = v.strip()
+    return name, params

@@ -1,0 +1,308 @@
+"""``Machine``: a VM with its memory, vCPUs, bus, devices, event queue and plugins.
+
+Build order (and why): load the arch plugin -> open ``/dev/kvm`` and create the VM ->
+install guest RAM (``memory_layout`` hook) -> ``machine_configure`` (VM-wide devices such
+as an in-kernel irqchip must exist before vCPUs) -> create vCPUs and their ``KvmCPU`` run
+loops (``vcpu_init``, thread context) -> devices (bus ranges, IRQ lines) ->
+``machine_created``. :meth:`Machine.run` then services the event queue until the guest
+or a device ends the run, the tick limit is reached, or the host timeout fires.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmfw.bus import Bus
+from kvmfw.cpu import KvmCPU
+from kvmfw.device import CallbackIrqLine, Device, DeviceContext, IrqLine, NullIrqLine, Range
+from kvmfw.device import parse_device_spec
+from kvmfw.errors import ConfigError, KvmfwError, PluginError, RunTimeoutError
+from kvmfw.eventq import PRIO_EXIT, TICKS_PER_SECOND, Event, EventQueue
+from kvmfw.kvm import Kvm
+from kvmfw.plugins import BoundHooks, DeviceRegistry, check_api, load_arch, make_plugin_manager
+from kvmfw.stats import StatsRegistry
+from kvmfw.timer import CycleSource, select_cycle_source
+from kvmfw.vm import VM
+
+log = logging.getLogger("kvmfw.cpu")
+
+MiB = 1 << 20
+
+
+@dataclass
+class MachineConfig:
+    """Everything a machine is built from (the CLI and TOML config fill this in)."""
+
+    arch: str | None = None
+    memory: int = 256 * MiB
+    cpus: int = 1
+    devices: list[str] = field(default_factory=list)
+    default_devices: bool = True
+    unclaimed: str = "ignore"
+    always_sync: bool = False
+    host_factor: float = 1.0
+    host_frequency_hz: float = 2e9
+    use_perf: bool = True
+    use_coalesced_mmio: bool = False
+    kvm_path: str = "/dev/kvm"
+    options: dict[str, Any] = field(default_factory=dict)
+    """Arch and device options (``irqchip``, ``console``, ``cmdline``, ...)."""
+
+
+@dataclass
+class RunResult:
+    """How a run ended."""
+
+    status: int
+    reason: str
+    ticks: int
+    host_seconds: float
+
+    @property
+    def sim_seconds(self) -> float:
+        return self.ticks / TICKS_PER_SECOND
+
+
+class Machine:
+    """A runnable guest machine; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, config: MachineConfig | None = None, *, arch_plugin: Any = None,
+                 arch_name: str | None = None, device_registry: DeviceRegistry | None = None,
+                 kvm: Kvm | None = None) -> None:
+        self.config = cfg = config or MachineConfig()
+        if cfg.cpus < 1:
+            raise ConfigError("a machine needs at least one vCPU (--cpus >= 1)")
+        self.eventq = EventQueue()
+        self.bus = Bus(cfg.unclaimed)
+        self.stats = StatsRegistry()
+        self.cpus: list[KvmCPU] = []
+        self.devices: list[Device] = []
+        self.stop_requested = False
+        self.exit_status = 0
+        self.exit_reason = ""
+        self._irq_lines: dict[int, IrqLine] = {}
+        self._closed = False
+        self._owns_kvm = kvm is None
+        self.kvm: Kvm | None = None
+        self.vm: VM | None = None
+        # plugins
+        if arch_plugin is None:
+            self.arch, arch_plugin = load_arch(arch_name or cfg.arch)
+        else:
+            check_api(arch_name or "arch", arch_plugin)
+            self.arch = arch_name or cfg.arch or "custom"
+        self.pm = make_plugin_manager()
+        try:
+            self.pm.register(arch_plugin, name=f"arch:{self.arch}")
+            self.pm.check_pending()
+        except Exception as exc:
+            raise PluginError(f"architecture plugin {self.arch!r} does not match the hook "
+                              f"contract: {exc}") from exc
+        self.hooks = BoundHooks(self.pm)
+        self.registry = device_registry
+        try:
+            self.kvm = kvm or Kvm(cfg.kvm_path)
+            self.vm = self.kvm.create_vm()
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- building ------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.config
+        assert self.vm is not None
+        layout = self.hooks.call("memory_layout", machine=self, size=cfg.memory) or [
+            (0, cfg.memory, "ram")]
+        for gpa, size, name in layout:
+            self.vm.add_ram(gpa, size, name)
+        self.hooks.call("machine_configure", machine=self)
+        for _ in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu()
+            cpu = KvmCPU(self, vcpu, self.hooks, always_sync=cfg.always_sync,
+                         host_factor=cfg.host_factor, use_coalesced_mmio=cfg.use_coalesced_mmio)
+            self.cpus.append(cpu)
+            cpu.startup()
+            self.stats.add(f"system.cpu{cpu.id}", cpu.stats.as_dict, cpu.stats.reset)
+        self.stats.add("system", self._system_stats, None)
+        self.stats.add("system.bus", self._bus_stats, self._reset_bus_stats)
+        specs = list(cfg.devices)
+        if cfg.default_devices and not specs:
+            specs = list(self.hooks.call("default_devices", machine=self) or [])
+        for spec in specs:
+            self.add_device_spec(spec)
+        self.pm.hook.machine_created.call_historic(kwargs={"machine": self})
+
+    @property
+    def memory(self):  # type: ignore[no-untyped-def]
+        """Guest RAM (:class:`~kvmfw.memory.GuestMemory`)."""
+        assert self.vm is not None
+        return self.vm.memory
+
+    def irq(self, number: int) -> IrqLine:
+        """The IRQ line for platform interrupt input ``number`` (arch hook, else KVM_IRQ_LINE
+        on an in-kernel irqchip, else a line that goes nowhere)."""
+        line = self._irq_lines.get(number)
+        if line is None:
+            line = self.hooks.call("irq_line", machine=self, number=number)
+            if line is None:
+                vm = self.vm
+                if vm is not None and vm.irqchip_in_kernel:
+                    line = CallbackIrqLine(lambda level: vm.set_irq_line(number, level))
+                else:
+                    line = NullIrqLine()
+            self._irq_lines[number] = line
+        return line
+
+    def device_context(self) -> DeviceContext:
+        return DeviceContext(
+            eventq=self.eventq, irq=self.irq, memory=self.memory,
+            request_exit=self.request_exit,
+            console_output=self.config.options.get("console_output"),
+            console_input=self.config.options.get("console_input"),
+            options={"memory": self.config.memory, "cpus": self.config.cpus,
+                     **self.config.options},
+            services={"dump_stats": self.dump_stats, "reset_stats": self.stats.reset,
+                      "kick": self.kick_all})
+
+    def add_device_spec(self, spec: str) -> Device:
+        """Create a device from ``name,key=value,...`` and attach it."""
+        name, params = parse_device_spec(spec)
+        if self.registry is None:
+            self.registry = DeviceRegistry.from_entry_points()
+            self.hooks.call("register_devices", registry=self.registry)
+        cls = self.registry.get(name)
+        return self.add_device(cls(self.device_context(), **params))
+
+    def add_device(self, device: Device) -> Device:
+        """Attach a device instance: map its ranges on the bus, register its hooks."""
+        for r in device.ranges():
+            self.bus.space(r.space).register(r.base, r.size, device,  # type: ignore[arg-type]
+                                             r.name or device.name)
+        self.devices.append(device)
+        label = f"dev:{device.name}:{len(self.devices)}"
+        self.pm.register(device, name=label)
+        self.stats.add(f"system.{device.name}{len(self.devices) - 1}",
+                       lambda d=device: d.stats, None)
+        return device
+
+    def map_device(self, range_: Range, device: Any) -> None:
+        """Map any object with ``read``/``write`` on the bus (test devices, glue)."""
+        self.bus.space(range_.space).register(range_.base, range_.size, device, range_.name)
+
+    # --- stats ---------------------------------------------------------------------------
+
+    def _system_stats(self) -> dict[str, Any]:
+        return {"sim_ticks": self.eventq.cur_tick,
+                "sim_seconds": self.eventq.cur_tick / TICKS_PER_SECOND,
+                "host_seconds": getattr(self, "_host_seconds", 0.0)}
+
+    def _bus_stats(self) -> dict[str, int]:
+        b = self.bus
+        return {"pio_unclaimed_reads": b.pio.unclaimed_reads,
+                "pio_unclaimed_writes": b.pio.unclaimed_writes,
+                "mmio_unclaimed_reads": b.mmio.unclaimed_reads,
+                "mmio_unclaimed_writes": b.mmio.unclaimed_writes}
+
+    def _reset_bus_stats(self) -> None:
+        for s in (self.bus.pio, self.bus.mmio):
+            s.unclaimed_reads = s.unclaimed_writes = 0
+
+    def dump_stats(self, fmt: str = "text") -> str:
+        return self.stats.dump(fmt)
+
+    # --- running ---------------------------------------------------------------------------
+
+    def request_exit(self, status: int, reason: str) -> None:
+        """End the run after the current access/event (devices, guest events, host)."""
+        if not self.stop_requested:
+            self.exit_status = status
+            self.exit_reason = reason
+        self.stop_requested = True
+
+    def kick_all(self) -> None:
+        for cpu in self.cpus:
+            cpu.kick()
+
+    def _cycle_source(self, cpu: KvmCPU) -> tuple[CycleSource, str]:
+        plugin_src = self.hooks.call("get_host_cycles", cpu=cpu)
+        return select_cycle_source(self.config.use_perf, self.config.host_frequency_hz,
+                                   plugin_src)
+
+    def run(self, *, max_ticks: int | None = None, timeout: float | None = None) -> RunResult:
+        """Run until the guest or a device ends it, ``max_ticks`` simulated ticks pass
+        (status 0), or ``timeout`` host seconds pass (:class:`RunTimeoutError`)."""
+        if self._closed:
+            raise KvmfwError("this machine is closed")
+        eq = self.eventq
+        self.stop_requested = False
+        self.exit_status, self.exit_reason = 0, ""
+        for cpu in self.cpus:
+            if cpu.vcpu.thread_ident is None:
+                src, why = self._cycle_source(cpu)
+                cpu.bind_thread(src, why)
+                log.debug("cpu%d: time from %s", cpu.id, why)
+        if self.cpus and all(c.status.value == "Idle" and not c.halted for c in self.cpus):
+            self.cpus[0].activate()  # the boot CPU; the arch brings up the others
+        limit_event = None
+        if max_ticks is not None:
+            limit_event = Event(lambda: self.request_exit(0, "simulated tick limit reached"),
+                                "tick-limit", PRIO_EXIT)
+            eq.schedule(limit_event, eq.cur_tick + max_ticks)
+        timed_out = threading.Event()
+        watchdog = None
+        if timeout is not None:
+            def fire() -> None:
+                timed_out.set()
+                self.request_exit(124, f"host timeout of {timeout:g} s reached")
+                self.kick_all()
+            watchdog = threading.Timer(timeout, fire)
+            watchdog.daemon = True
+            watchdog.start()
+        t0 = time.monotonic()
+        try:
+            while not self.stop_requested:
+                if eq.service_one() is None:
+                    self.request_exit(0, "all vCPUs halted and no event is pending")
+        except KeyboardInterrupt:
+            self.request_exit(130, "interrupted")
+        finally:
+            self._host_seconds = getattr(self, "_host_seconds", 0.0) + time.monotonic() - t0
+            if watchdog is not None:
+                watchdog.cancel()
+            if limit_event is not None and limit_event.scheduled:
+                eq.deschedule(limit_event)
+        if timed_out.is_set():
+            raise RunTimeoutError(self.exit_reason)
+        return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
+                         time.monotonic() - t0)
+
+    # --- teardown -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close devices, vCPUs, the VM and ``/dev/kvm`` (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for d in self.devices:
+            try:
+                d.close()
+            except Exception as exc:  # keep closing the rest
+                log.warning("device %s failed to close: %s", d.name, exc)
+        for cpu in self.cpus:
+            cpu.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None and self._owns_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

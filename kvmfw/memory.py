@@ -1,0 +1,182 @@
+"""Guest RAM: host mmap regions placed at guest-physical addresses.
+
+A :class:`MemoryRegion` is one host mapping (anonymous, or a file mapped shared or
+copy-on-write) that the VM installs in one KVM memory slot. :class:`GuestMemory` is the
+set of regions with guest-physical accessors that devices (e.g. virtio queues) use; every
+accessor checks the whole range lies in one region, so a guest-supplied address can never
+make the host read or write outside guest RAM.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvmfw.abi import address_of, ffi
+from kvmfw.errors import GuestMemoryError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    """One host mapping seen by the guest at ``[gpa, gpa + size)``."""
+
+    gpa: int
+    size: int
+    name: str = "ram"
+    readonly: bool = False
+    path: Path | None = None
+    private: bool = False
+    slot: int | None = None
+    _map: mmap.mmap | None = field(default=None, repr=False)
+    _view: memoryview | None = field(default=None, repr=False)
+    host_addr: int = 0
+
+    @classmethod
+    def anonymous(cls, gpa: int, size: int, name: str = "ram") -> MemoryRegion:
+        """Zero-filled RAM backed by anonymous memory."""
+        _check_aligned(gpa, size)
+        region = cls(gpa, size, name)
+        region._attach(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+        return region
+
+    @classmethod
+    def from_file(cls, gpa: int, path: str | os.PathLike[str], *, size: int | None = None,
+                  private: bool = True, readonly: bool = False,
+                  name: str | None = None) -> MemoryRegion:
+        """RAM backed by a file: ``private`` maps it copy-on-write (the file never changes),
+        otherwise guest writes reach the file."""
+        p = Path(path)
+        try:
+            fd = os.open(p, os.O_RDONLY if (readonly or private) else os.O_RDWR)
+        except OSError as exc:
+            raise GuestMemoryError(f"cannot open memory backing file {p}: {exc.strerror}") from exc
+        try:
+            length = size if size is not None else os.fstat(fd).st_size
+            length = (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+            _check_aligned(gpa, length)
+            flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+            prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
+            try:
+                mm = mmap.mmap(fd, length, flags=flags, prot=prot)
+            except (OSError, ValueError) as exc:
+                raise GuestMemoryError(f"cannot map {p}: {exc}") from exc
+        finally:
+            os.close(fd)
+        region = cls(gpa, length, name or p.name, readonly=readonly, path=p, private=private)
+        region._attach(mm)
+        return region
+
+    def _attach(self, mm: mmap.mmap) -> None:
+        self._map = mm
+        self._view = memoryview(mm)
+        if self.readonly:
+            self.host_addr = address_of(ffi.from_buffer(mm, require_writable=False))
+        else:
+            self.host_addr = address_of(ffi.from_buffer(mm))
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def view(self) -> memoryview:
+        """The whole region as a writable memoryview (offset 0 = ``gpa``)."""
+        if self._view is None:
+            raise GuestMemoryError(f"memory region {self.name} is closed")
+        return self._view
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+class GuestMemory:
+    """All guest RAM regions, sorted by address, with checked accessors."""
+
+    def __init__(self) -> None:
+        self._regions: list[MemoryRegion] = []
+        self._starts: list[int] = []
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self._regions))
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM."""
+        return sum(r.size for r in self._regions)
+
+    def add(self, region: MemoryRegion) -> None:
+        for other in self._regions:
+            if region.gpa < other.end and other.gpa < region.end:
+                raise GuestMemoryError(
+                    f"memory region {region.name} [{region.gpa:#x}, {region.end:#x}) overlaps "
+                    f"{other.name} [{other.gpa:#x}, {other.end:#x})")
+        i = bisect.bisect(self._starts, region.gpa)
+        self._regions.insert(i, region)
+        self._starts.insert(i, region.gpa)
+
+    def remove(self, region: MemoryRegion) -> None:
+        i = self._regions.index(region)
+        del self._regions[i]
+        del self._starts[i]
+
+    def find(self, gpa: int, length: int = 1) -> tuple[MemoryRegion, int] | None:
+        """The region holding all of ``[gpa, gpa + length)`` and the offset in it, or None."""
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i < 0 or length < 0:
+            return None
+        r = self._regions[i]
+        off = gpa - r.gpa
+        if off + length > r.size:
+            return None
+        return r, off
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        """True if ``[gpa, gpa + length)`` lies wholly in guest RAM."""
+        return self.find(gpa, length) is not None
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of guest RAM; raises :class:`GuestMemoryError` if out of RAM."""
+        hit = self.find(gpa, length)
+        if hit is None:
+            raise GuestMemoryError(f"guest range [{gpa:#x}, {gpa + length:#x}) is not in guest RAM")
+        r, off = hit
+        return r.view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.view(gpa, size), "little")
+
+    def write_u(self, gpa: int, size: int, value: int) -> None:
+        self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def close(self) -> None:
+        for r in self._regions:
+            r.close()
+        self._regions.clear()
+        self._starts.clear()
+
+
+def _check_aligned(gpa: int, size: int) -> None:
+    if size <= 0 or gpa < 0:
+        raise GuestMemoryError(f"invalid memory region at {gpa:#x} of {size:#x} bytes")
+    if gpa % PAGE_SIZE or size % PAGE_SIZE:
+        raise GuestMemoryError(
+            f"memory region [{gpa:#x}, {gpa + size:#x}) is not page-aligned ({PAGE_SIZE:#x})")

@@ -1,0 +1,278 @@
+"""Plugin discovery (stevedore) and calling (pluggy).
+
+stevedore finds what is installed under the entry-point groups ``kvmfw.arch`` (one object
+per architecture) and ``kvmfw.devices`` (one :class:`~kvmfw.device.Device` class per
+name), and records every plugin that fails to import instead of dying. pluggy calls hooks:
+one :class:`pluggy.PluginManager` per machine, the arch plugin registered first, device
+instances after it. :class:`BoundHooks` resolves the run-loop hooks once, so an exit costs
+a plain function call, not pluggy's dispatch.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import logging
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pluggy
+from stevedore import DriverManager, ExtensionManager
+from stevedore.exception import MultipleMatches, NoMatches
+
+from kvmfw import hookspecs
+from kvmfw.errors import (
+    ArchNotFoundError,
+    ConfigError,
+    PluginApiMismatchError,
+    PluginHookError,
+    PluginLoadError,
+)
+
+log = logging.getLogger("kvmfw.plugins")
+
+ARCH_GROUP = "kvmfw.arch"
+DEVICE_GROUP = "kvmfw.devices"
+GROUPS = (ARCH_GROUP, DEVICE_GROUP)
+
+_HOST_ARCH = {"x86_64": "x86", "amd64": "x86", "i686": "x86", "aarch64": "armv8",
+              "arm64": "armv8"}
+
+
+def host_arch() -> str:
+    """The arch plugin name for this host (``x86`` on x86_64, ``armv8`` on aarch64)."""
+    m = platform.machine().lower()
+    return _HOST_ARCH.get(m, m)
+
+
+@dataclass
+class PluginInfo:
+    """One entry point as ``kvmfw list-plugins`` shows it."""
+
+    name: str
+    group: str
+    target: str
+    package: str
+    version: str
+    status: str  # "loaded" | "failed"
+    api: str = ""
+    error: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _dist_of(ep: Any) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is not None:
+        return dist.metadata["Name"] or "?", dist.version or "?"
+    return "?", "?"
+
+
+def _api_of(obj: Any) -> tuple[int, int] | None:
+    api = getattr(obj, "KVMFW_PLUGIN_API", None)
+    if api is None:
+        mod = inspect.getmodule(obj)
+        api = getattr(mod, "KVMFW_PLUGIN_API", None)
+    return tuple(api) if api is not None else None  # type: ignore[return-value]
+
+
+def check_api(name: str, obj: Any) -> None:
+    """Refuse a plugin written for another major version of the plugin API."""
+    api = _api_of(obj)
+    if api is not None and api[0] != hookspecs.PLUGIN_API[0]:
+        raise PluginApiMismatchError(
+            f"plugin {name!r} was written for kvmfw plugin API {api[0]}.{api[1]}, this core "
+            f"provides {hookspecs.PLUGIN_API[0]}.{hookspecs.PLUGIN_API[1]}: install a matching "
+            "version of the plugin")
+
+
+def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
+    """Load every entry point of ``group``: ``({name: loaded object}, infos)``."""
+    failures: dict[str, BaseException] = {}
+
+    def on_failure(manager: Any, ep: Any, exc: BaseException) -> None:
+        failures[ep.name] = exc
+        log.debug("plugin %s failed to load: %s", ep.name, exc)
+
+    mgr = ExtensionManager(namespace=group, invoke_on_load=False,
+                           on_load_failure_callback=on_failure)
+    loaded: dict[str, Any] = {}
+    infos: list[PluginInfo] = []
+    for ext in mgr.extensions:
+        pkg, ver = _dist_of(ext.entry_point)
+        api = _api_of(ext.plugin)
+        info = PluginInfo(ext.name, group, ext.entry_point.value, pkg, ver, "loaded",
+                          api=".".join(map(str, api)) if api else "")
+        try:
+            check_api(ext.name, ext.plugin)
+            loaded[ext.name] = ext.plugin
+        except PluginApiMismatchError as exc:
+            info.status, info.error = "failed", str(exc)
+        infos.append(info)
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
+    for name, exc in failures.items():
+        ep = eps.get(name)
+        pkg, ver = _dist_of(ep) if ep is not None else ("?", "?")
+        infos.append(PluginInfo(name, group, ep.value if ep is not None else "?", pkg, ver,
+                                "failed", error=f"{type(exc).__name__}: {exc}"))
+    return loaded, sorted(infos, key=lambda i: i.name)
+
+
+def list_plugins() -> list[PluginInfo]:
+    """Every installed kvmfw plugin, loaded or failed, in every group."""
+    out: list[PluginInfo] = []
+    for group in GROUPS:
+        out += scan(group)[1]
+    return out
+
+
+def load_arch(name: str | None = None) -> tuple[str, Any]:
+    """Load the arch plugin ``name`` (default: the host's) and return ``(name, plugin)``."""
+    arch = name or host_arch()
+    failure: list[BaseException] = []
+
+    def on_failure(manager: Any, ep: Any, exc: BaseException) -> None:
+        failure.append(exc)
+
+    try:
+        drv = DriverManager(ARCH_GROUP, arch, invoke_on_load=False,
+                            on_load_failure_callback=on_failure)
+    except NoMatches:
+        if failure:
+            raise PluginLoadError(arch, ARCH_GROUP, failure[0]) from None
+        installed = sorted(ep.name for ep in importlib.metadata.entry_points(group=ARCH_GROUP))
+        raise ArchNotFoundError(
+            f"no architecture plugin {arch!r} is installed (installed: "
+            f"{', '.join(installed) or 'none'}); install it, e.g. pip install "
+            f"./plugins/{arch}") from None
+    except MultipleMatches:
+        raise ArchNotFoundError(
+            f"several packages provide architecture plugin {arch!r}: uninstall all but one") from None
+    check_api(arch, drv.driver)
+    return arch, drv.driver
+
+
+class DeviceRegistry:
+    """Device classes by name: the ``kvmfw.devices`` entry points plus hook additions."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type] = {}
+        self.failures: dict[str, str] = {}
+
+    @classmethod
+    def from_entry_points(cls) -> DeviceRegistry:
+        reg = cls()
+        loaded, infos = scan(DEVICE_GROUP)
+        for name, obj in loaded.items():
+            reg.add(name, obj)
+        for info in infos:
+            if info.status == "failed":
+                reg.failures[info.name] = info.error
+        return reg
+
+    def add(self, name: str, device_class: type) -> None:
+        """Make ``device_class`` available as ``--device name``."""
+        self._classes[name] = device_class
+
+    def get(self, name: str) -> type:
+        try:
+            return self._classes[name]
+        except KeyError:
+            pass
+        if name in self.failures:
+            raise PluginLoadError(name, DEVICE_GROUP, self.failures[name])
+        known = ", ".join(sorted(self._classes)) or "none installed"
+        raise ConfigError(f"unknown device {name!r} (available: {known})")
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+class BoundHooks:
+    """Hook implementations resolved once, callable without pluggy's per-call machinery.
+
+    ``bind(name)`` returns None when nobody implements the hook, else one plain callable
+    taking the spec's arguments positionally. ``call(name, **kwargs)`` is for cold hooks:
+    it names the plugin that raised (:class:`~kvmfw.errors.PluginHookError`).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+
+    def _impls(self, name: str) -> list[Any]:
+        caller = getattr(self.pm.hook, name)
+        # pluggy calls the last-registered (and tryfirst) implementations first
+        return list(reversed(caller.get_hookimpls()))
+
+    def _spec(self, name: str) -> tuple[tuple[str, ...], bool]:
+        caller = getattr(self.pm.hook, name)
+        spec = caller.spec
+        return tuple(spec.argnames), bool(spec.opts.get("firstresult"))
+
+    def _adapt(self, name: str, impl: Any, argnames: tuple[str, ...]) -> Callable[..., Any]:
+        fn = impl.function
+        if tuple(impl.argnames) == argnames:
+            return fn  # type: ignore[no-any-return]
+        positions = [argnames.index(a) for a in impl.argnames]
+        return lambda *args: fn(*[args[i] for i in positions])
+
+    def bind(self, name: str) -> Callable[..., Any] | None:
+        impls = [i for i in self._impls(name) if not (i.hookwrapper or i.wrapper)]
+        if not impls:
+            return None
+        argnames, firstresult = self._spec(name)
+        fns = [self._adapt(name, i, argnames) for i in impls]
+        if len(fns) == 1:
+            return fns[0]
+        if firstresult:
+            def first(*args: Any) -> Any:
+                for f in fns:
+                    r = f(*args)
+                    if r is not None:
+                        return r
+                return None
+            return first
+
+        def every(*args: Any) -> None:
+            for f in fns:
+                f(*args)
+        return every
+
+    def plugin_name_of(self, impl: Any) -> str:
+        return str(impl.plugin_name)
+
+    def call(self, name: str, **kwargs: Any) -> Any:
+        """Call a cold hook; returns the first non-None result for firstresult hooks, else a
+        list of results."""
+        argnames, firstresult = self._spec(name)
+        results = []
+        for impl in self._impls(name):
+            if impl.hookwrapper or impl.wrapper:
+                return getattr(self.pm.hook, name)(**kwargs)
+            try:
+                r = impl.function(*[kwargs[a] for a in impl.argnames])
+            except hookspecs_errors() as exc:
+                raise exc
+            except Exception as exc:
+                raise PluginHookError(name, impl.plugin_name, exc) from exc
+            if r is not None:
+                if firstresult:
+                    return r
+                results.append(r)
+        return None if firstresult else results
+
+
+def hookspecs_errors() -> tuple[type[BaseException], ...]:
+    """Errors a hook may raise on purpose; passed through unchanged."""
+    from kvmfw.errors import KvmfwError
+
+    return (KvmfwError,)

@@ -1,0 +1,129 @@
+"""Host time for the run loop: the run timer that ends a KVM slice, and host-cycle sources.
+
+Where gem5 panics without a PMU, kvmfw picks the best working cycle source and says which
+and why: perf hardware cycles (guest-only) if ``perf_event_open`` works; else a source an
+architecture plugin offers through ``get_host_cycles`` (x86: the TSC); else the monotonic
+clock. Simulated time advanced by a slice = host cycles x ``host_factor`` x clock period.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmfw.abi import lib
+from kvmfw.eventq import TICKS_PER_SECOND
+
+PERF_TYPE_HARDWARE = 0
+PERF_COUNT_HW_CPU_CYCLES = 0
+PERF_COUNT_HW_INSTRUCTIONS = 1
+
+
+class RunTimer:
+    """A POSIX timer on ``CLOCK_MONOTONIC`` that signals one thread (the vCPU's) at a
+    deadline; armed only when the deadline moves, so most exits cost no syscall."""
+
+    TOLERANCE_NS = 20_000
+
+    def __init__(self, signo: int, tid: int) -> None:
+        t = lib.kvmfw_timer_create(signo, tid)
+        if t < 0 and t > -4096:
+            raise OSError(-t, f"timer_create: {os.strerror(-t)}")
+        self._timer = t
+        self.deadline_ns: int | None = None
+
+    def arm_at(self, deadline_ns: int) -> None:
+        cur = self.deadline_ns
+        if cur is not None and abs(cur - deadline_ns) <= self.TOLERANCE_NS:
+            return
+        r = lib.kvmfw_timer_arm(self._timer, deadline_ns)
+        if r < 0:
+            raise OSError(-r, "timer_settime")
+        self.deadline_ns = deadline_ns
+
+    def disarm(self) -> None:
+        if self.deadline_ns is not None:
+            lib.kvmfw_timer_disarm(self._timer)
+            self.deadline_ns = None
+
+    def close(self) -> None:
+        if self._timer:
+            lib.kvmfw_timer_delete(self._timer)
+            self._timer = 0
+
+
+@dataclass
+class CycleSource:
+    """A counter of host cycles at ``frequency_hz`` (``read`` is called around each run)."""
+
+    name: str
+    read: Callable[[], int]
+    frequency_hz: float
+    counts_guest_only: bool = False
+    note: str = ""
+
+    def ticks(self, cycles: int, host_factor: float) -> int:
+        return int(cycles * host_factor * TICKS_PER_SECOND / self.frequency_hz)
+
+
+def monotonic_source() -> CycleSource:
+    return CycleSource("monotonic", time.monotonic_ns, 1e9)
+
+
+@dataclass
+class PerfProbe:
+    """Whether perf hardware counters work here, and if not, why."""
+
+    available: bool
+    reason: str
+
+
+def probe_perf() -> PerfProbe:
+    """Open (and close) a guest-only hardware cycle counter to see if perf works."""
+    fd = lib.kvmfw_perf_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES, 1)
+    if fd >= 0:
+        os.close(fd)
+        return PerfProbe(True, "perf hardware cycle counter works")
+    err = -fd
+    if err == errno.ENOENT:
+        why = "no hardware PMU is exposed to this host (ENOENT)"
+    elif err in (errno.EACCES, errno.EPERM):
+        try:
+            with open("/proc/sys/kernel/perf_event_paranoid") as f:
+                level = f.read().strip()
+        except OSError:
+            level = "?"
+        why = (f"not permitted ({errno.errorcode[err]}): kernel.perf_event_paranoid={level}; "
+               "sysctl kernel.perf_event_paranoid=1 allows it")
+    elif err == errno.EOPNOTSUPP:
+        why = "the PMU does not support guest-only counting (EOPNOTSUPP)"
+    else:
+        why = f"perf_event_open failed: {errno.errorcode.get(err, err)} ({os.strerror(err)})"
+    return PerfProbe(False, why)
+
+
+def perf_source(frequency_hz: float) -> CycleSource | None:
+    """Guest-only hardware cycles on the calling thread, or None if perf does not work."""
+    fd = lib.kvmfw_perf_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES, 1)
+    if fd < 0:
+        return None
+    read = lib.kvmfw_perf_read
+    return CycleSource("perf-cycles", lambda: read(fd), frequency_hz, counts_guest_only=True)
+
+
+def select_cycle_source(prefer_perf: bool, host_frequency_hz: float,
+                        plugin_source: CycleSource | None) -> tuple[CycleSource, str]:
+    """Pick the cycle source and return it with a one-line reason for the choice."""
+    if prefer_perf:
+        src = perf_source(host_frequency_hz)
+        if src is not None:
+            return src, "perf hardware cycles (guest only)"
+        why = probe_perf().reason
+    else:
+        why = "perf disabled by configuration"
+    if plugin_source is not None:
+        return plugin_source, f"{plugin_source.name} (perf unavailable: {why})"
+    return monotonic_source(), f"monotonic clock (perf unavailable: {why})"

@@ -1,0 +1,161 @@
+"""``VCpu``: one KVM vCPU fd, its mapped ``kvm_run`` area, and the raw calls on it.
+
+The run loop (:mod:`kvmfw.cpu`) drives a VCpu; architecture plugins use its raw calls
+(:meth:`VCpu.ioctl`, ONE_REG) to implement state sync. Devices never see it.
+
+Kicking: the thread that runs the vCPU blocks the kick signal and tells KVM (with
+``KVM_SET_SIGNAL_MASK``) to unblock it only inside ``KVM_RUN``. A kick (``pthread_kill``) or
+the run timer therefore either interrupts a running guest (``KVM_EXIT_INTR``) or stays
+pending until the next entry, which then returns at once: no kick is ever lost.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import struct
+import threading
+from typing import TYPE_CHECKING
+
+from kvmfw.abi import IOCTLS, address_of, ffi, ioctl, lib
+from kvmfw.errors import KvmError
+
+if TYPE_CHECKING:
+    from kvmfw.vm import VM
+
+KICK_SIGNAL = signal.SIGRTMIN + 2
+"""The real-time signal kvmfw uses to kick vCPUs and to end run slices."""
+
+_kick_handler_installed = False
+_kick_lock = threading.Lock()
+
+# Offsets in struct kvm_run, from the compiled layout.
+RUN_EXIT_REASON = ffi.offsetof("struct kvm_run", "exit_reason")
+RUN_PAYLOAD = ffi.offsetof("struct kvm_run", "io")
+MMIO_DATA = RUN_PAYLOAD + ffi.offsetof("struct kvm_run", "mmio") - RUN_PAYLOAD + 8
+
+
+def install_kick_handler() -> None:
+    """Install the (empty) process-wide handler for :data:`KICK_SIGNAL`, once."""
+    global _kick_handler_installed
+    with _kick_lock:
+        if not _kick_handler_installed:
+            r = lib.kvmfw_install_kick_handler(KICK_SIGNAL)
+            if r < 0:
+                raise OSError(-r, "sigaction(kick signal)")
+            _kick_handler_installed = True
+
+
+class VCpu:
+    """A vCPU: its fd, the shared ``kvm_run`` mapping, ONE_REG and raw ioctls."""
+
+    def __init__(self, vm: VM, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.fd: int = ioctl(vm.fd, IOCTLS.KVM_CREATE_VCPU, vcpu_id, f"vcpu {vcpu_id}")
+        try:
+            self._map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.run_view = memoryview(self._map)
+        """The whole mapped area (``kvm_run`` + coalesced-MMIO ring) as bytes."""
+        self.run = ffi.from_buffer("struct kvm_run *", self._map)
+        """``struct kvm_run`` as a cffi struct (valid until :meth:`close`)."""
+        page = vm.kvm.coalesced_mmio_page
+        self.coalesced_ring_offset = page * mmap.PAGESIZE if page else 0
+        self.thread_ident: int | None = None
+        self.thread_tid: int | None = None
+        self._one_reg = ffi.new("struct kvm_one_reg *")
+        self._one_reg_buf = ffi.new("uint8_t[256]")
+        self._one_reg.addr = address_of(self._one_reg_buf)
+        self._one_reg_addr = address_of(self._one_reg)
+
+    # --- running ---------------------------------------------------------------------
+
+    def bind_thread(self) -> None:
+        """Make the calling thread the one that runs this vCPU (signals, kicks)."""
+        install_kick_handler()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        mask = 0
+        for sig in blocked:
+            if sig != KICK_SIGNAL and 0 < sig <= 64:
+                mask |= 1 << (sig - 1)
+        # The kernel's sigset is 8 bytes on 64-bit hosts (not glibc's 128).
+        sm = ffi.new("uint8_t[]", struct.pack("<I", 8) + mask.to_bytes(8, "little"))
+        ioctl(self.fd, IOCTLS.KVM_SET_SIGNAL_MASK, address_of(sm))
+        self.thread_ident = threading.get_ident()
+        self.thread_tid = lib.kvmfw_gettid()
+
+    def kick(self) -> None:
+        """Make a running ``KVM_RUN`` return soon (``KVM_EXIT_INTR``); safe from any thread."""
+        ident = self.thread_ident
+        if ident is None:
+            self.run.immediate_exit = 1
+        else:
+            signal.pthread_kill(ident, KICK_SIGNAL)
+
+    @property
+    def exit_reason(self) -> int:
+        return int(self.run.exit_reason)
+
+    def run_data(self, offset: int, length: int) -> bytes:
+        """Bytes of the mapped area at ``offset`` (e.g. IO data at ``io.data_offset``)."""
+        return bytes(self.run_view[offset:offset + length])
+
+    def set_run_data(self, offset: int, data: bytes) -> None:
+        self.run_view[offset:offset + len(data)] = data
+
+    # --- raw calls for architecture plugins ----------------------------------------------
+
+    def ioctl(self, request: int, arg: int = 0, detail: str = "") -> int:
+        """A vCPU ioctl (``arg`` a value or a buffer address from ``abi.address_of``)."""
+        return ioctl(self.fd, request, arg, detail)
+
+    def get_one_reg(self, reg_id: int, size: int | None = None) -> int:
+        """``KVM_GET_ONE_REG``; ``size`` defaults to the size encoded in the id."""
+        n = size or (1 << ((reg_id >> 52) & 0xF))
+        r = self._one_reg
+        r.id = reg_id
+        ioctl(self.fd, IOCTLS.KVM_GET_ONE_REG, self._one_reg_addr, f"reg {reg_id:#x}")
+        return int.from_bytes(ffi.buffer(self._one_reg_buf, n), "little")
+
+    def set_one_reg(self, reg_id: int, value: int, size: int | None = None) -> None:
+        n = size or (1 << ((reg_id >> 52) & 0xF))
+        r = self._one_reg
+        r.id = reg_id
+        ffi.buffer(self._one_reg_buf, n)[:] = value.to_bytes(n, "little")
+        ioctl(self.fd, IOCTLS.KVM_SET_ONE_REG, self._one_reg_addr, f"reg {reg_id:#x}")
+
+    def reg_list(self) -> list[int]:
+        """``KVM_GET_REG_LIST``: every ONE_REG id this vCPU has."""
+        probe = ffi.new("uint64_t[1]")
+        try:
+            ioctl(self.fd, IOCTLS.KVM_GET_REG_LIST, address_of(probe))
+        except KvmError as exc:
+            if exc.errno != 7:  # E2BIG: n now holds the count
+                raise
+        n = int(probe[0])
+        buf = ffi.new("uint64_t[]", n + 1)
+        buf[0] = n
+        ioctl(self.fd, IOCTLS.KVM_GET_REG_LIST, address_of(buf))
+        return [int(buf[i + 1]) for i in range(int(buf[0]))]
+
+    def nmi(self) -> None:
+        ioctl(self.fd, IOCTLS.KVM_NMI)
+
+    def close(self) -> None:
+        """Unmap ``kvm_run`` and close the fd (idempotent)."""
+        if self.fd < 0:
+            return
+        try:
+            self.run_view.release()
+            self.run = None  # type: ignore[assignment]
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with the process
+        os.close(self.fd)
+        self.fd = -1
