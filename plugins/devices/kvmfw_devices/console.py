@@ -1,0 +1,210 @@
+"""Console plumbing shared by the UARTs (16550, PL011): where output goes, where input comes from.
+
+Output (``output=`` key): ``console`` (the machine's console sink, else standard output),
+``stderr``, ``none``, or a file path (``file:PATH`` or just ``PATH``).
+
+Input (``input=`` key): ``console`` (the machine's console input, if any), ``stdin`` (the
+host terminal in raw mode, restored on close; ``Ctrl-A x`` ends the run, ``Ctrl-A Ctrl-A``
+sends a literal ``Ctrl-A``), ``none``, a file or named pipe (``file:PATH``), or a socket
+(``unix:PATH``, ``tcp:HOST:PORT``).
+
+Host input is read by a daemon thread and handed to the device on the machine thread through
+an event posted on the event queue, so a device only ever runs on one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable
+from typing import IO, Any
+
+from kvmfw.device import DeviceContext
+from kvmfw.errors import ConfigError
+from kvmfw.eventq import Event
+
+CTRL_A = 0x01
+
+
+class NullSink:
+    """An output that drops everything."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class ConsoleOutput:
+    """A binary sink that is flushed after every write (a guest console must show promptly)."""
+
+    def __init__(self, ctx: DeviceContext, spec: str) -> None:
+        self._owned: IO[bytes] | None = None
+        self.sink: Any
+        if spec == "console":
+            self.sink = ctx.console_output if ctx.console_output is not None else sys.stdout.buffer
+        elif spec == "stderr":
+            self.sink = sys.stderr.buffer
+        elif spec == "none":
+            self.sink = NullSink()
+        else:
+            path = spec.removeprefix("file:")
+            try:
+                self._owned = open(path, "wb")  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                raise ConfigError(f"cannot open console output {path}: {exc.strerror}") from exc
+            self.sink = self._owned
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.sink.write(data)
+            self.sink.flush()
+        except (OSError, ValueError):
+            pass  # a closed terminal or pipe must not stop the guest
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
+
+
+class ConsoleInput:
+    """Host bytes for a guest UART, delivered on the machine thread via ``deliver(data)``."""
+
+    def __init__(self, ctx: DeviceContext, spec: str, deliver: Callable[[bytes], None],
+                 name: str = "console") -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self._deliver = deliver
+        self._inbox = bytearray()
+        self._lock = threading.Lock()
+        self._event = Event(self._flush_inbox, name=f"{name}.input")
+        self._fd: int | None = None
+        self._owned_fd = False
+        self._sock: socket.socket | None = None
+        self._tty_saved: list[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._escape = False
+        self._open(spec)
+
+    def _open(self, spec: str) -> None:
+        src: Any = None
+        if spec == "none":
+            return
+        if spec == "console":
+            src = self.ctx.console_input
+            if src is None:
+                return
+            if isinstance(src, bytes | bytearray):
+                self._inbox += src
+                self._post()
+                return
+            self._fd = src if isinstance(src, int) else src.fileno()
+        elif spec == "stdin":
+            self._fd = sys.stdin.fileno()
+            if os.isatty(self._fd):
+                self._tty_saved = termios.tcgetattr(self._fd)
+                tty.setraw(self._fd)
+        elif spec.startswith(("unix:", "tcp:")):
+            try:
+                if spec.startswith("unix:"):
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self._sock.connect(spec[5:])
+                else:
+                    host, _, port = spec[4:].rpartition(":")
+                    self._sock = socket.create_connection((host or "localhost", int(port)))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot connect console input {spec}: {exc}") from exc
+            self._fd = self._sock.fileno()
+        else:
+            path = spec.removeprefix("file:")
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                raise ConfigError(f"cannot open console input {path}: {exc.strerror}") from exc
+            os.set_blocking(self._fd, True)
+            self._owned_fd = True
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._reader, name=f"kvmfw-{spec}-reader",
+                                        daemon=True)
+        self._thread.start()
+
+    def _reader(self) -> None:
+        assert self._fd is not None
+        while True:
+            try:
+                ready, _, _ = select.select([self._fd, self._wake_r], [], [])
+                if self._wake_r in ready:
+                    return
+                data = os.read(self._fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            if self._tty_saved is not None:
+                data = self._filter_escape(data)
+            with self._lock:
+                self._inbox += data
+            self._post()
+
+    def _filter_escape(self, data: bytes) -> bytes:
+        out = bytearray()
+        for b in data:
+            if self._escape:
+                self._escape = False
+                if b in (ord("x"), ord("X")):
+                    self._post_exit()
+                    continue
+                if b != CTRL_A:
+                    out.append(CTRL_A)
+                out.append(b)
+            elif b == CTRL_A:
+                self._escape = True
+            else:
+                out.append(b)
+        return bytes(out)
+
+    def _post_exit(self) -> None:
+        ev = Event(lambda: self.ctx.request_exit(0, "console escape (Ctrl-A x)"),
+                   name="console.escape")
+        with self.ctx.eventq.lock:
+            self.ctx.eventq.schedule(ev, self.ctx.eventq.cur_tick)
+
+    def _post(self) -> None:
+        eq = self.ctx.eventq
+        with eq.lock:
+            if not self._event.scheduled:
+                eq.schedule(self._event, eq.cur_tick)
+
+    def _flush_inbox(self) -> None:
+        with self._lock:
+            data = bytes(self._inbox)
+            self._inbox.clear()
+        if data:
+            self._deliver(data)
+
+    def close(self) -> None:
+        """Stop the reader, restore the terminal, close what was opened."""
+        if self._wake_w >= 0:
+            os.write(self._wake_w, b"x")
+            if self._thread is not None:
+                self._thread.join(timeout=1.0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+        if self._tty_saved is not None and self._fd is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._tty_saved)
+            self._tty_saved = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        elif self._owned_fd and self._fd is not None:
+            os.close(self._fd)
+        self._fd = None

@@ -1,0 +1,393 @@
+"""National Semiconductor PC16550D UART (8250-compatible), the PC's COM ports.
+
+Register map (PC16550D datasheet, table II; eight byte-wide registers, DLAB = LCR bit 7)::
+
+    off  DLAB=0 read   DLAB=0 write   DLAB=1
+    0    RBR receive   THR transmit   DLL divisor latch low
+    1    IER interrupt enable         DLM divisor latch high
+    2    IIR interrupt identification (read) / FCR FIFO control (write)
+    3    LCR line control             4  MCR modem control
+    5    LSR line status              6  MSR modem status
+    7    SCR scratch
+
+Interrupt priority (IIR bits 3..1): line status 0b011 > received data 0b010 > character
+timeout 0b110 > THR empty 0b001 > modem status 0b000; IIR bit 0 set = none pending; IIR
+bits 7..6 = 0b11 when the FIFOs are enabled.
+
+Transmission is instantaneous: a byte written to THR goes to the output sink at once and
+THR is empty again, so THRE (and its interrupt, if enabled) is re-armed immediately, as in
+kvmtool and vm-superio. Host input waits in a host queue and enters the 16-byte receive
+FIFO as room frees up (a console never loses keystrokes); bytes looped back with MCR.LOOP
+overrun the FIFO like the real part (LSR.OE). The character-timeout interrupt fires four
+character times after the last FIFO activity when data sits below the trigger level.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, ClassVar
+
+from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, parse_int
+from kvmfw.eventq import TICKS_PER_SECOND, Event
+
+from kvmfw_devices._util import cancel, ones, schedule_at
+from kvmfw_devices.console import ConsoleInput, ConsoleOutput
+
+# Register offsets
+RBR = THR = DLL = 0
+IER = DLM = 1
+IIR = FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+
+IER_RDA = 0x01  # received data available
+IER_THRE = 0x02  # transmitter holding register empty
+IER_RLS = 0x04  # receiver line status
+IER_MS = 0x08  # modem status
+IER_MASK = 0x0F
+
+IIR_NONE = 0x01
+IIR_MSI = 0x00
+IIR_THRI = 0x02
+IIR_RDI = 0x04
+IIR_RLSI = 0x06
+IIR_CTI = 0x0C
+IIR_FIFO = 0xC0
+
+FCR_ENABLE = 0x01
+FCR_CLEAR_RX = 0x02
+FCR_CLEAR_TX = 0x04
+FCR_DMA = 0x08
+FCR_TRIGGER = 0xC0
+TRIGGER_LEVELS = (1, 4, 8, 14)
+
+LCR_WLS = 0x03
+LCR_STB = 0x04
+LCR_PEN = 0x08
+LCR_DLAB = 0x80
+
+MCR_DTR = 0x01
+MCR_RTS = 0x02
+MCR_OUT1 = 0x04
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+MCR_MASK = 0x1F
+
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_PE = 0x04
+LSR_FE = 0x08
+LSR_BI = 0x10
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+LSR_FIFO_ERR = 0x80
+LSR_ERRORS = LSR_OE | LSR_PE | LSR_FE | LSR_BI
+
+MSR_DCTS = 0x01
+MSR_DDSR = 0x02
+MSR_TERI = 0x04
+MSR_DDCD = 0x08
+MSR_DELTAS = 0x0F
+MSR_CTS = 0x10
+MSR_DSR = 0x20
+MSR_RI = 0x40
+MSR_DCD = 0x80
+
+FIFO_SIZE = 16
+UART_CLOCK_HZ = 1_843_200  # the PC crystal: divisor 1 = 115200 baud
+DEFAULT_DIVISOR = 12  # 9600 baud, as firmware leaves it
+DEFAULT_MSR = MSR_DCD | MSR_DSR | MSR_CTS  # a terminal is attached (QEMU, kvmtool)
+
+
+class Uart16550(Device):
+    """A 16550A UART on eight IO ports (or an MMIO window with ``space=mmio``)."""
+
+    name: ClassVar[str] = "uart16550"
+    config: ClassVar[dict[str, ConfigKey]] = {
+        "port": ConfigKey(parse_int, 0x3F8, "base IO port (or MMIO address with space=mmio)"),
+        "irq": ConfigKey(parse_int, 4, "interrupt line (-1: none)"),
+        "space": ConfigKey(str, "pio", "address space: pio or mmio"),
+        "output": ConfigKey(str, "console", "console | stderr | none | file:PATH"),
+        "input": ConfigKey(str, "console",
+                           "console | stdin | none | file:PATH | unix:PATH | tcp:HOST:PORT"),
+    }
+
+    def __init__(self, ctx: DeviceContext, **params: Any) -> None:
+        super().__init__(ctx, **params)
+        self.stats.update(tx_bytes=0, rx_bytes=0, overruns=0, interrupts=0)
+        self.irq_line = ctx.irq(self.params["irq"]) if self.params["irq"] >= 0 else NullIrqLine()
+        self._timeout_event = Event(self._char_timeout, name=f"{self.name}.timeout")
+        self._irq_level = False
+        self.output = ConsoleOutput(ctx, self.params["output"])
+        self.reset()
+        self.input = ConsoleInput(ctx, self.params["input"], self.enqueue, name=self.name)
+
+    def ranges(self) -> list[Range]:
+        return [Range(self.params["space"], self.params["port"], 8, self.name)]
+
+    def reset(self) -> None:
+        self.dll, self.dlm = DEFAULT_DIVISOR, 0
+        self.ier = self.lcr = self.mcr = self.scr = self.fcr = 0
+        self.lsr = LSR_THRE | LSR_TEMT
+        self.msr = DEFAULT_MSR
+        self.rx_fifo: deque[int] = deque()
+        self.host_queue: deque[int] = deque()
+        self.thr_pending = False  # the THRE interrupt source (cleared by reading IIR)
+        self.timeout_pending = False
+        cancel(self.ctx.eventq, self._timeout_event)
+        self._update_irq()
+
+    # --- host side ---------------------------------------------------------------------
+
+    def enqueue(self, data: bytes) -> None:
+        """Bytes typed on the host: queued and moved into the receive FIFO as room allows."""
+        if self.mcr & MCR_LOOP:
+            return  # in loopback the serial input is disconnected
+        self.host_queue.extend(data)
+        self._refill()
+        self._update_irq()
+
+    @property
+    def fifo_enabled(self) -> bool:
+        return bool(self.fcr & FCR_ENABLE)
+
+    @property
+    def rx_capacity(self) -> int:
+        return FIFO_SIZE if self.fifo_enabled else 1
+
+    @property
+    def trigger_level(self) -> int:
+        return TRIGGER_LEVELS[self.fcr >> 6] if self.fifo_enabled else 1
+
+    def _refill(self) -> None:
+        while self.host_queue and len(self.rx_fifo) < self.rx_capacity:
+            self.rx_fifo.append(self.host_queue.popleft())
+            self.stats["rx_bytes"] += 1
+            self._data_arrived()
+
+    def _receive_line_byte(self, value: int) -> None:
+        """A byte from the (looped-back) serial line: overruns when the FIFO is full."""
+        if len(self.rx_fifo) >= self.rx_capacity:
+            self.lsr |= LSR_OE
+            self.stats["overruns"] += 1
+            return
+        self.rx_fifo.append(value)
+        self.stats["rx_bytes"] += 1
+        self._data_arrived()
+
+    def _data_arrived(self) -> None:
+        self.lsr |= LSR_DR
+        self.timeout_pending = False
+        if self.fifo_enabled:
+            self._arm_timeout()
+
+    def _char_time_ticks(self) -> int:
+        divisor = (self.dlm << 8 | self.dll) or 1
+        bits = 1 + 5 + (self.lcr & LCR_WLS) + (1 if self.lcr & LCR_PEN else 0) \
+            + (2 if self.lcr & LCR_STB else 1)
+        return bits * divisor * 16 * TICKS_PER_SECOND // UART_CLOCK_HZ
+
+    def _arm_timeout(self) -> None:
+        eq = self.ctx.eventq
+        schedule_at(eq, self._timeout_event, eq.cur_tick + 4 * self._char_time_ticks())
+
+    def _char_timeout(self) -> None:
+        if self.rx_fifo and self.fifo_enabled:
+            self.timeout_pending = True
+            self._update_irq()
+
+    # --- transmit side -------------------------------------------------------------------
+
+    def _transmit(self, value: int) -> None:
+        if self.mcr & MCR_LOOP:
+            self._receive_line_byte(value)
+        else:
+            self.output.write(bytes((value,)))
+        self.stats["tx_bytes"] += 1
+        # transmission is instantaneous: THR and the shift register are empty again
+        self.lsr |= LSR_THRE | LSR_TEMT
+        self.thr_pending = True
+
+    # --- interrupts -------------------------------------------------------------------------
+
+    def _interrupt_id(self) -> int:
+        ier = self.ier
+        if ier & IER_RLS and self.lsr & LSR_ERRORS:
+            return IIR_RLSI
+        if ier & IER_RDA and self.rx_fifo and len(self.rx_fifo) >= self.trigger_level:
+            return IIR_RDI
+        if ier & IER_RDA and self.timeout_pending and self.rx_fifo:
+            return IIR_CTI
+        if ier & IER_THRE and self.thr_pending:
+            return IIR_THRI
+        if ier & IER_MS and self.msr & MSR_DELTAS:
+            return IIR_MSI
+        return IIR_NONE
+
+    def _update_irq(self) -> None:
+        level = self._interrupt_id() != IIR_NONE
+        if level and not self._irq_level:
+            self.stats["interrupts"] += 1
+            self.irq_line.raise_()
+        elif not level and self._irq_level:
+            self.irq_line.lower()
+        self._irq_level = level
+
+    # --- modem lines --------------------------------------------------------------------------
+
+    def _loop_msr(self) -> int:
+        """MSR's status bits as loopback wires them: RTS->CTS, DTR->DSR, OUT1->RI, OUT2->DCD."""
+        m = self.mcr
+        return ((MSR_CTS if m & MCR_RTS else 0) | (MSR_DSR if m & MCR_DTR else 0)
+                | (MSR_RI if m & MCR_OUT1 else 0) | (MSR_DCD if m & MCR_OUT2 else 0))
+
+    def _set_msr_status(self, status: int) -> None:
+        old = self.msr
+        deltas = 0
+        if (old ^ status) & MSR_CTS:
+            deltas |= MSR_DCTS
+        if (old ^ status) & MSR_DSR:
+            deltas |= MSR_DDSR
+        if (old ^ status) & MSR_DCD:
+            deltas |= MSR_DDCD
+        if old & MSR_RI and not status & MSR_RI:
+            deltas |= MSR_TERI  # trailing edge of ring indicator
+        self.msr = (old & MSR_DELTAS) | deltas | status
+
+    # --- guest accesses -------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.stats["reads"] += 1
+        if size != 1 or not 0 <= offset < 8:
+            self.stats["bad_accesses"] += 1
+            return ones(size)
+        return bytes((self._read_reg(offset),))
+
+    def _read_reg(self, offset: int) -> int:
+        dlab = self.lcr & LCR_DLAB
+        if offset == RBR:
+            if dlab:
+                return self.dll
+            value = self.rx_fifo.popleft() if self.rx_fifo else 0
+            self._refill()
+            self.timeout_pending = False
+            if self.rx_fifo:
+                if self.fifo_enabled:
+                    self._arm_timeout()
+            else:
+                self.lsr &= ~LSR_DR
+                cancel(self.ctx.eventq, self._timeout_event)
+            self._update_irq()
+            return value
+        if offset == IER:
+            return self.dlm if dlab else self.ier
+        if offset == IIR:
+            iid = self._interrupt_id()
+            if iid == IIR_THRI:
+                self.thr_pending = False  # reading IIR acknowledges THRE
+                self._update_irq()
+            return iid | (IIR_FIFO if self.fifo_enabled else 0)
+        if offset == LCR:
+            return self.lcr
+        if offset == MCR:
+            return self.mcr
+        if offset == LSR:
+            value = self.lsr
+            self.lsr &= ~(LSR_ERRORS | LSR_FIFO_ERR)
+            self._update_irq()
+            return value
+        if offset == MSR:
+            value = self.msr
+            self.msr &= ~MSR_DELTAS
+            self._update_irq()
+            return value
+        return self.scr
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.stats["writes"] += 1
+        if len(data) != 1 or not 0 <= offset < 8:
+            self.stats["bad_accesses"] += 1
+            return
+        value = data[0]
+        dlab = self.lcr & LCR_DLAB
+        if offset == THR:
+            if dlab:
+                self.dll = value
+            else:
+                self.thr_pending = False
+                self._transmit(value)
+        elif offset == IER:
+            if dlab:
+                self.dlm = value
+            else:
+                old = self.ier
+                self.ier = value & IER_MASK
+                if not old & IER_THRE and self.ier & IER_THRE and self.lsr & LSR_THRE:
+                    self.thr_pending = True  # enabling ETBEI with THR empty interrupts at once
+        elif offset == FCR:
+            self._write_fcr(value)
+        elif offset == LCR:
+            self.lcr = value
+        elif offset == MCR:
+            self._write_mcr(value)
+        elif offset == LSR or offset == MSR:
+            pass  # read-only on the 16550 (factory test registers); ignored like real parts
+        else:
+            self.scr = value
+        self._update_irq()
+
+    def _write_fcr(self, value: int) -> None:
+        if (value ^ self.fcr) & FCR_ENABLE:
+            self.rx_fifo.clear()  # changing the FIFO mode resets both FIFOs
+            self.lsr &= ~LSR_DR
+        if value & FCR_CLEAR_RX:
+            self.rx_fifo.clear()
+            self.lsr &= ~LSR_DR
+            self.timeout_pending = False
+            cancel(self.ctx.eventq, self._timeout_event)
+        self.fcr = value & (FCR_ENABLE | FCR_DMA | FCR_TRIGGER) if value & FCR_ENABLE else 0
+        self._refill()
+
+    def _write_mcr(self, value: int) -> None:
+        value &= MCR_MASK
+        was_loop = self.mcr & MCR_LOOP
+        self.mcr = value
+        if value & MCR_LOOP:
+            self._set_msr_status(self._loop_msr())
+        elif was_loop:
+            self._set_msr_status(DEFAULT_MSR)
+            self._refill()
+
+    # --- state -------------------------------------------------------------------------------
+
+    def save(self) -> dict[str, Any]:
+        eq = self.ctx.eventq
+        when = self._timeout_event.when
+        return {
+            "dll": self.dll, "dlm": self.dlm, "ier": self.ier, "fcr": self.fcr, "lcr": self.lcr,
+            "mcr": self.mcr, "lsr": self.lsr, "msr": self.msr, "scr": self.scr,
+            "rx_fifo": list(self.rx_fifo), "host_queue": list(self.host_queue),
+            "thr_pending": self.thr_pending, "timeout_pending": self.timeout_pending,
+            "timeout_in": None if when is None else max(0, when - eq.cur_tick),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for key in ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "lsr", "msr", "scr"):
+            setattr(self, key, int(state[key]) & 0xFF)
+        self.rx_fifo = deque(int(b) & 0xFF for b in state["rx_fifo"])
+        self.host_queue = deque(int(b) & 0xFF for b in state["host_queue"])
+        self.thr_pending = bool(state["thr_pending"])
+        self.timeout_pending = bool(state["timeout_pending"])
+        cancel(self.ctx.eventq, self._timeout_event)
+        if state.get("timeout_in") is not None:
+            eq = self.ctx.eventq
+            schedule_at(eq, self._timeout_event, eq.cur_tick + int(state["timeout_in"]))
+        self._update_irq()
+
+    def close(self) -> None:
+        self.input.close()
+        self.output.close()
+        cancel(self.ctx.eventq, self._timeout_event)

@@ -1,0 +1,81 @@
+"""Test fixtures: a DeviceContext with recording IRQ lines, real guest RAM and a recorded exit."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kvmfw.device import DeviceContext
+from kvmfw.eventq import EventQueue
+from kvmfw.memory import GuestMemory, MemoryRegion
+
+RAM_SIZE = 1 << 20
+
+
+class RecordingIrq:
+    """An IRQ line that remembers its level and every transition."""
+
+    def __init__(self) -> None:
+        self.level = 0
+        self.history: list[int] = []
+        self.pulses = 0
+
+    def raise_(self) -> None:
+        self.level = 1
+        self.history.append(1)
+
+    def lower(self) -> None:
+        self.level = 0
+        self.history.append(0)
+
+    def pulse(self) -> None:
+        self.pulses += 1
+        self.history += [1, 0]
+
+
+@dataclass
+class Harness:
+    ctx: DeviceContext
+    irqs: dict[int, RecordingIrq]
+    exits: list[tuple[int, str]]
+    output: io.BytesIO
+    services_called: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+    def irq(self, n: int) -> RecordingIrq:
+        return self.irqs.setdefault(n, RecordingIrq())
+
+
+def make_harness(**options: Any) -> Harness:
+    irqs: dict[int, RecordingIrq] = {}
+    exits: list[tuple[int, str]] = []
+    mem = GuestMemory()
+    mem.add(MemoryRegion.anonymous(0, RAM_SIZE))
+    out = io.BytesIO()
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def service(name: str) -> Any:
+        def call(*args: Any) -> Any:
+            calls.append((name, args))
+            return None
+        return call
+
+    ctx = DeviceContext(
+        eventq=EventQueue(),
+        irq=lambda n: irqs.setdefault(n, RecordingIrq()),
+        memory=mem,
+        request_exit=lambda status, reason: exits.append((status, reason)),
+        console_output=out,
+        options={"memory_size": RAM_SIZE, "cpus": 2, **options},
+        services={n: service(n) for n in ("dump_stats", "reset_stats", "checkpoint",
+                                            "work_begin", "work_end")},
+    )
+    return Harness(ctx, irqs, exits, out, calls)
+
+
+@pytest.fixture
+def h() -> Harness:
+    harness = make_harness()
+    yield harness
+    harness.ctx.memory.close()
