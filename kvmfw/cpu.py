@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import signal
 import struct
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -58,6 +59,8 @@ log_io = logging.getLogger("kvmfw.io")
 log_ctx = logging.getLogger("kvmfw.context")
 
 _EINTR = -errno.EINTR
+_KICK_SET = {KICK_SIGNAL}
+_sigtimedwait = signal.sigtimedwait
 _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
@@ -362,6 +365,9 @@ class KvmCPU:
         if reason == ExitReason.INTR:
             stats.exit_signal += 1
             self.status = RUNNING
+            # KVM returns with the kick signal still pending (blocked again outside
+            # KVM_RUN); consume it or every later entry would return at once
+            _sigtimedwait(_KICK_SET, 0)
             if ticks is not None and timer is not None and timer.deadline_ns is not None \
                     and t1 >= timer.deadline_ns:
                 executed = ticks

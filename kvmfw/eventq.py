@@ -18,10 +18,12 @@ TICKS_PER_NS = 1000
 TICKS_PER_US = 10**6
 TICKS_PER_MS = 10**9
 
-# Priorities: lower runs first among events at the same tick (gem5 convention).
+# Priorities: lower runs first among events at the same tick (gem5 convention). A CPU's
+# tick runs after every other event of its tick, so events due "now" are serviced before
+# the CPU enters KVM again.
 PRIO_DEFAULT = 0
-PRIO_CPU_TICK = 50
 PRIO_EXIT = 100
+PRIO_CPU_TICK = 200
 
 
 def ticks_from_seconds(seconds: float) -> int:

@@ -82,8 +82,13 @@ spin:
     jmp spin
 
 triple:
-    lidt (0x0500)           /* RAM is zero: limit 0 */
-    int3
+    lidt (0x0500)           /* RAM is zero: an IDT and a GDT with limit 0 */
+    lgdt (0x0500)
+    mov %cr0, %eax
+    or $1, %al              /* protected mode: descriptors now come from the tables */
+    mov %eax, %cr0
+    mov $8, %ax
+    mov %ax, %ds            /* #GP (selector beyond the GDT) -> #DF -> triple fault */
     jmp halt
 
 halt:
@@ -92,7 +97,7 @@ halt:
     jmp halt
 
 emufail:
-    .byte 0x0f, 0x0d, 0x00 /* prefetch (%bx,%si): not in KVM's real-mode emulator */
+    .byte 0xf1              /* icebp (int1): KVM's emulator cannot emulate it */
     jmp exit
 
 pioloop:
