@@ -5,7 +5,7 @@ from __future__ import annotations
 from kvmfw.eventq import Event, EventQueue
 
 
-def to_int(data: bytes) -> int:
+def to_int(data: bytes | bytearray | memoryview) -> int:
     """The little-endian integer a guest wrote."""
     return int.from_bytes(data, "little")
 
