@@ -150,6 +150,7 @@ class KvmCPU:
         self.context = h.call("create_thread_context", cpu=self)
         if self.context is None:
             raise StateError("the architecture plugin did not create a thread context")
+        self._pulled_level = SyncLevel.FULL  # a new context holds the vCPU's initial state
         self._started = True
 
     def bind_thread(self, cycle_source: CycleSource, reason: str) -> None:
@@ -188,8 +189,8 @@ class KvmCPU:
         return self.context
 
     def _pull(self, level: SyncLevel) -> None:
-        if self._tc_dirty and self._pulled_level is not SyncLevel.NONE:
-            # the context holds unpushed writes: push them before reading more back
+        if self._tc_dirty:
+            # the context holds unpushed writes: push them so the pull cannot lose them
             self.sync_kvm_state()
         fn = self._update_thread_context
         if fn is not None:
@@ -345,6 +346,8 @@ class KvmCPU:
             executed = int((t1 - t0) * 1000 * self.host_factor)
         stats.ticks_in_kvm += executed
         self._pulled_level = SyncLevel.NONE
+        if self.always_sync:
+            self._pull(SyncLevel.FULL)
         if r < 0:
             if r != _EINTR and r != _EAGAIN:
                 raise KvmError("KVM_RUN", -r, self._dump_suffix())

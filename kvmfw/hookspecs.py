@@ -77,9 +77,12 @@ def machine_configure(machine: Machine) -> None:
 
 @hookspec(firstresult=True)
 def create_thread_context(cpu: KvmCPU) -> Any:
-    """Return a new, empty thread context for ``cpu`` (the arch's register cache).
+    """Return the thread context for ``cpu`` (the arch's register cache), holding the
+    vCPU's initial state.
 
-    Called once per vCPU at start-up. The object must expose ``pc`` (int) for messages.
+    Called once per vCPU at start-up, after ``vcpu_init``. The object must expose ``pc``
+    (int) for messages. Call ``cpu.mark_context_dirty()`` if you changed it from what KVM
+    holds (an entry state), so it is pushed before the first entry.
     """
 
 

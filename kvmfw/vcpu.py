@@ -33,7 +33,7 @@ _kick_lock = threading.Lock()
 # Offsets in struct kvm_run, from the compiled layout.
 RUN_EXIT_REASON = ffi.offsetof("struct kvm_run", "exit_reason")
 RUN_PAYLOAD = ffi.offsetof("struct kvm_run", "io")
-MMIO_DATA = RUN_PAYLOAD + ffi.offsetof("struct kvm_run", "mmio") - RUN_PAYLOAD + 8
+MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 
 
 def install_kick_handler() -> None:

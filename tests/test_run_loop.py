@@ -1,0 +1,280 @@
+"""The KvmCPU run loop on real guests: exits, lazy sync, time, and every way a run ends."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from conftest import (
+    EMUFAIL,
+    HALT,
+    MMIO,
+    PIO,
+    PIOLOOP,
+    SPIN,
+    SYNC,
+    TRIPLE,
+    COUNT,
+    needs_kvm,
+)
+
+from kvmfw.abi import ExitReason
+from kvmfw.cpu import CpuStatus
+from kvmfw.errors import (
+    EmulationFailureError,
+    EntryFailureError,
+    GuestExceptionError,
+    InternalKvmError,
+    PluginHookError,
+    RunTimeoutError,
+    TripleFaultError,
+    UnhandledExitError,
+)
+from kvmfw.eventq import TICKS_PER_MS, Event
+from kvmfw.hookspecs import SyncLevel
+
+pytestmark = needs_kvm
+
+
+def test_port_io_reaches_the_device_and_in_data_reaches_the_guest(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+    result = m.run(timeout=10)
+    assert (result.status, result.reason) == (0, "guest wrote the exit port")
+    # 'O', 'K', then the byte read from port 0x11 (0x41) plus one, then a 16-bit write
+    assert rec.writes == [(0, b"O"), (0, b"K"), (0, b"B"), (2, b"\xef\xbe")]
+    assert rec.reads == [(1, 1)]
+    stats = m.cpus[0].stats
+    assert stats.io == 6 and stats.vm_exits == 6 and stats.mmio == 0
+
+
+def test_mmio_reads_and_writes_go_through_the_bus(make_machine) -> None:
+    m, arch, rec = make_machine(MMIO)
+    m.run(timeout=10)
+    assert rec.writes == [(0x10, b"\x5a"), (0x30, b"\x34\x12"), (0, b"\x33")]
+    assert (0x20, 1) in rec.reads
+    assert m.cpus[0].stats.mmio == 3
+
+
+def test_context_written_before_entry_reaches_the_guest_and_reads_back(make_machine) -> None:
+    m, arch, rec = make_machine(SYNC)
+    cpu = m.cpus[0]
+    ctx = cpu.get_context()
+    ctx.regs["rbx"] = 0x1234
+    cpu.mark_context_dirty()
+    m.run(timeout=10)
+    assert rec.writes == [(2, b"\x34\x12")]  # the guest saw the host's BX
+    assert cpu.get_context().regs["rbx"] == 0x1235  # and the host sees the guest's change
+    assert cpu.get_context().regs["rsi"] == 0x5151
+
+
+def test_no_pull_when_nobody_reads_the_context(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+    m.run(timeout=10)
+    assert "pull" not in arch.calls
+    assert arch.calls.count("push") == 1  # the initial program selection only
+    cpu = m.cpus[0]
+    cpu.get_context(SyncLevel.RUNTIME)
+    cpu.get_context(SyncLevel.RUNTIME)
+    assert arch.calls.count("pull") == 1  # pulled once, then cached until KVM runs again
+
+
+def test_always_sync_pushes_before_every_entry(make_machine) -> None:
+    m, arch, rec = make_machine(PIO, always_sync=True)
+    m.run(timeout=10)
+    assert arch.calls.count("push") == m.cpus[0].stats.vm_exits
+
+
+def test_run_timer_ends_a_guest_that_loops_forever(make_machine) -> None:
+    m, arch, rec = make_machine(SPIN)
+    result = m.run(max_ticks=5 * TICKS_PER_MS, timeout=20)
+    assert result.reason == "simulated tick limit reached"
+    assert result.ticks == 5 * TICKS_PER_MS
+    assert m.cpus[0].stats.exit_signal >= 1
+    assert m.cpus[0].status is CpuStatus.RUNNING  # resumable
+
+
+def test_event_bounds_the_slice_and_runs_on_time(make_machine) -> None:
+    m, arch, rec = make_machine(COUNT)
+    seen = []
+
+    def fire() -> None:
+        seen.append((m.eventq.cur_tick, m.cpus[0].get_context().regs["rsi"]))
+        if len(seen) < 3:
+            m.eventq.schedule_in(ev, 2 * TICKS_PER_MS)
+
+    ev = Event(fire, "test-event")
+    m.eventq.schedule(ev, 2 * TICKS_PER_MS)
+    m.run(max_ticks=7 * TICKS_PER_MS, timeout=20)
+    assert [t for t, _ in seen] == [2 * TICKS_PER_MS, 4 * TICKS_PER_MS, 6 * TICKS_PER_MS]
+    counts = [c for _, c in seen]
+    assert counts[0] > 0 and counts[0] < counts[1] < counts[2]  # the guest ran in between
+
+
+def test_a_run_can_be_continued(make_machine) -> None:
+    m, arch, rec = make_machine(COUNT)
+    m.run(max_ticks=2 * TICKS_PER_MS, timeout=20)
+    first = m.cpus[0].get_context().regs["rsi"]
+    m.run(max_ticks=2 * TICKS_PER_MS, timeout=20)
+    assert m.eventq.cur_tick == 4 * TICKS_PER_MS
+    assert m.cpus[0].get_context().regs["rsi"] > first
+
+
+def test_host_timeout_stops_the_run(make_machine) -> None:
+    m, arch, rec = make_machine(SPIN)
+    with pytest.raises(RunTimeoutError, match="host timeout of 0.3 s"):
+        m.run(timeout=0.3)
+
+
+def test_triple_fault_ends_the_run_with_a_typed_error_and_a_dump(make_machine) -> None:
+    m, arch, rec = make_machine(TRIPLE)
+    with pytest.raises(TripleFaultError) as info:
+        m.run(timeout=10)
+    err = info.value
+    assert err.exit_reason == ExitReason.SHUTDOWN
+    assert "triple-faulted" in str(err)
+    assert "rip=" in err.dump and "rax=" in err.dump
+
+
+def test_emulation_failure_names_the_pc_and_instruction_bytes(make_machine) -> None:
+    m, arch, rec = make_machine(EMUFAIL)
+    with pytest.raises(EmulationFailureError) as info:
+        m.run(timeout=10)
+    err = info.value
+    assert err.details["suberror_name"] == "EMULATION"
+    assert err.details["insn_bytes"].startswith("f1")  # icebp, the failing instruction
+    assert "at pc 0x" in str(err) and "bytes f1" in str(err)
+
+
+def test_hlt_suspends_and_an_idle_machine_ends_the_run(make_machine) -> None:
+    m, arch, rec = make_machine(HALT)
+    result = m.run(timeout=10)
+    cpu = m.cpus[0]
+    assert cpu.stats.halt == 1
+    assert cpu.status is CpuStatus.IDLE and cpu.halted
+    assert result.reason == "all vCPUs halted and no event is pending"
+
+
+def test_wakeup_reactivates_a_halted_cpu(make_machine) -> None:
+    m, arch, rec = make_machine(HALT)
+    m.run(timeout=10)
+    cpu = m.cpus[0]
+    cpu.wakeup()
+    assert cpu.status is CpuStatus.RUNNING and not cpu.halted
+    assert cpu.tick_event.scheduled
+
+
+def _inject_exit(cpu, reason: int) -> None:
+    """Make the vCPU look as if KVM had just exited with ``reason`` (payload set by caller)."""
+    cpu.vcpu.run.exit_reason = reason
+    cpu.last_exit = reason
+    cpu.status = CpuStatus.RUNNING_SERVICE
+
+
+@pytest.mark.parametrize("reason,error,fill", [
+    (ExitReason.FAIL_ENTRY, EntryFailureError,
+     lambda run: setattr(run.fail_entry, "hardware_entry_failure_reason", 0x21)),
+    (ExitReason.EXCEPTION, GuestExceptionError,
+     lambda run: setattr(run.ex, "exception", 13)),
+    (ExitReason.UNKNOWN, UnhandledExitError,
+     lambda run: setattr(run.hw, "hardware_exit_reason", 0x7f)),
+    (ExitReason.INTERNAL_ERROR, InternalKvmError,
+     lambda run: setattr(run.internal, "suberror", 3)),
+    (ExitReason.DEBUG, UnhandledExitError, lambda run: None),
+    (ExitReason.HYPERCALL, UnhandledExitError, lambda run: setattr(run.hypercall, "nr", 9)),
+    (55, UnhandledExitError, lambda run: None),
+])
+def test_every_fatal_exit_gives_its_typed_error(make_machine, reason, error, fill) -> None:
+    m, arch, rec = make_machine(PIO)
+    cpu = m.cpus[0]
+    m.run(timeout=10)  # a real run first, so the vCPU has real state to dump
+    fill(cpu.vcpu.run)
+    _inject_exit(cpu, reason)
+    with pytest.raises(error) as info:
+        cpu.tick()
+    assert info.value.exit_reason == int(reason)
+    assert "rip=" in info.value.dump
+    assert str(info.value).startswith("vcpu 0: ")
+
+
+def test_system_event_shutdown_ends_the_run_cleanly(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+    cpu = m.cpus[0]
+    cpu.vcpu.run.system_event.type = 1  # KVM_SYSTEM_EVENT_SHUTDOWN
+    _inject_exit(cpu, ExitReason.SYSTEM_EVENT)
+    cpu.tick()
+    assert m.stop_requested and m.exit_status == 0 and "powered off" in m.exit_reason
+
+
+def test_a_plugin_that_raises_in_a_hook_is_named(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+
+    def broken(cpu, io):
+        raise ValueError("port table corrupt")
+
+    m.cpus[0]._handle_exit_io = broken
+    with pytest.raises(PluginHookError, match="port table corrupt") as info:
+        m.run(timeout=10)
+    assert "KVM_EXIT_IO" in str(info.value)
+    assert info.value.plugin == "test_run_loop"
+
+
+def test_unclaimed_access_policy_fatal(make_machine) -> None:
+    from kvmfw.errors import UnclaimedAccessError
+
+    m, arch, rec = make_machine(PIO, unclaimed="fatal")
+    m.bus.pio.unregister(rec)
+    with pytest.raises(UnclaimedAccessError, match="port|pio"):
+        m.run(timeout=10)
+
+
+def test_unclaimed_access_policy_ignore_counts_and_reads_all_ones(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+    m.bus.pio.unregister(rec)
+    result = m.run(timeout=10)  # the exit port is gone too: the guest halts
+    assert result.reason == "all vCPUs halted and no event is pending"
+    assert m.bus.pio.unclaimed_writes == 5 and m.bus.pio.unclaimed_reads == 1
+    assert m.cpus[0].get_context().regs["rax"] & 0xFF == 0  # the guest's last 'exit' value
+
+
+def test_state_transitions(make_machine) -> None:
+    m, arch, rec = make_machine(PIOLOOP)
+    cpu = m.cpus[0]
+    assert cpu.status is CpuStatus.IDLE
+    cpu.activate()
+    assert cpu.status is CpuStatus.RUNNING and cpu.tick_event.scheduled
+    cpu.suspend()
+    assert cpu.status is CpuStatus.IDLE and not cpu.tick_event.scheduled
+    cpu.halt()
+    assert cpu.halted
+    cpu.activate()
+    # Running -> RunningService (an IO exit) -> RunningServiceCompletion (serviced)
+    cpu.get_context().regs["rcx"] = 3
+    cpu.mark_context_dirty()
+    cpu._run_slice(None)
+    assert cpu.status is CpuStatus.RUNNING_SERVICE
+    cpu._dispatch_exit()
+    assert cpu.status is CpuStatus.RUNNING_SERVICE_COMPLETION
+    # a half entry completes the OUT without running on: still two iterations to go
+    cpu.half_entry()
+    assert cpu.status is CpuStatus.RUNNING and cpu.stats.vm_half_entries == 1
+    assert cpu.get_context().regs["rcx"] == 3
+    # RunningMMIOPending -> RunningServiceCompletion
+    cpu.status = CpuStatus.RUNNING_MMIO_PENDING
+    cpu.finish_mmio_pending()
+    assert cpu.status is CpuStatus.RUNNING_SERVICE_COMPLETION
+    # drain: completes the pending access, then is drained
+    cpu.drain_pending = True
+    cpu.run_drain()
+    assert cpu.is_drained() and not cpu.drain_pending
+
+
+def test_kvm_run_error_is_typed(make_machine) -> None:
+    from kvmfw.errors import KvmError
+
+    m, arch, rec = make_machine(PIO)
+    cpu = m.cpus[0]
+    m.run(timeout=10)
+    cpu.vcpu.close()
+    with pytest.raises(KvmError) as info:
+        cpu._run_slice(None)
+    assert info.value.ioctl == "KVM_RUN" and info.value.errno == errno.EBADF
