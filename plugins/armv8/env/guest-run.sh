@@ -1,0 +1,43 @@
+#!/bin/sh
+# Runs inside the arm64 guest (chroot into the Debian root): stage the checkout on tmpfs,
+# compile the core's cffi module (cached in /cache/build by the hash of its builder),
+# register entry points, run pytest, write its exit status to /cache/out/rc.
+export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/tmp USER=root LOGNAME=root
+export PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8
+W=/tmp/src
+rc=3
+finish() { echo "$rc" > /cache/out/rc; sync; }
+trap finish EXIT
+mkdir -p $W/plugins
+cd /project
+for p in kvmfw pyproject.toml tests plugins/armv8; do
+  [ -e "$p" ] && cp -a "$p" "$W/$(dirname "$p")/"
+done
+# drop host (x86) build products
+find $W -name '__pycache__' -prune -exec rm -rf {} + 2>/dev/null
+find $W -name '*x86_64-linux-gnu.so' -delete 2>/dev/null
+cd $W
+# the core's compiled ABI module, built against the arm64 <linux/kvm.h>
+if [ -f kvmfw/abi/_build.py ]; then
+  KEY=$(cat kvmfw/abi/_build.py | sha256sum | cut -c1-16)
+  SO=/cache/build/_kvm-$KEY.so
+  if [ ! -s "$SO" ]; then
+    echo "KVMFW_GUEST compiling kvmfw.abi._kvm for aarch64"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if python3 kvmfw/abi/_build.py > /tmp/build.log 2>&1; then
+      cp kvmfw/abi/_kvm.cpython-*-aarch64-linux-gnu.so "$SO.tmp" && mv "$SO.tmp" "$SO"
+      echo "KVMFW_GUEST compiled in $(python3 -c "import sys; print(round(float(sys.argv[1]) - float(sys.argv[2]), 1))" "$(cut -d' ' -f1 /proc/uptime)" "$t0") s"
+    else
+      tail -30 /tmp/build.log; echo "KVMFW_GUEST compiling the core's cffi module failed"; rc=4; exit
+    fi
+  fi
+  cp "$SO" kvmfw/abi/_kvm.cpython-311-aarch64-linux-gnu.so
+fi
+# entry points / metadata of the core and the plugin, as an install would write them
+python3 plugins/armv8/env/write_dist_info.py site . plugins/armv8 || { rc=5; exit; }
+export PYTHONPATH=$W/site:$W:$W/plugins/armv8
+python3 -c "import os, sys; print('KVMFW_GUEST python', sys.version.split()[0], 'kvm', os.path.exists('/dev/kvm'))"
+# shellcheck disable=SC2046
+{ python3 -m pytest -p no:cacheprovider -rs $(cat /cache/out/pytest-args); echo $? > /tmp/pytest.rc; } 2>&1 \
+  | tee /cache/out/pytest.log
+rc=$(cat /tmp/pytest.rc 2>/dev/null || echo 3)

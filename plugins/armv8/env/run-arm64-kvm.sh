@@ -1,0 +1,146 @@
+#!/bin/bash
+# run-arm64-kvm.sh - run the ARMv8 plugin's tests on a real arm64 KVM, on any Linux host.
+#
+#   plugins/armv8/env/run-arm64-kvm.sh [pytest args...]   (default: plugins/armv8/tests)
+#
+# How: Debian's stock arm64 kernel boots at EL2 under qemu-system-aarch64 (TCG,
+# -M virt,virtualization=on,gic-version=3 -cpu max,pauth=off), which gives the emulated
+# machine a working /dev/kvm. Its root file system is a Debian bookworm arm64 tree made
+# with `debootstrap --foreign` (python3, gcc, kernel headers) plus aarch64/pure wheels of
+# the project's runtime dependencies fetched from PyPI on the host; it is shared over 9p,
+# and so is this checkout (read-only). Inside, env/guest-run.sh copies the core and the
+# plugin to tmpfs, compiles the core's cffi module with the guest's gcc against the arm64
+# <linux/kvm.h> (cached by hash under the cache dir), registers the entry points and runs
+# pytest; its exit status becomes this script's exit status.
+#
+# Everything downloaded or built goes to $KVMFW_ARM64_CACHE (default ~/.cache/kvmfw-arm64),
+# outside the checkout. First run: ~5 min (apt + debootstrap). Cached run: ~2-4 min.
+# Needs root (apt-get, debootstrap, 9p security_model=none), as CI has.
+#
+# Environment knobs:
+#   KVMFW_ARM64_CACHE    cache dir                      KVMFW_ARM64_TIMEOUT  qemu timeout (s, 480)
+#   KVMFW_ARM64_SMP      guest CPUs (2)                 KVMFW_ARM64_MEM      guest MiB (2048)
+#   KVMFW_ARM64_REBUILD=1  rebuild the root file system
+set -euo pipefail
+HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
+REPO=$(cd "$HERE/../../.." && pwd)
+CACHE=${KVMFW_ARM64_CACHE:-${HOME:-/root}/.cache/kvmfw-arm64}
+TIMEOUT=${KVMFW_ARM64_TIMEOUT:-480}
+SMP=${KVMFW_ARM64_SMP:-2}
+MEM=${KVMFW_ARM64_MEM:-2048}
+SUITE=bookworm
+export DEBIAN_FRONTEND=noninteractive
+
+# Debian arm64 packages of the guest root (C toolchain + headers: the core's cffi module is
+# compiled inside the guest against the arm64 <linux/kvm.h>).
+DEB_PKGS="python3,python3-dev,gcc,libc6-dev,linux-libc-dev,busybox-static,linux-image-arm64"
+# PyPI: aarch64 / pure-Python wheels of the runtime and test dependencies (host-side pip).
+PY_PKGS="cffi>=1.17 pycparser pluggy>=1.5 stevedore>=5.1 click>=8.1 fdt>=0.3 pytest>=8 setuptools"
+ROOT_VERSION="3 $SUITE $DEB_PKGS"   # change to force a rebuild of the cached root
+WHEELS_VERSION="1 $PY_PKGS"
+
+T0=$(date +%s)
+say() { printf '[arm64-kvm %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
+die() { say "FAILED: $*"; exit 2; }
+
+[ "$(id -u)" = 0 ] || die "needs root (apt-get, debootstrap, 9p passthrough); run it with sudo"
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock -w 900 9 || die "another run holds $CACHE/.lock"
+
+# --------------------------------------------------------------- host tools
+need=()
+command -v qemu-system-aarch64 >/dev/null || need+=(qemu-system-arm)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing host packages: ${need[*]}"
+  apt-get update -qq || die "apt-get update failed"
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
+    || die "apt-get install ${need[*]} failed"
+fi
+python3 -m pip --version >/dev/null 2>&1 || die "python3 -m pip is needed on the host to fetch aarch64 wheels"
+
+# --------------------------------------------------------------- guest root (cached)
+ROOT=$CACHE/rootfs
+if [ "${KVMFW_ARM64_REBUILD:-0}" = 1 ] || [ "$(cat "$CACHE/rootfs.stamp" 2>/dev/null)" != "$ROOT_VERSION" ]; then
+  say "building the arm64 root file system in $ROOT (one-off, a few minutes)"
+  rm -rf "$ROOT" "$ROOT.tmp" "$CACHE/rootfs.stamp" "$CACHE/initramfs.cpio.gz" "$CACHE/build"
+  MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
+  say "debootstrap --foreign arm64 $SUITE from $MIRROR"
+  debootstrap --foreign --arch=arm64 --variant=minbase --include="$DEB_PKGS" \
+      "$SUITE" "$ROOT.tmp" "$MIRROR" > "$CACHE/debootstrap.log" 2>&1 \
+    || { tail -20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
+  # --foreign unpacks only the 'required' set; unpack the rest too. No second stage is
+  # run (no binfmt_misc needed): maintainer scripts never run, which python3 and gcc
+  # do not need.
+  for f in "$ROOT.tmp"/var/cache/apt/archives/*.deb; do dpkg -x "$f" "$ROOT.tmp"; done
+  rm -f "$ROOT.tmp"/var/cache/apt/archives/*.deb
+  mkdir -p "$ROOT.tmp"/{project,cache,proc,sys,dev,tmp}
+  mv "$ROOT.tmp" "$ROOT"
+  echo "$ROOT_VERSION" > "$CACHE/rootfs.stamp"
+fi
+
+# --------------------------------------------------------------- Python wheels (cached)
+SITE=$ROOT/usr/local/lib/python3.11/dist-packages
+if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$WHEELS_VERSION" ]; then
+  say "fetching aarch64/pure wheels from PyPI: $PY_PKGS"
+  rm -rf "$CACHE/wheels" "$SITE" "$CACHE/wheels.stamp"
+  # shellcheck disable=SC2086
+  python3 -m pip download -q --only-binary=:all: --platform manylinux2014_aarch64 \
+      --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \
+      --python-version 3.11 --implementation cp -d "$CACHE/wheels" $PY_PKGS \
+      2> "$CACHE/pip.log" || { tail -20 "$CACHE/pip.log" >&2; die "pip download of the aarch64 wheels failed"; }
+  mkdir -p "$SITE"
+  for w in "$CACHE"/wheels/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done
+  echo "$WHEELS_VERSION" > "$CACHE/wheels.stamp"
+fi
+
+KERNEL=$(ls "$ROOT"/boot/vmlinuz-* 2>/dev/null | head -1)
+[ -n "$KERNEL" ] || die "no arm64 kernel in $ROOT/boot (set KVMFW_ARM64_REBUILD=1)"
+KVER=${KERNEL##*/vmlinuz-}
+
+# --------------------------------------------------------------- initramfs (cached)
+INITRD=$CACHE/initramfs.cpio.gz
+if [ ! -s "$INITRD" ] || [ "$HERE/init.sh" -nt "$INITRD" ]; then
+  say "building the initramfs (busybox + 9p modules of $KVER)"
+  IR=$CACHE/initramfs.d
+  rm -rf "$IR"; mkdir -p "$IR"/{bin,proc,sys,dev,newroot,lib/modules}
+  cp "$ROOT/bin/busybox" "$IR/bin/busybox"
+  cp "$HERE/init.sh" "$IR/init"; chmod +x "$IR/init"
+  for m in virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci netfs fscache 9pnet 9pnet_virtio 9p; do
+    ko=$(find "$ROOT/lib/modules/$KVER" -name "$m.ko*" | head -1)
+    [ -n "$ko" ] && cp "$ko" "$IR/lib/modules/"
+  done
+  (cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1 > "$INITRD.tmp") && mv "$INITRD.tmp" "$INITRD"
+fi
+
+# --------------------------------------------------------------- boot and test
+OUT=$CACHE/out
+rm -rf "$OUT"; mkdir -p "$OUT" "$CACHE/build"
+if [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/pytest-args"; else echo plugins/armv8/tests > "$OUT/pytest-args"; fi
+LOG=$CACHE/console.log
+say "booting $KVER under qemu-system-aarch64 (TCG, smp=$SMP, ${MEM} MiB, timeout ${TIMEOUT}s); console log: $LOG"
+set +e
+timeout --kill-after=10 "$TIMEOUT" qemu-system-aarch64 \
+    -M virt,virtualization=on,gic-version=3 -cpu max,pauth=off -smp "$SMP" -m "$MEM" \
+    -nographic -no-reboot -monitor none -serial stdio \
+    -kernel "$KERNEL" -initrd "$INITRD" \
+    -append "console=ttyAMA0 loglevel=3 panic=-1" \
+    -virtfs local,path="$ROOT",mount_tag=kvmfwroot,security_model=none,id=r0 \
+    -virtfs local,path="$REPO",mount_tag=project,security_model=none,readonly=on,id=p0 \
+    -virtfs local,path="$CACHE",mount_tag=cache,security_model=none,id=c0 \
+    < /dev/null 2>&1 | tee "$LOG" | grep --line-buffered -v -E '^\[ *[0-9]+\.[0-9]+\]' 
+QRC=${PIPESTATUS[0]}
+set -e
+if [ "$QRC" = 124 ] || [ "$QRC" = 137 ]; then
+  die "qemu did not finish within ${TIMEOUT}s (raise KVMFW_ARM64_TIMEOUT); console log: $LOG"
+fi
+grep -q 'KVMFW_GUEST_INIT' "$LOG" || die "the arm64 kernel did not reach /init (qemu exit $QRC); console log: $LOG"
+grep -q 'KVMFW_GUEST_KVM ok' "$LOG" || die "no /dev/kvm inside the arm64 guest (KVM did not initialise at EL2); console log: $LOG"
+[ -s "$OUT/rc" ] || die "the guest reported no test result (qemu exit $QRC); console log: $LOG"
+RC=$(cat "$OUT/rc")
+say "pytest inside the arm64 guest exited $RC (total $(( $(date +%s) - T0 ))s)"
+exit "$RC"
