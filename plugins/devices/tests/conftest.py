@@ -67,7 +67,7 @@ def make_harness(**options: Any) -> Harness:
         memory=mem,
         request_exit=lambda status, reason: exits.append((status, reason)),
         console_output=out,
-        options={"memory_size": RAM_SIZE, "cpus": 2, **options},
+        options={"memory": RAM_SIZE, "cpus": 2, **options},
         services={n: service(n) for n in ("dump_stats", "reset_stats", "checkpoint",
                                             "work_begin", "work_end")},
     )

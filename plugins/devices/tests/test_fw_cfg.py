@@ -1,0 +1,141 @@
+"""fw_cfg: well-known items, file directory, user blobs, DMA with checked addresses."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import RAM_SIZE, Harness
+from kvmfw.errors import ConfigError
+
+from kvmfw_devices import fw_cfg as f
+from kvmfw_devices.fw_cfg import FwCfg
+
+
+def select(dev: FwCfg, key: int) -> None:
+    dev.write(0, key.to_bytes(2, "little"))
+
+
+def read_item(dev: FwCfg, key: int, n: int) -> bytes:
+    select(dev, key)
+    return b"".join(dev.read(1, 1) for _ in range(n))
+
+
+def directory(dev: FwCfg) -> dict[str, tuple[int, int]]:
+    select(dev, f.FW_CFG_FILE_DIR)
+    count = struct.unpack(">I", b"".join(dev.read(1, 1) for _ in range(4)))[0]
+    out = {}
+    for _ in range(count):
+        raw = b"".join(dev.read(1, 1) for _ in range(64))
+        size, sel, _, name = struct.unpack(">IHH56s", raw)
+        out[name.rstrip(b"\0").decode()] = (size, sel)
+    return out
+
+
+def test_ports_and_well_known_items(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    (r,) = dev.ranges()
+    assert (r.space, r.base, r.size) == ("pio", 0x510, 12)
+    assert read_item(dev, f.FW_CFG_SIGNATURE, 4) == b"QEMU"
+    assert read_item(dev, f.FW_CFG_ID, 4) == struct.pack("<I", 3)
+    assert read_item(dev, f.FW_CFG_RAM_SIZE, 8) == struct.pack("<Q", RAM_SIZE)
+    assert read_item(dev, f.FW_CFG_NB_CPUS, 2) == struct.pack("<H", 2)
+    assert read_item(dev, f.FW_CFG_UUID, 16) == bytes(16)
+
+
+def test_reads_past_the_end_and_unknown_items_are_zero(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    assert read_item(dev, f.FW_CFG_SIGNATURE, 6) == b"QEMU\0\0"
+    assert read_item(dev, 0x1234, 2) == b"\0\0"
+
+
+def test_selecting_resets_the_offset(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    assert read_item(dev, f.FW_CFG_SIGNATURE, 2) == b"QE"
+    assert read_item(dev, f.FW_CFG_SIGNATURE, 2) == b"QE"
+
+
+def test_user_blobs_in_the_directory(h: Harness, tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"payload")
+    h.ctx.options["fw_cfg"] = ["name=opt/b,string=hi"]
+    dev = FwCfg(h.ctx, name="opt/a", file=str(blob))
+    d = directory(dev)
+    assert list(d) == ["opt/a", "opt/b"]
+    size, sel = d["opt/a"]
+    assert size == 7 and read_item(dev, sel, 7) == b"payload"
+    assert read_item(dev, d["opt/b"][1], 2) == b"hi"
+
+
+def test_empty_directory(h: Harness) -> None:
+    assert directory(FwCfg(h.ctx)) == {}
+
+
+@pytest.mark.parametrize("params", [
+    {"name": "opt/x"}, {"file": "/nonexistent"}, {"name": "opt/x", "file": "/nonexistent"},
+    {"name": "x" * 60, "string": "a"},
+])
+def test_bad_blob_config(h: Harness, params: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        FwCfg(h.ctx, **params)
+
+
+def test_data_writes_ignored_and_bad_accesses_counted(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    select(dev, f.FW_CFG_SIGNATURE)
+    dev.write(1, b"X")
+    assert dev.stats["ignored_writes"] == 1
+    assert dev.read(1, 1) == b"Q"
+    assert dev.read(2, 1) == b"\xff"
+    assert dev.read(0, 2) == b"\xff\xff"
+    dev.write(2, b"\0")
+    assert dev.stats["bad_accesses"] == 3
+
+
+def dma(dev: FwCfg, h: Harness, desc: int, control: int, length: int, addr: int) -> int:
+    h.ctx.memory.write(desc, struct.pack(">IIQ", control, length, addr))
+    dev.write(4, (desc >> 32).to_bytes(4, "big"))
+    dev.write(8, (desc & 0xFFFFFFFF).to_bytes(4, "big"))
+    return struct.unpack(">I", h.ctx.memory.read(desc, 4))[0]
+
+
+def test_dma_signature_and_read(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    assert dev.read(4, 4) + dev.read(8, 4) == b"QEMU CFG"
+    ctl = dma(dev, h, 0x1000, (f.FW_CFG_SIGNATURE << 16) | f.DMA_CTL_SELECT | f.DMA_CTL_READ,
+              4, 0x2000)
+    assert ctl == 0
+    assert h.ctx.memory.read(0x2000, 4) == b"QEMU"
+
+
+def test_dma_skip_then_read(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    dma(dev, h, 0x1000, (f.FW_CFG_SIGNATURE << 16) | f.DMA_CTL_SELECT | f.DMA_CTL_SKIP, 2, 0)
+    assert dma(dev, h, 0x1000, f.DMA_CTL_READ, 2, 0x2000) == 0
+    assert h.ctx.memory.read(0x2000, 2) == b"MU"
+
+
+def test_dma_outside_ram_reports_error_and_touches_nothing(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    ctl = dma(dev, h, 0x1000, (f.FW_CFG_SIGNATURE << 16) | f.DMA_CTL_SELECT | f.DMA_CTL_READ,
+              16, RAM_SIZE - 8)
+    assert ctl == f.DMA_CTL_ERROR
+    assert dma(dev, h, 0x1000, f.DMA_CTL_WRITE, 1, 0x2000) == f.DMA_CTL_ERROR
+    dev.write(8, (0xFFFFF000).to_bytes(4, "big"))  # descriptor itself outside RAM
+    assert dev.stats["dma_errors"] == 3
+
+
+def test_dma_can_be_disabled(h: Harness) -> None:
+    dev = FwCfg(h.ctx, dma="off")
+    assert read_item(dev, f.FW_CFG_ID, 4) == struct.pack("<I", 1)
+    assert dev.read(4, 4) == b"\xff" * 4
+
+
+def test_mmio_layout(h: Harness) -> None:
+    dev = FwCfg(h.ctx, space="mmio", port="0x9020000")
+    (r,) = dev.ranges()
+    assert (r.space, r.base, r.size) == ("mmio", 0x9020000, 0x18)
+    dev.write(8, f.FW_CFG_SIGNATURE.to_bytes(2, "big"))
+    assert dev.read(0, 4) == b"QEMU"
+    assert dev.read(0x10, 8) == b"QEMU CFG"
