@@ -64,10 +64,12 @@ class PluginInfo:
         return asdict(self)
 
 
-def _dist_of(ep: Any) -> tuple[str, str]:
-    dist = getattr(ep, "dist", None)
-    if dist is not None:
-        return dist.metadata["Name"] or "?", dist.version or "?"
+def _dist_of(group: str, name: str) -> tuple[str, str]:
+    """(package, version) of the distribution that declares entry point ``group:name``."""
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == group and ep.name == name:
+                return dist.metadata["Name"] or "?", dist.version or "?"
     return "?", "?"
 
 
@@ -102,7 +104,7 @@ def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
     loaded: dict[str, Any] = {}
     infos: list[PluginInfo] = []
     for ext in mgr.extensions:
-        pkg, ver = _dist_of(ext.entry_point)
+        pkg, ver = _dist_of(group, ext.name)
         api = _api_of(ext.plugin)
         info = PluginInfo(ext.name, group, ext.entry_point.value, pkg, ver, "loaded",
                           api=".".join(map(str, api)) if api else "")
@@ -115,7 +117,7 @@ def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
     for name, exc in failures.items():
         ep = eps.get(name)
-        pkg, ver = _dist_of(ep) if ep is not None else ("?", "?")
+        pkg, ver = _dist_of(group, name)
         infos.append(PluginInfo(name, group, ep.value if ep is not None else "?", pkg, ver,
                                 "failed", error=f"{type(exc).__name__}: {exc}"))
     return loaded, sorted(infos, key=lambda i: i.name)
