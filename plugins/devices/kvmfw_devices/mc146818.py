@@ -102,7 +102,8 @@ class Mc146818(Device):
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
         if self.params["clock"] not in ("host", "fixed"):
-            raise ConfigError(f"cmos-rtc: clock must be host or fixed, not {self.params['clock']!r}")
+            raise ConfigError(
+                f"cmos-rtc: clock must be host or fixed, not {self.params['clock']!r}")
         self._start = _parse_time(self.params["time"])
         self.stats.update(interrupts=0, periodic=0, alarms=0, updates=0, bad_time=0)
         self.irq_line = ctx.irq(self.params["irq"]) if self.params["irq"] >= 0 else NullIrqLine()
@@ -176,7 +177,8 @@ class Mc146818(Device):
     def _time_regs(self) -> dict[int, int]:
         t = time.gmtime(int(self.now()))
         return {REG_SECONDS: self._enc(t.tm_sec), REG_MINUTES: self._enc(t.tm_min),
-                REG_HOURS: self._enc_hour(t.tm_hour), REG_WEEKDAY: self._enc((t.tm_wday + 1) % 7 + 1),
+                REG_HOURS: self._enc_hour(t.tm_hour),
+                REG_WEEKDAY: self._enc((t.tm_wday + 1) % 7 + 1),
                 REG_DAY: self._enc(t.tm_mday), REG_MONTH: self._enc(t.tm_mon),
                 REG_YEAR: self._enc(t.tm_year % 100), REG_CENTURY: self._enc(t.tm_year // 100)}
 
