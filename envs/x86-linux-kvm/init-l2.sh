@@ -1,0 +1,42 @@
+#!/bin/busybox sh
+# /init of the inner test guests (busybox-static initramfs, one per kernel, built by run.sh).
+# Prints KVMFW-INIT-OK, runs the test named on the kernel command line, then leaves.
+#   kvmfw.test=none (default) | cpus | blk | shell
+#     cpus   prints KVMFW-CPUS=<n> KVMFW-ONLINE=<list>
+#     blk    loads virtio-blk + ext4, mounts /dev/vda read-only, prints
+#            KVMFW-BLK-BEGIN, /mnt/hello.txt, KVMFW-BLK-END
+#     shell  an interactive busybox shell on the console (prompt "kvmfw# ")
+#   kvmfw.exit=poweroff (default) | reboot   how to leave: `poweroff -f` / `reboot -f`
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "KVMFW-INIT-OK uptime=$(cut -d' ' -f1 /proc/uptime)"
+TEST=none; EXIT=poweroff
+for a in $(cat /proc/cmdline); do case "$a" in
+  kvmfw.test=*) TEST=${a#*=};; kvmfw.exit=*) EXIT=${a#*=};;
+esac; done
+case "$TEST" in
+  cpus)
+    echo "KVMFW-CPUS=$(grep -c '^processor' /proc/cpuinfo) KVMFW-ONLINE=$(cat /sys/devices/system/cpu/online)"
+    ;;
+  blk)
+    while read -r ko; do insmod "$ko" 2>/dev/null; done < /lib/modules/load.list
+    i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    if mount -t ext4 -o ro /dev/vda /mnt; then
+      echo KVMFW-BLK-BEGIN; cat /mnt/hello.txt; echo KVMFW-BLK-END
+      umount /mnt
+    else
+      echo "KVMFW-BLK-FAIL $(ls /dev/vd* 2>&1) $(cat /proc/partitions | tail -n +3 | tr '\n' ' ')"
+    fi
+    ;;
+  shell)
+    echo KVMFW-SHELL
+    PS1='kvmfw# ' setsid cttyhack sh
+    ;;
+esac
+echo "KVMFW-EXIT $EXIT"
+case "$EXIT" in
+  reboot) reboot -f;;
+  *) poweroff -f;;
+esac
