@@ -1,0 +1,630 @@
+"""The x86 thread context: KVM state in register groups, each with its own dirty flag.
+
+Groups (and the ioctls that move them): ``regs`` (GPRs, RIP, RFLAGS: ``KVM_*_REGS``),
+``sregs`` (segments, CRs, EFER, APIC base, GDT/IDT: ``KVM_*_SREGS2`` or ``KVM_*_SREGS``),
+``xsave`` (x87, SSE, AVX, AVX-512, PKRU and every component the host enables:
+``KVM_GET_XSAVE2``/``KVM_SET_XSAVE``), ``xcrs``, ``msrs`` (every MSR in
+``KVM_GET_MSR_INDEX_LIST`` that reads back), ``debugregs`` and ``events`` (pending/injected
+exception, interrupt, NMI, interrupt shadow, SIPI vector).
+
+Sync is lazy per group: after KVM ran a group is *stale* and is fetched on the first read
+of one of its registers; a write marks only its group dirty, and a push moves only dirty
+groups (and only the MSRs that changed). So an exit handler that reads RIP costs one
+``KVM_GET_REGS``, not a pull of XSAVE and 40 MSRs. ``eager=True`` gives gem5's
+all-or-nothing behaviour (for comparison and benchmarks).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from kvmfw.errors import KvmError, StateError
+from kvmfw.hookspecs import SyncLevel
+
+from kvmfw_x86.abi import X, addr, ffi
+
+if TYPE_CHECKING:
+    from kvmfw.cpu import KvmCPU
+
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+GROUPS = ("sregs", "msrs", "xcrs", "xsave", "regs", "debugregs", "events")
+"""All groups, in push order (mode first, XCR0 before the XSAVE area, events last)."""
+RUNTIME_GROUPS = ("regs", "sregs")
+
+# XSAVE legacy area layout (Intel SDM vol. 1, 13.4.1)
+XS_FCW, XS_FSW, XS_FTW, XS_FOP, XS_FIP, XS_FDP, XS_MXCSR = 0, 2, 4, 6, 8, 16, 24
+XS_ST, XS_XMM, XS_HEADER = 32, 160, 512
+# XSAVE components with a register file this context exposes
+XC_YMM, XC_OPMASK, XC_ZMM_HI256, XC_HI16_ZMM, XC_PKRU = 2, 5, 6, 7, 9
+
+
+@dataclass
+class Segment:
+    """One segment register as ``struct kvm_segment`` holds it."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 3
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+    @classmethod
+    def from_c(cls, c: Any) -> Segment:
+        return cls(int(c.base), int(c.limit), int(c.selector), int(c.type), int(c.present),
+                   int(c.dpl), int(c.db), int(c.s), int(c.l), int(c.g), int(c.avl),
+                   int(c.unusable))
+
+    def to_c(self, c: Any) -> None:
+        for f in fields(self):
+            setattr(c, f.name, getattr(self, f.name))
+
+    def __str__(self) -> str:
+        return (f"sel={self.selector:#06x} base={self.base:#x} limit={self.limit:#x} "
+                f"type={self.type} s={self.s} dpl={self.dpl} p={self.present} db={self.db} "
+                f"l={self.l} g={self.g}{' unusable' if self.unusable else ''}")
+
+
+def fix_segments(sregs: Any) -> None:
+    """gem5's VMX fix-ups before entry: accessed bit on usable segments, TR busy,
+    SS.DPL = CS.DPL for non-conforming code (the CPU refuses the entry otherwise)."""
+    if not sregs.cr0 & 1:
+        return  # real mode: KVM builds the segments itself
+    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+        seg = getattr(sregs, name)
+        if seg.present and not seg.unusable and seg.s:
+            seg.type |= 1
+    tr = sregs.tr
+    if tr.present:
+        if tr.type in (1, 3):
+            tr.type = 3  # 16-bit TSS, busy
+        else:
+            tr.type = 11  # 32/64-bit TSS, busy
+    if sregs.cs.s and not sregs.cs.type & 0x4:  # non-conforming code
+        sregs.ss.dpl = sregs.cs.dpl
+
+
+class CpuInfo:
+    """Per-VM facts the context needs (filled by the plugin at vCPU init)."""
+
+    def __init__(self, *, use_sregs2: bool, xsave_size: int, msr_indices: list[int],
+                 xsave_offsets: dict[int, tuple[int, int]], has_xcrs: bool = True,
+                 has_debugregs: bool = True, has_events: bool = True) -> None:
+        self.use_sregs2 = use_sregs2
+        self.xsave_size = xsave_size
+        self.msr_indices = msr_indices
+        self.xsave_offsets = xsave_offsets
+        """XSAVE component -> (offset, size) in the standard (non-compacted) format."""
+        self.has_xcrs = has_xcrs
+        self.has_debugregs = has_debugregs
+        self.has_events = has_events
+
+
+class X86Context:
+    """The x86 register cache of one vCPU (see the module docstring for the groups).
+
+    Registers are attributes (``ctx.rax``, ``ctx.rip``, ``ctx.cr0``, ``ctx.cs`` ...); MSRs
+    through :meth:`get_msr`/:meth:`set_msr`; vector state through :meth:`xmm`,
+    :meth:`ymm`, :meth:`zmm`, :meth:`opmask` and their setters.
+    """
+
+    def __init__(self, cpu: KvmCPU, info: CpuInfo, *, eager: bool = False) -> None:
+        object.__setattr__(self, "_init", True)
+        self.cpu = cpu
+        self.info = info
+        self.eager = eager
+        self.fetches = dict.fromkeys(GROUPS, 0)
+        self.pushes = dict.fromkeys(GROUPS, 0)
+        self._valid = dict.fromkeys(GROUPS, False)
+        self._dirty = dict.fromkeys(GROUPS, False)
+        self._run_key: tuple[int, int] | None = None
+        self._regs = ffi.new("struct kvm_regs *")
+        self._sregs = ffi.new("struct kvm_sregs2 *" if info.use_sregs2 else "struct kvm_sregs *")
+        self._xsave = ffi.new("uint8_t[]", max(info.xsave_size, 4096))
+        self._xcrs = ffi.new("struct kvm_xcrs *")
+        self._debugregs = ffi.new("struct kvm_debugregs *")
+        self._events = ffi.new("struct kvm_vcpu_events *")
+        n = len(info.msr_indices)
+        hdr = ffi.sizeof("struct kvm_msrs")
+        self._msr_buf = ffi.new("uint8_t[]", hdr + n * ffi.sizeof("struct kvm_msr_entry"))
+        self._msr_entries = ffi.cast("struct kvm_msr_entry *", self._msr_buf + hdr)
+        self._msrs: dict[int, int] = {}
+        self._msr_dirty: set[int] = set()
+        object.__setattr__(self, "_init", False)
+
+    # --- group bookkeeping -------------------------------------------------------------
+
+    def _need(self, group: str) -> None:
+        if not self._valid[group]:
+            self.fetch(group)
+
+    def _touch(self, group: str) -> None:
+        self._dirty[group] = True
+        self.cpu.mark_context_dirty()
+
+    def fetch(self, group: str) -> None:
+        """Read one group from KVM now (discarding unpushed writes to it)."""
+        v = self.cpu.vcpu
+        if group == "regs":
+            v.ioctl(X.KVM_GET_REGS, addr(self._regs))
+        elif group == "sregs":
+            v.ioctl(X.KVM_GET_SREGS2 if self.info.use_sregs2 else X.KVM_GET_SREGS,
+                    addr(self._sregs))
+        elif group == "xsave":
+            v.ioctl(X.KVM_GET_XSAVE2 if self.info.xsave_size > 4096 else X.KVM_GET_XSAVE,
+                    addr(self._xsave))
+        elif group == "xcrs":
+            if self.info.has_xcrs:
+                v.ioctl(X.KVM_GET_XCRS, addr(self._xcrs))
+        elif group == "msrs":
+            self._fetch_msrs()
+        elif group == "debugregs":
+            if self.info.has_debugregs:
+                v.ioctl(X.KVM_GET_DEBUGREGS, addr(self._debugregs))
+        elif group == "events":
+            if self.info.has_events:
+                v.ioctl(X.KVM_GET_VCPU_EVENTS, addr(self._events))
+        else:
+            raise StateError(f"no x86 register group {group!r}")
+        self._valid[group] = True
+        self._dirty[group] = False
+        self.fetches[group] += 1
+
+    def _fetch_msrs(self) -> None:
+        idx = self.info.msr_indices
+        hdr = ffi.cast("struct kvm_msrs *", self._msr_buf)
+        hdr.nmsrs = len(idx)
+        e = self._msr_entries
+        for i, m in enumerate(idx):
+            e[i].index = m
+            e[i].data = 0
+        got = self.cpu.vcpu.ioctl(X.KVM_GET_MSRS, addr(self._msr_buf))
+        if got != len(idx):
+            raise KvmError("KVM_GET_MSRS", 5, f"MSR {idx[got]:#x} could not be read")
+        self._msrs = {int(e[i].index): int(e[i].data) for i in range(len(idx))}
+        self._msr_dirty.clear()
+
+    def push(self, group: str, *, all_msrs: bool = False) -> None:
+        """Write one group to KVM now."""
+        v = self.cpu.vcpu
+        if group == "regs":
+            v.ioctl(X.KVM_SET_REGS, addr(self._regs))
+        elif group == "sregs":
+            fix_segments(self._sregs)
+            if self.info.use_sregs2:
+                self._sregs.flags = 0  # PDPTRs are reloaded from CR3 (no PAE-mode override)
+                v.ioctl(X.KVM_SET_SREGS2, addr(self._sregs))
+            else:
+                v.ioctl(X.KVM_SET_SREGS, addr(self._sregs))
+        elif group == "xsave":
+            v.ioctl(X.KVM_SET_XSAVE, addr(self._xsave))
+        elif group == "xcrs":
+            if self.info.has_xcrs:
+                v.ioctl(X.KVM_SET_XCRS, addr(self._xcrs))
+        elif group == "msrs":
+            self._push_msrs(all_msrs)
+        elif group == "debugregs":
+            if self.info.has_debugregs:
+                v.ioctl(X.KVM_SET_DEBUGREGS, addr(self._debugregs))
+        elif group == "events":
+            if self.info.has_events:
+                ev = self._events
+                ev.flags = int(ffi.cast("uint32_t", 0x1 | 0x4))  # NMI_PENDING | SHADOW
+                v.ioctl(X.KVM_SET_VCPU_EVENTS, addr(self._events))
+        self._dirty[group] = False
+        self.pushes[group] += 1
+
+    def _push_msrs(self, all_msrs: bool) -> None:
+        todo = list(self._msrs) if all_msrs else sorted(self._msr_dirty)
+        if not todo:
+            return
+        hdr_size = ffi.sizeof("struct kvm_msrs")
+        buf = ffi.new("uint8_t[]", hdr_size + len(todo) * ffi.sizeof("struct kvm_msr_entry"))
+        ffi.cast("struct kvm_msrs *", buf).nmsrs = len(todo)
+        e = ffi.cast("struct kvm_msr_entry *", buf + hdr_size)
+        for i, m in enumerate(todo):
+            e[i].index = m
+            e[i].data = self._msrs[m]
+        done = self.cpu.vcpu.ioctl(X.KVM_SET_MSRS, addr(buf))
+        if done != len(todo):  # gem5 ignores this; a silent partial write corrupts state
+            bad = todo[done]
+            raise KvmError("KVM_SET_MSRS", 22,
+                           f"KVM refused MSR {bad:#x} = {self._msrs[bad]:#x} "
+                           f"({done} of {len(todo)} written)")
+        self._msr_dirty.clear()
+
+    # --- the hooks' entry points -------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """KVM ran: every group without unpushed writes is stale (fetched on next read)."""
+        key = (self.cpu.stats.vm_exits, self.cpu.stats.vm_half_entries)
+        if key == self._run_key:
+            return
+        self._run_key = key
+        for g in GROUPS:
+            if not self._dirty[g]:
+                self._valid[g] = False
+
+    def pull(self, level: SyncLevel) -> None:
+        """``update_thread_context``: lazy (invalidate) or eager (gem5: fetch all now)."""
+        if not self.eager:
+            self.invalidate()
+            return
+        groups = RUNTIME_GROUPS if level <= SyncLevel.RUNTIME else GROUPS
+        for g in groups:
+            if not self._dirty[g]:
+                self.fetch(g)
+
+    def push_dirty(self, level: SyncLevel) -> None:
+        """``update_kvm_state``: push dirty groups; FULL (or eager) pushes every valid one."""
+        full = self.eager or level >= SyncLevel.FULL
+        for g in GROUPS:
+            if self._dirty[g] or (full and self._valid[g]):
+                self.push(g, all_msrs=full and g == "msrs" and self.eager)
+
+    def fetch_all(self) -> None:
+        for g in GROUPS:
+            self._need(g)
+
+    def dirty_groups(self) -> list[str]:
+        return [g for g in GROUPS if self._dirty[g]]
+
+    def valid_groups(self) -> list[str]:
+        return [g for g in GROUPS if self._valid[g]]
+
+    # --- registers ------------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PROPS or self.__dict__.get("_init", True) or name.startswith("_") \
+                or name in ("cpu", "info", "eager", "fetches", "pushes"):
+            object.__setattr__(self, name, value)
+        else:
+            raise AttributeError(f"x86 context has no register {name!r}")
+
+    @property
+    def pc(self) -> int:
+        """The linear address of the next instruction (CS base + RIP)."""
+        self._need("regs")
+        self._need("sregs")
+        return (int(self._sregs.cs.base) + int(self._regs.rip)) & 0xFFFFFFFFFFFFFFFF
+
+    @pc.setter
+    def pc(self, value: int) -> None:
+        self._need("sregs")
+        self.rip = (value - int(self._sregs.cs.base)) & 0xFFFFFFFFFFFFFFFF
+
+    @property
+    def gdt(self) -> tuple[int, int]:
+        """``(base, limit)``."""
+        self._need("sregs")
+        return int(self._sregs.gdt.base), int(self._sregs.gdt.limit)
+
+    @gdt.setter
+    def gdt(self, value: tuple[int, int]) -> None:
+        self._need("sregs")
+        self._sregs.gdt.base, self._sregs.gdt.limit = value
+        self._touch("sregs")
+
+    @property
+    def idt(self) -> tuple[int, int]:
+        self._need("sregs")
+        return int(self._sregs.idt.base), int(self._sregs.idt.limit)
+
+    @idt.setter
+    def idt(self, value: tuple[int, int]) -> None:
+        self._need("sregs")
+        self._sregs.idt.base, self._sregs.idt.limit = value
+        self._touch("sregs")
+
+    @property
+    def mode(self) -> str:
+        """``real``, ``protected16``, ``protected32``, ``long64``, ``compat`` or ``vm86``."""
+        self._need("sregs")
+        self._need("regs")
+        s = self._sregs
+        if not s.cr0 & 1:
+            return "real"
+        if self._regs.rflags & (1 << 17):
+            return "vm86"
+        if s.efer & (1 << 10):
+            return "long64" if s.cs.l else "compat"
+        return "protected32" if s.cs.db else "protected16"
+
+    # --- MSRs --------------------------------------------------------------------------------
+
+    def get_msr(self, index: int) -> int:
+        self._need("msrs")
+        try:
+            return self._msrs[index]
+        except KeyError:
+            raise StateError(f"MSR {index:#x} is not one KVM lists as supported") from None
+
+    def set_msr(self, index: int, value: int) -> None:
+        self._need("msrs")
+        if index not in self._msrs:
+            raise StateError(f"MSR {index:#x} is not one KVM lists as supported")
+        self._msrs[index] = value & 0xFFFFFFFFFFFFFFFF
+        self._msr_dirty.add(index)
+        self._touch("msrs")
+
+    @property
+    def msrs(self) -> dict[int, int]:
+        """A copy of every MSR (index -> value)."""
+        self._need("msrs")
+        return dict(self._msrs)
+
+    # --- XCRs, debug registers, events ----------------------------------------------------------
+
+    @property
+    def xcrs(self) -> dict[int, int]:
+        self._need("xcrs")
+        return {int(self._xcrs.xcrs[i].xcr): int(self._xcrs.xcrs[i].value)
+                for i in range(int(self._xcrs.nr_xcrs))}
+
+    def set_xcr(self, index: int, value: int) -> None:
+        self._need("xcrs")
+        x = self._xcrs
+        for i in range(int(x.nr_xcrs)):
+            if x.xcrs[i].xcr == index:
+                x.xcrs[i].value = value
+                break
+        else:
+            x.xcrs[x.nr_xcrs].xcr = index
+            x.xcrs[x.nr_xcrs].value = value
+            x.nr_xcrs += 1
+        self._touch("xcrs")
+
+    @property
+    def xcr0(self) -> int:
+        return self.xcrs.get(0, 1)
+
+    @xcr0.setter
+    def xcr0(self, value: int) -> None:
+        self.set_xcr(0, value)
+
+    @property
+    def dr(self) -> list[int]:
+        """DR0-DR3, DR6, DR7."""
+        self._need("debugregs")
+        d = self._debugregs
+        return [int(d.db[0]), int(d.db[1]), int(d.db[2]), int(d.db[3]), int(d.dr6), int(d.dr7)]
+
+    def set_dr(self, n: int, value: int) -> None:
+        """Set DR``n`` (0-3, 6 or 7)."""
+        self._need("debugregs")
+        d = self._debugregs
+        if n in (0, 1, 2, 3):
+            d.db[n] = value
+        elif n == 6:
+            d.dr6 = value
+        elif n == 7:
+            d.dr7 = value
+        else:
+            raise StateError(f"no debug register DR{n}")
+        self._touch("debugregs")
+
+    @property
+    def events(self) -> dict[str, Any]:
+        """Pending/injected exception, interrupt, NMI and the interrupt shadow."""
+        self._need("events")
+        e = self._events
+        return {
+            "exception": {k: int(getattr(e.exception, k)) for k in
+                          ("injected", "nr", "has_error_code", "pending", "error_code")},
+            "interrupt": {k: int(getattr(e.interrupt, k)) for k in
+                          ("injected", "nr", "soft", "shadow")},
+            "nmi": {k: int(getattr(e.nmi, k)) for k in ("injected", "pending", "masked")},
+            "sipi_vector": int(e.sipi_vector),
+        }
+
+    def set_event(self, kind: str, **values: int) -> None:
+        """E.g. ``set_event("nmi", pending=1)``."""
+        self._need("events")
+        target = getattr(self._events, kind)
+        for k, v in values.items():
+            setattr(target, k, v)
+        self._touch("events")
+
+    # --- x87 / SSE / AVX / AVX-512 (the XSAVE area) -----------------------------------
+
+    @property
+    def xsave(self) -> bytes:
+        """The raw XSAVE area (standard format)."""
+        self._need("xsave")
+        return bytes(ffi.buffer(self._xsave, self.info.xsave_size))
+
+    @xsave.setter
+    def xsave(self, data: bytes) -> None:
+        self._need("xsave")
+        ffi.buffer(self._xsave, len(data))[:] = data
+        self._touch("xsave")
+
+    def _xs_get(self, off: int, n: int) -> bytes:
+        self._need("xsave")
+        return bytes(ffi.buffer(self._xsave + off, n))
+
+    def _xs_set(self, off: int, data: bytes, component: int | None = None) -> None:
+        self._need("xsave")
+        ffi.buffer(self._xsave + off, len(data))[:] = data
+        if component is not None:
+            bv = struct.unpack_from("<Q", ffi.buffer(self._xsave, 520), XS_HEADER)[0]
+            struct.pack_into("<Q", ffi.buffer(self._xsave, 520), XS_HEADER,
+                             bv | (1 << component))
+        self._touch("xsave")
+
+    def _component(self, c: int) -> int:
+        try:
+            return self.info.xsave_offsets[c][0]
+        except KeyError:
+            raise StateError(f"XSAVE component {c} is not enabled by this KVM/host") from None
+
+    @property
+    def xstate_bv(self) -> int:
+        return int.from_bytes(self._xs_get(XS_HEADER, 8), "little")
+
+    @property
+    def fcw(self) -> int:
+        return int.from_bytes(self._xs_get(XS_FCW, 2), "little")
+
+    @fcw.setter
+    def fcw(self, v: int) -> None:
+        self._xs_set(XS_FCW, v.to_bytes(2, "little"), 0)
+
+    @property
+    def fsw(self) -> int:
+        return int.from_bytes(self._xs_get(XS_FSW, 2), "little")
+
+    @property
+    def mxcsr(self) -> int:
+        return int.from_bytes(self._xs_get(XS_MXCSR, 4), "little")
+
+    @mxcsr.setter
+    def mxcsr(self, v: int) -> None:
+        self._xs_set(XS_MXCSR, v.to_bytes(4, "little"), 1)
+
+    def st(self, i: int) -> bytes:
+        """x87 register ST``i`` as its 10-byte extended-precision image (no rounding)."""
+        return self._xs_get(XS_ST + 16 * i, 10)
+
+    def set_st(self, i: int, raw: bytes) -> None:
+        self._xs_set(XS_ST + 16 * i, raw[:10].ljust(10, b"\0"), 0)
+
+    def xmm(self, i: int) -> int:
+        """XMM``i`` (0-15) as an unsigned 128-bit integer."""
+        return int.from_bytes(self._xs_get(XS_XMM + 16 * i, 16), "little")
+
+    def set_xmm(self, i: int, v: int) -> None:
+        self._xs_set(XS_XMM + 16 * i, v.to_bytes(16, "little"), 1)
+
+    def ymm(self, i: int) -> int:
+        """YMM``i`` (0-15): XMM plus the YMM_Hi128 component."""
+        hi = self._xs_get(self._component(XC_YMM) + 16 * i, 16)
+        return self.xmm(i) | int.from_bytes(hi, "little") << 128
+
+    def set_ymm(self, i: int, v: int) -> None:
+        self.set_xmm(i, v & ((1 << 128) - 1))
+        self._xs_set(self._component(XC_YMM) + 16 * i,
+                     ((v >> 128) & ((1 << 128) - 1)).to_bytes(16, "little"), XC_YMM)
+
+    def zmm(self, i: int) -> int:
+        """ZMM``i`` (0-31) as an unsigned 512-bit integer."""
+        if i >= 16:
+            return int.from_bytes(self._xs_get(self._component(XC_HI16_ZMM) + 64 * (i - 16),
+                                               64), "little")
+        hi = self._xs_get(self._component(XC_ZMM_HI256) + 32 * i, 32)
+        return self.ymm(i) | int.from_bytes(hi, "little") << 256
+
+    def set_zmm(self, i: int, v: int) -> None:
+        if i >= 16:
+            self._xs_set(self._component(XC_HI16_ZMM) + 64 * (i - 16), v.to_bytes(64, "little"),
+                         XC_HI16_ZMM)
+            return
+        self.set_ymm(i, v & ((1 << 256) - 1))
+        self._xs_set(self._component(XC_ZMM_HI256) + 32 * i,
+                     (v >> 256).to_bytes(32, "little"), XC_ZMM_HI256)
+
+    def opmask(self, k: int) -> int:
+        """AVX-512 mask register k``k`` (0-7)."""
+        return int.from_bytes(self._xs_get(self._component(XC_OPMASK) + 8 * k, 8), "little")
+
+    def set_opmask(self, k: int, v: int) -> None:
+        self._xs_set(self._component(XC_OPMASK) + 8 * k, v.to_bytes(8, "little"), XC_OPMASK)
+
+    @property
+    def pkru(self) -> int:
+        return int.from_bytes(self._xs_get(self._component(XC_PKRU), 4), "little")
+
+    @pkru.setter
+    def pkru(self, v: int) -> None:
+        self._xs_set(self._component(XC_PKRU), v.to_bytes(4, "little"), XC_PKRU)
+
+    # --- plain data (checkpoints) ---------------------------------------------------------
+
+    def save(self) -> dict[str, Any]:
+        """Every group as plain data."""
+        self.fetch_all()
+        return {
+            "regs": {r: getattr(self, r) for r in (*GPRS, "rip", "rflags")},
+            "sregs": {**{s: vars(getattr(self, s)) for s in SEGMENTS},
+                      **{c: getattr(self, c) for c in CONTROL},
+                      "gdt": list(self.gdt), "idt": list(self.idt)},
+            "xsave": self.xsave.hex(),
+            "xcrs": {str(k): v for k, v in self.xcrs.items()},
+            "msrs": {f"{k:#x}": v for k, v in self._msrs.items()},
+            "debugregs": self.dr,
+            "events": self.events,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Load :meth:`save` output (every group dirty; pushed before the next entry)."""
+        self.fetch_all()
+        for k, v in state["regs"].items():
+            setattr(self, k, v)
+        sr = state["sregs"]
+        for s in SEGMENTS:
+            setattr(self, s, Segment(**sr[s]))
+        for c in CONTROL:
+            setattr(self, c, sr[c])
+        self.gdt = tuple(sr["gdt"])  # type: ignore[assignment]
+        self.idt = tuple(sr["idt"])  # type: ignore[assignment]
+        self.xsave = bytes.fromhex(state["xsave"])
+        for k, v in state["xcrs"].items():
+            self.set_xcr(int(k), v)
+        for k, v in state["msrs"].items():
+            if int(k, 16) in self._msrs:
+                self.set_msr(int(k, 16), v)
+        for n, v in zip((0, 1, 2, 3, 6, 7), state["debugregs"], strict=True):
+            self.set_dr(n, v)
+        ev = state["events"]
+        for kind in ("exception", "interrupt", "nmi"):
+            self.set_event(kind, **ev[kind])
+        self._events.sipi_vector = ev["sipi_vector"]
+
+
+def _reg_property(group: str, struct_attr: str, field: str) -> property:
+    def get(self: X86Context) -> int:
+        if not self._valid[group]:
+            self.fetch(group)
+        return int(getattr(getattr(self, struct_attr), field))
+
+    def set_(self: X86Context, value: int) -> None:
+        if not self._valid[group]:
+            self.fetch(group)
+        setattr(getattr(self, struct_attr), field, value & 0xFFFFFFFFFFFFFFFF)
+        self._dirty[group] = True
+        self.cpu.mark_context_dirty()
+
+    return property(get, set_, doc=f"{field} ({group} group)")
+
+
+def _seg_property(name: str) -> property:
+    def get(self: X86Context) -> Segment:
+        self._need("sregs")
+        return Segment.from_c(getattr(self._sregs, name))
+
+    def set_(self: X86Context, value: Segment) -> None:
+        self._need("sregs")
+        value.to_c(getattr(self._sregs, name))
+        self._touch("sregs")
+
+    return property(get, set_, doc=f"segment register {name} (a copy; assign to change)")
+
+
+for _r in (*GPRS, "rip", "rflags"):
+    setattr(X86Context, _r, _reg_property("regs", "_regs", _r))
+for _c in CONTROL:
+    setattr(X86Context, _c, _reg_property("sregs", "_sregs", _c))
+for _s in SEGMENTS:
+    setattr(X86Context, _s, _seg_property(_s))
+_PROPS = frozenset(n for n in dir(X86Context) if isinstance(getattr(X86Context, n), property))

@@ -1,0 +1,267 @@
+"""CPUID: what KVM supports (``KVM_GET_SUPPORTED_CPUID``), optionally reshaped by a user
+model (vendor, family/model/stepping, features masked off), installed with
+``KVM_SET_CPUID2``. :func:`format_table` prints what the guest will see (``kvmfw cpuid``).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmfw.abi import ioctl
+from kvmfw.errors import ConfigError, KvmError
+
+from kvmfw_x86.abi import X, addr, ffi
+
+
+@dataclass
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+    def regs(self) -> tuple[int, int, int, int]:
+        return self.eax, self.ebx, self.ecx, self.edx
+
+
+# name -> (leaf, subleaf, register, bit)
+FEATURES: dict[str, tuple[int, int, str, int]] = {}
+for _bit, _n in enumerate(
+        "fpu vme de pse tsc msr pae mce cx8 apic - sep mtrr pge mca cmov pat pse36 - clflush "
+        "- - - mmx fxsr sse sse2 - ht".split()):
+    if _n != "-":
+        FEATURES[_n] = (1, 0, "edx", _bit)
+for _bit, _n in enumerate(
+        "sse3 pclmulqdq - - - vmx smx - - ssse3 - - fma cx16 - - - pcid - sse4_1 sse4_2 x2apic "
+        "movbe popcnt tsc_deadline aes xsave osxsave avx f16c rdrand hypervisor".split()):
+    if _n != "-":
+        FEATURES[_n] = (1, 0, "ecx", _bit)
+for _bit, _n in enumerate(
+        "fsgsbase - - bmi1 hle avx2 - smep bmi2 erms invpcid rtm - - - - avx512f avx512dq "
+        "rdseed adx smap avx512ifma - clflushopt clwb - avx512pf avx512er avx512cd sha "
+        "avx512bw avx512vl".split()):
+    if _n != "-":
+        FEATURES[_n] = (7, 0, "ebx", _bit)
+for _bit, _n in enumerate(
+        "- avx512vbmi umip pku ospke - avx512_vbmi2 - gfni vaes vpclmulqdq avx512_vnni "
+        "avx512_bitalg - avx512_vpopcntdq - la57 - - - - - rdpid".split()):
+    if _n != "-":
+        FEATURES[_n] = (7, 0, "ecx", _bit)
+FEATURES.update({
+    "fsrm": (7, 0, "edx", 4), "avx512_bf16": (7, 1, "eax", 5),
+    "syscall": (0x80000001, 0, "edx", 11), "nx": (0x80000001, 0, "edx", 20),
+    "pdpe1gb": (0x80000001, 0, "edx", 26), "rdtscp": (0x80000001, 0, "edx", 27),
+    "lm": (0x80000001, 0, "edx", 29), "lahf_lm": (0x80000001, 0, "ecx", 0),
+    "svm": (0x80000001, 0, "ecx", 2), "abm": (0x80000001, 0, "ecx", 5),
+    "sse4a": (0x80000001, 0, "ecx", 6), "topoext": (0x80000001, 0, "ecx", 22),
+    "xsaveopt": (0xD, 1, "eax", 0), "xsavec": (0xD, 1, "eax", 1), "xsaves": (0xD, 1, "eax", 3),
+})
+# masking a feature masks what depends on it; XCR0 bits leave with their feature
+DEPENDS = {
+    "xsave": ["avx", "osxsave", "xsaveopt", "xsavec", "xsaves", "pku"],
+    "avx": ["avx2", "fma", "f16c", "avx512f", "vaes", "vpclmulqdq"],
+    "avx512f": [n for n in FEATURES if n.startswith("avx512") and n != "avx512f"],
+    "sse2": ["sse3"], "sse3": ["ssse3"], "ssse3": ["sse4_1"], "sse4_1": ["sse4_2"],
+}
+XCR0_OF = {"avx": 1 << 2, "avx512f": 0b111 << 5, "pku": 1 << 9, "xsave": ~3}
+_REG = {"eax": 0, "ebx": 1, "ecx": 2, "edx": 3}
+
+
+def supported_cpuid(kvm_fd: int) -> list[CpuidEntry]:
+    """``KVM_GET_SUPPORTED_CPUID`` (grows its buffer until the kernel's list fits)."""
+    n = 128
+    esize = ffi.sizeof("struct kvm_cpuid_entry2")
+    hsize = ffi.sizeof("struct kvm_cpuid2")
+    while True:
+        buf = ffi.new("uint8_t[]", hsize + n * esize)
+        ffi.cast("struct kvm_cpuid2 *", buf).nent = n
+        try:
+            ioctl(kvm_fd, X.KVM_GET_SUPPORTED_CPUID, addr(buf))
+            break
+        except KvmError as exc:
+            if exc.errno != errno.E2BIG or n >= 4096:
+                raise
+            n *= 2
+    count = int(ffi.cast("struct kvm_cpuid2 *", buf).nent)
+    ents = ffi.cast("struct kvm_cpuid_entry2 *", buf + hsize)
+    return [CpuidEntry(int(e.function), int(e.index), int(e.flags), int(e.eax), int(e.ebx),
+                       int(e.ecx), int(e.edx)) for e in (ents[i] for i in range(count))]
+
+
+def pack_cpuid2(entries: list[CpuidEntry]) -> Any:
+    """A ``struct kvm_cpuid2`` buffer for ``KVM_SET_CPUID2``."""
+    esize = ffi.sizeof("struct kvm_cpuid_entry2")
+    hsize = ffi.sizeof("struct kvm_cpuid2")
+    buf = ffi.new("uint8_t[]", hsize + len(entries) * esize)
+    ffi.cast("struct kvm_cpuid2 *", buf).nent = len(entries)
+    ents = ffi.cast("struct kvm_cpuid_entry2 *", buf + hsize)
+    for i, e in enumerate(entries):
+        c = ents[i]
+        c.function, c.index, c.flags = e.function, e.index, e.flags
+        c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
+    return buf
+
+
+def find(entries: list[CpuidEntry], leaf: int, subleaf: int = 0) -> CpuidEntry | None:
+    for e in entries:
+        if e.function == leaf and (e.index == subleaf or not e.flags & 1):
+            return e
+    return None
+
+
+def has_feature(entries: list[CpuidEntry], name: str) -> bool:
+    leaf, sub, reg, bit = FEATURES[name]
+    e = find(entries, leaf, sub)
+    return e is not None and bool(e.regs()[_REG[reg]] >> bit & 1)
+
+
+@dataclass
+class CpuidModel:
+    """A user CPU model applied on top of what KVM supports."""
+
+    vendor: str | None = None
+    family: int | None = None
+    model: int | None = None
+    stepping: int | None = None
+    brand: str | None = None
+    mask: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, opts: dict[str, Any] | str | None) -> CpuidModel | None:
+        """From ``{"vendor": ..., "family": ..., "mask": "avx512f,avx2"}`` (CLI/TOML)."""
+        if not opts:
+            return None
+        if isinstance(opts, str):
+            opts = dict(kv.split("=", 1) for kv in opts.split(";") if "=" in kv)
+        mask = opts.get("mask", [])
+        if isinstance(mask, str):
+            mask = [m.strip() for m in mask.replace(" ", ",").split(",") if m.strip()]
+
+        def num(k: str) -> int | None:
+            v = opts.get(k)
+            return None if v is None else int(str(v), 0)
+
+        return cls(opts.get("vendor"), num("family"), num("model"), num("stepping"),
+                   opts.get("brand"), list(mask))
+
+    def apply(self, entries: list[CpuidEntry]) -> list[CpuidEntry]:
+        out = [CpuidEntry(**vars(e)) for e in entries]
+        if self.vendor is not None:
+            v = self.vendor.encode().ljust(12, b" ")[:12]
+            if len(self.vendor) != 12:
+                raise ConfigError(f"CPUID vendor must be 12 characters, got {self.vendor!r}")
+            b, d, c = struct.unpack("<III", v)
+            for e in out:
+                if e.function in (0, 0x80000000) and e.function == 0:
+                    e.ebx, e.edx, e.ecx = b, d, c
+        leaf1 = find(out, 1)
+        if leaf1 is not None and (self.family, self.model, self.stepping) != (None,) * 3:
+            old = leaf1.eax
+            fam = self.family if self.family is not None else \
+                ((old >> 8) & 0xF) + (((old >> 20) & 0xFF) if (old >> 8) & 0xF == 0xF else 0)
+            mod = self.model if self.model is not None else \
+                ((old >> 4) & 0xF) | (((old >> 16) & 0xF) << 4)
+            step = self.stepping if self.stepping is not None else old & 0xF
+            eax = step & 0xF
+            eax |= (min(fam, 0xF) & 0xF) << 8
+            if fam >= 0xF:
+                eax |= ((fam - 0xF) & 0xFF) << 20
+            eax |= (mod & 0xF) << 4
+            eax |= ((mod >> 4) & 0xF) << 16
+            leaf1.eax = eax
+        if self.brand is not None:
+            raw = self.brand.encode()[:47].ljust(48, b"\0")
+            for i, leaf in enumerate((0x80000002, 0x80000003, 0x80000004)):
+                e = find(out, leaf)
+                if e is not None:
+                    e.eax, e.ebx, e.ecx, e.edx = struct.unpack_from("<IIII", raw, 16 * i)
+        for name in expand_mask(self.mask):
+            leaf, sub, reg, bit = FEATURES[name]
+            for e in out:
+                if e.function == leaf and (e.index == sub or not e.flags & 1):
+                    vals = list(e.regs())
+                    vals[_REG[reg]] &= ~(1 << bit)
+                    e.eax, e.ebx, e.ecx, e.edx = vals
+            xcr = XCR0_OF.get(name)
+            if xcr is not None:
+                d0 = find(out, 0xD, 0)
+                if d0 is not None:
+                    d0.eax &= ~xcr if xcr > 0 else 3
+        return out
+
+
+def expand_mask(names: list[str]) -> list[str]:
+    """The masked features plus everything that depends on them (unknown names raise)."""
+    out: list[str] = []
+    todo = list(names)
+    while todo:
+        n = todo.pop().lower()
+        if n not in FEATURES:
+            raise ConfigError(f"unknown CPUID feature {n!r} (known: {', '.join(sorted(FEATURES))})")
+        if n not in out:
+            out.append(n)
+            todo += DEPENDS.get(n, [])
+    return out
+
+
+def for_vcpu(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> list[CpuidEntry]:
+    """Per-vCPU copy: initial APIC id in leaf 1 and the x2APIC id in leaves 0xB/0x1F."""
+    out = [CpuidEntry(**vars(e)) for e in entries]
+    for e in out:
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x0000FFFF) | (apic_id << 24) | (max(ncpus, 1) & 0xFF) << 16
+            if ncpus > 1:
+                e.edx |= 1 << 28  # HTT: the logical-processor count field is valid
+        elif e.function in (0xB, 0x1F):
+            e.edx = apic_id
+    return out
+
+
+def vendor_of(entries: list[CpuidEntry]) -> str:
+    e = find(entries, 0)
+    return struct.pack("<III", e.ebx, e.edx, e.ecx).decode(errors="replace") if e else "?"
+
+
+def family_model(entries: list[CpuidEntry]) -> tuple[int, int, int]:
+    e = find(entries, 1)
+    if e is None:
+        return 0, 0, 0
+    a = e.eax
+    fam = (a >> 8) & 0xF
+    mod = (a >> 4) & 0xF
+    if fam == 0xF:
+        fam += (a >> 20) & 0xFF
+    if fam in (6, 0xF) or fam > 0xF:
+        mod |= ((a >> 16) & 0xF) << 4
+    return fam, mod, a & 0xF
+
+
+def format_table(entries: list[CpuidEntry]) -> str:
+    """The CPUID table as the guest will see it, with a decoded summary."""
+    fam, mod, step = family_model(entries)
+    feats = [n for n in FEATURES if has_feature(entries, n)]
+    lines = [f"vendor: {vendor_of(entries)}  family {fam:#x} model {mod:#x} stepping {step}",
+             f"features: {' '.join(feats)}",
+             f"{'leaf':>10} {'sub':>4} {'flags':>5}  {'eax':>10} {'ebx':>10} {'ecx':>10} "
+             f"{'edx':>10}"]
+    for e in entries:
+        lines.append(f"{e.function:#010x} {e.index:#4x} {e.flags:5d}  {e.eax:#010x} "
+                     f"{e.ebx:#010x} {e.ecx:#010x} {e.edx:#010x}")
+    return "\n".join(lines)
+
+
+def guest_cpuid(model: CpuidModel | None = None, kvm_path: str = "/dev/kvm") -> list[CpuidEntry]:
+    """The table a guest of this host would see (for ``kvmfw cpuid``)."""
+    from kvmfw.kvm import Kvm
+
+    with Kvm(kvm_path) as kvm:
+        entries = supported_cpuid(kvm.fd)
+    return model.apply(entries) if model else entries

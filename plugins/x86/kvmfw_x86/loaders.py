@@ -1,0 +1,462 @@
+"""Guest loaders: flat binary (real mode), ELF32/ELF64 (protected/long mode), multiboot v1
+(as QEMU's ``-kernel`` does it) and Linux bzImage (64-bit boot protocol).
+
+No BIOS runs: every loader writes the image into guest RAM and sets the boot CPU's entry
+state directly (segments, control registers, a GDT and, for long mode, identity page
+tables of the first 4 GiB). Low-memory layout used by the loaders::
+
+    0x0500  GDT        0x7000  boot_params (bzImage)    0x8000  initial stack top
+    0x9000  multiboot info (+ memory map at 0x9100)      0xA000-0xFFFF  page tables
+    0x20000 kernel command line (bzImage)                0x100000  kernels
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from kvmfw.errors import ImageError
+from kvmfw.hookspecs import SyncLevel
+
+from kvmfw_x86.abi import ffi
+from kvmfw_x86.context import Segment, X86Context
+
+GDT_ADDR = 0x500
+BOOT_PARAMS_ADDR = 0x7000
+STACK_TOP = 0x8000
+MBI_ADDR = 0x9000
+MB_MMAP_ADDR = 0x9100
+PML4_ADDR = 0xA000
+CMDLINE_ADDR = 0x20000
+CMDLINE_MAX = 0x10000
+KERNEL_ADDR = 0x100000
+
+SEL_CODE32, SEL_CODE, SEL_DATA, SEL_CODE64, SEL_UCODE64, SEL_UDATA = (
+    0x08, 0x10, 0x18, 0x20, 0x2B, 0x33)
+CR0_PE, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+
+MULTIBOOT_MAGIC = 0x1BADB002
+MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
+E820_RAM, E820_RESERVED = 1, 2
+
+
+def _gdt(long_code: bool) -> bytes:
+    code32 = 0x00CF9B000000FFFF
+    code64 = 0x00AF9B000000FFFF
+    return struct.pack("<7Q", 0, code32, code64 if long_code else code32, 0x00CF93000000FFFF,
+                       code64, 0x00AFFB000000FFFF, 0x00CFF3000000FFFF)
+
+
+def _seg(selector: int, *, code: bool, long: bool = False, dpl: int = 0) -> Segment:
+    return Segment(base=0, limit=0xFFFFFFFF, selector=selector, type=11 if code else 3,
+                   present=1, dpl=dpl, db=0 if long else 1, s=1, l=1 if long else 0, g=1)
+
+
+def write(machine: Any, gpa: int, data: bytes, what: str) -> None:
+    """Copy ``data`` into guest RAM, or fail with an :class:`ImageError` saying why."""
+    if not data:
+        return
+    if not machine.memory.contains(gpa, len(data)):
+        raise ImageError(f"{what} does not fit in guest RAM: {len(data):#x} bytes at {gpa:#x} "
+                         f"(RAM is {machine.config.memory >> 20} MiB; increase --memory)")
+    machine.memory.write(gpa, data)
+
+
+def ram_below_4g(machine: Any) -> int:
+    return min(machine.config.memory, 0xC0000000)
+
+
+def e820_map(machine: Any) -> list[tuple[int, int, int]]:
+    """The PC memory map a BIOS would report: ``[(base, length, type), ...]``."""
+    low = ram_below_4g(machine)
+    m = [(0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED),
+         (0xF0000, 0x10000, E820_RESERVED), (0x100000, low - 0x100000, E820_RAM)]
+    if machine.config.memory > low:
+        m.append((1 << 32, machine.config.memory - low, E820_RAM))
+    return m
+
+
+# --- entry states ----------------------------------------------------------------------
+
+def boot_context(machine: Any) -> X86Context:
+    cpu = machine.cpus[0]
+    ctx: X86Context = cpu.get_context(SyncLevel.FULL)
+    return ctx
+
+
+def enter_real_mode(machine: Any, cs: int, ip: int, sp: int = STACK_TOP) -> None:
+    """Real mode at ``cs:ip`` (data segments = 0, stack at ``0:sp``)."""
+    ctx = boot_context(machine)
+    ctx.cs = Segment(base=cs << 4, limit=0xFFFF, selector=cs, type=11)
+    for s in ("ds", "es", "fs", "gs", "ss"):
+        setattr(ctx, s, Segment(base=0, limit=0xFFFF, selector=0, type=3))
+    ctx.cr0 = CR0_ET
+    ctx.cr4 = 0
+    ctx.efer = 0
+    ctx.rip = ip
+    ctx.rsp = sp
+    ctx.rflags = 2
+
+
+def enter_protected_mode(machine: Any, entry: int, *, paging: bool = False) -> None:
+    """32-bit protected mode, flat segments (CS 0x10, data 0x18), paging off."""
+    write(machine, GDT_ADDR, _gdt(False), "the GDT")
+    ctx = boot_context(machine)
+    ctx.gdt = (GDT_ADDR, len(_gdt(False)) - 1)
+    ctx.idt = (0, 0)
+    ctx.cs = _seg(SEL_CODE, code=True)
+    for s in ("ds", "es", "fs", "gs", "ss"):
+        setattr(ctx, s, _seg(SEL_DATA, code=False))
+    ctx.cr0 = CR0_PE | CR0_ET
+    ctx.cr3 = 0
+    ctx.cr4 = 0
+    ctx.efer = 0
+    ctx.rip = entry
+    ctx.rflags = 2
+
+
+def identity_page_tables(machine: Any, user: bool = True) -> int:
+    """Identity-map the first 4 GiB with 2 MiB pages; returns the PML4 address."""
+    u = 0x4 if user else 0
+    pdpt = PML4_ADDR + 0x1000
+    pd = PML4_ADDR + 0x2000
+    write(machine, PML4_ADDR, struct.pack("<Q", pdpt | 0x3 | u).ljust(0x1000, b"\0"),
+          "page tables")
+    write(machine, pdpt, struct.pack("<4Q", *(pd + i * 0x1000 | 0x3 | u for i in range(4)))
+          .ljust(0x1000, b"\0"), "page tables")
+    write(machine, pd, struct.pack("<2048Q", *((i << 21) | 0x83 | u for i in range(2048))),
+          "page tables")
+    return PML4_ADDR
+
+
+def enter_long_mode(machine: Any, entry: int, *, sse: bool = True) -> None:
+    """64-bit long mode: CS 0x10 (L=1), data 0x18, identity-mapped 4 GiB, interrupts off."""
+    gdt = _gdt(True)
+    write(machine, GDT_ADDR, gdt, "the GDT")
+    pml4 = identity_page_tables(machine)
+    ctx = boot_context(machine)
+    ctx.gdt = (GDT_ADDR, len(gdt) - 1)
+    ctx.idt = (0, 0)
+    ctx.cs = _seg(SEL_CODE, code=True, long=True)
+    for s in ("ds", "es", "fs", "gs", "ss"):
+        setattr(ctx, s, _seg(SEL_DATA, code=False))
+    ctx.cr3 = pml4
+    ctx.cr4 = CR4_PAE | ((CR4_OSFXSR | CR4_OSXMMEXCPT) if sse else 0)
+    ctx.efer = EFER_LME | EFER_LMA
+    ctx.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+    ctx.rip = entry
+    ctx.rsp = STACK_TOP
+    ctx.rflags = 2
+
+
+# --- formats -----------------------------------------------------------------------------
+
+def read_image(image: str | os.PathLike[str], what: str = "kernel") -> bytes:
+    p = Path(image)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{what} image {p} does not exist") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {what} image {p}: {exc.strerror}") from None
+
+
+def detect(data: bytes) -> str:
+    """``bzimage``, ``multiboot``, ``elf`` or ``unknown``."""
+    if len(data) >= 0x206 and data[0x202:0x206] == b"HdrS":
+        return "bzimage"
+    if find_multiboot_header(data) is not None:
+        return "multiboot"
+    if data[:4] == b"\x7fELF":
+        return "elf"
+    return "unknown"
+
+
+def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
+    """Load ``image`` by its detected format (the ``load_guest`` hook)."""
+    data = read_image(image)
+    fmt = options.get("format") or ("flat" if options.get("load_addr") is not None
+                                     else detect(data))
+    if fmt == "bzimage":
+        load_bzimage(machine, data, options)
+    elif fmt == "multiboot":
+        load_multiboot(machine, data, image, options)
+    elif fmt == "elf":
+        load_elf(machine, data)
+    elif fmt == "flat":
+        load_flat(machine, data, int(options.get("load_addr") or 0x7C00))
+    else:
+        raise ImageError(f"{image}: unknown image format (not an ELF, multiboot or Linux "
+                         "bzImage; give --load-addr to load a flat binary)")
+    return True
+
+
+def load_flat(machine: Any, data: bytes, load_addr: int = 0x7C00) -> None:
+    """A flat binary at ``load_addr``, entered in real mode at its first byte."""
+    if not data:
+        raise ImageError("flat binary is empty")
+    if load_addr + len(data) > 0x110000:
+        raise ImageError(f"flat binary at {load_addr:#x} ({len(data)} bytes) is not reachable "
+                         "in real mode (must end below 1 MiB + 64 KiB)")
+    write(machine, load_addr, data, "flat binary")
+    if load_addr < 0x10000:
+        enter_real_mode(machine, 0, load_addr)
+    else:
+        enter_real_mode(machine, load_addr >> 4, load_addr & 0xF)
+
+
+class _Segment:
+    def __init__(self, paddr: int, vaddr: int, data: bytes, memsz: int) -> None:
+        self.paddr, self.vaddr, self.data, self.memsz = paddr, vaddr, data, memsz
+
+
+def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
+    """``(class bits, entry, loadable segments)``; truncation and bad headers raise."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    if data[:4] != b"\x7fELF":
+        raise ImageError("not an ELF file (wrong magic)")
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        bits = elf.elfclass
+        if elf["e_machine"] not in ("EM_386", "EM_X86_64"):
+            raise ImageError(f"ELF is for {elf['e_machine']}, not x86")
+        segs = []
+        for ph in elf.iter_segments():
+            if ph["p_type"] != "PT_LOAD" or ph["p_memsz"] == 0:
+                continue
+            off, fsz = ph["p_offset"], ph["p_filesz"]
+            if off + fsz > len(data):
+                raise ImageError(f"truncated ELF: segment at file offset {off:#x} needs "
+                                 f"{fsz:#x} bytes, the file has {len(data):#x}")
+            if fsz > ph["p_memsz"]:
+                raise ImageError("bad ELF: segment file size exceeds its memory size")
+            segs.append(_Segment(ph["p_paddr"], ph["p_vaddr"], data[off:off + fsz],
+                                 ph["p_memsz"]))
+        entry = elf["e_entry"]
+    except ImageError:
+        raise
+    except (ELFError, struct.error, ValueError, KeyError, AssertionError) as exc:
+        raise ImageError(f"bad or truncated ELF: {exc}") from None
+    if not segs:
+        raise ImageError("ELF has no loadable segments")
+    return bits, entry, segs
+
+
+def _load_segments(machine: Any, segs: list[_Segment]) -> tuple[int, int]:
+    lo, hi = min(s.paddr for s in segs), max(s.paddr + s.memsz for s in segs)
+    for s in segs:
+        write(machine, s.paddr, s.data + bytes(s.memsz - len(s.data)),
+              f"ELF segment at {s.paddr:#x}")
+    return lo, hi
+
+
+def _phys_entry(entry: int, segs: list[_Segment]) -> int:
+    for s in segs:
+        if s.paddr <= entry < s.paddr + s.memsz:
+            return entry
+    for s in segs:
+        if s.vaddr <= entry < s.vaddr + s.memsz:
+            return entry - s.vaddr + s.paddr
+    return entry
+
+
+def load_elf(machine: Any, data: bytes) -> None:
+    """ELF32 -> 32-bit protected mode; ELF64 -> 64-bit long mode (identity-mapped)."""
+    bits, entry, segs = parse_elf(data)
+    _load_segments(machine, segs)
+    entry = _phys_entry(entry, segs)
+    if bits == 64:
+        enter_long_mode(machine, entry)
+    else:
+        enter_protected_mode(machine, entry)
+        boot_context(machine).rsp = STACK_TOP
+
+
+# --- multiboot v1 -------------------------------------------------------------------------
+
+def find_multiboot_header(data: bytes) -> int | None:
+    """Offset of a valid multiboot v1 header in the first 8 KiB, or None."""
+    limit = min(len(data), 8192) - 12
+    for off in range(0, max(limit + 1, 0), 4):
+        magic, flags, csum = struct.unpack_from("<III", data, off)
+        if magic == MULTIBOOT_MAGIC and (magic + flags + csum) & 0xFFFFFFFF == 0:
+            return off
+    return None
+
+
+def _split_modules(spec: Any) -> list[str]:
+    """QEMU's ``-initrd "a args,b"`` syntax (``,,`` is a literal comma), or a list."""
+    if not spec:
+        return []
+    if isinstance(spec, list | tuple):
+        return [str(s) for s in spec]
+    out, cur, i, s = [], "", 0, str(spec)
+    while i < len(s):
+        if s[i] == ",":
+            if s[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            out.append(cur)
+            cur = ""
+        else:
+            cur += s[i]
+        i += 1
+    out.append(cur)
+    return [m for m in out if m]
+
+
+def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any]) -> int:
+    """Multiboot v1 as QEMU's ``-kernel``: returns the info structure's address."""
+    hoff = find_multiboot_header(data)
+    if hoff is None:
+        raise ImageError("no multiboot header in the first 8 KiB")
+    flags = struct.unpack_from("<I", data, hoff + 4)[0]
+    if flags & 0x10000:  # a.out kludge: addresses in the header
+        if len(data) < hoff + 32:
+            raise ImageError("truncated multiboot header")
+        header_addr, load_addr, load_end, bss_end, entry = struct.unpack_from("<5I", data,
+                                                                              hoff + 12)
+        start = hoff - (header_addr - load_addr)
+        if start < 0 or load_addr > header_addr:
+            raise ImageError("bad multiboot header: load_addr above header_addr")
+        size = (load_end - load_addr) if load_end else len(data) - start
+        if start + size > len(data):
+            raise ImageError(f"truncated multiboot image: needs {start + size:#x} bytes, "
+                             f"the file has {len(data):#x}")
+        kernel_end = max(load_addr + size, bss_end)
+        write(machine, load_addr, data[start:start + size] +
+              bytes(max(bss_end - load_addr - size, 0)), "multiboot kernel")
+        lo, hi = load_addr, kernel_end
+    else:
+        if data[:4] != b"\x7fELF":
+            raise ImageError("multiboot image without address fields must be an ELF file")
+        bits, entry, segs = parse_elf(data)
+        if bits != 32:
+            raise ImageError("multiboot kernels must be ELF32 containers (as QEMU requires; "
+                             "64-bit code inside an ELF32 is fine)")
+        lo, hi = _load_segments(machine, segs)
+        entry = _phys_entry(entry, segs)
+    mem = machine.memory
+    page = 0x1000
+    cursor = (hi + page - 1) & ~(page - 1)
+
+    def put(blob: bytes) -> int:
+        nonlocal cursor
+        a = cursor
+        write(machine, a, blob, "multiboot boot information")
+        cursor += len(blob)
+        return a
+
+    # modules (--initrd), page aligned, each with its command line
+    mods = []
+    for spec in _split_modules(options.get("initrd")):
+        path = spec.split(" ", 1)[0]
+        blob = read_image(path, "multiboot module (--initrd)")
+        cursor = (cursor + page - 1) & ~(page - 1)
+        start = put(blob)
+        mods.append((start, start + len(blob), spec))
+    cmdline = f"{image} {options.get('cmdline') or ''}".rstrip() \
+        if options.get("cmdline") is not None else str(image)
+    cmd_addr = put(cmdline.encode() + b"\0")
+    mod_cmds = [put(spec.encode() + b"\0") for _, _, spec in mods]
+    name_addr = put(b"kvmfw\0")
+    cursor = (cursor + 15) & ~15
+    mods_addr = put(b"".join(struct.pack("<4I", s, e, c, 0)
+                             for (s, e, _), c in zip(mods, mod_cmds, strict=True))) \
+        if mods else 0
+    mmap = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in e820_map(machine))
+    write(machine, MB_MMAP_ADDR, mmap, "multiboot memory map")
+    info_flags = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x200
+    mbi = struct.pack("<IIIIIII", info_flags, 640, ram_below_4g(machine) // 1024 - 1024,
+                      0x8000FFFF, cmd_addr, len(mods), mods_addr)
+    mbi = mbi.ljust(44, b"\0") + struct.pack("<IIIIII", len(mmap), MB_MMAP_ADDR, 0, 0, 0,
+                                             name_addr)
+    write(machine, MBI_ADDR, mbi.ljust(0x58, b"\0"), "multiboot info")
+    del mem, lo
+    enter_protected_mode(machine, entry)
+    ctx = boot_context(machine)
+    ctx.rax = MULTIBOOT_BOOTLOADER_MAGIC
+    ctx.rbx = MBI_ADDR
+    return MBI_ADDR
+
+
+# --- Linux bzImage -----------------------------------------------------------------------
+
+def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
+    """Linux through the x86 boot protocol's 64-bit entry (needs protocol >= 2.12)."""
+    hsize = ffi.sizeof("struct setup_header")
+    if len(data) < 0x1F1 + hsize:
+        raise ImageError("truncated bzImage: shorter than its setup header")
+    bp = ffi.new("struct boot_params *")
+    hdr = bp.hdr
+    ffi.memmove(ffi.addressof(hdr), data[0x1F1:0x1F1 + hsize], hsize)
+    if hdr.boot_flag != 0xAA55 or hdr.header != 0x53726448:
+        raise ImageError("not a Linux bzImage (no 0xAA55 boot flag / HdrS signature)")
+    ver = int(hdr.version)
+    if ver < 0x20C:
+        raise ImageError(f"bzImage boot protocol {ver >> 8}.{ver & 0xFF} is too old for the "
+                         "64-bit entry (needs 2.12, Linux 3.8 or newer)")
+    if not hdr.xloadflags & 1:
+        raise ImageError("this bzImage has no 64-bit entry point (XLF_KERNEL_64 clear)")
+    if not hdr.loadflags & 1:
+        raise ImageError("bzImage is not loaded high (zImage is not supported)")
+    setup_sects = int(hdr.setup_sects) or 4
+    koff = (setup_sects + 1) * 512
+    kernel = data[koff:]
+    if len(kernel) < int(hdr.syssize) * 16 or not kernel:
+        raise ImageError(f"truncated bzImage: the header announces {int(hdr.syssize) * 16:#x} "
+                         f"bytes of kernel, the file has {len(kernel):#x}")
+    # the header as the kernel wrote it, up to its own end (0x202 + jump offset)
+    end = min(0x202 + data[0x201], 0x1F1 + hsize)
+    raw = bytearray(bytes(ffi.buffer(bp)))
+    raw[0x1F1:end] = data[0x1F1:end]
+    ffi.memmove(bp, bytes(raw), len(raw))
+    ram = ram_below_4g(machine)
+    load_at = int(hdr.pref_address) or 0x1000000
+    if load_at + max(int(hdr.init_size), len(kernel)) > ram:
+        load_at = KERNEL_ADDR
+    align = int(hdr.kernel_alignment) or 0x200000
+    if hdr.relocatable_kernel and load_at % align:
+        load_at = (load_at + align - 1) // align * align
+    write(machine, load_at, kernel, "Linux kernel")
+    hdr.type_of_loader = 0xFF
+    hdr.loadflags = (hdr.loadflags | 0x80) & ~0x20  # CAN_USE_HEAP, KEEP_SEGMENTS off
+    hdr.heap_end_ptr = 0xFE00
+    hdr.code32_start = load_at
+    cmdline = (options.get("cmdline") or "").encode()
+    limit = int(hdr.cmdline_size) or 255
+    if len(cmdline) > limit:
+        raise ImageError(f"kernel command line is {len(cmdline)} bytes, this kernel accepts "
+                         f"at most {limit}")
+    write(machine, CMDLINE_ADDR, cmdline + b"\0", "kernel command line")
+    hdr.cmd_line_ptr = CMDLINE_ADDR
+    initrd = options.get("initrd")
+    if initrd:
+        rd = read_image(initrd, "initrd")
+        top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
+        addr_ = (top - len(rd)) & ~0xFFF
+        if addr_ < load_at + max(int(hdr.init_size), len(kernel)):
+            raise ImageError(f"initrd of {len(rd) >> 20} MiB does not fit in guest RAM "
+                             "above the kernel (increase --memory)")
+        write(machine, addr_, rd, "initrd")
+        hdr.ramdisk_image = addr_ & 0xFFFFFFFF
+        hdr.ramdisk_size = len(rd) & 0xFFFFFFFF
+        bp.ext_ramdisk_image = addr_ >> 32
+        bp.ext_ramdisk_size = len(rd) >> 32
+    e820 = e820_map(machine)
+    for i, (b, n, t) in enumerate(e820):
+        bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t
+    bp.e820_entries = len(e820)
+    write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
+    enter_long_mode(machine, load_at + 0x200, sse=False)
+    ctx = boot_context(machine)
+    ctx.rsi = BOOT_PARAMS_ADDR
+    ctx.rsp = STACK_TOP

@@ -1,0 +1,123 @@
+"""Port IO for KVM_EXIT_IO: 1/2/4-byte accesses, string IO (``rep ins/outs``, count > 1)
+and PCI configuration mechanism #1 (0xCF8 address, 0xCFC-0xCFF data).
+
+PCI configuration goes to a *config-space object*: anything with
+``config_read(bus, dev, fn, offset, size) -> int`` and
+``config_write(bus, dev, fn, offset, size, value)`` (:class:`PciConfigSpace`). The plugin
+finds one among the machine's devices (or ``machine.pci``); without one, every function
+reads as absent (all ones), as on a PC without PCI devices. A device that claims 0xCF8
+on the bus itself takes precedence: the plugin then routes those ports like any others.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+PCI_ADDR_PORT = 0xCF8
+PCI_DATA_PORT = 0xCFC
+
+
+@runtime_checkable
+class PciConfigSpace(Protocol):
+    """What the x86 plugin needs from a PCI host bridge's configuration space."""
+
+    def config_read(self, bus: int, dev: int, fn: int, offset: int, size: int) -> int: ...
+
+    def config_write(self, bus: int, dev: int, fn: int, offset: int, size: int,
+                     value: int) -> None: ...
+
+
+def find_pci(machine: Any) -> PciConfigSpace | None:
+    """The machine's PCI configuration space, if any device provides one."""
+    obj = getattr(machine, "pci", None)
+    if isinstance(obj, PciConfigSpace):
+        return obj
+    for d in getattr(machine, "devices", []):
+        if isinstance(d, PciConfigSpace):
+            return d
+        cs = getattr(d, "config_space", None)
+        if isinstance(cs, PciConfigSpace):
+            return cs
+    return None
+
+
+class PortIo:
+    """Handles every port IO exit of one machine (shared by its vCPUs)."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.pio = machine.bus.pio
+        self.pci_address = 0
+        self._pci: PciConfigSpace | None = None
+        self._pci_checked = False
+        self._bus_owns_cf8: bool | None = None
+        self.stats = {"string_io": 0, "pci_config": 0}
+
+    @property
+    def pci(self) -> PciConfigSpace | None:
+        if not self._pci_checked:
+            self._pci = find_pci(self.machine)
+            self._pci_checked = True
+        return self._pci
+
+    def handle(self, cpu: Any, io: Any) -> bool:
+        size, port, count = io.size, io.port, io.count
+        view = cpu.vcpu.run_view
+        off = io.data_offset
+        if 0xCF8 <= port <= 0xCFF and self._intercept_pci():
+            return self._pci_io(view, off, io)
+        pio = self.pio
+        if count == 1:
+            if io.direction:
+                pio.write(port, bytes(view[off:off + size]))
+            else:
+                view[off:off + size] = pio.read(port, size)
+            return True
+        self.stats["string_io"] += 1
+        if io.direction:
+            for i in range(count):
+                o = off + i * size
+                pio.write(port, bytes(view[o:o + size]))
+        else:
+            for i in range(count):
+                o = off + i * size
+                view[o:o + size] = pio.read(port, size)
+        return True
+
+    def _intercept_pci(self) -> bool:
+        if self._bus_owns_cf8 is None:
+            self._bus_owns_cf8 = self.pio.lookup(PCI_ADDR_PORT) is not None
+        return not self._bus_owns_cf8
+
+    def _pci_io(self, view: Any, off: int, io: Any) -> bool:
+        size, port = io.size, io.port
+        self.stats["pci_config"] += 1
+        for i in range(io.count):
+            o = off + i * size
+            if port == PCI_ADDR_PORT and size == 4:
+                if io.direction:
+                    self.pci_address = int.from_bytes(view[o:o + 4], "little") & 0x8FFFFFFC
+                else:
+                    view[o:o + 4] = self.pci_address.to_bytes(4, "little")
+                continue
+            if port < PCI_DATA_PORT or not self.pci_address & 0x80000000:
+                # not a config access (e.g. byte access to 0xCF9, the reset control
+                # register): plain port IO
+                if io.direction:
+                    self.pio.write(port, bytes(view[o:o + size]))
+                else:
+                    view[o:o + size] = self.pio.read(port, size)
+                continue
+            a = self.pci_address
+            bus, dev, fn = (a >> 16) & 0xFF, (a >> 11) & 0x1F, (a >> 8) & 0x7
+            reg = (a & 0xFC) | (port & 3)
+            space = self.pci
+            if io.direction:
+                value = int.from_bytes(view[o:o + size], "little")
+                if space is not None:
+                    space.config_write(bus, dev, fn, reg, size, value)
+            else:
+                value = space.config_read(bus, dev, fn, reg, size) if space is not None \
+                    else (1 << (8 * size)) - 1
+                view[o:o + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        return True

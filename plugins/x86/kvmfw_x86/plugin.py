@@ -1,0 +1,310 @@
+"""The x86 architecture plugin: the hook implementations the kvmfw core calls.
+
+Registered under the ``kvmfw.arch`` entry point ``x86`` as :data:`plugin`. One plugin
+object serves every machine; per-machine state lives in :class:`X86Machine`
+(``X86Plugin.state(machine)``), per-vCPU state in the thread context.
+
+Machine options (``MachineConfig.options``): ``irqchip`` (``kernel`` — the default,
+in-kernel PIC/IOAPIC/LAPIC + PIT — or ``userspace``: interrupts injected with
+``KVM_INTERRUPT``/``KVM_NMI``), ``cpuid`` (a :class:`~kvmfw_x86.cpuid.CpuidModel` or its
+dict), ``x86_sync`` (``lazy`` — per-group — or ``eager``: gem5's all-or-nothing pull).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+from kvmfw.abi import Cap
+from kvmfw.errors import ConfigError, KvmError
+from kvmfw.hookspecs import SyncLevel, hookimpl
+from kvmfw.timer import CycleSource
+
+from kvmfw_x86 import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API
+from kvmfw_x86 import cpuid as cpuid_mod
+from kvmfw_x86.abi import X, addr, ffi, lib
+from kvmfw_x86.context import CpuInfo, X86Context
+from kvmfw_x86.interrupts import UserspaceInterrupts
+from kvmfw_x86.pio import PortIo
+
+log = logging.getLogger("kvmfw.x86")
+
+GUESTS = Path(__file__).parent / "guests"
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+PCI_HOLE = 0xC0000000
+"""RAM above 3 GiB is mapped above 4 GiB (the PCI/MMIO hole of a PC)."""
+MSR_IA32_TSC = 0x10
+
+
+class X86Machine:
+    """Per-machine x86 state: options, supported CPUID, MSR list, port IO, interrupts."""
+
+    def __init__(self, machine: Any) -> None:
+        opts = machine.config.options
+        self.machine = machine
+        self.irqchip = str(opts.get("irqchip", "kernel"))
+        if self.irqchip not in ("kernel", "userspace"):
+            raise ConfigError(f"irqchip must be 'kernel' or 'userspace', not {self.irqchip!r}")
+        self.eager = str(opts.get("x86_sync", "lazy")) == "eager"
+        model = opts.get("cpuid")
+        self.cpuid_model = model if isinstance(model, cpuid_mod.CpuidModel) else \
+            cpuid_mod.CpuidModel.from_options(model)
+        self.pio = PortIo(machine)
+        self.interrupts = UserspaceInterrupts(machine)
+        self._cpuid: list[cpuid_mod.CpuidEntry] | None = None
+        self._info: CpuInfo | None = None
+        self.tsc_khz = 0
+
+    @property
+    def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
+        """The CPUID table every vCPU gets (before per-vCPU APIC ids)."""
+        if self._cpuid is None:
+            entries = cpuid_mod.supported_cpuid(self.machine.kvm.fd)
+            if self.cpuid_model is not None:
+                entries = self.cpuid_model.apply(entries)
+            self._cpuid = entries
+        return self._cpuid
+
+    def cpu_info(self, vcpu: Any) -> CpuInfo:
+        if self._info is None:
+            kvm = self.machine.kvm
+            xsave2 = kvm.check_extension(Cap.XSAVE2)
+            offsets: dict[int, tuple[int, int]] = {}
+            d0 = cpuid_mod.find(self.cpuid, 0xD, 0)
+            xcr0_bits = d0.eax | (d0.edx << 32) if d0 else 3
+            for e in self.cpuid:
+                if e.function == 0xD and e.index >= 2 and xcr0_bits >> e.index & 1 and e.eax:
+                    offsets[e.index] = (e.ebx, e.eax)
+            self._info = CpuInfo(
+                use_sregs2=bool(kvm.check_extension(Cap.SREGS2)),
+                xsave_size=max(xsave2, 4096) if kvm.check_extension(Cap.XSAVE) else 4096,
+                msr_indices=readable_msrs(kvm.fd, vcpu),
+                xsave_offsets=offsets,
+                has_xcrs=bool(kvm.check_extension(Cap.XCRS)),
+                has_debugregs=bool(kvm.check_extension(Cap.DEBUGREGS)),
+                has_events=bool(kvm.check_extension(Cap.VCPU_EVENTS)))
+        return self._info
+
+
+def msr_index_list(kvm_fd: int) -> list[int]:
+    """``KVM_GET_MSR_INDEX_LIST``: every MSR KVM saves and restores."""
+    from kvmfw.abi import ioctl
+
+    n = 64
+    while True:
+        buf = ffi.new("uint32_t[]", n + 1)
+        buf[0] = n
+        try:
+            ioctl(kvm_fd, X.KVM_GET_MSR_INDEX_LIST, addr(buf))
+            return [int(buf[i + 1]) for i in range(int(buf[0]))]
+        except KvmError as exc:
+            if exc.errno != 7 or n > 65536:  # E2BIG
+                raise
+            n = max(int(buf[0]), n * 2)
+
+
+def readable_msrs(kvm_fd: int, vcpu: Any) -> list[int]:
+    """The listed MSRs this vCPU reads back (KVM lists some it then refuses)."""
+    out = []
+    one = ffi.new("uint8_t[]", ffi.sizeof("struct kvm_msrs") + ffi.sizeof("struct kvm_msr_entry"))
+    hdr = ffi.cast("struct kvm_msrs *", one)
+    ent = ffi.cast("struct kvm_msr_entry *", one + ffi.sizeof("struct kvm_msrs"))
+    for m in msr_index_list(kvm_fd):
+        hdr.nmsrs = 1
+        ent.index = m
+        try:
+            if vcpu.ioctl(X.KVM_GET_MSRS, addr(one)) == 1:
+                out.append(m)
+        except KvmError:
+            pass
+    skipped = len(msr_index_list(kvm_fd)) - len(out)
+    if skipped:
+        log.debug("%d listed MSRs do not read back and are not synced", skipped)
+    return out
+
+
+class X86Plugin:
+    """Hook implementations for x86-64 (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._machines: weakref.WeakKeyDictionary[Any, X86Machine] = weakref.WeakKeyDictionary()
+
+    def state(self, machine: Any) -> X86Machine:
+        st = self._machines.get(machine)
+        if st is None:
+            st = self._machines[machine] = X86Machine(machine)
+        return st
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @hookimpl
+    def arch_name(self) -> str:
+        return "x86"
+
+    @hookimpl
+    def memory_layout(self, machine: Any, size: int) -> list[tuple[int, int, str]]:
+        if size <= PCI_HOLE:
+            return [(0, size, "ram")]
+        return [(0, PCI_HOLE, "ram-low"), (1 << 32, size - PCI_HOLE, "ram-high")]
+
+    @hookimpl
+    def machine_configure(self, machine: Any) -> None:
+        st = self.state(machine)
+        vm = machine.vm
+        vm.set_tss_addr(TSS_ADDR)
+        if st.irqchip == "kernel":
+            vm.create_irqchip()
+            pit = ffi.new("struct kvm_pit_config *")
+            pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
+            from kvmfw.abi import ioctl
+
+            ioctl(vm.fd, X.KVM_CREATE_PIT2, addr(pit), "in-kernel PIT")
+
+    @hookimpl
+    def vcpu_init(self, cpu: Any) -> None:
+        st = self.state(cpu.machine)
+        entries = cpuid_mod.for_vcpu(st.cpuid, cpu.id, cpu.machine.config.cpus)
+        buf = cpuid_mod.pack_cpuid2(entries)
+        cpu.vcpu.ioctl(X.KVM_SET_CPUID2, addr(buf), "KVM_SET_CPUID2")
+        if not st.tsc_khz:
+            try:
+                st.tsc_khz = cpu.vcpu.ioctl(X.KVM_GET_TSC_KHZ)
+            except KvmError:
+                st.tsc_khz = host_tsc_khz()
+
+    @hookimpl
+    def create_thread_context(self, cpu: Any) -> X86Context:
+        st = self.state(cpu.machine)
+        return X86Context(cpu, st.cpu_info(cpu.vcpu), eager=st.eager)
+
+    # --- sync ---------------------------------------------------------------------------
+
+    @hookimpl
+    def update_kvm_state(self, cpu: Any, context: X86Context, level: SyncLevel) -> bool:
+        context.push_dirty(level)
+        return True
+
+    @hookimpl
+    def update_thread_context(self, cpu: Any, context: X86Context, level: SyncLevel) -> bool:
+        context.pull(level)
+        return True
+
+    # --- exits ----------------------------------------------------------------------------
+
+    @hookimpl
+    def handle_exit_io(self, cpu: Any, io: Any) -> bool:
+        return self.state(cpu.machine).pio.handle(cpu, io)
+
+    @hookimpl
+    def deliver_interrupts(self, cpu: Any) -> bool:
+        return self.state(cpu.machine).interrupts.deliver(cpu)
+
+    @hookimpl
+    def irq_line(self, machine: Any, number: int) -> Any:
+        st = self.state(machine)
+        if st.irqchip == "userspace":
+            return st.interrupts.line(number)
+        return None  # the core drives KVM_IRQ_LINE on the in-kernel irqchip
+
+    @hookimpl
+    def get_host_cycles(self, cpu: Any) -> CycleSource:
+        st = self.state(cpu.machine)
+        khz = st.tsc_khz or host_tsc_khz()
+        return CycleSource("tsc", lib.kvmfw_x86_rdtsc, khz * 1000.0,
+                           note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall)")
+
+    # --- guests ---------------------------------------------------------------------------
+
+    @hookimpl
+    def load_guest(self, machine: Any, image: str, options: dict[str, Any]) -> bool:
+        from kvmfw_x86 import loaders
+
+        return loaders.load(machine, image, options)
+
+    @hookimpl
+    def default_guest(self, machine: Any) -> str:
+        return str(GUESTS / "default.elf")
+
+    @hookimpl
+    def default_devices(self, machine: Any) -> list[str]:
+        return default_board(machine)
+
+    # --- drain and state ---------------------------------------------------------------
+
+    @hookimpl
+    def arch_is_drained(self, cpu: Any) -> bool:
+        ctx: X86Context = cpu.context
+        if not ctx.info.has_events:
+            return True
+        ctx.invalidate()
+        ev = ctx.events
+        e = ev["exception"]
+        if e["injected"] or e["pending"] or ev["interrupt"]["injected"] \
+                or ev["nmi"]["injected"] or ev["nmi"]["pending"]:
+            return False
+        return True
+
+    @hookimpl
+    def kvm_run_drain(self, cpu: Any) -> bool:
+        """Ask for an interrupt window and run up to 1 ms so KVM delivers what is pending."""
+        run_slice = getattr(cpu, "_run_slice", None)
+        if run_slice is None:
+            return False
+        cpu.vcpu.run.request_interrupt_window = 1
+        try:
+            run_slice(1_000_000_000)  # 1 ms in ticks
+        finally:
+            cpu.vcpu.run.request_interrupt_window = 0
+        return True
+
+    @hookimpl
+    def save_arch_state(self, cpu: Any) -> dict[str, Any]:
+        ctx: X86Context = cpu.get_context(SyncLevel.FULL)
+        return ctx.save()
+
+    @hookimpl
+    def restore_arch_state(self, cpu: Any, state: dict[str, Any]) -> bool:
+        ctx: X86Context = cpu.get_context(SyncLevel.FULL)
+        ctx.load(state)
+        cpu.sync_kvm_state(SyncLevel.FULL)
+        return True
+
+    @hookimpl
+    def dump_state(self, cpu: Any) -> str:
+        from kvmfw_x86.dump import dump
+
+        return dump(cpu)
+
+
+def host_tsc_khz() -> int:
+    """TSC frequency from /proc/cpuinfo (``cpu MHz``) when KVM does not say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except OSError:
+        pass
+    return 2_000_000
+
+
+def default_board(machine: Any) -> list[str]:
+    """The PC board's devices from kvmfw-devices if installed, else none (with a note)."""
+    try:
+        from kvmfw_devices import board  # type: ignore[import-not-found]
+    except ImportError:
+        log.info("kvmfw-devices is not installed: the x86 board has no devices")
+        return []
+    fn = getattr(board, "default_devices", None)
+    if fn is None:
+        return []
+    try:
+        return list(fn("x86", machine))
+    except TypeError:
+        return list(fn("x86"))
+
+
+plugin = X86Plugin()
+"""The object the ``kvmfw.arch`` entry point ``x86`` names."""

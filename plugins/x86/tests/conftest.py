@@ -1,0 +1,87 @@
+"""Shared fixtures for the x86 plugin tests: a report device and machine builders."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kvmfw.device import Range
+from kvmfw.machine import Machine, MachineConfig
+
+from kvmfw_x86.plugin import X86Plugin
+
+GUESTS = Path(__file__).parent / "guests"
+MiB = 1 << 20
+
+
+def kvm_usable() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+requires_kvm = pytest.mark.skipif(not kvm_usable(), reason="needs a working /dev/kvm")
+
+
+class Reporter:
+    """Test device: port 0xe0 (and MMIO 0xd0000000) collect values, 0xe4/+8 end the run."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+        self.machine: Machine | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset in (0, 0x1000):
+            self.values.append(int.from_bytes(data, "little"))
+        else:
+            assert self.machine is not None
+            self.machine.request_exit(0, "reporter: guest done")
+
+
+def make_machine(*, memory: int = 64 * MiB, cpus: int = 1, irqchip: str = "userspace",
+                 **options: Any) -> tuple[Machine, Reporter]:
+    cfg = MachineConfig(arch="x86", memory=memory, cpus=cpus, default_devices=False,
+                        options={"irqchip": irqchip, **options})
+    m = Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86")
+    rep = Reporter()
+    rep.machine = m
+    m.map_device(Range("pio", 0xE0, 8, "reporter"), rep)
+    m.map_device(Range("mmio", 0xD0000000, 0x10, "reporter-mmio"), _MmioReporter(rep))
+    return m, rep
+
+
+class _MmioReporter:
+    def __init__(self, rep: Reporter) -> None:
+        self.rep = rep
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.rep.write(0x1000 if offset == 0 else 4, data)
+
+
+def dwords(values: list[int]) -> list[int]:
+    return [v & 0xFFFFFFFF for v in values]
+
+
+def u64(lo: int, hi: int) -> int:
+    return struct.unpack("<Q", struct.pack("<II", lo, hi))[0]
+
+
+@pytest.fixture
+def machine_factory():  # type: ignore[no-untyped-def]
+    made: list[Machine] = []
+
+    def make(**kw: Any) -> tuple[Machine, Reporter]:
+        m, r = make_machine(**kw)
+        made.append(m)
+        return m, r
+
+    yield make
+    for m in made:
+        m.close()
