@@ -47,7 +47,8 @@ class AddressSpace:
 
     def __init__(self, name: str, *, unclaimed: str = "ignore", limit: int | None = None) -> None:
         if unclaimed not in ("ignore", "fatal"):
-            raise BusError(f"unclaimed-access policy must be 'ignore' or 'fatal', not {unclaimed!r}")
+            raise BusError(
+                f"unclaimed-access policy must be 'ignore' or 'fatal', not {unclaimed!r}")
         self.name = name
         self.unclaimed = unclaimed
         self.limit = limit
@@ -61,7 +62,7 @@ class AddressSpace:
 
     def register(self, base: int, size: int, device: BusDevice, name: str | None = None) -> Mapping:
         """Map ``device`` at ``[base, base + size)``; overlaps raise :class:`BusOverlapError`."""
-        label = name or getattr(device, "name", type(device).__name__)
+        label = str(name or getattr(device, "name", type(device).__name__))
         if size <= 0:
             raise BusError(f"{self.name}: {label} has an empty range at {base:#x}")
         if base < 0 or (self.limit is not None and base + size > self.limit):

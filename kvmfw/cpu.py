@@ -2,10 +2,13 @@
 
 State machine (gem5 names)::
 
-    IDLE --activate()--> RUNNING --exit--> RUNNING_SERVICE --IO/MMIO done--> RUNNING_SERVICE_COMPLETION
-      ^                    |  ^                 |   \\--HLT--> IDLE            |
-      |                    |  +--INTR/other-----+    \\--timing MMIO--> RUNNING_MMIO_PENDING
-      +--suspend()/halt()--+                                          --finish_mmio_pending()-->+
+    IDLE --activate()--> RUNNING --exit--> RUNNING_SERVICE
+     ^                    ^  |                  |--IO/MMIO done--> RUNNING_SERVICE_COMPLETION
+     |                    |  +--INTR (kick,     |--HLT--> IDLE (until wakeup())
+     |                    |      run timer)     |--timing MMIO--> RUNNING_MMIO_PENDING
+     +--suspend()/halt()--+                     +--anything else--> RUNNING
+    RUNNING_MMIO_PENDING --finish_mmio_pending()--> RUNNING_SERVICE_COMPLETION
+    RUNNING_SERVICE_COMPLETION --next entry completes the access--> RUNNING_SERVICE
 
 ``tick()`` is the CPU's event. Each call runs KVM slices bounded by the next event in the
 queue, servicing exits in between, until an event is due, the CPU goes idle, or the
@@ -61,6 +64,9 @@ log_ctx = logging.getLogger("kvmfw.context")
 _EINTR = -errno.EINTR
 _KICK_SET = {KICK_SIGNAL}
 _sigtimedwait = signal.sigtimedwait
+_now = time.monotonic_ns
+_kvm_run = lib.kvmfw_run
+_new_tuple = tuple.__new__
 _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
@@ -90,7 +96,7 @@ class IoExit(NamedTuple):
     direction: int
     size: int
     port: int
-    count: int
+    count: int  # type: ignore[assignment]  # (shadows tuple.count, as the kernel names it)
     data_offset: int
 
     @property
@@ -128,6 +134,12 @@ class KvmCPU:
         self.cycle_source_reason = ""
         self._dispatch: list[Any] = []
         self._started = False
+        self._trace = False
+        self._cycles: Any = None
+        self._fd = vcpu.fd
+        self._run: Any = vcpu.run
+        self._view: Any = vcpu.run_view
+        self._ticks_per_cycle = 1000.0 * host_factor
         self.last_exit: int | None = None
         self.suspended_ticks = 0
         self._idle_since: int | None = None
@@ -161,6 +173,9 @@ class KvmCPU:
         self._timer = RunTimer(KICK_SIGNAL, self.vcpu.thread_tid or 0)
         self.cycle_source = cycle_source
         self.cycle_source_reason = reason
+        monotonic = cycle_source.read is time.monotonic_ns
+        self._cycles = None if monotonic else cycle_source.read
+        self._ticks_per_cycle = cycle_source.ticks(1_000_000, self.host_factor) / 1_000_000
 
     def _build_dispatch(self) -> list[Any]:
         table: list[Any] = [self._exit_arch_or_unexpected] * _NUM_EXIT_SLOTS
@@ -289,26 +304,31 @@ class KvmCPU:
         """Run and service until an event is due, the CPU idles, or the machine stops."""
         eq = self.eventq
         machine = self.machine
+        heap = eq._heap
+        self._trace = log_run.isEnabledFor(logging.DEBUG) or log_io.isEnabledFor(logging.DEBUG)
         while True:
             st = self.status
             if st is RUNNING_SERVICE:
                 self._dispatch_exit()
             elif st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
-                nxt = eq.next_tick()
                 if self.drain_pending:
                     self.run_drain()
-                elif nxt is not None and nxt <= eq.cur_tick:
-                    pass  # an event is due now: service it before entering
                 else:
-                    self._run_slice(None if nxt is None else nxt - eq.cur_tick)
+                    nxt = eq.next_tick()
+                    cur = eq.cur_tick
+                    if nxt is None:
+                        self._run_slice(None)
+                    elif nxt > cur:
+                        self._run_slice(nxt - cur)
             else:
                 return  # IDLE or MMIO pending: someone else reschedules us
             if machine.stop_requested:
                 if self.status is not IDLE:
                     self._schedule_tick(eq.cur_tick)
                 return
-            nxt = eq.next_tick()
-            if nxt is not None and nxt <= eq.cur_tick:
+            # an event due now runs before we go on (a cheap peek; stale entries only cost
+            # one trip through the queue)
+            if heap and heap[0][0] <= eq.cur_tick:
                 if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
                     self._schedule_tick(eq.cur_tick)
                 return
@@ -320,30 +340,33 @@ class KvmCPU:
         if self.interrupt_pending and self._deliver_interrupts is not None:
             self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
         timer = self._timer
-        src = self.cycle_source
-        if ticks is None:
-            if timer is not None and timer.deadline_ns is not None:
-                timer.disarm()
-        elif timer is not None:
-            ns = int(ticks / (1000 * self.host_factor)) if ticks > 0 else 0
-            timer.arm_at(time.monotonic_ns() + max(ns, 1000))
+        if timer is not None:
+            if ticks is None:
+                if timer.deadline_ns is not None:
+                    timer.disarm()
+            else:
+                ns = int(ticks / (1000 * self.host_factor))
+                timer.arm_at(_now() + max(ns, 1000))
         if self._pre_run is not None:
             self._pre_run(self)
-        read = src.read if src is not None else time.monotonic_ns
-        c0 = read()
-        t0 = time.monotonic_ns()
-        r = lib.kvmfw_run(self.vcpu.fd)
-        t1 = time.monotonic_ns()
-        c1 = read()
+        src = self._cycles
+        if src is None:  # the monotonic clock is the cycle source: read it once per side
+            t0 = _now()
+            r = _kvm_run(self._fd)
+            t1 = _now()
+            cycles = t1 - t0
+            executed = int(cycles * self._ticks_per_cycle)
+        else:
+            c0 = src()
+            t0 = _now()
+            r = _kvm_run(self._fd)
+            t1 = _now()
+            cycles = src() - c0
+            executed = int(cycles * self._ticks_per_cycle)
         stats = self.stats
         stats.vm_exits += 1
         stats.host_ns_in_kvm += t1 - t0
-        cycles = c1 - c0
         stats.cycles += cycles
-        if src is not None:
-            executed = src.ticks(cycles, self.host_factor)
-        else:
-            executed = int((t1 - t0) * 1000 * self.host_factor)
         stats.ticks_in_kvm += executed
         self._pulled_level = SyncLevel.NONE
         if self.always_sync:
@@ -353,19 +376,18 @@ class KvmCPU:
                 raise KvmError("KVM_RUN", -r, self._dump_suffix())
             reason = ExitReason.INTR
         else:
-            reason = self.vcpu.run.exit_reason
+            reason = self._run.exit_reason
         self.last_exit = reason
         if self._post_run is not None:
             self._post_run(self, reason)
         if self.use_coalesced_mmio:
             self._drain_coalesced_mmio()
-        if log_run.isEnabledFor(logging.DEBUG):
+        if self._trace:
             log_run.debug("cpu%d: ran %s ticks (%d ns), exit %s", self.id, ticks, t1 - t0,
                           _exit_name(reason))
         # simulated time moves on, but never past the event that bounded the slice; when the
         # slice timer ended the run, time jumps to that event (gem5's rule)
-        eq = self.eventq
-        if reason == ExitReason.INTR:
+        if reason == 10:  # KVM_EXIT_INTR
             stats.exit_signal += 1
             self.status = RUNNING
             # KVM returns with the kick signal still pending (blocked again outside
@@ -379,7 +401,7 @@ class KvmCPU:
             self.status = RUNNING_SERVICE
         if ticks is not None and executed > ticks:
             executed = ticks
-        eq.cur_tick += executed
+        self.eventq.cur_tick += executed
 
     def half_entry(self) -> None:
         """Enter KVM only to complete a pending IO/MMIO (``immediate_exit``), then exit."""
@@ -400,12 +422,14 @@ class KvmCPU:
 
     def _dispatch_exit(self) -> None:
         reason = self.last_exit or 0
-        handler = self._dispatch[reason] if reason < _NUM_EXIT_SLOTS else \
-            self._exit_arch_or_unexpected
         try:
-            handler()
+            self._dispatch[reason]()
         except KvmfwError:
             raise
+        except IndexError:
+            if reason < _NUM_EXIT_SLOTS:
+                raise
+            self._exit_arch_or_unexpected()
         except Exception as exc:
             raise PluginHookError(f"exit handler for {_exit_name(reason)}",
                                   _culprit(exc), exc) from exc
@@ -417,7 +441,7 @@ class KvmCPU:
 
     def _exit_io(self) -> None:
         self.stats.io += 1
-        io = IoExit._make(_unpack_io(self.vcpu.run_view, RUN_PAYLOAD))
+        io = _new_tuple(IoExit, _unpack_io(self._view, RUN_PAYLOAD))
         fn = self._handle_exit_io
         if fn is None or fn(self, io) is None:
             raise self._error(UnhandledExitError, ExitReason.IO,
@@ -425,7 +449,7 @@ class KvmCPU:
                               f"(size {io.size}, count {io.count}) that no plugin handles",
                               port=io.port, size=io.size, count=io.count,
                               direction="out" if io.is_write else "in")
-        if log_io.isEnabledFor(logging.DEBUG):
+        if self._trace:
             log_io.debug("cpu%d: io %s port %#x size %d count %d", self.id,
                          "out" if io.is_write else "in", io.port, io.size, io.count)
         if self.status is RUNNING_SERVICE:
@@ -433,7 +457,7 @@ class KvmCPU:
 
     def _exit_mmio(self) -> None:
         self.stats.mmio += 1
-        view = self.vcpu.run_view
+        view = self._view
         addr, data, length, is_write = _unpack_mmio(view, RUN_PAYLOAD)
         if self._finalize_mmio is not None:
             new = self._finalize_mmio(self, addr)
@@ -444,7 +468,7 @@ class KvmCPU:
             mmio.write(addr, data[:length])
         else:
             view[MMIO_DATA:MMIO_DATA + length] = mmio.read(addr, length)
-        if log_io.isEnabledFor(logging.DEBUG):
+        if self._trace:
             log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
                          addr, length)
         if self.status is RUNNING_SERVICE:
@@ -533,7 +557,8 @@ class KvmCPU:
         if sub == InternalError.EMULATION:
             ef = run.emulation_failure
             insn = b""
-            if ndata >= 2 and int(ef.flags) & constants.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            has_bytes = constants.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+            if ndata >= 2 and int(ef.flags) & has_bytes:
                 n = min(int(ef.insn_size), 15)
                 insn = bytes(ef.insn_bytes[0:n])
             details["insn_bytes"] = insn.hex(" ")
@@ -637,6 +662,9 @@ class KvmCPU:
                    dump=self.dump_state())
 
     def close(self) -> None:
+        """Drop the run-area references (so the vCPU can unmap) and the run timer."""
+        self._run = None
+        self._view = None
         if self._timer is not None:
             self._timer.close()
             self._timer = None

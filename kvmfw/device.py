@@ -152,7 +152,8 @@ class Device:
                 try:
                     out[key] = spec.type(value) if isinstance(value, str) else value
                 except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"device {cls.name}: bad value {value!r} for {key}: {exc}")
+                    raise ConfigError(
+                        f"device {cls.name}: bad value {value!r} for {key}: {exc}") from None
             else:
                 out[key] = spec.default
         return out

@@ -10,6 +10,7 @@ or a device ends the run, the tick limit is reached, or the host timeout fires.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,8 +19,15 @@ from typing import Any
 
 from kvmfw.bus import Bus
 from kvmfw.cpu import KvmCPU
-from kvmfw.device import CallbackIrqLine, Device, DeviceContext, IrqLine, NullIrqLine, Range
-from kvmfw.device import parse_device_spec
+from kvmfw.device import (
+    CallbackIrqLine,
+    Device,
+    DeviceContext,
+    IrqLine,
+    NullIrqLine,
+    Range,
+    parse_device_spec,
+)
 from kvmfw.errors import ConfigError, KvmfwError, PluginError, RunTimeoutError
 from kvmfw.eventq import PRIO_EXIT, TICKS_PER_SECOND, Event, EventQueue
 from kvmfw.kvm import Kvm
@@ -188,7 +196,7 @@ class Machine:
         label = f"dev:{device.name}:{len(self.devices)}"
         self.pm.register(device, name=label)
         self.stats.add(f"system.{device.name}{len(self.devices) - 1}",
-                       lambda d=device: d.stats, None)
+                       functools.partial(_device_stats, device), None)
         return device
 
     def map_device(self, range_: Range, device: Any) -> None:
@@ -306,3 +314,7 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _device_stats(device: Device) -> dict[str, Any]:
+    return dict(device.stats)

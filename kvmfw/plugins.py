@@ -26,6 +26,7 @@ from kvmfw import hookspecs
 from kvmfw.errors import (
     ArchNotFoundError,
     ConfigError,
+    KvmfwError,
     PluginApiMismatchError,
     PluginHookError,
     PluginLoadError,
@@ -115,11 +116,11 @@ def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
             info.status, info.error = "failed", str(exc)
         infos.append(info)
     eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
-    for name, exc in failures.items():
+    for name, err in failures.items():
         ep = eps.get(name)
         pkg, ver = _dist_of(group, name)
         infos.append(PluginInfo(name, group, ep.value if ep is not None else "?", pkg, ver,
-                                "failed", error=f"{type(exc).__name__}: {exc}"))
+                                "failed", error=f"{type(err).__name__}: {err}"))
     return loaded, sorted(infos, key=lambda i: i.name)
 
 
@@ -152,7 +153,8 @@ def load_arch(name: str | None = None) -> tuple[str, Any]:
             f"./plugins/{arch}") from None
     except MultipleMatches:
         raise ArchNotFoundError(
-            f"several packages provide architecture plugin {arch!r}: uninstall all but one") from None
+            f"several packages provide architecture plugin {arch!r}: "
+            "uninstall all but one") from None
     check_api(arch, drv.driver)
     return arch, drv.driver
 
@@ -262,8 +264,8 @@ class BoundHooks:
                 return getattr(self.pm.hook, name)(**kwargs)
             try:
                 r = impl.function(*[kwargs[a] for a in impl.argnames])
-            except hookspecs_errors() as exc:
-                raise exc
+            except KvmfwError:
+                raise
             except Exception as exc:
                 raise PluginHookError(name, impl.plugin_name, exc) from exc
             if r is not None:
@@ -272,9 +274,3 @@ class BoundHooks:
                 results.append(r)
         return None if firstresult else results
 
-
-def hookspecs_errors() -> tuple[type[BaseException], ...]:
-    """Errors a hook may raise on purpose; passed through unchanged."""
-    from kvmfw.errors import KvmfwError
-
-    return (KvmfwError,)

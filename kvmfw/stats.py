@@ -42,8 +42,22 @@ class KvmCpuStats:
         self.reset()
 
     def reset(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.vm_exits = 0
+        self.vm_half_entries = 0
+        self.exit_signal = 0
+        self.mmio = 0
+        self.coalesced_mmio = 0
+        self.io = 0
+        self.halt = 0
+        self.interrupts = 0
+        self.hypercalls = 0
+        self.system_events = 0
+        self.cycles = 0
+        self.instructions = 0
+        self.host_ns_in_kvm = 0
+        self.ticks_in_kvm = 0
+        self.syncs_to_kvm = 0
+        self.syncs_from_kvm = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import PIO, needs_kvm
+from kvmtest import PIO, needs_kvm
 from realmode_arch import RealModeArch
 
 from kvmfw import hookimpl

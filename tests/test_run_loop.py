@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 
 import pytest
-from conftest import (
+from kvmtest import (
+    COUNT,
     EMUFAIL,
     HALT,
     MMIO,
@@ -14,7 +15,6 @@ from conftest import (
     SPIN,
     SYNC,
     TRIPLE,
-    COUNT,
     needs_kvm,
 )
 

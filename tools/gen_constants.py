@@ -10,7 +10,8 @@ from pathlib import Path
 
 HEADER = Path("/usr/include/linux/kvm.h")
 OUT = Path(__file__).resolve().parent.parent / "kvmfw" / "abi" / "constants.py"
-NEWER_EXITS = [("KVM_EXIT_LOONGARCH_IOCSR", 38), ("KVM_EXIT_MEMORY_FAULT", 39), ("KVM_EXIT_TDX", 40)]
+NEWER_EXITS = [("KVM_EXIT_LOONGARCH_IOCSR", 38), ("KVM_EXIT_MEMORY_FAULT", 39),
+               ("KVM_EXIT_TDX", 40)]
 
 
 def defines(src: str, prefix: str) -> list[tuple[str, int]]:

@@ -7,6 +7,7 @@ that each value the host defines matches.
 
 from enum import IntEnum
 
+
 class ExitReason(IntEnum):
     """``kvm_run.exit_reason`` values (KVM_EXIT_*)."""
 

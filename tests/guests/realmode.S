@@ -14,13 +14,19 @@
  *   8 pioloop  ECX iterations of "out %al, $0x10", then exit (benchmark)
  *   9 mmioloop ECX iterations of "mov %al, (0x0010)" with DS=0x2000, then exit (benchmark)
  *  10 count    count in RSI until the host stops the run (event-bounded slices)
+ * With AX=0 the program and ECX come from rom_program/rom_count at ROM offset 0xfe0
+ * (6 = halt unless patched), so hosts that cannot set registers (QEMU) can run it.
  * "exit" writes AL=0 to port 0x13.
  */
     .code16
     .text
     .globl _start
 _start:
-    cmp $1, %ax
+    test %ax, %ax           /* no program from the host: take the one built into the ROM */
+    jnz 1f
+    mov %cs:(rom_program), %ax
+    mov %cs:(rom_count), %ecx
+1:  cmp $1, %ax
     je pio
     cmp $2, %ax
     je mmio
@@ -127,6 +133,12 @@ exit:
     out %al, %dx
     jmp halt
 
+    .org 0xfe0
+rom_program:                /* patched by benchmarks for hosts that cannot set registers */
+    .word 6
+    .word 0
+rom_count:
+    .long 0
     .org 0xff0
 reset_vector:
     jmp _start

@@ -1,0 +1,80 @@
+"""The kvmfw command as a user runs it: output, exit status, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kvmtest import needs_kvm
+
+from kvmfw.cli import parse_size
+from kvmfw.errors import ConfigError
+
+
+def kvmfw(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmfw.cli", *args], capture_output=True,
+                          text=True, check=check, timeout=120)
+
+
+def test_parse_size() -> None:
+    assert parse_size("256M") == 256 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("0x1000") == 4096
+    assert parse_size("64KiB") == 64 << 10
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("lots")
+
+
+@needs_kvm
+def test_info_lists_api_caps_limits_and_perf() -> None:
+    r = kvmfw("info")
+    assert r.returncode == 0
+    assert "api_version          12" in r.stdout
+    assert "capabilities:" in r.stdout and "USER_MEMORY" in r.stdout
+    assert "perf " in r.stdout
+    data = json.loads(kvmfw("info", "--json").stdout)
+    assert data["api_version"] == 12 and data["capabilities"]["USER_MEMORY"] == 1
+    assert data["max_vcpus"] >= 1 and data["memory_slots"] >= 32
+    assert isinstance(data["perf"]["available"], bool) and data["perf"]["reason"]
+
+
+def test_info_without_kvm_is_one_line_with_a_status(tmp_path: Path) -> None:
+    r = kvmfw("info", "--kvm", str(tmp_path / "nope"))
+    assert r.returncode == 3
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("kvmfw: error: cannot open")
+
+
+def test_list_plugins_table() -> None:
+    r = kvmfw("list-plugins")
+    assert r.returncode == 0
+    assert "host architecture:" in r.stdout
+
+
+def test_bad_config_file_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("memory = \n")
+    r = kvmfw("run", "--config", str(cfg))
+    assert r.returncode == 2 and "is not valid TOML" in r.stderr and "Traceback" not in r.stderr
+    cfg.write_text('mem = "1G"\n')
+    r = kvmfw("run", "--config", str(cfg))
+    assert r.returncode == 2 and "unknown key(s) mem" in r.stderr
+
+
+def test_unknown_debug_flag_is_one_line() -> None:
+    r = kvmfw("run", "--debug-flags", "Nope", "--no-summary")
+    assert r.returncode == 2 and "unknown debug flag 'Nope'" in r.stderr
+
+
+def test_missing_kernel_and_initrd_are_image_errors(tmp_path: Path) -> None:
+    r = kvmfw("run", "--initrd", str(tmp_path / "none.img"))
+    assert r.returncode == 7 and "initrd" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_help_flags_lists_debug_flags() -> None:
+    r = kvmfw("run", "--help-flags")
+    assert r.returncode == 0 and "KvmIO" in r.stdout and "KvmAll" in r.stdout

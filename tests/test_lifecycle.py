@@ -1,0 +1,93 @@
+"""Opening and closing: /dev/kvm errors, and no fd or mapping left behind after close."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from kvmtest import PIO, needs_kvm
+
+from kvmfw.errors import GuestMemoryError, KvmUnavailableError
+from kvmfw.kvm import Kvm
+from kvmfw.memory import MemoryRegion
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _maps() -> int:
+    return len(Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_missing_dev_kvm_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(KvmUnavailableError, match="load the KVM module"):
+        Kvm(str(tmp_path / "kvm"))
+
+
+def test_a_file_that_is_not_kvm_is_refused_without_leaking(tmp_path: Path) -> None:
+    fake = tmp_path / "kvm"
+    fake.write_bytes(b"")
+    before = _fds()
+    with pytest.raises(KvmUnavailableError, match="not a usable KVM device.*ENOTTY"):
+        Kvm(str(fake))
+    assert _fds() == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can open any file; needs a normal user")
+def test_permission_denied_says_how_to_fix() -> None:
+    with pytest.raises(KvmUnavailableError, match="kvm' group"):
+        Kvm("/dev/kvm")
+
+
+@needs_kvm
+def test_close_releases_every_fd_and_mapping(make_machine) -> None:
+    # warm up imports and one-time allocations first
+    m, _, _ = make_machine(PIO)
+    m.run(timeout=10)
+    m.close()
+    fds, maps = _fds(), _maps()
+    for _ in range(3):
+        m, _, _ = make_machine(PIO, memory=1 << 20)
+        m.run(timeout=10)
+        m.cpus[0].get_context()
+        m.close()
+        m.close()  # idempotent
+    assert _fds() == fds
+    assert _maps() <= maps
+
+
+@needs_kvm
+def test_memory_regions_overlap_and_slots() -> None:
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        a = vm.add_ram(0, 0x10000)
+        with pytest.raises(GuestMemoryError, match="overlaps ram"):
+            vm.add_ram(0x8000, 0x10000)
+        b = vm.add_ram(0x100000, 0x1000, "hi")
+        assert (a.slot, b.slot) == (0, 1)
+        vm.remove_memory(a)
+        c = vm.add_ram(0x200000, 0x1000)
+        assert c.slot == 0  # freed slots are reused
+        vm.memory.write(0x200010, b"abc")
+        assert vm.memory.read(0x200010, 3) == b"abc"
+        with pytest.raises(GuestMemoryError, match="not in guest RAM"):
+            vm.memory.read(0x200FFE, 4)  # runs off the end of the region
+        assert vm.memory.contains(0x100000, 0x1000) and not vm.memory.contains(0x0, 1)
+
+
+def test_unaligned_region_is_refused() -> None:
+    with pytest.raises(GuestMemoryError, match="page-aligned"):
+        MemoryRegion.anonymous(0x100, 0x1000)
+
+
+def test_file_backed_private_region_is_copy_on_write(tmp_path: Path) -> None:
+    img = tmp_path / "ram.img"
+    img.write_bytes(b"A" * 4096)
+    r = MemoryRegion.from_file(0, img, private=True)
+    r.view[0:1] = b"B"
+    assert bytes(r.view[0:2]) == b"BA"
+    r.close()
+    assert img.read_bytes()[:1] == b"A"  # the file never changes
+    with pytest.raises(GuestMemoryError, match="cannot open"):
+        MemoryRegion.from_file(0, tmp_path / "missing.img")
