@@ -103,6 +103,40 @@ struct boot_params {
 #define KVM_MP_STATE_HALTED ...
 #define KVM_MP_STATE_SIPI_RECEIVED ...
 
+/* the headers' own ioctl numbers, for the layout test */
+static const unsigned long HDR_KVM_GET_MSR_INDEX_LIST;
+static const unsigned long HDR_KVM_GET_SUPPORTED_CPUID;
+static const unsigned long HDR_KVM_GET_MSR_FEATURE_INDEX_LIST;
+static const unsigned long HDR_KVM_CREATE_PIT2;
+static const unsigned long HDR_KVM_GET_REGS;
+static const unsigned long HDR_KVM_SET_REGS;
+static const unsigned long HDR_KVM_GET_SREGS;
+static const unsigned long HDR_KVM_SET_SREGS;
+static const unsigned long HDR_KVM_TRANSLATE;
+static const unsigned long HDR_KVM_INTERRUPT;
+static const unsigned long HDR_KVM_GET_MSRS;
+static const unsigned long HDR_KVM_SET_MSRS;
+static const unsigned long HDR_KVM_GET_FPU;
+static const unsigned long HDR_KVM_SET_FPU;
+static const unsigned long HDR_KVM_GET_LAPIC;
+static const unsigned long HDR_KVM_SET_LAPIC;
+static const unsigned long HDR_KVM_SET_CPUID2;
+static const unsigned long HDR_KVM_GET_CPUID2;
+static const unsigned long HDR_KVM_GET_MP_STATE;
+static const unsigned long HDR_KVM_SET_MP_STATE;
+static const unsigned long HDR_KVM_GET_VCPU_EVENTS;
+static const unsigned long HDR_KVM_SET_VCPU_EVENTS;
+static const unsigned long HDR_KVM_GET_DEBUGREGS;
+static const unsigned long HDR_KVM_SET_DEBUGREGS;
+static const unsigned long HDR_KVM_GET_XSAVE;
+static const unsigned long HDR_KVM_SET_XSAVE;
+static const unsigned long HDR_KVM_GET_XCRS;
+static const unsigned long HDR_KVM_SET_XCRS;
+static const unsigned long HDR_KVM_SET_TSC_KHZ;
+static const unsigned long HDR_KVM_GET_TSC_KHZ;
+static const unsigned long HDR_KVM_GET_XSAVE2;
+static const unsigned long HDR_KVM_GET_SREGS2;
+static const unsigned long HDR_KVM_SET_SREGS2;
 uint64_t kvmfw_x86_rdtsc(void);
 """
 
@@ -110,6 +144,39 @@ SOURCE = r"""
 #include <stdint.h>
 #include <linux/kvm.h>
 #include <asm/bootparam.h>
+static const unsigned long HDR_KVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+static const unsigned long HDR_KVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long HDR_KVM_GET_MSR_FEATURE_INDEX_LIST = KVM_GET_MSR_FEATURE_INDEX_LIST;
+static const unsigned long HDR_KVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+static const unsigned long HDR_KVM_GET_REGS = KVM_GET_REGS;
+static const unsigned long HDR_KVM_SET_REGS = KVM_SET_REGS;
+static const unsigned long HDR_KVM_GET_SREGS = KVM_GET_SREGS;
+static const unsigned long HDR_KVM_SET_SREGS = KVM_SET_SREGS;
+static const unsigned long HDR_KVM_TRANSLATE = KVM_TRANSLATE;
+static const unsigned long HDR_KVM_INTERRUPT = KVM_INTERRUPT;
+static const unsigned long HDR_KVM_GET_MSRS = KVM_GET_MSRS;
+static const unsigned long HDR_KVM_SET_MSRS = KVM_SET_MSRS;
+static const unsigned long HDR_KVM_GET_FPU = KVM_GET_FPU;
+static const unsigned long HDR_KVM_SET_FPU = KVM_SET_FPU;
+static const unsigned long HDR_KVM_GET_LAPIC = KVM_GET_LAPIC;
+static const unsigned long HDR_KVM_SET_LAPIC = KVM_SET_LAPIC;
+static const unsigned long HDR_KVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long HDR_KVM_GET_CPUID2 = KVM_GET_CPUID2;
+static const unsigned long HDR_KVM_GET_MP_STATE = KVM_GET_MP_STATE;
+static const unsigned long HDR_KVM_SET_MP_STATE = KVM_SET_MP_STATE;
+static const unsigned long HDR_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long HDR_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+static const unsigned long HDR_KVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long HDR_KVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long HDR_KVM_GET_XSAVE = KVM_GET_XSAVE;
+static const unsigned long HDR_KVM_SET_XSAVE = KVM_SET_XSAVE;
+static const unsigned long HDR_KVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long HDR_KVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long HDR_KVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
+static const unsigned long HDR_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+static const unsigned long HDR_KVM_GET_XSAVE2 = KVM_GET_XSAVE2;
+static const unsigned long HDR_KVM_GET_SREGS2 = KVM_GET_SREGS2;
+static const unsigned long HDR_KVM_SET_SREGS2 = KVM_SET_SREGS2;
 static uint64_t kvmfw_x86_rdtsc(void) {
     uint32_t lo, hi;
     __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));

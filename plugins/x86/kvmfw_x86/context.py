@@ -7,7 +7,8 @@ Groups (and the ioctls that move them): ``regs`` (GPRs, RIP, RFLAGS: ``KVM_*_REG
 ``KVM_GET_MSR_INDEX_LIST`` that reads back), ``debugregs`` and ``events`` (pending/injected
 exception, interrupt, NMI, interrupt shadow, SIPI vector).
 
-Sync is lazy per group: after KVM ran a group is *stale* and is fetched on the first read
+Sync is lazy per group: after KVM ran (the context compares the vCPU's exit and
+half-entry counters, so even a context held across a run never serves stale values) a group is *stale* and is fetched on the first read
 of one of its registers; a write marks only its group dirty, and a push moves only dirty
 groups (and only the MSRs that changed). So an exit handler that reads RIP costs one
 ``KVM_GET_REGS``, not a pull of XSAVE and 40 MSRs. ``eager=True`` gives gem5's
@@ -146,6 +147,9 @@ class X86Context:
     # --- group bookkeeping -------------------------------------------------------------
 
     def _need(self, group: str) -> None:
+        st = self.cpu.stats
+        if (st.vm_exits, st.vm_half_entries) != self._run_key:
+            self.invalidate()  # KVM ran since we last looked, even if nobody pulled
         if not self._valid[group]:
             self.fetch(group)
 
@@ -594,13 +598,11 @@ class X86Context:
 
 def _reg_property(group: str, struct_attr: str, field: str) -> property:
     def get(self: X86Context) -> int:
-        if not self._valid[group]:
-            self.fetch(group)
+        self._need(group)
         return int(getattr(getattr(self, struct_attr), field))
 
     def set_(self: X86Context, value: int) -> None:
-        if not self._valid[group]:
-            self.fetch(group)
+        self._need(group)
         setattr(getattr(self, struct_attr), field, value & 0xFFFFFFFFFFFFFFFF)
         self._dirty[group] = True
         self.cpu.mark_context_dirty()

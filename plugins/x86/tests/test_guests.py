@@ -1,0 +1,101 @@
+"""Real guests in each mode compute and report a known result; loaders set the entry state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import GUESTS, requires_kvm
+from kvmfw.device import Range
+from kvmfw.errors import TripleFaultError
+
+from kvmfw_x86 import loaders
+from kvmfw_x86.plugin import GUESTS as EMBEDDED
+
+pytestmark = [requires_kvm, pytest.mark.kvm]
+
+
+def test_real_mode_flat_binary(machine_factory) -> None:
+    m, rep = machine_factory()
+    loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": 0x7C00})
+    m.cpus[0].get_context().rbx = 41  # host write the guest reads
+    r = m.run(timeout=10)
+    assert r.reason == "reporter: guest done"
+    assert rep.values == [5050, 42]
+    assert m.cpus[0].get_context().mode == "real"
+
+
+def test_protected_mode_elf32(machine_factory) -> None:
+    m, rep = machine_factory()
+    loaders.load(m, str(GUESTS / "prot32.elf"), {})
+    m.run(timeout=10)
+    assert rep.values[0] == 3628800  # 10!
+    assert rep.values[1] == loaders.SEL_CODE
+    assert rep.values[2] & 1  # CR0.PE
+    assert not rep.values[2] & (1 << 31)  # paging off
+
+
+def test_long_mode_elf64(machine_factory) -> None:
+    m, rep = machine_factory()
+    loaders.load(m, str(GUESTS / "long64.elf"), {})
+    m.run(timeout=10)
+    assert rep.values[0] | rep.values[1] << 32 == 1548008755920  # fib(60)
+    assert rep.values[2] & loaders.CR4_PAE
+    assert m.cpus[0].get_context().mode == "long64"
+
+
+def test_multiboot_like_qemu(machine_factory, tmp_path: Path) -> None:
+    mod = tmp_path / "module.bin"
+    mod.write_bytes(b"\x78\x56\x34\x12" + b"payload")
+    m, rep = machine_factory(memory=64 << 20)
+    image = str(GUESTS / "multiboot.elf")
+    loaders.load(m, image, {"cmdline": "console=ttyS0 x=1", "initrd": f"{mod} modarg"})
+    ctx = m.cpus[0].get_context()
+    assert ctx.mode == "protected32" and not ctx.cr0 & (1 << 31) and not ctx.rflags & 0x200
+    m.run(timeout=10)
+    v = rep.values
+    assert v[0] == 0x2BADB002 and v[1] == loaders.MBI_ADDR
+    assert v[2] == 0x24F  # mem, boot device, cmdline, mods, mmap, boot loader name
+    assert v[3] == 640 and v[4] == (64 << 10) - 1024
+    assert v[5] == sum(f"{image} console=ttyS0 x=1".encode())  # QEMU's "<file> <cmdline>"
+    assert v[6] == 1 and v[7] == 0x12345678  # module 0 = --initrd
+    assert v[8] == 4 * 24 and v[9] == 1  # e820-style map, first entry RAM
+    mbi = m.memory.read(loaders.MBI_ADDR, 0x58)
+    mods_addr = int.from_bytes(mbi[24:28], "little")
+    mod_cmd = int.from_bytes(m.memory.read(mods_addr + 8, 4), "little")
+    assert m.memory.read(mod_cmd, len(f"{mod} modarg")) == f"{mod} modarg".encode()
+
+
+class FakeUart:
+    """LSR always says 'transmitter empty'; bytes written to THR are collected."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\x60" if offset == 5 else b"\0"
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == 0:
+            self.out += data
+
+
+def test_default_guest_prints_and_exits(machine_factory) -> None:
+    m, _ = machine_factory()
+    uart = FakeUart()
+    m.map_device(Range("pio", 0x3F8, 8, "uart"), uart)
+    path = m.hooks.call("default_guest", machine=m)
+    assert Path(path).is_relative_to(EMBEDDED)
+    assert m.hooks.call("load_guest", machine=m, image=path, options={"cmdline": "quiet"})
+    r = m.run(timeout=20)
+    assert r.status == 0
+    text = uart.out.decode()
+    assert "Hello from kvmfw" in text and "quiet" in text and "exiting" in text
+
+
+def test_triple_fault_ends_the_run_with_a_dump(machine_factory) -> None:
+    m, _ = machine_factory()
+    loaders.load(m, str(GUESTS / "triple.elf"), {})
+    with pytest.raises(TripleFaultError) as ei:
+        m.run(timeout=10)
+    assert "long64 mode" in ei.value.dump and "code at rip: f7 f1" in ei.value.dump
