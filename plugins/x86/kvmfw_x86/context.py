@@ -231,21 +231,25 @@ class X86Context:
 
     def _push_msrs(self, all_msrs: bool) -> None:
         todo = list(self._msrs) if all_msrs else sorted(self._msr_dirty)
-        if not todo:
-            return
         hdr_size = ffi.sizeof("struct kvm_msrs")
-        buf = ffi.new("uint8_t[]", hdr_size + len(todo) * ffi.sizeof("struct kvm_msr_entry"))
-        ffi.cast("struct kvm_msrs *", buf).nmsrs = len(todo)
-        e = ffi.cast("struct kvm_msr_entry *", buf + hdr_size)
-        for i, m in enumerate(todo):
-            e[i].index = m
-            e[i].data = self._msrs[m]
-        done = self.cpu.vcpu.ioctl(X.KVM_SET_MSRS, addr(buf))
-        if done != len(todo):  # gem5 ignores this; a silent partial write corrupts state
+        esize = ffi.sizeof("struct kvm_msr_entry")
+        while todo:
+            buf = ffi.new("uint8_t[]", hdr_size + len(todo) * esize)
+            ffi.cast("struct kvm_msrs *", buf).nmsrs = len(todo)
+            e = ffi.cast("struct kvm_msr_entry *", buf + hdr_size)
+            for i, m in enumerate(todo):
+                e[i].index = m
+                e[i].data = self._msrs[m]
+            done = self.cpu.vcpu.ioctl(X.KVM_SET_MSRS, addr(buf))
+            if done == len(todo):
+                break
             bad = todo[done]
-            raise KvmError("KVM_SET_MSRS", 22,
-                           f"KVM refused MSR {bad:#x} = {self._msrs[bad]:#x} "
-                           f"({done} of {len(todo)} written)")
+            if bad in self._msr_dirty:
+                # gem5 ignores a partial write; a silently dropped MSR corrupts the guest
+                raise KvmError("KVM_SET_MSRS", 22,
+                               f"KVM refused MSR {bad:#x} = {self._msrs[bad]:#x} "
+                               f"({done} of {len(todo)} written)")
+            todo = todo[done + 1:]  # an unchanged MSR KVM will not take back: keep going
         self._msr_dirty.clear()
 
     # --- the hooks' entry points -------------------------------------------------------------
@@ -586,7 +590,7 @@ class X86Context:
         for k, v in state["xcrs"].items():
             self.set_xcr(int(k), v)
         for k, v in state["msrs"].items():
-            if int(k, 16) in self._msrs:
+            if self._msrs.get(int(k, 16), v) != v:
                 self.set_msr(int(k, 16), v)
         for n, v in zip((0, 1, 2, 3, 6, 7), state["debugregs"], strict=True):
             self.set_dr(n, v)
