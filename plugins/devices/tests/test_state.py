@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -43,6 +44,12 @@ MUTATIONS: dict[str, list[Access]] = {
     "fw-cfg": [w2(0, 0x0001, 2)],
     "cmos-rtc": w(0, 0x40) + w(1, 0x99) + w(0, 0x8B) + w(1, 0x46),
     "i8042": w(4, 0x60) + w(0, 0x45) + w(4, 0xD2) + w(0, 0x99),
+    "pci-host": [],  # configured through config space: see CONFIG_MUTATIONS
+}
+# Devices whose state changes through another path than their bus range.
+CONFIG_MUTATIONS: dict[str, Callable[[Any], None]] = {
+    "pci-host": lambda d: (d.config_write(0, 0, 0, 0x04, 2, 0x0006),
+                           d.config_write(0, 0, 0, 0x3C, 1, 10)),
 }
 # Reads that change state too (fw_cfg's data offset moves on reads).
 MUTATING_READS: dict[str, list[tuple[int, int]]] = {"fw-cfg": [(1, 1), (1, 1)]}
@@ -64,6 +71,8 @@ def mutate(name: str, dev: Device) -> None:
         dev.write(offset, data)
     for offset, size in MUTATING_READS.get(name, []):
         dev.read(offset, size)
+    if name in CONFIG_MUTATIONS:
+        CONFIG_MUTATIONS[name](dev)
 
 
 def probe(dev: Device) -> list[bytes]:
@@ -108,6 +117,7 @@ def test_save_restore_round_trip(name: str) -> None:
 def test_stats_are_counters(name: str) -> None:
     dev, _ = build(name)
     mutate(name, dev)
+    dev.write(0, b"\0")
     dev.read(0, 1)
     assert all(isinstance(v, int) for v in dev.stats.values())
     assert dev.stats["writes"] >= 1 and dev.stats["reads"] >= 1
