@@ -7,9 +7,9 @@ Groups (and the ioctls that move them): ``regs`` (GPRs, RIP, RFLAGS: ``KVM_*_REG
 ``KVM_GET_MSR_INDEX_LIST`` that reads back), ``debugregs`` and ``events`` (pending/injected
 exception, interrupt, NMI, interrupt shadow, SIPI vector).
 
-Sync is lazy per group: after KVM ran (the context compares the vCPU's exit and
-half-entry counters, so even a context held across a run never serves stale values) a group is *stale* and is fetched on the first read
-of one of its registers; a write marks only its group dirty, and a push moves only dirty
+Sync is lazy per group: after KVM ran a group is *stale* and is fetched on the first read
+of one of its registers (the context compares the vCPU's exit and half-entry counters, so
+even a context held across a run never serves stale values); a write marks only its group dirty, and a push moves only dirty
 groups (and only the MSRs that changed). So an exit handler that reads RIP costs one
 ``KVM_GET_REGS``, not a pull of XSAVE and 40 MSRs. ``eager=True`` gives gem5's
 all-or-nothing behaviour (for comparison and benchmarks).

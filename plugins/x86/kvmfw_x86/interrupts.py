@@ -50,7 +50,7 @@ class UserspaceInterrupts:
         run = cpu.vcpu.run
         if self.nmis.get(cpu.id):
             self.nmis[cpu.id] -= 1
-            cpu.vcpu.ioctl(X.KVM_NMI)
+            cpu.vcpu.nmi()
             self.delivered.append((cpu.id, 2))
         q = self.pending.get(cpu.id)
         if q and run.ready_for_interrupt_injection and run.if_flag:
