@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvmfw_armv8.testing import arm64_kvm_unavailable_reason
 
 _REASON = arm64_kvm_unavailable_reason()

@@ -1,0 +1,584 @@
+"""The ARMv8 hook implementations (entry point ``kvmfw.arch: armv8``).
+
+Per-machine state (vGIC, board configuration, secondary vCPUs waiting for PSCI CPU_ON) is
+an :class:`ArmBoard` kept beside the machine; per-vCPU state (feature set, register list)
+an :class:`ArmCpuState`.
+
+Order of events: ``memory_layout`` (RAM at 1 GiB) -> ``machine_configure`` (create the
+vGIC and set its addresses: KVM needs the device before the vCPUs) -> per vCPU
+``vcpu_init`` (``KVM_ARM_PREFERRED_TARGET``, ``KVM_ARM_VCPU_INIT`` with PSCI 0.2 and the
+requested features; secondaries start powered off) and ``create_thread_context`` ->
+devices -> ``machine_created`` (vGIC ``CTRL_INIT`` once every vCPU exists, then the
+PMU's interrupt and init) -> ``load_guest``.
+
+PSCI is handled by the kernel. A secondary vCPU stays idle in kvmfw until the kernel
+reports it runnable (``KVM_GET_MP_STATE`` after a CPU_ON), checked after each run;
+SYSTEM_OFF and SYSTEM_RESET arrive as ``KVM_EXIT_SYSTEM_EVENT`` and end the run in the core.
+"""
+
+from __future__ import annotations
+
+import errno
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvmfw.abi import IOCTLS, address_of, ffi, ioctl
+from kvmfw.device import CallbackIrqLine, IrqLine
+from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
+from kvmfw.hookspecs import SyncLevel, hookimpl
+from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs
+from kvmfw_armv8.context import ArmV8Context, Group
+
+if TYPE_CHECKING:
+    from kvmfw.cpu import KvmCPU
+    from kvmfw.machine import Machine
+    from kvmfw.vm import KvmDevice
+
+__all__ = ["KVMFW_PLUGIN_API", "ArmFeatureError", "ArmBoard", "ArmCpuState", "board_of"]
+
+_EXIT_INTR = 10  # KVM_EXIT_INTR
+
+
+class ArmFeatureError(KvmfwError):
+    """A requested vCPU feature (PMUv3, SVE, pointer auth, EL1_32BIT, GIC) is not offered
+    by this kernel or host CPU."""
+
+    exit_status = 8
+
+    def __init__(self, feature: str, detail: str) -> None:
+        self.feature = feature
+        super().__init__(f"arm64 feature {feature!r} is not available: {detail}")
+
+
+class RegisterSyncError(KvmfwError):
+    """KVM refused to set one or more registers (names every one, unlike gem5's panic)."""
+
+    def __init__(self, failures: list[tuple[str, KvmError]]) -> None:
+        self.failures = failures
+        shown = "; ".join(f"{n}: {e.errno and errno.errorcode.get(e.errno, e.errno)}"
+                          for n, e in failures[:8])
+        more = f" and {len(failures) - 8} more" if len(failures) > 8 else ""
+        super().__init__(f"KVM_SET_ONE_REG failed for {len(failures)} register(s): {shown}{more}")
+
+
+@dataclass
+class ArmCpuState:
+    """What the plugin knows about one vCPU."""
+
+    index: int
+    target: int = -1
+    features: int = 0
+    mpidr: int = 0
+    reg_ids: list[int] = field(default_factory=list)
+    other_ids: list[int] = field(default_factory=list)
+    """Reg-list ids outside the core groups (system, firmware, demux, SVE, unknown)."""
+    sve: bool = False
+
+
+@dataclass
+class ArmBoard:
+    """The ARMv8 side of one machine."""
+
+    config: board.BoardConfig
+    gic: str = "none"
+    vgic: KvmDevice | None = None
+    layout2: bool = False
+    cpus: dict[int, ArmCpuState] = field(default_factory=dict)
+    waiting: list[KvmCPU] = field(default_factory=list)
+    """Secondary vCPUs powered off in KVM, activated when PSCI CPU_ON makes them runnable."""
+    dtb_addr: int | None = None
+    dtb: bytes = b""
+    initrd: tuple[int, int] | None = None
+    vgic_ready: bool = False
+
+
+_BOARDS: weakref.WeakKeyDictionary[Any, ArmBoard] = weakref.WeakKeyDictionary()
+
+
+def board_of(machine: Machine) -> ArmBoard:
+    """The :class:`ArmBoard` of ``machine`` (created on first use)."""
+    b = _BOARDS.get(machine)
+    if b is None:
+        b = ArmBoard(board.BoardConfig.from_options(machine.config.options))
+        _BOARDS[machine] = b
+    return b
+
+
+def _vm_ioctl(machine: Machine, request: int, buf: Any = None, detail: str = "") -> int:
+    assert machine.vm is not None
+    return ioctl(machine.vm.fd, request, address_of(buf) if buf is not None else 0, detail)
+
+
+# --- lifecycle -----------------------------------------------------------------------
+
+@hookimpl
+def arch_name() -> str:
+    return "armv8"
+
+
+@hookimpl
+def memory_layout(machine: Machine, size: int) -> list[tuple[int, int, str]]:
+    """RAM at 1 GiB, as on QEMU's virt board."""
+    return [(board.RAM_BASE, size, "ram")]
+
+
+@hookimpl
+def machine_configure(machine: Machine) -> None:
+    """Create the in-kernel vGIC (v3 by default) and set its addresses."""
+    b = board_of(machine)
+    vm = machine.vm
+    assert vm is not None
+    b.layout2 = vm.check_extension(abi.KVM_CAP_ARM_IRQ_LINE_LAYOUT_2) > 0
+    want = b.config.gic
+    if want == "none":
+        b.gic = "none"
+        return
+    ncpus = machine.config.cpus
+    order = ["v3", "v2"] if want == "auto" else [want]
+    last: KvmError | None = None
+    for kind in order:
+        limit = board.MAX_CPUS_GICV3 if kind == "v3" else board.MAX_CPUS_GICV2
+        if ncpus > limit:
+            raise ConfigError(f"GIC{kind} on this board supports at most {limit} vCPUs")
+        try:
+            dev = vm.create_device(abi.KVM_DEV_TYPE_ARM_VGIC_V3 if kind == "v3"
+                                   else abi.KVM_DEV_TYPE_ARM_VGIC_V2)
+        except KvmError as exc:
+            last = exc
+            continue
+        grp = abi.KVM_DEV_ARM_VGIC_GRP_ADDR
+        if kind == "v3":
+            dev.set_attr(grp, abi.KVM_VGIC_V3_ADDR_TYPE_DIST, board.GICD_BASE)
+            dev.set_attr(grp, abi.KVM_VGIC_V3_ADDR_TYPE_REDIST, board.GICR_BASE)
+        else:
+            dev.set_attr(grp, abi.KVM_VGIC_V2_ADDR_TYPE_DIST, board.GICD_BASE)
+            dev.set_attr(grp, abi.KVM_VGIC_V2_ADDR_TYPE_CPU, board.GICC_BASE)
+        dev.set_attr(abi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, board.NR_IRQS, size=4)
+        vm.enable_kernel_irqchip()
+        b.gic, b.vgic = kind, dev
+        return
+    raise ArmFeatureError(f"gic {want}", f"KVM_CREATE_DEVICE failed ({last}); this host "
+                          "has no such in-kernel GIC (try gic=auto or gic=none)")
+
+
+_FEATURE_BITS = {
+    "pmu": ([abi.KVM_ARM_VCPU_PMU_V3], [abi.KVM_CAP_ARM_PMU_V3], "KVM_CAP_ARM_PMU_V3"),
+    "sve": ([abi.KVM_ARM_VCPU_SVE], [abi.KVM_CAP_ARM_SVE], "KVM_CAP_ARM_SVE"),
+    "pauth": ([abi.KVM_ARM_VCPU_PTRAUTH_ADDRESS, abi.KVM_ARM_VCPU_PTRAUTH_GENERIC],
+              [abi.KVM_CAP_ARM_PTRAUTH_ADDRESS, abi.KVM_CAP_ARM_PTRAUTH_GENERIC],
+              "KVM_CAP_ARM_PTRAUTH_ADDRESS/GENERIC"),
+    "el1_32bit": ([abi.KVM_ARM_VCPU_EL1_32BIT], [abi.KVM_CAP_ARM_EL1_32BIT],
+                  "KVM_CAP_ARM_EL1_32BIT"),
+}
+
+
+def feature_word(cpu: KvmCPU, features: frozenset[str], psci: bool, power_off: bool) -> int:
+    """features[0] of ``kvm_vcpu_init``; raises :class:`ArmFeatureError` for a feature
+    whose capability the kernel does not report."""
+    vm = cpu.machine.vm
+    assert vm is not None
+    word = (1 << abi.KVM_ARM_VCPU_PSCI_0_2) if psci else 0
+    if power_off:
+        word |= 1 << abi.KVM_ARM_VCPU_POWER_OFF
+    for name in sorted(features):
+        bits, caps, capname = _FEATURE_BITS[name]
+        if not all(vm.check_extension(c) > 0 for c in caps):
+            raise ArmFeatureError(name, f"the kernel does not report {capname}")
+        for bit in bits:
+            word |= 1 << bit
+    if psci and vm.check_extension(abi.KVM_CAP_ARM_PSCI_0_2) <= 0:
+        raise ArmFeatureError("psci", "the kernel does not report KVM_CAP_ARM_PSCI_0_2")
+    return word
+
+
+@hookimpl
+def vcpu_init(cpu: KvmCPU) -> None:
+    """``KVM_ARM_PREFERRED_TARGET`` + ``KVM_ARM_VCPU_INIT``; SVE finalisation; MPIDR."""
+    machine = cpu.machine
+    b = board_of(machine)
+    st = ArmCpuState(index=cpu.id)
+    buf = ffi.new("uint8_t[]", abi.VCPU_INIT.size)
+    _vm_ioctl(machine, abi.KVM_ARM_PREFERRED_TARGET, buf)
+    target = abi.VCPU_INIT.unpack(ffi.buffer(buf))[0]
+    word = feature_word(cpu, b.config.features, b.config.psci,
+                        power_off=cpu.id != 0 and b.config.psci)
+    init = ffi.new("uint8_t[]", abi.VCPU_INIT.pack(target, word, 0, 0, 0, 0, 0, 0))
+    try:
+        cpu.vcpu.ioctl(abi.KVM_ARM_VCPU_INIT, address_of(init), f"features {word:#x}")
+    except KvmError as exc:
+        if b.config.features and exc.errno == errno.EINVAL:
+            raise ArmFeatureError(",".join(sorted(b.config.features)),
+                                  f"KVM_ARM_VCPU_INIT refused the feature set ({exc})") from exc
+        raise
+    if "sve" in b.config.features:
+        fin = ffi.new("int *", abi.KVM_ARM_VCPU_SVE)
+        cpu.vcpu.ioctl(abi.KVM_ARM_VCPU_FINALIZE, address_of(fin), "SVE")
+        st.sve = True
+    st.target, st.features = target, word
+    st.mpidr = cpu.vcpu.get_one_reg(regs.MPIDR_EL1) & 0xFF00FFFFFF
+    st.reg_ids = cpu.vcpu.reg_list()
+    st.other_ids = [r for r in st.reg_ids if r not in regs.CORE_IDS]
+    b.cpus[cpu.id] = st
+    if word & (1 << abi.KVM_ARM_VCPU_POWER_OFF):
+        b.waiting.append(cpu)
+
+
+@hookimpl
+def machine_created(machine: Machine) -> None:
+    """vGIC ``CTRL_INIT`` (needs every vCPU) and the PMU's interrupt per vCPU."""
+    b = board_of(machine)
+    if b.vgic is not None and not b.vgic_ready:
+        b.vgic.set_attr(abi.KVM_DEV_ARM_VGIC_GRP_CTRL, abi.KVM_DEV_ARM_VGIC_CTRL_INIT)
+        b.vgic_ready = True
+    if "pmu" in b.config.features:
+        for cpu in machine.cpus:
+            if b.vgic is not None:
+                _vcpu_set_attr(cpu, abi.KVM_ARM_VCPU_PMU_V3_CTRL, abi.KVM_ARM_VCPU_PMU_V3_IRQ,
+                               ffi.new("int *", abi.PMU_PPI))
+            _vcpu_set_attr(cpu, abi.KVM_ARM_VCPU_PMU_V3_CTRL, abi.KVM_ARM_VCPU_PMU_V3_INIT,
+                           None)
+
+
+def _vcpu_set_attr(cpu: KvmCPU, group: int, attr: int, buf: Any) -> None:
+    a = ffi.new("struct kvm_device_attr *")
+    a.group, a.attr = group, attr
+    a.addr = address_of(buf) if buf is not None else 0
+    cpu.vcpu.ioctl(IOCTLS.KVM_SET_DEVICE_ATTR, address_of(a), f"vcpu attr {group}/{attr}")
+
+
+@hookimpl
+def default_devices(machine: Machine) -> list[str]:
+    """PL011 console and the pseudo-op window (from kvmfw-devices)."""
+    return [f"pl011,base={board.UART_BASE:#x},irq={board.UART_SPI}",
+            f"pseudo-op,base={board.PSEUDO_OP_BASE:#x}"]
+
+
+# --- interrupts --------------------------------------------------------------------------
+
+def spi_line_number(machine: Machine, spi: int) -> int:
+    """``KVM_IRQ_LINE`` number of SPI ``spi`` (0-based, as in device-tree cells)."""
+    return abi.irq_line_number(abi.KVM_ARM_IRQ_TYPE_SPI, abi.GIC_SPI_BASE + spi)
+
+
+def ppi_line_number(machine: Machine, vcpu: int, intid: int) -> int:
+    """``KVM_IRQ_LINE`` number of PPI ``intid`` (16..31) of vCPU ``vcpu``."""
+    return abi.irq_line_number(abi.KVM_ARM_IRQ_TYPE_PPI, intid, vcpu, board_of(machine).layout2)
+
+
+def cpu_line_number(machine: Machine, vcpu: int, fiq: bool = False) -> int:
+    """``KVM_IRQ_LINE`` number of a vCPU's IRQ (or FIQ) input (no in-kernel GIC)."""
+    return abi.irq_line_number(abi.KVM_ARM_IRQ_TYPE_CPU,
+                               abi.KVM_ARM_IRQ_CPU_FIQ if fiq else abi.KVM_ARM_IRQ_CPU_IRQ,
+                               vcpu, board_of(machine).layout2)
+
+
+@hookimpl
+def irq_line(machine: Machine, number: int) -> IrqLine:
+    """Platform input ``number`` is SPI ``number`` (INTID 32 + number) on the vGIC; without
+    a GIC every input drives vCPU 0's IRQ line."""
+    vm = machine.vm
+    assert vm is not None
+    b = board_of(machine)
+    line = (spi_line_number(machine, number) if b.gic != "none"
+            else cpu_line_number(machine, 0))
+    return CallbackIrqLine(lambda level: vm.set_irq_line(line, level))
+
+
+@hookimpl
+def post_run(cpu: KvmCPU, exit_reason: int) -> None:
+    """Bring up secondaries that PSCI CPU_ON made runnable; park ones that did CPU_OFF."""
+    b = board_of(cpu.machine)
+    if b.waiting:
+        for other in list(b.waiting):
+            if other is not cpu and mp_state(other) == abi.KVM_MP_STATE_RUNNABLE:
+                b.waiting.remove(other)
+                other.activate()
+    if exit_reason == _EXIT_INTR and cpu.id != 0 and cpu not in b.waiting \
+            and mp_state(cpu) == abi.KVM_MP_STATE_STOPPED:
+        b.waiting.append(cpu)
+        cpu.suspend()
+
+
+def mp_state(cpu: KvmCPU) -> int:
+    """``KVM_GET_MP_STATE`` of a vCPU (RUNNABLE, STOPPED, ...)."""
+    buf = ffi.new("uint32_t *")
+    cpu.vcpu.ioctl(abi.KVM_GET_MP_STATE, address_of(buf))
+    return int(buf[0])
+
+
+_EVENTS_SIZE = 64
+KVM_GET_VCPU_EVENTS = None
+
+
+@hookimpl
+def arch_is_drained(cpu: KvmCPU) -> bool:
+    """True when KVM holds no pending SError or external abort for the vCPU (interrupts
+    pending in the vGIC are device state, saved with it)."""
+    global KVM_GET_VCPU_EVENTS
+    if KVM_GET_VCPU_EVENTS is None:
+        from kvmfw.abi import IOC_READ, define_ioctl
+        KVM_GET_VCPU_EVENTS = define_ioctl("KVM_GET_VCPU_EVENTS", IOC_READ, 0x9F, _EVENTS_SIZE)
+    buf = ffi.new("uint8_t[]", _EVENTS_SIZE)
+    try:
+        cpu.vcpu.ioctl(KVM_GET_VCPU_EVENTS, address_of(buf))
+    except KvmError:
+        return True
+    raw = bytes(ffi.buffer(buf))
+    return not (raw[0] or raw[2])  # serror_pending, ext_dabt_pending
+
+
+# --- thread context -----------------------------------------------------------------------
+
+def cpu_state(cpu: KvmCPU) -> ArmCpuState:
+    st = board_of(cpu.machine).cpus.get(cpu.id)
+    if st is None:
+        raise StateError(f"vCPU {cpu.id} was not initialised by the armv8 plugin")
+    return st
+
+
+@hookimpl
+def create_thread_context(cpu: KvmCPU) -> ArmV8Context:
+    """An empty context; the first read pulls it from KVM."""
+    return ArmV8Context(on_change=cpu.mark_context_dirty)
+
+
+def pull(cpu: KvmCPU, ctx: ArmV8Context, groups: Group) -> None:
+    """Read ``groups`` from KVM into ``ctx`` (no dirty marking)."""
+    get = cpu.vcpu.get_one_reg
+    st = cpu_state(cpu)
+    if groups & Group.GPR:
+        ctx.load_list("x", [get(r) for r in regs.X_IDS])
+        ctx.load_scalar("sp_el0", get(regs.SP_EL0_ID))
+        ctx.load_scalar("pc", get(regs.PC_ID))
+        ctx.load_scalar("pstate", get(regs.PSTATE_ID))
+    if groups & Group.EL1:
+        ctx.load_scalar("sp_el1", get(regs.SP_EL1_ID))
+        ctx.load_scalar("elr_el1", get(regs.ELR_EL1_ID))
+        ctx.load_list("spsr", [get(r) for r in regs.SPSR_IDS])
+    if groups & Group.FP:
+        if not st.sve:
+            ctx.load_list("v", [get(r) for r in regs.V_IDS])
+        ctx.load_scalar("fpsr", get(regs.FPSR_ID))
+        ctx.load_scalar("fpcr", get(regs.FPCR_ID))
+    if groups & Group.SYS:
+        values = {}
+        for rid in st.other_ids:
+            try:
+                values[rid] = get(rid)
+            except KvmError:  # listed but not readable now: keep the id, value unknown
+                continue
+        ctx.sysregs.load(values)
+    ctx.set_valid(groups)
+
+
+def push(cpu: KvmCPU, ctx: ArmV8Context, groups: Group, everything: bool = False) -> None:
+    """Write ``groups`` of ``ctx`` to KVM. System registers: only the assigned ones, or all
+    but the self-moving counters with ``everything``. Errors name every failed register."""
+    st = cpu_state(cpu)
+    put = cpu.vcpu.set_one_reg
+    failures: list[tuple[str, KvmError]] = []
+
+    def write(rid: int, value: int) -> None:
+        try:
+            put(rid, value)
+        except KvmError as exc:
+            failures.append((regs.name_of(rid), exc))
+
+    if groups & Group.SYS and ctx.valid & Group.SYS:
+        ids = (list(ctx.sysregs) if everything else list(ctx.dirty_sysregs))
+        for rid in ids:
+            if everything and rid in regs.VOLATILE_IDS and rid not in ctx.dirty_sysregs:
+                continue
+            if rid in ctx.sysregs:
+                write(rid, ctx.sysregs[rid])
+    if groups & Group.EL1 and ctx.valid & Group.EL1:
+        write(regs.SP_EL1_ID, ctx.sp_el1)
+        write(regs.ELR_EL1_ID, ctx.elr_el1)
+        for rid, val in zip(regs.SPSR_IDS, ctx.spsr, strict=True):
+            write(rid, val)
+    if groups & Group.FP and ctx.valid & Group.FP:
+        if not st.sve:
+            for rid, val in zip(regs.V_IDS, ctx.v, strict=True):
+                write(rid, val)
+        write(regs.FPSR_ID, ctx.fpsr)
+        write(regs.FPCR_ID, ctx.fpcr)
+    if groups & Group.GPR and ctx.valid & Group.GPR:
+        for rid, val in zip(regs.X_IDS, ctx.x, strict=True):
+            write(rid, val)
+        write(regs.SP_EL0_ID, ctx.sp_el0)
+        write(regs.PSTATE_ID, ctx.pstate)
+        write(regs.PC_ID, ctx.pc)
+    ctx.clean(groups)
+    if failures:
+        raise RegisterSyncError(failures)
+
+
+def _groups_for(level: SyncLevel) -> Group:
+    if level >= SyncLevel.RESET:
+        return Group.ALL
+    return Group.GPR | Group.EL1
+
+
+@hookimpl
+def update_thread_context(cpu: KvmCPU, context: ArmV8Context, level: SyncLevel) -> bool:
+    """Pull: RUNTIME reads the general and EL1 groups; RESET/FULL read everything."""
+    pull(cpu, context, _groups_for(level))
+    return True
+
+
+@hookimpl
+def update_kvm_state(cpu: KvmCPU, context: ArmV8Context, level: SyncLevel) -> bool:
+    """Push the dirty groups; FULL pushes every valid group (all system registers)."""
+    if level >= SyncLevel.FULL:
+        push(cpu, context, Group.ALL, everything=True)
+    else:
+        push(cpu, context, context.dirty)
+    return True
+
+
+@hookimpl
+def save_arch_state(cpu: KvmCPU) -> dict[str, Any]:
+    ctx = cpu.get_context(SyncLevel.FULL)
+    return {"arch": "armv8", "mpidr": cpu_state(cpu).mpidr, "context": ctx.as_dict()}
+
+
+@hookimpl
+def restore_arch_state(cpu: KvmCPU, state: dict[str, Any]) -> bool:
+    """Load a saved context: system registers first, then EL1, FP, general registers."""
+    if state.get("arch") != "armv8":
+        raise StateError(f"not an armv8 vCPU state (arch={state.get('arch')!r})")
+    ctx = cpu.get_context(SyncLevel.FULL)
+    ctx.load_dict(state["context"])
+    push(cpu, ctx, Group.ALL, everything=True)
+    return True
+
+
+# --- state dump --------------------------------------------------------------------------------
+
+PSTATE_MODES = {0x0: "EL0t", 0x4: "EL1t", 0x5: "EL1h", 0x8: "EL2t", 0x9: "EL2h"}
+
+
+def format_pstate(pstate: int) -> str:
+    """``NZCV`` flags, DAIF mask and mode of a PSTATE value."""
+    flags = "".join(c if pstate & (1 << b) else "-" for c, b in
+                    (("N", 31), ("Z", 30), ("C", 29), ("V", 28)))
+    daif = "".join(c if pstate & (1 << b) else "-" for c, b in
+                   (("D", 9), ("A", 8), ("I", 7), ("F", 6)))
+    mode = PSTATE_MODES.get(pstate & 0xF, f"mode{pstate & 0x1F:#x}")
+    if pstate & 0x10:
+        mode = "AArch32"
+    return f"{flags} {daif} {mode}"
+
+
+def format_context(ctx: ArmV8Context, sve: bool = False) -> str:
+    """A readable dump of every group of ``ctx``."""
+    lines = [f"PC {ctx.pc:#018x}  PSTATE {ctx.pstate:#010x} ({format_pstate(ctx.pstate)})"]
+    for i in range(0, 31, 4):
+        lines.append("  ".join(f"X{j:<2} {ctx.x[j]:#018x}" for j in range(i, min(i + 4, 31))))
+    lines.append(f"SP_EL0 {ctx.sp_el0:#018x}  SP_EL1 {ctx.sp_el1:#018x}  "
+                 f"ELR_EL1 {ctx.elr_el1:#018x}")
+    lines.append("  ".join(f"{n} {v:#x}" for n, v in zip(regs.SPSR_BANKS, ctx.spsr,
+                                                          strict=True)))
+    lines.append(f"FPSR {ctx.fpsr:#010x}  FPCR {ctx.fpcr:#010x}")
+    if not sve:
+        for i in range(0, 32, 2):
+            lines.append(f"V{i:<2} {ctx.v[i]:#034x}  V{i + 1:<2} {ctx.v[i + 1]:#034x}")
+    for rid in sorted(ctx.sysregs):
+        info = regs.decode(rid)
+        lines.append(f"{info.name:<24} {ctx.sysregs[rid]:#x}")
+    return "\n".join(lines)
+
+
+@hookimpl
+def dump_state(cpu: KvmCPU) -> str:
+    """Every register group plus the instruction words at the PC."""
+    ctx: ArmV8Context = cpu.context
+    text = format_context(ctx, cpu_state(cpu).sve)
+    try:
+        code = cpu.machine.memory.read(ctx.pc, 16)
+        words = " ".join(f"{int.from_bytes(code[i:i + 4], 'little'):08x}"
+                         for i in range(0, len(code), 4))
+        text += f"\ncode at PC: {words}"
+    except Exception:  # the PC may point outside RAM
+        text += "\ncode at PC: (not in guest RAM)"
+    return text
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _ram(machine: Machine) -> tuple[int, int]:
+    return board.RAM_BASE, machine.config.memory
+
+
+def _write(machine: Machine, addr: int, data: bytes, what: str) -> None:
+    base, size = _ram(machine)
+    if addr < base or addr + len(data) > base + size:
+        raise ImageError(f"{what} ({len(data)} bytes at {addr:#x}) does not fit guest RAM "
+                         f"{base:#x}-{base + size:#x}: give the machine more memory")
+    machine.memory.write(addr, data)
+
+
+def make_dtb(machine: Machine, cmdline: str = "", initrd: tuple[int, int] | None = None,
+             virtio: list[int] | None = None) -> bytes:
+    """The device tree of ``machine`` as booted (memory, vCPUs' MPIDRs, GIC, ...)."""
+    b = board_of(machine)
+    base, size = _ram(machine)
+    names = {getattr(d, "name", "") for d in machine.devices}
+    spec = board.DeviceTreeSpec(
+        ram_base=base, ram_size=size,
+        mpidrs=[b.cpus[c.id].mpidr for c in machine.cpus if c.id in b.cpus],
+        gic=b.gic, cmdline=cmdline, initrd=initrd, uart="pl011" in names or not names,
+        pmu="pmu" in b.config.features, virtio=virtio or [])
+    return board.build_dtb(spec)
+
+
+@hookimpl
+def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
+    """Load an arm64 Image (optionally gzip-compressed), an AArch64 ELF or a flat binary;
+    place the initrd and the generated device tree; set the boot vCPU's entry state."""
+    data = loader.maybe_decompress(Path(image).read_bytes())
+    base, size = _ram(machine)
+    b = board_of(machine)
+    if loader.is_image(data):
+        hdr = loader.parse_image_header(data)
+        entry = loader.image_load_address(hdr, base)
+        _write(machine, entry, data, "kernel Image")
+        end = entry + max(hdr.image_size, len(data))
+    elif loader.is_elf(data):
+        entry, segs = loader.parse_elf(data)
+        end = base
+        for s in segs:
+            _write(machine, s.addr, s.data + bytes(s.memsz - len(s.data)), "ELF segment")
+            end = max(end, s.addr + s.memsz)
+    else:
+        entry = int(options.get("load_addr") or base)
+        _write(machine, entry, data, "flat binary")
+        end = entry + len(data)
+    top = base + size
+    dtb_addr = (top - board_len_2m()) & ~(loader.SZ_2M - 1)
+    initrd = None
+    if options.get("initrd"):
+        rd = Path(options["initrd"]).read_bytes()
+        start = (dtb_addr - len(rd)) & ~0xFFFF
+        if start < end:
+            raise ImageError("the initrd overlaps the kernel: give the machine more memory")
+        _write(machine, start, rd, "initrd")
+        initrd = (start, start + len(rd))
+    dtb = make_dtb(machine, str(options.get("cmdline") or ""), initrd)
+    if len(dtb) > loader.SZ_2M:
+        raise ImageError("the generated device tree exceeds 2 MiB")
+    _write(machine, dtb_addr, dtb, "device tree")
+    b.dtb_addr, b.dtb, b.initrd = dtb_addr, dtb, initrd
+    cpu = machine.cpus[0]
+    ctx: ArmV8Context = cpu.get_context(SyncLevel.RUNTIME)
+    ctx.x[:] = [dtb_addr, 0, 0, 0] + [0] * 27
+    ctx.pstate = loader.PSTATE_EL1H_DAIF
+    ctx.pc = entry
+    return True
+
+
+def board_len_2m() -> int:
+    """Room reserved at the top of RAM for the device tree."""
+    return loader.SZ_2M
