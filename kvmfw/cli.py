@@ -63,6 +63,7 @@ def list_plugins_cmd(as_json: bool, strict: bool) -> None:
         if not infos:
             click.echo("no kvmfw plugins installed (try: pip install ./plugins/x86 "
                        "./plugins/devices)")
+            click.echo(f"\nhost architecture: {host_arch()}")
         else:
             rows = [("NAME", "GROUP", "PACKAGE", "VERSION", "API", "STATUS")]
             rows += [(i.name, i.group, i.package, i.version, i.api or "-", i.status)
