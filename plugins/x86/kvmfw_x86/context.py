@@ -9,10 +9,10 @@ exception, interrupt, NMI, interrupt shadow, SIPI vector).
 
 Sync is lazy per group: after KVM ran a group is *stale* and is fetched on the first read
 of one of its registers (the context compares the vCPU's exit and half-entry counters, so
-even a context held across a run never serves stale values); a write marks only its group dirty, and a push moves only dirty
-groups (and only the MSRs that changed). So an exit handler that reads RIP costs one
-``KVM_GET_REGS``, not a pull of XSAVE and 40 MSRs. ``eager=True`` gives gem5's
-all-or-nothing behaviour (for comparison and benchmarks).
+even a context held across a run never serves stale values); a write marks only its
+group dirty, and a push moves only dirty groups (and only the MSRs that changed). So an
+exit handler that reads RIP costs one ``KVM_GET_REGS``, not a pull of XSAVE and 40
+MSRs. ``eager=True`` gives gem5's all-or-nothing behaviour (for comparison, benchmarks).
 """
 
 from __future__ import annotations
@@ -119,6 +119,41 @@ class X86Context:
     through :meth:`get_msr`/:meth:`set_msr`; vector state through :meth:`xmm`,
     :meth:`ymm`, :meth:`zmm`, :meth:`opmask` and their setters.
     """
+
+    # registers added as properties below (declared here for type checkers)
+    rax: int
+    rbx: int
+    rcx: int
+    rdx: int
+    rsi: int
+    rdi: int
+    rsp: int
+    rbp: int
+    r8: int
+    r9: int
+    r10: int
+    r11: int
+    r12: int
+    r13: int
+    r14: int
+    r15: int
+    rip: int
+    rflags: int
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    cr8: int
+    efer: int
+    apic_base: int
+    cs: Segment
+    ds: Segment
+    es: Segment
+    fs: Segment
+    gs: Segment
+    ss: Segment
+    tr: Segment
+    ldt: Segment
 
     def __init__(self, cpu: KvmCPU, info: CpuInfo, *, eager: bool = False) -> None:
         object.__setattr__(self, "_init", True)

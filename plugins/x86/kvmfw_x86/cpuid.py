@@ -141,7 +141,7 @@ class CpuidModel:
             return None
         if isinstance(opts, str):
             opts = dict(kv.split("=", 1) for kv in opts.split(";") if "=" in kv)
-        mask = opts.get("mask", [])
+        mask: Any = opts.get("mask", [])
         if isinstance(mask, str):
             mask = [m.strip() for m in mask.replace(" ", ",").split(",") if m.strip()]
 
