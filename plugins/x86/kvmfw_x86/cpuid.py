@@ -180,9 +180,9 @@ class CpuidModel:
         if self.brand is not None:
             raw = self.brand.encode()[:47].ljust(48, b"\0")
             for i, leaf in enumerate((0x80000002, 0x80000003, 0x80000004)):
-                e = find(out, leaf)
-                if e is not None:
-                    e.eax, e.ebx, e.ecx, e.edx = struct.unpack_from("<IIII", raw, 16 * i)
+                ent = find(out, leaf)
+                if ent is not None:
+                    ent.eax, ent.ebx, ent.ecx, ent.edx = struct.unpack_from("<IIII", raw, 16 * i)
         for name in expand_mask(self.mask):
             leaf, sub, reg, bit = FEATURES[name]
             for e in out:

@@ -99,3 +99,24 @@ def test_triple_fault_ends_the_run_with_a_dump(machine_factory) -> None:
     with pytest.raises(TripleFaultError) as ei:
         m.run(timeout=10)
     assert "long64 mode" in ei.value.dump and "code at rip: f7 f1" in ei.value.dump
+
+
+def test_default_guest_on_the_default_board() -> None:
+    """With kvmfw-devices installed: the real 16550 and pseudo-op device, exit status 0."""
+    pytest.importorskip("kvmfw_devices", reason="kvmfw-devices is not installed")
+    import io
+
+    from kvmfw.machine import Machine, MachineConfig
+
+    from kvmfw_x86.plugin import X86Plugin
+
+    out = io.BytesIO()
+    cfg = MachineConfig(arch="x86", memory=64 << 20,
+                        options={"console_output": out})
+    with Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86") as m:
+        assert any(d.name.startswith("uart") for d in m.devices)
+        path = m.hooks.call("default_guest", machine=m)
+        m.hooks.call("load_guest", machine=m, image=path, options={})
+        r = m.run(timeout=20)
+    assert r.status == 0, r.reason
+    assert b"Hello from kvmfw" in out.getvalue()
