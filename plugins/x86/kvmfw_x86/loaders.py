@@ -456,6 +456,9 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t
     bp.e820_entries = len(e820)
     write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
+    from kvmfw_x86 import mptable
+
+    mptable.install(machine)  # CPUs, IO-APIC and ISA routing for a guest without ACPI
     enter_long_mode(machine, load_at + 0x200, sse=False)
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR

@@ -1,0 +1,18 @@
+"""MP tables: checksums, one processor entry per vCPU, the IO-APIC."""
+
+import struct
+
+from kvmfw_x86 import mptable
+
+
+def test_mp_tables_for_four_cpus() -> None:
+    data = mptable.build(4)
+    fp = data[:16]
+    assert fp[:4] == b"_MP_" and sum(fp) & 0xFF == 0
+    assert struct.unpack_from("<I", fp, 4)[0] == mptable.MP_TABLE_ADDR + 16
+    table = data[16:]
+    length, count = struct.unpack_from("<H", table, 4)[0], struct.unpack_from("<H", table, 34)[0]
+    assert table[:4] == b"PCMP" and sum(table[:length]) & 0xFF == 0
+    procs = [table[44 + 20 * i:64 + 20 * i] for i in range(4)]
+    assert [p[1] for p in procs] == [0, 1, 2, 3] and procs[0][3] == 3 and procs[1][3] == 1
+    assert count == 4 + 1 + 1 + 15 + 2
