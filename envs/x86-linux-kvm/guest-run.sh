@@ -7,6 +7,8 @@ export HOME=/tmp USER=root LOGNAME=root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBY
 # what the Linux tests look for (tests/linux/conftest.py)
 export KVMFW_NESTED_ENV=x86-linux-kvm KVMFW_LINUX_GUESTS=/opt/kvmfw-guests
 OUT=/opt/kvmfw-out
+# shellcheck disable=SC1091
+[ -f $OUT/env ] && . $OUT/env
 rc=3
 finish() { echo "$rc" > $OUT/rc; sync; }
 trap finish EXIT
@@ -18,7 +20,7 @@ while IFS= read -r a; do set -- "$@" "$a"; done < $OUT/args
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "KVMFW_L1 $mode in $(python3 -c 'import sys; print(sys.prefix, sys.version.split()[0])') /dev/kvm: $(ls -l /dev/kvm 2>&1) uptime=$(up)"
 case "$mode" in
-  pytest) set -- pytest -p no:cacheprovider -rs "$@";;
+  pytest) set -- pytest -p no:cacheprovider -rs --durations=10 "$@";;
   bench) set -- python3 benchmarks/boot.py "$@";;
   *) echo "KVMFW_L1 unknown mode $mode"; exit;;
 esac

@@ -26,7 +26,8 @@
 # 9p with security_model=none), as CI has.
 #
 # Knobs: KVMFW_X86_CACHE, KVMFW_X86_TIMEOUT (s per outer boot, 900), KVMFW_X86_CPU (EPYC),
-#   KVMFW_X86_MEM (MiB, 2048), KVMFW_X86_RETRIES (1: one retry when a boot hangs or dies
+#   KVMFW_X86_MEM (MiB, 2048), KVMFW_LINUX_* / KVMFW_BENCH_* (passed to the tests inside, e.g.
+#   KVMFW_LINUX_VMMS=qemu), KVMFW_X86_RETRIES (1: one retry when a boot hangs or dies
 #   before reporting), KVMFW_X86_REBUILD=1 (rebuild the root file system).
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
@@ -269,6 +270,8 @@ step boot
 OUT=$ROOT/opt/kvmfw-out
 mkdir -p "$OUT"
 printf '%s\n' "$MODE" > "$OUT/mode"
+# KVMFW_LINUX_* and KVMFW_BENCH_* variables go through to the tests / benchmark inside
+env | grep -E '^KVMFW_(LINUX|BENCH)_[A-Z0-9_]*=' | sed "s/'/'\\\\''/g; s/=\(.*\)/='\1'/; s/^/export /" > "$OUT/env" || true
 if [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/args"; elif [ "$MODE" = pytest ]; then echo tests > "$OUT/args"; else : > "$OUT/args"; fi
 LOG=$CACHE/logs/console.log
 APPEND="console=ttyS0 panic=-1 quiet loglevel=3"

@@ -1,0 +1,253 @@
+"""Boot the nested environment's Linux test guests under kvmfw or QEMU/KVM, and time them.
+
+The guests (Debian's kernels and busybox initramfs images, see envs/x86-linux-kvm/init-l2.sh)
+are in ``$KVMFW_LINUX_GUESTS``, which only the nested x86 KVM environment sets
+(envs/x86-linux-kvm/run.sh). Used by tests/linux/ and benchmarks/boot.py.
+
+The VMM is one argument: ``"kvmfw"`` (``kvmfw run``), ``"qemu"`` (``qemu-system-x86_64
+-enable-kvm -M pc``, the reference) or ``"qemu-microvm"``.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MARKER = b"KVMFW-INIT-OK"
+FLAVORS = ("cloud-amd64", "amd64")
+VMMS = ("kvmfw", "qemu", "qemu-microvm")
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+
+
+def guests_dir() -> Path | None:
+    d = os.environ.get("KVMFW_LINUX_GUESTS")
+    return Path(d) if d and Path(d, "vmlinuz-cloud-amd64").exists() else None
+
+
+def why_unavailable() -> str | None:
+    """Why Linux guests cannot be booted here, or None when they can."""
+    if guests_dir() is None:
+        return ("needs the nested x86 KVM environment (envs/x86-linux-kvm/run.sh tests/linux): "
+                "KVMFW_LINUX_GUESTS is not set, and a /dev/kvm without hardware "
+                "virtualization (kvm_pvm) cannot boot a stock Linux kernel")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is missing or not accessible"
+    return None
+
+
+def kernel(flavor: str) -> Path:
+    d = guests_dir()
+    assert d is not None, why_unavailable()
+    return d / f"vmlinuz-{flavor}"
+
+
+def initrd(flavor: str) -> Path:
+    d = guests_dir()
+    assert d is not None, why_unavailable()
+    return d / f"initramfs-{flavor}.cpio.gz"
+
+
+def kvmfw_argv() -> list[str]:
+    """``kvmfw`` of this interpreter's environment (the venv), else ``python -m kvmfw.cli``."""
+    exe = Path(sys.executable).parent / "kvmfw"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("kvmfw")
+    return [found] if found else [sys.executable, "-c", "from kvmfw.cli import main; main()"]
+
+
+@dataclass
+class Boot:
+    """One guest boot: what to run it with."""
+
+    vmm: str = "kvmfw"
+    flavor: str = "cloud-amd64"
+    cmdline: str = BASE_CMDLINE
+    cpus: int = 1
+    memory_mib: int = 256
+    disk: Path | None = None
+    timeout: float = 120.0
+    extra: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        k, i = str(kernel(self.flavor)), str(initrd(self.flavor))
+        if self.vmm == "kvmfw":
+            argv = [*kvmfw_argv(), "run", "--kernel", k, "--initrd", i,
+                    "--cmdline", self.cmdline, "--memory", f"{self.memory_mib}M",
+                    "--cpus", str(self.cpus), "--console", "stdio", "--no-summary",
+                    "--timeout", str(self.timeout)]
+            if self.disk is not None:
+                argv += ["--device", f"virtio-blk,file={self.disk}"]
+            return argv + self.extra
+        if self.vmm in ("qemu", "qemu-microvm"):
+            machine = "pc" if self.vmm == "qemu" else "microvm"
+            argv = ["qemu-system-x86_64", "-enable-kvm", "-cpu", "host", "-M", machine,
+                    "-m", str(self.memory_mib), "-smp", str(self.cpus), "-nographic",
+                    "-no-reboot", "-kernel", k, "-initrd", i, "-append", self.cmdline]
+            if self.disk is not None:
+                argv += ["-drive", f"file={self.disk},format=raw,if=none,id=d0",
+                         "-device", "virtio-blk-pci,drive=d0" if machine == "pc"
+                         else "virtio-blk-device,drive=d0"]
+            return argv + self.extra
+        raise ValueError(f"unknown VMM {self.vmm!r} (one of {', '.join(VMMS)})")
+
+
+@dataclass
+class Result:
+    """What a boot did: exit status (None: killed at the timeout), console output, times in
+    seconds from just before the process started, peak RSS of the VMM process in KiB."""
+
+    argv: list[str]
+    rc: int | None
+    output: bytes
+    t_marker: float | None
+    t_exit: float
+    maxrss_kib: int
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def tail(self, n: int = 40) -> str:
+        lines = self.text.replace("\r", "").splitlines()
+        return f"$ {' '.join(self.argv)}\nexit status {self.rc}; last {n} console lines:\n" + \
+            "\n".join(lines[-n:])
+
+
+def _wait(pid: int, deadline: float) -> tuple[int | None, int]:
+    """Wait for pid until deadline (kill it then); (exit status or None, peak RSS KiB)."""
+    while True:
+        wpid, status, ru = os.wait4(pid, os.WNOHANG)
+        if wpid == pid:
+            return os.waitstatus_to_exitcode(status), ru.ru_maxrss
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            _, status, ru = os.wait4(pid, 0)
+            return None, ru.ru_maxrss
+        time.sleep(0.01)
+
+
+def run(boot: Boot, marker: bytes = MARKER) -> Result:
+    """Boot with the console on a pipe (stdin: /dev/null) until the VMM exits or times out."""
+    argv = boot.argv()
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, bufsize=0)
+    assert p.stdout is not None
+    fd = p.stdout.fileno()
+    out, t_marker = b"", None
+    deadline = t0 + boot.timeout + 5
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.5)
+        if not r:
+            if p.poll() is not None:
+                break
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        out += chunk
+        if t_marker is None and marker in out:
+            t_marker = time.monotonic() - t0
+    rc, rss = _wait(p.pid, deadline)
+    t_exit = time.monotonic() - t0
+    p.returncode = rc if rc is not None else -9  # reaped by _wait
+    out += p.stdout.read() if rc is not None else b""
+    p.stdout.close()
+    return Result(argv, rc, out, t_marker, t_exit, rss)
+
+
+class Interactive:
+    """The VMM on a pseudo-terminal, as a user at a terminal runs it."""
+
+    def __init__(self, boot: Boot) -> None:
+        self.argv = boot.argv()
+        self.timeout = boot.timeout
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            try:
+                os.execvp(self.argv[0], self.argv)
+            finally:
+                os._exit(127)
+        self.output = b""
+        self.pos = 0  # output before this was consumed by expect()
+
+    def expect(self, pattern: bytes | str, timeout: float = 60.0) -> re.Match[bytes]:
+        """Read until the regex pattern matches output not yet consumed; consume to its end."""
+        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.output, self.pos)
+            if m:
+                self.pos = m.end()
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {rx.pattern!r} within {timeout} s; output so far:\n"
+                                   + self.output[-2000:].decode(errors="replace"))
+            r, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if r:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # EIO: the VMM closed the terminal
+                    chunk = b""
+                if not chunk:
+                    raise EOFError("the VMM closed its terminal; output so far:\n"
+                                   + self.output[-2000:].decode(errors="replace"))
+                self.output += chunk
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def wait(self, timeout: float = 30.0) -> int | None:
+        """Drain output until the VMM exits (None: killed after timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            wpid, status = os.waitpid(self.pid, os.WNOHANG)
+            if wpid == self.pid:
+                self._drain()
+                return os.waitstatus_to_exitcode(status)
+            self._drain(0.1)
+        self.close()
+        return None
+
+    def _drain(self, wait: float = 0.0) -> None:
+        try:
+            r, _, _ = select.select([self.fd], [], [], wait)
+            if r:
+                self.output += os.read(self.fd, 65536)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def make_ext4(path: Path, files: dict[str, bytes], size_mib: int = 8) -> Path:
+    """An ext4 image holding ``files`` (mkfs.ext4 -d: no mounting, no root needed)."""
+    src = path.with_suffix(".d")
+    src.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(path)], check=True,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return path

@@ -1,0 +1,70 @@
+"""Debian bookworm's cloud and generic kernels with a busybox initramfs, booted under kvmfw
+(and under QEMU/KVM, the reference) on the nested environment's real /dev/kvm: to the init
+marker and a clean exit, 2 vCPUs, a virtio-blk round trip, an interactive console."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from linuxguest import BASE_CMDLINE, FLAVORS, Boot, Interactive, make_ext4, run
+
+# The VMMs under test: kvmfw, and QEMU/KVM -M pc as the reference that proves the guest
+# images and the environment. KVMFW_LINUX_VMMS=kvmfw (or qemu) narrows the set.
+VMMS = os.environ.get("KVMFW_LINUX_VMMS", "kvmfw,qemu").split(",")
+
+
+def _check_vmm(vmm: str) -> None:
+    if vmm == "kvmfw":
+        try:
+            import kvmfw_x86  # noqa: F401
+        except ImportError as e:
+            pytest.fail(f"the x86 arch plugin (plugins/x86) is not installed: {e}")
+
+
+@pytest.fixture(params=VMMS)
+def vmm(request: pytest.FixtureRequest) -> str:
+    _check_vmm(request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("how", ["reboot", "poweroff"])
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_boots_to_init_and_exits_cleanly(vmm: str, flavor: str, how: str) -> None:
+    r = run(Boot(vmm, flavor, f"{BASE_CMDLINE} kvmfw.exit={how}"))
+    assert r.t_marker is not None, f"no init marker\n{r.tail()}"
+    assert f"KVMFW-EXIT {how}" in r.text, r.tail()
+    assert r.rc == 0, f"exit status {r.rc} after `{how} -f`\n{r.tail()}"
+    print(f"{vmm} {flavor} {how}: marker {r.t_marker:.2f} s, exit {r.t_exit:.2f} s")
+
+
+def test_two_vcpus_are_online(vmm: str) -> None:
+    r = run(Boot(vmm, "cloud-amd64", f"{BASE_CMDLINE} kvmfw.test=cpus", cpus=2))
+    assert "KVMFW-CPUS=2 KVMFW-ONLINE=0-1" in r.text, r.tail()
+    assert r.rc == 0, r.tail()
+
+
+def test_virtio_blk_mounts_ext4_and_reads_a_file_back(vmm: str, tmp_path: Path) -> None:
+    payload = f"hello from an ext4 image, {os.getpid()}"
+    img = make_ext4(tmp_path / "disk.img", {"hello.txt": payload.encode() + b"\n"})
+    r = run(Boot(vmm, "cloud-amd64", f"{BASE_CMDLINE} kvmfw.test=blk", disk=img))
+    text = r.text.replace("\r", "")
+    assert "KVMFW-BLK-BEGIN" in text, r.tail()
+    assert f"KVMFW-BLK-BEGIN\n{payload}\nKVMFW-BLK-END" in text, r.tail()
+    assert r.rc == 0, r.tail()
+
+
+def test_interactive_console_on_a_pseudo_terminal(vmm: str) -> None:
+    s = Interactive(Boot(vmm, "cloud-amd64", f"{BASE_CMDLINE} kvmfw.test=shell"))
+    try:
+        s.expect(rb"kvmfw# ", timeout=120)
+        s.send(b"echo h''i\r")  # the echoed command line does not contain "hi" itself
+        s.expect(rb"\nhi\r?\n", timeout=30)
+        s.expect(rb"kvmfw# ", timeout=30)
+        s.send(b"\x01x")  # Ctrl-A x, as QEMU
+        rc = s.wait(timeout=30)
+        assert rc is not None, "the VMM did not quit on Ctrl-A x"
+        assert rc == 0, f"exit status {rc} after Ctrl-A x"
+    finally:
+        s.close()
