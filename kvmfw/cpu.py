@@ -27,6 +27,7 @@ import errno
 import logging
 import signal
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -128,6 +129,13 @@ class KvmCPU:
         self.halted = False
         """Suspended by HLT: waits for :meth:`wakeup`."""
         self.drain_pending = False
+        self.start_active = vcpu.id == 0
+        """Whether :meth:`Machine.run` activates this CPU at the first run (default: the boot
+        CPU only). Archs whose secondary CPUs wait inside KVM_RUN for a start-up IPI or
+        PSCI CPU_ON set it for every CPU in ``vcpu_init``."""
+        self.parallel = False
+        """True while the machine runs each vCPU on its own host thread."""
+        self._wake = threading.Event()
         self.tick_event = Event(self.tick, f"cpu{self.id}.tick", PRIO_CPU_TICK)
         self._timer: RunTimer | None = None
         self.cycle_source: CycleSource | None = None
@@ -258,7 +266,7 @@ class KvmCPU:
             return
         self.status = IDLE
         self._idle_since = self.eventq.cur_tick
-        if self.tick_event.scheduled:
+        if not self.parallel and self.tick_event.scheduled:
             self.eventq.deschedule(self.tick_event)
         if self._timer is not None:
             self._timer.disarm()
@@ -272,6 +280,7 @@ class KvmCPU:
         """An interrupt arrived: reactivate a halted CPU, or kick a running one."""
         if self.status is IDLE and self.halted:
             self.activate()
+            self._wake.set()
         else:
             self.kick()
 
@@ -292,6 +301,9 @@ class KvmCPU:
         self._schedule_tick(self.eventq.cur_tick)
 
     def _schedule_tick(self, when: int) -> None:
+        if self.parallel:
+            self._wake.set()  # the vCPU thread, not the event queue, drives this CPU
+            return
         eq = self.eventq
         if self.tick_event.scheduled:
             eq.reschedule(self.tick_event, max(when, eq.cur_tick))
@@ -333,12 +345,43 @@ class KvmCPU:
                     self._schedule_tick(eq.cur_tick)
                 return
 
+    def run_thread(self) -> None:
+        """The loop of a vCPU that has its own host thread (parallel mode).
+
+        Enters KVM without holding the machine lock; services each exit under it, so
+        devices and the event queue see one caller at a time. Returns when the machine
+        stops; an error is left in ``machine`` for the main thread to raise.
+        """
+        m = self.machine
+        lock = m.lock
+        try:
+            while not m.stop_requested:
+                st = self.status
+                if st is IDLE or st is RUNNING_MMIO_PENDING:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                elif st is RUNNING_SERVICE:
+                    with lock:
+                        m.sync_clock()
+                        self._dispatch_exit()
+                elif self.drain_pending:
+                    with lock:
+                        self.run_drain()
+                else:
+                    self._run_slice(None)
+        except BaseException as exc:  # handed to the main thread
+            m.thread_failed(exc)
+
     def _run_slice(self, ticks: int | None) -> None:
         """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time."""
         if self._tc_dirty or self.always_sync:
             self.sync_kvm_state(SyncLevel.FULL if self.always_sync else SyncLevel.RUNTIME)
         if self.interrupt_pending and self._deliver_interrupts is not None:
-            self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+            if self.parallel:
+                with self.machine.lock:
+                    self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+            else:
+                self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
         timer = self._timer
         if timer is not None:
             if ticks is None:
@@ -401,7 +444,8 @@ class KvmCPU:
             self.status = RUNNING_SERVICE
         if ticks is not None and executed > ticks:
             executed = ticks
-        self.eventq.cur_tick += executed
+        if not self.parallel:  # in parallel mode the machine's clock is host time
+            self.eventq.cur_tick += executed
 
     def half_entry(self) -> None:
         """Enter KVM only to complete a pending IO/MMIO (``immediate_exit``), then exit."""

@@ -85,6 +85,11 @@ class Machine:
         if cfg.cpus < 1:
             raise ConfigError("a machine needs at least one vCPU (--cpus >= 1)")
         self.eventq = EventQueue()
+        self.lock = self.eventq.lock
+        """Held while devices, the bus or the event queue are used from a vCPU thread."""
+        self._thread_error: BaseException | None = None
+        self._main_wake = threading.Event()
+        self._clock_base: tuple[int, int] = (0, 0)
         self.bus = Bus(cfg.unclaimed)
         self.stats = StatsRegistry()
         self.cpus: list[KvmCPU] = []
@@ -232,6 +237,7 @@ class Machine:
             self.exit_status = status
             self.exit_reason = reason
         self.stop_requested = True
+        self._main_wake.set()
 
     def kick_all(self) -> None:
         for cpu in self.cpus:
@@ -251,12 +257,14 @@ class Machine:
         self.stop_requested = False
         self.exit_status, self.exit_reason = 0, ""
         for cpu in self.cpus:
-            if cpu.vcpu.thread_ident is None:
+            if len(self.cpus) == 1 and cpu.vcpu.thread_ident is None:
                 src, why = self._cycle_source(cpu)
                 cpu.bind_thread(src, why)
                 log.debug("cpu%d: time from %s", cpu.id, why)
         if self.cpus and all(c.status.value == "Idle" and not c.halted for c in self.cpus):
-            self.cpus[0].activate()  # the boot CPU; the arch brings up the others
+            for cpu in self.cpus:
+                if cpu.start_active or cpu is self.cpus[0]:
+                    cpu.activate()
         limit_event = None
         if max_ticks is not None:
             limit_event = Event(lambda: self.request_exit(0, "simulated tick limit reached"),
@@ -274,11 +282,15 @@ class Machine:
             watchdog.start()
         t0 = time.monotonic()
         try:
-            while not self.stop_requested:
-                if eq.service_one() is None:
-                    self.request_exit(0, "all vCPUs halted and no event is pending")
+            if len(self.cpus) > 1:
+                self._run_parallel()
+            else:
+                while not self.stop_requested:
+                    if eq.service_one() is None:
+                        self.request_exit(0, "all vCPUs halted and no event is pending")
         except KeyboardInterrupt:
             self.request_exit(130, "interrupted")
+            self.kick_all()
         finally:
             self._host_seconds = getattr(self, "_host_seconds", 0.0) + time.monotonic() - t0
             if watchdog is not None:
@@ -289,6 +301,82 @@ class Machine:
             raise RunTimeoutError(self.exit_reason)
         return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
                          time.monotonic() - t0)
+
+    # --- parallel mode: one host thread per vCPU -------------------------------------------
+
+    def sync_clock(self) -> None:
+        """Parallel mode: simulated time follows host time (times ``host_factor``)."""
+        host0, tick0 = self._clock_base
+        now = tick0 + int((time.monotonic_ns() - host0) * 1000 * self.config.host_factor)
+        if now > self.eventq.cur_tick:
+            self.eventq.cur_tick = now
+
+    def thread_failed(self, exc: BaseException) -> None:
+        """A vCPU thread died: stop the machine and re-raise ``exc`` on the main thread."""
+        with self.lock:
+            if self._thread_error is None:
+                self._thread_error = exc
+        self.request_exit(1, f"vCPU thread failed: {exc}")
+        self.kick_all()
+        self._main_wake.set()
+
+    def _run_parallel(self) -> None:
+        """Each vCPU on its own thread (KVM_RUN without the lock, exits serviced under it);
+        this thread services events when they fall due in host time."""
+        eq = self.eventq
+        self._clock_base = (time.monotonic_ns(), eq.cur_tick)
+        self._thread_error = None
+        for cpu in self.cpus:
+            cpu.parallel = True
+            if cpu.tick_event.scheduled:
+                eq.deschedule(cpu.tick_event)
+        eq.on_post = self._main_wake.set
+        ready = threading.Barrier(len(self.cpus) + 1)
+
+        def body(cpu: KvmCPU) -> None:
+            try:
+                if cpu.vcpu.thread_ident != threading.get_ident():
+                    src, why = self._cycle_source(cpu)
+                    cpu.bind_thread(src, why)
+            except BaseException as exc:
+                self.thread_failed(exc)
+            finally:
+                ready.wait()
+            cpu.run_thread()
+
+        threads = [threading.Thread(target=body, args=(c,), name=f"vcpu{c.id}", daemon=True)
+                   for c in self.cpus]
+        for t in threads:
+            t.start()
+        ready.wait()
+        try:
+            while not self.stop_requested:
+                with self.lock:
+                    self.sync_clock()
+                    eq.service_due()
+                    nxt = eq.next_tick()
+                    idle = all(c.status.value == "Idle" for c in self.cpus)
+                if idle and nxt is None:
+                    self.request_exit(0, "all vCPUs halted and no event is pending")
+                    break
+                wait = 0.05
+                if nxt is not None:
+                    wait = min(wait, max(0.0, (nxt - eq.cur_tick) / 1e12 /
+                                         self.config.host_factor))
+                self._main_wake.wait(wait)
+                self._main_wake.clear()
+        finally:
+            self.kick_all()
+            for t in threads:
+                while t.is_alive():
+                    self.kick_all()
+                    t.join(0.05)
+            eq.on_post = None
+            for cpu in self.cpus:
+                cpu.parallel = False
+                cpu.vcpu.thread_ident = None  # rebind on the next run's threads
+        if self._thread_error is not None:
+            raise self._thread_error
 
     # --- teardown -------------------------------------------------------------------------
 

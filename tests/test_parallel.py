@@ -1,0 +1,60 @@
+"""Parallel mode: with several vCPUs, each runs KVM on its own host thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from kvmtest import COUNT, HALT, PIO, TRIPLE, needs_kvm
+
+from kvmfw.cpu import CpuStatus
+from kvmfw.errors import TripleFaultError
+from kvmfw.eventq import TICKS_PER_MS, Event
+
+pytestmark = needs_kvm
+
+
+def test_two_vcpus_run_at_once_on_their_own_threads(make_machine) -> None:
+    m, arch, rec = make_machine(COUNT, cpus=2)
+    m.cpus[1].start_active = True
+    idents: list[int | None] = []
+
+    def sample() -> None:
+        idents.extend(c.vcpu.thread_ident for c in m.cpus)
+
+    m.eventq.schedule(Event(sample, "sample"), 10 * TICKS_PER_MS)
+    result = m.run(max_ticks=30 * TICKS_PER_MS, timeout=20)
+    assert result.reason == "simulated tick limit reached"
+    counts = [c.get_context().regs["rsi"] for c in m.cpus]
+    assert all(n > 1000 for n in counts), counts  # both guests made progress
+    assert len(set(idents)) == 2 and threading.get_ident() not in idents
+    assert all(c.status is CpuStatus.RUNNING for c in m.cpus)
+
+
+def test_secondary_cpus_wait_until_started(make_machine) -> None:
+    m, arch, rec = make_machine(COUNT, cpus=2)  # cpu1 not start_active
+    m.run(max_ticks=5 * TICKS_PER_MS, timeout=20)
+    assert m.cpus[0].get_context().regs["rsi"] > 0
+    assert m.cpus[1].get_context().regs["rsi"] == 0
+    assert m.cpus[1].status is CpuStatus.IDLE
+
+
+def test_a_device_stop_from_a_vcpu_thread_ends_the_parallel_run(make_machine) -> None:
+    m, arch, rec = make_machine(PIO, cpus=2)
+    result = m.run(timeout=20)
+    assert result.reason == "guest wrote the exit port"
+    assert rec.writes[:3] == [(0, b"O"), (0, b"K"), (0, b"B")]
+
+
+def test_all_vcpus_halted_ends_the_parallel_run(make_machine) -> None:
+    m, arch, rec = make_machine(HALT, cpus=2)
+    m.cpus[1].start_active = True
+    result = m.run(timeout=20)
+    assert result.reason == "all vCPUs halted and no event is pending"
+    assert all(c.halted for c in m.cpus)
+
+
+def test_an_error_on_a_vcpu_thread_reaches_the_caller(make_machine) -> None:
+    m, arch, rec = make_machine(TRIPLE, cpus=2)
+    with pytest.raises(TripleFaultError):
+        m.run(timeout=20)
