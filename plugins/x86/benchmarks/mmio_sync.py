@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kvmfw.device import Range
 from kvmfw.hookspecs import SyncLevel
@@ -43,7 +44,8 @@ def run(mode: str, n: int) -> float:
     from elftools.elf.elffile import ELFFile
 
     with open(GUEST, "rb") as f:
-        done = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("done")[0]
+        symtab: Any = ELFFile(f).get_section_by_name(".symtab")
+        done = symtab.get_symbol_by_name("done")[0]
     cfg = MachineConfig(arch="x86", memory=16 << 20, default_devices=False,
                         options={"irqchip": "userspace", "x86_sync": mode})
     with Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86") as m:
