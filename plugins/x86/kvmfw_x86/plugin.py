@@ -169,6 +169,10 @@ class X86Plugin:
         entries = cpuid_mod.for_vcpu(st.cpuid, cpu.id, cpu.machine.config.cpus)
         buf = cpuid_mod.pack_cpuid2(entries)
         cpu.vcpu.ioctl(X.KVM_SET_CPUID2, addr(buf), "KVM_SET_CPUID2")
+        if st.irqchip == "kernel" and hasattr(cpu, "start_active"):
+            # APs wait inside KVM (MP state UNINITIALIZED) until the in-kernel LAPIC
+            # delivers INIT/SIPI, so every vCPU thread enters KVM from the start
+            cpu.start_active = True
         if not st.tsc_khz:
             try:
                 st.tsc_khz = cpu.vcpu.ioctl(X.KVM_GET_TSC_KHZ)
