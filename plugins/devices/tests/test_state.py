@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,8 @@ MUTATIONS: dict[str, list[Access]] = {
     "cmos-rtc": w(0, 0x40) + w(1, 0x99) + w(0, 0x8B) + w(1, 0x46),
     "i8042": w(4, 0x60) + w(0, 0x45) + w(4, 0xD2) + w(0, 0x99),
     "pci-host": [],  # configured through config space: see CONFIG_MUTATIONS
+    "virtio-blk": [w2(0x70, 3, 4), w2(0x38, 16, 4), w2(0x80, 0x10000, 4)],
+    "virtio-console": [w2(0x70, 1, 4), w2(0x30, 1, 4), w2(0x38, 32, 4)],
 }
 # Devices whose state changes through another path than their bus range.
 CONFIG_MUTATIONS: dict[str, Callable[[Any], None]] = {
@@ -63,6 +66,11 @@ def build(name: str) -> tuple[Device, Any]:
         params["dir"] = tempfile.mkdtemp(prefix="kvmfw-pseudo-op-")
     if name == "cmos-rtc":
         params["clock"] = "fixed"
+    if name == "virtio-blk":
+        fd, path = tempfile.mkstemp(prefix="kvmfw-blk-", suffix=".img")
+        os.write(fd, bytes(4096))
+        os.close(fd)
+        params["file"] = path
     return cls(h.ctx, **params), h
 
 

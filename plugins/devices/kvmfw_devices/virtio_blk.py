@@ -1,0 +1,142 @@
+"""virtio-blk over virtio-mmio: a raw disk image file (virtio 1.1, 5.2 "Block Device").
+
+Device ID 2, one request queue. A request is a chain: a 16-byte device-readable header
+``{le32 type; le32 reserved; le64 sector}``, data buffers (readable for writes, writable for
+reads), and a final device-writable status byte (0 OK, 1 IOERR, 2 UNSUPP). Types: IN 0
+(read), OUT 1 (write), FLUSH 4, GET_ID 8 (20-byte serial). Sectors are 512 bytes; a
+request past the end of the image, or a write to a read-only disk, fails with IOERR.
+
+Configuration space: 0x00 capacity (le64, in 512-byte sectors); the rest reads zero.
+Features offered: VIRTIO_BLK_F_FLUSH (9), VIRTIO_BLK_F_RO (5) with ``readonly=on``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, ClassVar
+
+from kvmfw.device import ConfigKey, DeviceContext, parse_bool
+from kvmfw.errors import ConfigError
+
+from kvmfw_devices.virtio_mmio import Buffer, VirtioMmio
+
+VIRTIO_ID_BLOCK = 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_FLUSH = 1 << 9
+
+T_IN = 0
+T_OUT = 1
+T_FLUSH = 4
+T_GET_ID = 8
+S_OK = 0
+S_IOERR = 1
+S_UNSUPP = 2
+SECTOR = 512
+HEADER_SIZE = 16
+ID_BYTES = 20
+
+
+def _opt_str(text: str) -> str | None:
+    return text or None
+
+
+class VirtioBlk(VirtioMmio):
+    """A raw image as a virtio block device."""
+
+    name: ClassVar[str] = "virtio-blk"
+    device_id: ClassVar[int] = VIRTIO_ID_BLOCK
+    config: ClassVar[dict[str, ConfigKey]] = {
+        **VirtioMmio.config,
+        "file": ConfigKey(_opt_str, None, "raw disk image (required)"),
+        "readonly": ConfigKey(parse_bool, False, "refuse writes (VIRTIO_BLK_F_RO)"),
+        "serial": ConfigKey(str, "kvmfw-disk", "the GET_ID answer (up to 20 bytes)"),
+    }
+
+    def __init__(self, ctx: DeviceContext, **params: Any) -> None:
+        path = self.validate_params(params)["file"]
+        if path is None:
+            raise ConfigError("virtio-blk: file=PATH (a raw disk image) is required")
+        ro = self.validate_params(params)["readonly"]
+        try:
+            self.fd = os.open(path, os.O_RDONLY if ro else os.O_RDWR)
+        except OSError as exc:
+            raise ConfigError(f"virtio-blk: cannot open {path}: {exc.strerror}") from exc
+        self.capacity = os.fstat(self.fd).st_size // SECTOR
+        super().__init__(ctx, **params)
+        self.stats.update(read_bytes=0, write_bytes=0, flushes=0, io_errors=0, unsupported=0)
+
+    @property
+    def device_features(self) -> int:  # type: ignore[override]
+        return VIRTIO_BLK_F_FLUSH | (VIRTIO_BLK_F_RO if self.params["readonly"] else 0)
+
+    def config_bytes(self) -> bytes:
+        return struct.pack("<Q", self.capacity)
+
+    def handle_chain(self, index: int, buffers: list[Buffer]) -> int:
+        out = self.gather(buffers)
+        writable = [b for b in buffers if b.writable]
+        if len(out) < HEADER_SIZE or not writable or writable[-1].length < 1:
+            self.mark_broken("virtio-blk request without a header or a status byte")
+            return 0
+        rtype, _, sector = struct.unpack_from("<IIQ", out)
+        status_buf = writable[-1]
+        data_in = writable[:-1] + ([Buffer(status_buf.addr, status_buf.length - 1, True)]
+                                   if status_buf.length > 1 else [])
+        in_len = sum(b.length for b in data_in)
+        payload = out[HEADER_SIZE:]
+        status, written = S_OK, 0
+        if rtype == T_IN:
+            data = self._read(sector, in_len)
+            if data is None:
+                status = S_IOERR
+            else:
+                written = self.scatter(data_in, data)
+        elif rtype == T_OUT:
+            if self.params["readonly"] or not self._write(sector, payload):
+                status = S_IOERR
+        elif rtype == T_FLUSH:
+            self.stats["flushes"] += 1
+            try:
+                os.fsync(self.fd)
+            except OSError:
+                status = S_IOERR
+        elif rtype == T_GET_ID:
+            ident = self.params["serial"].encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+            written = self.scatter(data_in, ident[:in_len])
+        else:
+            self.stats["unsupported"] += 1
+            status = S_UNSUPP
+        if status == S_IOERR:
+            self.stats["io_errors"] += 1
+        last = status_buf.addr + status_buf.length - 1
+        self.ctx.memory.write(last, bytes((status,)))
+        return written + 1
+
+    def _in_bounds(self, sector: int, length: int) -> bool:
+        return length % SECTOR == 0 and sector * SECTOR + length <= self.capacity * SECTOR
+
+    def _read(self, sector: int, length: int) -> bytes | None:
+        if not self._in_bounds(sector, length):
+            return None
+        try:
+            data = os.pread(self.fd, length, sector * SECTOR)
+        except OSError:
+            return None
+        self.stats["read_bytes"] += len(data)
+        return data.ljust(length, b"\0")
+
+    def _write(self, sector: int, data: bytes) -> bool:
+        if not self._in_bounds(sector, len(data)):
+            return False
+        try:
+            os.pwrite(self.fd, data, sector * SECTOR)
+        except OSError:
+            return False
+        self.stats["write_bytes"] += len(data)
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,92 @@
+"""virtio-console over virtio-mmio: one port, the guest's hvc0 (virtio 1.1, 5.3 "Console").
+
+Device ID 3, queue 0 receiveq (host -> guest, device-writable buffers), queue 1 transmitq
+(guest -> host, device-readable buffers). No features beyond VERSION_1 are offered, so the
+configuration space (cols, rows, max_nr_ports, emerg_wr) reads zero and there is no
+control queue. Output and input use the same console plumbing as the UARTs
+(:mod:`kvmfw_devices.console`); host input waits until the guest posts receive buffers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, ClassVar
+
+from kvmfw.device import ConfigKey, DeviceContext
+
+from kvmfw_devices.console import ConsoleInput, ConsoleOutput
+from kvmfw_devices.virtio_mmio import Buffer, VirtioMmio
+
+VIRTIO_ID_CONSOLE = 3
+RECEIVEQ = 0
+TRANSMITQ = 1
+CONFIG_SIZE = 12
+PENDING_LIMIT = 1 << 20
+
+
+class VirtioConsole(VirtioMmio):
+    """A virtio serial console with one port."""
+
+    name: ClassVar[str] = "virtio-console"
+    device_id: ClassVar[int] = VIRTIO_ID_CONSOLE
+    num_queues: ClassVar[int] = 2
+    config: ClassVar[dict[str, ConfigKey]] = {
+        **VirtioMmio.config,
+        "output": ConfigKey(str, "console", "console | stderr | none | file:PATH"),
+        "input": ConfigKey(str, "none",
+                           "console | stdin | none | file:PATH | unix:PATH | tcp:HOST:PORT"),
+    }
+
+    def __init__(self, ctx: DeviceContext, **params: Any) -> None:
+        self.pending: deque[int] = deque()
+        super().__init__(ctx, **params)
+        self.stats.update(tx_bytes=0, rx_bytes=0)
+        self.output = ConsoleOutput(ctx, self.params["output"])
+        self.input = ConsoleInput(ctx, self.params["input"], self.enqueue, name=self.name)
+
+    def config_bytes(self) -> bytes:
+        return bytes(CONFIG_SIZE)
+
+    def enqueue(self, data: bytes) -> None:
+        """Host bytes for the guest: delivered as soon as receive buffers are posted."""
+        room = PENDING_LIMIT - len(self.pending)
+        self.pending.extend(data[:max(room, 0)])
+        self._deliver()
+
+    def _deliver(self) -> None:
+        while self.pending:
+            chain = self.pop_chain(RECEIVEQ)
+            if chain is None:
+                return
+            head, bufs = chain
+            room = sum(b.length for b in bufs if b.writable)
+            chunk = bytes(self.pending.popleft() for _ in range(min(room, len(self.pending))))
+            written = self.scatter(bufs, chunk)
+            self.stats["rx_bytes"] += written
+            self.push_used(RECEIVEQ, head, written)
+
+    def notify(self, index: int) -> None:
+        if index == RECEIVEQ:
+            self._deliver()
+        else:
+            self.process_queue(index)
+
+    def handle_chain(self, index: int, buffers: list[Buffer]) -> int:
+        data = self.gather(buffers)
+        self.output.write(data)
+        self.stats["tx_bytes"] += len(data)
+        return 0
+
+    def device_reset(self) -> None:
+        pass  # pending host input survives a driver reset
+
+    def save(self) -> dict[str, Any]:
+        return {**super().save(), "pending": bytes(self.pending).hex()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        super().restore(state)
+        self.pending = deque(bytes.fromhex(state.get("pending", "")))
+
+    def close(self) -> None:
+        self.input.close()
+        self.output.close()
