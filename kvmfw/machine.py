@@ -28,8 +28,9 @@ from kvmfw.device import (
     Range,
     parse_device_spec,
 )
-from kvmfw.errors import ConfigError, KvmfwError, PluginError, RunTimeoutError
+from kvmfw.errors import ConfigError, KvmfwError, PluginError, RunTimeoutError, StateError
 from kvmfw.eventq import PRIO_EXIT, TICKS_PER_SECOND, Event, EventQueue
+from kvmfw.hookspecs import SyncLevel
 from kvmfw.kvm import Kvm
 from kvmfw.plugins import BoundHooks, DeviceRegistry, check_api, load_arch, make_plugin_manager
 from kvmfw.stats import StatsRegistry
@@ -301,6 +302,26 @@ class Machine:
             raise RunTimeoutError(self.exit_reason)
         return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
                          time.monotonic() - t0)
+
+    def drain(self, max_steps: int = 1000) -> None:
+        """Bring every vCPU and device to a point where no access, injected event or
+        device event is in flight, with the thread contexts pulled in full (before a
+        checkpoint, a fork or a hand-over). Raises :class:`StateError` if ``max_steps``
+        drain steps per vCPU are not enough."""
+        for cpu in self.cpus:
+            cpu.drain_pending = True
+            steps = 0
+            while not cpu.is_drained():
+                if steps >= max_steps:
+                    raise StateError(f"vcpu {cpu.id} did not drain within {max_steps} steps "
+                                     f"(status {cpu.status.value})")
+                cpu.run_drain()
+                steps += 1
+            cpu.drain_pending = False
+            cpu.get_context(SyncLevel.FULL)
+        busy = [d.name for d in self.devices if not d.is_drained()]
+        if busy:
+            raise StateError(f"devices not drained: {', '.join(busy)}")
 
     # --- parallel mode: one host thread per vCPU -------------------------------------------
 

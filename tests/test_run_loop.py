@@ -278,3 +278,51 @@ def test_kvm_run_error_is_typed(make_machine) -> None:
     with pytest.raises(KvmError) as info:
         cpu._run_slice(None)
     assert info.value.ioctl == "KVM_RUN" and info.value.errno == errno.EBADF
+
+
+def test_coalesced_mmio_writes_are_replayed_in_order(make_machine) -> None:
+    from kvmtest import MMIOLOOP
+
+    m, arch, rec = make_machine(MMIOLOOP, use_coalesced_mmio=True)
+    m.vm.register_coalesced_mmio(0x20000, 0x100)
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 500
+    cpu.mark_context_dirty()
+    m.run(timeout=20)
+    # the guest stores AL (= its program number, 9) at 0x20010 each time round the loop
+    assert [w for w in rec.writes if w[0] == 0x10] == [(0x10, b"\x09")] * 500
+    stats = cpu.stats
+    assert stats.coalesced_mmio + stats.mmio == 500
+    assert stats.coalesced_mmio > 400 and stats.vm_exits < 100  # most writes never exited
+
+
+def test_cycle_source_fallback_is_automatic_and_says_why(make_machine) -> None:
+    from kvmfw.timer import probe_perf
+
+    m, arch, rec = make_machine(PIO)
+    m.run(timeout=10)
+    cpu = m.cpus[0]
+    assert cpu.cycle_source is not None
+    if not probe_perf().available:
+        assert cpu.cycle_source.name == "monotonic"  # the test arch offers no TSC source
+        assert "perf unavailable" in cpu.cycle_source_reason
+    assert cpu.stats.cycles > 0 and cpu.stats.ticks_in_kvm > 0
+
+
+def test_drain_completes_the_pending_io_instruction(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+    answer = rec.read
+
+    def read_and_stop(offset: int, size: int) -> bytes:
+        m.request_exit(0, "stopped at the IN")
+        return answer(offset, size)
+
+    rec.read = read_and_stop  # type: ignore[method-assign]
+    m.run(timeout=10)  # stopped with the IN serviced but its data not yet in AL
+    cpu = m.cpus[0]
+    assert cpu.status is CpuStatus.RUNNING_SERVICE_COMPLETION and not cpu.is_drained()
+    assert cpu.get_context().regs["rax"] & 0xFF != 0x41
+    m.drain()
+    assert cpu.is_drained() and cpu.stats.vm_half_entries == 1
+    assert cpu.get_context().regs["rax"] & 0xFF == 0x41  # the half entry completed the IN
+    assert rec.writes == [(0, b"O"), (0, b"K")]  # and nothing after it ran
