@@ -266,9 +266,27 @@ def _run(cfg: dict[str, Any]) -> int:
         return result.status
 
 
+def _add_plugin_commands() -> None:
+    """Commands plugins publish under the ``kvmfw.cli`` entry-point group (e.g. the x86
+    plugin's ``kvmfw cpuid``); one that fails to load is skipped, and ``list-plugins``
+    still shows the plugin."""
+    import importlib.metadata
+
+    for ep in importlib.metadata.entry_points(group="kvmfw.cli"):
+        if ep.name in cli.commands:
+            continue
+        try:
+            cmd = ep.load()
+        except Exception:  # reported by list-plugins, not fatal here
+            continue
+        if isinstance(cmd, click.Command):
+            cli.add_command(cmd, ep.name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
     try:
+        _add_plugin_commands()
         cli.main(args=argv, prog_name="kvmfw", standalone_mode=False)
     except click.exceptions.Abort:
         _echo_err("aborted")

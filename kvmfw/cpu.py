@@ -121,6 +121,8 @@ class KvmCPU:
         self.use_coalesced_mmio = use_coalesced_mmio and bool(vcpu.coalesced_ring_offset)
         self.status = IDLE
         self.stats = KvmCpuStats()
+        self.runs = 0
+        """Entries into KVM so far (never reset): a cache can tell whether KVM ran since."""
         self.context: Any = None
         self._tc_dirty = True
         self._pulled_level = SyncLevel.NONE
@@ -372,6 +374,12 @@ class KvmCPU:
         except BaseException as exc:  # handed to the main thread
             m.thread_failed(exc)
 
+    def run_slice(self, ticks: int | None) -> None:
+        """Enter KVM once for at most ``ticks`` simulated ticks (None: until an exit) and
+        leave the exit unserviced (status RUNNING_SERVICE, or RUNNING after a kick). For
+        arch plugins driving a vCPU towards a drainable point (``kvm_run_drain``)."""
+        self._run_slice(ticks)
+
     def _run_slice(self, ticks: int | None) -> None:
         """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time."""
         if self._tc_dirty or self.always_sync:
@@ -406,6 +414,7 @@ class KvmCPU:
             t1 = _now()
             cycles = src() - c0
             executed = int(cycles * self._ticks_per_cycle)
+        self.runs += 1
         stats = self.stats
         stats.vm_exits += 1
         stats.host_ns_in_kvm += t1 - t0
@@ -458,6 +467,7 @@ class KvmCPU:
         finally:
             run.immediate_exit = 0
         self.stats.vm_half_entries += 1
+        self.runs += 1
         self._pulled_level = SyncLevel.NONE
         if r < 0 and r != _EINTR and r != _EAGAIN:
             raise KvmError("KVM_RUN", -r, "half entry")

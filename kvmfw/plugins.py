@@ -36,7 +36,8 @@ log = logging.getLogger("kvmfw.plugins")
 
 ARCH_GROUP = "kvmfw.arch"
 DEVICE_GROUP = "kvmfw.devices"
-GROUPS = (ARCH_GROUP, DEVICE_GROUP)
+CLI_GROUP = "kvmfw.cli"
+GROUPS = (ARCH_GROUP, DEVICE_GROUP, CLI_GROUP)
 
 _HOST_ARCH = {"x86_64": "x86", "amd64": "x86", "i686": "x86", "aarch64": "armv8",
               "arm64": "armv8"}
