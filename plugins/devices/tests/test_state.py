@@ -48,6 +48,8 @@ MUTATIONS: dict[str, list[Access]] = {
     "pci-host": [],  # configured through config space: see CONFIG_MUTATIONS
     "virtio-blk": [w2(0x70, 3, 4), w2(0x38, 16, 4), w2(0x80, 0x10000, 4)],
     "virtio-console": [w2(0x70, 1, 4), w2(0x30, 1, 4), w2(0x38, 32, 4)],
+    "pl011": [w2(0x2C, 0x10, 4), w2(0x38, 0x70, 4), w2(0x30, 0x381, 4), w2(0, 0x41, 4),
+              w2(0x24, 13, 4)],
 }
 # Devices whose state changes through another path than their bus range.
 CONFIG_MUTATIONS: dict[str, Callable[[Any], None]] = {
