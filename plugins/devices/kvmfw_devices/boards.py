@@ -25,3 +25,26 @@ def x86_default() -> list[str]:
         "pci-host",
         f"pseudo-op,base={X86_PSEUDO_OP_BASE:#x}",
     ]
+
+
+ARMV8_UART_BASE, ARMV8_UART_SPI = 0x09000000, 1
+ARMV8_PSEUDO_OP_BASE = 0x09100000
+
+
+def armv8_default() -> list[str]:
+    """An ARM ``virt``-like board: PL011 at 0x09000000 (SPI 1) and the pseudo-op window.
+
+    The armv8 plugin describes these in its device tree; it may return its own list.
+    """
+    return [f"pl011,base={ARMV8_UART_BASE:#x},irq={ARMV8_UART_SPI}",
+            f"pseudo-op,base={ARMV8_PSEUDO_OP_BASE:#x}"]
+
+
+BOARDS = {"x86": x86_default, "armv8": armv8_default}
+
+
+def default_devices(arch: str, machine: object = None) -> list[str]:
+    """The default board of ``arch`` (what an arch plugin's ``default_devices`` hook calls);
+    an unknown arch has no default devices."""
+    fn = BOARDS.get(arch)
+    return fn() if fn is not None else []

@@ -27,3 +27,19 @@ def test_x86_default_board_builds_without_overlaps() -> None:
     assert bus.pio.read(0x3FD, 1)[0] & 0x20
     bus.pio.write(0x3F8, b"K")
     assert h.output.getvalue() == b"K"
+
+
+def test_default_devices_by_arch() -> None:
+    from kvmfw_devices import board
+
+    assert board.default_devices("x86", None) == boards.x86_default()
+    assert board.default_devices("armv8") == boards.armv8_default()
+    assert board.default_devices("riscv") == []
+
+
+def test_armv8_board_builds() -> None:
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="kvmfw.devices")}
+    h = make_harness()
+    for spec in boards.armv8_default():
+        name, params = parse_device_spec(spec)
+        assert eps[name].load()(h.ctx, **params).ranges()
