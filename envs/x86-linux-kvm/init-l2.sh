@@ -21,7 +21,14 @@ case "$TEST" in
     echo "KVMFW-CPUS=$(grep -c '^processor' /proc/cpuinfo) KVMFW-ONLINE=$(cat /sys/devices/system/cpu/online)"
     ;;
   blk)
-    while read -r ko; do insmod "$ko" 2>/dev/null; done < /lib/modules/load.list
+    # module.param=value on the kernel command line reaches a loadable module only through
+    # its loader (as modprobe does): e.g. virtio_mmio.device=512@0xd0000000:5
+    while read -r ko; do
+      m=$(basename "$ko" .ko | tr - _); p=""
+      for a in $(cat /proc/cmdline); do case "$a" in "$m".*=*) p="$p ${a#"$m".}";; esac; done
+      # shellcheck disable=SC2086
+      insmod "$ko" $p 2>/dev/null
+    done < /lib/modules/load.list
     i=0; while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
     if mount -t ext4 -o ro /dev/vda /mnt; then
       echo KVMFW-BLK-BEGIN; cat /mnt/hello.txt; echo KVMFW-BLK-END

@@ -275,7 +275,7 @@ env | grep -E '^KVMFW_(LINUX|BENCH)_[A-Z0-9_]*=' | sed "s/'/'\\\\''/g; s/=\(.*\)
 if [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/args"; elif [ "$MODE" = pytest ]; then echo tests > "$OUT/args"; else : > "$OUT/args"; fi
 LOG=$CACHE/logs/console.log
 APPEND="console=ttyS0 panic=-1 quiet loglevel=3"
-QEMU=(qemu-system-x86_64 -accel tcg -cpu "$CPU" -smp 1 -m "$MEM" -nographic -no-reboot
+QEMU=(qemu-system-x86_64 -accel tcg -cpu "$CPU" -smp 1 -m "$MEM" -nographic -no-reboot -nic none
       -kernel "$L1K" -initrd "$L1I"
       -virtfs "local,path=$ROOT,mount_tag=kvmfwroot,security_model=none,id=r0")
 if [ "$MODE" = shell ]; then
