@@ -146,6 +146,7 @@ class KvmCPU:
         self._started = False
         self._trace = False
         self._cycles: Any = None
+        self._insns: Any = None
         self._fd = vcpu.fd
         self._run: Any = vcpu.run
         self._view: Any = vcpu.run_view
@@ -185,6 +186,7 @@ class KvmCPU:
         self.cycle_source_reason = reason
         monotonic = cycle_source.read is time.monotonic_ns
         self._cycles = None if monotonic else cycle_source.read
+        self._insns = cycle_source.instructions
         self._ticks_per_cycle = cycle_source.ticks(1_000_000, self.host_factor) / 1_000_000
 
     def _build_dispatch(self) -> list[Any]:
@@ -408,11 +410,15 @@ class KvmCPU:
             cycles = t1 - t0
             executed = int(cycles * self._ticks_per_cycle)
         else:
+            insns = self._insns
+            i0 = insns() if insns is not None else 0
             c0 = src()
             t0 = _now()
             r = _kvm_run(self._fd)
             t1 = _now()
             cycles = src() - c0
+            if insns is not None:
+                self.stats.instructions += insns() - i0
             executed = int(cycles * self._ticks_per_cycle)
         self.runs += 1
         stats = self.stats

@@ -282,10 +282,19 @@ class Machine:
             watchdog.daemon = True
             watchdog.start()
         t0 = time.monotonic()
+        runner = threading.get_ident()
+
+        def post_from_thread() -> None:
+            # an event posted by another thread (a console reader, a host service) must
+            # not wait for the guest's next exit: end the current slice
+            if threading.get_ident() != runner:
+                self.kick_all()
+
         try:
             if len(self.cpus) > 1:
                 self._run_parallel()
             else:
+                eq.on_post = post_from_thread
                 while not self.stop_requested:
                     if eq.service_one() is None:
                         self.request_exit(0, "all vCPUs halted and no event is pending")
@@ -298,6 +307,7 @@ class Machine:
                 watchdog.cancel()
             if limit_event is not None and limit_event.scheduled:
                 eq.deschedule(limit_event)
+            eq.on_post = None
         if timed_out.is_set():
             raise RunTimeoutError(self.exit_reason)
         return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,

@@ -64,6 +64,8 @@ class CycleSource:
     frequency_hz: float
     counts_guest_only: bool = False
     note: str = ""
+    instructions: Callable[[], int] | None = None
+    """Guest instructions retired, when a counter can measure them (perf only)."""
 
     def ticks(self, cycles: int, host_factor: float) -> int:
         return int(cycles * host_factor * TICKS_PER_SECOND / self.frequency_hz)
@@ -111,7 +113,10 @@ def perf_source(frequency_hz: float) -> CycleSource | None:
     if fd < 0:
         return None
     read = lib.kvmfw_perf_read
-    return CycleSource("perf-cycles", lambda: read(fd), frequency_hz, counts_guest_only=True)
+    ifd = lib.kvmfw_perf_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_INSTRUCTIONS, 1)
+    insns = (lambda: read(ifd)) if ifd >= 0 else None
+    return CycleSource("perf-cycles", lambda: read(fd), frequency_hz, counts_guest_only=True,
+                       instructions=insns)
 
 
 def select_cycle_source(prefer_perf: bool, host_frequency_hz: float,

@@ -326,3 +326,19 @@ def test_drain_completes_the_pending_io_instruction(make_machine) -> None:
     assert cpu.is_drained() and cpu.stats.vm_half_entries == 1
     assert cpu.get_context().regs["rax"] & 0xFF == 0x41  # the half entry completed the IN
     assert rec.writes == [(0, b"O"), (0, b"K")]  # and nothing after it ran
+
+
+def test_an_event_posted_from_another_thread_interrupts_a_spinning_guest(make_machine) -> None:
+    import threading
+
+    m, arch, rec = make_machine(SPIN)
+    fired = []
+
+    def post() -> None:
+        with m.lock:
+            m.eventq.schedule(Event(lambda: (fired.append(1), m.request_exit(0, "posted"))),
+                              m.eventq.cur_tick)
+
+    threading.Timer(0.2, post).start()
+    result = m.run(timeout=10)  # no event bounds the slice: only the post can end it
+    assert result.reason == "posted" and fired == [1]
