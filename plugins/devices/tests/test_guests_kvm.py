@@ -1,0 +1,132 @@
+"""Real guests on /dev/kvm (through the x86 plugin) driving the devices.
+
+Each guest is assembled from ``tests/guests/*.S`` at test time with GNU as/ld; the tests
+need a usable ``/dev/kvm``, binutils and the ``kvmfw-x86`` plugin.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+x86 = pytest.importorskip("kvmfw_x86.plugin", reason="the kvmfw-x86 plugin is not installed")
+loaders = pytest.importorskip("kvmfw_x86.loaders")
+
+from kvmfw.machine import Machine, MachineConfig  # noqa: E402
+
+GUESTS = Path(__file__).parent / "guests"
+LD_SCRIPT = Path(x86.__file__).parent / "guests" / "guest.ld"
+MiB = 1 << 20
+
+pytestmark = [
+    pytest.mark.kvm,
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
+                       reason="needs a working /dev/kvm"),
+    pytest.mark.skipif(shutil.which("as") is None or shutil.which("ld") is None,
+                       reason="needs GNU as and ld to build the guests"),
+]
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("guests")
+
+    def make(name: str, *, flat: bool = False) -> Path:
+        obj = out / f"{name}.o"
+        subprocess.run(["as", "--32", "-I", str(GUESTS), "-o", str(obj),
+                        str(GUESTS / f"{name}.S")], check=True)
+        if flat:
+            image = out / f"{name}.bin"
+            subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x7c00", "--oformat", "binary",
+                            "-o", str(image), str(obj)], check=True)
+        else:
+            image = out / f"{name}.elf"
+            subprocess.run(["ld", "-m", "elf_i386", "-T", str(LD_SCRIPT), "-nostdlib",
+                            "--build-id=none", "--no-warn-rwx-segments", "-o", str(image),
+                            str(obj)], check=True)
+        return image
+    return make
+
+
+def run(image: Path, devices: list[str], *, load: dict[str, Any] | None = None,
+        **options: Any) -> tuple[Any, bytes, Machine]:
+    console = io.BytesIO()
+    cfg = MachineConfig(arch="x86", memory=64 * MiB, devices=devices, default_devices=False,
+                        options={"irqchip": "kernel", "console_output": console, **options})
+    m = Machine(cfg, arch_plugin=x86.X86Plugin(), arch_name="x86")
+    try:
+        loaders.load(m, str(image), load or {})
+        result = m.run(timeout=20)
+    finally:
+        m.close()
+    return result, console.getvalue(), m
+
+
+def test_16550_polling_and_debug_exit(build) -> None:  # type: ignore[no-untyped-def]
+    result, out, _ = run(build("uart_poll"), ["uart16550", "debug-exit"])
+    assert out == b"kvmfw 16550\n"
+    assert result.status == (0x21 << 1) | 1
+
+
+def test_16550_interrupt_driven_output(build) -> None:  # type: ignore[no-untyped-def]
+    result, out, m = run(build("uart_irq", flat=True), ["uart16550", "debug-exit"],
+                         load={"load_addr": 0x7C00})
+    assert out == b"irq-driven\n"
+    interrupts = (result.status - 1) >> 1
+    assert interrupts >= len(b"irq-driven\n") + 1  # one per character, one to finish
+    uart = m.devices[0]
+    assert uart.stats["interrupts"] >= interrupts
+
+
+def test_rtc_read_by_guest(build) -> None:  # type: ignore[no-untyped-def]
+    result, out, m = run(build("rtc"), ["uart16550", "debug-exit",
+                                        "cmos-rtc,clock=fixed,time=2024-02-29T23:59:58"])
+    assert result.status == 1
+    # seconds, minutes, hours, day, month, year, century (BCD), A, B, then D
+    assert out == bytes([0x58, 0x59, 0x23, 0x29, 0x02, 0x24, 0x20, 0x26, 0x02, 0x80])
+    assert not m.devices[2].nmi_disabled
+
+
+def test_i8042_reset_ends_the_run_cleanly(build) -> None:  # type: ignore[no-untyped-def]
+    result, _, _ = run(build("reset"), ["i8042"])
+    assert result.status == 0
+    assert result.reason.startswith("reset")
+
+
+def test_pci_enumeration_and_bar(build) -> None:  # type: ignore[no-untyped-def]
+    result, out, _ = run(build("pci"), ["uart16550", "debug-exit", "pci-host,testdev=on"])
+    assert result.status == 1
+    assert out[:5] == b"\x00" + (0x00081B36).to_bytes(4, "little")  # 00.0 host bridge
+    assert out[5:10] == b"\x01" + (0x00051B36).to_bytes(4, "little")  # 01.0 testdev
+    assert out[10:14] == (0xFFFFF000).to_bytes(4, "little")  # BAR 0: 4 KiB
+    assert out[14:18] == (0x12345678).to_bytes(4, "little")  # written and read via BAR
+
+
+def test_virtio_blk_write_then_read_sector(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * 512))
+    result, out, _ = run(build("virtio_blk"), [
+        "uart16550", "debug-exit", f"virtio-blk,file={image},base=0xd0000000,irq=5"])
+    assert result.status == 1, out
+    assert out == b"\x00\x00\x01"  # OK, OK, data matched
+    assert image.read_bytes()[512:1024] == bytes(range(256)) * 2
+
+
+def test_every_pseudo_op(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "in.txt").write_bytes(b"from the host")
+    result, out, m = run(build("pseudo_op"), ["uart16550", "debug-exit",
+                                              f"pseudo-op,dir={tmp_path}"])
+    assert result.status == 7 and "exit(7)" in result.reason
+    ok, failed = 0, 0xFF
+    checkpoint = ok if "checkpoint" in m.device_context().services else failed
+    assert out[:8] == bytes([21, ok, ok, ok, checkpoint, ok, ok, 1])
+    assert out[8] == 10 and out[9] == 13 and out[10:] == b"from the host"
+    assert (tmp_path / "out.txt").read_bytes() == b"guest data"
+    dev = m.devices[2]
+    assert dev.stats["op_work_begin"] == dev.stats["op_work_end"] == 1
