@@ -29,6 +29,8 @@ class TestDevice:
                  host_value: int = 0x1234) -> None:
         self.machine = machine
         self.on_ready = on_ready
+        self.on_irq: Callable[[int], None] | None = None
+        """Called with the INTID the guest's handler reports (before its EOI)."""
         self.host_value = host_value
         self.writes: list[tuple[int, int]] = []
         self.results: list[int] = []
@@ -56,5 +58,7 @@ class TestDevice:
             self.on_ready()
         elif offset == 0x20:
             self.irqs.append(val)
+            if self.on_irq is not None:
+                self.on_irq(val)
         elif offset == 0x50:
             self.machine.request_exit(99, f"unexpected guest exception, ESR {val:#x}")

@@ -46,19 +46,37 @@ def build() -> Iterator[Any]:
 
 
 def start_at(machine: Any, program: str) -> Any:
+    """Point vCPU 0 at ``program``; exceptions go to the guest's reporting vectors and
+    FP/SIMD is enabled (CPACR_EL1.FPEN), both through system-register writes."""
     from kvmfw_armv8 import guests
 
     from kvmfw.hookspecs import SyncLevel
 
-    ctx = machine.cpus[0].get_context(SyncLevel.RUNTIME)
+    ctx = machine.cpus[0].get_context(SyncLevel.FULL)
+    ctx.sysregs.set_by_name("VBAR_EL1", guests.LOAD_ADDR + guests.VECTORS)
+    ctx.sysregs.set_by_name("CPACR_EL1", 3 << 20)
     ctx.pc = guests.LOAD_ADDR + guests.ENTRY[program]
     return ctx
+
+
+def run(machine: Any, dev: Any, timeout: float = 60) -> Any:
+    """Run; on a host timeout fail with the guest's reports and a register dump."""
+    from kvmfw.errors import RunTimeoutError
+
+    try:
+        res = machine.run(timeout=timeout)
+    except RunTimeoutError:
+        dumps = "\n".join(c.dump_state() for c in machine.cpus)
+        pytest.fail(f"guest did not finish in {timeout} s; reports "
+                    f"{[(hex(o), hex(v)) for o, v in dev.writes]}\n{dumps}")
+    assert res.status == 0, f"{res.reason}; reports {[(hex(o), hex(v)) for o, v in dev.writes]}"
+    return res
 
 
 def test_guest_computes_and_reports_through_mmio(build: Any) -> None:
     m, dev = build()
     start_at(m, "compute")
-    res = m.run(timeout=120)
+    res = run(m, dev)
     assert (res.status, dev.results) == (0, [5050 + 0x1234]), res.reason
 
 
@@ -67,7 +85,7 @@ def test_elf_guest_boots_at_its_entry(build: Any) -> None:
 
     m, dev = build(image=str(guests.TESTGUEST_ELF))
     assert m.cpus[0].context.pc == guests.LOAD_ADDR
-    res = m.run(timeout=120)
+    res = run(m, dev)
     assert (res.status, dev.results) == (0, [5050 + 0x1234]), res.reason
 
 
@@ -90,12 +108,13 @@ def test_every_register_group_round_trips(build: Any) -> None:
     ctx.spsr[:] = [0x3C5, 0x1D3, 0x1DB, 0x1D2, 0x1D1]
     ctx.fpsr = 0x1
     ctx.fpcr = 0x0200_0000
+    ctx.sysregs.set_by_name("VBAR_EL1", guests.LOAD_ADDR + guests.VECTORS)
+    ctx.sysregs.set_by_name("CPACR_EL1", 3 << 20)  # FP/SIMD on: the guest uses V regs
     tpidr = regs.id_of("TPIDR_EL1")
     ctx.sysregs[tpidr] = 0xFEED_FACE_CAFE_BEEF
     ctx.pstate = 0x3C5
     ctx.pc = guests.LOAD_ADDR + guests.ENTRY["regs"]
-    res = m.run(timeout=120)
-    assert res.status == 0, res.reason
+    run(m, dev)
     assert dev.writes and dev.writes[-1][0] == 0x110
     out = cpu.get_context(SyncLevel.FULL)
     assert list(out.x) == [x + i + 1 for i, x in enumerate(xs)]
@@ -119,7 +138,7 @@ def test_system_register_list_survives_pull_push(build: Any) -> None:
 
     m, dev = build()
     start_at(m, "compute")
-    assert m.run(timeout=120).status == 0
+    run(m, dev)
     cpu = m.cpus[0]
     st = plugin.cpu_state(cpu)
     listed = set(st.reg_ids)
@@ -146,26 +165,23 @@ def test_vgicv3_spi_reaches_the_guest_handler(build: Any) -> None:
     assert plugin.board_of(m).gic == "v3"
     line = m.irq(guests.TEST_SPI)
     dev.on_ready = line.raise_
+    dev.on_irq = lambda intid: line.lower()  # the device deasserts once the guest reacts
     start_at(m, "irq")
-    res = m.run(timeout=120)
-    assert res.status == 0, res.reason
+    run(m, dev)
     assert dev.irqs == [32 + guests.TEST_SPI]
-    line.lower()
 
 
 def test_arch_timer_fires(build: Any) -> None:
     m, dev = build()
     start_at(m, "timer")
-    res = m.run(timeout=120)
-    assert res.status == 0, res.reason
+    run(m, dev)
     assert dev.irqs == [27]
 
 
 def test_psci_cpu_on_brings_up_a_second_vcpu(build: Any) -> None:
     m, dev = build(cpus=2)
     start_at(m, "psci")
-    res = m.run(timeout=180)
-    assert res.status == 0, res.reason
+    res = run(m, dev)
     assert "powered off" in res.reason
     assert dev.value(0x30) == 0  # PSCI_SUCCESS
     assert (dev.value(0x40) or 0) & 0xFFFFFF == 1
@@ -175,7 +191,7 @@ def test_psci_cpu_on_brings_up_a_second_vcpu(build: Any) -> None:
 def test_system_off_ends_the_run_with_status_0(build: Any) -> None:
     m, dev = build()
     start_at(m, "sysoff")
-    res = m.run(timeout=120)
+    res = run(m, dev)
     assert res.status == 0
     assert "powered off" in res.reason
 
@@ -213,7 +229,7 @@ def test_requested_features_that_exist_initialise(build: Any) -> None:
 def test_dump_state_names_every_group(build: Any) -> None:
     m, dev = build()
     start_at(m, "compute")
-    m.run(timeout=120)
+    run(m, dev)
     text = m.cpus[0].dump_state()
     for word in ("PC ", "X30", "SP_EL1", "SPSR_FIQ", "V31", "FPCR", "SCTLR_EL1", "MPIDR_EL1",
                  "code at PC"):

@@ -15,3 +15,4 @@ TEST_SPI = 5
 ENTRY = {"compute": 0x00, "regs": 0x04, "irq": 0x08, "timer": 0x0C, "psci": 0x10,
          "sysoff": 0x14, "secondary": 0x18}
 """Entry points: offsets from the load address."""
+VECTORS = 0x800
