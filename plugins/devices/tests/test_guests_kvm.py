@@ -130,3 +130,30 @@ def test_every_pseudo_op(build, tmp_path: Path) -> None:  # type: ignore[no-unty
     assert (tmp_path / "out.txt").read_bytes() == b"guest data"
     dev = m.devices[2]
     assert dev.stats["op_work_begin"] == dev.stats["op_work_end"] == 1
+
+
+def test_fw_cfg_ports_and_dma(build) -> None:  # type: ignore[no-untyped-def]
+    result, out, _ = run(build("fw_cfg"), ["uart16550", "debug-exit",
+                                           "fw-cfg,name=opt/hello,string=world"])
+    assert result.status == 1
+    assert out[:4] == b"QEMU"
+    assert out[4] == 3  # traditional + DMA
+    d = out[5:25]
+    assert d[:4] == b"\0\0\0\x01"  # one file (big-endian count)
+    assert d[4:8] == b"\0\0\0\x05" and d[8:10] == b"\0\x20"  # size 5, selector 0x20
+    assert d[12:20] == b"opt/hell"
+    assert out[25:30] == b"world"
+    assert out[30:34] == b"QEMU"  # read by DMA
+    assert out[34:38] == bytes(4)  # control cleared: no error
+
+
+def test_kvmfw_run_default_board(tmp_path: Path) -> None:
+    kvmfw = shutil.which("kvmfw")
+    if kvmfw is None:
+        pytest.skip("the kvmfw command is not on PATH")
+    console = tmp_path / "console.txt"
+    proc = subprocess.run([kvmfw, "run", "--console", f"file:{console}", "--no-summary",
+                           "--timeout", "30"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = console.read_text()
+    assert "Hello from kvmfw" in text and "exiting with status 0" in text
