@@ -22,6 +22,7 @@ echo "KVMFW_L1 $mode in $(python3 -c 'import sys; print(sys.prefix, sys.version.
 case "$mode" in
   pytest) set -- pytest -p no:cacheprovider -rs --durations=10 "$@";;
   bench) set -- python3 benchmarks/boot.py "$@";;
+  cmd) set -- sh -c "$*";;
   *) echo "KVMFW_L1 unknown mode $mode"; exit;;
 esac
 { "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 | tee $OUT/$mode.log

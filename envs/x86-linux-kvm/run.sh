@@ -5,6 +5,8 @@
 #   envs/x86-linux-kvm/run.sh [pytest args...]      (default: tests  - i.e. tests/ of the repo)
 #   envs/x86-linux-kvm/run.sh --shell               (interactive shell in the outer guest)
 #   envs/x86-linux-kvm/run.sh --bench [args...]     (benchmarks/boot.py inside instead of pytest)
+#   envs/x86-linux-kvm/run.sh --cmd 'SHELL COMMAND'  (any command inside, in the checkout's copy;
+#                                                    $KVMFW_LINUX_GUESTS has the test guests)
 #
 # How: qemu-system-x86_64 -accel tcg -cpu EPYC emulates AMD SVM with nested paging. Debian
 # bookworm's generic kernel (linux-image-*-amd64) boots in it, loads kvm_amd and so has a
@@ -62,6 +64,7 @@ MODE=pytest
 case "${1:-}" in
   --shell) MODE=shell; shift;;
   --bench) MODE=bench; shift;;
+  --cmd) MODE=cmd; shift;;
 esac
 
 [ "$(id -u)" = 0 ] || die "needs root (apt-get, debootstrap, chroot, 9p passthrough); run it with sudo"

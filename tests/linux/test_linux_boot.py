@@ -13,6 +13,10 @@ from linuxguest import BASE_CMDLINE, FLAVORS, Boot, Interactive, make_ext4, run
 # The VMMs under test: kvmfw, and QEMU/KVM -M pc as the reference that proves the guest
 # images and the environment. KVMFW_LINUX_VMMS=kvmfw (or qemu) narrows the set.
 VMMS = os.environ.get("KVMFW_LINUX_VMMS", "kvmfw,qemu").split(",")
+# A boot takes 5-15 s here; a hung guest fails after this many seconds.
+TIMEOUT = float(os.environ.get("KVMFW_LINUX_TIMEOUT", "60"))
+# The other tests leave through `reboot -f` (reboot=k: the i8042 reset line).
+CMDLINE = f"{BASE_CMDLINE} kvmfw.exit=reboot"
 
 
 def _check_vmm(vmm: str) -> None:
@@ -32,7 +36,7 @@ def vmm(request: pytest.FixtureRequest) -> str:
 @pytest.mark.parametrize("how", ["reboot", "poweroff"])
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_boots_to_init_and_exits_cleanly(vmm: str, flavor: str, how: str) -> None:
-    r = run(Boot(vmm, flavor, f"{BASE_CMDLINE} kvmfw.exit={how}"))
+    r = run(Boot(vmm, flavor, f"{BASE_CMDLINE} kvmfw.exit={how}", timeout=TIMEOUT))
     assert r.t_marker is not None, f"no init marker\n{r.tail()}"
     assert f"KVMFW-EXIT {how}" in r.text, r.tail()
     assert r.rc == 0, f"exit status {r.rc} after `{how} -f`\n{r.tail()}"
@@ -40,7 +44,7 @@ def test_boots_to_init_and_exits_cleanly(vmm: str, flavor: str, how: str) -> Non
 
 
 def test_two_vcpus_are_online(vmm: str) -> None:
-    r = run(Boot(vmm, "cloud-amd64", f"{BASE_CMDLINE} kvmfw.test=cpus", cpus=2))
+    r = run(Boot(vmm, "cloud-amd64", f"{CMDLINE} kvmfw.test=cpus", cpus=2, timeout=TIMEOUT))
     assert "KVMFW-CPUS=2 KVMFW-ONLINE=0-1" in r.text, r.tail()
     assert r.rc == 0, r.tail()
 
@@ -48,7 +52,7 @@ def test_two_vcpus_are_online(vmm: str) -> None:
 def test_virtio_blk_mounts_ext4_and_reads_a_file_back(vmm: str, tmp_path: Path) -> None:
     payload = f"hello from an ext4 image, {os.getpid()}"
     img = make_ext4(tmp_path / "disk.img", {"hello.txt": payload.encode() + b"\n"})
-    r = run(Boot(vmm, "cloud-amd64", f"{BASE_CMDLINE} kvmfw.test=blk", disk=img))
+    r = run(Boot(vmm, "cloud-amd64", f"{CMDLINE} kvmfw.test=blk", disk=img, timeout=TIMEOUT))
     text = r.text.replace("\r", "")
     assert "KVMFW-BLK-BEGIN" in text, r.tail()
     assert f"KVMFW-BLK-BEGIN\n{payload}\nKVMFW-BLK-END" in text, r.tail()
@@ -56,9 +60,9 @@ def test_virtio_blk_mounts_ext4_and_reads_a_file_back(vmm: str, tmp_path: Path) 
 
 
 def test_interactive_console_on_a_pseudo_terminal(vmm: str) -> None:
-    s = Interactive(Boot(vmm, "cloud-amd64", f"{BASE_CMDLINE} kvmfw.test=shell"))
+    s = Interactive(Boot(vmm, "cloud-amd64", f"{CMDLINE} kvmfw.test=shell", timeout=TIMEOUT))
     try:
-        s.expect(rb"kvmfw# ", timeout=120)
+        s.expect(rb"kvmfw# ", timeout=TIMEOUT)
         s.send(b"echo h''i\r")  # the echoed command line does not contain "hi" itself
         s.expect(rb"\nhi\r*\n", timeout=30)
         s.expect(rb"kvmfw# ", timeout=30)
