@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_bool, parse_int
 from kvmfw.errors import ConfigError
 
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_int
 
 FW_CFG_SIGNATURE = 0x00

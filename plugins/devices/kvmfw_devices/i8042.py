@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, parse_int
 
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones
 
 DATA = 0

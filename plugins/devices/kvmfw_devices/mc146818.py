@@ -33,6 +33,7 @@ from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, p
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import cancel, ones, schedule_at
 
 REG_SECONDS = 0x00

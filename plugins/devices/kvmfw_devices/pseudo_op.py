@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 from kvmfw.eventq import TICKS_PER_NS
 
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_bytes, to_int
 
 WINDOW_SIZE = 0x10000

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, parse_int
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import cancel, ones, schedule_at
 from kvmfw_devices.console import ConsoleInput, ConsoleOutput
 

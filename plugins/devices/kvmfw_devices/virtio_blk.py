@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from kvmfw.device import ConfigKey, DeviceContext, parse_bool
 from kvmfw.errors import ConfigError
 
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices.virtio_mmio import Buffer, VirtioMmio
 
 VIRTIO_ID_BLOCK = 2

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, DeviceContext
 
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices.console import ConsoleInput, ConsoleOutput
 from kvmfw_devices.virtio_mmio import Buffer, VirtioMmio
 
