@@ -125,9 +125,11 @@ timer_test:
         mov     x2, #1                  /* ENABLE, not masked */
         msr     cntv_ctl_el0, x2
         isb
-wait_irq:
-1:      wfi
-        cbz     x20, 1b
+wait_irq:                               /* the handler sets x20; it may run before wfi */
+1:      cbnz    x20, 2f
+        wfi
+        b       1b
+2:
         testdev x10
         str     xzr, [x10, #0x08]       /* done */
         b       .
