@@ -164,7 +164,7 @@ class X86Context:
         self.pushes = dict.fromkeys(GROUPS, 0)
         self._valid = dict.fromkeys(GROUPS, False)
         self._dirty = dict.fromkeys(GROUPS, False)
-        self._run_key: tuple[int, int] | None = None
+        self._run_key: int | None = None
         self._regs = ffi.new("struct kvm_regs *")
         self._sregs = ffi.new("struct kvm_sregs2 *" if info.use_sregs2 else "struct kvm_sregs *")
         self._xsave = ffi.new("uint8_t[]", max(info.xsave_size, 4096))
@@ -182,8 +182,7 @@ class X86Context:
     # --- group bookkeeping -------------------------------------------------------------
 
     def _need(self, group: str) -> None:
-        st = self.cpu.stats
-        if (st.vm_exits, st.vm_half_entries) != self._run_key:
+        if self.cpu.runs != self._run_key:
             self.invalidate()  # KVM ran since we last looked, even if nobody pulled
         if not self._valid[group]:
             self.fetch(group)
@@ -291,7 +290,7 @@ class X86Context:
 
     def invalidate(self) -> None:
         """KVM ran: every group without unpushed writes is stale (fetched on next read)."""
-        key = (self.cpu.stats.vm_exits, self.cpu.stats.vm_half_entries)
+        key = self.cpu.runs
         if key == self._run_key:
             return
         self._run_key = key

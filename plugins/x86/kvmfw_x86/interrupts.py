@@ -6,6 +6,14 @@ convention, base 0x20) on the boot CPU; :meth:`UserspaceInterrupts.post` and
 (``deliver_interrupts``): NMIs with ``KVM_NMI``, vectors with ``KVM_INTERRUPT`` when KVM
 says the guest can take one, otherwise an interrupt window is requested and delivery
 happens on ``KVM_EXIT_IRQ_WINDOW_OPEN``. A halted CPU is woken by the post.
+
+INIT and SIPI (from the userspace local APICs, :mod:`kvmfw_x86.lapic`) follow gem5: INIT
+suspends the CPU and resets it to the INIT state, where it waits for a SIPI and takes no
+interrupt; SIPI starts it in real mode at ``vector << 8 : 0``. Both are applied at once
+when the target is not inside KVM (not started, or halted); a running target is kicked
+and applies them itself before its next entry. A CPU INITed while running cannot skip
+that entry (the core always enters after ``deliver_interrupts``), so it is parked on a
+``hlt`` loop at :data:`PARK_ADDR` (the PC reset vector's real-mode alias) and halts there.
 """
 
 from __future__ import annotations
@@ -16,6 +24,28 @@ from typing import Any
 from kvmfw.device import CallbackIrqLine
 
 from kvmfw_x86.abi import X, addr, ffi
+from kvmfw_x86.context import Segment
+
+PARK_ADDR = 0xFFFF0
+PARK_CODE = b"\xf4\xeb\xfd"  # 1: hlt; jmp 1b
+
+
+def reset_to_init(ctx: Any, cs: int = 0xF000, ip: int = 0xFFF0) -> None:
+    """The architectural INIT state (real mode at ``cs:ip``, caches on, paging off;
+    general registers, MSRs and the APIC base are left as they were)."""
+    ctx.cs = Segment(base=cs << 4, limit=0xFFFF, selector=cs, type=11)
+    for s in ("ds", "es", "fs", "gs", "ss"):
+        setattr(ctx, s, Segment(base=0, limit=0xFFFF, selector=0, type=3))
+    ctx.tr = Segment(base=0, limit=0xFFFF, selector=0, type=11, s=0)
+    ctx.ldt = Segment(base=0, limit=0xFFFF, selector=0, type=2, s=0)
+    ctx.gdt = (0, 0xFFFF)
+    ctx.idt = (0, 0xFFFF)
+    ctx.cr0 = 0x10  # ET (caches enabled: kvmfw does not model CD/NW)
+    ctx.cr3 = 0
+    ctx.cr4 = 0
+    ctx.efer = 0
+    ctx.rflags = 2
+    ctx.rip = ip
 
 
 class UserspaceInterrupts:
@@ -29,6 +59,10 @@ class UserspaceInterrupts:
         self.delivered: list[tuple[int, int]] = []
         """``(cpu id, vector)`` of every injection (2 for NMI), for tests and stats."""
         self._irq = ffi.new("struct kvm_interrupt *")
+        self.waiting_for_sipi: set[int] = set()
+        """CPUs in the INIT state (suspended until a SIPI)."""
+        self._init_pending: set[int] = set()
+        self._sipi_pending: dict[int, int] = {}
 
     def line(self, number: int, cpu: int = 0) -> CallbackIrqLine:
         """An IRQ line: a rising edge posts ``base + number`` to ``cpu``."""
@@ -46,8 +80,63 @@ class UserspaceInterrupts:
         self.nmis[cpu_id] = self.nmis.get(cpu_id, 0) + 1
         self.machine.cpus[cpu_id].post_interrupt()
 
+    # --- INIT / SIPI ---------------------------------------------------------------
+
+    def init(self, cpu_id: int) -> None:
+        """INIT: suspend ``cpu_id`` in the INIT state until a SIPI (pending vectors go)."""
+        self.waiting_for_sipi.add(cpu_id)
+        self.pending.pop(cpu_id, None)
+        self._sipi_pending.pop(cpu_id, None)
+        cpu = self.machine.cpus[cpu_id]
+        if cpu.status.value == "Idle":
+            self._apply_init(cpu, parked=False)
+        else:
+            self._init_pending.add(cpu_id)
+            cpu.post_interrupt()
+
+    def sipi(self, cpu_id: int, vector: int) -> None:
+        """STARTUP: a CPU waiting in the INIT state starts at ``vector << 8 : 0``."""
+        if cpu_id not in self.waiting_for_sipi:
+            return  # a running CPU ignores SIPIs (the second SIPI of the MP sequence)
+        self.waiting_for_sipi.discard(cpu_id)
+        cpu = self.machine.cpus[cpu_id]
+        if cpu.status.value == "Idle" and cpu_id not in self._init_pending:
+            self._apply_sipi(cpu, vector)
+        else:
+            self._sipi_pending[cpu_id] = vector
+            cpu.post_interrupt()
+
+    def _apply_init(self, cpu: Any, *, parked: bool) -> None:
+        ctx = cpu.get_context()
+        if parked:
+            self.machine.memory.write(PARK_ADDR, PARK_CODE)
+        reset_to_init(ctx)
+        if ctx.info.has_events:
+            ctx.set_event("nmi", pending=0, injected=0)
+        cpu.interrupt_pending = False
+        if not parked:
+            cpu.suspend()
+            cpu.halted = False  # only a SIPI starts it
+
+    def _apply_sipi(self, cpu: Any, vector: int) -> None:
+        ctx = cpu.get_context()
+        reset_to_init(ctx, cs=vector << 8, ip=0)
+        cpu.halted = False
+        cpu.activate()
+
     def deliver(self, cpu: Any) -> bool:
         run = cpu.vcpu.run
+        if cpu.id in self._init_pending:  # we are about to enter KVM: park on hlt
+            self._init_pending.discard(cpu.id)
+            self._apply_init(cpu, parked=True)
+        if cpu.id in self._sipi_pending:
+            self._apply_sipi(cpu, self._sipi_pending.pop(cpu.id))
+        if cpu.id in self.waiting_for_sipi:
+            self.nmis.pop(cpu.id, None)
+            self.pending.pop(cpu.id, None)
+            run.request_interrupt_window = 0
+            cpu.interrupt_pending = False
+            return True
         if self.nmis.get(cpu.id):
             self.nmis[cpu.id] -= 1
             cpu.vcpu.nmi()

@@ -42,6 +42,8 @@ EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 
 MULTIBOOT_MAGIC = 0x1BADB002
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
+BOOT_LOADER_NAME = b"qemu"
+"""The multiboot boot loader name, as QEMU's ``-kernel`` reports it."""
 E820_RAM, E820_RESERVED = 1, 2
 
 
@@ -249,6 +251,15 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
     return bits, entry, segs
 
 
+def install_firmware_tables(machine: Any) -> None:
+    """What a PC BIOS leaves in 0xF0000-0xFFFFF for an SMP guest: the MP tables (and the
+    ACPI RSDP/RSDT/MADT/FADT/DSDT unless the ``acpi`` option is off). Written before the
+    image, so an image that loads there wins."""
+    from kvmfw_x86 import mptable
+
+    mptable.install(machine)
+
+
 def _load_segments(machine: Any, segs: list[_Segment]) -> tuple[int, int]:
     lo, hi = min(s.paddr for s in segs), max(s.paddr + s.memsz for s in segs)
     for s in segs:
@@ -270,6 +281,7 @@ def _phys_entry(entry: int, segs: list[_Segment]) -> int:
 def load_elf(machine: Any, data: bytes) -> None:
     """ELF32 -> 32-bit protected mode; ELF64 -> 64-bit long mode (identity-mapped)."""
     bits, entry, segs = parse_elf(data)
+    install_firmware_tables(machine)
     _load_segments(machine, segs)
     entry = _phys_entry(entry, segs)
     if bits == 64:
@@ -332,6 +344,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
             raise ImageError(f"truncated multiboot image: needs {start + size:#x} bytes, "
                              f"the file has {len(data):#x}")
         kernel_end = max(load_addr + size, bss_end)
+        install_firmware_tables(machine)
         write(machine, load_addr, data[start:start + size] +
               bytes(max(bss_end - load_addr - size, 0)), "multiboot kernel")
         lo, hi = load_addr, kernel_end
@@ -342,6 +355,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
         if bits != 32:
             raise ImageError("multiboot kernels must be ELF32 containers (as QEMU requires; "
                              "64-bit code inside an ELF32 is fine)")
+        install_firmware_tables(machine)
         lo, hi = _load_segments(machine, segs)
         entry = _phys_entry(entry, segs)
     mem = machine.memory
@@ -367,7 +381,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
         if options.get("cmdline") is not None else str(image)
     cmd_addr = put(cmdline.encode() + b"\0")
     mod_cmds = [put(spec.encode() + b"\0") for _, _, spec in mods]
-    name_addr = put(b"kvmfw\0")
+    name_addr = put(BOOT_LOADER_NAME + b"\0")
     cursor = (cursor + 15) & ~15
     mods_addr = put(b"".join(struct.pack("<4I", s, e, c, 0)
                              for (s, e, _), c in zip(mods, mod_cmds, strict=True))) \
@@ -456,9 +470,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t
     bp.e820_entries = len(e820)
     write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
-    from kvmfw_x86 import mptable
-
-    mptable.install(machine)  # CPUs, IO-APIC and ISA routing for a guest without ACPI
+    install_firmware_tables(machine)  # CPUs, IO-APIC and ISA routing
     enter_long_mode(machine, load_at + 0x200, sse=False)
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR

@@ -27,6 +27,7 @@ from kvmfw_x86 import cpuid as cpuid_mod
 from kvmfw_x86.abi import X, addr, ffi, lib
 from kvmfw_x86.context import CpuInfo, X86Context
 from kvmfw_x86.interrupts import UserspaceInterrupts
+from kvmfw_x86.lapic import LAPIC_ADDR, LAPIC_SIZE, UserspaceLapics, per_cpu_address
 from kvmfw_x86.pio import PortIo
 
 log = logging.getLogger("kvmfw.x86")
@@ -54,6 +55,9 @@ class X86Machine:
             cpuid_mod.CpuidModel.from_options(model)
         self.pio = PortIo(machine)
         self.interrupts = UserspaceInterrupts(machine)
+        self.lapics: UserspaceLapics | None = None
+        if self.irqchip == "userspace":
+            self.lapics = UserspaceLapics(machine, self.interrupts, machine.config.cpus)
         self._cpuid: list[cpuid_mod.CpuidEntry] | None = None
         self._info: CpuInfo | None = None
         self.tsc_khz = 0
@@ -162,6 +166,17 @@ class X86Plugin:
             from kvmfw.abi import ioctl
 
             ioctl(vm.fd, X.KVM_CREATE_PIT2, addr(pit), "in-kernel PIT")
+        elif st.lapics is not None:
+            from kvmfw.device import Range
+
+            from kvmfw_x86.lapic import PERCPU_BASE
+
+            machine.map_device(Range("mmio", PERCPU_BASE, st.lapics.size, "lapic"), st.lapics)
+
+    @hookimpl
+    def machine_created(self, machine: Any) -> None:
+        if self.state(machine).irqchip == "kernel" and len(machine.cpus) > 1:
+            refresh_apic_map(machine)
 
     @hookimpl
     def vcpu_init(self, cpu: Any) -> None:
@@ -201,6 +216,14 @@ class X86Plugin:
     @hookimpl
     def handle_exit_io(self, cpu: Any, io: Any) -> bool:
         return self.state(cpu.machine).pio.handle(cpu, io)
+
+    @hookimpl
+    def finalize_mmio_address(self, cpu: Any, address: int) -> int | None:
+        """Userspace irqchip: the APIC page is per CPU (gem5's ``x86LocalAPICAddress``)."""
+        if LAPIC_ADDR <= address < LAPIC_ADDR + LAPIC_SIZE and \
+                self.state(cpu.machine).lapics is not None:
+            return per_cpu_address(cpu.id, address)
+        return None
 
     @hookimpl
     def deliver_interrupts(self, cpu: Any) -> bool:
@@ -254,12 +277,9 @@ class X86Plugin:
     @hookimpl
     def kvm_run_drain(self, cpu: Any) -> bool:
         """Ask for an interrupt window and run up to 1 ms so KVM delivers what is pending."""
-        run_slice = getattr(cpu, "_run_slice", None)
-        if run_slice is None:
-            return False
         cpu.vcpu.run.request_interrupt_window = 1
         try:
-            run_slice(1_000_000_000)  # 1 ms in ticks
+            cpu.run_slice(1_000_000_000)  # 1 ms in ticks
         finally:
             cpu.vcpu.run.request_interrupt_window = 0
         return True
@@ -281,6 +301,22 @@ class X86Plugin:
         from kvmfw_x86.dump import dump
 
         return dump(cpu)
+
+
+def refresh_apic_map(machine: Any) -> None:
+    """Write each in-kernel local APIC back (``KVM_GET_LAPIC``/``KVM_SET_LAPIC``), as QEMU
+    does at reset.
+
+    KVM routes physically addressed IPIs (Linux's and the MP spec's INIT/SIPI) through an
+    APIC-id map that it rebuilds when an APIC's id, base or enable bit changes. Each
+    vCPU's reset rebuilds it while that vCPU is being created and not yet visible, so
+    the last vCPU is never in the map: an INIT sent to it by APIC id is dropped silently
+    (shorthand IPIs, which skip the map, still arrive). ``KVM_SET_LAPIC`` rebuilds it.
+    """
+    for cpu in machine.cpus:
+        state = ffi.new("struct kvm_lapic_state *")
+        cpu.vcpu.ioctl(X.KVM_GET_LAPIC, addr(state), "KVM_GET_LAPIC")
+        cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(state), "KVM_SET_LAPIC")
 
 
 def host_tsc_khz() -> int:

@@ -1,0 +1,116 @@
+"""Local APICs in userspace (``irqchip=userspace``): enough of the xAPIC for SMP bring-up
+and IPIs, as gem5's X86KvmCPU does it without an in-kernel irqchip.
+
+Guest accesses to the APIC page (``0xFEE00000``) exit as MMIO; ``finalize_mmio_address``
+moves them to a per-CPU page at :data:`PERCPU_BASE` (gem5's ``x86LocalAPICAddress``), so
+one :class:`UserspaceLapics` device knows which CPU touched it. Registers: ID, version,
+TPR, LDR/DFR, SVR, ESR, LVTs and ICR are stored; EOI is accepted. A write of the ICR's low
+half sends an IPI: fixed/lowest-priority vectors and NMIs go to
+:class:`~kvmfw_x86.interrupts.UserspaceInterrupts`, INIT and STARTUP (SIPI) to its
+``init``/``sipi`` (gem5's rule: INIT suspends the CPU and resets it to its INIT state,
+SIPI starts it in real mode at ``vector << 8 : 0``). No APIC timer is modelled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LAPIC_ADDR = 0xFEE00000
+LAPIC_SIZE = 0x1000
+PERCPU_BASE = 0x2000_0000_0000_0000
+"""Where CPU ``n``'s APIC page appears on the bus: ``PERCPU_BASE + n * 0x1000``."""
+
+APIC_ID, APIC_VERSION, APIC_LDR, APIC_DFR, APIC_SVR = 0x20, 0x30, 0xD0, 0xE0, 0xF0
+APIC_ICR_LO, APIC_ICR_HI = 0x300, 0x310
+DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_STARTUP = 0, 1, 2, 4, 5, 6
+VERSION = 0x00050014
+"""An integrated APIC (version 0x14) with 6 LVT entries, as KVM's."""
+
+
+def per_cpu_address(cpu_id: int, gpa: int) -> int | None:
+    """The bus address for CPU ``cpu_id``'s access to ``gpa``, or None outside the page."""
+    off = gpa - LAPIC_ADDR
+    if 0 <= off < LAPIC_SIZE:
+        return PERCPU_BASE + cpu_id * LAPIC_SIZE + off
+    return None
+
+
+class UserspaceLapics:
+    """The APIC pages of every CPU (a bus device at :data:`PERCPU_BASE`)."""
+
+    name = "lapic"
+
+    def __init__(self, machine: Any, interrupts: Any, ncpus: int) -> None:
+        self.machine = machine
+        self.interrupts = interrupts
+        self.regs: list[dict[int, int]] = [self._reset_regs(i) for i in range(ncpus)]
+        self.ipis: list[tuple[int, int, int, int]] = []
+        """``(sender, target, delivery mode, vector)`` of every IPI sent, for tests."""
+
+    @staticmethod
+    def _reset_regs(cpu_id: int) -> dict[int, int]:
+        regs = {APIC_ID: cpu_id << 24, APIC_VERSION: VERSION, APIC_DFR: 0xFFFFFFFF,
+                APIC_SVR: 0xFF}
+        for lvt in (0x320, 0x330, 0x340, 0x350, 0x360, 0x370):
+            regs[lvt] = 0x10000  # masked
+        return regs
+
+    @property
+    def size(self) -> int:
+        return len(self.regs) * LAPIC_SIZE
+
+    def read(self, offset: int, size: int) -> bytes:
+        cpu, reg = divmod(offset, LAPIC_SIZE)
+        val = self.regs[cpu].get(reg & 0xFF0, 0) if cpu < len(self.regs) else 0
+        return (val >> 8 * (reg & 3)).to_bytes(4, "little")[:size]
+
+    def write(self, offset: int, data: bytes) -> None:
+        cpu, reg = divmod(offset, LAPIC_SIZE)
+        if cpu >= len(self.regs):
+            return
+        reg &= 0xFF0
+        val = int.from_bytes(data[:4].ljust(4, b"\0"), "little")
+        if reg in (APIC_VERSION, 0xB0):  # read-only; EOI has nothing to retire here
+            return
+        if reg == APIC_ICR_LO:
+            val &= ~(1 << 12)  # delivery status: always idle
+        self.regs[cpu][reg] = val
+        if reg == APIC_ICR_LO:
+            self.send_ipi(cpu, val, self.regs[cpu].get(APIC_ICR_HI, 0))
+
+    def apic_id(self, cpu: int) -> int:
+        return self.regs[cpu][APIC_ID] >> 24
+
+    def destinations(self, sender: int, low: int, high: int) -> list[int]:
+        """The CPUs an ICR value addresses (shorthand, physical or flat logical mode)."""
+        shorthand = low >> 18 & 3
+        everyone = range(len(self.regs))
+        if shorthand == 1:
+            return [sender]
+        if shorthand == 2:
+            return list(everyone)
+        if shorthand == 3:
+            return [c for c in everyone if c != sender]
+        dest = high >> 24
+        if low & (1 << 11):  # logical, flat model: a bit per CPU in the LDR
+            return [c for c in everyone if (self.regs[c].get(APIC_LDR, 0) >> 24) & dest]
+        return [c for c in everyone if dest == 0xFF or self.apic_id(c) == dest]
+
+    def send_ipi(self, sender: int, low: int, high: int) -> None:
+        mode, vector = low >> 8 & 7, low & 0xFF
+        if mode == DM_INIT and not low & (1 << 14) and low & (1 << 15):
+            return  # INIT level de-assert: nothing to do (as KVM)
+        irq = self.interrupts
+        for target in self.destinations(sender, low, high):
+            self.ipis.append((sender, target, mode, vector))
+            if mode in (DM_FIXED, DM_LOWEST):
+                irq.post(target, vector)
+            elif mode == DM_NMI:
+                irq.nmi(target)
+            elif mode == DM_INIT:
+                irq.init(target)
+                self.regs[target] = self._reset_regs(target) | {
+                    APIC_ID: self.regs[target][APIC_ID]}
+            elif mode == DM_STARTUP:
+                irq.sipi(target, vector)
+            # SMI and reserved modes are dropped
