@@ -252,12 +252,14 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
 
 
 def install_firmware_tables(machine: Any) -> None:
-    """What a PC BIOS leaves in 0xF0000-0xFFFFF for an SMP guest: the MP tables (and the
-    ACPI RSDP/RSDT/MADT/FADT/DSDT unless the ``acpi`` option is off). Written before the
-    image, so an image that loads there wins."""
-    from kvmfw_x86 import mptable
+    """What a PC BIOS leaves in 0xF0000-0xFFFFF for an SMP guest: the MP tables, and with
+    the machine option ``acpi=on`` the ACPI RSDP/RSDT/MADT. Written before the image, so
+    an image that loads there wins."""
+    from kvmfw_x86 import acpi, mptable
 
     mptable.install(machine)
+    if acpi.enabled(machine):
+        acpi.install(machine)
 
 
 def _load_segments(machine: Any, segs: list[_Segment]) -> tuple[int, int]:

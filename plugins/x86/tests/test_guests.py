@@ -64,6 +64,8 @@ def test_multiboot_like_qemu(machine_factory, tmp_path: Path) -> None:
     mods_addr = int.from_bytes(mbi[24:28], "little")
     mod_cmd = int.from_bytes(m.memory.read(mods_addr + 8, 4), "little")
     assert m.memory.read(mod_cmd, len(f"{mod} modarg")) == f"{mod} modarg".encode()
+    name_addr = int.from_bytes(mbi[64:68], "little")
+    assert m.memory.read(name_addr, 5) == b"qemu\0"  # the boot loader name QEMU reports
 
 
 class FakeUart:
