@@ -403,13 +403,14 @@ class VirtioMmio(Device):
     def gather(self, buffers: list[Buffer]) -> bytes:
         """All device-readable bytes of a chain (already checked against RAM)."""
         mem = self.ctx.memory
-        return b"".join(mem.read(b.addr, b.length) for b in buffers if not b.writable)
+        return b"".join(mem.read(b.addr, b.length) for b in buffers
+                        if not b.writable and b.length)
 
     def scatter(self, buffers: list[Buffer], data: bytes) -> int:
         """Write ``data`` into the chain's device-writable buffers; returns bytes written."""
         mem, done = self.ctx.memory, 0
         for b in buffers:
-            if not b.writable or done >= len(data):
+            if not b.writable or not b.length or done >= len(data):
                 continue
             n = min(b.length, len(data) - done)
             mem.write(b.addr, data[done:done + n])

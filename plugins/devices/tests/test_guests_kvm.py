@@ -157,3 +157,18 @@ def test_kvmfw_run_default_board(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     text = console.read_text()
     assert "Hello from kvmfw" in text and "exiting with status 0" in text
+
+
+def test_third_party_device_from_kvmfw_run(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from third_party import make_third_party
+
+    kvmfw = shutil.which("kvmfw")
+    if kvmfw is None:
+        pytest.skip("the kvmfw command is not on PATH")
+    env = make_third_party(tmp_path)
+    proc = subprocess.run([kvmfw, "run", "--no-default-devices", "--no-summary",
+                           "--device", "uart16550", "--device", "acme-stopper,code=0x2a",
+                           "--kernel", str(build("uart_poll")), "--console", "none",
+                           "--timeout", "30"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0x2A, proc.stderr

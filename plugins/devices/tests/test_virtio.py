@@ -180,3 +180,12 @@ def test_console_transmit_and_receive(h: Harness) -> None:
     assert h.ctx.memory.read(STATUS, 2) == b"ed"
     assert [n for _, n in drv.used(0)] == [3, 2]
     assert con.read(0x100, 4) == bytes(4)
+
+
+def test_zero_length_descriptor_outside_ram_is_not_touched(h: Harness, blk: VirtioBlk) -> None:
+    drv = Driver(blk, h.ctx.memory)
+    drv.start(1)
+    h.ctx.memory.write(HDR, struct.pack("<IIQ", b.T_FLUSH, 0, 0))
+    drv.post(0, [(HDR, 16, False), (RAM_SIZE + 1, 0, False), (STATUS, 1, True)])
+    assert not blk.broken
+    assert h.ctx.memory.read(STATUS, 1) == bytes((b.S_OK,))
