@@ -22,10 +22,11 @@ Window layout (default base ``0xffff0000``, gem5's x86 ``M5OP_ADDR``; 64 KiB)::
 Addresses are guest-physical and checked against guest RAM; an address inside the window's
 own BUFFER refers to it, which is how a Linux program that maps the window through
 ``/dev/mem`` (``guest/kvmfwop.c``) passes data without knowing physical addresses. Host files
-live in the directory named by ``dir``; names that are absolute or escape it (``..``,
-symlinks) are refused. A failed operation returns all ones. Stats, checkpoints and work
-markers go to the machine services ``dump_stats``, ``reset_stats``, ``checkpoint``,
-``work_begin`` and ``work_end`` (``ctx.services``), when the machine provides them.
+live in the directory named by ``dir`` (or the machine option ``pseudo_op_dir``); names
+that are absolute or escape it (``..``, symlinks) are refused. A failed operation returns
+all ones. Stats, checkpoints and work markers go to the machine services ``dump_stats``,
+``reset_stats``, ``checkpoint``, ``work_begin`` and ``work_end`` (``ctx.services``), when
+the machine provides them.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class PseudoOp(Device):
     config: ClassVar[dict[str, ConfigKey]] = {
         "base": ConfigKey(parse_int, 0xFFFF0000, "MMIO base of the 64 KiB window"),
         "dir": ConfigKey(_opt_path, None,
-                         "host directory for readfile/writefile (unset: file ops refused)"),
+                         "host directory for readfile/writefile (default: the machine option "
+                         "pseudo_op_dir; unset: file ops refused)"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
@@ -232,7 +234,7 @@ class PseudoOp(Device):
         return None
 
     def _host_path(self, name_addr: int) -> Path | None:
-        root = self.params["dir"]
+        root = self.params["dir"] or self.ctx.options.get("pseudo_op_dir")
         name = self._guest_string(name_addr)
         if root is None or not name:
             return None

@@ -166,3 +166,12 @@ def test_guest_sources_build(tmp_path: Path) -> None:
                    check=True)
     usage = subprocess.run([str(tmp_path / "kvmfwop")], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: kvmfwop" in usage.stderr
+
+
+def test_directory_from_machine_option(h: Harness, tmp_path: Path) -> None:
+    h.ctx.options["pseudo_op_dir"] = str(tmp_path)
+    dev = PseudoOp(h.ctx)
+    put_string(h, 0x1000, "opt.txt")
+    h.ctx.memory.write(0x3000, b"yes")
+    assert call(dev, p.OP_WRITE_FILE, 0x3000, 3, 0, 0x1000) == 3
+    assert (tmp_path / "opt.txt").read_bytes() == b"yes"

@@ -243,3 +243,29 @@ def test_reset_returns_to_power_on_state(uart: Uart16550) -> None:
     uart.enqueue(b"abc")
     uart.reset()
     assert uart.save() == fresh
+
+
+def test_input_from_a_unix_socket(h: Harness, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import time
+
+    path = str(tmp_path / "console.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    dev = Uart16550(h.ctx, input=f"unix:{path}")
+    conn, _ = server.accept()
+    conn.sendall(b"sock")
+    deadline = time.monotonic() + 5
+    while len(dev.rx_fifo) + len(dev.host_queue) < 4 and time.monotonic() < deadline:
+        h.ctx.eventq.service_due()
+        time.sleep(0.01)
+    assert bytes(rd(dev, u.RBR) for _ in range(4)) == b"sock"
+    dev.close()
+    conn.close()
+    server.close()
+
+
+def test_unreachable_socket_is_a_config_error(h: Harness, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="cannot connect"):
+        Uart16550(h.ctx, input=f"unix:{tmp_path / 'nobody'}")
