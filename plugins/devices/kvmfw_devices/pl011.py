@@ -125,13 +125,13 @@ class Pl011(Device):
 
     def enqueue(self, data: bytes) -> None:
         """Host bytes: queued and moved into the receive FIFO as room allows."""
-        if self.cr & CR_LBE:
-            return  # the serial input is disconnected in loopback
         self.host_queue.extend(data)
         self._refill()
         self._update_irq()
 
     def _refill(self) -> None:
+        if self.cr & CR_LBE:
+            return  # in loopback the serial input is disconnected: host bytes wait
         while self.host_queue and len(self.rx_fifo) < self.rx_capacity:
             self._push_rx(self.host_queue.popleft())
 

@@ -145,8 +145,6 @@ class Uart16550(Device):
 
     def enqueue(self, data: bytes) -> None:
         """Bytes typed on the host: queued and moved into the receive FIFO as room allows."""
-        if self.mcr & MCR_LOOP:
-            return  # in loopback the serial input is disconnected
         self.host_queue.extend(data)
         self._refill()
         self._update_irq()
@@ -164,6 +162,8 @@ class Uart16550(Device):
         return TRIGGER_LEVELS[self.fcr >> 6] if self.fifo_enabled else 1
 
     def _refill(self) -> None:
+        if self.mcr & MCR_LOOP:
+            return  # in loopback the serial input is disconnected: host bytes wait
         while self.host_queue and len(self.rx_fifo) < self.rx_capacity:
             self.rx_fifo.append(self.host_queue.popleft())
             self.stats["rx_bytes"] += 1

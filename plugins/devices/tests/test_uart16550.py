@@ -161,9 +161,11 @@ def test_loopback_echoes_and_overruns(uart: Uart16550, h: Harness) -> None:
     assert lsr & u.LSR_OE
     assert not rd(uart, u.LSR) & u.LSR_OE  # cleared by reading LSR
     assert uart.stats["overruns"] == 1
-    uart.enqueue(b"ignored")  # the serial input is disconnected in loopback
+    uart.enqueue(b"later")  # the serial input is disconnected in loopback: bytes wait
     assert rd(uart, u.RBR) == 1
     assert not rd(uart, u.LSR) & u.LSR_DR
+    wr(uart, u.MCR, 0)
+    assert bytes(rd(uart, u.RBR) for _ in range(5)) == b"later"
 
 
 def test_loopback_fifo_overrun_after_sixteen(uart: Uart16550) -> None:
