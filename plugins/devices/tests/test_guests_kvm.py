@@ -147,16 +147,21 @@ def test_fw_cfg_ports_and_dma(build) -> None:  # type: ignore[no-untyped-def]
     assert out[34:38] == bytes(4)  # control cleared: no error
 
 
-def test_kvmfw_run_default_board(tmp_path: Path) -> None:
+def test_kvmfw_run_default_board(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``kvmfw run`` with no --device builds the default x86 board from kvmfw-devices."""
     kvmfw = shutil.which("kvmfw")
     if kvmfw is None:
         pytest.skip("the kvmfw command is not on PATH")
     console = tmp_path / "console.txt"
-    proc = subprocess.run([kvmfw, "run", "--console", f"file:{console}", "--no-summary",
-                           "--timeout", "30"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    text = console.read_text()
-    assert "Hello from kvmfw" in text and "exiting with status 0" in text
+    proc = subprocess.run([kvmfw, "run", "--kernel", str(build("board")), "--console",
+                           f"file:{console}", "--no-summary", "--timeout", "30"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 5, proc.stderr  # pseudo-op exit(5)
+    out = console.read_bytes()
+    assert out[0] == 0x80  # RTC register D
+    assert out[1] & 0x10  # i8042: keyboard not inhibited
+    assert out[2:6] == b"QEMU"  # fw_cfg
+    assert out[6:10] == (0x00081B36).to_bytes(4, "little")  # PCI host bridge
 
 
 def test_third_party_device_from_kvmfw_run(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
