@@ -112,12 +112,14 @@ class PciFunction:
     def reset(self) -> None:
         self.config[:] = self.power_on
 
-    def read(self, offset: int, size: int) -> int:
+    def cfg_read(self, offset: int, size: int) -> int:
+        """Configuration-space read (offset and size already checked by the host)."""
         if offset >= CFG_SIZE:
             return 0  # extended configuration space: nothing there
         return to_int(self.config[offset:offset + size])
 
-    def write(self, offset: int, size: int, value: int) -> None:
+    def cfg_write(self, offset: int, size: int, value: int) -> None:
+        """Configuration-space write through the write masks (status bits: write 1 to clear)."""
         if offset >= CFG_SIZE:
             return
         for i in range(size):
@@ -233,7 +235,7 @@ class PciHost(Device):
         f = self._function(bus, dev, fn)
         if f is None or size not in (1, 2, 4) or offset % size:
             return (1 << (8 * size)) - 1
-        return f.read(offset, size)
+        return f.cfg_read(offset, size)
 
     def config_write(self, bus: int, dev: int, fn: int, offset: int, size: int,
                      value: int) -> None:
@@ -241,7 +243,7 @@ class PciHost(Device):
         self.stats["config_writes"] += 1
         f = self._function(bus, dev, fn)
         if f is not None and size in (1, 2, 4) and not offset % size:
-            f.write(offset, size, value)
+            f.cfg_write(offset, size, value)
 
     # --- the MMIO aperture: ECAM and BARs ---------------------------------------------------
 
