@@ -249,11 +249,7 @@ def _run(cfg: dict[str, Any]) -> int:
                                   "give one with --kernel FILE")
         elif not Path(kernel).is_file():
             raise ImageError(f"kernel {kernel} does not exist or is not a file")
-        loaded = machine.hooks.call("load_guest", machine=machine, image=str(kernel),
-                                    options=options)
-        if not loaded:
-            raise ImageError(f"{kernel}: the {machine.arch} plugin does not recognise this "
-                             "image format (use --load-addr for a flat binary)")
+        machine.load_guest(str(kernel), **options)
         result = machine.run(timeout=cfg.get("timeout"), max_ticks=cfg.get("max_ticks"))
         console.flush()
         if cfg.get("stats"):

@@ -392,6 +392,8 @@ class KvmCPU:
                     self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
             else:
                 self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+            if self.status is IDLE:
+                return  # delivery suspended the CPU (x86 INIT): do not enter KVM
         timer = self._timer
         if timer is not None:
             if ticks is None:
@@ -433,6 +435,8 @@ class KvmCPU:
             if r != _EINTR and r != _EAGAIN:
                 raise KvmError("KVM_RUN", -r, self._dump_suffix())
             reason = ExitReason.INTR
+            if self._run.immediate_exit:  # a kick that came while no thread was bound
+                self._run.immediate_exit = 0
         else:
             reason = self._run.exit_reason
         self.last_exit = reason

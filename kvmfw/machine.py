@@ -99,6 +99,8 @@ class Machine:
         self.exit_status = 0
         self.exit_reason = ""
         self._irq_lines: dict[int, IrqLine] = {}
+        self.arch_state: Any = None
+        """A slot for the arch plugin's per-machine state (interrupt model, tables, ...)."""
         self._closed = False
         self._owns_kvm = kvm is None
         self.kvm: Kvm | None = None
@@ -204,6 +206,17 @@ class Machine:
         self.stats.add(f"system.{device.name}{len(self.devices) - 1}",
                        functools.partial(_device_stats, device), None)
         return device
+
+    def load_guest(self, image: str, **options: Any) -> None:
+        """Load a guest image through the arch plugin (``load_guest`` hook) and set the boot
+        CPU's entry state; ``options`` as the hook documents (``load_addr``, ``cmdline``,
+        ``initrd``, ...). Raises :class:`~kvmfw.errors.ImageError` if no plugin takes it."""
+        from kvmfw.errors import ImageError
+
+        merged = {**self.config.options, **options}
+        if not self.hooks.call("load_guest", machine=self, image=str(image), options=merged):
+            raise ImageError(f"{image}: the {self.arch} plugin does not recognise this image "
+                             "format (give load_addr to load a flat binary)")
 
     def map_device(self, range_: Range, device: Any) -> None:
         """Map any object with ``read``/``write`` on the bus (test devices, glue)."""
