@@ -8,7 +8,7 @@ semantics; this machine's own kvm_pvm cannot boot stock Linux):
 
 Runs alternate between the VMMs (run 1 of each, then run 2 of each, ...). For each VMM it
 prints the median time from process start to the init marker (KVMFW-INIT-OK on the 16550
-console) and to the process exit (`poweroff -f`), the ratios kvmfw/QEMU, and the peak RSS of
+console) and to the process exit (`reboot -f`), the ratios kvmfw/QEMU, and the peak RSS of
 the VMM process (for kvmfw also minus guest RAM). Exit status: 0 when every boot reached the
 marker and exited 0, 1 otherwise, 2 when Linux guests are not available here.
 """
