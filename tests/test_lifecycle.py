@@ -91,3 +91,39 @@ def test_file_backed_private_region_is_copy_on_write(tmp_path: Path) -> None:
     assert img.read_bytes()[:1] == b"A"  # the file never changes
     with pytest.raises(GuestMemoryError, match="cannot open"):
         MemoryRegion.from_file(0, tmp_path / "missing.img")
+
+
+@needs_kvm
+def test_in_kernel_device_attributes() -> None:
+    import errno
+
+    from kvmfw.errors import KvmError
+
+    kvm_dev_type_vfio, group, add = 4, 1, 1  # KVM_DEV_TYPE_VFIO, KVM_DEV_VFIO_GROUP(_ADD)
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        try:
+            dev = vm.create_device(kvm_dev_type_vfio)
+        except KvmError as exc:
+            if exc.errno == errno.ENODEV:
+                pytest.skip("this KVM has no in-kernel VFIO device (KVM_DEV_TYPE_VFIO)")
+            raise
+        assert dev.fd >= 0
+        assert dev.has_attr(group, add) and not dev.has_attr(7, 7)
+        with pytest.raises(KvmError) as info:
+            dev.set_attr(group, add, 0xFFFFFFFF, size=4)  # fd -1: not a VFIO group
+        assert info.value.ioctl == "KVM_SET_DEVICE_ATTR"
+        assert info.value.errno == errno.EBADF
+        assert "group 1 attr 0x1" in str(info.value)
+    assert dev.fd == -1  # closed with the VM
+
+
+@needs_kvm
+def test_memory_slot_limit_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        monkeypatch.setattr(type(kvm), "nr_memslots", 2)
+        vm.add_ram(0, 0x1000)
+        vm.add_ram(0x1000, 0x1000)
+        before = _maps()
+        with pytest.raises(GuestMemoryError, match="no KVM memory slot left .* allows 2"):
+            vm.add_ram(0x2000, 0x1000)
+        assert len(vm.memory) == 2 and _maps() <= before
