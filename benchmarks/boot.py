@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "linux
 
 from linuxguest import BASE_CMDLINE, FLAVORS, VMMS, Boot, run, why_unavailable  # noqa: E402
 
-# The guest leaves through `reboot -f` (reboot=k: the i8042 reset line), which every VMM here
-# turns into its exit.
+# The guest leaves through `reboot -f` (reboot=k: the i8042 reset line), which kvmfw and QEMU
+# -M pc turn into their exit; -M microvm has no i8042 and powers off through ACPI instead.
 CMDLINE = f"{BASE_CMDLINE} kvmfw.exit=reboot"
+CMDLINE_MICROVM = f"{BASE_CMDLINE} kvmfw.exit=poweroff"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vmms", default="kvmfw,qemu,qemu-microvm",
                     help=f"comma list of {', '.join(VMMS)} (default: all)")
     ap.add_argument("--flavor", default="cloud-amd64", choices=FLAVORS, help="guest kernel")
-    ap.add_argument("--cmdline", default=CMDLINE, help=f"default {CMDLINE!r}")
+    ap.add_argument("--cmdline", help=f"default {CMDLINE!r} ({CMDLINE_MICROVM!r} for "
+                    "qemu-microvm)")
     ap.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default 256)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per boot, seconds")
     ap.add_argument("-v", "--verbose", action="store_true", help="console tail of failed boots")
@@ -52,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, list] = {v: [] for v in vmms}
     ok = True
-    print(f"kernel {args.flavor}, cmdline {args.cmdline!r}, {args.memory} MiB, "
+    def cmdline(vmm: str) -> str:
+        if args.cmdline:
+            return args.cmdline
+        return CMDLINE_MICROVM if vmm == "qemu-microvm" else CMDLINE
+
+    print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw')!r}, {args.memory} MiB, "
           f"{args.runs} alternating runs per VMM", flush=True)
     for i in range(1, args.runs + 1):
         for v in vmms:
-            r = run(Boot(v, args.flavor, args.cmdline, memory_mib=args.memory,
+            r = run(Boot(v, args.flavor, cmdline(v), memory_mib=args.memory,
                          timeout=args.timeout))
             results[v].append(r)
             good = r.t_marker is not None and r.rc == 0
