@@ -46,6 +46,10 @@ class KvmApiVersionError(KvmUnavailableError):
     """The kernel speaks a KVM API version other than 12."""
 
 
+class AbiModuleMissingError(KvmUnavailableError, ImportError):
+    """kvmfw's compiled ABI module is not installed (a broken or unbuilt install)."""
+
+
 # --- memory, bus, devices ---------------------------------------------------------------
 
 class GuestMemoryError(KvmfwError):

@@ -15,8 +15,9 @@ from kvmfw.errors import ConfigError
 
 
 def kvmfw(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    # run outside the source tree, so the installed kvmfw (with its compiled module) loads
     return subprocess.run([sys.executable, "-m", "kvmfw.cli", *args], capture_output=True,
-                          text=True, check=check, timeout=120)
+                          text=True, check=check, timeout=120, cwd="/")
 
 
 def test_parse_size() -> None:

@@ -86,14 +86,14 @@ def test_a_missing_arch_lists_what_is_installed(fake_plugins: Path) -> None:
 def test_list_plugins_cli_json_shows_failures(fake_plugins: Path) -> None:
     env_path = str(fake_plugins)
     out = subprocess.run([sys.executable, "-m", "kvmfw.cli", "list-plugins", "--json"],
-                         capture_output=True, text=True, check=True,
+                         capture_output=True, text=True, check=True, cwd="/",
                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin",
                               "XDG_CACHE_HOME": str(fake_plugins / "cache2")})
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["brokendev"]["status"] == "failed"
     assert "libfoo" in rows["brokendev"]["error"]
     strict = subprocess.run([sys.executable, "-m", "kvmfw.cli", "list-plugins", "--strict"],
-                            capture_output=True, text=True,
+                            capture_output=True, text=True, cwd="/",
                             env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin",
                                  "XDG_CACHE_HOME": str(fake_plugins / "cache3")})
     assert strict.returncode == 4

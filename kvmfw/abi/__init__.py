@@ -15,14 +15,15 @@ from typing import Any
 
 from kvmfw.abi import constants
 from kvmfw.abi.constants import Cap, ExitReason, InternalError, SystemEvent
-from kvmfw.errors import KvmError
+from kvmfw.errors import AbiModuleMissingError, KvmError
 
 try:
     from kvmfw.abi._kvm import ffi, lib
-except ImportError as exc:  # pragma: no cover - only on a broken install
-    raise ImportError(
-        "kvmfw's compiled KVM ABI module is missing: reinstall kvmfw with a C compiler and "
-        "kernel headers present (apt-get install gcc linux-libc-dev)"
+except ImportError as exc:  # only on a broken install or a source tree never built
+    raise AbiModuleMissingError(
+        "kvmfw's compiled KVM ABI module (kvmfw.abi._kvm) is missing: install kvmfw with "
+        "pip (a C compiler and kernel headers must be present: apt-get install gcc "
+        "linux-libc-dev), or build it in place with python kvmfw/abi/_build.py"
     ) from exc
 
 __all__ = [
