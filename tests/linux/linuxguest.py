@@ -112,6 +112,8 @@ class Result:
     t_marker: float | None
     t_exit: float
     maxrss_kib: int
+    # with run(..., sample_memory=True): peak of (resident set - resident guest RAM), KiB
+    peak_non_guest_kib: int | None = None
 
     @property
     def text(self) -> str:
@@ -136,18 +138,43 @@ def _wait(pid: int, deadline: float) -> tuple[int | None, int]:
         time.sleep(0.01)
 
 
-def run(boot: Boot, marker: bytes = MARKER) -> Result:
-    """Boot with the console on a pipe (stdin: /dev/null) until the VMM exits or times out."""
+def non_guest_rss_kib(pid: int, guest_mib: int) -> int | None:
+    """Resident KiB of pid outside its guest RAM: the sum of Rss over /proc/PID/smaps,
+    less the Rss of the mappings at least as large as guest RAM (the RAM block)."""
+    try:
+        text = open(f"/proc/{pid}/smaps").read()
+    except OSError:
+        return None
+    total = guest = 0
+    size = 0
+    for line in text.splitlines():
+        if line.startswith("Size:"):
+            size = int(line.split()[1])
+        elif line.startswith("Rss:"):
+            rss = int(line.split()[1])
+            total += rss
+            if size >= guest_mib * 1024:
+                guest += rss
+    return total - guest
+
+
+def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Result:
+    """Boot with the console on a pipe (stdin: /dev/null) until the VMM exits or times out.
+    sample_memory: read /proc/PID/smaps every 0.2 s (costs host CPU: not for timed runs)."""
     argv = boot.argv()
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, bufsize=0)
     assert p.stdout is not None
     fd = p.stdout.fileno()
-    out, t_marker = b"", None
+    out, t_marker, peak = b"", None, None
     deadline = t0 + boot.timeout + 5
     while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.5)
+        if sample_memory:
+            n = non_guest_rss_kib(p.pid, boot.memory_mib)
+            if n is not None:
+                peak = max(peak or 0, n)
+        r, _, _ = select.select([fd], [], [], 0.2 if sample_memory else 0.5)
         if not r:
             if p.poll() is not None:
                 break
@@ -163,7 +190,7 @@ def run(boot: Boot, marker: bytes = MARKER) -> Result:
     p.returncode = rc if rc is not None else -9  # reaped by _wait
     out += p.stdout.read() if rc is not None else b""
     p.stdout.close()
-    return Result(argv, rc, out, t_marker, t_exit, rss)
+    return Result(argv, rc, out, t_marker, t_exit, rss, peak)
 
 
 class Interactive:
