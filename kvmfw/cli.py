@@ -133,7 +133,8 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
 
 _RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus", "device",
              "console", "stats", "debug_flags", "timeout", "max_ticks", "unclaimed",
-             "always_sync", "no_summary", "no_default_devices", "host_factor")
+             "always_sync", "no_summary", "no_default_devices", "host_factor", "fw_cfg",
+             "pseudo_op_dir", "option")
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
@@ -178,7 +179,8 @@ def _console(spec: str) -> Any:
 @click.option("--cmdline", type=str, help="Kernel command line.")
 @click.option("--memory", "-m", type=str, help="Guest RAM, e.g. 256M (default 256M).")
 @click.option("--cpus", type=int, help="Number of vCPUs (default 1).")
-@click.option("--device", multiple=True, help="Add a device: NAME,key=value,... (repeatable).")
+@click.option("--device", multiple=True,
+              help="Add a device to the board: NAME,key=value,... (repeatable).")
 @click.option("--config", "config_path", type=str, help="TOML file with the same keys.")
 @click.option("--console", type=str, help="stdio (default), file:PATH or none.")
 @click.option("--stats", type=str, help="Write statistics to FILE (.json for JSON).")
@@ -193,6 +195,12 @@ def _console(spec: str) -> Any:
 @click.option("--no-default-devices", is_flag=True, default=None,
               help="Start from an empty board: only the --device list.")
 @click.option("--no-summary", is_flag=True, default=None, help="No stats summary on stderr.")
+@click.option("--fw-cfg", multiple=True,
+              help="Add a fw_cfg blob: name=opt/x,file=PATH or name=opt/x,string=TEXT.")
+@click.option("--pseudo-op-dir", type=str,
+              help="Directory the pseudo-op device may read and write host files in.")
+@click.option("--option", "-o", multiple=True,
+              help="Arch/device machine option KEY=VALUE (e.g. irqchip=userspace, acpi=on).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits."""
@@ -204,9 +212,9 @@ def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
         return
     cfg = _load_config(config_path)
     for k, v in opts.items():
-        if k == "device":
+        if k in ("device", "fw_cfg", "option"):
             if v:
-                cfg["device"] = list(cfg.get("device", [])) + list(v)
+                cfg[k] = list(cfg.get(k, [])) + list(v)
         elif v is not None:
             cfg[k] = v
     sys.exit(_run(cfg))
@@ -217,11 +225,19 @@ def _run(cfg: dict[str, Any]) -> int:
 
     if cfg.get("debug_flags"):
         debug.enable(cfg["debug_flags"])
-    console = _console(cfg.get("console", "stdio"))
+    console_spec = cfg.get("console", "stdio")
+    console = _console(console_spec)
     options: dict[str, Any] = {"console_output": console}
-    for k in ("cmdline", "initrd"):
+    if console_spec == "stdio":
+        options["console_input"] = "stdin"  # the terminal, in raw mode; Ctrl-A x quits
+    for k in ("cmdline", "initrd", "fw_cfg", "pseudo_op_dir"):
         if cfg.get(k) is not None:
             options[k] = cfg[k]
+    for item in cfg.get("option", []):
+        key, sep, value = str(item).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        options[key.strip().replace("-", "_")] = value.strip()
     if cfg.get("load_addr") is not None:
         try:
             options["load_addr"] = int(str(cfg["load_addr"]), 0)
@@ -253,13 +269,26 @@ def _run(cfg: dict[str, Any]) -> int:
         result = machine.run(timeout=cfg.get("timeout"), max_ticks=cfg.get("max_ticks"))
         console.flush()
         if cfg.get("stats"):
-            fmt = "json" if str(cfg["stats"]).endswith(".json") else "text"
-            Path(cfg["stats"]).write_text(machine.dump_stats(fmt))
+            _write_stats(machine, str(cfg["stats"]))
         if not cfg.get("no_summary"):
             exits = sum(c.stats.vm_exits for c in machine.cpus)
             _echo_err(f"{result.reason}; status {result.status}; {exits} exits; "
                       f"{result.sim_seconds:.6f} s simulated in {result.host_seconds:.3f} s")
         return result.status
+
+
+def _write_stats(machine: Any, path: str) -> None:
+    """Every dump of the run (the guest's, then a final one) to ``path``; ``.json`` gives a
+    JSON list of dumps, anything else gem5-style text blocks."""
+    machine.dump_stats()
+    if path.endswith(".json"):
+        text = json.dumps(machine.stats_dumps, indent=2, sort_keys=True)
+    else:
+        text = "".join(machine.stats.format(s) for s in machine.stats_dumps)
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write --stats {path}: {exc.strerror}") from None
 
 
 def _add_plugin_commands() -> None:

@@ -75,12 +75,18 @@ class NullIrqLine(CallbackIrqLine):
 
 @dataclass(frozen=True)
 class Range:
-    """One address range of a device: ``space`` is ``"pio"`` or ``"mmio"``."""
+    """One address range of a device: ``space`` is ``"pio"`` or ``"mmio"``.
+
+    ``handler`` (optional) is the object whose ``read``/``write`` serve this range, for a
+    device with several ranges in one space that must tell them apart (e.g. a bound method
+    pair wrapped in a small object); by default the device itself.
+    """
 
     space: str
     base: int
     size: int
     name: str = ""
+    handler: Any = None
 
 
 @dataclass

@@ -50,7 +50,9 @@ class MachineConfig:
     memory: int = 256 * MiB
     cpus: int = 1
     devices: list[str] = field(default_factory=list)
+    """Device specs added to the board (``name,key=value,...``)."""
     default_devices: bool = True
+    """Start from the arch's default board (``default_devices`` hook); False: empty board."""
     unclaimed: str = "ignore"
     always_sync: bool = False
     host_factor: float = 1.0
@@ -99,6 +101,10 @@ class Machine:
         self.exit_status = 0
         self.exit_reason = ""
         self._irq_lines: dict[int, IrqLine] = {}
+        self.stats_dumps: list[dict[str, dict[str, Any]]] = []
+        """Every dump taken during the run (guest pseudo-ops, the CLI's final one)."""
+        self.work_items: dict[tuple[int, int], int] = {}
+        self._work = {"work_items_begun": 0, "work_items_ended": 0, "work_ticks": 0}
         self.arch_state: Any = None
         """A slot for the arch plugin's per-machine state (interrupt model, tables, ...)."""
         self._closed = False
@@ -147,9 +153,10 @@ class Machine:
             self.stats.add(f"system.cpu{cpu.id}", cpu.stats.as_dict, cpu.stats.reset)
         self.stats.add("system", self._system_stats, None)
         self.stats.add("system.bus", self._bus_stats, self._reset_bus_stats)
-        specs = list(cfg.devices)
-        if cfg.default_devices and not specs:
-            specs = list(self.hooks.call("default_devices", machine=self) or [])
+        self.stats.add("system.work", lambda: dict(self._work), self._reset_work_stats)
+        specs = list(self.hooks.call("default_devices", machine=self) or []) \
+            if cfg.default_devices else []
+        specs += cfg.devices
         for spec in specs:
             self.add_device_spec(spec)
         self.pm.hook.machine_created.call_historic(kwargs={"machine": self})
@@ -184,6 +191,7 @@ class Machine:
             options={"memory": self.config.memory, "cpus": self.config.cpus,
                      **self.config.options},
             services={"dump_stats": self.dump_stats, "reset_stats": self.stats.reset,
+                      "work_begin": self.work_begin, "work_end": self.work_end,
                       "kick": self.kick_all})
 
     def add_device_spec(self, spec: str) -> Device:
@@ -198,7 +206,7 @@ class Machine:
     def add_device(self, device: Device) -> Device:
         """Attach a device instance: map its ranges on the bus, register its hooks."""
         for r in device.ranges():
-            self.bus.space(r.space).register(r.base, r.size, device,  # type: ignore[arg-type]
+            self.bus.space(r.space).register(r.base, r.size, r.handler or device,
                                              r.name or device.name)
         self.devices.append(device)
         label = f"dev:{device.name}:{len(self.devices)}"
@@ -241,7 +249,28 @@ class Machine:
             s.unclaimed_reads = s.unclaimed_writes = 0
 
     def dump_stats(self, fmt: str = "text") -> str:
-        return self.stats.dump(fmt)
+        """Dump every statistic (``text`` or ``json``); the dump is also kept in
+        ``stats_dumps`` so the CLI writes guest-requested dumps to ``--stats``."""
+        snap = self.stats.snapshot()
+        self.stats.dumps += 1
+        self.stats_dumps.append(snap)
+        return self.stats.format(snap, fmt)
+
+    def work_begin(self, work_id: int, thread_id: int = 0) -> None:
+        """A guest work item starts (gem5's ``m5 workbegin``)."""
+        self.work_items[(work_id, thread_id)] = self.eventq.cur_tick
+        self._work["work_items_begun"] += 1
+
+    def work_end(self, work_id: int, thread_id: int = 0) -> None:
+        """A guest work item ends; its simulated duration is added to ``work_ticks``."""
+        start = self.work_items.pop((work_id, thread_id), None)
+        self._work["work_items_ended"] += 1
+        if start is not None:
+            self._work["work_ticks"] += self.eventq.cur_tick - start
+
+    def _reset_work_stats(self) -> None:
+        for k in self._work:
+            self._work[k] = 0
 
     # --- running ---------------------------------------------------------------------------
 

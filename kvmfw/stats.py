@@ -85,7 +85,11 @@ class StatsRegistry:
     def dump(self, fmt: str = "text") -> str:
         """All groups as ``text`` (gem5-style ``group.name value``) or ``json``."""
         self.dumps += 1
-        snap = self.snapshot()
+        return self.format(self.snapshot(), fmt)
+
+    @staticmethod
+    def format(snap: dict[str, dict[str, Any]], fmt: str = "text") -> str:
+        """One snapshot as text or JSON."""
         if fmt == "json":
             return json.dumps(snap, indent=2, sort_keys=True)
         lines = ["---------- Begin Simulation Statistics ----------"]

@@ -98,6 +98,8 @@ class ConsoleInput:
         src: Any = None
         if spec == "none":
             return
+        if spec == "console" and self.ctx.console_input == "stdin":
+            spec = "stdin"  # the CLI's interactive console
         if spec == "console":
             src = self.ctx.console_input
             if src is None:
