@@ -28,16 +28,15 @@ class BusDevice(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mapping:
+    """One registered range (``end`` is exclusive)."""
+
     base: int
     size: int
     device: BusDevice
     name: str
-
-    @property
-    def end(self) -> int:
-        return self.base + self.size
+    end: int
 
 
 class AddressSpace:
@@ -73,7 +72,7 @@ class AddressSpace:
                 raise BusOverlapError(
                     f"{self.name}: {label} [{base:#x}, {base + size:#x}) overlaps "
                     f"{m.name} [{m.base:#x}, {m.end:#x})")
-        m = Mapping(base, size, device, label)
+        m = Mapping(base, size, device, label, base + size)
         i = bisect.bisect(self._starts, base)
         self._maps.insert(i, m)
         self._starts.insert(i, base)
@@ -108,7 +107,7 @@ class AddressSpace:
 
     def read(self, addr: int, size: int) -> bytes:
         m = self._cache.get(addr) or self.lookup(addr)
-        if m is None or addr + size > m.base + m.size:
+        if m is None or addr + size > m.end:
             return self._unclaimed(addr, size, None)
         try:
             data = m.device.read(addr - m.base, size)
@@ -123,7 +122,7 @@ class AddressSpace:
 
     def write(self, addr: int, data: bytes) -> None:
         m = self._cache.get(addr) or self.lookup(addr)
-        if m is None or addr + len(data) > m.base + m.size:
+        if m is None or addr + len(data) > m.end:
             self._unclaimed(addr, len(data), data)
             return
         try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import signal
 import struct
 import threading
 import time
@@ -63,8 +62,7 @@ log_io = logging.getLogger("kvmfw.io")
 log_ctx = logging.getLogger("kvmfw.context")
 
 _EINTR = -errno.EINTR
-_KICK_SET = {KICK_SIGNAL}
-_sigtimedwait = signal.sigtimedwait
+_SYNC_NONE = SyncLevel.NONE
 _now = time.monotonic_ns
 _kvm_run = lib.kvmfw_run
 _new_tuple = tuple.__new__
@@ -92,7 +90,7 @@ RUNNING_SERVICE_COMPLETION = CpuStatus.RUNNING_SERVICE_COMPLETION
 
 
 class IoExit(NamedTuple):
-    """A ``KVM_EXIT_IO``: ``data_offset`` is into the vCPU mapping (``vcpu.run_view``)."""
+    """A ``KVM_EXIT_IO``: ``data_offset`` is into the vCPU mapping (``vcpu.run_map``)."""
 
     direction: int
     size: int
@@ -149,7 +147,7 @@ class KvmCPU:
         self._insns: Any = None
         self._fd = vcpu.fd
         self._run: Any = vcpu.run
-        self._view: Any = vcpu.run_view
+        self._map: Any = vcpu.run_map
         self._ticks_per_cycle = 1000.0 * host_factor
         self.last_exit: int | None = None
         self.suspended_ticks = 0
@@ -329,6 +327,8 @@ class KvmCPU:
             elif st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
                 if self.drain_pending:
                     self.run_drain()
+                elif not heap:
+                    self._run_slice(None)
                 else:
                     nxt = eq.next_tick()
                     cur = eq.cur_tick
@@ -428,15 +428,13 @@ class KvmCPU:
         stats.host_ns_in_kvm += t1 - t0
         stats.cycles += cycles
         stats.ticks_in_kvm += executed
-        self._pulled_level = SyncLevel.NONE
+        self._pulled_level = _SYNC_NONE
         if self.always_sync:
             self._pull(SyncLevel.FULL)
         if r < 0:
             if r != _EINTR and r != _EAGAIN:
                 raise KvmError("KVM_RUN", -r, self._dump_suffix())
             reason = ExitReason.INTR
-            if self._run.immediate_exit:  # a kick that came while no thread was bound
-                self._run.immediate_exit = 0
         else:
             reason = self._run.exit_reason
         self.last_exit = reason
@@ -452,9 +450,8 @@ class KvmCPU:
         if reason == 10:  # KVM_EXIT_INTR
             stats.exit_signal += 1
             self.status = RUNNING
-            # KVM returns with the kick signal still pending (blocked again outside
-            # KVM_RUN); consume it or every later entry would return at once
-            _sigtimedwait(_KICK_SET, 0)
+            # the kick handler set immediate_exit: clear it or every entry returns at once
+            self._run.immediate_exit = 0
             if ticks is not None and timer is not None and timer.deadline_ns is not None \
                     and t1 >= timer.deadline_ns:
                 executed = ticks
@@ -505,7 +502,7 @@ class KvmCPU:
 
     def _exit_io(self) -> None:
         self.stats.io += 1
-        io = _new_tuple(IoExit, _unpack_io(self._view, RUN_PAYLOAD))
+        io = _new_tuple(IoExit, _unpack_io(self._map, RUN_PAYLOAD))
         fn = self._handle_exit_io
         if fn is None or fn(self, io) is None:
             raise self._error(UnhandledExitError, ExitReason.IO,
@@ -521,8 +518,8 @@ class KvmCPU:
 
     def _exit_mmio(self) -> None:
         self.stats.mmio += 1
-        view = self._view
-        addr, data, length, is_write = _unpack_mmio(view, RUN_PAYLOAD)
+        mm = self._map
+        addr, data, length, is_write = _unpack_mmio(mm, RUN_PAYLOAD)
         if self._finalize_mmio is not None:
             new = self._finalize_mmio(self, addr)
             if new is not None:
@@ -531,7 +528,7 @@ class KvmCPU:
         if is_write:
             mmio.write(addr, data[:length])
         else:
-            view[MMIO_DATA:MMIO_DATA + length] = mmio.read(addr, length)
+            mm[MMIO_DATA:MMIO_DATA + length] = mmio.read(addr, length)
         if self._trace:
             log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
                          addr, length)
@@ -728,7 +725,7 @@ class KvmCPU:
     def close(self) -> None:
         """Drop the run-area references (so the vCPU can unmap) and the run timer."""
         self._run = None
-        self._view = None
+        self._map = None
         if self._timer is not None:
             self._timer.close()
             self._timer = None

@@ -184,10 +184,12 @@ def deliver_interrupts(cpu: KvmCPU) -> bool | None:
 def handle_exit_io(cpu: KvmCPU, io: IoExit) -> bool | None:
     """Handle a ``KVM_EXIT_IO`` (port IO). *Bound.*
 
-    ``io`` gives ``direction``, ``size``, ``port``, ``count`` and ``data_offset`` (into the
-    vCPU mapping: ``cpu.vcpu.run_view``). Route the access to ``cpu.machine.bus.pio``
-    (x86 adds string IO and PCI configuration). Return True if handled, None if not yours
-    (the run then ends with :class:`~kvmfw.errors.UnhandledExitError`).
+    ``io`` is a tuple ``(direction, size, port, count, data_offset)`` with those names as
+    attributes too (unpacking it is the fastest); the data is at ``data_offset`` in the vCPU
+    mapping ``cpu.vcpu.run_map`` (slice it for bytes, assign a slice to answer an IN).
+    Route the access to ``cpu.machine.bus.pio`` (x86 adds string IO and PCI configuration).
+    Return True if handled, None if not yours (the run then ends with
+    :class:`~kvmfw.errors.UnhandledExitError`).
     """
 
 

@@ -415,7 +415,10 @@ class Machine:
                 self.thread_failed(exc)
             finally:
                 ready.wait()
-            cpu.run_thread()
+            try:
+                cpu.run_thread()
+            finally:
+                cpu.vcpu.unbind_thread()
 
         threads = [threading.Thread(target=body, args=(c,), name=f"vcpu{c.id}", daemon=True)
                    for c in self.cpus]
@@ -446,8 +449,7 @@ class Machine:
                     t.join(0.05)
             eq.on_post = None
             for cpu in self.cpus:
-                cpu.parallel = False
-                cpu.vcpu.thread_ident = None  # rebind on the next run's threads
+                cpu.parallel = False  # (each thread unbound its vCPU: rebound next run)
         if self._thread_error is not None:
             raise self._thread_error
 

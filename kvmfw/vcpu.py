@@ -3,10 +3,11 @@
 The run loop (:mod:`kvmfw.cpu`) drives a VCpu; architecture plugins use its raw calls
 (:meth:`VCpu.ioctl`, ONE_REG) to implement state sync. Devices never see it.
 
-Kicking: the thread that runs the vCPU blocks the kick signal and tells KVM (with
-``KVM_SET_SIGNAL_MASK``) to unblock it only inside ``KVM_RUN``. A kick (``pthread_kill``) or
-the run timer therefore either interrupts a running guest (``KVM_EXIT_INTR``) or stays
-pending until the next entry, which then returns at once: no kick is ever lost.
+Kicking (QEMU's scheme): the thread that runs the vCPU leaves the kick signal unblocked; its
+handler (C, in the ABI module) sets ``immediate_exit`` in that thread's ``kvm_run``. A kick
+(``pthread_kill``) or the run timer therefore either interrupts a running guest
+(``KVM_EXIT_INTR``) or makes the next entry return at once: no kick is lost, and no signal
+mask is swapped on every entry (which ``KVM_SET_SIGNAL_MASK`` would cost).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import mmap
 import os
 import signal
-import struct
 import threading
 from typing import TYPE_CHECKING
 
@@ -60,8 +60,11 @@ class VCpu:
         except OSError:
             os.close(self.fd)
             raise
+        self.run_map = self._map
+        """The whole mapped area (``kvm_run`` + coalesced-MMIO ring) as an mmap: slicing it
+        gives bytes and slice assignment writes, the cheapest way to move IO data."""
         self.run_view = memoryview(self._map)
-        """The whole mapped area (``kvm_run`` + coalesced-MMIO ring) as bytes."""
+        """The same area as a writable memoryview."""
         self.run = ffi.from_buffer("struct kvm_run *", self._map)
         """``struct kvm_run`` as a cffi struct (valid until :meth:`close`)."""
         page = vm.kvm.coalesced_mmio_page
@@ -76,27 +79,31 @@ class VCpu:
     # --- running ---------------------------------------------------------------------
 
     def bind_thread(self) -> None:
-        """Make the calling thread the one that runs this vCPU (signals, kicks)."""
+        """Make the calling thread the one that runs this vCPU (kicks, the run timer)."""
         install_kick_handler()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-        mask = 0
-        for sig in blocked:
-            if sig != KICK_SIGNAL and 0 < sig <= 64:
-                mask |= 1 << (sig - 1)
-        # The kernel's sigset is 8 bytes on 64-bit hosts (not glibc's 128).
-        sm = ffi.new("uint8_t[]", struct.pack("<I", 8) + mask.to_bytes(8, "little"))
-        ioctl(self.fd, IOCTLS.KVM_SET_SIGNAL_MASK, address_of(sm))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {KICK_SIGNAL})
+        lib.kvmfw_bind_run(address_of(self.run))
         self.thread_ident = threading.get_ident()
         self.thread_tid = lib.kvmfw_gettid()
 
+    def unbind_thread(self) -> None:
+        """Called on the bound thread when it stops running this vCPU."""
+        if self.thread_ident == threading.get_ident():
+            lib.kvmfw_bind_run(0)
+        self.thread_ident = None
+        self.thread_tid = None
+
     def kick(self) -> None:
-        """Make a running ``KVM_RUN`` return soon (``KVM_EXIT_INTR``); safe from any thread."""
+        """Make a running ``KVM_RUN`` return soon (``KVM_EXIT_INTR``), or the next one return
+        at once; safe from any thread."""
         ident = self.thread_ident
         if ident is None:
             self.run.immediate_exit = 1
         else:
-            signal.pthread_kill(ident, KICK_SIGNAL)
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:  # the thread has just ended
+                self.run.immediate_exit = 1
 
     @property
     def exit_reason(self) -> int:
@@ -104,10 +111,10 @@ class VCpu:
 
     def run_data(self, offset: int, length: int) -> bytes:
         """Bytes of the mapped area at ``offset`` (e.g. IO data at ``io.data_offset``)."""
-        return bytes(self.run_view[offset:offset + length])
+        return self._map[offset:offset + length]
 
     def set_run_data(self, offset: int, data: bytes) -> None:
-        self.run_view[offset:offset + len(data)] = data
+        self._map[offset:offset + len(data)] = data
 
     # --- raw calls for architecture plugins ----------------------------------------------
 
@@ -151,9 +158,12 @@ class VCpu:
         """Unmap ``kvm_run`` and close the fd (idempotent)."""
         if self.fd < 0:
             return
+        if self.thread_ident == threading.get_ident():
+            lib.kvmfw_bind_run(0)  # the kick handler must not touch the unmapped area
         try:
             self.run_view.release()
             self.run = None  # type: ignore[assignment]
+            self.run_map = None  # type: ignore[assignment]
             self._map.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes with the process

@@ -6,10 +6,10 @@ exist in the host headers is a build error, not silent guest corruption. Archite
 plugins build their own module for ``<asm/kvm.h>`` structs and pass buffers to the one ioctl
 wrapper here (``kvmfw_ioctl``) by address.
 
-Besides the structs this module carries four tiny C helpers that Python cannot express
-without a compiler: the ioctl call itself (returning ``-errno`` so the hot path needs no
-second lookup), a no-op signal handler for the kick signal, a POSIX timer aimed at one
-thread (``SIGEV_THREAD_ID``), and ``perf_event_open``.
+Besides the structs this module carries tiny C helpers that Python cannot express without
+a compiler: the ioctl call itself (returning ``-errno`` so the hot path needs no second
+lookup), the kick-signal handler (sets ``immediate_exit`` of the calling thread's vCPU), a
+POSIX timer aimed at one thread (``SIGEV_THREAD_ID``), and ``perf_event_open``.
 """
 
 from cffi import FFI
@@ -69,6 +69,7 @@ struct kvm_run {
 int kvmfw_ioctl(int fd, unsigned long request, uintptr_t arg);
 int kvmfw_run(int fd);
 int kvmfw_install_kick_handler(int signo);
+void kvmfw_bind_run(uintptr_t run);
 int kvmfw_gettid(void);
 intptr_t kvmfw_timer_create(int signo, int tid);
 int kvmfw_timer_arm(intptr_t timer, int64_t deadline_ns);
@@ -105,9 +106,23 @@ static int kvmfw_run(int fd)
     return r < 0 ? -errno : r;
 }
 
+/* The kvm_run of the vCPU this thread runs (QEMU's scheme): a kick that lands while the
+   thread is outside KVM_RUN sets immediate_exit, so the next KVM_RUN returns at once; one
+   that lands inside KVM_RUN makes it return with KVM_EXIT_INTR. No signal mask is swapped
+   on each entry. */
+static __thread struct kvm_run *kvmfw_current_run;
+
+static void kvmfw_bind_run(uintptr_t run)
+{
+    kvmfw_current_run = (struct kvm_run *)run;
+}
+
 static void kvmfw_kick_handler(int sig, siginfo_t *info, void *ctx)
 {
-    (void)sig; (void)info; (void)ctx;   /* its only job is to make KVM_RUN return */
+    (void)sig; (void)info; (void)ctx;
+    struct kvm_run *run = kvmfw_current_run;
+    if (run)
+        __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_RELAXED);
 }
 
 static int kvmfw_install_kick_handler(int signo)
@@ -115,7 +130,7 @@ static int kvmfw_install_kick_handler(int signo)
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = kvmfw_kick_handler;
-    sa.sa_flags = SA_SIGINFO;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;   /* other syscalls of the thread carry on */
     sigemptyset(&sa.sa_mask);
     return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
 }
