@@ -68,7 +68,7 @@ def test_string_io_count_above_one_moves_every_element(machine_factory) -> None:
     m.map_device(Range("pio", 0xE8, 4, "fifo"), fifo)
     view = memoryview(bytearray(64))
     view[16:24] = b"\x01\x02\x03\x04\x05\x06\x07\x08"
-    cpu = SimpleNamespace(vcpu=SimpleNamespace(run_view=view))
+    cpu = SimpleNamespace(vcpu=SimpleNamespace(run_map=view))
     pio = PortIo(m)
     assert pio.handle(cpu, IoExit(1, 2, 0xE8, 4, 16))
     assert fifo.written == [b"\x01\x02", b"\x03\x04", b"\x05\x06", b"\x07\x08"]
