@@ -28,6 +28,7 @@
 # 9p with security_model=none), as CI has.
 #
 # Knobs: KVMFW_X86_CACHE, KVMFW_X86_TIMEOUT (s per outer boot, 900), KVMFW_X86_CPU (EPYC),
+#   KVMFW_X86_SNAPSHOT=REV (test commit REV, e.g. HEAD, instead of the work tree as it is),
 #   KVMFW_X86_MEM (MiB, 2048), KVMFW_LINUX_* / KVMFW_BENCH_* (passed to the tests inside, e.g.
 #   KVMFW_LINUX_VMMS=qemu), KVMFW_X86_RETRIES (1: one retry when a boot hangs or dies
 #   before reporting), KVMFW_X86_REBUILD=1 (rebuild the root file system).
@@ -161,11 +162,17 @@ step snapshot
 # editable install and the tests use this private copy, never the shared work tree.
 SRC=$ROOT/opt/kvmfw-src
 rm -rf "$SRC"; mkdir -p "$SRC"
+if [ -n "${KVMFW_X86_SNAPSHOT:-}" ]; then
+  # a commit instead of the work tree (e.g. HEAD while others are mid-edit in a shared tree)
+  (cd "$REPO" && git archive --format=tar "$KVMFW_X86_SNAPSHOT") | tar -x -C "$SRC" \
+    || die "git archive $KVMFW_X86_SNAPSHOT failed"
+else
 (cd "$REPO" && if git rev-parse --git-dir >/dev/null 2>&1; then
    git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done
  else
    find . -path ./.git -prune -o -type f -print0
  fi | cpio -0 -pdm --quiet "$SRC") || die "copying the checkout to $SRC failed"
+fi
 PROJECTS=". $(cd "$SRC" && for p in plugins/x86 plugins/devices; do [ -f "$p/pyproject.toml" ] && printf '%s ' "$p"; done)"
 say "projects: $PROJECTS"
 
