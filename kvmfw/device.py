@@ -189,6 +189,11 @@ class Device:
         """True when no access or event is in flight (safe to checkpoint)."""
         return True
 
+    def optional_irq(self, number: int) -> IrqLine:
+        """The platform's interrupt input ``number``, or a line to nowhere if it is < 0
+        (the convention for "irq=-1": no interrupt)."""
+        return self.ctx.irq(number) if number >= 0 else NullIrqLine()
+
     def close(self) -> None:
         """Release host resources (files, sockets, terminal modes)."""
 

@@ -24,11 +24,20 @@ import tty
 from collections.abc import Callable
 from typing import IO, Any
 
-from kvmfw.device import DeviceContext
+from kvmfw.device import ConfigKey, DeviceContext
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import Event
 
 CTRL_A = 0x01
+
+OUTPUT_KEY = ConfigKey(str, "console", "console | stderr | none | file:PATH")
+"""The ``output=`` key every console device takes."""
+
+
+def input_key(default: str = "console") -> ConfigKey:
+    """The ``input=`` key every console device takes."""
+    return ConfigKey(str, default,
+                     "console | stdin | none | file:PATH | unix:PATH | tcp:HOST:PORT")
 
 
 class NullSink:

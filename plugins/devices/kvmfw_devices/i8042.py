@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones
@@ -105,8 +105,8 @@ class I8042(Device):
         self.stats.update(resets=0, commands=0, unknown_commands=0, aux_bytes_dropped=0,
                           foreign_port=0)
         p = self.params
-        self.kbd_irq = ctx.irq(p["irq"]) if p["irq"] >= 0 else NullIrqLine()
-        self.aux_irq = ctx.irq(p["aux_irq"]) if p["aux_irq"] >= 0 else NullIrqLine()
+        self.kbd_irq = self.optional_irq(p["irq"])
+        self.aux_irq = self.optional_irq(p["aux_irq"])
         self._levels = [False, False]
         self.reset()
 

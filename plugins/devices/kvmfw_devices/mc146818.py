@@ -29,7 +29,7 @@ import datetime as dt
 import time
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
@@ -107,7 +107,7 @@ class Mc146818(Device):
                 f"cmos-rtc: clock must be host or fixed, not {self.params['clock']!r}")
         self._start = _parse_time(self.params["time"])
         self.stats.update(interrupts=0, periodic=0, alarms=0, updates=0, bad_time=0)
-        self.irq_line = ctx.irq(self.params["irq"]) if self.params["irq"] >= 0 else NullIrqLine()
+        self.irq_line = self.optional_irq(self.params["irq"])
         self._irq_level = False
         self._periodic_event = Event(self._periodic, name="cmos-rtc.periodic")
         self._second_event = Event(self._second, name="cmos-rtc.second")

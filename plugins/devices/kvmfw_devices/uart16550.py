@@ -27,12 +27,12 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import cancel, ones, schedule_at
-from kvmfw_devices.console import ConsoleInput, ConsoleOutput
+from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
 
 # Register offsets
 RBR = THR = DLL = 0
@@ -111,15 +111,14 @@ class Uart16550(Device):
         "port": ConfigKey(parse_int, 0x3F8, "base IO port (or MMIO address with space=mmio)"),
         "irq": ConfigKey(parse_int, 4, "interrupt line (-1: none)"),
         "space": ConfigKey(str, "pio", "address space: pio or mmio"),
-        "output": ConfigKey(str, "console", "console | stderr | none | file:PATH"),
-        "input": ConfigKey(str, "console",
-                           "console | stdin | none | file:PATH | unix:PATH | tcp:HOST:PORT"),
+        "output": OUTPUT_KEY,
+        "input": input_key(),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
         self.stats.update(tx_bytes=0, rx_bytes=0, overruns=0, interrupts=0)
-        self.irq_line = ctx.irq(self.params["irq"]) if self.params["irq"] >= 0 else NullIrqLine()
+        self.irq_line = self.optional_irq(self.params["irq"])
         self._timeout_event = Event(self._char_timeout, name=f"{self.name}.timeout")
         self._irq_level = False
         self.output = ConsoleOutput(ctx, self.params["output"])

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from kvmfw.device import ConfigKey, DeviceContext
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
-from kvmfw_devices.console import ConsoleInput, ConsoleOutput
+from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
 from kvmfw_devices.virtio_mmio import Buffer, VirtioMmio
 
 VIRTIO_ID_CONSOLE = 3
@@ -33,9 +33,8 @@ class VirtioConsole(VirtioMmio):
     num_queues: ClassVar[int] = 2
     config: ClassVar[dict[str, ConfigKey]] = {
         **VirtioMmio.config,
-        "output": ConfigKey(str, "console", "console | stderr | none | file:PATH"),
-        "input": ConfigKey(str, "none",
-                           "console | stdin | none | file:PATH | unix:PATH | tcp:HOST:PORT"),
+        "output": OUTPUT_KEY,
+        "input": input_key("none"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:

@@ -31,7 +31,7 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, NullIrqLine, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 from kvmfw.errors import GuestMemoryError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
@@ -132,7 +132,7 @@ class VirtioMmio(Device):
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
         self.stats.update(notifications=0, chains=0, interrupts=0, bad_descriptors=0)
-        self.irq_line = ctx.irq(self.params["irq"]) if self.params["irq"] >= 0 else NullIrqLine()
+        self.irq_line = self.optional_irq(self.params["irq"])
         self._irq_level = False
         self.reset()
 
