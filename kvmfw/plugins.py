@@ -14,6 +14,7 @@ import importlib.metadata
 import inspect
 import logging
 import platform
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -76,10 +77,14 @@ def _dist_of(group: str, name: str) -> tuple[str, str]:
 
 
 def _api_of(obj: Any) -> tuple[int, int] | None:
+    """The plugin API a plugin declares: on the object, its module, or its top package."""
     api = getattr(obj, "KVMFW_PLUGIN_API", None)
-    if api is None:
-        mod = inspect.getmodule(obj)
+    mod = inspect.getmodule(obj)
+    if api is None and mod is not None:
         api = getattr(mod, "KVMFW_PLUGIN_API", None)
+        if api is None:
+            top = sys.modules.get(mod.__name__.partition(".")[0])
+            api = getattr(top, "KVMFW_PLUGIN_API", None)
     return tuple(api) if api is not None else None  # type: ignore[return-value]
 
 

@@ -5,11 +5,6 @@ Each device lives in a module named after the hardware, with its register map ci
 module docstring; :mod:`kvmfw_devices.boards` lists the default boards.
 """
 
-from kvmfw_devices import boards
-
-board = boards
-"""Alias: ``from kvmfw_devices import board`` is what the x86 plugin imports."""
-
 KVMFW_PLUGIN_API = (1, 0)
 
 __version__ = "0.1.0"

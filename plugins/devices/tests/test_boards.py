@@ -30,11 +30,9 @@ def test_x86_default_board_builds_without_overlaps() -> None:
 
 
 def test_default_devices_by_arch() -> None:
-    from kvmfw_devices import board
-
-    assert board.default_devices("x86", None) == boards.x86_default()
-    assert board.default_devices("armv8") == boards.armv8_default()
-    assert board.default_devices("riscv") == []
+    assert boards.default_devices("x86", None) == boards.x86_default()
+    assert boards.default_devices("armv8") == boards.armv8_default()
+    assert boards.default_devices("riscv") == []
 
 
 def test_armv8_board_builds() -> None:
