@@ -8,9 +8,10 @@ W=/tmp/src
 rc=3
 finish() { echo "$rc" > /cache/out/rc; sync; }
 trap finish EXIT
-mkdir -p $W/plugins
+mkdir -p $W/plugins/devices
 cd /project
-for p in kvmfw pyproject.toml tests plugins/armv8; do
+for p in kvmfw pyproject.toml tests plugins/armv8 plugins/devices/kvmfw_devices \
+    plugins/devices/pyproject.toml; do
   [ -e "$p" ] && cp -a "$p" "$W/$(dirname "$p")/"
 done
 # drop host (x86) build products
@@ -33,9 +34,10 @@ if [ -f kvmfw/abi/_build.py ]; then
   fi
   cp "$SO" kvmfw/abi/_kvm.cpython-311-aarch64-linux-gnu.so
 fi
-# entry points / metadata of the core and the plugin, as an install would write them
-python3 plugins/armv8/env/write_dist_info.py site . plugins/armv8 || { rc=5; exit; }
-export PYTHONPATH=$W/site:$W:$W/plugins/armv8
+# entry points / metadata of the core and the plugins (armv8; devices: PL011, pseudo-ops),
+# as an install would write them
+python3 plugins/armv8/env/write_dist_info.py site . plugins/armv8 plugins/devices || { rc=5; exit; }
+export PYTHONPATH=$W/site:$W:$W/plugins/armv8:$W/plugins/devices
 python3 -c "import os, sys; print('KVMFW_GUEST python', sys.version.split()[0], 'kvm', os.path.exists('/dev/kvm'))"
 # shellcheck disable=SC2046
 { python3 -m pytest -p no:cacheprovider -rs $(cat /cache/out/pytest-args); echo $? > /tmp/pytest.rc; } 2>&1 \

@@ -1,7 +1,9 @@
-"""Test helpers: whether this host has a real arm64 ``/dev/kvm`` (KVM tests skip otherwise)."""
+"""Test helpers: whether this host has a real arm64 ``/dev/kvm`` (KVM tests skip otherwise),
+the MMIO device of the test guest, and a busybox initramfs for the Linux boot test."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import platform
 from collections.abc import Callable
@@ -62,3 +64,53 @@ class TestDevice:
                 self.on_irq(val)
         elif offset == 0x50:
             self.machine.request_exit(99, f"unexpected guest exception, ESR {val:#x}")
+
+
+# --- a busybox initramfs for the Linux boot test ---------------------------------------------
+
+BOOT_MARKER = "KVMFW_ARM64_INIT_OK"
+"""What the test initramfs's /init prints on the console before it powers off."""
+
+_S_IFDIR, _S_IFREG, _S_IFCHR = 0o040000, 0o100000, 0o020000
+
+
+def newc_archive(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
+    """A cpio archive in the ``newc`` format the kernel unpacks into its initramfs.
+
+    ``entries``: ``(path, mode, data, (rdev_major, rdev_minor))`` in order (directories
+    before what they contain). Device nodes need no privileges to describe here.
+    """
+    out = bytearray()
+
+    def add(name: str, mode: int, data: bytes, rdev: tuple[int, int], ino: int) -> None:
+        nlink = 2 if mode & _S_IFDIR else 1
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
+                  len(name) + 1, 0)
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields))
+        out.extend(name.encode() + b"\0")
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (path, mode, data, rdev) in enumerate(entries, start=1):
+        add(path.lstrip("/"), mode, data, rdev, ino)
+    add("TRAILER!!!", 0, b"", (0, 0), 0)
+    return bytes(out)
+
+
+def busybox_initramfs(busybox: bytes, marker: str = BOOT_MARKER) -> bytes:
+    """A gzip-compressed initramfs: a static ``busybox`` and an ``/init`` that prints
+    ``marker`` on the console and powers off at once (``poweroff -f``: PSCI SYSTEM_OFF)."""
+    init = ("#!/bin/busybox sh\n"
+            "/bin/busybox mount -t proc proc /proc\n"
+            f"/bin/busybox echo \"{marker} uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n"
+            "/bin/busybox poweroff -f\n").encode()
+    entries = [
+        ("bin", _S_IFDIR | 0o755, b"", (0, 0)),
+        ("bin/busybox", _S_IFREG | 0o755, busybox, (0, 0)),
+        ("dev", _S_IFDIR | 0o755, b"", (0, 0)),
+        ("dev/console", _S_IFCHR | 0o600, b"", (5, 1)),
+        ("proc", _S_IFDIR | 0o755, b"", (0, 0)),
+        ("init", _S_IFREG | 0o755, init, (0, 0)),
+    ]
+    return gzip.compress(newc_archive(entries), compresslevel=1, mtime=0)

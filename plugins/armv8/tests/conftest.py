@@ -20,3 +20,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "arm64_kvm: needs a real arm64 /dev/kvm")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
