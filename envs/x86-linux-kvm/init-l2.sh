@@ -26,6 +26,7 @@ case "$TEST" in
     while read -r ko; do
       m=$(basename "$ko" .ko | tr - _); p=""
       for a in $(cat /proc/cmdline); do case "$a" in "$m".*=*) p="$p ${a#"$m".}";; esac; done
+      echo "KVMFW-INSMOD $m$p"
       # shellcheck disable=SC2086
       insmod "$ko" $p 2>/dev/null
     done < /lib/modules/load.list
