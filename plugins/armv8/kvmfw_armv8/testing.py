@@ -69,7 +69,9 @@ class TestDevice:
 # --- a busybox initramfs for the Linux boot test ---------------------------------------------
 
 BOOT_MARKER = "KVMFW_ARM64_INIT_OK"
-"""What the test initramfs's /init prints on the console before it powers off."""
+"""What the test initramfs's /init prints on the console once it has read a line."""
+READY_PROMPT = "KVMFW_ARM64_READY"
+"""What the test initramfs's /init prints before it reads a line from the console."""
 
 _S_IFDIR, _S_IFREG, _S_IFCHR = 0o040000, 0o100000, 0o020000
 
@@ -98,13 +100,19 @@ def newc_archive(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> byte
     return bytes(out)
 
 
-def busybox_initramfs(busybox: bytes, marker: str = BOOT_MARKER) -> bytes:
+def busybox_initramfs(busybox: bytes, marker: str = BOOT_MARKER,
+                      prompt: str = READY_PROMPT, read_timeout: int = 60) -> bytes:
     """A gzip-compressed initramfs: a static ``busybox`` and an ``/init`` that prints
-    ``marker`` on the console and powers off at once (``poweroff -f``: PSCI SYSTEM_OFF)."""
+    ``prompt``, reads one line from the console (up to ``read_timeout`` s), prints
+    ``marker uptime=SECONDS got=LINE`` and powers off at once (``poweroff -f``: PSCI
+    SYSTEM_OFF)."""
+    bb = "/bin/busybox"
     init = ("#!/bin/busybox sh\n"
-            "/bin/busybox mount -t proc proc /proc\n"
-            f"/bin/busybox echo \"{marker} uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n"
-            "/bin/busybox poweroff -f\n").encode()
+            f"{bb} mount -t proc proc /proc\n"
+            f"echo {prompt}\n"
+            f"read -r -t {read_timeout} line\n"
+            f"echo \"{marker} uptime=$({bb} cut -d' ' -f1 /proc/uptime) got=$line\"\n"
+            f"{bb} poweroff -f\n").encode()
     entries = [
         ("bin", _S_IFDIR | 0o755, b"", (0, 0)),
         ("bin/busybox", _S_IFREG | 0o755, busybox, (0, 0)),

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import glob
 import os
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from kvmfw_armv8.testing import BOOT_MARKER, busybox_initramfs
+from kvmfw_armv8.testing import BOOT_MARKER, READY_PROMPT, busybox_initramfs
 
 pytestmark = [pytest.mark.arm64_kvm, pytest.mark.slow]
 
@@ -40,29 +39,42 @@ def _busybox() -> bytes:
 
 
 class Console:
-    """The PL011's output sink: keeps every byte, notes when the marker line appears."""
+    """The PL011's two ends: keeps every byte the guest writes; types ``reply`` (through a
+    pipe, as a user at the terminal would) once the guest's prompt appears."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes) -> None:
         self.data = bytearray()
+        self.reply = reply
         self.t0 = time.monotonic()
+        self.ready_at: float | None = None
         self.marker_at: float | None = None
-        self.lock = threading.Lock()
+        self.input_r, self._input_w = os.pipe()
 
     def write(self, data: bytes) -> int:
-        with self.lock:
-            self.data += data
-            if self.marker_at is None and BOOT_MARKER.encode() in self.data:
-                self.marker_at = time.monotonic() - self.t0
+        self.data += data
+        now = time.monotonic() - self.t0
+        if self.ready_at is None and READY_PROMPT.encode() in self.data:
+            self.ready_at = now
+            os.write(self._input_w, self.reply)
+        if self.marker_at is None and BOOT_MARKER.encode() in self.data:
+            self.marker_at = now
         return len(data)
 
     def flush(self) -> None:
         pass
+
+    def close(self) -> None:
+        os.close(self.input_r)
+        os.close(self._input_w)
 
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.data.decode(errors="replace").splitlines()[-lines:])
 
 
 def test_debian_kernel_boots_busybox_init_on_pl011(tmp_path: Path) -> None:
+    """The kernel boots (device tree, PSCI, vGICv3, arch timer), /init prints its prompt on
+    ttyAMA0, reads a line typed on the host (PL011 receive interrupt through the vGIC SPI),
+    prints the marker with it and powers off: status 0."""
     from kvmfw_armv8 import board, plugin
 
     from kvmfw.errors import RunTimeoutError
@@ -70,30 +82,36 @@ def test_debian_kernel_boots_busybox_init_on_pl011(tmp_path: Path) -> None:
 
     initrd = tmp_path / "initramfs.cpio.gz"
     initrd.write_bytes(busybox_initramfs(_busybox()))
-    console = Console()
+    console = Console(reply=b"kvmfw-ping\r")
     cmdline = (f"console=ttyAMA0 earlycon=pl011,{board.UART_BASE:#x} quiet panic=-1 "
                "rdinit=/init")
     cfg = MachineConfig(arch="armv8", memory=256 << 20, cpus=1, use_perf=False,
-                        options={"console_output": console})
-    with Machine(cfg) as m:
-        assert [d.name for d in m.devices][:1] == ["pl011"]  # the default board's console
-        m.load_guest(str(_kernel()), initrd=str(initrd), cmdline=cmdline)
-        t0 = time.monotonic()
-        console.t0 = t0
-        try:
-            res = m.run(timeout=BOOT_TIMEOUT)
-        except RunTimeoutError:
-            pytest.fail(f"no power-off within {BOOT_TIMEOUT:g} s; console:\n{console.tail()}\n"
-                        f"{m.cpus[0].dump_state()}")
-        took = time.monotonic() - t0
-        uart = m.devices[0]
-        gic = plugin.board_of(m).gic
+                        options={"console_output": console, "console_input": console.input_r})
+    try:
+        with Machine(cfg) as m:
+            assert [d.name for d in m.devices][:1] == ["pl011"]  # the default board's UART
+            m.load_guest(str(_kernel()), initrd=str(initrd), cmdline=cmdline)
+            console.t0 = t0 = time.monotonic()
+            try:
+                res = m.run(timeout=BOOT_TIMEOUT)
+            except RunTimeoutError:
+                pytest.fail(f"no power-off within {BOOT_TIMEOUT:g} s; console:\n"
+                            f"{console.tail()}\n{m.cpus[0].dump_state()}")
+            took = time.monotonic() - t0
+            uart = m.devices[0]
+            gic = plugin.board_of(m).gic
+    finally:
+        console.close()
     text = console.data.decode(errors="replace")
     assert BOOT_MARKER in text, f"{res.reason}; console:\n{console.tail()}"
+    line = next(ln for ln in text.splitlines() if BOOT_MARKER in ln)
+    assert line.strip().endswith("got=kvmfw-ping"), f"console:\n{console.tail()}"
     assert (res.status, "powered off" in res.reason) == (0, True), (
         f"{res.reason}; console:\n{console.tail()}")
     assert uart.stats["tx_bytes"] == len(console.data)
-    line = next(ln for ln in text.splitlines() if BOOT_MARKER in ln)
-    print(f"\nlinux boot (gic{gic[1:]}): marker after {console.marker_at:.1f} s, power-off "
-          f"after {took:.1f} s host time, {len(console.data)} console bytes; {line.strip()}")
-
+    assert uart.stats["rx_bytes"] == len(console.reply)
+    assert uart.stats["interrupts"] > 0
+    print(f"\nlinux boot (gic{gic[1:]}): prompt after {console.ready_at:.1f} s, marker after "
+          f"{console.marker_at:.1f} s, power-off after {took:.1f} s host time; "
+          f"{len(console.data)} console bytes, {uart.stats['interrupts']} UART interrupts; "
+          f"{line.strip()}\n{text}")
