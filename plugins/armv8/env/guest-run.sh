@@ -4,6 +4,9 @@
 # register entry points, run pytest, write its exit status to /cache/out/rc.
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/tmp USER=root LOGNAME=root
 export PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8
+# the emulated host's GIC version (run-arm64-kvm.sh KVMFW_ARM64_GIC): the tests' gic= option
+KVMFW_ARM64_GIC=$(cat /cache/out/gic 2>/dev/null || echo 3)
+export KVMFW_ARM64_GIC
 W=/tmp/src
 rc=3
 finish() { echo "$rc" > /cache/out/rc; sync; }

@@ -21,6 +21,8 @@
 #   KVMFW_ARM64_CACHE    cache dir                      KVMFW_ARM64_TIMEOUT  qemu timeout (s, 480)
 #   KVMFW_ARM64_SMP      guest CPUs (2)                 KVMFW_ARM64_MEM      guest MiB (2048)
 #   KVMFW_ARM64_REBUILD=1  rebuild the root file system
+#   KVMFW_ARM64_GIC      the emulated host's GIC: 3 (default) or 2 (GICv2 with virtualization
+#                        extensions: KVM's vGICv2; the tests then build gic=v2 machines)
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
@@ -28,6 +30,7 @@ CACHE=${KVMFW_ARM64_CACHE:-${HOME:-/root}/.cache/kvmfw-arm64}
 TIMEOUT=${KVMFW_ARM64_TIMEOUT:-480}
 SMP=${KVMFW_ARM64_SMP:-2}
 MEM=${KVMFW_ARM64_MEM:-2048}
+GIC=${KVMFW_ARM64_GIC:-3}
 SUITE=bookworm
 export DEBIAN_FRONTEND=noninteractive
 
@@ -43,6 +46,7 @@ T0=$(date +%s)
 say() { printf '[arm64-kvm %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*" >&2; }
 die() { say "FAILED: $*"; exit 2; }
 
+case "$GIC" in 2|3) ;; *) die "KVMFW_ARM64_GIC must be 2 or 3, not '$GIC'";; esac
 [ "$(id -u)" = 0 ] || die "needs root (apt-get, debootstrap, 9p passthrough); run it with sudo"
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -120,12 +124,13 @@ fi
 # --------------------------------------------------------------- boot and test
 OUT=$CACHE/out
 rm -rf "$OUT"; mkdir -p "$OUT" "$CACHE/build"
+echo "$GIC" > "$OUT/gic"
 if [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/pytest-args"; else echo plugins/armv8/tests > "$OUT/pytest-args"; fi
 LOG=$CACHE/console.log
-say "booting $KVER under qemu-system-aarch64 (TCG, smp=$SMP, ${MEM} MiB, timeout ${TIMEOUT}s); console log: $LOG"
+say "booting $KVER under qemu-system-aarch64 (TCG, GICv$GIC, smp=$SMP, ${MEM} MiB, timeout ${TIMEOUT}s); console log: $LOG"
 set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-aarch64 \
-    -M virt,virtualization=on,gic-version=3 -cpu max,pauth=off -smp "$SMP" -m "$MEM" \
+    -M virt,virtualization=on,gic-version="$GIC" -cpu max,pauth=off -smp "$SMP" -m "$MEM" \
     -nographic -no-reboot -monitor none -serial stdio \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyAMA0 loglevel=3 panic=-1" \

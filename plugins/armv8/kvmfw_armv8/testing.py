@@ -24,6 +24,12 @@ def arm64_kvm_unavailable_reason() -> str | None:
     return None
 
 
+def host_gic() -> str:
+    """The ``gic`` option the KVM tests build machines with: ``v2``/``v3`` as the arm64
+    environment's ``KVMFW_ARM64_GIC`` says (2 or 3), else ``auto`` (v3, else v2)."""
+    return {"2": "v2", "3": "v3"}.get(os.environ.get("KVMFW_ARM64_GIC", ""), "auto")
+
+
 class TestDevice:
     """The MMIO device the test guest reports to (offsets documented in testguest.S)."""
 

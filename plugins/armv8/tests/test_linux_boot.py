@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kvmfw_armv8.testing import BOOT_MARKER, READY_PROMPT, busybox_initramfs
+from kvmfw_armv8.testing import BOOT_MARKER, READY_PROMPT, busybox_initramfs, host_gic
 
 pytestmark = [pytest.mark.arm64_kvm, pytest.mark.slow]
 
@@ -86,7 +86,8 @@ def test_debian_kernel_boots_busybox_init_on_pl011(tmp_path: Path) -> None:
     cmdline = (f"console=ttyAMA0 earlycon=pl011,{board.UART_BASE:#x} quiet panic=-1 "
                "rdinit=/init")
     cfg = MachineConfig(arch="armv8", memory=256 << 20, cpus=1, use_perf=False,
-                        options={"console_output": console, "console_input": console.input_r})
+                        options={"console_output": console, "console_input": console.input_r,
+                                 "gic": host_gic()})
     try:
         with Machine(cfg) as m:
             assert [d.name for d in m.devices][:1] == ["pl011"]  # the default board's UART
@@ -111,6 +112,7 @@ def test_debian_kernel_boots_busybox_init_on_pl011(tmp_path: Path) -> None:
     assert uart.stats["tx_bytes"] == len(console.data)
     assert uart.stats["rx_bytes"] == len(console.reply)
     assert uart.stats["interrupts"] > 0
+    assert gic == {"auto": gic}.get(host_gic(), host_gic())
     print(f"\nlinux boot (gic{gic[1:]}): prompt after {console.ready_at:.1f} s, marker after "
           f"{console.marker_at:.1f} s, power-off after {took:.1f} s host time; "
           f"{len(console.data)} console bytes, {uart.stats['interrupts']} UART interrupts; "
