@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         n = r.peak_non_guest_kib
         print(f"{v:13s} peak RSS {r.maxrss_kib / 1024:6.1f} MiB, outside guest RAM "
               + (f"{n / 1024:6.1f} MiB" if n is not None else "    NA") + f"  rc={r.rc}"
-              + ("" if r.t_marker is not None and r.rc == 0 else "  FAILED (not counted)"),
+              + ("" if r.t_marker is not None and r.rc == 0 else "  FAILED boot"),
               flush=True)
     return 0 if ok else 1
 
