@@ -117,3 +117,48 @@ def test_debian_kernel_boots_busybox_init_on_pl011(tmp_path: Path) -> None:
           f"{console.marker_at:.1f} s, power-off after {took:.1f} s host time; "
           f"{len(console.data)} console bytes, {uart.stats['interrupts']} UART interrupts; "
           f"{line.strip()}\n{text}")
+
+
+def test_kvmfw_run_cli_boots_the_same_kernel(tmp_path: Path) -> None:
+    """``kvmfw run --arch armv8 --kernel --initrd --cmdline``: the console is the terminal
+    (stdout, and stdin for what is typed); the run ends with status 0 and its summary."""
+    import select
+    import subprocess
+    import sys
+
+    from kvmfw_armv8 import board
+
+    initrd = tmp_path / "initramfs.cpio.gz"
+    initrd.write_bytes(busybox_initramfs(_busybox()))
+    cmd = [sys.executable, "-c", "from kvmfw.cli import main; main()", "run", "--arch", "armv8",
+           "--kernel", str(_kernel()), "--initrd", str(initrd), "--memory", "256M",
+           "--cmdline", f"console=ttyAMA0 earlycon=pl011,{board.UART_BASE:#x} quiet panic=-1",
+           "--option", f"gic={host_gic()}", "--timeout", str(BOOT_TIMEOUT)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    out = bytearray()
+    deadline = time.monotonic() + BOOT_TIMEOUT + 30
+    typed = False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                out += chunk
+            if not typed and READY_PROMPT.encode() in out:
+                proc.stdin.write(b"from-the-cli\r")
+                proc.stdin.flush()
+                typed = True
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    text = out.decode(errors="replace")
+    assert f"{BOOT_MARKER} uptime=" in text and "got=from-the-cli" in text, f"{text}\n{err}"
+    assert rc == 0, f"exit {rc}\n{text}\n{err}"
+    assert "powered off" in err and "status 0" in err, err
