@@ -28,7 +28,7 @@ def x86_default() -> list[str]:
 
 
 ARMV8_UART_BASE, ARMV8_UART_SPI = 0x09000000, 1
-ARMV8_PSEUDO_OP_BASE = 0x09100000
+ARMV8_PSEUDO_OP_BASE = 0x10010000  # gem5's arm64 m5ops address, as the armv8 plugin's device tree
 
 
 def armv8_default() -> list[str]:
