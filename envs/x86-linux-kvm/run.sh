@@ -3,6 +3,8 @@
 # down, on any x86_64 Linux host (no /dev/kvm needed on the host).
 #
 #   envs/x86-linux-kvm/run.sh [pytest args...]      (default: tests  - i.e. tests/ of the repo)
+#   envs/x86-linux-kvm/run.sh tests ::: plugins/x86/tests ::: plugins/devices/tests
+#                                  (":::" separates pytest sessions; status: first non-zero)
 #   envs/x86-linux-kvm/run.sh --shell               (interactive shell in the outer guest)
 #   envs/x86-linux-kvm/run.sh --bench [args...]     (benchmarks/boot.py inside instead of pytest)
 #   envs/x86-linux-kvm/run.sh --cmd 'SHELL COMMAND'  (any command inside, in the checkout's copy;
