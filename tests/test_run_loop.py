@@ -141,8 +141,9 @@ def test_emulation_failure_names_the_pc_and_instruction_bytes(make_machine) -> N
         m.run(timeout=10)
     err = info.value
     assert err.details["suberror_name"] == "EMULATION"
-    assert err.details["insn_bytes"].startswith("f1")  # icebp, the failing instruction
-    assert "at pc 0x" in str(err) and "bytes f1" in str(err)
+    # fildl (0x40): DB /0 with a 16-bit displacement, the instruction that failed
+    assert err.details["insn_bytes"].startswith("db 06 40 00")
+    assert "at pc 0x" in str(err) and "bytes db 06 40 00" in str(err)
 
 
 def test_hlt_suspends_and_an_idle_machine_ends_the_run(make_machine) -> None:

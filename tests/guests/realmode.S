@@ -10,7 +10,7 @@
  *   4 spin     loop forever (the run timer must end it)
  *   5 triple   load an empty IDT and raise int3: triple fault
  *   6 halt     cli; hlt
- *   7 emufail  an instruction KVM's emulator does not handle
+ *   7 emufail  an x87 load from MMIO, which KVM's instruction emulator cannot do
  *   8 pioloop  ECX iterations of "out %al, $0x10", then exit (benchmark)
  *   9 mmioloop ECX iterations of "mov %al, (0x0010)" with DS=0x2000, then exit (benchmark)
  *  10 count    count in RSI until the host stops the run (event-bounded slices)
@@ -103,7 +103,10 @@ halt:
     jmp halt
 
 emufail:
-    .byte 0xf1              /* icebp (int1): KVM's emulator cannot emulate it */
+    mov $0x2000, %ax
+    mov %ax, %ds
+    fildl (0x0040)          /* x87 load from MMIO (0x20040): real hardware cannot finish
+                               it without KVM's emulator, which has no x87 memory forms */
     jmp exit
 
 pioloop:
