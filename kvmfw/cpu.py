@@ -141,7 +141,6 @@ class KvmCPU:
         self.cycle_source: CycleSource | None = None
         self.cycle_source_reason = ""
         self._dispatch: list[Any] = []
-        self._started = False
         self._trace = False
         self._cycles: Any = None
         self._insns: Any = None
@@ -151,6 +150,7 @@ class KvmCPU:
         self._ticks_per_cycle = 1000.0 * host_factor
         self.last_exit: int | None = None
         self.suspended_ticks = 0
+        """Simulated ticks spent IDLE (halted or suspended), as gem5 accounts them."""
         self._idle_since: int | None = None
 
     # --- start-up --------------------------------------------------------------------
@@ -172,7 +172,6 @@ class KvmCPU:
         if self.context is None:
             raise StateError("the architecture plugin did not create a thread context")
         self._pulled_level = SyncLevel.FULL  # a new context holds the vCPU's initial state
-        self._started = True
 
     def bind_thread(self, cycle_source: CycleSource, reason: str) -> None:
         """Called on the thread that will run this vCPU: signals, run timer, cycle source."""
@@ -433,7 +432,7 @@ class KvmCPU:
             self._pull(SyncLevel.FULL)
         if r < 0:
             if r != _EINTR and r != _EAGAIN:
-                raise KvmError("KVM_RUN", -r, self._dump_suffix())
+                raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
             reason = ExitReason.INTR
         else:
             reason = self._run.exit_reason
@@ -711,9 +710,6 @@ class KvmCPU:
         except Exception as exc:  # a dump must never hide the original error
             return f"(register dump failed: {type(exc).__name__}: {exc})"
         return text or "(the architecture plugin provides no register dump)"
-
-    def _dump_suffix(self) -> str:
-        return f"vcpu {self.id}"
 
     def _error(self, cls: type[GuestError], reason: int, message: str,
                **details: Any) -> GuestError:

@@ -31,7 +31,6 @@ _kick_handler_installed = False
 _kick_lock = threading.Lock()
 
 # Offsets in struct kvm_run, from the compiled layout.
-RUN_EXIT_REASON = ffi.offsetof("struct kvm_run", "exit_reason")
 RUN_PAYLOAD = ffi.offsetof("struct kvm_run", "io")
 MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 
