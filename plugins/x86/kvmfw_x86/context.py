@@ -96,6 +96,17 @@ def fix_segments(sregs: Any) -> None:
         sregs.ss.dpl = sregs.cs.dpl
 
 
+def mode_of(sregs: Any, rflags: int) -> str:
+    """The CPU mode that ``struct kvm_sregs`` and RFLAGS describe (see ``X86Context.mode``)."""
+    if not sregs.cr0 & 1:
+        return "real"
+    if rflags & (1 << 17):
+        return "vm86"
+    if sregs.efer & (1 << 10):
+        return "long64" if sregs.cs.l else "compat"
+    return "protected32" if sregs.cs.db else "protected16"
+
+
 class CpuInfo:
     """Per-VM facts the context needs (filled by the plugin at vCPU init)."""
 
@@ -170,6 +181,9 @@ class X86Context:
         self._xsave = ffi.new("uint8_t[]", max(info.xsave_size, 4096))
         self._xcrs = ffi.new("struct kvm_xcrs *")
         self._debugregs = ffi.new("struct kvm_debugregs *")
+        # what regs/sregs held before their latest fetch (see previous_state)
+        self._prev_regs = ffi.new("struct kvm_regs *")
+        self._prev_sregs = ffi.new(ffi.typeof(self._sregs))
         self._events = ffi.new("struct kvm_vcpu_events *")
         n = len(info.msr_indices)
         hdr = ffi.sizeof("struct kvm_msrs")
@@ -195,8 +209,12 @@ class X86Context:
         """Read one group from KVM now (discarding unpushed writes to it)."""
         v = self.cpu.vcpu
         if group == "regs":
+            if self.fetches["regs"]:
+                ffi.memmove(self._prev_regs, self._regs, ffi.sizeof(self._regs[0]))
             v.ioctl(X.KVM_GET_REGS, addr(self._regs))
         elif group == "sregs":
+            if self.fetches["sregs"]:
+                ffi.memmove(self._prev_sregs, self._sregs, ffi.sizeof(self._sregs[0]))
             v.ioctl(X.KVM_GET_SREGS2 if self.info.use_sregs2 else X.KVM_GET_SREGS,
                     addr(self._sregs))
         elif group == "xsave":
@@ -374,14 +392,21 @@ class X86Context:
         """``real``, ``protected16``, ``protected32``, ``long64``, ``compat`` or ``vm86``."""
         self._need("sregs")
         self._need("regs")
-        s = self._sregs
-        if not s.cr0 & 1:
-            return "real"
-        if self._regs.rflags & (1 << 17):
-            return "vm86"
-        if s.efer & (1 << 10):
-            return "long64" if s.cs.l else "compat"
-        return "protected32" if s.cs.db else "protected16"
+        return mode_of(self._sregs, int(self._regs.rflags))
+
+    def previous_state(self) -> dict[str, Any] | None:
+        """Mode, RIP, linear PC and CR3 as regs/sregs held *before* their latest fetch: an
+        earlier exit's state, or what the host last wrote (None if there was no earlier
+        copy). After ``KVM_EXIT_SHUTDOWN`` on AMD SVM, where KVM re-initialises the vCPU,
+        this is the last state the host saw of the guest that faulted."""
+        self._need("regs")
+        self._need("sregs")
+        if self.fetches["regs"] < 2 or self.fetches["sregs"] < 2:
+            return None
+        r, s = self._prev_regs, self._prev_sregs
+        return {"mode": mode_of(s, int(r.rflags)), "rip": int(r.rip),
+                "pc": (int(s.cs.base) + int(r.rip)) & 0xFFFFFFFFFFFFFFFF,
+                "cr0": int(s.cr0), "cr3": int(s.cr3)}
 
     # --- MSRs --------------------------------------------------------------------------------
 

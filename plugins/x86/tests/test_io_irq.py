@@ -77,29 +77,41 @@ def test_string_io_count_above_one_moves_every_element(machine_factory) -> None:
     assert pio.stats["string_io"] == 2
 
 
+HALTED = "all vCPUs halted and no event is pending"
+
+
 def test_userspace_timer_interrupt_wakes_halted_cpu_and_nmi(machine_factory) -> None:
+    """Each event is posted once the guest waits in ``hlt`` (a run with nothing scheduled
+    ends there), so no timing assumption: the first entry on a nested KVM can take
+    milliseconds, and an NMI pending beside an interrupt is rightly taken first."""
     m, rep = machine_factory(irqchip="userspace")
     loaders.load(m, str(GUESTS / "irq.bin"), {"load_addr": 0x7C00})
     line = m.irq(0)
     st = X86Plugin.state(m.hooks.pm.get_plugin("arch:x86"), m)  # type: ignore[arg-type]
-    eq = m.eventq
+    cpu, eq = m.cpus[0], m.eventq
+    assert m.run(timeout=10).reason == HALTED and rep.values == []  # IVT set, sti; hlt
     eq.schedule(Event(line.pulse, "timer"), eq.cur_tick + 1_000_000_000)  # 1 ms
-    eq.schedule(Event(lambda: st.interrupts.nmi(0), "nmi"), eq.cur_tick + 3_000_000_000)
+    assert m.run(timeout=10).reason == HALTED  # woken, handled it, halted again
+    assert rep.values == [0x20] and cpu.stats.halt >= 2
+    eq.schedule(Event(lambda: st.interrupts.nmi(0), "nmi"), eq.cur_tick + 1_000_000_000)
     r = m.run(timeout=10)
     assert r.reason == "reporter: guest done"
     assert rep.values == [0x20, 0x02, 2]
-    assert m.cpus[0].stats.halt >= 1  # it really was halted when the timer fired
-    assert (0, 0x20) in st.interrupts.delivered and (0, 2) in st.interrupts.delivered
+    assert st.interrupts.delivered == [(0, 0x20), (0, 2)]
 
 
 def test_in_kernel_irqchip_and_pit(machine_factory) -> None:
+    """The guest programs the 8259 and a periodic PIT and halts until two ticks came. A
+    slow (e.g. nested) KVM can let more ticks in before its ``cli`` (KVM re-injects
+    missed PIT ticks), so: at least two, every one through the 8259 as vector 8."""
     m, rep = machine_factory(irqchip="kernel")
     assert m.vm.irqchip_in_kernel
     loaders.load(m, str(GUESTS / "irq.bin"), {"load_addr": 0x7C00})
     m.cpus[0].get_context().rbx = 1  # program the 8259 and the PIT
     r = m.run(timeout=10)
     assert r.reason == "reporter: guest done"
-    assert rep.values == [0x08, 0x08, 2]
+    *ticks, count = rep.values
+    assert count >= 2 and ticks == [0x08] * count
 
 
 def test_drain_waits_for_pending_nmi(machine_factory) -> None:

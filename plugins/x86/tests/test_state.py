@@ -12,8 +12,11 @@ from kvmfw.hookspecs import SyncLevel
 
 from kvmfw_x86 import loaders
 from kvmfw_x86.context import XC_HI16_ZMM, XC_OPMASK, XC_YMM, XC_ZMM_HI256, Segment
+from kvmfw_x86.cpuid import has_feature
+from kvmfw_x86.plugin import X86Plugin
 
 pytestmark = [requires_kvm, pytest.mark.kvm]
+CR4_OSXSAVE = 1 << 18
 
 
 def sym(name: str) -> int:
@@ -30,6 +33,11 @@ def user_machine(machine_factory, entry: str):  # type: ignore[no-untyped-def]
     for s in ("ds", "es", "ss"):
         setattr(ctx, s, Segment(limit=0xFFFFFFFF, selector=0x33, type=3, dpl=3, db=1, g=1))
     ctx.rip = sym(entry)
+    st = X86Plugin.state(m.hooks.pm.get_plugin("arch:x86"), m)  # type: ignore[arg-type]
+    if has_feature(st.cpuid, "xsave"):
+        # as an OS does: AVX and AVX-512 raise #UD unless CR4.OSXSAVE is set. kvm_pvm offers
+        # no XSAVE in CPUID (so refuses the bit) yet runs CPL3 code with the XCR0 set here
+        ctx.cr4 = ctx.cr4 | CR4_OSXSAVE
     return m, rep, ctx
 
 
