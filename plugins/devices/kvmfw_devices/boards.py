@@ -12,8 +12,10 @@ def x86_default() -> list[str]:
     """The PC ``kvmfw run`` builds when no ``--device`` is given.
 
     COM1 16550 at 0x3f8/IRQ 4, the CMOS RTC at 0x70/IRQ 8, the i8042 (for ``reboot=k``),
-    fw_cfg at 0x510, the PCI host bridge (configuration space through the x86 plugin's
-    0xcf8/0xcfc decoding, BAR aperture at 0xc0000000) and the pseudo-op window at
+    fw_cfg at 0x510, the ACPI PM block at 0x600 (SCI on IRQ 9; the x86 plugin's FADT points
+    there, and ``poweroff`` ends the run through it), the PCI host bridge (configuration
+    space through the x86 plugin's 0xcf8/0xcfc decoding, BAR aperture at 0xc0000000) and
+    the pseudo-op window at
     0xffff0000. The in-kernel irqchip and PIT are the x86 plugin's. Debug-exit is only
     added on request (``--device debug-exit``).
     """
@@ -22,6 +24,7 @@ def x86_default() -> list[str]:
         "cmos-rtc,port=0x70,irq=8",
         "i8042,port=0x60,irq=1,aux_irq=12",
         "fw-cfg,port=0x510",
+        "acpi-pm,port=0x600,irq=9",
         "pci-host",
         f"pseudo-op,base={X86_PSEUDO_OP_BASE:#x}",
     ]

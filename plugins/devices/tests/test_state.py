@@ -48,6 +48,7 @@ MUTATIONS: dict[str, list[Access]] = {
     "pci-host": [],  # configured through config space: see CONFIG_MUTATIONS
     "virtio-blk": [w2(0x70, 3, 4), w2(0x38, 16, 4), w2(0x80, 0x10000, 4)],
     "virtio-console": [w2(0x70, 1, 4), w2(0x30, 1, 4), w2(0x38, 32, 4)],
+    "acpi-pm": [w2(2, 0x0121, 2), w2(4, 0x0C01, 2)],
     "pl011": [w2(0x2C, 0x10, 4), w2(0x38, 0x70, 4), w2(0x30, 0x381, 4), w2(0, 0x41, 4),
               w2(0x24, 13, 4)],
 }
@@ -66,7 +67,7 @@ def build(name: str) -> tuple[Device, Any]:
     params: dict[str, Any] = {}
     if name == "pseudo-op":
         params["dir"] = tempfile.mkdtemp(prefix="kvmfw-pseudo-op-")
-    if name == "cmos-rtc":
+    if name in ("cmos-rtc", "acpi-pm"):
         params["clock"] = "fixed"
     if name == "virtio-blk":
         fd, path = tempfile.mkstemp(prefix="kvmfw-blk-", suffix=".img")

@@ -1,22 +1,75 @@
-"""Minimal ACPI tables for SMP discovery: RSDP (ACPI 1.0, found by the BIOS-area scan),
-RSDT and MADT (one Processor Local APIC entry per vCPU, the IO-APIC, the ISA override
-IRQ 0 -> GSI 2 and LINT1 as NMI), the same machine the MP tables describe.
+"""A minimal, complete ACPI for the x86 board: what Linux needs to run with ACPI on.
 
-There is no FADT or DSDT: an OS finds every CPU and the IO-APIC here, but a full ACPI
-interpreter (Linux's ACPICA) reports that it cannot load the namespace and carries on
-with ACPI off. That is why the tables are opt-in (machine option ``acpi=on``)."""
+Tables, written into the reserved area 0xE0000-0xEFFFF (Linux scans 0xE0000-0xFFFFF for
+the RSDP)::
+
+    RSDP (ACPI 1.0, rev 0) -> RSDT -> FADT -> FACS, DSDT
+                                   -> MADT
+
+- FADT (revision 3, as QEMU's ``pc``): the PM1a event/control blocks and the PM timer of
+  the board's ``acpi-pm`` device (QEMU's PIIX4 PM layout at 0x600), SCI on IRQ 9, no SMI
+  command port (the machine is always in ACPI mode), IAPC_BOOT_ARCH "legacy devices" and
+  "8042", flags WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, USE_PLATFORM_CLOCK.
+- DSDT, hand-assembled AML: ``Name (_S5_, Package () {typ, typ, 0, 0})`` and, under
+  ``\\_SB_``, one ``Device (VRnn)`` per virtio-mmio device of the machine (``_HID
+  "LNRO0005"``, ``_UID nn``, ``_CRS`` with ``Memory32Fixed`` and an extended ``Interrupt``,
+  level, active high) as QEMU's ``microvm`` describes them; Linux's virtio_mmio driver
+  binds to these.
+- MADT: one Processor Local APIC per vCPU, the IO-APIC, the ISA overrides IRQ 0 -> GSI 2
+  and IRQ 9 (SCI) level/active high, LINT1 as NMI: the machine the MP tables describe.
+"""
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR
 
-RSDP_ADDR = 0xF1000
-"""In 0xE0000-0xFFFFF on a 16-byte boundary, after the MP tables at 0xF0000."""
+ACPI_BASE = 0xE0000
+"""Where the tables go: the RSDP first, on a 16-byte boundary inside Linux's scan window."""
+ACPI_SIZE = 0x10000
+RSDP_ADDR = ACPI_BASE
 OEM_ID = b"KVMFW "
 OEM_TABLE_ID = b"KVMFWX86"
+
+PM_BASE = 0x600
+"""Default port of the ``acpi-pm`` device (QEMU's PIIX4 PM base)."""
+SCI_IRQ = 9
+S5_SLP_TYP = 0
+"""SLP_TYP of S5 (soft off), as QEMU's DSDT and the ``acpi-pm`` device's default."""
+
+FADT_WBINVD = 1 << 0
+FADT_PROC_C1 = 1 << 2
+FADT_SLP_BUTTON = 1 << 5
+FADT_RTC_S4 = 1 << 7
+FADT_USE_PLATFORM_CLOCK = 1 << 15
+FADT_FLAGS = (FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
+              | FADT_USE_PLATFORM_CLOCK)
+BOOT_ARCH_LEGACY_DEVICES = 1 << 0
+BOOT_ARCH_8042 = 1 << 1
+
+VIRTIO_MMIO_HID = "LNRO0005"
+
+
+@dataclass(frozen=True)
+class MmioDevice:
+    """A virtio-mmio transport to describe in the DSDT: window and interrupt (GSI)."""
+
+    base: int
+    size: int
+    irq: int
+
+
+@dataclass(frozen=True)
+class PmBlock:
+    """Where the ACPI PM registers are: PM1a event (4 bytes) at ``port``, PM1a control (2)
+    at ``port + 4``, PM timer (4) at ``port + 8``; the SCI line and the S5 sleep type."""
+
+    port: int = PM_BASE
+    sci: int = SCI_IRQ
+    s5_typ: int = S5_SLP_TYP
 
 
 def checksum(data: bytes) -> int:
@@ -32,34 +85,223 @@ def _sdt(signature: bytes, revision: int, body: bytes) -> bytes:
     return bytes(table)
 
 
-def madt(ncpus: int) -> bytes:
+# --- MADT ------------------------------------------------------------------------------
+
+def madt(ncpus: int, sci: int = SCI_IRQ) -> bytes:
     """The Multiple APIC Description Table (revision 3)."""
     entries = [struct.pack("<BBBBI", 0, 8, i, i, 1) for i in range(ncpus)]  # enabled
     entries.append(struct.pack("<BBBBII", 1, 12, ncpus, 0, IOAPIC_ADDR, 0))  # GSI base 0
     entries.append(struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0))  # ISA IRQ 0 -> GSI 2
+    entries.append(struct.pack("<BBBBIH", 2, 10, 0, sci, sci, 0x000D))  # SCI: level, high
     entries.append(struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1))  # all CPUs: LINT1 is NMI
     body = struct.pack("<II", LAPIC_ADDR, 1) + b"".join(entries)  # PCAT_COMPAT: 8259s
     return _sdt(b"APIC", 3, body)
 
 
-def build(ncpus: int, base: int = RSDP_ADDR) -> bytes:
-    """RSDP (20 bytes, padded to 32) at ``base``, then the RSDT, then the MADT."""
+# --- FADT and FACS -------------------------------------------------------------------------
+
+def facs() -> bytes:
+    """The Firmware ACPI Control Structure (64 bytes, no checksum, no waking vector)."""
+    return struct.pack("<4sIIIIIBB", b"FACS", 64, 0, 0, 0, 0, 1, 0).ljust(64, b"\0")
+
+
+def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = PmBlock()) -> bytes:
+    """The Fixed ACPI Description Table, revision 3 (244 bytes; the X_ fields are left 0 so
+    the OS uses the 32-bit ones)."""
+    body = bytearray(244 - 36)
+
+    def put(offset: int, fmt: str, *values: int) -> None:
+        struct.pack_into(fmt, body, offset - 36, *values)
+
+    put(36, "<II", facs_addr, dsdt_addr)
+    put(45, "<B", 0)  # preferred PM profile: unspecified
+    put(46, "<H", pm.sci)
+    put(48, "<IBBBB", 0, 0, 0, 0, 0)  # SMI_CMD 0: always in ACPI mode
+    put(56, "<I", pm.port)  # PM1a_EVT_BLK
+    put(64, "<I", pm.port + 4)  # PM1a_CNT_BLK
+    put(76, "<I", pm.port + 8)  # PM_TMR_BLK
+    put(88, "<BBBB", 4, 2, 0, 4)  # PM1_EVT_LEN, PM1_CNT_LEN, PM2_CNT_LEN, PM_TMR_LEN
+    put(96, "<HH", 0xFFF, 0xFFF)  # no C2, no C3
+    put(108, "<B", 0x32)  # CMOS century register
+    put(109, "<H", BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042)
+    put(112, "<I", FADT_FLAGS)
+    return _sdt(b"FACP", 3, bytes(body))
+
+
+# --- AML (the DSDT) ---------------------------------------------------------------------------
+
+def aml_pkglength(body_len: int) -> bytes:
+    """The PkgLength encoding of a package whose contents (after PkgLength) are
+    ``body_len`` bytes long; the encoded length counts the PkgLength bytes too."""
+    if body_len + 1 < 0x40:
+        return bytes([body_len + 1])
+    for n in (2, 3, 4):
+        total = body_len + n
+        if total < 1 << (4 + 8 * (n - 1)):
+            out = [((n - 1) << 6) | (total & 0xF)]
+            out += [(total >> (4 + 8 * i)) & 0xFF for i in range(n - 1)]
+            return bytes(out)
+    raise ValueError(f"AML package too long: {body_len} bytes")
+
+
+def aml_integer(value: int) -> bytes:
+    """The shortest integer encoding (Zero, One, Byte, Word, DWord or QWord constant)."""
+    if value == 0:
+        return b"\x00"
+    if value == 1:
+        return b"\x01"
+    for op, fmt, limit in ((0x0A, "<B", 0xFF), (0x0B, "<H", 0xFFFF),
+                           (0x0C, "<I", 0xFFFFFFFF), (0x0E, "<Q", (1 << 64) - 1)):
+        if 0 <= value <= limit:
+            return bytes([op]) + struct.pack(fmt, value)
+    raise ValueError(f"AML integer out of range: {value}")
+
+
+def aml_nameseg(name: str) -> bytes:
+    seg = name.encode("ascii").ljust(4, b"_")
+    if len(seg) != 4:
+        raise ValueError(f"AML name segment must be 1-4 characters: {name!r}")
+    return seg
+
+
+def aml_name(name: str, value: bytes) -> bytes:
+    """``Name (name, value)`` with an already encoded data object."""
+    return b"\x08" + aml_nameseg(name) + value
+
+
+def aml_string(text: str) -> bytes:
+    return b"\x0D" + text.encode("ascii") + b"\x00"
+
+
+def aml_package(*elements: bytes) -> bytes:
+    body = bytes([len(elements)]) + b"".join(elements)
+    return b"\x12" + aml_pkglength(len(body)) + body
+
+
+def aml_buffer(data: bytes) -> bytes:
+    body = aml_integer(len(data)) + data
+    return b"\x11" + aml_pkglength(len(body)) + body
+
+
+def aml_device(name: str, *terms: bytes) -> bytes:
+    body = aml_nameseg(name) + b"".join(terms)
+    return b"\x5B\x82" + aml_pkglength(len(body)) + body
+
+
+def aml_scope(path: bytes, *terms: bytes) -> bytes:
+    body = path + b"".join(terms)
+    return b"\x10" + aml_pkglength(len(body)) + body
+
+
+def res_memory32_fixed(base: int, size: int, writable: bool = True) -> bytes:
+    """Memory32Fixed (ReadWrite, base, size) large resource descriptor."""
+    return struct.pack("<BHBII", 0x86, 9, 1 if writable else 0, base, size)
+
+
+def res_interrupt(gsi: int, *, level: bool = True, active_low: bool = False) -> bytes:
+    """Extended Interrupt descriptor: consumer, exclusive, one interrupt number."""
+    flags = 0x01 | (0 if level else 0x02) | (0x04 if active_low else 0)
+    return struct.pack("<BHBBI", 0x89, 6, flags, 1, gsi)
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """A ResourceTemplate buffer: the descriptors and an end tag with checksum 0."""
+    return aml_buffer(b"".join(descriptors) + b"\x79\x00")
+
+
+def dsdt_aml(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
+    """The DSDT's AML: ``_S5_`` and a ``\\_SB_.VRnn`` per virtio-mmio device."""
+    s5 = aml_name("_S5_", aml_package(aml_integer(pm.s5_typ), aml_integer(pm.s5_typ),
+                                      aml_integer(0), aml_integer(0)))
+    devices = [aml_device(f"VR{i:02d}",
+                          aml_name("_HID", aml_string(VIRTIO_MMIO_HID)),
+                          aml_name("_UID", aml_integer(i)),
+                          aml_name("_CRS", resource_template(
+                              res_memory32_fixed(d.base, d.size), res_interrupt(d.irq))))
+               for i, d in enumerate(virtio)]
+    sb = aml_scope(b"\\_SB_", *devices) if devices else b""
+    return s5 + sb
+
+
+def dsdt(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
+    """The Differentiated System Description Table (revision 2: 64-bit integers)."""
+    return _sdt(b"DSDT", 2, dsdt_aml(virtio, pm))
+
+
+# --- the whole set ----------------------------------------------------------------------
+
+def _align(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+def build(ncpus: int, base: int = ACPI_BASE, virtio: list[MmioDevice] | None = None,
+          pm: PmBlock = PmBlock()) -> bytes:
+    """All tables as one blob to write at ``base``: RSDP (20 bytes, padded to 32), RSDT,
+    FACS (64-byte aligned), DSDT, FADT, MADT."""
+    out = bytearray(32)
     rsdt_addr = base + 32
-    table = madt(ncpus)
-    rsdt = _sdt(b"RSDT", 1, struct.pack("<I", rsdt_addr + 40))
-    assert len(rsdt) == 40
+    out += bytes(48)  # the RSDT (44 bytes: 2 entries), filled in below
+    facs_off = _align(len(out), 64)
+    out += bytes(facs_off - len(out)) + facs()
+    dsdt_off = len(out)
+    out += dsdt(virtio or [], pm)
+    fadt_off = _align(len(out), 16)
+    out += bytes(fadt_off - len(out)) + fadt(base + dsdt_off, base + facs_off, pm)
+    madt_off = _align(len(out), 16)
+    out += bytes(madt_off - len(out)) + madt(ncpus, pm.sci)
+    rsdt = _sdt(b"RSDT", 1, struct.pack("<II", base + fadt_off, base + madt_off))
+    out[32:32 + len(rsdt)] = rsdt
     rsdp = bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt_addr))
     rsdp[8] = checksum(bytes(rsdp))
-    return bytes(rsdp).ljust(32, b"\0") + rsdt + table
+    out[0:20] = rsdp
+    if len(out) > ACPI_SIZE:
+        raise ValueError(f"ACPI tables ({len(out)} bytes) exceed their {ACPI_SIZE:#x}-byte area")
+    return bytes(out)
 
 
-def install(machine: Any, base: int = RSDP_ADDR) -> int:
-    """Write the tables for ``machine.config.cpus`` vCPUs; returns the RSDP address."""
-    machine.memory.write(base, build(machine.config.cpus, base))
+def _class_names(obj: Any) -> set[str]:
+    return {c.__name__ for c in type(obj).__mro__}
+
+
+def virtio_mmio_devices(machine: Any) -> list[MmioDevice]:
+    """The machine's virtio-mmio transports (any device derived from ``VirtioMmio``) with
+    an interrupt line, in the order they were added."""
+    out = []
+    for d in getattr(machine, "devices", []):
+        if "VirtioMmio" not in _class_names(d):
+            continue
+        params = getattr(d, "params", {})
+        irq = int(params.get("irq", -1))
+        if irq < 0:
+            continue
+        mmio = [r for r in d.ranges() if r.space == "mmio"]
+        if mmio:
+            out.append(MmioDevice(mmio[0].base, mmio[0].size, irq))
+    return out
+
+
+def pm_block(machine: Any) -> PmBlock:
+    """The ``acpi-pm`` device's port, SCI and S5 type, or the defaults if there is none."""
+    for d in getattr(machine, "devices", []):
+        if getattr(d, "name", None) == "acpi-pm":
+            p = d.params
+            return PmBlock(int(p["port"]), int(p["irq"]) if int(p["irq"]) >= 0 else SCI_IRQ,
+                           int(p["s5_typ"]))
+    return PmBlock()
+
+
+def install(machine: Any, base: int = ACPI_BASE) -> int:
+    """Write the tables for ``machine`` (its vCPUs, virtio-mmio devices and PM block);
+    returns the RSDP address."""
+    machine.memory.write(base, build(machine.config.cpus, base, virtio_mmio_devices(machine),
+                                     pm_block(machine)))
     return base
 
 
-def enabled(machine: Any) -> bool:
-    """The ``acpi`` machine option (``on``/``off``, default off)."""
-    v = str(machine.config.options.get("acpi", "off")).lower()
+def enabled(machine: Any, default: bool = False) -> bool:
+    """The ``acpi`` machine option: ``on``/``off``; unset (or ``auto``) means ``default``
+    (the loaders pass True for Linux bzImages)."""
+    v = str(machine.config.options.get("acpi", "auto")).lower()
+    if v in ("auto", "default", ""):
+        return default
     return v in ("1", "on", "true", "yes")

@@ -45,6 +45,8 @@ MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002
 BOOT_LOADER_NAME = b"qemu"
 """The multiboot boot loader name, as QEMU's ``-kernel`` reports it."""
 E820_RAM, E820_RESERVED = 1, 2
+FIRMWARE_AREA = 0xE0000
+"""0xE0000-0xFFFFF: the ACPI tables (0xE0000) and the MP tables (0xF0000), reserved in e820."""
 
 
 def _gdt(long_code: bool) -> bytes:
@@ -77,7 +79,8 @@ def e820_map(machine: Any) -> list[tuple[int, int, int]]:
     """The PC memory map a BIOS would report: ``[(base, length, type), ...]``."""
     low = ram_below_4g(machine)
     m = [(0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED),
-         (0xF0000, 0x10000, E820_RESERVED), (0x100000, low - 0x100000, E820_RAM)]
+         (FIRMWARE_AREA, 0x100000 - FIRMWARE_AREA, E820_RESERVED),
+         (0x100000, low - 0x100000, E820_RAM)]
     if machine.config.memory > low:
         m.append((1 << 32, machine.config.memory - low, E820_RAM))
     return m
@@ -251,14 +254,15 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
     return bits, entry, segs
 
 
-def install_firmware_tables(machine: Any) -> None:
-    """What a PC BIOS leaves in 0xF0000-0xFFFFF for an SMP guest: the MP tables, and with
-    the machine option ``acpi=on`` the ACPI RSDP/RSDT/MADT. Written before the image, so
-    an image that loads there wins."""
+def install_firmware_tables(machine: Any, *, acpi_default: bool = False) -> None:
+    """What a PC BIOS leaves in 0xE0000-0xFFFFF: the MP tables at 0xF0000 and, with the
+    machine option ``acpi=on`` (or unset and ``acpi_default``, as for Linux bzImages), the
+    ACPI tables at 0xE0000 describing the machine's CPUs, PM block and virtio-mmio devices.
+    Written before the image, so an image that loads there wins."""
     from kvmfw_x86 import acpi, mptable
 
     mptable.install(machine)
-    if acpi.enabled(machine):
+    if acpi.enabled(machine, acpi_default):
         acpi.install(machine)
 
 
@@ -472,7 +476,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t
     bp.e820_entries = len(e820)
     write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
-    install_firmware_tables(machine)  # CPUs, IO-APIC and ISA routing
+    install_firmware_tables(machine, acpi_default=True)  # CPUs, IO-APIC, PM, virtio-mmio
     enter_long_mode(machine, load_at + 0x200, sse=False)
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR

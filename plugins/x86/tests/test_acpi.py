@@ -1,8 +1,12 @@
-"""ACPI tables (``acpi=on``): found and parsed the way an OS does it, from guest RAM."""
+"""ACPI tables (default for bzImages, ``acpi=on``/``off``): found and parsed the way an OS
+does it, from guest RAM; the DSDT's AML read back by a small parser (and by ``iasl -d``)."""
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,14 +76,211 @@ def test_tables_checksum_and_describe_every_cpu(ncpus: int) -> None:
     assert madt["cpus"] == list(range(ncpus))
     assert madt["lapic_addr"] == mptable.LAPIC_ADDR
     assert madt["ioapics"] == [(ncpus, mptable.IOAPIC_ADDR, 0)]
-    assert madt["overrides"] == [(0, 2)] and madt["nmis"] == 1
+    assert madt["overrides"] == [(0, 2), (9, 9)] and madt["nmis"] == 1
+
+
+def rsdt_tables(read: Any) -> dict[bytes, bytes]:
+    """Every table the RSDT points at, by signature (checksums checked)."""
+    rsdp = find_rsdp(read)
+    assert rsdp is not None
+    rsdt = table(read, struct.unpack("<I", read(rsdp + 16, 4))[0])
+    ptrs = struct.unpack(f"<{(len(rsdt) - 36) // 4}I", rsdt[36:])
+    return {read(p, 4): table(read, p) for p in ptrs}
+
+
+class Aml:
+    """Enough of an AML parser for the DSDT kvmfw writes: Scope, Device, Name with
+    integers, strings, packages and buffers. ``names`` maps absolute paths to values."""
+
+    def __init__(self, code: bytes) -> None:
+        self.code = code
+        self.names: dict[str, Any] = {}
+        self.devices: list[str] = []
+        self._terms(0, len(code), "\\")
+
+    def _pkglen(self, at: int) -> tuple[int, int]:
+        lead = self.code[at]
+        n = lead >> 6
+        if n == 0:
+            return lead & 0x3F, at + 1
+        value = lead & 0x0F
+        for i in range(n):
+            value |= self.code[at + 1 + i] << (4 + 8 * i)
+        return value, at + 1 + n
+
+    def _nameseg(self, at: int) -> tuple[str, int]:
+        return self.code[at:at + 4].decode(), at + 4
+
+    def _data(self, at: int) -> tuple[Any, int]:
+        op = self.code[at]
+        if op in (0x00, 0x01):
+            return op, at + 1
+        if op == 0xFF:
+            return (1 << 64) - 1, at + 1
+        sizes = {0x0A: "<B", 0x0B: "<H", 0x0C: "<I", 0x0E: "<Q"}
+        if op in sizes:
+            return struct.unpack_from(sizes[op], self.code, at + 1)[0], \
+                at + 1 + struct.calcsize(sizes[op])
+        if op == 0x0D:
+            end = self.code.index(b"\0", at + 1)
+            return self.code[at + 1:end].decode(), end + 1
+        if op == 0x12:  # Package
+            length, body = self._pkglen(at + 1)
+            end = at + 1 + length
+            count, cur, items = self.code[body], body + 1, []
+            while cur < end:
+                item, cur = self._data(cur)
+                items.append(item)
+            assert cur == end and len(items) == count
+            return items, end
+        if op == 0x11:  # Buffer
+            length, body = self._pkglen(at + 1)
+            end = at + 1 + length
+            size, cur = self._data(body)
+            data = self.code[cur:end]
+            assert len(data) == size
+            return bytes(data), end
+        raise AssertionError(f"unexpected AML opcode {op:#x} at {at:#x}")
+
+    def _terms(self, at: int, end: int, scope: str) -> None:
+        sep = "" if scope == "\\" else "."
+        while at < end:
+            op = self.code[at]
+            if op == 0x08:  # Name
+                name, cur = self._nameseg(at + 1)
+                value, at = self._data(cur)
+                self.names[f"{scope}{sep}{name}"] = value
+            elif op == 0x10:  # Scope
+                length, cur = self._pkglen(at + 1)
+                assert self.code[cur] == 0x5C, "kvmfw's scopes are absolute"
+                name, cur = self._nameseg(cur + 1)
+                self._terms(cur, at + 1 + length, "\\" + name)
+                at += 1 + length
+            elif self.code[at:at + 2] == b"\x5B\x82":  # Device
+                length, cur = self._pkglen(at + 2)
+                name, cur = self._nameseg(cur)
+                path = f"{scope}{sep}{name}"
+                self.devices.append(path)
+                self._terms(cur, at + 2 + length, path)
+                at += 2 + length
+            else:
+                raise AssertionError(f"unexpected AML opcode {op:#x} at {at:#x}")
+        assert at == end, "a package overran its PkgLength"
+
+
+def resources(buf: bytes) -> list[tuple[str, Any]]:
+    """Decode a _CRS buffer: Memory32Fixed and Extended Interrupt descriptors, end tag."""
+    out: list[tuple[str, Any]] = []
+    at = 0
+    while True:
+        tag = buf[at]
+        if tag == 0x79:
+            assert sum(buf[:at + 2]) & 0xFF == 0 or buf[at + 1] == 0
+            assert at + 2 == len(buf)
+            return out
+        assert tag & 0x80, "only large descriptors expected"
+        length = struct.unpack_from("<H", buf, at + 1)[0]
+        body = buf[at + 3:at + 3 + length]
+        if tag == 0x86:
+            rw, base, size = struct.unpack_from("<BII", body)
+            out.append(("mem32", (base, size, bool(rw & 1))))
+        elif tag == 0x89:
+            flags, count = body[0], body[1]
+            gsis = struct.unpack_from(f"<{count}I", body, 2)
+            out.append(("irq", (gsis, "level" if not flags & 2 else "edge",
+                                "low" if flags & 4 else "high", bool(flags & 1))))
+        else:
+            raise AssertionError(f"unexpected resource descriptor {tag:#x}")
+        at += 3 + length
+
+
+VIRTIO = [acpi.MmioDevice(0xD0000000, 0x200, 5), acpi.MmioDevice(0xD0000200, 0x200, 10)]
+
+
+def _mem_with(blob: bytes, base: int = acpi.ACPI_BASE) -> Any:
+    mem = bytearray(0x100000)
+    mem[base:base + len(blob)] = blob
+    return lambda a, n: bytes(mem[a:a + n])
+
+
+def test_fadt_points_at_the_pm_block_dsdt_and_facs() -> None:
+    read = _mem_with(acpi.build(2, virtio=VIRTIO))
+    t = rsdt_tables(read)
+    assert set(t) == {b"FACP", b"APIC"}
+    f = t[b"FACP"]
+    assert len(f) == 244 and f[8] == 3
+    facs_addr, dsdt_addr = struct.unpack_from("<II", f, 36)
+    assert facs_addr % 64 == 0 and read(facs_addr, 4) == b"FACS"
+    assert struct.unpack("<I", read(facs_addr + 4, 4))[0] == 64
+    assert table(read, dsdt_addr)[:4] == b"DSDT"
+    assert struct.unpack_from("<HI", f, 46) == (9, 0)  # SCI_INT 9, SMI_CMD 0: ACPI mode
+    assert struct.unpack_from("<I", f, 56)[0] == 0x600  # PM1a_EVT_BLK
+    assert struct.unpack_from("<I", f, 64)[0] == 0x604  # PM1a_CNT_BLK
+    assert struct.unpack_from("<I", f, 76)[0] == 0x608  # PM_TMR_BLK
+    assert tuple(f[88:92]) == (4, 2, 0, 4)  # PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN
+    assert struct.unpack_from("<H", f, 109)[0] & 3 == 3  # legacy devices, 8042
+    flags = struct.unpack_from("<I", f, 112)[0]
+    assert flags & acpi.FADT_WBINVD and flags & acpi.FADT_PROC_C1
+    assert not flags & (1 << 8), "the PM timer is 24 bits wide (TMR_VAL_EXT clear)"
+    assert not flags & (1 << 20), "not a hardware-reduced machine"
+
+
+def test_dsdt_aml_parses_back_to_s5_and_the_virtio_devices() -> None:
+    read = _mem_with(acpi.build(1, virtio=VIRTIO))
+    f = rsdt_tables(read)[b"FACP"]
+    dsdt = table(read, struct.unpack_from("<I", f, 40)[0])
+    aml = Aml(dsdt[36:])
+    assert aml.names["\\_S5_"][:2] == [acpi.S5_SLP_TYP, acpi.S5_SLP_TYP]
+    assert aml.devices == ["\\_SB_.VR00", "\\_SB_.VR01"]
+    for i, d in enumerate(VIRTIO):
+        dev = f"\\_SB_.VR{i:02d}"
+        assert aml.names[f"{dev}._HID"] == "LNRO0005"
+        assert aml.names[f"{dev}._UID"] == i
+        assert resources(aml.names[f"{dev}._CRS"]) == [
+            ("mem32", (d.base, d.size, True)), ("irq", ((d.irq,), "level", "high", True))]
+
+
+def test_dsdt_without_devices_still_offers_s5() -> None:
+    aml = Aml(acpi.dsdt_aml([]))
+    assert aml.devices == [] and "\\_S5_" in aml.names
+
+
+@pytest.mark.parametrize("n", [0, 1, 0x3E, 0x3F, 0x40, 0xFFF, 0x1000, 0xFFFFF])
+def test_pkglength_encoding_round_trips(n: int) -> None:
+    enc = acpi.aml_pkglength(n)
+    aml = Aml.__new__(Aml)
+    aml.code = enc
+    value, end = aml._pkglen(0)
+    assert value == n + len(enc) and end == len(enc)
+
+
+def test_many_devices_need_multi_byte_pkglengths_and_still_parse() -> None:
+    many = [acpi.MmioDevice(0xD0000000 + i * 0x200, 0x200, 5 + i % 8) for i in range(12)]
+    aml = Aml(acpi.dsdt_aml(many))
+    assert len(aml.devices) == 12 and aml.names["\\_SB_.VR11._UID"] == 11
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None,
+                    reason="iasl (Debian package acpica-tools) is not installed")
+def test_iasl_decompiles_the_dsdt(tmp_path: Path) -> None:
+    blob = acpi.dsdt(VIRTIO)
+    (tmp_path / "dsdt.dat").write_bytes(blob)
+    r = subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dsl = (tmp_path / "dsdt.dsl").read_text()
+    assert "Name (_S5, Package (0x04)" in dsl
+    assert dsl.count('Name (_HID, "LNRO0005")') == 2
+    assert "Memory32Fixed (ReadWrite,\n" in dsl and "0xD0000200" in dsl
+    assert "Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive, ,, )" in dsl
+    assert "0x0000000A," in dsl
 
 
 @requires_kvm
 @pytest.mark.kvm
-def test_loader_installs_acpi_beside_mp_tables_only_when_asked(machine_factory: Any) -> None:
-    for opt, want in (("on", True), ("off", False)):
-        m, _ = machine_factory(cpus=4, acpi=opt)
+def test_elf_loader_writes_acpi_only_when_asked(machine_factory: Any) -> None:
+    for opt, want in (("on", True), ("off", False), (None, False)):
+        m, _ = machine_factory(cpus=4, **({} if opt is None else {"acpi": opt}))
         loaders.load(m, str(GUESTS / "smp.elf"), {})
         read = m.memory.read
         assert read(mptable.MP_TABLE_ADDR, 4) == b"_MP_"
@@ -87,3 +288,55 @@ def test_loader_installs_acpi_beside_mp_tables_only_when_asked(machine_factory: 
             assert parse_madt(read)["cpus"] == [0, 1, 2, 3]
         else:
             assert find_rsdp(read) is None
+
+
+def _bzimage() -> bytes:
+    img = bytearray(5 * 512)
+    img[0x1F1] = 4
+    struct.pack_into("<I", img, 0x1F4, 4096 // 16)
+    struct.pack_into("<H", img, 0x1FE, 0xAA55)
+    img[0x201] = 0x6A
+    img[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", img, 0x206, 0x20F)
+    img[0x211] = 0x01
+    struct.pack_into("<I", img, 0x230, 0x200000)
+    img[0x234] = 1
+    struct.pack_into("<H", img, 0x236, 1)
+    struct.pack_into("<I", img, 0x238, 2048)
+    struct.pack_into("<Q", img, 0x258, 0x1000000)
+    struct.pack_into("<I", img, 0x260, 0x10000)
+    return bytes(img) + b"\x90" * 4096
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
+                                                  tmp_path: Path) -> None:
+    pytest.importorskip("kvmfw_devices", reason="the devices plugin is not installed")
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    k = tmp_path / "bzImage"
+    k.write_bytes(_bzimage())
+    m, _ = machine_factory(cpus=2)
+    m.add_device_spec("acpi-pm,port=0xb000,irq=10")
+    m.add_device_spec(f"virtio-blk,file={disk},base=0xd0001000,irq=6")
+    loaders.load(m, str(k), {"cmdline": "console=ttyS0"})
+    read = m.memory.read
+    t = rsdt_tables(read)
+    assert parse_madt(read)["cpus"] == [0, 1]
+    f = t[b"FACP"]
+    assert struct.unpack_from("<HI", f, 46) == (10, 0)
+    assert struct.unpack_from("<I", f, 56)[0] == 0xB000
+    aml = Aml(table(read, struct.unpack_from("<I", f, 40)[0])[36:])
+    assert aml.devices == ["\\_SB_.VR00"]
+    assert resources(aml.names["\\_SB_.VR00._CRS"]) == [
+        ("mem32", (0xD0001000, 0x200, True)), ("irq", ((6,), "level", "high", True))]
+    # the e820 map reserves the tables (0xE0000-0xFFFFF), the MP tables are there too
+    bp = read(loaders.BOOT_PARAMS_ADDR, 4096)
+    e820 = [struct.unpack_from("<QQI", bp, 0x2D0 + i * 20) for i in range(bp[0x1E8])]
+    assert (0xE0000, 0x20000, 2) in e820
+    assert read(mptable.MP_TABLE_ADDR, 4) == b"_MP_"
+
+    m2, _ = machine_factory(acpi="off")
+    loaders.load(m2, str(k), {"cmdline": "console=ttyS0"})
+    assert find_rsdp(m2.memory.read) is None

@@ -1,0 +1,201 @@
+"""ACPI fixed-hardware power management registers (PM1 event, PM1 control, PM timer), laid
+out as QEMU's PIIX4 PM at port 0x600, so the x86 plugin's FADT can point Linux at them.
+
+Register map (ACPI 6.4, 4.8.3 "PM1 Event/Control Registers", 4.8.3.3 "Power Management
+Timer"; offsets from ``port``)::
+
+    0x0  PM1a_STS (16 bit, write 1 to clear)  TMR_STS(0) BM_STS(4) GBL_STS(5) PWRBTN_STS(8)
+         SLPBTN_STS(9) RTC_STS(10) WAK_STS(15)
+    0x2  PM1a_EN  (16 bit)  TMR_EN(0) GBL_EN(5) PWRBTN_EN(8) SLPBTN_EN(9) RTC_EN(10)
+    0x4  PM1a_CNT (16 bit)  SCI_EN(0) BM_RLD(1) GBL_RLS(2, write-only) SLP_TYP(10-12)
+         SLP_EN(13, write-only)
+    0x6  reserved (reads 0)
+    0x8  PM_TMR   (32 bit, read-only) a 24-bit counter at 3.579545 MHz
+
+SCI_EN is set at power-on: the FADT has no SMI command port, so the machine is always in
+ACPI mode. The SCI (``irq``, default 9, level) is asserted while a status bit with its
+enable bit set is pending (timer, global lock, power button, RTC, as QEMU). A write of
+SLP_EN with ``SLP_TYP`` equal to the S5 type (``s5_typ``, default 0: QEMU's DSDT ``_S5``)
+ends the run with status 0 (a soft power-off); other sleep types are counted, not entered.
+
+The timer runs from the host's monotonic clock (``clock=host``) or from simulated time
+(``clock=fixed``: reproducible runs). TMR_STS is set when the timer's bit 23 has changed
+since the status was last read (the carry is noticed at the next status read, so a guest
+that enables TMR_EN sees its SCI late; Linux uses the timer only as a counter).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.errors import ConfigError
+from kvmfw.eventq import TICKS_PER_SECOND
+
+from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+
+PM_TIMER_HZ = 3_579_545
+RANGE_SIZE = 12
+REG_STS, REG_EN, REG_CNT, REG_TMR = 0x0, 0x2, 0x4, 0x8
+
+STS_TMR = 1 << 0
+STS_BM = 1 << 4
+STS_GBL = 1 << 5
+STS_PWRBTN = 1 << 8
+STS_SLPBTN = 1 << 9
+STS_RTC = 1 << 10
+STS_WAK = 1 << 15
+STS_MASK = STS_TMR | STS_BM | STS_GBL | STS_PWRBTN | STS_SLPBTN | STS_RTC | STS_WAK
+EN_MASK = STS_TMR | STS_GBL | STS_PWRBTN | STS_SLPBTN | STS_RTC
+SCI_SOURCES = STS_TMR | STS_GBL | STS_PWRBTN | STS_RTC  # what raises the SCI (as QEMU)
+
+CNT_SCI_EN = 1 << 0
+CNT_BM_RLD = 1 << 1
+CNT_GBL_RLS = 1 << 2
+CNT_SLP_TYP_SHIFT = 10
+CNT_SLP_TYP = 7 << CNT_SLP_TYP_SHIFT
+CNT_SLP_EN = 1 << 13
+CNT_KEEP = CNT_SCI_EN | CNT_BM_RLD | CNT_SLP_TYP  # bits that read back
+
+
+class AcpiPm(Device):
+    """ACPI PM1 event/control registers and the PM timer (PIIX4 PM layout)."""
+
+    name: ClassVar[str] = "acpi-pm"
+    config: ClassVar[dict[str, ConfigKey]] = {
+        "port": ConfigKey(parse_int, 0x600, "IO port base of the 12-byte block"),
+        "irq": ConfigKey(parse_int, 9, "SCI interrupt line (-1: none)"),
+        "s5_typ": ConfigKey(parse_int, 0, "SLP_TYP value of S5 (the DSDT's _S5 package)"),
+        "clock": ConfigKey(str, "host", "PM timer source: host (monotonic) or fixed (simulated)"),
+    }
+
+    def __init__(self, ctx: DeviceContext, **params: Any) -> None:
+        super().__init__(ctx, **params)
+        if self.params["clock"] not in ("host", "fixed"):
+            raise ConfigError(f"acpi-pm: clock must be host or fixed, not {self.params['clock']!r}")
+        self.sci = self.optional_irq(self.params["irq"])
+        self.stats.update(poweroffs=0, sleeps_ignored=0)
+        self._sci_level = False
+        self.sts = 0
+        self.en = 0
+        self.cnt = CNT_SCI_EN
+        self._tmr_base = 0  # counter value at _clock_base
+        self._clock_base = self._now_ticks()
+        self._tmr_msb = 0
+
+    # --- the timer ------------------------------------------------------------------------
+
+    def _now_ticks(self) -> int:
+        """PM timer ticks (unwrapped) since an arbitrary origin of the chosen clock."""
+        if self.params["clock"] == "fixed":
+            return self.ctx.eventq.cur_tick * PM_TIMER_HZ // TICKS_PER_SECOND
+        return time.monotonic_ns() * PM_TIMER_HZ // 1_000_000_000
+
+    def timer(self) -> int:
+        """The 24-bit PM timer value now."""
+        return (self._tmr_base + self._now_ticks() - self._clock_base) & 0xFFFFFF
+
+    def _set_timer(self, value: int) -> None:
+        self._tmr_base = value & 0xFFFFFF
+        self._clock_base = self._now_ticks()
+        self._tmr_msb = self._tmr_base >> 23
+
+    def _poll_timer_carry(self) -> None:
+        msb = self.timer() >> 23
+        if msb != self._tmr_msb:
+            self._tmr_msb = msb
+            self.sts |= STS_TMR
+
+    # --- SCI ------------------------------------------------------------------------------
+
+    def _update_sci(self) -> None:
+        level = bool(self.sts & self.en & SCI_SOURCES)
+        if level != self._sci_level:
+            self._sci_level = level
+            if level:
+                self.sci.raise_()
+            else:
+                self.sci.lower()
+
+    def power_button(self) -> None:
+        """Press the power button (PWRBTN_STS; an SCI if the guest enabled PWRBTN_EN)."""
+        self.sts |= STS_PWRBTN
+        self._update_sci()
+
+    # --- bus interface ----------------------------------------------------------------------
+
+    def ranges(self) -> list[Range]:
+        return [Range("pio", self.params["port"], RANGE_SIZE, self.name)]
+
+    def _image(self, with_timer: bool) -> bytes:
+        tmr = self.timer() if with_timer else 0
+        return (self.sts.to_bytes(2, "little") + self.en.to_bytes(2, "little")
+                + self.cnt.to_bytes(2, "little") + bytes(2) + tmr.to_bytes(4, "little"))
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.stats["reads"] += 1
+        if offset < 0 or size <= 0 or offset + size > RANGE_SIZE:
+            self.stats["bad_accesses"] += 1
+            return b"\xff" * max(size, 0)
+        if offset < REG_EN:
+            self._poll_timer_carry()
+            self._update_sci()
+        return self._image(offset + size > REG_TMR)[offset:offset + size]
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.stats["writes"] += 1
+        if offset < 0 or not data or offset + len(data) > RANGE_SIZE:
+            self.stats["bad_accesses"] += 1
+            return
+        sts_clear = en_val = cnt_val = 0
+        en_mask = cnt_mask = 0
+        for i, byte in enumerate(data):
+            pos = offset + i
+            if pos < REG_EN:
+                sts_clear |= byte << (8 * pos)
+            elif pos < REG_CNT:
+                en_val |= byte << (8 * (pos - REG_EN))
+                en_mask |= 0xFF << (8 * (pos - REG_EN))
+            elif pos < REG_CNT + 2:
+                cnt_val |= byte << (8 * (pos - REG_CNT))
+                cnt_mask |= 0xFF << (8 * (pos - REG_CNT))
+            # 0x6-0x7 reserved, 0x8-0xb the read-only timer: ignored
+        if sts_clear:
+            self.sts &= ~(sts_clear & STS_MASK)
+        if en_mask:
+            self.en = ((self.en & ~en_mask) | en_val) & EN_MASK
+        if cnt_mask:
+            value = (self.cnt & ~cnt_mask) | cnt_val
+            self.cnt = value & CNT_KEEP
+            if value & CNT_SLP_EN:
+                self._sleep((value & CNT_SLP_TYP) >> CNT_SLP_TYP_SHIFT)
+        self._update_sci()
+
+    def _sleep(self, typ: int) -> None:
+        if typ == self.params["s5_typ"]:
+            self.stats["poweroffs"] += 1
+            self.ctx.request_exit(0, "guest powered off (ACPI S5)")
+        else:
+            self.stats["sleeps_ignored"] += 1
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.sts = 0
+        self.en = 0
+        self.cnt = CNT_SCI_EN
+        self._set_timer(0)
+        self._update_sci()
+
+    def save(self) -> dict[str, Any]:
+        return {"sts": self.sts, "en": self.en, "cnt": self.cnt, "timer": self.timer(),
+                "tmr_msb": self._tmr_msb}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.sts = int(state.get("sts", 0)) & STS_MASK
+        self.en = int(state.get("en", 0)) & EN_MASK
+        self.cnt = int(state.get("cnt", CNT_SCI_EN)) & CNT_KEEP
+        self._set_timer(int(state.get("timer", 0)))
+        self._tmr_msb = int(state.get("tmr_msb", self._tmr_msb)) & 1
+        self._update_sci()
