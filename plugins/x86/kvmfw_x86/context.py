@@ -184,6 +184,8 @@ class X86Context:
         # what regs/sregs held before their latest fetch (see previous_state)
         self._prev_regs = ffi.new("struct kvm_regs *")
         self._prev_sregs = ffi.new(ffi.typeof(self._sregs))
+        self._fetched_at: dict[str, int | None] = {"regs": None, "sregs": None}
+        self._has_prev = {"regs": False, "sregs": False}
         self._events = ffi.new("struct kvm_vcpu_events *")
         n = len(info.msr_indices)
         hdr = ffi.sizeof("struct kvm_msrs")
@@ -209,12 +211,10 @@ class X86Context:
         """Read one group from KVM now (discarding unpushed writes to it)."""
         v = self.cpu.vcpu
         if group == "regs":
-            if self.fetches["regs"]:
-                ffi.memmove(self._prev_regs, self._regs, ffi.sizeof(self._regs[0]))
+            self._keep_previous("regs", self._prev_regs, self._regs)
             v.ioctl(X.KVM_GET_REGS, addr(self._regs))
         elif group == "sregs":
-            if self.fetches["sregs"]:
-                ffi.memmove(self._prev_sregs, self._sregs, ffi.sizeof(self._sregs[0]))
+            self._keep_previous("sregs", self._prev_sregs, self._sregs)
             v.ioctl(X.KVM_GET_SREGS2 if self.info.use_sregs2 else X.KVM_GET_SREGS,
                     addr(self._sregs))
         elif group == "xsave":
@@ -236,6 +236,14 @@ class X86Context:
         self._valid[group] = True
         self._dirty[group] = False
         self.fetches[group] += 1
+
+    def _keep_previous(self, group: str, prev: Any, cur: Any) -> None:
+        """Before a fetch: keep what the buffer held if it is from before KVM last ran."""
+        runs = self.cpu.runs
+        if self.fetches[group] and self._fetched_at[group] != runs:
+            ffi.memmove(prev, cur, ffi.sizeof(cur[0]))
+            self._has_prev[group] = True
+        self._fetched_at[group] = runs
 
     def _fetch_msrs(self) -> None:
         idx = self.info.msr_indices
@@ -395,13 +403,13 @@ class X86Context:
         return mode_of(self._sregs, int(self._regs.rflags))
 
     def previous_state(self) -> dict[str, Any] | None:
-        """Mode, RIP, linear PC and CR3 as regs/sregs held *before* their latest fetch: an
-        earlier exit's state, or what the host last wrote (None if there was no earlier
-        copy). After ``KVM_EXIT_SHUTDOWN`` on AMD SVM, where KVM re-initialises the vCPU,
+        """Mode, RIP, linear PC, CR0 and CR3 as regs/sregs held before the latest run's
+        fetch: an earlier exit's state, or what the host last wrote (None if there was no
+        earlier copy). After ``KVM_EXIT_SHUTDOWN`` on AMD SVM, where KVM re-initialises the vCPU,
         this is the last state the host saw of the guest that faulted."""
         self._need("regs")
         self._need("sregs")
-        if self.fetches["regs"] < 2 or self.fetches["sregs"] < 2:
+        if not (self._has_prev["regs"] and self._has_prev["sregs"]):
             return None
         r, s = self._prev_regs, self._prev_sregs
         return {"mode": mode_of(s, int(r.rflags)), "rip": int(r.rip),

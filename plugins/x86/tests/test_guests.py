@@ -130,3 +130,26 @@ def test_default_guest_on_the_default_board() -> None:
         r = m.run(timeout=20)
     assert r.status == 0, r.reason
     assert b"Hello from kvmfw" in out.getvalue()
+
+
+def test_dump_names_an_svm_style_reset_at_shutdown(machine_factory) -> None:
+    """What AMD SVM does at a triple fault (KVM INITs the vCPU), made on any KVM: the
+    dump says the registers are the INIT state and shows the last state kvmfw saw."""
+    from kvmfw_x86.interrupts import reset_to_init
+
+    m, _ = machine_factory()
+    loaders.load(m, str(GUESTS / "triple.elf"), {})
+    cpu = m.cpus[0]
+    entry = cpu.get_context().rip
+    cpu.sync_kvm_state()
+    cpu.half_entry()  # KVM "ran": the next read fetches, keeping the loader's state
+    ctx = cpu.get_context()
+    assert ctx.previous_state() == {"mode": "long64", "rip": entry, "pc": entry,
+                                    "cr0": ctx.cr0, "cr3": loaders.PML4_ADDR}
+    reset_to_init(ctx)
+    cpu.sync_kvm_state()
+    cpu.last_exit = 8  # KVM_EXIT_SHUTDOWN
+    text = cpu.dump_state()
+    assert text.startswith("vcpu 0 (real mode)\n  KVM re-initialised this vCPU")
+    assert f"before the final entry: long64 mode rip={entry:#x}" in text
+    assert "code there: 31 c9 f7 f1" in text
