@@ -86,7 +86,8 @@ def shutdown_note(cpu: Any, ctx: X86Context) -> list[str]:
     code = read_code(cpu, gpa)
     out.append(f"  last state kvmfw saw before the final entry: {prev['mode']} mode "
                f"rip={prev['rip']:#x} pc(linear)={pc:#x} cr3={prev['cr3']:#x}")
-    out.append("    code there: " + (code.hex(" ") if code else "(not in guest RAM)"))
+    why = "(not in guest RAM)" if gpa is not None else "(not mapped, or 32-bit paging)"
+    out.append("    code there: " + (code.hex(" ") if code else why))
     return out
 
 
