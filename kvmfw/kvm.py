@@ -5,9 +5,13 @@ from __future__ import annotations
 import errno
 import os
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from kvmfw.abi import IOCTLS, Cap, constants, ioctl
 from kvmfw.errors import KvmApiVersionError, KvmError, KvmUnavailableError
+
+if TYPE_CHECKING:
+    from kvmfw.vm import VM
 
 DEFAULT_PATH = "/dev/kvm"
 
@@ -95,7 +99,7 @@ class Kvm:
 
     # --- VMs ---------------------------------------------------------------------------
 
-    def create_vm(self, machine_type: int = 0):  # type: ignore[no-untyped-def]
+    def create_vm(self, machine_type: int = 0) -> VM:
         """``KVM_CREATE_VM``: a new, empty :class:`~kvmfw.vm.VM`."""
         from kvmfw.vm import VM
 

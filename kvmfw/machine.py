@@ -32,6 +32,7 @@ from kvmfw.errors import ConfigError, KvmfwError, PluginError, RunTimeoutError, 
 from kvmfw.eventq import PRIO_EXIT, TICKS_PER_SECOND, Event, EventQueue
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.kvm import Kvm
+from kvmfw.memory import GuestMemory
 from kvmfw.plugins import BoundHooks, DeviceRegistry, check_api, load_arch, make_plugin_manager
 from kvmfw.stats import StatsRegistry
 from kvmfw.timer import CycleSource, select_cycle_source
@@ -162,8 +163,8 @@ class Machine:
         self.pm.hook.machine_created.call_historic(kwargs={"machine": self})
 
     @property
-    def memory(self):  # type: ignore[no-untyped-def]
-        """Guest RAM (:class:`~kvmfw.memory.GuestMemory`)."""
+    def memory(self) -> GuestMemory:
+        """Guest RAM."""
         assert self.vm is not None
         return self.vm.memory
 

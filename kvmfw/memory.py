@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,7 @@ class GuestMemory:
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[MemoryRegion]:
         return iter(list(self._regions))
 
     def __len__(self) -> int:
