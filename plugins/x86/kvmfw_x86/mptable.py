@@ -1,6 +1,11 @@
 """Intel MultiProcessor Specification 1.4 tables, so an SMP Linux guest finds every CPU
 without ACPI: a floating pointer in the BIOS area and a configuration table with one
-processor entry per vCPU, the ISA bus, the IO-APIC and the ISA interrupt routing."""
+processor entry per vCPU, the ISA bus, the IO-APIC and the ISA interrupt routing.
+
+The floating pointer is at 0xF0000, inside the BIOS area Linux scans (reserved in the e820
+map). A kernel built without ``CONFIG_X86_MPPARSE`` (Debian's ``cloud-amd64`` flavour, for
+one) never looks for these tables: it finds its CPUs only through the ACPI MADT, which the
+loaders write by default for bzImages (see :mod:`kvmfw_x86.acpi`)."""
 
 from __future__ import annotations
 

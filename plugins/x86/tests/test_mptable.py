@@ -16,3 +16,28 @@ def test_mp_tables_for_four_cpus() -> None:
     procs = [table[44 + 20 * i:64 + 20 * i] for i in range(4)]
     assert [p[1] for p in procs] == [0, 1, 2, 3] and procs[0][3] == 3 and procs[1][3] == 1
     assert count == 4 + 1 + 1 + 15 + 2
+
+
+class _Cfg:
+    memory = 256 << 20
+
+
+class _Machine:
+    config = _Cfg()
+
+
+def test_floating_pointer_is_where_linux_scans_and_e820_reserves_it() -> None:
+    from kvmfw_x86 import loaders
+
+    blob = mptable.build(8)
+    base = mptable.MP_TABLE_ADDR
+    # Linux's default_find_smp_config: the first KiB, 639-640 KiB, 0xF0000-0xFFFFF (and
+    # the EBDA); on a 16-byte boundary
+    assert 0xF0000 <= base and base + len(blob) <= 0x100000 and base % 16 == 0
+    reserved = [(b, b + n) for b, n, t in loaders.e820_map(_Machine())
+                if t == loaders.E820_RESERVED]
+    assert any(lo <= base and base + len(blob) <= hi for lo, hi in reserved)
+    # and so are the ACPI tables
+    from kvmfw_x86 import acpi
+    assert any(lo <= acpi.ACPI_BASE and acpi.ACPI_BASE + acpi.ACPI_SIZE <= hi
+               for lo, hi in reserved)
