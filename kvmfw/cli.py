@@ -266,7 +266,8 @@ def _run(cfg: dict[str, Any]) -> int:
         elif not Path(kernel).is_file():
             raise ImageError(f"kernel {kernel} does not exist or is not a file")
         machine.load_guest(str(kernel), **options)
-        result = machine.run(timeout=cfg.get("timeout"), max_ticks=cfg.get("max_ticks"))
+        result = machine.run(timeout=cfg.get("timeout"), max_ticks=cfg.get("max_ticks"),
+                             hard_timeout=True)
         console.flush()
         if cfg.get("stats"):
             _write_stats(machine, str(cfg["stats"]))

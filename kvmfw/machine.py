@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
+import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +44,32 @@ from kvmfw.vm import VM
 log = logging.getLogger("kvmfw.cpu")
 
 MiB = 1 << 20
+STOP_GRACE = 5.0
+"""Seconds a stop (timeout, guest exit) may take before kvmfw reports a stuck thread."""
+
+
+def _where(thread: threading.Thread) -> str:
+    """Where ``thread`` is: its innermost frame outside Python's standard library (the
+    device or hook that blocks), as ``file:line in function``."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    inner = frame
+    while frame is not None and frame.f_code.co_filename.startswith(stdlib):
+        frame = frame.f_back
+    frame = frame or inner
+    if frame is None:
+        return "no frame"
+    return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+def _die_stuck(what: str) -> None:
+    """Last resort of a hard timeout: say where every thread is, then exit with 124."""
+    lines = [f"kvmfw: error: {what}; threads:"]
+    for t in threading.enumerate():
+        lines.append(f"  {t.name}: {_where(t)}")
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+    os._exit(124)
 
 
 @dataclass
@@ -292,9 +321,16 @@ class Machine:
         return select_cycle_source(self.config.use_perf, self.config.host_frequency_hz,
                                    plugin_src)
 
-    def run(self, *, max_ticks: int | None = None, timeout: float | None = None) -> RunResult:
+    def run(self, *, max_ticks: int | None = None, timeout: float | None = None,
+            hard_timeout: bool = False) -> RunResult:
         """Run until the guest or a device ends it, ``max_ticks`` simulated ticks pass
-        (status 0), or ``timeout`` host seconds pass (:class:`RunTimeoutError`)."""
+        (status 0), or ``timeout`` host seconds pass (:class:`RunTimeoutError`).
+
+        ``hard_timeout`` (the CLI's choice): if the run has still not stopped
+        ``STOP_GRACE`` seconds after the timeout (a device blocked in a host call, e.g. a
+        console write to a pipe nobody reads), print where each thread is and end the
+        process with status 124, rather than hang.
+        """
         if self._closed:
             raise KvmfwError("this machine is closed")
         eq = self.eventq
@@ -321,6 +357,10 @@ class Machine:
                 timed_out.set()
                 self.request_exit(124, f"host timeout of {timeout:g} s reached")
                 self.kick_all()
+                if hard_timeout and not finished.wait(STOP_GRACE):
+                    _die_stuck(f"the run did not stop within {STOP_GRACE:g} s of its host "
+                               f"timeout of {timeout:g} s")
+            finished = threading.Event()
             watchdog = threading.Timer(timeout, fire)
             watchdog.daemon = True
             watchdog.start()
@@ -347,6 +387,7 @@ class Machine:
         finally:
             self._host_seconds = getattr(self, "_host_seconds", 0.0) + time.monotonic() - t0
             if watchdog is not None:
+                finished.set()
                 watchdog.cancel()
             if limit_event is not None and limit_event.scheduled:
                 eq.deschedule(limit_event)
@@ -428,11 +469,17 @@ class Machine:
         ready.wait()
         try:
             while not self.stop_requested:
-                with self.lock:
+                # a bounded wait: a vCPU thread stuck in a device must not keep this thread
+                # from seeing a stop
+                if not self.lock.acquire(timeout=0.05):
+                    continue
+                try:
                     self.sync_clock()
                     eq.service_due()
                     nxt = eq.next_tick()
                     idle = all(c.status.value == "Idle" for c in self.cpus)
+                finally:
+                    self.lock.release()
                 if idle and nxt is None:
                     self.request_exit(0, "all vCPUs halted and no event is pending")
                     break
@@ -444,10 +491,15 @@ class Machine:
                 self._main_wake.clear()
         finally:
             self.kick_all()
+            deadline = time.monotonic() + STOP_GRACE
             for t in threads:
                 while t.is_alive():
                     self.kick_all()
                     t.join(0.05)
+                    if time.monotonic() > deadline:
+                        raise KvmfwError(
+                            f"{t.name} did not stop within {STOP_GRACE:g} s "
+                            f"({_where(t)}): a device or hook is blocked in a host call")
             eq.on_post = None
             for cpu in self.cpus:
                 cpu.parallel = False  # (each thread unbound its vCPU: rebound next run)

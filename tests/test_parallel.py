@@ -58,3 +58,22 @@ def test_an_error_on_a_vcpu_thread_reaches_the_caller(make_machine) -> None:
     m, arch, rec = make_machine(TRIPLE, cpus=2)
     with pytest.raises(TripleFaultError):
         m.run(timeout=20)
+
+
+def test_a_vcpu_stuck_in_a_device_is_reported_not_waited_for(make_machine) -> None:
+    import time
+
+    from kvmfw.errors import KvmfwError
+
+    m, arch, rec = make_machine(PIO, cpus=2)
+    release = threading.Event()
+
+    def stuck_write(offset: int, data: bytes) -> None:
+        release.wait(30)  # a host call that never returns (e.g. a console pipe nobody reads)
+
+    rec.write = stuck_write  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    with pytest.raises(KvmfwError, match=r"vcpu0 did not stop within 5 s \(.*stuck_write"):
+        m.run(timeout=0.5)
+    assert time.monotonic() - t0 < 15
+    release.set()
