@@ -35,6 +35,7 @@ from kvmfw.eventq import TICKS_PER_SECOND, Event
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import cancel, ones, schedule_at
+from kvmfw_devices.irq import drive_irq
 
 REG_SECONDS = 0x00
 REG_SECONDS_ALARM = 0x01
@@ -206,12 +207,7 @@ class Mc146818(Device):
         if self._irqf():
             self.cmos[REG_C] |= C_IRQF
         level = bool(self.cmos[REG_C] & C_IRQF)
-        if level and not self._irq_level:
-            self.stats["interrupts"] += 1
-            self.irq_line.raise_()
-        elif not level and self._irq_level:
-            self.irq_line.lower()
-        self._irq_level = level
+        self._irq_level = drive_irq(self.irq_line, level, self._irq_level, self.stats)
 
     def periodic_hz(self) -> float:
         """The periodic interrupt rate in Hz (0: off)."""

@@ -32,6 +32,7 @@ from kvmfw.eventq import TICKS_PER_SECOND, Event
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import cancel, ones, schedule_at, to_bytes, to_int
 from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
+from kvmfw_devices.irq import drive_irq
 
 DR = 0x000
 RSR = 0x004
@@ -169,12 +170,7 @@ class Pl011(Device):
 
     def _update_irq(self) -> None:
         level = bool(self.ris & self.imsc)
-        if level and not self._irq_level:
-            self.stats["interrupts"] += 1
-            self.irq_line.raise_()
-        elif not level and self._irq_level:
-            self.irq_line.lower()
-        self._irq_level = level
+        self._irq_level = drive_irq(self.irq_line, level, self._irq_level, self.stats)
 
     # --- guest accesses -----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from kvmfw.eventq import TICKS_PER_SECOND, Event
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import cancel, ones, schedule_at
 from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
+from kvmfw_devices.irq import drive_irq
 
 # Register offsets
 RBR = THR = DLL = 0
@@ -229,12 +230,7 @@ class Uart16550(Device):
 
     def _update_irq(self) -> None:
         level = self._interrupt_id() != IIR_NONE
-        if level and not self._irq_level:
-            self.stats["interrupts"] += 1
-            self.irq_line.raise_()
-        elif not level and self._irq_level:
-            self.irq_line.lower()
-        self._irq_level = level
+        self._irq_level = drive_irq(self.irq_line, level, self._irq_level, self.stats)
 
     # --- modem lines --------------------------------------------------------------------------
 

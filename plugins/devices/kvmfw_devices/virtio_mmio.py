@@ -36,6 +36,7 @@ from kvmfw.errors import GuestMemoryError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_bytes, to_int
+from kvmfw_devices.irq import drive_irq
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
@@ -166,12 +167,7 @@ class VirtioMmio(Device):
 
     def _update_irq(self) -> None:
         level = self.interrupt_status != 0
-        if level and not self._irq_level:
-            self.stats["interrupts"] += 1
-            self.irq_line.raise_()
-        elif not level and self._irq_level:
-            self.irq_line.lower()
-        self._irq_level = level
+        self._irq_level = drive_irq(self.irq_line, level, self._irq_level, self.stats)
 
     def interrupt(self, bits: int = INT_USED_BUFFER) -> None:
         self.interrupt_status |= bits
