@@ -34,27 +34,24 @@ class CpuidEntry:
 
 # name -> (leaf, subleaf, register, bit)
 FEATURES: dict[str, tuple[int, int, str, int]] = {}
-for _bit, _n in enumerate(
-        "fpu vme de pse tsc msr pae mce cx8 apic - sep mtrr pge mca cmov pat pse36 - clflush "
-        "- - - mmx fxsr sse sse2 - ht".split()):
-    if _n != "-":
-        FEATURES[_n] = (1, 0, "edx", _bit)
-for _bit, _n in enumerate(
-        "sse3 pclmulqdq - - - vmx smx - - ssse3 - - fma cx16 - - - pcid - sse4_1 sse4_2 x2apic "
-        "movbe popcnt tsc_deadline aes xsave osxsave avx f16c rdrand hypervisor".split()):
-    if _n != "-":
-        FEATURES[_n] = (1, 0, "ecx", _bit)
-for _bit, _n in enumerate(
-        "fsgsbase - - bmi1 hle avx2 - smep bmi2 erms invpcid rtm - - - - avx512f avx512dq "
-        "rdseed adx smap avx512ifma - clflushopt clwb - avx512pf avx512er avx512cd sha "
-        "avx512bw avx512vl".split()):
-    if _n != "-":
-        FEATURES[_n] = (7, 0, "ebx", _bit)
-for _bit, _n in enumerate(
-        "- avx512vbmi umip pku ospke - avx512_vbmi2 - gfni vaes vpclmulqdq avx512_vnni "
-        "avx512_bitalg - avx512_vpopcntdq - la57 - - - - - rdpid".split()):
-    if _n != "-":
-        FEATURES[_n] = (7, 0, "ecx", _bit)
+
+
+def _bits(leaf: int, sub: int, reg: str, names: str) -> None:
+    """Name the bits of one CPUID register, bit 0 first ("-" = reserved or unnamed)."""
+    for bit, name in enumerate(names.split()):
+        if name != "-":
+            FEATURES[name] = (leaf, sub, reg, bit)
+
+
+_bits(1, 0, "edx", "fpu vme de pse tsc msr pae mce cx8 apic - sep mtrr pge mca cmov pat pse36 "
+      "- clflush - - - mmx fxsr sse sse2 - ht")
+_bits(1, 0, "ecx", "sse3 pclmulqdq - - - vmx smx - - ssse3 - - fma cx16 - - - pcid - sse4_1 "
+      "sse4_2 x2apic movbe popcnt tsc_deadline aes xsave osxsave avx f16c rdrand hypervisor")
+_bits(7, 0, "ebx", "fsgsbase - - bmi1 hle avx2 - smep bmi2 erms invpcid rtm - - - - avx512f "
+      "avx512dq rdseed adx smap avx512ifma - clflushopt clwb - avx512pf avx512er avx512cd sha "
+      "avx512bw avx512vl")
+_bits(7, 0, "ecx", "- avx512vbmi umip pku ospke - avx512_vbmi2 - gfni vaes vpclmulqdq "
+      "avx512_vnni avx512_bitalg - avx512_vpopcntdq - la57 - - - - - rdpid")
 FEATURES.update({
     "fsrm": (7, 0, "edx", 4), "avx512_bf16": (7, 1, "eax", 5),
     "syscall": (0x80000001, 0, "edx", 11), "nx": (0x80000001, 0, "edx", 20),
