@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -19,13 +20,50 @@ from kvmfw.errors import BusError, BusOverlapError, DeviceError, UnclaimedAccess
 log = logging.getLogger("kvmfw.bus")
 
 
+class PendingAccess:
+    """An MMIO access a device answers later (gem5's timing mode).
+
+    A device's ``read`` or ``write`` may return one instead of completing at once; the
+    vCPU then waits in ``RunningMMIOPending`` (it does not re-enter KVM) until the device
+    calls :meth:`complete`, normally from an event it scheduled, with the read's ``size``
+    bytes (nothing for a write). Completing twice, or with the wrong size, is a
+    :class:`~kvmfw.errors.DeviceError`. Port IO is always answered at once.
+    """
+
+    __slots__ = ("size", "is_write", "data", "done", "waiter")
+
+    def __init__(self, size: int, is_write: bool = False) -> None:
+        self.size = size
+        self.is_write = is_write
+        self.data = b""
+        self.done = False
+        self.waiter: Callable[[PendingAccess], None] | None = None
+        """Set by the vCPU that waits; called once on completion."""
+
+    def complete(self, data: bytes = b"") -> None:
+        """Finish the access (with the read data); the vCPU resumes."""
+        if self.done:
+            raise DeviceError("a pending MMIO access was completed twice")
+        if not self.is_write and len(data) != self.size:
+            raise DeviceError(f"a pending {self.size}-byte MMIO read was completed with "
+                              f"{len(data)} bytes")
+        self.data = bytes(data)
+        self.done = True
+        if self.waiter is not None:
+            self.waiter(self)
+
+
 @runtime_checkable
 class BusDevice(Protocol):
     """What the bus needs from a device."""
 
     def read(self, offset: int, size: int) -> bytes: ...
 
-    def write(self, offset: int, data: bytes) -> None: ...
+    def write(self, offset: int, data: bytes) -> PendingAccess | None: ...
+
+
+Answer = bytes | PendingAccess
+"""What an MMIO read returns: the bytes, or a :class:`PendingAccess` completed later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +144,15 @@ class AddressSpace:
         return m
 
     def read(self, addr: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``addr`` from whichever device is mapped there."""
+        data = self.read_or_pending(addr, size)
+        if data.__class__ is PendingAccess:
+            raise DeviceError(f"the device at {self.name} {addr:#x} deferred a read where "
+                              "the access cannot wait (only vCPU MMIO reads may be pending)")
+        return data  # type: ignore[return-value]
+
+    def read_or_pending(self, addr: int, size: int) -> Answer:
+        """:meth:`read` for the vCPU's MMIO exit: may return a :class:`PendingAccess`."""
         m = self._cache.get(addr) or self.lookup(addr)
         if m is None or addr + size > m.end:
             return self._unclaimed(addr, size, None)
@@ -115,22 +162,34 @@ class AddressSpace:
             raise DeviceError(f"device {m.name} raised on a {size}-byte read of {self.name} "
                               f"{addr:#x} (offset {addr - m.base:#x}): "
                               f"{type(exc).__name__}: {exc}") from exc
+        if data.__class__ is PendingAccess:
+            if data.is_write or data.size != size or self.name != "mmio":  # type: ignore
+                raise DeviceError(f"device {m.name} answered a {size}-byte read of "
+                                  f"{self.name} {addr:#x} with a mismatched pending access")
+            return data
         if len(data) != size:
             raise DeviceError(f"device {m.name} answered a {size}-byte read of {self.name} "
                               f"{addr:#x} with {len(data)} bytes")
         return data
 
-    def write(self, addr: int, data: bytes) -> None:
+    def write(self, addr: int, data: bytes) -> PendingAccess | None:
+        """Write ``data``; returns a :class:`PendingAccess` if the device completes later."""
         m = self._cache.get(addr) or self.lookup(addr)
         if m is None or addr + len(data) > m.end:
             self._unclaimed(addr, len(data), data)
-            return
+            return None
         try:
-            m.device.write(addr - m.base, data)
+            r = m.device.write(addr - m.base, data)
         except Exception as exc:
             raise DeviceError(f"device {m.name} raised on a {len(data)}-byte write of "
                               f"{self.name} {addr:#x} (offset {addr - m.base:#x}): "
                               f"{type(exc).__name__}: {exc}") from exc
+        if r is not None and r.__class__ is PendingAccess:
+            if self.name != "mmio" or not r.is_write:
+                raise DeviceError(f"device {m.name} deferred a {self.name} write: only MMIO "
+                                  "writes may be pending, as PendingAccess(size, is_write=True)")
+            return r  # type: ignore[no-any-return]
+        return None
 
     def _unclaimed(self, addr: int, size: int, data: bytes | None) -> bytes:
         kind = "read" if data is None else "write"

@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvmfw.abi import ExitReason, InternalError, SystemEvent, constants, lib
+from kvmfw.bus import PendingAccess
 from kvmfw.errors import (
     EmulationFailureError,
     EntryFailureError,
@@ -116,7 +117,10 @@ class KvmCPU:
         self.eventq = machine.eventq
         self.always_sync = always_sync
         self.host_factor = host_factor
-        self.use_coalesced_mmio = use_coalesced_mmio and bool(vcpu.coalesced_ring_offset)
+        self.use_coalesced_mmio = (use_coalesced_mmio or bool(vcpu.vm.coalesced_zones)) \
+            and bool(vcpu.coalesced_ring_offset)
+        """Replay the VM's coalesced-MMIO ring after each exit (forced on once a zone is
+        registered: its writes would otherwise be lost)."""
         self.status = IDLE
         self.stats = KvmCpuStats()
         self.runs = 0
@@ -158,6 +162,20 @@ class KvmCPU:
     def startup(self) -> None:
         """Bind hooks, initialise the vCPU (arch hook) and its thread context."""
         h = self.hooks
+        self.bind_hooks()
+        self._dispatch = self._build_dispatch()
+        h.call("vcpu_init", cpu=self)
+        self.context = h.call("create_thread_context", cpu=self)
+        if self.context is None:
+            raise StateError("the architecture plugin did not create a thread context")
+        self._pulled_level = SyncLevel.FULL  # a new context holds the vCPU's initial state
+
+    def bind_hooks(self) -> None:
+        """Resolve the run-loop hooks (again): called at start-up and by the machine each
+        time a device registers, so a device's ``pre_run``/``post_run`` take part from the
+        next entry on. Rebinding replaces plain attributes, so a vCPU thread that is
+        running sees either the old or the new set, never a mix within one hook."""
+        h = self.hooks
         self._update_kvm_state = h.bind("update_kvm_state")
         self._update_thread_context = h.bind("update_thread_context")
         self._pre_run = h.bind("pre_run")
@@ -166,12 +184,6 @@ class KvmCPU:
         self._handle_exit_io = h.bind("handle_exit_io")
         self._handle_arch_exit = h.bind("handle_arch_exit")
         self._finalize_mmio = h.bind("finalize_mmio_address")
-        self._dispatch = self._build_dispatch()
-        h.call("vcpu_init", cpu=self)
-        self.context = h.call("create_thread_context", cpu=self)
-        if self.context is None:
-            raise StateError("the architecture plugin did not create a thread context")
-        self._pulled_level = SyncLevel.FULL  # a new context holds the vCPU's initial state
 
     def bind_thread(self, cycle_source: CycleSource, reason: str) -> None:
         """Called on the thread that will run this vCPU: signals, run timer, cycle source."""
@@ -218,10 +230,16 @@ class KvmCPU:
             self.sync_kvm_state()
         fn = self._update_thread_context
         if fn is not None:
-            self._call_hook("update_thread_context", fn, self, self.context, level)
-            self.stats.syncs_from_kvm += 1
+            n = self._call_hook("update_thread_context", fn, self, self.context, level)
+            if type(n) is int:  # the ioctls it made (bool True/None: not counted)
+                self.stats.sync_ioctls_from_kvm += n
+                if n:
+                    self.stats.syncs_from_kvm += 1
+            else:
+                self.stats.syncs_from_kvm += 1
             if log_ctx.isEnabledFor(logging.DEBUG):
-                log_ctx.debug("cpu%d: pulled context at level %s", self.id, level.name)
+                log_ctx.debug("cpu%d: pulled context at level %s (%s ioctls)", self.id,
+                              level.name, n)
         self._pulled_level = level
 
     def mark_context_dirty(self) -> None:
@@ -234,10 +252,16 @@ class KvmCPU:
             return
         fn = self._update_kvm_state
         if fn is not None:
-            self._call_hook("update_kvm_state", fn, self, self.context, level)
-            self.stats.syncs_to_kvm += 1
+            n = self._call_hook("update_kvm_state", fn, self, self.context, level)
+            if type(n) is int:
+                self.stats.sync_ioctls_to_kvm += n
+                if n:
+                    self.stats.syncs_to_kvm += 1
+            else:
+                self.stats.syncs_to_kvm += 1
             if log_ctx.isEnabledFor(logging.DEBUG):
-                log_ctx.debug("cpu%d: pushed context at level %s", self.id, level.name)
+                log_ctx.debug("cpu%d: pushed context at level %s (%s ioctls)", self.id,
+                              level.name, n)
         self._tc_dirty = False
 
     def _call_hook(self, name: str, fn: Any, *args: Any) -> Any:
@@ -293,6 +317,10 @@ class KvmCPU:
     def kick(self) -> None:
         """Make a running KVM_RUN return (``KVM_EXIT_INTR``)."""
         self.vcpu.kick()
+
+    def count_interrupt(self, n: int = 1) -> None:
+        """Called by the arch for each interrupt or NMI it injects from userspace."""
+        self.stats.interrupts += n
 
     def finish_mmio_pending(self) -> None:
         """RUNNING_MMIO_PENDING -> RUNNING_SERVICE_COMPLETION (timing-mode accesses done)."""
@@ -402,7 +430,12 @@ class KvmCPU:
                 ns = int(ticks / (1000 * self.host_factor))
                 timer.arm_at(_now() + max(ns, 1000))
         if self._pre_run is not None:
-            self._pre_run(self)
+            try:
+                self._pre_run(self)
+            except KvmfwError:
+                raise
+            except Exception as exc:
+                raise PluginHookError("pre_run", _culprit(exc), exc) from exc
         src = self._cycles
         if src is None:  # the monotonic clock is the cycle source: read it once per side
             t0 = _now()
@@ -438,7 +471,12 @@ class KvmCPU:
             reason = self._run.exit_reason
         self.last_exit = reason
         if self._post_run is not None:
-            self._post_run(self, reason)
+            try:
+                self._post_run(self, reason)
+            except KvmfwError:
+                raise
+            except Exception as exc:
+                raise PluginHookError("post_run", _culprit(exc), exc) from exc
         if self.use_coalesced_mmio:
             self._drain_coalesced_mmio()
         if self._trace:
@@ -524,15 +562,40 @@ class KvmCPU:
             if new is not None:
                 addr = new
         mmio = self.machine.bus.mmio
+        if length > 8:  # the kernel's field is 8 bytes: a larger length is a corrupt exit
+            raise self._error(UnhandledExitError, ExitReason.MMIO,
+                              f"MMIO exit with length {length} (> 8)", address=addr)
+        pending: Any
         if is_write:
-            mmio.write(addr, data[:length])
+            pending = mmio.write(addr, data[:length])
         else:
-            mm[MMIO_DATA:MMIO_DATA + length] = mmio.read(addr, length)
+            pending = mmio.read_or_pending(addr, length)
+            if pending.__class__ is not PendingAccess:
+                mm[MMIO_DATA:MMIO_DATA + length] = pending
+                pending = None
         if self._trace:
             log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
                          addr, length)
-        if self.status is RUNNING_SERVICE:
+        if pending is not None:
+            self._wait_mmio(pending)
+        elif self.status is RUNNING_SERVICE:
             self.status = RUNNING_SERVICE_COMPLETION
+
+    def _wait_mmio(self, pending: PendingAccess) -> None:
+        """A device answers later: RUNNING_MMIO_PENDING until it completes the access."""
+        self.stats.mmio_pending += 1
+        self.status = RUNNING_MMIO_PENDING
+        if pending.done:  # completed before we started waiting
+            self._mmio_completed(pending)
+        else:
+            pending.waiter = self._mmio_completed
+
+    def _mmio_completed(self, pending: PendingAccess) -> None:
+        if self.status is not RUNNING_MMIO_PENDING:
+            return  # the machine was reset or closed meanwhile
+        if not pending.is_write:
+            self._map[MMIO_DATA:MMIO_DATA + pending.size] = pending.data
+        self.finish_mmio_pending()
 
     def _drain_coalesced_mmio(self) -> None:
         view = self.vcpu.run_view
@@ -680,7 +743,12 @@ class KvmCPU:
         return r is None or bool(r)
 
     def run_drain(self) -> None:
-        """One step towards a drained state (arch ``kvm_run_drain`` or a half entry)."""
+        """One step towards a drained state (arch ``kvm_run_drain`` or a half entry).
+
+        A pending MMIO access is not entered for: the caller runs events until the device
+        completes it (:meth:`Machine.drain`)."""
+        if self.status is RUNNING_MMIO_PENDING:
+            return
         if self.status is RUNNING_SERVICE:
             self._dispatch_exit()
         if self.status is RUNNING_SERVICE_COMPLETION:
@@ -706,10 +774,23 @@ class KvmCPU:
         """The arch's register dump (``dump_state`` hook), or a note why there is none."""
         try:
             self.get_context(SyncLevel.FULL)
-            text = self.hooks.call("dump_state", cpu=self)
         except Exception as exc:  # a dump must never hide the original error
             return f"(register dump failed: {type(exc).__name__}: {exc})"
-        return text or "(the architecture plugin provides no register dump)"
+        parts: list[str] = []
+        arch_seen = False
+        for impl in self.hooks.impls("dump_state"):  # the arch's first, then devices
+            is_arch = str(impl.plugin_name).startswith("arch:")
+            try:
+                text = impl.function(*[{"cpu": self}[a] for a in impl.argnames])
+            except Exception as exc:
+                text = f"(dump by {impl.plugin_name} failed: {type(exc).__name__}: {exc})"
+            if is_arch:
+                arch_seen = arch_seen or bool(text)
+            if text:
+                parts.append(text if is_arch else f"--- {impl.plugin_name} ---\n{text}")
+        if not arch_seen:
+            parts.insert(0, "(the architecture plugin provides no register dump)")
+        return "\n".join(parts)
 
     def _error(self, cls: type[GuestError], reason: int, message: str,
                **details: Any) -> GuestError:

@@ -1,10 +1,21 @@
 """The hook contract between the kvmfw core and its plugins (pluggy, project name ``kvmfw``).
 
 Exactly one architecture plugin is registered per machine, then device instances, in that
-order (pluggy calls the last registered first). Hooks marked *bound* are resolved once at
-start-up (:class:`kvmfw.plugins.BoundHooks`) and then called directly from the run loop,
-without pluggy's per-call machinery; a bound hook must therefore have one implementation
-(the arch's) or none. Hooks marked *firstresult* stop at the first non-None answer.
+order. Hooks marked *bound* are resolved once at start-up (:class:`kvmfw.plugins.BoundHooks`)
+and then called directly from the run loop, without pluggy's per-call machinery; the
+machine rebinds them on every vCPU whenever a device is added, so a device added at any
+time is called from the next entry on. Hooks marked *firstresult* stop at the first
+non-None answer.
+
+Two namespaces, enforced when a device is added (:func:`kvmfw.plugins.check_device_hooks`):
+
+- *Device hooks* (``pre_run``, ``post_run``, ``machine_created``, ``dump_state``) are
+  observers a device instance may implement too. Every implementation is called, the
+  arch's first, then devices in the order they were added; ``dump_state`` answers are
+  joined (the arch's register dump, then one section per device).
+- Every other hook is the architecture plugin's alone. A device that implements one is
+  refused with :class:`~kvmfw.errors.PluginError` (it would silently replace the arch's
+  answer).
 
 Terms: ``cpu`` is a :class:`kvmfw.cpu.KvmCPU` (``cpu.vcpu`` holds the raw calls,
 ``cpu.machine`` the machine); ``context`` is the arch's thread context object (the cached
@@ -145,8 +156,12 @@ def update_kvm_state(cpu: KvmCPU, context: Any, level: SyncLevel) -> bool | None
     """Push the thread context into KVM (gem5 ``updateKvmState``). *Bound.*
 
     Called before an entry when the context was marked dirty (or before every entry with
-    ``always_sync``), and eagerly on take-over and restore. Push at least what changed;
-    ``level`` FULL means push everything. Return True.
+    ``always_sync``, at level FULL), and eagerly on take-over and restore. Push at least
+    what changed; ``level`` FULL with ``cpu.always_sync`` means write every group to KVM
+    (gem5's debugging aid). Return the number of KVM ioctls issued (an ``int``: 0 when
+    nothing needed pushing); the core adds it to ``sync_ioctls_to_kvm`` and counts a sync
+    only when it was nonzero. ``True`` (or None) means "not counted": one sync, unknown
+    ioctls.
     """
 
 
@@ -155,18 +170,31 @@ def update_thread_context(cpu: KvmCPU, context: Any, level: SyncLevel) -> bool |
     """Pull KVM state into the thread context (gem5 ``updateThreadContext``). *Bound.*
 
     Called lazily: only when someone reads the context after KVM ran (``cpu.get_context``),
-    with the level asked for, never twice for the same run and level. Return True.
+    with the level asked for, never twice for the same run and level; with
+    ``cpu.always_sync`` after every exit at level FULL, which must then read every group
+    from KVM. Return the number of KVM ioctls issued (``int``), counted in
+    ``sync_ioctls_from_kvm`` as for ``update_kvm_state``.
     """
 
 
 @hookspec
 def pre_run(cpu: KvmCPU) -> None:
-    """Just before each ``KVM_RUN`` (sync fields living in ``kvm_run``). *Bound.*"""
+    """Just before each ``KVM_RUN`` (sync fields living in ``kvm_run``). *Bound*, *device
+    hook*: the arch's implementation first, then each device's.
+
+    Runs on the vCPU's thread; in parallel mode WITHOUT the machine lock (take
+    ``cpu.machine.lock`` to touch devices or the event queue). Keep it short: it is paid on
+    every entry. An exception ends the run as :class:`~kvmfw.errors.PluginHookError`.
+    """
 
 
 @hookspec
 def post_run(cpu: KvmCPU, exit_reason: int) -> None:
-    """Just after each ``KVM_RUN``, before the exit is dispatched. *Bound.*"""
+    """Just after each ``KVM_RUN``, before the exit is dispatched. *Bound*, *device hook*.
+
+    Same thread, locking and error rules as ``pre_run``; ``exit_reason`` is
+    ``kvm_run.exit_reason`` (``KVM_EXIT_INTR`` for a kick or the run timer).
+    """
 
 
 @hookspec(firstresult=True)
@@ -176,7 +204,8 @@ def deliver_interrupts(cpu: KvmCPU) -> bool | None:
     Called before an entry when ``cpu.interrupt_pending`` is set (a controller called
     ``cpu.post_interrupt()``) and on ``KVM_EXIT_IRQ_WINDOW_OPEN``. Clear
     ``cpu.interrupt_pending`` when nothing is left to deliver. Not called when the VM
-    uses an in-kernel irqchip.
+    uses an in-kernel irqchip. Call ``cpu.count_interrupt()`` for each interrupt or NMI
+    injected (the ``interrupts`` statistic).
     """
 
 
@@ -252,6 +281,12 @@ def restore_arch_state(cpu: KvmCPU, state: dict[str, Any]) -> bool | None:
     """Load state produced by ``save_arch_state`` in the arch's documented order."""
 
 
-@hookspec(firstresult=True)
+@hookspec
 def dump_state(cpu: KvmCPU) -> str | None:
-    """A readable register dump (every group, bytes at the PC) for error reports."""
+    """A readable dump for error reports. *Device hook.*
+
+    The arch returns the register dump (every group, bytes at the PC); a device may return
+    a section about itself (None: nothing to add). :meth:`kvmfw.cpu.KvmCPU.dump_state`
+    joins them, the arch's first. Called on the vCPU's thread after a fatal exit, with the
+    context pulled in full; must not raise (a failure is shown in place of the section).
+    """

@@ -36,7 +36,14 @@ from kvmfw.eventq import PRIO_EXIT, TICKS_PER_SECOND, Event, EventQueue
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.kvm import Kvm
 from kvmfw.memory import GuestMemory
-from kvmfw.plugins import BoundHooks, DeviceRegistry, check_api, load_arch, make_plugin_manager
+from kvmfw.plugins import (
+    BoundHooks,
+    DeviceRegistry,
+    check_api,
+    check_device_hooks,
+    load_arch,
+    make_plugin_manager,
+)
 from kvmfw.stats import StatsRegistry
 from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
@@ -159,6 +166,7 @@ class Machine:
         try:
             self.kvm = kvm or Kvm(cfg.kvm_path)
             self.vm = self.kvm.create_vm()
+            self.vm.on_coalesced_zone = self._coalesced_zone_added
             self._build()
         except BaseException:
             self.close()
@@ -190,6 +198,12 @@ class Machine:
         for spec in specs:
             self.add_device_spec(spec)
         self.pm.hook.machine_created.call_historic(kwargs={"machine": self})
+
+    def _coalesced_zone_added(self) -> None:
+        # writes to a zone wait in the VM's ring until someone replays them: every vCPU
+        # drains it from now on, whatever ``use_coalesced_mmio`` said
+        for cpu in self.cpus:
+            cpu.use_coalesced_mmio = bool(cpu.vcpu.coalesced_ring_offset)
 
     @property
     def memory(self) -> GuestMemory:
@@ -235,12 +249,15 @@ class Machine:
 
     def add_device(self, device: Device) -> Device:
         """Attach a device instance: map its ranges on the bus, register its hooks."""
+        label = f"dev:{device.name}:{len(self.devices) + 1}"
+        check_device_hooks(device, label)  # before anything is mapped: a refusal leaves no trace
         for r in device.ranges():
             self.bus.space(r.space).register(r.base, r.size, r.handler or device,
                                              r.name or device.name)
         self.devices.append(device)
-        label = f"dev:{device.name}:{len(self.devices)}"
         self.pm.register(device, name=label)
+        for cpu in self.cpus:  # a device's pre_run/post_run take part from the next entry
+            cpu.bind_hooks()
         self.stats.add(f"system.{device.name}{len(self.devices) - 1}",
                        functools.partial(_device_stats, device), None)
         return device
@@ -409,13 +426,33 @@ class Machine:
                 if steps >= max_steps:
                     raise StateError(f"vcpu {cpu.id} did not drain within {max_steps} steps "
                                      f"(status {cpu.status.value})")
-                cpu.run_drain()
+                if cpu.status.value == "RunningMMIOPending":
+                    self._complete_pending_access(cpu)
+                else:
+                    cpu.run_drain()
                 steps += 1
             cpu.drain_pending = False
             cpu.get_context(SyncLevel.FULL)
         busy = [d.name for d in self.devices if not d.is_drained()]
         if busy:
             raise StateError(f"devices not drained: {', '.join(busy)}")
+
+    def _complete_pending_access(self, cpu: KvmCPU) -> None:
+        """Drain: run device events (never a vCPU's tick, which would run the guest) until
+        the device completes ``cpu``'s pending MMIO access."""
+        eq = self.eventq
+        for c in self.cpus:
+            if c.tick_event.scheduled:
+                eq.deschedule(c.tick_event)
+        try:
+            while cpu.status.value == "RunningMMIOPending":
+                if eq.service_one() is None:
+                    raise StateError(f"vcpu {cpu.id} waits for a pending MMIO access that no "
+                                     "scheduled event completes: the device lost it")
+        finally:
+            for c in self.cpus:  # every runnable vCPU ticks again when the run resumes
+                if c.status.value != "Idle" and not c.parallel and not c.tick_event.scheduled:
+                    eq.schedule(c.tick_event, eq.cur_tick)
 
     # --- parallel mode: one host thread per vCPU -------------------------------------------
 

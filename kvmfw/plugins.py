@@ -5,7 +5,8 @@ per architecture) and ``kvmfw.devices`` (one :class:`~kvmfw.device.Device` class
 name), and records every plugin that fails to import instead of dying. pluggy calls hooks:
 one :class:`pluggy.PluginManager` per machine, the arch plugin registered first, device
 instances after it. :class:`BoundHooks` resolves the run-loop hooks once, so an exit costs
-a plain function call, not pluggy's dispatch.
+a plain function call, not pluggy's dispatch; the machine rebinds them whenever a device
+registers (see :data:`DEVICE_HOOKS` for what a device may implement).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from kvmfw.errors import (
     ConfigError,
     KvmfwError,
     PluginApiMismatchError,
+    PluginError,
     PluginHookError,
     PluginLoadError,
 )
@@ -39,6 +41,11 @@ ARCH_GROUP = "kvmfw.arch"
 DEVICE_GROUP = "kvmfw.devices"
 CLI_GROUP = "kvmfw.cli"
 GROUPS = (ARCH_GROUP, DEVICE_GROUP, CLI_GROUP)
+
+DEVICE_HOOKS = frozenset({"pre_run", "post_run", "machine_created", "dump_state"})
+"""The hooks a device instance may implement (observers; every implementation is called,
+the arch's first, then devices in the order they were added). Every other hook belongs to
+the architecture plugin alone: a device implementing one is refused when it is added."""
 
 _HOST_ARCH = {"x86_64": "x86", "amd64": "x86", "i686": "x86", "aarch64": "armv8",
               "arm64": "armv8"}
@@ -201,6 +208,30 @@ class DeviceRegistry:
         return sorted(self._classes)
 
 
+def check_device_hooks(device: Any, label: str) -> None:
+    """Refuse a device that implements an architecture-only hook (or a misspelt one).
+
+    Arch hooks are firstresult or bound to one implementation: a device answering one would
+    silently replace the architecture's answer (its ``handle_exit_io`` would take every
+    port, its ``update_kvm_state`` every sync). Devices observe through :data:`DEVICE_HOOKS`.
+    """
+    bad = []
+    for attr in dir(type(device)):
+        fn = getattr(type(device), attr, None)
+        if fn is None or not callable(fn):
+            continue
+        opts = getattr(fn, hookspecs.PROJECT + "_impl", None)
+        if opts is None:
+            continue
+        name = opts.get("specname") or attr
+        if name not in DEVICE_HOOKS:
+            bad.append(name)
+    if bad:
+        raise PluginError(
+            f"device {label} implements {', '.join(sorted(bad))}: devices may implement only "
+            f"{', '.join(sorted(DEVICE_HOOKS))} (the rest belong to the architecture plugin)")
+
+
 def make_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -218,10 +249,14 @@ class BoundHooks:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
 
+    def impls(self, name: str) -> list[Any]:
+        """The implementations of hook ``name`` in registration order (the arch's first,
+        then devices as they were added); pluggy ``HookImpl`` objects."""
+        return list(getattr(self.pm.hook, name).get_hookimpls())
+
     def _impls(self, name: str) -> list[Any]:
-        caller = getattr(self.pm.hook, name)
-        # pluggy calls the last-registered (and tryfirst) implementations first
-        return list(reversed(caller.get_hookimpls()))
+        # pluggy's calling order: last registered (and tryfirst) first
+        return list(reversed(self.impls(name)))
 
     def _spec(self, name: str) -> tuple[tuple[str, ...], bool]:
         caller = getattr(self.pm.hook, name)
@@ -236,10 +271,14 @@ class BoundHooks:
         return lambda *args: fn(*[args[i] for i in positions])
 
     def bind(self, name: str) -> Callable[..., Any] | None:
-        impls = [i for i in self._impls(name) if not (i.hookwrapper or i.wrapper)]
+        """One callable for hook ``name`` (None if unimplemented): firstresult hooks ask in
+        pluggy's order; the others call every implementation in registration order (the
+        arch's first, then devices)."""
+        argnames, firstresult = self._spec(name)
+        order = self._impls(name) if firstresult else self.impls(name)
+        impls = [i for i in order if not (i.hookwrapper or i.wrapper)]
         if not impls:
             return None
-        argnames, firstresult = self._spec(name)
         fns = [self._adapt(name, i, argnames) for i in impls]
         if len(fns) == 1:
             return fns[0]

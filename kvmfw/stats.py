@@ -17,7 +17,8 @@ class KvmCpuStats:
 
     __slots__ = ("vm_exits", "vm_half_entries", "exit_signal", "mmio", "coalesced_mmio", "io",
                  "halt", "interrupts", "hypercalls", "system_events", "cycles", "instructions",
-                 "host_ns_in_kvm", "ticks_in_kvm", "syncs_to_kvm", "syncs_from_kvm")
+                 "host_ns_in_kvm", "ticks_in_kvm", "syncs_to_kvm", "syncs_from_kvm",
+                 "sync_ioctls_to_kvm", "sync_ioctls_from_kvm", "mmio_pending")
 
     DESCRIPTIONS = {
         "vm_exits": "exits from KVM_RUN",
@@ -34,8 +35,11 @@ class KvmCpuStats:
         "instructions": "guest instructions (0 without a working perf counter)",
         "host_ns_in_kvm": "host nanoseconds inside KVM_RUN",
         "ticks_in_kvm": "simulated ticks accounted to KVM_RUN",
-        "syncs_to_kvm": "thread-context pushes (update_kvm_state)",
-        "syncs_from_kvm": "thread-context pulls (update_thread_context)",
+        "syncs_to_kvm": "thread-context pushes that wrote to KVM (update_kvm_state)",
+        "syncs_from_kvm": "thread-context pulls that read from KVM (update_thread_context)",
+        "sync_ioctls_to_kvm": "KVM ioctls issued by pushes (as the arch reports them)",
+        "sync_ioctls_from_kvm": "KVM ioctls issued by pulls (as the arch reports them)",
+        "mmio_pending": "MMIO accesses a device completed later (RunningMMIOPending)",
     }
 
     def __init__(self) -> None:
@@ -58,6 +62,9 @@ class KvmCpuStats:
         self.ticks_in_kvm = 0
         self.syncs_to_kvm = 0
         self.syncs_from_kvm = 0
+        self.sync_ioctls_to_kvm = 0
+        self.sync_ioctls_from_kvm = 0
+        self.mmio_pending = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

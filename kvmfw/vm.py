@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvmfw.abi import IOCTLS, Cap, address_of, constants, ffi, ioctl
@@ -72,6 +73,9 @@ class VM:
         self.devices: list[KvmDevice] = []
         self.irqchip_in_kernel = False
         self.coalesced_zones: list[tuple[int, int, bool]] = []
+        self.on_coalesced_zone: Callable[[], None] | None = None
+        """Called after a zone is registered (the machine turns on ring draining: a zone
+        nobody drains would lose its writes)."""
         # one preallocated struct for the frequent KVM_IRQ_LINE
         self._irq_level = ffi.new("struct kvm_irq_level *")
         self._irq_level_addr = address_of(self._irq_level)
@@ -158,6 +162,8 @@ class VM:
         """Writes to ``[addr, addr+size)`` are queued in the ring instead of exiting."""
         self._coalesced(IOCTLS.KVM_REGISTER_COALESCED_MMIO, addr, size, pio)
         self.coalesced_zones.append((addr, size, pio))
+        if self.on_coalesced_zone is not None:
+            self.on_coalesced_zone()
 
     def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         self._coalesced(IOCTLS.KVM_UNREGISTER_COALESCED_MMIO, addr, size, pio)
