@@ -13,6 +13,7 @@ tables of the first 4 GiB). Low-memory layout used by the loaders::
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -61,14 +62,34 @@ def _seg(selector: int, *, code: bool, long: bool = False, dpl: int = 0) -> Segm
                    present=1, dpl=dpl, db=0 if long else 1, s=1, l=1 if long else 0, g=1)
 
 
-def write(machine: Any, gpa: int, data: bytes, what: str) -> None:
-    """Copy ``data`` into guest RAM, or fail with an :class:`ImageError` saying why."""
-    if not data:
-        return
-    if not machine.memory.contains(gpa, len(data)):
-        raise ImageError(f"{what} does not fit in guest RAM: {len(data):#x} bytes at {gpa:#x} "
+def check_fits(machine: Any, gpa: int, size: int, what: str) -> None:
+    """Fail with an :class:`ImageError` unless ``[gpa, gpa + size)`` is guest RAM: called
+    with sizes taken from an image *before* anything of that size is allocated or copied."""
+    if gpa < 0 or size < 0 or not machine.memory.contains(gpa, size):
+        raise ImageError(f"{what} does not fit in guest RAM: {size:#x} bytes at {gpa:#x} "
                          f"(RAM is {machine.config.memory >> 20} MiB; increase --memory)")
+
+
+def write(machine: Any, gpa: int, data: Any, what: str) -> None:
+    """Copy ``data`` (bytes or any buffer) into guest RAM, or fail with an
+    :class:`ImageError` saying why."""
+    if not len(data):
+        return
+    check_fits(machine, gpa, len(data), what)
     machine.memory.write(gpa, data)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def zero_fill(machine: Any, gpa: int, size: int, what: str) -> None:
+    """Zero ``size`` bytes of guest RAM at ``gpa`` in place (a BSS): no host buffer of
+    that size is made."""
+    check_fits(machine, gpa, size, what)
+    view = machine.memory.view(gpa, size)
+    for i in range(0, size, len(_ZEROS)):
+        n = min(len(_ZEROS), size - i)
+        view[i:i + n] = _ZEROS[:n]
 
 
 def ram_below_4g(machine: Any) -> int:
@@ -161,14 +182,44 @@ def enter_long_mode(machine: Any, entry: int, *, sse: bool = True) -> None:
 
 # --- formats -----------------------------------------------------------------------------
 
-def read_image(image: str | os.PathLike[str], what: str = "kernel") -> bytes:
+def read_image(image: str | os.PathLike[str], what: str = "kernel",
+               limit: int | None = None) -> bytes:
+    """The file's bytes; with ``limit`` (the guest RAM it must fit in), a larger file is
+    refused from its size, before it is read."""
     p = Path(image)
     try:
-        return p.read_bytes()
+        with p.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if limit is not None and size > limit:
+                raise ImageError(f"{what} image {p} ({size:#x} bytes) is larger than the "
+                                 f"guest RAM it must fit in ({limit:#x} bytes; increase "
+                                 "--memory)")
+            return f.read()
     except FileNotFoundError:
         raise ImageError(f"{what} image {p} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what} image {p} is a directory") from None
     except OSError as exc:
         raise ImageError(f"cannot read {what} image {p}: {exc.strerror}") from None
+
+
+def map_image(image: str | os.PathLike[str], what: str = "kernel") -> Any:
+    """The file mapped read-only (bytes-like: ``len``, slicing, ``struct``; and a stream
+    for the ELF parser): a kernel with gigabytes of debug information is never copied
+    whole; only the pieces the loader validated are. Empty files give ``b""``."""
+    p = Path(image)
+    try:
+        with p.open("rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise ImageError(f"{what} image {p} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what} image {p} is a directory") from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ImageError(f"cannot read {what} image {p}: {why}") from None
 
 
 def detect(data: bytes) -> str:
@@ -184,20 +235,27 @@ def detect(data: bytes) -> str:
 
 def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
     """Load ``image`` by its detected format (the ``load_guest`` hook)."""
-    data = read_image(image)
-    fmt = options.get("format") or ("flat" if options.get("load_addr") is not None
-                                     else detect(data))
-    if fmt == "bzimage":
-        load_bzimage(machine, data, options)
-    elif fmt == "multiboot":
-        load_multiboot(machine, data, image, options)
-    elif fmt == "elf":
-        load_elf(machine, data)
-    elif fmt == "flat":
-        load_flat(machine, data, int(options.get("load_addr") or 0x7C00))
-    else:
-        raise ImageError(f"{image}: unknown image format (not an ELF, multiboot or Linux "
-                         "bzImage; give --load-addr to load a flat binary)")
+    data = map_image(image)
+    try:
+        fmt = options.get("format") or ("flat" if options.get("load_addr") is not None
+                                         else detect(data))
+        if fmt == "bzimage":
+            load_bzimage(machine, data, options)
+        elif fmt == "multiboot":
+            load_multiboot(machine, data, image, options)
+        elif fmt == "elf":
+            load_elf(machine, data)
+        elif fmt == "flat":
+            load_flat(machine, data, int(options.get("load_addr") or 0x7C00))
+        else:
+            raise ImageError(f"{image}: unknown image format (not an ELF, multiboot or Linux "
+                             "bzImage; give --load-addr to load a flat binary)")
+    finally:
+        if isinstance(data, mmap.mmap):
+            try:
+                data.close()
+            except BufferError:  # a view still exported: the mapping goes with it
+                pass
     return True
 
 
@@ -216,8 +274,17 @@ def load_flat(machine: Any, data: bytes, load_addr: int = 0x7C00) -> None:
 
 
 class _Segment:
-    def __init__(self, paddr: int, vaddr: int, data: bytes, memsz: int) -> None:
-        self.paddr, self.vaddr, self.data, self.memsz = paddr, vaddr, data, memsz
+    """A PT_LOAD segment; its bytes are sliced from the image only when written (after
+    the segment was checked against guest RAM)."""
+
+    def __init__(self, paddr: int, vaddr: int, image: Any, offset: int, filesz: int,
+                 memsz: int) -> None:
+        self.paddr, self.vaddr, self.memsz = paddr, vaddr, memsz
+        self.image, self.offset, self.filesz = image, offset, filesz
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self.image[self.offset:self.offset + self.filesz])
 
 
 def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
@@ -228,7 +295,7 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
     if data[:4] != b"\x7fELF":
         raise ImageError("not an ELF file (wrong magic)")
     try:
-        elf = ELFFile(io.BytesIO(data))
+        elf = ELFFile(data if isinstance(data, mmap.mmap) else io.BytesIO(data))
         bits = elf.elfclass
         if elf["e_machine"] not in ("EM_386", "EM_X86_64"):
             raise ImageError(f"ELF is for {elf['e_machine']}, not x86")
@@ -242,7 +309,10 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
                                  f"{fsz:#x} bytes, the file has {len(data):#x}")
             if fsz > ph["p_memsz"]:
                 raise ImageError("bad ELF: segment file size exceeds its memory size")
-            segs.append(_Segment(ph["p_paddr"], ph["p_vaddr"], data[off:off + fsz],
+            if ph["p_paddr"] + ph["p_memsz"] > 1 << (32 if elf.elfclass == 32 else 64):
+                raise ImageError(f"bad ELF: segment at {ph['p_paddr']:#x} of "
+                                 f"{ph['p_memsz']:#x} bytes wraps the address space")
+            segs.append(_Segment(ph["p_paddr"], ph["p_vaddr"], data, off, fsz,
                                  ph["p_memsz"]))
         entry = elf["e_entry"]
     except ImageError:
@@ -266,11 +336,24 @@ def install_firmware_tables(machine: Any, *, acpi_default: bool = False) -> None
         acpi.install(machine)
 
 
+def check_segments(machine: Any, segs: list[_Segment]) -> None:
+    """Every segment inside guest RAM and no two overlapping (as QEMU refuses overlapping
+    ROM regions), checked before a byte is written or a BSS is sized."""
+    for s in segs:
+        check_fits(machine, s.paddr, s.memsz, f"ELF segment at {s.paddr:#x}")
+    spans = sorted((s.paddr, s.paddr + s.memsz) for s in segs)
+    for (a0, a1), (b0, _) in zip(spans, spans[1:], strict=False):
+        if b0 < a1:
+            raise ImageError(f"bad ELF: segments at {a0:#x} and {b0:#x} overlap")
+
+
 def _load_segments(machine: Any, segs: list[_Segment]) -> tuple[int, int]:
+    check_segments(machine, segs)
     lo, hi = min(s.paddr for s in segs), max(s.paddr + s.memsz for s in segs)
     for s in segs:
-        write(machine, s.paddr, s.data + bytes(s.memsz - len(s.data)),
-              f"ELF segment at {s.paddr:#x}")
+        write(machine, s.paddr, s.data, f"ELF segment at {s.paddr:#x}")
+        zero_fill(machine, s.paddr + s.filesz, s.memsz - s.filesz,
+                  f"ELF segment at {s.paddr:#x}")
     return lo, hi
 
 
@@ -344,15 +427,24 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
                                                                               hoff + 12)
         start = hoff - (header_addr - load_addr)
         if start < 0 or load_addr > header_addr:
-            raise ImageError("bad multiboot header: load_addr above header_addr")
+            raise ImageError("bad multiboot header: load_addr above header_addr, or the "
+                             "header lies before the file's start")
+        if load_end and load_end < load_addr:
+            raise ImageError(f"bad multiboot header: load_end_addr {load_end:#x} below "
+                             f"load_addr {load_addr:#x}")
         size = (load_end - load_addr) if load_end else len(data) - start
         if start + size > len(data):
             raise ImageError(f"truncated multiboot image: needs {start + size:#x} bytes, "
                              f"the file has {len(data):#x}")
+        if bss_end and bss_end < load_addr + size:
+            raise ImageError(f"bad multiboot header: bss_end_addr {bss_end:#x} below the "
+                             f"end of the loaded image {load_addr + size:#x}")
         kernel_end = max(load_addr + size, bss_end)
+        check_fits(machine, load_addr, kernel_end - load_addr, "multiboot kernel")
         install_firmware_tables(machine)
-        write(machine, load_addr, data[start:start + size] +
-              bytes(max(bss_end - load_addr - size, 0)), "multiboot kernel")
+        write(machine, load_addr, data[start:start + size], "multiboot kernel")
+        zero_fill(machine, load_addr + size, kernel_end - load_addr - size,
+                  "multiboot kernel BSS")
         lo, hi = load_addr, kernel_end
     else:
         if data[:4] != b"\x7fELF":
@@ -379,7 +471,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
     mods = []
     for spec in _split_modules(options.get("initrd")):
         path = spec.split(" ", 1)[0]
-        blob = read_image(path, "multiboot module (--initrd)")
+        blob = read_image(path, "multiboot module (--initrd)", machine.config.memory)
         cursor = (cursor + page - 1) & ~(page - 1)
         start = put(blob)
         mods.append((start, start + len(blob), spec))
@@ -430,16 +522,21 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         raise ImageError("bzImage is not loaded high (zImage is not supported)")
     setup_sects = int(hdr.setup_sects) or 4
     koff = (setup_sects + 1) * 512
-    kernel = data[koff:]
-    if len(kernel) < int(hdr.syssize) * 16 or not kernel:
+    ram = ram_below_4g(machine)
+    klen = len(data) - koff
+    if klen < int(hdr.syssize) * 16 or klen <= 0:
         raise ImageError(f"truncated bzImage: the header announces {int(hdr.syssize) * 16:#x} "
-                         f"bytes of kernel, the file has {len(kernel):#x}")
+                         f"bytes of kernel, the file has {max(klen, 0):#x}")
+    if KERNEL_ADDR + max(klen, int(hdr.init_size)) > ram:
+        raise ImageError(f"the Linux kernel needs {max(klen, int(hdr.init_size)) >> 20} MiB "
+                         f"above 1 MiB (init_size), more than the {ram >> 20} MiB of guest RAM "
+                         "below 4 GiB (increase --memory)")
+    kernel = data[koff:]
     # the header as the kernel wrote it, up to its own end (0x202 + jump offset)
     end = min(0x202 + data[0x201], 0x1F1 + hsize)
     raw = bytearray(bytes(ffi.buffer(bp)))
     raw[0x1F1:end] = data[0x1F1:end]
     ffi.memmove(bp, bytes(raw), len(raw))
-    ram = ram_below_4g(machine)
     load_at = int(hdr.pref_address) or 0x1000000
     if load_at + max(int(hdr.init_size), len(kernel)) > ram:
         load_at = KERNEL_ADDR
@@ -460,7 +557,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
     hdr.cmd_line_ptr = CMDLINE_ADDR
     initrd = options.get("initrd")
     if initrd:
-        rd = read_image(initrd, "initrd")
+        rd = read_image(initrd, "initrd", ram)
         top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
         addr_ = (top - len(rd)) & ~0xFFF
         if addr_ < load_at + max(int(hdr.init_size), len(kernel)):

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from kvmfw.errors import InternalKvmError
+
 PCI_ADDR_PORT = 0xCF8
 PCI_DATA_PORT = 0xCFC
+PIO_DATA_MAX = 4096
+"""KVM's port IO data area is one page (``pio_data``): a string exit moves at most that."""
+KVM_EXIT_IO = 2
 
 
 @runtime_checkable
@@ -73,6 +78,7 @@ class PortIo:
                 mm[off:off + size] = pio.read(port, size)
             return True
         self.stats["string_io"] += 1
+        _check_string_io(len(mm), size, count, off, port)
         if direction:
             for i in range(count):
                 o = off + i * size
@@ -90,6 +96,7 @@ class PortIo:
 
     def _pci_io(self, view: Any, off: int, io: Any) -> bool:
         size, port = io.size, io.port
+        _check_string_io(len(view), size, io.count, off, port)
         self.stats["pci_config"] += 1
         for i in range(io.count):
             o = off + i * size
@@ -120,3 +127,19 @@ class PortIo:
                     else (1 << (8 * size)) - 1
                 view[o:o + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         return True
+
+
+def _check_string_io(map_len: int, size: int, count: int, off: int, port: int) -> None:
+    """Refuse a string-IO exit whose elements would reach outside KVM's data page.
+
+    ``count`` is set by KVM from the guest's ``rep`` count (KVM caps it at one page of
+    data); checked anyway, before any device sees an element, so a kernel that reports
+    more, or a corrupted run area, cannot make the host loop over or write past the
+    mapping."""
+    if size not in (1, 2, 4) or count < 1 or size * count > PIO_DATA_MAX \
+            or off < 0 or off + size * count > map_len:
+        raise InternalKvmError(
+            f"port IO exit at port {port:#x} with size {size}, count {count}, data offset "
+            f"{off:#x} reaches outside KVM's {PIO_DATA_MAX}-byte data page (mapping of "
+            f"{map_len:#x} bytes): the run area is inconsistent", exit_reason=KVM_EXIT_IO,
+            details={"port": port, "size": size, "count": count, "data_offset": off})
