@@ -25,6 +25,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from kvmfw.errors import ConfigError
+
 from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR
 
 ACPI_BASE = 0xE0000
@@ -298,10 +300,14 @@ def install(machine: Any, base: int = ACPI_BASE) -> int:
     return base
 
 
-def enabled(machine: Any, default: bool = False) -> bool:
-    """The ``acpi`` machine option: ``on``/``off``; unset (or ``auto``) means ``default``
-    (the loaders pass True for Linux bzImages)."""
+def enabled(machine: Any, default: bool = True) -> bool:
+    """The ``acpi`` machine option: ``on``/``off`` (or a boolean); unset (or ``auto``)
+    means ``default``: on, as QEMU's firmware always provides the tables."""
     v = str(machine.config.options.get("acpi", "auto")).lower()
     if v in ("auto", "default", ""):
         return default
-    return v in ("1", "on", "true", "yes")
+    if v in ("1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    raise ConfigError(f"option acpi must be on, off or auto, not {v!r}")

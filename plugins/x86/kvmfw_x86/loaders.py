@@ -324,11 +324,12 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
     return bits, entry, segs
 
 
-def install_firmware_tables(machine: Any, *, acpi_default: bool = False) -> None:
-    """What a PC BIOS leaves in 0xE0000-0xFFFFF: the MP tables at 0xF0000 and, with the
-    machine option ``acpi=on`` (or unset and ``acpi_default``, as for Linux bzImages), the
-    ACPI tables at 0xE0000 describing the machine's CPUs, PM block and virtio-mmio devices.
-    Written before the image, so an image that loads there wins."""
+def install_firmware_tables(machine: Any, *, acpi_default: bool = True) -> None:
+    """What a PC BIOS leaves in 0xE0000-0xFFFFF: the MP tables at 0xF0000 and, unless the
+    machine option ``acpi=off``, the ACPI tables at 0xE0000 describing the machine's CPUs,
+    PM block and virtio-mmio devices (every ELF, multiboot and bzImage guest gets them, as
+    QEMU's firmware always provides them). Written before the image, so an image that
+    loads there wins."""
     from kvmfw_x86 import acpi, mptable
 
     mptable.install(machine)
@@ -573,7 +574,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t
     bp.e820_entries = len(e820)
     write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
-    install_firmware_tables(machine, acpi_default=True)  # CPUs, IO-APIC, PM, virtio-mmio
+    install_firmware_tables(machine)  # CPUs, IO-APIC, PM, virtio-mmio
     enter_long_mode(machine, load_at + 0x200, sse=False)
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR

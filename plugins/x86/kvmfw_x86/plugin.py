@@ -7,8 +7,8 @@ object serves every machine; per-machine state lives in :class:`X86Machine`
 Machine options (``MachineConfig.options``): ``irqchip`` (``kernel`` — the default,
 in-kernel PIC/IOAPIC/LAPIC + PIT — or ``userspace``: interrupts injected with
 ``KVM_INTERRUPT``/``KVM_NMI``, with userspace local APICs for IPIs and INIT/SIPI),
-``acpi`` (``on``/``off``: the ACPI tables beside the MP tables; default on for Linux
-bzImages, off for the other image formats), ``cpuid`` (a
+``acpi`` (``on``/``off``: the ACPI tables beside the MP tables for ELF, multiboot and
+bzImage guests; default on, as QEMU's firmware always provides them), ``cpuid`` (a
 :class:`~kvmfw_x86.cpuid.CpuidModel` or its dict), ``x86_sync`` (``lazy`` — per-group —
 or ``eager``: gem5's all-or-nothing pull).
 """

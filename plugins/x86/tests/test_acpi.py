@@ -278,10 +278,13 @@ def test_iasl_decompiles_the_dsdt(tmp_path: Path) -> None:
 
 @requires_kvm
 @pytest.mark.kvm
-def test_elf_loader_writes_acpi_only_when_asked(machine_factory: Any) -> None:
-    for opt, want in (("on", True), ("off", False), (None, False)):
+@pytest.mark.parametrize("guest", ["smp.elf", "multiboot.elf", "long64.elf"])
+def test_elf_and_multiboot_guests_get_acpi_unless_off(machine_factory: Any, guest: str) -> None:
+    """QEMU's firmware always provides ACPI tables: ELF and multiboot guests get them by
+    default (they used to get none), ``acpi=off`` leaves them out."""
+    for opt, want in (("on", True), ("off", False), (None, True), (False, False)):
         m, _ = machine_factory(cpus=4, **({} if opt is None else {"acpi": opt}))
-        loaders.load(m, str(GUESTS / "smp.elf"), {})
+        loaders.load(m, str(GUESTS / guest), {})
         read = m.memory.read
         assert read(mptable.MP_TABLE_ADDR, 4) == b"_MP_"
         if want:
@@ -340,3 +343,13 @@ def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
     m2, _ = machine_factory(acpi="off")
     loaders.load(m2, str(k), {"cmdline": "console=ttyS0"})
     assert find_rsdp(m2.memory.read) is None
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_acpi_option_refuses_unknown_values(machine_factory: Any) -> None:
+    from kvmfw.errors import ConfigError
+
+    m, _ = machine_factory(acpi="maybe")
+    with pytest.raises(ConfigError, match="acpi must be on, off or auto"):
+        loaders.load(m, str(GUESTS / "prot32.elf"), {})
