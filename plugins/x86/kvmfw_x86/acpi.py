@@ -1,6 +1,6 @@
 """A minimal, complete ACPI for the x86 board: what Linux needs to run with ACPI on.
 
-Tables, written into the reserved area 0xE0000-0xEFFFF (Linux scans 0xE0000-0xFFFFF for
+Tables, written into the reserved area 0xE0000-0xE7FFF (Linux scans 0xE0000-0xFFFFF for
 the RSDP)::
 
     RSDP (ACPI 1.0, rev 0) -> RSDT -> FADT -> FACS, DSDT
@@ -31,7 +31,8 @@ from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR
 
 ACPI_BASE = 0xE0000
 """Where the tables go: the RSDP first, on a 16-byte boundary inside Linux's scan window."""
-ACPI_SIZE = 0x10000
+ACPI_SIZE = 0x8000
+"""0xE0000-0xE7FFF; the loaders keep fallback boot structures at 0xE8000-0xEFFFF."""
 RSDP_ADDR = ACPI_BASE
 OEM_ID = b"KVMFW "
 OEM_TABLE_ID = b"KVMFWX86"

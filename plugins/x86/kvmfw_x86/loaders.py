@@ -8,6 +8,12 @@ tables of the first 4 GiB). Low-memory layout used by the loaders::
     0x0500  GDT        0x7000  boot_params (bzImage)    0x8000  initial stack top
     0x9000  multiboot info (+ memory map at 0x9100)      0xA000-0xFFFF  page tables
     0x20000 kernel command line (bzImage)                0x100000  kernels
+
+The image wins: a boot structure never overwrites the image it boots (QEMU's multiboot
+ROM copies the kernel last, so a kernel linked low, as kvm-unit-tests' realmode test at
+16 KiB, keeps its bytes). Where the image occupies one of these places, the GDT, page
+tables and stack go to the reserved firmware area instead (:data:`ALT_GDT_ADDR`, as a
+BIOS keeps them in ROM) and the multiboot information after the kernel.
 """
 
 from __future__ import annotations
@@ -47,7 +53,29 @@ BOOT_LOADER_NAME = b"qemu"
 """The multiboot boot loader name, as QEMU's ``-kernel`` reports it."""
 E820_RAM, E820_RESERVED = 1, 2
 FIRMWARE_AREA = 0xE0000
-"""0xE0000-0xFFFFF: the ACPI tables (0xE0000) and the MP tables (0xF0000), reserved in e820."""
+"""0xE0000-0xFFFFF: the ACPI tables (0xE0000), the fallback boot structures (0xE8000) and
+the MP tables (0xF0000), reserved in e820."""
+ALT_GDT_ADDR = 0xE8000
+ALT_PML4_ADDR = 0xE9000
+"""Page tables when the image covers 0xA000-0xFFFF (six pages, to 0xEEFFF)."""
+ALT_STACK_TOP = 0xF0000
+"""Stack when the image covers the page below 0x8000 (one page, 0xEF000-0xEFFFF)."""
+
+def _clear(gpa: int, size: int, image: Any) -> bool:
+    """True if ``[gpa, gpa + size)`` overlaps none of the image's ``(start, end)`` spans."""
+    return all(gpa + size <= a or b <= gpa for a, b in image)
+
+
+def gdt_addr(image: Any = ()) -> int:
+    return GDT_ADDR if _clear(GDT_ADDR, 0x40, image) else ALT_GDT_ADDR
+
+
+def pml4_addr(image: Any = ()) -> int:
+    return PML4_ADDR if _clear(PML4_ADDR, 0x6000, image) else ALT_PML4_ADDR
+
+
+def stack_top(image: Any = ()) -> int:
+    return STACK_TOP if _clear(STACK_TOP - 0x1000, 0x1000, image) else ALT_STACK_TOP
 
 
 def _gdt(long_code: bool) -> bytes:
@@ -129,11 +157,14 @@ def enter_real_mode(machine: Any, cs: int, ip: int, sp: int = STACK_TOP) -> None
     ctx.rflags = 2
 
 
-def enter_protected_mode(machine: Any, entry: int, *, paging: bool = False) -> None:
-    """32-bit protected mode, flat segments (CS 0x10, data 0x18), paging off."""
-    write(machine, GDT_ADDR, _gdt(False), "the GDT")
+def enter_protected_mode(machine: Any, entry: int, *, paging: bool = False,
+                         image: Any = ()) -> None:
+    """32-bit protected mode, flat segments (CS 0x10, data 0x18), paging off; the GDT
+    where it does not overwrite the ``image`` spans."""
+    gdt = gdt_addr(image)
+    write(machine, gdt, _gdt(False), "the GDT")
     ctx = boot_context(machine)
-    ctx.gdt = (GDT_ADDR, len(_gdt(False)) - 1)
+    ctx.gdt = (gdt, len(_gdt(False)) - 1)
     ctx.idt = (0, 0)
     ctx.cs = _seg(SEL_CODE, code=True)
     for s in ("ds", "es", "fs", "gs", "ss"):
@@ -146,27 +177,29 @@ def enter_protected_mode(machine: Any, entry: int, *, paging: bool = False) -> N
     ctx.rflags = 2
 
 
-def identity_page_tables(machine: Any, user: bool = True) -> int:
-    """Identity-map the first 4 GiB with 2 MiB pages; returns the PML4 address."""
+def identity_page_tables(machine: Any, user: bool = True, base: int = PML4_ADDR) -> int:
+    """Identity-map the first 4 GiB with 2 MiB pages at ``base`` (six pages); returns the
+    PML4 address."""
     u = 0x4 if user else 0
-    pdpt = PML4_ADDR + 0x1000
-    pd = PML4_ADDR + 0x2000
-    write(machine, PML4_ADDR, struct.pack("<Q", pdpt | 0x3 | u).ljust(0x1000, b"\0"),
+    pdpt = base + 0x1000
+    pd = base + 0x2000
+    write(machine, base, struct.pack("<Q", pdpt | 0x3 | u).ljust(0x1000, b"\0"),
           "page tables")
     write(machine, pdpt, struct.pack("<4Q", *(pd + i * 0x1000 | 0x3 | u for i in range(4)))
           .ljust(0x1000, b"\0"), "page tables")
     write(machine, pd, struct.pack("<2048Q", *((i << 21) | 0x83 | u for i in range(2048))),
           "page tables")
-    return PML4_ADDR
+    return base
 
 
-def enter_long_mode(machine: Any, entry: int, *, sse: bool = True) -> None:
-    """64-bit long mode: CS 0x10 (L=1), data 0x18, identity-mapped 4 GiB, interrupts off."""
+def enter_long_mode(machine: Any, entry: int, *, sse: bool = True, image: Any = ()) -> None:
+    """64-bit long mode: CS 0x10 (L=1), data 0x18, identity-mapped 4 GiB, interrupts off;
+    GDT, page tables and stack where they do not overwrite the ``image`` spans."""
     gdt = _gdt(True)
-    write(machine, GDT_ADDR, gdt, "the GDT")
-    pml4 = identity_page_tables(machine)
+    write(machine, gdt_addr(image), gdt, "the GDT")
+    pml4 = identity_page_tables(machine, base=pml4_addr(image))
     ctx = boot_context(machine)
-    ctx.gdt = (GDT_ADDR, len(gdt) - 1)
+    ctx.gdt = (gdt_addr(image), len(gdt) - 1)
     ctx.idt = (0, 0)
     ctx.cs = _seg(SEL_CODE, code=True, long=True)
     for s in ("ds", "es", "fs", "gs", "ss"):
@@ -176,7 +209,7 @@ def enter_long_mode(machine: Any, entry: int, *, sse: bool = True) -> None:
     ctx.efer = EFER_LME | EFER_LMA
     ctx.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     ctx.rip = entry
-    ctx.rsp = STACK_TOP
+    ctx.rsp = stack_top(image)
     ctx.rflags = 2
 
 
@@ -374,11 +407,12 @@ def load_elf(machine: Any, data: bytes) -> None:
     install_firmware_tables(machine)
     _load_segments(machine, segs)
     entry = _phys_entry(entry, segs)
+    image = [(s.paddr, s.paddr + s.memsz) for s in segs]
     if bits == 64:
-        enter_long_mode(machine, entry)
+        enter_long_mode(machine, entry, image=image)
     else:
-        enter_protected_mode(machine, entry)
-        boot_context(machine).rsp = STACK_TOP
+        enter_protected_mode(machine, entry, image=image)
+        boot_context(machine).rsp = stack_top(image)
 
 
 # --- multiboot v1 -------------------------------------------------------------------------
@@ -447,6 +481,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
         zero_fill(machine, load_addr + size, kernel_end - load_addr - size,
                   "multiboot kernel BSS")
         lo, hi = load_addr, kernel_end
+        spans: list[tuple[int, int]] = [(lo, hi)]
     else:
         if data[:4] != b"\x7fELF":
             raise ImageError("multiboot image without address fields must be an ELF file")
@@ -457,6 +492,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
         install_firmware_tables(machine)
         lo, hi = _load_segments(machine, segs)
         entry = _phys_entry(entry, segs)
+        spans = [(s.paddr, s.paddr + s.memsz) for s in segs]
     mem = machine.memory
     page = 0x1000
     cursor = (hi + page - 1) & ~(page - 1)
@@ -486,19 +522,27 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
                              for (s, e, _), c in zip(mods, mod_cmds, strict=True))) \
         if mods else 0
     mmap = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in e820_map(machine))
-    write(machine, MB_MMAP_ADDR, mmap, "multiboot memory map")
+    low = _clear(MBI_ADDR, MB_MMAP_ADDR + len(mmap) - MBI_ADDR, spans)
+    if low:
+        mbi_addr, mmap_addr = MBI_ADDR, MB_MMAP_ADDR
+        write(machine, mmap_addr, mmap, "multiboot memory map")
+    else:  # the kernel lives there: the information follows the kernel instead
+        cursor = (cursor + 15) & ~15
+        mmap_addr = put(mmap)
+        cursor = (cursor + 15) & ~15
+        mbi_addr = cursor
     info_flags = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x200
     mbi = struct.pack("<IIIIIII", info_flags, 640, ram_below_4g(machine) // 1024 - 1024,
                       0x8000FFFF, cmd_addr, len(mods), mods_addr)
-    mbi = mbi.ljust(44, b"\0") + struct.pack("<IIIIII", len(mmap), MB_MMAP_ADDR, 0, 0, 0,
+    mbi = mbi.ljust(44, b"\0") + struct.pack("<IIIIII", len(mmap), mmap_addr, 0, 0, 0,
                                              name_addr)
-    write(machine, MBI_ADDR, mbi.ljust(0x58, b"\0"), "multiboot info")
+    write(machine, mbi_addr, mbi.ljust(0x58, b"\0"), "multiboot info")
     del mem, lo
-    enter_protected_mode(machine, entry)
+    enter_protected_mode(machine, entry, image=spans)
     ctx = boot_context(machine)
     ctx.rax = MULTIBOOT_BOOTLOADER_MAGIC
-    ctx.rbx = MBI_ADDR
-    return MBI_ADDR
+    ctx.rbx = mbi_addr
+    return mbi_addr
 
 
 # --- Linux bzImage -----------------------------------------------------------------------

@@ -68,6 +68,43 @@ def test_multiboot_like_qemu(machine_factory, tmp_path: Path) -> None:
     assert m.memory.read(name_addr, 5) == b"qemu\0"  # the boot loader name QEMU reports
 
 
+def test_multiboot_kernel_linked_low_keeps_its_bytes_in_big_real_mode(machine_factory) -> None:
+    """Issue 10 item 11a: a multiboot kernel at 16 KiB (kvm-unit-tests' realmode test)
+    that drops to big real mode and calls through a register hung: the loader wrote the
+    multiboot information at 0x9000 over the kernel's own function table. The image
+    wins (as QEMU's multiboot ROM copies the kernel last); the information moves."""
+    m, rep = machine_factory(memory=16 << 20)
+    mbi = loaders.load_multiboot(m, (GUESTS / "bigreal.elf").read_bytes(),
+                                 str(GUESTS / "bigreal.elf"), {})
+    m.run(timeout=20)
+    v = rep.values
+    assert v[:2] == [0x12345678, 0xC0FFEE]  # big real mode data access; the call returned
+    assert v[2] == mbi and not 0x4000 <= mbi < 0xA010  # the info follows the kernel
+    assert v[3] == 0x24F  # and is intact
+    assert m.memory.read(0x9010, 4) == (0xA00C).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_elf_linked_over_the_boot_structures_keeps_its_bytes(machine_factory, bits: int) -> None:
+    """GDT, page tables and stack are never written over the image: an ELF covering
+    0x500-0x10000 gets them in the reserved firmware area instead."""
+    from kvmfw_x86.loaders import _Segment
+
+    m, _ = machine_factory(memory=16 << 20)
+    body = bytes(range(256)) * 0x100  # 64 KiB of a known pattern
+    seg = _Segment(0x0, 0x0, body, 0, len(body), len(body))
+    loaders._load_segments(m, [seg])
+    if bits == 64:
+        loaders.enter_long_mode(m, 0x1000, image=[(0, len(body))])
+    else:
+        loaders.enter_protected_mode(m, 0x1000, image=[(0, len(body))])
+    assert m.memory.read(0, len(body)) == body
+    ctx = m.cpus[0].get_context()
+    assert ctx.gdt[0] == loaders.ALT_GDT_ADDR
+    if bits == 64:
+        assert ctx.cr3 == loaders.ALT_PML4_ADDR and ctx.rsp == loaders.ALT_STACK_TOP
+
+
 class FakeUart:
     """LSR always says 'transmitter empty'; bytes written to THR are collected."""
 
