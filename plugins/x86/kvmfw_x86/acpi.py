@@ -42,14 +42,24 @@ PM_BASE = 0x600
 SCI_IRQ = 9
 S5_SLP_TYP = 0
 """SLP_TYP of S5 (soft off), as QEMU's DSDT and the ``acpi-pm`` device's default."""
+S3_SLP_TYP = 1
+"""SLP_TYP of S3 (suspend to RAM), as QEMU's DSDT ``_S3`` and the ``acpi-pm`` default."""
 
 FADT_WBINVD = 1 << 0
 FADT_PROC_C1 = 1 << 2
 FADT_SLP_BUTTON = 1 << 5
 FADT_RTC_S4 = 1 << 7
+FADT_RESET_REG_SUP = 1 << 10
 FADT_USE_PLATFORM_CLOCK = 1 << 15
 FADT_FLAGS = (FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
-              | FADT_USE_PLATFORM_CLOCK)
+              | FADT_RESET_REG_SUP | FADT_USE_PLATFORM_CLOCK)
+RESET_PORT = 0xCF9
+"""The ACPI reset register: the PIIX reset control register, as QEMU's ``pc`` FADT."""
+RESET_VALUE = 0x06
+"""SYS_RST | RST_CPU: a hard reset."""
+FACS_OFFSET = 0x80
+"""Where :func:`build` puts the FACS (from the RSDP): the x86 plugin reads the firmware
+waking vector there on an S3 wake-up."""
 BOOT_ARCH_LEGACY_DEVICES = 1 << 0
 BOOT_ARCH_8042 = 1 << 1
 
@@ -73,6 +83,8 @@ class PmBlock:
     port: int = PM_BASE
     sci: int = SCI_IRQ
     s5_typ: int = S5_SLP_TYP
+    s3_typ: int = S3_SLP_TYP
+    """SLP_TYP of S3; negative: no S3 (no ``_S3`` object)."""
 
 
 def checksum(data: bytes) -> int:
@@ -128,6 +140,8 @@ def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = PmBlock()) -> bytes:
     put(108, "<B", 0x32)  # CMOS century register
     put(109, "<H", BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042)
     put(112, "<I", FADT_FLAGS)
+    put(116, "<BBBBQ", 1, 8, 0, 1, RESET_PORT)  # RESET_REG: system IO, 8 bits, byte access
+    put(128, "<B", RESET_VALUE)
     return _sdt(b"FACP", 3, bytes(body))
 
 
@@ -213,7 +227,11 @@ def resource_template(*descriptors: bytes) -> bytes:
 
 
 def dsdt_aml(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
-    """The DSDT's AML: ``_S5_`` and a ``\\_SB_.VRnn`` per virtio-mmio device."""
+    """The DSDT's AML: ``_S3_`` (unless disabled), ``_S5_`` and a ``\\_SB_.VRnn`` per
+    virtio-mmio device."""
+    s3 = aml_name("_S3_", aml_package(aml_integer(pm.s3_typ), aml_integer(pm.s3_typ),
+                                      aml_integer(0), aml_integer(0))) \
+        if pm.s3_typ >= 0 else b""
     s5 = aml_name("_S5_", aml_package(aml_integer(pm.s5_typ), aml_integer(pm.s5_typ),
                                       aml_integer(0), aml_integer(0)))
     devices = [aml_device(f"VR{i:02d}",
@@ -223,7 +241,7 @@ def dsdt_aml(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
                               res_memory32_fixed(d.base, d.size), res_interrupt(d.irq))))
                for i, d in enumerate(virtio)]
     sb = aml_scope(b"\\_SB_", *devices) if devices else b""
-    return s5 + sb
+    return s3 + s5 + sb
 
 
 def dsdt(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
@@ -245,6 +263,7 @@ def build(ncpus: int, base: int = ACPI_BASE, virtio: list[MmioDevice] | None = N
     rsdt_addr = base + 32
     out += bytes(48)  # the RSDT (44 bytes: 2 entries), filled in below
     facs_off = _align(len(out), 64)
+    assert facs_off == FACS_OFFSET
     out += bytes(facs_off - len(out)) + facs()
     dsdt_off = len(out)
     out += dsdt(virtio or [], pm)

@@ -22,6 +22,7 @@ import io
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,16 @@ def detect(data: bytes) -> str:
     return "unknown"
 
 
+_last_boot: weakref.WeakKeyDictionary[Any, tuple[str, dict[str, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def last_boot(machine: Any) -> tuple[str, dict[str, Any]] | None:
+    """The arguments of the last successful :func:`load` on ``machine``: a reboot loads
+    the guest again with them (as QEMU copies ``-kernel`` again at every reset)."""
+    return _last_boot.get(machine)
+
+
 def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
     """Load ``image`` by its detected format (the ``load_guest`` hook)."""
     data = map_image(image)
@@ -289,6 +300,7 @@ def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
                 data.close()
             except BufferError:  # a view still exported: the mapping goes with it
                 pass
+    _last_boot[machine] = (str(image), dict(options))
     return True
 
 

@@ -133,7 +133,8 @@ def test_default_guest_prints_and_exits(machine_factory) -> None:
 
 
 def test_triple_fault_ends_the_run_with_a_dump(machine_factory) -> None:
-    m, _ = machine_factory()
+    """With ``reboot=off`` (QEMU's ``-no-reboot``) a triple fault ends the run."""
+    m, _ = machine_factory(reboot="off")
     loaders.load(m, str(GUESTS / "triple.elf"), {})
     with pytest.raises(TripleFaultError) as ei:
         m.run(timeout=10)
