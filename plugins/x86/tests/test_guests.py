@@ -191,3 +191,92 @@ def test_dump_names_an_svm_style_reset_at_shutdown(machine_factory) -> None:
     assert text.startswith("vcpu 0 (real mode)\n  KVM re-initialised this vCPU")
     assert f"before the final entry: long64 mode rip={entry:#x}" in text
     assert "code there: 31 c9 f7 f1" in text
+
+
+# --- reboot and S3 (issue 10 item 11c/d) -------------------------------------------------
+
+RESET_METHODS = {"i8042": 1, "cf9": 2, "acpi-reset-register": 3, "triple-fault": 4}
+
+
+@pytest.mark.parametrize("method", list(RESET_METHODS))
+def test_guest_reset_reboots_the_machine_by_default(machine_factory, method: str) -> None:
+    """QEMU reboots on a guest reset unless told ``-no-reboot``: the guest is loaded again
+    and its vCPU starts from the power-on state (an MSR the first boot set reads 0), RAM
+    outside the image keeps the boot counter; the second boot ends the run."""
+    m, rep = machine_factory()
+    m.add_device_spec("i8042")
+    m.memory.write(0x7000, (0).to_bytes(4, "little") + RESET_METHODS[method].to_bytes(4, "little"))
+    m.load_guest(str(GUESTS / "reset.elf"))
+    r = m.run(timeout=30)
+    assert r.reason == "reporter: guest done"
+    assert rep.values == [1, 0, 2, 0]  # boot 1, MSR 0; boot 2, MSR 0 again (not 0x1234)
+    stats = m.stats.snapshot()["system.reset"]
+    assert stats["reboots"] == 1 and stats["resets_ending_run"] == 0
+
+
+@pytest.mark.parametrize("method", ["i8042", "cf9", "triple-fault"])
+def test_reboot_off_ends_the_run_at_the_reset(machine_factory, method: str) -> None:
+    """``reboot=off`` (the CLI's ``--no-reboot``): the reset ends the run, as before."""
+    from kvmfw.errors import TripleFaultError
+
+    m, rep = machine_factory(reboot=False)
+    m.add_device_spec("i8042")
+    m.memory.write(0x7000, (0).to_bytes(4, "little") + RESET_METHODS[method].to_bytes(4, "little"))
+    m.load_guest(str(GUESTS / "reset.elf"))
+    if method == "triple-fault":
+        with pytest.raises(TripleFaultError):
+            m.run(timeout=30)
+    else:
+        r = m.run(timeout=30)
+        assert r.status == 0 and "reset" in r.reason
+    assert rep.values == [1, 0]
+
+
+def test_a_reset_loop_is_bounded_and_counted(machine_factory) -> None:
+    """A guest that resets at every boot: the run ends after ``reboot_limit`` reboots
+    with a reason that names the loop; every reboot is counted."""
+    m, rep = machine_factory(reboot_limit=3)
+    m.memory.write(0x7000, (0).to_bytes(4, "little") + (2).to_bytes(4, "little"))
+    m.load_guest(str(GUESTS / "reset.elf"))
+
+    def again() -> None:  # each boot sees counter 1 again: it resets every time
+        m.memory.write(0x7000, (0).to_bytes(4, "little"))
+
+    orig = m.reset
+
+    def reset(*, wakeup: bool = False) -> None:
+        again()
+        orig(wakeup=wakeup)
+
+    m.reset = reset  # type: ignore[method-assign]
+    r = m.run(timeout=60)
+    assert "reset loop" in r.reason and "reboot_limit=3" in r.reason
+    stats = m.stats.snapshot()["system.reset"]
+    assert stats["reboots"] == 3 and stats["resets_ending_run"] == 1
+    assert rep.values == [1, 0] * 4
+
+
+def test_reboot_option_refuses_unknown_values(machine_factory) -> None:
+    from kvmfw.errors import ConfigError
+
+    m, _ = machine_factory(reboot="sometimes")
+    with pytest.raises(ConfigError, match="reboot must be on or off"):
+        m.reboot_enabled()
+
+
+def test_acpi_s3_resumes_at_the_facs_waking_vector(machine_factory) -> None:
+    """QEMU resumes an S3 sleep at the FACS firmware waking vector in real mode; RAM and
+    device state are kept and WAK_STS is set. kvmfw used to ignore S3 (the guest ran on)."""
+    m, rep = machine_factory()
+    pm = m.add_device_spec("acpi-pm")
+    m.load_guest(str(GUESTS / "s3.elf"))
+    r = m.run(timeout=30)
+    assert r.reason == "reporter: guest done"
+    v = rep.values
+    assert v[0] == 1 and v[1] == 0x5353, [hex(x) for x in v]  # slept, woke in the stub
+    assert v[2] == 0x5EED  # RAM kept
+    assert v[3] & 0x8000  # WAK_STS
+    assert v[4] == 0x100  # PM1a_EN kept (device state survives S3)
+    assert v[5] & 1 == 0  # real mode
+    assert pm.stats["s3_suspends"] == 1
+    assert m.stats.snapshot()["system.reset"]["wakeups"] == 1
