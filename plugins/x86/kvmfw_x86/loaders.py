@@ -552,6 +552,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
     del mem, lo
     enter_protected_mode(machine, entry, image=spans)
     ctx = boot_context(machine)
+    ctx.idt = (0, 0x3FF)  # what QEMU's ROM leaves: the BIOS's real-mode IVT
     ctx.rax = MULTIBOOT_BOOTLOADER_MAGIC
     ctx.rbx = mbi_addr
     return mbi_addr

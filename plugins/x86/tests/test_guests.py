@@ -52,6 +52,7 @@ def test_multiboot_like_qemu(machine_factory, tmp_path: Path) -> None:
     loaders.load(m, image, {"cmdline": "console=ttyS0 x=1", "initrd": f"{mod} modarg"})
     ctx = m.cpus[0].get_context()
     assert ctx.mode == "protected32" and not ctx.cr0 & (1 << 31) and not ctx.rflags & 0x200
+    assert tuple(ctx.idt) == (0, 0x3FF)  # QEMU's ROM leaves the BIOS's real-mode IVT
     m.run(timeout=10)
     v = rep.values
     assert v[0] == 0x2BADB002 and v[1] == loaders.MBI_ADDR
@@ -79,8 +80,9 @@ def test_multiboot_kernel_linked_low_keeps_its_bytes_in_big_real_mode(machine_fa
     m.run(timeout=20)
     v = rep.values
     assert v[:2] == [0x12345678, 0xC0FFEE]  # big real mode data access; the call returned
-    assert v[2] == mbi and not 0x4000 <= mbi < 0xA010  # the info follows the kernel
-    assert v[3] == 0x24F  # and is intact
+    assert v[2] == 0x1717  # int $0x50 through the real-mode IVT
+    assert v[3] == mbi and not 0x4000 <= mbi < 0xA020  # the info follows the kernel
+    assert v[4] == 0x24F  # and is intact
     assert m.memory.read(0x9010, 4) == (0xA00C).to_bytes(4, "little")
 
 

@@ -2,7 +2,8 @@
  * loader's protected mode to big real mode (data segments keep a 4 GiB limit) and calls
  * through a register, the address read from a function table at 0x9010, where kvmfw
  * used to write its multiboot information over the kernel. Reports: the dword written
- * above 1 MiB through DS, the called function's value, EBX (the info address) and the
+ * above 1 MiB through DS, the called function's value, the
+ * value of a software interrupt through the real-mode IVT, EBX (the info address) and the
  * info structure's flags read back through it; then ends the run (port 0xe4). */
     .set MB_MAGIC, 0x1BADB002
     .set MB_FLAGS, 0
@@ -39,6 +40,10 @@ rm:
     movl (fn_table), %eax
     calll *%eax
     outl %eax, $0xe0
+    movw $isr, (0x50 * 4)       /* a real-mode interrupt through the IVT at 0 (the */
+    movw $0, (0x50 * 4 + 2)     /* IDTR a BIOS leaves: base 0, limit 0x3ff) */
+    int $0x50
+    outl %eax, $0xe0
     mov %edi, %eax
     outl %eax, $0xe0
     movl (%edi), %eax           /* the info's flags, through a 32-bit address */
@@ -59,3 +64,6 @@ fn_table:
 func:
     mov $0xc0ffee, %eax
     retl
+isr:
+    mov $0x1717, %eax
+    iret
