@@ -240,6 +240,21 @@ def test_dsdt_aml_parses_back_to_s5_and_the_virtio_devices() -> None:
             ("mem32", (d.base, d.size, True)), ("irq", ((d.irq,), "level", "high", True))]
 
 
+def test_fadt_reset_register_and_s3_as_qemu_pc() -> None:
+    """The FADT offers the reset register (0xCF9 <- 6, RESET_REG_SUP) and the DSDT an
+    ``_S3_`` of type 1, as QEMU's ``pc``; the FACS is where the x86 plugin looks for the
+    waking vector."""
+    read = _mem_with(acpi.build(1))
+    f = rsdt_tables(read)[b"FACP"]
+    assert struct.unpack_from("<I", f, 112)[0] & (1 << 10)  # RESET_REG_SUP
+    assert struct.unpack_from("<BBBBQ", f, 116) == (1, 8, 0, 1, 0xCF9)
+    assert f[128] == 6
+    assert struct.unpack_from("<I", f, 36)[0] == acpi.ACPI_BASE + acpi.FACS_OFFSET
+    aml = Aml(table(read, struct.unpack_from("<I", f, 40)[0])[36:])
+    assert aml.names["\\_S3_"][:2] == [1, 1]
+    assert "\\_S3_" not in Aml(acpi.dsdt_aml([], acpi.PmBlock(s3_typ=-1))).names
+
+
 def test_dsdt_without_devices_still_offers_s5() -> None:
     aml = Aml(acpi.dsdt_aml([]))
     assert aml.devices == [] and "\\_S5_" in aml.names
