@@ -200,12 +200,14 @@ def test_dump_names_an_svm_style_reset_at_shutdown(machine_factory) -> None:
 RESET_METHODS = {"i8042": 1, "cf9": 2, "acpi-reset-register": 3, "triple-fault": 4}
 
 
+@pytest.mark.parametrize("irqchip", ["userspace", "kernel"])
 @pytest.mark.parametrize("method", list(RESET_METHODS))
-def test_guest_reset_reboots_the_machine_by_default(machine_factory, method: str) -> None:
+def test_guest_reset_reboots_the_machine_by_default(machine_factory, method: str,
+                                                    irqchip: str) -> None:
     """QEMU reboots on a guest reset unless told ``-no-reboot``: the guest is loaded again
     and its vCPU starts from the power-on state (an MSR the first boot set reads 0), RAM
     outside the image keeps the boot counter; the second boot ends the run."""
-    m, rep = machine_factory()
+    m, rep = machine_factory(irqchip=irqchip)
     m.add_device_spec("i8042")
     m.memory.write(0x7000, (0).to_bytes(4, "little") + RESET_METHODS[method].to_bytes(4, "little"))
     m.load_guest(str(GUESTS / "reset.elf"))
@@ -282,3 +284,30 @@ def test_acpi_s3_resumes_at_the_facs_waking_vector(machine_factory) -> None:
     assert v[5] & 1 == 0  # real mode
     assert pm.stats["s3_suspends"] == 1
     assert m.stats.snapshot()["system.reset"]["wakeups"] == 1
+
+
+def test_reset_restores_the_in_kernel_pic_ioapic_and_pit(machine_factory) -> None:
+    """What the guest programmed into the in-kernel PICs, IO-APIC and PIT is back at its
+    power-on value after a reset (QEMU resets them with the machine)."""
+    from kvmfw.abi import ioctl
+
+    from kvmfw_x86 import reset
+    from kvmfw_x86.abi import addr
+    from kvmfw_x86.plugin import X86Plugin
+
+    m, _ = machine_factory(irqchip="kernel")
+    st = X86Plugin.state(m.hooks.pm.get_plugin("arch:x86"), m)  # type: ignore[arg-type]
+    before = reset.record(m, True)
+    changed = bytearray(before.irqchips[0])
+    changed[8 + 3] ^= 0x5A  # PIC master IMR (struct kvm_pic_state: ..., imr at 3)
+    b = reset._buf(reset.KVMIO_IRQCHIP_SIZE, bytes(changed))
+    ioctl(m.vm.fd, reset.KVM_SET_IRQCHIP, addr(b))
+    pit = bytearray(before.pit or b"")
+    pit[0:4] = (1234).to_bytes(4, "little")  # channel 0 count
+    b = reset._buf(reset.KVM_PIT_STATE2_SIZE, bytes(pit))
+    ioctl(m.vm.fd, reset.KVM_SET_PIT2, addr(b))
+    assert reset.record(m, True).irqchips[0] == bytes(changed)
+    reset.reset_vm(m, st.power_on)
+    after = reset.record(m, True)
+    assert after.irqchips == before.irqchips
+    assert after.pit is not None and after.pit[0:4] == before.pit[0:4]  # type: ignore[index]
