@@ -362,7 +362,9 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
         entry = elf["e_entry"]
     except ImageError:
         raise
-    except (ELFError, struct.error, ValueError, KeyError, AssertionError) as exc:
+    except (ELFError, struct.error, ValueError, KeyError, AssertionError, OverflowError,
+            IndexError, TypeError, EOFError) as exc:
+        # pyelftools seeks to header offsets as given: 2^63 overflows the stream
         raise ImageError(f"bad or truncated ELF: {exc}") from None
     if not segs:
         raise ImageError("ELF has no loadable segments")

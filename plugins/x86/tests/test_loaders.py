@@ -270,3 +270,13 @@ def test_kernel_file_is_mapped_not_read_whole(machine_factory, tmp_path: Path) -
     assert err is None, err
     assert peak < 8 << 20
     assert m.cpus[0].get_context().rip == 0x100000
+
+
+@pytest.mark.parametrize("phoff", [1 << 63, (1 << 64) - 8])
+def test_elf64_program_header_offset_beyond_any_file(machine_factory, tmp_path: Path,
+                                                     phoff: int) -> None:
+    """Found by the loader fuzz: e_phoff = 2^63 made the ELF parser raise OverflowError."""
+    m, _ = machine_factory(memory=4 << 20)
+    data = bytearray((GUESTS / "long64.elf").read_bytes())
+    struct.pack_into("<Q", data, 0x20, phoff)
+    _fail(m, tmp_path, bytes(data), "bad or truncated ELF")
