@@ -268,10 +268,11 @@ def test_reboot_option_refuses_unknown_values(machine_factory) -> None:
         m.reboot_enabled()
 
 
-def test_acpi_s3_resumes_at_the_facs_waking_vector(machine_factory) -> None:
+@pytest.mark.parametrize("irqchip", ["userspace", "kernel"])
+def test_acpi_s3_resumes_at_the_facs_waking_vector(machine_factory, irqchip: str) -> None:
     """QEMU resumes an S3 sleep at the FACS firmware waking vector in real mode; RAM and
     device state are kept and WAK_STS is set. kvmfw used to ignore S3 (the guest ran on)."""
-    m, rep = machine_factory()
+    m, rep = machine_factory(irqchip=irqchip)
     pm = m.add_device_spec("acpi-pm")
     m.load_guest(str(GUESTS / "s3.elf"))
     r = m.run(timeout=30)
@@ -311,3 +312,16 @@ def test_reset_restores_the_in_kernel_pic_ioapic_and_pit(machine_factory) -> Non
     after = reset.record(m, True)
     assert after.irqchips == before.irqchips
     assert after.pit is not None and after.pit[0:4] == before.pit[0:4]  # type: ignore[index]
+
+
+def test_wakeup_without_a_waking_vector_reboots(machine_factory) -> None:
+    """No FACS waking vector set: the wake-up becomes a reboot (as SeaBIOS does)."""
+    m, rep = machine_factory()
+    m.load_guest(str(GUESTS / "prot32.elf"))
+    m.run(timeout=10)
+    assert rep.values[0] == 3628800
+    m.reset(wakeup=True)
+    m.run(timeout=10)
+    assert rep.values[3] == 3628800  # the guest ran again from its entry
+    st = m.stats.snapshot()["system.reset"]
+    assert st["reboots"] == 1 and st["wakeups"] == 0
