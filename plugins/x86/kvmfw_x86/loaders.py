@@ -228,7 +228,13 @@ def read_image(image: str | os.PathLike[str], what: str = "kernel",
                 raise ImageError(f"{what} image {p} ({size:#x} bytes) is larger than the "
                                  f"guest RAM it must fit in ({limit:#x} bytes; increase "
                                  "--memory)")
-            return f.read()
+            if limit is None:
+                return f.read()
+            data = f.read(limit + 1)  # a device or pipe has no size: read at most this
+            if len(data) > limit:
+                raise ImageError(f"{what} image {p} is larger than the guest RAM it must "
+                                 f"fit in ({limit:#x} bytes; increase --memory)")
+            return data
     except FileNotFoundError:
         raise ImageError(f"{what} image {p} does not exist") from None
     except IsADirectoryError:

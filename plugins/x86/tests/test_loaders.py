@@ -280,3 +280,12 @@ def test_elf64_program_header_offset_beyond_any_file(machine_factory, tmp_path: 
     data = bytearray((GUESTS / "long64.elf").read_bytes())
     struct.pack_into("<Q", data, 0x20, phoff)
     _fail(m, tmp_path, bytes(data), "bad or truncated ELF")
+
+
+def test_initrd_from_an_endless_device_is_bounded(machine_factory) -> None:
+    """/dev/zero has no size: the initrd read stops at the guest RAM size, never reads on."""
+    m, _ = machine_factory(memory=4 << 20)
+    with pytest.raises(ImageError, match="larger than the guest RAM"):
+        loaders.load(m, str(GUESTS / "multiboot.elf"), {"initrd": "/dev/zero"})
+    with pytest.raises(ImageError, match="unknown image format"):
+        loaders.load(m, "/dev/zero", {})  # a kernel without a size is an empty mapping
