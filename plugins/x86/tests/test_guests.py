@@ -325,3 +325,20 @@ def test_wakeup_without_a_waking_vector_reboots(machine_factory) -> None:
     assert rep.values[3] == 3628800  # the guest ran again from its entry
     st = m.stats.snapshot()["system.reset"]
     assert st["reboots"] == 1 and st["wakeups"] == 0
+
+
+@pytest.mark.parametrize("extra, status", [([], 5), (["--option", "reboot=off"], 0)])
+def test_kvmfw_run_reboots_on_reboot_k_unless_reboot_off(extra: list[str], status: int) -> None:
+    """`kvmfw run` on the default PC board (in-kernel irqchip): the i8042 reset (Linux's
+    reboot=k) reboots the machine and the second boot exits through debug-exit with its
+    boot count (2 -> status 5); with ``reboot=off`` (``--no-reboot``) the reset ends the
+    run with status 0, as before."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("kvmfw_devices", reason="kvmfw-devices is not installed")
+    r = subprocess.run([sys.executable, "-m", "kvmfw.cli", "run", "--kernel",
+                        str(GUESTS / "reboot_k.elf"), "--device", "debug-exit",
+                        "--timeout", "60", *extra], capture_output=True, text=True,
+                       timeout=120, cwd="/", stdin=subprocess.DEVNULL)
+    assert r.returncode == status, r.stderr
