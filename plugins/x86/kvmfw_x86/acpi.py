@@ -9,8 +9,12 @@ the RSDP)::
 - FADT (revision 3, as QEMU's ``pc``): the PM1a event/control blocks and the PM timer of
   the board's ``acpi-pm`` device (QEMU's PIIX4 PM layout at 0x600), SCI on IRQ 9, no SMI
   command port (the machine is always in ACPI mode), IAPC_BOOT_ARCH "legacy devices" and
-  "8042", flags WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, USE_PLATFORM_CLOCK.
-- DSDT, hand-assembled AML: ``Name (_S5_, Package () {typ, typ, 0, 0})`` and, under
+  "8042", flags WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, RESET_REG_SUP, USE_PLATFORM_CLOCK;
+  the reset register is the PIIX reset control register (IO 0xCF9 <- 6), as QEMU's.
+- FACS at RSDP + 0x80: the OS writes its firmware waking vector there; an S3 wake-up
+  enters it (the x86 plugin's ``reset_machine``).
+- DSDT, hand-assembled AML: ``Name (_S3_, ...)`` (type 1, QEMU's) and
+  ``Name (_S5_, Package () {typ, typ, 0, 0})`` and, under
   ``\\_SB_``, one ``Device (VRnn)`` per virtio-mmio device of the machine (``_HID
   "LNRO0005"``, ``_UID nn``, ``_CRS`` with ``Memory32Fixed`` and an extended ``Interrupt``,
   level, active high) as QEMU's ``microvm`` describes them; Linux's virtio_mmio driver
@@ -116,7 +120,8 @@ def madt(ncpus: int, sci: int = SCI_IRQ) -> bytes:
 # --- FADT and FACS -------------------------------------------------------------------------
 
 def facs() -> bytes:
-    """The Firmware ACPI Control Structure (64 bytes, no checksum, no waking vector)."""
+    """The Firmware ACPI Control Structure (64 bytes, no checksum; the OS sets the waking
+    vector)."""
     return struct.pack("<4sIIIIIBB", b"FACS", 64, 0, 0, 0, 0, 1, 0).ljust(64, b"\0")
 
 
