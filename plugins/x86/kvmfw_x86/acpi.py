@@ -31,7 +31,7 @@ from typing import Any
 
 from kvmfw.errors import ConfigError
 
-from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR
+from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR, check_cpus
 
 ACPI_BASE = 0xE0000
 """Where the tables go: the RSDP first, on a 16-byte boundary inside Linux's scan window."""
@@ -108,6 +108,7 @@ def _sdt(signature: bytes, revision: int, body: bytes) -> bytes:
 
 def madt(ncpus: int, sci: int = SCI_IRQ) -> bytes:
     """The Multiple APIC Description Table (revision 3)."""
+    check_cpus(ncpus)
     entries = [struct.pack("<BBBBI", 0, 8, i, i, 1) for i in range(ncpus)]  # enabled
     entries.append(struct.pack("<BBBBII", 1, 12, ncpus, 0, IOAPIC_ADDR, 0))  # GSI base 0
     entries.append(struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0))  # ISA IRQ 0 -> GSI 2
