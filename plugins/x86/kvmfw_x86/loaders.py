@@ -26,7 +26,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from kvmfw.errors import ImageError
+from kvmfw.errors import ConfigError, ImageError
 from kvmfw.hookspecs import SyncLevel
 
 from kvmfw_x86.abi import ffi
@@ -296,7 +296,7 @@ def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
         elif fmt == "elf":
             load_elf(machine, data)
         elif fmt == "flat":
-            load_flat(machine, data, int(options.get("load_addr") or 0x7C00))
+            load_flat(machine, data, _load_addr(options.get("load_addr")))
         else:
             raise ImageError(f"{image}: unknown image format (not an ELF, multiboot or Linux "
                              "bzImage; give --load-addr to load a flat binary)")
@@ -308,6 +308,15 @@ def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
                 pass
     _last_boot[machine] = (str(image), dict(options))
     return True
+
+
+def _load_addr(value: Any) -> int:
+    if value is None or value == "":
+        return 0x7C00
+    try:
+        return int(value, 0) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"load address must be an integer (0x7c00), not {value!r}") from None
 
 
 def load_flat(machine: Any, data: bytes, load_addr: int = 0x7C00) -> None:

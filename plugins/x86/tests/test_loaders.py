@@ -289,3 +289,14 @@ def test_initrd_from_an_endless_device_is_bounded(machine_factory) -> None:
         loaders.load(m, str(GUESTS / "multiboot.elf"), {"initrd": "/dev/zero"})
     with pytest.raises(ImageError, match="unknown image format"):
         loaders.load(m, "/dev/zero", {})  # a kernel without a size is an empty mapping
+
+
+def test_flat_load_address_is_checked(machine_factory) -> None:
+    from kvmfw.errors import ConfigError
+
+    m, _ = machine_factory()
+    with pytest.raises(ConfigError, match="load address"):
+        loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": "seven"})
+    with pytest.raises(ImageError, match="does not fit"):
+        loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": -16})
+    loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": "0x7c00"})
