@@ -653,6 +653,11 @@ class KvmCPU:
                           exception=int(ex.exception), error_code=int(ex.error_code))
 
     def _exit_shutdown(self) -> None:
+        if self.machine.can_reboot():  # a PC resets on a triple fault (QEMU reboots)
+            self.stats.system_events += 1
+            self.machine.request_reset("the guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+            self.status = RUNNING
+            return
         raise self._error(TripleFaultError, ExitReason.SHUTDOWN,
                           "the guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception occurred "
                           "while the CPU could not deliver one (bad IDT, GDT or stack)")
@@ -702,7 +707,7 @@ class KvmCPU:
         if kind == SystemEvent.SHUTDOWN:
             self.machine.request_exit(0, "guest powered off (system event)")
         elif kind == SystemEvent.RESET:
-            self.machine.request_exit(0, "guest requested a reset (system event)")
+            self.machine.request_reset("guest requested a reset (system event)")
         elif kind == SystemEvent.CRASH:
             raise self._error(GuestCrashError, ExitReason.SYSTEM_EVENT,
                               "the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)")

@@ -290,3 +290,38 @@ def dump_state(cpu: KvmCPU) -> str | None:
     joins them, the arch's first. Called on the vCPU's thread after a fatal exit, with the
     context pulled in full; must not raise (a failure is shown in place of the section).
     """
+
+
+# --- machine reset and wake-up -------------------------------------------------------
+
+@hookspec(firstresult=True)
+def vcpu_reset(cpu: KvmCPU) -> bool | None:
+    """Put ``cpu`` back in its power-on state: registers, MSRs, FPU, local APIC and MP
+    state as right after the vCPU was created (x86: the boot CPU runnable, the others
+    waiting for INIT/SIPI).
+
+    Caller: :meth:`Machine.reset <kvmfw.machine.Machine.reset>`, on the thread that runs
+    the machine, for every vCPU in id order, with no vCPU inside ``KVM_RUN`` (any pending
+    IO/MMIO was completed by a half entry first), the machine lock held, after the devices
+    were reset (reboot only) and before ``reset_machine``. The new state may stay in the
+    thread context (marked dirty); it is pushed before the next entry. Return True; None
+    means the architecture cannot reset a vCPU (the reset then fails with
+    :class:`~kvmfw.errors.StateError`).
+    """
+
+
+@hookspec(firstresult=True)
+def reset_machine(machine: Machine, wakeup: bool) -> bool | None:
+    """After every ``vcpu_reset``: put VM-wide architectural state back to power-on and
+    give the boot CPU its entry state.
+
+    ``wakeup`` False (a reboot: i8042 reset line, triple fault, reset control register,
+    ACPI reset register): reset VM-wide arch state (x86: in-kernel PIC, IO-APIC, PIT) and
+    load the guest again exactly as the last ``load_guest`` call did (same image, same
+    options), firmware tables included. ``wakeup`` True (resume from a sleep state such as
+    ACPI S3): RAM and device state are kept; enter the guest where its firmware would on
+    wake-up (x86: real mode at the FACS firmware waking vector; a vector of 0 asks for a
+    reboot instead, as SeaBIOS does: return False). Caller, thread and locking as
+    ``vcpu_reset``. Return True when done; False to turn a wake-up into a reboot; None:
+    the architecture cannot (:class:`~kvmfw.errors.StateError`).
+    """

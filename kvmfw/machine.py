@@ -236,7 +236,7 @@ class Machine:
                      **self.config.options},
             services={"dump_stats": self.dump_stats, "reset_stats": self.stats.reset,
                       "work_begin": self.work_begin, "work_end": self.work_end,
-                      "kick": self.kick_all})
+                      "kick": self.kick_all, "reset": self.request_reset})
 
     def add_device_spec(self, spec: str) -> Device:
         """Create a device from ``name,key=value,...`` and attach it."""
@@ -561,6 +561,138 @@ class Machine:
             self.vm.close()
         if self.kvm is not None and self._owns_kvm:
             self.kvm.close()
+
+    # --- reset and wake-up (a reboot of the guest, resume from ACPI S3) ---------------------
+
+    RESET_LIMIT_DEFAULT = 100
+    """Guest resets per run before kvmfw ends the run as a reset loop (``reboot_limit``)."""
+
+    def reboot_enabled(self) -> bool:
+        """The machine option ``reboot`` (QEMU's default: on): a guest reset reboots the
+        machine; ``off``/False (the CLI's ``--no-reboot``, QEMU's ``-no-reboot``) ends the
+        run instead, as a power-off would."""
+        v = self.config.options.get("reboot", True)
+        if isinstance(v, bool):
+            return v
+        t = str(v).lower()
+        if t in ("1", "on", "true", "yes"):
+            return True
+        if t in ("0", "off", "false", "no"):
+            return False
+        raise ConfigError(f"option reboot must be on or off, not {v!r}")
+
+    def can_reboot(self) -> bool:
+        """True if a guest reset reboots this machine: ``reboot`` on, the architecture
+        implements ``vcpu_reset`` and ``reset_machine``, and one vCPU (parallel vCPU
+        threads cannot be stopped for a reset yet). Otherwise a reset ends the run as
+        before (a triple fault with :class:`~kvmfw.errors.TripleFaultError`)."""
+        return self.reboot_enabled() and self._arch_can_reset()
+
+    def _arch_can_reset(self) -> bool:
+        h = self.pm.hook
+        return len(self.cpus) == 1 and bool(h.vcpu_reset.get_hookimpls()) \
+            and bool(h.reset_machine.get_hookimpls())
+
+    def _reset_limit(self) -> int:
+        v = self.config.options.get("reboot_limit", self.RESET_LIMIT_DEFAULT)
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option reboot_limit must be an integer, not {v!r}") from None
+        if n < 0:
+            raise ConfigError(f"option reboot_limit must be >= 0 (0: no limit), not {n}")
+        return n
+
+    def _reset_stats(self) -> dict[str, int]:
+        st = getattr(self, "_resets", None)
+        if st is None:
+            st = self._resets = {"reboots": 0, "wakeups": 0, "resets_ending_run": 0}
+            self.stats.add("system.reset", lambda: dict(st), None)
+        return st
+
+    def request_reset(self, reason: str, *, wakeup: bool = False, status: int = 0) -> None:
+        """A guest asked for a reset (``wakeup`` False: i8042 reset line, triple fault,
+        reset control register) or to wake from a sleep state (``wakeup`` True: ACPI S3).
+
+        Called from an exit handler or a device access. With ``reboot`` off, a reset ends
+        the run with ``status`` (default 0) and ``reason``. Otherwise the reset
+        (:meth:`reset`) runs as an event at the current tick, after the access completes
+        and before the vCPU runs again. Each reset is counted (``system.reset``); past
+        ``reboot_limit`` resets in one run (default 100; 0: no limit) the run ends as a
+        reset loop, with status 0.
+        A machine with more than one vCPU runs them on parallel threads, which cannot be
+        stopped for a reset yet: its run ends (the reason says so).
+        """
+        st = self._reset_stats()
+        if not wakeup and not self.reboot_enabled():
+            st["resets_ending_run"] += 1
+            self.request_exit(status, reason)
+            return
+        if not self._arch_can_reset():
+            st["resets_ending_run"] += 1
+            why = f"a machine with {len(self.cpus)} vCPUs" if len(self.cpus) > 1 else \
+                f"with the {self.arch} plugin"
+            self.request_exit(status, f"{reason}; kvmfw cannot yet "
+                                      f"{'resume' if wakeup else 'reboot'} {why}: the run ends")
+            return
+        limit = self._reset_limit()
+        done = st["reboots"] + st["wakeups"]
+        if limit and done >= limit:
+            st["resets_ending_run"] += 1
+            self.request_exit(0, f"{reason}; reset loop: the guest reset {done} times in "
+                                 f"this run (reboot_limit={limit})")
+            return
+        if getattr(self, "_reset_event", None) is not None:
+            return  # one reset already pending: the second request is the same reset
+        ev = Event(lambda: self._do_reset(reason, wakeup), "machine-reset")
+        self._reset_event: Event | None = ev
+        self.eventq.schedule(ev, self.eventq.cur_tick)
+        self.kick_all()
+
+    def _do_reset(self, reason: str, wakeup: bool) -> None:
+        self._reset_event = None
+        if self.stop_requested:
+            return
+        log.info("%s: %s", "wake-up" if wakeup else "reboot", reason)
+        self.reset(wakeup=wakeup)
+
+    def reset(self, *, wakeup: bool = False) -> None:
+        """Reset the machine now: every vCPU to its power-on state (``vcpu_reset``),
+        devices to theirs (reboot only; a wake-up keeps device state), then the arch's
+        ``reset_machine`` reloads the guest (reboot) or enters its wake-up vector.
+
+        Call it while no vCPU runs (between runs, or from an event as
+        :meth:`request_reset` does). RAM is kept, as on a PC. Raises
+        :class:`~kvmfw.errors.StateError` if the architecture cannot reset.
+        """
+        if self._closed:
+            raise KvmfwError("this machine is closed")
+        st = self._reset_stats()
+        with self.lock:
+            for cpu in self.cpus:
+                if cpu.status.value == "RunningServiceCompletion":
+                    cpu.half_entry()  # finish the access that asked for the reset
+                cpu.suspend()
+                cpu.halted = False
+                cpu.interrupt_pending = False
+            if not wakeup:
+                for d in self.devices:
+                    d.reset()
+            for cpu in self.cpus:
+                if not self.hooks.call("vcpu_reset", cpu=cpu):
+                    raise StateError(f"the {self.arch} plugin cannot reset a vCPU")
+            done = self.hooks.call("reset_machine", machine=self, wakeup=wakeup)
+            if done is False and wakeup:
+                wakeup = False
+                for d in self.devices:
+                    d.reset()
+                done = self.hooks.call("reset_machine", machine=self, wakeup=False)
+            if not done:
+                raise StateError(f"the {self.arch} plugin cannot reset the machine")
+            st["wakeups" if wakeup else "reboots"] += 1
+            for cpu in self.cpus:
+                if cpu.start_active or cpu is self.cpus[0]:
+                    cpu.activate()
 
     def __enter__(self) -> Machine:
         return self

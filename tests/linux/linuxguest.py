@@ -84,7 +84,8 @@ class Boot:
             argv = [*kvmfw_argv(), "run", "--kernel", k, "--initrd", i,
                     "--cmdline", self.cmdline, "--memory", f"{self.memory_mib}M",
                     "--cpus", str(self.cpus), "--console", "stdio", "--no-summary",
-                    "--timeout", str(self.timeout)]
+                    "--timeout", str(self.timeout),
+                    "--option", "reboot=off"]  # as QEMU's -no-reboot below: a reset ends it
             if self.disk is not None:
                 argv += ["--device", f"virtio-blk,file={self.disk}"]
             return argv + self.extra

@@ -16,7 +16,12 @@ SCI_EN is set at power-on: the FADT has no SMI command port, so the machine is a
 ACPI mode. The SCI (``irq``, default 9, level) is asserted while a status bit with its
 enable bit set is pending (timer, global lock, power button, RTC, as QEMU). A write of
 SLP_EN with ``SLP_TYP`` equal to the S5 type (``s5_typ``, default 0: QEMU's DSDT ``_S5``)
-ends the run with status 0 (a soft power-off); other sleep types are counted, not entered.
+ends the run with status 0 (a soft power-off). One with the S3 type (``s3_typ``, default 1:
+QEMU's DSDT ``_S3``) suspends to RAM through the machine's ``reset`` service with
+``wakeup=True``: the vCPUs stop and resume at once in real mode at the FACS firmware waking
+vector, RAM and device state kept, WAK_STS set (kvmfw has no wake sources to wait for, so
+the wake event comes immediately; QEMU waits for an RTC alarm or a wake-up command). Other
+sleep types, and S3 without the service, are counted, not entered.
 
 The timer runs from the host's monotonic clock (``clock=host``) or from simulated time
 (``clock=fixed``: reproducible runs). TMR_STS is set when the timer's bit 23 has changed
@@ -67,6 +72,7 @@ class AcpiPm(Device):
         "port": ConfigKey(parse_int, 0x600, "IO port base of the 12-byte block"),
         "irq": ConfigKey(parse_int, 9, "SCI interrupt line (-1: none)"),
         "s5_typ": ConfigKey(parse_int, 0, "SLP_TYP value of S5 (the DSDT's _S5 package)"),
+        "s3_typ": ConfigKey(parse_int, 1, "SLP_TYP value of S3 (the DSDT's _S3; -1: no S3)"),
         "clock": ConfigKey(str, "host", "PM timer source: host (monotonic) or fixed (simulated)"),
     }
 
@@ -75,7 +81,7 @@ class AcpiPm(Device):
         if self.params["clock"] not in ("host", "fixed"):
             raise ConfigError(f"acpi-pm: clock must be host or fixed, not {self.params['clock']!r}")
         self.sci = self.optional_irq(self.params["irq"])
-        self.stats.update(poweroffs=0, sleeps_ignored=0)
+        self.stats.update(poweroffs=0, sleeps_ignored=0, s3_suspends=0)
         self._sci_level = False
         self.sts = 0
         self.en = 0
@@ -176,6 +182,12 @@ class AcpiPm(Device):
         if typ == self.params["s5_typ"]:
             self.stats["poweroffs"] += 1
             self.ctx.request_exit(0, "guest powered off (ACPI S5)")
+            return
+        wake = self.ctx.services.get("reset")
+        if typ == self.params["s3_typ"] and wake is not None:
+            self.stats["s3_suspends"] += 1
+            self.sts |= STS_WAK  # read by the OS's resume path, cleared by writing 1
+            wake("guest suspended to RAM (ACPI S3)", wakeup=True)
         else:
             self.stats["sleeps_ignored"] += 1
 

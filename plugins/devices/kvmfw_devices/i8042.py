@@ -15,7 +15,9 @@ KBD_DIS(4) AUX_DIS(5) XLATE(6)); 0xa7/0xa8 disable/enable aux; 0xa9 test aux (->
 keyboard/aux output buffer; 0xd4 write to aux device (none attached); 0xf0-0xff pulse output
 lines (bit 0 clear pulses the CPU reset line: 0xfe is the reset Linux uses with reboot=k).
 
-A CPU reset ends the run cleanly: ``request_exit(reset_status, "reset ...")``. The keyboard
+A CPU reset goes to the machine's ``reset`` service: it reboots the machine, or with the
+machine option ``reboot=off`` ends the run with ``reset_status`` (without the service:
+``request_exit(reset_status, "reset ...")``). The keyboard
 answers the commands Linux's atkbd sends (reset 0xff -> 0xfa 0xaa, identify 0xf2 -> 0xfa 0xab
 0x83, echo 0xee, LEDs/typematic/scancode set with their argument byte, others -> 0xfa). The
 device claims ports 0x60-0x64 as one range; 0x61-0x63 are not the 8042's and answer all
@@ -261,7 +263,11 @@ class I8042(Device):
 
     def _cpu_reset(self, why: str) -> None:
         self.stats["resets"] += 1
-        self.ctx.request_exit(self.params["reset_status"], f"reset ({why})")
+        reset = self.ctx.services.get("reset")
+        if reset is not None:  # the machine reboots, or ends the run with reboot=off
+            reset(f"reset ({why})", status=self.params["reset_status"])
+        else:
+            self.ctx.request_exit(self.params["reset_status"], f"reset ({why})")
 
     # --- state ------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """A minimal, complete ACPI for the x86 board: what Linux needs to run with ACPI on.
 
-Tables, written into the reserved area 0xE0000-0xEFFFF (Linux scans 0xE0000-0xFFFFF for
+Tables, written into the reserved area 0xE0000-0xE7FFF (Linux scans 0xE0000-0xFFFFF for
 the RSDP)::
 
     RSDP (ACPI 1.0, rev 0) -> RSDT -> FADT -> FACS, DSDT
@@ -9,8 +9,12 @@ the RSDP)::
 - FADT (revision 3, as QEMU's ``pc``): the PM1a event/control blocks and the PM timer of
   the board's ``acpi-pm`` device (QEMU's PIIX4 PM layout at 0x600), SCI on IRQ 9, no SMI
   command port (the machine is always in ACPI mode), IAPC_BOOT_ARCH "legacy devices" and
-  "8042", flags WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, USE_PLATFORM_CLOCK.
-- DSDT, hand-assembled AML: ``Name (_S5_, Package () {typ, typ, 0, 0})`` and, under
+  "8042", flags WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, RESET_REG_SUP, USE_PLATFORM_CLOCK;
+  the reset register is the PIIX reset control register (IO 0xCF9 <- 6), as QEMU's.
+- FACS at RSDP + 0x80: the OS writes its firmware waking vector there; an S3 wake-up
+  enters it (the x86 plugin's ``reset_machine``).
+- DSDT, hand-assembled AML: ``Name (_S3_, ...)`` (type 1, QEMU's) and
+  ``Name (_S5_, Package () {typ, typ, 0, 0})`` and, under
   ``\\_SB_``, one ``Device (VRnn)`` per virtio-mmio device of the machine (``_HID
   "LNRO0005"``, ``_UID nn``, ``_CRS`` with ``Memory32Fixed`` and an extended ``Interrupt``,
   level, active high) as QEMU's ``microvm`` describes them; Linux's virtio_mmio driver
@@ -25,11 +29,14 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR
+from kvmfw.errors import ConfigError
+
+from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR, check_cpus
 
 ACPI_BASE = 0xE0000
 """Where the tables go: the RSDP first, on a 16-byte boundary inside Linux's scan window."""
-ACPI_SIZE = 0x10000
+ACPI_SIZE = 0x8000
+"""0xE0000-0xE7FFF; the loaders keep fallback boot structures at 0xE8000-0xEFFFF."""
 RSDP_ADDR = ACPI_BASE
 OEM_ID = b"KVMFW "
 OEM_TABLE_ID = b"KVMFWX86"
@@ -39,14 +46,24 @@ PM_BASE = 0x600
 SCI_IRQ = 9
 S5_SLP_TYP = 0
 """SLP_TYP of S5 (soft off), as QEMU's DSDT and the ``acpi-pm`` device's default."""
+S3_SLP_TYP = 1
+"""SLP_TYP of S3 (suspend to RAM), as QEMU's DSDT ``_S3`` and the ``acpi-pm`` default."""
 
 FADT_WBINVD = 1 << 0
 FADT_PROC_C1 = 1 << 2
 FADT_SLP_BUTTON = 1 << 5
 FADT_RTC_S4 = 1 << 7
+FADT_RESET_REG_SUP = 1 << 10
 FADT_USE_PLATFORM_CLOCK = 1 << 15
 FADT_FLAGS = (FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
-              | FADT_USE_PLATFORM_CLOCK)
+              | FADT_RESET_REG_SUP | FADT_USE_PLATFORM_CLOCK)
+RESET_PORT = 0xCF9
+"""The ACPI reset register: the PIIX reset control register, as QEMU's ``pc`` FADT."""
+RESET_VALUE = 0x06
+"""SYS_RST | RST_CPU: a hard reset."""
+FACS_OFFSET = 0x80
+"""Where :func:`build` puts the FACS (from the RSDP): the x86 plugin reads the firmware
+waking vector there on an S3 wake-up."""
 BOOT_ARCH_LEGACY_DEVICES = 1 << 0
 BOOT_ARCH_8042 = 1 << 1
 
@@ -70,6 +87,8 @@ class PmBlock:
     port: int = PM_BASE
     sci: int = SCI_IRQ
     s5_typ: int = S5_SLP_TYP
+    s3_typ: int = S3_SLP_TYP
+    """SLP_TYP of S3; negative: no S3 (no ``_S3`` object)."""
 
 
 def checksum(data: bytes) -> int:
@@ -89,6 +108,7 @@ def _sdt(signature: bytes, revision: int, body: bytes) -> bytes:
 
 def madt(ncpus: int, sci: int = SCI_IRQ) -> bytes:
     """The Multiple APIC Description Table (revision 3)."""
+    check_cpus(ncpus)
     entries = [struct.pack("<BBBBI", 0, 8, i, i, 1) for i in range(ncpus)]  # enabled
     entries.append(struct.pack("<BBBBII", 1, 12, ncpus, 0, IOAPIC_ADDR, 0))  # GSI base 0
     entries.append(struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0))  # ISA IRQ 0 -> GSI 2
@@ -101,7 +121,8 @@ def madt(ncpus: int, sci: int = SCI_IRQ) -> bytes:
 # --- FADT and FACS -------------------------------------------------------------------------
 
 def facs() -> bytes:
-    """The Firmware ACPI Control Structure (64 bytes, no checksum, no waking vector)."""
+    """The Firmware ACPI Control Structure (64 bytes, no checksum; the OS sets the waking
+    vector)."""
     return struct.pack("<4sIIIIIBB", b"FACS", 64, 0, 0, 0, 0, 1, 0).ljust(64, b"\0")
 
 
@@ -125,6 +146,8 @@ def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = PmBlock()) -> bytes:
     put(108, "<B", 0x32)  # CMOS century register
     put(109, "<H", BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042)
     put(112, "<I", FADT_FLAGS)
+    put(116, "<BBBBQ", 1, 8, 0, 1, RESET_PORT)  # RESET_REG: system IO, 8 bits, byte access
+    put(128, "<B", RESET_VALUE)
     return _sdt(b"FACP", 3, bytes(body))
 
 
@@ -210,7 +233,11 @@ def resource_template(*descriptors: bytes) -> bytes:
 
 
 def dsdt_aml(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
-    """The DSDT's AML: ``_S5_`` and a ``\\_SB_.VRnn`` per virtio-mmio device."""
+    """The DSDT's AML: ``_S3_`` (unless disabled), ``_S5_`` and a ``\\_SB_.VRnn`` per
+    virtio-mmio device."""
+    s3 = aml_name("_S3_", aml_package(aml_integer(pm.s3_typ), aml_integer(pm.s3_typ),
+                                      aml_integer(0), aml_integer(0))) \
+        if pm.s3_typ >= 0 else b""
     s5 = aml_name("_S5_", aml_package(aml_integer(pm.s5_typ), aml_integer(pm.s5_typ),
                                       aml_integer(0), aml_integer(0)))
     devices = [aml_device(f"VR{i:02d}",
@@ -220,7 +247,7 @@ def dsdt_aml(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
                               res_memory32_fixed(d.base, d.size), res_interrupt(d.irq))))
                for i, d in enumerate(virtio)]
     sb = aml_scope(b"\\_SB_", *devices) if devices else b""
-    return s5 + sb
+    return s3 + s5 + sb
 
 
 def dsdt(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
@@ -242,6 +269,7 @@ def build(ncpus: int, base: int = ACPI_BASE, virtio: list[MmioDevice] | None = N
     rsdt_addr = base + 32
     out += bytes(48)  # the RSDT (44 bytes: 2 entries), filled in below
     facs_off = _align(len(out), 64)
+    assert facs_off == FACS_OFFSET
     out += bytes(facs_off - len(out)) + facs()
     dsdt_off = len(out)
     out += dsdt(virtio or [], pm)
@@ -298,10 +326,14 @@ def install(machine: Any, base: int = ACPI_BASE) -> int:
     return base
 
 
-def enabled(machine: Any, default: bool = False) -> bool:
-    """The ``acpi`` machine option: ``on``/``off``; unset (or ``auto``) means ``default``
-    (the loaders pass True for Linux bzImages)."""
+def enabled(machine: Any, default: bool = True) -> bool:
+    """The ``acpi`` machine option: ``on``/``off`` (or a boolean); unset (or ``auto``)
+    means ``default``: on, as QEMU's firmware always provides the tables."""
     v = str(machine.config.options.get("acpi", "auto")).lower()
     if v in ("auto", "default", ""):
         return default
-    return v in ("1", "on", "true", "yes")
+    if v in ("1", "on", "true", "yes"):
+        return True
+    if v in ("0", "off", "false", "no"):
+        return False
+    raise ConfigError(f"option acpi must be on, off or auto, not {v!r}")

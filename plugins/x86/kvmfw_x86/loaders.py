@@ -8,17 +8,25 @@ tables of the first 4 GiB). Low-memory layout used by the loaders::
     0x0500  GDT        0x7000  boot_params (bzImage)    0x8000  initial stack top
     0x9000  multiboot info (+ memory map at 0x9100)      0xA000-0xFFFF  page tables
     0x20000 kernel command line (bzImage)                0x100000  kernels
+
+The image wins: a boot structure never overwrites the image it boots (QEMU's multiboot
+ROM copies the kernel last, so a kernel linked low, as kvm-unit-tests' realmode test at
+16 KiB, keeps its bytes). Where the image occupies one of these places, the GDT, page
+tables and stack go to the reserved firmware area instead (:data:`ALT_GDT_ADDR`, as a
+BIOS keeps them in ROM) and the multiboot information after the kernel.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Any
 
-from kvmfw.errors import ImageError
+from kvmfw.errors import ConfigError, ImageError
 from kvmfw.hookspecs import SyncLevel
 
 from kvmfw_x86.abi import ffi
@@ -46,7 +54,29 @@ BOOT_LOADER_NAME = b"qemu"
 """The multiboot boot loader name, as QEMU's ``-kernel`` reports it."""
 E820_RAM, E820_RESERVED = 1, 2
 FIRMWARE_AREA = 0xE0000
-"""0xE0000-0xFFFFF: the ACPI tables (0xE0000) and the MP tables (0xF0000), reserved in e820."""
+"""0xE0000-0xFFFFF: the ACPI tables (0xE0000), the fallback boot structures (0xE8000) and
+the MP tables (0xF0000), reserved in e820."""
+ALT_GDT_ADDR = 0xE8000
+ALT_PML4_ADDR = 0xE9000
+"""Page tables when the image covers 0xA000-0xFFFF (six pages, to 0xEEFFF)."""
+ALT_STACK_TOP = 0xF0000
+"""Stack when the image covers the page below 0x8000 (one page, 0xEF000-0xEFFFF)."""
+
+def _clear(gpa: int, size: int, image: Any) -> bool:
+    """True if ``[gpa, gpa + size)`` overlaps none of the image's ``(start, end)`` spans."""
+    return all(gpa + size <= a or b <= gpa for a, b in image)
+
+
+def gdt_addr(image: Any = ()) -> int:
+    return GDT_ADDR if _clear(GDT_ADDR, 0x40, image) else ALT_GDT_ADDR
+
+
+def pml4_addr(image: Any = ()) -> int:
+    return PML4_ADDR if _clear(PML4_ADDR, 0x6000, image) else ALT_PML4_ADDR
+
+
+def stack_top(image: Any = ()) -> int:
+    return STACK_TOP if _clear(STACK_TOP - 0x1000, 0x1000, image) else ALT_STACK_TOP
 
 
 def _gdt(long_code: bool) -> bytes:
@@ -61,14 +91,34 @@ def _seg(selector: int, *, code: bool, long: bool = False, dpl: int = 0) -> Segm
                    present=1, dpl=dpl, db=0 if long else 1, s=1, l=1 if long else 0, g=1)
 
 
-def write(machine: Any, gpa: int, data: bytes, what: str) -> None:
-    """Copy ``data`` into guest RAM, or fail with an :class:`ImageError` saying why."""
-    if not data:
-        return
-    if not machine.memory.contains(gpa, len(data)):
-        raise ImageError(f"{what} does not fit in guest RAM: {len(data):#x} bytes at {gpa:#x} "
+def check_fits(machine: Any, gpa: int, size: int, what: str) -> None:
+    """Fail with an :class:`ImageError` unless ``[gpa, gpa + size)`` is guest RAM: called
+    with sizes taken from an image *before* anything of that size is allocated or copied."""
+    if gpa < 0 or size < 0 or not machine.memory.contains(gpa, size):
+        raise ImageError(f"{what} does not fit in guest RAM: {size:#x} bytes at {gpa:#x} "
                          f"(RAM is {machine.config.memory >> 20} MiB; increase --memory)")
+
+
+def write(machine: Any, gpa: int, data: Any, what: str) -> None:
+    """Copy ``data`` (bytes or any buffer) into guest RAM, or fail with an
+    :class:`ImageError` saying why."""
+    if not len(data):
+        return
+    check_fits(machine, gpa, len(data), what)
     machine.memory.write(gpa, data)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def zero_fill(machine: Any, gpa: int, size: int, what: str) -> None:
+    """Zero ``size`` bytes of guest RAM at ``gpa`` in place (a BSS): no host buffer of
+    that size is made."""
+    check_fits(machine, gpa, size, what)
+    view = machine.memory.view(gpa, size)
+    for i in range(0, size, len(_ZEROS)):
+        n = min(len(_ZEROS), size - i)
+        view[i:i + n] = _ZEROS[:n]
 
 
 def ram_below_4g(machine: Any) -> int:
@@ -108,11 +158,14 @@ def enter_real_mode(machine: Any, cs: int, ip: int, sp: int = STACK_TOP) -> None
     ctx.rflags = 2
 
 
-def enter_protected_mode(machine: Any, entry: int, *, paging: bool = False) -> None:
-    """32-bit protected mode, flat segments (CS 0x10, data 0x18), paging off."""
-    write(machine, GDT_ADDR, _gdt(False), "the GDT")
+def enter_protected_mode(machine: Any, entry: int, *, paging: bool = False,
+                         image: Any = ()) -> None:
+    """32-bit protected mode, flat segments (CS 0x10, data 0x18), paging off; the GDT
+    where it does not overwrite the ``image`` spans."""
+    gdt = gdt_addr(image)
+    write(machine, gdt, _gdt(False), "the GDT")
     ctx = boot_context(machine)
-    ctx.gdt = (GDT_ADDR, len(_gdt(False)) - 1)
+    ctx.gdt = (gdt, len(_gdt(False)) - 1)
     ctx.idt = (0, 0)
     ctx.cs = _seg(SEL_CODE, code=True)
     for s in ("ds", "es", "fs", "gs", "ss"):
@@ -125,27 +178,29 @@ def enter_protected_mode(machine: Any, entry: int, *, paging: bool = False) -> N
     ctx.rflags = 2
 
 
-def identity_page_tables(machine: Any, user: bool = True) -> int:
-    """Identity-map the first 4 GiB with 2 MiB pages; returns the PML4 address."""
+def identity_page_tables(machine: Any, user: bool = True, base: int = PML4_ADDR) -> int:
+    """Identity-map the first 4 GiB with 2 MiB pages at ``base`` (six pages); returns the
+    PML4 address."""
     u = 0x4 if user else 0
-    pdpt = PML4_ADDR + 0x1000
-    pd = PML4_ADDR + 0x2000
-    write(machine, PML4_ADDR, struct.pack("<Q", pdpt | 0x3 | u).ljust(0x1000, b"\0"),
+    pdpt = base + 0x1000
+    pd = base + 0x2000
+    write(machine, base, struct.pack("<Q", pdpt | 0x3 | u).ljust(0x1000, b"\0"),
           "page tables")
     write(machine, pdpt, struct.pack("<4Q", *(pd + i * 0x1000 | 0x3 | u for i in range(4)))
           .ljust(0x1000, b"\0"), "page tables")
     write(machine, pd, struct.pack("<2048Q", *((i << 21) | 0x83 | u for i in range(2048))),
           "page tables")
-    return PML4_ADDR
+    return base
 
 
-def enter_long_mode(machine: Any, entry: int, *, sse: bool = True) -> None:
-    """64-bit long mode: CS 0x10 (L=1), data 0x18, identity-mapped 4 GiB, interrupts off."""
+def enter_long_mode(machine: Any, entry: int, *, sse: bool = True, image: Any = ()) -> None:
+    """64-bit long mode: CS 0x10 (L=1), data 0x18, identity-mapped 4 GiB, interrupts off;
+    GDT, page tables and stack where they do not overwrite the ``image`` spans."""
     gdt = _gdt(True)
-    write(machine, GDT_ADDR, gdt, "the GDT")
-    pml4 = identity_page_tables(machine)
+    write(machine, gdt_addr(image), gdt, "the GDT")
+    pml4 = identity_page_tables(machine, base=pml4_addr(image))
     ctx = boot_context(machine)
-    ctx.gdt = (GDT_ADDR, len(gdt) - 1)
+    ctx.gdt = (gdt_addr(image), len(gdt) - 1)
     ctx.idt = (0, 0)
     ctx.cs = _seg(SEL_CODE, code=True, long=True)
     for s in ("ds", "es", "fs", "gs", "ss"):
@@ -155,20 +210,56 @@ def enter_long_mode(machine: Any, entry: int, *, sse: bool = True) -> None:
     ctx.efer = EFER_LME | EFER_LMA
     ctx.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     ctx.rip = entry
-    ctx.rsp = STACK_TOP
+    ctx.rsp = stack_top(image)
     ctx.rflags = 2
 
 
 # --- formats -----------------------------------------------------------------------------
 
-def read_image(image: str | os.PathLike[str], what: str = "kernel") -> bytes:
+def read_image(image: str | os.PathLike[str], what: str = "kernel",
+               limit: int | None = None) -> bytes:
+    """The file's bytes; with ``limit`` (the guest RAM it must fit in), a larger file is
+    refused from its size, before it is read."""
     p = Path(image)
     try:
-        return p.read_bytes()
+        with p.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if limit is not None and size > limit:
+                raise ImageError(f"{what} image {p} ({size:#x} bytes) is larger than the "
+                                 f"guest RAM it must fit in ({limit:#x} bytes; increase "
+                                 "--memory)")
+            if limit is None:
+                return f.read()
+            data = f.read(limit + 1)  # a device or pipe has no size: read at most this
+            if len(data) > limit:
+                raise ImageError(f"{what} image {p} is larger than the guest RAM it must "
+                                 f"fit in ({limit:#x} bytes; increase --memory)")
+            return data
     except FileNotFoundError:
         raise ImageError(f"{what} image {p} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what} image {p} is a directory") from None
     except OSError as exc:
         raise ImageError(f"cannot read {what} image {p}: {exc.strerror}") from None
+
+
+def map_image(image: str | os.PathLike[str], what: str = "kernel") -> Any:
+    """The file mapped read-only (bytes-like: ``len``, slicing, ``struct``; and a stream
+    for the ELF parser): a kernel with gigabytes of debug information is never copied
+    whole; only the pieces the loader validated are. Empty files give ``b""``."""
+    p = Path(image)
+    try:
+        with p.open("rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise ImageError(f"{what} image {p} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{what} image {p} is a directory") from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ImageError(f"cannot read {what} image {p}: {why}") from None
 
 
 def detect(data: bytes) -> str:
@@ -182,23 +273,50 @@ def detect(data: bytes) -> str:
     return "unknown"
 
 
+_last_boot: weakref.WeakKeyDictionary[Any, tuple[str, dict[str, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def last_boot(machine: Any) -> tuple[str, dict[str, Any]] | None:
+    """The arguments of the last successful :func:`load` on ``machine``: a reboot loads
+    the guest again with them (as QEMU copies ``-kernel`` again at every reset)."""
+    return _last_boot.get(machine)
+
+
 def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
     """Load ``image`` by its detected format (the ``load_guest`` hook)."""
-    data = read_image(image)
-    fmt = options.get("format") or ("flat" if options.get("load_addr") is not None
-                                     else detect(data))
-    if fmt == "bzimage":
-        load_bzimage(machine, data, options)
-    elif fmt == "multiboot":
-        load_multiboot(machine, data, image, options)
-    elif fmt == "elf":
-        load_elf(machine, data)
-    elif fmt == "flat":
-        load_flat(machine, data, int(options.get("load_addr") or 0x7C00))
-    else:
-        raise ImageError(f"{image}: unknown image format (not an ELF, multiboot or Linux "
-                         "bzImage; give --load-addr to load a flat binary)")
+    data = map_image(image)
+    try:
+        fmt = options.get("format") or ("flat" if options.get("load_addr") is not None
+                                         else detect(data))
+        if fmt == "bzimage":
+            load_bzimage(machine, data, options)
+        elif fmt == "multiboot":
+            load_multiboot(machine, data, image, options)
+        elif fmt == "elf":
+            load_elf(machine, data)
+        elif fmt == "flat":
+            load_flat(machine, data, _load_addr(options.get("load_addr")))
+        else:
+            raise ImageError(f"{image}: unknown image format (not an ELF, multiboot or Linux "
+                             "bzImage; give --load-addr to load a flat binary)")
+    finally:
+        if isinstance(data, mmap.mmap):
+            try:
+                data.close()
+            except BufferError:  # a view still exported: the mapping goes with it
+                pass
+    _last_boot[machine] = (str(image), dict(options))
     return True
+
+
+def _load_addr(value: Any) -> int:
+    if value is None or value == "":
+        return 0x7C00
+    try:
+        return int(value, 0) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"load address must be an integer (0x7c00), not {value!r}") from None
 
 
 def load_flat(machine: Any, data: bytes, load_addr: int = 0x7C00) -> None:
@@ -216,8 +334,17 @@ def load_flat(machine: Any, data: bytes, load_addr: int = 0x7C00) -> None:
 
 
 class _Segment:
-    def __init__(self, paddr: int, vaddr: int, data: bytes, memsz: int) -> None:
-        self.paddr, self.vaddr, self.data, self.memsz = paddr, vaddr, data, memsz
+    """A PT_LOAD segment; its bytes are sliced from the image only when written (after
+    the segment was checked against guest RAM)."""
+
+    def __init__(self, paddr: int, vaddr: int, image: Any, offset: int, filesz: int,
+                 memsz: int) -> None:
+        self.paddr, self.vaddr, self.memsz = paddr, vaddr, memsz
+        self.image, self.offset, self.filesz = image, offset, filesz
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self.image[self.offset:self.offset + self.filesz])
 
 
 def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
@@ -228,7 +355,7 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
     if data[:4] != b"\x7fELF":
         raise ImageError("not an ELF file (wrong magic)")
     try:
-        elf = ELFFile(io.BytesIO(data))
+        elf = ELFFile(data if isinstance(data, mmap.mmap) else io.BytesIO(data))
         bits = elf.elfclass
         if elf["e_machine"] not in ("EM_386", "EM_X86_64"):
             raise ImageError(f"ELF is for {elf['e_machine']}, not x86")
@@ -242,23 +369,29 @@ def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
                                  f"{fsz:#x} bytes, the file has {len(data):#x}")
             if fsz > ph["p_memsz"]:
                 raise ImageError("bad ELF: segment file size exceeds its memory size")
-            segs.append(_Segment(ph["p_paddr"], ph["p_vaddr"], data[off:off + fsz],
+            if ph["p_paddr"] + ph["p_memsz"] > 1 << (32 if elf.elfclass == 32 else 64):
+                raise ImageError(f"bad ELF: segment at {ph['p_paddr']:#x} of "
+                                 f"{ph['p_memsz']:#x} bytes wraps the address space")
+            segs.append(_Segment(ph["p_paddr"], ph["p_vaddr"], data, off, fsz,
                                  ph["p_memsz"]))
         entry = elf["e_entry"]
     except ImageError:
         raise
-    except (ELFError, struct.error, ValueError, KeyError, AssertionError) as exc:
+    except (ELFError, struct.error, ValueError, KeyError, AssertionError, OverflowError,
+            IndexError, TypeError, EOFError) as exc:
+        # pyelftools seeks to header offsets as given: 2^63 overflows the stream
         raise ImageError(f"bad or truncated ELF: {exc}") from None
     if not segs:
         raise ImageError("ELF has no loadable segments")
     return bits, entry, segs
 
 
-def install_firmware_tables(machine: Any, *, acpi_default: bool = False) -> None:
-    """What a PC BIOS leaves in 0xE0000-0xFFFFF: the MP tables at 0xF0000 and, with the
-    machine option ``acpi=on`` (or unset and ``acpi_default``, as for Linux bzImages), the
-    ACPI tables at 0xE0000 describing the machine's CPUs, PM block and virtio-mmio devices.
-    Written before the image, so an image that loads there wins."""
+def install_firmware_tables(machine: Any, *, acpi_default: bool = True) -> None:
+    """What a PC BIOS leaves in 0xE0000-0xFFFFF: the MP tables at 0xF0000 and, unless the
+    machine option ``acpi=off``, the ACPI tables at 0xE0000 describing the machine's CPUs,
+    PM block and virtio-mmio devices (every ELF, multiboot and bzImage guest gets them, as
+    QEMU's firmware always provides them). Written before the image, so an image that
+    loads there wins."""
     from kvmfw_x86 import acpi, mptable
 
     mptable.install(machine)
@@ -266,11 +399,24 @@ def install_firmware_tables(machine: Any, *, acpi_default: bool = False) -> None
         acpi.install(machine)
 
 
+def check_segments(machine: Any, segs: list[_Segment]) -> None:
+    """Every segment inside guest RAM and no two overlapping (as QEMU refuses overlapping
+    ROM regions), checked before a byte is written or a BSS is sized."""
+    for s in segs:
+        check_fits(machine, s.paddr, s.memsz, f"ELF segment at {s.paddr:#x}")
+    spans = sorted((s.paddr, s.paddr + s.memsz) for s in segs)
+    for (a0, a1), (b0, _) in zip(spans, spans[1:], strict=False):
+        if b0 < a1:
+            raise ImageError(f"bad ELF: segments at {a0:#x} and {b0:#x} overlap")
+
+
 def _load_segments(machine: Any, segs: list[_Segment]) -> tuple[int, int]:
+    check_segments(machine, segs)
     lo, hi = min(s.paddr for s in segs), max(s.paddr + s.memsz for s in segs)
     for s in segs:
-        write(machine, s.paddr, s.data + bytes(s.memsz - len(s.data)),
-              f"ELF segment at {s.paddr:#x}")
+        write(machine, s.paddr, s.data, f"ELF segment at {s.paddr:#x}")
+        zero_fill(machine, s.paddr + s.filesz, s.memsz - s.filesz,
+                  f"ELF segment at {s.paddr:#x}")
     return lo, hi
 
 
@@ -290,11 +436,12 @@ def load_elf(machine: Any, data: bytes) -> None:
     install_firmware_tables(machine)
     _load_segments(machine, segs)
     entry = _phys_entry(entry, segs)
+    image = [(s.paddr, s.paddr + s.memsz) for s in segs]
     if bits == 64:
-        enter_long_mode(machine, entry)
+        enter_long_mode(machine, entry, image=image)
     else:
-        enter_protected_mode(machine, entry)
-        boot_context(machine).rsp = STACK_TOP
+        enter_protected_mode(machine, entry, image=image)
+        boot_context(machine).rsp = stack_top(image)
 
 
 # --- multiboot v1 -------------------------------------------------------------------------
@@ -344,16 +491,26 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
                                                                               hoff + 12)
         start = hoff - (header_addr - load_addr)
         if start < 0 or load_addr > header_addr:
-            raise ImageError("bad multiboot header: load_addr above header_addr")
+            raise ImageError("bad multiboot header: load_addr above header_addr, or the "
+                             "header lies before the file's start")
+        if load_end and load_end < load_addr:
+            raise ImageError(f"bad multiboot header: load_end_addr {load_end:#x} below "
+                             f"load_addr {load_addr:#x}")
         size = (load_end - load_addr) if load_end else len(data) - start
         if start + size > len(data):
             raise ImageError(f"truncated multiboot image: needs {start + size:#x} bytes, "
                              f"the file has {len(data):#x}")
+        if bss_end and bss_end < load_addr + size:
+            raise ImageError(f"bad multiboot header: bss_end_addr {bss_end:#x} below the "
+                             f"end of the loaded image {load_addr + size:#x}")
         kernel_end = max(load_addr + size, bss_end)
+        check_fits(machine, load_addr, kernel_end - load_addr, "multiboot kernel")
         install_firmware_tables(machine)
-        write(machine, load_addr, data[start:start + size] +
-              bytes(max(bss_end - load_addr - size, 0)), "multiboot kernel")
+        write(machine, load_addr, data[start:start + size], "multiboot kernel")
+        zero_fill(machine, load_addr + size, kernel_end - load_addr - size,
+                  "multiboot kernel BSS")
         lo, hi = load_addr, kernel_end
+        spans: list[tuple[int, int]] = [(lo, hi)]
     else:
         if data[:4] != b"\x7fELF":
             raise ImageError("multiboot image without address fields must be an ELF file")
@@ -364,6 +521,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
         install_firmware_tables(machine)
         lo, hi = _load_segments(machine, segs)
         entry = _phys_entry(entry, segs)
+        spans = [(s.paddr, s.paddr + s.memsz) for s in segs]
     mem = machine.memory
     page = 0x1000
     cursor = (hi + page - 1) & ~(page - 1)
@@ -379,7 +537,7 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
     mods = []
     for spec in _split_modules(options.get("initrd")):
         path = spec.split(" ", 1)[0]
-        blob = read_image(path, "multiboot module (--initrd)")
+        blob = read_image(path, "multiboot module (--initrd)", machine.config.memory)
         cursor = (cursor + page - 1) & ~(page - 1)
         start = put(blob)
         mods.append((start, start + len(blob), spec))
@@ -393,19 +551,28 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
                              for (s, e, _), c in zip(mods, mod_cmds, strict=True))) \
         if mods else 0
     mmap = b"".join(struct.pack("<IQQI", 20, b, n, t) for b, n, t in e820_map(machine))
-    write(machine, MB_MMAP_ADDR, mmap, "multiboot memory map")
+    low = _clear(MBI_ADDR, MB_MMAP_ADDR + len(mmap) - MBI_ADDR, spans)
+    if low:
+        mbi_addr, mmap_addr = MBI_ADDR, MB_MMAP_ADDR
+        write(machine, mmap_addr, mmap, "multiboot memory map")
+    else:  # the kernel lives there: the information follows the kernel instead
+        cursor = (cursor + 15) & ~15
+        mmap_addr = put(mmap)
+        cursor = (cursor + 15) & ~15
+        mbi_addr = cursor
     info_flags = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x200
     mbi = struct.pack("<IIIIIII", info_flags, 640, ram_below_4g(machine) // 1024 - 1024,
                       0x8000FFFF, cmd_addr, len(mods), mods_addr)
-    mbi = mbi.ljust(44, b"\0") + struct.pack("<IIIIII", len(mmap), MB_MMAP_ADDR, 0, 0, 0,
+    mbi = mbi.ljust(44, b"\0") + struct.pack("<IIIIII", len(mmap), mmap_addr, 0, 0, 0,
                                              name_addr)
-    write(machine, MBI_ADDR, mbi.ljust(0x58, b"\0"), "multiboot info")
+    write(machine, mbi_addr, mbi.ljust(0x58, b"\0"), "multiboot info")
     del mem, lo
-    enter_protected_mode(machine, entry)
+    enter_protected_mode(machine, entry, image=spans)
     ctx = boot_context(machine)
+    ctx.idt = (0, 0x3FF)  # what QEMU's ROM leaves: the BIOS's real-mode IVT
     ctx.rax = MULTIBOOT_BOOTLOADER_MAGIC
-    ctx.rbx = MBI_ADDR
-    return MBI_ADDR
+    ctx.rbx = mbi_addr
+    return mbi_addr
 
 
 # --- Linux bzImage -----------------------------------------------------------------------
@@ -430,16 +597,21 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         raise ImageError("bzImage is not loaded high (zImage is not supported)")
     setup_sects = int(hdr.setup_sects) or 4
     koff = (setup_sects + 1) * 512
-    kernel = data[koff:]
-    if len(kernel) < int(hdr.syssize) * 16 or not kernel:
+    ram = ram_below_4g(machine)
+    klen = len(data) - koff
+    if klen < int(hdr.syssize) * 16 or klen <= 0:
         raise ImageError(f"truncated bzImage: the header announces {int(hdr.syssize) * 16:#x} "
-                         f"bytes of kernel, the file has {len(kernel):#x}")
+                         f"bytes of kernel, the file has {max(klen, 0):#x}")
+    if KERNEL_ADDR + max(klen, int(hdr.init_size)) > ram:
+        raise ImageError(f"the Linux kernel needs {max(klen, int(hdr.init_size)) >> 20} MiB "
+                         f"above 1 MiB (init_size), more than the {ram >> 20} MiB of guest RAM "
+                         "below 4 GiB (increase --memory)")
+    kernel = data[koff:]
     # the header as the kernel wrote it, up to its own end (0x202 + jump offset)
     end = min(0x202 + data[0x201], 0x1F1 + hsize)
     raw = bytearray(bytes(ffi.buffer(bp)))
     raw[0x1F1:end] = data[0x1F1:end]
     ffi.memmove(bp, bytes(raw), len(raw))
-    ram = ram_below_4g(machine)
     load_at = int(hdr.pref_address) or 0x1000000
     if load_at + max(int(hdr.init_size), len(kernel)) > ram:
         load_at = KERNEL_ADDR
@@ -460,7 +632,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
     hdr.cmd_line_ptr = CMDLINE_ADDR
     initrd = options.get("initrd")
     if initrd:
-        rd = read_image(initrd, "initrd")
+        rd = read_image(initrd, "initrd", ram)
         top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
         addr_ = (top - len(rd)) & ~0xFFF
         if addr_ < load_at + max(int(hdr.init_size), len(kernel)):
@@ -476,7 +648,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t
     bp.e820_entries = len(e820)
     write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
-    install_firmware_tables(machine, acpi_default=True)  # CPUs, IO-APIC, PM, virtio-mmio
+    install_firmware_tables(machine)  # CPUs, IO-APIC, PM, virtio-mmio
     enter_long_mode(machine, load_at + 0x200, sse=False)
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR

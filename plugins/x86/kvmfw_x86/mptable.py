@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from kvmfw.errors import ConfigError
+
 MP_TABLE_ADDR = 0xF0000
 IOAPIC_ADDR = 0xFEC00000
 LAPIC_ADDR = 0xFEE00000
@@ -21,8 +23,21 @@ def _csum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
+MAX_CPUS = 254
+"""APIC ids are 8 bits in these tables and the MADT's Local APIC entries; the IO-APIC takes
+the id after the last CPU and 0xFF is the broadcast id."""
+
+
+def check_cpus(ncpus: int) -> None:
+    """A :class:`ConfigError` for a vCPU count the tables cannot describe."""
+    if not 1 <= ncpus <= MAX_CPUS:
+        raise ConfigError(f"the x86 firmware tables describe 1 to {MAX_CPUS} vCPUs (8-bit APIC "
+                          f"ids), not {ncpus}: use --cpus {MAX_CPUS} or fewer")
+
+
 def build(ncpus: int, base: int = MP_TABLE_ADDR) -> bytes:
     """The floating pointer (16 bytes at ``base``) followed by the configuration table."""
+    check_cpus(ncpus)
     entries = []
     for i in range(ncpus):
         flags = 0x1 | (0x2 if i == 0 else 0)  # enabled, BSP

@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from kvmfw.errors import InternalKvmError
+
 PCI_ADDR_PORT = 0xCF8
 PCI_DATA_PORT = 0xCFC
+RESET_CONTROL_PORT = 0xCF9
+"""The PIIX reset control register (byte access; the ACPI reset register points here):
+a write with RST_CPU (bit 2) resets the machine, SYS_RST (bit 1) reads back."""
+RCR_SYS_RST, RCR_RST_CPU = 0x02, 0x04
+PIO_DATA_MAX = 4096
+"""KVM's port IO data area is one page (``pio_data``): a string exit moves at most that."""
+KVM_EXIT_IO = 2
 
 
 @runtime_checkable
@@ -48,10 +57,11 @@ class PortIo:
         self.machine = machine
         self.pio = machine.bus.pio
         self.pci_address = 0
+        self.rcr = 0
         self._pci: PciConfigSpace | None = None
         self._pci_checked = False
         self._bus_owns_cf8: bool | None = None
-        self.stats = {"string_io": 0, "pci_config": 0}
+        self.stats = {"string_io": 0, "pci_config": 0, "resets": 0}
 
     @property
     def pci(self) -> PciConfigSpace | None:
@@ -73,6 +83,7 @@ class PortIo:
                 mm[off:off + size] = pio.read(port, size)
             return True
         self.stats["string_io"] += 1
+        _check_string_io(len(mm), size, count, off, port)
         if direction:
             for i in range(count):
                 o = off + i * size
@@ -90,6 +101,7 @@ class PortIo:
 
     def _pci_io(self, view: Any, off: int, io: Any) -> bool:
         size, port = io.size, io.port
+        _check_string_io(len(view), size, io.count, off, port)
         self.stats["pci_config"] += 1
         for i in range(io.count):
             o = off + i * size
@@ -98,6 +110,10 @@ class PortIo:
                     self.pci_address = int.from_bytes(view[o:o + 4], "little") & 0x8FFFFFFC
                 else:
                     view[o:o + 4] = self.pci_address.to_bytes(4, "little")
+                continue
+            if port == RESET_CONTROL_PORT and size == 1 \
+                    and self.pio.lookup(RESET_CONTROL_PORT) is None:
+                self._reset_control(view, o, io.direction)
                 continue
             if port < PCI_DATA_PORT or not self.pci_address & 0x80000000:
                 # not a config access (e.g. byte access to 0xCF9, the reset control
@@ -120,3 +136,33 @@ class PortIo:
                     else (1 << (8 * size)) - 1
                 view[o:o + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         return True
+
+    def _reset_control(self, view: Any, off: int, write: int) -> None:
+        """0xCF9 as QEMU's PIIX: RST_CPU resets the machine (``Machine.request_reset``:
+        a reboot, or the run's end with ``reboot=off``); SYS_RST is kept and reads back."""
+        if not write:
+            view[off:off + 1] = bytes([self.rcr])
+            return
+        value = view[off]
+        if value & RCR_RST_CPU:
+            self.stats["resets"] += 1
+            self.rcr = 0
+            self.machine.request_reset(f"reset (reset control register 0xcf9 <- {value:#04x})")
+            return
+        self.rcr = value & RCR_SYS_RST
+
+
+def _check_string_io(map_len: int, size: int, count: int, off: int, port: int) -> None:
+    """Refuse a string-IO exit whose elements would reach outside KVM's data page.
+
+    ``count`` is set by KVM from the guest's ``rep`` count (KVM caps it at one page of
+    data); checked anyway, before any device sees an element, so a kernel that reports
+    more, or a corrupted run area, cannot make the host loop over or write past the
+    mapping."""
+    if size not in (1, 2, 4) or count < 1 or size * count > PIO_DATA_MAX \
+            or off < 0 or off + size * count > map_len:
+        raise InternalKvmError(
+            f"port IO exit at port {port:#x} with size {size}, count {count}, data offset "
+            f"{off:#x} reaches outside KVM's {PIO_DATA_MAX}-byte data page (mapping of "
+            f"{map_len:#x} bytes): the run area is inconsistent", exit_reason=KVM_EXIT_IO,
+            details={"port": port, "size": size, "count": count, "data_offset": off})

@@ -7,8 +7,13 @@ object serves every machine; per-machine state lives in :class:`X86Machine`
 Machine options (``MachineConfig.options``): ``irqchip`` (``kernel`` — the default,
 in-kernel PIC/IOAPIC/LAPIC + PIT — or ``userspace``: interrupts injected with
 ``KVM_INTERRUPT``/``KVM_NMI``, with userspace local APICs for IPIs and INIT/SIPI),
-``acpi`` (``on``/``off``: the ACPI tables beside the MP tables; default on for Linux
-bzImages, off for the other image formats), ``cpuid`` (a
+``acpi`` (``on``/``off``: the ACPI tables beside the MP tables for ELF, multiboot and
+bzImage guests; default on, as QEMU's firmware always provides them), ``reboot``
+(``on``, the default, as QEMU: a guest reset — i8042 reset line with ``reboot=k``, triple
+fault, reset control register 0xCF9, the ACPI reset register — resets the vCPUs, the
+devices and the in-kernel irqchip and loads the guest again; ``off``, the CLI's
+``--no-reboot``: the run ends with status 0; ``reboot_limit``, default 100, ends a reset
+loop; resets are counted in ``system.reset``), ``cpuid`` (a
 :class:`~kvmfw_x86.cpuid.CpuidModel` or its dict), ``x86_sync`` (``lazy`` — per-group —
 or ``eager``: gem5's all-or-nothing pull).
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmfw.abi import Cap
-from kvmfw.errors import ConfigError, KvmError
+from kvmfw.errors import ConfigError, KvmError, StateError
 from kvmfw.hookspecs import SyncLevel, hookimpl
 from kvmfw.timer import CycleSource
 
@@ -64,6 +69,8 @@ class X86Machine:
         self._cpuid: list[cpuid_mod.CpuidEntry] | None = None
         self._info: CpuInfo | None = None
         self.tsc_khz = 0
+        self.power_on: Any = None
+        """:class:`kvmfw_x86.reset.PowerOn`, recorded when the machine is built."""
 
     @property
     def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
@@ -178,8 +185,44 @@ class X86Plugin:
 
     @hookimpl
     def machine_created(self, machine: Any) -> None:
-        if self.state(machine).irqchip == "kernel" and len(machine.cpus) > 1:
+        from kvmfw_x86 import reset
+
+        st = self.state(machine)
+        if st.irqchip == "kernel" and len(machine.cpus) > 1:
             refresh_apic_map(machine)
+        st.power_on = reset.record(machine, st.irqchip == "kernel")
+
+    @hookimpl
+    def vcpu_reset(self, cpu: Any) -> bool:
+        from kvmfw_x86 import reset
+
+        st = self.state(cpu.machine)
+        reset.reset_vcpu(cpu, st.power_on, st)
+        return True
+
+    @hookimpl
+    def reset_machine(self, machine: Any, wakeup: bool) -> bool:
+        """Reboot: in-kernel irqchip and PIT to power-on, the guest loaded again as the
+        last ``load_guest`` did. Wake-up (ACPI S3): real mode at the FACS waking vector;
+        none set: False (the core reboots instead, as SeaBIOS does)."""
+        from kvmfw_x86 import loaders, reset
+
+        st = self.state(machine)
+        if wakeup:
+            vector = reset.waking_vector(machine)
+            if not vector:
+                return False
+            reset.enter_wake_vector(machine, vector)
+            return True
+        reset.reset_vm(machine, st.power_on)
+        if st.irqchip == "kernel" and len(machine.cpus) > 1:
+            refresh_apic_map(machine)
+        boot = loaders.last_boot(machine)
+        if boot is None:
+            raise StateError("the guest reset, but no image was loaded through the x86 "
+                             "loaders: there is nothing to load again (run with reboot=off)")
+        loaders.load(machine, *boot)
+        return True
 
     @hookimpl
     def vcpu_init(self, cpu: Any) -> None:

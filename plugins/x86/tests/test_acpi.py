@@ -240,6 +240,21 @@ def test_dsdt_aml_parses_back_to_s5_and_the_virtio_devices() -> None:
             ("mem32", (d.base, d.size, True)), ("irq", ((d.irq,), "level", "high", True))]
 
 
+def test_fadt_reset_register_and_s3_as_qemu_pc() -> None:
+    """The FADT offers the reset register (0xCF9 <- 6, RESET_REG_SUP) and the DSDT an
+    ``_S3_`` of type 1, as QEMU's ``pc``; the FACS is where the x86 plugin looks for the
+    waking vector."""
+    read = _mem_with(acpi.build(1))
+    f = rsdt_tables(read)[b"FACP"]
+    assert struct.unpack_from("<I", f, 112)[0] & (1 << 10)  # RESET_REG_SUP
+    assert struct.unpack_from("<BBBBQ", f, 116) == (1, 8, 0, 1, 0xCF9)
+    assert f[128] == 6
+    assert struct.unpack_from("<I", f, 36)[0] == acpi.ACPI_BASE + acpi.FACS_OFFSET
+    aml = Aml(table(read, struct.unpack_from("<I", f, 40)[0])[36:])
+    assert aml.names["\\_S3_"][:2] == [1, 1]
+    assert "\\_S3_" not in Aml(acpi.dsdt_aml([], acpi.PmBlock(s3_typ=-1))).names
+
+
 def test_dsdt_without_devices_still_offers_s5() -> None:
     aml = Aml(acpi.dsdt_aml([]))
     assert aml.devices == [] and "\\_S5_" in aml.names
@@ -278,10 +293,13 @@ def test_iasl_decompiles_the_dsdt(tmp_path: Path) -> None:
 
 @requires_kvm
 @pytest.mark.kvm
-def test_elf_loader_writes_acpi_only_when_asked(machine_factory: Any) -> None:
-    for opt, want in (("on", True), ("off", False), (None, False)):
+@pytest.mark.parametrize("guest", ["smp.elf", "multiboot.elf", "long64.elf"])
+def test_elf_and_multiboot_guests_get_acpi_unless_off(machine_factory: Any, guest: str) -> None:
+    """QEMU's firmware always provides ACPI tables: ELF and multiboot guests get them by
+    default (they used to get none), ``acpi=off`` leaves them out."""
+    for opt, want in (("on", True), ("off", False), (None, True), (False, False)):
         m, _ = machine_factory(cpus=4, **({} if opt is None else {"acpi": opt}))
-        loaders.load(m, str(GUESTS / "smp.elf"), {})
+        loaders.load(m, str(GUESTS / guest), {})
         read = m.memory.read
         assert read(mptable.MP_TABLE_ADDR, 4) == b"_MP_"
         if want:
@@ -340,3 +358,13 @@ def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
     m2, _ = machine_factory(acpi="off")
     loaders.load(m2, str(k), {"cmdline": "console=ttyS0"})
     assert find_rsdp(m2.memory.read) is None
+
+
+@requires_kvm
+@pytest.mark.kvm
+def test_acpi_option_refuses_unknown_values(machine_factory: Any) -> None:
+    from kvmfw.errors import ConfigError
+
+    m, _ = machine_factory(acpi="maybe")
+    with pytest.raises(ConfigError, match="acpi must be on, off or auto"):
+        loaders.load(m, str(GUESTS / "prot32.elf"), {})

@@ -105,3 +105,198 @@ def test_bzimage_boot_params_and_entry(machine_factory, tmp_path: Path) -> None:
     assert ctx.mode == "long64" and ctx.rip == 0x1000200 and ctx.rsi == loaders.BOOT_PARAMS_ADDR
     assert ctx.cs.selector == 0x10 and ctx.ds.selector == 0x18 and not ctx.rflags & 0x200
     assert m.memory.read(0x1000000, 4) == b"\x90" * 4
+
+
+# --- hostile images: every size from the file is bounded before anything is allocated ---
+
+def _peak_alloc(fn) -> tuple[BaseException | None, int]:  # type: ignore[no-untyped-def]
+    """(the exception ``fn`` raised, the peak of Python allocations while it ran)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        err = None
+    except BaseException as exc:  # noqa: BLE001 - handed back to the assertion
+        err = exc
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return err, peak
+
+
+def _elf_phdr(data: bytes, index: int = 0) -> int:
+    """File offset of program header ``index`` (ELF32 or ELF64)."""
+    if data[4] == 2:
+        phoff, = struct.unpack_from("<Q", data, 0x20)
+        return phoff + index * struct.unpack_from("<H", data, 0x36)[0]
+    phoff, = struct.unpack_from("<I", data, 0x1C)
+    return phoff + index * struct.unpack_from("<H", data, 0x2A)[0]
+
+
+@pytest.mark.parametrize("memsz", [1 << 63, (1 << 64) - 0x100000, 0x40000000])
+def test_elf64_huge_p_memsz_is_refused_before_any_allocation(machine_factory, tmp_path: Path,
+                                                             memsz: int) -> None:
+    m, _ = machine_factory(memory=4 << 20)
+    data = bytearray((GUESTS / "long64.elf").read_bytes())
+    struct.pack_into("<Q", data, _elf_phdr(data) + 0x28, memsz)  # p_memsz
+    p = tmp_path / "hostile.elf"
+    p.write_bytes(bytes(data))
+    err, peak = _peak_alloc(lambda: loaders.load(m, str(p), {}))
+    assert isinstance(err, ImageError), err
+    assert "does not fit in guest RAM" in str(err) or "wraps" in str(err)
+    assert peak < 8 << 20  # the 1 GiB case allocated 1 GiB of zeros before the fix
+
+
+def test_elf32_huge_bss_and_bad_offsets(machine_factory, tmp_path: Path) -> None:
+    m, _ = machine_factory(memory=4 << 20)
+    base = (GUESTS / "prot32.elf").read_bytes()
+    ph = _elf_phdr(base)
+    big = bytearray(base)
+    struct.pack_into("<I", big, ph + 0x14, 0x20000000)  # p_memsz 512 MiB on a 4 MiB guest
+    p = tmp_path / "bss.elf"
+    p.write_bytes(bytes(big))
+    err, peak = _peak_alloc(lambda: loaders.load(m, str(p), {}))
+    assert isinstance(err, ImageError) and "does not fit" in str(err), err
+    assert peak < 8 << 20
+    # p_offset past the file end, p_offset + p_filesz wrapping, p_filesz > p_memsz
+    for field, value, match in ((0x04, 0xFFFFFFF0, "truncated ELF"),
+                                (0x10, 0xFFFFFFFF, "truncated ELF|exceeds")):
+        bad = bytearray(base)
+        struct.pack_into("<I", bad, ph + field, value)
+        _fail(m, tmp_path, bytes(bad), match)
+    # a segment that ends above 4 GiB (paddr near the top)
+    wrap = bytearray(base)
+    struct.pack_into("<II", wrap, ph + 0x08, 0xFFFFF000, 0xFFFFF000)
+    struct.pack_into("<I", wrap, ph + 0x14, 0x2000)
+    _fail(m, tmp_path, bytes(wrap), "wraps|does not fit")
+
+
+def test_elf_overlapping_segments_are_refused(machine_factory, tmp_path: Path) -> None:
+    """Two PT_LOAD segments over the same RAM: refused (QEMU: regions overlap)."""
+    m, _ = machine_factory(memory=4 << 20)
+    base = (GUESTS / "prot32.elf").read_bytes()
+    ph = _elf_phdr(base)
+    # append a second program header after the first and point e_phoff/e_phnum at both
+    phdrs = base[ph:ph + 32] * 2
+    img = bytearray(base) + phdrs
+    struct.pack_into("<I", img, 0x1C, len(base))  # e_phoff
+    struct.pack_into("<H", img, 0x2C, 2)  # e_phnum
+    _fail(m, tmp_path, bytes(img), "overlap")
+    # and e_phnum pointing far past the file end is a clean ImageError too
+    struct.pack_into("<H", img, 0x2C, 0xFFFF)
+    _fail(m, tmp_path, bytes(img), "ELF")
+
+
+def _aout_multiboot(header_addr: int = 0x100000, load_addr: int = 0x100000,
+                    load_end: int = 0, bss_end: int = 0, entry: int = 0x100020) -> bytes:
+    flags = 0x10000
+    hdr = struct.pack("<III5I", 0x1BADB002, flags, (-(0x1BADB002 + flags)) & 0xFFFFFFFF,
+                      header_addr, load_addr, load_end, bss_end, entry)
+    return hdr.ljust(0x40, b"\0") + b"\xf4" * 0x40
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"bss_end": 0x20000000}, "does not fit"),          # 512 MiB BSS on a 4 MiB guest
+    ({"bss_end": 0xFFFFFFFF}, "does not fit"),          # 4 GiB BSS
+    ({"load_end": 0x0FFFFF}, "load_end_addr"),          # load_end below load_addr
+    ({"bss_end": 0x100010}, "bss_end_addr"),            # BSS ends inside the image
+    ({"load_addr": 0x100010}, "load_addr above"),       # header before the load address
+    ({"load_addr": 0xFFF00}, "load_addr above|before"),  # image would start before the file
+    ({"load_end": 0x200000}, "truncated multiboot"),    # more bytes than the file has
+    ({"header_addr": 0xFFFFFFF0, "load_addr": 0xFFFFFFF0, "entry": 0}, "does not fit"),
+])
+def test_multiboot_header_fields_out_of_range(machine_factory, tmp_path: Path,
+                                              fields: dict[str, int], match: str) -> None:
+    m, _ = machine_factory(memory=4 << 20)
+    p = tmp_path / "mb"
+    p.write_bytes(_aout_multiboot(**fields))
+    err, peak = _peak_alloc(lambda: loaders.load(m, str(p), {}))
+    assert isinstance(err, ImageError), err
+    assert any(w in str(err) for w in match.split("|")), err
+    assert peak < 8 << 20
+
+
+def test_multiboot_aout_loads_with_zeroed_bss(machine_factory, tmp_path: Path) -> None:
+    m, _ = machine_factory(memory=4 << 20)
+    m.memory.write(0x100080, b"\xAA" * 0x100)
+    p = tmp_path / "mb"
+    p.write_bytes(_aout_multiboot(bss_end=0x100180))
+    loaders.load(m, str(p), {})
+    assert m.memory.read(0x100040, 0x40) == b"\xf4" * 0x40
+    assert m.memory.read(0x100080, 0x100) == bytes(0x100)
+    assert m.cpus[0].get_context().rip == 0x100020
+
+
+def test_bzimage_header_fields_out_of_range(machine_factory, tmp_path: Path) -> None:
+    m, _ = machine_factory(memory=32 << 20)
+    img = bytearray(_bzimage())
+    struct.pack_into("<I", img, 0x260, 0xFFFFFFFF)  # init_size 4 GiB
+    _fail(m, tmp_path, bytes(img), "init_size")
+    img = bytearray(_bzimage())
+    struct.pack_into("<I", img, 0x230, 0x80000000)  # kernel_alignment 2 GiB
+    _fail(m, tmp_path, bytes(img), "does not fit")
+    img = bytearray(_bzimage())
+    struct.pack_into("<I", img, 0x238, 0)  # cmdline_size 0 -> 255 (the old default)
+    _fail(m, tmp_path, bytes(img), "command line", cmdline="x" * 300)
+
+
+def test_initrd_larger_than_ram_is_refused_from_its_size(machine_factory,
+                                                         tmp_path: Path) -> None:
+    """A sparse 256 MiB initrd for a 16 MiB guest: refused without reading it."""
+    m, _ = machine_factory(memory=16 << 20)
+    k = tmp_path / "bzImage"
+    k.write_bytes(_bzimage())
+    rd = tmp_path / "initrd"
+    with rd.open("wb") as f:
+        f.truncate(256 << 20)
+    err, peak = _peak_alloc(lambda: loaders.load(m, str(k), {"initrd": str(rd)}))
+    assert isinstance(err, ImageError) and "larger than the guest RAM" in str(err), err
+    assert peak < 8 << 20
+    err, peak = _peak_alloc(lambda: loaders.load(m, str(GUESTS / "multiboot.elf"),
+                                                  {"initrd": str(rd)}))
+    assert isinstance(err, ImageError) and "larger than the guest RAM" in str(err), err
+    assert peak < 8 << 20
+
+
+def test_kernel_file_is_mapped_not_read_whole(machine_factory, tmp_path: Path) -> None:
+    """An ELF followed by 512 MiB of (sparse) trailing data, as a kernel with debug
+    information: it loads, and the host never copies the whole file."""
+    m, rep = machine_factory(memory=4 << 20)
+    p = tmp_path / "big.elf"
+    p.write_bytes((GUESTS / "prot32.elf").read_bytes())
+    with p.open("r+b") as f:
+        f.truncate(512 << 20)
+    err, peak = _peak_alloc(lambda: loaders.load(m, str(p), {}))
+    assert err is None, err
+    assert peak < 8 << 20
+    assert m.cpus[0].get_context().rip == 0x100000
+
+
+@pytest.mark.parametrize("phoff", [1 << 63, (1 << 64) - 8])
+def test_elf64_program_header_offset_beyond_any_file(machine_factory, tmp_path: Path,
+                                                     phoff: int) -> None:
+    """Found by the loader fuzz: e_phoff = 2^63 made the ELF parser raise OverflowError."""
+    m, _ = machine_factory(memory=4 << 20)
+    data = bytearray((GUESTS / "long64.elf").read_bytes())
+    struct.pack_into("<Q", data, 0x20, phoff)
+    _fail(m, tmp_path, bytes(data), "bad or truncated ELF")
+
+
+def test_initrd_from_an_endless_device_is_bounded(machine_factory) -> None:
+    """/dev/zero has no size: the initrd read stops at the guest RAM size, never reads on."""
+    m, _ = machine_factory(memory=4 << 20)
+    with pytest.raises(ImageError, match="larger than the guest RAM"):
+        loaders.load(m, str(GUESTS / "multiboot.elf"), {"initrd": "/dev/zero"})
+    with pytest.raises(ImageError, match="unknown image format"):
+        loaders.load(m, "/dev/zero", {})  # a kernel without a size is an empty mapping
+
+
+def test_flat_load_address_is_checked(machine_factory) -> None:
+    from kvmfw.errors import ConfigError
+
+    m, _ = machine_factory()
+    with pytest.raises(ConfigError, match="load address"):
+        loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": "seven"})
+    with pytest.raises(ImageError, match="does not fit"):
+        loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": -16})
+    loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": "0x7c00"})

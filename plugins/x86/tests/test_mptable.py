@@ -2,6 +2,8 @@
 
 import struct
 
+import pytest
+
 from kvmfw_x86 import mptable
 
 
@@ -41,3 +43,24 @@ def test_floating_pointer_is_where_linux_scans_and_e820_reserves_it() -> None:
     from kvmfw_x86 import acpi
     assert any(lo <= acpi.ACPI_BASE and acpi.ACPI_BASE + acpi.ACPI_SIZE <= hi
                for lo, hi in reserved)
+
+
+@pytest.mark.parametrize("ncpus", [255, 256, 1024, 0])
+def test_tables_refuse_cpu_counts_they_cannot_describe(ncpus: int) -> None:
+    """8-bit APIC ids: 255 or more vCPUs used to end in a struct.error (an internal error);
+    now a one-line ConfigError from both table builders."""
+    from kvmfw.errors import ConfigError
+
+    from kvmfw_x86 import acpi
+
+    with pytest.raises(ConfigError, match="254"):
+        mptable.build(ncpus)
+    with pytest.raises(ConfigError, match="254"):
+        acpi.build(ncpus)
+
+
+def test_254_cpus_fit_in_the_firmware_area() -> None:
+    from kvmfw_x86 import acpi
+
+    assert len(mptable.build(254)) < 0x10000
+    assert len(acpi.build(254)) <= acpi.ACPI_SIZE
