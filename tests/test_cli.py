@@ -23,7 +23,8 @@ def kvmfw(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
 def test_parse_size() -> None:
     assert parse_size("256M") == 256 << 20
     assert parse_size("1G") == 1 << 30
-    assert parse_size("0x1000") == 4096
+    assert parse_size("4096B") == 4096
+    assert parse_size("0x10M") == 16 << 20
     assert parse_size("64KiB") == 64 << 10
     with pytest.raises(ConfigError, match="not a size"):
         parse_size("lots")
