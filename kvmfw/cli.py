@@ -41,6 +41,7 @@ from kvmfw.errors import (
     RunTimeoutError,
     StoppedBySignal,
 )
+from kvmfw.eventq import Event
 
 EXIT_INTERNAL = 70
 
@@ -255,6 +256,19 @@ class _Signals:
             m.stop_requested = True
             m.kick_all()
 
+    def arm(self, machine: Any) -> None:
+        """Enter the run phase. ``Machine.run`` clears a stop requested before it starts, so
+        a signal between here and there is applied again by an event it services first."""
+        self.machine, self.phase = machine, "run"
+
+        def apply() -> None:
+            if self.signum is not None and not machine.stop_requested:
+                machine.request_exit(128 + self.signum,
+                                     f"stopped by {signal.Signals(self.signum).name}")
+
+        eq = machine.eventq
+        eq.schedule(Event(apply, "cli.signal-check"), eq.cur_tick)
+
 
 @cli.command("run")
 @click.option("--arch", help="Architecture plugin (default: the host's; KVM runs only the "
@@ -377,7 +391,7 @@ def _run(cfg: dict[str, Any]) -> int:
                                       "with --kernel FILE")
                 _check_embedded_guest_board(machine)
             machine.load_guest(str(kernel), **options)
-            sigs.machine, sigs.phase = machine, "run"
+            sigs.arm(machine)
             t0 = time.monotonic()
             try:
                 result = machine.run(timeout=cfg.get("timeout"),

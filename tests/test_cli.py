@@ -80,3 +80,45 @@ def test_missing_kernel_and_initrd_are_image_errors(tmp_path: Path) -> None:
 def test_help_flags_lists_debug_flags() -> None:
     r = kvmfw("run", "--help-flags")
     assert r.returncode == 0 and "KvmIO" in r.stdout and "KvmAll" in r.stdout
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], status: int = 2) -> str:
+    """The run ended with ``status`` and exactly one ``kvmfw: error:`` line (no traceback,
+    no "internal error ... this is a kvmfw bug")."""
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvmfw: error: "), r.stderr
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize(("args", "msg"), [
+    (["--max-ticks", "-5"], "--max-ticks -5: must be between 1 and"),
+    (["--host-factor", "0"], "--host-factor 0: must be between 1e-06 and 1e+06"),
+    (["--host-factor", "-1"], "--host-factor -1: must be between"),
+    (["--timeout", "0"], "--timeout 0: must be a positive number of seconds"),
+    (["--console", "file:/proc/version"], "kernel interface file, not a log"),
+    (["--pseudo-op-dir", "/nonexistent"], "--pseudo-op-dir /nonexistent is not a directory"),
+    (["--cpus", "two"], "--cpus must be a whole number"),
+    (["--memory", "lots"], "--memory: not a size"),
+])
+def test_bad_values_are_refused_before_the_run(args: list[str], msg: str) -> None:
+    # each was an internal error, or accepted silently, on the landed code
+    r = kvmfw("run", "--console", "none", *args)
+    assert msg in one_line_error(r)
+    assert "status 0" not in r.stderr
+
+
+def test_toml_timeout_that_is_not_a_number_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('timeout = "ten"\nconsole = "none"\n')
+    r = kvmfw("run", "--config", str(cfg))
+    assert f"timeout in {cfg} must be a number of seconds, not 'ten'" in one_line_error(r)
+    assert "Thread" not in r.stderr
+
+
+def test_unwritable_stats_path_is_reported_before_the_guest_runs(tmp_path: Path) -> None:
+    r = kvmfw("run", "--stats", str(tmp_path / "no" / "such" / "dir" / "s.json"))
+    assert "does not exist (create it first)" in one_line_error(r)
+    assert r.stdout == ""  # the guest never ran (the landed code ran it, then complained)
+    r = kvmfw("run", "--stats", str(tmp_path))
+    assert "is a directory" in one_line_error(r)
