@@ -12,9 +12,11 @@ import json
 import os
 import platform
 import re
+import select
 import signal
 import sys
 import termios
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -221,6 +223,66 @@ class _Terminal:
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
 
 
+class _Watchdog:
+    """Ends the process when a stopped run does not return (a device blocked in a host
+    call, e.g. a console write to a pipe nobody reads): ``STOP_GRACE`` seconds after the
+    host timeout or a stop signal it restores the terminal, says where each thread is,
+    and exits with 124 or 128 + the signal. A signal handler reaches it through a pipe
+    (the one thing that is safe there)."""
+
+    def __init__(self, terminal: _Terminal, timeout: float | None) -> None:
+        self.terminal = terminal
+        self.timeout = timeout
+        self._r, self._w = os.pipe()
+        self._thread = threading.Thread(target=self._watch, name="kvmfw-stop-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def stopping(self, signum: int) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, bytes([signum]))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"\0")
+        self._thread.join(1.0)
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _watch(self) -> None:
+        from kvmfw.machine import STOP_GRACE
+
+        deadline, what, code = None, "", 124
+        if self.timeout is not None:
+            deadline = time.monotonic() + self.timeout + STOP_GRACE
+            what = f"its host timeout of {self.timeout:g} s"
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._r], [], [], wait)
+            if not ready:
+                break
+            b = os.read(self._r, 1)
+            if not b or b == b"\0":
+                return
+            end = time.monotonic() + STOP_GRACE
+            if deadline is None or end < deadline:
+                deadline, what, code = end, signal.Signals(b[0]).name, 128 + b[0]
+        self.terminal.restore()
+        _die_stuck(f"the run did not stop within {STOP_GRACE:g} s of {what}", code)
+
+
+def _die_stuck(what: str, code: int) -> None:
+    from kvmfw.machine import _where
+
+    lines = [f"kvmfw: error: {what}; threads:"]
+    lines += [f"  {t.name}: {_where(t)}" for t in threading.enumerate()]
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+    os._exit(code)
+
+
 class _Signals:
     """SIGTERM, SIGHUP and SIGINT end a run the way the guest ending it would: the machine
     stops after the current exit with status 128 + signal and the endings (terminal, stats,
@@ -231,6 +293,7 @@ class _Signals:
         self.machine: Any = None
         self.phase = "start"  # start | run | end
         self.signum: int | None = None
+        self.watchdog: _Watchdog | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
@@ -249,6 +312,8 @@ class _Signals:
         if self.phase == "start":
             raise StoppedBySignal(signum, f"stopped by {name} before the guest ran")
         m = self.machine
+        if self.phase == "run" and self.watchdog is not None:
+            self.watchdog.stopping(signum)
         if self.phase == "run" and m is not None and not m.stop_requested:
             # no locks here (this runs between bytecodes of the main thread, which may
             # hold them): the run loops poll stop_requested, the kick ends KVM_RUN
@@ -391,11 +456,12 @@ def _run(cfg: dict[str, Any]) -> int:
                                       "with --kernel FILE")
                 _check_embedded_guest_board(machine)
             machine.load_guest(str(kernel), **options)
+            watchdog = sigs.watchdog = _Watchdog(terminal, cfg.get("timeout"))
             sigs.arm(machine)
             t0 = time.monotonic()
             try:
                 result = machine.run(timeout=cfg.get("timeout"),
-                                     max_ticks=cfg.get("max_ticks"), hard_timeout=True)
+                                     max_ticks=cfg.get("max_ticks"))
                 status, reason = result.status, result.reason
             except RunTimeoutError as exc:
                 status, reason, timed_out = exc.exit_status, str(exc), True
@@ -406,6 +472,7 @@ def _run(cfg: dict[str, Any]) -> int:
                 reason = "stopped by the error below"
             finally:
                 sigs.phase = "end"
+                watchdog.close()
                 terminal.restore()  # first: everything below must be readable
             host_seconds = time.monotonic() - t0
             console.flush()
@@ -423,11 +490,11 @@ def _run(cfg: dict[str, Any]) -> int:
                 _echo_err(f"{reason}; {shown}; {exits} exits; "
                           f"{machine.eventq.cur_tick / 1e12:.6f} s simulated in "
                           f"{host_seconds:.3f} s")
+                if timed_out:
+                    error = None  # the summary said it; the status says 124
             if console.error is not None:
                 _echo_err(f"warning: console output to {console_spec} failed: "
                           f"{console.error}; the guest's output after that was lost")
-                if timed_out:
-                    error = None  # the summary said it; the status says 124
             if error is None and stats_error is not None:
                 error = stats_error
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -194,7 +196,8 @@ def test_timeout_writes_stats(tmp_path: Path) -> None:
     r = kvmfw("run", *flat(guest), "--timeout", "0.5", "--stats", str(out), "--console",
               "none")
     assert r.returncode == 124, r.stderr
-    assert "host timeout of 0.5 s reached; status 124" in r.stderr
+    assert r.stderr.startswith("kvmfw: host timeout of 0.5 s reached; status 124")
+    assert r.stderr.count("\n") == 1  # the summary says it all
     assert json.loads(out.read_text())[-1]["system"]["sim_ticks"] > 0
 
 
@@ -287,3 +290,60 @@ def test_guest_error_on_a_terminal_restores_it_first(tmp_path: Path) -> None:
     err = text[text.index(b"kvmfw: error:"):]
     assert err.split(b"\n")[0].endswith(b"\r")
     assert json.loads(out.read_text())
+
+
+F_SETPIPE_SZ = 1031
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe whose buffer is full: the first write to it blocks until someone reads."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 4096)
+    os.set_blocking(w, True)
+    return r, w
+
+
+def blocked_writing(pid: int, fd: int) -> bool:
+    """The main thread of ``pid`` sits in write(fd, ...) (x86_64 syscall 1)."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] == "1" and int(fields[1], 16) == fd
+
+
+@pytest.mark.parametrize("how", ["timeout", "SIGTERM"])
+def test_a_run_stuck_in_a_console_write_still_ends_and_restores_the_terminal(
+        tmp_path: Path, how: str) -> None:
+    if platform.machine() != "x86_64":
+        pytest.skip("reads the x86_64 syscall number of the stuck thread")
+    guest = real_mode_guest(tmp_path, "say", SAY_RUNNING_AND_SPIN)
+    r, w = full_pipe()
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(master)
+    extra = ["--timeout", "1"] if how == "timeout" else []
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "kvmfw.cli", "run", *flat(guest),
+                                 *extra], stdin=slave, stdout=w, stderr=subprocess.PIPE,
+                                cwd="/", start_new_session=True)
+        os.close(slave)
+        os.close(w)
+        if how == "SIGTERM":
+            deadline = time.monotonic() + 120
+            while not blocked_writing(proc.pid, 1):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        after = termios.tcgetattr(master)
+    finally:
+        os.close(master)
+        os.close(r)
+    what = "its host timeout of 1 s" if how == "timeout" else "SIGTERM"
+    assert proc.returncode == (124 if how == "timeout" else 143), err
+    assert f"did not stop within 5 s of {what}; threads:".encode() in err
+    assert after == before
