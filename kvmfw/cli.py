@@ -32,6 +32,7 @@ from kvmfw.config import (
     check_run_config,
     host_status,
     parse_options,
+    vcpu_limit,
 )
 from kvmfw.config import parse_size as parse_size  # re-exported: the CLI's size syntax
 from kvmfw.device import parse_device_spec
@@ -104,6 +105,7 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
 
     with Kvm(kvm_path) as kvm:
         caps = kvm.capabilities()
+        limit, limit_why = vcpu_limit(kvm, host_arch())
         perf = probe_perf()
         data: dict[str, Any] = {
             "kvm_path": kvm_path,
@@ -113,6 +115,8 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
             "max_vcpus": kvm.max_vcpus,
             "recommended_vcpus": kvm.recommended_vcpus,
             "max_vcpu_id": kvm.max_vcpu_id,
+            "guest_vcpu_limit": limit,
+            "guest_vcpu_limit_why": limit_why,
             "memory_slots": kvm.nr_memslots,
             "coalesced_mmio_page": kvm.coalesced_mmio_page,
             "host": {"arch": host_arch(), "machine": platform.machine(),
@@ -129,6 +133,8 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     for key in ("kvm_path", "module", "api_version", "vcpu_mmap_size", "max_vcpus",
                 "recommended_vcpus", "max_vcpu_id", "memory_slots", "coalesced_mmio_page"):
         click.echo(f"{key:<20} {data[key]}")
+    click.echo(f"{'guest vcpus':<20} at most {limit} for a {host_arch()} guest ({limit_why}; "
+               f"more than {data['recommended_vcpus']} draws a warning)")
     h = data["host"]
     click.echo(f"{'host':<20} {h['arch']} ({h['machine']}, Linux {h['kernel']})")
     click.echo(f"{'perf':<20} {'available' if perf.available else 'unavailable'}: "
@@ -549,6 +555,9 @@ def _add_plugin_commands() -> None:
             cli.add_command(cmd, ep.name)
 
 
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
     try:
@@ -557,6 +566,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         _echo_err("aborted")
         sys.exit(130)
+    except _NO_ARGS_IS_HELP as exc:  # plain "kvmfw": the help, as click prints it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line, like every other error
+        cmd = exc.ctx.command_path if exc.ctx is not None else "kvmfw"
+        _echo_err(f"error: {exc.format_message()} (see {cmd} --help)")
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -379,6 +379,20 @@ def check_arch_host(arch: str) -> None:
                           f"an {known[0]} machine, or leave --arch out)")
 
 
+def vcpu_limit(kvm: Any, arch: str, plugin: Any = None) -> tuple[int, str]:
+    """The most vCPUs a machine of ``arch`` may have here, and which limit that is."""
+    limit, why = kvm.max_vcpus, "KVM_CAP_MAX_VCPUS of this kernel"
+    if kvm.max_vcpu_id < limit:
+        limit, why = kvm.max_vcpu_id, "KVM_CAP_MAX_VCPU_ID of this kernel (vCPU ids 0..n-1)"
+    arch_limit = getattr(plugin, "max_cpus", None) if plugin is not None else None
+    arch_why = f"the {arch} plugin's limit"
+    if not isinstance(arch_limit, int) and arch in ARCH_MAX_CPUS:
+        arch_limit, arch_why = ARCH_MAX_CPUS[arch]
+    if isinstance(arch_limit, int) and arch_limit < limit:
+        limit, why = arch_limit, arch_why
+    return limit, why
+
+
 def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> None:
     """Check a ``MachineConfig`` against this host and ``/dev/kvm`` (``kvm``, open)."""
     check_arch_host(arch)
@@ -397,15 +411,7 @@ def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> N
     cpus = cfg.cpus
     if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
         raise ConfigError(f"--cpus {cpus!r}: a machine needs at least one vCPU")
-    limit, why = kvm.max_vcpus, "KVM_CAP_MAX_VCPUS of this kernel"
-    if kvm.max_vcpu_id < limit:
-        limit, why = kvm.max_vcpu_id, "KVM_CAP_MAX_VCPU_ID of this kernel (vCPU ids 0..n-1)"
-    arch_limit = getattr(plugin, "max_cpus", None) if plugin is not None else None
-    arch_why = f"the {arch} plugin's limit"
-    if not isinstance(arch_limit, int) and arch in ARCH_MAX_CPUS:
-        arch_limit, arch_why = ARCH_MAX_CPUS[arch]
-    if isinstance(arch_limit, int) and arch_limit < limit:
-        limit, why = arch_limit, arch_why
+    limit, why = vcpu_limit(kvm, arch, plugin)
     if cpus > limit:
         raise ConfigError(f"--cpus {cpus}: at most {limit} vCPUs here ({why}); give "
                           f"--cpus {limit} or fewer")

@@ -122,3 +122,17 @@ def test_unwritable_stats_path_is_reported_before_the_guest_runs(tmp_path: Path)
     assert r.stdout == ""  # the guest never ran (the landed code ran it, then complained)
     r = kvmfw("run", "--stats", str(tmp_path))
     assert "is a directory" in one_line_error(r)
+
+
+def test_click_usage_errors_are_one_line_too() -> None:
+    r = kvmfw("run", "--unclaimed", "maybe")
+    assert "'maybe' is not one of 'ignore', 'fatal'" in one_line_error(r)
+    assert "(see kvmfw run --help)" in r.stderr
+    assert "No such option '--nosuch'" in one_line_error(kvmfw("run", "--nosuch"))
+
+
+@needs_kvm
+def test_info_names_the_vcpu_limit_run_enforces() -> None:
+    data = json.loads(kvmfw("info", "--json").stdout)
+    assert 1 <= data["guest_vcpu_limit"] <= min(data["max_vcpus"], data["max_vcpu_id"])
+    assert data["guest_vcpu_limit_why"]

@@ -347,3 +347,20 @@ def test_a_run_stuck_in_a_console_write_still_ends_and_restores_the_terminal(
     assert proc.returncode == (124 if how == "timeout" else 143), err
     assert f"did not stop within 5 s of {what}; threads:".encode() in err
     assert after == before
+
+
+@pytest.mark.parametrize(("args", "msg"), [
+    (["--family", "-1"], "-1 is outside 0..0x10e"),
+    (["--model", "99999999999"], "is outside 0..0xff"),
+    (["--stepping", "16"], "16 is outside 0..0xf"),
+    (["--family", "foo"], "'foo' is not a number"),
+])
+def test_cpuid_fields_out_of_range_are_one_line(args: list[str], msg: str) -> None:
+    # the landed command accepted these and printed a table with the field truncated
+    assert msg in one_line_error(kvmfw("cpuid", *args))
+
+
+def test_cpuid_field_limits_are_accepted() -> None:
+    r = kvmfw("cpuid", "--family", "0x10e", "--model", "0xff", "--stepping", "15")
+    assert r.returncode == 0, r.stderr
+    assert "family 0x10e model 0xff stepping 15" in r.stdout
