@@ -364,3 +364,12 @@ def test_cpuid_field_limits_are_accepted() -> None:
     r = kvmfw("cpuid", "--family", "0x10e", "--model", "0xff", "--stepping", "15")
     assert r.returncode == 0, r.stderr
     assert "family 0x10e model 0xff stepping 15" in r.stdout
+
+
+def test_console_write_failure_is_reported_not_an_internal_error() -> None:
+    r = kvmfw("run", "--console", "file:/dev/full")
+    assert r.returncode == 0, r.stderr  # the guest's own status
+    assert "internal error" not in r.stderr
+    assert r.stderr.splitlines()[-1] == ("kvmfw: warning: console output to file:/dev/full "
+                                         "failed: No space left on device; the guest's output "
+                                         "after that was lost")
