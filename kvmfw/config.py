@@ -296,6 +296,8 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
             if n < 1:
                 raise ConfigError(f"{name} {n}: a machine needs at least one vCPU")
             out[key] = n
+        elif key == "option" and isinstance(value, dict):  # [run.option] irqchip = "kernel"
+            out[key] = [f"{k}={_toml_text(v)}" for k, v in value.items()]
         elif key in ("device", "fw_cfg", "option"):
             items = _str_list(name, value)
             if f and key in ("device", "fw_cfg"):
@@ -338,6 +340,12 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
     if "stats" in out:
         check_writable_file(out["stats"], source.name("stats", "stats" in file_keys))
     return out
+
+
+def _toml_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 _PATH_KEYS = ("file", "dir", "path")

@@ -71,6 +71,11 @@ def test_a_device_string_in_toml_is_one_device_not_its_letters(tmp_path: Path) -
     assert run_cfg({"device": "debug-exit"}, tmp_path / "c.toml")["device"] == ["debug-exit"]
 
 
+def test_toml_options_may_be_a_table(tmp_path: Path) -> None:
+    out = run_cfg({"option": {"irqchip": "userspace", "reboot": False}}, tmp_path / "c.toml")
+    assert out["option"] == ["irqchip=userspace", "reboot=off"]
+
+
 def test_relative_paths_in_toml_are_relative_to_the_file(tmp_path: Path) -> None:
     (tmp_path / "ops").mkdir()
     out = run_cfg({"kernel": "guest.elf", "stats": "out/../s.json", "pseudo_op_dir": "ops",
