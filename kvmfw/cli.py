@@ -431,9 +431,11 @@ def _run(cfg: dict[str, Any]) -> int:
     kernel = cfg.get("kernel")
     if kernel is not None and not Path(kernel).is_file():
         raise ImageError(f"kernel {kernel} does not exist or is not a file")
-    stats_path = cfg.get("stats")
+    stats_path: str = cfg.get("stats") or ""
+    stats_made = False
     if stats_path:
         try:  # the file exists from the start: a run never ends with stats it cannot write
+            stats_made = not os.path.exists(stats_path)
             open(stats_path, "a").close()  # noqa: SIM115
         except OSError as exc:
             raise ConfigError(f"cannot write --stats {stats_path}: {exc.strerror} (pick a "
@@ -506,6 +508,8 @@ def _run(cfg: dict[str, Any]) -> int:
     finally:
         terminal.restore()
         console.close()
+        if stats_made and os.path.exists(stats_path) and not os.path.getsize(stats_path):
+            os.unlink(stats_path)  # made at start-up, and the guest never ran
     if error is not None:
         raise error
     return host_status(status)
