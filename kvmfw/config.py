@@ -50,6 +50,11 @@ ARCH_MAX_CPUS = {
 }
 """Architecture limits on vCPUs beyond KVM's (an arch plugin may set ``max_cpus``)."""
 
+ARCH_MIN_MEMORY = {
+    "x86": (MiB, "the x86 board keeps its MP and ACPI tables at 0xf0000-0xfffff"),
+}
+"""Least guest RAM each architecture's board needs (an arch plugin may set ``min_memory``)."""
+
 BOOL_TRUE = ("1", "on", "true", "yes")
 BOOL_FALSE = ("0", "off", "false", "no")
 
@@ -410,6 +415,13 @@ def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> N
     if mem % PAGE:
         raise ConfigError(f"--memory {mem} bytes is not a multiple of the {PAGE}-byte page "
                           f"(e.g. {format_size(mem - mem % PAGE or PAGE)})")
+    least = getattr(plugin, "min_memory", None) if plugin is not None else None
+    least_why = f"the {arch} plugin's minimum"
+    if not isinstance(least, int) and arch in ARCH_MIN_MEMORY:
+        least, least_why = ARCH_MIN_MEMORY[arch]
+    if isinstance(least, int) and mem < least:
+        raise ConfigError(f"--memory {format_size(mem)} is too little: give at least "
+                          f"{format_size(least)} ({least_why})")
     ram = host_ram()
     if ram is not None and mem > ram:
         raise ConfigError(f"--memory {format_size(mem)} is more than this host's RAM "

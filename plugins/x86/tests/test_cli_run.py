@@ -373,3 +373,9 @@ def test_console_write_failure_is_reported_not_an_internal_error() -> None:
     assert r.stderr.splitlines()[-1] == ("kvmfw: warning: console output to file:/dev/full "
                                          "failed: No space left on device; the guest's output "
                                          "after that was lost")
+
+
+def test_memory_below_the_x86_board_minimum_is_one_line() -> None:
+    # the landed code failed while writing the MP table, naming no remedy
+    err = one_line_error(kvmfw("run", "--memory", "100K"))
+    assert "--memory 100K is too little: give at least 1M" in err
