@@ -50,7 +50,8 @@ EXIT_INTERNAL = 70
 
 
 def _echo_err(text: str) -> None:
-    click.echo(f"kvmfw: {text}", err=True)
+    with contextlib.suppress(OSError):  # a hung-up terminal must not turn an ending into a bug
+        click.echo(f"kvmfw: {text}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
