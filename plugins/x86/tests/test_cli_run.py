@@ -379,3 +379,27 @@ def test_memory_below_the_x86_board_minimum_is_one_line() -> None:
     # the landed code failed while writing the MP table, naming no remedy
     err = one_line_error(kvmfw("run", "--memory", "100K"))
     assert "--memory 100K is too little: give at least 1M" in err
+
+
+def test_a_terminal_hangup_ends_the_run_with_stats_and_status_129(tmp_path: Path) -> None:
+    """A real hang-up: the pty is the controlling terminal and its master closes, so the
+    kernel sends SIGHUP and every later write to the terminal fails with EIO."""
+    out = tmp_path / "s.json"
+    guest = real_mode_guest(tmp_path, "spin", SAY_RUNNING_AND_SPIN)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmfw.cli", "run", *flat(guest), "--stats", str(out)],
+        stdin=slave, stdout=slave, stderr=slave, cwd="/", start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    seen = bytearray()
+    try:
+        deadline = time.monotonic() + 120
+        while RUNNING not in seen:
+            assert proc.poll() is None and time.monotonic() < deadline, bytes(seen)
+            if select.select([master], [], [], 0.05)[0]:
+                seen += os.read(master, 4096)
+    finally:
+        os.close(master)
+    assert proc.wait(timeout=120) == 129
+    assert json.loads(out.read_text())[-1]["system"]["sim_ticks"] > 0
