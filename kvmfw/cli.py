@@ -304,8 +304,9 @@ class _Signals:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
-        for sig in _STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # (else Python refuses)
+            for sig in _STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
