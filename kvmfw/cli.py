@@ -351,10 +351,12 @@ class _Signals:
 @click.option("--load-addr", type=str, help="Load address of a flat binary.")
 @click.option("--initrd", type=str, help="Initial ramdisk (multiboot module 0 for multiboot).")
 @click.option("--cmdline", type=str, help="Kernel command line.")
-@click.option("--memory", "-m", type=str, metavar="SIZE", help="Guest RAM, e.g. 256M or 1G; a bare number is "
-              "MiB as in QEMU (default 256M; at most the host's RAM).")
-@click.option("--cpus", type=str, metavar="N", help="Number of vCPUs (default 1; at most what KVM and the "
-              "arch allow: see kvmfw info).")
+@click.option("--memory", "-m", type=str, metavar="SIZE",
+              help="Guest RAM, e.g. 256M or 1G; a bare number is MiB as in QEMU (default "
+              "256M; at most the host's RAM).")
+@click.option("--cpus", type=str, metavar="N",
+              help="Number of vCPUs (default 1; at most what KVM and the arch allow: see "
+              "kvmfw info).")
 @click.option("--device", multiple=True,
               help="Add a device to the board: NAME,key=value,... (repeatable).")
 @click.option("--config", "config_path", type=str, help="TOML file with the same keys "
@@ -363,14 +365,16 @@ class _Signals:
 @click.option("--stats", type=str, help="Write statistics to FILE (.json for JSON) at every "
               "ending, also timeouts and signals.")
 @click.option("--debug-flags", type=str, help="Comma-separated debug flags (see --help-flags).")
-@click.option("--timeout", type=str, metavar="SECONDS", help="Stop after this many host seconds (> 0; status 124).")
-@click.option("--max-ticks", type=str, metavar="TICKS", help="Stop after this many simulated ticks (1 ps; >= 1).")
+@click.option("--timeout", type=str, metavar="SECONDS",
+              help="Stop after this many host seconds (> 0; status 124).")
+@click.option("--max-ticks", type=str, metavar="TICKS",
+              help="Stop after this many simulated ticks (1 ps; >= 1).")
 @click.option("--unclaimed", type=click.Choice(["ignore", "fatal"]),
               help="What to do with accesses no device claims (default ignore).")
 @click.option("--always-sync", is_flag=True, default=None,
               help="Sync all state around every entry (debug aid, slow).")
-@click.option("--host-factor", type=str, metavar="FACTOR", help="Simulated/host time scale, 1e-06..1e+06 "
-              "(default 1.0).")
+@click.option("--host-factor", type=str, metavar="FACTOR",
+              help="Simulated/host time scale, 1e-06..1e+06 (default 1.0).")
 @click.option("--no-default-devices", is_flag=True, default=None,
               help="Start from an empty board: only the --device list.")
 @click.option("--no-reboot", is_flag=True, default=None,
@@ -390,8 +394,9 @@ def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
 
     Exit status: the guest's (see README: debug-exit gives (v << 1) | 1; values above 255
     keep their low 8 bits, and never 0 for a nonzero status), 2 bad configuration,
-    3 no usable /dev/kvm, 4 plugin, 5 guest error, 6 device/bus, 7 bad image, 8 arm64 feature missing,
-    70 kvmfw bug, 124 host timeout, 128+N signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM).
+    3 no usable /dev/kvm, 4 plugin, 5 guest error, 6 device/bus, 7 bad image,
+    8 arm64 feature missing, 70 kvmfw bug, 124 host timeout, 128+N signal N (129 SIGHUP,
+    130 SIGINT, 143 SIGTERM).
     """
     if help_flags:
         for name, (logger, text) in debug.FLAGS.items():
