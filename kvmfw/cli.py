@@ -7,11 +7,17 @@ status per cause, plus a register dump for guest errors; never a traceback (set
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import select
+import signal
 import sys
+import termios
+import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,26 +25,33 @@ from typing import Any
 import click
 
 from kvmfw import __version__, debug
-from kvmfw.errors import ConfigError, GuestError, ImageError, KvmfwError
+from kvmfw.config import (
+    RUN_KEYS,
+    Source,
+    check_arch_host,
+    check_run_config,
+    host_status,
+    parse_options,
+    vcpu_limit,
+)
+from kvmfw.config import parse_size as parse_size  # re-exported: the CLI's size syntax
+from kvmfw.device import parse_device_spec
+from kvmfw.errors import (
+    ConfigError,
+    GuestError,
+    ImageError,
+    KvmfwError,
+    RunTimeoutError,
+    StoppedBySignal,
+)
+from kvmfw.eventq import Event
 
 EXIT_INTERNAL = 70
 
-_SIZE = re.compile(r"^\s*(0x[0-9a-fA-F]+|\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
-
-
-def parse_size(text: str | int) -> int:
-    """``256M``, ``1G``, ``4096``, ``0x100000`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise ConfigError(f"not a size: {text!r} (use e.g. 256M, 1G, 65536)")
-    value = int(m.group(1), 0)
-    return value << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
-
 
 def _echo_err(text: str) -> None:
-    click.echo(f"kvmfw: {text}", err=True)
+    with contextlib.suppress(OSError):  # a hung-up terminal must not turn an ending into a bug
+        click.echo(f"kvmfw: {text}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,6 +106,7 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
 
     with Kvm(kvm_path) as kvm:
         caps = kvm.capabilities()
+        limit, limit_why = vcpu_limit(kvm, host_arch())
         perf = probe_perf()
         data: dict[str, Any] = {
             "kvm_path": kvm_path,
@@ -102,6 +116,8 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
             "max_vcpus": kvm.max_vcpus,
             "recommended_vcpus": kvm.recommended_vcpus,
             "max_vcpu_id": kvm.max_vcpu_id,
+            "guest_vcpu_limit": limit,
+            "guest_vcpu_limit_why": limit_why,
             "memory_slots": kvm.nr_memslots,
             "coalesced_mmio_page": kvm.coalesced_mmio_page,
             "host": {"arch": host_arch(), "machine": platform.machine(),
@@ -118,6 +134,8 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     for key in ("kvm_path", "module", "api_version", "vcpu_mmap_size", "max_vcpus",
                 "recommended_vcpus", "max_vcpu_id", "memory_slots", "coalesced_mmio_page"):
         click.echo(f"{key:<20} {data[key]}")
+    click.echo(f"{'guest vcpus':<20} at most {limit} for a {host_arch()} guest ({limit_why}; "
+               f"more than {data['recommended_vcpus']} draws a warning)")
     h = data["host"]
     click.echo(f"{'host':<20} {h['arch']} ({h['machine']}, Linux {h['kernel']})")
     click.echo(f"{'perf':<20} {'available' if perf.available else 'unavailable'}: "
@@ -131,13 +149,12 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
 
 # --- run -----------------------------------------------------------------------------
 
-_RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus", "device",
-             "console", "stats", "debug_flags", "timeout", "max_ticks", "unclaimed",
-             "always_sync", "no_summary", "no_default_devices", "host_factor", "fw_cfg",
-             "pseudo_op_dir", "option")
+_RUN_KEYS = RUN_KEYS
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
+    """The ``[run]`` table (or the top level) of a TOML file, keys with ``_``."""
     if path is None:
         return {}
     try:
@@ -147,135 +164,375 @@ def _load_config(path: str | None) -> dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
-    data = {k.replace("-", "_"): v for k, v in data.get("run", data).items()}
+    table = data.get("run", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config {path}: [run] must be a table of keys")
+    data = {k.replace("-", "_"): v for k, v in table.items()}
     if "devices" in data:
         data["device"] = data.pop("devices")
-    unknown = sorted(set(data) - set(_RUN_KEYS))
-    if unknown:
-        raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)} "
-                          f"(known: {', '.join(_RUN_KEYS)})")
     return data
 
 
-def _console(spec: str) -> Any:
-    if spec == "stdio":
-        return sys.stdout.buffer
-    if spec == "none":
-        return open(os.devnull, "wb")  # noqa: SIM115 - closed with the machine's devices
-    if spec.startswith("file:"):
-        try:
-            return open(spec[5:], "wb")  # noqa: SIM115
-        except OSError as exc:
-            raise ConfigError(f"--console {spec}: {exc.strerror}") from None
-    raise ConfigError(f"--console must be stdio, none or file:PATH, not {spec!r}")
+class _ConsoleSink:
+    """The guest console's host side: writes through at once, and remembers (rather than
+    raises) the first write error, so a full disk or a closed pipe is reported at the end
+    instead of stopping the guest or being lost silently."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.error: str | None = None
+        self._owned: Any = None
+        if spec == "stdio":
+            self._out: Any = sys.stdout.buffer
+        else:
+            path = os.devnull if spec == "none" else spec[5:]
+            try:
+                self._owned = self._out = open(path, "wb", buffering=0)  # noqa: SIM115
+            except OSError as exc:
+                raise ConfigError(f"--console {spec}: {exc.strerror}") from None
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                self._out.write(data)
+            except (OSError, ValueError) as exc:
+                self.error = getattr(exc, "strerror", None) or str(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._out.flush()
+            except (OSError, ValueError) as exc:
+                self.error = getattr(exc, "strerror", None) or str(exc)
+
+    def close(self) -> None:
+        if self._owned is not None:
+            with contextlib.suppress(OSError):
+                self._owned.close()
+            self._owned = None
+
+
+class _Terminal:
+    """The controlling terminal's attributes, saved before the console puts it in raw mode
+    and put back first thing at every ending (before stats, summary or error lines)."""
+
+    def __init__(self, active: bool) -> None:
+        self.fd = sys.stdin.fileno() if active else -1
+        self.saved: list[Any] | None = None
+        if active and os.isatty(self.fd):
+            with contextlib.suppress(termios.error, OSError):
+                self.saved = termios.tcgetattr(self.fd)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            with contextlib.suppress(termios.error, OSError):  # e.g. after SIGHUP
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+
+class _Watchdog:
+    """Ends the process when a stopped run does not return (a device blocked in a host
+    call, e.g. a console write to a pipe nobody reads): ``STOP_GRACE`` seconds after the
+    host timeout or a stop signal it restores the terminal, says where each thread is,
+    and exits with 124 or 128 + the signal. A signal handler reaches it through a pipe
+    (the one thing that is safe there)."""
+
+    def __init__(self, terminal: _Terminal, timeout: float | None) -> None:
+        self.terminal = terminal
+        self.timeout = timeout
+        self._r, self._w = os.pipe()
+        self._thread = threading.Thread(target=self._watch, name="kvmfw-stop-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def stopping(self, signum: int) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, bytes([signum]))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"\0")
+        self._thread.join(1.0)
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _watch(self) -> None:
+        from kvmfw.machine import STOP_GRACE
+
+        deadline, what, code = None, "", 124
+        if self.timeout is not None:
+            deadline = time.monotonic() + self.timeout + STOP_GRACE
+            what = f"its host timeout of {self.timeout:g} s"
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._r], [], [], wait)
+            if not ready:
+                break
+            b = os.read(self._r, 1)
+            if not b or b == b"\0":
+                return
+            end = time.monotonic() + STOP_GRACE
+            if deadline is None or end < deadline:
+                deadline, what, code = end, signal.Signals(b[0]).name, 128 + b[0]
+        self.terminal.restore()
+        _die_stuck(f"the run did not stop within {STOP_GRACE:g} s of {what}", code)
+
+
+def _die_stuck(what: str, code: int) -> None:
+    from kvmfw.machine import _where
+
+    lines = [f"kvmfw: error: {what}; threads:"]
+    lines += [f"  {t.name}: {_where(t)}" for t in threading.enumerate()]
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+    os._exit(code)
+
+
+class _Signals:
+    """SIGTERM, SIGHUP and SIGINT end a run the way the guest ending it would: the machine
+    stops after the current exit with status 128 + signal and the endings (terminal, stats,
+    summary) follow; before the run they abort start-up; during the endings they are
+    noted but do not cut them short."""
+
+    def __init__(self) -> None:
+        self.machine: Any = None
+        self.phase = "start"  # start | run | end
+        self.signum: int | None = None
+        self.watchdog: _Watchdog | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():  # (else Python refuses)
+            for sig in _STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        name = signal.Signals(signum).name
+        if self.phase == "start":
+            raise StoppedBySignal(signum, f"stopped by {name} before the guest ran")
+        m = self.machine
+        if self.phase == "run" and self.watchdog is not None:
+            self.watchdog.stopping(signum)
+        if self.phase == "run" and m is not None and not m.stop_requested:
+            # no locks here (this runs between bytecodes of the main thread, which may
+            # hold them): the run loops poll stop_requested, the kick ends KVM_RUN
+            m.exit_status, m.exit_reason = 128 + signum, f"stopped by {name}"
+            m.stop_requested = True
+            m.kick_all()
+
+    def arm(self, machine: Any) -> None:
+        """Enter the run phase. ``Machine.run`` clears a stop requested before it starts, so
+        a signal between here and there is applied again by an event it services first."""
+        self.machine, self.phase = machine, "run"
+
+        def apply() -> None:
+            if self.signum is not None and not machine.stop_requested:
+                machine.request_exit(128 + self.signum,
+                                     f"stopped by {signal.Signals(self.signum).name}")
+
+        eq = machine.eventq
+        eq.schedule(Event(apply, "cli.signal-check"), eq.cur_tick)
 
 
 @cli.command("run")
-@click.option("--arch", help="Architecture plugin (default: the host's).")
+@click.option("--arch", help="Architecture plugin (default: the host's; KVM runs only the "
+              "host's own architecture).")
 @click.option("--kernel", type=str, help="Guest image: multiboot/ELF, Linux bzImage or Image, "
               "or a flat binary with --load-addr. Default: the embedded guest.")
 @click.option("--load-addr", type=str, help="Load address of a flat binary.")
 @click.option("--initrd", type=str, help="Initial ramdisk (multiboot module 0 for multiboot).")
 @click.option("--cmdline", type=str, help="Kernel command line.")
-@click.option("--memory", "-m", type=str, help="Guest RAM, e.g. 256M (default 256M).")
-@click.option("--cpus", type=int, help="Number of vCPUs (default 1).")
+@click.option("--memory", "-m", type=str, metavar="SIZE",
+              help="Guest RAM, e.g. 256M or 1G; a bare number is MiB as in QEMU (default "
+              "256M; at most the host's RAM).")
+@click.option("--cpus", type=str, metavar="N",
+              help="Number of vCPUs (default 1; at most what KVM and the arch allow: see "
+              "kvmfw info).")
 @click.option("--device", multiple=True,
               help="Add a device to the board: NAME,key=value,... (repeatable).")
-@click.option("--config", "config_path", type=str, help="TOML file with the same keys.")
+@click.option("--config", "config_path", type=str, help="TOML file with the same keys "
+              "(relative paths in it are relative to the file).")
 @click.option("--console", type=str, help="stdio (default), file:PATH or none.")
-@click.option("--stats", type=str, help="Write statistics to FILE (.json for JSON).")
+@click.option("--stats", type=str, help="Write statistics to FILE (.json for JSON) at every "
+              "ending, also timeouts and signals.")
 @click.option("--debug-flags", type=str, help="Comma-separated debug flags (see --help-flags).")
-@click.option("--timeout", type=float, help="Stop after this many host seconds (status 124).")
-@click.option("--max-ticks", type=int, help="Stop after this many simulated ticks (1 ps).")
+@click.option("--timeout", type=str, metavar="SECONDS",
+              help="Stop after this many host seconds (> 0; status 124).")
+@click.option("--max-ticks", type=str, metavar="TICKS",
+              help="Stop after this many simulated ticks (1 ps; >= 1).")
 @click.option("--unclaimed", type=click.Choice(["ignore", "fatal"]),
               help="What to do with accesses no device claims (default ignore).")
 @click.option("--always-sync", is_flag=True, default=None,
               help="Sync all state around every entry (debug aid, slow).")
-@click.option("--host-factor", type=float, help="Simulated/host time scale (default 1.0).")
+@click.option("--host-factor", type=str, metavar="FACTOR",
+              help="Simulated/host time scale, 1e-06..1e+06 (default 1.0).")
 @click.option("--no-default-devices", is_flag=True, default=None,
               help="Start from an empty board: only the --device list.")
+@click.option("--no-reboot", is_flag=True, default=None,
+              help="A guest reset (reboot, triple fault) ends the run instead of rebooting "
+              "the machine (QEMU's -no-reboot; the default is to reboot, as QEMU).")
 @click.option("--no-summary", is_flag=True, default=None, help="No stats summary on stderr.")
 @click.option("--fw-cfg", multiple=True,
               help="Add a fw_cfg blob: name=opt/x,file=PATH or name=opt/x,string=TEXT.")
 @click.option("--pseudo-op-dir", type=str,
-              help="Directory the pseudo-op device may read and write host files in.")
+              help="Existing directory the pseudo-op device may read and write host files in.")
 @click.option("--option", "-o", multiple=True,
-              help="Arch/device machine option KEY=VALUE (e.g. irqchip=userspace, acpi=on).")
+              help="Arch/device machine option KEY=VALUE (e.g. irqchip=userspace, acpi=on); "
+              "unknown names are refused.")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
-    """Boot a guest and run it until it exits."""
+    """Boot a guest and run it until it exits.
+
+    Exit status: the guest's (see README: debug-exit gives (v << 1) | 1; values above 255
+    keep their low 8 bits, and never 0 for a nonzero status), 2 bad configuration,
+    3 no usable /dev/kvm, 4 plugin, 5 guest error, 6 device/bus, 7 bad image,
+    8 arm64 feature missing, 70 kvmfw bug, 124 host timeout, 128+N signal N (129 SIGHUP,
+    130 SIGINT, 143 SIGTERM).
+    """
     if help_flags:
         for name, (logger, text) in debug.FLAGS.items():
             click.echo(f"{name:<12} {text} ({logger})")
         for name, members in debug.COMPOUND.items():
             click.echo(f"{name:<12} = {','.join(members)}")
         return
-    cfg = _load_config(config_path)
-    for k, v in opts.items():
-        if k in ("device", "fw_cfg", "option"):
-            if v:
-                cfg[k] = list(cfg.get(k, [])) + list(v)
-        elif v is not None:
-            cfg[k] = v
+    source = Source(config_path)
+    file_raw = _load_config(config_path)
+    cfg = check_run_config(file_raw, set(file_raw), source)
+    cli_raw = {k: (list(v) or None) if k in ("device", "fw_cfg", "option") else v
+               for k, v in opts.items()}
+    for k, v in check_run_config({k: v for k, v in cli_raw.items() if v is not None},
+                                 set(), source).items():
+        cfg[k] = cfg.get(k, []) + v if k in ("device", "fw_cfg", "option") else v
     sys.exit(_run(cfg))
 
 
 def _run(cfg: dict[str, Any]) -> int:
+    """Check everything, build, run, and end (terminal, stats, summary) whatever happens;
+    returns the process exit status."""
     from kvmfw.machine import Machine, MachineConfig
+    from kvmfw.plugins import host_arch, load_arch
 
     if cfg.get("debug_flags"):
         debug.enable(cfg["debug_flags"])
-    console_spec = cfg.get("console", "stdio")
-    console = _console(console_spec)
-    options: dict[str, Any] = {"console_output": console}
-    if console_spec == "stdio":
-        options["console_input"] = "stdin"  # the terminal, in raw mode; Ctrl-A x quits
-    for k in ("cmdline", "initrd", "fw_cfg", "pseudo_op_dir"):
+    arch = cfg.get("arch") or host_arch()
+    check_arch_host(arch)
+    arch, plugin = load_arch(arch)
+    options: dict[str, Any] = parse_options(cfg.get("option", []), arch, plugin)
+    for k in ("cmdline", "initrd", "fw_cfg", "pseudo_op_dir", "load_addr"):
         if cfg.get(k) is not None:
             options[k] = cfg[k]
-    for item in cfg.get("option", []):
-        key, sep, value = str(item).partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
-        options[key.strip().replace("-", "_")] = value.strip()
-    if cfg.get("load_addr") is not None:
-        try:
-            options["load_addr"] = int(str(cfg["load_addr"]), 0)
-        except ValueError:
-            raise ConfigError(f"--load-addr {cfg['load_addr']!r} is not a number") from None
-    if cfg.get("initrd") and not Path(cfg["initrd"]).is_file():
+    if cfg.get("no_reboot"):
+        options["reboot"] = False
+    if cfg.get("initrd") and not re.search(r"[ ,]", cfg["initrd"]) \
+            and not Path(cfg["initrd"]).is_file():
         raise ImageError(f"initrd {cfg['initrd']} does not exist or is not a file")
+    kernel = cfg.get("kernel")
+    if kernel is not None and not Path(kernel).is_file():
+        raise ImageError(f"kernel {kernel} does not exist or is not a file")
+    stats_path: str = cfg.get("stats") or ""
+    stats_made = False
+    if stats_path:
+        try:  # the file exists from the start: a run never ends with stats it cannot write
+            stats_made = not os.path.exists(stats_path)
+            open(stats_path, "a").close()  # noqa: SIM115
+        except OSError as exc:
+            raise ConfigError(f"cannot write --stats {stats_path}: {exc.strerror} (pick a "
+                              "writable path)") from None
+    console_spec = cfg.get("console", "stdio")
+    console = _ConsoleSink(console_spec)
+    options["console_output"] = console
+    if console_spec == "stdio":
+        options["console_input"] = "stdin"  # the terminal, in raw mode; Ctrl-A x quits
     mc = MachineConfig(
-        arch=cfg.get("arch"),
-        memory=parse_size(cfg.get("memory", "256M")),
-        cpus=int(cfg.get("cpus", 1)),
+        arch=arch, memory=cfg.get("memory", 256 << 20), cpus=cfg.get("cpus", 1),
         devices=list(cfg.get("device", [])),
         default_devices=not cfg.get("no_default_devices", False),
         unclaimed=cfg.get("unclaimed", "ignore"),
         always_sync=bool(cfg.get("always_sync", False)),
-        host_factor=float(cfg.get("host_factor", 1.0)),
-        options=options,
-    )
-    with Machine(mc) as machine:
-        kernel = cfg.get("kernel")
-        if kernel is None:
-            kernel = machine.hooks.call("default_guest", machine=machine)
+        host_factor=cfg.get("host_factor", 1.0), options=options)
+    terminal = _Terminal(console_spec == "stdio")
+    error: BaseException | None = None
+    status, reason, timed_out = 0, "", False
+    try:
+        with _Signals() as sigs, Machine(mc, arch_plugin=plugin, arch_name=arch) as machine:
             if kernel is None:
-                raise ConfigError(f"the {machine.arch} plugin has no embedded guest: "
-                                  "give one with --kernel FILE")
-        elif not Path(kernel).is_file():
-            raise ImageError(f"kernel {kernel} does not exist or is not a file")
-        machine.load_guest(str(kernel), **options)
-        result = machine.run(timeout=cfg.get("timeout"), max_ticks=cfg.get("max_ticks"),
-                             hard_timeout=True)
-        console.flush()
-        if cfg.get("stats"):
-            _write_stats(machine, str(cfg["stats"]))
-        if not cfg.get("no_summary"):
-            exits = sum(c.stats.vm_exits for c in machine.cpus)
-            _echo_err(f"{result.reason}; status {result.status}; {exits} exits; "
-                      f"{result.sim_seconds:.6f} s simulated in {result.host_seconds:.3f} s")
-        return result.status
+                kernel = machine.hooks.call("default_guest", machine=machine)
+                if kernel is None:
+                    raise ConfigError(f"the {arch} plugin has no embedded guest: give one "
+                                      "with --kernel FILE")
+                _check_embedded_guest_board(machine)
+            machine.load_guest(str(kernel), **options)
+            watchdog = sigs.watchdog = _Watchdog(terminal, cfg.get("timeout"))
+            sigs.arm(machine)
+            t0 = time.monotonic()
+            try:
+                result = machine.run(timeout=cfg.get("timeout"),
+                                     max_ticks=cfg.get("max_ticks"))
+                status, reason = result.status, result.reason
+            except RunTimeoutError as exc:
+                status, reason, timed_out = exc.exit_status, str(exc), True
+                error = exc
+            except (KvmfwError, KeyboardInterrupt) as exc:
+                error = exc
+                status = getattr(exc, "exit_status", 130)
+                reason = "stopped by the error below"
+            finally:
+                sigs.phase = "end"
+                watchdog.close()
+                terminal.restore()  # first: everything below must be readable
+            host_seconds = time.monotonic() - t0
+            console.flush()
+            stats_error = None
+            if stats_path:
+                try:
+                    _write_stats(machine, stats_path)
+                except ConfigError as exc:
+                    stats_error = exc
+            if not cfg.get("no_summary"):
+                exits = sum(c.stats.vm_exits for c in machine.cpus)
+                code = host_status(status)
+                shown = f"status {status}" + (f" (exit status {code})" if code != status
+                                              else "")
+                _echo_err(f"{reason}; {shown}; {exits} exits; "
+                          f"{machine.eventq.cur_tick / 1e12:.6f} s simulated in "
+                          f"{host_seconds:.3f} s")
+                if timed_out:
+                    error = None  # the summary said it; the status says 124
+            if console.error is not None:
+                _echo_err(f"warning: console output to {console_spec} failed: "
+                          f"{console.error}; the guest's output after that was lost")
+            if error is None and stats_error is not None:
+                error = stats_error
+    finally:
+        terminal.restore()
+        console.close()
+        if stats_made and os.path.exists(stats_path) and not os.path.getsize(stats_path):
+            os.unlink(stats_path)  # made at start-up, and the guest never ran
+    if error is not None:
+        raise error
+    return host_status(status)
+
+
+def _check_embedded_guest_board(machine: Any) -> None:
+    """The embedded guest talks to the default board (its UART, its pseudo-op exit):
+    without those devices it would spin on a port nobody answers."""
+    board = machine.hooks.call("default_devices", machine=machine) or []
+    need = {parse_device_spec(s)[0] for s in board}
+    have = {d.name for d in machine.devices}
+    missing = sorted(need - have)
+    if missing:
+        raise ConfigError(f"the embedded guest needs the default board's {', '.join(missing)}"
+                          ": drop --no-default-devices, add them with --device, or give "
+                          "--kernel FILE")
 
 
 def _write_stats(machine: Any, path: str) -> None:
@@ -309,6 +566,9 @@ def _add_plugin_commands() -> None:
             cli.add_command(cmd, ep.name)
 
 
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
     try:
@@ -317,6 +577,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         _echo_err("aborted")
         sys.exit(130)
+    except _NO_ARGS_IS_HELP as exc:  # plain "kvmfw": the help, as click prints it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line, like every other error
+        cmd = exc.ctx.command_path if exc.ctx is not None else "kvmfw"
+        _echo_err(f"error: {exc.format_message()} (see {cmd} --help)")
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -125,6 +125,16 @@ class RunTimeoutError(KvmfwError):
     exit_status = 124
 
 
+class StoppedBySignal(KvmfwError):
+    """A signal (SIGTERM, SIGHUP, SIGINT) stopped kvmfw; exit status 128 + the signal, as a
+    shell reports a process killed by it."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum = signum
+        self.exit_status = 128 + signum
+        super().__init__(message)
+
+
 # --- plugins, config, images -----------------------------------------------------------
 
 class PluginError(KvmfwError):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmfw.bus import Bus
+from kvmfw.config import check_machine_config
 from kvmfw.cpu import KvmCPU
 from kvmfw.device import (
     CallbackIrqLine,
@@ -165,6 +166,7 @@ class Machine:
         self.registry = device_registry
         try:
             self.kvm = kvm or Kvm(cfg.kvm_path)
+            check_machine_config(cfg, self.kvm, self.arch, arch_plugin)  # before the VM
             self.vm = self.kvm.create_vm()
             self.vm.on_coalesced_zone = self._coalesced_zone_added
             self._build()

@@ -23,7 +23,8 @@ def kvmfw(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
 def test_parse_size() -> None:
     assert parse_size("256M") == 256 << 20
     assert parse_size("1G") == 1 << 30
-    assert parse_size("0x1000") == 4096
+    assert parse_size("4096B") == 4096
+    assert parse_size("0x10M") == 16 << 20
     assert parse_size("64KiB") == 64 << 10
     with pytest.raises(ConfigError, match="not a size"):
         parse_size("lots")
@@ -79,3 +80,59 @@ def test_missing_kernel_and_initrd_are_image_errors(tmp_path: Path) -> None:
 def test_help_flags_lists_debug_flags() -> None:
     r = kvmfw("run", "--help-flags")
     assert r.returncode == 0 and "KvmIO" in r.stdout and "KvmAll" in r.stdout
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], status: int = 2) -> str:
+    """The run ended with ``status`` and exactly one ``kvmfw: error:`` line (no traceback,
+    no "internal error ... this is a kvmfw bug")."""
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvmfw: error: "), r.stderr
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize(("args", "msg"), [
+    (["--max-ticks", "-5"], "--max-ticks -5: must be between 1 and"),
+    (["--host-factor", "0"], "--host-factor 0: must be between 1e-06 and 1e+06"),
+    (["--host-factor", "-1"], "--host-factor -1: must be between"),
+    (["--timeout", "0"], "--timeout 0: must be a positive number of seconds"),
+    (["--console", "file:/proc/version"], "kernel interface file, not a log"),
+    (["--pseudo-op-dir", "/nonexistent"], "--pseudo-op-dir /nonexistent is not a directory"),
+    (["--cpus", "two"], "--cpus must be a whole number"),
+    (["--memory", "lots"], "--memory: not a size"),
+])
+def test_bad_values_are_refused_before_the_run(args: list[str], msg: str) -> None:
+    # each was an internal error, or accepted silently, on the landed code
+    r = kvmfw("run", "--console", "none", *args)
+    assert msg in one_line_error(r)
+    assert "status 0" not in r.stderr
+
+
+def test_toml_timeout_that_is_not_a_number_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('timeout = "ten"\nconsole = "none"\n')
+    r = kvmfw("run", "--config", str(cfg))
+    assert f"timeout in {cfg} must be a number of seconds, not 'ten'" in one_line_error(r)
+    assert "Thread" not in r.stderr
+
+
+def test_unwritable_stats_path_is_reported_before_the_guest_runs(tmp_path: Path) -> None:
+    r = kvmfw("run", "--stats", str(tmp_path / "no" / "such" / "dir" / "s.json"))
+    assert "does not exist (create it first)" in one_line_error(r)
+    assert r.stdout == ""  # the guest never ran (the landed code ran it, then complained)
+    r = kvmfw("run", "--stats", str(tmp_path))
+    assert "is a directory" in one_line_error(r)
+
+
+def test_click_usage_errors_are_one_line_too() -> None:
+    r = kvmfw("run", "--unclaimed", "maybe")
+    assert "'maybe' is not one of 'ignore', 'fatal'" in one_line_error(r)
+    assert "(see kvmfw run --help)" in r.stderr
+    assert "No such option '--nosuch'" in one_line_error(kvmfw("run", "--nosuch"))
+
+
+@needs_kvm
+def test_info_names_the_vcpu_limit_run_enforces() -> None:
+    data = json.loads(kvmfw("info", "--json").stdout)
+    assert 1 <= data["guest_vcpu_limit"] <= min(data["max_vcpus"], data["max_vcpu_id"])
+    assert data["guest_vcpu_limit_why"]

@@ -4,8 +4,10 @@ Register map (QEMU ``hw/misc/debugexit.c``): one write-only register of ``width`
 ``port`` (QEMU keys ``iobase``/``iosize`` are accepted too). A write of any size within the
 range ends the run; the value is the little-endian integer written. Test kernels written for
 QEMU (``-device isa-debug-exit,iobase=0xf4,iosize=0x04``) report pass/fail unchanged: the
-process exit status is ``(value << 1) | 1`` (so a guest writing 0 exits with 1, never 0).
-Reads answer zeros.
+run's status is ``(value << 1) | 1`` and the process exit status its low 8 bits, exactly
+what QEMU's ``exit((value << 1) | 1)`` gives (the CLI maps it with
+:func:`kvmfw.config.host_status`): value 0 exits with 1, 0x7f with 255, 0x80 with 1 again.
+The status is odd, so no value ever looks like success (0). Reads answer zeros.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import to_int
+
+
+def exit_status(value: int) -> int:
+    """The run status of a guest write of ``value``: QEMU's ``(value << 1) | 1``."""
+    return (value << 1) | 1
 
 
 def _opt_int(text: str) -> int | None:
@@ -58,7 +65,8 @@ class DebugExit(Device):
         value = to_int(data)
         self.last_value = value
         self.stats["exits"] += 1
-        self.ctx.request_exit((value << 1) | 1, f"guest wrote {value:#x} to debug-exit")
+        # the full value, as QEMU computes it; the 8-bit process status is the CLI's
+        self.ctx.request_exit(exit_status(value), f"guest wrote {value:#x} to debug-exit")
 
     def reset(self) -> None:
         self.last_value = None
