@@ -64,6 +64,8 @@ class X86Machine:
         self._cpuid: list[cpuid_mod.CpuidEntry] | None = None
         self._info: CpuInfo | None = None
         self.tsc_khz = 0
+        self.tsc_khz_source = ""
+        """Where :attr:`tsc_khz` came from (``KVM_GET_TSC_KHZ``, or why it was measured)."""
 
     @property
     def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
@@ -78,7 +80,9 @@ class X86Machine:
     def cpu_info(self, vcpu: Any) -> CpuInfo:
         if self._info is None:
             kvm = self.machine.kvm
-            xsave2 = kvm.check_extension(Cap.XSAVE2)
+            # the XSAVE2 size depends on the VM (guest XSTATE permissions taken at VM
+            # creation): ask the VM fd, as the KVM API says, never the system fd
+            xsave2 = self.machine.vm.check_extension(Cap.XSAVE2)
             offsets: dict[int, tuple[int, int]] = {}
             d0 = cpuid_mod.find(self.cpuid, 0xD, 0)
             xcr0_bits = d0.eax | (d0.edx << 32) if d0 else 3
@@ -192,10 +196,7 @@ class X86Plugin:
             # delivers INIT/SIPI, so every vCPU thread enters KVM from the start
             cpu.start_active = True
         if not st.tsc_khz:
-            try:
-                st.tsc_khz = cpu.vcpu.ioctl(X.KVM_GET_TSC_KHZ)
-            except KvmError:
-                st.tsc_khz = host_tsc_khz()
+            st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
 
     @hookimpl
     def create_thread_context(self, cpu: Any) -> X86Context:
@@ -205,14 +206,15 @@ class X86Plugin:
     # --- sync ---------------------------------------------------------------------------
 
     @hookimpl
-    def update_kvm_state(self, cpu: Any, context: X86Context, level: SyncLevel) -> bool:
-        context.push_dirty(level)
-        return True
+    def update_kvm_state(self, cpu: Any, context: X86Context, level: SyncLevel) -> int:
+        """Push; returns the number of KVM ioctls issued (0: nothing needed writing)."""
+        return context.push_dirty(level)
 
     @hookimpl
-    def update_thread_context(self, cpu: Any, context: X86Context, level: SyncLevel) -> bool:
-        context.pull(level)
-        return True
+    def update_thread_context(self, cpu: Any, context: X86Context, level: SyncLevel) -> int:
+        """Pull (lazy: invalidate only; eager/always_sync: every group); returns the number
+        of KVM ioctls issued."""
+        return context.pull(level)
 
     # --- exits ----------------------------------------------------------------------------
 
@@ -242,9 +244,12 @@ class X86Plugin:
     @hookimpl
     def get_host_cycles(self, cpu: Any) -> CycleSource:
         st = self.state(cpu.machine)
-        khz = st.tsc_khz or host_tsc_khz()
+        if not st.tsc_khz:
+            st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        khz = st.tsc_khz
         return CycleSource("tsc", lib.kvmfw_x86_rdtsc, khz * 1000.0,
-                           note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall)")
+                           note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall; "
+                                f"rate from {st.tsc_khz_source})")
 
     # --- guests ---------------------------------------------------------------------------
 
@@ -322,15 +327,46 @@ def refresh_apic_map(machine: Any) -> None:
         cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(state), "KVM_SET_LAPIC")
 
 
-def host_tsc_khz() -> int:
-    """TSC frequency from /proc/cpuinfo (``cpu MHz``) when KVM does not say."""
+def vcpu_tsc_khz(vcpu: Any) -> tuple[int, str]:
+    """The vCPU's TSC rate in kHz (``KVM_GET_TSC_KHZ``: the rate KVM gives the guest,
+    the host's unless scaled) and where it came from; measured if KVM does not say."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return int(float(line.split(":")[1]) * 1000)
-    except OSError:
-        pass
-    return 2_000_000
+        khz = vcpu.ioctl(X.KVM_GET_TSC_KHZ)
+    except KvmError as exc:
+        khz, how = host_tsc_khz()
+        return khz, f"{how}; KVM_GET_TSC_KHZ failed: {exc}"
+    if khz > 0:
+        return khz, "KVM_GET_TSC_KHZ"
+    khz, how = host_tsc_khz()
+    return khz, f"{how}; KVM_GET_TSC_KHZ gave {khz}"
+
+
+def host_tsc_khz(window_s: float = 0.05) -> tuple[int, str]:
+    """The host TSC's rate measured against ``CLOCK_MONOTONIC`` over ``window_s``, and a
+    note saying so. (``cpu MHz`` in /proc/cpuinfo is a core's current clock, which
+    frequency scaling moves; the invariant TSC does not follow it.)"""
+    import time
+
+    def pair() -> tuple[int, int]:
+        # the tightest of a few (rdtsc, clock) pairs: a preemption between the two reads
+        # would skew one pair, not the smallest gap
+        best: tuple[int, int, int] | None = None
+        for _ in range(5):
+            t0 = time.monotonic_ns()
+            c = lib.kvmfw_x86_rdtsc()
+            t1 = time.monotonic_ns()
+            if best is None or t1 - t0 < best[0]:
+                best = (t1 - t0, c, (t0 + t1) // 2)
+        assert best is not None
+        return best[1], best[2]
+
+    c0, t0 = pair()
+    time.sleep(window_s)
+    c1, t1 = pair()
+    khz = int((c1 - c0) * 1_000_000 / max(t1 - t0, 1))
+    if khz <= 0:
+        return 2_000_000, "a guess of 2 GHz (the TSC did not advance)"
+    return khz, f"measured against CLOCK_MONOTONIC over {window_s * 1000:.0f} ms"
 
 
 def default_board(machine: Any) -> list[str]:
