@@ -32,6 +32,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from kvmfw.cpu import RUNNING_SERVICE_COMPLETION
 from kvmfw.errors import KvmError, StateError
 from kvmfw.hookspecs import SyncLevel
 
@@ -47,6 +48,8 @@ CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 GROUPS = ("sregs", "msrs", "xcrs", "xsave", "regs", "debugregs", "events")
 """All groups, in push order (mode first, XCR0 before the XSAVE area, events last)."""
 RUNTIME_GROUPS = ("regs", "sregs")
+_PLAIN_ATTRS = frozenset(("cpu", "info", "eager", "fetches", "pushes", "ioctls_get",
+                          "ioctls_set", "completions"))
 
 MSR_IA32_TSC = 0x10
 U64 = 0xFFFFFFFFFFFFFFFF
@@ -80,6 +83,20 @@ def _uint(value: Any, bits: int, what: str) -> int:
 def _le(value: Any, n: int, what: str) -> bytes:
     """``value`` as ``n`` little-endian bytes (StateError if it is not an n-byte unsigned)."""
     return _uint(value, 8 * n, what).to_bytes(n, "little")
+
+
+def _changed_bytes(a: bytes, b: bytes) -> list[int]:
+    """Offsets where ``a`` and ``b`` (same length) differ."""
+    if a == b:
+        return []
+    x = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
+    out = []
+    while x:
+        low = x & -x
+        i = (low.bit_length() - 1) // 8
+        out.append(i)
+        x &= ~(0xFF << 8 * i)
+    return out
 
 
 def _dtable(value: Any, what: str) -> tuple[int, int]:
@@ -261,6 +278,21 @@ class X86Context:
         self._msr_dirty: set[int] = set()
         self._msr_unwritable: set[int] = set()
         """MSRs KVM refused to take back unchanged (e.g. MSR_KVM_ASYNC_PF_INT as read)."""
+        # each struct group's buffer and size, and a copy of it as KVM gave it, taken at the
+        # first write after a fetch: what the host changed is the difference (see
+        # _complete_pending_access)
+        self._bufs: dict[str, tuple[Any, int]] = {
+            "regs": (self._regs, ffi.sizeof(self._regs[0])),
+            "sregs": (self._sregs, ffi.sizeof(self._sregs[0])),
+            "xsave": (self._xsave, info.xsave_size),
+            "xcrs": (self._xcrs, ffi.sizeof(self._xcrs[0])),
+            "debugregs": (self._debugregs, ffi.sizeof(self._debugregs[0])),
+            "events": (self._events, ffi.sizeof(self._events[0])),
+        }
+        self._base = {g: ffi.new("uint8_t[]", n) for g, (_, n) in self._bufs.items()}
+        self._pushing = False
+        self.completions = 0
+        """Pending IO/MMIO completions done before a push (see push_dirty)."""
         object.__setattr__(self, "_init", False)
 
     # --- group bookkeeping -------------------------------------------------------------
@@ -270,6 +302,13 @@ class X86Context:
             self.invalidate()  # KVM ran since we last looked, even if nobody pulled
         if not self._valid[group]:
             self.fetch(group)
+
+    def _need_w(self, group: str) -> None:
+        """Before a write: the group is current, and its unchanged copy is kept."""
+        self._need(group)
+        if not self._dirty[group]:
+            buf, n = self._bufs[group]
+            ffi.memmove(self._base[group], buf, n)
 
     def _touch(self, group: str) -> None:
         self._dirty[group] = True
@@ -454,13 +493,63 @@ class X86Context:
 
     def push_dirty(self, level: SyncLevel) -> int:
         """``update_kvm_state``: push dirty groups; FULL (or eager) pushes every valid one
-        (eager/always_sync: every MSR too). Returns the number of ioctls issued."""
+        (eager/always_sync: every group and every MSR). Returns the number of ioctls issued.
+
+        After an IO or MMIO exit KVM completes the access at the next entry (an IN's data
+        into RAX, an MMIO read into its register, RIP past the instruction); a register
+        write before that completion makes KVM lose the data. So when one is pending and
+        something is to be pushed, the access is completed first (a half entry) and the
+        host's changes are re-applied on top of what KVM then holds."""
+        if self._pushing:
+            return 0  # our own half entry: nothing may be written before the completion
         sync_all = self._sync_all
         full = sync_all or level >= SyncLevel.FULL
         n = 0
+        if (full or any(self._dirty.values())) and self._access_pending():
+            n += self._complete_pending_access()
+            if sync_all:  # gem5's always-sync: every group goes back, so read it first
+                for g in GROUPS:
+                    if not self._valid[g]:
+                        n += self.fetch(g)
         for g in GROUPS:
             if self._dirty[g] or (full and self._valid[g]):
                 n += self.push(g, all_msrs=sync_all and g == "msrs")
+        return n
+
+    def _access_pending(self) -> bool:
+        """Whether KVM still has to complete the last IO/MMIO exit at the next entry."""
+        return getattr(self.cpu, "status", None) is RUNNING_SERVICE_COMPLETION
+
+    def _complete_pending_access(self) -> int:
+        """Complete the pending access with a half entry, then re-read every group the
+        host changed and re-apply its changes (the bytes it wrote; the MSRs it set).
+        Returns the ioctls issued (the entry included)."""
+        changed = {g: (bytes(ffi.buffer(self._base[g], n)), bytes(ffi.buffer(buf, n)))
+                   for g, (buf, n) in self._bufs.items() if self._dirty[g]}
+        msrs = {i: self._msrs[i] for i in self._msr_dirty} if self._dirty["msrs"] else {}
+        self._pushing = True
+        try:
+            self.cpu.half_entry()
+        finally:
+            self._pushing = False
+        self.completions += 1
+        self._discard()
+        self._run_key = self.cpu.runs
+        n = 1
+        for g, (base, mine) in changed.items():
+            n += self.fetch(g)
+            buf, size = self._bufs[g]
+            ffi.memmove(self._base[g], buf, size)
+            merged = bytearray(ffi.buffer(buf, size))
+            for i in _changed_bytes(base, mine):
+                merged[i] = mine[i]
+            ffi.buffer(buf, size)[:] = bytes(merged)
+            self._dirty[g] = True
+        if msrs:
+            n += self.fetch("msrs")
+            self._msrs.update(msrs)
+            self._msr_dirty.update(msrs)
+            self._dirty["msrs"] = True
         return n
 
     def fetch_all(self) -> None:
@@ -477,8 +566,7 @@ class X86Context:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _PROPS or self.__dict__.get("_init", True) or name.startswith("_") \
-                or name in ("cpu", "info", "eager", "fetches", "pushes", "ioctls_get",
-                             "ioctls_set"):
+                or name in _PLAIN_ATTRS:
             object.__setattr__(self, name, value)
         else:
             raise AttributeError(f"x86 context has no register {name!r}")
@@ -498,7 +586,7 @@ class X86Context:
     @property
     def gdt(self) -> tuple[int, int]:
         """``(base, limit)``."""
-        self._need("sregs")
+        self._need_w("sregs")
         return int(self._sregs.gdt.base), int(self._sregs.gdt.limit)
 
     @gdt.setter
@@ -510,7 +598,7 @@ class X86Context:
 
     @property
     def idt(self) -> tuple[int, int]:
-        self._need("sregs")
+        self._need_w("sregs")
         return int(self._sregs.idt.base), int(self._sregs.idt.limit)
 
     @idt.setter
@@ -578,7 +666,7 @@ class X86Context:
     def set_xcr(self, index: int, value: int) -> None:
         index = _uint(index, 32, "XCR index")
         value = _uint(value, 64, f"XCR{index}")
-        self._need("xcrs")
+        self._need_w("xcrs")
         x = self._xcrs
         nr = int(x.nr_xcrs)
         cap = len(x.xcrs)
@@ -612,7 +700,7 @@ class X86Context:
     def set_dr(self, n: int, value: int) -> None:
         """Set DR``n`` (0-3, 6 or 7)."""
         value = _uint(value, 64, f"DR{n}")
-        self._need("debugregs")
+        self._need_w("debugregs")
         d = self._debugregs
         if n in (0, 1, 2, 3):
             d.db[n] = value
@@ -648,7 +736,7 @@ class X86Context:
             if k not in widths:
                 raise StateError(f"vCPU event {kind} has no field {k!r}")
             checked[k] = _uint(v, widths[k], f"{kind}.{k}")
-        self._need("events")
+        self._need_w("events")
         target = getattr(self._events, kind)
         for k, v in checked.items():
             setattr(target, k, v)
@@ -682,7 +770,7 @@ class X86Context:
         if foreign:
             raise StateError(f"XSAVE image holds components {foreign:#x} this host does not "
                              f"enable (it enables {self.info.xfeatures:#x})")
-        self._need("xsave")
+        self._need_w("xsave")
         dst = ffi.buffer(self._xsave, size)
         dst[0:len(data)] = data
         dst[len(data):size] = bytes(size - len(data))
@@ -700,7 +788,7 @@ class X86Context:
 
     def _xs_set(self, off: int, data: bytes, component: int | None = None) -> None:
         self._xs_check(off, len(data))
-        self._need("xsave")
+        self._need_w("xsave")
         ffi.buffer(self._xsave + off, len(data))[:] = data
         if component is not None:
             hdr = ffi.buffer(self._xsave + XS_HEADER, 8)
@@ -893,7 +981,7 @@ def _reg_property(group: str, struct_attr: str, field: str) -> property:
     def set_(self: X86Context, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise StateError(f"{field} must be an integer, not {type(value).__name__}")
-        self._need(group)
+        self._need_w(group)
         setattr(getattr(self, struct_attr), field, value & U64)
         self._dirty[group] = True
         self.cpu.mark_context_dirty()
@@ -909,7 +997,7 @@ def _seg_property(name: str) -> property:
     def set_(self: X86Context, value: Segment) -> None:
         if not isinstance(value, Segment):
             raise StateError(f"{name} takes a Segment, not {type(value).__name__}")
-        self._need("sregs")
+        self._need_w("sregs")
         value.to_c(getattr(self._sregs, name))
         self._touch("sregs")
 

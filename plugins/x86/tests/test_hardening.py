@@ -240,6 +240,51 @@ def test_always_sync_reads_and_writes_every_group_at_every_exit(machine_factory)
     assert ctx.ioctls_set - set0 >= (exits - 1) * per_group
 
 
+class TouchyUart:
+    """A 16550 stand-in whose LSR read (an IN the guest polls) also writes a register of
+    the CPU, as a debugger or an exit handler may: a register push before KVM completed
+    the IN once lost the IN's data (the guest then polled forever)."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.out = bytearray()
+        self.touches = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset == 5:
+            ctx = self.machine.cpus[0].get_context()
+            ctx.rbp = ctx.rbp ^ 1  # unused by the guest's print loop
+            ctx.set_dr(0, 0x1000 + self.touches)
+            self.touches += 1
+            return b"\x60"
+        return b"\0"
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset == 0:
+            self.out += data
+
+
+@pytest.mark.parametrize("always_sync", [False, True])
+def test_register_writes_during_an_in_exit_keep_its_data(machine_factory,
+                                                         always_sync: bool) -> None:
+    """The default guest polls the UART's LSR with ``in``. A push during that exit must
+    wait for KVM to complete the IN (half entry), then re-apply the host's changes. With
+    always_sync every exit pushes every group, so this is also its end-to-end test."""
+    m, _ = machine_factory()
+    cpu = m.cpus[0]
+    cpu.always_sync = always_sync
+    uart = TouchyUart(m)
+    m.map_device(Range("pio", 0x3F8, 8, "uart"), uart)
+    path = m.hooks.call("default_guest", machine=m)
+    assert m.hooks.call("load_guest", machine=m, image=path, options={"cmdline": "quiet"})
+    r = m.run(timeout=30)
+    assert r.status == 0
+    assert "Hello from kvmfw" in uart.out.decode() and "exiting" in uart.out.decode()
+    ctx = cpu.get_context()
+    assert uart.touches > 50 and ctx.completions >= uart.touches
+    assert ctx.dr[0] == 0x1000 + uart.touches - 1  # the host's last write went in
+
+
 def test_sync_hooks_return_the_ioctls_they_issued(machine_factory) -> None:
     m, _ = machine_factory()
     plugin = m.hooks.pm.get_plugin("arch:x86")
