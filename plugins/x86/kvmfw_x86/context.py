@@ -85,17 +85,18 @@ def _le(value: Any, n: int, what: str) -> bytes:
     return _uint(value, 8 * n, what).to_bytes(n, "little")
 
 
-def _changed_bytes(a: bytes, b: bytes) -> list[int]:
-    """Offsets where ``a`` and ``b`` (same length) differ."""
+def _changed_words(a: bytes, b: bytes) -> list[int]:
+    """Offsets of the 8-byte words where ``a`` and ``b`` (same length) differ: a field the
+    host wrote is re-applied whole (every register in ``kvm_regs`` is one word), never
+    mixed byte by byte with what KVM changed."""
     if a == b:
         return []
     x = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
     out = []
     while x:
-        low = x & -x
-        i = (low.bit_length() - 1) // 8
-        out.append(i)
-        x &= ~(0xFF << 8 * i)
+        w = ((x & -x).bit_length() - 1) // 64
+        out.append(8 * w)
+        x &= ~((1 << 64) - 1 << 64 * w)
     return out
 
 
@@ -541,8 +542,8 @@ class X86Context:
             buf, size = self._bufs[g]
             ffi.memmove(self._base[g], buf, size)
             merged = bytearray(ffi.buffer(buf, size))
-            for i in _changed_bytes(base, mine):
-                merged[i] = mine[i]
+            for i in _changed_words(base, mine):
+                merged[i:i + 8] = mine[i:i + 8]
             ffi.buffer(buf, size)[:] = bytes(merged)
             self._dirty[g] = True
         if msrs:

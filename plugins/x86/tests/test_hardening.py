@@ -489,3 +489,40 @@ def test_interrupt_and_ipi_records_are_bounded(machine_factory) -> None:
     for _ in range(n):
         st.interrupts.nmi(1)
     assert st.interrupts.nmis[1] <= 2
+
+
+def test_cpuid_options_and_tables_are_checked() -> None:
+    """CPUID model values from a config, and the table's size and values, are checked
+    before KVM or cffi sees them (a cffi OverflowError once escaped for ``--cpus 1000``)."""
+    from kvmfw.errors import ConfigError
+
+    from kvmfw_x86.cpuid import CpuidEntry, CpuidModel, for_vcpu, pack_cpuid2
+
+    for bad in ({"family": "six"}, {"model": 0x100}, {"stepping": -1}, {"mask": [1]},
+                {"vendor": 12}, {"brand": ["x"]}):
+        with pytest.raises(ConfigError):
+            CpuidModel.from_options(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="12 characters"):
+        CpuidModel(vendor="GenuineIntél").apply([CpuidEntry(0, 0, 0, 0xD, 0, 0, 0)])
+    assert CpuidModel.from_options({"family": "0x6", "model": 85}) == CpuidModel(
+        family=6, model=85)
+    leaf1 = [CpuidEntry(1, 0, 0, 0x806F8, 0x800, 0, 0)]
+    e = for_vcpu(leaf1, 1000, 1024)[0]
+    assert e.ebx >> 24 == 1000 & 0xFF and (e.ebx >> 16) & 0xFF == 0xFF
+    pack_cpuid2(for_vcpu(leaf1, 1000, 1024))  # fits
+    with pytest.raises(ConfigError, match="at most 256"):
+        pack_cpuid2(leaf1 * 257)
+    with pytest.raises(ConfigError, match="32-bit"):
+        pack_cpuid2([CpuidEntry(1, 0, 0, 1 << 32, 0, 0, 0)])
+
+
+def test_host_changes_are_merged_by_whole_fields() -> None:
+    """After completing a pending access the host's writes are re-applied per 8-byte
+    field, never byte by byte (a RIP the host set must not mix with KVM's)."""
+    from kvmfw_x86.context import _changed_words
+
+    base = (0x1234).to_bytes(8, "little") + bytes(8)
+    mine = (0x1299).to_bytes(8, "little") + bytes(7) + b"\1"
+    assert _changed_words(base, mine) == [0, 8]
+    assert _changed_words(base, base) == []
+    assert _changed_words(bytes(12), bytes(11) + b"\1") == [8]
