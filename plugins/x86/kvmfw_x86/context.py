@@ -566,8 +566,8 @@ class X86Context:
     # --- registers ------------------------------------------------------------------------
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _PROPS or self.__dict__.get("_init", True) or name.startswith("_") \
-                or name in _PLAIN_ATTRS:
+        if name[0] == "_" or name in _PLAIN_ATTRS or name in _PROPS \
+                or self.__dict__.get("_init", True):
             object.__setattr__(self, name, value)
         else:
             raise AttributeError(f"x86 context has no register {name!r}")
