@@ -145,9 +145,10 @@ class UserspaceInterrupts:
         cpu.halted = False
         cpu.activate()
 
-    def _record(self, cpu_id: int, vector: int) -> None:
-        self.delivered.append((cpu_id, vector))
+    def _record(self, cpu: Any, vector: int) -> None:
+        self.delivered.append((cpu.id, vector))
         self.delivered_total += 1
+        cpu.stats.interrupts += 1  # "interrupts injected from userspace"
 
     def _halted_with_if_clear(self, cpu: Any) -> bool:
         """Whether the vCPU's last exit was a ``hlt`` executed with interrupts disabled
@@ -184,12 +185,12 @@ class UserspaceInterrupts:
         if self.nmis.get(cpu.id):
             self.nmis[cpu.id] -= 1
             cpu.vcpu.nmi()
-            self._record(cpu.id, 2)
+            self._record(cpu, 2)
         q = self.pending.get(cpu.id)
         if q and run.ready_for_interrupt_injection and run.if_flag:
             self._irq.irq = q.popleft()
             cpu.vcpu.ioctl(X.KVM_INTERRUPT, addr(self._irq))
-            self._record(cpu.id, int(self._irq.irq))
+            self._record(cpu, int(self._irq.irq))
         more = bool(q) or bool(self.nmis.get(cpu.id))
         run.request_interrupt_window = 1 if q else 0
         cpu.interrupt_pending = more
