@@ -243,6 +243,20 @@ class X86Plugin:
 
     @hookimpl
     def get_host_cycles(self, cpu: Any) -> CycleSource:
+        """The host TSC, read with ``rdtsc`` around each ``KVM_RUN``, at the rate KVM gives
+        the vCPU (``KVM_GET_TSC_KHZ``; measured against ``CLOCK_MONOTONIC`` if KVM does not
+        say).
+
+        Which clock each part follows: simulated time (the event queue) advances by the
+        host TSC cycles spent inside ``KVM_RUN`` (times ``host_factor``). The guest's TSC
+        is the host TSC plus KVM's offset (no scaling unless ``KVM_SET_TSC_KHZ``): it runs
+        on while the host services an exit, while the vCPU is halted in userspace, and
+        while the process is descheduled; kvmfw moves it only when the host sets the TSC
+        MSR (``set_msr``, a restore), never by pushing back a value it read. The in-kernel
+        LAPIC timer (TSC-deadline included), the PIT (which re-injects missed ticks) and
+        kvmclock run on host ``CLOCK_MONOTONIC`` hrtimers. So all of them follow host time,
+        and lead simulated time by the service and idle time. The userspace irqchip models
+        no APIC timer: its timers are devices on the event queue (simulated time)."""
         st = self.state(cpu.machine)
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
