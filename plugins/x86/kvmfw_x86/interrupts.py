@@ -29,6 +29,7 @@ from typing import Any
 
 from kvmfw.abi import ExitReason
 from kvmfw.device import CallbackIrqLine
+from kvmfw.errors import ConfigError
 
 from kvmfw_x86.abi import X, addr, ffi
 from kvmfw_x86.context import Segment
@@ -82,6 +83,10 @@ class UserspaceInterrupts:
 
     def line(self, number: int, cpu: int = 0) -> CallbackIrqLine:
         """An IRQ line: a rising edge posts ``base + number`` to ``cpu``."""
+        if not 0 <= number <= 0xFF - self.base or not 0 <= cpu < len(self.machine.cpus):
+            raise ConfigError(f"no userspace IRQ line {number} to cpu {cpu} (lines 0 to "
+                              f"{0xFF - self.base}, {len(self.machine.cpus)} CPUs)")
+
         def set_level(level: int) -> None:
             if level:
                 self.post(cpu, self.base + number)

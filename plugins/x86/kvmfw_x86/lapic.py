@@ -32,6 +32,8 @@ PERCPU_BASE = 0x2000_0000_0000_0000
 
 APIC_ID, APIC_VERSION, APIC_LDR, APIC_DFR, APIC_SVR = 0x20, 0x30, 0xD0, 0xE0, 0xF0
 APIC_ICR_LO, APIC_ICR_HI = 0x300, 0x310
+APIC_ESR = 0x280
+ESR_SEND_ILLEGAL = 1 << 5
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_STARTUP = 0, 1, 2, 4, 5, 6
 VERSION = 0x00050014
 """An integrated APIC (version 0x14) with 6 LVT entries, as KVM's."""
@@ -127,6 +129,11 @@ class UserspaceLapics:
         if mode == DM_INIT and not low & (1 << 14) and low & (1 << 15):
             return  # INIT level de-assert: nothing to do (as KVM)
         irq = self.interrupts
+        if mode in (DM_FIXED, DM_LOWEST) and vector < 16:
+            # vectors 0-15 are illegal: the sending APIC flags "send illegal vector" in
+            # its ESR and delivers nothing (SDM 11.5.3)
+            self.regs[sender][APIC_ESR] = self.regs[sender].get(APIC_ESR, 0) | ESR_SEND_ILLEGAL
+            return
         for target in self.destinations(sender, low, high):
             self.ipis.append((sender, target, mode, vector))
             self.ipis_sent += 1

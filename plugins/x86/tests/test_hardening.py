@@ -526,3 +526,22 @@ def test_host_changes_are_merged_by_whole_fields() -> None:
     assert _changed_words(base, mine) == [0, 8]
     assert _changed_words(base, base) == []
     assert _changed_words(bytes(12), bytes(11) + b"\1") == [8]
+
+
+def test_illegal_ipi_vectors_and_irq_lines_are_refused(machine_factory) -> None:
+    """Vectors 0-15 are not deliverable (the sender's ESR says so; KVM_INTERRUPT would
+    have injected them as exceptions); an IRQ line past vector 255 is a config error
+    (KVM_INTERRUPT once refused it mid-run)."""
+    from kvmfw.errors import ConfigError
+
+    from kvmfw_x86.lapic import APIC_ESR, ESR_SEND_ILLEGAL
+
+    m, _ = machine_factory(irqchip="userspace", cpus=2)
+    st = x86(m)
+    st.lapics.send_ipi(0, 0x05, 1 << 24)  # fixed, vector 5, to CPU 1
+    assert not st.interrupts.pending.get(1) and st.lapics.ipis_sent == 0
+    assert st.lapics.regs[0][APIC_ESR] & ESR_SEND_ILLEGAL
+    for bad in ((224,), (-1,), (0, 2)):
+        with pytest.raises(ConfigError):
+            st.interrupts.line(*bad)
+    st.interrupts.line(0xDF)  # vector 0xFF: the last one
