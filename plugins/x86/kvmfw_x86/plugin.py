@@ -345,14 +345,16 @@ def vcpu_tsc_khz(vcpu: Any) -> tuple[int, str]:
     """The vCPU's TSC rate in kHz (``KVM_GET_TSC_KHZ``: the rate KVM gives the guest,
     the host's unless scaled) and where it came from; measured if KVM does not say."""
     try:
-        khz = vcpu.ioctl(X.KVM_GET_TSC_KHZ)
+        kvm_khz = vcpu.ioctl(X.KVM_GET_TSC_KHZ)
     except KvmError as exc:
-        khz, how = host_tsc_khz()
-        return khz, f"{how}; KVM_GET_TSC_KHZ failed: {exc}"
-    if khz > 0:
-        return khz, "KVM_GET_TSC_KHZ"
+        why = f"KVM_GET_TSC_KHZ failed: {exc}"
+    else:
+        if kvm_khz > 0:
+            return kvm_khz, "KVM_GET_TSC_KHZ"
+        why = f"KVM_GET_TSC_KHZ gave {kvm_khz}"
     khz, how = host_tsc_khz()
-    return khz, f"{how}; KVM_GET_TSC_KHZ gave {khz}"
+    log.info("TSC rate %d kHz %s (%s)", khz, how, why)
+    return khz, f"{how}; {why}"
 
 
 def host_tsc_khz(window_s: float = 0.05) -> tuple[int, str]:

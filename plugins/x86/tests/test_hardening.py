@@ -545,3 +545,19 @@ def test_illegal_ipi_vectors_and_irq_lines_are_refused(machine_factory) -> None:
         with pytest.raises(ConfigError):
             st.interrupts.line(*bad)
     st.interrupts.line(0xDF)  # vector 0xFF: the last one
+
+
+def test_tsc_rate_fallback_says_why() -> None:
+    from types import SimpleNamespace
+
+    from kvmfw.errors import KvmError
+
+    from kvmfw_x86.plugin import vcpu_tsc_khz
+
+    def fails(*a: Any) -> int:
+        raise KvmError("KVM_GET_TSC_KHZ", 25)
+
+    khz, why = vcpu_tsc_khz(SimpleNamespace(ioctl=fails))
+    assert khz > 0 and "measured" in why and "ENOTTY" in why
+    khz, why = vcpu_tsc_khz(SimpleNamespace(ioctl=lambda *a: 0))
+    assert khz > 0 and "gave 0" in why
