@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmfw.abi import Cap
-from kvmfw.errors import ConfigError, KvmError
+from kvmfw.errors import ConfigError, KvmError, StateError
 from kvmfw.hookspecs import SyncLevel, hookimpl
 from kvmfw.timer import CycleSource
 
@@ -41,6 +41,9 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 PCI_HOLE = 0xC0000000
 """RAM above 3 GiB is mapped above 4 GiB (the PCI/MMIO hole of a PC)."""
 MSR_IA32_TSC = 0x10
+MSR_TSC_DEADLINE = 0x6E0
+MP_STATE_MAX = 8
+"""The highest ``KVM_MP_STATE_*`` (AP_RESET_HOLD)."""
 
 
 class X86Machine:
@@ -308,14 +311,60 @@ class X86Plugin:
 
     @hookimpl
     def save_arch_state(self, cpu: Any) -> dict[str, Any]:
+        """The thread context's groups, and with the in-kernel irqchip this vCPU's local
+        APIC (``KVM_GET_LAPIC``) and MP state (halted, waiting for SIPI...)."""
         ctx: X86Context = cpu.get_context(SyncLevel.FULL)
-        return ctx.save()
+        state = ctx.save()
+        if self.state(cpu.machine).irqchip == "kernel":
+            lapic = ffi.new("struct kvm_lapic_state *")
+            cpu.vcpu.ioctl(X.KVM_GET_LAPIC, addr(lapic), "KVM_GET_LAPIC")
+            state["lapic"] = bytes(ffi.buffer(lapic)).hex()
+            mp = ffi.new("struct kvm_mp_state *")
+            cpu.vcpu.ioctl(X.KVM_GET_MP_STATE, addr(mp), "KVM_GET_MP_STATE")
+            state["mp_state"] = int(mp.mp_state)
+        return state
 
     @hookimpl
     def restore_arch_state(self, cpu: Any, state: dict[str, Any]) -> bool:
+        """Load :meth:`save_arch_state` output. Everything is checked before KVM sees it
+        (StateError: malformed, oversized, or from another irqchip mode or host)."""
+        if not isinstance(state, dict):
+            raise StateError(f"x86 CPU state is a mapping, not {type(state).__name__}")
+        kernel = self.state(cpu.machine).irqchip == "kernel"
+        lapic = mp = None
+        if ("lapic" in state or "mp_state" in state) and not kernel:
+            raise StateError("the state has an in-kernel local APIC; this machine runs the "
+                             "userspace irqchip (irqchip=kernel to restore it)")
+        if kernel and "lapic" in state:
+            lapic = ffi.new("struct kvm_lapic_state *")
+            size = ffi.sizeof(lapic[0])
+            raw = state["lapic"]
+            if not isinstance(raw, str) or len(raw) != 2 * size:
+                raise StateError(f"local APIC state is not {size} bytes of hex")
+            try:
+                ffi.buffer(lapic)[:] = bytes.fromhex(raw)
+            except ValueError:
+                raise StateError("local APIC state is not hex") from None
+        if kernel and "mp_state" in state:
+            mp = state["mp_state"]
+            if isinstance(mp, bool) or not isinstance(mp, int) or not 0 <= mp <= MP_STATE_MAX:
+                raise StateError(f"MP state {mp!r} is not one KVM defines (0 to "
+                                 f"{MP_STATE_MAX})")
         ctx: X86Context = cpu.get_context(SyncLevel.FULL)
         ctx.load(state)
-        cpu.sync_kvm_state(SyncLevel.FULL)
+        cpu.sync_kvm_state(SyncLevel.FULL)  # APIC base (sregs) before the APIC's state
+        if lapic is not None:
+            cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(lapic), "KVM_SET_LAPIC")
+            deadline = state.get("msrs", {}).get(f"{MSR_TSC_DEADLINE:#x}")
+            if deadline and MSR_TSC_DEADLINE in ctx.msrs:
+                # KVM ignores the deadline unless the APIC's timer is in TSC-deadline mode,
+                # so it goes after the APIC (as QEMU does)
+                ctx.set_msr(MSR_TSC_DEADLINE, deadline)
+                cpu.sync_kvm_state()
+        if mp is not None:
+            mps = ffi.new("struct kvm_mp_state *")
+            mps.mp_state = mp
+            cpu.vcpu.ioctl(X.KVM_SET_MP_STATE, addr(mps), "KVM_SET_MP_STATE")
         return True
 
     @hookimpl

@@ -561,3 +561,41 @@ def test_tsc_rate_fallback_says_why() -> None:
     assert khz > 0 and "measured" in why and "ENOTTY" in why
     khz, why = vcpu_tsc_khz(SimpleNamespace(ioctl=lambda *a: 0))
     assert khz > 0 and "gave 0" in why
+
+
+def test_in_kernel_lapic_and_mp_state_round_trip_and_are_checked(machine_factory) -> None:
+    """With the in-kernel irqchip the vCPU's local APIC and MP state are part of its
+    state; a restore checks their size and range before KVM sees them."""
+    import copy
+
+    from kvmfw_x86.abi import X, addr, ffi
+
+    m, _ = machine_factory(irqchip="kernel")
+    cpu = m.cpus[0]
+    loaders.load(m, str(GUESTS / "long64.elf"), {})
+
+    def lapic_tpr(value: int | None = None) -> int:
+        st = ffi.new("struct kvm_lapic_state *")
+        cpu.vcpu.ioctl(X.KVM_GET_LAPIC, addr(st))
+        if value is not None:
+            st.regs[0x80] = bytes([value])
+            cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(st))
+        return ffi.buffer(st.regs)[0x80][0]
+
+    lapic_tpr(0x30)
+    state = m.hooks.call("save_arch_state", cpu=cpu)
+    assert len(state["lapic"]) == 2048 and isinstance(state["mp_state"], int)
+    lapic_tpr(0x50)
+    assert m.hooks.call("restore_arch_state", cpu=cpu, state=state)
+    assert lapic_tpr() == 0x30
+    for key, value in (("lapic", "00" * 4096), ("lapic", "zz" * 1024), ("lapic", 5),
+                       ("mp_state", 99), ("mp_state", "halted")):
+        bad = copy.deepcopy(state)
+        bad[key] = value
+        with pytest.raises(StateError):
+            m.hooks.call("restore_arch_state", cpu=cpu, state=bad)
+    with pytest.raises(StateError):
+        m.hooks.call("restore_arch_state", cpu=cpu, state=["not", "a", "mapping"])
+    m2, _ = machine_factory(irqchip="userspace")
+    with pytest.raises(StateError, match="userspace irqchip"):
+        m2.hooks.call("restore_arch_state", cpu=m2.cpus[0], state=state)
