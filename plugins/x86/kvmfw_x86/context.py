@@ -386,7 +386,19 @@ class X86Context:
         return 1
 
     def push(self, group: str, *, all_msrs: bool = False) -> int:
-        """Write one group to KVM now; returns the number of ioctls issued."""
+        """Write one group to KVM now; returns the number of ioctls issued. If KVM refuses
+        the group, the write is dropped (the group is read from KVM again on next use)
+        and the KvmError raised: a refused value never stays queued for every entry."""
+        try:
+            return self._push(group, all_msrs)
+        except KvmError:
+            self._valid[group] = False
+            self._dirty[group] = False
+            if group == "msrs":
+                self._msr_dirty.clear()
+            raise
+
+    def _push(self, group: str, all_msrs: bool) -> int:
         v = self.cpu.vcpu
         n = 1
         if group == "regs":

@@ -351,8 +351,16 @@ class X86Plugin:
                 raise StateError(f"MP state {mp!r} is not one KVM defines (0 to "
                                  f"{MP_STATE_MAX})")
         ctx: X86Context = cpu.get_context(SyncLevel.FULL)
+        previous = ctx.save()
         ctx.load(state)
-        cpu.sync_kvm_state(SyncLevel.FULL)  # APIC base (sregs) before the APIC's state
+        try:
+            cpu.sync_kvm_state(SyncLevel.FULL)  # APIC base (sregs) before the APIC's state
+        except KvmError as exc:
+            # KVM refused part of it (a value this host's KVM does not take): put back
+            # what the vCPU held, so no half-restored state runs
+            ctx.load(previous)
+            cpu.sync_kvm_state(SyncLevel.FULL)
+            raise StateError(f"KVM refused the restored x86 state: {exc}") from None
         if lapic is not None:
             cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(lapic), "KVM_SET_LAPIC")
             deadline = state.get("msrs", {}).get(f"{MSR_TSC_DEADLINE:#x}")

@@ -599,3 +599,29 @@ def test_in_kernel_lapic_and_mp_state_round_trip_and_are_checked(machine_factory
     m2, _ = machine_factory(irqchip="userspace")
     with pytest.raises(StateError, match="userspace irqchip"):
         m2.hooks.call("restore_arch_state", cpu=m2.cpus[0], state=state)
+
+
+def test_state_kvm_refuses_is_rolled_back_not_left_queued(machine_factory) -> None:
+    """Found by test_state_fuzz: a restored MSR value KVM refuses (0x259 in
+    MSR_KVM_POLL_CONTROL) once stayed dirty, so every later push and load failed too."""
+    m, rep = machine_factory()
+    loaders.load(m, str(GUESTS / "long64.elf"), {})
+    cpu = m.cpus[0]
+    good = m.hooks.call("save_arch_state", cpu=cpu)
+    if "0x4b564d05" not in good["msrs"]:
+        pytest.skip("this KVM has no MSR_KVM_POLL_CONTROL (Linux < 5.3)")
+    bad = {**good, "msrs": {**good["msrs"], "0x4b564d05": 0x259},
+           "regs": {**good["regs"], "rip": 0x4321}}
+    with pytest.raises(StateError, match="KVM refused"):
+        m.hooks.call("restore_arch_state", cpu=cpu, state=bad)
+    ctx = cpu.get_context()
+    assert ctx.dirty_groups() == [] and ctx.rip == good["regs"]["rip"]
+    # the context is not poisoned: a user write KVM refuses is dropped after its error
+    from kvmfw.errors import KvmError
+
+    ctx.set_msr(0x4B564D05, 0x259)
+    with pytest.raises(KvmError):
+        cpu.sync_kvm_state()
+    assert ctx.dirty_groups() == []
+    assert m.run(timeout=30).reason == "reporter: guest done"
+    assert rep.values[:2] == [1548008755920 & 0xFFFFFFFF, 1548008755920 >> 32]
