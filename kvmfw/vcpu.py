@@ -19,7 +19,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from kvmfw.abi import IOCTLS, address_of, ffi, ioctl, lib
-from kvmfw.errors import KvmError
+from kvmfw.errors import KvmError, StateError
 
 if TYPE_CHECKING:
     from kvmfw.vm import VM
@@ -29,6 +29,9 @@ KICK_SIGNAL = signal.SIGRTMIN + 2
 
 _kick_handler_installed = False
 _kick_lock = threading.Lock()
+
+ONE_REG_MAX = 256
+"""Bytes in KVM's largest ONE_REG register (``KVM_REG_SIZE_U2048``): the buffer's size."""
 
 # Offsets in struct kvm_run, from the compiled layout.
 RUN_PAYLOAD = ffi.offsetof("struct kvm_run", "io")
@@ -123,18 +126,34 @@ class VCpu:
 
     def get_one_reg(self, reg_id: int, size: int | None = None) -> int:
         """``KVM_GET_ONE_REG``; ``size`` defaults to the size encoded in the id."""
-        n = size or (1 << ((reg_id >> 52) & 0xF))
+        n = self._one_reg_size(reg_id, size)
         r = self._one_reg
         r.id = reg_id
         ioctl(self.fd, IOCTLS.KVM_GET_ONE_REG, self._one_reg_addr, f"reg {reg_id:#x}")
         return int.from_bytes(ffi.buffer(self._one_reg_buf, n), "little")
 
     def set_one_reg(self, reg_id: int, value: int, size: int | None = None) -> None:
-        n = size or (1 << ((reg_id >> 52) & 0xF))
+        """``KVM_SET_ONE_REG``; StateError if ``value`` does not fit the register."""
+        n = self._one_reg_size(reg_id, size)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 8 * n:
+            raise StateError(f"value {value!r} does not fit the {n}-byte register {reg_id:#x}")
         r = self._one_reg
         r.id = reg_id
         ffi.buffer(self._one_reg_buf, n)[:] = value.to_bytes(n, "little")
         ioctl(self.fd, IOCTLS.KVM_SET_ONE_REG, self._one_reg_addr, f"reg {reg_id:#x}")
+
+    @staticmethod
+    def _one_reg_size(reg_id: int, size: int | None) -> int:
+        """Bytes moved for ``reg_id``: KVM copies the size its id encodes to or from our
+        buffer, so an id (or ``size``) larger than the buffer is refused, never sent."""
+        if not 0 <= reg_id < 1 << 64:
+            raise StateError(f"ONE_REG id {reg_id:#x} is not a 64-bit id")
+        encoded = 1 << ((reg_id >> 52) & 0xF)
+        n = encoded if size is None else size
+        if encoded > ONE_REG_MAX or not 0 < n <= ONE_REG_MAX:
+            raise StateError(f"ONE_REG id {reg_id:#x}: {max(n, encoded)} bytes is larger "
+                             f"than KVM's largest register ({ONE_REG_MAX} bytes)")
+        return n
 
     def reg_list(self) -> list[int]:
         """``KVM_GET_REG_LIST``: every ONE_REG id this vCPU has."""

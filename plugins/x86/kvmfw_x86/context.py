@@ -12,7 +12,18 @@ of one of its registers (the context compares the vCPU's exit and half-entry cou
 even a context held across a run never serves stale values); a write marks only its
 group dirty, and a push moves only dirty groups (and only the MSRs that changed). So an
 exit handler that reads RIP costs one ``KVM_GET_REGS``, not a pull of XSAVE and 40
-MSRs. ``eager=True`` gives gem5's all-or-nothing behaviour (for comparison, benchmarks).
+MSRs. ``eager=True`` gives gem5's all-or-nothing behaviour (for comparison, benchmarks);
+the core's ``always_sync`` (gem5's debugging aid) does the same for one CPU: every group is
+read from KVM after each exit and written before each entry.
+
+The TSC is never pushed back unless the host changed it (``set_msr``/``load``): the guest's
+TSC runs on in KVM (host TSC plus KVM's offset) while the host services an exit, so a value
+fetched at the exit is stale by the service time and pushing it would move the guest's TSC
+backwards.
+
+Everything written into a KVM buffer from outside data (a checkpoint, a user) is checked
+against the destination first: an oversized, out-of-range or foreign value raises
+:class:`~kvmfw.errors.StateError` and writes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from kvmfw.cpu import RUNNING_SERVICE_COMPLETION
 from kvmfw.errors import KvmError, StateError
 from kvmfw.hookspecs import SyncLevel
 
@@ -36,12 +48,70 @@ CONTROL = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 GROUPS = ("sregs", "msrs", "xcrs", "xsave", "regs", "debugregs", "events")
 """All groups, in push order (mode first, XCR0 before the XSAVE area, events last)."""
 RUNTIME_GROUPS = ("regs", "sregs")
+_PLAIN_ATTRS = frozenset(("cpu", "info", "eager", "fetches", "pushes", "ioctls_get",
+                          "ioctls_set", "completions"))
+
+MSR_IA32_TSC = 0x10
+U64 = 0xFFFFFFFFFFFFFFFF
 
 # XSAVE legacy area layout (Intel SDM vol. 1, 13.4.1)
 XS_FCW, XS_FSW, XS_FTW, XS_FOP, XS_FIP, XS_FDP, XS_MXCSR = 0, 2, 4, 6, 8, 16, 24
 XS_ST, XS_XMM, XS_HEADER = 32, 160, 512
+XS_MIN = XS_HEADER + 64
+"""The smallest valid XSAVE image: legacy area plus header."""
 # XSAVE components with a register file this context exposes
 XC_YMM, XC_OPMASK, XC_ZMM_HI256, XC_HI16_ZMM, XC_PKRU = 2, 5, 6, 7, 9
+
+
+EVENT_FIELDS: dict[str, dict[str, int]] = {
+    "exception": {"injected": 8, "nr": 8, "has_error_code": 8, "pending": 8, "error_code": 32},
+    "interrupt": {"injected": 8, "nr": 8, "soft": 8, "shadow": 8},
+    "nmi": {"injected": 8, "pending": 8, "masked": 8},
+}
+"""``struct kvm_vcpu_events`` fields :meth:`X86Context.set_event` writes, and their widths."""
+
+
+def _uint(value: Any, bits: int, what: str) -> int:
+    """``value`` checked to be an unsigned ``bits``-bit integer (StateError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StateError(f"{what} must be an integer, not {type(value).__name__}")
+    if not 0 <= value < 1 << bits:
+        raise StateError(f"{what} = {value:#x} does not fit in {bits} bits")
+    return value
+
+
+def _le(value: Any, n: int, what: str) -> bytes:
+    """``value`` as ``n`` little-endian bytes (StateError if it is not an n-byte unsigned)."""
+    return _uint(value, 8 * n, what).to_bytes(n, "little")
+
+
+def _changed_words(a: bytes, b: bytes) -> list[int]:
+    """Offsets of the 8-byte words where ``a`` and ``b`` (same length) differ: a field the
+    host wrote is re-applied whole (every register in ``kvm_regs`` is one word), never
+    mixed byte by byte with what KVM changed."""
+    if a == b:
+        return []
+    x = int.from_bytes(a, "little") ^ int.from_bytes(b, "little")
+    out = []
+    while x:
+        w = ((x & -x).bit_length() - 1) // 64
+        out.append(8 * w)
+        x &= ~((1 << 64) - 1 << 64 * w)
+    return out
+
+
+def _dtable(value: Any, what: str) -> tuple[int, int]:
+    try:
+        base, limit = value
+    except (TypeError, ValueError):
+        raise StateError(f"{what} is (base, limit), not {value!r}") from None
+    return _uint(base, 64, f"{what} base"), _uint(limit, 16, f"{what} limit")
+
+
+def _index(i: Any, count: int, what: str) -> int:
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count:
+        raise StateError(f"no register {what}{i} (0 to {count - 1})")
+    return i
 
 
 @dataclass
@@ -68,8 +138,16 @@ class Segment:
                    int(c.unusable))
 
     def to_c(self, c: Any) -> None:
-        for f in fields(self):
-            setattr(c, f.name, getattr(self, f.name))
+        """Write into a ``struct kvm_segment`` (StateError, and nothing written, if a field
+        does not fit)."""
+        vals = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        tmp = ffi.new("struct kvm_segment *")
+        try:
+            for name, v in vals:
+                setattr(tmp[0], name, v)
+        except (TypeError, OverflowError) as exc:
+            raise StateError(f"segment field out of range: {exc}") from None
+        ffi.memmove(ffi.addressof(c), tmp, ffi.sizeof("struct kvm_segment"))
 
     def __str__(self) -> str:
         return (f"sel={self.selector:#06x} base={self.base:#x} limit={self.limit:#x} "
@@ -118,6 +196,8 @@ class CpuInfo:
         self.msr_indices = msr_indices
         self.xsave_offsets = xsave_offsets
         """XSAVE component -> (offset, size) in the standard (non-compacted) format."""
+        self.xfeatures = 3 | sum(1 << c for c in xsave_offsets)
+        """The XSAVE components an image may carry here (x87, SSE and the enabled ones)."""
         self.has_xcrs = has_xcrs
         self.has_debugregs = has_debugregs
         self.has_events = has_events
@@ -173,6 +253,10 @@ class X86Context:
         self.eager = eager
         self.fetches = dict.fromkeys(GROUPS, 0)
         self.pushes = dict.fromkeys(GROUPS, 0)
+        self.ioctls_get = 0
+        """KVM ioctls issued to read state (what ``update_thread_context`` reports)."""
+        self.ioctls_set = 0
+        """KVM ioctls issued to write state."""
         self._valid = dict.fromkeys(GROUPS, False)
         self._dirty = dict.fromkeys(GROUPS, False)
         self._run_key: int | None = None
@@ -193,6 +277,23 @@ class X86Context:
         self._msr_entries = ffi.cast("struct kvm_msr_entry *", self._msr_buf + hdr)
         self._msrs: dict[int, int] = {}
         self._msr_dirty: set[int] = set()
+        self._msr_unwritable: set[int] = set()
+        """MSRs KVM refused to take back unchanged (e.g. MSR_KVM_ASYNC_PF_INT as read)."""
+        # each struct group's buffer and size, and a copy of it as KVM gave it, taken at the
+        # first write after a fetch: what the host changed is the difference (see
+        # _complete_pending_access)
+        self._bufs: dict[str, tuple[Any, int]] = {
+            "regs": (self._regs, ffi.sizeof(self._regs[0])),
+            "sregs": (self._sregs, ffi.sizeof(self._sregs[0])),
+            "xsave": (self._xsave, info.xsave_size),
+            "xcrs": (self._xcrs, ffi.sizeof(self._xcrs[0])),
+            "debugregs": (self._debugregs, ffi.sizeof(self._debugregs[0])),
+            "events": (self._events, ffi.sizeof(self._events[0])),
+        }
+        self._base = {g: ffi.new("uint8_t[]", n) for g, (_, n) in self._bufs.items()}
+        self._pushing = False
+        self.completions = 0
+        """Pending IO/MMIO completions done before a push (see push_dirty)."""
         object.__setattr__(self, "_init", False)
 
     # --- group bookkeeping -------------------------------------------------------------
@@ -203,13 +304,22 @@ class X86Context:
         if not self._valid[group]:
             self.fetch(group)
 
+    def _need_w(self, group: str) -> None:
+        """Before a write: the group is current, and its unchanged copy is kept."""
+        self._need(group)
+        if not self._dirty[group]:
+            buf, n = self._bufs[group]
+            ffi.memmove(self._base[group], buf, n)
+
     def _touch(self, group: str) -> None:
         self._dirty[group] = True
         self.cpu.mark_context_dirty()
 
-    def fetch(self, group: str) -> None:
-        """Read one group from KVM now (discarding unpushed writes to it)."""
+    def fetch(self, group: str) -> int:
+        """Read one group from KVM now (discarding unpushed writes to it); returns the
+        number of ioctls issued."""
         v = self.cpu.vcpu
+        n = 1
         if group == "regs":
             self._keep_previous("regs", self._prev_regs, self._regs)
             v.ioctl(X.KVM_GET_REGS, addr(self._regs))
@@ -218,24 +328,34 @@ class X86Context:
             v.ioctl(X.KVM_GET_SREGS2 if self.info.use_sregs2 else X.KVM_GET_SREGS,
                     addr(self._sregs))
         elif group == "xsave":
+            # the buffer holds max(xsave_size, 4096) bytes, xsave_size being what the VM fd
+            # says KVM_GET_XSAVE2 writes; plain KVM_GET_XSAVE writes 4096
             v.ioctl(X.KVM_GET_XSAVE2 if self.info.xsave_size > 4096 else X.KVM_GET_XSAVE,
                     addr(self._xsave))
         elif group == "xcrs":
+            n = 0
             if self.info.has_xcrs:
                 v.ioctl(X.KVM_GET_XCRS, addr(self._xcrs))
+                n = 1
         elif group == "msrs":
-            self._fetch_msrs()
+            n = self._fetch_msrs()
         elif group == "debugregs":
+            n = 0
             if self.info.has_debugregs:
                 v.ioctl(X.KVM_GET_DEBUGREGS, addr(self._debugregs))
+                n = 1
         elif group == "events":
+            n = 0
             if self.info.has_events:
                 v.ioctl(X.KVM_GET_VCPU_EVENTS, addr(self._events))
+                n = 1
         else:
             raise StateError(f"no x86 register group {group!r}")
         self._valid[group] = True
         self._dirty[group] = False
         self.fetches[group] += 1
+        self.ioctls_get += n
+        return n
 
     def _keep_previous(self, group: str, prev: Any, cur: Any) -> None:
         """Before a fetch: keep what the buffer held if it is from before KVM last ran."""
@@ -245,8 +365,12 @@ class X86Context:
             self._has_prev[group] = True
         self._fetched_at[group] = runs
 
-    def _fetch_msrs(self) -> None:
+    def _fetch_msrs(self) -> int:
         idx = self.info.msr_indices
+        if not idx:
+            self._msrs = {}
+            self._msr_dirty.clear()
+            return 0
         hdr = ffi.cast("struct kvm_msrs *", self._msr_buf)
         hdr.nmsrs = len(idx)
         e = self._msr_entries
@@ -255,13 +379,28 @@ class X86Context:
             e[i].data = 0
         got = self.cpu.vcpu.ioctl(X.KVM_GET_MSRS, addr(self._msr_buf))
         if got != len(idx):
-            raise KvmError("KVM_GET_MSRS", 5, f"MSR {idx[got]:#x} could not be read")
+            bad = idx[got] if 0 <= got < len(idx) else -1
+            raise KvmError("KVM_GET_MSRS", 5, f"MSR {bad:#x} could not be read")
         self._msrs = {int(e[i].index): int(e[i].data) for i in range(len(idx))}
         self._msr_dirty.clear()
+        return 1
 
-    def push(self, group: str, *, all_msrs: bool = False) -> None:
-        """Write one group to KVM now."""
+    def push(self, group: str, *, all_msrs: bool = False) -> int:
+        """Write one group to KVM now; returns the number of ioctls issued. If KVM refuses
+        the group, the write is dropped (the group is read from KVM again on next use)
+        and the KvmError raised: a refused value never stays queued for every entry."""
+        try:
+            return self._push(group, all_msrs)
+        except KvmError:
+            self._valid[group] = False
+            self._dirty[group] = False
+            if group == "msrs":
+                self._msr_dirty.clear()
+            raise
+
+    def _push(self, group: str, all_msrs: bool) -> int:
         v = self.cpu.vcpu
+        n = 1
         if group == "regs":
             v.ioctl(X.KVM_SET_REGS, addr(self._regs))
         elif group == "sregs":
@@ -274,25 +413,43 @@ class X86Context:
         elif group == "xsave":
             v.ioctl(X.KVM_SET_XSAVE, addr(self._xsave))
         elif group == "xcrs":
+            n = 0
             if self.info.has_xcrs:
                 v.ioctl(X.KVM_SET_XCRS, addr(self._xcrs))
+                n = 1
         elif group == "msrs":
-            self._push_msrs(all_msrs)
+            n = self._push_msrs(all_msrs)
         elif group == "debugregs":
+            n = 0
             if self.info.has_debugregs:
                 v.ioctl(X.KVM_SET_DEBUGREGS, addr(self._debugregs))
+                n = 1
         elif group == "events":
+            n = 0
             if self.info.has_events:
                 ev = self._events
                 ev.flags = int(ffi.cast("uint32_t", 0x1 | 0x4))  # NMI_PENDING | SHADOW
                 v.ioctl(X.KVM_SET_VCPU_EVENTS, addr(self._events))
+                n = 1
+        else:
+            raise StateError(f"no x86 register group {group!r}")
         self._dirty[group] = False
         self.pushes[group] += 1
+        self.ioctls_set += n
+        return n
 
-    def _push_msrs(self, all_msrs: bool) -> None:
-        todo = list(self._msrs) if all_msrs else sorted(self._msr_dirty)
+    def _push_msrs(self, all_msrs: bool) -> int:
+        """Write the changed MSRs (``all_msrs``: every one, except a TSC nobody changed:
+        see the module docstring). Returns the number of ioctls issued."""
+        dirty = self._msr_dirty
+        if all_msrs:
+            skip = self._msr_unwritable
+            todo = [m for m in self._msrs if m in dirty or (m != MSR_IA32_TSC and m not in skip)]
+        else:
+            todo = sorted(dirty)
         hdr_size = ffi.sizeof("struct kvm_msrs")
         esize = ffi.sizeof("struct kvm_msr_entry")
+        n = 0
         while todo:
             buf = ffi.new("uint8_t[]", hdr_size + len(todo) * esize)
             ffi.cast("struct kvm_msrs *", buf).nmsrs = len(todo)
@@ -301,16 +458,21 @@ class X86Context:
                 e[i].index = m
                 e[i].data = self._msrs[m]
             done = self.cpu.vcpu.ioctl(X.KVM_SET_MSRS, addr(buf))
+            n += 1
             if done == len(todo):
                 break
+            if not 0 <= done < len(todo):
+                raise KvmError("KVM_SET_MSRS", 22, f"KVM reported {done} of {len(todo)} written")
             bad = todo[done]
-            if bad in self._msr_dirty:
+            if bad in dirty:
                 # gem5 ignores a partial write; a silently dropped MSR corrupts the guest
                 raise KvmError("KVM_SET_MSRS", 22,
                                f"KVM refused MSR {bad:#x} = {self._msrs[bad]:#x} "
                                f"({done} of {len(todo)} written)")
+            self._msr_unwritable.add(bad)  # not offered again unless changed
             todo = todo[done + 1:]  # an unchanged MSR KVM will not take back: keep going
-        self._msr_dirty.clear()
+        dirty.clear()
+        return n
 
     # --- the hooks' entry points -------------------------------------------------------------
 
@@ -324,22 +486,84 @@ class X86Context:
             if not self._dirty[g]:
                 self._valid[g] = False
 
-    def pull(self, level: SyncLevel) -> None:
-        """``update_thread_context``: lazy (invalidate) or eager (gem5: fetch all now)."""
-        if not self.eager:
-            self.invalidate()
-            return
-        groups = RUNTIME_GROUPS if level <= SyncLevel.RUNTIME else GROUPS
-        for g in groups:
-            if not self._dirty[g]:
-                self.fetch(g)
+    @property
+    def _sync_all(self) -> bool:
+        """gem5's all-or-nothing sync: ``eager`` here or the core's ``always_sync``."""
+        return self.eager or bool(getattr(self.cpu, "always_sync", False))
 
-    def push_dirty(self, level: SyncLevel) -> None:
-        """``update_kvm_state``: push dirty groups; FULL (or eager) pushes every valid one."""
-        full = self.eager or level >= SyncLevel.FULL
+    def pull(self, level: SyncLevel) -> int:
+        """``update_thread_context``: lazy (invalidate) or, eager/always_sync, gem5's
+        fetch of everything now. Returns the number of ioctls issued."""
+        self.invalidate()
+        if not self._sync_all:
+            return 0
+        groups = RUNTIME_GROUPS if level <= SyncLevel.RUNTIME else GROUPS
+        n = 0
+        for g in groups:
+            if not self._valid[g]:
+                n += self.fetch(g)
+        return n
+
+    def push_dirty(self, level: SyncLevel) -> int:
+        """``update_kvm_state``: push dirty groups; FULL (or eager) pushes every valid one
+        (eager/always_sync: every group and every MSR). Returns the number of ioctls issued.
+
+        After an IO or MMIO exit KVM completes the access at the next entry (an IN's data
+        into RAX, an MMIO read into its register, RIP past the instruction); a register
+        write before that completion makes KVM lose the data. So when one is pending and
+        something is to be pushed, the access is completed first (a half entry) and the
+        host's changes are re-applied on top of what KVM then holds."""
+        if self._pushing:
+            return 0  # our own half entry: nothing may be written before the completion
+        sync_all = self._sync_all
+        full = sync_all or level >= SyncLevel.FULL
+        n = 0
+        if (full or any(self._dirty.values())) and self._access_pending():
+            n += self._complete_pending_access()
+            if sync_all:  # gem5's always-sync: every group goes back, so read it first
+                for g in GROUPS:
+                    if not self._valid[g]:
+                        n += self.fetch(g)
         for g in GROUPS:
             if self._dirty[g] or (full and self._valid[g]):
-                self.push(g, all_msrs=full and g == "msrs" and self.eager)
+                n += self.push(g, all_msrs=sync_all and g == "msrs")
+        return n
+
+    def _access_pending(self) -> bool:
+        """Whether KVM still has to complete the last IO/MMIO exit at the next entry."""
+        return getattr(self.cpu, "status", None) is RUNNING_SERVICE_COMPLETION
+
+    def _complete_pending_access(self) -> int:
+        """Complete the pending access with a half entry, then re-read every group the
+        host changed and re-apply its changes (the bytes it wrote; the MSRs it set).
+        Returns the ioctls issued (the entry included)."""
+        changed = {g: (bytes(ffi.buffer(self._base[g], n)), bytes(ffi.buffer(buf, n)))
+                   for g, (buf, n) in self._bufs.items() if self._dirty[g]}
+        msrs = {i: self._msrs[i] for i in self._msr_dirty} if self._dirty["msrs"] else {}
+        self._pushing = True
+        try:
+            self.cpu.half_entry()
+        finally:
+            self._pushing = False
+        self.completions += 1
+        self._discard()
+        self._run_key = self.cpu.runs
+        n = 1
+        for g, (base, mine) in changed.items():
+            n += self.fetch(g)
+            buf, size = self._bufs[g]
+            ffi.memmove(self._base[g], buf, size)
+            merged = bytearray(ffi.buffer(buf, size))
+            for i in _changed_words(base, mine):
+                merged[i:i + 8] = mine[i:i + 8]
+            ffi.buffer(buf, size)[:] = bytes(merged)
+            self._dirty[g] = True
+        if msrs:
+            n += self.fetch("msrs")
+            self._msrs.update(msrs)
+            self._msr_dirty.update(msrs)
+            self._dirty["msrs"] = True
+        return n
 
     def fetch_all(self) -> None:
         for g in GROUPS:
@@ -354,8 +578,8 @@ class X86Context:
     # --- registers ------------------------------------------------------------------------
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _PROPS or self.__dict__.get("_init", True) or name.startswith("_") \
-                or name in ("cpu", "info", "eager", "fetches", "pushes"):
+        if name[0] == "_" or name in _PLAIN_ATTRS or name in _PROPS \
+                or self.__dict__.get("_init", True):
             object.__setattr__(self, name, value)
         else:
             raise AttributeError(f"x86 context has no register {name!r}")
@@ -375,24 +599,26 @@ class X86Context:
     @property
     def gdt(self) -> tuple[int, int]:
         """``(base, limit)``."""
-        self._need("sregs")
+        self._need_w("sregs")
         return int(self._sregs.gdt.base), int(self._sregs.gdt.limit)
 
     @gdt.setter
     def gdt(self, value: tuple[int, int]) -> None:
+        base, limit = _dtable(value, "GDT")
         self._need("sregs")
-        self._sregs.gdt.base, self._sregs.gdt.limit = value
+        self._sregs.gdt.base, self._sregs.gdt.limit = base, limit
         self._touch("sregs")
 
     @property
     def idt(self) -> tuple[int, int]:
-        self._need("sregs")
+        self._need_w("sregs")
         return int(self._sregs.idt.base), int(self._sregs.idt.limit)
 
     @idt.setter
     def idt(self, value: tuple[int, int]) -> None:
+        base, limit = _dtable(value, "IDT")
         self._need("sregs")
-        self._sregs.idt.base, self._sregs.idt.limit = value
+        self._sregs.idt.base, self._sregs.idt.limit = base, limit
         self._touch("sregs")
 
     @property
@@ -426,6 +652,8 @@ class X86Context:
             raise StateError(f"MSR {index:#x} is not one KVM lists as supported") from None
 
     def set_msr(self, index: int, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise StateError(f"MSR value must be an integer, not {type(value).__name__}")
         self._need("msrs")
         if index not in self._msrs:
             raise StateError(f"MSR {index:#x} is not one KVM lists as supported")
@@ -444,20 +672,27 @@ class X86Context:
     @property
     def xcrs(self) -> dict[int, int]:
         self._need("xcrs")
-        return {int(self._xcrs.xcrs[i].xcr): int(self._xcrs.xcrs[i].value)
-                for i in range(int(self._xcrs.nr_xcrs))}
+        x = self._xcrs
+        return {int(x.xcrs[i].xcr): int(x.xcrs[i].value)
+                for i in range(min(int(x.nr_xcrs), len(x.xcrs)))}
 
     def set_xcr(self, index: int, value: int) -> None:
-        self._need("xcrs")
+        index = _uint(index, 32, "XCR index")
+        value = _uint(value, 64, f"XCR{index}")
+        self._need_w("xcrs")
         x = self._xcrs
-        for i in range(int(x.nr_xcrs)):
+        nr = int(x.nr_xcrs)
+        cap = len(x.xcrs)
+        for i in range(min(nr, cap)):
             if x.xcrs[i].xcr == index:
                 x.xcrs[i].value = value
                 break
         else:
-            x.xcrs[x.nr_xcrs].xcr = index
-            x.xcrs[x.nr_xcrs].value = value
-            x.nr_xcrs += 1
+            if nr >= cap:
+                raise StateError(f"no room for XCR{index}: KVM takes at most {cap} XCRs")
+            x.xcrs[nr].xcr = index
+            x.xcrs[nr].value = value
+            x.nr_xcrs = nr + 1
         self._touch("xcrs")
 
     @property
@@ -477,7 +712,8 @@ class X86Context:
 
     def set_dr(self, n: int, value: int) -> None:
         """Set DR``n`` (0-3, 6 or 7)."""
-        self._need("debugregs")
+        value = _uint(value, 64, f"DR{n}")
+        self._need_w("debugregs")
         d = self._debugregs
         if n in (0, 1, 2, 3):
             d.db[n] = value
@@ -505,9 +741,17 @@ class X86Context:
 
     def set_event(self, kind: str, **values: int) -> None:
         """E.g. ``set_event("nmi", pending=1)``."""
-        self._need("events")
-        target = getattr(self._events, kind)
+        widths = EVENT_FIELDS.get(kind)
+        if widths is None:
+            raise StateError(f"no vCPU event {kind!r} (one of {', '.join(EVENT_FIELDS)})")
+        checked = {}
         for k, v in values.items():
+            if k not in widths:
+                raise StateError(f"vCPU event {kind} has no field {k!r}")
+            checked[k] = _uint(v, widths[k], f"{kind}.{k}")
+        self._need_w("events")
+        target = getattr(self._events, kind)
+        for k, v in checked.items():
             setattr(target, k, v)
         self._touch("events")
 
@@ -521,21 +765,48 @@ class X86Context:
 
     @xsave.setter
     def xsave(self, data: bytes) -> None:
-        self._need("xsave")
-        ffi.buffer(self._xsave, len(data))[:] = data
+        """Replace the XSAVE area (standard format, at most this host's size; a shorter
+        image is zero-extended). A larger image, a compacted one or one carrying
+        components this host does not enable is refused (StateError)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise StateError(f"an XSAVE image is bytes, not {type(data).__name__}")
+        data = bytes(data)
+        size = self.info.xsave_size
+        if not XS_MIN <= len(data) <= size:
+            raise StateError(f"XSAVE image of {len(data)} bytes does not fit this host's "
+                             f"XSAVE area ({XS_MIN} to {size} bytes)")
+        xstate_bv, xcomp_bv = struct.unpack_from("<QQ", data, XS_HEADER)
+        if xcomp_bv:
+            raise StateError(f"XSAVE image is in compacted format (XCOMP_BV {xcomp_bv:#x}); "
+                             "KVM takes the standard format")
+        foreign = xstate_bv & ~self.info.xfeatures
+        if foreign:
+            raise StateError(f"XSAVE image holds components {foreign:#x} this host does not "
+                             f"enable (it enables {self.info.xfeatures:#x})")
+        self._need_w("xsave")
+        dst = ffi.buffer(self._xsave, size)
+        dst[0:len(data)] = data
+        dst[len(data):size] = bytes(size - len(data))
         self._touch("xsave")
 
+    def _xs_check(self, off: int, n: int) -> None:
+        if off < 0 or n < 0 or off + n > self.info.xsave_size:
+            raise StateError(f"{n} bytes at offset {off:#x} are outside this host's "
+                             f"{self.info.xsave_size}-byte XSAVE area")
+
     def _xs_get(self, off: int, n: int) -> bytes:
+        self._xs_check(off, n)
         self._need("xsave")
         return bytes(ffi.buffer(self._xsave + off, n))
 
     def _xs_set(self, off: int, data: bytes, component: int | None = None) -> None:
-        self._need("xsave")
+        self._xs_check(off, len(data))
+        self._need_w("xsave")
         ffi.buffer(self._xsave + off, len(data))[:] = data
         if component is not None:
-            bv = struct.unpack_from("<Q", ffi.buffer(self._xsave, 520), XS_HEADER)[0]
-            struct.pack_into("<Q", ffi.buffer(self._xsave, 520), XS_HEADER,
-                             bv | (1 << component))
+            hdr = ffi.buffer(self._xsave + XS_HEADER, 8)
+            bv = struct.unpack("<Q", hdr)[0]
+            hdr[:] = struct.pack("<Q", bv | (1 << component))
         self._touch("xsave")
 
     def _component(self, c: int) -> int:
@@ -554,7 +825,7 @@ class X86Context:
 
     @fcw.setter
     def fcw(self, v: int) -> None:
-        self._xs_set(XS_FCW, v.to_bytes(2, "little"), 0)
+        self._xs_set(XS_FCW, _le(v, 2, "FCW"), 0)
 
     @property
     def fsw(self) -> int:
@@ -566,55 +837,62 @@ class X86Context:
 
     @mxcsr.setter
     def mxcsr(self, v: int) -> None:
-        self._xs_set(XS_MXCSR, v.to_bytes(4, "little"), 1)
+        self._xs_set(XS_MXCSR, _le(v, 4, "MXCSR"), 1)
 
     def st(self, i: int) -> bytes:
         """x87 register ST``i`` as its 10-byte extended-precision image (no rounding)."""
-        return self._xs_get(XS_ST + 16 * i, 10)
+        return self._xs_get(XS_ST + 16 * _index(i, 8, "ST"), 10)
 
     def set_st(self, i: int, raw: bytes) -> None:
-        self._xs_set(XS_ST + 16 * i, raw[:10].ljust(10, b"\0"), 0)
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) > 10:
+            raise StateError("an x87 register image is at most 10 bytes")
+        self._xs_set(XS_ST + 16 * _index(i, 8, "ST"), bytes(raw).ljust(10, b"\0"), 0)
 
     def xmm(self, i: int) -> int:
         """XMM``i`` (0-15) as an unsigned 128-bit integer."""
-        return int.from_bytes(self._xs_get(XS_XMM + 16 * i, 16), "little")
+        return int.from_bytes(self._xs_get(XS_XMM + 16 * _index(i, 16, "XMM"), 16), "little")
 
     def set_xmm(self, i: int, v: int) -> None:
-        self._xs_set(XS_XMM + 16 * i, v.to_bytes(16, "little"), 1)
+        self._xs_set(XS_XMM + 16 * _index(i, 16, "XMM"), _le(v, 16, f"XMM{i}"), 1)
 
     def ymm(self, i: int) -> int:
         """YMM``i`` (0-15): XMM plus the YMM_Hi128 component."""
-        hi = self._xs_get(self._component(XC_YMM) + 16 * i, 16)
+        hi = self._xs_get(self._component(XC_YMM) + 16 * _index(i, 16, "YMM"), 16)
         return self.xmm(i) | int.from_bytes(hi, "little") << 128
 
     def set_ymm(self, i: int, v: int) -> None:
-        self.set_xmm(i, v & ((1 << 128) - 1))
-        self._xs_set(self._component(XC_YMM) + 16 * i,
-                     ((v >> 128) & ((1 << 128) - 1)).to_bytes(16, "little"), XC_YMM)
+        raw = _le(v, 32, f"YMM{i}")
+        off = self._component(XC_YMM) + 16 * _index(i, 16, "YMM")
+        self._xs_check(off, 16)
+        self.set_xmm(i, int.from_bytes(raw[:16], "little"))
+        self._xs_set(off, raw[16:], XC_YMM)
 
     def zmm(self, i: int) -> int:
         """ZMM``i`` (0-31) as an unsigned 512-bit integer."""
-        if i >= 16:
+        if _index(i, 32, "ZMM") >= 16:
             return int.from_bytes(self._xs_get(self._component(XC_HI16_ZMM) + 64 * (i - 16),
                                                64), "little")
         hi = self._xs_get(self._component(XC_ZMM_HI256) + 32 * i, 32)
         return self.ymm(i) | int.from_bytes(hi, "little") << 256
 
     def set_zmm(self, i: int, v: int) -> None:
-        if i >= 16:
-            self._xs_set(self._component(XC_HI16_ZMM) + 64 * (i - 16), v.to_bytes(64, "little"),
-                         XC_HI16_ZMM)
+        raw = _le(v, 64, f"ZMM{i}")
+        if _index(i, 32, "ZMM") >= 16:
+            self._xs_set(self._component(XC_HI16_ZMM) + 64 * (i - 16), raw, XC_HI16_ZMM)
             return
-        self.set_ymm(i, v & ((1 << 256) - 1))
-        self._xs_set(self._component(XC_ZMM_HI256) + 32 * i,
-                     (v >> 256).to_bytes(32, "little"), XC_ZMM_HI256)
+        off = self._component(XC_ZMM_HI256) + 32 * i
+        self._xs_check(off, 32)
+        self.set_ymm(i, int.from_bytes(raw[:32], "little"))
+        self._xs_set(off, raw[32:], XC_ZMM_HI256)
 
     def opmask(self, k: int) -> int:
         """AVX-512 mask register k``k`` (0-7)."""
-        return int.from_bytes(self._xs_get(self._component(XC_OPMASK) + 8 * k, 8), "little")
+        off = self._component(XC_OPMASK) + 8 * _index(k, 8, "k")
+        return int.from_bytes(self._xs_get(off, 8), "little")
 
     def set_opmask(self, k: int, v: int) -> None:
-        self._xs_set(self._component(XC_OPMASK) + 8 * k, v.to_bytes(8, "little"), XC_OPMASK)
+        off = self._component(XC_OPMASK) + 8 * _index(k, 8, "k")
+        self._xs_set(off, _le(v, 8, f"k{k}"), XC_OPMASK)
 
     @property
     def pkru(self) -> int:
@@ -622,7 +900,7 @@ class X86Context:
 
     @pkru.setter
     def pkru(self, v: int) -> None:
-        self._xs_set(self._component(XC_PKRU), v.to_bytes(4, "little"), XC_PKRU)
+        self._xs_set(self._component(XC_PKRU), _le(v, 4, "PKRU"), XC_PKRU)
 
     # --- plain data (checkpoints) ---------------------------------------------------------
 
@@ -642,29 +920,70 @@ class X86Context:
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        """Load :meth:`save` output (every group dirty; pushed before the next entry)."""
+        """Load :meth:`save` output (every group dirty; pushed before the next entry).
+
+        ``state`` comes from a file: a missing, malformed, out-of-range or foreign part
+        raises StateError, and the context then falls back to what KVM holds (nothing
+        half-loaded is pushed)."""
+        if any(self._dirty.values()):
+            self.push_dirty(SyncLevel.RUNTIME)  # so a failed load can fall back to KVM
         self.fetch_all()
-        for k, v in state["regs"].items():
-            setattr(self, k, v)
+        try:
+            self._load(state)
+        except StateError:
+            self._discard()
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            self._discard()
+            raise StateError(f"x86 CPU state is malformed: {type(exc).__name__}: "
+                             f"{exc}") from None
+
+    def _discard(self) -> None:
+        """Drop every unpushed write: each group is read from KVM again on next use."""
+        for g in GROUPS:
+            self._valid[g] = False
+            self._dirty[g] = False
+        self._msr_dirty.clear()
+
+    def _load(self, state: dict[str, Any]) -> None:
+        regs = state["regs"]
+        for k in regs:
+            if k not in GPRS and k not in ("rip", "rflags"):
+                raise StateError(f"x86 state names no register {k!r}")
+        for k, v in regs.items():
+            setattr(self, k, _uint(v, 64, k))
         sr = state["sregs"]
         for s in SEGMENTS:
+            if not isinstance(sr[s], dict):
+                raise StateError(f"segment {s} is not a mapping")
             setattr(self, s, Segment(**sr[s]))
         for c in CONTROL:
-            setattr(self, c, sr[c])
+            setattr(self, c, _uint(sr[c], 64, c))
         self.gdt = tuple(sr["gdt"])  # type: ignore[assignment]
         self.idt = tuple(sr["idt"])  # type: ignore[assignment]
-        self.xsave = bytes.fromhex(state["xsave"])
+        xs = state["xsave"]
+        if not isinstance(xs, str) or len(xs) > 2 * self.info.xsave_size:
+            raise StateError(f"XSAVE image is not a hex string of at most "
+                             f"{self.info.xsave_size} bytes")
+        self.xsave = bytes.fromhex(xs)
         for k, v in state["xcrs"].items():
             self.set_xcr(int(k), v)
         for k, v in state["msrs"].items():
-            if self._msrs.get(int(k, 16), v) != v:
-                self.set_msr(int(k, 16), v)
-        for n, v in zip((0, 1, 2, 3, 6, 7), state["debugregs"], strict=True):
+            index = int(k, 16)
+            if index not in self._msrs:
+                raise StateError(f"MSR {index:#x} is not one this host's KVM saves and "
+                                 "restores (foreign state)")
+            if self._msrs[index] != v:
+                self.set_msr(index, _uint(v, 64, f"MSR {index:#x}"))
+        drs = list(state["debugregs"])
+        if len(drs) != 6:
+            raise StateError(f"expected 6 debug registers, not {len(drs)}")
+        for n, v in zip((0, 1, 2, 3, 6, 7), drs, strict=True):
             self.set_dr(n, v)
         ev = state["events"]
         for kind in ("exception", "interrupt", "nmi"):
             self.set_event(kind, **ev[kind])
-        self._events.sipi_vector = ev["sipi_vector"]
+        self._events.sipi_vector = _uint(ev["sipi_vector"], 32, "sipi_vector")
 
 
 def _reg_property(group: str, struct_attr: str, field: str) -> property:
@@ -673,8 +992,10 @@ def _reg_property(group: str, struct_attr: str, field: str) -> property:
         return int(getattr(getattr(self, struct_attr), field))
 
     def set_(self: X86Context, value: int) -> None:
-        self._need(group)
-        setattr(getattr(self, struct_attr), field, value & 0xFFFFFFFFFFFFFFFF)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise StateError(f"{field} must be an integer, not {type(value).__name__}")
+        self._need_w(group)
+        setattr(getattr(self, struct_attr), field, value & U64)
         self._dirty[group] = True
         self.cpu.mark_context_dirty()
 
@@ -687,7 +1008,9 @@ def _seg_property(name: str) -> property:
         return Segment.from_c(getattr(self._sregs, name))
 
     def set_(self: X86Context, value: Segment) -> None:
-        self._need("sregs")
+        if not isinstance(value, Segment):
+            raise StateError(f"{name} takes a Segment, not {type(value).__name__}")
+        self._need_w("sregs")
         value.to_c(getattr(self._sregs, name))
         self._touch("sregs")
 

@@ -87,14 +87,27 @@ def supported_cpuid(kvm_fd: int) -> list[CpuidEntry]:
             if exc.errno != errno.E2BIG or n >= 4096:
                 raise
             n *= 2
-    count = int(ffi.cast("struct kvm_cpuid2 *", buf).nent)
+    count = min(int(ffi.cast("struct kvm_cpuid2 *", buf).nent), n)
     ents = ffi.cast("struct kvm_cpuid_entry2 *", buf + hsize)
     return [CpuidEntry(int(e.function), int(e.index), int(e.flags), int(e.eax), int(e.ebx),
                        int(e.ecx), int(e.edx)) for e in (ents[i] for i in range(count))]
 
 
+MAX_ENTRIES = 256
+"""``KVM_MAX_CPUID_ENTRIES``: KVM_SET_CPUID2 refuses a longer table."""
+
+
 def pack_cpuid2(entries: list[CpuidEntry]) -> Any:
-    """A ``struct kvm_cpuid2`` buffer for ``KVM_SET_CPUID2``."""
+    """A ``struct kvm_cpuid2`` buffer for ``KVM_SET_CPUID2`` (ConfigError if the table is
+    longer than KVM takes or a value is not 32-bit)."""
+    if len(entries) > MAX_ENTRIES:
+        raise ConfigError(f"CPUID table of {len(entries)} entries: KVM takes at most "
+                          f"{MAX_ENTRIES}")
+    for e in entries:
+        for v in (e.function, e.index, e.flags, *e.regs()):
+            if not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFF:
+                raise ConfigError(f"CPUID leaf {e.function:#x}.{e.index}: {v!r} is not a "
+                                  "32-bit value")
     esize = ffi.sizeof("struct kvm_cpuid_entry2")
     hsize = ffi.sizeof("struct kvm_cpuid2")
     buf = ffi.new("uint8_t[]", hsize + len(entries) * esize)
@@ -142,18 +155,35 @@ class CpuidModel:
         if isinstance(mask, str):
             mask = [m.strip() for m in mask.replace(" ", ",").split(",") if m.strip()]
 
-        def num(k: str) -> int | None:
-            v = opts.get(k)
-            return None if v is None else int(str(v), 0)
+        if not isinstance(mask, list) or not all(isinstance(m, str) for m in mask):
+            raise ConfigError(f"CPUID mask must be feature names, not {mask!r}")
 
-        return cls(opts.get("vendor"), num("family"), num("model"), num("stepping"),
-                   opts.get("brand"), list(mask))
+        def num(k: str, top: int) -> int | None:
+            v = opts.get(k)
+            if v is None:
+                return None
+            try:
+                n = v if isinstance(v, int) and not isinstance(v, bool) else int(str(v), 0)
+            except ValueError:
+                raise ConfigError(f"CPUID {k} must be a number, not {v!r}") from None
+            if not 0 <= n <= top:
+                raise ConfigError(f"CPUID {k} {n:#x} is out of range (0 to {top:#x})")
+            return n
+
+        def text(k: str) -> str | None:
+            v = opts.get(k)
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"CPUID {k} must be a string, not {v!r}")
+            return v
+
+        return cls(text("vendor"), num("family", 0xFF + 0xF), num("model", 0xFF),
+                   num("stepping", 0xF), text("brand"), list(mask))
 
     def apply(self, entries: list[CpuidEntry]) -> list[CpuidEntry]:
         out = [CpuidEntry(**vars(e)) for e in entries]
         if self.vendor is not None:
-            v = self.vendor.encode().ljust(12, b" ")[:12]
-            if len(self.vendor) != 12:
+            v = self.vendor.encode()
+            if len(v) != 12 or not self.vendor.isascii():
                 raise ConfigError(f"CPUID vendor must be 12 characters, got {self.vendor!r}")
             b, d, c = struct.unpack("<III", v)
             for e in out:
@@ -214,7 +244,8 @@ def for_vcpu(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> list[CpuidE
     out = [CpuidEntry(**vars(e)) for e in entries]
     for e in out:
         if e.function == 1:
-            e.ebx = (e.ebx & 0x0000FFFF) | (apic_id << 24) | (max(ncpus, 1) & 0xFF) << 16
+            # the initial APIC id is 8 bits (the x2APIC id, in 0xB/0x1F, is the whole one)
+            e.ebx = (e.ebx & 0x0000FFFF) | (apic_id & 0xFF) << 24 | min(ncpus, 0xFF) << 16
             if ncpus > 1:
                 e.edx |= 1 << 28  # HTT: the logical-processor count field is valid
         elif e.function in (0xB, 0x1F):

@@ -14,6 +14,12 @@ when the target is not inside KVM (not started, or halted); a running target is 
 and applies them itself before its next entry. A CPU INITed while running cannot skip
 that entry (the core always enters after ``deliver_interrupts``), so it is parked on a
 ``hlt`` loop at :data:`PARK_ADDR` (the PC reset vector's real-mode alias) and halts there.
+
+A CPU that halted with interrupts disabled (``cli; hlt``) stays halted until an NMI, INIT
+or SIPI, as hardware and QEMU (``x86_cpu_has_work``) do: a maskable interrupt only queues
+(the core may wake the CPU; delivery sees the completed ``hlt`` with IF=0 and halts it
+again). Pending vectors are held at most once each, as the APIC's IRR holds them, and at
+most two NMIs, as KVM holds them; the records of what was delivered are bounded.
 """
 
 from __future__ import annotations
@@ -21,13 +27,20 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from kvmfw.abi import ExitReason
 from kvmfw.device import CallbackIrqLine
+from kvmfw.errors import ConfigError
 
 from kvmfw_x86.abi import X, addr, ffi
 from kvmfw_x86.context import Segment
 
 PARK_ADDR = 0xFFFF0
 PARK_CODE = b"\xf4\xeb\xfd"  # 1: hlt; jmp 1b
+RECORD_LIMIT = 1024
+"""How many recent deliveries (and IPIs) are kept for tests and debugging."""
+MAX_PENDING_NMIS = 2
+RFLAGS_IF = 1 << 9
+_EXIT_HLT = int(ExitReason.HLT)
 
 
 def reset_to_init(ctx: Any, cs: int = 0xF000, ip: int = 0xFFF0) -> None:
@@ -56,28 +69,39 @@ class UserspaceInterrupts:
         self.base = base
         self.pending: dict[int, deque[int]] = {}
         self.nmis: dict[int, int] = {}
-        self.delivered: list[tuple[int, int]] = []
-        """``(cpu id, vector)`` of every injection (2 for NMI), for tests and stats."""
+        self.delivered: deque[tuple[int, int]] = deque(maxlen=RECORD_LIMIT)
+        """``(cpu id, vector)`` of the latest injections (2 for NMI), for tests."""
+        self.delivered_total = 0
+        """Injections so far (vectors and NMIs)."""
         self._irq = ffi.new("struct kvm_interrupt *")
         self.waiting_for_sipi: set[int] = set()
         """CPUs in the INIT state (suspended until a SIPI)."""
         self._init_pending: set[int] = set()
         self._sipi_pending: dict[int, int] = {}
+        self._reset_at: dict[int, int] = {}
+        """CPU -> its ``runs`` when INIT/SIPI last reset it (its last exit is then moot)."""
 
     def line(self, number: int, cpu: int = 0) -> CallbackIrqLine:
         """An IRQ line: a rising edge posts ``base + number`` to ``cpu``."""
+        if not 0 <= number <= 0xFF - self.base or not 0 <= cpu < len(self.machine.cpus):
+            raise ConfigError(f"no userspace IRQ line {number} to cpu {cpu} (lines 0 to "
+                              f"{0xFF - self.base}, {len(self.machine.cpus)} CPUs)")
+
         def set_level(level: int) -> None:
             if level:
                 self.post(cpu, self.base + number)
         return CallbackIrqLine(set_level)
 
     def post(self, cpu_id: int, vector: int) -> None:
-        """Queue ``vector`` for ``cpu_id`` and wake it."""
-        self.pending.setdefault(cpu_id, deque()).append(vector)
+        """Queue ``vector`` for ``cpu_id`` (once: a vector already pending is not queued
+        again, as in the APIC's IRR) and wake it."""
+        q = self.pending.setdefault(cpu_id, deque())
+        if vector not in q:
+            q.append(vector)
         self.machine.cpus[cpu_id].post_interrupt()
 
     def nmi(self, cpu_id: int) -> None:
-        self.nmis[cpu_id] = self.nmis.get(cpu_id, 0) + 1
+        self.nmis[cpu_id] = min(self.nmis.get(cpu_id, 0) + 1, MAX_PENDING_NMIS)
         self.machine.cpus[cpu_id].post_interrupt()
 
     # --- INIT / SIPI ---------------------------------------------------------------
@@ -107,6 +131,7 @@ class UserspaceInterrupts:
             cpu.post_interrupt()
 
     def _apply_init(self, cpu: Any, *, parked: bool) -> None:
+        self._reset_at[cpu.id] = cpu.runs
         ctx = cpu.get_context()
         if parked:
             self.machine.memory.write(PARK_ADDR, PARK_CODE)
@@ -119,10 +144,27 @@ class UserspaceInterrupts:
             cpu.halted = False  # only a SIPI starts it
 
     def _apply_sipi(self, cpu: Any, vector: int) -> None:
+        self._reset_at[cpu.id] = cpu.runs
         ctx = cpu.get_context()
         reset_to_init(ctx, cs=vector << 8, ip=0)
         cpu.halted = False
         cpu.activate()
+
+    def _record(self, cpu: Any, vector: int) -> None:
+        self.delivered.append((cpu.id, vector))
+        self.delivered_total += 1
+        cpu.stats.interrupts += 1  # "interrupts injected from userspace"
+
+    def _halted_with_if_clear(self, cpu: Any) -> bool:
+        """Whether the vCPU's last exit was a ``hlt`` executed with interrupts disabled
+        (``kvm_run.if_flag`` at that exit) and the host has not restarted it since (INIT,
+        SIPI, or RFLAGS.IF set through the context)."""
+        # the core's last exit, not kvm_run's: an entry cut short by a kick (EINTR with
+        # immediate_exit) leaves kvm_run.exit_reason as it was
+        if cpu.last_exit != _EXIT_HLT or cpu.vcpu.run.if_flag \
+                or self._reset_at.get(cpu.id) == cpu.runs:
+            return False
+        return not cpu.get_context().rflags & RFLAGS_IF
 
     def deliver(self, cpu: Any) -> bool:
         run = cpu.vcpu.run
@@ -131,21 +173,29 @@ class UserspaceInterrupts:
             self._apply_init(cpu, parked=True)
         if cpu.id in self._sipi_pending:
             self._apply_sipi(cpu, self._sipi_pending.pop(cpu.id))
+        if self._reset_at.get(cpu.id) == cpu.runs:
+            cpu.sync_kvm_state()  # the core pushed before calling us: push the new state
         if cpu.id in self.waiting_for_sipi:
             self.nmis.pop(cpu.id, None)
             self.pending.pop(cpu.id, None)
             run.request_interrupt_window = 0
             cpu.interrupt_pending = False
             return True
+        if not self.nmis.get(cpu.id) and self._halted_with_if_clear(cpu):
+            # `cli; hlt`: only an NMI, INIT or SIPI ends it (vectors stay queued)
+            run.request_interrupt_window = 0
+            cpu.interrupt_pending = False
+            cpu.halt()
+            return True
         if self.nmis.get(cpu.id):
             self.nmis[cpu.id] -= 1
             cpu.vcpu.nmi()
-            self.delivered.append((cpu.id, 2))
+            self._record(cpu, 2)
         q = self.pending.get(cpu.id)
         if q and run.ready_for_interrupt_injection and run.if_flag:
             self._irq.irq = q.popleft()
             cpu.vcpu.ioctl(X.KVM_INTERRUPT, addr(self._irq))
-            self.delivered.append((cpu.id, int(self._irq.irq)))
+            self._record(cpu, int(self._irq.irq))
         more = bool(q) or bool(self.nmis.get(cpu.id))
         run.request_interrupt_window = 1 if q else 0
         cpu.interrupt_pending = more

@@ -9,11 +9,21 @@ half sends an IPI: fixed/lowest-priority vectors and NMIs go to
 :class:`~kvmfw_x86.interrupts.UserspaceInterrupts`, INIT and STARTUP (SIPI) to its
 ``init``/``sipi`` (gem5's rule: INIT suspends the CPU and resets it to its INIT state,
 SIPI starts it in real mode at ``vector << 8 : 0``). No APIC timer is modelled.
+
+Access sizes follow KVM's in-kernel xAPIC: a read of 1, 2 or 4 bytes inside one 32-bit
+register is answered; any other read (8 bytes, one crossing a register) reads as zeros; a
+write that is not 4 bytes at a register's start is ignored. Both are logged, never fatal.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from typing import Any
+
+from kvmfw_x86.interrupts import RECORD_LIMIT
+
+log = logging.getLogger("kvmfw.x86.lapic")
 
 LAPIC_ADDR = 0xFEE00000
 LAPIC_SIZE = 0x1000
@@ -22,6 +32,8 @@ PERCPU_BASE = 0x2000_0000_0000_0000
 
 APIC_ID, APIC_VERSION, APIC_LDR, APIC_DFR, APIC_SVR = 0x20, 0x30, 0xD0, 0xE0, 0xF0
 APIC_ICR_LO, APIC_ICR_HI = 0x300, 0x310
+APIC_ESR = 0x280
+ESR_SEND_ILLEGAL = 1 << 5
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_STARTUP = 0, 1, 2, 4, 5, 6
 VERSION = 0x00050014
 """An integrated APIC (version 0x14) with 6 LVT entries, as KVM's."""
@@ -44,8 +56,12 @@ class UserspaceLapics:
         self.machine = machine
         self.interrupts = interrupts
         self.regs: list[dict[int, int]] = [self._reset_regs(i) for i in range(ncpus)]
-        self.ipis: list[tuple[int, int, int, int]] = []
-        """``(sender, target, delivery mode, vector)`` of every IPI sent, for tests."""
+        self.ipis: deque[tuple[int, int, int, int]] = deque(maxlen=RECORD_LIMIT)
+        """``(sender, target, delivery mode, vector)`` of the latest IPIs, for tests."""
+        self.ipis_sent = 0
+        """IPIs sent so far (one per target)."""
+        self.odd_accesses = 0
+        """Accesses of a size or alignment the xAPIC does not take (ignored)."""
 
     @staticmethod
     def _reset_regs(cpu_id: int) -> dict[int, int]:
@@ -61,15 +77,19 @@ class UserspaceLapics:
 
     def read(self, offset: int, size: int) -> bytes:
         cpu, reg = divmod(offset, LAPIC_SIZE)
-        val = self.regs[cpu].get(reg & 0xFF0, 0) if cpu < len(self.regs) else 0
-        return (val >> 8 * (reg & 3)).to_bytes(4, "little")[:size]
+        align = reg & 0xF
+        if cpu >= len(self.regs) or size not in (1, 2, 4) or align + size > 4:
+            self._odd("read", offset, size)
+            return bytes(size)
+        val = self.regs[cpu].get(reg & 0xFF0, 0)
+        return (val >> 8 * align).to_bytes(4, "little")[:size]
 
     def write(self, offset: int, data: bytes) -> None:
         cpu, reg = divmod(offset, LAPIC_SIZE)
-        if cpu >= len(self.regs):
+        if cpu >= len(self.regs) or len(data) != 4 or reg & 0xF:
+            self._odd("write", offset, len(data))  # as KVM: not a 32-bit register write
             return
-        reg &= 0xFF0
-        val = int.from_bytes(data[:4].ljust(4, b"\0"), "little")
+        val = int.from_bytes(data, "little")
         if reg in (APIC_VERSION, 0xB0):  # read-only; EOI has nothing to retire here
             return
         if reg == APIC_ICR_LO:
@@ -77,6 +97,14 @@ class UserspaceLapics:
         self.regs[cpu][reg] = val
         if reg == APIC_ICR_LO:
             self.send_ipi(cpu, val, self.regs[cpu].get(APIC_ICR_HI, 0))
+
+    def _odd(self, kind: str, offset: int, size: int) -> None:
+        self.odd_accesses += 1
+        cpu, reg = divmod(offset, LAPIC_SIZE)
+        # the first one is news; a guest repeating it must not flood the log
+        (log.warning if self.odd_accesses == 1 else log.debug)(
+            "cpu%d: %d-byte local APIC %s at offset %#x ignored (the xAPIC takes aligned "
+            "32-bit accesses)", cpu, size, kind, reg)
 
     def apic_id(self, cpu: int) -> int:
         return self.regs[cpu][APIC_ID] >> 24
@@ -101,8 +129,14 @@ class UserspaceLapics:
         if mode == DM_INIT and not low & (1 << 14) and low & (1 << 15):
             return  # INIT level de-assert: nothing to do (as KVM)
         irq = self.interrupts
+        if mode in (DM_FIXED, DM_LOWEST) and vector < 16:
+            # vectors 0-15 are illegal: the sending APIC flags "send illegal vector" in
+            # its ESR and delivers nothing (SDM 11.5.3)
+            self.regs[sender][APIC_ESR] = self.regs[sender].get(APIC_ESR, 0) | ESR_SEND_ILLEGAL
+            return
         for target in self.destinations(sender, low, high):
             self.ipis.append((sender, target, mode, vector))
+            self.ipis_sent += 1
             if mode in (DM_FIXED, DM_LOWEST):
                 irq.post(target, vector)
             elif mode == DM_NMI:

@@ -46,6 +46,9 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 PCI_HOLE = 0xC0000000
 """RAM above 3 GiB is mapped above 4 GiB (the PCI/MMIO hole of a PC)."""
 MSR_IA32_TSC = 0x10
+MSR_TSC_DEADLINE = 0x6E0
+MP_STATE_MAX = 8
+"""The highest ``KVM_MP_STATE_*`` (AP_RESET_HOLD)."""
 
 
 class X86Machine:
@@ -71,6 +74,8 @@ class X86Machine:
         self.tsc_khz = 0
         self.power_on: Any = None
         """:class:`kvmfw_x86.reset.PowerOn`, recorded when the machine is built."""
+        self.tsc_khz_source = ""
+        """Where :attr:`tsc_khz` came from (``KVM_GET_TSC_KHZ``, or why it was measured)."""
 
     @property
     def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
@@ -85,7 +90,9 @@ class X86Machine:
     def cpu_info(self, vcpu: Any) -> CpuInfo:
         if self._info is None:
             kvm = self.machine.kvm
-            xsave2 = kvm.check_extension(Cap.XSAVE2)
+            # the XSAVE2 size depends on the VM (guest XSTATE permissions taken at VM
+            # creation): ask the VM fd, as the KVM API says, never the system fd
+            xsave2 = self.machine.vm.check_extension(Cap.XSAVE2)
             offsets: dict[int, tuple[int, int]] = {}
             d0 = cpuid_mod.find(self.cpuid, 0xD, 0)
             xcr0_bits = d0.eax | (d0.edx << 32) if d0 else 3
@@ -235,10 +242,7 @@ class X86Plugin:
             # delivers INIT/SIPI, so every vCPU thread enters KVM from the start
             cpu.start_active = True
         if not st.tsc_khz:
-            try:
-                st.tsc_khz = cpu.vcpu.ioctl(X.KVM_GET_TSC_KHZ)
-            except KvmError:
-                st.tsc_khz = host_tsc_khz()
+            st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
 
     @hookimpl
     def create_thread_context(self, cpu: Any) -> X86Context:
@@ -248,14 +252,15 @@ class X86Plugin:
     # --- sync ---------------------------------------------------------------------------
 
     @hookimpl
-    def update_kvm_state(self, cpu: Any, context: X86Context, level: SyncLevel) -> bool:
-        context.push_dirty(level)
-        return True
+    def update_kvm_state(self, cpu: Any, context: X86Context, level: SyncLevel) -> int:
+        """Push; returns the number of KVM ioctls issued (0: nothing needed writing)."""
+        return context.push_dirty(level)
 
     @hookimpl
-    def update_thread_context(self, cpu: Any, context: X86Context, level: SyncLevel) -> bool:
-        context.pull(level)
-        return True
+    def update_thread_context(self, cpu: Any, context: X86Context, level: SyncLevel) -> int:
+        """Pull (lazy: invalidate only; eager/always_sync: every group); returns the number
+        of KVM ioctls issued."""
+        return context.pull(level)
 
     # --- exits ----------------------------------------------------------------------------
 
@@ -284,10 +289,27 @@ class X86Plugin:
 
     @hookimpl
     def get_host_cycles(self, cpu: Any) -> CycleSource:
+        """The host TSC, read with ``rdtsc`` around each ``KVM_RUN``, at the rate KVM gives
+        the vCPU (``KVM_GET_TSC_KHZ``; measured against ``CLOCK_MONOTONIC`` if KVM does not
+        say).
+
+        Which clock each part follows: simulated time (the event queue) advances by the
+        host TSC cycles spent inside ``KVM_RUN`` (times ``host_factor``). The guest's TSC
+        is the host TSC plus KVM's offset (no scaling unless ``KVM_SET_TSC_KHZ``): it runs
+        on while the host services an exit, while the vCPU is halted in userspace, and
+        while the process is descheduled; kvmfw moves it only when the host sets the TSC
+        MSR (``set_msr``, a restore), never by pushing back a value it read. The in-kernel
+        LAPIC timer (TSC-deadline included), the PIT (which re-injects missed ticks) and
+        kvmclock run on host ``CLOCK_MONOTONIC`` hrtimers. So all of them follow host time,
+        and lead simulated time by the service and idle time. The userspace irqchip models
+        no APIC timer: its timers are devices on the event queue (simulated time)."""
         st = self.state(cpu.machine)
-        khz = st.tsc_khz or host_tsc_khz()
+        if not st.tsc_khz:
+            st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        khz = st.tsc_khz
         return CycleSource("tsc", lib.kvmfw_x86_rdtsc, khz * 1000.0,
-                           note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall)")
+                           note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall; "
+                                f"rate from {st.tsc_khz_source})")
 
     # --- guests ---------------------------------------------------------------------------
 
@@ -332,14 +354,68 @@ class X86Plugin:
 
     @hookimpl
     def save_arch_state(self, cpu: Any) -> dict[str, Any]:
+        """The thread context's groups, and with the in-kernel irqchip this vCPU's local
+        APIC (``KVM_GET_LAPIC``) and MP state (halted, waiting for SIPI...)."""
         ctx: X86Context = cpu.get_context(SyncLevel.FULL)
-        return ctx.save()
+        state = ctx.save()
+        if self.state(cpu.machine).irqchip == "kernel":
+            lapic = ffi.new("struct kvm_lapic_state *")
+            cpu.vcpu.ioctl(X.KVM_GET_LAPIC, addr(lapic), "KVM_GET_LAPIC")
+            state["lapic"] = bytes(ffi.buffer(lapic)).hex()
+            mp = ffi.new("struct kvm_mp_state *")
+            cpu.vcpu.ioctl(X.KVM_GET_MP_STATE, addr(mp), "KVM_GET_MP_STATE")
+            state["mp_state"] = int(mp.mp_state)
+        return state
 
     @hookimpl
     def restore_arch_state(self, cpu: Any, state: dict[str, Any]) -> bool:
+        """Load :meth:`save_arch_state` output. Everything is checked before KVM sees it
+        (StateError: malformed, oversized, or from another irqchip mode or host)."""
+        if not isinstance(state, dict):
+            raise StateError(f"x86 CPU state is a mapping, not {type(state).__name__}")
+        kernel = self.state(cpu.machine).irqchip == "kernel"
+        lapic = mp = None
+        if ("lapic" in state or "mp_state" in state) and not kernel:
+            raise StateError("the state has an in-kernel local APIC; this machine runs the "
+                             "userspace irqchip (irqchip=kernel to restore it)")
+        if kernel and "lapic" in state:
+            lapic = ffi.new("struct kvm_lapic_state *")
+            size = ffi.sizeof(lapic[0])
+            raw = state["lapic"]
+            if not isinstance(raw, str) or len(raw) != 2 * size:
+                raise StateError(f"local APIC state is not {size} bytes of hex")
+            try:
+                ffi.buffer(lapic)[:] = bytes.fromhex(raw)
+            except ValueError:
+                raise StateError("local APIC state is not hex") from None
+        if kernel and "mp_state" in state:
+            mp = state["mp_state"]
+            if isinstance(mp, bool) or not isinstance(mp, int) or not 0 <= mp <= MP_STATE_MAX:
+                raise StateError(f"MP state {mp!r} is not one KVM defines (0 to "
+                                 f"{MP_STATE_MAX})")
         ctx: X86Context = cpu.get_context(SyncLevel.FULL)
+        previous = ctx.save()
         ctx.load(state)
-        cpu.sync_kvm_state(SyncLevel.FULL)
+        try:
+            cpu.sync_kvm_state(SyncLevel.FULL)  # APIC base (sregs) before the APIC's state
+        except KvmError as exc:
+            # KVM refused part of it (a value this host's KVM does not take): put back
+            # what the vCPU held, so no half-restored state runs
+            ctx.load(previous)
+            cpu.sync_kvm_state(SyncLevel.FULL)
+            raise StateError(f"KVM refused the restored x86 state: {exc}") from None
+        if lapic is not None:
+            cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(lapic), "KVM_SET_LAPIC")
+            deadline = state.get("msrs", {}).get(f"{MSR_TSC_DEADLINE:#x}")
+            if deadline and MSR_TSC_DEADLINE in ctx.msrs:
+                # KVM ignores the deadline unless the APIC's timer is in TSC-deadline mode,
+                # so it goes after the APIC (as QEMU does)
+                ctx.set_msr(MSR_TSC_DEADLINE, deadline)
+                cpu.sync_kvm_state()
+        if mp is not None:
+            mps = ffi.new("struct kvm_mp_state *")
+            mps.mp_state = mp
+            cpu.vcpu.ioctl(X.KVM_SET_MP_STATE, addr(mps), "KVM_SET_MP_STATE")
         return True
 
     @hookimpl
@@ -365,15 +441,48 @@ def refresh_apic_map(machine: Any) -> None:
         cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(state), "KVM_SET_LAPIC")
 
 
-def host_tsc_khz() -> int:
-    """TSC frequency from /proc/cpuinfo (``cpu MHz``) when KVM does not say."""
+def vcpu_tsc_khz(vcpu: Any) -> tuple[int, str]:
+    """The vCPU's TSC rate in kHz (``KVM_GET_TSC_KHZ``: the rate KVM gives the guest,
+    the host's unless scaled) and where it came from; measured if KVM does not say."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return int(float(line.split(":")[1]) * 1000)
-    except OSError:
-        pass
-    return 2_000_000
+        kvm_khz = vcpu.ioctl(X.KVM_GET_TSC_KHZ)
+    except KvmError as exc:
+        why = f"KVM_GET_TSC_KHZ failed: {exc}"
+    else:
+        if kvm_khz > 0:
+            return kvm_khz, "KVM_GET_TSC_KHZ"
+        why = f"KVM_GET_TSC_KHZ gave {kvm_khz}"
+    khz, how = host_tsc_khz()
+    log.info("TSC rate %d kHz %s (%s)", khz, how, why)
+    return khz, f"{how}; {why}"
+
+
+def host_tsc_khz(window_s: float = 0.05) -> tuple[int, str]:
+    """The host TSC's rate measured against ``CLOCK_MONOTONIC`` over ``window_s``, and a
+    note saying so. (``cpu MHz`` in /proc/cpuinfo is a core's current clock, which
+    frequency scaling moves; the invariant TSC does not follow it.)"""
+    import time
+
+    def pair() -> tuple[int, int]:
+        # the tightest of a few (rdtsc, clock) pairs: a preemption between the two reads
+        # would skew one pair, not the smallest gap
+        best: tuple[int, int, int] | None = None
+        for _ in range(5):
+            t0 = time.monotonic_ns()
+            c = lib.kvmfw_x86_rdtsc()
+            t1 = time.monotonic_ns()
+            if best is None or t1 - t0 < best[0]:
+                best = (t1 - t0, c, (t0 + t1) // 2)
+        assert best is not None
+        return best[1], best[2]
+
+    c0, t0 = pair()
+    time.sleep(window_s)
+    c1, t1 = pair()
+    khz = int((c1 - c0) * 1_000_000 / max(t1 - t0, 1))
+    if khz <= 0:
+        return 2_000_000, "a guess of 2 GHz (the TSC did not advance)"
+    return khz, f"measured against CLOCK_MONOTONIC over {window_s * 1000:.0f} ms"
 
 
 def default_board(machine: Any) -> list[str]:
