@@ -153,7 +153,7 @@ class UserspaceInterrupts:
     def _record(self, cpu: Any, vector: int) -> None:
         self.delivered.append((cpu.id, vector))
         self.delivered_total += 1
-        cpu.stats.interrupts += 1  # "interrupts injected from userspace"
+        cpu.count_interrupt()
 
     def _halted_with_if_clear(self, cpu: Any) -> bool:
         """Whether the vCPU's last exit was a ``hlt`` executed with interrupts disabled
