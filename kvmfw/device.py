@@ -5,7 +5,11 @@ A device is a small object with a narrow interface, in the spirit of rust-vmm:
 * ``read(offset, size) -> bytes`` and ``write(offset, data)`` for guest accesses, with
   offsets relative to each of its ranges (declared by :meth:`Device.ranges`);
 * ``reset()``, ``save() -> dict`` and ``restore(state)`` (plain data, for checkpoints);
-* ``stats`` (a dict of counters) and ``is_drained()``.
+* ``stats`` (a dict of counters) and ``is_drained()``;
+* ``firmware() -> list[FirmwareNode]``: how it appears in the firmware tables an arch plugin
+  generates (ACPI on x86, the device tree on ARMv8). The tables are built from these
+  declarations alone, never from class or entry-point names, so a third-party device
+  appears exactly like a built-in one.
 
 It is constructed with a :class:`DeviceContext` (its IRQ lines, the event queue, guest
 RAM for DMA, a way to end the run) and its configuration keys; it never sees ``kvm_run``,
@@ -87,6 +91,45 @@ class Range:
     size: int
     name: str = ""
     handler: Any = None
+
+
+@dataclass(frozen=True)
+class FirmwareNode:
+    """One device as firmware tables describe it (what :meth:`Device.firmware` returns).
+
+    ``kind`` names the programming model (``"virtio-mmio"``, ``"uart-16550"``, ``"pl011"``,
+    ``"fw-cfg"`` or a vendor's own); a table builder may treat kinds it knows specially
+    (e.g. the console ``stdout-path``) and describes every other node generically:
+
+    * ACPI (x86 DSDT): a ``Device`` under ``\\_SB_`` with ``_HID acpi_hid``, ``_UID`` and a
+      ``_CRS`` of the window (``Memory32Fixed`` for ``mmio``, ``IO`` for ``pio``) and the
+      interrupt; only nodes with an ``acpi_hid`` appear.
+    * Device tree (ARMv8): a node ``{node_name or kind}@{base:x}`` with ``compatible``,
+      ``reg`` and ``interrupts`` (SPI ``irq``, ``irq_trigger``); only ``mmio`` nodes with a
+      ``compatible`` appear.
+
+    ``irq`` is the platform interrupt input the device drives (-1: none).
+    """
+
+    kind: str
+    space: str
+    base: int
+    size: int
+    irq: int = -1
+    irq_trigger: str = "level"
+    """``"level"`` (active high) or ``"edge"`` (rising)."""
+    acpi_hid: str = ""
+    compatible: tuple[str, ...] = ()
+    node_name: str = ""
+    dma_coherent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.space not in ("pio", "mmio"):
+            raise ConfigError(f"firmware node {self.kind}: space must be pio or mmio")
+        if self.irq_trigger not in ("level", "edge"):
+            raise ConfigError(f"firmware node {self.kind}: irq_trigger must be level or edge")
+        if self.base < 0 or self.size <= 0:
+            raise ConfigError(f"firmware node {self.kind}: bad window {self.base:#x}+{self.size}")
 
 
 @dataclass
@@ -188,6 +231,10 @@ class Device:
     def is_drained(self) -> bool:
         """True when no access or event is in flight (safe to checkpoint)."""
         return True
+
+    def firmware(self) -> list[FirmwareNode]:
+        """How this device appears in generated firmware tables; none by default."""
+        return []
 
     def optional_irq(self, number: int) -> IrqLine:
         """The platform's interrupt input ``number``, or a line to nowhere if it is < 0

@@ -57,7 +57,8 @@ def test_identification_registers(blk: VirtioBlk) -> None:
     drv.w32(v.REG_DEVICE_FEATURES_SEL, 1)
     assert drv.r32(v.REG_DEVICE_FEATURES) == 1  # VERSION_1 is bit 32
     drv.w32(v.REG_DEVICE_FEATURES_SEL, 0)
-    assert drv.r32(v.REG_DEVICE_FEATURES) == b.VIRTIO_BLK_F_FLUSH
+    assert drv.r32(v.REG_DEVICE_FEATURES) == (b.VIRTIO_BLK_F_FLUSH | v.VIRTIO_F_INDIRECT_DESC
+                                              | v.VIRTIO_F_EVENT_IDX)
     assert blk.kernel_cmdline() == "virtio_mmio.device=512@0xd0000000:5"
 
 
