@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import resource
 import struct
 from pathlib import Path
 
 import pytest
 from conftest import RAM_SIZE, Harness
-from kvmfw.errors import ConfigError
+from kvmfw.errors import CheckpointError, ConfigError
 
 from kvmfw_devices import fw_cfg as f
 from kvmfw_devices.fw_cfg import FwCfg
@@ -139,3 +140,57 @@ def test_mmio_layout(h: Harness) -> None:
     dev.write(8, f.FW_CFG_SIGNATURE.to_bytes(2, "big"))
     assert dev.read(0, 4) == b"QEMU"
     assert dev.read(0x10, 8) == b"QEMU CFG"
+
+
+# --- issue 10: the guest's DMA length never sizes a host buffer -----------------------------
+
+def test_dma_skip_of_4_gib_allocates_nothing(h: Harness) -> None:
+    """SKIP used to build a bytes object of the guest's length (up to 4 GiB per operation)."""
+    dev = FwCfg(h.ctx)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(4):
+        ctl = dma(dev, h, 0x1000, (f.FW_CFG_SIGNATURE << 16) | f.DMA_CTL_SELECT | f.DMA_CTL_SKIP,
+                  0xFFFFFFFF, 0)
+        assert ctl == 0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 << 10  # KiB
+    assert dev.offset == 4  # clamped to the item
+    assert dma(dev, h, 0x1000, f.DMA_CTL_READ, 2, 0x2000) == 0
+    assert h.ctx.memory.read(0x2000, 2) == b"\0\0"
+
+
+def test_dma_read_past_the_item_zero_fills_in_place(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    h.ctx.memory.write(0x2000, b"\xee" * 0x3000)
+    ctl = dma(dev, h, 0x1000, (f.FW_CFG_SIGNATURE << 16) | f.DMA_CTL_SELECT | f.DMA_CTL_READ,
+              0x2800, 0x2000)
+    assert ctl == 0
+    assert h.ctx.memory.read(0x2000, 0x3000) == b"QEMU" + bytes(0x27FC) + b"\xee" * 0x800
+
+
+def test_dma_read_wins_over_write_as_in_qemu(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    ctl = dma(dev, h, 0x1000, (f.FW_CFG_SIGNATURE << 16) | f.DMA_CTL_SELECT | f.DMA_CTL_READ
+              | f.DMA_CTL_WRITE, 4, 0x2000)
+    assert ctl == 0 and h.ctx.memory.read(0x2000, 4) == b"QEMU"
+
+
+@pytest.mark.parametrize("state", [{"selector": "x", "offset": 0, "dma_high": 0},
+                                   {"selector": 0}, {"selector": None, "offset": 0,
+                                                     "dma_high": 0}])
+def test_restore_refuses_bad_state(h: Harness, state: dict) -> None:
+    with pytest.raises(CheckpointError):
+        FwCfg(h.ctx).restore(state)
+
+
+def test_restore_bounds_the_offset(h: Harness) -> None:
+    dev = FwCfg(h.ctx)
+    dev.restore({"selector": 0, "offset": 1 << 80, "dma_high": -1})
+    assert dev.offset == f.MAX_OFFSET and dev.dma_high == 0xFFFFFFFF
+    assert dev.read(1, 1) == b"\0"
+
+
+def test_mmio_layout_is_described_to_firmware(h: Harness) -> None:
+    (node,) = FwCfg(h.ctx, space="mmio", port="0x9020000").firmware()
+    assert (node.kind, node.base, node.size, node.compatible) == (
+        "fw-cfg", 0x9020000, 0x18, ("qemu,fw-cfg-mmio",))
+    assert FwCfg(h.ctx).firmware() == []
