@@ -122,6 +122,8 @@ class FirmwareNode:
     compatible: tuple[str, ...] = ()
     node_name: str = ""
     dma_coherent: bool = False
+    properties: tuple[tuple[str, int | str], ...] = ()
+    """Extra device-tree properties: an int is one 32-bit cell, a str a string."""
 
     def __post_init__(self) -> None:
         if self.space not in ("pio", "mmio"):
