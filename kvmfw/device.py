@@ -247,15 +247,76 @@ class Device:
         """Release host resources (files, sockets, terminal modes)."""
 
 
+def split_options(text: str, what: str = "--device") -> list[tuple[str, str | None]]:
+    """``a,key=value,...`` -> ``[("a", None), ("key", "value"), ...]``, with quoting.
+
+    Fields are separated by commas and split at their first ``=``. A value (or key) may
+    contain a comma, an ``=`` or surrounding spaces if it is quoted, ``file="a,b.img"`` or
+    ``file='a,b.img'``, or if the character is escaped with a backslash, ``file=a\\,b.img``
+    (``\\\\`` is a backslash, ``\\"`` a quote). Unquoted whitespace around fields, keys and
+    values is dropped; empty fields are skipped. An unterminated quote or a trailing
+    backslash is a :class:`ConfigError`.
+    """
+    fields: list[list[tuple[str, bool]]] = []
+    cur: list[tuple[str, bool]] = []  # (character, protected by quoting or escaping)
+    quote: str | None = None
+    it = iter(text)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise ConfigError(f"{what} {text}: trailing backslash (write \\\\ for one)")
+            cur.append((nxt, True))
+        elif quote is not None:
+            if ch == quote:
+                quote = None
+            else:
+                cur.append((ch, True))
+        elif ch in "\"'":
+            quote = ch
+        elif ch == ",":
+            fields.append(cur)
+            cur = []
+        else:
+            cur.append((ch, False))
+    if quote is not None:
+        raise ConfigError(f"{what} {text}: unterminated {quote} quote")
+    fields.append(cur)
+
+    def strip(chars: list[tuple[str, bool]]) -> str:
+        lo, hi = 0, len(chars)
+        while lo < hi and not chars[lo][1] and chars[lo][0].isspace():
+            lo += 1
+        while hi > lo and not chars[hi - 1][1] and chars[hi - 1][0].isspace():
+            hi -= 1
+        return "".join(c for c, _ in chars[lo:hi])
+
+    out: list[tuple[str, str | None]] = []
+    for f in fields:
+        eq = next((i for i, (c, protected) in enumerate(f) if c == "=" and not protected), None)
+        if eq is None:
+            if strip(f) or any(p for _, p in f):
+                out.append((strip(f), None))
+        else:
+            out.append((strip(f[:eq]), strip(f[eq + 1:])))
+    return out
+
+
 def parse_device_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"uart16550,port=0x3f8,irq=4"`` -> ``("uart16550", {"port": "0x3f8", "irq": "4"})``."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    """``"uart16550,port=0x3f8,irq=4"`` -> ``("uart16550", {"port": "0x3f8", "irq": "4"})``.
+
+    Values may be quoted or escaped to hold commas (``virtio-blk,file="disk,1.img"`` or
+    ``file=disk\\,1.img``), as :func:`split_options` describes; dashes in keys become
+    underscores."""
+    parts = split_options(spec)
     if not parts:
         raise ConfigError("empty --device specification")
-    name, params = parts[0], {}
-    for p in parts[1:]:
-        if "=" not in p:
-            raise ConfigError(f"--device {spec}: expected key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        params[k.strip().replace("-", "_")] = v.strip()
+    (name, value), params = parts[0], {}
+    if value is not None or not name:
+        raise ConfigError(f"--device {spec}: the device name comes first (e.g. uart16550,...)")
+    for k, v in parts[1:]:
+        if v is None:
+            raise ConfigError(f"--device {spec}: expected key=value, got {k!r} (quote a value "
+                              f"that holds a comma: key=\"a,b\")")
+        params[k.replace("-", "_")] = v
     return name, params

@@ -42,6 +42,7 @@ from kvmfw.device import (
     Range,
     parse_bool,
     parse_int,
+    split_options,
 )
 from kvmfw.errors import CheckpointError, ConfigError
 
@@ -82,8 +83,13 @@ MAX_OFFSET = 1 << 32
 
 
 def parse_blob_spec(spec: str) -> tuple[str, bytes]:
-    """``name=opt/x,file=PATH`` or ``name=opt/x,string=TEXT`` -> (name, contents)."""
-    fields = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
+    """``name=opt/x,file=PATH`` or ``name=opt/x,string=TEXT`` -> (name, contents); values
+    may be quoted or escaped to hold commas (``string="a,b"``, ``file=a\\,b``)."""
+    fields: dict[str, str] = {}
+    for key, value in split_options(spec, "--fw-cfg"):
+        if value is None:
+            raise ConfigError(f"--fw-cfg {spec}: expected key=value, got {key!r}")
+        fields[key] = value
     return _load_blob(fields.get("name", ""), fields.get("file"), fields.get("string"))
 
 
