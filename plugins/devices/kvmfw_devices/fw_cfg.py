@@ -80,6 +80,8 @@ MMIO_SIZE = 0x18
 MMIO_DATA, MMIO_SELECTOR, MMIO_DMA = 0x00, 0x08, 0x10
 _ZEROS = bytes(4096)
 MAX_OFFSET = 1 << 32
+MAX_BLOB = 64 << 20
+"""Largest user blob: far above what firmware reads (QEMU's sizes are 32-bit)."""
 
 
 def parse_blob_spec(spec: str) -> tuple[str, bytes]:
@@ -104,9 +106,13 @@ def _load_blob(name: str, file: str | None, string: str | None) -> tuple[str, by
         return name, string.encode()
     try:
         with open(file, "rb") as f:  # type: ignore[arg-type]
-            return name, f.read()
+            data = f.read(MAX_BLOB + 1)  # bounded: the path may name /dev/zero or a FIFO
     except OSError as exc:
         raise ConfigError(f"fw_cfg: cannot read {file} for {name!r}: {exc.strerror}") from exc
+    if len(data) > MAX_BLOB:
+        raise ConfigError(f"fw_cfg: {file} for {name!r} is larger than {MAX_BLOB >> 20} MiB "
+                          f"(give a smaller blob)")
+    return name, data
 
 
 def _opt_str(text: str) -> str | None:

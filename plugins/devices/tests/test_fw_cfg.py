@@ -323,3 +323,9 @@ TestFwCfgStateful = FwCfgMachine.TestCase
 def test_report_fuzz_counts() -> None:
     """Not a check: prints how many cases and steps the state machine ran (pytest -s)."""
     print(f"\nfw_cfg stateful: {FW_RUNS['cases']} cases, {FW_RUNS['steps']} steps")
+
+
+def test_blob_from_an_endless_file_is_refused(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(f, "MAX_BLOB", 1 << 16)
+    with pytest.raises(ConfigError, match="larger than"):
+        FwCfg(h.ctx, name="opt/zero", file="/dev/zero")
