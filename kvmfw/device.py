@@ -5,7 +5,11 @@ A device is a small object with a narrow interface, in the spirit of rust-vmm:
 * ``read(offset, size) -> bytes`` and ``write(offset, data)`` for guest accesses, with
   offsets relative to each of its ranges (declared by :meth:`Device.ranges`);
 * ``reset()``, ``save() -> dict`` and ``restore(state)`` (plain data, for checkpoints);
-* ``stats`` (a dict of counters) and ``is_drained()``.
+* ``stats`` (a dict of counters) and ``is_drained()``;
+* ``firmware() -> list[FirmwareNode]``: how it appears in the firmware tables an arch plugin
+  generates (ACPI on x86, the device tree on ARMv8). The tables are built from these
+  declarations alone, never from class or entry-point names, so a third-party device
+  appears exactly like a built-in one.
 
 It is constructed with a :class:`DeviceContext` (its IRQ lines, the event queue, guest
 RAM for DMA, a way to end the run) and its configuration keys; it never sees ``kvm_run``,
@@ -87,6 +91,47 @@ class Range:
     size: int
     name: str = ""
     handler: Any = None
+
+
+@dataclass(frozen=True)
+class FirmwareNode:
+    """One device as firmware tables describe it (what :meth:`Device.firmware` returns).
+
+    ``kind`` names the programming model (``"virtio-mmio"``, ``"uart-16550"``, ``"pl011"``,
+    ``"fw-cfg"`` or a vendor's own); a table builder may treat kinds it knows specially
+    (e.g. the console ``stdout-path``) and describes every other node generically:
+
+    * ACPI (x86 DSDT): a ``Device`` under ``\\_SB_`` with ``_HID acpi_hid``, ``_UID`` and a
+      ``_CRS`` of the window (``Memory32Fixed`` for ``mmio``, ``IO`` for ``pio``) and the
+      interrupt; only nodes with an ``acpi_hid`` appear.
+    * Device tree (ARMv8): a node ``{node_name or kind}@{base:x}`` with ``compatible``,
+      ``reg`` and ``interrupts`` (SPI ``irq``, ``irq_trigger``); only ``mmio`` nodes with a
+      ``compatible`` appear.
+
+    ``irq`` is the platform interrupt input the device drives (-1: none).
+    """
+
+    kind: str
+    space: str
+    base: int
+    size: int
+    irq: int = -1
+    irq_trigger: str = "level"
+    """``"level"`` (active high) or ``"edge"`` (rising)."""
+    acpi_hid: str = ""
+    compatible: tuple[str, ...] = ()
+    node_name: str = ""
+    dma_coherent: bool = False
+    properties: tuple[tuple[str, int | str], ...] = ()
+    """Extra device-tree properties: an int is one 32-bit cell, a str a string."""
+
+    def __post_init__(self) -> None:
+        if self.space not in ("pio", "mmio"):
+            raise ConfigError(f"firmware node {self.kind}: space must be pio or mmio")
+        if self.irq_trigger not in ("level", "edge"):
+            raise ConfigError(f"firmware node {self.kind}: irq_trigger must be level or edge")
+        if self.base < 0 or self.size <= 0:
+            raise ConfigError(f"firmware node {self.kind}: bad window {self.base:#x}+{self.size}")
 
 
 @dataclass
@@ -189,6 +234,10 @@ class Device:
         """True when no access or event is in flight (safe to checkpoint)."""
         return True
 
+    def firmware(self) -> list[FirmwareNode]:
+        """How this device appears in generated firmware tables; none by default."""
+        return []
+
     def optional_irq(self, number: int) -> IrqLine:
         """The platform's interrupt input ``number``, or a line to nowhere if it is < 0
         (the convention for "irq=-1": no interrupt)."""
@@ -198,15 +247,76 @@ class Device:
         """Release host resources (files, sockets, terminal modes)."""
 
 
+def split_options(text: str, what: str = "--device") -> list[tuple[str, str | None]]:
+    """``a,key=value,...`` -> ``[("a", None), ("key", "value"), ...]``, with quoting.
+
+    Fields are separated by commas and split at their first ``=``. A value (or key) may
+    contain a comma, an ``=`` or surrounding spaces if it is quoted, ``file="a,b.img"`` or
+    ``file='a,b.img'``, or if the character is escaped with a backslash, ``file=a\\,b.img``
+    (``\\\\`` is a backslash, ``\\"`` a quote). Unquoted whitespace around fields, keys and
+    values is dropped; empty fields are skipped. An unterminated quote or a trailing
+    backslash is a :class:`ConfigError`.
+    """
+    fields: list[list[tuple[str, bool]]] = []
+    cur: list[tuple[str, bool]] = []  # (character, protected by quoting or escaping)
+    quote: str | None = None
+    it = iter(text)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise ConfigError(f"{what} {text}: trailing backslash (write \\\\ for one)")
+            cur.append((nxt, True))
+        elif quote is not None:
+            if ch == quote:
+                quote = None
+            else:
+                cur.append((ch, True))
+        elif ch in "\"'":
+            quote = ch
+        elif ch == ",":
+            fields.append(cur)
+            cur = []
+        else:
+            cur.append((ch, False))
+    if quote is not None:
+        raise ConfigError(f"{what} {text}: unterminated {quote} quote")
+    fields.append(cur)
+
+    def strip(chars: list[tuple[str, bool]]) -> str:
+        lo, hi = 0, len(chars)
+        while lo < hi and not chars[lo][1] and chars[lo][0].isspace():
+            lo += 1
+        while hi > lo and not chars[hi - 1][1] and chars[hi - 1][0].isspace():
+            hi -= 1
+        return "".join(c for c, _ in chars[lo:hi])
+
+    out: list[tuple[str, str | None]] = []
+    for f in fields:
+        eq = next((i for i, (c, protected) in enumerate(f) if c == "=" and not protected), None)
+        if eq is None:
+            if strip(f) or any(p for _, p in f):
+                out.append((strip(f), None))
+        else:
+            out.append((strip(f[:eq]), strip(f[eq + 1:])))
+    return out
+
+
 def parse_device_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"uart16550,port=0x3f8,irq=4"`` -> ``("uart16550", {"port": "0x3f8", "irq": "4"})``."""
-    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    """``"uart16550,port=0x3f8,irq=4"`` -> ``("uart16550", {"port": "0x3f8", "irq": "4"})``.
+
+    Values may be quoted or escaped to hold commas (``virtio-blk,file="disk,1.img"`` or
+    ``file=disk\\,1.img``), as :func:`split_options` describes; dashes in keys become
+    underscores."""
+    parts = split_options(spec)
     if not parts:
         raise ConfigError("empty --device specification")
-    name, params = parts[0], {}
-    for p in parts[1:]:
-        if "=" not in p:
-            raise ConfigError(f"--device {spec}: expected key=value, got {p!r}")
-        k, v = p.split("=", 1)
-        params[k.strip().replace("-", "_")] = v.strip()
+    (name, value), params = parts[0], {}
+    if value is not None or not name:
+        raise ConfigError(f"--device {spec}: the device name comes first (e.g. uart16550,...)")
+    for k, v in parts[1:]:
+        if v is None:
+            raise ConfigError(f"--device {spec}: expected key=value, got {k!r} (quote a value "
+                              f"that holds a comma: key=\"a,b\")")
+        params[k.replace("-", "_")] = v
     return name, params

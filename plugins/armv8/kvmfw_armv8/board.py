@@ -19,6 +19,7 @@ from typing import Any
 
 import fdt
 
+from kvmfw.device import FirmwareNode
 from kvmfw.errors import ConfigError
 from kvmfw_armv8 import abi
 
@@ -81,6 +82,9 @@ class DeviceTreeSpec:
     pmu: bool = False
     virtio: list[int] = field(default_factory=list)
     """virtio-mmio slot numbers to describe."""
+    devices: list[FirmwareNode] = field(default_factory=list)
+    """What the machine's devices declare (:func:`firmware_nodes`): each ``mmio`` node with
+    a ``compatible`` becomes a node; the first ``pl011`` is the console (``stdout-path``)."""
     psci_method: str = "hvc"
 
 
@@ -108,10 +112,14 @@ def build_fdt(spec: DeviceTreeSpec) -> fdt.FDT:
     if spec.gic != "none":
         root.append(fdt.PropWords("interrupt-parent", PHANDLE_GIC))
 
+    nodes = [n for n in spec.devices if n.space == "mmio" and n.compatible]
+    pl011s = [n for n in nodes if n.kind == "pl011"]
     chosen = fdt.Node("chosen")
     if spec.cmdline:
         chosen.append(fdt.PropStrings("bootargs", spec.cmdline))
-    if spec.uart:
+    if pl011s:
+        chosen.append(fdt.PropStrings("stdout-path", f"/{_node_name(pl011s[0])}"))
+    elif spec.uart:
         chosen.append(fdt.PropStrings("stdout-path", f"/pl011@{UART_BASE:x}"))
     if spec.initrd is not None:
         chosen.append(fdt.PropWords("linux,initrd-start", *_cells64(spec.initrd[0])))
@@ -176,7 +184,7 @@ def build_fdt(spec: DeviceTreeSpec) -> fdt.FDT:
         pmu.append(fdt.PropWords("interrupts", 1, abi.PMU_PPI - abi.GIC_PPI_BASE, _PPI_FLAGS))
         root.append(pmu)
 
-    if spec.uart:
+    if spec.uart or pl011s:
         clk = fdt.Node("apb-pclk")
         clk.append(fdt.PropStrings("compatible", "fixed-clock"))
         clk.append(fdt.PropWords("#clock-cells", 0))
@@ -184,6 +192,7 @@ def build_fdt(spec: DeviceTreeSpec) -> fdt.FDT:
         clk.append(fdt.PropStrings("clock-output-names", "clk24mhz"))
         clk.append(fdt.PropWords("phandle", PHANDLE_CLK))
         root.append(clk)
+    if spec.uart and not pl011s:
         uart = fdt.Node(f"pl011@{UART_BASE:x}")
         uart.append(fdt.PropStrings("compatible", "arm,pl011", "arm,primecell"))
         uart.append(fdt.PropWords("reg", *_cells64(UART_BASE, UART_SIZE)))
@@ -201,7 +210,47 @@ def build_fdt(spec: DeviceTreeSpec) -> fdt.FDT:
         vio.append(fdt.Property("dma-coherent"))
         root.append(vio)
 
+    for node in nodes:
+        root.append(_device_node(node))
+
     return _make(root, spec)
+
+
+def _node_name(node: FirmwareNode) -> str:
+    return f"{node.node_name or node.kind}@{node.base:x}"
+
+
+def _device_node(node: FirmwareNode) -> fdt.Node:
+    """A declared device: compatible, reg, the SPI and, for a PL011, its clocks."""
+    out = fdt.Node(_node_name(node))
+    out.append(fdt.PropStrings("compatible", *node.compatible))
+    out.append(fdt.PropWords("reg", *_cells64(node.base, node.size)))
+    if node.irq >= 0:
+        trigger = _IRQ_TYPE_LEVEL_HI if node.irq_trigger == "level" else _IRQ_TYPE_EDGE_RISING
+        out.append(fdt.PropWords("interrupts", 0, node.irq, trigger))
+    if node.kind == "pl011":
+        out.append(fdt.PropWords("clocks", PHANDLE_CLK, PHANDLE_CLK))
+        out.append(fdt.PropStrings("clock-names", "uartclk", "apb_pclk"))
+    if node.dma_coherent:
+        out.append(fdt.Property("dma-coherent"))
+    for key, value in node.properties:
+        out.append(fdt.PropWords(key, value) if isinstance(value, int)
+                   else fdt.PropStrings(key, value))
+    return out
+
+
+def firmware_nodes(devices: list[Any]) -> list[FirmwareNode]:
+    """What ``devices`` declare through ``Device.firmware()`` (never guessed from class or
+    entry-point names, so a third-party device appears like a built-in one); nodes the
+    SPI range cannot carry are left out."""
+    out = []
+    for d in devices:
+        describe = getattr(d, "firmware", None)
+        for node in describe() if callable(describe) else []:
+            if node.irq >= NR_IRQS - 32:
+                continue
+            out.append(node)
+    return out
 
 
 def _make(root: fdt.Node, spec: DeviceTreeSpec) -> fdt.FDT:

@@ -525,12 +525,12 @@ def make_dtb(machine: Machine, cmdline: str = "", initrd: tuple[int, int] | None
     """The device tree of ``machine`` as booted (memory, vCPUs' MPIDRs, GIC, ...)."""
     b = board_of(machine)
     base, size = _ram(machine)
-    names = {getattr(d, "name", "") for d in machine.devices}
     spec = board.DeviceTreeSpec(
         ram_base=base, ram_size=size,
         mpidrs=[b.cpus[c.id].mpidr for c in machine.cpus if c.id in b.cpus],
-        gic=b.gic, cmdline=cmdline, initrd=initrd, uart="pl011" in names or not names,
-        pmu="pmu" in b.config.features, virtio=virtio or [])
+        gic=b.gic, cmdline=cmdline, initrd=initrd, uart=not machine.devices,
+        pmu="pmu" in b.config.features, virtio=virtio or [],
+        devices=board.firmware_nodes(machine.devices))
     return board.build_dtb(spec)
 
 

@@ -18,8 +18,11 @@ u16 BE select, u16 reserved, char name[56]); files from 0x20 on.
 DMA: the guest writes the guest-physical address of ``struct {be32 control; be32 length;
 be64 address;}``; control bits 0x01 error, 0x02 read, 0x04 skip, 0x08 select (selector in
 bits 31..16), 0x10 write. The device completes it at once and writes control back as 0 (or
-with the error bit). Every address is checked against guest RAM; a bad one sets the error bit.
-Reading the DMA register returns ``QEMU CFG``.
+with the error bit). As in QEMU, READ wins over WRITE, WRITE over SKIP. Every address is
+checked against guest RAM; a bad one sets the error bit. The guest's 32-bit length never
+sizes a host buffer: a read copies the item's bytes straight into a view of guest RAM and
+zero-fills the rest in fixed chunks, a skip only moves the offset. Reading the DMA register
+returns ``QEMU CFG``.
 
 User blobs come from ``name=opt/x,file=PATH`` (or ``string=TEXT``) on the device itself and
 from the machine option ``fw_cfg`` (a list of such specs, what ``--fw-cfg`` collects).
@@ -31,8 +34,17 @@ import struct
 import uuid
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_bool, parse_int
-from kvmfw.errors import ConfigError
+from kvmfw.device import (
+    ConfigKey,
+    Device,
+    DeviceContext,
+    FirmwareNode,
+    Range,
+    parse_bool,
+    parse_int,
+    split_options,
+)
+from kvmfw.errors import CheckpointError, ConfigError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_int
@@ -66,11 +78,20 @@ PIO_SIZE = 12  # 0x510..0x51b: selector, data, (unused), DMA address
 PIO_SELECTOR, PIO_DATA, PIO_DMA = 0, 1, 4
 MMIO_SIZE = 0x18
 MMIO_DATA, MMIO_SELECTOR, MMIO_DMA = 0x00, 0x08, 0x10
+_ZEROS = bytes(4096)
+MAX_OFFSET = 1 << 32
+MAX_BLOB = 64 << 20
+"""Largest user blob: far above what firmware reads (QEMU's sizes are 32-bit)."""
 
 
 def parse_blob_spec(spec: str) -> tuple[str, bytes]:
-    """``name=opt/x,file=PATH`` or ``name=opt/x,string=TEXT`` -> (name, contents)."""
-    fields = dict(p.split("=", 1) for p in spec.split(",") if "=" in p)
+    """``name=opt/x,file=PATH`` or ``name=opt/x,string=TEXT`` -> (name, contents); values
+    may be quoted or escaped to hold commas (``string="a,b"``, ``file=a\\,b``)."""
+    fields: dict[str, str] = {}
+    for key, value in split_options(spec, "--fw-cfg"):
+        if value is None:
+            raise ConfigError(f"--fw-cfg {spec}: expected key=value, got {key!r}")
+        fields[key] = value
     return _load_blob(fields.get("name", ""), fields.get("file"), fields.get("string"))
 
 
@@ -85,9 +106,13 @@ def _load_blob(name: str, file: str | None, string: str | None) -> tuple[str, by
         return name, string.encode()
     try:
         with open(file, "rb") as f:  # type: ignore[arg-type]
-            return name, f.read()
+            data = f.read(MAX_BLOB + 1)  # bounded: the path may name /dev/zero or a FIFO
     except OSError as exc:
         raise ConfigError(f"fw_cfg: cannot read {file} for {name!r}: {exc.strerror}") from exc
+    if len(data) > MAX_BLOB:
+        raise ConfigError(f"fw_cfg: {file} for {name!r} is larger than {MAX_BLOB >> 20} MiB "
+                          f"(give a smaller blob)")
+    return name, data
 
 
 def _opt_str(text: str) -> str | None:
@@ -170,6 +195,15 @@ class FwCfg(Device):
         size = PIO_SIZE if self.params["space"] == "pio" else MMIO_SIZE
         return [Range(self.params["space"], self.params["port"], size, self.name)]
 
+    def firmware(self) -> list[FirmwareNode]:
+        """The MMIO layout in a device tree (``qemu,fw-cfg-mmio``, as QEMU's virt board).
+        The x86 port layout is found by probing 0x510, so it declares nothing."""
+        if self.params["space"] != "mmio":
+            return []
+        return [FirmwareNode("fw-cfg", "mmio", self.params["port"], MMIO_SIZE,
+                             compatible=("qemu,fw-cfg-mmio",), node_name="fw-cfg",
+                             dma_coherent=True)]
+
     def reset(self) -> None:
         self.selector = 0
         self.offset = 0
@@ -184,12 +218,18 @@ class FwCfg(Device):
         return self.items.get(self.selector & FW_CFG_ENTRY_MASK, b"") \
             if not self.selector & FW_CFG_ARCH_LOCAL else b""
 
-    def _data(self, n: int) -> bytes:
+    def _advance(self, n: int) -> bytes:
+        """Move the data offset ``n`` bytes on; returns the item bytes passed over (at most
+        the item's length, however large ``n``)."""
         item = self._current()
         chunk = item[self.offset:self.offset + n]
         self.offset = min(self.offset + n, max(len(item), self.offset))
         self.stats["data_bytes"] += n
-        return chunk.ljust(n, b"\0")
+        return chunk
+
+    def _data(self, n: int) -> bytes:
+        """``n`` (at most 8) data-register bytes: reads past the end give zeros."""
+        return self._advance(n).ljust(n, b"\0")
 
     def read(self, offset: int, size: int) -> bytes:
         self.stats["reads"] += 1
@@ -245,15 +285,21 @@ class FwCfg(Device):
         if control & DMA_CTL_SELECT:
             self._select(control >> 16)
         error = False
-        if control & DMA_CTL_WRITE:
-            error = True  # every item is read-only
-        elif control & DMA_CTL_READ:
+        if control & DMA_CTL_READ:
             if length and not mem.contains(addr, length):
                 error = True
-            else:
-                mem.write(addr, self._data(length))
+            elif length:
+                view = mem.view(addr, length)
+                chunk = self._advance(length)
+                view[:len(chunk)] = chunk
+                for off in range(len(chunk), length, len(_ZEROS)):  # past the end: zeros
+                    n = min(len(_ZEROS), length - off)
+                    view[off:off + n] = _ZEROS[:n]
+                view.release()
+        elif control & DMA_CTL_WRITE:
+            error = True  # every item is read-only
         elif control & DMA_CTL_SKIP:
-            self._data(length)
+            self._advance(length)
         if error:
             self.stats["dma_errors"] += 1
         mem.write(desc, struct.pack(">I", DMA_CTL_ERROR if error else 0))
@@ -264,6 +310,10 @@ class FwCfg(Device):
         return {"selector": self.selector, "offset": self.offset, "dma_high": self.dma_high}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.selector = int(state["selector"]) & 0xFFFF
-        self.offset = max(0, int(state["offset"]))
-        self.dma_high = int(state["dma_high"]) & 0xFFFFFFFF
+        try:
+            selector, offset, high = (int(state[k]) for k in ("selector", "offset", "dma_high"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"fw-cfg: bad saved state ({exc!r})") from None
+        self.selector = selector & 0xFFFF
+        self.offset = min(max(0, offset), MAX_OFFSET)
+        self.dma_high = high & 0xFFFFFFFF

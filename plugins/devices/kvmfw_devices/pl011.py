@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, parse_int
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
@@ -97,6 +97,11 @@ class Pl011(Device):
 
     def ranges(self) -> list[Range]:
         return [Range("mmio", self.params["base"], WINDOW_SIZE, self.name)]
+
+    def firmware(self) -> list[FirmwareNode]:
+        """An ARM PrimeCell UART in a device tree (the console: ``stdout-path``)."""
+        return [FirmwareNode("pl011", "mmio", self.params["base"], WINDOW_SIZE,
+                             irq=self.params["irq"], compatible=("arm,pl011", "arm,primecell"))]
 
     def reset(self) -> None:
         self.rx_fifo: deque[int] = deque()  # 12-bit entries: data and error bits

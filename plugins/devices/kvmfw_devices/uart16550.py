@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, parse_int
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
@@ -128,6 +128,14 @@ class Uart16550(Device):
 
     def ranges(self) -> list[Range]:
         return [Range(self.params["space"], self.params["port"], 8, self.name)]
+
+    def firmware(self) -> list[FirmwareNode]:
+        """``ns16550a`` for a device tree (an MMIO UART); no ACPI ``_HID``: PC firmware
+        leaves COM ports to legacy probing, and Linux finds 0x3f8 that way."""
+        return [FirmwareNode("uart-16550", self.params["space"], self.params["port"], 8,
+                             irq=self.params["irq"], compatible=("ns16550a",),
+                             node_name="serial",
+                             properties=(("clock-frequency", 1843200),))]
 
     def reset(self) -> None:
         self.dll, self.dlm = DEFAULT_DIVISOR, 0

@@ -4,15 +4,17 @@ Device ID 3, queue 0 receiveq (host -> guest, device-writable buffers), queue 1 
 (guest -> host, device-readable buffers). No features beyond VERSION_1 are offered, so the
 configuration space (cols, rows, max_nr_ports, emerg_wr) reads zero and there is no
 control queue. Output and input use the same console plumbing as the UARTs
-(:mod:`kvmfw_devices.console`); host input waits until the guest posts receive buffers.
+(:mod:`kvmfw_devices.console`); host input waits (up to :data:`PENDING_LIMIT` bytes) until
+the guest posts receive buffers. Transmitted bytes go to the output straight from views of
+guest RAM, in chunks of at most :data:`OUTPUT_CHUNK` bytes.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, DeviceContext
+from kvmfw.errors import CheckpointError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
@@ -23,6 +25,7 @@ RECEIVEQ = 0
 TRANSMITQ = 1
 CONFIG_SIZE = 12
 PENDING_LIMIT = 1 << 20
+OUTPUT_CHUNK = 64 << 10
 
 
 class VirtioConsole(VirtioMmio):
@@ -38,7 +41,7 @@ class VirtioConsole(VirtioMmio):
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
-        self.pending: deque[int] = deque()
+        self.pending = bytearray()
         super().__init__(ctx, **params)
         self.stats.update(tx_bytes=0, rx_bytes=0)
         self.output = ConsoleOutput(ctx, self.params["output"])
@@ -50,7 +53,7 @@ class VirtioConsole(VirtioMmio):
     def enqueue(self, data: bytes) -> None:
         """Host bytes for the guest: delivered as soon as receive buffers are posted."""
         room = PENDING_LIMIT - len(self.pending)
-        self.pending.extend(data[:max(room, 0)])
+        self.pending += data[:max(room, 0)]
         self._deliver()
 
     def _deliver(self) -> None:
@@ -59,9 +62,8 @@ class VirtioConsole(VirtioMmio):
             if chain is None:
                 return
             head, bufs = chain
-            room = sum(b.length for b in bufs if b.writable)
-            chunk = bytes(self.pending.popleft() for _ in range(min(room, len(self.pending))))
-            written = self.scatter(bufs, chunk)
+            written = self.scatter(bufs, self.pending)
+            del self.pending[:written]
             self.stats["rx_bytes"] += written
             self.push_used(RECEIVEQ, head, written)
 
@@ -72,9 +74,11 @@ class VirtioConsole(VirtioMmio):
             self.process_queue(index)
 
     def handle_chain(self, index: int, buffers: list[Buffer]) -> int:
-        data = self.gather(buffers)
-        self.output.write(data)
-        self.stats["tx_bytes"] += len(data)
+        for view in self.views(buffers, False):
+            for off in range(0, len(view), OUTPUT_CHUNK):
+                chunk = bytes(view[off:off + OUTPUT_CHUNK])
+                self.output.write(chunk)
+                self.stats["tx_bytes"] += len(chunk)
         return 0
 
     def device_reset(self) -> None:
@@ -85,7 +89,12 @@ class VirtioConsole(VirtioMmio):
 
     def restore(self, state: dict[str, Any]) -> None:
         super().restore(state)
-        self.pending = deque(bytes.fromhex(state.get("pending", "")))
+        text = str(state.get("pending", ""))[:2 * PENDING_LIMIT]
+        try:
+            pending = bytes.fromhex(text)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.name}: bad saved input ({exc})") from None
+        self.pending = bytearray(pending)
 
     def close(self) -> None:
         self.input.close()

@@ -14,12 +14,22 @@ Split virtqueues (virtio 1.1, 2.6): descriptors ``{le64 addr; le32 len; le16 fla
 next}`` (flags NEXT 1, WRITE 2, INDIRECT 4), the available ring ``{flags, idx, ring[num]}``
 and the used ring ``{flags, idx, {le32 id, le32 len}[num]}``.
 
-Every guest-supplied address and length (the rings when a queue is made ready, each
-descriptor of each chain) is checked against guest RAM before use. A bad one (outside RAM, a
-head or next index out of range, a loop, an indirect descriptor, which is not offered, or
-a readable descriptor after a writable one) marks the device broken: Status gets
-DEVICE_NEEDS_RESET, a configuration-change interrupt is raised, and the device ignores the
-queues until the driver resets it. The host never touches memory outside guest RAM.
+Every guest-supplied address, length, index and count is bounded before use: the rings when
+a queue is made ready (QueueNum a power of two up to 256), each descriptor of each chain, the
+number of descriptors in a chain (at most the queue size, so a ``next`` loop ends; an
+indirect table at most :data:`MAX_INDIRECT` entries, not nested), the total bytes of a chain
+(:data:`MAX_CHAIN_BYTES`) and the distance the available index may move (at most the queue
+size, modulo 2^16). Chains are processed as *views* of guest RAM (memoryviews into the
+mapped regions, from :meth:`GuestMemory.view`), never gathered into host copies, so a chain
+that lists the same RAM many times costs the host nothing. A bad one (outside RAM, a head
+or next index out of range, a loop, a bad indirect table, a readable descriptor after a
+writable one, too many bytes, the available index jumping) marks the device broken: Status
+gets DEVICE_NEEDS_RESET, a configuration-change interrupt is raised, and the device ignores
+the queues until the driver resets it. Nothing the guest does raises out of the run loop.
+
+Offered transport features: VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC and
+VIRTIO_F_EVENT_IDX (with event idx the device writes ``avail_event`` after each chain and
+interrupts only when the used index passes the driver's ``used_event``).
 
 Subclasses (one module per device) set ``device_id``, ``device_features``, ``num_queues`` and
 implement :meth:`VirtioMmio.handle_chain` and the configuration space.
@@ -28,11 +38,12 @@ implement :meth:`VirtioMmio.handle_chain` and the configuration space.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
-from kvmfw.errors import GuestMemoryError
+from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, parse_int
+from kvmfw.errors import CheckpointError, GuestMemoryError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_bytes, to_int
@@ -42,6 +53,8 @@ MAGIC = 0x74726976  # "virt"
 VERSION = 2
 VENDOR_ID = 0x554D4551  # "QEMU", as QEMU's devices say
 WINDOW_SIZE = 0x200
+VIRTIO_MMIO_HID = "LNRO0005"
+"""The ACPI _HID Linux's virtio_mmio driver binds to (QEMU's microvm uses it too)."""
 
 REG_MAGIC = 0x000
 REG_VERSION = 0x004
@@ -78,7 +91,10 @@ STATUS_FAILED = 128
 INT_USED_BUFFER = 1
 INT_CONFIG_CHANGE = 2
 
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
+TRANSPORT_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -86,19 +102,25 @@ DESC_F_INDIRECT = 4
 DESC_SIZE = 16
 AVAIL_F_NO_INTERRUPT = 1
 QUEUE_NUM_MAX = 256
+MAX_INDIRECT = 1024
+"""Entries an indirect table may have (QEMU's VIRTQUEUE_MAX_SIZE; the table is 16 KiB)."""
+MAX_CHAIN_BYTES = 64 << 20
+"""Bytes one chain may describe in all (Linux's largest request is ~1.25 MiB by default)."""
 
+_DESC = struct.Struct("<QIHH")
 _ADDR_REGS = {REG_QUEUE_DESC_LOW: ("desc", 0), REG_QUEUE_DESC_HIGH: ("desc", 32),
               REG_QUEUE_DRIVER_LOW: ("avail", 0), REG_QUEUE_DRIVER_HIGH: ("avail", 32),
               REG_QUEUE_DEVICE_LOW: ("used", 0), REG_QUEUE_DEVICE_HIGH: ("used", 32)}
 
 
-class BadDescriptor(Exception):
-    """The driver handed the device something it must not touch."""
+class BadDescriptor(GuestMemoryError):
+    """The driver handed the device something it must not touch (caught: the device then
+    needs a reset)."""
 
 
 @dataclass
 class Queue:
-    """One split virtqueue's transport state."""
+    """One split virtqueue's transport state (indices are the 16-bit ring indices)."""
 
     num: int = QUEUE_NUM_MAX
     ready: bool = False
@@ -111,11 +133,22 @@ class Queue:
 
 @dataclass(frozen=True)
 class Buffer:
-    """One descriptor of a chain: guest-physical ``addr``, ``length``, device-writable?"""
+    """One descriptor of a chain: guest-physical ``addr``, ``length``, device-writable?
+    Already checked to lie in guest RAM (or to be empty)."""
 
     addr: int
     length: int
     writable: bool
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """virtio's ``vring_need_event``: did the index move from ``old`` to ``new`` past
+    ``event``? (All modulo 2^16.)"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
 
 
 class VirtioMmio(Device):
@@ -140,6 +173,16 @@ class VirtioMmio(Device):
     def ranges(self) -> list[Range]:
         return [Range("mmio", self.params["base"], WINDOW_SIZE, self.name)]
 
+    def firmware(self) -> list[FirmwareNode]:
+        """A virtio-mmio window: ``LNRO0005`` in ACPI, ``virtio,mmio`` in a device tree
+        (only with an interrupt: the drivers need one)."""
+        if self.params["irq"] < 0:
+            return []
+        return [FirmwareNode("virtio-mmio", "mmio", self.params["base"], WINDOW_SIZE,
+                             irq=self.params["irq"], acpi_hid=VIRTIO_MMIO_HID,
+                             compatible=("virtio,mmio",), node_name="virtio_mmio",
+                             dma_coherent=True)]
+
     def kernel_cmdline(self) -> str:
         """How Linux finds this device without a device tree (``virtio_mmio.device=``)."""
         return f"virtio_mmio.device=512@{self.params['base']:#x}:{self.params['irq']}"
@@ -160,7 +203,7 @@ class VirtioMmio(Device):
 
     @property
     def offered_features(self) -> int:
-        return self.device_features | VIRTIO_F_VERSION_1
+        return self.device_features | TRANSPORT_FEATURES
 
     def negotiated(self, feature: int) -> bool:
         return bool(self.driver_features & feature)
@@ -250,8 +293,12 @@ class VirtioMmio(Device):
         elif offset == REG_QUEUE_SEL:
             self.queue_sel = value
         elif offset == REG_QUEUE_NUM:
-            if q is not None and not q.ready and 0 < value <= QUEUE_NUM_MAX:
-                q.num = value
+            if q is not None and not q.ready:
+                if value <= QUEUE_NUM_MAX and _pow2(value):
+                    q.num = value
+                else:  # split rings wrap their 16-bit indices: only powers of two work
+                    self.mark_broken(f"queue size {value} is not a power of two up to "
+                                     f"{QUEUE_NUM_MAX}")
         elif offset == REG_QUEUE_READY:
             if q is not None:
                 self._set_ready(q, bool(value & 1))
@@ -283,17 +330,19 @@ class VirtioMmio(Device):
                 self.negotiated(VIRTIO_F_VERSION_1)
             if not accepted:
                 value &= ~STATUS_FEATURES_OK  # the driver reads it back and gives up
-        self.status = value | (self.status & STATUS_NEEDS_RESET)
+        self.status = (value & 0xFF) | (self.status & STATUS_NEEDS_RESET)
+
+    def _rings_ok(self, q: Queue) -> bool:
+        mem, n = self.ctx.memory, q.num
+        return (_pow2(n) and n <= QUEUE_NUM_MAX and mem.contains(q.desc, DESC_SIZE * n)
+                and mem.contains(q.avail, 6 + 2 * n) and mem.contains(q.used, 6 + 8 * n)
+                and not (q.desc % 16 or q.avail % 2 or q.used % 4))
 
     def _set_ready(self, q: Queue, ready: bool) -> None:
-        if ready and not q.ready:
-            mem, n = self.ctx.memory, q.num
-            if not (mem.contains(q.desc, DESC_SIZE * n) and mem.contains(q.avail, 6 + 2 * n)
-                    and mem.contains(q.used, 6 + 8 * n)) or q.desc % 16 or q.avail % 2 \
-                    or q.used % 4:
-                self.mark_broken(f"queue rings outside guest RAM or misaligned "
-                                 f"(desc {q.desc:#x} avail {q.avail:#x} used {q.used:#x})")
-                return
+        if ready and not q.ready and not self._rings_ok(q):
+            self.mark_broken(f"queue rings outside guest RAM or misaligned "
+                             f"(desc {q.desc:#x} avail {q.avail:#x} used {q.used:#x})")
+            return
         q.ready = ready
 
     # --- virtqueue processing -----------------------------------------------------------------
@@ -314,53 +363,90 @@ class VirtioMmio(Device):
         q, mem = self.queues[index], self.ctx.memory
         try:
             avail_idx = mem.read_u(q.avail + 2, 2)
-            if avail_idx == q.last_avail:
+            pending = (avail_idx - q.last_avail) & 0xFFFF
+            if pending == 0:
                 return None
-            if (avail_idx - q.last_avail) & 0xFFFF > q.num:
-                raise BadDescriptor(f"available index jumped from {q.last_avail} to {avail_idx}")
+            if pending > q.num:  # a driver can never have more than num chains outstanding
+                raise BadDescriptor(f"available index jumped from {q.last_avail} to {avail_idx} "
+                                    f"(queue size {q.num})")
             head = mem.read_u(q.avail + 4 + 2 * (q.last_avail % q.num), 2)
             q.last_avail = (q.last_avail + 1) & 0xFFFF
+            if self.negotiated(VIRTIO_F_EVENT_IDX):
+                # avail_event: "notify me when you make chain last_avail available"
+                mem.write_u(q.used + 4 + 8 * q.num, 2, q.last_avail)
             return head, self._walk(q, head)
-        except (BadDescriptor, GuestMemoryError) as exc:
+        except GuestMemoryError as exc:
             self.mark_broken(str(exc))
             return None
 
     def _walk(self, q: Queue, head: int) -> list[Buffer]:
-        mem, out, idx = self.ctx.memory, [], head
-        seen_writable = False
-        for _ in range(q.num):
-            if idx >= q.num:
-                raise BadDescriptor(f"descriptor index {idx} >= queue size {q.num}")
-            addr, length, flags, nxt = struct.unpack("<QIHH", mem.read(q.desc + DESC_SIZE * idx,
-                                                                       DESC_SIZE))
-            if flags & DESC_F_INDIRECT:
+        """The chain from ``head``: at most ``q.num`` ring descriptors, or one indirect
+        table of at most :data:`MAX_INDIRECT` entries; at most :data:`MAX_CHAIN_BYTES`."""
+        if head >= q.num:
+            raise BadDescriptor(f"head descriptor index {head} >= queue size {q.num}")
+        mem = self.ctx.memory
+        addr, length, flags, _ = _DESC.unpack(mem.view(q.desc + DESC_SIZE * head, DESC_SIZE))
+        if flags & DESC_F_INDIRECT:
+            if not self.negotiated(VIRTIO_F_INDIRECT_DESC):
                 raise BadDescriptor("indirect descriptor (not negotiated)")
+            if flags & DESC_F_NEXT:
+                raise BadDescriptor("indirect descriptor with NEXT set")
+            if not length or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
+                raise BadDescriptor(f"indirect table of {length} bytes (a multiple of "
+                                    f"{DESC_SIZE}, at most {MAX_INDIRECT} entries)")
+            if not mem.contains(addr, length):
+                raise BadDescriptor(f"indirect table [{addr:#x}, +{length:#x}) is outside "
+                                    f"guest RAM")
+            return self._walk_table(addr, length // DESC_SIZE, 0, head, indirect=True)
+        return self._walk_table(q.desc, q.num, head, head, indirect=False)
+
+    def _walk_table(self, table: int, count: int, first: int, head: int, *,
+                    indirect: bool) -> list[Buffer]:
+        mem, out, idx = self.ctx.memory, [], first
+        seen_writable, total = False, 0
+        for _ in range(count):  # each descriptor at most once: a longer chain is a loop
+            if idx >= count:
+                raise BadDescriptor(f"descriptor index {idx} >= table size {count}")
+            addr, length, flags, nxt = _DESC.unpack(mem.view(table + DESC_SIZE * idx, DESC_SIZE))
+            if flags & DESC_F_INDIRECT:
+                raise BadDescriptor("nested indirect descriptor" if indirect else
+                                    "indirect descriptor inside a chain")
             writable = bool(flags & DESC_F_WRITE)
             if seen_writable and not writable:
                 raise BadDescriptor("readable descriptor after a writable one")
             if length and not mem.contains(addr, length):
                 raise BadDescriptor(f"descriptor [{addr:#x}, +{length:#x}) is outside guest RAM")
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise BadDescriptor(f"chain from {head} describes more than {MAX_CHAIN_BYTES} "
+                                    f"bytes")
             seen_writable |= writable
             out.append(Buffer(addr, length, writable))
             if not flags & DESC_F_NEXT:
                 return out
             idx = nxt
-        raise BadDescriptor(f"descriptor chain from {head} is longer than the queue (a loop?)")
+        raise BadDescriptor(f"descriptor chain from {head} is longer than its table "
+                            f"({count}; a loop?)")
 
     def push_used(self, index: int, head: int, written: int) -> None:
-        """Return chain ``head`` with ``written`` bytes written; interrupt unless suppressed."""
+        """Return chain ``head`` with ``written`` bytes written; interrupt unless suppressed
+        (``AVAIL_F_NO_INTERRUPT``, or with event idx unless ``used_event`` was passed)."""
         q, mem = self.queues[index], self.ctx.memory
         try:
             slot = q.used + 4 + 8 * (q.used_idx % q.num)
             mem.write(slot, struct.pack("<II", head, written))
-            q.used_idx = (q.used_idx + 1) & 0xFFFF
+            old, q.used_idx = q.used_idx, (q.used_idx + 1) & 0xFFFF
             mem.write_u(q.used + 2, 2, q.used_idx)
-            no_irq = mem.read_u(q.avail, 2) & AVAIL_F_NO_INTERRUPT
+            if self.negotiated(VIRTIO_F_EVENT_IDX):
+                used_event = mem.read_u(q.avail + 4 + 2 * q.num, 2)
+                send = need_event(used_event, q.used_idx, old)
+            else:
+                send = not mem.read_u(q.avail, 2) & AVAIL_F_NO_INTERRUPT
         except GuestMemoryError as exc:
             self.mark_broken(str(exc))
             return
         self.stats["chains"] += 1
-        if not no_irq:
+        if send:
             self.interrupt(INT_USED_BUFFER)
 
     def process_queue(self, index: int) -> None:
@@ -370,7 +456,10 @@ class VirtioMmio(Device):
             if chain is None:
                 return
             head, bufs = chain
-            written = self.handle_chain(index, bufs)
+            try:
+                written = self.handle_chain(index, bufs)
+            except GuestMemoryError as exc:  # checked already: only a racing region change
+                self.mark_broken(str(exc))
             if self.broken:
                 return
             self.push_used(index, head, written)
@@ -394,23 +483,40 @@ class VirtioMmio(Device):
     def device_reset(self) -> None:
         """The driver reset the device (Status written 0)."""
 
-    # --- gathering helpers for devices ---------------------------------------------------------
+    # --- views of a chain for devices ----------------------------------------------------------
 
-    def gather(self, buffers: list[Buffer]) -> bytes:
-        """All device-readable bytes of a chain (already checked against RAM)."""
-        mem = self.ctx.memory
-        return b"".join(mem.read(b.addr, b.length) for b in buffers
-                        if not b.writable and b.length)
-
-    def scatter(self, buffers: list[Buffer], data: bytes) -> int:
-        """Write ``data`` into the chain's device-writable buffers; returns bytes written."""
-        mem, done = self.ctx.memory, 0
+    def views(self, buffers: list[Buffer], writable: bool, skip: int = 0,
+              limit: int | None = None) -> Iterator[memoryview]:
+        """Zero-copy views of the chain's readable (or writable) bytes, after the first
+        ``skip`` of them and at most ``limit`` in all. Use each at once; do not keep them
+        (a live view pins the guest RAM mapping)."""
+        mem, left = self.ctx.memory, MAX_CHAIN_BYTES if limit is None else limit
         for b in buffers:
-            if not b.writable or not b.length or done >= len(data):
+            if b.writable != writable or not b.length:
                 continue
-            n = min(b.length, len(data) - done)
-            mem.write(b.addr, data[done:done + n])
-            done += n
+            if skip >= b.length:
+                skip -= b.length
+                continue
+            n = min(b.length - skip, left)
+            if n <= 0:
+                return
+            yield mem.view(b.addr + skip, n)
+            left -= n
+            skip = 0
+
+    def gather(self, buffers: list[Buffer], limit: int) -> bytes:
+        """A copy of at most ``limit`` device-readable bytes of a chain (for headers; bulk
+        data goes through :meth:`views`)."""
+        return b"".join(bytes(v) for v in self.views(buffers, False, limit=limit))
+
+    def scatter(self, buffers: list[Buffer], data: bytes | bytearray | memoryview,
+                skip: int = 0) -> int:
+        """Write ``data`` into the chain's device-writable bytes (after ``skip``); returns
+        the bytes written."""
+        done = 0
+        for view in self.views(buffers, True, skip=skip, limit=len(data)):
+            view[:] = data[done:done + len(view)]
+            done += len(view)
         return done
 
     # --- state ------------------------------------------------------------------------------------
@@ -424,16 +530,31 @@ class VirtioMmio(Device):
                 "queues": [asdict(q) for q in self.queues]}
 
     def restore(self, state: dict[str, Any]) -> None:
-        for key in ("status", "device_features_sel", "driver_features_sel", "driver_features",
-                    "queue_sel", "interrupt_status", "config_generation"):
-            setattr(self, key, int(state[key]))
-        self.broken = bool(state["broken"])
-        self.queues = [Queue(num=int(q["num"]), ready=bool(q["ready"]), desc=int(q["desc"]),
-                             avail=int(q["avail"]), used=int(q["used"]),
-                             last_avail=int(q["last_avail"]), used_idx=int(q["used_idx"]))
-                       for q in state["queues"]][:self.num_queues]
-        for q in self.queues:
-            q.num = min(max(q.num, 1), QUEUE_NUM_MAX)
-        self.queues += [Queue() for _ in range(self.num_queues - len(self.queues))]
+        """Load :meth:`save` output; values are masked to their register widths and a
+        queue whose size is not a power of two up to 256 is refused."""
+        try:
+            u32 = {k: int(state[k]) & 0xFFFFFFFF
+                   for k in ("device_features_sel", "driver_features_sel", "queue_sel",
+                             "interrupt_status", "config_generation")}
+            queues = [Queue(num=int(q["num"]), ready=bool(q["ready"]),
+                            desc=int(q["desc"]) & (2**64 - 1),
+                            avail=int(q["avail"]) & (2**64 - 1),
+                            used=int(q["used"]) & (2**64 - 1),
+                            last_avail=int(q["last_avail"]) & 0xFFFF,
+                            used_idx=int(q["used_idx"]) & 0xFFFF)
+                      for q in list(state["queues"])[:self.num_queues]]
+            status = int(state["status"]) & 0xFF
+            features = int(state["driver_features"]) & (2**64 - 1)
+            broken = bool(state["broken"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.name}: bad saved state ({exc!r})") from None
+        for q in queues:
+            if not (_pow2(q.num) and q.num <= QUEUE_NUM_MAX):
+                raise CheckpointError(f"{self.name}: saved queue size {q.num} is not a power "
+                                      f"of two up to {QUEUE_NUM_MAX}")
+        for key, value in u32.items():
+            setattr(self, key, value)
+        self.status, self.driver_features, self.broken = status, features, broken
+        self.queues = queues + [Queue() for _ in range(self.num_queues - len(queues))]
         self._irq_level = not self.interrupt_status  # force the line to match
         self._update_irq()

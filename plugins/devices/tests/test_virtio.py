@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import RAM_SIZE, Harness
-from kvmfw.errors import ConfigError
+from kvmfw.errors import CheckpointError, ConfigError, GuestMemoryError
 from virtio_driver import Driver
 
 from kvmfw_devices import virtio_blk as b
@@ -57,7 +60,8 @@ def test_identification_registers(blk: VirtioBlk) -> None:
     drv.w32(v.REG_DEVICE_FEATURES_SEL, 1)
     assert drv.r32(v.REG_DEVICE_FEATURES) == 1  # VERSION_1 is bit 32
     drv.w32(v.REG_DEVICE_FEATURES_SEL, 0)
-    assert drv.r32(v.REG_DEVICE_FEATURES) == b.VIRTIO_BLK_F_FLUSH
+    assert drv.r32(v.REG_DEVICE_FEATURES) == (b.VIRTIO_BLK_F_FLUSH | v.VIRTIO_F_INDIRECT_DESC
+                                              | v.VIRTIO_F_EVENT_IDX)
     assert blk.kernel_cmdline() == "virtio_mmio.device=512@0xd0000000:5"
 
 
@@ -189,3 +193,199 @@ def test_zero_length_descriptor_outside_ram_is_not_touched(h: Harness, blk: Virt
     drv.post(0, [(HDR, 16, False), (RAM_SIZE + 1, 0, False), (STATUS, 1, True)])
     assert not blk.broken
     assert h.ctx.memory.read(STATUS, 1) == bytes((b.S_OK,))
+
+
+# --- issue 10: guest-controlled lengths, indices and counts ---------------------------------
+
+ALL_FEATURES = v.VIRTIO_F_VERSION_1 | v.VIRTIO_F_INDIRECT_DESC | v.VIRTIO_F_EVENT_IDX
+
+
+def start(dev: v.VirtioMmio, mem: object, features: int = ALL_FEATURES, num: int = 8) -> Driver:
+    drv = Driver(dev, mem, num=num)  # type: ignore[arg-type]
+    assert drv.negotiate(features) & v.STATUS_FEATURES_OK
+    for q in range(dev.num_queues):
+        drv.setup_queue(q)
+    drv.driver_ok()
+    return drv
+
+
+def test_hostile_chain_costs_the_host_no_memory() -> None:
+    """The issue's reproducer: one chain listing the same 1 MiB 63 times made the host copy
+    it twice (+126 MiB); as views it costs nothing."""
+    script = Path(__file__).with_name("rss_hostile_chain.py")
+    for kind in ("console", "blk"):
+        out = subprocess.run([sys.executable, str(script), kind, "63"], capture_output=True,
+                             text=True, timeout=300, check=True).stdout
+        growth = int(re.search(r"\(\+(\d+) MiB\)", out).group(1))  # type: ignore[union-attr]
+        assert growth < 32, out
+        assert "broken=False, chains=1" in out
+
+
+def test_chain_longer_than_max_bytes_needs_reset(h: Harness) -> None:
+    con = VirtioConsole(h.ctx, output="none")
+    drv = start(con, h.ctx.memory)
+    n = v.MAX_CHAIN_BYTES // RAM_SIZE + 1
+    drv.num = 8
+    # n descriptors of the whole of RAM through an indirect table
+    bufs = [(0, RAM_SIZE, False)] * n
+    drv.post_indirect(1, 0x30000, bufs)
+    assert con.broken and drv.r32(v.REG_STATUS) & v.STATUS_NEEDS_RESET
+    assert con.stats["tx_bytes"] == 0
+
+
+@pytest.mark.parametrize("value", [0, 3, 6, 100, 512, 2**32 - 1])
+def test_queue_size_must_be_a_power_of_two(blk: VirtioBlk, value: int) -> None:
+    drv = Driver(blk, blk.ctx.memory)
+    drv.negotiate()
+    drv.w32(v.REG_QUEUE_NUM, value)
+    assert blk.broken and drv.r32(v.REG_STATUS) & v.STATUS_NEEDS_RESET
+    assert drv.r32(v.REG_QUEUE_NUM) == v.QUEUE_NUM_MAX
+
+
+def test_ring_indices_wrap_at_2_to_the_16(h: Harness, blk: VirtioBlk) -> None:
+    drv = start(blk, h.ctx.memory, v.VIRTIO_F_VERSION_1)
+    q = blk.queues[0]
+    q.last_avail = q.used_idx = drv.avail_idx[0] = 0xFFFE
+    _, avail, used = drv.rings[0]
+    h.ctx.memory.write_u(avail + 2, 2, 0xFFFE)
+    for i in range(4):
+        assert request(h, drv, b.T_IN, i, 512) == b.S_OK
+    assert (q.last_avail, q.used_idx) == (2, 2)
+    assert h.ctx.memory.read_u(used + 2, 2) == 2
+    assert not blk.broken and blk.stats["chains"] == 4
+
+
+@pytest.mark.parametrize("jump", [9, 0x8000, 0xFFFF])
+def test_available_index_jump_beyond_queue_size_needs_reset(h: Harness, blk: VirtioBlk,
+                                                           jump: int) -> None:
+    drv = start(blk, h.ctx.memory)
+    _, avail, _ = drv.rings[0]
+    h.ctx.memory.write_u(avail + 2, 2, jump)
+    drv.w32(v.REG_QUEUE_NOTIFY, 0)
+    assert blk.broken and blk.stats["chains"] == 0
+    assert drv.r32(v.REG_STATUS) & v.STATUS_NEEDS_RESET
+
+
+def test_indirect_request(h: Harness, blk: VirtioBlk) -> None:
+    drv = start(blk, h.ctx.memory)
+    h.ctx.memory.write(HDR, struct.pack("<IIQ", b.T_IN, 0, 1))
+    drv.post_indirect(0, 0x30000, [(HDR, 8, False), (HDR + 8, 8, False), (DATA, 256, True),
+                                   (DATA + 256, 256, True), (STATUS, 1, True)])
+    assert not blk.broken
+    assert h.ctx.memory.read(STATUS, 1) == bytes((b.S_OK,))
+    assert h.ctx.memory.read(DATA, 512) == bytes(range(256)) * 2
+    assert drv.used(0) == [(0, 513)]
+
+
+@pytest.mark.parametrize("case", ["nested", "misaligned", "empty", "too-big", "outside",
+                                  "with-next", "loop", "not-negotiated"])
+def test_bad_indirect_table_needs_reset(h: Harness, blk: VirtioBlk, case: str) -> None:
+    features = v.VIRTIO_F_VERSION_1 if case == "not-negotiated" else ALL_FEATURES
+    drv = start(blk, h.ctx.memory, features)
+    mem, table = h.ctx.memory, 0x30000
+    mem.write(HDR, struct.pack("<IIQ", b.T_IN, 0, 0))
+    good = [(HDR, 16, False), (DATA, 512, True), (STATUS, 1, True)]
+    if case == "nested":
+        mem.write(table, struct.pack("<QIHH", 0x31000, 16, v.DESC_F_INDIRECT, 0))
+        drv.post(0, [(table, 16, False)], raw_flags={0: v.DESC_F_INDIRECT})
+    elif case == "misaligned":
+        drv.post(0, [(table, 20, False)], raw_flags={0: v.DESC_F_INDIRECT})
+    elif case == "empty":
+        drv.post(0, [(table, 0, False)], raw_flags={0: v.DESC_F_INDIRECT})
+    elif case == "too-big":
+        drv.post(0, [(0, 16 * (v.MAX_INDIRECT + 1), False)], raw_flags={0: v.DESC_F_INDIRECT})
+    elif case == "outside":
+        drv.post(0, [(RAM_SIZE - 16, 32, False)], raw_flags={0: v.DESC_F_INDIRECT})
+    elif case == "with-next":
+        drv.post(0, [(table, 48, False), (STATUS, 1, True)],
+                 raw_flags={0: v.DESC_F_INDIRECT | v.DESC_F_NEXT})
+    elif case == "loop":
+        for i in range(3):  # every entry chains to entry 0
+            mem.write(table + 16 * i, struct.pack("<QIHH", HDR, 16, v.DESC_F_NEXT, 0))
+        drv.post(0, [(table, 48, False)], raw_flags={0: v.DESC_F_INDIRECT})
+    else:
+        drv.post_indirect(0, table, good)
+    assert blk.broken and drv.r32(v.REG_STATUS) & v.STATUS_NEEDS_RESET
+    assert drv.used(0) == []
+
+
+def test_event_idx_suppresses_interrupts_and_publishes_avail_event(h: Harness,
+                                                                     blk: VirtioBlk) -> None:
+    drv = start(blk, h.ctx.memory)
+    mem = h.ctx.memory
+    _, avail, used = drv.rings[0]
+    used_event, avail_event = avail + 4 + 2 * drv.num, used + 4 + 8 * drv.num
+    mem.write_u(used_event, 2, 2)  # interrupt me when the third chain is used
+    assert request(h, drv, b.T_IN, 0, 512) == b.S_OK
+    assert mem.read_u(avail_event, 2) == 1  # next notification wanted for chain 1
+    assert request(h, drv, b.T_IN, 1, 512) == b.S_OK
+    assert drv.r32(v.REG_INTERRUPT_STATUS) == 0 and h.irq(5).level == 0
+    assert request(h, drv, b.T_IN, 2, 512) == b.S_OK
+    assert drv.r32(v.REG_INTERRUPT_STATUS) == v.INT_USED_BUFFER and h.irq(5).level == 1
+    assert mem.read_u(avail_event, 2) == 3
+    # without event idx the NO_INTERRUPT flag rules (and used_event is ignored)
+    drv = start(blk, mem, v.VIRTIO_F_VERSION_1)
+    mem.write_u(avail, 2, v.AVAIL_F_NO_INTERRUPT)
+    assert request(h, drv, b.T_IN, 0, 512) == b.S_OK
+    assert drv.r32(v.REG_INTERRUPT_STATUS) == 0
+
+
+@pytest.mark.parametrize("sector", [7, 8, 2**54, 2**64 - 1])
+def test_blk_sector_ranges_past_the_disk_are_ioerr(h: Harness, blk: VirtioBlk,
+                                                   sector: int) -> None:
+    drv = start(blk, h.ctx.memory)
+    assert request(h, drv, b.T_IN, sector, 1024) == b.S_IOERR
+    assert request(h, drv, b.T_OUT, sector, 0, b"\0" * 1024) == b.S_IOERR
+    assert not blk.broken and blk.stats["read_bytes"] == blk.stats["write_bytes"] == 0
+
+
+def test_blk_header_split_over_descriptors_and_data_as_views(h: Harness, blk: VirtioBlk,
+                                                             image: Path) -> None:
+    drv = start(blk, h.ctx.memory)
+    mem = h.ctx.memory
+    mem.write(HDR, struct.pack("<IIQ", b.T_OUT, 0, 3))
+    mem.write(DATA, b"\x5a" * 1024)
+    drv.post(0, [(HDR, 4, False), (HDR + 4, 12, False), (DATA, 300, False),
+                 (DATA + 300, 724, False), (STATUS, 1, True)])
+    assert mem.read(STATUS, 1) == bytes((b.S_OK,))
+    assert image.read_bytes()[3 * 512:5 * 512] == b"\x5a" * 1024
+
+
+def test_blk_read_of_a_shrunk_image_gives_zeros(h: Harness, blk: VirtioBlk,
+                                                image: Path) -> None:
+    drv = start(blk, h.ctx.memory)
+    h.ctx.memory.write(DATA, b"\xee" * 1024)
+    with open(image, "r+b") as f:
+        f.truncate(512 * 6 + 100)
+    assert request(h, drv, b.T_IN, 6, 1024) == b.S_OK
+    assert h.ctx.memory.read(DATA, 1024) == (bytes(range(256)) * 2)[:100] + bytes(924)
+
+
+def test_handler_memory_error_needs_reset_instead_of_raising(h: Harness) -> None:
+    class Racy(v.VirtioMmio):
+        def handle_chain(self, index: int, buffers: list[v.Buffer]) -> int:
+            raise GuestMemoryError("region went away")
+
+    dev = Racy(h.ctx)
+    drv = start(dev, h.ctx.memory)
+    drv.post(0, [(DATA, 16, False)])
+    assert dev.broken and drv.r32(v.REG_STATUS) & v.STATUS_NEEDS_RESET
+
+
+def test_console_pending_input_is_bounded(h: Harness) -> None:
+    from kvmfw_devices import virtio_console as vc
+    con = VirtioConsole(h.ctx, output="none")
+    con.enqueue(b"x" * (vc.PENDING_LIMIT + 10))
+    assert len(con.pending) == vc.PENDING_LIMIT
+    other = VirtioConsole(h.ctx, output="none")
+    other.restore({**con.save(), "pending": "ab" * (vc.PENDING_LIMIT + 5)})
+    assert len(other.pending) == vc.PENDING_LIMIT
+
+
+@pytest.mark.parametrize("bad", [{"num": 6}, {"num": 0}, {"num": 1 << 20}, {"desc": "x"},
+                                 {"used_idx": None}])
+def test_restore_refuses_bad_queue_state(h: Harness, blk: VirtioBlk, bad: dict) -> None:
+    state = blk.save()
+    state["queues"][0].update(bad)
+    with pytest.raises(CheckpointError):
+        VirtioBlk(h.ctx, file=blk.params["file"]).restore(state)

@@ -78,6 +78,16 @@ class Driver:
             self.w32(v.REG_QUEUE_NOTIFY, index)
         return ids[0]
 
+    def post_indirect(self, index: int, table: int, bufs: list[tuple[int, int, bool]], *,
+                      notify: bool = True) -> int:
+        """Add a chain as one indirect descriptor pointing at a table written at ``table``."""
+        for i, (addr, length, writable) in enumerate(bufs):
+            flags = (v.DESC_F_WRITE if writable else 0) | (v.DESC_F_NEXT if i + 1 < len(bufs)
+                                                            else 0)
+            self.mem.write(table + 16 * i, struct.pack("<QIHH", addr, length, flags, i + 1))
+        return self.post(index, [(table, 16 * len(bufs), False)], notify=notify,
+                         raw_flags={0: v.DESC_F_INDIRECT})
+
     def used(self, index: int) -> list[tuple[int, int]]:
         _, _, used = self.rings[index]
         n = self.mem.read_u(used + 2, 2)

@@ -13,12 +13,13 @@ the RSDP)::
   the reset register is the PIIX reset control register (IO 0xCF9 <- 6), as QEMU's.
 - FACS at RSDP + 0x80: the OS writes its firmware waking vector there; an S3 wake-up
   enters it (the x86 plugin's ``reset_machine``).
-- DSDT, hand-assembled AML: ``Name (_S3_, ...)`` (type 1, QEMU's) and
+- DSDT, hand-assembled AML: ``Name (_S3_, ...)`` (type 1, QEMU's),
   ``Name (_S5_, Package () {typ, typ, 0, 0})`` and, under
-  ``\\_SB_``, one ``Device (VRnn)`` per virtio-mmio device of the machine (``_HID
-  "LNRO0005"``, ``_UID nn``, ``_CRS`` with ``Memory32Fixed`` and an extended ``Interrupt``,
-  level, active high) as QEMU's ``microvm`` describes them; Linux's virtio_mmio driver
-  binds to these.
+  ``\\_SB_``, one ``Device`` per firmware node with an ACPI ``_HID`` that the machine's
+  devices declare (``Device.firmware()``, see :class:`kvmfw.device.FirmwareNode`): ``VRnn``
+  for virtio-mmio (``_HID "LNRO0005"``, as QEMU's ``microvm``; Linux's virtio_mmio driver
+  binds to these), ``DVnn`` for any other kind, each with ``_UID nn`` and a ``_CRS`` of
+  ``Memory32Fixed`` (or ``IO`` for a port range) and an extended ``Interrupt``.
 - MADT: one Processor Local APIC per vCPU, the IO-APIC, the ISA overrides IRQ 0 -> GSI 2
   and IRQ 9 (SCI) level/active high, LINT1 as NMI: the machine the MP tables describe.
 """
@@ -72,11 +73,15 @@ VIRTIO_MMIO_HID = "LNRO0005"
 
 @dataclass(frozen=True)
 class MmioDevice:
-    """A virtio-mmio transport to describe in the DSDT: window and interrupt (GSI)."""
+    """A device to describe in the DSDT: window, interrupt (GSI, -1: none) and ``_HID``
+    (a virtio-mmio transport unless told otherwise); ``space`` ``"pio"`` for IO ports."""
 
     base: int
     size: int
     irq: int
+    hid: str = VIRTIO_MMIO_HID
+    space: str = "mmio"
+    edge: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,13 @@ def res_memory32_fixed(base: int, size: int, writable: bool = True) -> bytes:
     return struct.pack("<BHBII", 0x86, 9, 1 if writable else 0, base, size)
 
 
+def res_io(port: int, size: int) -> bytes:
+    """IO (Decode16, port, port, 1, size) small resource descriptor."""
+    if not 0 <= port <= 0xFFFF or not 0 < size <= 0xFF:
+        raise ValueError(f"IO resource {port:#x}+{size} does not fit a 16-bit descriptor")
+    return struct.pack("<BBHHBB", 0x47, 1, port, port, 1, size)
+
+
 def res_interrupt(gsi: int, *, level: bool = True, active_low: bool = False) -> bytes:
     """Extended Interrupt descriptor: consumer, exclusive, one interrupt number."""
     flags = 0x01 | (0 if level else 0x02) | (0x04 if active_low else 0)
@@ -233,19 +245,24 @@ def resource_template(*descriptors: bytes) -> bytes:
 
 
 def dsdt_aml(virtio: list[MmioDevice], pm: PmBlock = PmBlock()) -> bytes:
-    """The DSDT's AML: ``_S3_`` (unless disabled), ``_S5_`` and a ``\\_SB_.VRnn`` per
-    virtio-mmio device."""
+    """The DSDT's AML: ``_S3_`` (unless disabled), ``_S5_`` and a ``\\_SB_`` device per
+    declared firmware node (``VRnn`` virtio-mmio, ``DVnn`` others)."""
     s3 = aml_name("_S3_", aml_package(aml_integer(pm.s3_typ), aml_integer(pm.s3_typ),
                                       aml_integer(0), aml_integer(0))) \
         if pm.s3_typ >= 0 else b""
     s5 = aml_name("_S5_", aml_package(aml_integer(pm.s5_typ), aml_integer(pm.s5_typ),
                                       aml_integer(0), aml_integer(0)))
-    devices = [aml_device(f"VR{i:02d}",
-                          aml_name("_HID", aml_string(VIRTIO_MMIO_HID)),
-                          aml_name("_UID", aml_integer(i)),
-                          aml_name("_CRS", resource_template(
-                              res_memory32_fixed(d.base, d.size), res_interrupt(d.irq))))
-               for i, d in enumerate(virtio)]
+    devices, counts = [], {"VR": 0, "DV": 0}
+    for d in virtio:
+        prefix = "VR" if d.hid == VIRTIO_MMIO_HID else "DV"
+        i = counts[prefix]
+        counts[prefix] += 1
+        window = res_io(d.base, d.size) if d.space == "pio" else \
+            res_memory32_fixed(d.base, d.size)
+        irq = [res_interrupt(d.irq, level=not d.edge)] if d.irq >= 0 else []
+        devices.append(aml_device(f"{prefix}{i:02d}", aml_name("_HID", aml_string(d.hid)),
+                                  aml_name("_UID", aml_integer(i)),
+                                  aml_name("_CRS", resource_template(window, *irq))))
     sb = aml_scope(b"\\_SB_", *devices) if devices else b""
     return s3 + s5 + sb
 
@@ -287,25 +304,25 @@ def build(ncpus: int, base: int = ACPI_BASE, virtio: list[MmioDevice] | None = N
     return bytes(out)
 
 
-def _class_names(obj: Any) -> set[str]:
-    return {c.__name__ for c in type(obj).__mro__}
-
-
-def virtio_mmio_devices(machine: Any) -> list[MmioDevice]:
-    """The machine's virtio-mmio transports (any device derived from ``VirtioMmio``) with
-    an interrupt line, in the order they were added."""
+def acpi_devices(machine: Any) -> list[MmioDevice]:
+    """What the machine's devices declare for ACPI (``Device.firmware()`` nodes with an
+    ``acpi_hid``), in the order they were added; never guessed from class names, so a
+    third-party device appears exactly as a built-in one."""
     out = []
     for d in getattr(machine, "devices", []):
-        if "VirtioMmio" not in _class_names(d):
-            continue
-        params = getattr(d, "params", {})
-        irq = int(params.get("irq", -1))
-        if irq < 0:
-            continue
-        mmio = [r for r in d.ranges() if r.space == "mmio"]
-        if mmio:
-            out.append(MmioDevice(mmio[0].base, mmio[0].size, irq))
+        describe = getattr(d, "firmware", None)
+        for node in describe() if callable(describe) else []:
+            if not node.acpi_hid or node.base + node.size > 1 << 32:
+                continue  # Memory32Fixed reaches 4 GiB; nothing to say otherwise
+            if node.space == "pio" and (node.base + node.size > 0x10000 or node.size > 0xFF):
+                continue
+            out.append(MmioDevice(node.base, node.size, node.irq, node.acpi_hid, node.space,
+                                  node.irq_trigger == "edge"))
     return out
+
+
+virtio_mmio_devices = acpi_devices
+"""The former name (virtio-mmio windows are now one kind of declared node)."""
 
 
 def pm_block(machine: Any) -> PmBlock:
@@ -319,9 +336,9 @@ def pm_block(machine: Any) -> PmBlock:
 
 
 def install(machine: Any, base: int = ACPI_BASE) -> int:
-    """Write the tables for ``machine`` (its vCPUs, virtio-mmio devices and PM block);
+    """Write the tables for ``machine`` (its vCPUs, declared devices and PM block);
     returns the RSDP address."""
-    machine.memory.write(base, build(machine.config.cpus, base, virtio_mmio_devices(machine),
+    machine.memory.write(base, build(machine.config.cpus, base, acpi_devices(machine),
                                      pm_block(machine)))
     return base
 
