@@ -134,7 +134,7 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
 _RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus", "device",
              "console", "stats", "debug_flags", "timeout", "max_ticks", "unclaimed",
              "always_sync", "no_summary", "no_default_devices", "host_factor", "fw_cfg",
-             "pseudo_op_dir", "option")
+             "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait")
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
@@ -201,6 +201,12 @@ def _console(spec: str) -> Any:
               help="Directory the pseudo-op device may read and write host files in.")
 @click.option("--option", "-o", multiple=True,
               help="Arch/device machine option KEY=VALUE (e.g. irqchip=userspace, acpi=on).")
+@click.option("--gdb", type=str, help="Listen for GDB on tcp::PORT (or tcp:HOST:PORT).")
+@click.option("-s", "gdb_default", is_flag=True, default=None,
+              help="Shorthand for --gdb tcp::1234.")
+@click.option("--gdb-wait", "-S", "gdb_wait", is_flag=True, default=None,
+              help="Wait for GDB to attach and continue before the first instruction "
+              "(implies -s without --gdb).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits."""
@@ -266,9 +272,18 @@ def _run(cfg: dict[str, Any]) -> int:
         elif not Path(kernel).is_file():
             raise ImageError(f"kernel {kernel} does not exist or is not a file")
         machine.load_guest(str(kernel), **options)
+        gdb_spec = cfg.get("gdb") or ("tcp::1234" if cfg.get("gdb_default") or
+                                      cfg.get("gdb_wait") else None)
+        if gdb_spec:
+            from kvmfw.gdb import parse_endpoint
+
+            host, port = parse_endpoint(str(gdb_spec))
+            machine.start_gdb(port, host, wait=bool(cfg.get("gdb_wait")))
         result = machine.run(timeout=cfg.get("timeout"), max_ticks=cfg.get("max_ticks"),
                              hard_timeout=True)
         console.flush()
+        if machine.gdb is not None:
+            machine.gdb.close(result.status)  # GDB sees the guest exit with its status
         if cfg.get("stats"):
             _write_stats(machine, str(cfg["stats"]))
         if not cfg.get("no_summary"):
