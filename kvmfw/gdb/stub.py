@@ -418,7 +418,7 @@ class GdbStub:
             if tid is None or tid < 0:
                 return b"E01"
             cpu = self._cpu(tid)
-            return _hex(f"vCPU {cpu.id} ({cpu.status.value})".encode())
+            return _hex(f"vCPU {cpu.id}".encode())
         if name == b"qSymbol":
             return b"OK"
         if name == b"qRcmd":
