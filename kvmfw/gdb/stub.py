@@ -45,8 +45,6 @@ MAX_MEMORY_READ = (MAX_PACKET - 16) // 2
 """Largest ``m`` answer (hex doubles it); GDB splits bigger reads itself."""
 MAX_BREAKPOINTS = 4096
 """Inserted breakpoints kept at most (each is a host object; the client is untrusted)."""
-DISCONNECTED = Received("disconnect")
-"""Queued by the transport when the client goes away."""
 
 _ERR_ARGS, _ERR_FAULT, _ERR_NOSPACE = b"E16", b"E14", b"E28"
 
@@ -87,6 +85,8 @@ class GdbStub:
         self._lock = threading.Lock()
         self._supported: set[str] = set()
         self._watch_values: dict[Breakpoint, bytes | None] = {}
+        self._restop = False
+        self._generation = 0
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -129,13 +129,20 @@ class GdbStub:
 
     def client_connected(self, send: Callable[[bytes], None]) -> None:
         """A client attached (transport thread): the guest stops for it."""
-        while not self.inbox.empty():  # anything a previous client left
-            self.inbox.get_nowait()
-        self.send = send
-        self.no_ack = False
-        self._awaiting_stop = False
-        self._supported = set()
-        self.connected = True
+        with self._lock:
+            if self.stopped:
+                # a stop still serving the previous client (its disconnect is queued): it
+                # ends, then a new stop serves this one, unless this stop takes its packets
+                self._restop = True
+            else:
+                while not self.inbox.empty():  # anything a previous client left
+                    self.inbox.get_nowait()
+            self.send = send
+            self.no_ack = False
+            self._awaiting_stop = False
+            self._supported = set()
+            self._generation += 1
+            self.connected = True
         self.request_stop()
 
     def client_disconnected(self) -> None:
@@ -143,7 +150,7 @@ class GdbStub:
         breakpoints (as after a detach)."""
         self.connected = False
         self.send = lambda _p: None
-        self.inbox.put(DISCONNECTED)
+        self.inbox.put(Received("disconnect", b"%d" % self._generation))
         if self.breakpoints or self.stepping:
             self.request_stop()  # to clear them, on the thread that may touch the vCPUs
 
@@ -246,10 +253,14 @@ class GdbStub:
                 self._apply_debug()
             except KvmfwError as exc:  # leaving the stop must not kill the run
                 log.warning("gdb: could not program guest debug on resume: %s", exc)
-            self.stopped = False
+            with self._lock:
+                self.stopped = False
+                restop, self._restop = self._restop, False
             if parallel:
                 for c in self.cpus:
                     c.drain_pending = False
+        if restop and self.connected and how != "kill":
+            self.request_stop()
         if how == "kill":
             self.killed = True
             self.machine.request_exit(0, "killed by GDB")
@@ -271,11 +282,14 @@ class GdbStub:
                 item = self.inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if item is DISCONNECTED or item.kind == "disconnect":
+            if item.kind == "disconnect":
+                if item.data != b"%d" % self._generation:
+                    continue  # a client before the current one
                 log.info("gdb: client disconnected; guest resumes")
                 return "detach"
             if item.kind != "packet":
                 continue
+            self._restop = False  # this stop serves the client that sent it
             try:
                 reply = self.handle(item.data)
             except _Resume as r:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ pytest.importorskip("kvmfw_devices", reason="the guest exits through debug-exit"
 
 GUEST = Path(__file__).parent / "guests" / "gdb64.elf"
 STATUS = 25  # (12 << 1) | 1
-TIMEOUT = 120.0
+TIMEOUT = float(os.environ.get("KVMFW_GDB_TEST_TIMEOUT", "120"))
 needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None,
                                reason="needs gdb (apt-get install gdb)")
 
@@ -142,7 +141,7 @@ def test_gdb_break_step_watch_registers_memory_and_exit_status() -> None:
     finally:
         k.kill()
     sym = symbols()
-    assert re.search(r"Breakpoint 1, 0x0*%x in add \(\)" % sym["add"], out), out
+    assert re.search(rf"Breakpoint 1, 0x0*{sym['add']:x} in add \(\)", out), out
     assert "$1 = 3" in out and "$2 = 4" in out, out  # add(3, 4): the SysV argument registers
     pcs = [int(v, 16) for v in re.findall(r"\$\d+ = (0x[0-9a-f]+)", out)]
     assert pcs[0] == sym["add"]
