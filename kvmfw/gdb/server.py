@@ -31,6 +31,9 @@ def parse_endpoint(spec: str) -> tuple[str, int]:
     host, sep, port_s = text.rpartition(":")
     if not sep:
         host, port_s = "", text
+    elif text is spec and host:  # "unix:/path", "udp:1": not a TCP endpoint
+        raise ConfigError(f"--gdb {spec!r}: only TCP is supported (tcp::PORT or "
+                          "tcp:HOST:PORT)")
     try:
         port = int(port_s, 10)
     except ValueError:

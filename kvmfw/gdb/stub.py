@@ -87,6 +87,7 @@ class GdbStub:
         self._watch_values: dict[Breakpoint, bytes | None] = {}
         self._restop = False
         self._generation = 0
+        self._stop_signal = SIGTRAP
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -157,18 +158,19 @@ class GdbStub:
     def feed(self, item: Received) -> None:
         """A received item (transport thread): packets queue for the stop; Ctrl-C stops."""
         if item.kind == "interrupt":
-            self.request_stop()
+            self.request_stop(SIGINT)
         elif item.kind == "packet":
             self.inbox.put(item)
 
     # --- stop and resume -----------------------------------------------------------------
 
-    def request_stop(self) -> None:
-        """Stop the running guest soon (Ctrl-C, a client attaching); any thread."""
+    def request_stop(self, signal: int = SIGTRAP) -> None:
+        """Stop the running guest soon (Ctrl-C: SIGINT, a client attaching); any thread."""
         with self._lock:
             if self._stop_requested or self.stopped:
                 return
             self._stop_requested = True
+            self._stop_signal = signal
         eq = self.machine.eventq
         ev = Event(self._stop_event, "gdb-stop", PRIO_EXIT)
         for _ in range(100):
@@ -188,7 +190,7 @@ class GdbStub:
         if not self.connected:
             self._forget()
             return
-        self.stop_world(self._cpu(), Stop("trap"), SIGINT)
+        self.stop_world(self._cpu(), Stop("trap"), self._stop_signal)
 
     def debug_exit(self, cpu: KvmCPU) -> None:
         """A ``KVM_EXIT_DEBUG`` on ``cpu`` (its thread): ask the arch why, then stop."""
