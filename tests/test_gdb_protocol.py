@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 
 from kvmfw.errors import ConfigError
 from kvmfw.gdb import Feature, GdbTarget, Reg, parse_endpoint
-from kvmfw.gdb.protocol import MAX_PACKET, PacketReader, Received, checksum, escape, frame, \
-    unescape
+from kvmfw.gdb.protocol import MAX_PACKET, PacketReader, Received, checksum, escape, frame, unescape
 
 
 def feed(data: bytes, chunk: int = 0) -> list[Received]:

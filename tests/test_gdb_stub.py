@@ -184,32 +184,32 @@ def test_attach_before_the_first_instruction_step_and_read_memory() -> None:
     assert rips[0] < rips[1] < rips[2] or len(set(rips)) == 3  # each step moved on
 
 
-def test_ctrl_c_stops_a_spinning_guest_in_serial_and_parallel_mode() -> None:
-    for cpus in (1, 2):
-        m = machine(PROGRAM_SPIN, cpus)
+@pytest.mark.parametrize("cpus", [1, 2], ids=["serial", "parallel"])
+def test_ctrl_c_stops_a_spinning_guest(cpus: int) -> None:
+    m = machine(PROGRAM_SPIN, cpus)
 
-        def script(c: Client) -> bytes:
-            assert c.cmd(b"?").startswith(b"T05")
-            c.send(b"c")
-            time.sleep(0.3)
-            c.sock.sendall(b"\x03")
-            stop = c.packet()
-            assert stop.startswith(b"T02thread:"), stop
-            if cpus == 2:
-                assert c.cmd(b"qfThreadInfo") == b"m1,2"
-                assert c.cmd(b"Hg2") == b"OK"
-                assert len(c.cmd(b"g")) == 18 * 16  # the other vCPU's registers, parked
-                assert c.cmd(b"Hg1") == b"OK"
-            c.send(b"c")  # resume, stop again, then kill
-            time.sleep(0.2)
-            c.sock.sendall(b"\x03")
-            assert c.packet().startswith(b"T02")
-            c.send(b"k")
-            return stop
+    def script(c: Client) -> bytes:
+        assert c.cmd(b"?").startswith(b"T05")
+        c.send(b"c")
+        time.sleep(0.3)
+        c.sock.sendall(b"\x03")
+        stop = c.packet()
+        assert stop.startswith(b"T02thread:"), stop
+        if cpus == 2:
+            assert c.cmd(b"qfThreadInfo") == b"m1,2"
+            assert c.cmd(b"Hg2") == b"OK"
+            assert len(c.cmd(b"g")) == 18 * 16  # the other vCPU's registers, parked
+            assert c.cmd(b"Hg1") == b"OK"
+        c.send(b"c")  # resume, stop again, then kill
+        time.sleep(0.2)
+        c.sock.sendall(b"\x03")
+        assert c.packet().startswith(b"T02")
+        c.send(b"k")
+        return stop
 
-        r, _ = session(m, script)
-        assert (r.status, r.reason) == (0, "killed by GDB")
-        m.close()
+    r, _ = session(m, script)
+    assert (r.status, r.reason) == (0, "killed by GDB")
+    m.close()
 
 
 def test_a_debug_exit_without_a_debugger_ends_the_run_with_a_dump() -> None:
