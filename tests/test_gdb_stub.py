@@ -175,6 +175,7 @@ def test_attach_before_the_first_instruction_step_and_read_memory() -> None:
         assert c.cmd(b"mfff0,100") == b"00" * 16  # cut at the end of RAM
         assert c.cmd(b"m20000,4") == b"E14"
         assert c.cmd(b"Z1,0,1") == b""  # the test arch has no breakpoints: "unsupported"
+        assert b"1 vCPU".hex().encode() in c.cmd(b"qRcmd," + b"info".hex().encode())
         assert c.cmd(b"c") == b"W07"
         return rips
 

@@ -437,8 +437,8 @@ class GdbStub:
             return _hex(f"vCPU {cpu.id}".encode())
         if name == b"qSymbol":
             return b"OK"
-        if name == b"qRcmd":
-            return self._monitor(binascii.unhexlify(args.partition(b",")[2] or args))
+        if pkt.startswith(b"qRcmd,"):
+            return self._monitor(binascii.unhexlify(pkt[6:]))
         return b""
 
     def _monitor(self, cmd: bytes) -> bytes:
