@@ -9,16 +9,20 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from realmode_arch import REGS, RealModeArch
 
 from kvmfw import hookimpl
 from kvmfw.abi import IOCTLS, address_of, ffi
 from kvmfw.device import Range
 from kvmfw.errors import UnhandledExitError
-from kvmfw.gdb import Feature, GdbTarget, GdbUnsupported, Reg, Stop
+from kvmfw.gdb import Feature, GdbStub, GdbTarget, GdbUnsupported, Reg, Stop
+from kvmfw.gdb.stub import _Resume
 from kvmfw.machine import Machine, MachineConfig
 
 TIMEOUT = 60.0
@@ -236,3 +240,35 @@ def test_a_client_that_vanishes_mid_stop_lets_the_run_finish() -> None:
 
     r, _ = session(m, script)
     assert r.status == 7  # the guest ran to its exit, no step left behind
+
+
+_PACKETS = st.one_of(
+    st.binary(max_size=64),
+    st.tuples(st.sampled_from(list(b"?gGpPmMXzZHTcsCSDkvqQ")), st.binary(max_size=40))
+    .map(lambda t: bytes((t[0],)) + t[1]),
+    st.sampled_from([b"vCont;s:zz", b"vCont;x", b"Hgp1.", b"Hc-1", b"Z9,0,1", b"m-1,4",
+                     b"mffffffffffffffffff,4", b"M0,2:abc", b"X0,4:ab", b"P0=", b"Pq=00",
+                     b"qXfer:features:read:target.xml:zz", b"qRcmd,zz", b"T0", b"Z0,1,0",
+                     b"z2,0,100000", b"qThreadExtraInfo,99", b"G00", b"p-1"]))
+
+
+@pytest.fixture(scope="module")
+def stopped_machine() -> Iterator[Machine]:
+    m = machine(PROGRAM_SPIN)  # never run: stopped, as the stub's packets expect
+    yield m
+    m.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(packets=st.lists(_PACKETS, max_size=8))
+def test_any_packet_gets_an_answer_never_an_exception(stopped_machine: Machine,
+                                                      packets: list[bytes]) -> None:
+    stub = GdbStub(stopped_machine)
+    stub.connected = True
+    for p in packets:
+        try:
+            reply = stub.handle(p)
+        except _Resume:
+            continue  # c, s, D, k, vCont: a resume, which the serving loop acts on
+        assert reply is None or isinstance(reply, bytes)
+

@@ -133,10 +133,11 @@ def run_gdb(port: int, *commands: str) -> str:
 def test_gdb_break_step_watch_registers_memory_and_exit_status() -> None:
     k = Kvmfw()
     try:
-        out = run_gdb(k.port, "break add", "continue", "p $rdi", "p $rsi", "p/x $pc",
-                      "stepi 5", "p/x $pc", "delete", "watch *(long *)&counter", "continue",
-                      "p counter", "delete", "info registers",
-                      "x/4gx 0xffff800000000000 + (long)&counter", "continue")
+        out = run_gdb(k.port, "break add", "continue", "p $rdi", "p $rsi", "set $rsi = 5",
+                      "p/x $pc", "stepi 5", "p/x $pc", "delete", "watch *(long *)&counter",
+                      "continue", "delete", "info registers",
+                      "x/4gx 0xffff800000000000 + (long)&counter", "hbreak spin_loop",
+                      "continue", "continue")
         rc, err = k.finish()
     finally:
         k.kill()
@@ -153,9 +154,11 @@ def test_gdb_break_step_watch_registers_memory_and_exit_status() -> None:
         assert re.search(rf"^{reg}\s+0x", out, re.M), f"{reg} missing:\n{out}"
     # memory by virtual address: the guest's alias of its first 2 MiB at 0xffff800000000000
     assert re.search(r"0xffff800000100078:\s+0x0000000000000002\s+0x0000000000000000", out), out
-    assert "0x1122334455667788" in out
-    assert "exited with code 031" in out, out  # 25, in octal as GDB prints it
-    assert rc == STATUS, err
+    assert "0x0000000000000008\t0x1122334455667788" in out  # result = add(3, 5)
+    assert re.search(rf"Breakpoint 3, 0x0*{sym['spin_loop']:x} in ", out), out  # hbreak
+    # add(3, 5) + 5 = 13: the register write reached the guest; (13 << 1) | 1 = 27
+    assert "exited with code 033" in out, out  # (GDB prints it in octal)
+    assert rc == 27, err
     assert "Traceback" not in err and "Traceback" not in out
     assert "software breakpoints are served by the 4 debug registers" in err or \
         "INT3: reported" in err or "probe" not in err
@@ -287,3 +290,44 @@ def test_without_a_debugger_a_debug_exit_is_an_error_with_a_dump() -> None:
             m.run(timeout=TIMEOUT)
     assert "KVM_EXIT_DEBUG" in str(info.value)
     assert "rip" in info.value.dump.lower()
+
+
+def test_software_breakpoints_as_int3_are_written_and_restored() -> None:
+    """The INT3 path a KVM that reports INT3 takes (not this kvm_pvm, whose probe says
+    no): forced on, the byte is written at the translated address and put back."""
+    from kvmfw.gdb import BreakKind, Breakpoint
+
+    from kvmfw_x86 import gdb
+
+    cfg = MachineConfig(arch="x86", memory=64 << 20, default_devices=False,
+                        options={"irqchip": "userspace"}, kvm_path="/dev/kvm")
+    sym = symbols()
+    with Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86") as m:
+        m.load_guest(str(GUEST))
+        real = gdb.probe(m)
+        try:
+            gdb._caps[cfg.kvm_path] = gdb.Caps(True, real.watchpoints, real.block_irq, "forced")
+            before = m.memory.read(sym["add"], 1)
+            bp = Breakpoint(BreakKind.SOFTWARE, sym["add"], 1)
+            gdb.set_guest_debug(m.cpus[0], False, [bp])
+            assert m.memory.read(sym["add"], 1) == b"\xcc"
+            gdb.set_guest_debug(m.cpus[0], False, [])
+            assert m.memory.read(sym["add"], 1) == before
+        finally:
+            gdb._caps[cfg.kvm_path] = real
+
+
+def test_the_probe_says_what_this_kvm_reports() -> None:
+    from kvmfw_x86 import gdb
+
+    cfg = MachineConfig(arch="x86", memory=16 << 20, default_devices=False,
+                        options={"irqchip": "userspace"})
+    with Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86") as m:
+        caps = gdb.probe(m)
+        t = gdb.target(m.cpus[0])
+    assert "INT3: " in caps.why and "watched write: " in caps.why
+    if not caps.sw_breakpoints:  # kvm_pvm: served by debug registers, and said so
+        assert any("debug registers" in n for n in t.notes)
+    if not caps.watchpoints:
+        assert t.stepped_watchpoints
+    assert t.architecture == "i8086"  # no guest loaded: the vCPU is at its real-mode reset
