@@ -407,7 +407,7 @@ class GdbStub:
             self._supported = {f.rstrip(b"+").decode("ascii", "replace")
                                for f in args.split(b";") if f.endswith(b"+")}
             return (b"PacketSize=%x;qXfer:features:read+;QStartNoAckMode+;vContSupported+;"
-                    b"swbreak+;hwbreak+;qXfer:threads:read-" % MAX_PACKET)
+                    b"swbreak+;hwbreak+" % MAX_PACKET)
         if name == b"QStartNoAckMode":
             self.send(b"OK")
             self.no_ack = True

@@ -331,3 +331,20 @@ def test_the_probe_says_what_this_kvm_reports() -> None:
     if not caps.watchpoints:
         assert t.stepped_watchpoints
     assert t.architecture == "i8086"  # no guest loaded: the vCPU is at its real-mode reset
+
+
+def test_bad_gdb_options_are_one_line_configuration_errors() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kvmfw.cli", "run", "--console", "none",
+                               *args], capture_output=True, text=True, timeout=TIMEOUT,
+                              stdin=subprocess.DEVNULL, cwd="/")
+
+    r = run("--gdb", "udp:1")
+    assert r.returncode == 2 and "only TCP is supported" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = run("--gdb", f"tcp::{busy.getsockname()[1]}")
+    assert r.returncode == 2 and "cannot listen" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
