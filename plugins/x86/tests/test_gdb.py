@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -175,6 +176,34 @@ def test_two_vcpus_are_two_threads() -> None:
     assert re.search(r"^\*?\s*1\s+Thread 1 \(vCPU 0\)", out, re.M), out
     assert re.search(r"^\s*2\s+Thread 2 \(vCPU 1\)", out, re.M), out
     assert "[Switching to thread 2" in out
+    assert "exited with code 031" in out, out
+    assert rc == STATUS, err
+
+
+@needs_gdb
+def test_ctrl_c_in_gdb_stops_a_looping_guest_on_two_vcpus(tmp_path: Path) -> None:
+    k = Kvmfw("--cpus", "2")
+    out_path = tmp_path / "gdb.out"
+    try:
+        with out_path.open("w") as out_file:
+            gdb = subprocess.Popen(
+                ["gdb", "-batch", "-nx", str(GUEST), "-ex", f"target remote :{k.port}",
+                 "-ex", "set var *(long *)&spin = 1", "-ex", "echo CONTINUING\\n",
+                 "-ex", "continue", "-ex", "info threads", "-ex", "p/x $pc",
+                 "-ex", "set var *(long *)&spin = 0", "-ex", "continue"],
+                stdout=out_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            deadline = time.monotonic() + TIMEOUT
+            while "CONTINUING" not in out_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # gdb sends the continue right after the echo
+            gdb.send_signal(signal.SIGINT)  # Ctrl-C: gdb sends 0x03
+            gdb.wait(TIMEOUT)
+        out = out_path.read_text()
+        rc, err = k.finish()
+    finally:
+        k.kill()
+    assert "Thread 1 received signal SIGINT, Interrupt." in out, out
+    assert re.search(r"^\s*2\s+Thread 2 \(vCPU 1\)", out, re.M), out
     assert "exited with code 031" in out, out
     assert rc == STATUS, err
 
