@@ -233,10 +233,12 @@ class GdbStub:
         """Stop every vCPU, report ``stop`` to GDB, serve packets until it resumes
         (``wait_for_client``: also wait for a client to connect first)."""
         parallel = any(c.parallel for c in self.cpus)
+        me = threading.get_ident()
         if parallel:
             for c in self.cpus:
-                c.drain_pending = True  # park: the vCPU blocks on the lock (see module doc)
-                c.kick()
+                if c.vcpu.thread_ident != me:
+                    c.drain_pending = True  # park: it blocks on the lock (see module doc)
+                    c.kick()
         self.stopped = True
         self.stops += 1
         self._g_cpu = self._c_cpu = cpu.id
@@ -580,7 +582,7 @@ class GdbStub:
         self.breakpoints[key] = Breakpoint(kind, addr, length)
         try:
             self._apply_debug()
-        except GdbError as exc:
+        except KvmfwError as exc:
             del self.breakpoints[key]
             self._apply_debug()
             log.info("gdb: breakpoint refused: %s", exc)
