@@ -18,7 +18,7 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmfw.bus import Bus
 from kvmfw.cpu import KvmCPU
@@ -40,6 +40,9 @@ from kvmfw.plugins import BoundHooks, DeviceRegistry, check_api, load_arch, make
 from kvmfw.stats import StatsRegistry
 from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
+
+if TYPE_CHECKING:
+    from kvmfw.gdb import GdbServer
 
 log = logging.getLogger("kvmfw.cpu")
 
@@ -137,7 +140,7 @@ class Machine:
         self._work = {"work_items_begun": 0, "work_items_ended": 0, "work_ticks": 0}
         self.arch_state: Any = None
         """A slot for the arch plugin's per-machine state (interrupt model, tables, ...)."""
-        self.gdb: Any = None
+        self.gdb: GdbServer | None = None
         """The attached GDB server (:meth:`start_gdb`); the exit table routes debug exits
         to it. None: a debug exit ends the run with an error, as any unexpected exit."""
         self._closed = False
@@ -512,7 +515,7 @@ class Machine:
     # --- debugger ---------------------------------------------------------------------------
 
     def start_gdb(self, port: int = 1234, host: str = "127.0.0.1", *,
-                  wait: bool = False) -> Any:
+                  wait: bool = False) -> GdbServer:
         """Listen for GDB on ``host:port`` (0: any free port; the server's ``port`` says
         which) and return the :class:`kvmfw.gdb.GdbServer`. ``wait``: block until a client
         attaches and continues (QEMU's ``-S``); call it after loading the guest and before
@@ -522,10 +525,10 @@ class Machine:
 
         if self.gdb is not None:
             raise ConfigError("a GDB server is already attached to this machine")
-        self.gdb = GdbServer(self, host, port, start=not wait)
+        self.gdb = server = GdbServer(self, host, port, start=not wait)
         if wait:
-            self.gdb.wait()
-        return self.gdb
+            server.wait()
+        return server
 
     # --- teardown -------------------------------------------------------------------------
 
