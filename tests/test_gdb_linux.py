@@ -31,6 +31,19 @@ LINK_BASE = 0xFFFFFFFF81000000
 TIMEOUT = float(os.environ.get("KVMFW_LINUX_TIMEOUT", "60")) * 4
 
 
+def loopback_up() -> None:
+    """The outer guest boots with no network set up: bring ``lo`` up (SIOCSIFFLAGS)."""
+    import fcntl
+    import socket
+    import struct
+
+    ifreq = struct.Struct("16sh22x")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = ifreq.unpack(fcntl.ioctl(s, 0x8913, ifreq.pack(b"lo", 0)))[1]  # SIOCGIFFLAGS
+        if not flags & 1:
+            fcntl.ioctl(s, 0x8914, ifreq.pack(b"lo", flags | 1))  # SIOCSIFFLAGS, IFF_UP
+
+
 def kallsyms() -> dict[str, int]:
     out: dict[str, int] = {}
     for line in Path("/proc/kallsyms").read_text().splitlines():
@@ -90,6 +103,7 @@ def test_break_in_a_booting_linux_kernel_and_let_it_finish(tmp_path: Path) -> No
     def addr(name: str) -> int:
         return LINK_BASE + syms[name] - syms["_text"]
 
+    loopback_up()
     log = tmp_path / "console.log"
     proc = subprocess.Popen(
         [*linuxguest.kvmfw_argv(), "run", "--kernel", str(d / "vmlinuz-amd64"), "--initrd",
