@@ -21,7 +21,7 @@ from kvmfw import hookimpl
 from kvmfw.abi import IOCTLS, address_of, ffi
 from kvmfw.device import Range
 from kvmfw.errors import UnhandledExitError
-from kvmfw.gdb import Feature, GdbStub, GdbTarget, GdbUnsupported, Reg, Stop
+from kvmfw.gdb import BreakKind, Feature, GdbStub, GdbTarget, GdbUnsupported, Reg, Stop
 from kvmfw.gdb.stub import _Resume
 from kvmfw.machine import Machine, MachineConfig
 
@@ -31,7 +31,8 @@ RIP = REGS.index("rip")
 
 
 class GdbRealModeArch(RealModeArch):
-    """The test arch with the stub's hooks: its 18 registers, single step only."""
+    """The test arch with the stub's hooks: its 18 registers, single step only (so the
+    stub serves breakpoints by stepping, as on a KVM that reports no breakpoints)."""
 
     def __init__(self, program: int) -> None:
         super().__init__(program)
@@ -39,7 +40,8 @@ class GdbRealModeArch(RealModeArch):
 
     @hookimpl
     def gdb_target(self, cpu: Any) -> GdbTarget:
-        return GdbTarget("i8086", (Feature("org.kvmfw.test", tuple(Reg(r, 64) for r in REGS)),))
+        return GdbTarget("i8086", (Feature("org.kvmfw.test", tuple(Reg(r, 64) for r in REGS)),),
+                         stepped_breakpoints=True)
 
     @hookimpl
     def gdb_read_registers(self, cpu: Any) -> list[bytes]:
@@ -54,8 +56,8 @@ class GdbRealModeArch(RealModeArch):
 
     @hookimpl
     def gdb_set_guest_debug(self, cpu: Any, step: bool, breakpoints: list[Any]) -> bool:
-        if breakpoints:
-            raise GdbUnsupported("the test arch has no breakpoints")
+        if any(b.kind not in (BreakKind.SOFTWARE, BreakKind.HARDWARE) for b in breakpoints):
+            raise GdbUnsupported("the test arch has no watchpoints")
         self.debug_calls.append((cpu.id, step, len(breakpoints)))
         buf = ffi.new("uint8_t[]", struct.pack("<II8Q", 3 if step else 0, 0, *[0] * 8))
         cpu.sync_kvm_state()
@@ -178,7 +180,7 @@ def test_attach_before_the_first_instruction_step_and_read_memory() -> None:
         assert c.cmd(b"m104,2") == b"7d23"
         assert c.cmd(b"mfff0,100") == b"00" * 16  # cut at the end of RAM
         assert c.cmd(b"m20000,4") == b"E14"
-        assert c.cmd(b"Z1,0,1") == b""  # the test arch has no breakpoints: "unsupported"
+        assert c.cmd(b"Z2,0,1") == b""  # the test arch has no watchpoints: "unsupported"
         assert b"1 vCPU".hex().encode() in c.cmd(b"qRcmd," + b"info".hex().encode())
         assert c.cmd(b"c") == b"W07"
         return rips
@@ -272,3 +274,37 @@ def test_any_packet_gets_an_answer_never_an_exception(stopped_machine: Machine,
             continue  # c, s, D, k, vCont: a resume, which the serving loop acts on
         assert reply is None or isinstance(reply, bytes)
 
+
+
+def test_breakpoints_served_by_stepping_when_the_kvm_reports_none() -> None:
+    def pcs_of_first_steps(c: Client) -> list[int]:
+        c.cmd(b"?")
+        pcs = []
+        for _ in range(6):
+            c.cmd(b"vCont;s:1")
+            regs = c.cmd(b"g")
+            pcs.append(0xFFFF0000 + (int.from_bytes(bytes.fromhex(
+                regs[RIP * 16:RIP * 16 + 16].decode()), "little") & 0xFFFF))
+        c.send(b"k")
+        return pcs
+
+    m = machine(PROGRAM_SYNC)
+    _, result = session(m, pcs_of_first_steps)
+    m.close()
+    target = result[0][4]
+
+    def break_there(c: Client) -> bytes:
+        c.cmd(b"?")
+        assert c.cmd(b"Z0,%x,1" % target) == b"OK"
+        stop = c.cmd(b"c")
+        regs = c.cmd(b"g")
+        rip = int.from_bytes(bytes.fromhex(regs[RIP * 16:RIP * 16 + 16].decode()), "little")
+        assert 0xFFFF0000 + (rip & 0xFFFF) == target  # stopped before executing it
+        assert c.cmd(b"z0,%x,1" % target) == b"OK"
+        assert c.cmd(b"c") == b"W07"
+        return stop
+
+    m = machine(PROGRAM_SYNC)
+    _, result = session(m, break_there)
+    assert result[0].startswith(b"T05thread:1;"), result  # then on to the end (W07)
+    m.close()

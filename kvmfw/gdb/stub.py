@@ -32,6 +32,7 @@ from kvmfw.errors import GuestMemoryError, KvmfwError
 from kvmfw.eventq import PRIO_EXIT, Event
 from kvmfw.gdb.protocol import MAX_PACKET, Received, unescape
 from kvmfw.gdb.target import BreakKind, Breakpoint, GdbError, GdbTarget, GdbUnsupported, Stop
+from kvmfw.hookspecs import SyncLevel
 
 if TYPE_CHECKING:
     from kvmfw.cpu import KvmCPU
@@ -199,16 +200,32 @@ class GdbStub:
             self._forget()  # nobody listens (the client left): clear what it set, go on
             return
         watched = self._stepped_watches()
-        if watched and stop.reason in ("step", "trap"):
-            for bp in watched:
-                if self._peek(bp) != self._watch_values.get(bp):
-                    stop = Stop("watch" if bp.kind == BreakKind.WRITE else "awatch",
-                                bp.address)
-                    break
-            else:
-                if cpu.id not in self.stepping:
-                    return  # a step the stub made to watch memory: nothing changed, go on
+        breaks = self._stepped_breaks()
+        if (watched or breaks) and stop.reason in ("step", "trap"):
+            hit = self._stepped_hit(cpu, watched, breaks)
+            if hit is not None:
+                stop = hit
+            elif cpu.id not in self.stepping:
+                return  # a step the stub made to watch or break: nothing to report, go on
         self.stop_world(cpu, stop, SIGTRAP)
+
+    def _stepped_hit(self, cpu: KvmCPU, watched: list[Breakpoint],
+                     breaks: list[Breakpoint]) -> Stop | None:
+        for bp in watched:
+            if self._peek(bp) != self._watch_values.get(bp):
+                return Stop("watch" if bp.kind == BreakKind.WRITE else "awatch", bp.address)
+        if breaks:
+            pc = int(cpu.get_context(SyncLevel.RUNTIME).pc)
+            for bp in breaks:
+                if bp.address == pc:
+                    return Stop("swbreak" if bp.kind == BreakKind.SOFTWARE else "hwbreak")
+        return None
+
+    def _stepped_breaks(self) -> list[Breakpoint]:
+        if not self.target().stepped_breakpoints:
+            return []
+        return [b for b in self.breakpoints.values()
+                if b.kind in (BreakKind.SOFTWARE, BreakKind.HARDWARE)]
 
     def _stepped_watches(self) -> list[Breakpoint]:
         if not self.target().stepped_watchpoints:
@@ -305,10 +322,10 @@ class GdbStub:
         bps = list(self.breakpoints.values())
         watched = self._stepped_watches()
         self._watch_values = {bp: self._peek(bp) for bp in watched}
+        force = bool(watched or self._stepped_breaks())
         for c in self.cpus:
             self.machine.hooks.call("gdb_set_guest_debug", cpu=c,
-                                    step=c.id in self.stepping or bool(watched),
-                                    breakpoints=bps)
+                                    step=c.id in self.stepping or force, breakpoints=bps)
 
     def _stop_reply(self, cpu: KvmCPU, stop: Stop, signal: int) -> bytes:
         out = b"T%02xthread:%x;" % (signal, cpu.id + 1)

@@ -92,6 +92,10 @@ class GdbTarget:
     """The KVM may miss data watchpoints (kvm_pvm's instruction emulator ignores debug
     registers): while a write watchpoint is set the stub single-steps every vCPU and
     compares the watched bytes after each instruction (correct, slow)."""
+    stepped_breakpoints: bool = False
+    """The KVM reports neither breakpoint instructions nor execution breakpoints: while
+    a software or hardware breakpoint is set the stub single-steps every vCPU and
+    compares the thread context's ``pc`` with the breakpoint addresses (correct, slow)."""
 
     @property
     def registers(self) -> list[Reg]:

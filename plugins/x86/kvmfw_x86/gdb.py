@@ -51,35 +51,41 @@ _MASK64 = (1 << 64) - 1
 @dataclass(frozen=True)
 class Caps:
     sw_breakpoints: bool
+    hw_breakpoints: bool
     watchpoints: bool
     block_irq: bool
     why: str
 
 
 _caps: dict[str, Caps] = {}
+_CODE, _LANDING = 0x500, 0x700
 _INT3 = b"\xcc\xf4"  # int3; hlt
+_NOPS = b"\x90\x90\xf4"  # nop; nop; hlt (an execution breakpoint on the second nop)
 _WRITE = b"\xc6\x06\x00\x06\x01\xf4"  # movb $1, (0x600); hlt
-_WATCH_DR7 = 0x600 | 2 | (1 << 16)  # DR0: write, 1 byte
 
 
 def probe(machine: Any) -> Caps:
     """Probe once per KVM device, in a scratch VM (real mode, as a booting guest starts):
-    does an INT3 under ``USE_SW_BP`` give a debug exit, and does a write to a watched byte?
-    """
+    does an INT3 under ``USE_SW_BP``, an execution breakpoint in DR0 and a write to a byte
+    watched by DR0 each give a debug exit? (kvm_pvm's emulator of CPL0 code reports none
+    but single steps; TCG's emulated SVM, one level down, neither.)"""
     key = machine.config.kvm_path
     if key not in _caps:
         whys = []
         try:
             sw, why = _probe(machine, _INT3, GUESTDBG_USE_SW_BP, [0] * 8, 3)
             whys.append(f"INT3: {why}")
+            hw, why = _probe(machine, _NOPS, GUESTDBG_USE_HW_BP,
+                             [_CODE + 1, 0, 0, 0, 0, 0, 0, 0x600 | 2], 1)
+            whys.append(f"execution breakpoint: {why}")
             wp, why = _probe(machine, _WRITE, GUESTDBG_USE_HW_BP,
-                             [0x600, 0, 0, 0, 0, 0, 0, _WATCH_DR7], 1)
+                             [0x600, 0, 0, 0, 0, 0, 0, 0x600 | 2 | (1 << 16)], 1)
             whys.append(f"watched write: {why}")
         except KvmfwError as exc:
-            sw = wp = False
+            sw = hw = wp = False
             whys.append(f"the probe failed: {exc}")
         mask = machine.kvm.check_extension(Cap.SET_GUEST_DEBUG2) or 0
-        _caps[key] = Caps(sw, wp, bool(mask & GUESTDBG_BLOCKIRQ), "; ".join(whys))
+        _caps[key] = Caps(sw, hw, wp, bool(mask & GUESTDBG_BLOCKIRQ), "; ".join(whys))
     return _caps[key]
 
 
@@ -88,8 +94,9 @@ def _probe(machine: Any, code: bytes, control: int, dr: list[int],
     vm = machine.kvm.create_vm()
     try:
         ram = vm.add_ram(0, 0x1000, "gdb-probe")
-        ram.view[0] = 0xF4  # every vector of the zeroed real-mode IVT lands on a HLT
-        ram.view[0x500:0x500 + len(code)] = code
+        ram.view[_LANDING] = 0xF4  # every vector of the real-mode IVT lands on this HLT
+        ram.view[0:0x400] = (_LANDING).to_bytes(4, "little") * 0x100
+        ram.view[_CODE:_CODE + len(code)] = code
         vm.set_tss_addr(0xFFFBD000)
         vcpu = vm.create_vcpu()
         sregs = ffi.new("struct kvm_sregs *")
@@ -98,7 +105,7 @@ def _probe(machine: Any, code: bytes, control: int, dr: list[int],
             seg.base, seg.selector = 0, 0
         vcpu.ioctl(X.KVM_SET_SREGS, addr(sregs))
         regs = ffi.new("struct kvm_regs *")
-        regs.rip, regs.rflags, regs.rsp = 0x500, 2, 0xF00
+        regs.rip, regs.rflags, regs.rsp = _CODE, 2, 0xF00
         vcpu.ioctl(X.KVM_SET_REGS, addr(regs))
         _set_debug(vcpu, GUESTDBG_ENABLE | control, dr)
         r = core_lib.kvmfw_run(vcpu.fd)
@@ -108,7 +115,8 @@ def _probe(machine: Any, code: bytes, control: int, dr: list[int],
         if reason == ExitReason.DEBUG and \
                 _DEBUG_EXIT.unpack_from(vcpu.run_map, RUN_PAYLOAD)[0] == exception:
             return True, "reported"
-        return False, f"not reported (got {_exit_name(reason)})"
+        vcpu.ioctl(X.KVM_GET_REGS, addr(regs))
+        return False, f"not reported (got {_exit_name(reason)} at {int(regs.rip):#x})"
     finally:
         vm.close()
 
@@ -201,10 +209,13 @@ def target(cpu: Any) -> GdbTarget:
     ctx: X86Context = cpu.get_context(SyncLevel.RUNTIME)
     caps = probe(cpu.machine)
     notes: tuple[str, ...] = ()
-    if not caps.sw_breakpoints:
+    if not caps.sw_breakpoints and caps.hw_breakpoints:
         notes += (f"software breakpoints are served by the {NUM_DR} debug registers (this "
                   f"KVM does not report INT3): at most {NUM_DR} breakpoints and watchpoints "
                   "together",)
+    elif not caps.sw_breakpoints:
+        notes += ("this KVM reports neither INT3 nor execution breakpoints: while a "
+                  "breakpoint is set the guest is single-stepped and its PC compared (slow)",)
     if not caps.watchpoints:
         notes += ("this KVM misses data breakpoints in code it emulates: while a write "
                   "watchpoint is set the guest is single-stepped and the value compared "
@@ -213,11 +224,14 @@ def target(cpu: Any) -> GdbTarget:
         notes += (f"probe: {caps.why}",)
     mode = ctx.mode
     if mode in ("long64", "compat"):
-        t = GdbTarget("i386:x86-64", _amd64(2 in ctx.info.xsave_offsets), notes,
-                      stepped_watchpoints=not caps.watchpoints)
+        feats = _amd64(2 in ctx.info.xsave_offsets)
+        arch = "i386:x86-64"
     else:
-        t = GdbTarget("i8086" if mode == "real" else "i386", _i386(), notes,
-                      stepped_watchpoints=not caps.watchpoints)
+        feats = _i386()
+        arch = "i8086" if mode == "real" else "i386"
+    stepped_breaks = not caps.sw_breakpoints and not caps.hw_breakpoints
+    t = GdbTarget(arch, feats, notes, stepped_watchpoints=not caps.watchpoints,
+                  stepped_breakpoints=stepped_breaks)
     _targets.setdefault(cpu.machine, t)
     return _targets[cpu.machine]
 
@@ -339,6 +353,8 @@ def set_guest_debug(cpu: Any, step: bool, breakpoints: list[Breakpoint]) -> bool
         if bp.kind == BreakKind.SOFTWARE and caps.sw_breakpoints:
             sw.append(bp)
             continue
+        if bp.kind in (BreakKind.SOFTWARE, BreakKind.HARDWARE) and not caps.hw_breakpoints:
+            continue  # the stub single-steps and compares the PC (stepped_breakpoints)
         if bp.kind == BreakKind.READ:
             raise GdbUnsupported("x86 debug registers cannot watch reads only (use awatch)")
         if bp.kind in (BreakKind.WRITE, BreakKind.ACCESS):

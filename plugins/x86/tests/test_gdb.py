@@ -335,7 +335,8 @@ def test_software_breakpoints_as_int3_are_written_and_restored() -> None:
         m.load_guest(str(GUEST))
         real = gdb.probe(m)
         try:
-            gdb._caps[cfg.kvm_path] = gdb.Caps(True, real.watchpoints, real.block_irq, "forced")
+            gdb._caps[cfg.kvm_path] = gdb.Caps(True, real.hw_breakpoints, real.watchpoints,
+                                               real.block_irq, "forced")
             before = m.memory.read(sym["add"], 1)
             bp = Breakpoint(BreakKind.SOFTWARE, sym["add"], 1)
             gdb.set_guest_debug(m.cpus[0], False, [bp])
@@ -355,8 +356,10 @@ def test_the_probe_says_what_this_kvm_reports() -> None:
         caps = gdb.probe(m)
         t = gdb.target(m.cpus[0])
     assert "INT3: " in caps.why and "watched write: " in caps.why
-    if not caps.sw_breakpoints:  # kvm_pvm: served by debug registers, and said so
+    assert "execution breakpoint: " in caps.why
+    if not caps.sw_breakpoints and caps.hw_breakpoints:  # kvm_pvm: DRs, and said so
         assert any("debug registers" in n for n in t.notes)
+    assert t.stepped_breakpoints == (not caps.sw_breakpoints and not caps.hw_breakpoints)
     if not caps.watchpoints:
         assert t.stepped_watchpoints
     assert t.architecture == "i8086"  # no guest loaded: the vCPU is at its real-mode reset
