@@ -217,9 +217,9 @@ def target(cpu: Any) -> GdbTarget:
         notes += ("this KVM reports neither INT3 nor execution breakpoints: while a "
                   "breakpoint is set the guest is single-stepped and its PC compared (slow)",)
     if not caps.watchpoints:
-        notes += ("this KVM misses data breakpoints in code it emulates: while a write "
-                  "watchpoint is set the guest is single-stepped and the value compared "
-                  "(slow)",)
+        notes += ("this KVM does not report watched writes (kvm_pvm: not in the CPL0 code "
+                  "it emulates): while a write watchpoint is set the guest is single-stepped "
+                  "and the value compared (slow)",)
     if notes:
         notes += (f"probe: {caps.why}",)
     mode = ctx.mode
