@@ -201,7 +201,8 @@ def _console(spec: str) -> Any:
               help="Directory the pseudo-op device may read and write host files in.")
 @click.option("--option", "-o", multiple=True,
               help="Arch/device machine option KEY=VALUE (e.g. irqchip=userspace, acpi=on).")
-@click.option("--gdb", type=str, help="Listen for GDB on tcp::PORT (or tcp:HOST:PORT).")
+@click.option("--gdb", type=str, help="Listen for GDB on tcp::PORT (127.0.0.1; "
+              "tcp:0.0.0.0:PORT for every interface).")
 @click.option("-s", "gdb_default", is_flag=True, default=None,
               help="Shorthand for --gdb tcp::1234.")
 @click.option("--gdb-wait", "-S", "gdb_wait", is_flag=True, default=None,

@@ -308,3 +308,14 @@ def test_breakpoints_served_by_stepping_when_the_kvm_reports_none() -> None:
     _, result = session(m, break_there)
     assert result[0].startswith(b"T05thread:1;"), result  # then on to the end (W07)
     m.close()
+
+
+def test_a_client_flooding_packets_while_the_guest_runs_is_bounded(
+        stopped_machine: Machine) -> None:
+    from kvmfw.gdb.protocol import Received
+    from kvmfw.gdb.stub import MAX_QUEUED
+
+    stub = GdbStub(stopped_machine)
+    for _ in range(MAX_QUEUED * 3):
+        stub.feed(Received("packet", b"g"))
+    assert stub.inbox.qsize() == MAX_QUEUED

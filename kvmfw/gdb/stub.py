@@ -44,6 +44,9 @@ SIGINT, SIGTRAP = 2, 5
 PAGE = 4096
 MAX_MEMORY_READ = (MAX_PACKET - 16) // 2
 """Largest ``m`` answer (hex doubles it); GDB splits bigger reads itself."""
+MAX_QUEUED = 1024
+"""Packets kept while the guest runs (GDB sends none in all-stop mode; a client that
+floods is not allowed to grow host memory)."""
 MAX_BREAKPOINTS = 4096
 """Inserted breakpoints kept at most (each is a host object; the client is untrusted)."""
 
@@ -161,6 +164,9 @@ class GdbStub:
         if item.kind == "interrupt":
             self.request_stop(SIGINT)
         elif item.kind == "packet":
+            if self.inbox.qsize() >= MAX_QUEUED:
+                log.warning("gdb: client floods packets while the guest runs: dropped")
+                return
             self.inbox.put(item)
 
     # --- stop and resume -----------------------------------------------------------------
