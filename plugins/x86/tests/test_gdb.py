@@ -44,10 +44,11 @@ def symbols() -> dict[str, int]:
 class Kvmfw:
     """``kvmfw run --gdb tcp::0 -S`` on the test guest; :attr:`port` from its message."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, guest: list[str] | None = None) -> None:
+        image = ["--kernel", str(GUEST), "--device", "debug-exit"] if guest is None else guest
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvmfw.cli", "run", "--kernel", str(GUEST), "--device",
-             "debug-exit", "--console", "none", "--gdb", "tcp::0", "-S", "--timeout", "300",
+            [sys.executable, "-m", "kvmfw.cli", "run", *image, "--console", "none",
+             "--gdb", "tcp::0", "-S", "--timeout", "300",
              *extra], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, cwd="/")
         self.stderr_head = []
@@ -120,8 +121,8 @@ class Client:
         self.sock.close()
 
 
-def run_gdb(port: int, *commands: str) -> str:
-    args = ["gdb", "-batch", "-nx", str(GUEST), "-ex", "set pagination off",
+def run_gdb(port: int, *commands: str, elf: Path = GUEST) -> str:
+    args = ["gdb", "-batch", "-nx", str(elf), "-ex", "set pagination off",
             "-ex", f"target remote 127.0.0.1:{port}"]
     for c in commands:
         args += ["-ex", c]
@@ -163,6 +164,28 @@ def test_gdb_break_step_watch_registers_memory_and_exit_status() -> None:
     assert "Traceback" not in err and "Traceback" not in out
     assert "software breakpoints are served by the 4 debug registers" in err or \
         "INT3: reported" in err or "probe" not in err
+
+
+@needs_gdb
+def test_a_32_bit_guest_gets_the_i386_description() -> None:
+    k = Kvmfw(guest=[])  # the embedded multiboot guest: 32-bit protected mode, no paging
+    try:
+        import kvmfw_x86.plugin
+
+        out = run_gdb(k.port, "show architecture", "p/x $eip", "stepi 3", "p/x $eip",
+                      "info registers", "x/2wx $eip", "continue",
+                      elf=kvmfw_x86.plugin.GUESTS / "default.elf")
+        rc, err = k.finish()
+    finally:
+        k.kill()
+    assert '(currently "i386")' in out, out
+    eips = [int(v, 16) for v in re.findall(r"\$\d+ = (0x[0-9a-f]+)", out)]
+    assert len(eips) == 2 and eips[1] > eips[0], out
+    for reg in ("eax", "esp", "eip", "eflags", "cs", "cr0"):
+        assert re.search(rf"^{reg}\s+0x", out, re.M), f"{reg} missing:\n{out}"
+    assert "rax" not in out
+    assert "exited normally" in out, out
+    assert rc == 0, err
 
 
 @needs_gdb
