@@ -314,6 +314,7 @@ def gdb_translate(cpu: KvmCPU, vaddr: int) -> int | None:
 def gdb_debug_exit(cpu: KvmCPU) -> Any:
     """Why ``cpu`` took ``KVM_EXIT_DEBUG``: a :class:`kvmfw.gdb.Stop` (``swbreak``,
     ``hwbreak``, ``step``, ``watch``/``rwatch``/``awatch`` with the data address, or
-    ``trap``), read from the exit's arch details (``kvm_run.debug.arch``). Called on the
-    vCPU's thread from the core's exit table, before the machine is stopped; may adjust
-    the vCPU (e.g. clear DR6) but must not resume it."""
+    ``trap``), read from the exit's arch details (``kvm_run.debug.arch``); ``guest`` when
+    the exit was the guest's own breakpoint and the hook re-injected it (e.g.
+    ``KVM_GUESTDBG_INJECT_BP``): the stub then does not stop. Called on the vCPU's thread
+    from the core's exit table, before the machine is stopped; must not resume the vCPU."""

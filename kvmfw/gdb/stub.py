@@ -202,6 +202,8 @@ class GdbStub:
     def debug_exit(self, cpu: KvmCPU) -> None:
         """A ``KVM_EXIT_DEBUG`` on ``cpu`` (its thread): ask the arch why, then stop."""
         stop = self.machine.hooks.call("gdb_debug_exit", cpu=cpu) or Stop("trap")
+        if stop.reason == "guest":
+            return  # the guest's own breakpoint, handed back to it by the arch
         if not self.connected:
             self._forget()  # nobody listens (the client left): clear what it set, go on
             return

@@ -49,9 +49,10 @@ class Breakpoint:
 class Stop:
     """Why a vCPU stopped (the ``gdb_debug_exit`` hook's answer).
 
-    ``reason``: ``swbreak``, ``hwbreak``, ``step``, ``watch``, ``rwatch``, ``awatch``
-    or ``trap`` (a debug exit the stub did not ask for); ``address`` is the data address
-    of a watchpoint hit.
+    ``reason``: ``swbreak``, ``hwbreak``, ``step``, ``watch``, ``rwatch``, ``awatch``,
+    ``trap`` (a debug exit the stub did not ask for) or ``guest`` (the guest's own
+    breakpoint, which the arch re-injected: no stop); ``address`` is the data address of
+    a watchpoint hit.
     """
 
     reason: str

@@ -38,6 +38,7 @@ GUESTDBG_SINGLESTEP = 0x2
 GUESTDBG_BLOCKIRQ = 0x4
 GUESTDBG_USE_SW_BP = 0x10000
 GUESTDBG_USE_HW_BP = 0x20000
+GUESTDBG_INJECT_BP = 0x80000
 DR6_BS = 0x4000
 NUM_DR = 4
 _DEBUG_EXIT = struct.Struct("<IIQQQ")  # struct kvm_debug_exit_arch: exception, pad, pc, dr6, dr7
@@ -341,6 +342,8 @@ def write_register(cpu: Any, regnum: int, value: bytes) -> bool:
 # --- guest debug ----------------------------------------------------------------------------
 
 _slots: weakref.WeakKeyDictionary[Any, list[Breakpoint]] = weakref.WeakKeyDictionary()
+_programmed: weakref.WeakKeyDictionary[Any, tuple[int, list[int]]] = \
+    weakref.WeakKeyDictionary()
 _int3: weakref.WeakKeyDictionary[Any, dict[int, tuple[int, int]]] = \
     weakref.WeakKeyDictionary()
 
@@ -387,6 +390,7 @@ def set_guest_debug(cpu: Any, step: bool, breakpoints: list[Breakpoint]) -> bool
     cpu.sync_kvm_state()  # the ioctl must not race unpushed register writes (e.g. RFLAGS)
     _set_debug(cpu.vcpu, control, dr)
     _slots[cpu] = hw
+    _programmed[cpu] = (control, dr)
     return True
 
 
@@ -412,7 +416,12 @@ def _sync_int3(cpu: Any, sw: list[Breakpoint]) -> None:
 def debug_exit(cpu: Any) -> Stop:
     exc, _, pc, dr6, _ = _DEBUG_EXIT.unpack_from(cpu.vcpu.run_map, RUN_PAYLOAD)
     if exc == 3:
-        return Stop("swbreak")
+        if pc in _int3.get(cpu.machine, {}):
+            return Stop("swbreak")
+        # the guest's own INT3 (Linux patches text with them): give it back, as QEMU does
+        control, dr = _programmed.get(cpu, (GUESTDBG_ENABLE | GUESTDBG_USE_SW_BP, [0] * 8))
+        _set_debug(cpu.vcpu, control | GUESTDBG_INJECT_BP, dr)
+        return Stop("guest")
     if exc != 1:
         return Stop("trap")
     slots = _slots.get(cpu, [])

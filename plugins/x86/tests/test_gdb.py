@@ -403,3 +403,28 @@ def test_bad_gdb_options_are_one_line_configuration_errors() -> None:
         r = run("--gdb", f"tcp::{busy.getsockname()[1]}")
     assert r.returncode == 2 and "cannot listen" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_guests_own_int3_is_handed_back_to_it() -> None:
+    """On a KVM that reports INT3 (not this one), an INT3 the stub did not insert is the
+    guest's (Linux patches code with them): the arch re-injects #BP and nothing stops.
+    Here the exit's details are written as KVM would; the injection is real: the test
+    guest has no IDT, so the #BP it receives triple-faults it."""
+    import struct
+
+    from kvmfw.errors import TripleFaultError
+    from kvmfw.vcpu import RUN_PAYLOAD
+
+    from kvmfw_x86 import gdb
+
+    cfg = MachineConfig(arch="x86", memory=64 << 20, default_devices=False,
+                        devices=["debug-exit"], options={"irqchip": "userspace"})
+    with Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86") as m:
+        m.load_guest(str(GUEST))
+        cpu = m.cpus[0]
+        gdb.set_guest_debug(cpu, False, [])
+        cpu.vcpu.run_map[RUN_PAYLOAD:RUN_PAYLOAD + 32] = struct.pack(
+            "<IIQQQ", 3, 0, symbols()["add"], 0, 0)
+        assert gdb.debug_exit(cpu).reason == "guest"
+        with pytest.raises(TripleFaultError):
+            m.run(timeout=TIMEOUT)
