@@ -314,6 +314,10 @@ class GdbStub:
             if item.kind == "disconnect":
                 if item.data != b"%d" % self._generation:
                     continue  # a client before the current one
+                if wait_for_client:  # --gdb-wait: only a client's continue starts the guest
+                    self.breakpoints.clear()
+                    self.stepping.clear()
+                    continue
                 log.info("gdb: client disconnected; guest resumes")
                 return "detach"
             if item.kind != "packet":

@@ -295,9 +295,10 @@ def test_bad_input_is_answered_per_protocol_and_a_disconnect_resumes() -> None:
     assert "Traceback" not in err
 
 
-def test_kill_ends_the_run_cleanly() -> None:
+def test_kill_ends_the_run_cleanly_and_gdb_wait_outlasts_a_client_that_leaves() -> None:
     k = Kvmfw()
     try:
+        Client(k.port).close()  # connects and goes: --gdb-wait still holds the guest
         c = Client(k.port)
         _start(c)
         c.send(b"vKill;1")
