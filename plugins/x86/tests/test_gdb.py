@@ -267,6 +267,7 @@ def test_bad_input_is_answered_per_protocol_and_a_disconnect_resumes() -> None:
         c.raw(b"$qSupported#00")  # wrong checksum
         assert c.ack() == b"-"
         _start(c)
+        assert c.cmd(b"vCont;s:1").startswith(b"T05")  # now a stop of the running guest
         assert c.cmd(b"qNoSuchThing") == b""  # unknown packets: the empty reply
         assert c.cmd(b"Xyzzy") == b"E16"  # malformed arguments
         assert c.cmd(b"m700000000000,8") == b"E14"  # not mapped by the guest's page tables
