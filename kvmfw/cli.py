@@ -388,6 +388,13 @@ class _Signals:
 @click.option("--option", "-o", multiple=True,
               help="Arch/device machine option KEY=VALUE (e.g. irqchip=userspace, acpi=on); "
               "unknown names are refused.")
+@click.option("--gdb", type=str, help="Listen for GDB on tcp::PORT (127.0.0.1; "
+              "tcp:0.0.0.0:PORT for every interface).")
+@click.option("-s", "gdb_default", is_flag=True, default=None,
+              help="Shorthand for --gdb tcp::1234.")
+@click.option("--gdb-wait", "-S", "gdb_wait", is_flag=True, default=None,
+              help="Wait for GDB to attach and continue before the first instruction "
+              "(implies -s without --gdb).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits.
@@ -471,6 +478,13 @@ def _run(cfg: dict[str, Any]) -> int:
                                       "with --kernel FILE")
                 _check_embedded_guest_board(machine)
             machine.load_guest(str(kernel), **options)
+            gdb_spec = cfg.get("gdb") or ("tcp::1234" if cfg.get("gdb_default") or
+                                          cfg.get("gdb_wait") else None)
+            if gdb_spec:
+                from kvmfw.gdb import parse_endpoint
+
+                host, port = parse_endpoint(str(gdb_spec))
+                machine.start_gdb(port, host, wait=bool(cfg.get("gdb_wait")))
             watchdog = sigs.watchdog = _Watchdog(terminal, cfg.get("timeout"))
             sigs.arm(machine)
             t0 = time.monotonic()
@@ -489,6 +503,8 @@ def _run(cfg: dict[str, Any]) -> int:
                 sigs.phase = "end"
                 watchdog.close()
                 terminal.restore()  # first: everything below must be readable
+                if machine.gdb is not None:
+                    machine.gdb.close(status)  # GDB sees the guest exit with its status
             host_seconds = time.monotonic() - t0
             console.flush()
             stats_error = None

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kvmfw.device import split_options
 from kvmfw.errors import ConfigError
 
 log = logging.getLogger("kvmfw.config")
@@ -258,7 +259,7 @@ def parse_options(items: list[str], arch: str | None, plugin: Any = None) -> dic
 RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus", "device",
             "console", "stats", "debug_flags", "timeout", "max_ticks", "unclaimed",
             "always_sync", "no_summary", "no_default_devices", "no_reboot", "host_factor",
-            "fw_cfg", "pseudo_op_dir", "option")
+            "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait")
 """Every key of ``kvmfw run``: a command-line option each, and a TOML key each."""
 
 
@@ -332,6 +333,12 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
                 raise ConfigError(f"{name} {value}: must be between {lo:g} and {hi:g} "
                                   "(simulated seconds per host second)")
             out[key] = h
+        elif key == "gdb":
+            _expect(name, value, (str,), "an endpoint such as tcp::1234")
+            from kvmfw.gdb.server import parse_endpoint
+
+            parse_endpoint(value)  # refused now, not after the machine is built
+            out[key] = value
         elif key == "unclaimed":
             if value not in ("ignore", "fatal"):
                 raise ConfigError(f"{name} must be ignore or fatal, not {value!r}")
@@ -358,12 +365,21 @@ _PATH_KEYS = ("file", "dir", "path")
 
 def _resolve_spec_paths(spec: str, source: Source) -> str:
     """``virtio-blk,file=disk.img`` from a config file: the path relative to the file."""
-    parts = spec.split(",")
-    for i, p in enumerate(parts[1:], 1):
-        k, sep, v = p.partition("=")
-        if sep and k.strip() in _PATH_KEYS and v.strip():
-            parts[i] = f"{k}={source.path(v.strip(), True)}"
-    return ",".join(parts)
+    parts = split_options(spec, "device")
+    out = []
+    for i, (k, v) in enumerate(parts):
+        if i and v is not None and k in _PATH_KEYS and v:
+            v = source.path(v, True)
+        out.append(k if v is None else f"{k}={_quote(v)}")
+    return ",".join(out)
+
+
+def _quote(value: str) -> str:
+    """A device option value, quoted if it needs to be (see :func:`split_options`)."""
+    if not re.search(r"[,\\\"' =]", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
 
 
 # --- stage 2: what this host can give ------------------------------------------------------

@@ -213,6 +213,7 @@ class KvmCPU:
         table[E.INTERNAL_ERROR] = self._exit_internal_error
         table[E.SYSTEM_EVENT] = self._exit_system_event
         table[E.HYPERCALL] = self._exit_hypercall
+        table[E.DEBUG] = self._exit_debug
         return table
 
     # --- thread context (lazy two-way sync) ---------------------------------------------
@@ -634,6 +635,16 @@ class KvmCPU:
         raise self._error(UnhandledExitError, ExitReason.HYPERCALL,
                           f"hypercall {hc.nr} that no plugin handles", nr=int(hc.nr),
                           args=[int(a) for a in hc.args])
+
+    def _exit_debug(self) -> None:
+        """Breakpoint, watchpoint or single step: to the attached debugger (which stops
+        the machine until GDB resumes it); without one, as any unexpected exit."""
+        gdb = self.machine.gdb
+        if gdb is None:
+            self._exit_arch_or_unexpected()
+            return
+        self.status = RUNNING
+        gdb.debug_exit(self)
 
     def _exit_unknown(self) -> None:
         if self._arch_exit(ExitReason.UNKNOWN):

@@ -325,3 +325,66 @@ def reset_machine(machine: Machine, wakeup: bool) -> bool | None:
     ``vcpu_reset``. Return True when done; False to turn a wake-up into a reboot; None:
     the architecture cannot (:class:`~kvmfw.errors.StateError`).
     """
+
+
+# --- the GDB stub (kvmfw.gdb) ------------------------------------------------------------
+#
+# Called by the ISA-neutral stub only while the machine is stopped for the debugger: on
+# the thread serving the stop (the vCPU thread that took the debug exit, the thread that
+# services events for Ctrl-C, or the caller of ``Machine.start_gdb(wait=True)``), with
+# every other vCPU out of KVM (in parallel mode, parked on ``machine.lock``, which the
+# serving thread holds). ``cpu`` may therefore be a vCPU other than the calling thread's:
+# use vCPU ioctls and the thread context, never thread-bound state. None of them is
+# bound; all are optional (without ``gdb_target`` ``--gdb`` is refused with a message).
+# Raise :class:`kvmfw.gdb.GdbError` for a request the target cannot honour: the stub
+# answers GDB with an error and the run goes on.
+
+@hookspec(firstresult=True)
+def gdb_target(cpu: KvmCPU) -> Any:
+    """The target description for ``cpu`` as it is now: a :class:`kvmfw.gdb.GdbTarget`
+    (GDB architecture name, features with their registers in GDB's order, notes on what
+    this KVM lacks). Called once, when the stub starts; None: the arch has no GDB support.
+    """
+
+
+@hookspec(firstresult=True)
+def gdb_read_registers(cpu: KvmCPU) -> list[bytes] | None:
+    """Every register of the target description, in its order, each as little-endian
+    bytes of its size (``GdbTarget.sizes``). Called for ``g`` and ``p`` packets."""
+
+
+@hookspec(firstresult=True)
+def gdb_write_register(cpu: KvmCPU, regnum: int, value: bytes) -> bool | None:
+    """Set register ``regnum`` (target-description order) to ``value`` (little-endian,
+    exactly its size) in the thread context, marking it dirty so it is pushed before the
+    next entry. Return True, or False for a register that cannot be written (the stub
+    answers ``E01``; a ``G`` packet only writes registers whose value changed)."""
+
+
+@hookspec(firstresult=True)
+def gdb_set_guest_debug(cpu: KvmCPU, step: bool, breakpoints: list[Any]) -> bool | None:
+    """Program ``KVM_SET_GUEST_DEBUG`` on ``cpu``: single-step if ``step``, and every
+    :class:`kvmfw.gdb.Breakpoint` in ``breakpoints`` (software, hardware, write/read/
+    access watchpoints; virtual addresses). Called for each vCPU with the same list after
+    every ``Z``/``z`` packet and before resuming; an empty list and ``step`` False turn
+    guest debugging off. Raise ``GdbError`` before changing anything when the list does
+    not fit (e.g. more than the debug registers), ``GdbUnsupported`` for a kind the target
+    lacks. Software breakpoints the KVM cannot report may be served by debug registers;
+    say so in the target's notes. Return True."""
+
+
+@hookspec(firstresult=True)
+def gdb_translate(cpu: KvmCPU, vaddr: int) -> int | None:
+    """The guest-physical address of virtual address ``vaddr`` as ``cpu`` sees it now
+    (page-table walk or ``KVM_TRANSLATE``), or None if it is not mapped. The stub calls it
+    once per 4 KiB page of an ``m``/``M``/``X`` access and bounds the access to RAM."""
+
+
+@hookspec(firstresult=True)
+def gdb_debug_exit(cpu: KvmCPU) -> Any:
+    """Why ``cpu`` took ``KVM_EXIT_DEBUG``: a :class:`kvmfw.gdb.Stop` (``swbreak``,
+    ``hwbreak``, ``step``, ``watch``/``rwatch``/``awatch`` with the data address, or
+    ``trap``), read from the exit's arch details (``kvm_run.debug.arch``); ``guest`` when
+    the exit was the guest's own breakpoint and the hook re-injected it (e.g.
+    ``KVM_GUESTDBG_INJECT_BP``): the stub then does not stop. Called on the vCPU's thread
+    from the core's exit table, before the machine is stopped; must not resume the vCPU."""

@@ -18,7 +18,7 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmfw.bus import Bus
 from kvmfw.config import check_machine_config
@@ -48,6 +48,9 @@ from kvmfw.plugins import (
 from kvmfw.stats import StatsRegistry
 from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
+
+if TYPE_CHECKING:
+    from kvmfw.gdb import GdbServer
 
 log = logging.getLogger("kvmfw.cpu")
 
@@ -145,6 +148,9 @@ class Machine:
         self._work = {"work_items_begun": 0, "work_items_ended": 0, "work_ticks": 0}
         self.arch_state: Any = None
         """A slot for the arch plugin's per-machine state (interrupt model, tables, ...)."""
+        self.gdb: GdbServer | None = None
+        """The attached GDB server (:meth:`start_gdb`); the exit table routes debug exits
+        to it. None: a debug exit ends the run with an error, as any unexpected exit."""
         self._closed = False
         self._owns_kvm = kvm is None
         self.kvm: Kvm | None = None
@@ -545,6 +551,24 @@ class Machine:
         if self._thread_error is not None:
             raise self._thread_error
 
+    # --- debugger ---------------------------------------------------------------------------
+
+    def start_gdb(self, port: int = 1234, host: str = "127.0.0.1", *,
+                  wait: bool = False) -> GdbServer:
+        """Listen for GDB on ``host:port`` (0: any free port; the server's ``port`` says
+        which) and return the :class:`kvmfw.gdb.GdbServer`. ``wait``: block until a client
+        attaches and continues (QEMU's ``-S``); call it after loading the guest and before
+        :meth:`run`. A client attaching later stops the running guest; closing the machine
+        closes the server."""
+        from kvmfw.gdb import GdbServer
+
+        if self.gdb is not None:
+            raise ConfigError("a GDB server is already attached to this machine")
+        self.gdb = server = GdbServer(self, host, port, start=not wait)
+        if wait:
+            server.wait()
+        return server
+
     # --- teardown -------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -552,6 +576,8 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        if self.gdb is not None:
+            self.gdb.close()
         for d in self.devices:
             try:
                 d.close()

@@ -424,6 +424,44 @@ class X86Plugin:
 
         return dump(cpu)
 
+    # --- GDB stub (kvmfw.gdb; the implementations are in kvmfw_x86.gdb) -------------------
+
+    @hookimpl
+    def gdb_target(self, cpu: Any) -> Any:
+        from kvmfw_x86 import gdb
+
+        return gdb.target(cpu)
+
+    @hookimpl
+    def gdb_read_registers(self, cpu: Any) -> list[bytes]:
+        from kvmfw_x86 import gdb
+
+        return gdb.read_registers(cpu)
+
+    @hookimpl
+    def gdb_write_register(self, cpu: Any, regnum: int, value: bytes) -> bool:
+        from kvmfw_x86 import gdb
+
+        return gdb.write_register(cpu, regnum, value)
+
+    @hookimpl
+    def gdb_set_guest_debug(self, cpu: Any, step: bool, breakpoints: list[Any]) -> bool:
+        from kvmfw_x86 import gdb
+
+        return gdb.set_guest_debug(cpu, step, breakpoints)
+
+    @hookimpl
+    def gdb_translate(self, cpu: Any, vaddr: int) -> int | None:
+        from kvmfw_x86 import gdb
+
+        return gdb.translate(cpu, vaddr)
+
+    @hookimpl
+    def gdb_debug_exit(self, cpu: Any) -> Any:
+        from kvmfw_x86 import gdb
+
+        return gdb.debug_exit(cpu)
+
 
 def refresh_apic_map(machine: Any) -> None:
     """Write each in-kernel local APIC back (``KVM_GET_LAPIC``/``KVM_SET_LAPIC``), as QEMU
