@@ -420,7 +420,8 @@ def test_the_guests_own_int3_is_handed_back_to_it() -> None:
     from kvmfw_x86 import gdb
 
     cfg = MachineConfig(arch="x86", memory=64 << 20, default_devices=False,
-                        devices=["debug-exit"], options={"irqchip": "userspace"})
+                        devices=["debug-exit"],
+                        options={"irqchip": "userspace", "reboot": False})
     with Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86") as m:
         m.load_guest(str(GUEST))
         cpu = m.cpus[0]
