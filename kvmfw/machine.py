@@ -122,7 +122,12 @@ class Machine:
         """Held while devices, the bus or the event queue are used from a vCPU thread."""
         self._thread_error: BaseException | None = None
         self._main_wake = threading.Event()
-        self._clock_base: tuple[int, int] = (0, 0)
+        self._clock_base: tuple[int, int] = (time.monotonic_ns(), 0)
+        """(host ns, tick) at which the current run (or drain) began: see "Time"."""
+        if not cfg.host_factor > 0:
+            raise ConfigError(f"host_factor must be positive (got {cfg.host_factor})")
+        self._ticks_per_ns = 1000.0 * cfg.host_factor
+        """Simulated ticks per host nanosecond."""
         self.bus = Bus(cfg.unclaimed)
         self.stats = StatsRegistry()
         self.cpus: list[KvmCPU] = []
@@ -336,11 +341,8 @@ class Machine:
         eq = self.eventq
         self.stop_requested = False
         self.exit_status, self.exit_reason = 0, ""
-        for cpu in self.cpus:
-            if len(self.cpus) == 1 and cpu.vcpu.thread_ident is None:
-                src, why = self._cycle_source(cpu)
-                cpu.bind_thread(src, why)
-                log.debug("cpu%d: time from %s", cpu.id, why)
+        if len(self.cpus) == 1:
+            self._bind_here()  # whichever thread calls run() runs the vCPU
         if self.cpus and all(c.status.value == "Idle" and not c.halted for c in self.cpus):
             for cpu in self.cpus:
                 if cpu.start_active or cpu is self.cpus[0]:
@@ -369,18 +371,18 @@ class Machine:
 
         def post_from_thread() -> None:
             # an event posted by another thread (a console reader, a host service) must
-            # not wait for the guest's next exit: end the current slice
+            # not wait for the guest's next exit: end the current slice (or the idle wait)
             if threading.get_ident() != runner:
+                self._main_wake.set()
                 self.kick_all()
 
         try:
+            self._start_clock()
             if len(self.cpus) > 1:
                 self._run_parallel()
             else:
                 eq.on_post = post_from_thread
-                while not self.stop_requested:
-                    if eq.service_one() is None:
-                        self.request_exit(0, "all vCPUs halted and no event is pending")
+                self._run_serial()
         except KeyboardInterrupt:
             self.request_exit(130, "interrupted")
             self.kick_all()
@@ -392,6 +394,7 @@ class Machine:
             if limit_event is not None and limit_event.scheduled:
                 eq.deschedule(limit_event)
             eq.on_post = None
+            self._unbind_here()
         if timed_out.is_set():
             raise RunTimeoutError(self.exit_reason)
         return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
@@ -401,7 +404,19 @@ class Machine:
         """Bring every vCPU and device to a point where no access, injected event or
         device event is in flight, with the thread contexts pulled in full (before a
         checkpoint, a fork or a hand-over). Raises :class:`StateError` if ``max_steps``
-        drain steps per vCPU are not enough."""
+        drain steps per vCPU are not enough. Runs the vCPUs on the calling thread (bound
+        to it for the drain: run timer and kicks follow), whichever thread ran them."""
+        self._bind_here()
+        self._start_clock()
+        try:
+            self._drain_cpus(max_steps)
+        finally:
+            self._unbind_here()
+        busy = [d.name for d in self.devices if not d.is_drained()]
+        if busy:
+            raise StateError(f"devices not drained: {', '.join(busy)}")
+
+    def _drain_cpus(self, max_steps: int) -> None:
         for cpu in self.cpus:
             cpu.drain_pending = True
             steps = 0
@@ -413,18 +428,61 @@ class Machine:
                 steps += 1
             cpu.drain_pending = False
             cpu.get_context(SyncLevel.FULL)
-        busy = [d.name for d in self.devices if not d.is_drained()]
-        if busy:
-            raise StateError(f"devices not drained: {', '.join(busy)}")
 
-    # --- parallel mode: one host thread per vCPU -------------------------------------------
+    def _bind_here(self) -> None:
+        """Bind every vCPU to the calling thread unless it already is (run timer, kick
+        slot, cycle source): a machine may be run or drained from any thread."""
+        for cpu in self.cpus:
+            if not cpu.bound_here:
+                src, why = self._cycle_source(cpu)
+                cpu.bind_thread(src, why)
+                log.debug("cpu%d: cycles from %s", cpu.id, why)
+
+    def _unbind_here(self) -> None:
+        for cpu in self.cpus:
+            if cpu.bound_here:
+                cpu.unbind_thread()
+
+    def _run_serial(self) -> None:
+        """One vCPU on this thread: service events in order; when nothing is due (every
+        vCPU idle), wait in host time for the next event, as the guest's clocks do."""
+        eq = self.eventq
+        while not self.stop_requested:
+            nxt = eq.next_tick()
+            if nxt is None:
+                self.request_exit(0, "all vCPUs halted and no event is pending")
+                break
+            if nxt > eq.cur_tick:
+                wait_ns = self.host_deadline(nxt) - time.monotonic_ns()
+                if wait_ns > 0:
+                    # a post from another thread or a stop wakes this early
+                    self._main_wake.wait(min(wait_ns / 1e9, 0.05))
+                    self._main_wake.clear()
+                    continue
+            eq.service_one()
+
+    # --- time ------------------------------------------------------------------------------
+
+    def _start_clock(self) -> None:
+        """Simulated time resumes from its current tick at this host instant (host time
+        between runs is not simulated)."""
+        self._clock_base = (time.monotonic_ns(), self.eventq.cur_tick)
+
+    def host_deadline(self, tick: int) -> int:
+        """The host ``CLOCK_MONOTONIC`` instant (ns) at which simulated time reaches
+        ``tick`` in the current run (rounded up)."""
+        host0, tick0 = self._clock_base
+        return host0 - int((tick0 - tick) // self._ticks_per_ns)
 
     def sync_clock(self) -> None:
-        """Parallel mode: simulated time follows host time (times ``host_factor``)."""
+        """Advance simulated time to host time (times ``host_factor``) since the run
+        began; it never goes back."""
         host0, tick0 = self._clock_base
-        now = tick0 + int((time.monotonic_ns() - host0) * 1000 * self.config.host_factor)
+        now = tick0 + int((time.monotonic_ns() - host0) * self._ticks_per_ns)
         if now > self.eventq.cur_tick:
             self.eventq.cur_tick = now
+
+    # --- parallel mode: one host thread per vCPU -------------------------------------------
 
     def thread_failed(self, exc: BaseException) -> None:
         """A vCPU thread died: stop the machine and re-raise ``exc`` on the main thread."""
@@ -439,7 +497,6 @@ class Machine:
         """Each vCPU on its own thread (KVM_RUN without the lock, exits serviced under it);
         this thread services events when they fall due in host time."""
         eq = self.eventq
-        self._clock_base = (time.monotonic_ns(), eq.cur_tick)
         self._thread_error = None
         for cpu in self.cpus:
             cpu.parallel = True
@@ -450,7 +507,7 @@ class Machine:
 
         def body(cpu: KvmCPU) -> None:
             try:
-                if cpu.vcpu.thread_ident != threading.get_ident():
+                if not cpu.bound_here:
                     src, why = self._cycle_source(cpu)
                     cpu.bind_thread(src, why)
             except BaseException as exc:
@@ -460,7 +517,7 @@ class Machine:
             try:
                 cpu.run_thread()
             finally:
-                cpu.vcpu.unbind_thread()
+                cpu.unbind_thread()
 
         threads = [threading.Thread(target=body, args=(c,), name=f"vcpu{c.id}", daemon=True)
                    for c in self.cpus]
@@ -485,8 +542,8 @@ class Machine:
                     break
                 wait = 0.05
                 if nxt is not None:
-                    wait = min(wait, max(0.0, (nxt - eq.cur_tick) / 1e12 /
-                                         self.config.host_factor))
+                    wait = min(wait, max(0.0, (self.host_deadline(nxt) -
+                                               time.monotonic_ns()) / 1e9))
                 self._main_wake.wait(wait)
                 self._main_wake.clear()
         finally:

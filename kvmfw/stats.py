@@ -17,7 +17,8 @@ class KvmCpuStats:
 
     __slots__ = ("vm_exits", "vm_half_entries", "exit_signal", "mmio", "coalesced_mmio", "io",
                  "halt", "interrupts", "hypercalls", "system_events", "cycles", "instructions",
-                 "host_ns_in_kvm", "ticks_in_kvm", "syncs_to_kvm", "syncs_from_kvm")
+                 "host_ns_in_kvm", "ticks_in_kvm", "syncs_to_kvm", "syncs_from_kvm",
+                 "timer_settime")
 
     DESCRIPTIONS = {
         "vm_exits": "exits from KVM_RUN",
@@ -36,6 +37,7 @@ class KvmCpuStats:
         "ticks_in_kvm": "simulated ticks accounted to KVM_RUN",
         "syncs_to_kvm": "thread-context pushes (update_kvm_state)",
         "syncs_from_kvm": "thread-context pulls (update_thread_context)",
+        "timer_settime": "run-timer timer_settime calls (arm or disarm)",
     }
 
     def __init__(self) -> None:
@@ -58,6 +60,7 @@ class KvmCpuStats:
         self.ticks_in_kvm = 0
         self.syncs_to_kvm = 0
         self.syncs_from_kvm = 0
+        self.timer_settime = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
