@@ -6,6 +6,25 @@ as an in-kernel irqchip must exist before vCPUs) -> create vCPUs and their ``Kvm
 loops (``vcpu_init``, thread context) -> devices (bus ranges, IRQ lines) ->
 ``machine_created``. :meth:`Machine.run` then services the event queue until the guest
 or a device ends the run, the tick limit is reached, or the host timeout fires.
+
+Time. Which clock each part follows:
+
+* simulated time (``eventq.cur_tick``: events, device timers scheduled on the queue, the
+  tick limit, ``sim_seconds``): host ``CLOCK_MONOTONIC`` x ``host_factor`` since the run
+  (or drain) began, service time included; frozen between runs. An idle machine waits for
+  its next event in host time (no fast-forward: the guest's own clocks would not see it).
+* in-kernel LAPIC timer, PIT, kvmclock, the TSC: host time (the kernel's clocks); they also
+  run between runs.
+* RTC (``cmos-rtc``) and ACPI PM timer: host time with ``clock=host`` (the default), else
+  simulated time (``clock=fixed``).
+
+The bound (with ``host_factor`` 1; otherwise scale host time by it): simulated time never
+runs ahead of host time, and at every KVM exit it catches up with it exactly, except that
+it stops at an event that is due until that event has been serviced. A device therefore
+sees simulated time behind the guest's clocks by at most the time since the current exit
+(its own service) plus the service of the events due now. The run timer ends a slice at
+the host instant that maps to the bounding event, computed from the run's fixed base, so
+it is armed once per event (``timer_settime`` in the vCPU stats).
 """
 
 from __future__ import annotations
