@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import sysconfig
@@ -143,8 +144,9 @@ class Machine:
         self._main_wake = threading.Event()
         self._clock_base: tuple[int, int] = (time.monotonic_ns(), 0)
         """(host ns, tick) at which the current run (or drain) began: see "Time"."""
-        if not cfg.host_factor > 0:
-            raise ConfigError(f"host_factor must be positive (got {cfg.host_factor})")
+        if not (cfg.host_factor > 0 and math.isfinite(cfg.host_factor)):
+            raise ConfigError(f"host_factor must be a positive number (got {cfg.host_factor}): "
+                              "simulated seconds per host second")
         self._ticks_per_ns = 1000.0 * cfg.host_factor
         """Simulated ticks per host nanosecond."""
         self.bus = Bus(cfg.unclaimed)
@@ -360,8 +362,6 @@ class Machine:
         eq = self.eventq
         self.stop_requested = False
         self.exit_status, self.exit_reason = 0, ""
-        if len(self.cpus) == 1:
-            self._bind_here()  # whichever thread calls run() runs the vCPU
         if self.cpus and all(c.status.value == "Idle" and not c.halted for c in self.cpus):
             for cpu in self.cpus:
                 if cpu.start_active or cpu is self.cpus[0]:
@@ -400,6 +400,7 @@ class Machine:
             if len(self.cpus) > 1:
                 self._run_parallel()
             else:
+                self._bind_here()  # whichever thread calls run() runs the vCPU
                 eq.on_post = post_from_thread
                 self._run_serial()
         except KeyboardInterrupt:
