@@ -438,6 +438,9 @@ class Machine:
 
     def _drain_cpus(self, max_steps: int) -> None:
         for cpu in self.cpus:
+            # this thread's kick slot holds one kvm_run: point it at the vCPU it enters now,
+            # or a timer signal landing just before KVM_RUN would mark another vCPU's
+            cpu.vcpu.bind_thread()
             cpu.drain_pending = True
             steps = 0
             while not cpu.is_drained():
