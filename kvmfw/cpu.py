@@ -433,8 +433,8 @@ class KvmCPU:
                 # the host instant that maps to the bounding event, from the run's fixed
                 # clock base: the same event gives the same deadline, so the timer is armed
                 # once per event rather than on every exit
-                host0, tick0 = self.machine._clock_base
-                timer.arm_at(host0 - int((tick0 - bound) // self.machine._ticks_per_ns))
+                host0, tick0, per_ns = self.machine._clock
+                timer.arm_at(host0 - int((tick0 - bound) // per_ns))
         if self._pre_run is not None:
             self._pre_run(self)
         src = self._cycles
@@ -498,8 +498,8 @@ class KvmCPU:
             # simulated time follows host time since the run began (service time included)
             # but never passes the event that bounded the slice; when the slice timer ended
             # the run, time is at that event (gem5's rule)
-            host0, tick0 = self.machine._clock_base
-            now = tick0 + int((t1 - host0) * self.machine._ticks_per_ns)
+            host0, tick0, per_ns = self.machine._clock
+            now = tick0 + int((t1 - host0) * per_ns)
             if bound is not None and (fired or now > bound):
                 now = bound
             if now > eq.cur_tick:

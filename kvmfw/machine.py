@@ -142,13 +142,12 @@ class Machine:
         """Held while devices, the bus or the event queue are used from a vCPU thread."""
         self._thread_error: BaseException | None = None
         self._main_wake = threading.Event()
-        self._clock_base: tuple[int, int] = (time.monotonic_ns(), 0)
-        """(host ns, tick) at which the current run (or drain) began: see "Time"."""
         if not (cfg.host_factor > 0 and math.isfinite(cfg.host_factor)):
             raise ConfigError(f"host_factor must be a positive number (got {cfg.host_factor}): "
                               "simulated seconds per host second")
-        self._ticks_per_ns = 1000.0 * cfg.host_factor
-        """Simulated ticks per host nanosecond."""
+        self._clock: tuple[int, int, float] = (time.monotonic_ns(), 0, 1000.0 * cfg.host_factor)
+        """(host ns, tick) at which the current run (or drain) began, and simulated ticks per
+        host ns: see "Time" in the module docstring."""
         self.bus = Bus(cfg.unclaimed)
         self.stats = StatsRegistry()
         self.cpus: list[KvmCPU] = []
@@ -489,19 +488,19 @@ class Machine:
     def _start_clock(self) -> None:
         """Simulated time resumes from its current tick at this host instant (host time
         between runs is not simulated)."""
-        self._clock_base = (time.monotonic_ns(), self.eventq.cur_tick)
+        self._clock = (time.monotonic_ns(), self.eventq.cur_tick, self._clock[2])
 
     def host_deadline(self, tick: int) -> int:
         """The host ``CLOCK_MONOTONIC`` instant (ns) at which simulated time reaches
         ``tick`` in the current run (rounded up)."""
-        host0, tick0 = self._clock_base
-        return host0 - int((tick0 - tick) // self._ticks_per_ns)
+        host0, tick0, per_ns = self._clock
+        return host0 - int((tick0 - tick) // per_ns)
 
     def sync_clock(self) -> None:
         """Advance simulated time to host time (times ``host_factor``) since the run
         began; it never goes back."""
-        host0, tick0 = self._clock_base
-        now = tick0 + int((time.monotonic_ns() - host0) * self._ticks_per_ns)
+        host0, tick0, per_ns = self._clock
+        now = tick0 + int((time.monotonic_ns() - host0) * per_ns)
         if now > self.eventq.cur_tick:
             self.eventq.cur_tick = now
 
