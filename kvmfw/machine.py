@@ -394,12 +394,13 @@ class Machine:
                 self._main_wake.set()
                 self.kick_all()
 
+        bound: list[KvmCPU] = []
         try:
             self._start_clock()
             if len(self.cpus) > 1:
                 self._run_parallel()
             else:
-                self._bind_here()  # whichever thread calls run() runs the vCPU
+                bound = self._bind_here()  # whichever thread calls run() runs the vCPU
                 eq.on_post = post_from_thread
                 self._run_serial()
         except KeyboardInterrupt:
@@ -413,7 +414,7 @@ class Machine:
             if limit_event is not None and limit_event.scheduled:
                 eq.deschedule(limit_event)
             eq.on_post = None
-            self._unbind_here()
+            self._unbind(bound)
         if timed_out.is_set():
             raise RunTimeoutError(self.exit_reason)
         return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
@@ -425,12 +426,13 @@ class Machine:
         checkpoint, a fork or a hand-over). Raises :class:`StateError` if ``max_steps``
         drain steps per vCPU are not enough. Runs the vCPUs on the calling thread (bound
         to it for the drain: run timer and kicks follow), whichever thread ran them."""
-        self._bind_here()
-        self._start_clock()
+        bound = self._bind_here()
+        if not bound:  # not inside a run on this thread: the drain's slices start the clock
+            self._start_clock()
         try:
             self._drain_cpus(max_steps)
         finally:
-            self._unbind_here()
+            self._unbind(bound)
         busy = [d.name for d in self.devices if not d.is_drained()]
         if busy:
             raise StateError(f"devices not drained: {', '.join(busy)}")
@@ -451,17 +453,23 @@ class Machine:
             cpu.drain_pending = False
             cpu.get_context(SyncLevel.FULL)
 
-    def _bind_here(self) -> None:
+    def _bind_here(self) -> list[KvmCPU]:
         """Bind every vCPU to the calling thread unless it already is (run timer, kick
-        slot, cycle source): a machine may be run or drained from any thread."""
+        slot, cycle source): a machine may be run or drained from any thread. Returns the
+        vCPUs it bound, for :meth:`_unbind`: a drain inside a run (a device asking for a
+        checkpoint) must leave the run's own binding alone."""
+        bound = []
         for cpu in self.cpus:
             if not cpu.bound_here:
                 src, why = self._cycle_source(cpu)
                 cpu.bind_thread(src, why)
                 log.debug("cpu%d: cycles from %s", cpu.id, why)
+                bound.append(cpu)
+        return bound
 
-    def _unbind_here(self) -> None:
-        for cpu in self.cpus:
+    @staticmethod
+    def _unbind(cpus: list[KvmCPU]) -> None:
+        for cpu in cpus:
             if cpu.bound_here:
                 cpu.unbind_thread()
 

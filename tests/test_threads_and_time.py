@@ -239,3 +239,12 @@ def test_host_factor_must_be_a_positive_number(factor) -> None:
 
     with pytest.raises(ConfigError, match="host_factor must be a positive number"):
         Machine(MachineConfig(memory=0x10000, host_factor=factor), arch_plugin=RealModeArch())
+
+
+def test_a_drain_inside_a_run_leaves_the_run_bound(make_machine) -> None:
+    """A device may drain mid-run (a checkpoint request): the run keeps its timer."""
+    m, arch, rec = make_machine(SPIN)
+    m.eventq.schedule(Event(m.drain, "drain"), TICKS_PER_MS)
+    r = m.run(max_ticks=3 * TICKS_PER_MS, timeout=10)
+    assert r.reason == "simulated tick limit reached" and r.ticks == 3 * TICKS_PER_MS
+    assert not m.cpus[0].bound_here  # and the run released it at its end
