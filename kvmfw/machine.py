@@ -427,7 +427,7 @@ class Machine:
         drain steps per vCPU are not enough. Runs the vCPUs on the calling thread (bound
         to it for the drain: run timer and kicks follow), whichever thread ran them."""
         bound = self._bind_here()
-        if not bound:  # not inside a run on this thread: the drain's slices start the clock
+        if bound:  # not inside a run on this thread: simulated time resumes here
             self._start_clock()
         try:
             self._drain_cpus(max_steps)

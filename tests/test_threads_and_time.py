@@ -248,3 +248,16 @@ def test_a_drain_inside_a_run_leaves_the_run_bound(make_machine) -> None:
     r = m.run(max_ticks=3 * TICKS_PER_MS, timeout=10)
     assert r.reason == "simulated tick limit reached" and r.ticks == 3 * TICKS_PER_MS
     assert not m.cpus[0].bound_here  # and the run released it at its end
+
+
+def test_host_time_between_a_run_and_a_drain_is_not_simulated() -> None:
+    arch = _DrainingArch(COUNT)
+    with Machine(MachineConfig(memory=0x10000), arch_plugin=arch) as m:
+        m.run(max_ticks=TICKS_PER_MS, timeout=10)
+        time.sleep(0.3)  # host time outside any run
+        t0 = time.monotonic_ns()
+        m.drain()  # three slices (the first ends at once for the self-kick)
+        spent = time.monotonic_ns() - t0
+        assert arch.drain_slices == {0: 3}
+        # the drain's own host time at most, none of the 300 ms before it
+        assert m.eventq.cur_tick - TICKS_PER_MS <= spent * 1000
