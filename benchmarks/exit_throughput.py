@@ -2,7 +2,7 @@
 """PIO and MMIO exits per second: kvmfw's full path against a raw C loop, a raw Python
 loop and (when installed) QEMU, all measured in this one invocation on the same guest.
 
-    python benchmarks/exit_throughput.py [--exits 200000] [--reps 3]
+    python benchmarks/exit_throughput.py [--exits 200000] [--reps 3] [--only kvmfw]
 
 Every variant runs tests/guests/realmode.bin's loop of ``out %al,%dx`` (or an MMIO byte
 store) N times. kvmfw's path is the real one: KvmCPU.tick -> KVM_RUN -> exit table ->
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import struct
@@ -57,10 +58,20 @@ class NoOp:
             self.machine.request_exit(0, "done")  # type: ignore[attr-defined]
 
 
-def kvmfw_loop(kind: str, n: int) -> float:
+TIMER_ARMS: list[float] = []
+"""timer_settime calls per 1000 exits of each tick-limited kvmfw run."""
+USER_NS: dict[str, list[float]] = {}
+"""User-mode CPU ns per exit of each kvmfw run (kvmfw's own Python cost: unlike wall time,
+barely moved by other load on the host)."""
+
+
+def kvmfw_loop(kind: str, n: int, limited: bool = False) -> float:
+    """kvmfw's full path; ``limited``: under a tick limit, so an event bounds every slice
+    and the run timer is armed (the path of any run with a device timer pending)."""
     from realmode_arch import RealModeArch
 
     from kvmfw.device import Range
+    from kvmfw.eventq import TICKS_PER_SECOND
     from kvmfw.machine import Machine, MachineConfig
 
     with Machine(MachineConfig(memory=0x10000), arch_plugin=RealModeArch(PROGRAM[kind])) as m:
@@ -69,10 +80,16 @@ def kvmfw_loop(kind: str, n: int) -> float:
         m.map_device(Range("mmio", 0x20000, 0x100, "noop-mmio"), dev)
         m.cpus[0].get_context().regs["rcx"] = n
         m.cpus[0].mark_context_dirty()
+        u0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
         t0 = time.perf_counter_ns()
-        m.run()
+        m.run(max_ticks=10**6 * TICKS_PER_SECOND if limited else None)
         ns = time.perf_counter_ns() - t0
-        return ns / m.cpus[0].stats.vm_exits
+        stats = m.cpus[0].stats
+        USER_NS.setdefault("kvmfw, tick limit" if limited else "kvmfw", []).append(
+            (resource.getrusage(resource.RUSAGE_SELF).ru_utime - u0) * 1e9 / stats.vm_exits)
+        if limited:
+            TIMER_ARMS.append(1000 * getattr(stats, "timer_settime", -1) / stats.vm_exits)
+        return ns / stats.vm_exits
 
 
 def python_loop(kind: str, n: int) -> float:
@@ -152,6 +169,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exits", type=int, default=200_000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", choices=["kvmfw"], help="measure only kvmfw's paths (and C)")
     args = ap.parse_args()
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("benchmark needs a readable and writable /dev/kvm", file=sys.stderr)
@@ -165,20 +183,28 @@ def main() -> int:
             res = {
                 "C loop": statistics.median(c_loop(exe, kind, args.exits)
                                             for _ in range(args.reps)),
-                "raw Python loop": statistics.median(python_loop(kind, args.exits)
-                                                     for _ in range(args.reps)),
+                **({} if args.only else {"raw Python loop": statistics.median(
+                    python_loop(kind, args.exits) for _ in range(args.reps))}),
                 "kvmfw": statistics.median(kvmfw_loop(kind, args.exits)
                                            for _ in range(args.reps)),
+                "kvmfw, tick limit": statistics.median(kvmfw_loop(kind, args.exits, True)
+                                                       for _ in range(args.reps)),
             }
-            q = qemu_loop(kind, args.exits, tmp)
+            q = None if args.only else qemu_loop(kind, args.exits, tmp)
             if q is not None:
                 res["QEMU/KVM"] = q
             base = res["C loop"]
             print(f"\n{kind.upper()}")
             for name, ns in res.items():
-                print(f"  {name:<16} {ns:8.0f} ns  ({1e9 / ns:9.0f} /s)  ratio {ns / base:5.2f}")
-            if kind == "pio" and q is None:
+                user = USER_NS.pop(name, None)
+                extra = f"  user CPU {statistics.median(user):6.0f} ns" if user else ""
+                print(f"  {name:<18} {ns:8.0f} ns  ({1e9 / ns:9.0f} /s)  ratio "
+                      f"{ns / base:5.2f}{extra}")
+            if kind == "pio" and q is None and not args.only:
                 print("  QEMU/KVM         not measured (install qemu-system-x86 to compare)")
+            arms = statistics.median(TIMER_ARMS)
+            TIMER_ARMS.clear()
+            print(f"  run timer: {arms:.2f} timer_settime per 1000 exits under a tick limit")
     rss, hwm = rss_mib()
     print(f"\nmemory: kvmfw process RSS {rss:.1f} MiB (peak {hwm:.1f} MiB) "
           "with 64 KiB of guest RAM")

@@ -25,12 +25,13 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import mmap
 import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from kvmfw.abi import ExitReason, InternalError, SystemEvent, constants, lib
+from kvmfw.abi import ExitReason, InternalError, SystemEvent, address_of, constants, lib
 from kvmfw.bus import PendingAccess
 from kvmfw.errors import (
     EmulationFailureError,
@@ -71,6 +72,13 @@ _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
 _NUM_EXIT_SLOTS = 64
+# the coalesced-MMIO ring: struct kvm_coalesced_mmio_ring (first, last) and its entries
+# (phys_addr, len, pio, data[8]) fill one page (KVM_COALESCED_MMIO_MAX)
+_unpack_ring = struct.Struct("<II").unpack_from
+_pack_first = struct.Struct("<I").pack_into
+_unpack_entry = struct.Struct("<QII8s").unpack_from
+_ENTRY_SIZE = struct.calcsize("<QII8s")
+_RING_MAX = (mmap.PAGESIZE - 8) // _ENTRY_SIZE
 
 
 class CpuStatus(enum.Enum):
@@ -151,6 +159,7 @@ class KvmCPU:
         self._fd = vcpu.fd
         self._run: Any = vcpu.run
         self._map: Any = vcpu.run_map
+        self._run_addr = address_of(vcpu.run)
         self._ticks_per_cycle = 1000.0 * host_factor
         self.last_exit: int | None = None
         self.suspended_ticks = 0
@@ -186,17 +195,36 @@ class KvmCPU:
         self._finalize_mmio = h.bind("finalize_mmio_address")
 
     def bind_thread(self, cycle_source: CycleSource, reason: str) -> None:
-        """Called on the thread that will run this vCPU: signals, run timer, cycle source."""
+        """Called on the thread that will run this vCPU: signals, run timer, cycle source.
+
+        A vCPU is bound to the thread that runs it for as long as it runs there
+        (:meth:`Machine.run`, :meth:`Machine.drain`, a parallel vCPU thread); the previous
+        binding's timer and perf counters are released first."""
         self.vcpu.bind_thread()
         if self._timer is not None:
             self._timer.close()
-        self._timer = RunTimer(KICK_SIGNAL, self.vcpu.thread_tid or 0)
+        self._timer = RunTimer(KICK_SIGNAL, self.vcpu.thread_tid or 0, self.stats)
+        if self.cycle_source is not None and self.cycle_source is not cycle_source:
+            self.cycle_source.close()
         self.cycle_source = cycle_source
         self.cycle_source_reason = reason
         monotonic = cycle_source.read is time.monotonic_ns
         self._cycles = None if monotonic else cycle_source.read
         self._insns = cycle_source.instructions
         self._ticks_per_cycle = cycle_source.ticks(1_000_000, self.host_factor) / 1_000_000
+
+    def unbind_thread(self) -> None:
+        """Called on the bound thread when it stops running this vCPU: the run timer is
+        deleted (it signals this thread only) and the kick slot released."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self.vcpu.unbind_thread()
+
+    @property
+    def bound_here(self) -> bool:
+        """Whether the calling thread is bound to run this vCPU."""
+        return self.vcpu.bound_here
 
     def _build_dispatch(self) -> list[Any]:
         table: list[Any] = [self._exit_arch_or_unexpected] * _NUM_EXIT_SLOTS
@@ -316,8 +344,9 @@ class KvmCPU:
         self.wakeup()
 
     def kick(self) -> None:
-        """Make a running KVM_RUN return (``KVM_EXIT_INTR``)."""
-        self.vcpu.kick()
+        """Make a running KVM_RUN return (``KVM_EXIT_INTR``), or the next one at once."""
+        if self._run is not None:  # closed: nothing to kick
+            self.vcpu.kick()
 
     def count_interrupt(self, n: int = 1) -> None:
         """Called by the arch for each interrupt or NMI it injects from userspace."""
@@ -423,13 +452,18 @@ class KvmCPU:
             if self.status is IDLE:
                 return  # delivery suspended the CPU (x86 INIT): do not enter KVM
         timer = self._timer
+        eq = self.eventq
+        bound = None if ticks is None else eq.cur_tick + ticks
         if timer is not None:
-            if ticks is None:
+            if bound is None:
                 if timer.deadline_ns is not None:
                     timer.disarm()
             else:
-                ns = int(ticks / (1000 * self.host_factor))
-                timer.arm_at(_now() + max(ns, 1000))
+                # the host instant that maps to the bounding event, from the run's fixed
+                # clock base: the same event gives the same deadline, so the timer is armed
+                # once per event rather than on every exit
+                host0, tick0, per_ns = self.machine._clock
+                timer.arm_at(host0 - int((tick0 - bound) // per_ns))
         if self._pre_run is not None:
             try:
                 self._pre_run(self)
@@ -483,34 +517,43 @@ class KvmCPU:
         if self._trace:
             log_run.debug("cpu%d: ran %s ticks (%d ns), exit %s", self.id, ticks, t1 - t0,
                           _exit_name(reason))
-        # simulated time moves on, but never past the event that bounded the slice; when the
-        # slice timer ended the run, time jumps to that event (gem5's rule)
+        fired = False
         if reason == 10:  # KVM_EXIT_INTR
             stats.exit_signal += 1
             self.status = RUNNING
-            # the kick handler set immediate_exit: clear it or every entry returns at once
+            # a kick or the run timer set immediate_exit: clear it or every entry returns at
+            # once. Kicks are requests whose state (stop, interrupt, event) the loop checks
+            # before the next entry; the one kick that carries no state is the timer's
+            # expiry, so if the deadline has passed, it is treated as fired whether its
+            # signal ended this run or lands now, just before or after the clear.
             self._run.immediate_exit = 0
-            if ticks is not None and timer is not None and timer.deadline_ns is not None \
-                    and t1 >= timer.deadline_ns:
-                executed = ticks
-                timer.deadline_ns = None
+            if timer is not None and timer.deadline_ns is not None \
+                    and _now() >= timer.deadline_ns:
+                timer.deadline_ns = None  # one-shot: it has fired
+                fired = bound is not None
         else:
             self.status = RUNNING_SERVICE
-        if ticks is not None and executed > ticks:
-            executed = ticks
-        if not self.parallel:  # in parallel mode the machine's clock is host time
-            self.eventq.cur_tick += executed
+        if not self.parallel:
+            # simulated time follows host time since the run began (service time included)
+            # but never passes the event that bounded the slice; when the slice timer ended
+            # the run, time is at that event (gem5's rule)
+            host0, tick0, per_ns = self.machine._clock
+            now = tick0 + int((t1 - host0) * per_ns)
+            if bound is not None and (fired or now > bound):
+                now = bound
+            if now > eq.cur_tick:
+                eq.cur_tick = now
 
     def half_entry(self) -> None:
-        """Enter KVM only to complete a pending IO/MMIO (``immediate_exit``), then exit."""
+        """Enter KVM only to complete a pending IO/MMIO (``immediate_exit``), then exit.
+
+        A kick that lands before or during the half entry stays pending (the C helper
+        clears ``immediate_exit`` only if it still holds the half entry's own value)."""
         if self._tc_dirty:
             self.sync_kvm_state()
-        run = self.vcpu.run
-        run.immediate_exit = 1
-        try:
-            r = lib.kvmfw_run(self.vcpu.fd)
-        finally:
-            run.immediate_exit = 0
+        if self.vcpu.fd < 0 or self._run is None:  # the C helper would touch an unmapped area
+            raise KvmError("KVM_RUN", errno.EBADF, f"half entry: vcpu {self.id} is closed")
+        r = lib.kvmfw_half_entry(self.vcpu.fd, self._run_addr)
         self.stats.vm_half_entries += 1
         self.runs += 1
         self._pulled_level = SyncLevel.NONE
@@ -599,20 +642,32 @@ class KvmCPU:
         self.finish_mmio_pending()
 
     def _drain_coalesced_mmio(self) -> None:
+        """Replay the VM-wide coalesced-MMIO ring (every vCPU maps the same page).
+
+        One drainer at a time, under the machine lock (devices are only called under it
+        from vCPU threads): ``first`` is advanced past each entry before the next is read,
+        so no entry is replayed twice. The kernel's indices are bounded before use."""
         view = self.vcpu.run_view
         base = self.vcpu.coalesced_ring_offset
-        first, last = struct.unpack_from("<II", view, base)
+        first, last = _unpack_ring(view, base)
         if first == last:
-            return
-        size = struct.calcsize("<QII8s")
-        max_entries = (len(view) - base - 8) // size
-        bus = self.machine.bus
-        while first != last:
-            addr, length, pio, data = struct.unpack_from("<QII8s", view, base + 8 + first * size)
-            (bus.pio if pio else bus.mmio).write(addr, data[:length])
-            self.stats.coalesced_mmio += 1
-            first = (first + 1) % max_entries
-            struct.pack_into("<I", view, base, first)
+            return  # the common case, without the lock
+        with self.machine.lock:
+            first, last = _unpack_ring(view, base)
+            if first >= _RING_MAX or last >= _RING_MAX:
+                raise StateError(f"coalesced-MMIO ring indices out of range (first {first}, "
+                                 f"last {last}, ring of {_RING_MAX})")
+            bus = self.machine.bus
+            stats = self.stats
+            while first != last:
+                addr, length, pio, data = _unpack_entry(view, base + 8 + first * _ENTRY_SIZE)
+                first = (first + 1) % _RING_MAX
+                _pack_first(view, base, first)  # consumed, even if the device raises
+                if length > 8:
+                    raise StateError(f"coalesced-MMIO entry at {addr:#x} has length "
+                                     f"{length} (at most 8)")
+                (bus.pio if pio else bus.mmio).write(addr, data[:length])
+                stats.coalesced_mmio += 1
 
     def _exit_hlt(self) -> None:
         self.stats.halt += 1
@@ -816,12 +871,17 @@ class KvmCPU:
                    dump=self.dump_state())
 
     def close(self) -> None:
-        """Drop the run-area references (so the vCPU can unmap) and the run timer."""
+        """Drop the run-area references (so the vCPU can unmap), the run timer and the
+        cycle source's counters; release the kick slot if this thread holds it."""
+        if self.vcpu.bound_here:
+            self.vcpu.unbind_thread()
         self._run = None
         self._map = None
         if self._timer is not None:
             self._timer.close()
             self._timer = None
+        if self.cycle_source is not None:
+            self.cycle_source.close()
 
 
 def _exit_name(reason: int) -> str:

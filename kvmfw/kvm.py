@@ -44,6 +44,11 @@ class Kvm:
                     f"{path} speaks KVM API version {version}, kvmfw needs "
                     f"{constants.KVM_API_VERSION}: use a Linux kernel from 2.6.22 on")
             self.vcpu_mmap_size: int = ioctl(self.fd, IOCTLS.KVM_GET_VCPU_MMAP_SIZE)
+            if not self.check_extension(Cap.IMMEDIATE_EXIT):
+                # kicks and the run timer rely on it (no signal mask is swapped per entry)
+                raise KvmUnavailableError(
+                    f"{path} lacks KVM_CAP_IMMEDIATE_EXIT, which kvmfw needs to stop a "
+                    "vCPU without losing a kick: use a Linux kernel from 4.11 on")
         except KvmError as exc:
             os.close(self.fd)
             raise KvmUnavailableError(f"{path} is not a usable KVM device: {exc}") from None

@@ -6,12 +6,32 @@ as an in-kernel irqchip must exist before vCPUs) -> create vCPUs and their ``Kvm
 loops (``vcpu_init``, thread context) -> devices (bus ranges, IRQ lines) ->
 ``machine_created``. :meth:`Machine.run` then services the event queue until the guest
 or a device ends the run, the tick limit is reached, or the host timeout fires.
+
+Time. Which clock each part follows:
+
+* simulated time (``eventq.cur_tick``: events, device timers scheduled on the queue, the
+  tick limit, ``sim_seconds``): host ``CLOCK_MONOTONIC`` x ``host_factor`` since the run
+  (or drain) began, service time included; frozen between runs. An idle machine waits for
+  its next event in host time (no fast-forward: the guest's own clocks would not see it).
+* in-kernel LAPIC timer, PIT, kvmclock, the TSC: host time (the kernel's clocks); they also
+  run between runs.
+* RTC (``cmos-rtc``) and ACPI PM timer: host time with ``clock=host`` (the default), else
+  simulated time (``clock=fixed``).
+
+The bound (with ``host_factor`` 1; otherwise scale host time by it): simulated time never
+runs ahead of host time, and at every KVM exit it catches up with it exactly, except that
+it stops at an event that is due until that event has been serviced. A device therefore
+sees simulated time behind the guest's clocks by at most the time since the current exit
+(its own service) plus the service of the events due now. The run timer ends a slice at
+the host instant that maps to the bounding event, computed from the run's fixed base, so
+it is armed once per event (``timer_settime`` in the vCPU stats).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import sysconfig
@@ -133,7 +153,12 @@ class Machine:
         """Held while devices, the bus or the event queue are used from a vCPU thread."""
         self._thread_error: BaseException | None = None
         self._main_wake = threading.Event()
-        self._clock_base: tuple[int, int] = (0, 0)
+        if not (cfg.host_factor > 0 and math.isfinite(cfg.host_factor)):
+            raise ConfigError(f"host_factor must be a positive number (got {cfg.host_factor}): "
+                              "simulated seconds per host second")
+        self._clock: tuple[int, int, float] = (time.monotonic_ns(), 0, 1000.0 * cfg.host_factor)
+        """(host ns, tick) at which the current run (or drain) began, and simulated ticks per
+        host ns: see "Time" in the module docstring."""
         self.bus = Bus(cfg.unclaimed)
         self.stats = StatsRegistry()
         self.cpus: list[KvmCPU] = []
@@ -361,11 +386,6 @@ class Machine:
         eq = self.eventq
         self.stop_requested = False
         self.exit_status, self.exit_reason = 0, ""
-        for cpu in self.cpus:
-            if len(self.cpus) == 1 and cpu.vcpu.thread_ident is None:
-                src, why = self._cycle_source(cpu)
-                cpu.bind_thread(src, why)
-                log.debug("cpu%d: time from %s", cpu.id, why)
         if self.cpus and all(c.status.value == "Idle" and not c.halted for c in self.cpus):
             for cpu in self.cpus:
                 if cpu.start_active or cpu is self.cpus[0]:
@@ -394,18 +414,20 @@ class Machine:
 
         def post_from_thread() -> None:
             # an event posted by another thread (a console reader, a host service) must
-            # not wait for the guest's next exit: end the current slice
+            # not wait for the guest's next exit: end the current slice (or the idle wait)
             if threading.get_ident() != runner:
+                self._main_wake.set()
                 self.kick_all()
 
+        bound: list[KvmCPU] = []
         try:
+            self._start_clock()
             if len(self.cpus) > 1:
                 self._run_parallel()
             else:
+                bound = self._bind_here()  # whichever thread calls run() runs the vCPU
                 eq.on_post = post_from_thread
-                while not self.stop_requested:
-                    if eq.service_one() is None:
-                        self.request_exit(0, "all vCPUs halted and no event is pending")
+                self._run_serial()
         except KeyboardInterrupt:
             self.request_exit(130, "interrupted")
             self.kick_all()
@@ -417,6 +439,7 @@ class Machine:
             if limit_event is not None and limit_event.scheduled:
                 eq.deschedule(limit_event)
             eq.on_post = None
+            self._unbind(bound)
         if timed_out.is_set():
             raise RunTimeoutError(self.exit_reason)
         return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
@@ -426,8 +449,24 @@ class Machine:
         """Bring every vCPU and device to a point where no access, injected event or
         device event is in flight, with the thread contexts pulled in full (before a
         checkpoint, a fork or a hand-over). Raises :class:`StateError` if ``max_steps``
-        drain steps per vCPU are not enough."""
+        drain steps per vCPU are not enough. Runs the vCPUs on the calling thread (bound
+        to it for the drain: run timer and kicks follow), whichever thread ran them."""
+        bound = self._bind_here()
+        if bound:  # not inside a run on this thread: simulated time resumes here
+            self._start_clock()
+        try:
+            self._drain_cpus(max_steps)
+        finally:
+            self._unbind(bound)
+        busy = [d.name for d in self.devices if not d.is_drained()]
+        if busy:
+            raise StateError(f"devices not drained: {', '.join(busy)}")
+
+    def _drain_cpus(self, max_steps: int) -> None:
         for cpu in self.cpus:
+            # this thread's kick slot holds one kvm_run: point it at the vCPU it enters now,
+            # or a timer signal landing just before KVM_RUN would mark another vCPU's
+            cpu.vcpu.bind_thread()
             cpu.drain_pending = True
             steps = 0
             while not cpu.is_drained():
@@ -441,9 +480,6 @@ class Machine:
                 steps += 1
             cpu.drain_pending = False
             cpu.get_context(SyncLevel.FULL)
-        busy = [d.name for d in self.devices if not d.is_drained()]
-        if busy:
-            raise StateError(f"devices not drained: {', '.join(busy)}")
 
     def _complete_pending_access(self, cpu: KvmCPU) -> None:
         """Drain: run device events (never a vCPU's tick, which would run the guest) until
@@ -462,14 +498,66 @@ class Machine:
                 if c.status.value != "Idle" and not c.parallel and not c.tick_event.scheduled:
                     eq.schedule(c.tick_event, eq.cur_tick)
 
-    # --- parallel mode: one host thread per vCPU -------------------------------------------
+    def _bind_here(self) -> list[KvmCPU]:
+        """Bind every vCPU to the calling thread unless it already is (run timer, kick
+        slot, cycle source): a machine may be run or drained from any thread. Returns the
+        vCPUs it bound, for :meth:`_unbind`: a drain inside a run (a device asking for a
+        checkpoint) must leave the run's own binding alone."""
+        bound = []
+        for cpu in self.cpus:
+            if not cpu.bound_here:
+                src, why = self._cycle_source(cpu)
+                cpu.bind_thread(src, why)
+                log.debug("cpu%d: cycles from %s", cpu.id, why)
+                bound.append(cpu)
+        return bound
+
+    @staticmethod
+    def _unbind(cpus: list[KvmCPU]) -> None:
+        for cpu in cpus:
+            if cpu.bound_here:
+                cpu.unbind_thread()
+
+    def _run_serial(self) -> None:
+        """One vCPU on this thread: service events in order; when nothing is due (every
+        vCPU idle), wait in host time for the next event, as the guest's clocks do."""
+        eq = self.eventq
+        while not self.stop_requested:
+            nxt = eq.next_tick()
+            if nxt is None:
+                self.request_exit(0, "all vCPUs halted and no event is pending")
+                break
+            if nxt > eq.cur_tick:
+                wait_ns = self.host_deadline(nxt) - time.monotonic_ns()
+                if wait_ns > 0:
+                    # a post from another thread or a stop wakes this early
+                    self._main_wake.wait(min(wait_ns / 1e9, 0.05))
+                    self._main_wake.clear()
+                    continue
+            eq.service_one()
+
+    # --- time ------------------------------------------------------------------------------
+
+    def _start_clock(self) -> None:
+        """Simulated time resumes from its current tick at this host instant (host time
+        between runs is not simulated)."""
+        self._clock = (time.monotonic_ns(), self.eventq.cur_tick, self._clock[2])
+
+    def host_deadline(self, tick: int) -> int:
+        """The host ``CLOCK_MONOTONIC`` instant (ns) at which simulated time reaches
+        ``tick`` in the current run (rounded up)."""
+        host0, tick0, per_ns = self._clock
+        return host0 - int((tick0 - tick) // per_ns)
 
     def sync_clock(self) -> None:
-        """Parallel mode: simulated time follows host time (times ``host_factor``)."""
-        host0, tick0 = self._clock_base
-        now = tick0 + int((time.monotonic_ns() - host0) * 1000 * self.config.host_factor)
+        """Advance simulated time to host time (times ``host_factor``) since the run
+        began; it never goes back."""
+        host0, tick0, per_ns = self._clock
+        now = tick0 + int((time.monotonic_ns() - host0) * per_ns)
         if now > self.eventq.cur_tick:
             self.eventq.cur_tick = now
+
+    # --- parallel mode: one host thread per vCPU -------------------------------------------
 
     def thread_failed(self, exc: BaseException) -> None:
         """A vCPU thread died: stop the machine and re-raise ``exc`` on the main thread."""
@@ -484,7 +572,6 @@ class Machine:
         """Each vCPU on its own thread (KVM_RUN without the lock, exits serviced under it);
         this thread services events when they fall due in host time."""
         eq = self.eventq
-        self._clock_base = (time.monotonic_ns(), eq.cur_tick)
         self._thread_error = None
         for cpu in self.cpus:
             cpu.parallel = True
@@ -495,7 +582,7 @@ class Machine:
 
         def body(cpu: KvmCPU) -> None:
             try:
-                if cpu.vcpu.thread_ident != threading.get_ident():
+                if not cpu.bound_here:
                     src, why = self._cycle_source(cpu)
                     cpu.bind_thread(src, why)
             except BaseException as exc:
@@ -505,7 +592,7 @@ class Machine:
             try:
                 cpu.run_thread()
             finally:
-                cpu.vcpu.unbind_thread()
+                cpu.unbind_thread()
 
         threads = [threading.Thread(target=body, args=(c,), name=f"vcpu{c.id}", daemon=True)
                    for c in self.cpus]
@@ -530,8 +617,8 @@ class Machine:
                     break
                 wait = 0.05
                 if nxt is not None:
-                    wait = min(wait, max(0.0, (nxt - eq.cur_tick) / 1e12 /
-                                         self.config.host_factor))
+                    wait = min(wait, max(0.0, (self.host_deadline(nxt) -
+                                               time.monotonic_ns()) / 1e9))
                 self._main_wake.wait(wait)
                 self._main_wake.clear()
         finally:

@@ -18,7 +18,8 @@ class KvmCpuStats:
     __slots__ = ("vm_exits", "vm_half_entries", "exit_signal", "mmio", "coalesced_mmio", "io",
                  "halt", "interrupts", "hypercalls", "system_events", "cycles", "instructions",
                  "host_ns_in_kvm", "ticks_in_kvm", "syncs_to_kvm", "syncs_from_kvm",
-                 "sync_ioctls_to_kvm", "sync_ioctls_from_kvm", "mmio_pending")
+                 "sync_ioctls_to_kvm", "sync_ioctls_from_kvm", "mmio_pending",
+                 "timer_settime")
 
     DESCRIPTIONS = {
         "vm_exits": "exits from KVM_RUN",
@@ -40,6 +41,7 @@ class KvmCpuStats:
         "sync_ioctls_to_kvm": "KVM ioctls issued by pushes (as the arch reports them)",
         "sync_ioctls_from_kvm": "KVM ioctls issued by pulls (as the arch reports them)",
         "mmio_pending": "MMIO accesses a device completed later (RunningMMIOPending)",
+        "timer_settime": "run-timer timer_settime calls (arm or disarm)",
     }
 
     def __init__(self) -> None:
@@ -65,6 +67,7 @@ class KvmCpuStats:
         self.sync_ioctls_to_kvm = 0
         self.sync_ioctls_from_kvm = 0
         self.mmio_pending = 0
+        self.timer_settime = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -1,9 +1,14 @@
 """Host time for the run loop: the run timer that ends a KVM slice, and host-cycle sources.
 
-Where gem5 panics without a PMU, kvmfw picks the best working cycle source and says which
-and why: perf hardware cycles (guest-only) if ``perf_event_open`` works; else a source an
-architecture plugin offers through ``get_host_cycles`` (x86: the TSC); else the monotonic
-clock. Simulated time advanced by a slice = host cycles x ``host_factor`` x clock period.
+Simulated time follows host time (see "Time" in :mod:`kvmfw.machine`): a slice bounded by an
+event at tick T ends at the host instant that maps to T, computed from the run's fixed
+clock base, so the timer is armed once per bounding event, not once per exit.
+
+Cycle sources only feed statistics (``cycles``, ``instructions``). Where gem5 panics without
+a PMU, kvmfw picks the best working source and says which and why: perf hardware cycles
+(guest-only) if ``perf_event_open`` works; else a source an architecture plugin offers
+through ``get_host_cycles`` (x86: the TSC); else the monotonic clock. A source owns its
+perf fds: :meth:`CycleSource.close` closes them (the vCPU does on rebind and close).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmfw.abi import lib
 from kvmfw.eventq import TICKS_PER_SECOND
+from kvmfw.stats import KvmCpuStats
 
 PERF_TYPE_HARDWARE = 0
 PERF_COUNT_HW_CPU_CYCLES = 0
@@ -23,22 +29,23 @@ PERF_COUNT_HW_INSTRUCTIONS = 1
 
 
 class RunTimer:
-    """A POSIX timer on ``CLOCK_MONOTONIC`` that signals one thread (the vCPU's) at a
-    deadline; armed only when the deadline moves, so most exits cost no syscall."""
+    """A POSIX timer on ``CLOCK_MONOTONIC`` that signals one thread (the vCPU's) at an
+    absolute deadline; armed only when the deadline changes, so most exits cost no syscall.
+    Every ``timer_settime`` (arm and disarm) is counted in ``stats.timer_settime``."""
 
-    TOLERANCE_NS = 20_000
-
-    def __init__(self, signo: int, tid: int) -> None:
+    def __init__(self, signo: int, tid: int, stats: KvmCpuStats | None = None) -> None:
         t = lib.kvmfw_timer_create(signo, tid)
         if t < 0 and t > -4096:
             raise OSError(-t, f"timer_create: {os.strerror(-t)}")
         self._timer = t
         self.deadline_ns: int | None = None
+        """The armed deadline; None when disarmed or known to have fired."""
+        self.stats = stats if stats is not None else KvmCpuStats()
 
     def arm_at(self, deadline_ns: int) -> None:
-        cur = self.deadline_ns
-        if cur is not None and abs(cur - deadline_ns) <= self.TOLERANCE_NS:
+        if deadline_ns == self.deadline_ns:
             return
+        self.stats.timer_settime += 1
         r = lib.kvmfw_timer_arm(self._timer, deadline_ns)
         if r < 0:
             raise OSError(-r, "timer_settime")
@@ -46,6 +53,7 @@ class RunTimer:
 
     def disarm(self) -> None:
         if self.deadline_ns is not None:
+            self.stats.timer_settime += 1
             lib.kvmfw_timer_disarm(self._timer)
             self.deadline_ns = None
 
@@ -66,6 +74,13 @@ class CycleSource:
     note: str = ""
     instructions: Callable[[], int] | None = None
     """Guest instructions retired, when a counter can measure them (perf only)."""
+    fds: list[int] = field(default_factory=list)
+    """File descriptors this source owns (perf counters), closed by :meth:`close`."""
+
+    def close(self) -> None:
+        """Close the counters this source owns (idempotent)."""
+        while self.fds:
+            os.close(self.fds.pop())
 
     def ticks(self, cycles: int, host_factor: float) -> int:
         return int(cycles * host_factor * TICKS_PER_SECOND / self.frequency_hz)
@@ -116,7 +131,7 @@ def perf_source(frequency_hz: float) -> CycleSource | None:
     ifd = lib.kvmfw_perf_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_INSTRUCTIONS, 1)
     insns = (lambda: read(ifd)) if ifd >= 0 else None
     return CycleSource("perf-cycles", lambda: read(fd), frequency_hz, counts_guest_only=True,
-                       instructions=insns)
+                       instructions=insns, fds=[fd] + ([ifd] if ifd >= 0 else []))
 
 
 def select_cycle_source(prefer_perf: bool, host_frequency_hz: float,

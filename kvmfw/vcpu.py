@@ -8,6 +8,11 @@ handler (C, in the ABI module) sets ``immediate_exit`` in that thread's ``kvm_ru
 (``pthread_kill``) or the run timer therefore either interrupts a running guest
 (``KVM_EXIT_INTR``) or makes the next entry return at once: no kick is lost, and no signal
 mask is swapped on every entry (which ``KVM_SET_SIGNAL_MASK`` would cost).
+
+Ownership: the thread-local slot belongs to the vCPU that last bound the thread; unbinding
+or closing clears it only if it still points at this vCPU's ``kvm_run`` (one thread may run
+vCPUs of several VMs one after the other). A vCPU run from a new thread is rebound there
+(:meth:`VCpu.bind_thread`), so kicks and the run timer follow the thread that runs it.
 """
 
 from __future__ import annotations
@@ -90,14 +95,21 @@ class VCpu:
 
     def unbind_thread(self) -> None:
         """Called on the bound thread when it stops running this vCPU."""
-        if self.thread_ident == threading.get_ident():
-            lib.kvmfw_bind_run(0)
+        if self.thread_ident == threading.get_ident() and self.run is not None:
+            lib.kvmfw_unbind_run(address_of(self.run))
         self.thread_ident = None
         self.thread_tid = None
+
+    @property
+    def bound_here(self) -> bool:
+        """Whether the calling thread is the one bound to run this vCPU."""
+        return self.thread_ident == threading.get_ident()
 
     def kick(self) -> None:
         """Make a running ``KVM_RUN`` return soon (``KVM_EXIT_INTR``), or the next one return
         at once; safe from any thread."""
+        if self.run is None:  # closed
+            return
         ident = self.thread_ident
         if ident is None:
             self.run.immediate_exit = 1
@@ -177,7 +189,11 @@ class VCpu:
         if self.fd < 0:
             return
         if self.thread_ident == threading.get_ident():
-            lib.kvmfw_bind_run(0)  # the kick handler must not touch the unmapped area
+            # the kick handler must not touch the unmapped area; the slot may meanwhile
+            # belong to another VM's vCPU on this thread: then it stays
+            lib.kvmfw_unbind_run(address_of(self.run))
+        self.thread_ident = None
+        self.thread_tid = None
         try:
             self.run_view.release()
             self.run = None  # type: ignore[assignment]

@@ -127,3 +127,41 @@ def test_memory_slot_limit_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(GuestMemoryError, match="no KVM memory slot left .* allows 2"):
             vm.add_ram(0x2000, 0x1000)
         assert len(vm.memory) == 2 and _maps() <= before
+
+
+@needs_kvm
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_rebinding_to_new_threads_leaks_no_perf_fd_or_timer(make_machine, monkeypatch,
+                                                            cpus) -> None:
+    """Every bind (a run from a new thread, a drain, each parallel run's vCPU threads)
+    opens the cycle source's perf counters on its thread; the previous ones are closed (a
+    software perf event stands in where the host has no PMU)."""
+    import threading
+
+    import kvmfw.timer as timer_mod
+
+    real = timer_mod.lib
+
+    class SoftwarePerf:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        @staticmethod
+        def kvmfw_perf_open(type_: int, config: int, exclude_host: int) -> int:
+            return real.kvmfw_perf_open(1, 0, 0)  # PERF_TYPE_SOFTWARE, CPU_CLOCK
+
+    monkeypatch.setattr(timer_mod, "lib", SoftwarePerf())
+    m, _, _ = make_machine(PIO, cpus=cpus)
+    m.run(timeout=10)
+    assert m.cpus[0].cycle_source is not None
+    assert m.cpus[0].cycle_source.name == "perf-cycles"
+    fds = len(_fds())
+    for _ in range(5):
+        t = threading.Thread(target=lambda: m.run(timeout=10))
+        t.start()
+        t.join(30)
+        m.run(timeout=10)
+        m.drain()
+    assert len(_fds()) == fds  # each bind reopens them (the numbers may differ)
+    m.close()
+    assert len(_fds()) < fds  # the last source's counters went with the machine

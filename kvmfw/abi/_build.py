@@ -70,6 +70,8 @@ int kvmfw_ioctl(int fd, unsigned long request, uintptr_t arg);
 int kvmfw_run(int fd);
 int kvmfw_install_kick_handler(int signo);
 void kvmfw_bind_run(uintptr_t run);
+int kvmfw_unbind_run(uintptr_t run);
+int kvmfw_half_entry(int fd, uintptr_t run);
 int kvmfw_gettid(void);
 intptr_t kvmfw_timer_create(int signo, int tid);
 int kvmfw_timer_arm(intptr_t timer, int64_t deadline_ns);
@@ -114,13 +116,38 @@ static __thread struct kvm_run *kvmfw_current_run;
 
 static void kvmfw_bind_run(uintptr_t run)
 {
-    kvmfw_current_run = (struct kvm_run *)run;
+    __atomic_store_n(&kvmfw_current_run, (struct kvm_run *)run, __ATOMIC_SEQ_CST);
+}
+
+/* Clear this thread's slot only if it still holds ``run``: a thread that has since bound
+   another vCPU (another VM's) keeps that binding. Returns 1 if it cleared the slot. */
+static int kvmfw_unbind_run(uintptr_t run)
+{
+    struct kvm_run *expected = (struct kvm_run *)run;
+    return __atomic_compare_exchange_n(&kvmfw_current_run, &expected, NULL, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* KVM_RUN only to complete a pending IO/MMIO: immediate_exit is set to 2 (a kick sets 1)
+   and afterwards cleared only if it still holds our 2, so a kick that lands before or
+   during the half entry stays pending for the next entry instead of being erased. */
+static int kvmfw_half_entry(int fd, uintptr_t run)
+{
+    struct kvm_run *r = (struct kvm_run *)run;
+    uint8_t zero = 0, ours = 2;
+    __atomic_compare_exchange_n(&r->immediate_exit, &zero, 2, 0,
+                                __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    int ret = ioctl(fd, KVM_RUN, 0);
+    ret = ret < 0 ? -errno : ret;
+    __atomic_compare_exchange_n(&r->immediate_exit, &ours, 0, 0,
+                                __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return ret;
 }
 
 static void kvmfw_kick_handler(int sig, siginfo_t *info, void *ctx)
 {
     (void)sig; (void)info; (void)ctx;
-    struct kvm_run *run = kvmfw_current_run;
+    struct kvm_run *run = __atomic_load_n(&kvmfw_current_run, __ATOMIC_SEQ_CST);
     if (run)
         __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_RELAXED);
 }
