@@ -422,6 +422,15 @@ def vcpu_limit(kvm: Any, arch: str, plugin: Any = None) -> tuple[int, str]:
     return limit, why
 
 
+def check_host_factor(h: Any) -> None:
+    """Simulated seconds per host second: a finite number in :data:`HOST_FACTOR_RANGE`."""
+    lo, hi = HOST_FACTOR_RANGE
+    if isinstance(h, bool) or not isinstance(h, int | float) or not (
+            math.isfinite(h) and lo <= h <= hi):
+        raise ConfigError(f"--host-factor {h!r}: must be between {lo:g} and {hi:g} "
+                          "(simulated seconds per host second)")
+
+
 def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> None:
     """Check a ``MachineConfig`` against this host and ``/dev/kvm`` (``kvm``, open)."""
     check_arch_host(arch)
@@ -455,10 +464,6 @@ def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> N
         log.warning("kvmfw: warning: --cpus %d is more than KVM recommends here "
                     "(KVM_CAP_NR_VCPUS = %d); the run may be slow", cpus,
                     kvm.recommended_vcpus)
-    h = cfg.host_factor
-    lo, hi = HOST_FACTOR_RANGE
-    if isinstance(h, bool) or not isinstance(h, int | float) or not (
-            math.isfinite(h) and lo <= h <= hi):
-        raise ConfigError(f"--host-factor {h!r}: must be between {lo:g} and {hi:g}")
+    check_host_factor(cfg.host_factor)
     if cfg.unclaimed not in ("ignore", "fatal"):
         raise ConfigError(f"--unclaimed must be ignore or fatal, not {cfg.unclaimed!r}")

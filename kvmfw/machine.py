@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import sys
 import sysconfig
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.bus import Bus
-from kvmfw.config import check_machine_config
+from kvmfw.config import check_host_factor, check_machine_config
 from kvmfw.cpu import KvmCPU
 from kvmfw.device import (
     CallbackIrqLine,
@@ -153,9 +152,7 @@ class Machine:
         """Held while devices, the bus or the event queue are used from a vCPU thread."""
         self._thread_error: BaseException | None = None
         self._main_wake = threading.Event()
-        if not (cfg.host_factor > 0 and math.isfinite(cfg.host_factor)):
-            raise ConfigError(f"host_factor must be a positive number (got {cfg.host_factor}): "
-                              "simulated seconds per host second")
+        check_host_factor(cfg.host_factor)  # the clock below divides by it
         self._clock: tuple[int, int, float] = (time.monotonic_ns(), 0, 1000.0 * cfg.host_factor)
         """(host ns, tick) at which the current run (or drain) began, and simulated ticks per
         host ns: see "Time" in the module docstring."""

@@ -156,7 +156,7 @@ def test_machine_refuses_cpus_beyond_kvm_limits() -> None:
 
 
 @needs_kvm
-@pytest.mark.parametrize("factor", [0.0, -1.0, float("inf")])
+@pytest.mark.parametrize("factor", [0.0, -1.0, float("inf"), float("nan")])
 def test_machine_refuses_a_host_factor_out_of_range(factor: float) -> None:
     with pytest.raises(ConfigError, match="--host-factor"):
         Machine(MachineConfig(memory=0x10000, host_factor=factor),

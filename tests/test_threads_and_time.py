@@ -233,14 +233,6 @@ def test_an_expired_slice_timer_is_never_lost(make_machine) -> None:
     assert seen == [(i + 1) * TICKS_PER_MS // 10 for i in range(50)]
 
 
-@pytest.mark.parametrize("factor", [0.0, -1.0, float("nan"), float("inf")])
-def test_host_factor_must_be_a_positive_number(factor) -> None:
-    from kvmfw.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="host_factor must be a positive number"):
-        Machine(MachineConfig(memory=0x10000, host_factor=factor), arch_plugin=RealModeArch())
-
-
 def test_a_drain_inside_a_run_leaves_the_run_bound(make_machine) -> None:
     """A device may drain mid-run (a checkpoint request): the run keeps its timer."""
     m, arch, rec = make_machine(SPIN)
