@@ -131,7 +131,7 @@ say "booting $KVER under qemu-system-aarch64 (TCG, GICv$GIC, smp=$SMP, ${MEM} Mi
 set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-aarch64 \
     -M virt,virtualization=on,gic-version="$GIC" -cpu max,pauth=off -smp "$SMP" -m "$MEM" \
-    -nographic -no-reboot -monitor none -serial stdio \
+    -nographic -no-reboot -monitor none -serial stdio -nic none \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyAMA0 loglevel=3 panic=-1" \
     -virtfs local,path="$ROOT",mount_tag=kvmfwroot,security_model=none,id=r0 \
