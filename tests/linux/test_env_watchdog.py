@@ -1,0 +1,85 @@
+"""The nested environment's own bounds, tested on any host (no Linux guest needed): the
+per-test limit of the outer guest (envs/x86-linux-kvm/pytest_watchdog.py), the retry that
+runs only what a frozen boot left, and a VMM that ignores its limit being killed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from linuxguest import _reap, _wait
+
+ENV = Path(__file__).resolve().parents[2] / "envs" / "x86-linux-kvm"
+
+SUITE = '''
+import subprocess, time
+def test_first(): pass
+def test_hangs(): time.sleep(600)
+def test_hangs_in_a_child(): subprocess.Popen(["sleep", "600"]).wait()
+def test_fails(): assert False
+def test_last(): pass
+'''
+
+
+def _pytest(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_suite.py").write_text(SUITE)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    full = {**os.environ, "PYTHONPATH": str(ENV), "KVMFW_L1_OUT": str(tmp_path / "out"),
+            "KVMFW_TEST_TIMEOUT": "2", **env}
+    full.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_watchdog",
+                           "-p", "no:cacheprovider", "test_suite.py"], cwd=tmp_path, env=full,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_test_past_its_limit_fails_naming_itself_and_its_vmm_is_killed(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    r = _pytest(tmp_path)
+    assert time.monotonic() - t0 < 60  # two 2 s limits, not two 600 s sleeps
+    assert "KVMFW_L1 TEST TIMEOUT test_suite.py::test_hangs:" in r.stderr
+    assert "(sleep) of test_suite.py::test_hangs_in_a_child" in r.stderr  # killed
+    assert "2 passed" in r.stdout and "3 failed" in r.stdout, r.stdout
+    done = (tmp_path / "out" / "done.list").read_text().splitlines()
+    assert [line.split("\t")[0] for line in done] == ["passed", "failed", "failed", "failed",
+                                                     "passed"]
+
+
+def test_a_retry_runs_only_the_tests_a_frozen_boot_left(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "done.list").write_text("passed\ttest_suite.py::test_first\n"
+                                   "failed\ttest_suite.py::test_hangs\n"
+                                   "failed\ttest_suite.py::test_hangs_in_a_child\n")
+    r = _pytest(tmp_path, KVMFW_L1_RETRY="1")
+    assert "3 tests done in the earlier boot (2 not passed), 2 left" in r.stderr
+    assert "1 failed, 1 passed, 3 deselected" in r.stdout, r.stdout
+    assert r.returncode == 1
+
+
+def test_a_retry_with_nothing_left_keeps_the_earlier_failures(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ["first", "hangs", "hangs_in_a_child", "fails", "last"]
+    (out / "done.list").write_text("".join(f"passed\ttest_suite.py::test_{n}\n" for n in names))
+    assert _pytest(tmp_path, KVMFW_L1_RETRY="1").returncode == 0
+    (out / "done.list").write_text("failed\ttest_suite.py::test_first\n" + "".join(
+        f"passed\ttest_suite.py::test_{n}\n" for n in names[1:]))
+    assert _pytest(tmp_path, KVMFW_L1_RETRY="1").returncode == 1
+
+
+def test_a_vmm_past_its_deadline_is_killed_and_reaped() -> None:
+    p = subprocess.Popen(["sleep", "600"])
+    t0 = time.monotonic()
+    rc, _ = _wait(p.pid, time.monotonic() + 0.5)
+    assert rc is None and time.monotonic() - t0 < 30
+    p.returncode = -9
+
+
+def test_reaping_a_vmm_that_already_exited_is_not_an_error() -> None:
+    p = subprocess.Popen(["true"])
+    time.sleep(0.5)
+    assert _reap(p.pid)[0] is None
+    p.returncode = 0
