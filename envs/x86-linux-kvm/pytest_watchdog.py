@@ -125,6 +125,15 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+def _write_through(path: Path, text: str) -> None:
+    """Write and fsync: the share is 9p with cache=loose, where the host would otherwise
+    see the data only at writeback."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _record(outcome: str, nodeid: str) -> None:
     with open(OUT / "done.list", "a") as f:
         f.write(f"{outcome}\t{nodeid}\n")
@@ -190,7 +199,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     global _failed_now
     _failed_now = False
     try:
-        (OUT / "current").write_text(item.nodeid + "\n")
+        _write_through(OUT / "current", item.nodeid + "\n")
     except OSError:
         pass
     if _dog is not None:
