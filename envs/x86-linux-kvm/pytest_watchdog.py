@@ -102,9 +102,10 @@ class Watchdog:
              f"(KVMFW_TEST_TIMEOUT); stacks:")
         faulthandler.dump_traceback(_CONSOLE, all_threads=True)
         for pid in _descendants(os.getpid()):
+            comm = _comm(pid)  # (before the kill: a reaped process has no /proc entry)
             try:
                 os.kill(pid, signal.SIGKILL)
-                _say(f"killed pid {pid} ({_comm(pid)}) of {nodeid}")
+                _say(f"killed pid {pid} ({comm}) of {nodeid}")
             except OSError:
                 pass
         if self._main is not None:
