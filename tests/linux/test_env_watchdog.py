@@ -24,12 +24,18 @@ def test_last(): pass
 '''
 
 
+def _clean_env() -> dict[str, str]:
+    """This process's environment without the outer guest's own watchdog settings (these
+    tests also run inside it, maybe in a retry boot) and pytest options."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("KVMFW_L1_", "KVMFW_TEST_", "PYTEST_"))}
+
+
 def _pytest(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_suite.py").write_text(SUITE)
     (tmp_path / "out").mkdir(exist_ok=True)
-    full = {**os.environ, "PYTHONPATH": str(ENV), "KVMFW_L1_OUT": str(tmp_path / "out"),
+    full = {**_clean_env(), "PYTHONPATH": str(ENV), "KVMFW_L1_OUT": str(tmp_path / "out"),
             "KVMFW_TEST_TIMEOUT": "2", **env}
-    full.pop("PYTEST_ADDOPTS", None)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_watchdog",
                            "-p", "no:cacheprovider", "test_suite.py"], cwd=tmp_path, env=full,
                           capture_output=True, text=True, timeout=120)
@@ -92,7 +98,7 @@ def test_a_test_no_signal_can_end_ends_its_session_naming_itself(tmp_path: Path)
         "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
         "    time.sleep(600)\n")
     (tmp_path / "out").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ENV), "KVMFW_L1_OUT": str(tmp_path / "out"),
+    env = {**_clean_env(), "PYTHONPATH": str(ENV), "KVMFW_L1_OUT": str(tmp_path / "out"),
            "KVMFW_TEST_TIMEOUT": "1", "KVMFW_TEST_GRACE": "1"}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_watchdog",
                         "-p", "no:cacheprovider", "test_stuck.py"], cwd=tmp_path, env=env,
