@@ -4,10 +4,10 @@
 # status to /opt/kvmfw-out/rc, which run.sh turns into its own.
 #
 # Bounds (none assumes an idle host): the outer guest's speed is measured first (a fixed
-# Python loop against its time on a quiet host: KVMFW_L1_SPEED, at least 1) and scales the
-# per-test limit (KVMFW_TEST_TIMEOUT, 300 s x speed; pytest_watchdog.py enforces it and says
-# which test) and each Linux boot's limit (KVMFW_LINUX_TIMEOUT, 60 s x speed); either can be
-# given on the host instead. A heartbeat (/opt/kvmfw-out/alive: uptime and the test running,
+# Python loop against its time in a lightly loaded outer guest: KVMFW_L1_SPEED, at least 1)
+# and scales the per-test limit (KVMFW_TEST_TIMEOUT, 300 s x speed; pytest_watchdog.py
+# enforces it and says which test) and each Linux boot's limit (KVMFW_LINUX_TIMEOUT, 60 s x
+# speed); either can be given on the host instead. A heartbeat (/opt/kvmfw-out/alive: uptime and the test running,
 # every 10 s) lets run.sh tell a frozen outer guest from a slow test. After a frozen boot,
 # run.sh boots again with /opt/kvmfw-out/retry: only the tests not in done.list run.
 export PATH=/opt/kvmfw-venv/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
@@ -31,25 +31,15 @@ mode=$(cat $OUT/mode)
 set --
 while IFS= read -r a; do set -- "$@" "$a"; done < $OUT/args
 echo "KVMFW_L1 $mode in $(python3 -c 'import sys; print(sys.prefix, sys.version.split()[0])') /dev/kvm: $(ls -l /dev/kvm 2>&1) uptime=$(up)"
-# The outer guest's speed: median of 3 timings of a fixed loop over its time in a lightly
-# loaded outer guest on this machine (KVMFW_L1_CALIBRATION_REF s; the same loop takes 0.016 s
-# natively here, 0.21-0.41 s in the outer guest with the machine busy), at least 1.
-KVMFW_L1_SPEED=$(python3 - "${KVMFW_L1_CALIBRATION_REF:-0.080}" <<'EOF'
-import sys, time
-def once():
-    t = time.perf_counter(); n = 0
-    for i in range(200_000):
-        n += i * i
-    return time.perf_counter() - t
-runs = sorted(once() for _ in range(3))
-print(f"{max(1.0, runs[1] / float(sys.argv[1])):.1f} {runs[1]:.3f}")
-EOF
-) || KVMFW_L1_SPEED="1 ?"
-CALIBRATION=${KVMFW_L1_SPEED#* }; KVMFW_L1_SPEED=${KVMFW_L1_SPEED%% *}
-scale() { python3 -c "print(round($1 * $KVMFW_L1_SPEED))"; }
-export KVMFW_L1_SPEED KVMFW_L1_OUT=$OUT
-export KVMFW_TEST_TIMEOUT=${KVMFW_TEST_TIMEOUT:-$(scale 300)}
-export KVMFW_LINUX_TIMEOUT=${KVMFW_LINUX_TIMEOUT:-$(scale 60)}
+# The outer guest's speed and the limits it gives (pytest_watchdog.measure_speed; each pytest
+# session measures again and raises the limits derived here if the machine got slower).
+set -- $(python3 /opt/kvmfw-src/envs/x86-linux-kvm/pytest_watchdog.py --bounds 2>/dev/null || echo 1 - 300 60) "$@"
+export KVMFW_L1_SPEED=$1 KVMFW_L1_OUT=$OUT KVMFW_L1_DERIVED=""
+CALIBRATION=$2
+[ -n "${KVMFW_TEST_TIMEOUT:-}" ] || { KVMFW_TEST_TIMEOUT=$3; KVMFW_L1_DERIVED=test; }
+[ -n "${KVMFW_LINUX_TIMEOUT:-}" ] || { KVMFW_LINUX_TIMEOUT=$4; KVMFW_L1_DERIVED="$KVMFW_L1_DERIVED,linux"; }
+export KVMFW_TEST_TIMEOUT KVMFW_LINUX_TIMEOUT
+shift 4
 if [ -e $OUT/retry ]; then export KVMFW_L1_RETRY=1; else : > $OUT/done.list; fi
 echo "KVMFW_L1 speed x$KVMFW_L1_SPEED (calibration loop ${CALIBRATION}s): per-test limit ${KVMFW_TEST_TIMEOUT}s, Linux boot limit ${KVMFW_LINUX_TIMEOUT}s$([ -e $OUT/retry ] && echo ", retry of the tests left ($(wc -l < $OUT/done.list) done)")"
 export PYTHONPATH=/opt/kvmfw-src/envs/x86-linux-kvm${PYTHONPATH:+:$PYTHONPATH}

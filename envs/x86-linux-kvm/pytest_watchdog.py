@@ -6,6 +6,10 @@
   (SIGALRM in the main thread). If the test still has not ended ``KVMFW_TEST_GRACE`` seconds
   later (blocked where no signal reaches it), the session ends here, saying so; run.sh's
   retry runs what is left.
+- The bounds follow the outer guest's speed (``measure_speed``: a fixed loop against its time
+  in a lightly loaded outer guest, ``KVMFW_L1_CALIBRATION_REF``): guest-run.sh measures it
+  first (``python3 pytest_watchdog.py --bounds``), and every session measures again and
+  raises the limits it derived (``KVMFW_L1_DERIVED``) if the machine got slower since.
 - Progress for the host: the test running now goes to ``$KVMFW_L1_OUT/current`` (the
   heartbeat of guest-run.sh reports it), each finished test is appended to
   ``$KVMFW_L1_OUT/done.list`` (``outcome<TAB>nodeid``). A retry (``KVMFW_L1_RETRY=1``)
@@ -51,6 +55,29 @@ def _descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+TEST_BASE = 300.0
+"""Per-test limit at speed 1, s (the slowest Linux test, interactive: a boot plus 3 steps)."""
+LINUX_BASE = 60.0
+"""Limit of one Linux boot at speed 1, s (boots take 5-15 s on a quiet machine)."""
+CALIBRATION_REF = 0.080
+"""The loop's time in a lightly loaded outer guest on the reference machine, s (natively
+there: 0.016 s; in the outer guest with the machine busy: 0.12-0.41 s)."""
+
+
+def measure_speed() -> tuple[float, float]:
+    """(slowdown against ``CALIBRATION_REF``, at least 1; the loop's median time in s)."""
+    ref = float(os.environ.get("KVMFW_L1_CALIBRATION_REF", "") or CALIBRATION_REF)
+
+    def once() -> float:
+        t, n = time.perf_counter(), 0
+        for i in range(200_000):
+            n += i * i
+        return time.perf_counter() - t
+
+    median = sorted(once() for _ in range(3))[1]
+    return max(1.0, round(median / ref, 1)), median
 
 
 class TestTimeout(Exception):
@@ -101,6 +128,9 @@ class Watchdog:
         _say(f"TEST TIMEOUT {nodeid}: still running after {self.limit:.0f} s "
              f"(KVMFW_TEST_TIMEOUT); stacks:")
         faulthandler.dump_traceback(_CONSOLE, all_threads=True)
+        # the test first (it is still blocked, e.g. waiting for its VMM), then its children
+        if self._main is not None:
+            signal.pthread_kill(self._main, signal.SIGALRM)
         for pid in _descendants(os.getpid()):
             comm = _comm(pid)  # (before the kill: a reaped process has no /proc entry)
             try:
@@ -108,8 +138,6 @@ class Watchdog:
                 _say(f"killed pid {pid} ({comm}) of {nodeid}")
             except OSError:
                 pass
-        if self._main is not None:
-            signal.pthread_kill(self._main, signal.SIGALRM)
 
     def _give_up(self, nodeid: str) -> None:
         _say(f"TEST STUCK {nodeid}: did not end {self.grace:.0f} s after its timeout; "
@@ -159,15 +187,39 @@ _earlier_failures = 0
 _done_earlier = 0
 
 
+_in_phase = False
+"""True while the test's setup, call or teardown runs: only there does a timeout raise (not
+in pytest's own reporting, which a late signal would turn into an INTERNALERROR)."""
+
+
 def _on_alarm(signum: int, frame: Any) -> None:
     dog = _dog
-    if dog is not None and dog.fired and dog.nodeid is not None:
+    if _in_phase and dog is not None and dog.fired and dog.nodeid is not None:
         raise TestTimeout(f"{dog.nodeid} ran past its limit of {dog.limit:.0f} s "
                           "(KVMFW_TEST_TIMEOUT, scaled by the outer guest's measured speed)")
 
 
+def _rescale() -> None:
+    """Raise the derived limits if the outer guest is slower now than when they were set."""
+    derived = os.environ.get("KVMFW_L1_DERIVED", "")
+    if not derived:
+        return
+    speed, median = measure_speed()
+    if speed <= float(os.environ.get("KVMFW_L1_SPEED", "1") or 1):
+        return
+    os.environ["KVMFW_L1_SPEED"] = str(speed)
+    if "test" in derived:
+        os.environ["KVMFW_TEST_TIMEOUT"] = str(round(TEST_BASE * speed))
+    if "linux" in derived:
+        os.environ["KVMFW_LINUX_TIMEOUT"] = str(round(LINUX_BASE * speed))
+    _say(f"slower than before this session: speed x{speed} (calibration loop {median:.3f} s), "
+         f"per-test limit {os.environ.get('KVMFW_TEST_TIMEOUT')} s, Linux boot limit "
+         f"{os.environ.get('KVMFW_LINUX_TIMEOUT')} s")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _dog
+    _rescale()
     limit = float(os.environ.get("KVMFW_TEST_TIMEOUT", "0") or 0)
     if limit > 0 and _dog is None:
         _dog = Watchdog(limit, float(os.environ.get("KVMFW_TEST_GRACE", "60")))
@@ -213,6 +265,30 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         _record("failed" if _failed_now else "passed", item.nodeid)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    yield from _phase()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    yield from _phase()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    yield from _phase()
+
+
+def _phase() -> Any:
+    global _in_phase
+    _in_phase = True
+    try:
+        yield
+    finally:
+        _in_phase = False
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     global _failed_now
     if report.failed:
@@ -227,3 +303,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _earlier_failures and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+
+
+if __name__ == "__main__":  # guest-run.sh: python3 pytest_watchdog.py --bounds
+    spd, med = measure_speed()
+    print(f"{spd} {med:.3f} {round(TEST_BASE * spd)} {round(LINUX_BASE * spd)}")

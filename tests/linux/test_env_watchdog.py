@@ -106,3 +106,28 @@ def test_a_test_no_signal_can_end_ends_its_session_naming_itself(tmp_path: Path)
     assert r.returncode == 3
     assert "KVMFW_L1 TEST STUCK test_stuck.py::test_stuck: did not end 1 s after" in r.stderr
     assert (tmp_path / "out" / "done.list").read_text() == "stuck\ttest_stuck.py::test_stuck\n"
+
+
+def test_a_session_on_a_slower_machine_raises_the_derived_limits(tmp_path: Path) -> None:
+    """The limits follow the outer guest's speed when each session starts, not only when
+    guest-run.sh measured it (a machine that got busier gets longer limits, never shorter)."""
+    (tmp_path / "test_limits.py").write_text(
+        "import os\n"
+        "def test_limits():\n"
+        "    e = os.environ\n"
+        "    print('LIMITS', e['KVMFW_TEST_TIMEOUT'], e['KVMFW_LINUX_TIMEOUT'])\n")
+    (tmp_path / "out").mkdir()
+    env = {**_clean_env(), "PYTHONPATH": str(ENV), "KVMFW_L1_OUT": str(tmp_path / "out"),
+           "KVMFW_L1_SPEED": "1.0", "KVMFW_TEST_TIMEOUT": "300", "KVMFW_LINUX_TIMEOUT": "60",
+           "KVMFW_L1_DERIVED": "test,linux", "KVMFW_L1_CALIBRATION_REF": "1e-6"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "pytest_watchdog",
+                        "-p", "no:cacheprovider", "test_limits.py"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert "slower than before this session" in r.stderr, r.stderr
+    test_limit, linux_limit = map(int, r.stdout.split("LIMITS ")[1].split()[:2])
+    assert test_limit > 300 and linux_limit > 60 and test_limit == 5 * linux_limit
+    env.update(KVMFW_L1_CALIBRATION_REF="1e6")  # a faster machine: the limits stay
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "pytest_watchdog",
+                        "-p", "no:cacheprovider", "test_limits.py"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert "LIMITS 300 60" in r.stdout
