@@ -355,12 +355,16 @@ watch() {
   done
   wait "$pid" 2>/dev/null || true
 }
+QPID=""
+stop_qemu() { [ -z "$QPID" ] || kill "$QPID" 2>/dev/null || true; }
+trap stop_qemu EXIT  # (a background QEMU ignores the terminal's Ctrl-C)
+trap 'stop_qemu; exit 130' INT TERM
 attempt=0
 HISTORY=""
 rm -f "$OUT/retry" "$OUT/done.list" "$OUT/current" "$OUT/alive" "$LOG.hang" "$LOG.1"
 while :; do
   attempt=$((attempt + 1))
-  rm -f "$OUT/rc" "$OUT/started" "$OUT/alive" "$MON" "$CACHE/qemu.pid"
+  rm -f "$OUT/rc" "$OUT/started" "$OUT/alive" "$OUT/current" "$MON" "$CACHE/qemu.pid"
   say "booting the outer guest ($KVER-amd64, -cpu $CPU -smp 1, ${MEM} MiB, TCG; silence limit ${SILENCE}s, timeout ${TIMEOUT}s, attempt $attempt$([ -e "$OUT/retry" ] && echo ": the tests left")); console log: $LOG"
   set +e
   "${QEMU[@]}" -monitor "unix:$MON,server=on,wait=off" -pidfile "$CACHE/qemu.pid" \
@@ -371,6 +375,7 @@ while :; do
   WHY=""
   [ -n "$QPID" ] && watch "$QPID"
   wait
+  QPID=""
   set -e
   [ "$attempt" -gt 1 ] || [ -s "$OUT/rc" ] || cp "$LOG" "$LOG.1"  # the frozen boot's console
   if [ -s "$OUT/rc" ]; then
