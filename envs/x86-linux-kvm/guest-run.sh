@@ -2,6 +2,14 @@
 # Runs in the outer guest, chrooted in the outer root: pytest (or benchmarks/boot.py) from the
 # snapshot of the checkout, with the venv that holds the editable installs; writes the exit
 # status to /opt/kvmfw-out/rc, which run.sh turns into its own.
+#
+# Bounds (none assumes an idle host): the outer guest's speed is measured first (a fixed
+# Python loop against its time in a lightly loaded outer guest: KVMFW_L1_SPEED, at least 1)
+# and scales the per-test limit (KVMFW_TEST_TIMEOUT, 300 s x speed; pytest_watchdog.py
+# enforces it and says which test) and each Linux boot's limit (KVMFW_LINUX_TIMEOUT, 60 s x
+# speed); either can be given on the host instead. A heartbeat (/opt/kvmfw-out/alive: uptime and the test running,
+# every 10 s) lets run.sh tell a frozen outer guest from a slow test. After a frozen boot,
+# run.sh boots again with /opt/kvmfw-out/retry: only the tests not in done.list run.
 export PATH=/opt/kvmfw-venv/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export HOME=/tmp USER=root LOGNAME=root LANG=C.UTF-8 TERM=dumb PYTHONDONTWRITEBYTECODE=1
 # what the Linux tests look for (tests/linux/conftest.py)
@@ -10,27 +18,53 @@ OUT=/opt/kvmfw-out
 # shellcheck disable=SC1091
 [ -f $OUT/env ] && . $OUT/env
 rc=3
-finish() { echo "$rc" > $OUT/rc; sync; }
+up() { cut -d' ' -f1 /proc/uptime; }
+# (fsynced: the share is 9p with cache=loose, whose writes the host sees only at writeback)
+( while :; do echo "$(up) $(cat $OUT/current 2>/dev/null)" > $OUT/alive.tmp &&
+    sync $OUT/alive.tmp && mv $OUT/alive.tmp $OUT/alive; sleep 10; done ) &
+HEARTBEAT=$!
+finish() { kill $HEARTBEAT 2>/dev/null; echo "$rc" > $OUT/rc; sync; }
 trap finish EXIT
 touch $OUT/started
 cd /opt/kvmfw-src || exit
 mode=$(cat $OUT/mode)
 set --
 while IFS= read -r a; do set -- "$@" "$a"; done < $OUT/args
-up() { cut -d' ' -f1 /proc/uptime; }
 echo "KVMFW_L1 $mode in $(python3 -c 'import sys; print(sys.prefix, sys.version.split()[0])') /dev/kvm: $(ls -l /dev/kvm 2>&1) uptime=$(up)"
+# The outer guest's speed and the limits it gives (pytest_watchdog.measure_speed; each pytest
+# session measures again and raises the limits derived here if the machine got slower).
+set -- $(python3 /opt/kvmfw-src/envs/x86-linux-kvm/pytest_watchdog.py --bounds 2>/dev/null || echo 1 - 300 60) "$@"
+export KVMFW_L1_SPEED=$1 KVMFW_L1_OUT=$OUT KVMFW_L1_DERIVED=""
+CALIBRATION=$2
+[ -n "${KVMFW_TEST_TIMEOUT:-}" ] || { KVMFW_TEST_TIMEOUT=$3; KVMFW_L1_DERIVED=test; }
+[ -n "${KVMFW_LINUX_TIMEOUT:-}" ] || { KVMFW_LINUX_TIMEOUT=$4; KVMFW_L1_DERIVED="$KVMFW_L1_DERIVED,linux"; }
+export KVMFW_TEST_TIMEOUT KVMFW_LINUX_TIMEOUT
+shift 4
+if [ -e $OUT/retry ]; then export KVMFW_L1_RETRY=1; else : > $OUT/done.list; fi
+echo "KVMFW_L1 speed x$KVMFW_L1_SPEED (calibration loop ${CALIBRATION}s): per-test limit ${KVMFW_TEST_TIMEOUT}s, Linux boot limit ${KVMFW_LINUX_TIMEOUT}s$([ -e $OUT/retry ] && echo ", retry of the tests left ($(wc -l < $OUT/done.list) done)")"
+export PYTHONPATH=/opt/kvmfw-src/envs/x86-linux-kvm${PYTHONPATH:+:$PYTHONPATH}
 # one pytest session per group of arguments; groups are separated by ":::" (test trees with
 # same-named conftest modules cannot share a session). rc: the first non-zero one.
 run_group() {
   echo "KVMFW_L1 pytest $* uptime=$(up)"
-  { pytest -p no:cacheprovider -rs --durations=10 "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 \
+  n0=$(wc -l < $OUT/done.list)
+  { pytest -p no:cacheprovider -p pytest_watchdog -rs --durations=10 "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 \
     | tee -a $OUT/pytest.log
   g=$(cat /tmp/kvmfw-rc 2>/dev/null || echo 3)
+  stuck=$(tail -n +$((n0 + 1)) $OUT/done.list | grep '^stuck' | cut -f2)
+  if [ -n "$stuck" ]; then
+    # a test that no signal could end took its session down: run what it left, once
+    echo "KVMFW_L1 session ended by a stuck test ($stuck): running the rest of it"
+    { KVMFW_L1_RETRY=1 pytest -p no:cacheprovider -p pytest_watchdog -rs --durations=10 "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 \
+      | tee -a $OUT/pytest.log
+    g=$(cat /tmp/kvmfw-rc 2>/dev/null || echo 3)
+    [ "$g" = 0 ] && g=1  # the stuck test failed
+  fi
   [ "$rc" = 0 ] && rc=$g
 }
 case "$mode" in
   pytest)
-    : > $OUT/pytest.log
+    [ -e $OUT/retry ] || : > $OUT/pytest.log  # (a retry adds to the first boot's log)
     rc=0
     group=""
     set -- "$@" ":::"

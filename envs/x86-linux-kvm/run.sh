@@ -29,16 +29,26 @@
 # checkout's .cache/ also works, that is git-ignored). Needs root (apt-get, debootstrap, chroot,
 # 9p with security_model=none), as CI has.
 #
-# Knobs: KVMFW_X86_CACHE, KVMFW_X86_TIMEOUT (s per outer boot, 900), KVMFW_X86_CPU (EPYC),
+# Hangs, either way (see envs/x86-linux-kvm/README.md): inside, every test has a limit scaled
+# by the measured speed of the outer guest (pytest_watchdog.py says which test overran); here,
+# a frozen outer guest is told by silence (no console output and no heartbeat for
+# KVMFW_X86_SILENCE s): its registers are dumped, it is killed, and the tests it had not
+# finished run once more in a fresh boot. The log says which of these happened.
+#
+# Knobs: KVMFW_X86_CACHE, KVMFW_X86_TIMEOUT (s per outer boot, a last resort: 2400),
+#   KVMFW_X86_SILENCE (s without console output or heartbeat = frozen, 180), KVMFW_X86_CPU (EPYC),
 #   KVMFW_X86_SNAPSHOT=REV (test commit REV, e.g. HEAD, instead of the work tree as it is),
-#   KVMFW_X86_MEM (MiB, 2048), KVMFW_LINUX_* / KVMFW_BENCH_* (passed to the tests inside, e.g.
-#   KVMFW_LINUX_VMMS=qemu), KVMFW_X86_RETRIES (1: one retry when a boot hangs or dies
-#   before reporting), KVMFW_X86_REBUILD=1 (rebuild the root file system).
+#   KVMFW_X86_MEM (MiB, 2048), KVMFW_LINUX_* / KVMFW_BENCH_* / KVMFW_TEST_* (passed to the
+#   tests inside, e.g. KVMFW_LINUX_VMMS=qemu, KVMFW_TEST_TIMEOUT=600), KVMFW_X86_RETRIES (1:
+#   one more boot when a boot freezes or dies before reporting), KVMFW_X86_REBUILD=1 (rebuild
+#   the root file system), KVMFW_X86_FAULT_FREEZE=TEXT (self-test: pause the outer guest, as
+#   a freeze would, once the running test's id contains TEXT; first boot only).
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${KVMFW_X86_CACHE:-${HOME:-/root}/.cache/kvmfw/x86-linux-kvm}
-TIMEOUT=${KVMFW_X86_TIMEOUT:-900}
+TIMEOUT=${KVMFW_X86_TIMEOUT:-2400}
+SILENCE=${KVMFW_X86_SILENCE:-180}
 CPU=${KVMFW_X86_CPU:-EPYC}
 MEM=${KVMFW_X86_MEM:-2048}
 RETRIES=${KVMFW_X86_RETRIES:-1}
@@ -282,8 +292,8 @@ step boot
 OUT=$ROOT/opt/kvmfw-out
 mkdir -p "$OUT"
 printf '%s\n' "$MODE" > "$OUT/mode"
-# KVMFW_LINUX_* and KVMFW_BENCH_* variables go through to the tests / benchmark inside
-env | grep -E '^KVMFW_(LINUX|BENCH)_[A-Z0-9_]*=' | sed "s/'/'\\\\''/g; s/=\(.*\)/='\1'/; s/^/export /" > "$OUT/env" || true
+# KVMFW_LINUX_*, KVMFW_BENCH_* and KVMFW_TEST_* variables go through to the tests / benchmark inside
+env | grep -E '^KVMFW_(LINUX|BENCH|TEST)_[A-Z0-9_]*=' | sed "s/'/'\\\\''/g; s/=\(.*\)/='\1'/; s/^/export /" > "$OUT/env" || true
 if [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/args"; elif [ "$MODE" = pytest ]; then echo tests > "$OUT/args"; else : > "$OUT/args"; fi
 LOG=$CACHE/logs/console.log
 APPEND="console=ttyS0 panic=-1 quiet loglevel=3"
@@ -294,28 +304,109 @@ if [ "$MODE" = shell ]; then
   say "interactive outer guest (poweroff -f or Ctrl-A x to leave)"
   exec "${QEMU[@]}" -append "$APPEND kvmfw.shell"
 fi
+MON=$CACHE/monitor.sock
+monitor() { # monitor CMD...: HMP commands to the running QEMU, their output on stdout
+  python3 - "$MON" "$@" <<'EOF' 2>&1 || true
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.settimeout(0.5); s.connect(sys.argv[1])
+def read(limit=3.0):
+    out, t0 = b"", time.monotonic()
+    while time.monotonic() - t0 < limit and not out.rstrip().endswith(b"(qemu)"):
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            continue
+        if not d:
+            break
+        out += d
+    return out.decode(errors="replace")
+read()
+for c in sys.argv[2:]:
+    s.sendall(c.encode() + b"\n")
+    print(f"(qemu) {c}\n{read().rsplit('(qemu)', 1)[0].split(chr(10), 1)[-1]}", end="")
+EOF
+}
+# watch PID: wait for the outer guest's QEMU; kill it when it is silent (no console output
+# and no heartbeat) for $SILENCE s or runs longer than $TIMEOUT s. Sets WHY ("" if it ended).
+watch() {
+  local pid=$1 t0 now last_change sig last_sig="" frozen=0
+  t0=$(date +%s); last_change=$t0; WHY=""
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 5
+    now=$(date +%s)
+    sig="$(stat -c %s "$LOG" 2>/dev/null) $(cat "$OUT/alive" 2>/dev/null)"
+    if [ "$sig" != "$last_sig" ]; then last_sig=$sig; last_change=$now; fi
+    if [ -n "${KVMFW_X86_FAULT_FREEZE:-}" ] && [ "$attempt" = 1 ] && [ "$frozen" = 0 ] \
+        && grep -qF -- "$KVMFW_X86_FAULT_FREEZE" "$OUT/current" 2>/dev/null; then
+      say "self-test: pausing the outer guest during $(cat "$OUT/current") (KVMFW_X86_FAULT_FREEZE)"
+      monitor stop > /dev/null; frozen=1
+    fi
+    if [ $(( now - last_change )) -ge "$SILENCE" ]; then
+      WHY="froze: no console output and no heartbeat for ${SILENCE}s (KVMFW_X86_SILENCE)"
+    elif [ $(( now - t0 )) -ge "$TIMEOUT" ]; then
+      WHY="did not finish within ${TIMEOUT}s (KVMFW_X86_TIMEOUT)"
+    else
+      continue
+    fi
+    { echo "=== run.sh: the outer guest $WHY; its CPU state:"; monitor "info registers" "x/4i \$pc"; } \
+      >> "$LOG.hang"
+    kill "$pid" 2>/dev/null; sleep 2; kill -9 "$pid" 2>/dev/null
+    break
+  done
+  wait "$pid" 2>/dev/null || true
+}
+QPID=""
+stop_qemu() { [ -z "$QPID" ] || kill "$QPID" 2>/dev/null || true; }
+trap stop_qemu EXIT  # (a background QEMU ignores the terminal's Ctrl-C)
+trap 'stop_qemu; exit 130' INT TERM
 attempt=0
+HISTORY=""
+rm -f "$OUT/retry" "$OUT/done.list" "$OUT/current" "$OUT/alive" "$LOG.hang" "$LOG.1"
 while :; do
   attempt=$((attempt + 1))
-  rm -f "$OUT/rc" "$OUT/started"
-  say "booting the outer guest ($KVER-amd64, -cpu $CPU -smp 1, ${MEM} MiB, TCG; timeout ${TIMEOUT}s, attempt $attempt); console log: $LOG"
+  rm -f "$OUT/rc" "$OUT/started" "$OUT/alive" "$OUT/current" "$MON" "$CACHE/qemu.pid"
+  say "booting the outer guest ($KVER-amd64, -cpu $CPU -smp 1, ${MEM} MiB, TCG; silence limit ${SILENCE}s, timeout ${TIMEOUT}s, attempt $attempt$([ -e "$OUT/retry" ] && echo ": the tests left")); console log: $LOG"
   set +e
-  timeout --kill-after=10 "$TIMEOUT" "${QEMU[@]}" -monitor none -serial stdio -append "$APPEND" \
-      < /dev/null 2>&1 | tee "$LOG" | grep --line-buffered -v -E "^\[ *[0-9]+\.[0-9]+\]|TCG doesn't support requested feature"
-  QRC=${PIPESTATUS[0]}
+  "${QEMU[@]}" -monitor "unix:$MON,server=on,wait=off" -pidfile "$CACHE/qemu.pid" \
+      -serial stdio -append "$APPEND" < /dev/null 2>&1 \
+    | tee "$LOG" | grep --line-buffered -v -E "^\[ *[0-9]+\.[0-9]+\]|TCG doesn't support requested feature" &
+  i=0; while [ ! -s "$CACHE/qemu.pid" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  QPID=$(cat "$CACHE/qemu.pid" 2>/dev/null || true)
+  WHY=""
+  [ -n "$QPID" ] && watch "$QPID"
+  wait
+  QPID=""
   set -e
-  [ -s "$OUT/rc" ] && break
-  if [ "$QRC" = 124 ] || [ "$QRC" = 137 ]; then why="did not finish within ${TIMEOUT}s"; else why="exited $QRC without a result"; fi
-  if [ -e "$OUT/started" ] || [ "$attempt" -gt "$RETRIES" ]; then
-    # a run that started its tests and then hung is reported, not retried
-    grep -q KVMFW_L1_INIT "$LOG" || die "the outer kernel did not reach /init: qemu $why; console log: $LOG"
-    grep -q 'KVMFW_L1_KVM ok' "$LOG" || die "no /dev/kvm in the outer guest (kvm_amd did not load: no SVM in -cpu $CPU?); console log: $LOG"
-    die "the outer guest $why (tests started: $([ -e "$OUT/started" ] && echo yes || echo no)); console log: $LOG"
+  [ "$attempt" -gt 1 ] || [ -s "$OUT/rc" ] || cp "$LOG" "$LOG.1"  # the frozen boot's console
+  if [ -s "$OUT/rc" ]; then
+    HISTORY="$HISTORY attempt $attempt: finished."
+    break
   fi
-  say "the outer guest $why before its tests started: retrying once (known rare TCG hang)"
+  [ -n "$WHY" ] || WHY="exited without a result"
+  if [ -e "$OUT/started" ]; then
+    doing=$(cat "$OUT/current" 2>/dev/null || echo "before its first test")
+    ndone=$(wc -l < "$OUT/done.list" 2>/dev/null || echo 0)
+    what="the outer guest $WHY during $doing, after $ndone tests"
+  else
+    what="the outer guest $WHY before its tests started"
+  fi
+  HISTORY="$HISTORY attempt $attempt: $what."
+  if [ "$attempt" -gt "$RETRIES" ]; then
+    grep -q KVMFW_L1_INIT "$LOG" || die "the outer kernel did not reach /init: qemu $WHY; console log: $LOG"
+    grep -q 'KVMFW_L1_KVM ok' "$LOG" || die "no /dev/kvm in the outer guest (kvm_amd did not load: no SVM in -cpu $CPU?); console log: $LOG"
+    die "$what; no retries left. Boots:$HISTORY Console log: $LOG$([ -s "$LOG.hang" ] && echo ", CPU state at the hang: $LOG.hang")"
+  fi
+  if [ -e "$OUT/started" ] && [ "$MODE" = pytest ]; then
+    touch "$OUT/retry"
+    say "$what: the outer guest failed, not a test (each test has its own limit inside it); retrying the tests left in a fresh boot$([ -s "$LOG.hang" ] && echo " (CPU state at the hang: $LOG.hang)")"
+  else
+    rm -f "$OUT/retry"
+    say "$what: retrying once (known rare TCG hang)"
+  fi
 done
 step done
 RC=$(cat "$OUT/rc")
 say "timings:$TIMINGS total=$(( $(date +%s) - T0 ))s"
+[ "$attempt" -gt 1 ] && say "boots:$HISTORY"
 say "$MODE inside the outer guest exited $RC"
 exit "$RC"

@@ -126,6 +126,36 @@ class Result:
             "\n".join(lines[-n:])
 
 
+KILL_GRACE = 30.0
+"""Seconds a SIGKILLed VMM may take to be reaped before the test gives up on it (a process
+stuck in the kernel, e.g. in a KVM ioctl, cannot die): the test fails, it does not hang."""
+
+
+def _reap(pid: int, grace: float = KILL_GRACE) -> tuple[int | None, int]:
+    """SIGKILL pid and reap it within ``grace`` s; (None, peak RSS KiB or 0)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        wpid, _, ru = os.wait4(pid, os.WNOHANG)
+        if wpid == pid:
+            return None, ru.ru_maxrss
+        time.sleep(0.05)
+    raise RuntimeError(f"the VMM (pid {pid}) did not die within {grace:g} s of SIGKILL: it is "
+                       f"stuck in the kernel (state {_proc_state(pid)})")
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        wchan = open(f"/proc/{pid}/wchan").read().strip()
+    except OSError:
+        return "?"
+    return f"{stat.rsplit(')', 1)[1].split()[0]}, wchan {wchan or '-'}"
+
+
 def _wait(pid: int, deadline: float) -> tuple[int | None, int]:
     """Wait for pid until deadline (kill it then); (exit status or None, peak RSS KiB)."""
     while True:
@@ -133,9 +163,7 @@ def _wait(pid: int, deadline: float) -> tuple[int | None, int]:
         if wpid == pid:
             return os.waitstatus_to_exitcode(status), ru.ru_maxrss
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            _, status, ru = os.wait4(pid, 0)
-            return None, ru.ru_maxrss
+            return _reap(pid)
         time.sleep(0.01)
 
 
@@ -258,9 +286,8 @@ class Interactive:
 
     def close(self) -> None:
         try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
+            _reap(self.pid)
+        except ChildProcessError:  # already reaped by wait()
             pass
         try:
             os.close(self.fd)

@@ -13,8 +13,11 @@ from linuxguest import BASE_CMDLINE, FLAVORS, Boot, Interactive, make_ext4, run
 # The VMMs under test: kvmfw, and QEMU/KVM -M pc as the reference that proves the guest
 # images and the environment. KVMFW_LINUX_VMMS=kvmfw (or qemu) narrows the set.
 VMMS = os.environ.get("KVMFW_LINUX_VMMS", "kvmfw,qemu").split(",")
-# A boot takes 5-15 s here; a hung guest fails after this many seconds.
+# A boot takes 5-15 s on a quiet host; a hung guest fails after this many seconds (the
+# nested environment scales it by the measured speed of the outer guest).
 TIMEOUT = float(os.environ.get("KVMFW_LINUX_TIMEOUT", "60"))
+STEP = TIMEOUT / 2
+"""Limit of one interactive step (a command's output, the exit after Ctrl-A x)."""
 # The other tests leave through `reboot -f` (reboot=k: the i8042 reset line).
 CMDLINE = f"{BASE_CMDLINE} kvmfw.exit=reboot"
 
@@ -64,10 +67,10 @@ def test_interactive_console_on_a_pseudo_terminal(vmm: str) -> None:
     try:
         s.expect(rb"kvmfw# ", timeout=TIMEOUT)
         s.send(b"echo h''i\r")  # the echoed command line does not contain "hi" itself
-        s.expect(rb"\nhi\r*\n", timeout=30)
-        s.expect(rb"kvmfw# ", timeout=30)
+        s.expect(rb"\nhi\r*\n", timeout=STEP)
+        s.expect(rb"kvmfw# ", timeout=STEP)
         s.send(b"\x01x")  # Ctrl-A x, as QEMU
-        rc = s.wait(timeout=30)
+        rc = s.wait(timeout=STEP)
         assert rc is not None, "the VMM did not quit on Ctrl-A x"
         assert rc == 0, f"exit status {rc} after Ctrl-A x"
     finally:

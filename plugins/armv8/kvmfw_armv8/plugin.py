@@ -11,9 +11,14 @@ requested features; secondaries start powered off) and ``create_thread_context``
 devices -> ``machine_created`` (vGIC ``CTRL_INIT`` once every vCPU exists, then the
 PMU's interrupt and init) -> ``load_guest``.
 
-PSCI is handled by the kernel. A secondary vCPU stays idle in kvmfw until the kernel
-reports it runnable (``KVM_GET_MP_STATE`` after a CPU_ON), checked after each run;
-SYSTEM_OFF and SYSTEM_RESET arrive as ``KVM_EXIT_SYSTEM_EVENT`` and end the run in the core.
+PSCI is handled by the kernel, which tells userspace nothing about a CPU_ON. A secondary
+vCPU stays idle in kvmfw until the kernel reports it runnable: a bring-up event polls
+``KVM_GET_MP_STATE`` of the secondaries still waiting, under the machine lock, every 1 ms
+after a start or a bring-up and backing off to every 64 ms while nothing changes, and only
+while some vCPU runs (one that could issue the CPU_ON). A vCPU that later does CPU_OFF
+sleeps inside ``KVM_RUN`` until the kernel wakes it for the next CPU_ON, as QEMU's vCPU
+threads do. SYSTEM_OFF and SYSTEM_RESET arrive as ``KVM_EXIT_SYSTEM_EVENT`` and end the
+run in the core.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from kvmfw.abi import IOCTLS, address_of, ffi, ioctl
 from kvmfw.device import CallbackIrqLine, IrqLine
 from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
+from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
 from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs
 from kvmfw_armv8.context import ArmV8Context, Group
@@ -38,7 +44,12 @@ if TYPE_CHECKING:
 
 __all__ = ["KVMFW_PLUGIN_API", "ArmFeatureError", "ArmBoard", "ArmCpuState", "board_of"]
 
-_EXIT_INTR = 10  # KVM_EXIT_INTR
+BRING_UP_POLL_TICKS = 1_000_000_000
+"""First interval (1 ms) of the bring-up poll, after a start or a bring-up."""
+BRING_UP_POLL_MAX_TICKS = 64_000_000_000
+"""Longest interval (64 ms) of the bring-up poll while no secondary comes up."""
+DRAIN_SLICE_TICKS = 1_000_000_000
+"""How long (1 ms) one drain step lets KVM run a vCPU to deliver a pending SError."""
 
 
 class ArmFeatureError(KvmfwError):
@@ -87,7 +98,13 @@ class ArmBoard:
     layout2: bool = False
     cpus: dict[int, ArmCpuState] = field(default_factory=dict)
     waiting: list[KvmCPU] = field(default_factory=list)
-    """Secondary vCPUs powered off in KVM, activated when PSCI CPU_ON makes them runnable."""
+    """Secondary vCPUs powered off in KVM, activated when PSCI CPU_ON makes them runnable
+    (changed only under the machine lock)."""
+    bring_up: Event | None = None
+    """The event that polls the waiting vCPUs' MP state (scheduled while some wait)."""
+    poll_interval: int = BRING_UP_POLL_TICKS
+    mp_state_polls: int = 0
+    """``KVM_GET_MP_STATE`` calls made for bring-up (bounded by the poll's rate)."""
     dtb_addr: int | None = None
     dtb: bytes = b""
     initrd: tuple[int, int] | None = None
@@ -229,6 +246,9 @@ def vcpu_init(cpu: KvmCPU) -> None:
 def machine_created(machine: Machine) -> None:
     """vGIC ``CTRL_INIT`` (needs every vCPU) and the PMU's interrupt per vCPU."""
     b = board_of(machine)
+    if b.waiting:
+        with machine.lock:
+            _schedule_bring_up(machine, b, BRING_UP_POLL_TICKS)
     if b.vgic is not None and not b.vgic_ready:
         b.vgic.set_attr(abi.KVM_DEV_ARM_VGIC_GRP_CTRL, abi.KVM_DEV_ARM_VGIC_CTRL_INIT)
         b.vgic_ready = True
@@ -288,17 +308,49 @@ def irq_line(machine: Machine, number: int) -> IrqLine:
 
 @hookimpl
 def post_run(cpu: KvmCPU, exit_reason: int) -> None:
-    """Bring up secondaries that PSCI CPU_ON made runnable; park ones that did CPU_OFF."""
+    """Restart the bring-up poll if it stopped (every vCPU was idle) and one still waits.
+    No ioctl here: the poll runs as an event, rate-limited, under the machine lock."""
     b = board_of(cpu.machine)
-    if b.waiting:
+    if b.waiting and b.bring_up is not None and not b.bring_up.scheduled:
+        with cpu.machine.lock:
+            _schedule_bring_up(cpu.machine, b, BRING_UP_POLL_TICKS)
+
+
+def _schedule_bring_up(machine: Machine, b: ArmBoard, interval: int) -> None:
+    """(Re)schedule the bring-up poll ``interval`` ticks from now (machine lock held)."""
+    b.poll_interval = interval
+    if b.bring_up is None:
+        ref = weakref.ref(machine)  # the board must not keep its machine alive
+
+        def poll() -> None:
+            m = ref()
+            if m is not None:
+                bring_up_runnable(m)
+
+        b.bring_up = Event(poll, "armv8.psci-bring-up")
+    eq = machine.eventq
+    if b.bring_up.scheduled:
+        eq.reschedule(b.bring_up, eq.cur_tick + interval)
+    else:
+        eq.schedule(b.bring_up, eq.cur_tick + interval)
+
+
+def bring_up_runnable(machine: Machine) -> int:
+    """Activate the waiting secondaries that PSCI CPU_ON made runnable; reschedule the poll
+    while some still wait and some vCPU runs. Returns how many came up."""
+    b = board_of(machine)
+    with machine.lock:
+        started = 0
         for other in list(b.waiting):
-            if other is not cpu and mp_state(other) == abi.KVM_MP_STATE_RUNNABLE:
+            b.mp_state_polls += 1
+            if mp_state(other) == abi.KVM_MP_STATE_RUNNABLE:
                 b.waiting.remove(other)
                 other.activate()
-    if exit_reason == _EXIT_INTR and cpu.id != 0 and cpu not in b.waiting \
-            and mp_state(cpu) == abi.KVM_MP_STATE_STOPPED:
-        b.waiting.append(cpu)
-        cpu.suspend()
+                started += 1
+        if b.waiting and any(c.status.value != "Idle" for c in machine.cpus):
+            _schedule_bring_up(machine, b, BRING_UP_POLL_TICKS if started
+                               else min(b.poll_interval * 2, BRING_UP_POLL_MAX_TICKS))
+        return started
 
 
 def mp_state(cpu: KvmCPU) -> int:
@@ -327,6 +379,18 @@ def arch_is_drained(cpu: KvmCPU) -> bool:
         return True
     raw = bytes(ffi.buffer(buf))
     return not (raw[0] or raw[2])  # serror_pending, ext_dabt_pending
+
+
+@hookimpl
+def kvm_run_drain(cpu: KvmCPU) -> bool:
+    """Let KVM run the vCPU for up to 1 ms: a pending SError or external abort is taken on
+    entry (once the guest unmasks it), which is what ``arch_is_drained`` waits for. The exit
+    is left for the next drain step to service. A powered-off secondary is not entered (KVM
+    would only sleep in it until CPU_ON): drain then reports it as not drained."""
+    if cpu in board_of(cpu.machine).waiting:
+        return True
+    cpu.run_slice(DRAIN_SLICE_TICKS)
+    return True
 
 
 # --- thread context -----------------------------------------------------------------------

@@ -186,6 +186,32 @@ def test_psci_cpu_on_brings_up_a_second_vcpu(build: Any) -> None:
     assert dev.value(0x30) == 0  # PSCI_SUCCESS
     assert (dev.value(0x40) or 0) & 0xFFFFFF == 1
     assert dev.value(0x48) == 0xBEEF
+    from kvmfw_armv8.plugin import BRING_UP_POLL_TICKS, board_of
+
+    b = board_of(m)
+    assert b.waiting == []
+    # the bring-up poll is an event at least 1 ms (simulated, = host time here) apart, not
+    # one KVM_GET_MP_STATE per exit
+    assert 1 <= b.mp_state_polls <= 1 + res.ticks // BRING_UP_POLL_TICKS
+
+
+def test_drain_delivers_a_pending_serror_through_kvm_run_drain(build: Any) -> None:
+    """``kvm_run_drain``: a pending SError keeps the vCPU undrained until KVM has run it
+    and delivered the SError (to the guest's vector, which reports its ESR)."""
+    from kvmfw.abi import IOC_WRITE, address_of, define_ioctl, ffi
+
+    m, dev = build()
+    ctx = start_at(m, "compute")
+    ctx.pstate = 0x3C5 & ~(1 << 8)  # EL1h, SErrors unmasked (PSTATE.A clear)
+    events = ffi.new("uint8_t[]", 64)  # struct kvm_vcpu_events: serror_pending = 1
+    events[0] = 1
+    set_events = define_ioctl("KVM_SET_VCPU_EVENTS", IOC_WRITE, 0xA0, 64)
+    cpu = m.cpus[0]
+    cpu.vcpu.ioctl(set_events, address_of(events), "serror_pending")
+    assert not cpu.is_drained()
+    m.drain(max_steps=50)
+    assert cpu.is_drained()
+    assert (dev.value(0x50) or 0) >> 26 == 0x2F  # ESR_EL1.EC: SError interrupt
 
 
 def test_system_off_ends_the_run_with_status_0(build: Any) -> None:

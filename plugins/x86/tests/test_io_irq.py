@@ -101,18 +101,33 @@ def test_userspace_timer_interrupt_wakes_halted_cpu_and_nmi(machine_factory) -> 
     assert cpu.stats.interrupts == 2 == st.interrupts.delivered_total
 
 
-def test_in_kernel_irqchip_and_pit(machine_factory) -> None:
-    """The guest programs the 8259 and a periodic PIT and halts until two ticks came. A
-    slow (e.g. nested) KVM can let more ticks in before its ``cli`` (KVM re-injects
-    missed PIT ticks), so: at least two, every one through the 8259 as vector 8."""
+@pytest.mark.parametrize("late_tick", [False, True],
+                         ids=["ticks-on-time", "a-tick-arrives-during-every-report"])
+def test_in_kernel_irqchip_and_pit(machine_factory, late_tick: bool) -> None:
+    """The guest programs the in-kernel 8259 and a periodic (~1 ms) PIT, halts until two
+    ticks came, and masks IRQ0 in the second tick's handler. Each tick's report is an exit
+    to userspace; where that exit outlasts the period (a busy or nested host), KVM
+    re-injects the missed ticks right after the handler's EOI, and a guest that kept IRQ0
+    unmasked was re-entered after every iret for as long as the backlog lasted (the
+    0.09-8.3 s run phases and the 10 s timeouts of issue 10, item 12). ``late_tick`` makes
+    that deterministic: every report raises IRQ0 once more, as a tick arriving during the
+    exit would. Either way the guest's behaviour ends the run: two ticks, four exits."""
     m, rep = machine_factory(irqchip="kernel")
     assert m.vm.irqchip_in_kernel
-    loaders.load(m, str(GUESTS / "irq.bin"), {"load_addr": 0x7C00})
-    m.cpus[0].get_context().rbx = 1  # program the 8259 and the PIT
-    r = m.run(timeout=10)
+    if late_tick:
+        report, irq0 = rep.write, m.irq(0)
+
+        def report_during_a_tick(offset: int, data: bytes) -> None:
+            if offset == 0 and len(rep.values) < 8:  # (bounded: an old guest would storm)
+                irq0.pulse()
+            report(offset, data)
+
+        rep.write = report_during_a_tick  # type: ignore[method-assign]
+    loaders.load(m, str(GUESTS / "pit.bin"), {"load_addr": 0x7C00})
+    r = m.run(timeout=120)  # a hang guard only: the guest ends the run after two ticks
     assert r.reason == "reporter: guest done"
-    *ticks, count = rep.values
-    assert count >= 2 and ticks == [0x08] * count
+    assert rep.values == [0x08, 0x08, 2]  # both ticks through the 8259 as vector 8
+    assert m.cpus[0].stats.io == 4  # two tick reports, the count, the end: no tick storm
 
 
 def test_drain_waits_for_pending_nmi(machine_factory) -> None:
