@@ -10,3 +10,4 @@ for g in real irq strio clihlt pit; do flat $g; done
 for g in bigreal; do low32 $g; done
 for g in prot32 multiboot smp reset s3 reboot_k; do elf32 $g; done
 for g in long64 sys64 user64 triple cpuid64 hw64 gdb64; do elf64 $g; done
+
