@@ -39,43 +39,29 @@ HOST_FACTOR_RANGE = (1e-6, 1e6)
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 """Pages per KVM memory slot (the kernel's ``KVM_MEM_MAX_NR_PAGES``)."""
 
-# --- what is known about the in-tree architectures ---------------------------------------
-
-ARCH_HOST = {"x86": ("x86_64", {"x86_64", "amd64"}), "armv8": ("arm64", {"aarch64", "arm64"})}
-"""Arch plugin name -> (host name for messages, ``platform.machine()`` values): KVM runs
-guests of the host's own architecture only."""
-
-ARCH_MAX_CPUS = {
-    "x86": (255, "x86 APIC ids in the MP table and the MADT are 8-bit and 0xff is the "
-                 "broadcast id"),
-}
-"""Architecture limits on vCPUs beyond KVM's (an arch plugin may set ``max_cpus``)."""
-
-ARCH_MIN_MEMORY = {
-    "x86": (MiB, "the x86 board keeps its MP and ACPI tables at 0xf0000-0xfffff"),
-}
-"""Least guest RAM each architecture's board needs (an arch plugin may set ``min_memory``)."""
+# --- what an architecture plugin declares ----------------------------------------------
+#
+# The core knows no ISA: an arch plugin object (or module) may publish, as attributes,
+#   machine_options  {name: None (free text) | tuple of accepted values | bool (on/off)}:
+#                    the ``--option`` names it and the devices of its boards read
+#   host_machines    the ``platform.machine()`` values of hosts whose KVM runs its guests
+#   max_cpus, max_cpus_why      a vCPU limit beyond KVM's, and why
+#   min_memory, min_memory_why  the least guest RAM its board needs, and why
+# Without ``machine_options`` any option name is passed through unchecked.
 
 BOOL_TRUE = ("1", "on", "true", "yes")
 BOOL_FALSE = ("0", "off", "false", "no")
 
-CORE_OPTIONS: dict[str, tuple[str, ...] | None] = {
-    # name -> accepted values (None: free text); the CLI fills most of these itself
+OptionSpec = tuple[str, ...] | type[bool] | None
+"""Accepted values of a machine option: free text (None), one of a tuple, or on/off (bool)."""
+
+CORE_OPTIONS: dict[str, OptionSpec] = {
+    # name -> accepted values; the CLI fills most of these itself
     "cmdline": None, "initrd": None, "load_addr": None,
-    "fw_cfg": None, "pseudo_op_dir": None, "reboot": BOOL_TRUE + BOOL_FALSE,
+    "fw_cfg": None, "pseudo_op_dir": None, "reboot": bool, "reboot_limit": None,
     "max_cpus": None,  # fw_cfg's FW_CFG_MAX_CPUS
 }
-ARCH_OPTIONS: dict[str, dict[str, tuple[str, ...] | None]] = {
-    "x86": {"irqchip": ("kernel", "userspace"), "acpi": ("auto", "on", "off") + BOOL_TRUE +
-            BOOL_FALSE, "cpuid": None, "x86_sync": ("lazy", "eager"),
-            "format": ("flat", "elf", "multiboot", "bzimage")},
-    "armv8": {"gic": ("v3", "v2", "auto", "none"), "arm_features": None,
-              "psci": BOOL_TRUE + BOOL_FALSE},
-}
-"""Machine options (``--option KEY=VALUE``) each in-tree arch plugin reads; an arch plugin
-may publish its own as a ``machine_options`` attribute (same shape)."""
-BOOL_OPTIONS = ("reboot", "psci")
-"""Options that are booleans: ``on``/``off`` text becomes True/False."""
+"""Options the core and every board read (``reboot``: :meth:`Machine.request_reset`)."""
 
 
 def _bool_text(key: str, value: str) -> bool:
@@ -225,14 +211,13 @@ def check_writable_file(path: str, key: str) -> None:
                           "(check its permissions or pick another path)")
 
 
-def known_options(arch: str | None, plugin: Any = None) -> dict[str, tuple[str, ...] | None]:
-    """The ``--option`` names that ``arch`` (and the devices) read, with accepted values;
-    empty when the arch is not one kvmfw knows and its plugin publishes none."""
+def known_options(arch: str | None, plugin: Any = None) -> dict[str, OptionSpec]:
+    """The ``--option`` names that ``arch`` (and its devices) read, with accepted values;
+    empty (nothing checked) when its plugin publishes no ``machine_options``."""
     declared = getattr(plugin, "machine_options", None) if plugin is not None else None
-    table = declared if isinstance(declared, dict) else ARCH_OPTIONS.get(arch or "")
-    if table is None:
+    if not isinstance(declared, dict):
         return {}
-    return {**CORE_OPTIONS, **table}
+    return {**CORE_OPTIONS, **declared}
 
 
 def parse_options(items: list[str], arch: str | None, plugin: Any = None) -> dict[str, Any]:
@@ -249,10 +234,13 @@ def parse_options(items: list[str], arch: str | None, plugin: Any = None) -> dic
         if known and key not in known:
             raise ConfigError(f"--option {key}: the {arch} architecture and its devices know "
                               f"no such option (known: {', '.join(sorted(known))})")
-        choices = known.get(key)
-        if choices is not None and value.lower() not in choices:
-            raise ConfigError(f"--option {key}={value}: choose one of {', '.join(choices)}")
-        out[key] = _bool_text(key, value) if key in BOOL_OPTIONS else value
+        spec = known.get(key, CORE_OPTIONS.get(key))
+        if spec is bool:
+            out[key] = _bool_text(key, value)
+            continue
+        if isinstance(spec, tuple) and value.lower() not in spec:
+            raise ConfigError(f"--option {key}={value}: choose one of {', '.join(spec)}")
+        out[key] = value
     return out
 
 
@@ -396,16 +384,17 @@ def host_ram() -> int | None:
     return None
 
 
-def check_arch_host(arch: str) -> None:
-    """KVM runs guests of the host's architecture only."""
-    known = ARCH_HOST.get(arch)
-    if known is None:
+def check_arch_host(arch: str, plugin: Any = None) -> None:
+    """KVM runs guests of the host's architecture only (the plugin's ``host_machines``)."""
+    hosts = getattr(plugin, "host_machines", None) if plugin is not None else None
+    if not hosts:
         return
     machine = platform.machine().lower()
-    if machine not in known[1]:
-        raise ConfigError(f"--arch {arch} needs an {known[0]} host: KVM only runs guests of "
+    if machine not in hosts:
+        want = hosts[0]
+        raise ConfigError(f"--arch {arch} needs an {want} host: KVM only runs guests of "
                           f"the host's own architecture and this host is {machine} (run it on "
-                          f"an {known[0]} machine, or leave --arch out)")
+                          f"an {want} machine, or leave --arch out)")
 
 
 def vcpu_limit(kvm: Any, arch: str, plugin: Any = None) -> tuple[int, str]:
@@ -414,11 +403,9 @@ def vcpu_limit(kvm: Any, arch: str, plugin: Any = None) -> tuple[int, str]:
     if kvm.max_vcpu_id < limit:
         limit, why = kvm.max_vcpu_id, "KVM_CAP_MAX_VCPU_ID of this kernel (vCPU ids 0..n-1)"
     arch_limit = getattr(plugin, "max_cpus", None) if plugin is not None else None
-    arch_why = f"the {arch} plugin's limit"
-    if not isinstance(arch_limit, int) and arch in ARCH_MAX_CPUS:
-        arch_limit, arch_why = ARCH_MAX_CPUS[arch]
     if isinstance(arch_limit, int) and arch_limit < limit:
-        limit, why = arch_limit, arch_why
+        limit = arch_limit
+        why = getattr(plugin, "max_cpus_why", None) or f"the {arch} plugin's limit"
     return limit, why
 
 
@@ -433,7 +420,7 @@ def check_host_factor(h: Any) -> None:
 
 def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> None:
     """Check a ``MachineConfig`` against this host and ``/dev/kvm`` (``kvm``, open)."""
-    check_arch_host(arch)
+    check_arch_host(arch, plugin)
     mem = cfg.memory
     if isinstance(mem, bool) or not isinstance(mem, int) or mem <= 0:
         raise ConfigError(f"--memory {mem!r}: guest RAM must be a positive size (e.g. 256M)")
@@ -441,9 +428,7 @@ def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> N
         raise ConfigError(f"--memory {mem} bytes is not a multiple of the {PAGE}-byte page "
                           f"(e.g. {format_size(mem - mem % PAGE or PAGE)})")
     least = getattr(plugin, "min_memory", None) if plugin is not None else None
-    least_why = f"the {arch} plugin's minimum"
-    if not isinstance(least, int) and arch in ARCH_MIN_MEMORY:
-        least, least_why = ARCH_MIN_MEMORY[arch]
+    least_why = getattr(plugin, "min_memory_why", None) or f"the {arch} plugin's minimum"
     if isinstance(least, int) and mem < least:
         raise ConfigError(f"--memory {format_size(mem)} is too little: give at least "
                           f"{format_size(least)} ({least_why})")

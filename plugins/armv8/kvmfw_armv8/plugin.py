@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = ["KVMFW_PLUGIN_API", "ArmFeatureError", "ArmBoard", "ArmCpuState", "board_of"]
 
+# What kvmfw.config checks before a machine is built (see its "declares" note).
+machine_options = {"gic": ("v3", "v2", "auto", "none"), "arm_features": None, "psci": bool}
+host_machines = ("arm64", "aarch64")  # the first names the host in messages
+
 BRING_UP_POLL_TICKS = 1_000_000_000
 """First interval (1 ms) of the bring-up poll, after a start or a bring-up."""
 BRING_UP_POLL_MAX_TICKS = 64_000_000_000

@@ -150,6 +150,20 @@ def readable_msrs(kvm_fd: int, vcpu: Any) -> list[int]:
 class X86Plugin:
     """Hook implementations for x86-64 (see the module docstring)."""
 
+    # What kvmfw.config checks before a machine is built (see its "declares" note).
+    machine_options = {
+        "irqchip": ("kernel", "userspace"),
+        "acpi": ("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
+        "cpuid": None, "x86_sync": ("lazy", "eager"),
+        "format": ("flat", "elf", "multiboot", "bzimage"),
+    }
+    host_machines = ("x86_64", "amd64")
+    max_cpus = 255
+    max_cpus_why = ("x86 APIC ids in the MP table and the MADT are 8-bit and 0xff is the "
+                    "broadcast id")
+    min_memory = 1 << 20
+    min_memory_why = "the x86 board keeps its MP and ACPI tables at 0xe0000-0xfffff"
+
     def __init__(self) -> None:
         self._machines: weakref.WeakKeyDictionary[Any, X86Machine] = weakref.WeakKeyDictionary()
 
