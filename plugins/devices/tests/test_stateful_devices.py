@@ -1,0 +1,505 @@
+"""Rule-based fuzzing of every device model except fw_cfg and virtio (issue 10).
+
+One hypothesis state machine per device drives it the way a hostile guest and an unlucky
+host could: accesses of every size (1-8 bytes, odd ones included) at every offset of its
+ranges, through a real :class:`~kvmfw.bus.Bus` and directly, interleaved with simulated
+time, host input, save/restore into a fresh device and reset. After every step:
+
+* nothing but a typed kvmfw error escapes (the bus wraps the rest: the cause is checked);
+* reads return exactly ``size`` bytes and the device never sees an offset outside its range;
+* every interrupt line's level is what the device state says, and no line is raised or
+  lowered twice in a row (a lost or doubled edge);
+* no list/bytearray/deque/dict inside the device grows past a fixed bound;
+* ``save()`` is plain JSON, restores into a fresh device that saves identically and answers
+  identically, and ``reset()`` gives the power-on state.
+
+Run ``pytest --hypothesis-show-statistics`` for the number of cases.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import deque
+from typing import Any, ClassVar
+
+from conftest import Harness, make_harness
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from kvmfw.bus import AddressSpace
+from kvmfw.device import Device
+from kvmfw.errors import DeviceError, KvmfwError
+
+from kvmfw_devices import acpi_pm as pm
+from kvmfw_devices import i8042 as kbd
+from kvmfw_devices import mc146818 as rtc
+from kvmfw_devices import pci_host as pci
+from kvmfw_devices import pl011 as pl
+from kvmfw_devices import pseudo_op as po
+from kvmfw_devices import uart16550 as u
+from kvmfw_devices.debug_exit import DebugExit
+
+SIZES = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8])
+VALUES = st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from([0, 0xFF, 0xFFFF_FFFF,
+                                                                     (1 << 64) - 1]),
+                   st.integers(0, 0xFF))
+TICKS = st.sampled_from([0, 1, 1000, 10**6, 10**8, 10**9, 10**10, 10**11])
+CONTAINER_LIMIT = 4096
+"""No guest-grown container may exceed this (or its power-on length, if larger)."""
+HOST_SIDE = {"host_queue"}
+"""Containers only the host fills (console input; bounded by the host, not the guest)."""
+
+FUZZ_SETTINGS = settings(max_examples=40, stateful_step_count=40, deadline=None,
+                         suppress_health_check=[HealthCheck.too_slow,
+                                                HealthCheck.filter_too_much])
+
+
+class Spy:
+    """Sits between the bus and a device: checks every access the bus hands over."""
+
+    def __init__(self, owner: DeviceMachine, size: int) -> None:
+        self.owner, self.size = owner, size
+
+    def read(self, offset: int, size: int) -> bytes:
+        assert 0 <= offset and offset + size <= self.size, (offset, size)
+        return self.owner.dev.read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert 0 <= offset and offset + len(data) <= self.size, (offset, len(data))
+        self.owner.dev.write(offset, data)
+
+
+def _containers(obj: Any, path: str, depth: int = 0) -> list[tuple[str, int]]:
+    """(path, len) of every container reachable from a device's attributes."""
+    out: list[tuple[str, int]] = []
+    items = vars(obj).items() if hasattr(obj, "__dict__") else ()
+    for name, value in items:
+        if name in ("ctx", "log", "params", "stats", "config", "output", "input") \
+                or name.startswith("__"):
+            continue
+        p = f"{path}.{name}"
+        if isinstance(value, list | bytearray | bytes | deque | dict | set | str):
+            out.append((p, len(value)))
+            if isinstance(value, dict) and depth < 2:
+                for k, v in value.items():
+                    if isinstance(v, list | bytearray | deque | dict):
+                        out.append((f"{p}[{k}]", len(v)))
+                    elif type(v).__module__.startswith("kvmfw_devices"):
+                        out += _containers(v, f"{p}[{k}]", depth + 1)
+        elif type(value).__module__.startswith("kvmfw_devices") and depth < 2:
+            out += _containers(value, p, depth + 1)
+    return out
+
+
+class DeviceMachine(RuleBasedStateMachine):
+    """The rules every device gets; subclasses name the device and its state-derived IRQs."""
+
+    cls: ClassVar[type[Device]]
+    params: ClassVar[dict[str, Any]] = {}
+    registers: ClassVar[list[int]] = [0]
+    """Offsets worth hitting often (the register map); the whole range is drawn too."""
+    base: ClassVar[int] = 0x1000
+    reset_ignores: ClassVar[tuple[str, ...]] = ()
+    """save() keys reset() keeps by design (e.g. the RTC's battery-backed time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h, self.dev = self.build()
+        self.range_size = self.dev.ranges()[0].size
+        self.bus = AddressSpace("mmio", unclaimed="ignore", limit=1 << 64)
+        self.bus.register(self.base, self.range_size, Spy(self, self.range_size), "dut")
+        self.bounds = {p: max(n, CONTAINER_LIMIT) for p, n in _containers(self.dev, "dev")}
+        self.typed_errors = 0
+        self.levels: dict[int, int] = {}
+        """The last level each IRQ line was driven to (to catch doubled edges)."""
+
+    # --- building -----------------------------------------------------------------------
+
+    def make_params(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def build(self, cur_tick: int = 0) -> tuple[Harness, Device]:
+        h = make_harness()
+        h.ctx.eventq.cur_tick = cur_tick
+        return h, self.cls(h.ctx, **self.make_params())
+
+    def teardown(self) -> None:
+        self.dev.close()
+        self.h.ctx.memory.close()
+
+    # --- what the device state says the lines are ------------------------------------------
+
+    def expected_irqs(self) -> dict[int, bool]:
+        return {}
+
+    # --- accesses -------------------------------------------------------------------------
+
+    def offsets(self) -> st.SearchStrategy[int]:
+        regs = [r for r in self.registers if r < self.range_size]
+        return st.one_of(st.sampled_from(regs), st.integers(0, self.range_size - 1),
+                         st.integers(0, min(self.range_size, 0x100) - 1))
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except DeviceError as exc:
+            # the bus wraps whatever a device raises: only typed errors are allowed inside
+            assert isinstance(exc.__cause__, KvmfwError | None), repr(exc.__cause__)
+            self.typed_errors += 1
+        except KvmfwError:
+            self.typed_errors += 1
+        return None
+
+    @rule(data=st.data(), size=SIZES, value=VALUES, via_bus=st.booleans())
+    def write(self, data: st.DataObject, size: int, value: int, via_bus: bool) -> None:
+        off = min(data.draw(self.offsets(), label="offset"), max(self.range_size - size, 0))
+        raw = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if via_bus:
+            self._call(self.bus.write, self.base + off, raw)
+        else:
+            self._call(self.dev.write, off, raw)
+
+    @rule(data=st.data(), size=SIZES, via_bus=st.booleans())
+    def read(self, data: st.DataObject, size: int, via_bus: bool) -> None:
+        off = min(data.draw(self.offsets(), label="offset"), max(self.range_size - size, 0))
+        got = self._call(self.bus.read, self.base + off, size) if via_bus else \
+            self._call(self.dev.read, off, size)
+        if got is not None:
+            assert isinstance(got, bytes) and len(got) == size, (off, size, got)
+
+    @rule(delta=st.integers(-16, 16), size=SIZES, value=VALUES)
+    def straddle_the_edges(self, delta: int, size: int, value: int) -> None:
+        """Accesses across either end of the range: the device must not see them."""
+        for edge in (self.base, self.base + self.range_size):
+            addr = edge + delta
+            self._call(self.bus.write, addr, bytes(size))
+            got = self._call(self.bus.read, addr, size)
+            assert got is None or len(got) == size
+
+    @rule(ticks=TICKS)
+    def advance(self, ticks: int) -> None:
+        eq = self.h.ctx.eventq
+        eq.cur_tick += ticks
+        self._call(eq.service_due)
+
+    @rule(n=st.integers(1, 4))
+    def next_events(self, n: int) -> None:
+        eq = self.h.ctx.eventq
+        for _ in range(n):
+            nt = eq.next_tick()
+            if nt is None or nt - eq.cur_tick > 5 * 10**12:
+                return
+            self._call(eq.service_one)
+
+    # --- state --------------------------------------------------------------------------------
+
+    @rule()
+    def save_restore_into_a_fresh_device(self) -> None:
+        saved = self.dev.save()
+        text = json.dumps(saved)
+        assert json.loads(text) == saved, "save() must be plain JSON data"
+        lines = {n: line.level for n, line in self.h.irqs.items()}
+        h, other = self.build(self.h.ctx.eventq.cur_tick)
+        other.restore(json.loads(text))
+        assert other.save() == saved
+        other.restore(json.loads(text))  # restoring twice changes nothing
+        assert other.save() == saved
+        for n, level in lines.items():
+            assert h.irq(n).level == level, f"IRQ {n} differs after restore"
+        self.dev.close()
+        self.h.ctx.memory.close()
+        self.h, self.dev = h, other
+        for n, line in h.irqs.items():
+            line.history.clear()  # restore may re-drive a line to its level: allowed
+            self.levels[n] = line.level
+
+    @rule()
+    def reset(self) -> None:
+        self.dev.reset()
+        _, fresh = self.build(self.h.ctx.eventq.cur_tick)
+        want, got = fresh.save(), self.dev.save()
+        for key in self.reset_ignores:
+            want.pop(key, None)
+            got.pop(key, None)
+        assert got == want, "reset() must give the power-on state"
+        fresh.close()
+
+    # --- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def irq_lines_follow_the_state(self) -> None:
+        for n, line in self.h.irqs.items():
+            last = self.levels.get(n, 0)
+            for level in line.history:
+                assert level != last, f"IRQ {n} driven to {level} twice in a row"
+                last = level
+            line.history.clear()
+            self.levels[n] = last
+        for n, level in self.expected_irqs().items():
+            assert self.h.irq(n).level == int(level), f"IRQ {n} is {self.h.irq(n).level}, " \
+                f"the state says {int(level)}"
+
+    @invariant()
+    def containers_stay_bounded(self) -> None:
+        for p, n in _containers(self.dev, "dev"):
+            if p.rsplit(".", 1)[-1] in HOST_SIDE:
+                continue
+            assert n <= self.bounds.get(p, CONTAINER_LIMIT), f"{p} grew to {n}"
+
+
+# --- the devices ---------------------------------------------------------------------------
+
+
+class Uart16550Machine(DeviceMachine):
+    cls = u.Uart16550
+    params = {"irq": 4, "output": "none", "input": "none"}
+    registers = list(range(8))
+
+    def expected_irqs(self) -> dict[int, bool]:
+        return {4: self.dev._interrupt_id() != u.IIR_NONE}  # type: ignore[attr-defined]
+
+    @rule(data=st.binary(max_size=40))
+    def host_types(self, data: bytes) -> None:
+        self.dev.enqueue(data)  # type: ignore[attr-defined]
+
+    @rule(n=st.integers(1, 200), value=st.integers(0, 255), mcr=st.integers(0, 0x1F),
+          fcr=st.integers(0, 0xFF))
+    def flood_thr(self, n: int, value: int, mcr: int, fcr: int) -> None:
+        """A guest hammering THR (in loopback or not) must not grow any buffer."""
+        dev = self.dev
+        dev.write(u.LCR, b"\x03")
+        dev.write(u.MCR, bytes((mcr,)))
+        dev.write(u.FCR, bytes((fcr,)))
+        for _ in range(n):
+            dev.write(u.THR, bytes((value,)))
+        assert len(dev.rx_fifo) <= u.FIFO_SIZE  # type: ignore[attr-defined]
+
+    @invariant()
+    def fifo_within_capacity(self) -> None:
+        dev: Any = self.dev
+        assert len(dev.rx_fifo) <= u.FIFO_SIZE
+        assert bool(dev.lsr & u.LSR_DR) == bool(dev.rx_fifo) or dev.lsr & u.LSR_DR == 0
+
+
+class RtcMachine(DeviceMachine):
+    cls = rtc.Mc146818
+    params = {"irq": 8, "clock": "fixed"}
+    registers = [0, 1]
+    reset_ignores = ("offset",)  # the time survives a reset, as on the battery-backed part
+
+    @rule(index=st.one_of(st.integers(0, 0xFF), st.sampled_from(
+        [rtc.REG_A, rtc.REG_B, rtc.REG_C, rtc.REG_D, rtc.REG_SECONDS, rtc.REG_HOURS,
+         rtc.REG_CENTURY, rtc.REG_YEAR])), value=st.integers(0, 0xFF), read_back=st.booleans())
+    def register_access(self, index: int, value: int, read_back: bool) -> None:
+        """An index/data pair, the way every guest drives the part."""
+        self.dev.write(0, bytes((index,)))
+        if read_back:
+            assert len(self.dev.read(1, 1)) == 1
+        else:
+            self.dev.write(1, bytes((value,)))
+
+    def expected_irqs(self) -> dict[int, bool]:
+        return {8: bool(self.dev.cmos[rtc.REG_C] & rtc.C_IRQF)}  # type: ignore[attr-defined]
+
+    @invariant()
+    def cmos_is_bytes(self) -> None:
+        cmos = self.dev.cmos  # type: ignore[attr-defined]
+        assert len(cmos) == rtc.CMOS_SIZE and all(0 <= v <= 0xFF for v in cmos)
+
+
+class I8042Machine(DeviceMachine):
+    cls = kbd.I8042
+    params = {"irq": 1, "aux_irq": 12}
+    registers = [0, 4]
+
+    def expected_irqs(self) -> dict[int, bool]:
+        dev: Any = self.dev
+        head = dev.obuf[0] if dev.obuf else None
+        return {1: head is not None and not head[1] and bool(dev.command_byte & kbd.CB_KBD_INT),
+                12: head is not None and head[1] and bool(dev.command_byte & kbd.CB_AUX_INT)}
+
+    @rule(cmd=st.one_of(st.integers(0, 0xFF), st.sampled_from(
+        [kbd.CMD_READ_CB, kbd.CMD_WRITE_CB, kbd.CMD_WRITE_KBD_OBUF, kbd.CMD_WRITE_AUX_OBUF,
+         kbd.CMD_WRITE_OUTPORT, kbd.CMD_SELF_TEST, kbd.CMD_RESET])),
+        arg=st.integers(0, 0xFF), n=st.integers(1, 40))
+    def command_flood(self, cmd: int, arg: int, n: int) -> None:
+        for _ in range(n):
+            self.dev.write(4, bytes((cmd,)))
+            self.dev.write(0, bytes((arg,)))
+        assert len(self.dev.obuf) <= kbd.OBUF_LIMIT  # type: ignore[attr-defined]
+
+
+class AcpiPmMachine(DeviceMachine):
+    cls = pm.AcpiPm
+    params = {"irq": 9, "clock": "fixed"}
+    registers = list(range(pm.RANGE_SIZE))
+
+    def expected_irqs(self) -> dict[int, bool]:
+        dev: Any = self.dev
+        return {9: bool(dev.sts & dev.en & pm.SCI_SOURCES)}
+
+    @rule()
+    def power_button(self) -> None:
+        self.dev.power_button()  # type: ignore[attr-defined]
+
+    @rule(size=st.sampled_from([1, 2, 4]))
+    def timer_reads_are_monotonic(self, size: int) -> None:
+        a = int.from_bytes(self.dev.read(pm.REG_TMR, 4), "little")
+        self.h.ctx.eventq.cur_tick += 10**6  # 1 us: 3.58 timer ticks
+        b = int.from_bytes(self.dev.read(pm.REG_TMR, 4), "little")
+        assert (b - a) & 0xFFFFFF in (3, 4)
+        assert len(self.dev.read(pm.REG_TMR, size)) == size
+
+
+class PciHostMachine(DeviceMachine):
+    cls = pci.PciHost
+    params = {"ecam": True, "testdev": True, "mmio_base": 0xC0000000, "mmio_size": 0x10000000}
+    base = 0xC0000000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cam = pci.ConfigMechanism1(self.dev)  # type: ignore[arg-type]
+
+    def offsets(self) -> st.SearchStrategy[int]:
+        dev: Any = self.dev
+        near: list[int] = [0, pci.ECAM_BUS_SIZE, 1 << 15, 1 << 12]
+        for f in dev.functions.values():
+            for i, bar in f.bars.items():
+                a = f.bar_address(i) - self.base
+                if 0 <= a < self.range_size:
+                    near += [a, a + bar.size - 1, a + bar.size]
+        near = [n for n in near if 0 <= n < self.range_size]
+        return st.one_of(st.sampled_from(near), st.integers(0, self.range_size - 1),
+                         st.integers(0, pci.ECAM_BUS_SIZE - 1),
+                         st.builds(lambda a, d: a + d, st.sampled_from(near),
+                                   st.integers(0, 0x40)).filter(lambda o: o < self.range_size))
+
+    cfg_offsets = st.one_of(st.integers(0, 0x1003), st.sampled_from(
+        [pci.CFG_COMMAND, pci.CFG_STATUS, pci.CFG_BAR0, pci.CFG_BAR0 + 8, pci.CFG_BAR0 + 12,
+         pci.CFG_INT_LINE, 0xFC, 0xFE, 0xFF, 0x100]))
+
+    @rule(bus=st.sampled_from([0, 0, 0, 1, 255]), dev=st.sampled_from([0, 1, 1, 2, 31]),
+          fn=st.sampled_from([0, 0, 1, 7]), offset=cfg_offsets, size=SIZES, value=VALUES,
+          is_write=st.booleans())
+    def config_access(self, bus: int, dev: int, fn: int, offset: int, size: int, value: int,
+                      is_write: bool) -> None:
+        host: Any = self.dev
+        if is_write:
+            host.config_write(bus, dev, fn, offset, size, value & ((1 << (8 * size)) - 1))
+        else:
+            got = host.config_read(bus, dev, fn, offset, size)
+            assert 0 <= got < 1 << (8 * size)
+
+    @rule(bar=st.sampled_from([0, 2]), where=st.integers(0, 0x0FFFFFFF),
+          high=st.sampled_from([0, 0, 1, 0xFFFFFFFF]), enable=st.booleans())
+    def program_bar(self, bar: int, where: int, high: int, enable: bool) -> None:
+        """Place the test device's BARs (in or out of the aperture) and toggle decoding."""
+        host: Any = self.dev
+        addr = (self.base + where) & 0xFFFFFFF0
+        host.config_write(0, 1, 0, pci.CFG_BAR0 + 4 * bar, 4, addr)
+        if bar == 2:
+            host.config_write(0, 1, 0, pci.CFG_BAR0 + 12, 4, high)
+        host.config_write(0, 1, 0, pci.CFG_COMMAND, 2, pci.CMD_MEM if enable else 0)
+
+    @rule(offset=st.integers(0, 7), size=SIZES, value=VALUES, is_write=st.booleans())
+    def mechanism1(self, offset: int, size: int, value: int, is_write: bool) -> None:
+        size = min(size, 8 - offset) or 1
+        if is_write:
+            self.cam.write(offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        else:
+            assert len(self.cam.read(offset, size)) == size
+
+    @rule()
+    def save_restore_into_a_fresh_device(self) -> None:
+        super().save_restore_into_a_fresh_device()
+        address = self.cam.address
+        self.cam = pci.ConfigMechanism1(self.dev)  # type: ignore[arg-type]
+        self.cam.address = address
+
+    @invariant()
+    def config_space_is_256_bytes(self) -> None:
+        for f in self.dev.functions.values():  # type: ignore[attr-defined]
+            assert len(f.config) == pci.CFG_SIZE
+
+
+class Pl011Machine(DeviceMachine):
+    cls = pl.Pl011
+    params = {"irq": 1, "output": "none", "input": "none"}
+    registers = [pl.DR, pl.RSR, pl.FR, pl.ILPR, pl.IBRD, pl.FBRD, pl.LCR_H, pl.CR, pl.IFLS,
+                 pl.IMSC, pl.RIS, pl.MIS, pl.ICR, pl.DMACR, 0xFE0, 0xFFC, 0xFFF]
+
+    def expected_irqs(self) -> dict[int, bool]:
+        dev: Any = self.dev
+        return {1: bool(dev.ris & dev.imsc)}
+
+    @rule(data=st.binary(max_size=40))
+    def host_types(self, data: bytes) -> None:
+        self.dev.enqueue(data)  # type: ignore[attr-defined]
+
+    @rule(n=st.integers(1, 200), loop=st.booleans())
+    def flood_dr(self, n: int, loop: bool) -> None:
+        dev: Any = self.dev
+        dev.write(pl.CR, (0x381 if loop else 0x301).to_bytes(4, "little"))
+        for i in range(n):
+            dev.write(pl.DR, bytes((i & 0xFF,)))
+        assert len(dev.rx_fifo) <= pl.FIFO_DEPTH
+
+    @invariant()
+    def fifo_within_capacity(self) -> None:
+        assert len(self.dev.rx_fifo) <= pl.FIFO_DEPTH  # type: ignore[attr-defined]
+
+
+PSEUDO_OP_DIR = tempfile.mkdtemp(prefix="kvmfw-stateful-pseudo-op-")
+
+
+class PseudoOpMachine(DeviceMachine):
+    cls = po.PseudoOp
+    base = po.WINDOW_SIZE * 16
+    registers = [0, 8, 0x28, po.REG_RESULT, po.REG_MAGIC, po.BUF_OFFSET, po.WINDOW_SIZE - 8,
+                 po.WINDOW_SIZE - 1] + [op << 8 for op in po.OP_NAMES if op != po.OP_EXIT]
+
+    def make_params(self) -> dict[str, Any]:
+        return {"dir": PSEUDO_OP_DIR, "base": self.base}
+
+    @rule(op=st.sampled_from(sorted(po.OP_NAMES)), args=st.lists(VALUES, min_size=6,
+          max_size=6), n=st.integers(1, 64))
+    def operation(self, op: int, args: list[int], n: int) -> None:
+        """An operation with chosen arguments, repeated (work ids vary, as a flood would)."""
+        dev: Any = self.dev
+        for i in range(n):
+            dev.args = [(a + i) & po.MASK64 for a in args]
+            got = dev.read(op << 8, 8)
+            assert len(got) == 8
+
+    @invariant()
+    def args_are_u64(self) -> None:
+        dev: Any = self.dev
+        assert len(dev.args) == po.NUM_ARGS and all(0 <= a <= po.MASK64 for a in dev.args)
+        assert len(dev.buffer) == po.BUF_SIZE
+
+
+class DebugExitMachine(DeviceMachine):
+    cls = DebugExit
+    params = {"width": 4}
+    registers = [0, 1, 2, 3]
+
+    @invariant()
+    def every_write_asks_to_exit(self) -> None:
+        assert len(self.h.exits) == self.dev.stats["exits"]
+
+
+def _case(machine: type[DeviceMachine]) -> Any:
+    case = machine.TestCase
+    case.settings = FUZZ_SETTINGS
+    return case
+
+
+TestUart16550 = _case(Uart16550Machine)
+TestRtc = _case(RtcMachine)
+TestI8042 = _case(I8042Machine)
+TestAcpiPm = _case(AcpiPmMachine)
+TestPciHost = _case(PciHostMachine)
+TestPl011 = _case(Pl011Machine)
+TestPseudoOp = _case(PseudoOpMachine)
+TestDebugExit = _case(DebugExitMachine)
