@@ -34,6 +34,7 @@ from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 
 PM_TIMER_HZ = 3_579_545
 RANGE_SIZE = 12
@@ -193,9 +194,13 @@ class AcpiPm(Device):
                 "tmr_msb": self._tmr_msb}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.sts = int(state.get("sts", 0)) & STS_MASK
-        self.en = int(state.get("en", 0)) & EN_MASK
-        self.cnt = int(state.get("cnt", CNT_SCI_EN)) & CNT_KEEP
-        self._set_timer(int(state.get("timer", 0)))
-        self._tmr_msb = int(state.get("tmr_msb", self._tmr_msb)) & 1
+        s = SavedState(self.name, state)
+        sts = s.integer("sts", 0, 0xFFFF, 0) & STS_MASK
+        en = s.integer("en", 0, 0xFFFF, 0) & EN_MASK
+        cnt = s.integer("cnt", 0, 0xFFFF, CNT_SCI_EN) & CNT_KEEP
+        timer = s.integer("timer", 0, 0xFFFFFF, 0)
+        msb = s.integer("tmr_msb", 0, 1, timer >> 23)
+        self.sts, self.en, self.cnt = sts, en, cnt
+        self._set_timer(timer)
+        self._tmr_msb = msb
         self._update_sci()

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import to_int
 
 
@@ -67,5 +68,4 @@ class DebugExit(Device):
         return {"last_value": self.last_value}
 
     def restore(self, state: dict[str, Any]) -> None:
-        v = state.get("last_value")
-        self.last_value = None if v is None else int(v)
+        self.last_value = SavedState(self.name, state).opt_int("last_value", 0, (1 << 64) - 1)

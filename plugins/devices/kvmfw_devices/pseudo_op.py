@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.errors import CheckpointError
 from kvmfw.eventq import TICKS_PER_NS
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import ones, to_bytes, to_int
 
 WINDOW_SIZE = 0x10000
@@ -51,6 +53,9 @@ BUF_SIZE = WINDOW_SIZE - BUF_OFFSET
 MAX_NAME = 255
 FAILED = (1 << 64) - 1
 MASK64 = FAILED
+MAX_WORK_ITEMS = 1024
+"""Work items open at once (work_begin without work_end); more fail, as a guest that never
+ends its work items must not grow host memory."""
 
 OP_RPNS = 0x07
 OP_EXIT = 0x21
@@ -203,6 +208,10 @@ class PseudoOp(Device):
         key = f"{work_id}.{thread_id}"
         now = self.ctx.eventq.cur_tick
         if begin:
+            if key not in self.work and len(self.work) >= MAX_WORK_ITEMS:
+                self.log.warning("pseudo-op work_begin: %d work items already open",
+                                 MAX_WORK_ITEMS)
+                return None
             self.work[key] = now
         elif self.work.pop(key, None) is None:
             return None  # end without a begin
@@ -282,9 +291,17 @@ class PseudoOp(Device):
                 "buffer": self.buffer.hex(), "work": dict(self.work)}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.args = [int(v) & MASK64 for v in state["args"]][:NUM_ARGS]
-        self.args += [0] * (NUM_ARGS - len(self.args))
-        self.result = int(state["result"]) & MASK64
-        buf = bytes.fromhex(state["buffer"])[:BUF_SIZE]
-        self.buffer = bytearray(buf.ljust(BUF_SIZE, b"\0"))
-        self.work = {str(k): int(v) for k, v in state["work"].items()}
+        s = SavedState(self.name, state)
+        args = s.integers("args", 0, MASK64, NUM_ARGS)
+        result = s.integer("result", 0, MASK64)
+        buf = s.raw("buffer", BUF_SIZE)
+        work = {}
+        for k, v in s.mapping("work", MAX_WORK_ITEMS):
+            if type(v) is not int or v < 0:
+                raise CheckpointError(f"{self.name}: saved work item {k!r} has no valid begin "
+                                      "tick (a corrupt or foreign checkpoint)")
+            work[str(k)] = v
+        self.args = args + [0] * (NUM_ARGS - len(args))
+        self.result = result
+        self.buffer = bytearray(buf)
+        self.work = work

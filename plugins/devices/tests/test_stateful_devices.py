@@ -23,13 +23,14 @@ import tempfile
 from collections import deque
 from typing import Any, ClassVar
 
+import pytest
 from conftest import Harness, make_harness
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from kvmfw.bus import AddressSpace
 from kvmfw.device import Device
-from kvmfw.errors import DeviceError, KvmfwError
+from kvmfw.errors import CheckpointError, DeviceError, KvmfwError
 
 from kvmfw_devices import acpi_pm as pm
 from kvmfw_devices import i8042 as kbd
@@ -49,6 +50,8 @@ CONTAINER_LIMIT = 4096
 """No guest-grown container may exceed this (or its power-on length, if larger)."""
 HOST_SIDE = {"host_queue"}
 """Containers only the host fills (console input; bounded by the host, not the guest)."""
+HOST_QUEUE_BOUND = 1 << 20
+"""What a checkpoint may put in a host-side queue."""
 
 FUZZ_SETTINGS = settings(max_examples=40, stateful_step_count=40, deadline=None,
                          suppress_health_check=[HealthCheck.too_slow,
@@ -214,6 +217,34 @@ class DeviceMachine(RuleBasedStateMachine):
             line.history.clear()  # restore may re-drive a line to its level: allowed
             self.levels[n] = line.level
 
+    @rule(data=st.data())
+    def restore_hostile_state(self, data: st.DataObject) -> None:
+        """A corrupt or hostile checkpoint: restore() takes it or raises a typed error, and
+        a device that took it stays bounded and keeps answering."""
+        state = json.loads(json.dumps(self.dev.save()))
+        for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+            _mutate(state, data)
+        h, other = self.build(self.h.ctx.eventq.cur_tick)
+        try:
+            try:
+                other.restore(state)
+            except KvmfwError:
+                return
+            for p, n in _containers(other, "dev"):
+                bound = HOST_QUEUE_BOUND if p.rsplit(".", 1)[-1] in HOST_SIDE else \
+                    self.bounds.get(p, CONTAINER_LIMIT)
+                assert n <= bound, f"restore let {p} grow to {n}"
+            for off in sorted({0, self.range_size - 1, *self.registers[:16]}):
+                if off < self.range_size:
+                    assert len(other.read(off, 1)) == 1
+                    other.write(off, b"\x00")
+            h.ctx.eventq.cur_tick += 10**10
+            h.ctx.eventq.service_due()
+            json.dumps(other.save())
+        finally:
+            other.close()
+            h.ctx.memory.close()
+
     @rule()
     def reset(self) -> None:
         self.dev.reset()
@@ -246,6 +277,32 @@ class DeviceMachine(RuleBasedStateMachine):
             if p.rsplit(".", 1)[-1] in HOST_SIDE:
                 continue
             assert n <= self.bounds.get(p, CONTAINER_LIMIT), f"{p} grew to {n}"
+
+
+HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.sampled_from([-1, -(1 << 70), 1 << 64, 1 << 200, 1.5, 1e308,
+                                               float("inf"), float("nan"), "", "zz", "0" * 9]),
+    st.integers(), st.text(max_size=8), st.just([0] * 100_000), st.just(["x"]),
+    st.just({"a": 1}), st.just("00" * 200_000), st.lists(st.integers(-300, 300), max_size=40))
+
+
+def _mutate(state: Any, data: st.DataObject) -> None:
+    """Replace, drop or corrupt one value somewhere in a saved state (nested dicts too)."""
+    node = state
+    while isinstance(node, dict) and node:
+        key = data.draw(st.sampled_from(sorted(node)), label="key")
+        child = node[key]
+        if isinstance(child, dict) and child and data.draw(st.booleans(), label="descend"):
+            node = child
+            continue
+        how = data.draw(st.sampled_from(["replace", "drop", "extend"]), label="how")
+        if how == "drop":
+            del node[key]
+        elif how == "extend" and isinstance(child, list):
+            node[key] = child + [data.draw(HOSTILE, label="item")] * 3
+        else:
+            node[key] = data.draw(HOSTILE, label="value")
+        return
 
 
 # --- the devices ---------------------------------------------------------------------------
@@ -503,3 +560,95 @@ TestPciHost = _case(PciHostMachine)
 TestPl011 = _case(Pl011Machine)
 TestPseudoOp = _case(PseudoOpMachine)
 TestDebugExit = _case(DebugExitMachine)
+
+
+# --- regression tests for what the machines found ------------------------------------------
+
+MACHINES: list[type[DeviceMachine]] = [Uart16550Machine, RtcMachine, I8042Machine,
+                                       AcpiPmMachine, PciHostMachine, Pl011Machine,
+                                       PseudoOpMachine, DebugExitMachine]
+
+
+def _fresh(machine: type[DeviceMachine]) -> Device:
+    return machine.build(machine.__new__(machine))[1]
+
+
+@pytest.mark.parametrize("machine", MACHINES, ids=lambda m: m.cls.name)
+@pytest.mark.parametrize("corrupt", ["not a mapping", "wrong types", "huge lists"])
+def test_corrupt_saved_state_is_a_checkpoint_error(machine: type[DeviceMachine],
+                                                   corrupt: str) -> None:
+    """Missing keys, wrong types and oversized lists were KeyError/ValueError/TypeError (or
+    silently accepted, growing host memory); now a CheckpointError that changes nothing."""
+    dev = _fresh(machine)
+    good = dev.save()
+    if corrupt == "not a mapping":
+        bad: Any = [good]
+    elif corrupt == "wrong types":
+        bad = {k: "zz" for k in good} or {"last_value": "zz"}
+    else:
+        bad = {k: [0] * 100_000 if isinstance(v, list) else v for k, v in good.items()}
+        if bad == good:
+            bad = {k: 1 << 80 for k in good}
+        if "functions" in bad:
+            bad = {"functions": {"0": {"config": "00" * 100_000}}}
+    with pytest.raises(CheckpointError, match=dev.name):
+        dev.restore(bad)
+    assert dev.save() == good, "a refused state must leave the device as it was"
+    dev.close()
+
+
+def test_refused_restore_is_atomic() -> None:
+    dev = _fresh(Uart16550Machine)
+    good = dev.save()
+    bad = {**good, "scr": 0x5A, "host_queue": "x"}  # a valid register before a bad key
+    with pytest.raises(CheckpointError):
+        dev.restore(bad)
+    assert dev.save() == good
+
+
+def test_uart_fifos_restore_within_the_hardware() -> None:
+    """A checkpoint could put 100000 bytes in a 16-byte FIFO (old: accepted)."""
+    for machine, key in ((Uart16550Machine, "rx_fifo"), (Pl011Machine, "rx_fifo")):
+        dev = _fresh(machine)
+        with pytest.raises(CheckpointError, match=key):
+            dev.restore({**dev.save(), key: [0x41] * 17})
+
+
+def test_pl011_registers_restore_within_their_widths() -> None:
+    """Old: ``int(state[key])`` unmasked, so IBRD = -1 or 2**80 was taken as is."""
+    dev = _fresh(Pl011Machine)
+    for value in (-1, 1 << 80):
+        with pytest.raises(CheckpointError, match="ibrd"):
+            dev.restore({**dev.save(), "ibrd": value})
+
+
+def test_rtc_clock_offset_is_bounded_on_restore() -> None:
+    """Old: an offset of 1e300 was taken and the next time read raised OverflowError."""
+    dev = _fresh(RtcMachine)
+    for value in (1e300, float("nan"), -1e15):
+        with pytest.raises(CheckpointError, match="offset"):
+            dev.restore({**dev.save(), "offset": value})
+    dev.write(0, b"\x00")
+    assert len(dev.read(1, 1)) == 1
+
+
+def test_pci_host_refuses_a_foreign_function() -> None:
+    dev = _fresh(PciHostMachine)
+    state = dev.save()
+    state["functions"]["99"] = state["functions"]["0"]
+    with pytest.raises(CheckpointError, match="99"):
+        dev.restore(state)
+
+
+def test_pseudo_op_work_items_are_bounded() -> None:
+    """A guest beginning work items it never ends grew ``work`` without limit."""
+    dev: Any = _fresh(PseudoOpMachine)
+    for i in range(po.MAX_WORK_ITEMS + 500):
+        dev.args[0], dev.args[1] = i, 7
+        dev.read(po.OP_WORK_BEGIN << 8, 8)
+    assert len(dev.work) == po.MAX_WORK_ITEMS
+    assert dev.result == po.FAILED  # the 1025th open item fails
+    dev.args[0] = 0
+    assert dev.read(po.OP_WORK_END << 8, 8) == bytes(8)  # ending one frees a slot
+    dev.args[0] = 99_999
+    assert dev.read(po.OP_WORK_BEGIN << 8, 8) == bytes(8)
