@@ -73,7 +73,7 @@ RSR_OE = 0x08
 FIFO_DEPTH = 16
 TRIGGER_EIGHTHS = (1, 2, 4, 6, 7)  # 1/8, 1/4, 1/2, 3/4, 7/8 full
 UART_CLOCK_HZ = 24_000_000
-HOST_QUEUE_LIMIT = 1 << 20  # host bytes a checkpoint may hold for the guest (restore bound)
+HOST_QUEUE_LIMIT = 4096  # host bytes held beside the FIFO; the console input keeps the rest
 MAX_DELAY_TICKS = 1 << 62  # a pending timeout further away than this is a corrupt state
 REG_MASKS = {"rsr": 0xF, "ilpr": 0xFF, "ibrd": 0xFFFF, "fbrd": 0x3F, "lcr_h": 0xFF,
              "cr": 0xFFFF, "ifls": 0x3F, "imsc": INT_MASK, "ris": INT_MASK, "dmacr": 0x7}
@@ -129,17 +129,24 @@ class Pl011(Device):
         sel = min((self.ifls >> 3) & 7, len(TRIGGER_EIGHTHS) - 1)
         return FIFO_DEPTH * TRIGGER_EIGHTHS[sel] // 8
 
-    def enqueue(self, data: bytes) -> None:
-        """Host bytes: queued and moved into the receive FIFO as room allows."""
-        self.host_queue.extend(data)
+    def enqueue(self, data: bytes) -> int:
+        """Host bytes: queued and moved into the receive FIFO as room allows; returns how many
+        were taken (the console input holds the rest until the FIFO drains)."""
+        take = data[:max(HOST_QUEUE_LIMIT - len(self.host_queue), 0)]
+        self.host_queue.extend(take)
         self._refill()
         self._update_irq()
+        return len(take)
 
     def _refill(self) -> None:
         if self.cr & CR_LBE:
             return  # in loopback the serial input is disconnected: host bytes wait
+        moved = False
         while self.host_queue and len(self.rx_fifo) < self.rx_capacity:
             self._push_rx(self.host_queue.popleft())
+            moved = True
+        if moved and len(self.host_queue) <= HOST_QUEUE_LIMIT // 2 and hasattr(self, "input"):
+            self.input.resume()  # room for more host input (low-water mark: few, big refills)
 
     def _push_rx(self, value: int) -> None:
         if len(self.rx_fifo) >= self.rx_capacity:

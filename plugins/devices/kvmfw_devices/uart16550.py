@@ -103,7 +103,7 @@ FIFO_SIZE = 16
 UART_CLOCK_HZ = 1_843_200  # the PC crystal: divisor 1 = 115200 baud
 DEFAULT_DIVISOR = 12  # 9600 baud, as firmware leaves it
 DEFAULT_MSR = MSR_DCD | MSR_DSR | MSR_CTS  # a terminal is attached (QEMU, kvmtool)
-HOST_QUEUE_LIMIT = 1 << 20  # host bytes a checkpoint may hold for the guest (restore bound)
+HOST_QUEUE_LIMIT = 4096  # host bytes held beside the FIFO; the console input keeps the rest
 MAX_DELAY_TICKS = 1 << 62  # a pending timeout further away than this is a corrupt state
 
 
@@ -146,11 +146,15 @@ class Uart16550(Device):
 
     # --- host side ---------------------------------------------------------------------
 
-    def enqueue(self, data: bytes) -> None:
-        """Bytes typed on the host: queued and moved into the receive FIFO as room allows."""
-        self.host_queue.extend(data)
+    def enqueue(self, data: bytes) -> int:
+        """Bytes typed on the host: queued and moved into the receive FIFO as room allows;
+        returns how many were taken (the console input holds the rest until :meth:`_refill`
+        makes room)."""
+        take = data[:max(HOST_QUEUE_LIMIT - len(self.host_queue), 0)]
+        self.host_queue.extend(take)
         self._refill()
         self._update_irq()
+        return len(take)
 
     @property
     def fifo_enabled(self) -> bool:
@@ -167,10 +171,14 @@ class Uart16550(Device):
     def _refill(self) -> None:
         if self.mcr & MCR_LOOP:
             return  # in loopback the serial input is disconnected: host bytes wait
+        moved = False
         while self.host_queue and len(self.rx_fifo) < self.rx_capacity:
             self.rx_fifo.append(self.host_queue.popleft())
             self.stats["rx_bytes"] += 1
             self._data_arrived()
+            moved = True
+        if moved and len(self.host_queue) <= HOST_QUEUE_LIMIT // 2 and hasattr(self, "input"):
+            self.input.resume()  # room for more host input (low-water mark: few, big refills)
 
     def _receive_line_byte(self, value: int) -> None:
         """A byte from the (looped-back) serial line: overruns when the FIFO is full."""
