@@ -32,6 +32,7 @@ the machine provides them.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,6 +82,16 @@ OP_NAMES = {
 
 def _opt_path(text: str) -> str | None:
     return text or None
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open a host file for a file operation; anything but a regular file (a FIFO that would
+    block the machine, a device node) is refused with OSError."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
 
 
 class PseudoOp(Device):
@@ -259,15 +270,21 @@ class PseudoOp(Device):
         path = self._host_path(name_addr)
         if dest is None or path is None:
             return None
+        done = 0
         try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(length)
+            fd = _open_regular(path, os.O_RDONLY)
+            try:  # straight into guest RAM: no host copy the size of the guest's request
+                while done < length:
+                    n = os.preadv(fd, [dest[done:]], offset + done)
+                    if n <= 0:
+                        break
+                    done += n
+            finally:
+                os.close(fd)
         except (OSError, OverflowError, ValueError):
             return None
-        dest[:len(data)] = data
-        self.stats["file_bytes_read"] += len(data)
-        return len(data)
+        self.stats["file_bytes_read"] += done
+        return done
 
     def _write_file(self, addr: int, length: int, offset: int, name_addr: int) -> int | None:
         src = self._guest_range(addr, length)
@@ -275,10 +292,13 @@ class PseudoOp(Device):
         if src is None or path is None:
             return None
         try:
-            mode = "r+b" if offset and path.exists() else "wb"
-            with open(path, mode) as f:
-                f.seek(offset)
-                f.write(src)
+            fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | (0 if offset else os.O_TRUNC))
+            try:
+                done = 0
+                while done < length:
+                    done += os.pwritev(fd, [src[done:]], offset + done)
+            finally:
+                os.close(fd)
         except (OSError, OverflowError, ValueError):
             return None
         self.stats["file_bytes_written"] += length

@@ -709,3 +709,52 @@ def test_a_fast_input_file_is_read_at_the_guests_pace(tmp_path: Any) -> None:
         assert len(dev.input._inbox) <= console.INBOX_LIMIT + console.READ_CHUNK
     finally:
         dev.close()
+
+
+def _pseudo_op_call(dev: Any, op: int, *args: int) -> int:
+    dev.args = list(args) + [0] * (po.NUM_ARGS - len(args))
+    return int.from_bytes(dev.read(op << 8, 8), "little")
+
+
+def test_pseudo_op_readfile_reads_straight_into_guest_ram(tmp_path: Any) -> None:
+    """readfile allocated a host copy as large as the guest asked for (up to guest RAM) before
+    copying it in; now the file is read into guest RAM directly."""
+    import tracemalloc
+
+    (tmp_path / "big").write_bytes(bytes(range(256)) * 2048)  # 512 KiB
+    h = make_harness()
+    dev: Any = po.PseudoOp(h.ctx, dir=str(tmp_path))
+    h.ctx.memory.write(0x100, b"big\0")
+    tracemalloc.start()
+    try:
+        assert _pseudo_op_call(dev, po.OP_READ_FILE, 0x10000, 512 * 1024, 0, 0x100) == 512 * 1024
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, f"{peak} bytes allocated for a 512 KiB readfile"
+    assert h.ctx.memory.read(0x10000 + 1000, 4) == bytes((1000 + i) & 0xFF for i in range(4))
+    assert _pseudo_op_call(dev, po.OP_WRITE_FILE, 0x10000, 4096, 8, 0x100) == 4096
+    assert (tmp_path / "big").read_bytes()[8:8 + 4096] == (bytes(range(256)) * 16)
+
+
+def test_pseudo_op_file_ops_refuse_a_fifo(tmp_path: Any) -> None:
+    """A named pipe in the pseudo-op directory blocked the machine thread in open() forever
+    (readfile with no writer, writefile with no reader); now the operation fails at once."""
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "pipe")
+    h = make_harness()
+    dev: Any = po.PseudoOp(h.ctx, dir=str(tmp_path))
+    h.ctx.memory.write(0x100, b"pipe\0")
+    results: list[int] = []
+
+    def ops() -> None:
+        results.append(_pseudo_op_call(dev, po.OP_READ_FILE, 0x1000, 16, 0, 0x100))
+        results.append(_pseudo_op_call(dev, po.OP_WRITE_FILE, 0x1000, 16, 0, 0x100))
+
+    t = threading.Thread(target=ops, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "a pseudo-op file operation blocked on a FIFO"
+    assert results == [po.FAILED, po.FAILED]
