@@ -12,6 +12,7 @@ for a range that was removed.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -192,7 +193,8 @@ class BusMachine(RuleBasedStateMachine):
 
 
 TestBus = BusMachine.TestCase
-TestBus.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+TestBus.settings = settings(max_examples=int(os.environ.get("KVMFW_FUZZ_EXAMPLES", "150")),
+                            stateful_step_count=40, deadline=None,
                             suppress_health_check=[HealthCheck.too_slow])
 
 
