@@ -1,7 +1,7 @@
 /* Guest-side device fuzz (issue 10): a multiboot ELF that hits every register of the default
  * x86 board, plus debug-exit and two virtio-mmio windows, with pseudo-random accesses.
  *
- * Command line (after the image name): SEED COUNT, in decimal (defaults 1 and 3000). A
+ * Command line (after the image name): SEED COUNT [MODE], in decimal (defaults 1 and 3000). A
  * xorshift32 generator (a linear-feedback shift register) seeded with SEED picks, COUNT
  * times: a target range, an offset in it, a width (1, 2 or 4 bytes, or a 1-8 element
  * string read for port IO), read or write, and a value. Offsets are aligned to the width
@@ -10,7 +10,9 @@
  * by design are defused, so the fuzz reaches its end: i8042 commands 0xd1 and 0xf0-0xff
  * (output port / CPU reset), ACPI PM1a_CNT.SLP_EN (bit 13: sleep or power-off), and the
  * pseudo-op window's operation pages except rpns and sum. Debug-exit (port 0xf4) is
- * written last: status (0x10 << 1) | 1 = 33 means the fuzz ran to its end. */
+ * written last: status (0x10 << 1) | 1 = 33 means the fuzz ran to its end. MODE 1 (wild)
+ * defuses nothing and adds the whole pseudo-op window to the targets: the run then ends
+ * wherever the guest happens to end it (i8042 reset, ACPI S5, pseudo-op exit or fail). */
     .set MB_MAGIC, 0x1BADB002
     .set MB_FLAGS, 0x00000003
     .section .multiboot, "a"
@@ -42,9 +44,15 @@ targets:
     .long 0xffff8000, 0x8000, KIND_MMIO     /* pseudo-op buffer */
 targets_end:
     .set NTARGETS, (targets_end - targets) / 12
+/* wild mode only: where a write can end the run */
+    .long 0xffff0000, 0x10000, KIND_MMIO    /* the whole pseudo-op window: exit, fail, ... */
+wild_end:
+    .set NWILD, (wild_end - targets) / 12
 
 state:  .long 1
 count:  .long 3000
+ntargets: .long NTARGETS
+wild:   .long 0
 addr:   .long 0
 size:   .long 0
 kind:   .long 0
@@ -76,6 +84,11 @@ _start:
     test %eax, %eax
     jz 5f
     mov %eax, count
+    call parse_dec
+    test %eax, %eax
+    jz 5f
+    movl $1, wild                   /* MODE != 0: wild, nothing defused */
+    movl $NWILD, ntargets
 5:
 fuzz_loop:
     cmpl $0, count
@@ -84,7 +97,7 @@ fuzz_loop:
     call rand
     mov %eax, ctl
     xor %edx, %edx
-    mov $NTARGETS, %ecx
+    mov ntargets, %ecx
     div %ecx
     imul $12, %edx, %edx
     lea targets(%edx), %ebp
@@ -123,6 +136,8 @@ fuzz_loop:
 /* --- port IO writes: defuse the run-ending ones ------------------------------------------ */
     mov addr, %edx
     mov value, %eax
+    cmpl $0, wild
+    jne 3f
     cmp $0x64, %edx
     jne 2f
     cmp $0, %ecx                    /* a byte to the i8042 command port */
