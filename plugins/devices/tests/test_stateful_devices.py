@@ -279,8 +279,10 @@ class DeviceMachine(RuleBasedStateMachine):
 HOSTILE = st.one_of(
     st.none(), st.booleans(), st.sampled_from([-1, -(1 << 70), 1 << 64, 1 << 200, 1.5, 1e308,
                                                float("inf"), float("nan"), "", "zz", "0" * 9]),
-    st.integers(), st.text(max_size=8), st.just([0] * 100_000), st.just(["x"]),
-    st.just({"a": 1}), st.just("00" * 200_000), st.lists(st.integers(-300, 300), max_size=40))
+    st.integers(), st.text(max_size=8), st.builds(lambda: [0] * 100_000),
+    st.builds(lambda: ["x"]), st.builds(lambda: {"a": 1}), st.just("00" * 200_000),
+    st.lists(st.integers(-300, 300), max_size=40))
+"""Fresh objects each draw (``_mutate`` changes nested dicts in place)."""
 
 
 def _mutate(state: Any, data: st.DataObject) -> None:
