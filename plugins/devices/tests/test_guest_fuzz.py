@@ -16,6 +16,7 @@ and ``KVMFW_FUZZ_COUNT=20000`` run a longer campaign.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +28,8 @@ x86 = pytest.importorskip("kvmfw_x86.plugin", reason="the kvmfw-x86 plugin is no
 GUESTS = Path(__file__).parent / "guests"
 LD_SCRIPT = Path(x86.__file__).parent / "guests" / "guest.ld"
 DONE_STATUS = (0x10 << 1) | 1
+MAX_RSS = 512 << 20
+"""A generous bound on kvmfw's resident memory (about 30 MiB when this was written)."""
 DOCUMENTED = {0, 2, 3, 4, 5, 6, 7, 124, 130}
 """kvmfw's documented exit statuses (README); debug-exit adds (value << 1) | 1."""
 
@@ -68,7 +71,8 @@ def fuzz(guest: Path, tmp_path: Path, seed: int, wild: bool) -> tuple[int, str, 
            "--cmdline", f"{seed} {COUNT} {int(wild)}", "--device", "debug-exit",
            "--device", f"virtio-blk,file={disk},base=0xd0000000,irq=5",
            "--device", "virtio-console,base=0xd0000200,irq=6",
-           "--console", f"file:{tmp_path / 'console.bin'}", "--timeout", "300"]
+           "--console", f"file:{tmp_path / 'console.bin'}", "--timeout", "300",
+           "--memory", "64M"]
     env = {k: v for k, v in os.environ.items() if k != "KVMFW_TRACEBACK"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
                           stdin=subprocess.DEVNULL)
@@ -79,6 +83,9 @@ def fuzz(guest: Path, tmp_path: Path, seed: int, wild: bool) -> tuple[int, str, 
     summaries = [line for line in err.splitlines() if "; status " in line]
     # exactly one report of how it ended: the summary or a one-line error
     assert len(errors) + len(summaries) == 1, where
+    # bounded host memory: the largest child so far (the guest's 64 MiB are mostly untouched)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert peak < MAX_RSS, f"{where}\npeak RSS {peak >> 20} MiB"
     return proc.returncode, err, where
 
 

@@ -14,7 +14,7 @@ time, host input, save/restore into a fresh device and reset. After every step:
   identically, and ``reset()`` gives the power-on state.
 
 Run ``pytest --hypothesis-show-statistics`` for the number of cases;
-``KVMFW_FUZZ_EXAMPLES=1000`` runs a longer campaign (default 40 cases of 40 steps each).
+``KVMFW_FUZZ_EXAMPLES=1000`` runs a longer campaign (default 80 cases of 40 steps each).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ CONTAINER_LIMIT = 4096
 HOST_QUEUE_BOUND = u.HOST_QUEUE_LIMIT
 """The UARTs' host-input queues: the console input holds the rest back."""
 
-FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("KVMFW_FUZZ_EXAMPLES", "40")),
+FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("KVMFW_FUZZ_EXAMPLES", "80")),
                          stateful_step_count=40, deadline=None,
                          suppress_health_check=[HealthCheck.too_slow,
                                                 HealthCheck.filter_too_much])
