@@ -54,6 +54,7 @@ BUF_SIZE = WINDOW_SIZE - BUF_OFFSET
 MAX_NAME = 255
 FAILED = (1 << 64) - 1
 MASK64 = FAILED
+WARN_LIMIT = 10
 MAX_WORK_ITEMS = 1024
 """Work items open at once (work_begin without work_end); more fail, as a guest that never
 ends its work items must not grow host memory."""
@@ -108,7 +109,8 @@ class PseudoOp(Device):
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
         self.stats.update({f"op_{n}": 0 for n in OP_NAMES.values()})
-        self.stats.update(failed_ops=0, file_bytes_read=0, file_bytes_written=0)
+        self.stats.update(failed_ops=0, file_bytes_read=0, file_bytes_written=0, warnings=0)
+        self._warned: dict[str, int] = {}
         self.reset()
 
     def ranges(self) -> list[Range]:
@@ -169,6 +171,15 @@ class PseudoOp(Device):
         self.args[0] = to_int(data)
         self.result = self._execute(op)
 
+    def _warn(self, kind: str, msg: str, *args: Any) -> None:
+        """Log a guest-caused warning, the first WARN_LIMIT of each kind only (a guest in a
+        loop must not flood the host's log); the rest are counted in ``warnings``."""
+        self.stats["warnings"] += 1
+        n = self._warned[kind] = self._warned.get(kind, 0) + 1
+        if n <= WARN_LIMIT:
+            self.log.warning(msg + (" (further ones are counted, not logged)"
+                                    if n == WARN_LIMIT else ""), *args)
+
     def _bad(self, size: int) -> bytes:
         self.stats["bad_accesses"] += 1
         return ones(size)
@@ -210,7 +221,8 @@ class PseudoOp(Device):
     def _service(self, name: str, *args: Any) -> int | None:
         svc = self.ctx.services.get(name)
         if svc is None:
-            self.log.warning("pseudo-op %s: the machine provides no %s service", name, name)
+            self._warn("no_service", "pseudo-op %s: the machine provides no %s service", name,
+                       name)
             return None
         svc(*args)
         return 0
@@ -220,8 +232,8 @@ class PseudoOp(Device):
         now = self.ctx.eventq.cur_tick
         if begin:
             if key not in self.work and len(self.work) >= MAX_WORK_ITEMS:
-                self.log.warning("pseudo-op work_begin: %d work items already open",
-                                 MAX_WORK_ITEMS)
+                self._warn("work_items", "pseudo-op work_begin: %d work items already open",
+                           MAX_WORK_ITEMS)
                 return None
             self.work[key] = now
         elif self.work.pop(key, None) is None:
@@ -261,7 +273,7 @@ class PseudoOp(Device):
         base = Path(root).resolve()
         path = (base / name).resolve()
         if os.path.isabs(name) or not path.is_relative_to(base) or path == base:
-            self.log.warning("pseudo-op: refused host file %r outside %s", name, base)
+            self._warn("refused_file", "pseudo-op: refused host file %r outside %s", name, base)
             return None
         return path
 

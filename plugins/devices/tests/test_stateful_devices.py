@@ -763,3 +763,18 @@ def test_pseudo_op_file_ops_refuse_a_fifo(tmp_path: Any) -> None:
     t.join(30)
     assert not t.is_alive(), "a pseudo-op file operation blocked on a FIFO"
     assert results == [po.FAILED, po.FAILED]
+
+
+def test_pseudo_op_warnings_do_not_flood_the_log(tmp_path: Any, caplog: Any) -> None:
+    """Every refused file name or missing service logged a warning: a guest in a loop could
+    write the host's log without bound."""
+    h = make_harness()
+    h.ctx.services.clear()
+    dev: Any = po.PseudoOp(h.ctx, dir=str(tmp_path))
+    h.ctx.memory.write(0x100, b"../escape\0")
+    with caplog.at_level("WARNING"):
+        for _ in range(500):
+            assert _pseudo_op_call(dev, po.OP_READ_FILE, 0x1000, 4, 0, 0x100) == po.FAILED
+            assert _pseudo_op_call(dev, po.OP_DUMP_STATS) == po.FAILED
+    assert len(caplog.records) <= 2 * po.WARN_LIMIT
+    assert dev.stats["warnings"] == 1000
