@@ -75,6 +75,9 @@ class AcpiPm(Device):
         super().__init__(ctx, **params)
         if self.params["clock"] not in ("host", "fixed"):
             raise ConfigError(f"acpi-pm: clock must be host or fixed, not {self.params['clock']!r}")
+        if not 0 <= self.params["s5_typ"] <= 7:
+            raise ConfigError(f"acpi-pm: s5_typ is a 3-bit SLP_TYP value 0..7, not "
+                              f"{self.params['s5_typ']}")
         self.sci = self.optional_irq(self.params["irq"])
         self.stats.update(poweroffs=0, sleeps_ignored=0)
         self._sci_level = False

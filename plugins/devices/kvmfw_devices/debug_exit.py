@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.errors import ConfigError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._state import SavedState
@@ -41,6 +42,9 @@ class DebugExit(Device):
             self.params["port"] = self.params["iobase"]
         if self.params["iosize"] is not None:
             self.params["width"] = self.params["iosize"]
+        if self.params["width"] not in (1, 2, 4):
+            raise ConfigError(f"debug-exit: width (iosize) must be 1, 2 or 4 bytes, not "
+                              f"{self.params['width']}")
         self.stats.update(exits=0)
         self.last_value: int | None = None
 

@@ -28,7 +28,7 @@ from collections import deque
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
-from kvmfw.errors import CheckpointError
+from kvmfw.errors import CheckpointError, ConfigError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._state import SavedState
@@ -104,6 +104,9 @@ class I8042(Device):
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
+        if not 0 <= self.params["reset_status"] <= 255:
+            raise ConfigError(f"i8042: reset_status must be an exit status 0..255, not "
+                              f"{self.params['reset_status']}")
         self.stats.update(resets=0, commands=0, unknown_commands=0, aux_bytes_dropped=0,
                           foreign_port=0)
         p = self.params

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
-from kvmfw.errors import CheckpointError
+from kvmfw.errors import CheckpointError, ConfigError
 from kvmfw.eventq import TICKS_PER_NS
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
@@ -108,6 +108,10 @@ class PseudoOp(Device):
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
+        root = self.params["dir"] or ctx.options.get("pseudo_op_dir")
+        if root is not None and not os.path.isdir(root):
+            raise ConfigError(f"pseudo-op: dir {root} is not a directory (create it, or leave "
+                              "dir unset to refuse the guest's file operations)")
         self.stats.update({f"op_{n}": 0 for n in OP_NAMES.values()})
         self.stats.update(failed_ops=0, file_bytes_read=0, file_bytes_written=0, warnings=0)
         self._warned: dict[str, int] = {}

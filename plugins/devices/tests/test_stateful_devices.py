@@ -778,3 +778,22 @@ def test_pseudo_op_warnings_do_not_flood_the_log(tmp_path: Any, caplog: Any) -> 
             assert _pseudo_op_call(dev, po.OP_DUMP_STATS) == po.FAILED
     assert len(caplog.records) <= 2 * po.WARN_LIMIT
     assert dev.stats["warnings"] == 1000
+
+
+@pytest.mark.parametrize(("cls", "params"), [
+    (kbd.I8042, {"reset_status": "-1"}),
+    (kbd.I8042, {"reset_status": "99999999999999999999"}),
+    (pm.AcpiPm, {"s5_typ": "99"}),
+    (DebugExit, {"width": "3"}),
+    (DebugExit, {"iosize": "0x10000"}),
+    (po.PseudoOp, {"dir": "/nonexistent/kvmfw-pseudo-op"}),
+], ids=lambda v: str(v))
+def test_device_keys_out_of_range_are_config_errors(cls: type[Device],
+                                                     params: dict[str, str]) -> None:
+    """These were accepted silently: an exit status the OS truncates, an S5 type that can
+    never match, a register width QEMU does not have, a directory that does not exist."""
+    from kvmfw.errors import ConfigError
+
+    h = make_harness()
+    with pytest.raises(ConfigError, match=cls.name):
+        cls(h.ctx, **params)
