@@ -4,7 +4,10 @@ A device sees offsets relative to its own base and bytes: ``read(offset, size) -
 and ``write(offset, data)``. The bus keeps ranges sorted, rejects overlaps, remembers the
 last lookups (the run loop's hot path is one dict hit and one call), counts accesses no
 device claims and answers them by policy: ``ignore`` (reads return all ones, writes are
-dropped) or ``fatal`` (:class:`~kvmfw.errors.UnclaimedAccessError`).
+dropped) or ``fatal`` (:class:`~kvmfw.errors.UnclaimedAccessError`). Whatever a device
+raises, or a read answer that is not ``size`` bytes, reaches the caller as a
+:class:`~kvmfw.errors.DeviceError`, except a :class:`~kvmfw.errors.GuestError`: a device
+that ends the run for the guest's doing (a guest crash report) keeps that class and status.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from kvmfw.errors import BusError, BusOverlapError, DeviceError, UnclaimedAccessError
+from kvmfw.errors import (
+    BusError,
+    BusOverlapError,
+    DeviceError,
+    GuestError,
+    UnclaimedAccessError,
+)
 
 log = logging.getLogger("kvmfw.bus")
 
@@ -158,15 +167,22 @@ class AddressSpace:
             return self._unclaimed(addr, size, None)
         try:
             data = m.device.read(addr - m.base, size)
+        except GuestError:
+            raise  # a device ending the run for the guest's doing keeps its class and status
         except Exception as exc:
             raise DeviceError(f"device {m.name} raised on a {size}-byte read of {self.name} "
                               f"{addr:#x} (offset {addr - m.base:#x}): "
                               f"{type(exc).__name__}: {exc}") from exc
-        if data.__class__ is PendingAccess:
-            if data.is_write or data.size != size or self.name != "mmio":  # type: ignore
+        if data.__class__ is not bytes:
+            if data.__class__ is PendingAccess:
+                if data.is_write or data.size != size or self.name != "mmio":  # type: ignore
+                    raise DeviceError(f"device {m.name} answered a {size}-byte read of "
+                                      f"{self.name} {addr:#x} with a mismatched pending access")
+                return data
+            if not isinstance(data, bytearray | memoryview):
                 raise DeviceError(f"device {m.name} answered a {size}-byte read of "
-                                  f"{self.name} {addr:#x} with a mismatched pending access")
-            return data
+                                  f"{self.name} {addr:#x} with a {type(data).__name__}, "
+                                  "not bytes")
         if len(data) != size:
             raise DeviceError(f"device {m.name} answered a {size}-byte read of {self.name} "
                               f"{addr:#x} with {len(data)} bytes")
@@ -180,6 +196,8 @@ class AddressSpace:
             return None
         try:
             r = m.device.write(addr - m.base, data)
+        except GuestError:
+            raise
         except Exception as exc:
             raise DeviceError(f"device {m.name} raised on a {len(data)}-byte write of "
                               f"{self.name} {addr:#x} (offset {addr - m.base:#x}): "

@@ -39,6 +39,7 @@ from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 
 PM_TIMER_HZ = 3_579_545
 RANGE_SIZE = 12
@@ -80,6 +81,9 @@ class AcpiPm(Device):
         super().__init__(ctx, **params)
         if self.params["clock"] not in ("host", "fixed"):
             raise ConfigError(f"acpi-pm: clock must be host or fixed, not {self.params['clock']!r}")
+        if not 0 <= self.params["s5_typ"] <= 7:
+            raise ConfigError(f"acpi-pm: s5_typ is a 3-bit SLP_TYP value 0..7, not "
+                              f"{self.params['s5_typ']}")
         self.sci = self.optional_irq(self.params["irq"])
         self.stats.update(poweroffs=0, sleeps_ignored=0, s3_suspends=0)
         self._sci_level = False
@@ -205,9 +209,13 @@ class AcpiPm(Device):
                 "tmr_msb": self._tmr_msb}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.sts = int(state.get("sts", 0)) & STS_MASK
-        self.en = int(state.get("en", 0)) & EN_MASK
-        self.cnt = int(state.get("cnt", CNT_SCI_EN)) & CNT_KEEP
-        self._set_timer(int(state.get("timer", 0)))
-        self._tmr_msb = int(state.get("tmr_msb", self._tmr_msb)) & 1
+        s = SavedState(self.name, state)
+        sts = s.integer("sts", 0, 0xFFFF, 0) & STS_MASK
+        en = s.integer("en", 0, 0xFFFF, 0) & EN_MASK
+        cnt = s.integer("cnt", 0, 0xFFFF, CNT_SCI_EN) & CNT_KEEP
+        timer = s.integer("timer", 0, 0xFFFFFF, 0)
+        msb = s.integer("tmr_msb", 0, 1, timer >> 23)
+        self.sts, self.en, self.cnt = sts, en, cnt
+        self._set_timer(timer)
+        self._tmr_msb = msb
         self._update_sci()

@@ -9,7 +9,11 @@ sends a literal ``Ctrl-A``), ``none``, a file or named pipe (``file:PATH``), or 
 (``unix:PATH``, ``tcp:HOST:PORT``).
 
 Host input is read by a daemon thread and handed to the device on the machine thread through
-an event posted on the event queue, so a device only ever runs on one thread.
+an event posted on the event queue, so a device only ever runs on one thread. Input is never
+dropped and never piles up: the device's ``deliver(data)`` returns how many bytes it took (None:
+all), the rest waits in the inbox until the device calls :meth:`ConsoleInput.resume`, and the
+reader stops reading while ``INBOX_LIMIT`` bytes wait (a fast file, pipe or socket peer is
+throttled to the guest's pace instead of growing host memory).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from kvmfw.errors import ConfigError
 from kvmfw.eventq import Event
 
 CTRL_A = 0x01
+INBOX_LIMIT = 64 * 1024
+"""Host bytes read ahead of the device; the reader waits while this many are pending."""
+READ_CHUNK = 4096
+DELIVER_CHUNK = 16 * 1024
 
 OUTPUT_KEY = ConfigKey(str, "console", "console | stderr | none | file:PATH")
 """The ``output=`` key every console device takes."""
@@ -86,13 +94,15 @@ class ConsoleOutput:
 class ConsoleInput:
     """Host bytes for a guest UART, delivered on the machine thread via ``deliver(data)``."""
 
-    def __init__(self, ctx: DeviceContext, spec: str, deliver: Callable[[bytes], None],
-                 name: str = "console") -> None:
+    def __init__(self, ctx: DeviceContext, spec: str,
+                 deliver: Callable[[bytes], int | None], name: str = "console") -> None:
         self.ctx = ctx
         self.spec = spec
         self._deliver = deliver
         self._inbox = bytearray()
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # the reader waits here for room
+        self._closing = False
         self._event = Event(self._flush_inbox, name=f"{name}.input")
         self._fd: int | None = None
         self._owned_fd = False
@@ -150,11 +160,16 @@ class ConsoleInput:
     def _reader(self) -> None:
         assert self._fd is not None
         while True:
+            with self._room:
+                while len(self._inbox) >= INBOX_LIMIT and not self._closing:
+                    self._room.wait()
+                if self._closing:
+                    return
             try:
                 ready, _, _ = select.select([self._fd, self._wake_r], [], [])
                 if self._wake_r in ready:
                     return
-                data = os.read(self._fd, 4096)
+                data = os.read(self._fd, READ_CHUNK)
             except OSError:
                 return
             if not data:
@@ -196,13 +211,33 @@ class ConsoleInput:
 
     def _flush_inbox(self) -> None:
         with self._lock:
-            data = bytes(self._inbox)
-            self._inbox.clear()
-        if data:
-            self._deliver(data)
+            data = bytes(self._inbox[:DELIVER_CHUNK])
+        if not data:
+            return
+        taken = self._deliver(data)
+        n = len(data) if taken is None else max(0, min(taken, len(data)))
+        with self._room:
+            del self._inbox[:n]
+            self._room.notify_all()
+            more = n == len(data) and bool(self._inbox)
+        if more:  # the device took it all: offer the next chunk
+            self._post()
+
+    def resume(self) -> None:
+        """The device has room again: hand it what waits (on the machine thread)."""
+        if self._inbox:
+            self._post()
+
+    @property
+    def pending(self) -> int:
+        """Host bytes read but not yet taken by the device."""
+        return len(self._inbox)
 
     def close(self) -> None:
         """Stop the reader, restore the terminal, close what was opened."""
+        with self._room:
+            self._closing = True
+            self._room.notify_all()
         if self._wake_w >= 0:
             os.write(self._wake_w, b"x")
             if self._thread is not None:

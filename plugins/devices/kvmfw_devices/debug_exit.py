@@ -15,8 +15,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.errors import ConfigError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import to_int
 
 
@@ -47,6 +49,9 @@ class DebugExit(Device):
             self.params["port"] = self.params["iobase"]
         if self.params["iosize"] is not None:
             self.params["width"] = self.params["iosize"]
+        if self.params["width"] not in (1, 2, 4):
+            raise ConfigError(f"debug-exit: width (iosize) must be 1, 2 or 4 bytes, not "
+                              f"{self.params['width']}")
         self.stats.update(exits=0)
         self.last_value: int | None = None
 
@@ -75,5 +80,4 @@ class DebugExit(Device):
         return {"last_value": self.last_value}
 
     def restore(self, state: dict[str, Any]) -> None:
-        v = state.get("last_value")
-        self.last_value = None if v is None else int(v)
+        self.last_value = SavedState(self.name, state).opt_int("last_value", 0, (1 << 64) - 1)

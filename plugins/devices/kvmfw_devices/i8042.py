@@ -30,8 +30,10 @@ from collections import deque
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.errors import CheckpointError, ConfigError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import ones
 
 DATA = 0
@@ -104,6 +106,9 @@ class I8042(Device):
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
+        if not 0 <= self.params["reset_status"] <= 255:
+            raise ConfigError(f"i8042: reset_status must be an exit status 0..255, not "
+                              f"{self.params['reset_status']}")
         self.stats.update(resets=0, commands=0, unknown_commands=0, aux_bytes_dropped=0,
                           foreign_port=0)
         p = self.params
@@ -278,9 +283,18 @@ class I8042(Device):
                 "kbd_pending": self.kbd_pending, "kbd_enabled": self.kbd_enabled}
 
     def restore(self, state: dict[str, Any]) -> None:
-        for key in ("command_byte", "status", "outport", "last_data", "pending_command",
-                    "kbd_pending"):
-            setattr(self, key, int(state[key]) & 0xFF)
-        self.obuf = deque((int(b) & 0xFF, bool(aux)) for b, aux in state["obuf"][:OBUF_LIMIT])
-        self.kbd_enabled = bool(state["kbd_enabled"])
+        s = SavedState(self.name, state)
+        regs = {key: s.integer(key, 0, 0xFF) for key in (
+            "command_byte", "status", "outport", "last_data", "pending_command", "kbd_pending")}
+        raw = state.get("obuf")
+        if not isinstance(raw, list) or len(raw) > OBUF_LIMIT or not all(
+                isinstance(e, list) and len(e) == 2 and type(e[0]) is int and 0 <= e[0] <= 0xFF
+                and isinstance(e[1], bool) for e in raw):
+            raise CheckpointError(f"{self.name}: saved state obuf must be at most {OBUF_LIMIT} "
+                                  "[byte, aux] pairs (a corrupt or foreign checkpoint)")
+        enabled = s.flag("kbd_enabled")
+        for key, value in regs.items():
+            setattr(self, key, value)
+        self.obuf = deque((b, aux) for b, aux in raw)
+        self.kbd_enabled = enabled
         self._update_irq()

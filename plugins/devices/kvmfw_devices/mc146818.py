@@ -30,10 +30,11 @@ import time
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
-from kvmfw.errors import ConfigError
+from kvmfw.errors import CheckpointError, ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import cancel, ones, schedule_at
 from kvmfw_devices.irq import drive_irq
 
@@ -77,6 +78,9 @@ RESET_B = 0x02
 CMOS_SIZE = 128
 UIP_SECONDS = 244e-6
 INDEX_NMI_MASK = 0x80
+MIN_TIME = -62135596800.0  # 0001-01-01T00:00:00Z: the RTC's clock stays within years 1..9999
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+RESTORE_SLACK = 1e9  # seconds a clock set to the end of 9999 may have run on before a save
 
 
 def _parse_time(text: str) -> float:
@@ -323,11 +327,17 @@ class Mc146818(Device):
                 "cmos": list(self.cmos), "offset": self.offset}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.index = int(state["index"]) & 0x7F
-        self.nmi_disabled = bool(state["nmi_disabled"])
-        cmos = [int(v) & 0xFF for v in state["cmos"]][:CMOS_SIZE]
-        self.cmos = cmos + [0] * (CMOS_SIZE - len(cmos))
-        self.offset = float(state["offset"])
+        s = SavedState(self.name, state)
+        index = s.integer("index", 0, 0x7F)
+        nmi_disabled = s.flag("nmi_disabled")
+        cmos = s.integers("cmos", 0, 0xFF, CMOS_SIZE)
+        if len(cmos) != CMOS_SIZE:
+            raise CheckpointError(f"{self.name}: saved state cmos must hold {CMOS_SIZE} bytes "
+                                  "(a corrupt or foreign checkpoint)")
+        # the clock must stay within what the registers can show (years 1..9999)
+        offset = s.number("offset", MIN_TIME - self._source(),
+                          MAX_TIME + RESTORE_SLACK - self._source())
+        self.index, self.nmi_disabled, self.cmos, self.offset = index, nmi_disabled, cmos, offset
         self._irq_level = not self.cmos[REG_C] & C_IRQF  # force the line to match
         self._update_irq()
         self._reschedule()

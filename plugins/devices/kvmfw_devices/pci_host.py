@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_bool, parse_int
+from kvmfw.errors import CheckpointError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import ones, to_bytes, to_int
 
 CFG_VENDOR = 0x00
@@ -155,9 +157,10 @@ class PciFunction:
     def save(self) -> dict[str, Any]:
         return {"config": self.config.hex()}
 
-    def restore(self, state: dict[str, Any]) -> None:
-        raw = bytes.fromhex(state["config"])[:CFG_SIZE]
-        self.config[:] = raw.ljust(CFG_SIZE, b"\0")
+    def restore(self, state: SavedState | dict[str, Any]) -> None:
+        """Load a state from :meth:`save` (a :class:`CheckpointError` if it is malformed)."""
+        s = state if isinstance(state, SavedState) else SavedState("pci function", state)
+        self.config[:] = s.raw("config", CFG_SIZE)
 
 
 class PciTestDev(PciFunction):
@@ -184,11 +187,13 @@ class PciTestDev(PciFunction):
     def save(self) -> dict[str, Any]:
         return {**super().save(), "memory": {str(i): m.hex() for i, m in self.memory.items()}}
 
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
+    def restore(self, state: SavedState | dict[str, Any]) -> None:
+        s = state if isinstance(state, SavedState) else SavedState("pci testdev", state)
+        memory = s.sub("memory")
+        raws = {i: memory.raw(str(i), len(m)) for i, m in self.memory.items()}
+        super().restore(s)
         for i, m in self.memory.items():
-            raw = bytes.fromhex(state["memory"][str(i)])[:len(m)]
-            m[:] = raw.ljust(len(m), b"\0")
+            m[:] = raws[i]
 
 
 class PciHost(Device):
@@ -290,9 +295,21 @@ class PciHost(Device):
         return {"functions": {str(k): f.save() for k, f in self.functions.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
-        for k, f in self.functions.items():
-            if str(k) in state["functions"]:
-                f.restore(state["functions"][str(k)])
+        functions = SavedState(self.name, state).sub("functions")
+        for k in functions.state:
+            if not str(k).isdigit() or int(k) not in self.functions:
+                raise CheckpointError(f"{self.name}: saved state has function {k!r}, which "
+                                      "this host does not have (a foreign checkpoint)")
+        # check everything before changing anything: a refused state leaves the host as it was
+        subs = {k: functions.sub(str(k)) for k in self.functions if str(k) in functions.state}
+        backup = {k: f.save() for k, f in self.functions.items()}
+        try:
+            for k, sub in subs.items():
+                self.functions[k].restore(sub)
+        except CheckpointError:
+            for k, f in self.functions.items():
+                f.restore(SavedState(self.name, backup[k]))
+            raise
 
 
 def _ecam_target(offset: int) -> tuple[int, int, int, int]:

@@ -30,6 +30,7 @@ from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, 
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import cancel, ones, schedule_at, to_bytes, to_int
 from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
 from kvmfw_devices.irq import drive_irq
@@ -72,6 +73,11 @@ RSR_OE = 0x08
 FIFO_DEPTH = 16
 TRIGGER_EIGHTHS = (1, 2, 4, 6, 7)  # 1/8, 1/4, 1/2, 3/4, 7/8 full
 UART_CLOCK_HZ = 24_000_000
+HOST_QUEUE_LIMIT = 4096  # host bytes held beside the FIFO; the console input keeps the rest
+MAX_DELAY_TICKS = 1 << 62  # a pending timeout further away than this is a corrupt state
+REG_MASKS = {"rsr": 0xF, "ilpr": 0xFF, "ibrd": 0xFFFF, "fbrd": 0x3F, "lcr_h": 0xFF,
+             "cr": 0xFFFF, "ifls": 0x3F, "imsc": INT_MASK, "ris": INT_MASK, "dmacr": 0x7}
+"""Each register's writable bits (what restore accepts)."""
 
 
 class Pl011(Device):
@@ -128,17 +134,24 @@ class Pl011(Device):
         sel = min((self.ifls >> 3) & 7, len(TRIGGER_EIGHTHS) - 1)
         return FIFO_DEPTH * TRIGGER_EIGHTHS[sel] // 8
 
-    def enqueue(self, data: bytes) -> None:
-        """Host bytes: queued and moved into the receive FIFO as room allows."""
-        self.host_queue.extend(data)
+    def enqueue(self, data: bytes) -> int:
+        """Host bytes: queued and moved into the receive FIFO as room allows; returns how many
+        were taken (the console input holds the rest until the FIFO drains)."""
+        take = data[:max(HOST_QUEUE_LIMIT - len(self.host_queue), 0)]
+        self.host_queue.extend(take)
         self._refill()
         self._update_irq()
+        return len(take)
 
     def _refill(self) -> None:
         if self.cr & CR_LBE:
             return  # in loopback the serial input is disconnected: host bytes wait
+        moved = False
         while self.host_queue and len(self.rx_fifo) < self.rx_capacity:
             self._push_rx(self.host_queue.popleft())
+            moved = True
+        if moved and len(self.host_queue) <= HOST_QUEUE_LIMIT // 2 and hasattr(self, "input"):
+            self.input.resume()  # room for more host input (low-water mark: few, big refills)
 
     def _push_rx(self, value: int) -> None:
         if len(self.rx_fifo) >= self.rx_capacity:
@@ -270,15 +283,18 @@ class Pl011(Device):
                 "timeout_in": None if when is None else max(0, when - self.ctx.eventq.cur_tick)}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.rx_fifo = deque(int(v) & 0xFFF for v in state["rx_fifo"])
-        self.host_queue = deque(int(v) & 0xFF for v in state["host_queue"])
-        for key in ("rsr", "ilpr", "ibrd", "fbrd", "lcr_h", "cr", "ifls", "imsc", "ris",
-                    "dmacr"):
-            setattr(self, key, int(state[key]))
+        s = SavedState(self.name, state)
+        rx = s.integers("rx_fifo", 0, 0xFFF, FIFO_DEPTH)
+        host = s.integers("host_queue", 0, 0xFF, HOST_QUEUE_LIMIT)
+        regs = {key: s.integer(key, 0, mask) for key, mask in REG_MASKS.items()}
+        timeout_in = s.opt_int("timeout_in", 0, MAX_DELAY_TICKS)
+        self.rx_fifo, self.host_queue = deque(rx), deque(host)
+        for key, value in regs.items():
+            setattr(self, key, value)
         cancel(self.ctx.eventq, self._timeout_event)
-        if state.get("timeout_in") is not None:
+        if timeout_in is not None:
             eq = self.ctx.eventq
-            schedule_at(eq, self._timeout_event, eq.cur_tick + int(state["timeout_in"]))
+            schedule_at(eq, self._timeout_event, eq.cur_tick + timeout_in)
         self._irq_level = not (self.ris & self.imsc)  # force the line to match
         self._update_irq()
 

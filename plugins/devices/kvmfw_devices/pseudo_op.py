@@ -32,13 +32,16 @@ the machine provides them.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.errors import CheckpointError, ConfigError
 from kvmfw.eventq import TICKS_PER_NS
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import ones, to_bytes, to_int
 
 WINDOW_SIZE = 0x10000
@@ -51,6 +54,10 @@ BUF_SIZE = WINDOW_SIZE - BUF_OFFSET
 MAX_NAME = 255
 FAILED = (1 << 64) - 1
 MASK64 = FAILED
+WARN_LIMIT = 10
+MAX_WORK_ITEMS = 1024
+"""Work items open at once (work_begin without work_end); more fail, as a guest that never
+ends its work items must not grow host memory."""
 
 OP_RPNS = 0x07
 OP_EXIT = 0x21
@@ -78,6 +85,16 @@ def _opt_path(text: str) -> str | None:
     return text or None
 
 
+def _open_regular(path: Path, flags: int) -> int:
+    """Open a host file for a file operation; anything but a regular file (a FIFO that would
+    block the machine, a device node) is refused with OSError."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
 class PseudoOp(Device):
     """gem5-style pseudo operations through an MMIO window."""
 
@@ -91,8 +108,13 @@ class PseudoOp(Device):
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
+        root = self.params["dir"] or ctx.options.get("pseudo_op_dir")
+        if root is not None and not os.path.isdir(root):
+            raise ConfigError(f"pseudo-op: dir {root} is not a directory (create it, or leave "
+                              "dir unset to refuse the guest's file operations)")
         self.stats.update({f"op_{n}": 0 for n in OP_NAMES.values()})
-        self.stats.update(failed_ops=0, file_bytes_read=0, file_bytes_written=0)
+        self.stats.update(failed_ops=0, file_bytes_read=0, file_bytes_written=0, warnings=0)
+        self._warned: dict[str, int] = {}
         self.reset()
 
     def ranges(self) -> list[Range]:
@@ -153,6 +175,15 @@ class PseudoOp(Device):
         self.args[0] = to_int(data)
         self.result = self._execute(op)
 
+    def _warn(self, kind: str, msg: str, *args: Any) -> None:
+        """Log a guest-caused warning, the first WARN_LIMIT of each kind only (a guest in a
+        loop must not flood the host's log); the rest are counted in ``warnings``."""
+        self.stats["warnings"] += 1
+        n = self._warned[kind] = self._warned.get(kind, 0) + 1
+        if n <= WARN_LIMIT:
+            self.log.warning(msg + (" (further ones are counted, not logged)"
+                                    if n == WARN_LIMIT else ""), *args)
+
     def _bad(self, size: int) -> bytes:
         self.stats["bad_accesses"] += 1
         return ones(size)
@@ -194,7 +225,8 @@ class PseudoOp(Device):
     def _service(self, name: str, *args: Any) -> int | None:
         svc = self.ctx.services.get(name)
         if svc is None:
-            self.log.warning("pseudo-op %s: the machine provides no %s service", name, name)
+            self._warn("no_service", "pseudo-op %s: the machine provides no %s service", name,
+                       name)
             return None
         svc(*args)
         return 0
@@ -203,6 +235,10 @@ class PseudoOp(Device):
         key = f"{work_id}.{thread_id}"
         now = self.ctx.eventq.cur_tick
         if begin:
+            if key not in self.work and len(self.work) >= MAX_WORK_ITEMS:
+                self._warn("work_items", "pseudo-op work_begin: %d work items already open",
+                           MAX_WORK_ITEMS)
+                return None
             self.work[key] = now
         elif self.work.pop(key, None) is None:
             return None  # end without a begin
@@ -241,7 +277,7 @@ class PseudoOp(Device):
         base = Path(root).resolve()
         path = (base / name).resolve()
         if os.path.isabs(name) or not path.is_relative_to(base) or path == base:
-            self.log.warning("pseudo-op: refused host file %r outside %s", name, base)
+            self._warn("refused_file", "pseudo-op: refused host file %r outside %s", name, base)
             return None
         return path
 
@@ -250,15 +286,21 @@ class PseudoOp(Device):
         path = self._host_path(name_addr)
         if dest is None or path is None:
             return None
+        done = 0
         try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(length)
+            fd = _open_regular(path, os.O_RDONLY)
+            try:  # straight into guest RAM: no host copy the size of the guest's request
+                while done < length:
+                    n = os.preadv(fd, [dest[done:]], offset + done)
+                    if n <= 0:
+                        break
+                    done += n
+            finally:
+                os.close(fd)
         except (OSError, OverflowError, ValueError):
             return None
-        dest[:len(data)] = data
-        self.stats["file_bytes_read"] += len(data)
-        return len(data)
+        self.stats["file_bytes_read"] += done
+        return done
 
     def _write_file(self, addr: int, length: int, offset: int, name_addr: int) -> int | None:
         src = self._guest_range(addr, length)
@@ -266,10 +308,13 @@ class PseudoOp(Device):
         if src is None or path is None:
             return None
         try:
-            mode = "r+b" if offset and path.exists() else "wb"
-            with open(path, mode) as f:
-                f.seek(offset)
-                f.write(src)
+            fd = _open_regular(path, os.O_WRONLY | os.O_CREAT | (0 if offset else os.O_TRUNC))
+            try:
+                done = 0
+                while done < length:
+                    done += os.pwritev(fd, [src[done:]], offset + done)
+            finally:
+                os.close(fd)
         except (OSError, OverflowError, ValueError):
             return None
         self.stats["file_bytes_written"] += length
@@ -282,9 +327,17 @@ class PseudoOp(Device):
                 "buffer": self.buffer.hex(), "work": dict(self.work)}
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.args = [int(v) & MASK64 for v in state["args"]][:NUM_ARGS]
-        self.args += [0] * (NUM_ARGS - len(self.args))
-        self.result = int(state["result"]) & MASK64
-        buf = bytes.fromhex(state["buffer"])[:BUF_SIZE]
-        self.buffer = bytearray(buf.ljust(BUF_SIZE, b"\0"))
-        self.work = {str(k): int(v) for k, v in state["work"].items()}
+        s = SavedState(self.name, state)
+        args = s.integers("args", 0, MASK64, NUM_ARGS)
+        result = s.integer("result", 0, MASK64)
+        buf = s.raw("buffer", BUF_SIZE)
+        work = {}
+        for k, v in s.mapping("work", MAX_WORK_ITEMS):
+            if type(v) is not int or v < 0:
+                raise CheckpointError(f"{self.name}: saved work item {k!r} has no valid begin "
+                                      "tick (a corrupt or foreign checkpoint)")
+            work[str(k)] = v
+        self.args = args + [0] * (NUM_ARGS - len(args))
+        self.result = result
+        self.buffer = bytearray(buf)
+        self.work = work

@@ -31,6 +31,7 @@ from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, 
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
+from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import cancel, ones, schedule_at
 from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
 from kvmfw_devices.irq import drive_irq
@@ -102,6 +103,8 @@ FIFO_SIZE = 16
 UART_CLOCK_HZ = 1_843_200  # the PC crystal: divisor 1 = 115200 baud
 DEFAULT_DIVISOR = 12  # 9600 baud, as firmware leaves it
 DEFAULT_MSR = MSR_DCD | MSR_DSR | MSR_CTS  # a terminal is attached (QEMU, kvmtool)
+HOST_QUEUE_LIMIT = 4096  # host bytes held beside the FIFO; the console input keeps the rest
+MAX_DELAY_TICKS = 1 << 62  # a pending timeout further away than this is a corrupt state
 
 
 class Uart16550(Device):
@@ -151,11 +154,15 @@ class Uart16550(Device):
 
     # --- host side ---------------------------------------------------------------------
 
-    def enqueue(self, data: bytes) -> None:
-        """Bytes typed on the host: queued and moved into the receive FIFO as room allows."""
-        self.host_queue.extend(data)
+    def enqueue(self, data: bytes) -> int:
+        """Bytes typed on the host: queued and moved into the receive FIFO as room allows;
+        returns how many were taken (the console input holds the rest until :meth:`_refill`
+        makes room)."""
+        take = data[:max(HOST_QUEUE_LIMIT - len(self.host_queue), 0)]
+        self.host_queue.extend(take)
         self._refill()
         self._update_irq()
+        return len(take)
 
     @property
     def fifo_enabled(self) -> bool:
@@ -172,10 +179,14 @@ class Uart16550(Device):
     def _refill(self) -> None:
         if self.mcr & MCR_LOOP:
             return  # in loopback the serial input is disconnected: host bytes wait
+        moved = False
         while self.host_queue and len(self.rx_fifo) < self.rx_capacity:
             self.rx_fifo.append(self.host_queue.popleft())
             self.stats["rx_bytes"] += 1
             self._data_arrived()
+            moved = True
+        if moved and len(self.host_queue) <= HOST_QUEUE_LIMIT // 2 and hasattr(self, "input"):
+            self.input.resume()  # room for more host input (low-water mark: few, big refills)
 
     def _receive_line_byte(self, value: int) -> None:
         """A byte from the (looped-back) serial line: overruns when the FIFO is full."""
@@ -379,16 +390,23 @@ class Uart16550(Device):
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        for key in ("dll", "dlm", "ier", "fcr", "lcr", "mcr", "lsr", "msr", "scr"):
-            setattr(self, key, int(state[key]) & 0xFF)
-        self.rx_fifo = deque(int(b) & 0xFF for b in state["rx_fifo"])
-        self.host_queue = deque(int(b) & 0xFF for b in state["host_queue"])
-        self.thr_pending = bool(state["thr_pending"])
-        self.timeout_pending = bool(state["timeout_pending"])
+        s = SavedState(self.name, state)
+        regs = {k: s.integer(k, 0, 0xFF) for k in ("dll", "dlm", "ier", "fcr", "lcr", "mcr",
+                                                  "lsr", "msr", "scr")}
+        regs["ier"] &= IER_MASK
+        regs["mcr"] &= MCR_MASK
+        rx = s.integers("rx_fifo", 0, 0xFF, FIFO_SIZE)
+        host = s.integers("host_queue", 0, 0xFF, HOST_QUEUE_LIMIT)
+        thr, timeout = s.flag("thr_pending"), s.flag("timeout_pending")
+        timeout_in = s.opt_int("timeout_in", 0, MAX_DELAY_TICKS)
+        for key, value in regs.items():
+            setattr(self, key, value)
+        self.rx_fifo, self.host_queue = deque(rx), deque(host)
+        self.thr_pending, self.timeout_pending = thr, timeout
         cancel(self.ctx.eventq, self._timeout_event)
-        if state.get("timeout_in") is not None:
+        if timeout_in is not None:
             eq = self.ctx.eventq
-            schedule_at(eq, self._timeout_event, eq.cur_tick + int(state["timeout_in"]))
+            schedule_at(eq, self._timeout_event, eq.cur_tick + timeout_in)
         self._update_irq()
 
     def close(self) -> None:
