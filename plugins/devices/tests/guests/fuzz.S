@@ -8,7 +8,7 @@
  * three times in four and any byte of the range otherwise, so accesses may be misaligned
  * or straddle a range's end. Writes that would end the run
  * by design are defused, so the fuzz reaches its end: i8042 commands 0xd1 and 0xf0-0xff
- * (output port / CPU reset), ACPI PM1a_CNT.SLP_EN (bit 13: sleep or power-off), and the
+ * (output port / CPU reset), RST_CPU in the reset control register (0xcf9), ACPI PM1a_CNT.SLP_EN (bit 13: sleep or power-off), and the
  * pseudo-op window's operation pages except rpns and sum. Debug-exit (port 0xf4) is
  * written last: status (0x10 << 1) | 1 = 33 means the fuzz ran to its end. MODE 1 (wild)
  * defuses nothing and adds the whole pseudo-op window to the targets: the run then ends
@@ -147,7 +147,12 @@ fuzz_loop:
     cmp $0xd1, %al
     jne 2f
 1:  mov $0x20, %al                  /* read command byte instead */
-2:  mov $0x605, %ebx                /* PM1a_CNT high byte: clear SLP_EN (bit 5) in it */
+2:  cmp $0xcf9, %edx                /* a byte to the PIIX reset control register */
+    jne 4f
+    cmp $0, %ecx
+    jne 4f
+    and $0xfb, %al                  /* clear RST_CPU (bit 2) */
+4:  mov $0x605, %ebx                /* PM1a_CNT high byte: clear SLP_EN (bit 5) in it */
     sub %edx, %ebx                  /* byte index of 0x605 in this access */
     cmp $3, %ebx
     ja 3f
