@@ -109,7 +109,8 @@ def test_break_in_a_booting_linux_kernel_and_let_it_finish(tmp_path: Path) -> No
         [*linuxguest.kvmfw_argv(), "run", "--kernel", str(d / "vmlinuz-amd64"), "--initrd",
          str(d / "initramfs-amd64.cpio.gz"), "--cmdline",
          f"{linuxguest.BASE_CMDLINE} nokaslr kvmfw.exit=reboot", "--memory", "512M",
-         "--console", f"file:{log}", "--gdb", "tcp::0", "-S", "--timeout", str(TIMEOUT * 2)],
+         "--console", f"file:{log}", "--gdb", "tcp::0", "-S", "--timeout", str(TIMEOUT * 2),
+         "--no-reboot"],  # the guest ends by rebooting (kvmfw.exit=reboot), as with QEMU
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
