@@ -588,6 +588,27 @@ _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line and an exit status."""
     try:
+        _main(argv)
+    finally:
+        _settle_output()
+
+
+def _settle_output() -> None:
+    """Flush stdout and stderr now; one that cannot be written any more (a hung-up
+    terminal, a closed pipe) is pointed at /dev/null, or the interpreter's own flush at
+    exit would fail and replace the exit status with 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
+                fd = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(fd, stream.fileno())
+                os.close(fd)
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
         _add_plugin_commands()
         cli.main(args=argv, prog_name="kvmfw", standalone_mode=False)
     except click.exceptions.Abort:

@@ -136,7 +136,14 @@ def test_unknown_option_names_and_values_are_refused() -> None:
 def test_arch_of_another_host_says_which_host_it_needs() -> None:
     if platform.machine() != "x86_64":
         pytest.skip("the message names the x86_64 host this test expects")
-    err = one_line_error(kvmfw("run", "--arch", "armv8"))
+    import importlib.metadata
+
+    r = kvmfw("run", "--arch", "armv8")
+    if "armv8" not in {ep.name for ep in importlib.metadata.entry_points(group="kvmfw.arch")}:
+        # the plugin declares the hosts it runs on: without it, the arch is simply missing
+        assert r.returncode == 4 and "no architecture plugin 'armv8' is installed" in r.stderr
+        return
+    err = one_line_error(r)
     assert "--arch armv8 needs an arm64 host" in err and "GIC" not in err
 
 

