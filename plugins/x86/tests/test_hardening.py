@@ -57,8 +57,10 @@ def expect(name, fn):
 def isolated(body: str) -> list[str]:
     """Run ``body`` in a child: on the old code these cases wrote (or read) far outside
     their buffer, and a crash must fail the test, not end the test run."""
+    # cwd "/": "python -c" puts the working directory first on sys.path, and a source
+    # checkout there would shadow the installed (compiled) kvmfw
     r = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd="/")
     assert r.returncode == 0, (r.returncode, r.stdout[-1000:], r.stderr[-2000:])
     return r.stdout.splitlines()
 
