@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmfw.gdb.client import GdbClient
+
 sys.path.insert(0, str(Path(__file__).parent / "linux"))
 
 import linuxguest  # noqa: E402
@@ -53,40 +55,12 @@ def kallsyms() -> dict[str, int]:
     return out
 
 
-class Client:
+class Client(GdbClient):
     def __init__(self, port: int) -> None:
-        import socket
-
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.buf = b""
-
-    def _byte(self) -> bytes:
-        while not self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        b, self.buf = self.buf[:1], self.buf[1:]
-        return b
-
-    def packet(self) -> bytes:
-        while self._byte() != b"$":
-            pass
-        body = b""
-        while (b := self._byte()) != b"#":
-            body += b
-        self._byte()
-        self._byte()
-        self.sock.sendall(b"+")
-        return body
-
-    def cmd(self, payload: bytes) -> bytes:
-        self.sock.sendall(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF))
-        return self.packet()
+        super().__init__(port, timeout=TIMEOUT)
 
     def reg(self, n: int) -> int:
-        regs = self.cmd(b"g")
-        return int.from_bytes(bytes.fromhex(regs[n * 16:n * 16 + 16].decode()), "little")
+        return self.register(n)
 
 
 def test_break_in_a_booting_linux_kernel_and_let_it_finish(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ parallel mode, kill, and a debug exit with no debugger."""
 
 from __future__ import annotations
 
-import socket
 import struct
 import threading
 import time
@@ -22,6 +21,7 @@ from kvmfw.abi import IOCTLS, address_of, ffi
 from kvmfw.device import Range
 from kvmfw.errors import UnhandledExitError
 from kvmfw.gdb import BreakKind, Feature, GdbStub, GdbTarget, GdbUnsupported, Reg, Stop
+from kvmfw.gdb.client import GdbClient
 from kvmfw.gdb.stub import _Resume
 from kvmfw.machine import Machine, MachineConfig
 
@@ -93,37 +93,9 @@ def machine(program: int, cpus: int = 1) -> Machine:
     return m
 
 
-class Client:
+class Client(GdbClient):
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.buf = b""
-
-    def _byte(self) -> bytes:
-        while not self.buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buf += chunk
-        b, self.buf = self.buf[:1], self.buf[1:]
-        return b
-
-    def packet(self) -> bytes:
-        while self._byte() != b"$":
-            pass
-        body = b""
-        while (b := self._byte()) != b"#":
-            body += b
-        self._byte()
-        self._byte()
-        self.sock.sendall(b"+")
-        return body
-
-    def send(self, payload: bytes) -> None:
-        self.sock.sendall(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF))
-
-    def cmd(self, payload: bytes) -> bytes:
-        self.send(payload)
-        return self.packet()
+        super().__init__(port, timeout=TIMEOUT)
 
 
 def session(m: Machine, script: Any) -> tuple[Any, list[Any]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from kvmfw.errors import UnhandledExitError
+from kvmfw.gdb.client import GdbClient
 from kvmfw.machine import Machine, MachineConfig
 
 from kvmfw_x86.plugin import X86Plugin
@@ -76,49 +77,11 @@ class Kvmfw:
             self.proc.communicate()
 
 
-class Client:
-    """A raw GDB remote-protocol client (acks on, as GDB starts)."""
+class Client(GdbClient):
+    """The core's protocol client with this module's timeout."""
 
     def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.buf = b""
-
-    def raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _byte(self) -> bytes:
-        while not self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("stub closed the connection")
-            self.buf += chunk
-        b, self.buf = self.buf[:1], self.buf[1:]
-        return b
-
-    def ack(self) -> bytes:
-        return self._byte()
-
-    def packet(self) -> bytes:
-        while (b := self._byte()) != b"$":
-            assert b in b"+", f"unexpected byte {b!r} before a packet"
-        body = b""
-        while (b := self._byte()) != b"#":
-            body += b
-        cs = self._byte() + self._byte()
-        assert int(cs, 16) == sum(body) & 0xFF, "bad checksum from the stub"
-        self.raw(b"+")
-        return body
-
-    def send(self, payload: bytes) -> None:
-        self.raw(b"$" + payload + b"#%02x" % (sum(payload) & 0xFF))
-        assert self.ack() == b"+"
-
-    def cmd(self, payload: bytes) -> bytes:
-        self.send(payload)
-        return self.packet()
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__(port, timeout=TIMEOUT)
 
 
 def run_gdb(port: int, *commands: str, elf: Path = GUEST) -> str:
