@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmfw.device import split_options
-from kvmfw.errors import ConfigError
+from kvmfw.errors import ConfigError, ImageError
 
 log = logging.getLogger("kvmfw.config")
 
@@ -271,8 +271,11 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
             _expect(name, value, (str,), "a path")
             if not value:
                 raise ConfigError(f"{name} is empty (give a path)")
-            out[key] = source.path(value, f) if (key != "initrd" or
-                                                  not re.search(r"[ ,]", value)) else value
+            module_list = key == "initrd" and re.search(r"[ ,]", value)  # multiboot modules
+            out[key] = value if module_list else source.path(value, f)
+            if key in ("kernel", "initrd") and not module_list \
+                    and not os.path.isfile(out[key]):  # before a plugin loads or a VM exists
+                raise ImageError(f"{name} {out[key]} does not exist or is not a file")
         elif key == "load_addr":
             if isinstance(value, str):
                 try:

@@ -75,8 +75,10 @@ def test_toml_options_may_be_a_table(tmp_path: Path) -> None:
     assert out["option"] == ["irqchip=userspace", "reboot=off"]
 
 
-def test_relative_paths_in_toml_are_relative_to_the_file(tmp_path: Path) -> None:
+def test_relative_paths_in_toml_are_relative_to_the_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "ops").mkdir()
+    (tmp_path / "guest.elf").write_bytes(b"\x7fELF")
     out = run_cfg({"kernel": "guest.elf", "stats": "out/../s.json", "pseudo_op_dir": "ops",
                    "console": "file:console.log",
                    "device": ["virtio-blk,file=disk.img"]}, tmp_path / "c.toml")
@@ -85,7 +87,17 @@ def test_relative_paths_in_toml_are_relative_to_the_file(tmp_path: Path) -> None
     assert out["console"] == f"file:{tmp_path / 'console.log'}"
     assert out["device"] == [f"virtio-blk,file={tmp_path / 'disk.img'}"]
     # the same values on the command line stay relative to the working directory
+    monkeypatch.chdir(tmp_path)
     assert run_cfg({"kernel": "guest.elf"})["kernel"] == "guest.elf"
+
+
+def test_a_missing_kernel_or_initrd_is_an_image_error_before_anything_loads(
+        tmp_path: Path) -> None:
+    from kvmfw.errors import ImageError
+
+    for key in ("kernel", "initrd"):
+        with pytest.raises(ImageError, match="does not exist"):
+            run_cfg({key: str(tmp_path / "none.img")})
 
 
 @pytest.mark.parametrize(("key", "value", "msg"), [
