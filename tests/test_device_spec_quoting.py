@@ -48,10 +48,3 @@ def test_bad_specs_are_config_errors(spec: str, match: str) -> None:
 
 def test_split_options_keeps_order_and_bare_words() -> None:
     assert split_options('a,"b,c",d=e') == [("a", None), ("b,c", None), ("d", "e")]
-
-
-def test_fw_cfg_blob_spec_takes_quoted_values() -> None:
-    fw_cfg = pytest.importorskip("kvmfw_devices.fw_cfg")
-    assert fw_cfg.parse_blob_spec('name=opt/x,string="one,two"') == ("opt/x", b"one,two")
-    with pytest.raises(ConfigError, match="expected key=value"):
-        fw_cfg.parse_blob_spec("name=opt/x,string=one,two")

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from kvmfw.errors import CheckpointError, ConfigError
 
 from kvmfw_devices import fw_cfg as f
-from kvmfw_devices.fw_cfg import FwCfg
+from kvmfw_devices.fw_cfg import FwCfg, parse_blob_spec
 
 
 def select(dev: FwCfg, key: int) -> None:
@@ -329,3 +329,9 @@ def test_blob_from_an_endless_file_is_refused(h: Harness, monkeypatch: pytest.Mo
     monkeypatch.setattr(f, "MAX_BLOB", 1 << 16)
     with pytest.raises(ConfigError, match="larger than"):
         FwCfg(h.ctx, name="opt/zero", file="/dev/zero")
+
+
+def test_fw_cfg_blob_spec_takes_quoted_values() -> None:
+    assert parse_blob_spec('name=opt/x,string="one,two"') == ("opt/x", b"one,two")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_blob_spec("name=opt/x,string=one,two")
