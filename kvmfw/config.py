@@ -452,6 +452,5 @@ def check_machine_config(cfg: Any, kvm: Any, arch: str, plugin: Any = None) -> N
         log.warning("kvmfw: warning: --cpus %d is more than KVM recommends here "
                     "(KVM_CAP_NR_VCPUS = %d); the run may be slow", cpus,
                     kvm.recommended_vcpus)
-    check_host_factor(cfg.host_factor)
     if cfg.unclaimed not in ("ignore", "fatal"):
         raise ConfigError(f"--unclaimed must be ignore or fatal, not {cfg.unclaimed!r}")

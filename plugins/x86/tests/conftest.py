@@ -85,3 +85,26 @@ def machine_factory():  # type: ignore[no-untyped-def]
     yield make
     for m in made:
         m.close()
+
+
+def bzimage(version: int = 0x20F, xload: int = 1, kernel: bytes = b"\x90" * 4096,
+            syssize: int | None = None) -> bytes:
+    """A minimal bzImage (boot protocol ``version``, 64-bit entry) around ``kernel``."""
+    setup_sects = 4
+    img = bytearray((setup_sects + 1) * 512)
+    img[0x1F1] = setup_sects
+    struct.pack_into("<I", img, 0x1F4, (syssize if syssize is not None else len(kernel) // 16))
+    struct.pack_into("<H", img, 0x1FE, 0xAA55)
+    img[0x200] = 0xEB
+    img[0x201] = 0x6A  # header ends at 0x26c
+    img[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", img, 0x206, version)
+    img[0x211] = 0x01  # LOADED_HIGH
+    struct.pack_into("<I", img, 0x22C, 0x37FFFFFF)  # initrd_addr_max
+    struct.pack_into("<I", img, 0x230, 0x200000)  # kernel_alignment
+    img[0x234] = 1  # relocatable
+    struct.pack_into("<H", img, 0x236, xload)
+    struct.pack_into("<I", img, 0x238, 2048)  # cmdline_size
+    struct.pack_into("<Q", img, 0x258, 0x1000000)  # pref_address
+    struct.pack_into("<I", img, 0x260, 0x10000)  # init_size
+    return bytes(img) + kernel

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GUESTS, requires_kvm
+from conftest import GUESTS, bzimage, requires_kvm
 
 from kvmfw_x86 import acpi, loaders, mptable
 
@@ -308,24 +308,6 @@ def test_elf_and_multiboot_guests_get_acpi_unless_off(machine_factory: Any, gues
             assert find_rsdp(read) is None
 
 
-def _bzimage() -> bytes:
-    img = bytearray(5 * 512)
-    img[0x1F1] = 4
-    struct.pack_into("<I", img, 0x1F4, 4096 // 16)
-    struct.pack_into("<H", img, 0x1FE, 0xAA55)
-    img[0x201] = 0x6A
-    img[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", img, 0x206, 0x20F)
-    img[0x211] = 0x01
-    struct.pack_into("<I", img, 0x230, 0x200000)
-    img[0x234] = 1
-    struct.pack_into("<H", img, 0x236, 1)
-    struct.pack_into("<I", img, 0x238, 2048)
-    struct.pack_into("<Q", img, 0x258, 0x1000000)
-    struct.pack_into("<I", img, 0x260, 0x10000)
-    return bytes(img) + b"\x90" * 4096
-
-
 @requires_kvm
 @pytest.mark.kvm
 def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
@@ -334,7 +316,7 @@ def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4096))
     k = tmp_path / "bzImage"
-    k.write_bytes(_bzimage())
+    k.write_bytes(bzimage())
     m, _ = machine_factory(cpus=2)
     m.add_device_spec("acpi-pm,port=0xb000,irq=10")
     m.add_device_spec(f"virtio-blk,file={disk},base=0xd0001000,irq=6")

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
-from conftest import requires_kvm
+from conftest import bzimage, requires_kvm
 from kvmfw.device import Device, FirmwareNode, Range
-from test_acpi import Aml, _bzimage, rsdt_tables, table
+from test_acpi import Aml, rsdt_tables, table
 
 from kvmfw_x86 import acpi, loaders
 
@@ -93,7 +93,7 @@ def test_iasl_decompiles_declared_nodes(tmp_path: Path) -> None:
 def test_third_party_device_appears_in_the_guest_dsdt(machine_factory: Any,
                                                        tmp_path: Path) -> None:
     k = tmp_path / "bzImage"
-    k.write_bytes(_bzimage())
+    k.write_bytes(bzimage())
     m, _ = machine_factory(cpus=1)
     m.add_device(AcmeSensor(m.device_context()))
     loaders.load(m, str(k), {"cmdline": "console=ttyS0"})

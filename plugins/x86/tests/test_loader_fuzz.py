@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import GUESTS, make_machine, requires_kvm
+from conftest import GUESTS, bzimage, make_machine, requires_kvm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvmfw.errors import ImageError
@@ -57,26 +57,9 @@ def _mb_aout() -> bytes:
     return hdr.ljust(0x40, b"\0") + b"\xf4" * 0x40
 
 
-def _bz() -> bytes:
-    img = bytearray(5 * 512)
-    img[0x1F1] = 4
-    struct.pack_into("<I", img, 0x1F4, 4096 // 16)
-    struct.pack_into("<H", img, 0x1FE, 0xAA55)
-    img[0x201] = 0x6A
-    img[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", img, 0x206, 0x20F)
-    img[0x211] = 1
-    struct.pack_into("<I", img, 0x230, 0x200000)
-    img[0x234] = 1
-    struct.pack_into("<H", img, 0x236, 1)
-    struct.pack_into("<I", img, 0x238, 2048)
-    struct.pack_into("<I", img, 0x260, 0x10000)
-    return bytes(img) + b"\x90" * 4096
-
-
 BASES = {"elf32": ((GUESTS / "prot32.elf").read_bytes(), ELF32_FIELDS),
          "elf64": ((GUESTS / "long64.elf").read_bytes(), ELF64_FIELDS),
-         "multiboot": (_mb_aout(), MB_FIELDS), "bzimage": (_bz(), BZ_FIELDS)}
+         "multiboot": (_mb_aout(), MB_FIELDS), "bzimage": (bzimage(), BZ_FIELDS)}
 CASES = {"n": 0}
 
 

@@ -6,7 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import GUESTS, requires_kvm
+from conftest import GUESTS, bzimage, requires_kvm
 from kvmfw.errors import ImageError
 
 from kvmfw_x86 import loaders
@@ -55,40 +55,18 @@ def test_multiboot_elf64_refused_and_image_too_big(machine_factory, tmp_path: Pa
             m, 0x300000, b"x", "test blob")
 
 
-def _bzimage(version: int = 0x20F, xload: int = 1, kernel: bytes = b"\x90" * 4096,
-             syssize: int | None = None) -> bytes:
-    setup_sects = 4
-    img = bytearray((setup_sects + 1) * 512)
-    img[0x1F1] = setup_sects
-    struct.pack_into("<I", img, 0x1F4, (syssize if syssize is not None else len(kernel) // 16))
-    struct.pack_into("<H", img, 0x1FE, 0xAA55)
-    img[0x200] = 0xEB
-    img[0x201] = 0x6A  # header ends at 0x26c
-    img[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", img, 0x206, version)
-    img[0x211] = 0x01  # LOADED_HIGH
-    struct.pack_into("<I", img, 0x22C, 0x37FFFFFF)  # initrd_addr_max
-    struct.pack_into("<I", img, 0x230, 0x200000)  # kernel_alignment
-    img[0x234] = 1  # relocatable
-    struct.pack_into("<H", img, 0x236, xload)
-    struct.pack_into("<I", img, 0x238, 2048)  # cmdline_size
-    struct.pack_into("<Q", img, 0x258, 0x1000000)  # pref_address
-    struct.pack_into("<I", img, 0x260, 0x10000)  # init_size
-    return bytes(img) + kernel
-
-
 def test_bzimage_errors(machine_factory, tmp_path: Path) -> None:
     m, _ = machine_factory()
-    _fail(m, tmp_path, _bzimage(version=0x20A), "too old for the 64-bit entry")
-    _fail(m, tmp_path, _bzimage(xload=0), "no 64-bit entry")
-    _fail(m, tmp_path, _bzimage(syssize=0x10000), "truncated bzImage")
-    _fail(m, tmp_path, _bzimage()[:0x210], "truncated bzImage")
+    _fail(m, tmp_path, bzimage(version=0x20A), "too old for the 64-bit entry")
+    _fail(m, tmp_path, bzimage(xload=0), "no 64-bit entry")
+    _fail(m, tmp_path, bzimage(syssize=0x10000), "truncated bzImage")
+    _fail(m, tmp_path, bzimage()[:0x210], "truncated bzImage")
 
 
 def test_bzimage_boot_params_and_entry(machine_factory, tmp_path: Path) -> None:
     m, _ = machine_factory(memory=64 << 20)
     k = tmp_path / "bzImage"
-    k.write_bytes(_bzimage())
+    k.write_bytes(bzimage())
     rd = tmp_path / "initrd"
     rd.write_bytes(b"INITRD" * 1000)
     loaders.load(m, str(k), {"cmdline": "console=ttyS0 panic=-1", "initrd": str(rd)})
@@ -229,13 +207,13 @@ def test_multiboot_aout_loads_with_zeroed_bss(machine_factory, tmp_path: Path) -
 
 def test_bzimage_header_fields_out_of_range(machine_factory, tmp_path: Path) -> None:
     m, _ = machine_factory(memory=32 << 20)
-    img = bytearray(_bzimage())
+    img = bytearray(bzimage())
     struct.pack_into("<I", img, 0x260, 0xFFFFFFFF)  # init_size 4 GiB
     _fail(m, tmp_path, bytes(img), "init_size")
-    img = bytearray(_bzimage())
+    img = bytearray(bzimage())
     struct.pack_into("<I", img, 0x230, 0x80000000)  # kernel_alignment 2 GiB
     _fail(m, tmp_path, bytes(img), "does not fit")
-    img = bytearray(_bzimage())
+    img = bytearray(bzimage())
     struct.pack_into("<I", img, 0x238, 0)  # cmdline_size 0 -> 255 (the old default)
     _fail(m, tmp_path, bytes(img), "command line", cmdline="x" * 300)
 
@@ -245,7 +223,7 @@ def test_initrd_larger_than_ram_is_refused_from_its_size(machine_factory,
     """A sparse 256 MiB initrd for a 16 MiB guest: refused without reading it."""
     m, _ = machine_factory(memory=16 << 20)
     k = tmp_path / "bzImage"
-    k.write_bytes(_bzimage())
+    k.write_bytes(bzimage())
     rd = tmp_path / "initrd"
     with rd.open("wb") as f:
         f.truncate(256 << 20)
