@@ -281,6 +281,48 @@ def restore_arch_state(cpu: KvmCPU, state: dict[str, Any]) -> bool | None:
     """Load state produced by ``save_arch_state`` in the arch's documented order."""
 
 
+@hookspec(firstresult=True)
+def save_vm_state(machine: Machine) -> dict[str, Any] | None:
+    """VM-wide architectural state as plain data (x86: in-kernel PIC and IO-APIC
+    ``KVM_GET_IRQCHIP``, PIT ``KVM_GET_PIT2``, KVM clock ``KVM_GET_CLOCK``; ARMv8: the vGIC
+    distributor, redistributors and CPU interfaces). JSON-serialisable (bytes as hex).
+
+    Caller: checkpoint, snapshot and fork, on the thread that drained the machine, after
+    :meth:`Machine.drain <kvmfw.machine.Machine.drain>` and after every vCPU's
+    ``save_arch_state``, with no vCPU in ``KVM_RUN``. None: the arch has no VM-wide state.
+    """
+
+
+@hookspec(firstresult=True)
+def restore_vm_state(machine: Machine, state: dict[str, Any]) -> bool | None:
+    """Load ``save_vm_state`` output into a machine built from the same configuration.
+
+    Caller: restore and ``reset_to``, after guest RAM is in place and before any vCPU's
+    ``restore_arch_state`` (an arch whose per-vCPU state depends on VM state, e.g. the
+    vGIC's redistributors, documents its order). Everything is checked before KVM sees it:
+    raise :class:`~kvmfw.errors.StateError` naming the field, and change nothing. Return
+    True; None: the arch cannot restore VM state.
+    """
+
+
+@hookspec(firstresult=True)
+def cpu_model(machine: Machine) -> dict[str, Any] | None:
+    """What the guest sees of the CPU, as plain data for a checkpoint's manifest (x86: the
+    CPUID entries given to the vCPUs; ARMv8: the ID registers and vCPU features).
+
+    Caller: checkpoint, on the drained machine. None: nothing to record.
+    """
+
+
+@hookspec(firstresult=True)
+def check_cpu_model(machine: Machine, model: dict[str, Any]) -> str | None:
+    """Whether this host's KVM can give the guest the CPU model ``model`` (from
+    ``cpu_model`` on another run). Return None if it can, else a one-line reason naming
+    the first field it cannot give (the restore is then refused before any state is
+    loaded). Caller: restore, after the machine is built and before any state is loaded.
+    """
+
+
 @hookspec
 def dump_state(cpu: KvmCPU) -> str | None:
     """A readable dump for error reports. *Device hook.*
