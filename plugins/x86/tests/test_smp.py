@@ -37,7 +37,7 @@ def test_every_cpu_comes_online(machine_factory: Any, cpus: int, irqchip: str) -
     m, rep = machine_factory(cpus=cpus, irqchip=irqchip)
     seen = _threads(rep)
     loaders.load(m, str(GUESTS / "smp.elf"), {})
-    r = m.run(timeout=30)
+    r = m.run(timeout=300)
     assert r.reason == "reporter: guest done", rep.values
     v = [val for val, name in seen if name == "vcpu0"]
     assert v[0] == cpus  # processors the guest found in the MP table
@@ -67,7 +67,7 @@ def test_userspace_init_parks_a_running_cpu_until_sipi(machine_factory: Any) -> 
     m, rep = machine_factory(cpus=2, irqchip="userspace")
     seen = _threads(rep)
     loaders.load(m, str(GUESTS / "smp.elf"), {})
-    m.run(timeout=30)
+    m.run(timeout=300)
     st = X86Plugin.state(m.hooks.pm.get_plugin("arch:x86"), m)  # type: ignore[arg-type]
     ap = m.cpus[1]
     assert ap.halted
@@ -89,7 +89,7 @@ def test_userspace_init_parks_a_running_cpu_until_sipi(machine_factory: Any) -> 
     eq.schedule(Event(init_running, "init"), eq.cur_tick + 5_000_000_000)  # 5 ms
     eq.schedule(Event(sipi, "sipi"), eq.cur_tick + 100_000_000_000)  # 100 ms
     seen.clear()
-    r = m.run(timeout=30)
+    r = m.run(timeout=300)
     assert r.reason == "reporter: guest done"
     assert parked == [(True, 0xF000, 0xFFF1)]  # halted on the hlt at F000:FFF0
     assert seen == [(0xA0B, "vcpu1")]

@@ -7,7 +7,7 @@
  * and sends each AP INIT, SIPI, SIPI (vector 0x06) through the local APIC's ICR. Each AP
  * starts in real mode at 0600:0000, reads its APIC id with CPUID leaf 1, sets its bit in a
  * mask at 0x6F04, reports 0xA00 | id, increments the counter at 0x6F00 (both locked) and
- * halts. The BSP waits for the counter to reach the processor count (bounded), reports
+ * halts. The BSP waits for the counter to reach the processor count, reports
  * the counter and the mask, and ends the run (port 0xe4). Errors report 0xDEAD000x. */
     .set MB_MAGIC, 0x1BADB002
     .set MB_FLAGS, 0x00000003
@@ -95,11 +95,13 @@ found:
     movl $0x00004606, APIC+0x300    /* SIPI again (as the MP spec says) */
     add $4, %esi
     jmp 9b
-10: mov $3000000, %ecx
+10:                                 /* no iteration bound: how many BSP iterations an AP
+                                     * takes to come up depends on host load (the test's run
+                                     * timeout is the bound) */
 11: cmp %ebx, COUNTER
     jae 12f
     pause
-    loop 11b
+    jmp 11b
 12: mov COUNTER, %eax
     out %eax, $0xe0                 /* CPUs up, BSP included */
     mov MASK, %eax
