@@ -758,6 +758,7 @@ class Machine:
             return  # one reset already pending: the second request is the same reset
         ev = Event(lambda: self._do_reset(reason, wakeup), "machine-reset")
         self._reset_event: Event | None = ev
+        self._reset_args = {"reason": reason, "wakeup": wakeup}  # for a checkpoint
         self.eventq.schedule(ev, self.eventq.cur_tick)
         self.kick_all()
 
