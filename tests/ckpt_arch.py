@@ -11,7 +11,9 @@ from realmode_arch import KVM_REGS_SIZE, REGS, RealModeArch, _fmt
 
 from kvmfw import SyncLevel, hookimpl
 from kvmfw.abi import IOC_READ, IOC_WRITE, address_of, define_ioctl, ffi
-from kvmfw.errors import StateError
+from kvmfw.device import ConfigKey, Device, Range
+from kvmfw.errors import CheckpointError, StateError
+from kvmfw.eventq import Event
 
 KVM_SREGS_SIZE = 312
 KVM_GET_SREGS = define_ioctl("KVM_GET_SREGS", IOC_READ, 0x83, KVM_SREGS_SIZE)
@@ -79,3 +81,92 @@ def regs_of(cpu: Any) -> dict[str, int]:
     from realmode_arch import KVM_GET_REGS
     cpu.vcpu.ioctl(KVM_GET_REGS, address_of(buf))
     return dict(zip(REGS, _fmt.unpack(ffi.buffer(buf)), strict=True))
+
+
+# --- the machine of the checkpoint tests ----------------------------------------------------
+
+ARCH = "realmode-test"
+MEM = 0x100000
+
+
+class Ticker(Device):
+    """Counts the guest's progress writes (port 0x20); holds a pending event it saves as a
+    delay; asks for a checkpoint (the ``checkpoint`` service, as the pseudo-op device does)
+    at write number ``ckpt_at``."""
+
+    name = "ticker"
+    config = {"ckpt_at": ConfigKey(int, -1, "progress write that asks for a checkpoint")}
+
+    def __init__(self, ctx: Any, **params: Any) -> None:
+        super().__init__(ctx, **params)
+        self.count = 0
+        self.fired = 0
+        self.ev = Event(self._fire, "ticker")
+        ctx.eventq.schedule(self.ev, ctx.eventq.cur_tick + 10**15)
+
+    def _fire(self) -> None:
+        self.fired += 1
+
+    def ranges(self) -> list[Range]:
+        return [Range("pio", 0x20, 1, "ticker")]
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.count += 1
+        if self.count == self.params["ckpt_at"]:
+            self.ctx.services["checkpoint"]()
+
+    def save(self) -> dict[str, Any]:
+        eq = self.ctx.eventq
+        return {"count": self.count, "due_in": self.ev.when - eq.cur_tick}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        count, due = state.get("count"), state.get("due_in")
+        if type(count) is not int or type(due) is not int or due < 0 or count < 0:
+            raise CheckpointError("ticker: saved state count/due_in invalid")
+        self.count = count
+        eq = self.ctx.eventq
+        eq.reschedule(self.ev, eq.cur_tick + due)
+
+
+class Rig:
+    """A machine of the tests (CkptArch + Ticker + Recorder) and its recorder."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.rec: Any = None
+
+    @property
+    def ticker(self) -> Ticker:
+        return self.machine.devices[0]  # type: ignore[no-any-return]
+
+    def result(self) -> bytes | None:
+        """The guest's result (its dword write to port 0x10), None before it ends."""
+        return next((d for off, d in self.rec.writes if off == 0), None)
+
+
+def setup(machine: Any, ckpt_at: int = -1) -> Rig:
+    """Add the devices the tests add in code (again, on a restored machine)."""
+    from kvmtest import Recorder
+
+    rig = Rig(machine)
+    if not machine.devices:
+        machine.add_device(Ticker(machine.device_context(), ckpt_at=ckpt_at))
+    rig.rec = Recorder(machine)
+    machine.map_device(Range("pio", 0x10, 4, "recorder"), rig.rec)
+    return rig
+
+
+def build(memory: int = MEM, ckpt_at: int = -1, arch: CkptArch | None = None) -> Rig:
+    from kvmfw.machine import Machine, MachineConfig
+
+    m = Machine(MachineConfig(memory=memory), arch_plugin=arch or CkptArch(), arch_name=ARCH)
+    return setup(m, ckpt_at)
+
+
+def restore(path: Any, arch: CkptArch | None = None, **kw: Any) -> Rig:
+    from kvmfw.machine import Machine
+
+    rigs: list[Rig] = []
+    Machine.restore(path, arch_plugin=arch or CkptArch(), setup=lambda m: rigs.append(
+        setup(m)), **kw)
+    return rigs[0]

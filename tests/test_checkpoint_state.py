@@ -4,64 +4,24 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from ckpt_arch import CkptArch, regs_of  # noqa: E402
+from ckpt_arch import Ticker, regs_of  # noqa: E402
+from ckpt_arch import build as _build  # noqa: E402
 from kvmtest import Recorder  # noqa: E402
 
 from kvmfw.checkpoint.state import MachineState, apply, capture, check  # noqa: E402
-from kvmfw.device import Device, Range  # noqa: E402
 from kvmfw.errors import CheckpointError, StateError  # noqa: E402
-from kvmfw.eventq import TICKS_PER_MS, Event  # noqa: E402
-from kvmfw.machine import Machine, MachineConfig  # noqa: E402
-
-MEM = 0x100000
+from kvmfw.eventq import TICKS_PER_MS  # noqa: E402
+from kvmfw.machine import Machine  # noqa: E402
 
 
-class Ticker(Device):
-    """A device with state and a pending event it saves as a delay."""
-
-    name = "ticker"
-
-    def __init__(self, ctx: Any, **params: Any) -> None:
-        super().__init__(ctx, **params)
-        self.count = 0
-        self.fired = 0
-        self.ev = Event(self._fire, "ticker")
-        ctx.eventq.schedule(self.ev, ctx.eventq.cur_tick + 10**15)
-
-    def _fire(self) -> None:
-        self.fired += 1
-
-    def ranges(self) -> list[Range]:
-        return [Range("pio", 0x20, 1, "ticker")]
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.count += 1
-
-    def save(self) -> dict[str, Any]:
-        eq = self.ctx.eventq
-        return {"count": self.count, "due_in": self.ev.when - eq.cur_tick}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        count, due = state.get("count"), state.get("due_in")
-        if not isinstance(count, int) or not isinstance(due, int) or due < 0:
-            raise CheckpointError("ticker: saved state count/due_in invalid")
-        self.count = count
-        eq = self.ctx.eventq
-        eq.reschedule(self.ev, eq.cur_tick + due)
-
-
-def build(arch: CkptArch | None = None) -> tuple[Machine, Recorder, Ticker]:
-    m = Machine(MachineConfig(memory=MEM), arch_plugin=arch or CkptArch())
-    t = m.add_device(Ticker(m.device_context()))
-    rec = Recorder(m)
-    m.map_device(Range("pio", 0x10, 4, "recorder"), rec)
-    return m, rec, t  # type: ignore[return-value]
+def build() -> tuple[Machine, Recorder, Ticker]:
+    rig = _build()
+    return rig.machine, rig.rec, rig.ticker
 
 
 def result(rec: Recorder) -> bytes:

@@ -441,6 +441,9 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
     if arch_plugin is None and arch != host_arch():
         raise _bad(where, f"field 'arch': a checkpoint of a {arch} guest; this host's KVM "
                           f"runs {host_arch()} guests")
+    given = getattr(arch_plugin, "arch_name", None)
+    if callable(given) and given() != arch:
+        raise _bad(where, f"field 'arch': a checkpoint of a {arch} guest, not {given()}")
     for link in links:
         verify(link, ram=verify_ram)
         check_plugins(link)
