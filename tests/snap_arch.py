@@ -11,7 +11,8 @@ from ckpt_arch import KVM_GET_SREGS, KVM_SREGS_SIZE, CkptArch
 from realmode_arch import KVM_GET_REGS, KVM_REGS_SIZE, REGS, _fmt
 
 from kvmfw.abi import address_of, ffi
-from kvmfw.device import Range
+from kvmfw.device import Device, Range
+from kvmfw.errors import CheckpointError
 from kvmfw.machine import Machine, MachineConfig
 
 DIRTY_GUEST = Path(__file__).parent / "guests" / "dirty.bin"
@@ -27,15 +28,22 @@ class SnapArch(CkptArch):
         super().__init__(0, DIRTY_GUEST.read_bytes())
 
 
-class Ports:
-    """The exit port (0x13 ends the run) and a "DMA" port (0x12): each write to it makes
-    the device write ``dma`` into guest RAM through :meth:`GuestMemory.view` and
-    :meth:`GuestMemory.mark_dirty`, as device DMA does."""
+class Ports(Device):
+    """The exit port (0x13 ends the run) and a "DMA" port (0x12): each write to it counts
+    (device state, saved and restored) and makes the device write every ``dma`` payload
+    into guest RAM through :meth:`GuestMemory.view` and :meth:`GuestMemory.mark_dirty`, as
+    device DMA does."""
 
-    def __init__(self, machine: Machine) -> None:
+    name = "snap-ports"
+
+    def __init__(self, ctx: Any, machine: Machine) -> None:
+        super().__init__(ctx)
         self.machine = machine
         self.dma: list[tuple[int, bytes]] = []
-        self.dma_writes = 0
+        self.count = 0
+
+    def ranges(self) -> list[Range]:
+        return [Range("pio", DMA_PORT, 2, self.name)]
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(size)
@@ -44,12 +52,21 @@ class Ports:
         if offset == 1:
             self.machine.request_exit(data[0], "guest wrote the exit port")
             return
-        mem = self.machine.memory
+        self.count += 1
+        mem = self.ctx.memory
         for gpa, payload in self.dma:
             view = mem.view(gpa, len(payload))
             view[:] = payload
             mem.mark_dirty(gpa, len(payload))
-            self.dma_writes += 1
+
+    def save(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        count = state.get("count")
+        if not isinstance(count, int) or count < 0:
+            raise CheckpointError("snap-ports: saved count invalid")
+        self.count = count
 
 
 def make(pages: int = 1, first: int = 1, memory: int = 1 << 20,
@@ -59,8 +76,8 @@ def make(pages: int = 1, first: int = 1, memory: int = 1 << 20,
         raise ValueError("the real-mode guest reaches pages 0..255")
     m = Machine(MachineConfig(memory=memory, **cfg), arch_plugin=SnapArch())
     set_pages(m, pages, first)
-    ports = Ports(m)
-    m.map_device(Range("pio", DMA_PORT, 2, "snap-ports"), ports)
+    ports = Ports(m.device_context(), m)
+    m.add_device(ports)
     return m, ports
 
 

@@ -83,7 +83,7 @@ def test_kvmfw_writes_are_marked(machines: list[Machine]) -> None:
         m.memory.write_u(0x9FFE, 4, 0xAABBCCDD)  # straddles pages 9 and 10
         assert _pages(t, ram) == [8, 9, 10]
         _run(m)
-        assert ports.dma_writes == 1
+        assert ports.count == 1
         assert _pages(t, ram) == [0x20, 0x21, 0x22]
 
 
