@@ -107,10 +107,9 @@ def _copy_region(region: MemoryRegion) -> mmap.mmap:
     src = region.view
     for off in range(0, region.size, _CHUNK):
         end = min(off + _CHUNK, region.size)
-        chunk = src[off:end]
-        if chunk != _ZERO_CHUNK[:end - off]:
-            copy[off:end] = chunk
-        chunk.release()
+        data = src[off:end].tobytes()  # bytes compare is a memcmp; a memoryview's is not
+        if data != _ZERO_CHUNK[:end - off]:
+            copy[off:end] = data
     return copy
 
 

@@ -72,7 +72,7 @@ class Ports(Device):
 def make(pages: int = 1, first: int = 1, memory: int = 1 << 20,
          **cfg: Any) -> tuple[Machine, Ports]:
     """A machine running the dirty guest: ``pages`` pages from page ``first`` per run."""
-    if not 0 <= pages <= 255 or first + pages > 256:
+    if not 0 <= pages <= 256 or first < 0 or first + pages > 256:
         raise ValueError("the real-mode guest reaches pages 0..255")
     m = Machine(MachineConfig(memory=memory, **cfg), arch_plugin=SnapArch())
     set_pages(m, pages, first)

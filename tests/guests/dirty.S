@@ -1,7 +1,7 @@
 /* dirty.S - the snapshot tests' guest: 16-bit real mode from the x86 reset vector.
  *
  * Mapped as the 4 KiB ROM at 0xfffff000 (linked at IP 0xf000), as realmode.S. Each run
- * increments the first byte of rom_count pages (at most 255: real mode reaches 1 MiB),
+ * increments the first byte of rom_count pages (at most 256: real mode reaches 1 MiB),
  * page rom_first onwards, one page apart; then DI += 1, SI = 0x5151, BP = page count,
  * an OUT to port 0x12 (a test device may write guest RAM there: "DMA"), and exit by
  * writing 0 to port 0x13. The host patches rom_count/rom_first (ROM offsets 0xfe0/0xfe2).
