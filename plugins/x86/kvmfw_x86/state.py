@@ -70,6 +70,8 @@ IOAPIC_SIZE = 8 + 4 * 4 + 24 * 8
 PIT_CHANNEL_SIZE = 24
 PIT2_SIZE = 3 * PIT_CHANNEL_SIZE + 4 + 9 * 4
 """``struct kvm_pit_state2``."""
+PIT_MODE_UNSET = 0xFF
+"""A PIT channel's mode before the guest programs it (as KVM reports it)."""
 CLOCK_SIZE = 48
 """``struct kvm_clock_data``."""
 CHIPS = (("pic_master", 0, PIC_SIZE), ("pic_slave", 1, PIC_SIZE), ("ioapic", 2, IOAPIC_SIZE))
@@ -181,9 +183,10 @@ def _check_vm(st: X86Machine, state: Any) -> dict[str, bytes | int]:
         for i in range(3):
             count, = struct.unpack_from("<I", pit, i * PIT_CHANNEL_SIZE)
             mode = pit[i * PIT_CHANNEL_SIZE + 13]
-            if count > 0x10000 or mode > 5:
+            if count > 0x10000 or (mode > 7 and mode != PIT_MODE_UNSET):
                 raise StateError(f"x86 VM state field pit: channel {i} count {count:#x} "
-                                 f"or mode {mode} out of range (count <= 0x10000, mode 0-5)")
+                                 f"or mode {mode} out of range (count <= 0x10000, mode 0-7 "
+                                 f"or {PIT_MODE_UNSET:#x})")
         raw["pit"] = pit
     raw["clock"] = _uint(state.get("clock"), 64, "x86 VM state field clock")
     return raw
