@@ -70,7 +70,9 @@ from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
 
 if TYPE_CHECKING:
+    from kvmfw.dirty import DirtyTracker
     from kvmfw.gdb import GdbServer
+    from kvmfw.snapshot import Snapshot
 
 log = logging.getLogger("kvmfw.cpu")
 
@@ -243,6 +245,32 @@ class Machine:
         """Guest RAM."""
         assert self.vm is not None
         return self.vm.memory
+
+    def dirty_tracker(self) -> DirtyTracker:
+        """A new, independent subscriber to the pages dirtied from now on (the guest's
+        through KVM's log, kvmfw's through ``GuestMemory.mark_dirty``); see
+        :mod:`kvmfw.dirty`. Close it when done: the last one switches KVM's logging off."""
+        from kvmfw.dirty import DirtyTracker
+
+        if self._closed or self.vm is None:
+            raise KvmfwError("this machine is closed")
+        return DirtyTracker(self.vm)
+
+    def snapshot(self) -> Snapshot:
+        """Drain the machine and keep its state and RAM in this process, for
+        :meth:`reset_to` (fuzzers, sweeps); see :mod:`kvmfw.snapshot`."""
+        from kvmfw.snapshot import take
+
+        return take(self)
+
+    def reset_to(self, snap: Snapshot) -> int:
+        """Put the machine back to ``snap``: CPU, irqchip, device and time state, and the
+        pages dirtied since copied back; returns their number. See :mod:`kvmfw.snapshot`."""
+        from kvmfw.snapshot import reset_to
+
+        if self._closed:
+            raise KvmfwError("this machine is closed")
+        return reset_to(self, snap)
 
     def irq(self, number: int) -> IrqLine:
         """The IRQ line for platform interrupt input ``number`` (arch hook, else KVM_IRQ_LINE
