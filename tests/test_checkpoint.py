@@ -358,3 +358,31 @@ def test_an_incremental_checkpoint_without_its_parent_is_refused(tmp_path: Path)
 
     shutil.rmtree(full)
     _refused(inc, r"field 'parent': parent checkpoint .* is missing")
+
+
+# --- the CLI's checkpoint keys (checked without any plugin) ----------------------------------
+
+def test_run_config_checks_the_checkpoint_keys(tmp_path: Path, ckpt: Path) -> None:
+    from kvmfw.config import Source, check_restore_keys, check_run_config
+    from kvmfw.errors import ConfigError
+
+    src = Source()
+    out = check_run_config({"checkpoint_at": "1000,500", "checkpoint_on": "usr2",
+                            "checkpoint_dir": str(tmp_path / "new"), "restore": str(ckpt),
+                            "exit_after_checkpoint": True}, set(), src)
+    assert out["checkpoint_at"] == (1000, 500) and out["checkpoint_on"] == "SIGUSR2"
+    assert check_run_config({"checkpoint_at": 7, "checkpoint_on": "none"}, set(), src) == {
+        "checkpoint_at": (7, None), "checkpoint_on": "none"}
+    for bad, match in (({"checkpoint_at": "-1"}, "between 0"),
+                       ({"checkpoint_at": "1,0"}, "between 0"),
+                       ({"checkpoint_at": "x"}, "a tick"),
+                       ({"checkpoint_on": "SIGTERM"}, "SIGUSR1, SIGUSR2 or none"),
+                       ({"restore": str(tmp_path)}, "no manifest.json"),
+                       ({"checkpoint_dir": str(tmp_path / "a" / "b")}, "parent directory"),
+                       ({"checkpoint_dir": str(ckpt / "state.json")}, "not a directory")):
+        with pytest.raises(ConfigError, match=match):
+            check_run_config(bad, set(), src)
+    check_restore_keys({"restore": "x", "console": "none", "timeout": 5.0,
+                        "checkpoint_dir": "d", "device": [], "no_reboot": False})
+    with pytest.raises(ConfigError, match="drop --cpus, --memory"):
+        check_restore_keys({"restore": "x", "memory": 1 << 20, "cpus": 2})

@@ -143,3 +143,34 @@ def test_restore_refusals_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 9, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "ram/0.bin: checksum mismatch" in lines[0]
+
+
+# The same guest, asking the pseudo-op device for a checkpoint (op 0x43: a dword read at
+# window offset 0x4300) after its 50th character; the window sits at 0x100000, just above
+# the 1 MiB of RAM, reached from real mode as 0xffff:0x4310. Assembled from the above plus
+#   inc %si; cmp $50,%si; jne 2f; mov $0xffff,%ax; mov %ax,%es; mov %es:(0x4310),%eax
+#   2: cmp $200,%si; jb outer
+GUEST_OP = bytes.fromhex(
+    "baf8036631db31f666b9e8030000666bdb216601cb66c1c305e2f388d8240f0461ee4683fe32750ab8"
+    "ffff8ec02666a1104381fec80072d0b00aeebaf40030c0eef4ebfd")
+OP_BOARD = ["--memory", "1M", "--no-default-devices", "--device", "uart16550", "--device",
+            "debug-exit", "--device", "pseudo-op,base=0x100000"]
+
+
+def test_the_pseudo_op_checkpoint_is_taken_and_restores(tmp_path: Path) -> None:
+    g = tmp_path / "guest.bin"
+    g.write_bytes(GUEST_OP)
+    ck = tmp_path / "ck"
+    out1, out2 = tmp_path / "out1.txt", tmp_path / "out2.txt"
+    r = kvmfw("--kernel", str(g), "--load-addr", "0x7c00", *OP_BOARD, "--console",
+              f"file:{out1}", "--checkpoint-dir", str(ck), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    full = out1.read_text()
+    assert len(full) == CHARS + 1
+    [cpt] = list(ck.iterdir())
+    state = json.loads((cpt / "state.json").read_text())
+    assert "2:pseudo-op" in state["devices"]
+    for _ in range(2):
+        r2 = kvmfw("--restore", str(cpt), "--console", f"file:{out2}", cwd=tmp_path)
+        assert r2.returncode == 1, r2.stderr
+        assert full[:50] + out2.read_text() == full  # continued right after the op
