@@ -595,6 +595,10 @@ def _arm_checkpoints(machine: Any, cfg: dict[str, Any], sigs: _Signals) -> None:
     machine.checkpoint_dir = directory
     machine.exit_after_checkpoint = bool(cfg.get("exit_after_checkpoint"))
     machine.checkpoint_incremental = bool(cfg.get("checkpoint_incremental"))
+    if machine.checkpoint_incremental and cfg.get("restore") is not None:
+        from kvmfw.checkpoint.api import track_from_here
+
+        track_from_here(machine)  # the first checkpoint builds on the restored one
     at = cfg.get("checkpoint_at")
     if at is not None:
         tick, period = at

@@ -413,7 +413,7 @@ class Machine:
         if self._closed:
             raise KvmfwError("this machine is closed")
         eq = self.eventq
-        self.stop_requested = False
+        self.stop_requested = self.checkpoint_pending  # (requested between runs: take it first)
         self.exit_status, self.exit_reason = 0, ""
         if self.cpus and all(c.status.value == "Idle" and not c.halted for c in self.cpus):
             for cpu in self.cpus:

@@ -174,3 +174,33 @@ def test_the_pseudo_op_checkpoint_is_taken_and_restores(tmp_path: Path) -> None:
         r2 = kvmfw("--restore", str(cpt), "--console", f"file:{out2}", cwd=tmp_path)
         assert r2.returncode == 1, r2.stderr
         assert full[:50] + out2.read_text() == full  # continued right after the op
+
+
+def test_periodic_incremental_checkpoints_restore_through_the_chain(
+        tmp_path: Path, reference: str) -> None:
+    ck = tmp_path / "ck"
+    r = kvmfw(*guest_args(tmp_path), "--console", "none", "--checkpoint-at",
+              "200000000000,200000000000", "--checkpoint-incremental", "--checkpoint-dir",
+              str(ck), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    cpts = sorted(ck.iterdir(), key=lambda p: int(p.name[4:]))
+    assert len(cpts) >= 3
+    mans = [json.loads((p / "manifest.json").read_text()) for p in cpts]
+    assert mans[0]["parent"] is None
+    for prev, man in zip(cpts, mans[1:], strict=False):
+        assert man["parent"]["path"] == f"../{prev.name}"
+        assert man["memory"][0]["pages"] < 64  # a few pages, not the board's tables
+    out = tmp_path / "out.txt"
+    r2 = kvmfw("--restore", str(cpts[1]), "--console", f"file:{out}", "--checkpoint-at",
+               str(int(cpts[1].name[4:]) + 200000000000), "--checkpoint-incremental",
+               "--checkpoint-dir", str(tmp_path / "ck2"), cwd=tmp_path)
+    assert r2.returncode == 1, r2.stderr
+    assert reference.endswith(out.read_text())
+    [again] = list((tmp_path / "ck2").iterdir())
+    man = json.loads((again / "manifest.json").read_text())
+    assert Path(again / man["parent"]["path"]).resolve() == cpts[1].resolve()
+    out3 = tmp_path / "out3.txt"
+    r3 = kvmfw("--restore", str(again), "--console", f"file:{out3}", cwd=tmp_path)
+    assert r3.returncode == 1, r3.stderr
+    assert reference.endswith(out3.read_text())
+    assert len(out3.read_text()) < len(out.read_text())
