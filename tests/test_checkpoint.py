@@ -386,3 +386,19 @@ def test_run_config_checks_the_checkpoint_keys(tmp_path: Path, ckpt: Path) -> No
                         "checkpoint_dir": "d", "device": [], "no_reboot": False})
     with pytest.raises(ConfigError, match="drop --cpus, --memory"):
         check_restore_keys({"restore": "x", "memory": 1 << 20, "cpus": 2})
+
+
+def test_hostile_machine_config_values_are_refused(ckpt: Path) -> None:
+    good = json.loads((ckpt / fmt.MANIFEST).read_text())
+    for key, value, match in (("host_frequency_hz", "fast", "host_frequency_hz"),
+                              ("use_perf", 1, "use_perf"), ("cpus", 10**9, "cpus"),
+                              ("unclaimed", "explode", "unclaimed"),
+                              ("memory", -1, "memory"), ("nonsense", 1, "unknown key")):
+        data = json.loads(json.dumps(good))
+        data["machine"][key] = value
+        (ckpt / fmt.MANIFEST).write_text(json.dumps(data))
+        _refused(ckpt, f"field 'machine'.*{match}")
+    data = json.loads(json.dumps(good))
+    data["page_size"] = 65536
+    (ckpt / fmt.MANIFEST).write_text(json.dumps(data))
+    _refused(ckpt, "page")
