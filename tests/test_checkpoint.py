@@ -402,3 +402,12 @@ def test_hostile_machine_config_values_are_refused(ckpt: Path) -> None:
     data["page_size"] = 65536
     (ckpt / fmt.MANIFEST).write_text(json.dumps(data))
     _refused(ckpt, "page")
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(ckpt: Path) -> None:
+    (ckpt / "state.json").unlink()
+    os.mkfifo(ckpt / "state.json")
+    _refused(ckpt, r"state.json: not a regular file")
+    (ckpt / "manifest.json").unlink()
+    os.mkfifo(ckpt / "manifest.json")
+    _refused(ckpt, r"manifest.json: not a regular file")

@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,13 @@ class Manifest:
         return str(self.path / rel)
 
 
+def _regular(path: str) -> None:
+    """Refuse anything but a regular file before opening it (a FIFO would block)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+
+
 def _bad(where: str, why: str) -> CheckpointError:
     return CheckpointError(f"{where}: {why}")
 
@@ -78,6 +86,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     mpath = d / fmt.MANIFEST
     where = str(mpath)
     try:
+        _regular(where)
         with open(mpath, "rb") as f:
             raw = f.read(fmt.MANIFEST_MAX + 1)
     except FileNotFoundError:
@@ -234,6 +243,8 @@ def verify(m: Manifest, *, ram: bool = True) -> None:
             st = os.stat(where)
         except FileNotFoundError:
             raise CheckpointError(f"{where}: missing (named in the manifest)") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{where}: not a regular file")
         if st.st_size != info["size"]:
             raise CheckpointError(f"{where}: size {st.st_size} is not {info['size']} "
                                   "(truncated or changed)")
@@ -294,6 +305,7 @@ def _map_runs(map_path: str, npages: int) -> list[tuple[int, int]]:
 def load_state(m: Manifest) -> MachineState:
     where = m.file(fmt.STATE)
     try:
+        _regular(where)
         with open(where, "rb") as f:
             raw = f.read(fmt.STATE_MAX + 1)
         if len(raw) > fmt.STATE_MAX:
