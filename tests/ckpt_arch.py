@@ -164,10 +164,12 @@ def setup(machine: Any, ckpt_at: int = -1) -> Rig:
     return rig
 
 
-def build(memory: int = MEM, ckpt_at: int = -1, arch: CkptArch | None = None) -> Rig:
+def build(memory: int = MEM, ckpt_at: int = -1, arch: CkptArch | None = None,
+          cpus: int = 1) -> Rig:
     from kvmfw.machine import Machine, MachineConfig
 
-    m = Machine(MachineConfig(memory=memory), arch_plugin=arch or CkptArch(), arch_name=ARCH)
+    m = Machine(MachineConfig(memory=memory, cpus=cpus), arch_plugin=arch or CkptArch(),
+                arch_name=ARCH)
     return setup(m, ckpt_at)
 
 

@@ -411,3 +411,22 @@ def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(ckpt: Path) -> No
     (ckpt / "manifest.json").unlink()
     os.mkfifo(ckpt / "manifest.json")
     _refused(ckpt, r"manifest.json: not a regular file")
+
+
+def test_a_checkpoint_of_a_machine_running_vcpu_threads(
+        tmp_path: Path, expected: tuple[bytes, int]) -> None:
+    """Two vCPUs run on their own threads: the request stops both between slices, the
+    checkpoint is taken, both threads start again (the second vCPU stays idle here)."""
+    rig = build(ckpt_at=30, cpus=2)
+    with rig.machine as m:
+        m.checkpoint_dir = str(tmp_path)
+        assert m.run(timeout=60).status == 0
+        assert rig.result() == expected[0]
+        [path] = m.checkpoints_taken
+    state = json.loads((path / "state.json").read_text())
+    assert [c["status"] for c in state["time"]["cpus"]][1] == "Idle"
+    r2 = restore(path)
+    with r2.machine as m2:
+        assert len(m2.cpus) == 2 and r2.ticker.count == 30
+        assert m2.run(timeout=60).status == 0
+        assert (r2.result(), r2.ticker.count) == expected
