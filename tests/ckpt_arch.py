@@ -173,10 +173,11 @@ def build(memory: int = MEM, ckpt_at: int = -1, arch: CkptArch | None = None,
     return setup(m, ckpt_at)
 
 
-def restore(path: Any, arch: CkptArch | None = None, **kw: Any) -> Rig:
+def restore(path: Any, arch: CkptArch | None = None, ckpt_at: int = -1, **kw: Any) -> Rig:
+    """Restore a checkpoint of :func:`build`'s machine (``ckpt_at`` as it was built)."""
     from kvmfw.machine import Machine
 
     rigs: list[Rig] = []
     Machine.restore(path, arch_plugin=arch or CkptArch(), setup=lambda m: rigs.append(
-        setup(m)), **kw)
+        setup(m, ckpt_at)), **kw)
     return rigs[0]

@@ -112,7 +112,7 @@ def test_a_checkpoint_requested_by_a_device_is_taken_between_slices_and_the_run_
         [path] = m.checkpoints_taken
         assert path.parent == tmp_path and path.name.startswith("cpt.")
         assert int(path.name[4:]) == load_manifest(path).tick
-    r2 = restore(path)
+    r2 = restore(path, ckpt_at=30)
     with r2.machine as m2:
         assert r2.ticker.count == 30
         assert m2.run(timeout=60).status == 0
@@ -425,8 +425,15 @@ def test_a_checkpoint_of_a_machine_running_vcpu_threads(
         [path] = m.checkpoints_taken
     state = json.loads((path / "state.json").read_text())
     assert [c["status"] for c in state["time"]["cpus"]][1] == "Idle"
-    r2 = restore(path)
+    r2 = restore(path, ckpt_at=30)
     with r2.machine as m2:
         assert len(m2.cpus) == 2 and r2.ticker.count == 30
         assert m2.run(timeout=60).status == 0
         assert (r2.result(), r2.ticker.count) == expected
+
+
+def test_a_board_configured_otherwise_is_refused(ckpt: Path) -> None:
+    data = json.loads((ckpt / fmt.MANIFEST).read_text())
+    data["board"][0]["params"]["ckpt_at"] = 5
+    (ckpt / fmt.MANIFEST).write_text(json.dumps(data))
+    _refused(ckpt, r"field 'board'\[0\].params: the rebuilt ticker is configured")

@@ -392,6 +392,12 @@ def check_machine(machine: Machine, m: Manifest) -> None:
     if keys != [b["key"] for b in m.data["board"]]:
         raise _bad(where, "field 'board': the rebuilt machine has other devices "
                           f"({', '.join(keys) or 'none'})")
+    from kvmfw.checkpoint.writer import _plain
+
+    for i, (d, b) in enumerate(zip(machine.devices, m.data["board"], strict=True)):
+        if "params" in b and _plain(d.params) != b["params"]:
+            raise _bad(where, f"field 'board'[{i}].params: the rebuilt {d.name} is "
+                              "configured differently (another plugin version?)")
 
 
 # --- mapping RAM ----------------------------------------------------------------------------
