@@ -204,3 +204,63 @@ def test_periodic_incremental_checkpoints_restore_through_the_chain(
     assert r3.returncode == 1, r3.stderr
     assert reference.endswith(out3.read_text())
     assert len(out3.read_text()) < len(out.read_text())
+
+
+# --- the x86 long-mode AVX/x87/MSR guest through the checkpoint directory format -----------
+
+def _restore_avx_guest(path: str) -> dict[str, object]:
+    """The new process: Machine.restore the directory, put the test reporter back, run."""
+    from conftest import Reporter, _MmioReporter
+    from kvmfw.device import Range
+    from kvmfw.machine import Machine
+
+    rep = Reporter()
+
+    def setup(m: Machine) -> None:
+        rep.machine = m
+        m.map_device(Range("pio", 0xE0, 8, "reporter"), rep)
+        m.map_device(Range("mmio", 0xD0000000, 0x10, "reporter-mmio"), _MmioReporter(rep))
+
+    m = Machine.restore(path, setup=setup)
+    try:
+        r = m.run(timeout=120)
+        return {"status": r.status, "values": rep.values}
+    finally:
+        m.close()
+
+
+def test_the_avx_guest_continues_from_a_checkpoint_directory(tmp_path: Path) -> None:
+    """ckpt64.elf (AVX/AVX2/AVX-512 where present, x87, MSRs, PIT and APIC timers) stopped
+    mid-computation, written with Machine.checkpoint, restored by Machine.restore in a new
+    process twice: the same results as an uninterrupted run."""
+    import test_checkpoint_x86 as tx
+
+    m, rep, avx512 = tx.build()
+    try:
+        for _ in range(20):
+            m.run(max_ticks=tx.TICKS_PER_S // 50, timeout=60)
+            ticks = m.memory.read_u(tx.sym("ticks_pic"), 8), \
+                m.memory.read_u(tx.sym("ticks_apic"), 8)
+            if all(ticks) or rep.values:
+                break
+        assert rep.values == [] and all(ticks), "not mid-computation with timers running"
+        cpt = m.checkpoint(tmp_path / "cpt")
+    finally:
+        m.close()
+    manifest = json.loads((cpt / "manifest.json").read_text())
+    assert manifest["cpu_model"] is not None and manifest["machine"]["options"] == {
+        "irqchip": "kernel"}
+    expected = tx.uninterrupted(avx512)
+    for _ in range(2):
+        p = subprocess.run([sys.executable, __file__, "restore-avx", str(cpt)],
+                           capture_output=True, text=True, timeout=300,
+                           cwd=Path(__file__).parent)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        assert out["status"] == 0
+        n = tx.N_TICK_VALUES
+        assert out["values"][:-n] == expected[:-n]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["restore-avx"]:
+    print(json.dumps(_restore_avx_guest(sys.argv[2])))
