@@ -24,6 +24,7 @@ guest (reset cost must not grow with RAM size); and the time ``snapshot()`` take
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -97,8 +98,9 @@ def main() -> None:
         print(f"{label:<26}" + "".join(
             f"{med[c]:>12.0f}" if c in ("iter/s", "reset/s") else f"{med[c]:>12.1f}"
             for c in cols))
-    print("(medians of", a.reps, "runs of", a.iterations, "iterations; guest RAM",
-          f"{a.memory_mib} MiB unless stated)")
+    print(f"(medians of {a.reps} runs of {a.iterations} iterations; guest RAM "
+          f"{a.memory_mib} MiB unless stated; host load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":

@@ -89,11 +89,14 @@ class DirtyLog:
         self.trackers: list[DirtyTracker] = []
         self._slots: dict[MemoryRegion, _Slot] = {}
         self.manual_protect = False
-        if manual_protect and vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & \
+        if vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & \
                 constants.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            # set either way: an earlier log of this VM may have left it on, and a log
+            # that never clears would report every page dirtied since forever
+            on = bool(manual_protect)
             vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2,
-                          constants.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
-            self.manual_protect = True
+                          constants.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE if on else 0)
+            self.manual_protect = on
         self.harvests = 0
 
     @classmethod

@@ -173,3 +173,23 @@ def test_bitmap_runs_match_a_naive_scan(pages: set[int]) -> None:
     assert bitmap_pages(bits) == sorted(pages)
     assert all(n > 0 for _, n in runs)
     assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:], strict=False))
+
+
+def test_manual_protect_then_plain(machines: list[Machine]) -> None:
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (where the kernel has it): the log is read, then
+    only the dirty pages re-protected; a later plain log must switch it off again, or
+    every page ever dirtied would be reported on each collect."""
+    m, _ = _make(machines, pages=3, first=4)
+    ram = _ram(m)
+    assert m.vm is not None
+    m.vm.dirty_manual_protect = True
+    with m.dirty_tracker() as t:
+        _run(m)
+        assert _pages(t, ram) == [4, 5, 6]
+        assert _pages(t, ram) == []
+    m.vm.dirty_manual_protect = False
+    with m.dirty_tracker() as t:
+        assert m.memory.dirty is not None and not m.memory.dirty.manual_protect
+        m.memory.write(0x20000, b"x")
+        assert _pages(t, ram) == [0x20]
+        assert _pages(t, ram) == []

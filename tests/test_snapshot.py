@@ -174,3 +174,15 @@ def test_many_snapshots_close_cleanly(machines: list[Machine]) -> None:
             pass
     assert len(os.listdir("/proc/self/fd")) == fds
     assert m.memory.dirty is None
+
+
+def test_reset_to_with_parallel_vcpus(machines: list[Machine]) -> None:
+    m, _ = sa.make(8, 1, memory=MEM, cpus=2)  # 2 vCPUs: each runs on its own host thread
+    machines.append(m)
+    snap = m.snapshot()
+    ram0 = _ram(m)
+    for _ in range(3):
+        _run(m)
+        assert m.reset_to(snap) == 8
+        assert _ram(m) == ram0
+    snap.close()
