@@ -37,6 +37,7 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.bus import Bus
@@ -165,6 +166,8 @@ class Machine:
         self.exit_reason = ""
         self._irq_lines: dict[int, IrqLine] = {}
         self.stats_dumps: list[dict[str, dict[str, Any]]] = []
+        self.checkpoints_taken: list[Path] = []
+        """Checkpoint directories written by :meth:`checkpoint` or on request, in order."""
         """Every dump taken during the run (guest pseudo-ops, the CLI's final one)."""
         self.work_items: dict[tuple[int, int], int] = {}
         self._work = {"work_items_begun": 0, "work_items_ended": 0, "work_ticks": 0}
@@ -266,7 +269,8 @@ class Machine:
                      **self.config.options},
             services={"dump_stats": self.dump_stats, "reset_stats": self.stats.reset,
                       "work_begin": self.work_begin, "work_end": self.work_end,
-                      "kick": self.kick_all, "reset": self.request_reset})
+                      "kick": self.kick_all, "reset": self.request_reset,
+                      "checkpoint": self.request_checkpoint})
 
     def add_device_spec(self, spec: str) -> Device:
         """Create a device from ``name,key=value,...`` and attach it."""
@@ -353,7 +357,7 @@ class Machine:
 
     def request_exit(self, status: int, reason: str) -> None:
         """End the run after the current access/event (devices, guest events, host)."""
-        if not self.stop_requested:
+        if not self.stop_requested or not self.exit_reason:  # (a checkpoint's pause has none)
             self.exit_status = status
             self.exit_reason = reason
         self.stop_requested = True
@@ -419,12 +423,22 @@ class Machine:
         bound: list[KvmCPU] = []
         try:
             self._start_clock()
-            if len(self.cpus) > 1:
-                self._run_parallel()
-            else:
+            if len(self.cpus) == 1:
                 bound = self._bind_here()  # whichever thread calls run() runs the vCPU
                 eq.on_post = post_from_thread
-                self._run_serial()
+            while True:
+                if len(self.cpus) > 1:
+                    self._run_parallel()
+                else:
+                    self._run_serial()
+                if not self.checkpoint_pending:
+                    break
+                # a requested checkpoint: the loop stopped between slices; take it here
+                self._take_requested_checkpoint()
+                if self.exit_reason:  # the run was ended meanwhile, or after the checkpoint
+                    break
+                self.stop_requested = False
+                self._start_clock()  # writing it took host time, not simulated time
         except KeyboardInterrupt:
             self.request_exit(130, "interrupted")
             self.kick_all()
@@ -635,6 +649,50 @@ class Machine:
         if self._thread_error is not None:
             raise self._thread_error
 
+    # --- checkpoints (kvmfw.checkpoint) --------------------------------------------------------
+
+    def checkpoint(self, path: str | os.PathLike[str], *,
+                   incremental: bool = False) -> Path:
+        """Drain the machine and write a checkpoint to the new directory ``path``
+        (:mod:`kvmfw.checkpoint`; ``incremental``: only the pages changed since this
+        machine's previous checkpoint). Call it between runs or from an event."""
+        from kvmfw.checkpoint.api import checkpoint
+
+        return checkpoint(self, path, incremental=incremental)
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str], **kwargs: Any) -> Machine:
+        """A new machine built from the checkpoint at ``path``, in its state; see
+        :func:`kvmfw.checkpoint.reader.restore` for ``kwargs``."""
+        from kvmfw.checkpoint.reader import restore
+
+        return restore(path, **kwargs)
+
+    from_checkpoint = restore
+
+    checkpoint_pending = False
+    """A checkpoint was requested (:meth:`request_checkpoint`) and not yet taken."""
+    checkpoint_dir: str | None = None
+    """Where requested checkpoints go, one ``cpt.<tick>`` directory each (None: the
+    current directory)."""
+    exit_after_checkpoint = False
+    """End the run after a requested checkpoint (gem5's default is to continue)."""
+    checkpoint_incremental = False
+    """Requested checkpoints after the first store only the pages changed since the
+    previous one."""
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint at the next drainable point: the run loop stops between
+        slices, writes it into :attr:`checkpoint_dir` and continues. The machine service
+        ``checkpoint`` (pseudo-op device); safe from a signal handler (no locks)."""
+        self.checkpoint_pending = True
+        self.stop_requested = True
+        self.kick_all()
+
+    def _take_requested_checkpoint(self) -> None:
+        from kvmfw.checkpoint.api import take_requested
+
+        take_requested(self)
+
     # --- debugger ---------------------------------------------------------------------------
 
     def start_gdb(self, port: int = 1234, host: str = "127.0.0.1", *,
@@ -758,6 +816,7 @@ class Machine:
             return  # one reset already pending: the second request is the same reset
         ev = Event(lambda: self._do_reset(reason, wakeup), "machine-reset")
         self._reset_event: Event | None = ev
+        self._reset_args = {"reason": reason, "wakeup": wakeup}  # for a checkpoint
         self.eventq.schedule(ev, self.eventq.cur_tick)
         self.kick_all()
 
