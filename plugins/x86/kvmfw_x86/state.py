@@ -13,6 +13,8 @@ it on ``KVM_SET_PIT2`` and restarts each channel's count from now.
 
 1. CPUID: set when the vCPU was created (``vcpu_init``); KVM sizes XSAVE, filters MSRs
    and checks CR4/XCR0 bits against it, so everything below depends on it.
+   The TSC rate next: a saved rate more than 250 ppm from this host's is given to the
+   vCPU (``KVM_SET_TSC_KHZ``, TSC scaling) before any TSC value; without scaling, a warning.
 2. sregs (``KVM_SET_SREGS2``): CR0/CR4/EFER decide which register values are legal
    (e.g. CR4.OSXSAVE before XCR0, EFER.LMA before a 64-bit CS).
 3. regs. ``KVM_SET_REGS`` drops a pending exception, so it precedes the events.
@@ -42,6 +44,7 @@ backed up again (see :func:`restore_vcpu`).
 from __future__ import annotations
 
 import copy
+import logging
 import struct
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -68,8 +71,13 @@ from kvmfw_x86.context import (
 if TYPE_CHECKING:
     from kvmfw_x86.plugin import X86Machine
 
+log = logging.getLogger("kvmfw.x86")
+
 STATE_VERSION = 1
 MSR_TSC_DEADLINE = 0x6E0
+TSC_TOLERANCE = 4000
+"""TSC rates closer than 1/4000 (250 ppm, NTP's tolerance) count as equal: a measured rate
+varies that much between runs."""
 MP_STATE_MAX = 8
 """The highest ``KVM_MP_STATE_*`` (AP_RESET_HOLD)."""
 IOAPIC_BASE = 0xFEC00000
@@ -515,9 +523,9 @@ def restore_vcpu(st: X86Machine, cpu: Any, state: Any) -> None:
         ctx._complete_pending_access()
         cpu.sync_kvm_state()
     previous = None if again else _raw_snapshot(ctx, cpu, kernel)
+    if khz and st.tsc_khz and abs(khz - st.tsc_khz) * TSC_TOLERANCE > st.tsc_khz:
+        _set_tsc_khz(cpu, khz, st.tsc_khz)
     try:
-        if khz and khz != st.tsc_khz:
-            _set_tsc_khz(cpu, khz)
         _install(ctx, sc, msrs)
         _push_ordered(ctx, cpu, lapic, state)
         if mp is not None:
@@ -595,10 +603,16 @@ def _put_back(ctx: X86Context, cpu: Any, snap: dict[str, Any]) -> None:
         ctx._discard()
 
 
-def _set_tsc_khz(cpu: Any, khz: int) -> None:
-    """Give the vCPU the saved TSC rate (needs TSC scaling); without it the guest's TSC
-    would tick at another rate than the one it calibrated."""
-    cpu.vcpu.ioctl(X.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+def _set_tsc_khz(cpu: Any, khz: int, here: int) -> None:
+    """Give the vCPU the saved TSC rate (needs TSC scaling) before its TSC value: a guest
+    calibrated its clocks against it. Without scaling the restore goes on at this host's
+    rate, with a warning, as QEMU does on a TSC frequency mismatch."""
+    try:
+        cpu.vcpu.ioctl(X.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+    except KvmError as exc:
+        log.warning("cpu%d: the checkpointed guest's TSC ran at %d kHz, this host's at %d kHz, "
+                    "and KVM cannot scale it (%s): the guest's clocks will drift", cpu.id, khz,
+                    here, exc)
 
 
 # --- CPU model -------------------------------------------------------------------------------

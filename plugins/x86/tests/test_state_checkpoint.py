@@ -213,3 +213,23 @@ def test_pending_nmi_and_exception_survive_restore(machine_factory) -> None:
     ctx._discard()
     ev = ctx.events
     assert ev["nmi"]["pending"] == 1 and ev["interrupt"]["shadow"] == 1
+
+
+def test_tsc_rate_of_another_host_is_scaled_or_warned(machine_factory, caplog) -> None:
+    m, _ = machine_factory(irqchip="kernel")
+    cpu = m.cpus[0]
+    saved = hook(m).save_arch_state(cpu=cpu)
+    here = saved["tsc_khz"]
+    assert here > 0
+    saved["tsc_khz"] = here // 2
+    caplog.set_level("WARNING", logger="kvmfw.x86")
+    assert hook(m).restore_arch_state(cpu=cpu, state=saved) is True
+    from kvmfw_x86.abi import X
+
+    now = cpu.vcpu.ioctl(X.KVM_GET_TSC_KHZ)
+    if now != here // 2:  # no TSC scaling (kvm_pvm): restored at this rate, with a warning
+        assert f"TSC ran at {here // 2} kHz" in caplog.text
+    saved["tsc_khz"] = here + here // 10000  # within 250 ppm: left alone, no warning
+    caplog.clear()
+    hook(m).restore_arch_state(cpu=cpu, state=saved)
+    assert "TSC ran at" not in caplog.text
