@@ -610,6 +610,9 @@ def _set_tsc_khz(cpu: Any, khz: int, here: int) -> None:
     try:
         cpu.vcpu.ioctl(X.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
     except KvmError as exc:
+        # KVM records the refused rate as the vCPU's before it finds it cannot scale to it:
+        # put this host's back, or kvmclock would be computed for a rate the TSC lacks
+        cpu.vcpu.ioctl(X.KVM_SET_TSC_KHZ, here, "KVM_SET_TSC_KHZ")
         log.warning("cpu%d: the checkpointed guest's TSC ran at %d kHz, this host's at %d kHz, "
                     "and KVM cannot scale it (%s): the guest's clocks will drift", cpu.id, khz,
                     here, exc)
