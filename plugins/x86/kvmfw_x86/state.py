@@ -5,9 +5,10 @@ restore order, and the CPU model a checkpoint records.
 8259 PICs and the IO-APIC (``KVM_GET_IRQCHIP``) and the PIT (``KVM_GET_PIT2``); in both
 modes the KVM clock (``KVM_GET_CLOCK``, the kvmclock the guest reads). With the userspace
 irqchip the interrupt controller is per vCPU (:func:`save_userspace`). Restored in the
-order QEMU uses: PICs, IO-APIC, then the PIT (whose output is a PIC/IO-APIC input), then
-the clock. The PIT's ``count_load_time`` is host time of the saving process: KVM ignores
-it on ``KVM_SET_PIT2`` and restarts each channel's count from now.
+order: the slave PIC, the master (see :data:`APPLY_ORDER`), the IO-APIC, then the PIT
+(whose output is a PIC/IO-APIC input), then the clock. The PIT's ``count_load_time`` is
+host time of the saving process: KVM ignores it on ``KVM_SET_PIT2`` and restarts each
+channel's count from now.
 
 **Per vCPU** (:func:`restore_vcpu`), the order, and why:
 
@@ -97,6 +98,10 @@ PIT_MODE_UNSET = 0xFF
 CLOCK_SIZE = 48
 """``struct kvm_clock_data``."""
 CHIPS = (("pic_master", 0, PIC_SIZE), ("pic_slave", 1, PIC_SIZE), ("ioapic", 2, IOAPIC_SIZE))
+APPLY_ORDER = ("pic_slave", "pic_master", "ioapic")
+"""The slave PIC first: KVM re-evaluates the cascade when a PIC is set, so a slave that
+still held an old pending request while the master was set would latch IRQ2 into the
+restored master's IRR (a spurious interrupt after ``reset_to``)."""
 
 KVM_GET_IRQCHIP = define_ioctl("KVM_GET_IRQCHIP", IOC_READ | IOC_WRITE, 0x62, IRQCHIP_SIZE)
 KVM_SET_IRQCHIP = define_ioctl("KVM_SET_IRQCHIP", IOC_READ, 0x63, IRQCHIP_SIZE)
@@ -241,7 +246,7 @@ an equal state again, as ``reset_to`` does, skips the check and the rollback cop
 
 def _apply_vm(st: X86Machine, fd: int, raw: dict[str, bytes | int]) -> None:
     if st.irqchip == "kernel":
-        for name, _, _ in CHIPS:
+        for name in APPLY_ORDER:
             chip = raw[name]
             assert isinstance(chip, bytes)
             _set_chip(fd, chip)

@@ -236,3 +236,16 @@ def test_tsc_rate_of_another_host_is_scaled_or_warned(machine_factory, caplog) -
     caplog.clear()
     hook(m).restore_arch_state(cpu=cpu, state=saved)
     assert "TSC ran at" not in caplog.text
+
+
+def test_restore_clears_a_slave_pic_request_without_a_spurious_irq2(machine_factory) -> None:
+    """A request pending in the slave 8259 when an older state is restored (``reset_to``)
+    must not leave IRQ2 latched in the restored master: the slave goes in first."""
+    m, _ = machine_factory(irqchip="kernel")
+    clean = hook(m).save_vm_state(machine=m)
+    m.irq(9).pulse()  # slave input 1
+    assert bytes.fromhex(hook(m).save_vm_state(machine=m)["pic_slave"])[PIC_IRR] & 1 << 1
+    hook(m).restore_vm_state(machine=m, state=clean)
+    now = hook(m).save_vm_state(machine=m)
+    assert now["pic_master"] == clean["pic_master"]
+    assert now["pic_slave"] == clean["pic_slave"]

@@ -82,3 +82,49 @@ def test_any_corrupted_state_is_loaded_or_refused_typed(data: st.DataObject) -> 
     # either way the context still works and a good state still restores
     plugin.restore_arch_state(cpu, good)
     assert cpu.get_context().rip == good["regs"]["rip"]
+
+
+_K: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_kernel() -> Any:
+    yield
+    if _K:
+        _K["m"].close()
+        _K.clear()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_corrupted_vm_state_is_loaded_or_refused_typed(data: st.DataObject) -> None:
+    """The same for the VM state (in-kernel PICs, IO-APIC, PIT, clock): loaded, or
+    StateError with the irqchip as it was."""
+    if not _K:
+        m, _ = make_machine(irqchip="kernel")
+        m.irq(4).raise_()
+        _K.update(m=m, good=m.hooks.call("save_vm_state", machine=m))
+    m, good = _K["m"], _K["good"]
+    bad = dict(good)
+    key = data.draw(st.sampled_from(sorted(good) + ["extra"]))
+    if data.draw(st.booleans()):
+        bad[key] = data.draw(VALUES)
+    else:
+        bad.pop(key, None)
+    if key in ("pic_master", "pic_slave", "ioapic", "pit") and data.draw(st.booleans()):
+        raw = bytearray.fromhex(good[key])  # flip one byte of a chip's state
+        raw[data.draw(st.integers(0, len(raw) - 1))] ^= data.draw(st.integers(1, 255))
+        bad[key] = raw.hex()
+    chips = ("pic_master", "pic_slave", "ioapic")
+
+    def now() -> dict[str, Any]:
+        s = m.hooks.call("save_vm_state", machine=m)
+        return {k: s[k] for k in chips}
+
+    before = now()
+    try:
+        m.hooks.call("restore_vm_state", machine=m, state=bad)
+    except StateError:
+        assert now() == before
+    m.hooks.call("restore_vm_state", machine=m, state=good)
+    assert now() == {k: good[k] for k in chips}
