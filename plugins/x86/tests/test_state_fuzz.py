@@ -128,3 +128,55 @@ def test_any_corrupted_vm_state_is_loaded_or_refused_typed(data: st.DataObject) 
         assert now() == before
     m.hooks.call("restore_vm_state", machine=m, state=good)
     assert now() == {k: good[k] for k in chips}
+
+
+_KC: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_kernel_cpu() -> Any:
+    yield
+    if _KC:
+        _KC["m"].close()
+        _KC.clear()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_corrupted_kernel_irqchip_vcpu_state_is_loaded_or_refused(
+        data: st.DataObject) -> None:
+    """With the in-kernel irqchip (local APIC, MP state and the TSC rate in the state too):
+    loaded, or StateError with the vCPU and its APIC as they were."""
+    from kvmfw_x86.abi import X, addr, ffi
+
+    if not _KC:
+        m, _ = make_machine(irqchip="kernel")
+        loaders.load(m, str(GUESTS / "long64.elf"), {})
+        cpu = m.cpus[0]
+        _KC.update(m=m, cpu=cpu, good=m.hooks.call("save_arch_state", cpu=cpu))
+    m, cpu, good = _KC["m"], _KC["cpu"], _KC["good"]
+    bad = copy.deepcopy(good)
+    for _ in range(data.draw(st.integers(1, 2))):
+        path = data.draw(st.sampled_from(paths(bad)))
+        d = bad
+        for k in path[:-1]:
+            d = d[k]
+        if isinstance(d, dict):
+            d[path[-1]] = data.draw(VALUES)
+
+    def lapic() -> bytes:
+        buf = ffi.new("struct kvm_lapic_state *")
+        cpu.vcpu.ioctl(X.KVM_GET_LAPIC, addr(buf))
+        raw = bytearray(ffi.buffer(buf))
+        raw[0x390:0x394] = bytes(4)  # the timer's current count moves by itself
+        return bytes(raw)
+
+    before = cpu.get_context().xsave, cpu.get_context().rip, lapic()
+    try:
+        m.hooks.call("restore_arch_state", cpu=cpu, state=bad)
+    except StateError:
+        ctx = cpu.get_context()
+        ctx._discard()  # what KVM holds, not the context's copy
+        assert (ctx.xsave, ctx.rip, lapic()) == before
+    m.hooks.call("restore_arch_state", cpu=cpu, state=good)
+    assert cpu.get_context().rip == good["regs"]["rip"]
