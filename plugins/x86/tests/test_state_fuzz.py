@@ -153,6 +153,7 @@ def test_any_corrupted_kernel_irqchip_vcpu_state_is_loaded_or_refused(
         m, _ = make_machine(irqchip="kernel")
         loaders.load(m, str(GUESTS / "long64.elf"), {})
         cpu = m.cpus[0]
+        cpu.sync_kvm_state()  # the loader's writes into KVM: below KVM's state is compared
         _KC.update(m=m, cpu=cpu, good=m.hooks.call("save_arch_state", cpu=cpu))
     m, cpu, good = _KC["m"], _KC["cpu"], _KC["good"]
     bad = copy.deepcopy(good)
