@@ -421,8 +421,8 @@ def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     Exit status: the guest's (see README: debug-exit gives (v << 1) | 1; values above 255
     keep their low 8 bits, and never 0 for a nonzero status), 2 bad configuration,
     3 no usable /dev/kvm, 4 plugin, 5 guest error, 6 device/bus, 7 bad image,
-    8 arm64 feature missing, 9 checkpoint refused or not written, 70 kvmfw bug, 124 host timeout, 128+N signal N (129 SIGHUP,
-    130 SIGINT, 143 SIGTERM).
+    8 arm64 feature missing, 9 checkpoint refused or not written, 70 kvmfw bug,
+    124 host timeout, 128+N signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM).
     """
     if help_flags:
         for name, (logger, text) in debug.FLAGS.items():
@@ -595,6 +595,10 @@ def _arm_checkpoints(machine: Any, cfg: dict[str, Any], sigs: _Signals) -> None:
     machine.checkpoint_dir = directory
     machine.exit_after_checkpoint = bool(cfg.get("exit_after_checkpoint"))
     machine.checkpoint_incremental = bool(cfg.get("checkpoint_incremental"))
+    if machine.checkpoint_incremental and cfg.get("restore") is not None:
+        from kvmfw.checkpoint.api import track_from_here
+
+        track_from_here(machine)  # the first checkpoint builds on the restored one
     at = cfg.get("checkpoint_at")
     if at is not None:
         tick, period = at

@@ -70,7 +70,9 @@ from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
 
 if TYPE_CHECKING:
+    from kvmfw.dirty import DirtyTracker
     from kvmfw.gdb import GdbServer
+    from kvmfw.snapshot import Snapshot
 
 log = logging.getLogger("kvmfw.cpu")
 
@@ -244,6 +246,32 @@ class Machine:
         assert self.vm is not None
         return self.vm.memory
 
+    def dirty_tracker(self) -> DirtyTracker:
+        """A new, independent subscriber to the pages dirtied from now on (the guest's
+        through KVM's log, kvmfw's through ``GuestMemory.mark_dirty``); see
+        :mod:`kvmfw.dirty`. Close it when done: the last one switches KVM's logging off."""
+        from kvmfw.dirty import DirtyTracker
+
+        if self._closed or self.vm is None:
+            raise KvmfwError("this machine is closed")
+        return DirtyTracker(self.vm)
+
+    def snapshot(self) -> Snapshot:
+        """Drain the machine and keep its state and RAM in this process, for
+        :meth:`reset_to` (fuzzers, sweeps); see :mod:`kvmfw.snapshot`."""
+        from kvmfw.snapshot import take
+
+        return take(self)
+
+    def reset_to(self, snap: Snapshot) -> int:
+        """Put the machine back to ``snap``: CPU, irqchip, device and time state, and the
+        pages dirtied since copied back; returns their number. See :mod:`kvmfw.snapshot`."""
+        from kvmfw.snapshot import reset_to
+
+        if self._closed:
+            raise KvmfwError("this machine is closed")
+        return reset_to(self, snap)
+
     def irq(self, number: int) -> IrqLine:
         """The IRQ line for platform interrupt input ``number`` (arch hook, else KVM_IRQ_LINE
         on an in-kernel irqchip, else a line that goes nowhere)."""
@@ -385,7 +413,7 @@ class Machine:
         if self._closed:
             raise KvmfwError("this machine is closed")
         eq = self.eventq
-        self.stop_requested = False
+        self.stop_requested = self.checkpoint_pending  # (requested between runs: take it first)
         self.exit_status, self.exit_reason = 0, ""
         if self.cpus and all(c.status.value == "Idle" and not c.halted for c in self.cpus):
             for cpu in self.cpus:

@@ -35,6 +35,14 @@ class CkptArch(RealModeArch):
         return "realmode-test"
 
     @hookimpl
+    def memory_layout(self, size: int) -> list[tuple[int, int, str]]:
+        """RAM at 0, and above 3 GiB moved to 4 GiB (the ROM sits below 4 GiB)."""
+        low = 3 << 30
+        if size <= low:
+            return [(0, size, "ram")]
+        return [(0, low, "ram"), (1 << 32, size - low, "ram-high")]
+
+    @hookimpl
     def save_arch_state(self, cpu: Any) -> dict[str, Any]:
         ctx = cpu.get_context(SyncLevel.FULL)
         sregs = ffi.new("uint8_t[]", KVM_SREGS_SIZE)

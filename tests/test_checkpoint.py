@@ -307,3 +307,107 @@ def test_writing_over_an_existing_directory_is_refused(ckpt: Path) -> None:
     rig = build()
     with rig.machine as m, pytest.raises(CheckpointError, match="exists already"):
         m.checkpoint(ckpt)
+
+
+# --- incremental checkpoints ---------------------------------------------------------------
+
+def test_incremental_checkpoints_store_only_changed_pages_and_restore_through_the_chain(
+        tmp_path: Path, expected: tuple[bytes, int]) -> None:
+    rig = build()
+    with rig.machine as m:
+        run_until(rig, 20)
+        full = m.checkpoint(tmp_path / "c0", incremental=True)
+        run_until(rig, 40)
+        m.memory.write(0x50000, b"kvmfw's own write")  # not seen by KVM's log
+        inc1 = m.checkpoint(tmp_path / "c1", incremental=True)
+        run_until(rig, 60)
+        inc2 = m.checkpoint(tmp_path / "c2", incremental=True)
+        final_state = capture(m)
+        ram = [bytes(r.view) for r in m.memory]
+    base, c1, c2 = (load_manifest(p) for p in (full, inc1, inc2))
+    assert base.data["parent"] is None and base.memory[0]["map"] is None
+    assert c1.data["parent"] == {"path": "../c0", "manifest_sha256": base.sha256}
+    assert c2.data["parent"]["path"] == "../c1"
+    # 20 progress writes = 5 pages of the guest's array (+ the page its 5th began on),
+    # plus kvmfw's own write; nothing of the untouched RAM
+    assert 6 <= c1.memory[0]["pages"] <= 8
+    assert c1.memory[0]["pages"] < base.memory[0]["pages"] + 10
+    for _ in range(2):
+        r2 = restore(inc2)
+        with r2.machine as m2:
+            assert capture(m2) == final_state
+            assert [bytes(r.view) for r in m2.memory] == ram
+            assert m2.run(timeout=60).status == 0
+            assert (r2.result(), r2.ticker.count) == expected
+
+
+def test_an_incremental_checkpoint_without_its_parent_is_refused(tmp_path: Path) -> None:
+    rig = build()
+    with rig.machine as m:
+        run_until(rig, 10)
+        full = m.checkpoint(tmp_path / "c0", incremental=True)
+        run_until(rig, 20)
+        inc = m.checkpoint(tmp_path / "c1", incremental=True)
+    with open(full / "ram" / "0.bin", "r+b") as f:
+        f.seek(0x10004)
+        f.write(b"\xff")
+    _refused(inc, r"c0/ram/0.bin: checksum mismatch")
+    _edit_manifest(full, created="another time")  # now another checkpoint than the link
+    _refused(inc, r"field 'parent': parent .* is not the checkpoint it was taken after")
+    import shutil
+
+    shutil.rmtree(full)
+    _refused(inc, r"field 'parent': parent checkpoint .* is missing")
+
+
+# --- the CLI's checkpoint keys (checked without any plugin) ----------------------------------
+
+def test_run_config_checks_the_checkpoint_keys(tmp_path: Path, ckpt: Path) -> None:
+    from kvmfw.config import Source, check_restore_keys, check_run_config
+    from kvmfw.errors import ConfigError
+
+    src = Source()
+    out = check_run_config({"checkpoint_at": "1000,500", "checkpoint_on": "usr2",
+                            "checkpoint_dir": str(tmp_path / "new"), "restore": str(ckpt),
+                            "exit_after_checkpoint": True}, set(), src)
+    assert out["checkpoint_at"] == (1000, 500) and out["checkpoint_on"] == "SIGUSR2"
+    assert check_run_config({"checkpoint_at": 7, "checkpoint_on": "none"}, set(), src) == {
+        "checkpoint_at": (7, None), "checkpoint_on": "none"}
+    for bad, match in (({"checkpoint_at": "-1"}, "between 0"),
+                       ({"checkpoint_at": "1,0"}, "between 0"),
+                       ({"checkpoint_at": "x"}, "a tick"),
+                       ({"checkpoint_on": "SIGTERM"}, "SIGUSR1, SIGUSR2 or none"),
+                       ({"restore": str(tmp_path)}, "no manifest.json"),
+                       ({"checkpoint_dir": str(tmp_path / "a" / "b")}, "parent directory"),
+                       ({"checkpoint_dir": str(ckpt / "state.json")}, "not a directory")):
+        with pytest.raises(ConfigError, match=match):
+            check_run_config(bad, set(), src)
+    check_restore_keys({"restore": "x", "console": "none", "timeout": 5.0,
+                        "checkpoint_dir": "d", "device": [], "no_reboot": False})
+    with pytest.raises(ConfigError, match="drop --cpus, --memory"):
+        check_restore_keys({"restore": "x", "memory": 1 << 20, "cpus": 2})
+
+
+def test_hostile_machine_config_values_are_refused(ckpt: Path) -> None:
+    good = json.loads((ckpt / fmt.MANIFEST).read_text())
+    for key, value, match in (("host_frequency_hz", "fast", "host_frequency_hz"),
+                              ("use_perf", 1, "use_perf"), ("cpus", 10**9, "cpus"),
+                              ("unclaimed", "explode", "unclaimed"),
+                              ("memory", -1, "memory"), ("nonsense", 1, "unknown key")):
+        data = json.loads(json.dumps(good))
+        data["machine"][key] = value
+        (ckpt / fmt.MANIFEST).write_text(json.dumps(data))
+        _refused(ckpt, f"field 'machine'.*{match}")
+    data = json.loads(json.dumps(good))
+    data["page_size"] = 65536
+    (ckpt / fmt.MANIFEST).write_text(json.dumps(data))
+    _refused(ckpt, "page")
+
+
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(ckpt: Path) -> None:
+    (ckpt / "state.json").unlink()
+    os.mkfifo(ckpt / "state.json")
+    _refused(ckpt, r"state.json: not a regular file")
+    (ckpt / "manifest.json").unlink()
+    os.mkfifo(ckpt / "manifest.json")
+    _refused(ckpt, r"manifest.json: not a regular file")

@@ -45,6 +45,13 @@ def checkpoint(machine: Machine, path: str | os.PathLike[str], *,
     return out
 
 
+def track_from_here(machine: Machine) -> None:
+    """Start tracking dirty pages now, so the next ``incremental`` checkpoint stores only
+    the pages changed since the checkpoint this machine was restored from (or its last)."""
+    if getattr(machine, "_ckpt_tracker", None) is None:
+        machine._ckpt_tracker = _tracker(machine)  # type: ignore[attr-defined]
+
+
 def _tracker(machine: Machine) -> Any:
     make = getattr(machine, "dirty_tracker", None)
     if make is None:

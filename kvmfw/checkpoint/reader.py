@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,13 @@ class Manifest:
         return str(self.path / rel)
 
 
+def _regular(path: str) -> None:
+    """Refuse anything but a regular file before opening it (a FIFO would block)."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+
+
 def _bad(where: str, why: str) -> CheckpointError:
     return CheckpointError(f"{where}: {why}")
 
@@ -78,6 +86,7 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     mpath = d / fmt.MANIFEST
     where = str(mpath)
     try:
+        _regular(where)
         with open(mpath, "rb") as f:
             raw = f.read(fmt.MANIFEST_MAX + 1)
     except FileNotFoundError:
@@ -234,6 +243,8 @@ def verify(m: Manifest, *, ram: bool = True) -> None:
             st = os.stat(where)
         except FileNotFoundError:
             raise CheckpointError(f"{where}: missing (named in the manifest)") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{where}: not a regular file")
         if st.st_size != info["size"]:
             raise CheckpointError(f"{where}: size {st.st_size} is not {info['size']} "
                                   "(truncated or changed)")
@@ -294,6 +305,7 @@ def _map_runs(map_path: str, npages: int) -> list[tuple[int, int]]:
 def load_state(m: Manifest) -> MachineState:
     where = m.file(fmt.STATE)
     try:
+        _regular(where)
         with open(where, "rb") as f:
             raw = f.read(fmt.STATE_MAX + 1)
         if len(raw) > fmt.STATE_MAX:
@@ -349,6 +361,17 @@ def machine_config(m: Manifest, options: dict[str, Any] | None = None) -> Any:
                        ("default_devices", bool), ("options", dict)):
         if key not in kwargs or not isinstance(kwargs[key], types):
             raise _bad(where, f"key {key!r} is missing or of the wrong type")
+    for key in ("default_devices", "always_sync", "use_perf", "use_coalesced_mmio"):
+        if key in kwargs and not isinstance(kwargs[key], bool):
+            raise _bad(where, f"key {key!r} must be true or false")
+    for key in ("host_factor", "host_frequency_hz"):
+        v = kwargs.get(key, 1.0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1e15:
+            raise _bad(where, f"key {key!r} must be a positive number")
+    if kwargs.get("unclaimed", "ignore") not in ("ignore", "fatal"):
+        raise _bad(where, "key 'unclaimed' must be ignore or fatal")
+    if kwargs.get("arch") not in (None, m.data["arch"]):
+        raise _bad(where, "key 'arch' differs from the manifest's arch")
     _int(kwargs["cpus"], f"{where}.cpus", 1, 4096)
     _int(kwargs["memory"], f"{where}.memory", 1, 1 << 48)
     if not all(isinstance(s, str) for s in kwargs["devices"]):
@@ -432,12 +455,16 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
     (:meth:`~kvmfw.machine.Machine.add_device`, :meth:`~kvmfw.machine.Machine.map_device`).
     """
     from kvmfw.machine import Machine
+    from kvmfw.memory import PAGE_SIZE
     from kvmfw.plugins import host_arch
 
     links = chain(path)
     m = links[-1]
     arch = m.data["arch"]
     where = m.file(fmt.MANIFEST)
+    if m.data["page_size"] != PAGE_SIZE:
+        raise _bad(where, f"field 'page_size': {m.data['page_size']}-byte pages; this host "
+                          f"maps guest RAM in {PAGE_SIZE}-byte pages")
     if arch_plugin is None and arch != host_arch():
         raise _bad(where, f"field 'arch': a checkpoint of a {arch} guest; this host's KVM "
                           f"runs {host_arch()} guests")
@@ -456,6 +483,8 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
         raise
     except KvmfwError as exc:
         raise _bad(where, f"cannot rebuild the machine: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # a recorded value no part of kvmfw accepts
+        raise _bad(where, f"field 'machine': cannot rebuild the machine: {exc}") from exc
     try:
         if setup is not None:
             setup(machine)

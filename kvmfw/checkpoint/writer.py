@@ -142,19 +142,13 @@ def _candidates(region: Any, page: int) -> list[tuple[int, int]]:
     return [(a, min(b, n)) for a, b in fmt.merge_runs(runs) if a < n]
 
 
-def _bit_runs(bits: bytearray, n: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    start = -1
-    for i in range(n):
-        on = bits[i >> 3] >> (i & 7) & 1
-        if on and start < 0:
-            start = i
-        elif not on and start >= 0:
-            out.append((start, i))
-            start = -1
-    if start >= 0:
-        out.append((start, n))
-    return out
+def _bit_runs(bits: bytes | bytearray, n: int) -> list[tuple[int, int]]:
+    """Runs ``[start, end)`` of set bits among the first ``n`` (bit i = page i,
+    little-endian within bytes, as KVM's dirty log)."""
+    from kvmfw.dirty import bitmap_runs
+
+    value = int.from_bytes(bits, "little") & ((1 << n) - 1)
+    return [(s, s + c) for s, c in bitmap_runs(value)]
 
 
 def _write_json(path: str, data: Any) -> dict[str, Any]:
