@@ -168,11 +168,19 @@ def test_restore_is_fast_enough_for_a_reset_loop(machine_factory) -> None:
     vcpu_state = hook(m).save_arch_state(cpu=cpu)
     vm_state = hook(m).save_vm_state(machine=m)
     n = 200
-    t0 = time.process_time()
-    for _ in range(n):
-        hook(m).restore_vm_state(machine=m, state=vm_state)
-        hook(m).restore_arch_state(cpu=cpu, state=vcpu_state)
-    per = (time.process_time() - t0) / n
+    figures = {}
+    for what, restore in (
+            ("VM state", lambda: hook(m).restore_vm_state(machine=m, state=vm_state)),
+            ("vCPU state", lambda: hook(m).restore_arch_state(cpu=cpu, state=vcpu_state))):
+        restore()  # the first restore of a state checks it and keeps a rollback copy
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            restore()
+        figures[what] = ((time.perf_counter() - t0) / n, (time.process_time() - c0) / n)
+    print("restore, per call: " + ", ".join(
+        f"{w} {wall * 1e6:.0f} us wall / {cpu_s * 1e6:.0f} us CPU"
+        for w, (wall, cpu_s) in figures.items()))
+    per = sum(c for _, c in figures.values())
     assert per < 2e-3, f"{per * 1e6:.0f} us per restore"
 
 
