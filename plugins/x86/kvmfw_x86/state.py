@@ -23,6 +23,11 @@ channel's count from now.
 5. MSRs: after CPUID (KVM refuses an MSR the CPUID does not expose) and after sregs
    (EFER is in both: the MSR value wins, as it is the same). The TSC is restored here,
    which moves KVM's TSC offset so the guest's TSC continues from the saved value.
+   Which MSRs: every one in ``KVM_GET_MSR_INDEX_LIST`` that reads back (``readable_msrs``;
+   one that does not is skipped, as KVM cannot give its value either). On kvm_pvm all 40
+   listed read back and take their own value back (TSC, TSC_DEADLINE, TSC_ADJUST, the
+   SYSCALL/SYSENTER MSRs, PAT, the 8 KVM paravirt MSRs among them); it lists no MTRR,
+   EFER, FS/GS base (those are in sregs) or TSC_AUX MSR.
 6. Debug registers.
 7. Local APIC (``KVM_SET_LAPIC``) after the MSRs: its state is only accepted while the
    APIC base MSR enables it in the mode the state is in (xAPIC/x2APIC). Then
