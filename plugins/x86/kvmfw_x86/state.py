@@ -5,14 +5,17 @@ restore order, and the CPU model a checkpoint records.
 8259 PICs and the IO-APIC (``KVM_GET_IRQCHIP``) and the PIT (``KVM_GET_PIT2``); in both
 modes the KVM clock (``KVM_GET_CLOCK``, the kvmclock the guest reads). With the userspace
 irqchip the interrupt controller is per vCPU (:func:`save_userspace`). Restored in the
-order QEMU uses: PICs, IO-APIC, then the PIT (whose output is a PIC/IO-APIC input), then
-the clock. The PIT's ``count_load_time`` is host time of the saving process: KVM ignores
-it on ``KVM_SET_PIT2`` and restarts each channel's count from now.
+order: the slave PIC, the master (see :data:`APPLY_ORDER`), the IO-APIC, then the PIT
+(whose output is a PIC/IO-APIC input), then the clock. The PIT's ``count_load_time`` is
+host time of the saving process: KVM ignores it on ``KVM_SET_PIT2`` and restarts each
+channel's count from now.
 
 **Per vCPU** (:func:`restore_vcpu`), the order, and why:
 
 1. CPUID: set when the vCPU was created (``vcpu_init``); KVM sizes XSAVE, filters MSRs
    and checks CR4/XCR0 bits against it, so everything below depends on it.
+   The TSC rate next: a saved rate more than 250 ppm from this host's is given to the
+   vCPU (``KVM_SET_TSC_KHZ``, TSC scaling) before any TSC value; without scaling, a warning.
 2. sregs (``KVM_SET_SREGS2``): CR0/CR4/EFER decide which register values are legal
    (e.g. CR4.OSXSAVE before XCR0, EFER.LMA before a 64-bit CS).
 3. regs. ``KVM_SET_REGS`` drops a pending exception, so it precedes the events.
@@ -20,6 +23,11 @@ it on ``KVM_SET_PIT2`` and restarts each channel's count from now.
 5. MSRs: after CPUID (KVM refuses an MSR the CPUID does not expose) and after sregs
    (EFER is in both: the MSR value wins, as it is the same). The TSC is restored here,
    which moves KVM's TSC offset so the guest's TSC continues from the saved value.
+   Which MSRs: every one in ``KVM_GET_MSR_INDEX_LIST`` that reads back (``readable_msrs``;
+   one that does not is skipped, as KVM cannot give its value either). On kvm_pvm all 40
+   listed read back and take their own value back (TSC, TSC_DEADLINE, TSC_ADJUST, the
+   SYSCALL/SYSENTER MSRs, PAT, the 8 KVM paravirt MSRs among them); it lists no MTRR,
+   EFER, FS/GS base (those are in sregs) or TSC_AUX MSR.
 6. Debug registers.
 7. Local APIC (``KVM_SET_LAPIC``) after the MSRs: its state is only accepted while the
    APIC base MSR enables it in the mode the state is in (xAPIC/x2APIC). Then
@@ -42,6 +50,7 @@ backed up again (see :func:`restore_vcpu`).
 from __future__ import annotations
 
 import copy
+import logging
 import struct
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -68,8 +77,13 @@ from kvmfw_x86.context import (
 if TYPE_CHECKING:
     from kvmfw_x86.plugin import X86Machine
 
+log = logging.getLogger("kvmfw.x86")
+
 STATE_VERSION = 1
 MSR_TSC_DEADLINE = 0x6E0
+TSC_TOLERANCE = 4000
+"""TSC rates closer than 1/4000 (250 ppm, NTP's tolerance) count as equal: a measured rate
+varies that much between runs."""
 MP_STATE_MAX = 8
 """The highest ``KVM_MP_STATE_*`` (AP_RESET_HOLD)."""
 IOAPIC_BASE = 0xFEC00000
@@ -89,6 +103,10 @@ PIT_MODE_UNSET = 0xFF
 CLOCK_SIZE = 48
 """``struct kvm_clock_data``."""
 CHIPS = (("pic_master", 0, PIC_SIZE), ("pic_slave", 1, PIC_SIZE), ("ioapic", 2, IOAPIC_SIZE))
+APPLY_ORDER = ("pic_slave", "pic_master", "ioapic")
+"""The slave PIC first: KVM re-evaluates the cascade when a PIC is set, so a slave that
+still held an old pending request while the master was set would latch IRQ2 into the
+restored master's IRR (a spurious interrupt after ``reset_to``)."""
 
 KVM_GET_IRQCHIP = define_ioctl("KVM_GET_IRQCHIP", IOC_READ | IOC_WRITE, 0x62, IRQCHIP_SIZE)
 KVM_SET_IRQCHIP = define_ioctl("KVM_SET_IRQCHIP", IOC_READ, 0x63, IRQCHIP_SIZE)
@@ -233,7 +251,7 @@ an equal state again, as ``reset_to`` does, skips the check and the rollback cop
 
 def _apply_vm(st: X86Machine, fd: int, raw: dict[str, bytes | int]) -> None:
     if st.irqchip == "kernel":
-        for name, _, _ in CHIPS:
+        for name in APPLY_ORDER:
             chip = raw[name]
             assert isinstance(chip, bytes)
             _set_chip(fd, chip)
@@ -515,9 +533,9 @@ def restore_vcpu(st: X86Machine, cpu: Any, state: Any) -> None:
         ctx._complete_pending_access()
         cpu.sync_kvm_state()
     previous = None if again else _raw_snapshot(ctx, cpu, kernel)
+    if khz and st.tsc_khz and abs(khz - st.tsc_khz) * TSC_TOLERANCE > st.tsc_khz:
+        _set_tsc_khz(cpu, khz, st.tsc_khz)
     try:
-        if khz and khz != st.tsc_khz:
-            _set_tsc_khz(cpu, khz)
         _install(ctx, sc, msrs)
         _push_ordered(ctx, cpu, lapic, state)
         if mp is not None:
@@ -595,10 +613,19 @@ def _put_back(ctx: X86Context, cpu: Any, snap: dict[str, Any]) -> None:
         ctx._discard()
 
 
-def _set_tsc_khz(cpu: Any, khz: int) -> None:
-    """Give the vCPU the saved TSC rate (needs TSC scaling); without it the guest's TSC
-    would tick at another rate than the one it calibrated."""
-    cpu.vcpu.ioctl(X.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+def _set_tsc_khz(cpu: Any, khz: int, here: int) -> None:
+    """Give the vCPU the saved TSC rate (needs TSC scaling) before its TSC value: a guest
+    calibrated its clocks against it. Without scaling the restore goes on at this host's
+    rate, with a warning, as QEMU does on a TSC frequency mismatch."""
+    try:
+        cpu.vcpu.ioctl(X.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+    except KvmError as exc:
+        # KVM records the refused rate as the vCPU's before it finds it cannot scale to it:
+        # put this host's back, or kvmclock would be computed for a rate the TSC lacks
+        cpu.vcpu.ioctl(X.KVM_SET_TSC_KHZ, here, "KVM_SET_TSC_KHZ")
+        log.warning("cpu%d: the checkpointed guest's TSC ran at %d kHz, this host's at %d kHz, "
+                    "and KVM cannot scale it (%s): the guest's clocks will drift", cpu.id, khz,
+                    here, exc)
 
 
 # --- CPU model -------------------------------------------------------------------------------

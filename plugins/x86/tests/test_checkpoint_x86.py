@@ -2,11 +2,11 @@
 
 ``ckpt64.elf`` builds AVX/AVX2 (and AVX-512 where the host has it), x87, GPR and MSR
 state at CPL3 while the PIT (through the in-kernel 8259) and the local APIC timer
-interrupt it. It is stopped mid-computation, drained, and its vCPU state
-(``save_arch_state``), VM state (``save_vm_state``) and RAM are written to a directory; a
-new Python process builds a fresh machine, restores them, checks that every register
-group reads back equal, and runs the guest to its end. The result must equal an
-uninterrupted run's.
+interrupt it. It is stopped mid-computation and checkpointed (``Machine.checkpoint``); a
+new Python process restores it (``Machine.restore``), checks that every register group
+(``save_arch_state``, ``save_vm_state``) reads back equal to the checkpoint's, and runs the
+guest to its end. The result must equal an uninterrupted run's; restoring twice gives the
+same run.
 
 Run as a script (``python test_checkpoint_x86.py restore DIR``) it is that new process.
 """
@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GUESTS, make_machine, requires_kvm
+from conftest import GUESTS, Reporter, make_machine, requires_kvm
 from elftools.elf.elffile import ELFFile
+from kvmfw.device import Range
 
 from kvmfw_x86 import loaders
 from kvmfw_x86.cpuid import has_feature
@@ -86,43 +87,39 @@ def comparable_vm(state: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def checkpoint(m: Any, path: Path) -> dict[str, Any]:
-    """Drain ``m`` and write its state and RAM under ``path``."""
-    m.drain()
-    pm = m.hooks.pm
-    state = {
-        "cpus": [pm.hook.save_arch_state(cpu=c) for c in m.cpus],
-        "vm": pm.hook.save_vm_state(machine=m),
-        "model": pm.hook.cpu_model(machine=m),
-    }
-    (path / "state.json").write_text(json.dumps(state))
-    (path / "ram.bin").write_bytes(m.memory.read(0, MEMORY))
-    return state
+def attach_reporter(m: Any) -> Reporter:
+    """The test's reporter device (added in code, so added again on restore)."""
+    rep = Reporter()
+    rep.machine = m
+    m.map_device(Range("pio", 0xE0, 8, "reporter"), rep)
+    return rep
 
 
 def restore(path: Path) -> dict[str, Any]:
     """The new process: restore, compare every group, run to the end."""
-    saved = json.loads((path / "state.json").read_text())
-    m, rep, _ = build()
+    from kvmfw.checkpoint.reader import chain, load_state
+    from kvmfw.machine import Machine
+
+    saved = load_state(chain(path)[-1])
+    reps: list[Reporter] = []
+    m = Machine.restore(path, arch_plugin=X86Plugin(),
+                        setup=lambda mm: reps.append(attach_reporter(mm)))
+    rep = reps[0]
     pm = m.hooks.pm
-    assert pm.hook.check_cpu_model(machine=m, model=saved["model"]) is None
-    m.memory.write(0, (path / "ram.bin").read_bytes())
-    assert pm.hook.restore_vm_state(machine=m, state=saved["vm"]) is True
-    for cpu, st in zip(m.cpus, saved["cpus"], strict=True):
-        assert pm.hook.restore_arch_state(cpu=cpu, state=st) is True
     after = [pm.hook.save_arch_state(cpu=c) for c in m.cpus]
     groups = {}
-    for a, b in zip(after, saved["cpus"], strict=True):
+    for a, b in zip(after, saved.cpus, strict=True):
         ca, cb = comparable_cpu(a), comparable_cpu(b)
         groups.update({g: ca[g] == cb[g] for g in cb})
         tsc_back = a["msrs"][MSR_IA32_TSC] - b["msrs"][MSR_IA32_TSC]
     vm_after = pm.hook.save_vm_state(machine=m)
-    va, vb = comparable_vm(vm_after), comparable_vm(saved["vm"])
+    assert saved.vm is not None
+    va, vb = comparable_vm(vm_after), comparable_vm(saved.vm)
     groups.update({f"vm.{g}": va[g] == vb[g] for g in vb})
     ticks_before = m.memory.read_u(sym("ticks_pic"), 8), m.memory.read_u(sym("ticks_apic"), 8)
     r = m.run(timeout=120)
     out = {"status": r.status, "values": rep.values, "groups": groups,
-           "tsc_delta": tsc_back, "clock_delta": vm_after["clock"] - saved["vm"]["clock"],
+           "tsc_delta": tsc_back, "clock_delta": vm_after["clock"] - saved.vm["clock"],
            "ticks_before": ticks_before}
     m.close()
     return out
@@ -149,15 +146,20 @@ def test_checkpoint_mid_computation_restores_in_new_process(tmp_path: Path) -> N
         assert rep.values == [], "the guest finished before the checkpoint"
         assert 0 < progress < 0x10000000, f"not mid-computation (progress {progress:#x})"
         assert all(ticks), f"no timer interrupt before the checkpoint: {ticks}"
-        saved = checkpoint(m, tmp_path)
+        ckpt = tmp_path / "cpt"
+        m.checkpoint(ckpt)
     finally:
         m.close()
-    assert saved["vm"]["irqchip"] == "kernel"
-    xs = bytes.fromhex(saved["cpus"][0]["xsave"])
+    from kvmfw.checkpoint.reader import chain, load_state
+
+    saved = load_state(chain(ckpt)[-1])
+    assert saved.vm is not None and saved.vm["irqchip"] == "kernel"
+    assert "lapic" in saved.cpus[0] and "pit" in saved.vm
+    xs = bytes.fromhex(saved.cpus[0]["xsave"])
     assert int.from_bytes(xs[512:520], "little") & 0x7 == 0x7  # x87, SSE, AVX in use
     runs = []
     for _ in range(2):  # the same checkpoint twice gives the same run
-        p = subprocess.run([sys.executable, __file__, "restore", str(tmp_path)],
+        p = subprocess.run([sys.executable, __file__, "restore", str(ckpt)],
                            capture_output=True, text=True, timeout=300,
                            cwd=Path(__file__).parent)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -166,6 +168,9 @@ def test_checkpoint_mid_computation_restores_in_new_process(tmp_path: Path) -> N
     assert expected[0] != 0xDEAD and len(expected) == 58 + 16 + N_TICK_VALUES
     for out in runs:
         assert out["status"] == 0
+        assert {"regs", "sregs", "xsave", "xcrs", "msrs", "debugregs", "events", "lapic",
+                "mp_state", "vm.pic_master", "vm.pic_slave", "vm.ioapic", "vm.pit"} \
+            <= set(out["groups"])
         bad = [g for g, same in out["groups"].items() if not same]
         assert bad == [], f"register groups differ after restore: {bad}"
         assert 0 <= out["tsc_delta"] < 10 * 10**9, "the TSC did not continue from the saved value"
