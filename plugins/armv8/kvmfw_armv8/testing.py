@@ -62,6 +62,8 @@ class TestDevice:
             self.results.append(val)
         elif offset in (0x08, 0x110):
             self.machine.request_exit(0, "test guest done")
+        elif offset == 0x28:
+            self.machine.request_exit(0, "test guest paused")
         elif offset == 0x18 and self.on_ready is not None:
             self.on_ready()
         elif offset == 0x20:
