@@ -29,6 +29,7 @@ from kvmfw.config import (
     RUN_KEYS,
     Source,
     check_arch_host,
+    check_restore_keys,
     check_run_config,
     host_status,
     parse_options,
@@ -395,6 +396,24 @@ class _Signals:
 @click.option("--gdb-wait", "-S", "gdb_wait", is_flag=True, default=None,
               help="Wait for GDB to attach and continue before the first instruction "
               "(implies -s without --gdb).")
+@click.option("--checkpoint-at", type=str, metavar="TICK[,PERIOD]",
+              help="Take a checkpoint at simulated tick TICK (then every PERIOD ticks); "
+              "the run continues unless --exit-after-checkpoint.")
+@click.option("--checkpoint-on", type=str, metavar="SIGNAL",
+              help="Take a checkpoint when kvmfw receives SIGNAL (SIGUSR1 (default), "
+              "SIGUSR2 or none).")
+@click.option("--checkpoint-dir", type=str, metavar="DIR",
+              help="Where checkpoints go, one cpt.<tick> directory each (default: the "
+              "current directory; created if missing).")
+@click.option("--exit-after-checkpoint", is_flag=True, default=None,
+              help="End the run (status 0) after the first checkpoint.")
+@click.option("--checkpoint-incremental", is_flag=True, default=None,
+              help="Checkpoints after the first store only the pages changed since the "
+              "previous one (a chain; restore needs every link).")
+@click.option("--restore", type=str, metavar="DIR",
+              help="Continue the guest saved in checkpoint DIR (machine, devices and guest "
+              "come from it; host options such as --console, --timeout, --stats and "
+              "--checkpoint-dir may be given anew).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits.
@@ -402,8 +421,8 @@ def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     Exit status: the guest's (see README: debug-exit gives (v << 1) | 1; values above 255
     keep their low 8 bits, and never 0 for a nonzero status), 2 bad configuration,
     3 no usable /dev/kvm, 4 plugin, 5 guest error, 6 device/bus, 7 bad image,
-    8 arm64 feature missing, 70 kvmfw bug, 124 host timeout, 128+N signal N (129 SIGHUP,
-    130 SIGINT, 143 SIGTERM).
+    8 arm64 feature missing, 9 checkpoint refused or not written, 70 kvmfw bug,
+    124 host timeout, 128+N signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM).
     """
     if help_flags:
         for name, (logger, text) in debug.FLAGS.items():
@@ -425,15 +444,20 @@ def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
 def _run(cfg: dict[str, Any]) -> int:
     """Check everything, build, run, and end (terminal, stats, summary) whatever happens;
     returns the process exit status."""
-    from kvmfw.machine import Machine, MachineConfig
+    from kvmfw.machine import MachineConfig
     from kvmfw.plugins import host_arch, load_arch
 
     if cfg.get("debug_flags"):
         debug.enable(cfg["debug_flags"])
+    check_restore_keys(cfg)
+    restore_dir = cfg.get("restore")
     arch = cfg.get("arch") or host_arch()
-    check_arch_host(arch)
-    arch, plugin = load_arch(arch)
-    options: dict[str, Any] = parse_options(cfg.get("option", []), arch, plugin)
+    plugin: Any = None
+    if restore_dir is None:
+        check_arch_host(arch)
+        arch, plugin = load_arch(arch)
+    options: dict[str, Any] = parse_options(cfg.get("option", []), arch, plugin) \
+        if restore_dir is None else {}
     for k in ("cmdline", "initrd", "fw_cfg", "pseudo_op_dir", "load_addr"):
         if cfg.get(k) is not None:
             options[k] = cfg[k]
@@ -470,14 +494,18 @@ def _run(cfg: dict[str, Any]) -> int:
     error: BaseException | None = None
     status, reason, timed_out = 0, "", False
     try:
-        with _Signals() as sigs, Machine(mc, arch_plugin=plugin, arch_name=arch) as machine:
-            if kernel is None:
-                kernel = machine.hooks.call("default_guest", machine=machine)
+        with _Signals() as sigs, _make_machine(mc, plugin, arch, restore_dir,
+                                               options) as machine:
+            if restore_dir is not None:
+                pass  # the guest is in the checkpoint
+            else:
                 if kernel is None:
-                    raise ConfigError(f"the {arch} plugin has no embedded guest: give one "
-                                      "with --kernel FILE")
-                _check_embedded_guest_board(machine)
-            machine.load_guest(str(kernel), **options)
+                    kernel = machine.hooks.call("default_guest", machine=machine)
+                    if kernel is None:
+                        raise ConfigError(f"the {arch} plugin has no embedded guest: give "
+                                          "one with --kernel FILE")
+                    _check_embedded_guest_board(machine)
+                machine.load_guest(str(kernel), **options)
             gdb_spec = cfg.get("gdb") or ("tcp::1234" if cfg.get("gdb_default") or
                                           cfg.get("gdb_wait") else None)
             if gdb_spec:
@@ -487,6 +515,7 @@ def _run(cfg: dict[str, Any]) -> int:
                 machine.start_gdb(port, host, wait=bool(cfg.get("gdb_wait")))
             watchdog = sigs.watchdog = _Watchdog(terminal, cfg.get("timeout"))
             sigs.arm(machine)
+            _arm_checkpoints(machine, cfg, sigs)
             t0 = time.monotonic()
             try:
                 result = machine.run(timeout=cfg.get("timeout"),
@@ -523,6 +552,9 @@ def _run(cfg: dict[str, Any]) -> int:
                           f"{host_seconds:.3f} s")
                 if timed_out:
                     error = None  # the summary said it; the status says 124
+            if not cfg.get("no_summary"):
+                for path in machine.checkpoints_taken:
+                    _echo_err(f"checkpoint: {path}")
             if console.error is not None:
                 _echo_err(f"warning: console output to {console_spec} failed: "
                           f"{console.error}; the guest's output after that was lost")
@@ -536,6 +568,58 @@ def _run(cfg: dict[str, Any]) -> int:
     if error is not None:
         raise error
     return host_status(status)
+
+
+def _make_machine(mc: Any, plugin: Any, arch: str, restore_dir: str | None,
+                  options: dict[str, Any]) -> Any:
+    """A new machine, or the one saved in checkpoint ``restore_dir`` with the host-side
+    ``options`` (console, pseudo-op directory) of this run."""
+    from kvmfw.machine import Machine
+
+    if restore_dir is None:
+        return Machine(mc, arch_plugin=plugin, arch_name=arch)
+    host = {k: v for k, v in options.items()
+            if k in ("console_output", "console_input", "pseudo_op_dir")}
+    return Machine.restore(restore_dir, options=host)
+
+
+def _arm_checkpoints(machine: Any, cfg: dict[str, Any], sigs: _Signals) -> None:
+    """--checkpoint-dir/-at/-on, --exit-after-checkpoint, --checkpoint-incremental."""
+    directory = cfg.get("checkpoint_dir")
+    if directory is not None:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create --checkpoint-dir {directory}: "
+                              f"{exc.strerror}") from None
+    machine.checkpoint_dir = directory
+    machine.exit_after_checkpoint = bool(cfg.get("exit_after_checkpoint"))
+    machine.checkpoint_incremental = bool(cfg.get("checkpoint_incremental"))
+    at = cfg.get("checkpoint_at")
+    if at is not None:
+        tick, period = at
+        eq = machine.eventq
+        if tick < eq.cur_tick:  # a restored run is past it: the next period, if any
+            if period is None:
+                _echo_err(f"warning: --checkpoint-at {tick} is before the restored "
+                          f"tick {eq.cur_tick}: no checkpoint at it")
+                tick = -1
+            else:
+                tick += -(-(eq.cur_tick - tick) // period) * period
+
+        def take() -> None:
+            machine.request_checkpoint()
+            if period is not None:
+                eq.schedule(ev, eq.cur_tick + period)
+
+        ev = Event(take, "cli.checkpoint-at")
+        if tick >= 0:
+            eq.schedule(ev, tick)
+    name = cfg.get("checkpoint_on") or "SIGUSR1"
+    if name != "none" and threading.current_thread() is threading.main_thread():
+        signum = getattr(signal, name)
+        old = signal.signal(signum, lambda s, f: machine.request_checkpoint())
+        sigs._old.setdefault(signum, old)
 
 
 def _check_embedded_guest_board(machine: Any) -> None:

@@ -247,8 +247,45 @@ def parse_options(items: list[str], arch: str | None, plugin: Any = None) -> dic
 RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus", "device",
             "console", "stats", "debug_flags", "timeout", "max_ticks", "unclaimed",
             "always_sync", "no_summary", "no_default_devices", "no_reboot", "host_factor",
-            "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait")
+            "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait",
+            "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
+            "checkpoint_incremental", "restore")
 """Every key of ``kvmfw run``: a command-line option each, and a TOML key each."""
+
+RESTORE_KEYS = ("restore", "console", "stats", "debug_flags", "timeout", "max_ticks",
+                "no_summary", "pseudo_op_dir", "gdb", "gdb_default", "gdb_wait",
+                "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
+                "checkpoint_incremental")
+"""The keys ``--restore`` may be given with: host-side ones. The machine, its devices and
+the guest come from the checkpoint."""
+CHECKPOINT_SIGNALS = ("SIGUSR1", "SIGUSR2")
+"""Signals ``--checkpoint-on`` may name (SIGTERM, SIGHUP and SIGINT stop the run)."""
+
+
+def check_restore_keys(cfg: dict[str, Any]) -> None:
+    """With ``restore``, refuse every key that would describe another machine."""
+    if cfg.get("restore") is None:
+        return
+    extra = sorted(k for k, v in cfg.items() if v not in (None, [], False)
+                   and k not in RESTORE_KEYS)
+    if extra:
+        names = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise ConfigError(f"--restore takes the machine, its devices and the guest from the "
+                          f"checkpoint: drop {names}")
+
+
+def _checkpoint_at(name: str, value: Any) -> tuple[int, int | None]:
+    """``TICK`` or ``TICK,PERIOD`` (gem5's ``--take-checkpoints``): the first checkpoint at
+    simulated tick TICK, then one every PERIOD ticks."""
+    parts = value.split(",") if isinstance(value, str) else [value]
+    if len(parts) > 2:
+        raise ConfigError(f"{name} {value!r}: give TICK or TICK,PERIOD")
+    tick = _number(name, parts[0], int, "a tick (whole number, 1 tick = 1 ps)")
+    period = _number(name, parts[1], int, "a period in ticks") if len(parts) > 1 else None
+    if not 0 <= tick <= MAX_TICKS or (period is not None and not 1 <= period <= MAX_TICKS):
+        raise ConfigError(f"{name} {value!r}: ticks must be between 0 (period: 1) and "
+                          f"{MAX_TICKS}")
+    return tick, period
 
 
 def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -> dict[str, Any]:
@@ -330,6 +367,30 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
 
             parse_endpoint(value)  # refused now, not after the machine is built
             out[key] = value
+        elif key == "checkpoint_at":
+            out[key] = _checkpoint_at(name, value)
+        elif key == "checkpoint_on":
+            _expect(name, value, (str,), "a signal name such as SIGUSR1")
+            sig = value.strip().upper()
+            sig = sig if sig.startswith("SIG") or sig == "NONE" else "SIG" + sig
+            if sig not in (*CHECKPOINT_SIGNALS, "NONE"):
+                raise ConfigError(f"{name} {value!r}: must be one of "
+                                  f"{', '.join(CHECKPOINT_SIGNALS)} or none")
+            out[key] = sig.lower() if sig == "NONE" else sig
+        elif key in ("checkpoint_dir", "restore"):
+            _expect(name, value, (str,), "a directory")
+            if not value:
+                raise ConfigError(f"{name} is empty (give a directory)")
+            d = source.path(value, f)
+            if key == "restore":
+                if not os.path.isfile(os.path.join(d, "manifest.json")):
+                    raise ConfigError(f"{name} {d}: not a checkpoint directory (no "
+                                      "manifest.json)")
+            elif os.path.exists(d) and not os.path.isdir(d):
+                raise ConfigError(f"{name} {d} is not a directory")
+            elif not os.path.exists(d) and not os.path.isdir(os.path.dirname(d) or "."):
+                raise ConfigError(f"{name} {d}: its parent directory does not exist")
+            out[key] = d
         elif key == "unclaimed":
             if value not in ("ignore", "fatal"):
                 raise ConfigError(f"{name} must be ignore or fatal, not {value!r}")

@@ -186,6 +186,8 @@ class ImageError(KvmfwError):
 class CheckpointError(KvmfwError):
     """A checkpoint is corrupt, incompatible, or cannot be taken now."""
 
+    exit_status = 9
+
 
 class StateError(KvmfwError):
     """An operation is not allowed in the CPU's current state."""

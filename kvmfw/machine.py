@@ -37,6 +37,7 @@ import sysconfig
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.bus import Bus
@@ -69,7 +70,9 @@ from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
 
 if TYPE_CHECKING:
+    from kvmfw.dirty import DirtyTracker
     from kvmfw.gdb import GdbServer
+    from kvmfw.snapshot import Snapshot
 
 log = logging.getLogger("kvmfw.cpu")
 
@@ -165,6 +168,8 @@ class Machine:
         self.exit_reason = ""
         self._irq_lines: dict[int, IrqLine] = {}
         self.stats_dumps: list[dict[str, dict[str, Any]]] = []
+        self.checkpoints_taken: list[Path] = []
+        """Checkpoint directories written by :meth:`checkpoint` or on request, in order."""
         """Every dump taken during the run (guest pseudo-ops, the CLI's final one)."""
         self.work_items: dict[tuple[int, int], int] = {}
         self._work = {"work_items_begun": 0, "work_items_ended": 0, "work_ticks": 0}
@@ -241,6 +246,32 @@ class Machine:
         assert self.vm is not None
         return self.vm.memory
 
+    def dirty_tracker(self) -> DirtyTracker:
+        """A new, independent subscriber to the pages dirtied from now on (the guest's
+        through KVM's log, kvmfw's through ``GuestMemory.mark_dirty``); see
+        :mod:`kvmfw.dirty`. Close it when done: the last one switches KVM's logging off."""
+        from kvmfw.dirty import DirtyTracker
+
+        if self._closed or self.vm is None:
+            raise KvmfwError("this machine is closed")
+        return DirtyTracker(self.vm)
+
+    def snapshot(self) -> Snapshot:
+        """Drain the machine and keep its state and RAM in this process, for
+        :meth:`reset_to` (fuzzers, sweeps); see :mod:`kvmfw.snapshot`."""
+        from kvmfw.snapshot import take
+
+        return take(self)
+
+    def reset_to(self, snap: Snapshot) -> int:
+        """Put the machine back to ``snap``: CPU, irqchip, device and time state, and the
+        pages dirtied since copied back; returns their number. See :mod:`kvmfw.snapshot`."""
+        from kvmfw.snapshot import reset_to
+
+        if self._closed:
+            raise KvmfwError("this machine is closed")
+        return reset_to(self, snap)
+
     def irq(self, number: int) -> IrqLine:
         """The IRQ line for platform interrupt input ``number`` (arch hook, else KVM_IRQ_LINE
         on an in-kernel irqchip, else a line that goes nowhere)."""
@@ -266,7 +297,8 @@ class Machine:
                      **self.config.options},
             services={"dump_stats": self.dump_stats, "reset_stats": self.stats.reset,
                       "work_begin": self.work_begin, "work_end": self.work_end,
-                      "kick": self.kick_all, "reset": self.request_reset})
+                      "kick": self.kick_all, "reset": self.request_reset,
+                      "checkpoint": self.request_checkpoint})
 
     def add_device_spec(self, spec: str) -> Device:
         """Create a device from ``name,key=value,...`` and attach it."""
@@ -353,7 +385,7 @@ class Machine:
 
     def request_exit(self, status: int, reason: str) -> None:
         """End the run after the current access/event (devices, guest events, host)."""
-        if not self.stop_requested:
+        if not self.stop_requested or not self.exit_reason:  # (a checkpoint's pause has none)
             self.exit_status = status
             self.exit_reason = reason
         self.stop_requested = True
@@ -419,12 +451,22 @@ class Machine:
         bound: list[KvmCPU] = []
         try:
             self._start_clock()
-            if len(self.cpus) > 1:
-                self._run_parallel()
-            else:
+            if len(self.cpus) == 1:
                 bound = self._bind_here()  # whichever thread calls run() runs the vCPU
                 eq.on_post = post_from_thread
-                self._run_serial()
+            while True:
+                if len(self.cpus) > 1:
+                    self._run_parallel()
+                else:
+                    self._run_serial()
+                if not self.checkpoint_pending:
+                    break
+                # a requested checkpoint: the loop stopped between slices; take it here
+                self._take_requested_checkpoint()
+                if self.exit_reason:  # the run was ended meanwhile, or after the checkpoint
+                    break
+                self.stop_requested = False
+                self._start_clock()  # writing it took host time, not simulated time
         except KeyboardInterrupt:
             self.request_exit(130, "interrupted")
             self.kick_all()
@@ -635,6 +677,50 @@ class Machine:
         if self._thread_error is not None:
             raise self._thread_error
 
+    # --- checkpoints (kvmfw.checkpoint) --------------------------------------------------------
+
+    def checkpoint(self, path: str | os.PathLike[str], *,
+                   incremental: bool = False) -> Path:
+        """Drain the machine and write a checkpoint to the new directory ``path``
+        (:mod:`kvmfw.checkpoint`; ``incremental``: only the pages changed since this
+        machine's previous checkpoint). Call it between runs or from an event."""
+        from kvmfw.checkpoint.api import checkpoint
+
+        return checkpoint(self, path, incremental=incremental)
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike[str], **kwargs: Any) -> Machine:
+        """A new machine built from the checkpoint at ``path``, in its state; see
+        :func:`kvmfw.checkpoint.reader.restore` for ``kwargs``."""
+        from kvmfw.checkpoint.reader import restore
+
+        return restore(path, **kwargs)
+
+    from_checkpoint = restore
+
+    checkpoint_pending = False
+    """A checkpoint was requested (:meth:`request_checkpoint`) and not yet taken."""
+    checkpoint_dir: str | None = None
+    """Where requested checkpoints go, one ``cpt.<tick>`` directory each (None: the
+    current directory)."""
+    exit_after_checkpoint = False
+    """End the run after a requested checkpoint (gem5's default is to continue)."""
+    checkpoint_incremental = False
+    """Requested checkpoints after the first store only the pages changed since the
+    previous one."""
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint at the next drainable point: the run loop stops between
+        slices, writes it into :attr:`checkpoint_dir` and continues. The machine service
+        ``checkpoint`` (pseudo-op device); safe from a signal handler (no locks)."""
+        self.checkpoint_pending = True
+        self.stop_requested = True
+        self.kick_all()
+
+    def _take_requested_checkpoint(self) -> None:
+        from kvmfw.checkpoint.api import take_requested
+
+        take_requested(self)
+
     # --- debugger ---------------------------------------------------------------------------
 
     def start_gdb(self, port: int = 1234, host: str = "127.0.0.1", *,
@@ -758,6 +844,7 @@ class Machine:
             return  # one reset already pending: the second request is the same reset
         ev = Event(lambda: self._do_reset(reason, wakeup), "machine-reset")
         self._reset_event: Event | None = ev
+        self._reset_args = {"reason": reason, "wakeup": wakeup}  # for a checkpoint
         self.eventq.schedule(ev, self.eventq.cur_tick)
         self.kick_all()
 

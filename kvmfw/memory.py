@@ -15,9 +15,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmfw.abi import address_of, ffi
 from kvmfw.errors import GuestMemoryError
+
+if TYPE_CHECKING:
+    from kvmfw.dirty import DirtyLog
 
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -106,6 +110,9 @@ class GuestMemory:
     def __init__(self) -> None:
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
+        self.dirty: DirtyLog | None = None
+        """The VM's dirty log while any :class:`~kvmfw.dirty.DirtyTracker` lives (None: no
+        one tracks, and marking costs one test)."""
 
     def __iter__(self) -> Iterator[MemoryRegion]:
         return iter(list(self._regions))
@@ -160,7 +167,37 @@ class GuestMemory:
         return bytes(self.view(gpa, length))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        self.view(gpa, len(data))[:] = data
+        """Copy ``data`` into guest RAM (the pages are marked dirty for trackers)."""
+        n = len(data)
+        hit = self.find(gpa, n)
+        if hit is None:
+            raise GuestMemoryError(f"guest range [{gpa:#x}, {gpa + n:#x}) is not in guest RAM")
+        r, off = hit
+        r.view[off:off + n] = data
+        if self.dirty is not None:
+            self.dirty.mark(r, off, n)
+
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        """Record that kvmfw wrote ``[gpa, gpa + length)`` through a view (device DMA, a
+        loader): KVM's dirty log sees only the guest's own stores. The range may span
+        adjacent regions; a range outside guest RAM raises :class:`GuestMemoryError`."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"cannot mark [{gpa:#x}, +{length:#x}) dirty: negative")
+        end = gpa + length
+        pieces = []  # all checked before anything is marked
+        while gpa < end:
+            i = bisect.bisect(self._starts, gpa) - 1
+            r = self._regions[i] if i >= 0 else None
+            if r is None or gpa >= r.end:
+                raise GuestMemoryError(
+                    f"cannot mark [{gpa:#x}, {end:#x}) dirty: {gpa:#x} is not in guest RAM")
+            n = min(end, r.end) - gpa
+            pieces.append((r, gpa - r.gpa, n))
+            gpa += n
+        log = self.dirty
+        if log is not None:
+            for r, off, n in pieces:
+                log.mark(r, off, n)
 
     def read_u(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.view(gpa, size), "little")

@@ -79,6 +79,9 @@ class VM:
         # one preallocated struct for the frequent KVM_IRQ_LINE
         self._irq_level = ffi.new("struct kvm_irq_level *")
         self._irq_level_addr = address_of(self._irq_level)
+        self.dirty_manual_protect = False
+        """Use ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` for dirty logging where the kernel has
+        it (read before the first tracker is made; see :mod:`kvmfw.dirty`)."""
 
     # --- capabilities (VM-level answers can differ from the system's) ---------------
 
@@ -122,17 +125,32 @@ class VM:
         ioctl(self.fd, IOCTLS.KVM_SET_USER_MEMORY_REGION, address_of(m),
               f"slot {slot}" + (f" gpa {region.gpa:#x} size {region.size:#x}" if region else ""))
 
+    def set_slot_flags(self, region: MemoryRegion, log_flags: int) -> None:
+        """Re-install ``region``'s slot with ``log_flags`` (``KVM_MEM_LOG_DIRTY_PAGES`` or
+        0); its read-only flag is kept."""
+        if region.slot is None:
+            raise GuestMemoryError(f"memory region {region.name} is not installed")
+        flags = (constants.KVM_MEM_READONLY if region.readonly else 0) | log_flags
+        self._set_slot(region.slot, region, flags)
+
     def add_memory(self, region: MemoryRegion, *, log_dirty: bool = False) -> MemoryRegion:
-        """Install ``region`` in a free memory slot."""
+        """Install ``region`` in a free memory slot (logged for dirty pages if
+        ``log_dirty`` or while a dirty tracker lives)."""
         self.memory.add(region)
         flags = (constants.KVM_MEM_READONLY if region.readonly else 0) | (
             constants.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        installed = False
         try:
             region.slot = self._alloc_slot()
             self._set_slot(region.slot, region, flags)
+            installed = True
+            if self.memory.dirty is not None:
+                self.memory.dirty.region_added(region)
         except BaseException:
             self.memory.remove(region)
             if region.slot is not None:
+                if installed:
+                    self._set_slot(region.slot, None)
                 self._free_slots.append(region.slot)
                 region.slot = None
             raise
@@ -149,6 +167,8 @@ class VM:
 
     def remove_memory(self, region: MemoryRegion) -> None:
         """Take ``region`` out of the guest (its slot becomes free) and unmap it."""
+        if self.memory.dirty is not None:
+            self.memory.dirty.region_removed(region)
         if region.slot is not None:
             self._set_slot(region.slot, None)
             self._free_slots.append(region.slot)

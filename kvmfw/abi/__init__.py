@@ -106,6 +106,7 @@ for _name, _dir, _nr, _arg in [
     ("KVM_GET_DEVICE_ATTR", _W, 0xE2, "struct kvm_device_attr"),
     ("KVM_HAS_DEVICE_ATTR", _W, 0xE3, "struct kvm_device_attr"),
     ("KVM_ENABLE_CAP", _W, 0xA3, "struct kvm_enable_cap"),
+    ("KVM_CLEAR_DIRTY_LOG", _RW, 0xC0, "struct kvm_clear_dirty_log"),
     # vCPU ioctls
     ("KVM_RUN", IOC_NONE, 0x80, None),
     ("KVM_SET_SIGNAL_MASK", _W, 0x8B, "struct kvm_signal_mask"),

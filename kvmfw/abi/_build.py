@@ -31,7 +31,10 @@ struct kvm_create_device { uint32_t type; uint32_t fd; uint32_t flags; ...; };
 struct kvm_device_attr { uint32_t flags; uint32_t group; uint64_t attr; uint64_t addr; ...; };
 struct kvm_signal_mask { uint32_t len; ...; };
 struct kvm_enable_cap { uint32_t cap; uint32_t flags; uint64_t args[4]; ...; };
-struct kvm_dirty_log { uint32_t slot; ...; };
+struct kvm_dirty_log { uint32_t slot; void *dirty_bitmap; ...; };
+struct kvm_clear_dirty_log {
+    uint32_t slot; uint32_t num_pages; uint64_t first_page; void *dirty_bitmap; ...;
+};
 struct kvm_guest_debug { uint32_t control; ...; };
 
 struct kvm_run {

@@ -33,7 +33,8 @@ STRUCT_FIELDS = {
     "struct kvm_device_attr": ["flags", "group", "attr", "addr"],
     "struct kvm_signal_mask": ["len"],
     "struct kvm_enable_cap": ["cap", "flags", "args"],
-    "struct kvm_dirty_log": ["slot"],
+    "struct kvm_dirty_log": ["slot", "dirty_bitmap"],
+    "struct kvm_clear_dirty_log": ["slot", "num_pages", "first_page", "dirty_bitmap"],
 }
 NESTED = {  # offsets inside the kvm_run exit union
     "io": ["direction", "size", "port", "count", "data_offset"],

@@ -290,6 +290,7 @@ class FwCfg(Device):
                 error = True
             elif length:
                 view = mem.view(addr, length)
+                mem.mark_dirty(addr, length)  # DMA: KVM's dirty log does not see it
                 chunk = self._advance(length)
                 view[:len(chunk)] = chunk
                 for off in range(len(chunk), length, len(_ZEROS)):  # past the end: zeros

@@ -299,8 +299,17 @@ class PseudoOp(Device):
                 os.close(fd)
         except (OSError, OverflowError, ValueError):
             return None
+        finally:
+            self._dirtied(addr, done)
         self.stats["file_bytes_read"] += done
         return done
+
+    def _dirtied(self, addr: int, length: int) -> None:
+        """Tell dirty-page trackers (snapshots, incremental checkpoints) about bytes written
+        into guest RAM through a view, which KVM's dirty log does not see."""
+        mem = self.ctx.memory
+        if length > 0 and mem.contains(addr, length):
+            mem.mark_dirty(addr, length)
 
     def _write_file(self, addr: int, length: int, offset: int, name_addr: int) -> int | None:
         src = self._guest_range(addr, length)

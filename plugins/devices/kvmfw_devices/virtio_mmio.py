@@ -500,7 +500,10 @@ class VirtioMmio(Device):
             n = min(b.length - skip, left)
             if n <= 0:
                 return
-            yield mem.view(b.addr + skip, n)
+            view = mem.view(b.addr + skip, n)
+            if writable:  # the device writes it: KVM's dirty log does not see that
+                mem.mark_dirty(b.addr + skip, n)
+            yield view
             left -= n
             skip = 0
 

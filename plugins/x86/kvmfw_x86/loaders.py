@@ -116,6 +116,7 @@ def zero_fill(machine: Any, gpa: int, size: int, what: str) -> None:
     that size is made."""
     check_fits(machine, gpa, size, what)
     view = machine.memory.view(gpa, size)
+    machine.memory.mark_dirty(gpa, size)  # written through a view: tell dirty trackers
     for i in range(0, size, len(_ZEROS)):
         n = min(len(_ZEROS), size - i)
         view[i:i + n] = _ZEROS[:n]

@@ -368,69 +368,49 @@ class X86Plugin:
 
     @hookimpl
     def save_arch_state(self, cpu: Any) -> dict[str, Any]:
-        """The thread context's groups, and with the in-kernel irqchip this vCPU's local
-        APIC (``KVM_GET_LAPIC``) and MP state (halted, waiting for SIPI...)."""
-        ctx: X86Context = cpu.get_context(SyncLevel.FULL)
-        state = ctx.save()
-        if self.state(cpu.machine).irqchip == "kernel":
-            lapic = ffi.new("struct kvm_lapic_state *")
-            cpu.vcpu.ioctl(X.KVM_GET_LAPIC, addr(lapic), "KVM_GET_LAPIC")
-            state["lapic"] = bytes(ffi.buffer(lapic)).hex()
-            mp = ffi.new("struct kvm_mp_state *")
-            cpu.vcpu.ioctl(X.KVM_GET_MP_STATE, addr(mp), "KVM_GET_MP_STATE")
-            state["mp_state"] = int(mp.mp_state)
-        return state
+        """Every register group, with the in-kernel irqchip this vCPU's local APIC
+        (``KVM_GET_LAPIC``) and MP state, else the userspace irqchip's pending
+        interrupts (see :mod:`kvmfw_x86.state`)."""
+        from kvmfw_x86 import state
+
+        return state.save_vcpu(self.state(cpu.machine), cpu)
 
     @hookimpl
     def restore_arch_state(self, cpu: Any, state: dict[str, Any]) -> bool:
-        """Load :meth:`save_arch_state` output. Everything is checked before KVM sees it
-        (StateError: malformed, oversized, or from another irqchip mode or host)."""
-        if not isinstance(state, dict):
-            raise StateError(f"x86 CPU state is a mapping, not {type(state).__name__}")
-        kernel = self.state(cpu.machine).irqchip == "kernel"
-        lapic = mp = None
-        if ("lapic" in state or "mp_state" in state) and not kernel:
-            raise StateError("the state has an in-kernel local APIC; this machine runs the "
-                             "userspace irqchip (irqchip=kernel to restore it)")
-        if kernel and "lapic" in state:
-            lapic = ffi.new("struct kvm_lapic_state *")
-            size = ffi.sizeof(lapic[0])
-            raw = state["lapic"]
-            if not isinstance(raw, str) or len(raw) != 2 * size:
-                raise StateError(f"local APIC state is not {size} bytes of hex")
-            try:
-                ffi.buffer(lapic)[:] = bytes.fromhex(raw)
-            except ValueError:
-                raise StateError("local APIC state is not hex") from None
-        if kernel and "mp_state" in state:
-            mp = state["mp_state"]
-            if isinstance(mp, bool) or not isinstance(mp, int) or not 0 <= mp <= MP_STATE_MAX:
-                raise StateError(f"MP state {mp!r} is not one KVM defines (0 to "
-                                 f"{MP_STATE_MAX})")
-        ctx: X86Context = cpu.get_context(SyncLevel.FULL)
-        previous = ctx.save()
-        ctx.load(state)
-        try:
-            cpu.sync_kvm_state(SyncLevel.FULL)  # APIC base (sregs) before the APIC's state
-        except KvmError as exc:
-            # KVM refused part of it (a value this host's KVM does not take): put back
-            # what the vCPU held, so no half-restored state runs
-            ctx.load(previous)
-            cpu.sync_kvm_state(SyncLevel.FULL)
-            raise StateError(f"KVM refused the restored x86 state: {exc}") from None
-        if lapic is not None:
-            cpu.vcpu.ioctl(X.KVM_SET_LAPIC, addr(lapic), "KVM_SET_LAPIC")
-            deadline = state.get("msrs", {}).get(f"{MSR_TSC_DEADLINE:#x}")
-            if deadline and MSR_TSC_DEADLINE in ctx.msrs:
-                # KVM ignores the deadline unless the APIC's timer is in TSC-deadline mode,
-                # so it goes after the APIC (as QEMU does)
-                ctx.set_msr(MSR_TSC_DEADLINE, deadline)
-                cpu.sync_kvm_state()
-        if mp is not None:
-            mps = ffi.new("struct kvm_mp_state *")
-            mps.mp_state = mp
-            cpu.vcpu.ioctl(X.KVM_SET_MP_STATE, addr(mps), "KVM_SET_MP_STATE")
+        """Load :meth:`save_arch_state` output in the order :mod:`kvmfw_x86.state`
+        documents. Everything is checked before KVM sees it (StateError: malformed,
+        oversized, or from another irqchip mode or host)."""
+        from kvmfw_x86 import state as state_mod
+
+        state_mod.restore_vcpu(self.state(cpu.machine), cpu, state)
         return True
+
+    @hookimpl
+    def save_vm_state(self, machine: Any) -> dict[str, Any]:
+        """PICs, IO-APIC and PIT (in-kernel irqchip) and the KVM clock."""
+        from kvmfw_x86 import state
+
+        return state.save_vm(self.state(machine))
+
+    @hookimpl
+    def restore_vm_state(self, machine: Any, state: dict[str, Any]) -> bool:
+        from kvmfw_x86 import state as state_mod
+
+        state_mod.restore_vm(self.state(machine), state)
+        return True
+
+    @hookimpl
+    def cpu_model(self, machine: Any) -> dict[str, Any]:
+        """The CPUID table the vCPUs were given, the TSC rate and the XSAVE size."""
+        from kvmfw_x86 import state
+
+        return state.cpu_model(self.state(machine))
+
+    @hookimpl
+    def check_cpu_model(self, machine: Any, model: dict[str, Any]) -> str | None:
+        from kvmfw_x86 import state
+
+        return state.check_cpu_model(self.state(machine), model)
 
     @hookimpl
     def dump_state(self, cpu: Any) -> str:

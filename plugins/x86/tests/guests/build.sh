@@ -9,5 +9,5 @@ low32() { as --32 -o "$1.o" "$1.S"; ld -m elf_i386 -T low.ld -nostdlib --build-i
 for g in real irq strio clihlt pit; do flat $g; done
 for g in bigreal; do low32 $g; done
 for g in prot32 multiboot smp reset s3 reboot_k; do elf32 $g; done
-for g in long64 sys64 user64 triple cpuid64 hw64 gdb64; do elf64 $g; done
+for g in long64 sys64 user64 triple cpuid64 hw64 gdb64 ckpt64; do elf64 $g; done
 

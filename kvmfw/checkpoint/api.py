@@ -1,0 +1,82 @@
+"""What :class:`~kvmfw.machine.Machine` calls: take a checkpoint (full or incremental),
+and take one the guest or the host requested during a run."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvmfw.checkpoint import writer
+from kvmfw.checkpoint.reader import load_manifest
+from kvmfw.checkpoint.state import capture
+from kvmfw.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from kvmfw.machine import Machine
+
+log = logging.getLogger("kvmfw.checkpoint")
+
+
+def checkpoint(machine: Machine, path: str | os.PathLike[str], *,
+               incremental: bool = False) -> Path:
+    """Drain ``machine`` and write a checkpoint to ``path``. ``incremental``: store only the
+    pages changed since this machine's previous checkpoint (or the one it was restored
+    from), with a link to it; the first checkpoint of a machine is always full."""
+    machine.drain()
+    state = capture(machine)
+    parent = getattr(machine, "_ckpt_parent", None)
+    tracker = getattr(machine, "_ckpt_tracker", None)
+    incremental = incremental or machine.checkpoint_incremental
+    if incremental and parent is not None and tracker is not None:
+        out = writer.write(machine, path, state=state, parent=parent,
+                           dirty=tracker.collect())
+    else:
+        out = writer.write(machine, path, state=state)
+        if incremental:  # the base of the next one: track from now on
+            if tracker is None:
+                tracker = _tracker(machine)
+            tracker.collect()
+    if tracker is not None:
+        machine._ckpt_tracker = tracker  # type: ignore[attr-defined]
+    machine._ckpt_parent = load_manifest(out)  # type: ignore[attr-defined]
+    machine.checkpoints_taken.append(out)
+    return out
+
+
+def _tracker(machine: Machine) -> Any:
+    make = getattr(machine, "dirty_tracker", None)
+    if make is None:
+        raise CheckpointError("incremental checkpoints need dirty-page tracking "
+                              "(kvmfw.dirty), which this kvmfw lacks")
+    return make()
+
+
+def next_path(directory: str | os.PathLike[str], tick: int) -> Path:
+    """``directory/cpt.<tick>``, or ``cpt.<tick>.<n>`` if that exists."""
+    d = Path(directory)
+    p = d / f"cpt.{tick}"
+    n = 1
+    while p.exists():
+        p = d / f"cpt.{tick}.{n}"
+        n += 1
+    return p
+
+
+def take_requested(machine: Machine) -> None:
+    """The run loop stopped for :meth:`Machine.request_checkpoint
+    <kvmfw.machine.Machine.request_checkpoint>`: write ``cpt.<tick>`` into the
+    machine's checkpoint directory; end the run if asked to (or if it fails: a checkpoint
+    the user asked for is never lost silently)."""
+    machine.checkpoint_pending = False
+    directory = machine.checkpoint_dir or "."
+    path = next_path(directory, machine.eventq.cur_tick)
+    try:
+        out = checkpoint(machine, path, incremental=machine.checkpoint_incremental)
+    except CheckpointError as exc:
+        machine.request_exit(1, f"checkpoint failed: {exc}")
+        return
+    log.info("checkpoint written to %s", out)
+    if machine.exit_after_checkpoint:
+        machine.request_exit(0, f"checkpoint written to {out}")

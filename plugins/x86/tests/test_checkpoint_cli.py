@@ -1,0 +1,176 @@
+"""``kvmfw run --checkpoint-* / --restore`` end to end with the x86 plugin and the default
+board: a real-mode guest prints a hash-derived character per step on the UART, so the
+output of a checkpointed run plus its restored continuation must equal an uninterrupted
+run's, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
+                                reason="needs a readable and writable /dev/kvm")
+pytest.importorskip("kvmfw_devices", reason="the default board needs kvmfw-devices")
+
+# 16-bit code at 0x7c00: EBX = rol(EBX * 33 + ECX, 5) over 1000 steps, then one character
+# 'a' + (BL & 15) on the UART (0x3f8); 200 characters, a newline, then debug-exit (0xf4)
+# with 0 (exit status 1). Assembled from:
+#   mov $0x3f8,%dx; xor %ebx,%ebx; xor %si,%si
+#   outer: mov $1000,%ecx
+#   inner: imul $33,%ebx,%ebx; add %ecx,%ebx; rol $5,%ebx; loop inner
+#   mov %bl,%al; and $15,%al; add $0x61,%al; out %al,%dx; inc %si; cmp $200,%si; jb outer
+#   mov $10,%al; out %al,%dx; mov $0xf4,%dx; xor %al,%al; out %al,%dx; 1: hlt; jmp 1b
+GUEST = bytes.fromhex(
+    "baf8036631db31f666b9e8030000666bdb216601cb66c1c305e2f388d8240f0461ee4681fec80072df"
+    "b00aeebaf40030c0eef4ebfd")
+CHARS = 200
+
+
+def kvmfw(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvmfw.cli", "run", *args],
+                          capture_output=True, text=True, timeout=180, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
+
+
+def guest_args(tmp: Path) -> list[str]:
+    g = tmp / "guest.bin"
+    g.write_bytes(GUEST)
+    return ["--kernel", str(g), "--load-addr", "0x7c00", "--device", "debug-exit"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "out.txt"
+    r = kvmfw(*guest_args(tmp), "--console", f"file:{out}", cwd=tmp)
+    assert r.returncode == 1, r.stderr  # debug-exit 0 -> (0 << 1) | 1
+    text = out.read_text()
+    assert len(text) == CHARS + 1
+    return text
+
+
+def test_checkpoint_at_a_tick_then_restore_twice_continues_the_output(
+        tmp_path: Path, reference: str) -> None:
+    ck = tmp_path / "ck"
+    out1 = tmp_path / "out1.txt"
+    r = kvmfw(*guest_args(tmp_path), "--console", f"file:{out1}", "--checkpoint-at",
+              "300000000000", "--checkpoint-dir", str(ck), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert out1.read_text() == reference  # the run went on after the checkpoint
+    [cpt] = list(ck.iterdir())
+    assert cpt.name == "cpt.300000000000"
+    assert f"kvmfw: checkpoint: {cpt}" in r.stderr
+    manifest = json.loads((cpt / "manifest.json").read_text())
+    assert manifest["arch"] == "x86" and manifest["time"]["tick"] == 300000000000
+    assert {p["name"] for p in manifest["plugins"]} == {"kvmfw-x86", "kvmfw-devices"}
+    assert [b["name"] for b in manifest["board"]][-1] == "debug-exit"
+    state = json.loads((cpt / "state.json").read_text())
+    done = state["devices"]["0:uart16550"]
+    assert isinstance(done, dict)
+    printed = len(out1.read_text())
+    assert printed == CHARS + 1
+    for i in range(2):
+        out2 = tmp_path / f"out2.{i}.txt"
+        r2 = kvmfw("--restore", str(cpt), "--console", f"file:{out2}", cwd=tmp_path)
+        assert r2.returncode == 1, r2.stderr
+        rest = out2.read_text()
+        assert 0 < len(rest) < CHARS + 1
+        assert reference.endswith(rest)
+
+
+def test_exit_after_checkpoint_then_restore_gives_the_rest(
+        tmp_path: Path, reference: str) -> None:
+    ck = tmp_path / "ck"
+    out1, out2 = tmp_path / "out1.txt", tmp_path / "out2.txt"
+    r = kvmfw(*guest_args(tmp_path), "--console", f"file:{out1}", "--checkpoint-at",
+              "300000000000", "--checkpoint-dir", str(ck), "--exit-after-checkpoint",
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint written to" in r.stderr
+    [cpt] = list(ck.iterdir())
+    r2 = kvmfw("--restore", str(cpt), "--console", f"file:{out2}", "--checkpoint-dir",
+               str(tmp_path / "ck2"), cwd=tmp_path)
+    assert r2.returncode == 1, r2.stderr
+    assert out1.read_text() + out2.read_text() == reference
+
+
+def test_sigusr1_takes_a_checkpoint_and_the_run_goes_on(
+        tmp_path: Path, reference: str) -> None:
+    ck = tmp_path / "ck"
+    out1, out2 = tmp_path / "out1.txt", tmp_path / "out2.txt"
+    p = subprocess.Popen([sys.executable, "-m", "kvmfw.cli", "run", *guest_args(tmp_path),
+                          "--console", f"file:{out1}", "--checkpoint-dir", str(ck)],
+                         cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (not out1.exists() or len(out1.read_text()) < 20) and p.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    assert out1.read_text() == reference
+    [cpt] = list(ck.iterdir())
+    r2 = kvmfw("--restore", str(cpt), "--console", f"file:{out2}", cwd=tmp_path)
+    assert r2.returncode == 1, r2.stderr
+    assert reference.endswith(out2.read_text()) and len(out2.read_text()) < CHARS
+
+
+def test_restore_refusals_are_one_line(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    r = kvmfw(*guest_args(tmp_path), "--console", "none", "--checkpoint-at", "1000000000",
+              "--checkpoint-dir", str(ck), "--exit-after-checkpoint", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    [cpt] = list(ck.iterdir())
+    r = kvmfw("--restore", str(cpt), "--memory", "512M", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "drop --memory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = kvmfw("--restore", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and "not a checkpoint directory" in r.stderr
+    r = kvmfw(*guest_args(tmp_path), "--checkpoint-on", "SIGTERM", cwd=tmp_path)
+    assert r.returncode == 2 and "--checkpoint-on" in r.stderr
+    with open(cpt / "ram" / "0.bin", "r+b") as f:
+        f.seek(0x7c00)
+        f.write(b"\x90")
+    r = kvmfw("--restore", str(cpt), "--console", "none", cwd=tmp_path)
+    assert r.returncode == 9, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ram/0.bin: checksum mismatch" in lines[0]
+
+
+# The same guest, asking the pseudo-op device for a checkpoint (op 0x43: a dword read at
+# window offset 0x4300) after its 50th character; the window sits at 0x100000, just above
+# the 1 MiB of RAM, reached from real mode as 0xffff:0x4310. Assembled from the above plus
+#   inc %si; cmp $50,%si; jne 2f; mov $0xffff,%ax; mov %ax,%es; mov %es:(0x4310),%eax
+#   2: cmp $200,%si; jb outer
+GUEST_OP = bytes.fromhex(
+    "baf8036631db31f666b9e8030000666bdb216601cb66c1c305e2f388d8240f0461ee4683fe32750ab8"
+    "ffff8ec02666a1104381fec80072d0b00aeebaf40030c0eef4ebfd")
+OP_BOARD = ["--memory", "1M", "--no-default-devices", "--device", "uart16550", "--device",
+            "debug-exit", "--device", "pseudo-op,base=0x100000"]
+
+
+def test_the_pseudo_op_checkpoint_is_taken_and_restores(tmp_path: Path) -> None:
+    g = tmp_path / "guest.bin"
+    g.write_bytes(GUEST_OP)
+    ck = tmp_path / "ck"
+    out1, out2 = tmp_path / "out1.txt", tmp_path / "out2.txt"
+    r = kvmfw("--kernel", str(g), "--load-addr", "0x7c00", *OP_BOARD, "--console",
+              f"file:{out1}", "--checkpoint-dir", str(ck), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    full = out1.read_text()
+    assert len(full) == CHARS + 1
+    [cpt] = list(ck.iterdir())
+    state = json.loads((cpt / "state.json").read_text())
+    assert "2:pseudo-op" in state["devices"]
+    for _ in range(2):
+        r2 = kvmfw("--restore", str(cpt), "--console", f"file:{out2}", cwd=tmp_path)
+        assert r2.returncode == 1, r2.stderr
+        assert full[:50] + out2.read_text() == full  # continued right after the op

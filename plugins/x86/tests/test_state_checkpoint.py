@@ -1,0 +1,176 @@
+"""x86 checkpoint state hooks: VM state (in-kernel PICs, IO-APIC, PIT, KVM clock) with
+pending interrupts, the userspace irqchip's pending interrupts, the CPU model check, and
+refusals that leave the machine as it was."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from conftest import GUESTS, requires_kvm
+from kvmfw.errors import StateError
+
+from kvmfw_x86 import loaders
+from kvmfw_x86.state import IRQCHIP_SIZE, PIC_SIZE, STATE_VERSION
+
+pytestmark = [requires_kvm, pytest.mark.kvm]
+
+PIC_IRR = 1
+IOAPIC_IRR = 8 + 4 + 4
+
+
+def hook(m: Any) -> Any:
+    return m.hooks.pm.hook
+
+
+def test_vm_state_round_trip_with_pending_pic_and_ioapic_interrupt(machine_factory) -> None:
+    a, _ = machine_factory(irqchip="kernel")
+    a.irq(3).raise_()  # held high: latched in the master PIC's and the IO-APIC's IRR
+    saved = hook(a).save_vm_state(machine=a)
+    saved = json.loads(json.dumps(saved))  # plain data
+    pic = bytes.fromhex(saved["pic_master"])
+    ioapic = bytes.fromhex(saved["ioapic"])
+    assert len(pic) == PIC_SIZE and pic[PIC_IRR] & 1 << 3
+    assert int.from_bytes(ioapic[IOAPIC_IRR:IOAPIC_IRR + 4], "little") & 1 << 3
+    b, _ = machine_factory(irqchip="kernel")
+    fresh = hook(b).save_vm_state(machine=b)
+    assert bytes.fromhex(fresh["pic_master"])[PIC_IRR] & 1 << 3 == 0
+    assert hook(b).restore_vm_state(machine=b, state=saved) is True
+    back = hook(b).save_vm_state(machine=b)
+    for chip in ("pic_master", "pic_slave", "ioapic"):
+        assert back[chip] == saved[chip], chip
+    pit_a, pit_b = bytes.fromhex(saved["pit"]), bytes.fromhex(back["pit"])
+    for ch in range(3):  # all but the host-time load stamp
+        assert pit_a[24 * ch:24 * ch + 16] == pit_b[24 * ch:24 * ch + 16]
+    assert 0 <= back["clock"] - saved["clock"] < 10 * 10**9  # continues from the saved clock
+
+
+def test_pending_pic_interrupt_is_delivered_after_restore(machine_factory) -> None:
+    """A tick latched in the 8259 of one machine reaches the guest of another."""
+    a, rep_a = machine_factory(irqchip="kernel")
+    loaders.load(a, str(GUESTS / "pit.bin"), {"load_addr": 0x7C00})
+    a.run(timeout=60)  # programs the 8259 (base 8) and PIT, takes two ticks, masks IRQ0
+    assert rep_a.values == [0x08, 0x08, 2]
+    saved = hook(a).save_vm_state(machine=a)
+    pic = bytearray.fromhex(saved["pic_master"])
+    assert pic[2] == 0xFF  # the guest masked every input
+    b, rep_b = machine_factory(irqchip="kernel")
+    loaders.load(b, str(GUESTS / "irq.bin"), {"load_addr": 0x7C00})
+    pic[2] = 0xFE  # IRQ0 unmasked again
+    pic[PIC_IRR] |= 1  # and a tick pending
+    saved["pic_master"] = pic.hex()
+    assert hook(b).restore_vm_state(machine=b, state=saved) is True
+    b.irq(0).pulse()  # the second interrupt irq.bin waits for
+    b.run(timeout=60)
+    assert rep_b.values[:2] == [0x08, 0x08]
+
+
+def test_vm_state_refusals_change_nothing(machine_factory) -> None:
+    m, _ = machine_factory(irqchip="kernel")
+    m.irq(5).raise_()
+    good = hook(m).save_vm_state(machine=m)
+    before = {k: v for k, v in good.items() if k not in ("clock", "pit")}
+
+    def refused(change: dict[str, Any], words: str) -> None:
+        bad = {**good, **change}
+        with pytest.raises(StateError, match=words):
+            hook(m).restore_vm_state(machine=m, state=bad)
+        now = hook(m).save_vm_state(machine=m)
+        assert {k: v for k, v in now.items() if k not in ("clock", "pit")} == before
+
+    ioapic = bytearray.fromhex(good["ioapic"])
+    ioapic[0:8] = (0x1000).to_bytes(8, "little")
+    refused({"ioapic": ioapic.hex()}, "ioapic: base address")
+    refused({"irqchip": "userspace"}, "irqchip")
+    refused({"pic_slave": good["pic_slave"][:-2]}, "pic_slave")
+    refused({"pit": "zz" * 112}, "pit")
+    refused({"clock": -1}, "clock")
+    refused({"version": STATE_VERSION + 1}, "version")
+    pit = bytearray.fromhex(good["pit"])
+    pit[0:4] = (0x20000).to_bytes(4, "little")
+    refused({"pit": pit.hex()}, "channel 0 count")
+    with pytest.raises(StateError):
+        hook(m).restore_vm_state(machine=m, state=["not", "a", "mapping"])
+    assert IRQCHIP_SIZE == 520
+
+
+def test_userspace_irqchip_pending_interrupts_round_trip(machine_factory) -> None:
+    a, _ = machine_factory(irqchip="userspace")
+    st_a = a.hooks.pm.get_plugin("arch:x86").state(a)
+    st_a.interrupts.post(0, 0x31)
+    st_a.interrupts.post(0, 0x22)
+    st_a.interrupts.nmi(0)
+    st_a.lapics.regs[0][0x80] = 0x40  # TPR
+    saved = json.loads(json.dumps(hook(a).save_arch_state(cpu=a.cpus[0])))
+    assert saved["userspace"]["pending"] == [0x31, 0x22] and saved["userspace"]["nmis"] == 1
+    assert "lapic" not in saved
+    b, _ = machine_factory(irqchip="userspace")
+    st_b = b.hooks.pm.get_plugin("arch:x86").state(b)
+    assert hook(b).restore_arch_state(cpu=b.cpus[0], state=saved) is True
+    assert list(st_b.interrupts.pending[0]) == [0x31, 0x22]
+    assert st_b.interrupts.nmis[0] == 1
+    assert st_b.lapics.regs[0][0x80] == 0x40
+    assert b.cpus[0].interrupt_pending
+    k, _ = machine_factory(irqchip="kernel")
+    with pytest.raises(StateError, match="userspace irqchip"):
+        hook(k).restore_arch_state(cpu=k.cpus[0], state=saved)
+    for bad in ({"pending": [0x31, 0x31]}, {"pending": [0x100]}, {"nmis": 9},
+                {"lapic": {"4096": 1}}, {"pending": list(range(300))}):
+        wrong = json.loads(json.dumps(saved))
+        wrong["userspace"].update(bad)
+        with pytest.raises(StateError):
+            hook(b).restore_arch_state(cpu=b.cpus[0], state=wrong)
+
+
+def test_kvm_refusal_puts_the_vcpu_back(machine_factory) -> None:
+    """KVM refuses the MP state (AP_RESET_HOLD needs SEV-ES) after the registers went in:
+    the registers it already took are written back (no half-restored vCPU runs)."""
+    m, _ = machine_factory(irqchip="kernel")
+    loaders.load(m, str(GUESTS / "long64.elf"), {})
+    cpu = m.cpus[0]
+    state = hook(m).save_arch_state(cpu=cpu)
+    before = cpu.get_context().rip
+    state["regs"]["rip"] = 0x12345
+    state["regs"]["rbx"] = 0x777
+    state["mp_state"] = 8
+    with pytest.raises(StateError, match="KVM refused"):
+        hook(m).restore_arch_state(cpu=cpu, state=state)
+    ctx = cpu.get_context()
+    ctx.invalidate()
+    ctx._discard()
+    assert ctx.rip == before and ctx.rbx != 0x777
+
+
+def test_cpu_model_check(machine_factory) -> None:
+    m, _ = machine_factory(irqchip="kernel")
+    model = json.loads(json.dumps(hook(m).cpu_model(machine=m)))
+    assert hook(m).check_cpu_model(machine=m, model=model) is None
+    leaf7 = next(e for e in model["cpuid"] if e[0] == 7 and e[1] == 0)
+    missing = next(b for b in range(32) if not leaf7[4] >> b & 1)  # a bit KVM lacks
+    leaf7[4] |= 1 << missing
+    reason = hook(m).check_cpu_model(machine=m, model=model)
+    assert reason is not None and "0x7.0 ebx" in reason and "\n" not in reason
+    assert hook(m).check_cpu_model(machine=m, model={"cpuid": [[1, 2]]}) is not None
+    assert hook(m).check_cpu_model(machine=m, model={}) is not None
+    big = {"cpuid": [[0x80000000, 0, 0, 0, 0, 0, 0]] * 1000}
+    assert "at most" in hook(m).check_cpu_model(machine=m, model=big)
+
+
+def test_restore_is_fast_enough_for_a_reset_loop(machine_factory) -> None:
+    """``reset_to`` restores vCPU and VM state thousands of times a second: one restore of
+    both stays well under a millisecond of host CPU (a generous bound, in CPU time so a
+    busy host does not fail it)."""
+    m, _ = machine_factory(irqchip="kernel")
+    loaders.load(m, str(GUESTS / "long64.elf"), {})
+    cpu = m.cpus[0]
+    vcpu_state = hook(m).save_arch_state(cpu=cpu)
+    vm_state = hook(m).save_vm_state(machine=m)
+    n = 200
+    t0 = time.process_time()
+    for _ in range(n):
+        hook(m).restore_vm_state(machine=m, state=vm_state)
+        hook(m).restore_arch_state(cpu=cpu, state=vcpu_state)
+    per = (time.process_time() - t0) / n
+    assert per < 2e-3, f"{per * 1e6:.0f} us per restore"

@@ -1,0 +1,176 @@
+"""In-process snapshots (kvmfw.snapshot) on real guests: reset_to puts back registers,
+device state, time and exactly the pages the guest or kvmfw dirtied."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+from collections.abc import Iterator
+
+import pytest
+import snap_arch as sa
+from kvmtest import needs_kvm
+
+from kvmfw.dirty import bitmap_pages
+from kvmfw.errors import CheckpointError, KvmfwError
+from kvmfw.machine import Machine
+from kvmfw.memory import PAGE_SIZE
+
+pytestmark = needs_kvm
+MEM = 1 << 20
+
+
+@pytest.fixture
+def machines() -> Iterator[list[Machine]]:
+    made: list[Machine] = []
+    yield made
+    for m in made:
+        m.close()
+
+
+def _make(machines: list[Machine], pages: int = 16, first: int = 1) -> tuple[Machine, sa.Ports]:
+    m, ports = sa.make(pages, first, memory=MEM)
+    machines.append(m)
+    return m, ports
+
+
+def _ram(m: Machine) -> bytes:
+    return m.memory.read(0, MEM)
+
+
+def _run(m: Machine) -> None:
+    r = m.run(timeout=20)
+    assert r.reason == "guest wrote the exit port", r
+
+
+def test_reset_to_restores_pages_registers_and_time(machines: list[Machine]) -> None:
+    m, _ = _make(machines, pages=16, first=2)
+    snap = m.snapshot()
+    ram, regs, sregs, tick = _ram(m), sa.regs_of(m), sa.sregs_of(m), m.eventq.cur_tick
+    for _ in range(3):
+        _run(m)
+        m.memory.write(0x30000, b"kvmfw write")  # kvmfw's own writes are reset too
+        assert _ram(m) != ram
+        assert sa.regs_of(m) != regs
+        assert m.reset_to(snap) == 17
+        assert _ram(m) == ram
+        assert sa.regs_of(m) == regs
+        assert sa.sregs_of(m) == sregs
+        assert m.eventq.cur_tick == tick
+    assert m.reset_to(snap) == 0  # nothing dirtied since: nothing copied
+    snap.close()
+
+
+def test_each_run_after_reset_is_the_same_run(machines: list[Machine]) -> None:
+    m, _ = _make(machines, pages=8, first=1)
+    snap = m.snapshot()  # before the first instruction
+    ram0 = _ram(m)
+    results = []
+    for _ in range(5):
+        _run(m)
+        after = _ram(m)
+        results.append((sa.regs_of(m)["rdi"], sa.regs_of(m)["rsi"], after))
+        assert m.reset_to(snap) == 8
+        assert _ram(m) == ram0
+    assert all(r == results[0] for r in results)
+    assert results[0][0] == 1 and results[0][1] == 0x5151
+    assert all(results[0][2][p * PAGE_SIZE] == 1 for p in range(1, 9))
+
+
+def test_device_dma_and_device_state_are_reset(machines: list[Machine]) -> None:
+    m, ports = _make(machines, pages=0)
+    ports.dma = [(0x40000 + 3, b"D" * (3 * PAGE_SIZE))]  # 4 pages, only kvmfw writes them
+    snap = m.snapshot()
+    ram0 = _ram(m)
+    _run(m)
+    assert ports.count == 1
+    assert m.memory.read(0x40003, 1) == b"D"
+    assert m.reset_to(snap) == 4
+    assert ports.count == 0
+    assert _ram(m) == ram0
+
+
+def test_other_trackers_see_the_pages_a_reset_restores(machines: list[Machine]) -> None:
+    m, _ = _make(machines, pages=4, first=5)
+    snap = m.snapshot()
+    ram = next(r for r in m.memory if r.name == "ram")
+    _run(m)
+    chain = m.dirty_tracker()  # e.g. an incremental checkpoint chain, made after the run
+    m.reset_to(snap)  # pages 5..8 change back: the chain must store them again
+    assert bitmap_pages(chain.collect_bits()[ram]) == [5, 6, 7, 8]
+    chain.close()
+
+
+def test_two_snapshots(machines: list[Machine]) -> None:
+    m, _ = _make(machines, pages=3, first=1)
+    a = m.snapshot()
+    ram_a = _ram(m)
+    _run(m)
+    m.memory.write(0x50000, b"between")
+    b = m.snapshot()
+    ram_b, regs_b = _ram(m), sa.regs_of(m)
+    m.reset_to(a)
+    assert _ram(m) == ram_a
+    m.reset_to(b)  # pages restored for a count as dirtied for b
+    assert _ram(m) == ram_b
+    assert sa.regs_of(m) == regs_b
+    m.reset_to(a)
+    _run(m)
+    m.reset_to(b)
+    assert _ram(m) == ram_b
+    a.close()
+    b.close()
+    assert m.memory.dirty is None  # the last tracker switched KVM's logging off
+
+
+def test_refusals(machines: list[Machine]) -> None:
+    m, _ = _make(machines)
+    other, _ = _make(machines)
+    snap = m.snapshot()
+    with pytest.raises(KvmfwError, match="another machine"):
+        other.reset_to(snap)
+    assert m.vm is not None
+    extra = m.vm.add_ram(0x200000, 0x10000, "extra")
+    with pytest.raises(CheckpointError, match="regions changed"):
+        m.reset_to(snap)
+    m.vm.remove_memory(extra)
+    with pytest.raises(CheckpointError, match="regions changed"):
+        m.reset_to(snap)  # the tracker lost a region: what it held is gone
+    snap.close()
+    with pytest.raises(KvmfwError, match="closed"):
+        m.reset_to(snap)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+def test_1000_resets_leak_no_fds_or_memory(machines: list[Machine]) -> None:
+    m, ports = _make(machines, pages=16)
+    ports.dma = [(0x60000, b"x" * 100)]
+    with m.snapshot() as snap:
+        for _ in range(100):  # warm up allocators and caches
+            _run(m)
+            m.reset_to(snap)
+        gc.collect()
+        fds, rss = len(os.listdir("/proc/self/fd")), _rss_kib()
+        for _ in range(1000):
+            _run(m)
+            m.reset_to(snap)
+        gc.collect()
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert _rss_kib() - rss < 8 * 1024, "more than 8 MiB grown over 1000 resets"
+        assert snap.resets == 1100 and snap.pages_restored == 1100 * 17
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_many_snapshots_close_cleanly(machines: list[Machine]) -> None:
+    m, _ = _make(machines)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with m.snapshot():
+            pass
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert m.memory.dirty is None
