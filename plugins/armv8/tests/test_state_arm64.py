@@ -164,3 +164,44 @@ def test_powered_off_secondary_state_round_trips(build: Any) -> None:
     m2, _ = build(cpus=2)
     restore_all(m2, cpus, vm)
     assert [c["mp_state"] for c in save_all(m2)[0]] == [0, 5]
+
+
+def test_checkpoint_of_a_running_guest_restores_twice_and_takes_both_irqs(
+        build: Any, tmp_path: Any) -> None:
+    """Through the core's ``Machine.checkpoint``/``Machine.restore``: the guest with an SPI
+    pending and the timer armed is checkpointed at its pause, restored twice into new
+    machines (RAM mapped from the checkpoint, vGIC and every register group loaded), and
+    each continues and takes both interrupts."""
+    from kvmfw_armv8 import guests, plugin
+    from kvmfw_armv8.testing import TestDevice
+
+    from kvmfw.device import Range
+    from kvmfw.machine import Machine
+
+    m1, dev1 = build()
+    line1 = m1.irq(guests.TEST_SPI)
+    dev1.on_ready = line1.raise_
+    start_at(m1, "ckpt")
+    assert run(m1, dev1).reason == "test guest paused"
+    path = m1.checkpoint(tmp_path / "cpt")
+    saved_vm = m1.hooks.call("save_vm_state", machine=m1)
+
+    devs: list[Any] = []
+    for _ in range(2):
+
+        def setup(m: Any) -> None:
+            dev = TestDevice(m)
+            m.map_device(Range("mmio", guests.TESTDEV_BASE, 0x1000, "testdev"), dev)
+            line = m.irq(guests.TEST_SPI)
+            dev.on_irq = lambda intid, line=line: (
+                line.lower() if intid == 32 + guests.TEST_SPI else None)
+            devs.append(dev)
+
+        m2 = Machine.restore(path, arch_plugin=plugin, setup=setup)
+        try:
+            assert m2.hooks.call("save_vm_state", machine=m2) == saved_vm
+            res = run(m2, devs[-1], timeout=120)
+            assert res.reason == "test guest done"
+            assert sorted(devs[-1].irqs) == [27, 32 + guests.TEST_SPI]
+        finally:
+            m2.close()
