@@ -34,7 +34,8 @@ from kvmfw.device import CallbackIrqLine, IrqLine
 from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
 from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
-from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs
+from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs, vgic
+from kvmfw_armv8 import state as arm_state
 from kvmfw_armv8.context import ArmV8Context, Group
 
 if TYPE_CHECKING:
@@ -113,6 +114,11 @@ class ArmBoard:
     dtb: bytes = b""
     initrd: tuple[int, int] | None = None
     vgic_ready: bool = False
+    spi_lines: dict[int, CallbackIrqLine] = field(default_factory=dict)
+    """The platform IRQ lines handed out, by SPI: a vGIC restore sets their cached level to
+    the restored input level, so a device's next ``lower()`` is not skipped."""
+    spi_levels: dict[int, int] = field(default_factory=dict)
+    """Input levels by INTID from the last vGIC restore (for lines handed out after it)."""
 
 
 _BOARDS: weakref.WeakKeyDictionary[Any, ArmBoard] = weakref.WeakKeyDictionary()
@@ -307,7 +313,11 @@ def irq_line(machine: Machine, number: int) -> IrqLine:
     b = board_of(machine)
     line = (spi_line_number(machine, number) if b.gic != "none"
             else cpu_line_number(machine, 0))
-    return CallbackIrqLine(lambda level: vm.set_irq_line(line, level))
+    out = CallbackIrqLine(lambda level: vm.set_irq_line(line, level))
+    if b.gic != "none":
+        b.spi_lines[number] = out
+        out.level = b.spi_levels.get(abi.GIC_SPI_BASE + number, 0)
+    return out
 
 
 @hookimpl
@@ -506,21 +516,84 @@ def update_kvm_state(cpu: KvmCPU, context: ArmV8Context, level: SyncLevel) -> bo
     return True
 
 
+def init_features(cpu: KvmCPU) -> int:
+    """The vCPU's ``KVM_ARM_VCPU_INIT`` features without POWER_OFF (a start condition)."""
+    return cpu_state(cpu).features & ~(1 << abi.KVM_ARM_VCPU_POWER_OFF)
+
+
 @hookimpl
 def save_arch_state(cpu: KvmCPU) -> dict[str, Any]:
-    ctx = cpu.get_context(SyncLevel.FULL)
-    return {"arch": "armv8", "mpidr": cpu_state(cpu).mpidr, "context": ctx.as_dict()}
+    """Every ONE_REG id of ``KVM_GET_REG_LIST`` (core, FP/SIMD or SVE, system, timer,
+    firmware registers) and the MP state, as plain data (see ``state.py``)."""
+    st = cpu_state(cpu)
+    cpu.sync_kvm_state()  # context writes not yet pushed are part of the state
+    values, unreadable, mp = arm_state.save(cpu.vcpu, st.reg_ids)
+    return {"arch": "armv8", "format": arm_state.FORMAT, "mpidr": st.mpidr,
+            "features": init_features(cpu), "mp_state": mp, "regs": values,
+            "unreadable": unreadable}
 
 
 @hookimpl
 def restore_arch_state(cpu: KvmCPU, state: dict[str, Any]) -> bool:
-    """Load a saved context: system registers first, then EL1, FP, general registers."""
-    if state.get("arch") != "armv8":
-        raise StateError(f"not an armv8 vCPU state (arch={state.get('arch')!r})")
-    ctx = cpu.get_context(SyncLevel.FULL)
-    ctx.load_dict(state["context"])
-    push(cpu, ctx, Group.ALL, everything=True)
+    """Check everything, then write in ``state.restore_order`` (firmware, system, SVE,
+    timer counter before compare before control, core registers, MP state last); the
+    context is re-read from KVM afterwards."""
+    st = cpu_state(cpu)
+    values, mp = arm_state.check(state, st.reg_ids, st.mpidr, init_features(cpu))
+    ctx: ArmV8Context = cpu.get_context(SyncLevel.FULL)  # pushes pending writes first
+    arm_state.restore(cpu.vcpu, values, mp)
+    pull(cpu, ctx, Group.ALL)
+    ctx.clean(Group.ALL)
     return True
+
+
+def _vgic_args(machine: Machine) -> tuple[str, KvmDevice, int, list[int]]:
+    b = board_of(machine)
+    assert b.vgic is not None
+    nr = b.vgic.get_attr(abi.KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, size=4)
+    return b.gic, b.vgic, nr, [b.cpus[c.id].mpidr for c in machine.cpus]
+
+
+@hookimpl
+def save_vm_state(machine: Machine) -> dict[str, Any]:
+    """The vGIC (distributor, redistributors, CPU interfaces, SPI line levels)."""
+    b = board_of(machine)
+    return {"arch": "armv8", "gic": b.gic,
+            "vgic": vgic.save(*_vgic_args(machine)) if b.vgic is not None else None}
+
+
+@hookimpl
+def restore_vm_state(machine: Machine, state: dict[str, Any]) -> bool:
+    """Load ``save_vm_state`` output: checked whole first (``vgic.check``), then written in
+    the kernel's order (``vgic.py``); before any vCPU's ``restore_arch_state``."""
+    b = board_of(machine)
+    if not isinstance(state, dict) or state.get("arch") != "armv8":
+        raise StateError("VM state: not an armv8 VM state")
+    if state.get("gic") != b.gic:
+        raise StateError(f"VM state: gic {str(state.get('gic'))[:16]!r}, this machine has "
+                         f"gic={b.gic} (start it with the checkpoint's gic option)")
+    if b.vgic is not None:
+        b.spi_levels = vgic.restore(state.get("vgic"), *_vgic_args(machine)) or {}
+        for spi, line in b.spi_lines.items():
+            line.level = b.spi_levels.get(abi.GIC_SPI_BASE + spi, line.level)
+    return True
+
+
+@hookimpl
+def cpu_model(machine: Machine) -> dict[str, Any]:
+    """What the guest sees of the CPU: ``KVM_ARM_VCPU_INIT`` target and features, SVE,
+    the GIC, and vCPU 0's ID registers, cache geometry and firmware registers."""
+    cpu = machine.cpus[0]
+    st = cpu_state(cpu)
+    return {"arch": "armv8", "target": st.target, "features": init_features(cpu),
+            "sve": st.sve, "gic": board_of(machine).gic,
+            "id_regs": arm_state.model(cpu.vcpu, st.reg_ids)}
+
+
+@hookimpl
+def check_cpu_model(machine: Machine, model: dict[str, Any]) -> str | None:
+    """None if this host's KVM gives exactly ``model``, else the first field it cannot."""
+    return arm_state.compare_model(model, cpu_model(machine))
 
 
 # --- state dump --------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ class TestDevice:
             self.results.append(val)
         elif offset in (0x08, 0x110):
             self.machine.request_exit(0, "test guest done")
+        elif offset == 0x28:
+            self.machine.request_exit(0, "test guest paused")
         elif offset == 0x18 and self.on_ready is not None:
             self.on_ready()
         elif offset == 0x20:
@@ -107,24 +109,32 @@ def newc_archive(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> byte
 
 
 def busybox_initramfs(busybox: bytes, marker: str = BOOT_MARKER,
-                      prompt: str = READY_PROMPT, read_timeout: int = 60) -> bytes:
+                      prompt: str = READY_PROMPT, read_timeout: int = 60,
+                      init: str | None = None,
+                      extra: list[tuple[str, int, bytes, tuple[int, int]]] | None = None
+                      ) -> bytes:
     """A gzip-compressed initramfs: a static ``busybox`` and an ``/init`` that prints
     ``prompt``, reads one line from the console (up to ``read_timeout`` s), prints
     ``marker uptime=SECONDS got=LINE`` and powers off at once (``poweroff -f``: PSCI
-    SYSTEM_OFF)."""
+    SYSTEM_OFF). ``init``: another /init script; ``extra``: more ``newc_archive`` entries
+    (after /bin, /dev, /proc)."""
     bb = "/bin/busybox"
-    init = ("#!/bin/busybox sh\n"
-            f"{bb} mount -t proc proc /proc\n"
-            f"echo {prompt}\n"
-            f"read -r -t {read_timeout} line\n"
-            f"echo \"{marker} uptime=$({bb} cut -d' ' -f1 /proc/uptime) got=$line\"\n"
-            f"{bb} poweroff -f\n").encode()
+    script = init or ("#!/bin/busybox sh\n"
+                      f"{bb} mount -t proc proc /proc\n"
+                      f"echo {prompt}\n"
+                      f"read -r -t {read_timeout} line\n"
+                      f"echo \"{marker} uptime=$({bb} cut -d' ' -f1 /proc/uptime) got=$line\"\n"
+                      f"{bb} poweroff -f\n")
     entries = [
         ("bin", _S_IFDIR | 0o755, b"", (0, 0)),
         ("bin/busybox", _S_IFREG | 0o755, busybox, (0, 0)),
         ("dev", _S_IFDIR | 0o755, b"", (0, 0)),
         ("dev/console", _S_IFCHR | 0o600, b"", (5, 1)),
         ("proc", _S_IFDIR | 0o755, b"", (0, 0)),
-        ("init", _S_IFREG | 0o755, init, (0, 0)),
+        *(extra or []),
+        ("init", _S_IFREG | 0o755, script.encode(), (0, 0)),
     ]
     return gzip.compress(newc_archive(entries), compresslevel=1, mtime=0)
+
+
+S_IFREG, S_IFCHR = _S_IFREG, _S_IFCHR

@@ -7,7 +7,6 @@ Every test builds a kvmfw Machine with the armv8 plugin, loads the bare-metal te
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,34 +14,6 @@ import pytest
 pytestmark = pytest.mark.arm64_kvm
 
 RAM = 0x4000_0000
-
-
-@pytest.fixture
-def build() -> Iterator[Any]:
-    """``build(cpus=1, options=None, image=bin)`` -> (machine, test device)."""
-    from kvmfw_armv8 import guests, plugin
-    from kvmfw_armv8.testing import TestDevice
-
-    from kvmfw.device import Range
-    from kvmfw.machine import Machine, MachineConfig
-
-    made: list[Any] = []
-
-    def make(cpus: int = 1, options: dict[str, Any] | None = None,
-             image: str | None = None) -> tuple[Any, TestDevice]:
-        cfg = MachineConfig(arch="armv8", memory=64 << 20, cpus=cpus, default_devices=False,
-                            use_perf=False, options=dict(options or {}))
-        m = Machine(cfg, arch_plugin=plugin, arch_name="armv8")
-        made.append(m)
-        dev = TestDevice(m)
-        m.map_device(Range("mmio", guests.TESTDEV_BASE, 0x1000, "testdev"), dev)
-        m.hooks.call("load_guest", machine=m, image=image or str(guests.TESTGUEST_BIN),
-                     options={})
-        return m, dev
-
-    yield make
-    for m in made:
-        m.close()
 
 
 def start_at(machine: Any, program: str) -> Any:

@@ -13,6 +13,6 @@ TEST_SPI = 5
 """The SPI the irq program enables (INTID 37)."""
 
 ENTRY = {"compute": 0x00, "regs": 0x04, "irq": 0x08, "timer": 0x0C, "psci": 0x10,
-         "sysoff": 0x14, "secondary": 0x18}
+         "sysoff": 0x14, "secondary": 0x18, "ckpt": 0x1C}
 """Entry points: offsets from the load address."""
 VECTORS = 0x800

@@ -6,6 +6,7 @@
  *
  *   0x00 W result      0x08 W done          0x10 R host value    0x18 W ready
  *   0x20 W irq intid   0x30 W psci result   0x40 W secondary MPIDR, 0x48 W its context id
+ *   0x28 W pause (the host stops the run there, e.g. to checkpoint; the guest goes on)
  *   0x50 W ESR of an unexpected exception   0x110 W done (regs program, through SP_EL0)
  * Rebuild: ./build.sh (needs binutils-aarch64-linux-gnu); the .bin is committed.
  */
@@ -29,6 +30,7 @@ _start:
         b       psci_test               /* 0x10 */
         b       sysoff_test             /* 0x14 */
         b       secondary               /* 0x18: CPU_ON entry */
+        b       ckpt_test               /* 0x1c */
 
 /* sum 1..100, plus a value read from the host through an MMIO read */
 compute:
@@ -134,6 +136,45 @@ wait_irq:                               /* the handler sets x20; it may run befo
         str     xzr, [x10, #0x08]       /* done */
         b       .
 
+/* an SPI pending and the virtual timer armed, IRQs masked, at a pause; after it the guest
+   unmasks and counts both interrupts in x20 (a checkpoint/restore at the pause must keep
+   the vGIC's and the timer's state) */
+ckpt_test:
+        bl      gic_cpu_init
+        movz    x1, #(GICR_SGI >> 16), lsl #16
+        mov     w2, #(1 << VTIMER_INTID)
+        str     w2, [x1, #0x80]         /* GICR_IGROUPR0: group 1 */
+        mov     w3, #0xa0
+        strb    w3, [x1, #(0x400 + VTIMER_INTID)]
+        str     w2, [x1, #0x100]        /* GICR_ISENABLER0 */
+        movz    x1, #(GICD >> 16), lsl #16
+        mov     w2, #(1 << (TEST_SPI_INTID - 32))
+        str     w2, [x1, #0x84]         /* GICD_IGROUPR1 */
+        movz    w3, #0xa2aa
+        movk    w3, #0xaaaa, lsl #16
+        str     w3, [x1, #0xc08]        /* GICD_ICFGR2: SPI 37 level-triggered, 32..47 edge */
+        mov     w3, #0x90
+        strb    w3, [x1, #(0x400 + TEST_SPI_INTID)]
+        add     x4, x1, #0x6000
+        str     xzr, [x4, #(8 * TEST_SPI_INTID)]
+        str     w2, [x1, #0x104]        /* GICD_ISENABLER1 */
+        mov     x20, #0
+        movz    x2, #0x10, lsl #16      /* 1 Mi ticks: 16 ms at 62.5 MHz */
+        msr     cntv_tval_el0, x2
+        mov     x2, #1                  /* ENABLE, not masked; PSTATE.I masks it */
+        msr     cntv_ctl_el0, x2
+        isb
+        testdev x10
+        str     xzr, [x10, #0x18]       /* ready: the host raises the SPI */
+        str     xzr, [x10, #0x28]       /* pause */
+        msr     daifclr, #2
+1:      cmp     x20, #2
+        b.hs    2f
+        wfi
+        b       1b
+2:      str     xzr, [x10, #0x08]       /* done */
+        b       .
+
 psci_test:
         movz    x0, #0x0003
         movk    x0, #0xc400, lsl #16    /* PSCI 0.2 CPU_ON (SMC64/HVC64) */
@@ -143,6 +184,9 @@ psci_test:
         hvc     #0
         testdev x10
         str     x0, [x10, #0x30]
+        adr     x1, psci_reported
+        mov     w2, #1
+        str     w2, [x1]                /* the secondary powers off only after this */
 1:      wfi
         b       1b
 
@@ -151,6 +195,9 @@ secondary:
         mrs     x1, mpidr_el1
         str     x1, [x10, #0x40]
         str     x0, [x10, #0x48]
+        adr     x1, psci_reported       /* MMU off: Device memory, no cache to maintain */
+3:      ldr     w2, [x1]
+        cbz     w2, 3b
 sysoff_test:
         movz    x0, #0x0008
         movk    x0, #0x8400, lsl #16    /* PSCI SYSTEM_OFF */
@@ -158,6 +205,9 @@ sysoff_test:
         b       .
 
         .ltorg
+        .balign 8
+psci_reported:
+        .word   0, 0
 
 /* exception vectors: IRQ from the current EL (SP_ELx) reports its INTID; anything else
    reports ESR_EL1 at 0x50 */
@@ -183,7 +233,9 @@ irq_handler:
         mrs     x9, S3_0_C12_C12_0      /* ICC_IAR1_EL1 */
         testdev x10
         str     x9, [x10, #0x20]
+        cmp     x9, #VTIMER_INTID       /* (NZCV of the interrupted code is in SPSR) */
+        b.ne    1f
         msr     cntv_ctl_el0, xzr       /* quiet the timer (level interrupt) */
-        msr     S3_0_C12_C12_1, x9      /* ICC_EOIR1_EL1 */
-        mov     x20, #1
+1:      msr     S3_0_C12_C12_1, x9      /* ICC_EOIR1_EL1 */
+        add     x20, x20, #1
         eret
