@@ -437,3 +437,14 @@ def test_a_board_configured_otherwise_is_refused(ckpt: Path) -> None:
     data["board"][0]["params"]["ckpt_at"] = 5
     (ckpt / fmt.MANIFEST).write_text(json.dumps(data))
     _refused(ckpt, r"field 'board'\[0\].params: the rebuilt ticker is configured")
+
+
+def test_a_requested_checkpoint_that_cannot_be_written_ends_the_run_with_the_error(
+        tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    rig = build(ckpt_at=30)
+    with rig.machine as m:
+        m.checkpoint_dir = str(tmp_path / "file")
+        with pytest.raises(CheckpointError, match="is not a directory"):
+            m.run(timeout=60)
+        assert not [p for p in tmp_path.iterdir() if p.name != "file"]

@@ -118,7 +118,8 @@ def test_virtio_blk_write_then_read_sector(build, tmp_path: Path) -> None:  # ty
     assert image.read_bytes()[512:1024] == bytes(range(256)) * 2
 
 
-def test_every_pseudo_op(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_every_pseudo_op(build, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)  # the checkpoint op's checkpoint goes to the current dir
     (tmp_path / "in.txt").write_bytes(b"from the host")
     result, out, m = run(build("pseudo_op"), ["uart16550", "debug-exit",
                                               f"pseudo-op,dir={tmp_path}"])
@@ -126,6 +127,8 @@ def test_every_pseudo_op(build, tmp_path: Path) -> None:  # type: ignore[no-unty
     ok, failed = 0, 0xFF
     checkpoint = ok if "checkpoint" in m.device_context().services else failed
     assert out[:8] == bytes([21, ok, ok, ok, checkpoint, ok, ok, 1])
+    if checkpoint == ok:
+        assert len(list(tmp_path.glob("cpt.*/manifest.json"))) == 1
     assert out[8] == 10 and out[9] == 13 and out[10:] == b"from the host"
     assert (tmp_path / "out.txt").read_bytes() == b"guest data"
     dev = m.devices[2]
