@@ -1,6 +1,6 @@
 """SMP checkpoint: a 2-vCPU machine checkpointed while its APs still wait for INIT/SIPI
-(MP state UNINITIALIZED with the in-kernel irqchip, ``waiting_for_sipi`` with the userspace
-one) is restored into a new machine, whose boot CPU then starts the APs through the
+(MP state UNINITIALIZED with the in-kernel irqchip; never started, with the userspace one)
+is restored into a new machine, whose boot CPU then starts the APs through the
 restored local APICs and finishes as an uninterrupted run does."""
 
 from __future__ import annotations
