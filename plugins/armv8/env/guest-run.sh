@@ -37,6 +37,18 @@ if [ -f kvmfw/abi/_build.py ]; then
   fi
   cp "$SO" kvmfw/abi/_kvm.cpython-311-aarch64-linux-gnu.so
 fi
+# the guest-side pseudo-op tool for the Linux checkpoint test, static, cached by its hash
+OPC=plugins/devices/kvmfw_devices/guest/kvmfwop.c
+if [ -f "$OPC" ]; then
+  KEY=$(cat "$OPC" plugins/devices/kvmfw_devices/guest/kvmfw_ops.h 2>/dev/null | sha256sum | cut -c1-16)
+  OP=/cache/build/kvmfwop-$KEY
+  if [ ! -s "$OP" ]; then
+    echo "KVMFW_GUEST compiling kvmfwop (static)"
+    gcc -O2 -static -o "$OP.tmp" "$OPC" > /tmp/kvmfwop.log 2>&1 && mv "$OP.tmp" "$OP" \
+      || { tail -10 /tmp/kvmfwop.log; rm -f "$OP.tmp"; }
+  fi
+  [ -s "$OP" ] && export KVMFW_ARM64_KVMFWOP="$OP"
+fi
 # entry points / metadata of the core and the plugins (armv8; devices: PL011, pseudo-ops),
 # as an install would write them
 python3 plugins/armv8/env/write_dist_info.py site . plugins/armv8 plugins/devices || { rc=5; exit; }

@@ -418,8 +418,12 @@ def cpu_state(cpu: KvmCPU) -> ArmCpuState:
 
 @hookimpl
 def create_thread_context(cpu: KvmCPU) -> ArmV8Context:
-    """An empty context; the first read pulls it from KVM."""
-    return ArmV8Context(on_change=cpu.mark_context_dirty)
+    """A context holding the vCPU's initial state, every group pulled from KVM (the core
+    treats a new context as pulled in full: an empty one would hide the reset values of
+    the system registers until the first run)."""
+    ctx = ArmV8Context(on_change=cpu.mark_context_dirty)
+    pull(cpu, ctx, Group.ALL)
+    return ctx
 
 
 def pull(cpu: KvmCPU, ctx: ArmV8Context, groups: Group) -> None:

@@ -99,15 +99,17 @@ def test_every_register_and_vgic_state_round_trips_and_the_guest_takes_both_irqs
 
 
 def test_restore_refuses_a_bad_state_and_changes_nothing(build: Any) -> None:
+    """(Runs on a GICv2 host too: KVMFW_ARM64_GIC=2.)"""
     from kvmfw_armv8 import regs
+    from kvmfw_armv8.testing import host_gic
 
     from kvmfw.errors import StateError
 
-    m1, dev1 = build()
+    m1, dev1 = build(options={"gic": host_gic()})
     start_at(m1, "compute")
     run(m1, dev1)
     cpus, vm = save_all(m1)
-    m2, _ = build()
+    m2, _ = build(options={"gic": host_gic()})
     before_cpu = m2.hooks.call("save_arch_state", cpu=m2.cpus[0])
     before_vm = m2.hooks.call("save_vm_state", machine=m2)
     pc = f"{regs.PC_ID:#x}"
@@ -127,7 +129,7 @@ def test_restore_refuses_a_bad_state_and_changes_nothing(build: Any) -> None:
         {**vm, "vgic": {**vm["vgic"], "regs": {k: v for k, v in vregs.items()
                                                if k != "dist/0x0"}}},
         {**vm, "vgic": {**vm["vgic"], "nr_irqs": 1 << 40}},
-        {**vm, "gic": "v2"},
+        {**vm, "gic": "v3" if vm["gic"] == "v2" else "v2"},
     ]
     for bad in bad_vms:
         with pytest.raises(StateError):
@@ -141,8 +143,9 @@ def test_restore_refuses_a_bad_state_and_changes_nothing(build: Any) -> None:
 
 def test_cpu_model_is_recorded_and_checked(build: Any) -> None:
     from kvmfw_armv8 import regs
+    from kvmfw_armv8.testing import host_gic
 
-    m, _ = build()
+    m, _ = build(options={"gic": host_gic()})
     model = m.hooks.call("cpu_model", machine=m)
     names = {regs.name_of(int(k, 16)) for k in model["id_regs"]}
     assert {"MIDR_EL1", "ID_AA64PFR0_EL1", "ID_AA64ISAR0_EL1", "CTR_EL0"} <= names
@@ -158,10 +161,12 @@ def test_cpu_model_is_recorded_and_checked(build: Any) -> None:
 
 def test_powered_off_secondary_state_round_trips(build: Any) -> None:
     """MP state: vCPU 1 powered off (STOPPED) stays so; brought up (RUNNABLE) is saved so."""
-    m1, dev1 = build(cpus=2)
+    from kvmfw_armv8.testing import host_gic
+
+    m1, dev1 = build(cpus=2, options={"gic": host_gic()})
     cpus, vm = save_all(m1)
     assert [c["mp_state"] for c in cpus] == [0, 5]
-    m2, _ = build(cpus=2)
+    m2, _ = build(cpus=2, options={"gic": host_gic()})
     restore_all(m2, cpus, vm)
     assert [c["mp_state"] for c in save_all(m2)[0]] == [0, 5]
 
@@ -205,3 +210,55 @@ def test_checkpoint_of_a_running_guest_restores_twice_and_takes_both_irqs(
             assert sorted(devs[-1].irqs) == [27, 32 + guests.TEST_SPI]
         finally:
             m2.close()
+
+
+def test_sve_registers_round_trip(build: Any) -> None:
+    """With SVE (where the host offers it): the Z/P/FFR slices and the vector lengths are
+    in the state and come back equal; the vector lengths are compared, never written."""
+    from kvmfw_armv8 import abi, regs
+    from kvmfw_armv8.testing import host_gic
+
+    from kvmfw.hookspecs import SyncLevel
+    from kvmfw.kvm import Kvm
+
+    kvm = Kvm()
+    try:
+        if kvm.check_extension(abi.KVM_CAP_ARM_SVE) <= 0:
+            pytest.skip("this arm64 host's KVM offers no SVE (KVM_CAP_ARM_SVE)")
+    finally:
+        kvm.close()
+    opts = {"arm_features": "sve", "gic": host_gic()}
+    m1, dev1 = build(options=opts)
+    ctx = start_at(m1, "compute")
+    sve = [r for r in ctx.sysregs if regs.decode(r).kind == "sve"]
+    z = [r for r in sve if regs.name_of(r).startswith("Z")]
+    assert z and regs.KVM_REG_ARM64_SVE_VLS in sve
+    rng = random.Random(3)
+    for r in z:
+        ctx.sysregs[r] = rng.getrandbits(128)
+    run(m1, dev1)
+    cpus, vm = save_all(m1)
+    m2, _ = build(options=opts)
+    restore_all(m2, cpus, vm)
+    counters = {f"{r:#x}" for r in COUNTERS}
+    again = m2.hooks.call("save_arch_state", cpu=m2.cpus[0])["regs"]
+    assert {k: v for k, v in again.items() if k not in counters} == {
+        k: v for k, v in cpus[0]["regs"].items() if k not in counters}
+    out = m2.cpus[0].get_context(SyncLevel.FULL)
+    assert all(out.sysregs[r] == ctx.sysregs[r] for r in z)
+
+
+def test_a_new_context_holds_the_initial_system_registers(build: Any) -> None:
+    """The core treats a new thread context as pulled in full; before the fix it was empty
+    until the first run (system registers, SVE slices missing from get_context)."""
+    from kvmfw_armv8 import plugin, regs
+    from kvmfw_armv8.testing import host_gic
+
+    from kvmfw.hookspecs import SyncLevel
+
+    m, _ = build(options={"gic": host_gic()})
+    cpu = m.cpus[0]
+    ctx = cpu.get_context(SyncLevel.FULL)
+    assert set(ctx.sysregs) == set(plugin.cpu_state(cpu).other_ids)
+    sctlr = regs.id_of("SCTLR_EL1")
+    assert ctx.sysregs[sctlr] == cpu.vcpu.get_one_reg(sctlr) != 0
