@@ -541,7 +541,7 @@ def _run(cfg: dict[str, Any]) -> int:
 def _check_embedded_guest_board(machine: Any) -> None:
     """The embedded guest talks to the default board (its UART, its pseudo-op exit):
     without those devices it would spin on a port nobody answers."""
-    board = machine.hooks.call("default_devices", machine=machine) or []
+    board = machine.default_board()
     need = {parse_device_spec(s)[0] for s in board}
     have = {d.name for d in machine.devices}
     missing = sorted(need - have)
