@@ -3,7 +3,8 @@
 stevedore finds what is installed under the entry-point groups ``kvmfw.arch`` (one object
 per architecture), ``kvmfw.devices`` (one :class:`~kvmfw.device.Device` class per
 name) and ``kvmfw.boards`` (one callable per board: ``board(machine) -> [device spec,
-...]``, so any package can contribute a board and no plugin imports another), and records every plugin that fails to import instead of dying. pluggy calls hooks:
+...]``, so any package can contribute a board and no plugin imports another), and records
+every plugin that fails to import instead of dying. pluggy calls hooks:
 one :class:`pluggy.PluginManager` per machine, the arch plugin registered first, device
 instances after it. :class:`BoundHooks` resolves the run-loop hooks once, so an exit costs
 a plain function call, not pluggy's dispatch; the machine rebinds them whenever a device
