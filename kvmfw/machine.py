@@ -278,6 +278,11 @@ class Machine:
         name = self.config.options.get("board")
         if name:
             return board_devices(str(name), self)
+        return self.arch_board()
+
+    def arch_board(self) -> list[str]:
+        """The arch's own default board (what its embedded guest expects): its
+        ``default_devices`` hook, else the ``kvmfw.boards`` entry point named after it."""
         specs = self.hooks.call("default_devices", machine=self)
         if specs is not None:
             return list(specs)

@@ -25,6 +25,27 @@ def test_default_board_comes_from_the_boards_entry_point(kvmfw_kvm: None) -> Non
         assert "system.uart16550_0.writes" in m.dump_stats()
 
 
+def test_cli_board_option(kvmfw_kvm: None) -> None:
+    import shutil
+    import subprocess
+
+    pytest.importorskip("kvmfw_devices", reason="the boards are kvmfw-devices' entry points")
+    exe = shutil.which("kvmfw")
+    if exe is None:
+        pytest.skip("the kvmfw command is not installed")
+    r = subprocess.run([exe, "run", "-o", "board=nope"], capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert r.returncode == 2 and "no board 'nope' is installed (installed: armv8, x86" in r.stderr
+    # another arch's board lacks what the embedded guest talks to: refused, not a hang
+    r = subprocess.run([exe, "run", "-o", "board=armv8"], capture_output=True, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert r.returncode == 2 and "the embedded guest needs the default board's" in r.stderr
+    r = subprocess.run([exe, "run", "-o", "board=x86", "--no-summary", "--console", "none"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+
+
 def test_load_refuses_a_missing_image(kvmfw_kvm: None, tmp_path: Path) -> None:
     with Machine(arch="x86", memory="64M", default_devices=False) as m:
         with pytest.raises(ImageError, match="no such file"):
