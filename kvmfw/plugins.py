@@ -110,6 +110,15 @@ def check_api(name: str, obj: Any) -> None:
             "version of the plugin")
 
 
+def _forget_entry_points(group: str) -> None:
+    """Drop stevedore's per-process list of ``group``'s entry points: it is filled by the
+    first scan and never refreshed, so a package installed (or a path added) later in the
+    same process would stay invisible. Its path-keyed cache underneath keeps rescans cheap."""
+    cache = getattr(ExtensionManager, "ENTRY_POINT_CACHE", None)
+    if isinstance(cache, dict):
+        cache.pop(group, None)
+
+
 def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
     """Load every entry point of ``group``: ``({name: loaded object}, infos)``."""
     failures: dict[str, BaseException] = {}
@@ -118,6 +127,7 @@ def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
         failures[ep.name] = exc
         log.debug("plugin %s failed to load: %s", ep.name, exc)
 
+    _forget_entry_points(group)
     mgr = ExtensionManager(namespace=group, invoke_on_load=False,
                            on_load_failure_callback=on_failure)
     loaded: dict[str, Any] = {}
@@ -158,6 +168,7 @@ def load_arch(name: str | None = None) -> tuple[str, Any]:
     def on_failure(manager: Any, ep: Any, exc: BaseException) -> None:
         failure.append(exc)
 
+    _forget_entry_points(ARCH_GROUP)
     try:
         drv = DriverManager(ARCH_GROUP, arch, invoke_on_load=False,
                             on_load_failure_callback=on_failure)

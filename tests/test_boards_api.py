@@ -80,6 +80,20 @@ def test_an_arch_without_a_board_hook_gets_the_board_named_after_it(fake_boards:
         assert m.default_board() == ["lab-dev"]
 
 
+def test_plugins_installed_after_a_first_scan_are_seen(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmfw.plugins import DeviceRegistry
+
+    before = DeviceRegistry.from_entry_points().names()  # stevedore caches this group
+    assert "late-dev" not in before
+    info = tmp_path / "kvmfw_late-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvmfw-late\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[kvmfw.devices]\nlate-dev = kvmfw.device:Device\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "late-dev" in DeviceRegistry.from_entry_points().names()
+
+
 def _imports(package: Path) -> set[str]:
     names: set[str] = set()
     for f in package.rglob("*.py"):
