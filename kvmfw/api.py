@@ -24,6 +24,11 @@ CONSOLE_LIMIT = 1 << 20
 forever must not grow host memory."""
 
 
+WATCH_OVERLAP = 256
+"""Bytes before new output a regular-expression ``until`` rescans (a match may straddle
+writes; a longer one is found only if it arrives in one write)."""
+
+
 class RunEnd(enum.Enum):
     """Why :meth:`kvmfw.Machine.run` returned."""
 
@@ -51,30 +56,39 @@ class Console:
             raise ValueError("a console keeps at least one byte")
         self.tee = tee
         self.limit = limit
-        self.dropped = 0
-        """Bytes printed but no longer kept (older than the newest ``limit``)."""
         self._buf = bytearray()
+        self._total = 0
         self._lock = threading.Lock()  # UARTs write from vCPU threads with 2+ vCPUs
         self._watch: tuple[re.Pattern[bytes], Callable[[], None]] | None = None
         self._scan_from = 0
+        self._overlap = 0
+
+    @property
+    def dropped(self) -> int:
+        """Bytes printed but no longer kept (older than the newest ``limit``)."""
+        return self._total - min(len(self._buf), self.limit)
 
     # --- the sink side (devices) --------------------------------------------------------
 
     def write(self, data: bytes) -> int:
         with self._lock:
             self._buf += data
-            over = len(self._buf) - self.limit
+            self._total += len(data)
+            over = len(self._buf) - 2 * self.limit
             if over > 0:
-                del self._buf[:over]
-                self.dropped += over
-                self._scan_from = max(0, self._scan_from - over)
+                # trim to ``limit`` only once twice that piled up: a byte-at-a-time UART
+                # must not pay for moving the whole buffer on every byte
+                cut = len(self._buf) - self.limit
+                del self._buf[:cut]
+                self._scan_from = max(0, self._scan_from - cut)
             watch = self._watch
             hit = False
             if watch is not None:
-                # rescan a little before the new bytes: the marker may straddle two writes
                 m = watch[0].search(self._buf, self._scan_from)
                 hit = m is not None
-                self._scan_from = max(0, len(self._buf) - 4096)
+                # next time, rescan only the tail a marker could straddle (a literal's
+                # length - 1; up to WATCH_OVERLAP bytes for a regular expression)
+                self._scan_from = max(self._scan_from, len(self._buf) - self._overlap)
         if self.tee is not None:
             self.tee.write(data)
         if hit:
@@ -93,7 +107,7 @@ class Console:
     def data(self) -> bytes:
         """The kept output, as bytes."""
         with self._lock:
-            return bytes(self._buf)
+            return bytes(self._buf[-self.limit:])
 
     @property
     def text(self) -> str:
@@ -112,7 +126,7 @@ class Console:
         """Forget what was printed so far (``dropped`` too)."""
         with self._lock:
             self._buf.clear()
-            self.dropped = 0
+            self._total = 0
             self._scan_from = 0
 
     def watch(self, pattern: str | bytes | re.Pattern[Any] | None,
@@ -123,6 +137,8 @@ class Console:
         with self._lock:
             self._scan_from = len(self._buf)
             self._watch = None if pattern is None else (_compile(pattern), callback)
+            self._overlap = WATCH_OVERLAP if isinstance(pattern, re.Pattern) or pattern is None \
+                else max(0, len(pattern if isinstance(pattern, bytes) else pattern.encode()) - 1)
 
 
 def _compile(pattern: str | bytes | re.Pattern[Any]) -> re.Pattern[bytes]:

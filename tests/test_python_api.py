@@ -26,6 +26,15 @@ def test_console_keeps_the_newest_bytes_and_counts_the_rest() -> None:
     assert "9a" in c and b"0" not in c
 
 
+def test_console_stays_bounded_under_byte_at_a_time_output() -> None:
+    c = Console(limit=16)
+    data = bytes(range(256)) * 4
+    for i in range(len(data)):
+        c.write(data[i:i + 1])
+        assert len(c._buf) <= 32  # never more than twice the limit held
+    assert c.data == data[-16:] and c.dropped == len(data) - 16
+
+
 def test_console_tees_and_decodes() -> None:
     sink = io.BytesIO()
     c = Console(tee=sink)
