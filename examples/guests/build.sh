@@ -8,6 +8,9 @@ for g in hello debug-exit pseudo-ops virtio-blk smp; do
     ld -m elf_i386 -T guest.ld -nostdlib --build-id=none -o "$g.elf" "$g.o"
     rm -f "$g.o"
 done
+as --32 -o hello16.o hello16.S
+ld -m elf_i386 -Ttext=0x7c00 --oformat binary -o hello16.bin hello16.o
+rm -f hello16.o
 # disk.img: one 4 KiB raw disk; sector 0 holds a NUL-terminated greeting
 python3 - <<'PY'
 text = b"Hello from sector 0 of disk.img!\n\0"
