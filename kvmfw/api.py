@@ -42,6 +42,9 @@ class RunEnd(enum.Enum):
     """``max_ticks`` simulated ticks passed."""
     INTERRUPTED = "interrupted"
     """Ctrl-C (``KeyboardInterrupt``) on the thread that ran the machine."""
+    TIMEOUT = "timeout"
+    """The host ``timeout`` passed: only in the ``result`` of the
+    :class:`~kvmfw.errors.RunTimeoutError` that :meth:`~kvmfw.Machine.run` raises."""
 
 
 class Console:

@@ -536,7 +536,9 @@ class Machine:
             eq.on_post = None
             self._unbind(bound)
         kind = ended[0] if ended else RunEnd.GUEST
-        if self.exit_status == 130 and self.exit_reason == "interrupted":
+        if timed_out.is_set():
+            kind = RunEnd.TIMEOUT
+        elif self.exit_status == 130 and self.exit_reason == "interrupted":
             kind = RunEnd.INTERRUPTED
         elif not ended and self.exit_reason.startswith("all vCPUs halted"):
             kind = RunEnd.HALTED

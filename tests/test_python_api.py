@@ -147,7 +147,7 @@ def test_a_timeout_raises_with_the_result_so_far() -> None:
         with pytest.raises(RunTimeoutError) as info:
             m.run(timeout=0.3)
         result = info.value.result  # type: ignore[attr-defined]
-        assert result.status == 124 and result.ticks > 0
+        assert result.status == 124 and result.ticks > 0 and result.end is RunEnd.TIMEOUT
 
 
 @needs_kvm
