@@ -629,14 +629,14 @@ def _arm_checkpoints(machine: Any, cfg: dict[str, Any], sigs: _Signals) -> None:
 def _check_embedded_guest_board(machine: Any) -> None:
     """The embedded guest talks to the default board (its UART, its pseudo-op exit):
     without those devices it would spin on a port nobody answers."""
-    board = machine.hooks.call("default_devices", machine=machine) or []
+    board = machine.arch_board()
     need = {parse_device_spec(s)[0] for s in board}
     have = {d.name for d in machine.devices}
     missing = sorted(need - have)
     if missing:
         raise ConfigError(f"the embedded guest needs the default board's {', '.join(missing)}"
-                          ": drop --no-default-devices, add them with --device, or give "
-                          "--kernel FILE")
+                          ": drop --no-default-devices (or -o board=), add them with --device, "
+                          "or give --kernel FILE")
 
 
 def _write_stats(machine: Any, path: str) -> None:

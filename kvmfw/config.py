@@ -60,6 +60,7 @@ CORE_OPTIONS: dict[str, OptionSpec] = {
     "cmdline": None, "initrd": None, "load_addr": None,
     "fw_cfg": None, "pseudo_op_dir": None, "reboot": bool, "reboot_limit": None,
     "max_cpus": None,  # fw_cfg's FW_CFG_MAX_CPUS
+    "board": None,  # a kvmfw.boards entry point instead of the arch's default board
 }
 """Options the core and every board read (``reboot``: :meth:`Machine.request_reset`)."""
 

@@ -253,6 +253,13 @@ class KvmCPU:
             self._pull(level)
         return self.context
 
+    @property
+    def regs(self) -> Any:
+        """The thread context with at least the registers current (``get_context`` at
+        RUNTIME level): read ``cpu.regs.rip``; a write (``cpu.regs.rax = 1``) reaches KVM
+        before the vCPU runs again (the arch's context marks itself dirty)."""
+        return self.get_context(SyncLevel.RUNTIME)
+
     def _pull(self, level: SyncLevel) -> None:
         if self._tc_dirty:
             # the context holds unpushed writes: push them so the pull cannot lose them

@@ -32,16 +32,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import sysconfig
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmfw.api import Console, RunEnd
 from kvmfw.bus import Bus
-from kvmfw.config import check_host_factor, check_machine_config
+from kvmfw.config import check_host_factor, check_machine_config, parse_size
 from kvmfw.cpu import KvmCPU
 from kvmfw.device import (
     CallbackIrqLine,
@@ -60,6 +63,7 @@ from kvmfw.memory import GuestMemory
 from kvmfw.plugins import (
     BoundHooks,
     DeviceRegistry,
+    board_devices,
     check_api,
     check_device_hooks,
     load_arch,
@@ -129,25 +133,62 @@ class MachineConfig:
 
 @dataclass
 class RunResult:
-    """How a run ended."""
+    """How a run ended: ``end`` (why, a :class:`~kvmfw.api.RunEnd`), ``status`` (the
+    guest's exit status: pseudo-op ``exit(n)``, debug-exit ``(v << 1) | 1``, 0 for a
+    power-off, a halt, a tick limit or ``until``), ``reason`` (one line for people),
+    ``ticks`` (simulated time at the end), ``host_seconds`` (this run's host time) and
+    ``console`` (everything the guest printed, so far, on this machine)."""
 
     status: int
     reason: str
     ticks: int
     host_seconds: float
+    end: RunEnd = RunEnd.GUEST
+    console: str = ""
 
     @property
     def sim_seconds(self) -> float:
         return self.ticks / TICKS_PER_SECOND
 
+    @property
+    def seconds(self) -> float:
+        """Host seconds the run took (``host_seconds``)."""
+        return self.host_seconds
+
+    @property
+    def ok(self) -> bool:
+        """True if the run ended with status 0."""
+        return self.status == 0
+
+
+UNTIL_POLL_TICKS = TICKS_PER_SECOND // 1000
+"""How often (simulated time: 1 ms) a callable ``until`` is asked."""
+
 
 class Machine:
-    """A runnable guest machine; use as a context manager or call :meth:`close`."""
+    """A runnable guest machine; use as a context manager or call :meth:`close`.
 
-    def __init__(self, config: MachineConfig | None = None, *, arch_plugin: Any = None,
-                 arch_name: str | None = None, device_registry: DeviceRegistry | None = None,
+    Build it from keywords (``Machine(arch="x86", memory="256M", cpus=1,
+    devices=["debug-exit"])``: ``memory`` in bytes or as ``"64M"``/``"1G"``; ``devices``
+    are added to the arch's default board unless ``default_devices=False``; ``options`` are
+    the arch and device options of ``--option``; ``console`` a binary stream that also gets
+    what the guest prints) or from a :class:`MachineConfig` (what the CLI builds); not both.
+    """
+
+    def __init__(self, config: MachineConfig | None = None, *, arch: str | None = None,
+                 memory: int | str | None = None, cpus: int | None = None,
+                 devices: list[str] | None = None, default_devices: bool | None = None,
+                 options: dict[str, Any] | None = None, console: Any = None,
+                 arch_plugin: Any = None, arch_name: str | None = None,
+                 device_registry: DeviceRegistry | None = None,
                  kvm: Kvm | None = None) -> None:
-        self.config = cfg = config or MachineConfig()
+        cfg = _config_from(config, arch=arch, memory=memory, cpus=cpus, devices=devices,
+                           default_devices=default_devices, options=options)
+        # what the guest prints is kept (bounded) and passed on to the sink the caller gave
+        sink = cfg.options.get("console_output", console)
+        self.console = sink if isinstance(sink, Console) else Console(tee=sink)
+        """What the guest printed (:class:`~kvmfw.api.Console`: ``.text``, ``.data``)."""
+        self.config = cfg = replace(cfg, options={**cfg.options, "console_output": self.console})
         if cfg.cpus < 1:
             raise ConfigError("a machine needs at least one vCPU (--cpus >= 1)")
         self.eventq = EventQueue()
@@ -227,12 +268,29 @@ class Machine:
         self.stats.add("system", self._system_stats, None)
         self.stats.add("system.bus", self._bus_stats, self._reset_bus_stats)
         self.stats.add("system.work", lambda: dict(self._work), self._reset_work_stats)
-        specs = list(self.hooks.call("default_devices", machine=self) or []) \
-            if cfg.default_devices else []
+        specs = self.default_board() if cfg.default_devices else []
         specs += cfg.devices
         for spec in specs:
             self.add_device_spec(spec)
         self.pm.hook.machine_created.call_historic(kwargs={"machine": self})
+
+    def default_board(self) -> list[str]:
+        """The device specs of the default board: the board the ``board`` option names
+        (a ``kvmfw.boards`` entry point, from any package); else the arch's
+        ``default_devices`` hook; else the board named after the arch, if one is
+        installed; else none."""
+        name = self.config.options.get("board")
+        if name:
+            return board_devices(str(name), self)
+        return self.arch_board()
+
+    def arch_board(self) -> list[str]:
+        """The arch's own default board (what its embedded guest expects): its
+        ``default_devices`` hook, else the ``kvmfw.boards`` entry point named after it."""
+        specs = self.hooks.call("default_devices", machine=self)
+        if specs is not None:
+            return list(specs)
+        return board_devices(self.arch, self, missing_ok=True)
 
     def _coalesced_zone_added(self) -> None:
         # writes to a zone wait in the VM's ring until someone replays them: every vCPU
@@ -320,7 +378,8 @@ class Machine:
         self.pm.register(device, name=label)
         for cpu in self.cpus:  # a device's pre_run/post_run take part from the next entry
             cpu.bind_hooks()
-        self.stats.add(f"system.{device.name}{len(self.devices) - 1}",
+        # "system.uart16550_0": the device's name, then its index on the board
+        self.stats.add(f"system.{device.name}_{len(self.devices) - 1}",
                        functools.partial(_device_stats, device), None)
         return device
 
@@ -334,6 +393,28 @@ class Machine:
         if not self.hooks.call("load_guest", machine=self, image=str(image), options=merged):
             raise ImageError(f"{image}: the {self.arch} plugin does not recognise this image "
                              "format (give load_addr to load a flat binary)")
+
+    def load(self, kernel: str | os.PathLike[str] | None = None, *,
+             initrd: str | os.PathLike[str] | None = None, cmdline: str | None = None,
+             **options: Any) -> None:
+        """Load a guest: ``kernel`` (an ELF, multiboot, bzImage or arm64 Image, or a flat
+        binary with ``load_addr=``), an optional ``initrd`` and kernel ``cmdline``; no
+        ``kernel``: the arch's embedded default guest (what ``kvmfw run`` runs). Raises
+        :class:`~kvmfw.errors.ImageError` for a missing, unreadable or unknown image."""
+        from kvmfw.errors import ImageError
+
+        if kernel is None:
+            kernel = self.hooks.call("default_guest", machine=self)
+            if kernel is None:
+                raise ImageError(f"the {self.arch} plugin has no default guest: give a kernel")
+        if initrd is not None:
+            options["initrd"] = os.fspath(initrd)
+        if cmdline is not None:
+            options["cmdline"] = cmdline
+        path = os.fspath(kernel)
+        if not Path(path).is_file():
+            raise ImageError(f"{path}: no such file (give the path of a guest image)")
+        self.load_guest(path, **options)
 
     def map_device(self, range_: Range, device: Any) -> None:
         """Map any object with ``read``/``write`` on the bus (test devices, glue)."""
@@ -401,9 +482,15 @@ class Machine:
                                    plugin_src)
 
     def run(self, *, max_ticks: int | None = None, timeout: float | None = None,
+            until: str | bytes | re.Pattern[Any] | Callable[[Machine], bool] | None = None,
             hard_timeout: bool = False) -> RunResult:
         """Run until the guest or a device ends it, ``max_ticks`` simulated ticks pass
-        (status 0), or ``timeout`` host seconds pass (:class:`RunTimeoutError`).
+        (status 0), ``until`` is met (status 0), or ``timeout`` host seconds pass
+        (:class:`RunTimeoutError`, whose ``result`` says how far it got).
+
+        ``until``: text (or a compiled regular expression) the guest's console output
+        must show, from this run on; or a callable ``until(machine) -> bool`` asked every
+        millisecond of simulated time.
 
         ``hard_timeout`` (the CLI's choice): if the run has still not stopped
         ``STOP_GRACE`` seconds after the timeout (a device blocked in a host call, e.g. a
@@ -420,10 +507,18 @@ class Machine:
                 if cpu.start_active or cpu is self.cpus[0]:
                     cpu.activate()
         limit_event = None
+        ended: list[RunEnd] = []
+
+        def end(kind: RunEnd, reason: str) -> None:
+            if not self.stop_requested:
+                ended.append(kind)
+            self.request_exit(0, reason)  # as a device ending the run does: no kick
+
         if max_ticks is not None:
-            limit_event = Event(lambda: self.request_exit(0, "simulated tick limit reached"),
+            limit_event = Event(lambda: end(RunEnd.TICK_LIMIT, "simulated tick limit reached"),
                                 "tick-limit", PRIO_EXIT)
             eq.schedule(limit_event, eq.cur_tick + max_ticks)
+        until_event = self._watch_until(until, end)
         timed_out = threading.Event()
         watchdog = None
         if timeout is not None:
@@ -475,14 +570,49 @@ class Machine:
             if watchdog is not None:
                 finished.set()
                 watchdog.cancel()
-            if limit_event is not None and limit_event.scheduled:
-                eq.deschedule(limit_event)
+            for ev in (limit_event, until_event):
+                if ev is not None and ev.scheduled:
+                    eq.deschedule(ev)
+            self.console.watch(None, lambda: None)
             eq.on_post = None
             self._unbind(bound)
+        kind = ended[0] if ended else RunEnd.GUEST
         if timed_out.is_set():
-            raise RunTimeoutError(self.exit_reason)
-        return RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
-                         time.monotonic() - t0)
+            kind = RunEnd.TIMEOUT
+        elif self.exit_status == 130 and self.exit_reason == "interrupted":
+            kind = RunEnd.INTERRUPTED
+        elif not ended and self.exit_reason.startswith("all vCPUs halted"):
+            kind = RunEnd.HALTED
+        result = RunResult(self.exit_status, self.exit_reason, eq.cur_tick,
+                           time.monotonic() - t0, kind, self.console.text)
+        if timed_out.is_set():
+            exc = RunTimeoutError(self.exit_reason)
+            exc.result = result  # type: ignore[attr-defined]
+            raise exc
+        return result
+
+    def _watch_until(self, until: Any, end: Callable[[RunEnd, str], None]) -> Event | None:
+        """Arm ``run(until=...)``: a console watch, and for a callable a polling event."""
+        if until is None:
+            return None
+        if not callable(until):
+            self.console.watch(until, lambda: end(RunEnd.UNTIL, f"the console showed {until!r}"))
+            return None
+        eq = self.eventq
+
+        def check() -> bool:
+            if until(self):
+                end(RunEnd.UNTIL, "the until condition was met")
+                return True
+            return False
+
+        def poll() -> None:
+            if not check():
+                eq.schedule(ev, eq.cur_tick + UNTIL_POLL_TICKS)
+
+        ev = Event(poll, "run-until", PRIO_EXIT)
+        eq.schedule(ev, eq.cur_tick + UNTIL_POLL_TICKS)
+        return ev
 
     def drain(self, max_steps: int = 1000) -> None:
         """Bring every vCPU and device to a point where no access, injected event or
@@ -898,6 +1028,27 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _config_from(config: MachineConfig | None, **kw: Any) -> MachineConfig:
+    """The machine's configuration: ``config``, or one built from the keywords given."""
+    given = {k: v for k, v in kw.items() if v is not None}
+    if config is not None:
+        if given:
+            raise ConfigError(f"give a MachineConfig or keywords ({', '.join(sorted(given))}), "
+                              "not both")
+        return config
+    mem = given.get("memory")
+    if isinstance(mem, str):
+        given["memory"] = parse_size(mem, "memory")
+    elif mem is not None and (isinstance(mem, bool) or not isinstance(mem, int)):
+        raise ConfigError(f"memory must be bytes or a size such as 256M, not {mem!r}")
+    for key, kind in (("devices", list), ("options", dict)):
+        if key in given and not isinstance(given[key], kind):
+            raise ConfigError(f"{key} must be a {kind.__name__}, not {given[key]!r}")
+    if "devices" in given:
+        given["devices"] = [str(d) for d in given["devices"]]
+    return MachineConfig(**given)
 
 
 def _device_stats(device: Device) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Plugin discovery (stevedore) and calling (pluggy).
 
 stevedore finds what is installed under the entry-point groups ``kvmfw.arch`` (one object
-per architecture) and ``kvmfw.devices`` (one :class:`~kvmfw.device.Device` class per
-name), and records every plugin that fails to import instead of dying. pluggy calls hooks:
+per architecture), ``kvmfw.devices`` (one :class:`~kvmfw.device.Device` class per
+name) and ``kvmfw.boards`` (one callable per board: ``board(machine) -> [device spec,
+...]``, so any package can contribute a board and no plugin imports another), and records
+every plugin that fails to import instead of dying. pluggy calls hooks:
 one :class:`pluggy.PluginManager` per machine, the arch plugin registered first, device
 instances after it. :class:`BoundHooks` resolves the run-loop hooks once, so an exit costs
 a plain function call, not pluggy's dispatch; the machine rebinds them whenever a device
@@ -39,8 +41,11 @@ log = logging.getLogger("kvmfw.plugins")
 
 ARCH_GROUP = "kvmfw.arch"
 DEVICE_GROUP = "kvmfw.devices"
+BOARD_GROUP = "kvmfw.boards"
 CLI_GROUP = "kvmfw.cli"
-GROUPS = (ARCH_GROUP, DEVICE_GROUP, CLI_GROUP)
+GROUPS = (ARCH_GROUP, DEVICE_GROUP, BOARD_GROUP, CLI_GROUP)
+MAX_BOARD_DEVICES = 256
+"""Device specs one board may return (a broken board must not build a machine forever)."""
 
 DEVICE_HOOKS = frozenset({"pre_run", "post_run", "machine_created", "dump_state"})
 """The hooks a device instance may implement (observers; every implementation is called,
@@ -105,6 +110,15 @@ def check_api(name: str, obj: Any) -> None:
             "version of the plugin")
 
 
+def _forget_entry_points(group: str) -> None:
+    """Drop stevedore's per-process list of ``group``'s entry points: it is filled by the
+    first scan and never refreshed, so a package installed (or a path added) later in the
+    same process would stay invisible. Its path-keyed cache underneath keeps rescans cheap."""
+    cache = getattr(ExtensionManager, "ENTRY_POINT_CACHE", None)
+    if isinstance(cache, dict):
+        cache.pop(group, None)
+
+
 def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
     """Load every entry point of ``group``: ``({name: loaded object}, infos)``."""
     failures: dict[str, BaseException] = {}
@@ -113,6 +127,7 @@ def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
         failures[ep.name] = exc
         log.debug("plugin %s failed to load: %s", ep.name, exc)
 
+    _forget_entry_points(group)
     mgr = ExtensionManager(namespace=group, invoke_on_load=False,
                            on_load_failure_callback=on_failure)
     loaded: dict[str, Any] = {}
@@ -153,6 +168,7 @@ def load_arch(name: str | None = None) -> tuple[str, Any]:
     def on_failure(manager: Any, ep: Any, exc: BaseException) -> None:
         failure.append(exc)
 
+    _forget_entry_points(ARCH_GROUP)
     try:
         drv = DriverManager(ARCH_GROUP, arch, invoke_on_load=False,
                             on_load_failure_callback=on_failure)
@@ -170,6 +186,44 @@ def load_arch(name: str | None = None) -> tuple[str, Any]:
             "uninstall all but one") from None
     check_api(arch, drv.driver)
     return arch, drv.driver
+
+
+def board_names() -> list[str]:
+    """Every installed board (``kvmfw.boards`` entry points), loaded or not."""
+    return sorted({ep.name for ep in importlib.metadata.entry_points(group=BOARD_GROUP)})
+
+
+def board_devices(name: str, machine: Any, *, missing_ok: bool = False) -> list[str]:
+    """The device specs of board ``name`` (a ``kvmfw.boards`` entry point) for
+    ``machine``. An unknown board is a :class:`~kvmfw.errors.ConfigError` (``missing_ok``:
+    an empty board); one that fails to load or returns anything but a list of specs is a
+    :class:`~kvmfw.errors.PluginError`."""
+    eps = [ep for ep in importlib.metadata.entry_points(group=BOARD_GROUP) if ep.name == name]
+    if not eps:
+        if missing_ok:
+            return []
+        raise ConfigError(f"no board {name!r} is installed (installed: "
+                          f"{', '.join(board_names()) or 'none'}); check -o board=NAME")
+    if len({ep.value for ep in eps}) > 1:
+        raise PluginError(f"several packages provide board {name!r}: uninstall all but one")
+    try:
+        fn = eps[0].load()
+    except Exception as exc:
+        raise PluginLoadError(name, BOARD_GROUP, exc) from exc
+    check_api(name, fn)
+    try:
+        specs = fn(machine)
+    except KvmfwError:
+        raise
+    except Exception as exc:
+        raise PluginHookError("board", name, exc) from exc
+    if not isinstance(specs, list | tuple) or not all(isinstance(s, str) for s in specs):
+        raise PluginError(f"board {name!r} returned {type(specs).__name__}, not a list of "
+                          "device specs")
+    if len(specs) > MAX_BOARD_DEVICES:
+        raise PluginError(f"board {name!r} returned {len(specs)} devices "
+                          f"(at most {MAX_BOARD_DEVICES})")
+    return list(specs)
 
 
 class DeviceRegistry:

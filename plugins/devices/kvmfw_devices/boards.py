@@ -1,4 +1,7 @@
-"""Default boards: the device specs an arch plugin's ``default_devices`` hook returns.
+"""Default boards, published as ``kvmfw.boards`` entry points (``x86``, ``armv8``): the
+core builds the board named after the arch when the arch plugin has no
+``default_devices`` hook of its own, or the one ``-o board=NAME`` names. No arch plugin
+imports this module: any package can contribute a board the same way.
 
 Each function returns ``--device`` strings, so a board is exactly what a user could type.
 """
@@ -44,6 +47,16 @@ def armv8_default() -> list[str]:
 
 
 BOARDS = {"x86": x86_default, "armv8": armv8_default}
+
+
+def x86_board(machine: object) -> list[str]:
+    """The ``kvmfw.boards`` entry point ``x86``: :func:`x86_default`."""
+    return x86_default()
+
+
+def armv8_board(machine: object) -> list[str]:
+    """The ``kvmfw.boards`` entry point ``armv8``: :func:`armv8_default`."""
+    return armv8_default()
 
 
 def default_devices(arch: str, machine: object = None) -> list[str]:

@@ -10,29 +10,9 @@ import pytest
 from kvmfw.device import DeviceContext
 from kvmfw.eventq import EventQueue
 from kvmfw.memory import GuestMemory, MemoryRegion
+from kvmfw.testing import RecordingIrq
 
 RAM_SIZE = 1 << 20
-
-
-class RecordingIrq:
-    """An IRQ line that remembers its level and every transition."""
-
-    def __init__(self) -> None:
-        self.level = 0
-        self.history: list[int] = []
-        self.pulses = 0
-
-    def raise_(self) -> None:
-        self.level = 1
-        self.history.append(1)
-
-    def lower(self) -> None:
-        self.level = 0
-        self.history.append(0)
-
-    def pulse(self) -> None:
-        self.pulses += 1
-        self.history += [1, 0]
 
 
 @dataclass

@@ -19,9 +19,9 @@ x86 = pytest.importorskip("kvmfw_x86.plugin", reason="the kvmfw-x86 plugin is no
 loaders = pytest.importorskip("kvmfw_x86.loaders")
 
 from kvmfw.machine import Machine, MachineConfig  # noqa: E402
+from kvmfw.testing import assemble  # noqa: E402
 
 GUESTS = Path(__file__).parent / "guests"
-LD_SCRIPT = Path(x86.__file__).parent / "guests" / "guest.ld"
 MiB = 1 << 20
 
 pytestmark = [
@@ -38,19 +38,9 @@ def build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     out = tmp_path_factory.mktemp("guests")
 
     def make(name: str, *, flat: bool = False) -> Path:
-        obj = out / f"{name}.o"
-        subprocess.run(["as", "--32", "-I", str(GUESTS), "-o", str(obj),
-                        str(GUESTS / f"{name}.S")], check=True)
-        if flat:
-            image = out / f"{name}.bin"
-            subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x7c00", "--oformat", "binary",
-                            "-o", str(image), str(obj)], check=True)
-        else:
-            image = out / f"{name}.elf"
-            subprocess.run(["ld", "-m", "elf_i386", "-T", str(LD_SCRIPT), "-nostdlib",
-                            "--build-id=none", "--no-warn-rwx-segments", "-o", str(image),
-                            str(obj)], check=True)
-        return image
+        # kvmfw.testing.assemble: GNU as/ld, an ELF32 at 1 MiB or a flat binary at 0x7c00
+        return assemble((GUESTS / f"{name}.S").read_text(), out_dir=out, name=name,
+                        bits=16 if flat else 32, include=[GUESTS])
     return make
 
 

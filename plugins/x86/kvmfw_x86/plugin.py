@@ -337,9 +337,8 @@ class X86Plugin:
     def default_guest(self, machine: Any) -> str:
         return str(GUESTS / "default.elf")
 
-    @hookimpl
-    def default_devices(self, machine: Any) -> list[str]:
-        return default_board(machine)
+    # no default_devices hook: the PC board is the ``kvmfw.boards`` entry point ``x86``
+    # (kvmfw-devices publishes it; any package may), so this plugin imports no other
 
     # --- drain and state ---------------------------------------------------------------
 
@@ -515,18 +514,6 @@ def host_tsc_khz(window_s: float = 0.05) -> tuple[int, str]:
     if khz <= 0:
         return 2_000_000, "a guess of 2 GHz (the TSC did not advance)"
     return khz, f"measured against CLOCK_MONOTONIC over {window_s * 1000:.0f} ms"
-
-
-def default_board(machine: Any) -> list[str]:
-    """The PC board's devices from kvmfw-devices (``boards.x86_default``) when installed;
-    without that package the board is empty and the run still works (a note is logged)."""
-    try:
-        from kvmfw_devices import boards  # type: ignore[import-not-found]
-    except ImportError:
-        log.info("kvmfw-devices is not installed: the x86 board has no devices")
-        return []
-    fn = getattr(boards, "x86_default", None)
-    return list(fn()) if fn is not None else []
 
 
 plugin = X86Plugin()
