@@ -271,3 +271,27 @@ def test_a_new_context_holds_the_initial_system_registers(build: Any) -> None:
     assert set(ctx.sysregs) == set(plugin.cpu_state(cpu).other_ids)
     sctlr = regs.id_of("SCTLR_EL1")
     assert ctx.sysregs[sctlr] == cpu.vcpu.get_one_reg(sctlr) != 0
+
+
+def test_snapshot_reset_to_repeats_the_interrupts(build: Any) -> None:
+    """In-process ``snapshot``/``reset_to`` on a VM that has run (KVM then accepts ID and
+    firmware registers only unchanged): from the pause the guest takes both interrupts,
+    three times over."""
+    needs_gicv3()
+    from kvmfw_armv8 import guests
+
+    m, dev = build()
+    line = m.irq(guests.TEST_SPI)
+    dev.on_ready = line.raise_
+    start_at(m, "ckpt")
+    assert run(m, dev).reason == "test guest paused"
+    snap = m.snapshot()
+    dev.on_irq = lambda intid: line.lower() if intid == 32 + guests.TEST_SPI else None
+    for n in range(3):
+        if n:
+            m.reset_to(snap)
+            assert line.level == 1  # the vGIC restore put the input back high
+        dev.irqs.clear()
+        res = run(m, dev, timeout=120)
+        assert res.reason == "test guest done", f"iteration {n}"
+        assert sorted(dev.irqs) == [27, 32 + guests.TEST_SPI], f"iteration {n}"
