@@ -18,7 +18,7 @@
 # Needs root (apt-get, debootstrap, 9p security_model=none), as CI has.
 #
 # Environment knobs:
-#   KVMFW_ARM64_CACHE    cache dir                      KVMFW_ARM64_TIMEOUT  qemu timeout (s, 480)
+#   KVMFW_ARM64_CACHE    cache dir                      KVMFW_ARM64_TIMEOUT  qemu timeout (s, 900)
 #   KVMFW_ARM64_SMP      guest CPUs (2)                 KVMFW_ARM64_MEM      guest MiB (2048)
 #   KVMFW_ARM64_REBUILD=1  rebuild the root file system
 #   KVMFW_ARM64_GIC      the emulated host's GIC: 3 (default) or 2 (GICv2 with virtualization
@@ -27,7 +27,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
 CACHE=${KVMFW_ARM64_CACHE:-${HOME:-/root}/.cache/kvmfw-arm64}
-TIMEOUT=${KVMFW_ARM64_TIMEOUT:-480}
+TIMEOUT=${KVMFW_ARM64_TIMEOUT:-900}
 SMP=${KVMFW_ARM64_SMP:-2}
 MEM=${KVMFW_ARM64_MEM:-2048}
 GIC=${KVMFW_ARM64_GIC:-3}
