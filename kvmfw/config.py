@@ -60,6 +60,7 @@ CORE_OPTIONS: dict[str, OptionSpec] = {
     "cmdline": None, "initrd": None, "load_addr": None,
     "fw_cfg": None, "pseudo_op_dir": None, "reboot": bool, "reboot_limit": None,
     "max_cpus": None,  # fw_cfg's FW_CFG_MAX_CPUS
+    "fastpath": bool,  # the compiled exit path (kvmfw.fastpath); off: every exit to Python
 }
 """Options the core and every board read (``reboot``: :meth:`Machine.request_reset`)."""
 

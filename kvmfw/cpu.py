@@ -48,6 +48,7 @@ from kvmfw.errors import (
     UnhandledExitError,
 )
 from kvmfw.eventq import PRIO_CPU_TICK, Event
+from kvmfw.fastpath import LATCH, LIMIT, FastState, FastTable
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.stats import KvmCpuStats
 from kvmfw.timer import CycleSource, RunTimer
@@ -67,6 +68,7 @@ _EINTR = -errno.EINTR
 _SYNC_NONE = SyncLevel.NONE
 _now = time.monotonic_ns
 _kvm_run = lib.kvmfw_run
+_run_fast = lib.kvmfw_run_fast
 _new_tuple = tuple.__new__
 _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
@@ -160,6 +162,14 @@ class KvmCPU:
         self._run: Any = vcpu.run
         self._map: Any = vcpu.run_map
         self._run_addr = address_of(vcpu.run)
+        self._run_size = len(vcpu.run_map)
+        self._bus = machine.bus
+        opt = machine.config.options.get("fastpath", True)
+        self.fastpath = opt is True or str(opt).lower() in ("on", "1", "true", "yes")
+        """Answer the exits the bus's table covers in C (:mod:`kvmfw.fastpath`);
+        ``--option fastpath=off`` sends every exit to Python."""
+        self._fast: FastState | None = FastState() if self.fastpath and not always_sync \
+            else None
         self._ticks_per_cycle = 1000.0 * host_factor
         self.last_exit: int | None = None
         self.suspended_ticks = 0
@@ -472,9 +482,19 @@ class KvmCPU:
             except Exception as exc:
                 raise PluginHookError("pre_run", _culprit(exc), exc) from exc
         src = self._cycles
+        fs = self._fast
+        if fs is not None:
+            if self._trace:  # debug logging shows every exit: all of them go to Python
+                fs = None
+            else:
+                tbl = self._bus.fast or self._bus.fast_table()
         if src is None:  # the monotonic clock is the cycle source: read it once per side
             t0 = _now()
-            r = _kvm_run(self._fd)
+            if fs is None:
+                r = _kvm_run(self._fd)
+            else:
+                r = _run_fast(self._fd, self._run_addr, self._run_size, tbl.ranges, tbl.n,
+                              tbl.pool, fs.counts, fs.latches, LIMIT)
             t1 = _now()
             cycles = t1 - t0
             executed = int(cycles * self._ticks_per_cycle)
@@ -483,7 +503,11 @@ class KvmCPU:
             i0 = insns() if insns is not None else 0
             c0 = src()
             t0 = _now()
-            r = _kvm_run(self._fd)
+            if fs is None:
+                r = _kvm_run(self._fd)
+            else:
+                r = _run_fast(self._fd, self._run_addr, self._run_size, tbl.ranges, tbl.n,
+                              tbl.pool, fs.counts, fs.latches, LIMIT)
             t1 = _now()
             cycles = src() - c0
             if insns is not None:
@@ -492,6 +516,10 @@ class KvmCPU:
         self.runs += 1
         stats = self.stats
         stats.vm_exits += 1
+        if fs is not None and (r > 0 or (r < 0 and fs.counts[0])):
+            self._fold_fast(fs, tbl)
+            if r > 0:
+                r = 0
         stats.host_ns_in_kvm += t1 - t0
         stats.cycles += cycles
         stats.ticks_in_kvm += executed
@@ -543,6 +571,53 @@ class KvmCPU:
                 now = bound
             if now > eq.cur_tick:
                 eq.cur_tick = now
+
+    def _fold_fast(self, fs: FastState, tbl: FastTable) -> None:
+        """Account the exits the compiled path answered and deliver coalesced writes
+        (before Python services the exit that ended the call)."""
+        c = fs.take()
+        stats = self.stats
+        n = c[0]
+        stats.vm_exits += n
+        stats.fast_exits += n
+        stats.io += c[1]
+        stats.mmio += c[2]
+        self.runs += n
+        bus = self._bus
+        by = fs.by_entry
+        latched = []
+        for i, e in enumerate(tbl.entries):
+            reads, writes = c[3 + 2 * i], c[4 + 2 * i]
+            if not (reads or writes):
+                continue
+            key = (e.space, e.name)
+            tot = by.get(key)
+            if tot is None:
+                tot = by[key] = [0, 0]
+            tot[0] += reads
+            tot[1] += writes
+            if e.mapping is None:  # unclaimed: counted as the bus's own path counts them
+                space = bus.pio if e.space == "pio" else bus.mmio
+                space.unclaimed_reads += reads
+                space.unclaimed_writes += writes
+            elif e.kind & LATCH and writes:
+                latched.append(i)
+        if latched:
+            if self.parallel:
+                with self.machine.lock:
+                    self._deliver_latched(fs, tbl, latched)
+            else:
+                self._deliver_latched(fs, tbl, latched)
+
+    def _deliver_latched(self, fs: FastState, tbl: FastTable, which: list[int]) -> None:
+        for i in which:
+            la = fs.latches[i]
+            if la.set:
+                la.set = 0
+                n = min(int(la.len), 8)
+                e = tbl.entries[i]
+                (self._bus.pio if e.space == "pio" else self._bus.mmio).write(
+                    int(la.addr), bytes(la.data[0:n]))
 
     def half_entry(self) -> None:
         """Enter KVM only to complete a pending IO/MMIO (``immediate_exit``), then exit.

@@ -284,6 +284,8 @@ class Machine:
         for r in device.ranges():
             self.bus.space(r.space).register(r.base, r.size, r.handler or device,
                                              r.name or device.name)
+        for fr in device.fast_ranges():  # the compiled exit path (kvmfw.fastpath)
+            self.bus.space(fr.space).add_fast(fr)
         self.devices.append(device)
         self.pm.register(device, name=label)
         for cpu in self.cpus:  # a device's pre_run/post_run take part from the next entry

@@ -36,7 +36,7 @@ from kvmfw_x86.abi import X, addr, ffi, lib
 from kvmfw_x86.context import CpuInfo, X86Context
 from kvmfw_x86.interrupts import UserspaceInterrupts
 from kvmfw_x86.lapic import LAPIC_ADDR, LAPIC_SIZE, UserspaceLapics, per_cpu_address
-from kvmfw_x86.pio import PortIo
+from kvmfw_x86.pio import PCI_ADDR_PORT, PortIo
 
 log = logging.getLogger("kvmfw.x86")
 
@@ -67,8 +67,12 @@ class X86Machine:
         self.pio = PortIo(machine)
         self.interrupts = UserspaceInterrupts(machine)
         self.lapics: UserspaceLapics | None = None
+        # what handle_exit_io and finalize_mmio_address answer before the bus: never taken
+        # for unclaimed by the compiled exit path (kvmfw.fastpath)
+        machine.bus.pio.reserve(PCI_ADDR_PORT, 8, "pci-config")
         if self.irqchip == "userspace":
             self.lapics = UserspaceLapics(machine, self.interrupts, machine.config.cpus)
+            machine.bus.mmio.reserve(LAPIC_ADDR, LAPIC_SIZE, "local-apic")
         self._cpuid: list[cpuid_mod.CpuidEntry] | None = None
         self._info: CpuInfo | None = None
         self.tsc_khz = 0
