@@ -48,7 +48,7 @@ from kvmfw.errors import (
     UnhandledExitError,
 )
 from kvmfw.eventq import PRIO_CPU_TICK, Event
-from kvmfw.fastpath import LATCH, LIMIT, FastState, FastTable
+from kvmfw.fastpath import LATCH, FastState, FastTable
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.stats import KvmCpuStats
 from kvmfw.timer import CycleSource, RunTimer
@@ -67,8 +67,8 @@ log_ctx = logging.getLogger("kvmfw.context")
 _EINTR = -errno.EINTR
 _SYNC_NONE = SyncLevel.NONE
 _now = time.monotonic_ns
-_kvm_run = lib.kvmfw_run
-_run_fast = lib.kvmfw_run_fast
+_run_ctx = lib.kvmfw_run_ctx
+_STALE = object()
 _new_tuple = tuple.__new__
 _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
@@ -125,12 +125,17 @@ class KvmCPU:
         self.id = vcpu.id
         self.hooks = hooks
         self.eventq = machine.eventq
-        self.always_sync = always_sync
+        self._always_sync = always_sync
         self.host_factor = host_factor
-        self.use_coalesced_mmio = (use_coalesced_mmio or bool(vcpu.vm.coalesced_zones)) \
+        self._extras = True
+        """Whether entries and exits need their cold parts (see :meth:`_run_slice`)."""
+        self._no_fast = always_sync
+        self._fast_table = _STALE
+        self._pre_run: Any = None
+        self._post_run: Any = None
+        self._trace = False
+        self._use_coalesced_mmio = (use_coalesced_mmio or bool(vcpu.vm.coalesced_zones)) \
             and bool(vcpu.coalesced_ring_offset)
-        """Replay the VM's coalesced-MMIO ring after each exit (forced on once a zone is
-        registered: its writes would otherwise be lost)."""
         self.status = IDLE
         self.stats = KvmCpuStats()
         self.runs = 0
@@ -155,7 +160,6 @@ class KvmCPU:
         self.cycle_source: CycleSource | None = None
         self.cycle_source_reason = ""
         self._dispatch: list[Any] = []
-        self._trace = False
         self._cycles: Any = None
         self._insns: Any = None
         self._fd = vcpu.fd
@@ -168,8 +172,10 @@ class KvmCPU:
         self.fastpath = opt is True or str(opt).lower() in ("on", "1", "true", "yes")
         """Answer the exits the bus's table covers in C (:mod:`kvmfw.fastpath`);
         ``--option fastpath=off`` sends every exit to Python."""
-        self._fast: FastState | None = FastState() if self.fastpath and not always_sync \
-            else None
+        self._fs = FastState(vcpu.fd, self._run_addr, self._run_size)
+        self._ctx = self._fs.ctx
+        self._fast_table: Any = _STALE
+        """The bus table the compiled path uses (refreshed when the bus drops it)."""
         self._ticks_per_cycle = 1000.0 * host_factor
         self.last_exit: int | None = None
         self.suspended_ticks = 0
@@ -203,6 +209,7 @@ class KvmCPU:
         self._handle_exit_io = h.bind("handle_exit_io")
         self._handle_arch_exit = h.bind("handle_arch_exit")
         self._finalize_mmio = h.bind("finalize_mmio_address")
+        self._update_extras()
 
     def bind_thread(self, cycle_source: CycleSource, reason: str) -> None:
         """Called on the thread that will run this vCPU: signals, run timer, cycle source.
@@ -386,11 +393,18 @@ class KvmCPU:
         eq = self.eventq
         machine = self.machine
         heap = eq._heap
+        dispatch = self._dispatch
         self._trace = log_run.isEnabledFor(logging.DEBUG) or log_io.isEnabledFor(logging.DEBUG)
+        self._update_extras()
         while True:
             st = self.status
-            if st is RUNNING_SERVICE:
-                self._dispatch_exit()
+            if st is RUNNING_SERVICE:  # _dispatch_exit, inlined (one frame less per exit)
+                try:
+                    dispatch[self.last_exit]()  # type: ignore[index]
+                except KvmfwError:
+                    raise
+                except Exception as exc:
+                    self._dispatch_failed(exc)
             elif st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
                 if self.drain_pending:
                     self.run_drain()
@@ -450,101 +464,67 @@ class KvmCPU:
         self._run_slice(ticks)
 
     def _run_slice(self, ticks: int | None) -> None:
-        """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time."""
-        if self._tc_dirty or self.always_sync:
-            self.sync_kvm_state(SyncLevel.FULL if self.always_sync else SyncLevel.RUNTIME)
-        if self.interrupt_pending and self._deliver_interrupts is not None:
-            if self.parallel:
-                with self.machine.lock:
-                    self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
-            else:
-                self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
-            if self.status is IDLE:
+        """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time.
+
+        The hot path: what only some runs need (a dirty context, an interrupt to deliver,
+        ``always_sync``, ``pre_run``/``post_run`` hooks, the coalesced ring, tracing) sits
+        behind one flag each side (``_extras``), so a plain exit pays for none of it."""
+        if self._tc_dirty or self.interrupt_pending or self._extras:
+            if self._before_entry():
                 return  # delivery suspended the CPU (x86 INIT): do not enter KVM
         timer = self._timer
         eq = self.eventq
-        bound = None if ticks is None else eq.cur_tick + ticks
-        if timer is not None:
-            if bound is None:
-                if timer.deadline_ns is not None:
-                    timer.disarm()
-            else:
+        if ticks is None:
+            bound = None
+            if timer is not None and timer.deadline_ns is not None:
+                timer.disarm()
+        else:
+            bound = eq.cur_tick + ticks
+            if timer is not None:
                 # the host instant that maps to the bounding event, from the run's fixed
                 # clock base: the same event gives the same deadline, so the timer is armed
                 # once per event rather than on every exit
                 host0, tick0, per_ns = self.machine._clock
                 timer.arm_at(host0 - int((tick0 - bound) // per_ns))
-        if self._pre_run is not None:
-            try:
-                self._pre_run(self)
-            except KvmfwError:
-                raise
-            except Exception as exc:
-                raise PluginHookError("pre_run", _culprit(exc), exc) from exc
+        if self._fast_table is not self._bus.fast:
+            self._refresh_fast()
         src = self._cycles
-        fs = self._fast
-        if fs is not None:
-            if self._trace:  # debug logging shows every exit: all of them go to Python
-                fs = None
-            else:
-                tbl = self._bus.fast or self._bus.fast_table()
         if src is None:  # the monotonic clock is the cycle source: read it once per side
             t0 = _now()
-            if fs is None:
-                r = _kvm_run(self._fd)
-            else:
-                r = _run_fast(self._fd, self._run_addr, self._run_size, tbl.ranges, tbl.n,
-                              tbl.pool, fs.counts, fs.latches, LIMIT)
+            r = _run_ctx(self._ctx)
             t1 = _now()
             cycles = t1 - t0
-            executed = int(cycles * self._ticks_per_cycle)
         else:
             insns = self._insns
             i0 = insns() if insns is not None else 0
             c0 = src()
             t0 = _now()
-            if fs is None:
-                r = _kvm_run(self._fd)
-            else:
-                r = _run_fast(self._fd, self._run_addr, self._run_size, tbl.ranges, tbl.n,
-                              tbl.pool, fs.counts, fs.latches, LIMIT)
+            r = _run_ctx(self._ctx)
             t1 = _now()
             cycles = src() - c0
             if insns is not None:
                 self.stats.instructions += insns() - i0
-            executed = int(cycles * self._ticks_per_cycle)
         self.runs += 1
         stats = self.stats
         stats.vm_exits += 1
-        if fs is not None and (r > 0 or (r < 0 and fs.counts[0])):
-            self._fold_fast(fs, tbl)
+        if r:  # > 0: exits the compiled path answered before this one; < 0: -errno
+            if r > 0 or self._fs.counts[0]:
+                self._fold_fast()
             if r > 0:
                 r = 0
         stats.host_ns_in_kvm += t1 - t0
         stats.cycles += cycles
-        stats.ticks_in_kvm += executed
+        stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
         self._pulled_level = _SYNC_NONE
-        if self.always_sync:
-            self._pull(SyncLevel.FULL)
         if r < 0:
             if r != _EINTR and r != _EAGAIN:
                 raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
-            reason = ExitReason.INTR
+            reason = 10  # KVM_EXIT_INTR
         else:
             reason = self._run.exit_reason
         self.last_exit = reason
-        if self._post_run is not None:
-            try:
-                self._post_run(self, reason)
-            except KvmfwError:
-                raise
-            except Exception as exc:
-                raise PluginHookError("post_run", _culprit(exc), exc) from exc
-        if self.use_coalesced_mmio:
-            self._drain_coalesced_mmio()
-        if self._trace:
-            log_run.debug("cpu%d: ran %s ticks (%d ns), exit %s", self.id, ticks, t1 - t0,
-                          _exit_name(reason))
+        if self._extras:
+            self._after_exit(reason, ticks, t1 - t0)
         fired = False
         if reason == 10:  # KVM_EXIT_INTR
             stats.exit_signal += 1
@@ -572,9 +552,95 @@ class KvmCPU:
             if now > eq.cur_tick:
                 eq.cur_tick = now
 
-    def _fold_fast(self, fs: FastState, tbl: FastTable) -> None:
+    def _before_entry(self) -> bool:
+        """The cold part of an entry: push a dirty context, deliver interrupts, ``pre_run``.
+        True when the CPU must not enter (interrupt delivery suspended it)."""
+        if self._tc_dirty or self.always_sync:
+            self.sync_kvm_state(SyncLevel.FULL if self.always_sync else SyncLevel.RUNTIME)
+        if self.interrupt_pending and self._deliver_interrupts is not None:
+            if self.parallel:
+                with self.machine.lock:
+                    self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+            else:
+                self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+            if self.status is IDLE:
+                return True
+        if self._pre_run is not None:
+            try:
+                self._pre_run(self)
+            except KvmfwError:
+                raise
+            except Exception as exc:
+                raise PluginHookError("pre_run", _culprit(exc), exc) from exc
+        return False
+
+    def _after_exit(self, reason: int, ticks: int | None, ns: int) -> None:
+        """The cold part of an exit: ``always_sync``'s pull, ``post_run``, the coalesced
+        ring, the trace."""
+        if self.always_sync:
+            self._pull(SyncLevel.FULL)
+        if self._post_run is not None:
+            try:
+                self._post_run(self, reason)
+            except KvmfwError:
+                raise
+            except Exception as exc:
+                raise PluginHookError("post_run", _culprit(exc), exc) from exc
+        if self._use_coalesced_mmio:
+            self._drain_coalesced_mmio()
+        if self._trace:
+            log_run.debug("cpu%d: ran %s ticks (%d ns), exit %s", self.id, ticks, ns,
+                          _exit_name(reason))
+
+    def _update_extras(self) -> None:
+        self._extras = bool(self._always_sync or self._pre_run is not None
+                            or self._post_run is not None or self._use_coalesced_mmio
+                            or self._trace)
+        no_fast = bool(self._always_sync or self._trace)
+        if no_fast != self._no_fast:
+            self._no_fast = no_fast
+            self._fast_table = _STALE
+
+    @property
+    def always_sync(self) -> bool:
+        """Push the whole context before every entry and pull it after every exit (each
+        exit then reaches Python: the compiled path is not used)."""
+        return self._always_sync
+
+    @always_sync.setter
+    def always_sync(self, on: bool) -> None:
+        self._always_sync = on
+        self._update_extras()
+
+    @property
+    def use_coalesced_mmio(self) -> bool:
+        """Replay the VM's coalesced-MMIO ring after each exit (forced on once a zone is
+        registered: its writes would otherwise be lost)."""
+        return self._use_coalesced_mmio
+
+    @use_coalesced_mmio.setter
+    def use_coalesced_mmio(self, on: bool) -> None:
+        self._use_coalesced_mmio = on
+        self._update_extras()
+
+    def _refresh_fast(self) -> None:
+        """Point the compiled path at the bus's current table (built now if needed), or
+        switch it off (``fastpath=off``, tracing, ``always_sync``)."""
+        if self.fastpath and not self._no_fast:
+            tbl: Any = self._bus.fast_table()
+            self._fs.use(tbl)
+        else:
+            tbl = self._bus.fast
+            self._fs.use(None)
+        self._fast_table = tbl
+
+    def _fold_fast(self) -> None:
         """Account the exits the compiled path answered and deliver coalesced writes
         (before Python services the exit that ended the call)."""
+        fs = self._fs
+        tbl = fs.table
+        if tbl is None:
+            return
         c = fs.take()
         stats = self.stats
         n = c[0]
@@ -638,18 +704,28 @@ class KvmCPU:
             self.status = RUNNING
 
     def _dispatch_exit(self) -> None:
-        reason = self.last_exit or 0
         try:
-            self._dispatch[reason]()
+            self._dispatch[self.last_exit]()  # type: ignore[index]
         except KvmfwError:
             raise
-        except IndexError:
-            if reason < _NUM_EXIT_SLOTS:
-                raise
-            self._exit_arch_or_unexpected()
         except Exception as exc:
-            raise PluginHookError(f"exit handler for {_exit_name(reason)}",
-                                  _culprit(exc), exc) from exc
+            self._dispatch_failed(exc)
+
+    def _dispatch_failed(self, exc: Exception) -> None:
+        """An exit handler raised (or the reason is beyond the table: the arch's)."""
+        reason = self.last_exit or 0
+        if isinstance(exc, IndexError | TypeError) and exc.__traceback__ is not None \
+                and exc.__traceback__.tb_next is None:  # the table lookup itself failed
+            try:
+                self._exit_arch_or_unexpected()
+            except KvmfwError:
+                raise
+            except Exception as exc2:
+                raise PluginHookError(f"exit handler for {_exit_name(reason)}",
+                                      _culprit(exc2), exc2) from exc2
+            return
+        raise PluginHookError(f"exit handler for {_exit_name(reason)}",
+                              _culprit(exc), exc) from exc
 
     # --- exit handlers (one per reason; the table is built in _build_dispatch) ---------
 

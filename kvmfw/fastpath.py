@@ -116,15 +116,31 @@ class FastTable:
 
 
 class FastState:
-    """One vCPU's counters and coalescing latches (never shared between threads)."""
+    """One vCPU's counters, coalescing latches and the argument block ``kvmfw_run_ctx``
+    reads (never shared between threads)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fd: int, run_addr: int, run_size: int) -> None:
         self.counts = ffi.new("uint64_t[]", _COUNTS)
         self.latches = ffi.new("struct kvmfw_fast_latch[]", MAX_RANGES)
+        self.ctx = ffi.new("struct kvmfw_run_ctx *")
+        c = self.ctx
+        c.fd, c.run, c.run_size, c.limit = fd, run_addr, run_size, LIMIT
+        c.counts, c.latches = self.counts, self.latches
+        self.table: FastTable | None = None
+        self.use(None)
         self._view = memoryview(ffi.buffer(self.counts)).cast("B").cast("Q")
         self._zero = bytes(8 * _COUNTS)
         self.by_entry: dict[tuple[str, str], list[int]] = {}
         """(space, name) -> [reads, writes] answered in C since the start (for profiles)."""
+
+    def use(self, table: FastTable | None) -> None:
+        """Answer exits from ``table`` from the next entry on (None: a plain KVM_RUN)."""
+        self.table = table
+        c = self.ctx
+        if table is None:
+            c.n, c.ranges, c.pool = 0, ffi.NULL, ffi.NULL
+        else:
+            c.n, c.ranges, c.pool = table.n, table.ranges, table.pool
 
     def take(self) -> list[int]:
         """The counters, zeroed."""

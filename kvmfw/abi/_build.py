@@ -88,6 +88,12 @@ struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t dat
 int kvmfw_run_fast(int fd, uintptr_t run, uint32_t run_size,
                    const struct kvmfw_fast_range *ranges, uint32_t n, const uint8_t *pool,
                    uint64_t *counts, struct kvmfw_fast_latch *latches, uint32_t limit);
+struct kvmfw_run_ctx {
+    int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
+    uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
+    struct kvmfw_fast_latch *latches;
+};
+int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
 """
 
 SOURCE = r"""
@@ -328,6 +334,20 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
         counts[3 + 2 * i + is_write]++;
         done++;
     }
+}
+
+/* One vCPU's arguments in one struct: the run loop passes a single pointer (each Python
+   argument costs an attribute load per exit). n = 0: a plain KVM_RUN. */
+struct kvmfw_run_ctx {
+    int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
+    uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
+    struct kvmfw_fast_latch *latches;
+};
+
+static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
+{
+    return kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->pool, c->counts,
+                          c->latches, c->limit);
 }
 """
 
