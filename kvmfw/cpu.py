@@ -178,6 +178,9 @@ class KvmCPU:
         """The bus table the compiled path uses (refreshed when the bus drops it)."""
         self._ticks_per_cycle = 1000.0 * host_factor
         self.last_exit: int | None = None
+        self.mmio_remap = True
+        """False once the arch said (in ``vcpu_init``) that ``finalize_mmio_address`` never
+        changes this vCPU's addresses: the hook is then not called on each MMIO exit."""
         self.suspended_ticks = 0
         """Simulated ticks spent IDLE (halted or suspended), as gem5 accounts them."""
         self._idle_since: int | None = None
@@ -393,19 +396,14 @@ class KvmCPU:
         eq = self.eventq
         machine = self.machine
         heap = eq._heap
-        dispatch = self._dispatch
         self._trace = log_run.isEnabledFor(logging.DEBUG) or log_io.isEnabledFor(logging.DEBUG)
         self._update_extras()
+        # the exit table for this call: the plain one, or one that traces each IO/MMIO exit
+        # (so the plain handlers test no flag)
+        dispatch = self._dispatch if not self._trace else self._traced_dispatch()
         while True:
             st = self.status
-            if st is RUNNING_SERVICE:  # _dispatch_exit, inlined (one frame less per exit)
-                try:
-                    dispatch[self.last_exit]()  # type: ignore[index]
-                except KvmfwError:
-                    raise
-                except Exception as exc:
-                    self._dispatch_failed(exc)
-            elif st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
+            if st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
                 if self.drain_pending:
                     self.run_drain()
                 elif not heap:
@@ -417,14 +415,31 @@ class KvmCPU:
                         self._run_slice(None)
                     elif nxt > cur:
                         self._run_slice(nxt - cur)
-            else:
+                if machine.stop_requested:
+                    if self.status is not IDLE:
+                        self._schedule_tick(eq.cur_tick)
+                    return
+                # an event due now runs before we go on (a cheap peek; stale entries only
+                # cost one trip through the queue)
+                if heap and heap[0][0] <= eq.cur_tick:
+                    if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
+                        self._schedule_tick(eq.cur_tick)
+                    return
+                if self.status is not RUNNING_SERVICE:
+                    continue
+            elif st is not RUNNING_SERVICE:
                 return  # IDLE or MMIO pending: someone else reschedules us
+            # service the exit (_dispatch_exit, inlined: one frame less per exit)
+            try:
+                dispatch[self.last_exit]()  # type: ignore[index]
+            except KvmfwError:
+                raise
+            except Exception as exc:
+                self._dispatch_failed(exc)
             if machine.stop_requested:
                 if self.status is not IDLE:
                     self._schedule_tick(eq.cur_tick)
                 return
-            # an event due now runs before we go on (a cheap peek; stale entries only cost
-            # one trip through the queue)
             if heap and heap[0][0] <= eq.cur_tick:
                 if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
                     self._schedule_tick(eq.cur_tick)
@@ -727,6 +742,25 @@ class KvmCPU:
         raise PluginHookError(f"exit handler for {_exit_name(reason)}",
                               _culprit(exc), exc) from exc
 
+    def _traced_dispatch(self) -> list[Any]:
+        table = list(self._dispatch)
+        io, mmio = table[ExitReason.IO], table[ExitReason.MMIO]
+
+        def traced_io() -> None:
+            d, size, port, count, _ = _unpack_io(self._map, RUN_PAYLOAD)
+            log_io.debug("cpu%d: io %s port %#x size %d count %d", self.id,
+                         "out" if d == constants.KVM_EXIT_IO_OUT else "in", port, size, count)
+            io()
+
+        def traced_mmio() -> None:
+            addr, _, length, is_write = _unpack_mmio(self._map, RUN_PAYLOAD)
+            log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
+                         addr, length)
+            mmio()
+
+        table[ExitReason.IO], table[ExitReason.MMIO] = traced_io, traced_mmio
+        return table
+
     # --- exit handlers (one per reason; the table is built in _build_dispatch) ---------
 
     def _exit_intr(self) -> None:
@@ -742,9 +776,6 @@ class KvmCPU:
                               f"(size {io.size}, count {io.count}) that no plugin handles",
                               port=io.port, size=io.size, count=io.count,
                               direction="out" if io.is_write else "in")
-        if self._trace:
-            log_io.debug("cpu%d: io %s port %#x size %d count %d", self.id,
-                         "out" if io.is_write else "in", io.port, io.size, io.count)
         if self.status is RUNNING_SERVICE:
             self.status = RUNNING_SERVICE_COMPLETION
 
@@ -752,7 +783,7 @@ class KvmCPU:
         self.stats.mmio += 1
         mm = self._map
         addr, data, length, is_write = _unpack_mmio(mm, RUN_PAYLOAD)
-        if self._finalize_mmio is not None:
+        if self._finalize_mmio is not None and self.mmio_remap:
             new = self._finalize_mmio(self, addr)
             if new is not None:
                 addr = new
@@ -768,9 +799,6 @@ class KvmCPU:
             if pending.__class__ is not PendingAccess:
                 mm[MMIO_DATA:MMIO_DATA + length] = pending
                 pending = None
-        if self._trace:
-            log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
-                         addr, length)
         if pending is not None:
             self._wait_mmio(pending)
         elif self.status is RUNNING_SERVICE:

@@ -261,6 +261,10 @@ class X86Plugin:
             cpu.start_active = True
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
+        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
+        cpu.x86_port_io = st.pio.handle
+        cpu.mmio_remap = st.lapics is not None
 
     @hookimpl
     def create_thread_context(self, cpu: Any) -> X86Context:
@@ -284,7 +288,8 @@ class X86Plugin:
 
     @hookimpl
     def handle_exit_io(self, cpu: Any, io: Any) -> bool:
-        return self.state(cpu.machine).pio.handle(cpu, io)
+        handle = getattr(cpu, "x86_port_io", None) or self.state(cpu.machine).pio.handle
+        return handle(cpu, io)  # type: ignore[no-any-return]
 
     @hookimpl
     def finalize_mmio_address(self, cpu: Any, address: int) -> int | None:
@@ -324,6 +329,10 @@ class X86Plugin:
         st = self.state(cpu.machine)
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
+        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
+        cpu.x86_port_io = st.pio.handle
+        cpu.mmio_remap = st.lapics is not None
         khz = st.tsc_khz
         return CycleSource("tsc", lib.kvmfw_x86_rdtsc, khz * 1000.0,
                            note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall; "
