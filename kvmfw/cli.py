@@ -395,6 +395,9 @@ class _Signals:
 @click.option("--gdb-wait", "-S", "gdb_wait", is_flag=True, default=None,
               help="Wait for GDB to attach and continue before the first instruction "
               "(implies -s without --gdb).")
+@click.option("--profile", is_flag=True, default=None,
+              help="At the end, a table of exits by reason and device with their host time, "
+                   "sync and timer costs, and the busiest ports and addresses (stderr).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits.
@@ -487,6 +490,12 @@ def _run(cfg: dict[str, Any]) -> int:
                 machine.start_gdb(port, host, wait=bool(cfg.get("gdb_wait")))
             watchdog = sigs.watchdog = _Watchdog(terminal, cfg.get("timeout"))
             sigs.arm(machine)
+            profile = None
+            if cfg.get("profile"):
+                from kvmfw.profile import ExitProfile
+
+                profile = ExitProfile(machine)
+                profile.install()
             t0 = time.monotonic()
             try:
                 result = machine.run(timeout=cfg.get("timeout"),
@@ -523,6 +532,9 @@ def _run(cfg: dict[str, Any]) -> int:
                           f"{host_seconds:.3f} s")
                 if timed_out:
                     error = None  # the summary said it; the status says 124
+            if profile is not None:
+                profile.stop()
+                _echo_err(profile.report())
             if console.error is not None:
                 _echo_err(f"warning: console output to {console_spec} failed: "
                           f"{console.error}; the guest's output after that was lost")

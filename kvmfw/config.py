@@ -248,7 +248,7 @@ def parse_options(items: list[str], arch: str | None, plugin: Any = None) -> dic
 RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus", "device",
             "console", "stats", "debug_flags", "timeout", "max_ticks", "unclaimed",
             "always_sync", "no_summary", "no_default_devices", "no_reboot", "host_factor",
-            "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait")
+            "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait", "profile")
 """Every key of ``kvmfw run``: a command-line option each, and a TOML key each."""
 
 

@@ -130,7 +130,6 @@ class KvmCPU:
         self._extras = True
         """Whether entries and exits need their cold parts (see :meth:`_run_slice`)."""
         self._no_fast = always_sync
-        self._fast_table = _STALE
         self._pre_run: Any = None
         self._post_run: Any = None
         self._trace = False
@@ -160,6 +159,9 @@ class KvmCPU:
         self.cycle_source: CycleSource | None = None
         self.cycle_source_reason = ""
         self._dispatch: list[Any] = []
+        self.exit_table: list[Any] | None = None
+        """A replacement exit table (the profiler's, :mod:`kvmfw.profile`), taken from the
+        next :meth:`tick` on; None: the plain one."""
         self._cycles: Any = None
         self._insns: Any = None
         self._fd = vcpu.fd
@@ -400,7 +402,9 @@ class KvmCPU:
         self._update_extras()
         # the exit table for this call: the plain one, or one that traces each IO/MMIO exit
         # (so the plain handlers test no flag)
-        dispatch = self._dispatch if not self._trace else self._traced_dispatch()
+        dispatch = self.exit_table or self._dispatch
+        if self._trace:
+            dispatch = self._traced_dispatch(dispatch)
         while True:
             st = self.status
             if st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
@@ -720,7 +724,7 @@ class KvmCPU:
 
     def _dispatch_exit(self) -> None:
         try:
-            self._dispatch[self.last_exit]()  # type: ignore[index]
+            (self.exit_table or self._dispatch)[self.last_exit]()  # type: ignore[index]
         except KvmfwError:
             raise
         except Exception as exc:
@@ -742,8 +746,8 @@ class KvmCPU:
         raise PluginHookError(f"exit handler for {_exit_name(reason)}",
                               _culprit(exc), exc) from exc
 
-    def _traced_dispatch(self) -> list[Any]:
-        table = list(self._dispatch)
+    def _traced_dispatch(self, plain: list[Any]) -> list[Any]:
+        table = list(plain)
         io, mmio = table[ExitReason.IO], table[ExitReason.MMIO]
 
         def traced_io() -> None:
