@@ -419,27 +419,17 @@ class KvmCPU:
                         self._run_slice(None)
                     elif nxt > cur:
                         self._run_slice(nxt - cur)
-                if machine.stop_requested:
-                    if self.status is not IDLE:
-                        self._schedule_tick(eq.cur_tick)
-                    return
-                # an event due now runs before we go on (a cheap peek; stale entries only
-                # cost one trip through the queue)
-                if heap and heap[0][0] <= eq.cur_tick:
-                    if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
-                        self._schedule_tick(eq.cur_tick)
-                    return
-                if self.status is not RUNNING_SERVICE:
-                    continue
             elif st is not RUNNING_SERVICE:
                 return  # IDLE or MMIO pending: someone else reschedules us
-            # service the exit (_dispatch_exit, inlined: one frame less per exit)
-            try:
-                dispatch[self.last_exit]()  # type: ignore[index]
-            except KvmfwError:
-                raise
-            except Exception as exc:
-                self._dispatch_failed(exc)
+            if self.status is RUNNING_SERVICE:
+                # service the exit at once, as gem5 does (it happened before any event now
+                # due); _dispatch_exit, inlined: one frame less per exit
+                try:
+                    dispatch[self.last_exit]()  # type: ignore[index]
+                except KvmfwError:
+                    raise
+                except Exception as exc:
+                    self._dispatch_failed(exc)
             if machine.stop_requested:
                 if self.status is not IDLE:
                     self._schedule_tick(eq.cur_tick)
