@@ -137,8 +137,7 @@ class KvmCPU:
             and bool(vcpu.coalesced_ring_offset)
         self.status = IDLE
         self.stats = KvmCpuStats()
-        self.runs = 0
-        """Entries into KVM so far (never reset): a cache can tell whether KVM ran since."""
+        self._runs = 0  # half entries (KVM_RUN calls of the run loop are counted in C)
         self.context: Any = None
         self._tc_dirty = True
         self._pulled_level = SyncLevel.NONE
@@ -179,6 +178,7 @@ class KvmCPU:
         self._fast_table: Any = _STALE
         """The bus table the compiled path uses (refreshed when the bus drops it)."""
         self._ticks_per_cycle = 1000.0 * host_factor
+        self._ctx.ticks_per_ns = self._ticks_per_cycle
         self.last_exit: int | None = None
         self.mmio_remap = True
         """False once the arch said (in ``vcpu_init``) that ``finalize_mmio_address`` never
@@ -234,6 +234,44 @@ class KvmCPU:
         self._cycles = None if monotonic else cycle_source.read
         self._insns = cycle_source.instructions
         self._ticks_per_cycle = cycle_source.ticks(1_000_000, self.host_factor) / 1_000_000
+        # the C entry accounts cycles and ticks itself when the clock is the cycle source
+        self._ctx.ticks_per_ns = self._ticks_per_cycle if monotonic else 0.0
+
+    @property
+    def runs(self) -> int:
+        """Entries into KVM so far (never reset): a cache can tell whether KVM ran since."""
+        return self._runs + int(self._ctx.entries)
+
+    @runs.setter
+    def runs(self, value: int) -> None:
+        self._runs = value - int(self._ctx.entries)
+
+    def fold_stats(self) -> None:
+        """Move the counts the C entry keeps (exits, time in KVM) into :attr:`stats`. The
+        run loop does it whenever :meth:`tick` returns (on the vCPU's thread, after each
+        entry in parallel mode); readers of the stats registry get it first."""
+        c = self._ctx
+        n = c.exits
+        if n:
+            st = self.stats
+            st.vm_exits += n
+            st.host_ns_in_kvm += c.ns
+            st.cycles += c.cycles
+            st.ticks_in_kvm += c.ticks
+            c.exits = c.ns = c.cycles = c.ticks = 0
+
+    def reset_stats(self) -> None:
+        """Zero the stats (and the counts not yet folded into them)."""
+        if not self.parallel:
+            self.fold_stats()
+        self.stats.reset()
+
+    def stats_dict(self) -> dict[str, int]:
+        """The stats registry's view of this vCPU (counts kept in C folded in first, unless
+        another thread is running the vCPU: then as of its last fold)."""
+        if not self.parallel:
+            self.fold_stats()
+        return self.stats.as_dict()
 
     def unbind_thread(self) -> None:
         """Called on the bound thread when it stops running this vCPU: the run timer is
@@ -405,6 +443,13 @@ class KvmCPU:
         dispatch = self.exit_table or self._dispatch
         if self._trace:
             dispatch = self._traced_dispatch(dispatch)
+        try:
+            self._tick_loop(eq, machine, heap, dispatch)
+        finally:
+            self.fold_stats()
+
+    def _tick_loop(self, eq: Any, machine: Machine, heap: list[Any],
+                   dispatch: list[Any]) -> None:
         while True:
             st = self.status
             if st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
@@ -498,32 +543,28 @@ class KvmCPU:
         if self._fast_table is not self._bus.fast:
             self._refresh_fast()
         src = self._cycles
-        if src is None:  # the monotonic clock is the cycle source: read it once per side
-            t0 = _now()
-            r = _run_ctx(self._ctx)
-            t1 = _now()
-            cycles = t1 - t0
+        if src is None:  # the monotonic clock is the cycle source: C reads it and accounts
+            ctx = self._ctx
+            r = _run_ctx(ctx)
+            t1 = ctx.t1
         else:
             insns = self._insns
             i0 = insns() if insns is not None else 0
             c0 = src()
-            t0 = _now()
-            r = _run_ctx(self._ctx)
-            t1 = _now()
+            ctx = self._ctx
+            r = _run_ctx(ctx)
+            t1 = ctx.t1
             cycles = src() - c0
+            stats = self.stats
             if insns is not None:
-                self.stats.instructions += insns() - i0
-        self.runs += 1
-        stats = self.stats
-        stats.vm_exits += 1
+                stats.instructions += insns() - i0
+            stats.cycles += cycles
+            stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
         if r:  # > 0: exits the compiled path answered before this one; < 0: -errno
             if r > 0 or self._fs.counts[0]:
                 self._fold_fast()
             if r > 0:
                 r = 0
-        stats.host_ns_in_kvm += t1 - t0
-        stats.cycles += cycles
-        stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
         self._pulled_level = _SYNC_NONE
         if r < 0:
             if r != _EINTR and r != _EAGAIN:
@@ -533,10 +574,10 @@ class KvmCPU:
             reason = self._run.exit_reason
         self.last_exit = reason
         if self._extras:
-            self._after_exit(reason, ticks, t1 - t0)
+            self._after_exit(reason, ticks, t1)
         fired = False
         if reason == 10:  # KVM_EXIT_INTR
-            stats.exit_signal += 1
+            self.stats.exit_signal += 1
             self.status = RUNNING
             # a kick or the run timer set immediate_exit: clear it or every entry returns at
             # once. Kicks are requests whose state (stop, interrupt, event) the loop checks
@@ -550,7 +591,9 @@ class KvmCPU:
                 fired = bound is not None
         else:
             self.status = RUNNING_SERVICE
-        if not self.parallel:
+        if self.parallel:
+            self.fold_stats()  # here, on the vCPU's thread: nobody else touches the counts
+        else:
             # simulated time follows host time since the run began (service time included)
             # but never passes the event that bounded the slice; when the slice timer ended
             # the run, time is at that event (gem5's rule)
@@ -583,7 +626,7 @@ class KvmCPU:
                 raise PluginHookError("pre_run", _culprit(exc), exc) from exc
         return False
 
-    def _after_exit(self, reason: int, ticks: int | None, ns: int) -> None:
+    def _after_exit(self, reason: int, ticks: int | None, t1: int) -> None:
         """The cold part of an exit: ``always_sync``'s pull, ``post_run``, the coalesced
         ring, the trace."""
         if self.always_sync:
@@ -598,8 +641,8 @@ class KvmCPU:
         if self._use_coalesced_mmio:
             self._drain_coalesced_mmio()
         if self._trace:
-            log_run.debug("cpu%d: ran %s ticks (%d ns), exit %s", self.id, ticks, ns,
-                          _exit_name(reason))
+            log_run.debug("cpu%d: ran for at most %s ticks, exit %s at host %d ns", self.id,
+                          ticks, _exit_name(reason), t1)
 
     def _update_extras(self) -> None:
         self._extras = bool(self._always_sync or self._pre_run is not None
@@ -653,11 +696,9 @@ class KvmCPU:
         c = fs.take()
         stats = self.stats
         n = c[0]
-        stats.vm_exits += n
-        stats.fast_exits += n
+        stats.fast_exits += n  # (vm_exits and the time: counted by the C entry)
         stats.io += c[1]
         stats.mmio += c[2]
-        self.runs += n
         bus = self._bus
         by = fs.by_entry
         latched = []
@@ -705,7 +746,7 @@ class KvmCPU:
             raise KvmError("KVM_RUN", errno.EBADF, f"half entry: vcpu {self.id} is closed")
         r = lib.kvmfw_half_entry(self.vcpu.fd, self._run_addr)
         self.stats.vm_half_entries += 1
-        self.runs += 1
+        self._runs += 1
         self._pulled_level = SyncLevel.NONE
         if r < 0 and r != _EINTR and r != _EAGAIN:
             raise KvmError("KVM_RUN", -r, "half entry")

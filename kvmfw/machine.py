@@ -218,7 +218,7 @@ class Machine:
                          host_factor=cfg.host_factor, use_coalesced_mmio=cfg.use_coalesced_mmio)
             self.cpus.append(cpu)
             cpu.startup()
-            self.stats.add(f"system.cpu{cpu.id}", cpu.stats.as_dict, cpu.stats.reset)
+            self.stats.add(f"system.cpu{cpu.id}", cpu.stats_dict, cpu.reset_stats)
         self.stats.add("system", self._system_stats, None)
         self.stats.add("system.bus", self._bus_stats, self._reset_bus_stats)
         self.stats.add("system.work", lambda: dict(self._work), self._reset_work_stats)

@@ -150,6 +150,9 @@ class ExitProfile:
         if not self.wall_ns:
             self.wall_ns = _now() - self._t0
         cpus = self.machine.cpus
+        for c in cpus:
+            if not c.parallel:
+                c.fold_stats()
         st = [c.stats for c in cpus]
         exits = sum(s.vm_exits for s in st)
         fast = sum(s.fast_exits for s in st)

@@ -91,7 +91,8 @@ int kvmfw_run_fast(int fd, uintptr_t run, uint32_t run_size,
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
-    struct kvmfw_fast_latch *latches;
+    struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
+    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks;
 };
 int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
 """
@@ -336,18 +337,39 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
     }
 }
 
-/* One vCPU's arguments in one struct: the run loop passes a single pointer (each Python
-   argument costs an attribute load per exit). n = 0: a plain KVM_RUN. */
+/* One vCPU's entry in one struct: the run loop passes a single pointer (each Python
+   argument or counter costs bytecodes on every exit). n = 0: a plain KVM_RUN. The clock
+   is read on both sides here; the time and exits are summed for Python to fold into the
+   stats (exits, ns, and with ticks_per_ns > 0, the monotonic clock being the cycle
+   source, cycles and simulated ticks); t1 is when KVM_RUN returned, entries never
+   resets. */
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
-    struct kvmfw_fast_latch *latches;
+    struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
+    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks;
 };
 
 static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
 {
-    return kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->pool, c->counts,
-                          c->latches, c->limit);
+    struct timespec a, b;
+    uint64_t before = c->counts[0];
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int r = kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->pool, c->counts,
+                           c->latches, c->limit);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    int64_t t0 = (int64_t)a.tv_sec * 1000000000LL + a.tv_nsec;
+    int64_t t1 = (int64_t)b.tv_sec * 1000000000LL + b.tv_nsec;
+    uint64_t n = 1 + (c->counts[0] - before), ns = (uint64_t)(t1 - t0);
+    c->t1 = t1;
+    c->entries += n;
+    c->exits += n;
+    c->ns += ns;
+    if (c->ticks_per_ns > 0) {
+        c->cycles += ns;
+        c->ticks += (uint64_t)((double)ns * c->ticks_per_ns);
+    }
+    return r;
 }
 """
 
