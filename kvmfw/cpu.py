@@ -155,6 +155,8 @@ class KvmCPU:
         self._wake = threading.Event()
         self.tick_event = Event(self.tick, f"cpu{self.id}.tick", PRIO_CPU_TICK)
         self._timer: RunTimer | None = None
+        self._armed_bound: int | None = None
+        self._armed_clock: Any = None
         self.cycle_source: CycleSource | None = None
         self.cycle_source_reason = ""
         self._dispatch: list[Any] = []
@@ -458,7 +460,9 @@ class KvmCPU:
                 elif not heap:
                     self._run_slice(None)
                 else:
-                    nxt = eq.next_tick()
+                    # eq.next_tick(), inlined for a live head (the common case)
+                    when, _, seq, ev = heap[0]
+                    nxt = when if ev._seq == seq and ev.when == when else eq.next_tick()
                     cur = eq.cur_tick
                     if nxt is None:
                         self._run_slice(None)
@@ -534,12 +538,15 @@ class KvmCPU:
                 timer.disarm()
         else:
             bound = eq.cur_tick + ticks
-            if timer is not None:
-                # the host instant that maps to the bounding event, from the run's fixed
-                # clock base: the same event gives the same deadline, so the timer is armed
-                # once per event rather than on every exit
-                host0, tick0, per_ns = self.machine._clock
+            # the host instant that maps to the bounding event, from the run's fixed clock
+            # base: the same event gives the same deadline, so the timer is armed once per
+            # event (and its deadline computed once) rather than on every exit
+            if timer is not None and (bound != self._armed_bound or timer.deadline_ns is None
+                                      or self._armed_clock is not self.machine._clock):
+                clock = self._armed_clock = self.machine._clock
+                host0, tick0, per_ns = clock
                 timer.arm_at(host0 - int((tick0 - bound) // per_ns))
+                self._armed_bound = bound
         if self._fast_table is not self._bus.fast:
             self._refresh_fast()
         src = self._cycles
