@@ -260,7 +260,9 @@ class KvmCPU:
             st.host_ns_in_kvm += c.ns
             st.cycles += c.cycles
             st.ticks_in_kvm += c.ticks
-            c.exits = c.ns = c.cycles = c.ticks = 0
+            st.io += c.io
+            st.mmio += c.mmio
+            c.exits = c.ns = c.cycles = c.ticks = c.io = c.mmio = 0
 
     def reset_stats(self) -> None:
         """Zero the stats (and the counts not yet folded into them)."""
@@ -809,7 +811,7 @@ class KvmCPU:
         self.status = RUNNING
 
     def _exit_io(self) -> None:
-        self.stats.io += 1
+        # (counted by the C entry: stats.io)
         io = _new_tuple(IoExit, _unpack_io(self._map, RUN_PAYLOAD))
         fn = self._handle_exit_io
         if fn is None or fn(self, io) is None:
@@ -822,14 +824,14 @@ class KvmCPU:
             self.status = RUNNING_SERVICE_COMPLETION
 
     def _exit_mmio(self) -> None:
-        self.stats.mmio += 1
+        # (counted by the C entry: stats.mmio)
         mm = self._map
         addr, data, length, is_write = _unpack_mmio(mm, RUN_PAYLOAD)
         if self._finalize_mmio is not None and self.mmio_remap:
             new = self._finalize_mmio(self, addr)
             if new is not None:
                 addr = new
-        mmio = self.machine.bus.mmio
+        mmio = self._bus.mmio
         if length > 8:  # the kernel's field is 8 bytes: a larger length is a corrupt exit
             raise self._error(UnhandledExitError, ExitReason.MMIO,
                               f"MMIO exit with length {length} (> 8)", address=addr)

@@ -92,7 +92,7 @@ struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
-    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks;
+    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
 };
 int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
 """
@@ -341,13 +341,13 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
    argument or counter costs bytecodes on every exit). n = 0: a plain KVM_RUN. The clock
    is read on both sides here; the time and exits are summed for Python to fold into the
    stats (exits, ns, and with ticks_per_ns > 0, the monotonic clock being the cycle
-   source, cycles and simulated ticks); t1 is when KVM_RUN returned, entries never
-   resets. */
+   source, cycles and simulated ticks), and the IO and MMIO exits left for Python; t1 is
+   when KVM_RUN returned, entries never resets. */
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
-    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks;
+    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
 };
 
 static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
@@ -368,6 +368,13 @@ static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
     if (c->ticks_per_ns > 0) {
         c->cycles += ns;
         c->ticks += (uint64_t)((double)ns * c->ticks_per_ns);
+    }
+    if (r >= 0) {
+        uint32_t reason = ((struct kvm_run *)c->run)->exit_reason;
+        if (reason == KVM_EXIT_IO)
+            c->io++;
+        else if (reason == KVM_EXIT_MMIO)
+            c->mmio++;
     }
     return r;
 }
