@@ -231,3 +231,27 @@ def test_fast_ranges_are_checked(make_machine) -> None:
         m.bus.pio.add_fast(FastRange("pio", 0x11, 1, constant=b"\x00"))
     m.bus.pio.unregister(0x10)  # the device goes, and its fast ranges with it
     assert m.bus.pio.fast_ranges() == []
+
+
+def test_stats_read_during_a_run_include_the_counts_kept_in_c(make_machine) -> None:
+    """The C entry counts exits and time; a stats dump from a device mid-run (a guest's
+    pseudo-op dump) must see them, and a reset must not leave old counts behind."""
+    m, _arch, _rec = make_machine(PIO)
+    m.bus.pio.unregister(0x10)
+    seen: list[dict[str, int]] = []
+
+    class Dumper(Regs):
+        def write(self, offset: int, data: bytes) -> None:
+            if offset == 2:  # the 5th exit: the word write
+                seen.append(dict(m.stats.snapshot()["system.cpu0"]))
+                m.stats.reset()
+            super().write(offset, data)
+
+    m.map_device(Range("pio", 0x10, 4, "regs"), Dumper(m))
+    m.run(timeout=20)
+    assert seen[0]["vm_exits"] == 5 and seen[0]["io"] == 5
+    assert seen[0]["host_ns_in_kvm"] > 0
+    s = m.cpus[0].stats
+    assert (s.vm_exits, s.io) == (1, 1)  # the exit write after the reset
+    runs = m.cpus[0].runs
+    assert runs >= 6  # never reset: every entry counts
