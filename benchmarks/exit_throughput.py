@@ -46,8 +46,11 @@ def build_c(tmp: Path) -> Path:
 
 
 def c_loop(exe: Path, kind: str, n: int) -> float:
+    u0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     out = subprocess.run([str(exe), str(GUEST), kind, str(n)], check=True,
                          capture_output=True, text=True).stdout.split()
+    USER_NS.setdefault("C loop", []).append(
+        (resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - u0) * 1e9 / int(out[0]))
     return int(out[1]) / int(out[0])
 
 
@@ -128,6 +131,7 @@ def python_loop(kind: str, n: int) -> float:
         run, view, fd, kvm_run = vcpu.run, vcpu.run_view, vcpu.fd, lib.kvmfw_run
         sink = bytearray(64)
         exits = 0
+        u0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
         t0 = time.perf_counter_ns()
         while True:
             if kvm_run(fd) < 0:
@@ -143,7 +147,10 @@ def python_loop(kind: str, n: int) -> float:
                 sink[exits & 63] = view[40]
             else:
                 raise RuntimeError(f"unexpected exit {reason}")
-        return (time.perf_counter_ns() - t0) / exits
+        ns = (time.perf_counter_ns() - t0) / exits
+        USER_NS.setdefault("raw Python loop", []).append(
+            (resource.getrusage(resource.RUSAGE_SELF).ru_utime - u0) * 1e9 / exits)
+        return ns
 
 
 def qemu_loop(kind: str, n: int, tmp: Path) -> float | None:
