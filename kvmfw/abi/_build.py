@@ -285,7 +285,8 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
             if (run->io.count != 1)
                 return (int)done;  /* string IO: Python checks and loops */
             len = run->io.size;
-            if (run->io.data_offset > run_size || len > run_size - run->io.data_offset)
+            if (len > 8 || run->io.data_offset > run_size
+                    || len > run_size - run->io.data_offset)
                 return (int)done;  /* inconsistent: Python reports it */
             addr = run->io.port;
             data = (uint8_t *)run + run->io.data_offset;
