@@ -16,7 +16,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kvmfw.errors import (
     BusError,
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from kvmfw.fastpath import FastRange, FastTable
 
 log = logging.getLogger("kvmfw.bus")
-_MISS: Any = object()
 
 
 class PendingAccess:
@@ -220,9 +219,7 @@ class AddressSpace:
 
     def read_or_pending(self, addr: int, size: int) -> Answer:
         """:meth:`read` for the vCPU's MMIO exit: may return a :class:`PendingAccess`."""
-        m = self._cache.get(addr, _MISS)
-        if m is _MISS:  # (an unclaimed address is cached as None: one lookup, not two)
-            m = self.lookup(addr)
+        m = self._cache.get(addr) or self.lookup(addr)
         if m is None or addr + size > m.end:
             return self._unclaimed(addr, size, None)
         try:
@@ -250,9 +247,7 @@ class AddressSpace:
 
     def write(self, addr: int, data: bytes) -> PendingAccess | None:
         """Write ``data``; returns a :class:`PendingAccess` if the device completes later."""
-        m = self._cache.get(addr, _MISS)
-        if m is _MISS:  # (an unclaimed address is cached as None: one lookup, not two)
-            m = self.lookup(addr)
+        m = self._cache.get(addr) or self.lookup(addr)
         if m is None or addr + len(data) > m.end:
             self._unclaimed(addr, len(data), data)
             return None
