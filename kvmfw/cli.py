@@ -414,6 +414,9 @@ class _Signals:
               help="Continue the guest saved in checkpoint DIR (machine, devices and guest "
               "come from it; host options such as --console, --timeout, --stats and "
               "--checkpoint-dir may be given anew).")
+@click.option("--profile", is_flag=True, default=None,
+              help="At the end, a table of exits by reason and device with their host time, "
+                   "sync and timer costs, and the busiest ports and addresses (stderr).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits.
@@ -516,6 +519,12 @@ def _run(cfg: dict[str, Any]) -> int:
             watchdog = sigs.watchdog = _Watchdog(terminal, cfg.get("timeout"))
             sigs.arm(machine)
             _arm_checkpoints(machine, cfg, sigs)
+            profile = None
+            if cfg.get("profile"):
+                from kvmfw.profile import ExitProfile
+
+                profile = ExitProfile(machine)
+                profile.install()
             t0 = time.monotonic()
             try:
                 result = machine.run(timeout=cfg.get("timeout"),
@@ -555,6 +564,9 @@ def _run(cfg: dict[str, Any]) -> int:
             if not cfg.get("no_summary"):
                 for path in machine.checkpoints_taken:
                     _echo_err(f"checkpoint: {path}")
+            if profile is not None:
+                profile.stop()
+                _echo_err(profile.report())
             if console.error is not None:
                 _echo_err(f"warning: console output to {console_spec} failed: "
                           f"{console.error}; the guest's output after that was lost")

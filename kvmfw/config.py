@@ -61,6 +61,7 @@ CORE_OPTIONS: dict[str, OptionSpec] = {
     "fw_cfg": None, "pseudo_op_dir": None, "reboot": bool, "reboot_limit": None,
     "max_cpus": None,  # fw_cfg's FW_CFG_MAX_CPUS
     "board": None,  # a kvmfw.boards entry point instead of the arch's default board
+    "fastpath": bool,  # the compiled exit path (kvmfw.fastpath); off: every exit to Python
 }
 """Options the core and every board read (``reboot``: :meth:`Machine.request_reset`)."""
 
@@ -250,13 +251,13 @@ RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus"
             "always_sync", "no_summary", "no_default_devices", "no_reboot", "host_factor",
             "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait",
             "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
-            "checkpoint_incremental", "restore")
+            "checkpoint_incremental", "restore", "profile")
 """Every key of ``kvmfw run``: a command-line option each, and a TOML key each."""
 
 RESTORE_KEYS = ("restore", "console", "stats", "debug_flags", "timeout", "max_ticks",
                 "no_summary", "pseudo_op_dir", "gdb", "gdb_default", "gdb_wait",
                 "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
-                "checkpoint_incremental")
+                "checkpoint_incremental", "profile")
 """The keys ``--restore`` may be given with: host-side ones. The machine, its devices and
 the guest come from the checkpoint."""
 CHECKPOINT_SIGNALS = ("SIGUSR1", "SIGUSR2")

@@ -213,6 +213,11 @@ class Device:
         """The address ranges this device occupies."""
         return []
 
+    def fast_ranges(self) -> list[Any]:
+        """Registers answered without Python (:class:`kvmfw.fastpath.FastRange`: sinks,
+        constant reads, coalescible writes), inside this device's ranges; none by default."""
+        return []
+
     def read(self, offset: int, size: int) -> bytes:
         self.stats["bad_accesses"] += 1
         return b"\xff" * size

@@ -264,7 +264,7 @@ class Machine:
                          host_factor=cfg.host_factor, use_coalesced_mmio=cfg.use_coalesced_mmio)
             self.cpus.append(cpu)
             cpu.startup()
-            self.stats.add(f"system.cpu{cpu.id}", cpu.stats.as_dict, cpu.stats.reset)
+            self.stats.add(f"system.cpu{cpu.id}", cpu.stats_dict, cpu.reset_stats)
         self.stats.add("system", self._system_stats, None)
         self.stats.add("system.bus", self._bus_stats, self._reset_bus_stats)
         self.stats.add("system.work", lambda: dict(self._work), self._reset_work_stats)
@@ -374,6 +374,8 @@ class Machine:
         for r in device.ranges():
             self.bus.space(r.space).register(r.base, r.size, r.handler or device,
                                              r.name or device.name)
+        for fr in device.fast_ranges():  # the compiled exit path (kvmfw.fastpath)
+            self.bus.space(fr.space).add_fast(fr)
         self.devices.append(device)
         self.pm.register(device, name=label)
         for cpu in self.cpus:  # a device's pre_run/post_run take part from the next entry

@@ -36,7 +36,7 @@ from kvmfw_x86.abi import X, addr, ffi, lib
 from kvmfw_x86.context import CpuInfo, X86Context
 from kvmfw_x86.interrupts import UserspaceInterrupts
 from kvmfw_x86.lapic import LAPIC_ADDR, LAPIC_SIZE, UserspaceLapics, per_cpu_address
-from kvmfw_x86.pio import PortIo
+from kvmfw_x86.pio import PCI_ADDR_PORT, PortIo
 
 log = logging.getLogger("kvmfw.x86")
 
@@ -67,8 +67,12 @@ class X86Machine:
         self.pio = PortIo(machine)
         self.interrupts = UserspaceInterrupts(machine)
         self.lapics: UserspaceLapics | None = None
+        # what handle_exit_io and finalize_mmio_address answer before the bus: never taken
+        # for unclaimed by the compiled exit path (kvmfw.fastpath)
+        machine.bus.pio.reserve(PCI_ADDR_PORT, 8, "pci-config")
         if self.irqchip == "userspace":
             self.lapics = UserspaceLapics(machine, self.interrupts, machine.config.cpus)
+            machine.bus.mmio.reserve(LAPIC_ADDR, LAPIC_SIZE, "local-apic")
         self._cpuid: list[cpuid_mod.CpuidEntry] | None = None
         self._info: CpuInfo | None = None
         self.tsc_khz = 0
@@ -257,6 +261,10 @@ class X86Plugin:
             cpu.start_active = True
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
+        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
+        cpu.x86_port_io = st.pio.handle
+        cpu.mmio_remap = st.lapics is not None
 
     @hookimpl
     def create_thread_context(self, cpu: Any) -> X86Context:
@@ -280,7 +288,8 @@ class X86Plugin:
 
     @hookimpl
     def handle_exit_io(self, cpu: Any, io: Any) -> bool:
-        return self.state(cpu.machine).pio.handle(cpu, io)
+        handle = getattr(cpu, "x86_port_io", None) or self.state(cpu.machine).pio.handle
+        return handle(cpu, io)  # type: ignore[no-any-return]
 
     @hookimpl
     def finalize_mmio_address(self, cpu: Any, address: int) -> int | None:
@@ -320,6 +329,10 @@ class X86Plugin:
         st = self.state(cpu.machine)
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
+        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
+        cpu.x86_port_io = st.pio.handle
+        cpu.mmio_remap = st.lapics is not None
         khz = st.tsc_khz
         return CycleSource("tsc", lib.kvmfw_x86_rdtsc, khz * 1000.0,
                            note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall; "
