@@ -695,6 +695,12 @@ class KvmCPU:
         self._use_coalesced_mmio = on
         self._update_extras()
 
+    def set_fastpath(self, on: bool) -> None:
+        """Switch the compiled exit path on or off from the next entry (a tool that must
+        see every access, such as :func:`kvmfw.testing.trace`, switches it off)."""
+        self.fastpath = on
+        self._fast_table = _STALE
+
     def _refresh_fast(self) -> None:
         """Point the compiled path at the bus's current table (built now if needed), or
         switch it off (``fastpath=off``, tracing, ``always_sync``)."""
