@@ -21,6 +21,9 @@
 #   KVMFW_ARM64_CACHE    cache dir                      KVMFW_ARM64_TIMEOUT  qemu timeout (s, 480)
 #   KVMFW_ARM64_SMP      guest CPUs (2)                 KVMFW_ARM64_MEM      guest MiB (2048)
 #   KVMFW_ARM64_REBUILD=1  rebuild the root file system
+#   KVMFW_ARM64_ICOUNT   QEMU -icount shift (e.g. 0): the emulated PMU then counts retired
+#                        instructions (QEMU's TCG PMU has no INST_RETIRED without it);
+#                        single-threaded TCG, slower
 #   KVMFW_ARM64_GIC      the emulated host's GIC: 3 (default) or 2 (GICv2 with virtualization
 #                        extensions: KVM's vGICv2; the tests then build gic=v2 machines)
 set -euo pipefail
@@ -31,6 +34,7 @@ TIMEOUT=${KVMFW_ARM64_TIMEOUT:-480}
 SMP=${KVMFW_ARM64_SMP:-2}
 MEM=${KVMFW_ARM64_MEM:-2048}
 GIC=${KVMFW_ARM64_GIC:-3}
+ICOUNT=${KVMFW_ARM64_ICOUNT:-}
 SUITE=bookworm
 export DEBIAN_FRONTEND=noninteractive
 
@@ -131,6 +135,7 @@ say "booting $KVER under qemu-system-aarch64 (TCG, GICv$GIC, smp=$SMP, ${MEM} Mi
 set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-aarch64 \
     -M virt,virtualization=on,gic-version="$GIC" -cpu max,pauth=off -smp "$SMP" -m "$MEM" \
+    ${ICOUNT:+-icount shift=$ICOUNT} \
     -nographic -no-reboot -monitor none -serial stdio -nic none \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyAMA0 loglevel=3 panic=-1" \
