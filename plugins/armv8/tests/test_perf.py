@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,9 +20,22 @@ INSN_ERROR = 64
 PMU is enabled around guest entry by the host kernel; no guest code runs outside the loop
 besides its 3 bracketing instructions, so any count beyond a few is a counting fault)."""
 STOP_AT = 1_000_000
-STOP_OVERSHOOT = 200_000
-"""Largest overshoot accepted for a stop at STOP_AT: the overflow interrupt's skid plus the
-signal's way to the vCPU thread (measured figures are printed by the test)."""
+STOP_OVERSHOOT_HW = 10_000
+"""Largest overshoot accepted on a hardware PMU: the overflow interrupt's skid plus the
+signal's way to the vCPU thread, both short of a guest exit."""
+STOP_OVERSHOOT_QEMU = 12_000_000
+"""Largest overshoot accepted under QEMU's emulated PMU (``-icount``, MIDR implementer 0):
+it raises the overflow interrupt only at the emulated host's next PMU-visible event, up to a
+host-kernel tick later (HZ=250: 4 ms = 4M instructions at shift 0); measured 2.26M at 1M."""
+
+
+def _overshoot_bound() -> int:
+    try:
+        midr = int(Path("/sys/devices/system/cpu/cpu0/regs/identification/midr_el1")
+                   .read_text(), 16)
+    except (OSError, ValueError):
+        return STOP_OVERSHOOT_QEMU
+    return STOP_OVERSHOOT_QEMU if midr >> 24 == 0 else STOP_OVERSHOOT_HW
 
 
 def test_instruction_attr_layout() -> None:
@@ -116,7 +130,7 @@ def test_instruction_stop_by_perf_overflow(build: Any) -> None:
     stop = plugin.set_inst_stop(m.cpus[0], STOP_AT)
     res = m.run(timeout=120)
     assert res.reason == "instruction stop", res.reason
-    assert stop.overshoot is not None and 0 <= stop.overshoot <= STOP_OVERSHOOT
+    assert stop.overshoot is not None and 0 <= stop.overshoot <= _overshoot_bound()
     x0 = m.cpus[0].get_context(SyncLevel.RUNTIME).x[0]
     iterations = (1 << 64) - 1 - x0
     assert abs(2 * iterations + 4 - stop.stopped_at) <= INSN_ERROR
