@@ -700,3 +700,47 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
 def board_len_2m() -> int:
     """Room reserved at the top of RAM for the device tree."""
     return loader.SZ_2M
+
+
+# --- GDB stub (kvmfw.gdb; the implementations are in kvmfw_armv8.gdb) -------------------------
+
+@hookimpl
+def gdb_target(cpu: KvmCPU) -> Any:
+    from kvmfw_armv8 import gdb
+
+    return gdb.target(cpu)
+
+
+@hookimpl
+def gdb_read_registers(cpu: KvmCPU) -> list[bytes]:
+    from kvmfw_armv8 import gdb
+
+    return gdb.read_registers(cpu)
+
+
+@hookimpl
+def gdb_write_register(cpu: KvmCPU, regnum: int, value: bytes) -> bool:
+    from kvmfw_armv8 import gdb
+
+    return gdb.write_register(cpu, regnum, value)
+
+
+@hookimpl
+def gdb_set_guest_debug(cpu: KvmCPU, step: bool, breakpoints: list[Any]) -> bool:
+    from kvmfw_armv8 import gdb
+
+    return gdb.set_guest_debug(cpu, step, breakpoints)
+
+
+@hookimpl
+def gdb_translate(cpu: KvmCPU, vaddr: int) -> int | None:
+    from kvmfw_armv8 import gdb
+
+    return gdb.translate(cpu, vaddr)
+
+
+@hookimpl
+def gdb_debug_exit(cpu: KvmCPU) -> Any:
+    from kvmfw_armv8 import gdb
+
+    return gdb.debug_exit(cpu)
