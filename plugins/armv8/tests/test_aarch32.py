@@ -5,6 +5,7 @@ through save/restore. Where the host CPU has no AArch32 EL1 the refusal is what 
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -249,3 +250,19 @@ def test_a32_state_round_trips_through_save_restore(build: Any) -> None:
     assert res.status == 0, f"{res.reason}; {_reports(dev2)}\n{m2.cpus[0].dump_state()}"
     assert dev2.results == [guests.A32_STATE_OK], _reports(dev2)
     assert dev2.irqs == [32 + guests.TEST_SPI, 27]
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm")
+def test_host_support_asks_kvm_and_states_the_cpu_requirement() -> None:
+    """The capability check is KVM's answer (any host's /dev/kvm): where it is 0 (x86, or
+    an AArch64-only arm64 CPU) the reason names what the host CPU must offer."""
+    import platform
+
+    from kvmfw.kvm import Kvm
+
+    with Kvm() as kvm:
+        ok, why = aarch32.host_support(kvm)
+    if platform.machine() == "x86_64":
+        assert not ok
+    if not ok:
+        assert "KVM_CAP_ARM_EL1_32BIT" in why and "AArch32 at EL1" in why
