@@ -29,6 +29,7 @@ from kvmfw.abi import IOCTLS, address_of, ffi
 from kvmfw.gdb import BreakKind, Breakpoint, Feature, GdbError, GdbTarget, GdbUnsupported, Reg, Stop
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.vcpu import RUN_PAYLOAD
+from kvmfw_armv8 import aarch32
 from kvmfw_armv8.context import ArmV8Context
 
 GUESTDBG_ENABLE = 0x1
@@ -41,6 +42,9 @@ MAX_DBG = 16
 _GUEST_DEBUG = struct.Struct("<II64Q")  # control, pad, bcr[16], bvr[16], wcr[16], wvr[16]
 _DEBUG_EXIT = struct.Struct("<IIQ")     # hsr, hsr_high, far
 BRK0 = 0xD4200000
+BKPT_A32 = 0xE1200070   # BKPT #0 (A32)
+BKPT_T16 = 0xBE00       # BKPT #0 (T32)
+EC_BKPT32 = 0x38
 EC_HW_BP = (0x30, 0x31)
 EC_STEP = (0x32, 0x33)
 EC_WATCH = (0x34, 0x35)
@@ -76,6 +80,18 @@ _VTYPES = """<vector id="v2d" type="ieee_double" count="2"/>
 <field name="h" type="vnh"/><field name="b" type="vnb"/><field name="q" type="vnq"/></union>"""
 
 
+def _arm_features() -> tuple[Feature, ...]:
+    """GDB's 32-bit ARM description (an el1_32bit vCPU in AArch32 state)."""
+    core = Feature("org.gnu.gdb.arm.core",
+                   tuple(Reg(f"r{i}", 32, "uint32") for i in range(13))
+                   + (Reg("sp", 32, "data_ptr"), Reg("lr", 32, "int"),
+                      Reg("pc", 32, "code_ptr"), Reg("cpsr", 32, "int")))
+    vfp = Feature("org.gnu.gdb.arm.vfp",
+                  tuple(Reg(f"d{i}", 64, "ieee_double", "float") for i in range(32))
+                  + (Reg("fpscr", 32, "int", "float"),))
+    return core, vfp
+
+
 def _features() -> tuple[Feature, ...]:
     core = Feature("org.gnu.gdb.aarch64.core",
                    tuple(Reg(f"x{i}", 64, "int") for i in range(29))
@@ -108,10 +124,16 @@ def target(cpu: Any) -> GdbTarget:
     t = _targets.get(cpu.machine)
     if t is None:
         bps, wps = _limits(cpu)
-        notes = (f"{bps} hardware breakpoints and {wps} watchpoints "
+        notes: tuple[str, ...] = (f"{bps} hardware breakpoints and {wps} watchpoints "
                  "(KVM_CAP_GUEST_DEBUG_HW_BPS/WPS); software breakpoints are BRK #0 in guest "
                  "memory",)
-        t = GdbTarget("aarch64", _features(), notes)
+        ctx: ArmV8Context = cpu.get_context(SyncLevel.RUNTIME)
+        if aarch32.is_aarch32(ctx):
+            notes += ("AArch32 vCPU: GDB's arm description; virtual addresses are physical "
+                      "only with the MMU off (short/long-descriptor walks not done)",)
+            t = GdbTarget("arm", _arm_features(), notes)
+        else:
+            t = GdbTarget("aarch64", _features(), notes)
         _targets[cpu.machine] = t
     return t
 
@@ -141,8 +163,21 @@ def _read(ctx: ArmV8Context, name: str) -> int:
         return 0  # not in this KVM's register list
 
 
+def _a32_read(ctx: ArmV8Context, name: str) -> int:
+    v = aarch32.A32View(ctx)
+    if name[0] == "r" and name[1:].isdigit():
+        return v.r(int(name[1:]))
+    if name[0] == "d" and name[1:].isdigit():
+        return v.d(int(name[1:]))
+    return {"sp": lambda: v.r(13), "lr": lambda: v.r(14), "pc": lambda: v.pc,
+            "cpsr": lambda: v.cpsr, "fpscr": lambda: v.fpscr}[name]()
+
+
 def read_registers(cpu: Any) -> list[bytes]:
     ctx: ArmV8Context = cpu.get_context(SyncLevel.FULL)
+    t = target(cpu)
+    if t.architecture == "arm":
+        return [_a32_read(ctx, r.name).to_bytes(r.bits // 8, "little") for r in t.registers]
     return [(_read(ctx, r.name) & ((1 << r.bits) - 1)).to_bytes(r.bits // 8, "little")
             for r in target(cpu).registers]
 
@@ -154,6 +189,20 @@ def write_register(cpu: Any, regnum: int, value: bytes) -> bool:
     name = names[regnum].name
     ctx: ArmV8Context = cpu.get_context(SyncLevel.FULL)
     v = int.from_bytes(value, "little")
+    if target(cpu).architecture == "arm":
+        view = aarch32.A32View(ctx)
+        num = {"sp": 13, "lr": 14, "pc": 15}.get(name)
+        if num is not None or (name[0] == "r" and name[1:].isdigit()):
+            view.set_r(num if num is not None else int(name[1:]), v)
+        elif name[0] == "d" and name[1:].isdigit():
+            view.set_d(int(name[1:]), v)
+        elif name == "cpsr":
+            view.cpsr = v
+        elif name == "fpscr":
+            view.fpscr = v
+        else:
+            return False
+        return True
     if name[0] == "x" and name[1:].isdigit():
         ctx.x[int(name[1:])] = v
     elif name[0] == "v" and name[1:].isdigit():
@@ -239,20 +288,25 @@ def _sync_brk(cpu: Any, sw: list[Breakpoint]) -> None:
             pa, orig = inserted.pop(va)
             if mem.contains(pa):
                 mem.write(pa, orig)
+    a32 = target(cpu).architecture == "arm"
+    kinds = {b.address: b.length for b in sw}
     for va in want - set(inserted):
-        if va & 3:
-            raise GdbError(f"an A64 breakpoint address must be 4-byte aligned, not {va:#x}")
+        size = kinds[va] if a32 and kinds[va] == 2 else 4
+        if va % size:
+            raise GdbError(f"a breakpoint address must be {size}-byte aligned, not {va:#x}")
         where = translate(cpu, va)
         if where is None or not mem.contains(where):
             raise GdbError(f"cannot insert a breakpoint at {va:#x}: not mapped to RAM")
-        inserted[va] = (where, mem.read(where, 4))
-        mem.write(where, BRK0.to_bytes(4, "little"))
+        inserted[va] = (where, mem.read(where, size))
+        insn = (BKPT_T16.to_bytes(2, "little") if size == 2 else
+                (BKPT_A32 if a32 else BRK0).to_bytes(4, "little"))
+        mem.write(where, insn)
 
 
 def debug_exit(cpu: Any) -> Stop:
     hsr, _high, far = _DEBUG_EXIT.unpack_from(cpu.vcpu.run_map, RUN_PAYLOAD)
     ec = hsr >> 26
-    if ec == EC_BRK64:
+    if ec in (EC_BRK64, EC_BKPT32):
         return Stop("swbreak")  # kvmfw's BRK, or the guest's own (GDB then shows SIGTRAP)
     if ec in EC_STEP:
         return Stop("step")
@@ -281,6 +335,8 @@ def translate(cpu: Any, vaddr: int) -> int | None:
     vaddr &= _MASK64
     if not sctlr & 1:
         return vaddr
+    if aarch32.is_aarch32(ctx):
+        return None  # AArch32 translation tables: not walked here
     upper = bool(vaddr >> 63)
     tsz = (tcr >> 16) & 0x3F if upper else tcr & 0x3F
     tg = (tcr >> 30) & 3 if upper else (tcr >> 14) & 3

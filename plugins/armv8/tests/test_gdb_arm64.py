@@ -48,10 +48,11 @@ def test_watchpoint_encoding() -> None:
 
 
 class Run:
-    def __init__(self) -> None:
+    def __init__(self, image: list[str] | None = None) -> None:
+        image = image or ["--kernel", str(guests.PERFGUEST_BIN)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvmfw.cli", "run", "--kernel", str(guests.PERFGUEST_BIN),
-             "--console", "none", "--gdb", "tcp::0", "-S", "--timeout", "300"],
+            [sys.executable, "-m", "kvmfw.cli", "run", *image, "--console", "none",
+             "--gdb", "tcp::0", "-S", "--timeout", "300"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, cwd="/")
         self.head: list[str] = []
@@ -80,6 +81,7 @@ class Run:
 
 
 def _reg(c: Any, n: int) -> int:
+    """Register ``n`` through a ``p`` packet (little-endian, any width)."""
     return int.from_bytes(bytes.fromhex(c.cmd(b"p%x" % n).decode()), "little")
 
 
@@ -141,3 +143,37 @@ def test_gdb_multiarch_batch_session() -> None:
         r.kill()
     assert f"= {LOOP:#x}" in text and f"= {LOOP + 4:#x}" in text, text
     assert re.search(r"^x30\s+0x", text, re.M) and re.search(r"^cpsr\s+0x", text, re.M), text
+
+
+def test_aarch32_description_is_gdbs_arm() -> None:
+    names = [r.name for r in gdb.GdbTarget("arm", gdb._arm_features()).registers]
+    assert names[:17] == [f"r{i}" for i in range(13)] + ["sp", "lr", "pc", "cpsr"]
+    assert names[17:49] == [f"d{i}" for i in range(32)] and names[49] == "fpscr"
+
+
+@pytest.mark.arm64_kvm
+def test_aarch32_guest_under_the_stub() -> None:
+    """An el1_32bit vCPU gets GDB's ``arm`` description: 32-bit registers from the AArch32
+    view, a hardware breakpoint (DBGBCR with the A32 byte select) and a single step."""
+    from kvmfw.gdb.client import GdbClient
+
+    r = Run(["--kernel", str(guests.A32GUEST_ELF), "--option", "arm_features=el1_32bit"])
+    try:
+        with GdbClient(r.port, timeout=TIMEOUT) as c:
+            c.cmd(b"qSupported:swbreak+;hwbreak+")
+            assert b"<architecture>arm</architecture>" in c.cmd(
+                b"qXfer:features:read:target.xml:0,ffff")
+            assert _reg(c, 15) == guests.LOAD_ADDR and _reg(c, 16) & 0x1F == 0x13  # svc
+            assert c.cmd(b"Z1,%x,4" % (guests.LOAD_ADDR + 8)) == b"OK"
+            stop = c.cmd(b"c")
+            assert stop.startswith(b"T05") and b"hwbreak" in stop, stop
+            assert _reg(c, 15) == guests.LOAD_ADDR + 8
+            assert _reg(c, 16) & 0x1F == 0x12  # cps #0x12 ran: IRQ mode
+            assert c.cmd(b"z1,%x,4" % (guests.LOAD_ADDR + 8)) == b"OK"
+            assert c.cmd(b"s").startswith(b"T05")
+            assert _reg(c, 15) == guests.LOAD_ADDR + 12
+            c.send(b"k")
+        _rc, err = r.finish()
+    finally:
+        r.kill()
+    assert "Traceback" not in err, err
