@@ -103,12 +103,13 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     from kvmfw.abi import constants
     from kvmfw.kvm import Kvm
     from kvmfw.plugins import host_arch
-    from kvmfw.timer import probe_perf
+    from kvmfw.timer import PERF_COUNT_HW_INSTRUCTIONS, probe_perf
 
     with Kvm(kvm_path) as kvm:
         caps = kvm.capabilities()
         limit, limit_why = vcpu_limit(kvm, host_arch())
         perf = probe_perf()
+        insns = probe_perf(PERF_COUNT_HW_INSTRUCTIONS)
         data: dict[str, Any] = {
             "kvm_path": kvm_path,
             "module": kvm.module,
@@ -123,7 +124,9 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
             "coalesced_mmio_page": kvm.coalesced_mmio_page,
             "host": {"arch": host_arch(), "machine": platform.machine(),
                      "kernel": platform.release()},
-            "perf": {"available": perf.available, "reason": perf.reason},
+            "perf": {"available": perf.available, "reason": perf.reason,
+                     "instructions": {"available": insns.available, "reason": insns.reason}},
+            "guest_features": guest_features(caps, host_arch()),
             "time_source": "perf hardware cycles" if perf.available else
             "architecture cycle source (e.g. x86 TSC) if the arch plugin offers one, "
             "else the monotonic clock",
@@ -141,11 +144,31 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     click.echo(f"{'host':<20} {h['arch']} ({h['machine']}, Linux {h['kernel']})")
     click.echo(f"{'perf':<20} {'available' if perf.available else 'unavailable'}: "
                f"{perf.reason}")
+    click.echo(f"{'perf instructions':<20} "
+               f"{'available' if insns.available else 'unavailable'}: {insns.reason}")
     click.echo(f"{'time source':<20} {data['time_source']}")
+    for name, (ok, why) in data["guest_features"].items():
+        click.echo(f"{name:<20} {'yes' if ok else 'no'}: {why}")
     supported = {k: v for k, v in caps.items() if v}
     click.echo(f"\ncapabilities: {len(supported)} of {len(caps)} supported")
     for name, value in caps.items():
         click.echo(f"  {name:<36} {value if value else 'no'}")
+
+
+def guest_features(caps: dict[str, int], arch: str) -> dict[str, tuple[bool, str]]:
+    """What the host's KVM offers guests beyond the basics, from the capabilities alone
+    (the core names no plugin): on arm64, 32-bit guests and the guest PMU."""
+    if arch not in ("armv8", "arm64", "aarch64"):
+        return {}
+    a32 = caps.get("ARM_EL1_32BIT", 0) > 0
+    pmu = caps.get("ARM_PMU_V3", 0) > 0
+    return {
+        "aarch32 guests": (a32, "KVM_CAP_ARM_EL1_32BIT: arm_features=el1_32bit runs ARMv7 "
+                           "guests" if a32 else "no KVM_CAP_ARM_EL1_32BIT: the host CPU has "
+                           "no AArch32 at EL1 (ID_AA64PFR0_EL1.EL1 != 2)"),
+        "guest pmu": (pmu, "KVM_CAP_ARM_PMU_V3: arm_features=pmu gives the guest a PMUv3"
+                      if pmu else "no KVM_CAP_ARM_PMU_V3"),
+    }
 
 
 # --- run -----------------------------------------------------------------------------
