@@ -1,4 +1,4 @@
-"""The ``kvmfw`` command: ``run``, ``list-plugins``, ``info``.
+"""The ``kvmfw`` command: ``run``, ``list-plugins``, ``info``, ``doctor``.
 
 Every error reaches the user as one line (``kvmfw: error: ...``) with a distinct exit
 status per cause, plus a register dump for guest errors; never a traceback (set
@@ -145,6 +145,26 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     click.echo(f"\ncapabilities: {len(supported)} of {len(caps)} supported")
     for name, value in caps.items():
         click.echo(f"  {name:<36} {value if value else 'no'}")
+
+
+# --- doctor ----------------------------------------------------------------------------
+
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--kvm", "kvm_path", default="/dev/kvm", show_default=True,
+              help="The KVM device to check.")
+def doctor_cmd(as_json: bool, kvm_path: str) -> None:
+    """Check the host: /dev/kvm, which KVM, capabilities, perf, build tools.
+
+    Each finding says what it costs and how to fix it. Exit status 0 when kvmfw can run
+    guests here, 3 (no usable /dev/kvm) when it cannot.
+    """
+    from kvmfw.doctor import HostPaths, diagnose, format_report
+
+    report = diagnose(HostPaths(kvm=kvm_path))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
+    if not report.usable:
+        sys.exit(3)
 
 
 # --- run -----------------------------------------------------------------------------
