@@ -54,8 +54,39 @@ def _echo_err(text: str) -> None:
         click.echo(f"kvmfw: {text}", err=True)
 
 
+def _version_text() -> str:
+    """kvmfw's version and every installed plugin distribution's (no plugin is imported)."""
+    import importlib.metadata
+
+    from kvmfw.plugins import GROUPS
+
+    lines = [f"kvmfw {__version__} (Python {platform.python_version()})"]
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for dist in importlib.metadata.distributions():
+        eps = [f"{ep.group.removeprefix('kvmfw.')} {ep.name}" for ep in dist.entry_points
+               if ep.group in GROUPS]
+        name = dist.metadata["Name"] or "?"
+        if eps and name not in seen:
+            seen[name] = (dist.version or "?", eps)
+    for name in sorted(seen):
+        version, eps = seen[name]
+        shown = ", ".join(eps[:4]) + (f", +{len(eps) - 4} more" if len(eps) > 4 else "")
+        lines.append(f"  {name} {version} ({shown})")
+    if not seen:
+        lines.append("  no plugins installed")
+    return "\n".join(lines)
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_text())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="kvmfw")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_show_version,
+              help="Show kvmfw's version and every installed plugin's, and exit.")
 def cli() -> None:
     """Run real guests on /dev/kvm with a run loop you can script in Python."""
 
