@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -80,6 +81,27 @@ def _diagnose_as_nobody(path: str) -> dict:
         out = f.read()
     os.waitpid(pid, 0)
     return json.loads(out)
+
+
+def test_unreadable_device_of_a_group(tmp_path: Path) -> None:
+    """0660 and owned by a group: the fix is joining that group."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a character device of another group")
+    d = Path(tempfile.mkdtemp(prefix="kvmfw-doctor-"))
+    try:
+        d.chmod(0o755)
+        path = d / "kvm"
+        os.mknod(path, 0o660 | stat.S_IFCHR, os.makedev(1, 3))
+        os.chown(path, 0, 6)  # a group nobody is not in
+        path.chmod(0o660)  # past the umask
+        group = grp.getgrgid(6).gr_name
+        data = _diagnose_as_nobody(str(path))
+    finally:
+        shutil.rmtree(d)
+    f = data["findings"][0]
+    assert data["usable"] is False and f["status"] == FAIL
+    assert f"join group '{group}'" in f["fix"] and f"usermod -aG {group}" in f["fix"]
+    assert f["data"]["group"] == group and f["data"]["mode"] == "0o660"
 
 
 def test_unreadable_device(tmp_path: Path) -> None:
