@@ -26,6 +26,10 @@ myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 
 
+# Format sketches in ```json blocks carry comments and "..." (the checkpoint manifest);
+# Pygments falls back to plain text for them, which is what they are.
+suppress_warnings = ["misc.highlighting_failure"]
+
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True}
