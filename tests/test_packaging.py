@@ -141,3 +141,22 @@ def test_readme_python_versions_are_the_matrix() -> None:
         assert env in envs or (minor == 11 and "core" in envs), env
     ci = (ROOT / ".ci/run").read_text()
     assert "--skip-missing-interpreters false" in ci or "skip_missing_interpreters=false" in ci
+
+
+@pytest.mark.parametrize("name", ["kvmfw-devices", "kvmfw-armv8"])
+def test_building_leaves_nothing_in_the_source_tree(tmp_path: Path, name: str) -> None:
+    """pip builds in the source tree; a build/ left there would put a stale copy of a
+    deleted module into the next wheel. (The pure-Python plugins: no compiler needed.)"""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("needs setuptools >= 77 (the SPDX license string)")
+    src = tmp_path / "src"
+    shutil.copytree(PACKAGES[name], src, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                        "--no-build-isolation", "-w", str(tmp_path / "out"), str(src)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((tmp_path / "out").glob("*.whl"))
+    left = sorted(p.name for p in src.iterdir() if p.name == "build" or p.suffix == ".egg-info")
+    assert not left, f"the build left {left} in the source tree"
