@@ -160,3 +160,58 @@ def test_building_leaves_nothing_in_the_source_tree(tmp_path: Path, name: str) -
     assert list((tmp_path / "out").glob("*.whl"))
     left = sorted(p.name for p in src.iterdir() if p.name == "build" or p.suffix == ".egg-info")
     assert not left, f"the build left {left} in the source tree"
+
+
+# --- the nested environments' host side (envs/host.sh) --------------------------------------
+
+ENV_SCRIPTS = [ROOT / "envs/host.sh", ROOT / "envs/x86-linux-kvm/run.sh",
+               ROOT / "plugins/armv8/env/run-arm64-kvm.sh"]
+
+
+def test_no_mirror_host_in_the_repository() -> None:
+    """The nested environments take their Debian mirror from the host's apt configuration."""
+    for script in ENV_SCRIPTS:
+        for n, line in enumerate(script.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
+            assert not re.search(r"https?://|deb\.debian\.org|ftp\.\w+\.debian", code), \
+                f"{script.relative_to(ROOT)}:{n}: {line.strip()}"
+    for script in ENV_SCRIPTS[1:]:
+        text = script.read_text()
+        assert 'host_mirror "$SUITE"' in text and "python3 -m pip download" not in text
+
+
+def _host_sh(cmd: str, env_path: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    full = {**os.environ, **env}
+    if env_path:
+        full["PATH"] = f"{env_path}:{full['PATH']}"
+    return subprocess.run(["bash", "-c", f'. "{ROOT}/envs/host.sh"; {cmd}'], capture_output=True,
+                          text=True, timeout=600, env=full)
+
+
+def test_host_mirror_follows_apt(tmp_path: Path) -> None:
+    r = _host_sh("host_mirror bookworm", KVMFW_DEBIAN_MIRROR="http://mirror.example/debian")
+    assert r.stdout.strip() == "http://mirror.example/debian"
+    if shutil.which("apt-get") is None:
+        pytest.skip("no apt on this host")
+    uris = subprocess.run(["apt-get", "indextargets", "--format", "$(REPO_URI)"],
+                          capture_output=True, text=True, timeout=120).stdout.split()
+    if not uris:
+        pytest.skip("apt knows no repository here")
+    r = _host_sh("host_mirror bookworm")
+    assert r.stdout.strip() in uris
+
+
+def test_host_pip_without_pip_in_python3(tmp_path: Path) -> None:
+    """A tox-uv venv has no pip: host_pip makes one once in the cache instead of failing
+    ("python3 -m pip is needed on the host")."""
+    venv = tmp_path / "nopip"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=300)
+    bindir = str(venv / "bin")
+    assert _host_sh("python3 -m pip --version", bindir).returncode != 0
+    r = _host_sh('host_pip "$CACHE" && "${HOST_PIP[@]}" --version', bindir,
+                 CACHE=str(tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "cache" / "host-pip") in r.stdout
