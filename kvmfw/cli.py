@@ -1,4 +1,4 @@
-"""The ``kvmfw`` command: ``run``, ``list-plugins``, ``info``.
+"""The ``kvmfw`` command: ``run``, ``list-plugins``, ``info``, ``doctor``.
 
 Every error reaches the user as one line (``kvmfw: error: ...``) with a distinct exit
 status per cause, plus a register dump for guest errors; never a traceback (set
@@ -55,8 +55,39 @@ def _echo_err(text: str) -> None:
         click.echo(f"kvmfw: {text}", err=True)
 
 
+def _version_text() -> str:
+    """kvmfw's version and every installed plugin distribution's (no plugin is imported)."""
+    import importlib.metadata
+
+    from kvmfw.plugins import GROUPS
+
+    lines = [f"kvmfw {__version__} (Python {platform.python_version()})"]
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for dist in importlib.metadata.distributions():
+        eps = [f"{ep.group.removeprefix('kvmfw.')} {ep.name}" for ep in dist.entry_points
+               if ep.group in GROUPS]
+        name = dist.metadata["Name"] or "?"
+        if eps and name not in seen:
+            seen[name] = (dist.version or "?", eps)
+    for name in sorted(seen):
+        version, eps = seen[name]
+        shown = ", ".join(eps[:4]) + (f", +{len(eps) - 4} more" if len(eps) > 4 else "")
+        lines.append(f"  {name} {version} ({shown})")
+    if not seen:
+        lines.append("  no plugins installed")
+    return "\n".join(lines)
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_text())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="kvmfw")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_show_version,
+              help="Show kvmfw's version and every installed plugin's, and exit.")
 def cli() -> None:
     """Run real guests on /dev/kvm with a run loop you can script in Python."""
 
@@ -169,6 +200,26 @@ def guest_features(caps: dict[str, int], arch: str) -> dict[str, tuple[bool, str
         "guest pmu": (pmu, "KVM_CAP_ARM_PMU_V3: arm_features=pmu gives the guest a PMUv3"
                       if pmu else "no KVM_CAP_ARM_PMU_V3"),
     }
+
+
+# --- doctor ----------------------------------------------------------------------------
+
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--kvm", "kvm_path", default="/dev/kvm", show_default=True,
+              help="The KVM device to check.")
+def doctor_cmd(as_json: bool, kvm_path: str) -> None:
+    """Check the host: /dev/kvm, which KVM, capabilities, perf, build tools.
+
+    Each finding says what it costs and how to fix it. Exit status 0 when kvmfw can run
+    guests here, 3 (no usable /dev/kvm) when it cannot.
+    """
+    from kvmfw.doctor import HostPaths, diagnose, format_report
+
+    report = diagnose(HostPaths(kvm=kvm_path))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
+    if not report.usable:
+        sys.exit(3)
 
 
 # --- run -----------------------------------------------------------------------------

@@ -15,6 +15,10 @@ POSIX timer aimed at one thread (``SIGEV_THREAD_ID``), and ``perf_event_open``.
 from cffi import FFI
 
 CDEF = r"""
+/* The kernel's own 64-bit type: `unsigned long long` on most ABIs, `unsigned long` where
+   asm/int-l64.h applies. An array field's pointer type must match it exactly, or compilers
+   where incompatible pointer types are errors (GCC 14) refuse cffi's field checks. */
+typedef int... __u64;
 struct kvm_userspace_memory_region {
     uint32_t slot; uint32_t flags; uint64_t guest_phys_addr; uint64_t memory_size;
     uint64_t userspace_addr; ...;
@@ -30,7 +34,7 @@ struct kvm_reg_list { uint64_t n; ...; };
 struct kvm_create_device { uint32_t type; uint32_t fd; uint32_t flags; ...; };
 struct kvm_device_attr { uint32_t flags; uint32_t group; uint64_t attr; uint64_t addr; ...; };
 struct kvm_signal_mask { uint32_t len; ...; };
-struct kvm_enable_cap { uint32_t cap; uint32_t flags; uint64_t args[4]; ...; };
+struct kvm_enable_cap { uint32_t cap; uint32_t flags; __u64 args[4]; ...; };
 struct kvm_dirty_log { uint32_t slot; void *dirty_bitmap; ...; };
 struct kvm_clear_dirty_log {
     uint32_t slot; uint32_t num_pages; uint64_t first_page; void *dirty_bitmap; ...;
@@ -101,7 +105,9 @@ int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
 """
 
 SOURCE = r"""
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>

@@ -30,6 +30,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
+# shellcheck source=../../envs/host.sh
+. "$REPO/envs/host.sh"
 CACHE=${KVMFW_ARM64_CACHE:-${HOME:-/root}/.cache/kvmfw-arm64}
 TIMEOUT=${KVMFW_ARM64_TIMEOUT:-900}
 SMP=${KVMFW_ARM64_SMP:-2}
@@ -69,7 +71,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
     || die "apt-get install ${need[*]} failed"
 fi
-python3 -m pip --version >/dev/null 2>&1 || die "python3 -m pip is needed on the host to fetch aarch64 wheels"
+# a pip for `pip download`: python3's own, or one made once in the cache (a tox-uv venv
+# has no pip)
+host_pip "$CACHE" || die "no pip for python3 on the host and none could be made (python3 -m venv, uv venv --seed): apt install python3-pip python3-venv"
 
 # --------------------------------------------------------------- guest root (cached)
 ROOT=$CACHE/rootfs
@@ -77,9 +81,8 @@ if [ "${KVMFW_ARM64_REBUILD:-0}" = 1 ] || [ "$(cat "$CACHE/rootfs.stamp" 2>/dev/
   say "building the arm64 root file system in $ROOT (one-off, a few minutes)"
   rm -rf "$ROOT" "$ROOT.tmp" "$CACHE/rootfs.stamp" "$CACHE/initramfs.cpio.gz" "$CACHE/build" \
     "$CACHE/wheels.stamp"  # the wheels are unpacked into the root: unpack them again
-  MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-  [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
+  MIRROR=$(host_mirror "$SUITE")
+  [ -n "$MIRROR" ] || die "the host's apt configuration names no Debian mirror (apt-get indextargets): add one to /etc/apt/sources.list.d/ or set KVMFW_DEBIAN_MIRROR"
   say "debootstrap --foreign arm64 $SUITE from $MIRROR"
   debootstrap --foreign --arch=arm64 --variant=minbase --include="$DEB_PKGS" \
       "$SUITE" "$ROOT.tmp" "$MIRROR" > "$CACHE/debootstrap.log" 2>&1 \
@@ -100,7 +103,7 @@ if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$WHEELS_VERSION" ]; then
   say "fetching aarch64/pure wheels from PyPI: $PY_PKGS"
   rm -rf "$CACHE/wheels" "$SITE" "$CACHE/wheels.stamp"
   # shellcheck disable=SC2086
-  python3 -m pip download -q --only-binary=:all: --platform manylinux2014_aarch64 \
+  "${HOST_PIP[@]}" download -q --only-binary=:all: --platform manylinux2014_aarch64 \
       --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \
       --python-version 3.11 --implementation cp -d "$CACHE/wheels" $PY_PKGS \
       2> "$CACHE/pip.log" || { tail -20 "$CACHE/pip.log" >&2; die "pip download of the aarch64 wheels failed"; }
