@@ -33,6 +33,17 @@ struct kvm_signal_mask { uint32_t len; ...; };
 struct kvm_enable_cap { uint32_t cap; uint32_t flags; uint64_t args[4]; ...; };
 struct kvm_dirty_log { uint32_t slot; ...; };
 struct kvm_guest_debug { uint32_t control; ...; };
+struct kvm_irq_routing_irqchip { uint32_t irqchip; uint32_t pin; };
+struct kvm_irq_routing_entry {
+    uint32_t gsi; uint32_t type; uint32_t flags;
+    union { struct kvm_irq_routing_irqchip irqchip; uint32_t pad[8]; } u;
+    ...;
+};
+struct kvm_irq_routing { uint32_t nr; uint32_t flags; ...; };
+struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; uint32_t resamplefd; ...; };
+struct kvm_ioeventfd {
+    uint64_t datamatch; uint64_t addr; uint32_t len; int32_t fd; uint32_t flags; ...;
+};
 
 struct kvm_run {
     uint8_t request_interrupt_window;

@@ -34,6 +34,10 @@ STRUCT_FIELDS = {
     "struct kvm_signal_mask": ["len"],
     "struct kvm_enable_cap": ["cap", "flags", "args"],
     "struct kvm_dirty_log": ["slot"],
+    "struct kvm_irq_routing": ["nr", "flags"],
+    "struct kvm_irq_routing_entry": ["gsi", "type", "flags", "u"],
+    "struct kvm_irqfd": ["fd", "gsi", "flags", "resamplefd"],
+    "struct kvm_ioeventfd": ["datamatch", "addr", "len", "fd", "flags"],
 }
 NESTED = {  # offsets inside the kvm_run exit union
     "io": ["direction", "size", "port", "count", "data_offset"],

@@ -32,6 +32,7 @@ from kvmfw.timer import CycleSource
 
 from kvmfw_x86 import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API
 from kvmfw_x86 import cpuid as cpuid_mod
+from kvmfw_x86 import irqrouting
 from kvmfw_x86.abi import X, addr, ffi, lib
 from kvmfw_x86.context import CpuInfo, X86Context
 from kvmfw_x86.interrupts import UserspaceInterrupts
@@ -192,6 +193,7 @@ class X86Plugin:
         vm.set_tss_addr(TSS_ADDR)
         if st.irqchip == "kernel":
             vm.create_irqchip()
+            irqrouting.install(machine)
             pit = ffi.new("struct kvm_pit_config *")
             pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
             from kvmfw.abi import ioctl
