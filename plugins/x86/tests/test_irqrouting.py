@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import requires_kvm
 from kvmfw.vm import IRQCHIP_IOAPIC, IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE
 
 from kvmfw_x86 import irqrouting, loaders
-
-from conftest import requires_kvm
 
 GUESTS = Path(__file__).parent / "guests"
 
