@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmfw.abi import ioctl
+from kvmfw.abi import Cap, ioctl
 from kvmfw.errors import ConfigError, KvmError
 
 from kvmfw_x86.abi import X, addr, ffi
@@ -77,14 +77,23 @@ NEEDS_X2APIC_API = ("kvm_msi_ext_dest_id",)
 """Needs ``KVM_CAP_X2APIC_API``, which kvmfw does not enable (QEMU sets it only then)."""
 
 
-def paravirt(entries: list[CpuidEntry], kernel_irqchip: bool = True) -> list[CpuidEntry]:
-    """What QEMU gives a KVM guest on top of the supported table: the hypervisor bit, and
-    KVM's PV feature leaf without what this machine cannot serve. Linux then uses kvmclock,
-    PV EOI, PV spinlocks (unhalt), PV TLB flush, PV IPIs, steal time... as KVM offers."""
+def paravirt(entries: list[CpuidEntry], kernel_irqchip: bool = True,
+             tsc_deadline: bool = False) -> list[CpuidEntry]:
+    """What QEMU (``kvm_arch_get_supported_cpuid``) gives a KVM guest on top of the
+    supported table: the hypervisor bit; the TSC-deadline timer, which KVM emulates in its
+    local APIC but does not list (``tsc_deadline``: ``KVM_CAP_TSC_DEADLINE_TIMER``; else
+    Linux calibrates and runs the APIC timer in one-shot mode); no x2APIC without the
+    in-kernel LAPIC (kvmfw's userspace LAPIC is MMIO only); and KVM's PV feature leaf
+    without what this machine cannot serve. Linux then uses kvmclock, PV EOI, PV spinlocks
+    (unhalt), PV TLB flush, PV IPIs, steal time... as KVM offers."""
     out = [CpuidEntry(**vars(e)) for e in entries]
     leaf1 = find(out, 1)
     if leaf1 is not None:
         leaf1.ecx |= 1 << HYPERVISOR_BIT
+        if kernel_irqchip and tsc_deadline:
+            leaf1.ecx |= 1 << FEATURES["tsc_deadline"][3]
+        if not kernel_irqchip:
+            leaf1.ecx &= ~(1 << FEATURES["x2apic"][3])
     feats = find(out, KVM_FEATURES_LEAF)
     if feats is not None:
         drop = NEEDS_X2APIC_API + (() if kernel_irqchip else NEEDS_KERNEL_LAPIC)
@@ -334,7 +343,8 @@ def guest_cpuid(model: CpuidModel | None = None, kvm_path: str = "/dev/kvm") -> 
     from kvmfw.kvm import Kvm
 
     with Kvm(kvm_path) as kvm:
-        entries = paravirt(supported_cpuid(kvm.fd))
+        entries = paravirt(supported_cpuid(kvm.fd),
+                           tsc_deadline=bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER)))
         if model is None:
             return entries
         entries = model.apply(entries)

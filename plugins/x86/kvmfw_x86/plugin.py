@@ -84,8 +84,10 @@ class X86Machine:
     def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
         """The CPUID table every vCPU gets (before per-vCPU APIC ids)."""
         if self._cpuid is None:
-            entries = cpuid_mod.paravirt(cpuid_mod.supported_cpuid(self.machine.kvm.fd),
-                                         self.irqchip == "kernel")
+            kvm = self.machine.kvm
+            entries = cpuid_mod.paravirt(
+                cpuid_mod.supported_cpuid(kvm.fd), self.irqchip == "kernel",
+                bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER)))
             if self.cpuid_model is not None:
                 entries = self.cpuid_model.apply(entries)
                 if self.cpuid_model.hyperv:

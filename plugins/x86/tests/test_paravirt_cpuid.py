@@ -11,8 +11,9 @@ from kvmfw_x86 import hyperv
 from kvmfw_x86.cpuid import FEATURES, CpuidEntry, CpuidModel, find
 from kvmfw_x86.plugin import X86Plugin
 
-NESTED_LEAF1 = CpuidEntry(1, 0, 0, 0xA10F11, 0, 0x01202000, 0x78BFBFF)
-"""Leaf 1 as a nested real KVM reports it: the hypervisor bit (ECX 31) clear."""
+NESTED_LEAF1 = CpuidEntry(1, 0, 0, 0xA10F11, 0, 0x00202000, 0x78BFBFF)
+"""Leaf 1 as a nested real KVM reports it: the hypervisor bit (ECX 31) and the
+TSC-deadline timer (ECX 24, emulated but not listed) clear, x2APIC (21) set."""
 KVM_SIG = CpuidEntry(0x40000000, 0, 0, 0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)
 KVM_FEATS = CpuidEntry(0x40000001, 0, 0, 0x0100FEFB, 0, 0, 0)
 
@@ -35,6 +36,13 @@ def test_machine_cpuid_sets_the_hypervisor_bit(machine_factory, monkeypatch,
     leaf1 = find(st.cpuid, 1)
     assert leaf1 is not None and leaf1.ecx >> 31 & 1
     assert NESTED_LEAF1.ecx >> 31 == 0  # the input is not changed
+    # QEMU's additions: the TSC-deadline timer with the in-kernel LAPIC (KVM emulates it),
+    # no x2APIC with kvmfw's MMIO-only userspace LAPIC
+    from kvmfw.abi import Cap
+
+    deadline = bool(m.kvm.check_extension(Cap.TSC_DEADLINE_TIMER)) and irqchip == "kernel"
+    assert bool(leaf1.ecx >> 24 & 1) is deadline
+    assert bool(leaf1.ecx >> 21 & 1) is (irqchip == "kernel")
     feats = find(st.cpuid, 0x40000001)
     assert feats is not None
     for name in ("kvmclock2", "kvm_pv_tlb_flush", "kvm_steal_time", "kvmclock_stable_bit"):
