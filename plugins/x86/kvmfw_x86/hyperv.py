@@ -17,6 +17,7 @@ tlbflush, ipi, spinlocks (notify after 0xfff retries, as Windows recommends).
 from __future__ import annotations
 
 import errno
+import struct
 from typing import Any
 
 from kvmfw.abi import IOCTLS, Cap, address_of, ioctl
@@ -32,6 +33,7 @@ HV_ENLIGHTENMENTS = 0x40000004
 HV_MAX_LEAF = 0x40000006
 KVM_RELOCATED = 0x40000100
 """Where KVM's leaves go when the Hyper-V ones take 0x40000000 (as QEMU puts them)."""
+HV_VENDOR = b"Microsoft Hv"
 SPINLOCK_RETRIES = 0xFFF
 HYPERCALL_MSRS = 1 << 5
 """0x40000003 EAX: the hypercall MSRs, which every enlightenment needs."""
@@ -132,7 +134,9 @@ def apply(entries: list[CpuidEntry], hv: list[CpuidEntry], names: list[str]) -> 
         src = find(hv, leaf)
         e = CpuidEntry(leaf, 0, 0, *(src.regs() if src else (0, 0, 0, 0)))
         if leaf == HV_BASE:
+            # QEMU's default hv-vendor-id: Linux only takes "Microsoft Hv" for Hyper-V
             e.eax = HV_MAX_LEAF
+            e.ebx, e.ecx, e.edx = struct.unpack("<III", HV_VENDOR)
         elif leaf in (HV_FEATURES, HV_ENLIGHTENMENTS):
             e.eax, e.ebx, e.ecx, e.edx = (regs.get((leaf, r), 0)
                                           for r in ("eax", "ebx", "ecx", "edx"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from conftest import requires_kvm
 from kvmfw.errors import ConfigError
@@ -71,7 +73,8 @@ def test_hyperv_leaves_and_kvm_leaves_moved() -> None:
     base = cpuid_mod.paravirt([NESTED_LEAF1, KVM_SIG, KVM_FEATS])
     out = hyperv.apply(base, HV, ["relaxed", "spinlocks"])
     sig = find(out, 0x40000000)
-    assert sig is not None and sig.eax == 0x40000006 and sig.ebx == HV[0].ebx
+    assert sig is not None and sig.eax == 0x40000006
+    assert struct.pack("<III", sig.ebx, sig.ecx, sig.edx) == b"Microsoft Hv"
     feats = find(out, 0x40000003)
     enl = find(out, 0x40000004)
     assert feats is not None and feats.eax == hyperv.HYPERCALL_MSRS and feats.edx == 0
