@@ -20,6 +20,11 @@ each second. The periodic interrupt runs at the rate in A (rates 1 and 2 mean 25
 128 Hz, 3..15 mean 32768 >> (rate - 1) Hz) when PIE is set; the update-ended and alarm
 interrupts are checked once a second when UIE or AIE is set (alarm bytes 0xc0-0xff match
 any value).
+
+Exits: with ``coalesce=on`` the index-port writes wait in KVM's coalesced PIO ring (as
+QEMU's RTC registers them): an index write only selects a register (and the NMI mask bit,
+which is state only), and the ring is replayed before the next exit, so the data port
+always sees it. Off by default: once any zone exists every exit checks the ring.
 """
 
 from __future__ import annotations

@@ -31,6 +31,13 @@ Offered transport features: VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC and
 VIRTIO_F_EVENT_IDX (with event idx the device writes ``avail_event`` after each chain and
 interrupts only when the used index passes the driver's ``used_event``).
 
+Exits: QueueNotify is a doorbell through ``KVM_IOEVENTFD`` (``ioeventfd=on``, the default;
+:mod:`kvmfw_devices.ioevent`): the guest's write completes in KVM and the queue is served
+on the run loop's next event pass, as the exit path would serve it (a value that is not a
+queue index, or a write of another width, still exits). Interrupts are ``KVM_IRQ_LINE``
+calls (no exit). Every other register access exits: each one reads or changes state the
+next access sees.
+
 Subclasses (one module per device) set ``device_id``, ``device_features``, ``num_queues`` and
 implement :meth:`VirtioMmio.handle_chain` and the configuration space.
 """
