@@ -52,7 +52,8 @@ def cpuid(vendor: str | None, family: int | None, model_: int | None, stepping: 
     from kvmfw_x86.hyperv import expand
 
     names = [n for m in mask for n in m.split(",") if n]
-    hv = expand([h for h in (hyperv or "").split(",") if h])
+    hv = [h.strip().lower() for h in (hyperv or "").split(",") if h.strip()]
+    expand(hv)
     model = CpuidModel(vendor, family, model_, stepping, None, names, hv) \
         if (vendor or family is not None or model_ is not None or stepping is not None
             or names or hv) else None

@@ -208,7 +208,8 @@ class CpuidModel:
             raise ConfigError(f"CPUID hyperv must be enlightenment names, not {hv!r}")
         from kvmfw_x86.hyperv import expand
 
-        hv = expand(hv)
+        expand(hv)  # checks the names; "all" stays "all" (filtered by what KVM offers)
+        hv = [h.lower() for h in hv]
 
         def num(k: str, top: int) -> int | None:
             v = opts.get(k)

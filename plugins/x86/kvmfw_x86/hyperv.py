@@ -1,6 +1,7 @@
 """Hyper-V enlightenments as a CPU-model option (QEMU's ``hv-*`` flags).
 
-``cpuid = {hyperv = "relaxed,vapic,time,spinlocks"}`` (or ``"all"``) in the machine
+``cpuid = {hyperv = "relaxed,vapic,time,spinlocks"}`` (or ``"all"``: every one this KVM
+offers, as QEMU's ``hv-passthrough``) in the machine
 options, ``--cpuid 'hyperv=all'`` style strings as the other model fields. What KVM can
 serve comes from ``KVM_GET_SUPPORTED_HV_CPUID``; kvmfw keeps only the bits of the named
 enlightenments (and what they depend on) in the feature (0x40000003) and recommendation
@@ -111,16 +112,41 @@ def apply(entries: list[CpuidEntry], hv: list[CpuidEntry], names: list[str]) -> 
         list[CpuidEntry]:
     """``entries`` with the Hyper-V leaves of ``names`` (expanded) from ``hv`` (KVM's
     supported set) at 0x40000000 and the KVM leaves moved to 0x40000100."""
+    named = set(expand([n for n in names if n.lower() != "all"]))
+    every = any(n.lower() == "all" for n in names)
     names = expand(names)
     if not names:
         return entries
-    regs: dict[tuple[int, str], int] = {(HV_FEATURES, "eax"): HYPERCALL_MSRS}
-    for n in names:
+
+    def supported(n: str) -> bool:
         for key, bits in FLAGS[n].items():
             have = find(hv, key[0])
             if have is None or getattr(have, key[1]) & bits != bits:
+                return False
+        return True
+
+    dropped: set[str] = set()
+    for n in names:
+        if not supported(n):
+            if n in named or not every:
                 raise ConfigError(f"this KVM does not support the Hyper-V enlightenment "
                                   f"{n!r}: drop it from the cpuid hyperv option")
+            dropped.add(n)  # "all" means all that this KVM offers (QEMU's hv-passthrough)
+    # what needs a dropped one goes too
+    changed = True
+    while changed:
+        changed = False
+        for n in names:
+            if n not in dropped and any(d in dropped for d in DEPENDS.get(n, [])):
+                if n in named:
+                    raise ConfigError(f"Hyper-V enlightenment {n!r} needs one this KVM "
+                                      f"does not support ({', '.join(DEPENDS[n])})")
+                dropped.add(n)
+                changed = True
+    names = [n for n in names if n not in dropped]
+    regs: dict[tuple[int, str], int] = {(HV_FEATURES, "eax"): HYPERCALL_MSRS}
+    for n in names:
+        for key, bits in FLAGS[n].items():
             regs[key] = regs.get(key, 0) | bits
     out: list[CpuidEntry] = []
     for e in entries:
@@ -146,9 +172,14 @@ def apply(entries: list[CpuidEntry], hv: list[CpuidEntry], names: list[str]) -> 
     return out
 
 
-def enable_vcpu(vcpu: Any, names: list[str]) -> None:
-    """Per-vCPU KVM state the enlightenments need (SynIC: ``KVM_CAP_HYPERV_SYNIC2``)."""
-    if "synic" in expand(names):
+def enable_vcpu(vcpu: Any, entries: list[CpuidEntry]) -> None:
+    """Per-vCPU KVM state the enlightenments in the final table need (SynIC:
+    ``KVM_CAP_HYPERV_SYNIC2``)."""
+    feats = find(entries, HV_FEATURES)
+    vendor = find(entries, HV_BASE)
+    if feats is not None and vendor is not None and \
+            struct.pack("<III", vendor.ebx, vendor.ecx, vendor.edx) == HV_VENDOR and \
+            feats.eax & FLAGS["synic"][(HV_FEATURES, "eax")]:
         ec = core_ffi.new("struct kvm_enable_cap *")
         ec.cap = int(Cap.HYPERV_SYNIC2)
         vcpu.ioctl(IOCTLS.KVM_ENABLE_CAP, address_of(ec), "KVM_ENABLE_CAP HYPERV_SYNIC2")

@@ -267,7 +267,7 @@ class X86Plugin:
         if st.cpuid_model is not None and st.cpuid_model.hyperv:
             from kvmfw_x86 import hyperv
 
-            hyperv.enable_vcpu(cpu.vcpu, st.cpuid_model.hyperv)
+            hyperv.enable_vcpu(cpu.vcpu, st.cpuid)
         if st.irqchip == "kernel" and hasattr(cpu, "start_active"):
             # APs wait inside KVM (MP state UNINITIALIZED) until the in-kernel LAPIC
             # delivers INIT/SIPI, so every vCPU thread enters KVM from the start

@@ -93,6 +93,14 @@ def test_hyperv_names_dependencies_and_errors() -> None:
         hyperv.expand(["nope"])
     with pytest.raises(ConfigError, match="does not support the Hyper-V enlightenment"):
         hyperv.apply([], [e for e in HV if e.function != 0x40000004], ["relaxed"])
+    # "all" is what this KVM offers: without the recommendations leaf, no relaxed/tlbflush/
+    # ipi/vapic (and nothing that needs them), the rest stays
+    out = hyperv.apply([], [e for e in HV if e.function != 0x40000004], ["all"])
+    feats = find(out, 0x40000003)
+    assert feats is not None and feats.eax & 1 << 2 and feats.eax & 1 << 9  # synic, time
+    assert not feats.eax & 1 << 4  # vapic
+    m_all = CpuidModel.from_options({"hyperv": "all"})
+    assert m_all is not None and m_all.hyperv == ["all"]
     m = CpuidModel.from_options({"hyperv": "relaxed, vapic"})
     assert m is not None and m.hyperv == ["relaxed", "vapic"]
     with pytest.raises(ConfigError):
