@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmfw.abi import Cap
 from kvmfw.api import Console, RunEnd
 from kvmfw.bus import Bus
 from kvmfw.config import check_host_factor, check_machine_config, parse_size
@@ -356,7 +357,27 @@ class Machine:
             services={"dump_stats": self.dump_stats, "reset_stats": self.stats.reset,
                       "work_begin": self.work_begin, "work_end": self.work_end,
                       "kick": self.kick_all, "reset": self.request_reset,
-                      "checkpoint": self.request_checkpoint})
+                      "checkpoint": self.request_checkpoint,
+                      "ioeventfd": self._ioeventfd, "coalesced": self._coalesced})
+
+    def _ioeventfd(self, fd: int, addr: int, length: int, **kw: Any) -> bool:
+        """Device service: ``VM.ioeventfd`` (``deassign=True`` undoes it); False where KVM
+        has none (the device keeps taking the exit)."""
+        vm = self.vm
+        if vm is None or vm.fd < 0 or not vm.check_extension(Cap.IOEVENTFD):
+            return False
+        vm.ioeventfd(fd, addr, length, **kw)
+        return True
+
+    def _coalesced(self, addr: int, size: int, pio: bool = False) -> bool:
+        """Device service: queue writes to a range in the coalesced ring (drained before
+        the next exit is serviced); False where KVM has no such ring for ``pio``."""
+        vm = self.vm
+        if vm is None or vm.fd < 0 or not vm.check_extension(
+                Cap.COALESCED_PIO if pio else Cap.COALESCED_MMIO):
+            return False
+        vm.register_coalesced_mmio(addr, size, pio)
+        return True
 
     def add_device_spec(self, spec: str) -> Device:
         """Create a device from ``name,key=value,...`` and attach it."""

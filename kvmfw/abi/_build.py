@@ -40,6 +40,17 @@ struct kvm_clear_dirty_log {
     uint32_t slot; uint32_t num_pages; uint64_t first_page; void *dirty_bitmap; ...;
 };
 struct kvm_guest_debug { uint32_t control; ...; };
+struct kvm_irq_routing_irqchip { uint32_t irqchip; uint32_t pin; };
+struct kvm_irq_routing_entry {
+    uint32_t gsi; uint32_t type; uint32_t flags;
+    union { struct kvm_irq_routing_irqchip irqchip; uint32_t pad[8]; } u;
+    ...;
+};
+struct kvm_irq_routing { uint32_t nr; uint32_t flags; ...; };
+struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; uint32_t resamplefd; ...; };
+struct kvm_ioeventfd {
+    uint64_t datamatch; uint64_t addr; uint32_t len; int32_t fd; uint32_t flags; ...;
+};
 
 struct kvm_run {
     uint8_t request_interrupt_window;

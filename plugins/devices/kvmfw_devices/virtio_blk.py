@@ -182,6 +182,7 @@ class VirtioBlk(VirtioMmio):
         return True
 
     def close(self) -> None:
+        super().close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -97,5 +97,6 @@ class VirtioConsole(VirtioMmio):
         self.pending = bytearray(pending)
 
     def close(self) -> None:
+        super().close()
         self.input.close()
         self.output.close()

@@ -14,7 +14,9 @@ fault, reset control register 0xCF9, the ACPI reset register — resets the vCPU
 devices and the in-kernel irqchip and loads the guest again; ``off``, the CLI's
 ``--no-reboot``: the run ends with status 0; ``reboot_limit``, default 100, ends a reset
 loop; resets are counted in ``system.reset``), ``cpuid`` (a
-:class:`~kvmfw_x86.cpuid.CpuidModel` or its dict), ``x86_sync`` (``lazy`` — per-group —
+:class:`~kvmfw_x86.cpuid.CpuidModel` or its dict; ``hyperv`` in it adds Hyper-V
+enlightenments, :mod:`kvmfw_x86.hyperv`; every guest sees the hypervisor bit and KVM's PV
+leaf, :func:`~kvmfw_x86.cpuid.paravirt`), ``x86_sync`` (``lazy`` — per-group —
 or ``eager``: gem5's all-or-nothing pull).
 """
 
@@ -32,6 +34,7 @@ from kvmfw.timer import CycleSource
 
 from kvmfw_x86 import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API
 from kvmfw_x86 import cpuid as cpuid_mod
+from kvmfw_x86 import irqrouting
 from kvmfw_x86.abi import X, addr, ffi, lib
 from kvmfw_x86.context import CpuInfo, X86Context
 from kvmfw_x86.interrupts import UserspaceInterrupts
@@ -85,9 +88,18 @@ class X86Machine:
     def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
         """The CPUID table every vCPU gets (before per-vCPU APIC ids)."""
         if self._cpuid is None:
-            entries = cpuid_mod.supported_cpuid(self.machine.kvm.fd)
+            kvm = self.machine.kvm
+            entries = cpuid_mod.paravirt(
+                cpuid_mod.supported_cpuid(kvm.fd), self.irqchip == "kernel",
+                bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER)))
             if self.cpuid_model is not None:
                 entries = self.cpuid_model.apply(entries)
+                if self.cpuid_model.hyperv:
+                    from kvmfw_x86 import hyperv
+
+                    hv = hyperv.supported(self.machine.kvm, self.machine.vm.vcpus[0]
+                                          if self.machine.vm.vcpus else None)
+                    entries = hyperv.apply(entries, hv, self.cpuid_model.hyperv)
             self._cpuid = entries
         return self._cpuid
 
@@ -196,6 +208,7 @@ class X86Plugin:
         vm.set_tss_addr(TSS_ADDR)
         if st.irqchip == "kernel":
             vm.create_irqchip()
+            irqrouting.install(machine)
             pit = ffi.new("struct kvm_pit_config *")
             pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
             from kvmfw.abi import ioctl
@@ -255,6 +268,10 @@ class X86Plugin:
         entries = cpuid_mod.for_vcpu(st.cpuid, cpu.id, cpu.machine.config.cpus)
         buf = cpuid_mod.pack_cpuid2(entries)
         cpu.vcpu.ioctl(X.KVM_SET_CPUID2, addr(buf), "KVM_SET_CPUID2")
+        if st.cpuid_model is not None and st.cpuid_model.hyperv:
+            from kvmfw_x86 import hyperv
+
+            hyperv.enable_vcpu(cpu.vcpu, st.cpuid)
         if st.irqchip == "kernel" and hasattr(cpu, "start_active"):
             # APs wait inside KVM (MP state UNINITIALIZED) until the in-kernel LAPIC
             # delivers INIT/SIPI, so every vCPU thread enters KVM from the start
