@@ -155,7 +155,7 @@ def build() -> Iterator[Any]:
                                      "console_output": sink})
         m = Machine(cfg, arch_plugin=plugin, arch_name="armv8")
         made.append(m)
-        dev = TestDevice(m)
+        dev = TestDevice(m, pause=False)  # 0x28 is this guest's own stop point
         spi = plugin.irq_line(machine=m, number=guests.TEST_SPI)
         dev.on_ready = spi.raise_
         dev.on_irq = lambda intid: spi.lower() if intid == 32 + guests.TEST_SPI else None
