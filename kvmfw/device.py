@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from kvmfw.bus import PendingAccess
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import EventQueue
 from kvmfw.memory import GuestMemory
@@ -234,8 +235,10 @@ class Device:
         self.stats["bad_accesses"] += 1
         return b"\xff" * size
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes) -> PendingAccess | None:
+        """Nothing, or a :class:`~kvmfw.bus.PendingAccess` completed later (MMIO only)."""
         self.stats["bad_accesses"] += 1
+        return None
 
     def reset(self) -> None:
         """Return to the power-on state."""
