@@ -6,8 +6,9 @@ device memory at ``base``. A read or write does not complete at once: the device
 :class:`kvmfw.bus.PendingAccess`, schedules an event ``delay`` ticks ahead (``read_delay``
 / ``write_delay`` override it per direction) and completes the access from that event;
 meanwhile the vCPU waits in ``RunningMMIOPending`` and simulated time, devices and the
-other vCPUs go on. A write's data lands in the memory when it completes; a read answers what
-the memory holds when it completes (accesses of equal delay complete in issue order).
+other vCPUs go on. A delay of 0 answers at once (plain memory, no pending state). A
+write's data lands in the memory when it completes; a read answers what the memory holds
+when it completes (accesses of equal delay complete in issue order).
 The API it follows is in :mod:`kvmfw.device` ("Timing-mode MMIO").
 
 Bounds: ``size`` is at most :data:`SIZE_MAX` and ``delay`` at most :data:`DELAY_MAX`
@@ -110,11 +111,16 @@ class LatencyMmio(Device):
         self.stats["reads"] += 1
         if self._bad(offset, size):
             return bytes(size)
+        if not self.params["read_delay"]:
+            return bytes(self.mem[offset:offset + size])
         return self._defer(PendingAccess(size), offset, None, self.params["read_delay"])
 
     def write(self, offset: int, data: bytes) -> PendingAccess | None:
         self.stats["writes"] += 1
         if self._bad(offset, len(data)):
+            return None
+        if not self.params["write_delay"]:
+            self.mem[offset:offset + len(data)] = data
             return None
         return self._defer(PendingAccess(len(data), is_write=True), offset, bytes(data),
                            self.params["write_delay"])

@@ -194,3 +194,11 @@ def test_guest_waits_in_mmio_pending_while_the_other_vcpu_runs(tmp_path: Path) -
             assert after > before, seen
     finally:
         m.close()
+
+
+def test_zero_delay_answers_at_once(h: Any) -> None:
+    d = LatencyMmio(h.ctx, delay=0, read_delay=7)
+    assert d.write(4, b"\x09") is None and d.mem[4] == 9
+    assert isinstance(d.read(4, 1), PendingAccess)  # its own read delay still applies
+    e = LatencyMmio(h.ctx, delay=0)
+    assert e.read(4, 1) == b"\x00" and e.is_drained()
