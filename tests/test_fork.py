@@ -191,3 +191,28 @@ def test_fork_refuses_a_closed_machine() -> None:
     m.close()
     with pytest.raises(ForkError, match="closed"):
         m.fork()
+
+
+def test_a_child_resets_to_a_snapshot_taken_before_the_fork(
+        warmed: tuple[Machine, Ports], tmp_path: Path) -> None:
+    """Dirty tracking goes on in the child's new VM: reset_to there copies back exactly
+    what the child's guest dirtied."""
+    m, ports = warmed
+    snap = m.snapshot()
+    pid = m.fork()
+    if pid == 0:
+        def child() -> int:
+            first = _finish(m, ports, 0x4444)
+            m.reset_to(snap)
+            second = _finish(m, ports, 0x5555)
+            (tmp_path / "child.json").write_text(json.dumps([first, second]))
+            return 0
+        _child(child)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    assert json.loads((tmp_path / "child.json").read_text()) == [expected(0x4444),
+                                                                   expected(0x5555)]
+    assert _finish(m, ports, 0x6666) == expected(0x6666)
+    m.reset_to(snap)
+    assert _finish(m, ports, 7) == expected(7)
+    snap.close()

@@ -4,7 +4,9 @@
  * Warm-up: fill the table t[i] = i*i (16-bit words, i < 0x4000) at 0x10000, then end
  * the run (write to port 0x13). Then, in each process after a fork: read a 32-bit value
  * v from port 0x14, compute r = r*31 + (t[i] ^ v) over the table (32-bit, r starts 0),
- * write r to port 0x15 and end the run again; then halt.
+ * storing the low 16 bits of t[i] ^ v back into t[i] (so the guest dirties the table and
+ * a second pass without a reset gives another result), write r to port 0x15 and end the
+ * run again; then halt.
  */
     .code16
     .text
@@ -29,6 +31,7 @@ _start:
 2:  imul $31, %ecx, %ecx
     movzwl (%si), %eax
     xor %edx, %eax
+    mov %ax, (%si)          /* the table is changed in place: a second pass differs */
     add %eax, %ecx
     add $2, %si
     cmp $0x8000, %si
