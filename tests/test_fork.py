@@ -216,3 +216,58 @@ def test_a_child_resets_to_a_snapshot_taken_before_the_fork(
     m.reset_to(snap)
     assert _finish(m, ports, 7) == expected(7)
     snap.close()
+
+
+def test_two_vcpus_in_parallel_mode_run_on_in_parent_and_child(tmp_path: Path) -> None:
+    """fork(2) keeps only the calling thread: the child's next run starts its own vCPU
+    threads, and both vCPUs make progress there and in the parent."""
+    from kvmtest import COUNT
+    from realmode_arch import GUEST as REALMODE_GUEST
+
+    from kvmfw.eventq import TICKS_PER_MS
+
+    m = Machine(MachineConfig(memory=0x10000, cpus=2),
+                arch_plugin=CkptArch(COUNT, REALMODE_GUEST.read_bytes()))
+    try:
+        m.cpus[1].start_active = True
+
+        def progress_after_runs() -> list[int]:
+            before = [c.get_context().regs["rsi"] for c in m.cpus]
+            for _ in range(100):  # a busy host may end a slice before a thread entered KVM
+                m.run(max_ticks=20 * TICKS_PER_MS, timeout=20)
+                after = [c.get_context().regs["rsi"] for c in m.cpus]
+                if all(a > b for a, b in zip(after, before, strict=True)):
+                    break
+            return [a - b for a, b in zip(after, before, strict=True)]
+
+        assert all(n > 0 for n in progress_after_runs())
+        pid = m.fork()
+        if pid == 0:
+            def child() -> int:
+                grew = progress_after_runs()
+                (tmp_path / "child.json").write_text(json.dumps(grew))
+                return 0
+            _child(child)
+        assert all(n > 0 for n in progress_after_runs())
+        _, st = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(st) == 0
+        assert all(n > 0 for n in json.loads((tmp_path / "child.json").read_text()))
+    finally:
+        m.close()
+
+
+def test_a_child_that_cannot_rebuild_exits_and_never_returns(
+        warmed: tuple[Machine, Ports], capfd: pytest.CaptureFixture[str]) -> None:
+    m, ports = warmed
+
+    def refuse(child: int) -> None:
+        raise OSError("no room for the child's console file")
+
+    ports.after_fork = refuse  # type: ignore[method-assign]
+    out = m.fork_variants([1], lambda mm, v: 0)  # a returning child would record result 0
+    assert out[0].status == CHILD_FAILED and out[0].result is None
+    assert out[0].error == "the child wrote no result"
+    err = capfd.readouterr().err
+    assert "could not rebuild its machine: OSError: no room for the child's console file" in err
+    del ports.after_fork
+    assert _finish(m, ports, 9) == expected(9)  # the parent's machine is unharmed
