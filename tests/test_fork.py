@@ -271,3 +271,20 @@ def test_a_child_that_cannot_rebuild_exits_and_never_returns(
     assert "could not rebuild its machine: OSError: no room for the child's console file" in err
     del ports.after_fork
     assert _finish(m, ports, 9) == expected(9)  # the parent's machine is unharmed
+
+
+def test_fork_refuses_gdb_and_shared_ram(warmed: tuple[Machine, Ports], tmp_path: Path) -> None:
+    from kvmfw.memory import MemoryRegion
+
+    m, _ = warmed
+    m.gdb = object()  # type: ignore[assignment]
+    with pytest.raises(ForkError, match="GDB"):
+        m.fork()
+    m.gdb = None
+    backing = tmp_path / "shared.ram"
+    backing.write_bytes(bytes(4096))
+    assert m.vm is not None
+    m.vm.add_memory(MemoryRegion.from_file(0x8000000, backing, private=False, name="shm"))
+    with pytest.raises(ForkError, match="shm is a shared file mapping"):
+        m.fork()
+    assert m.forks == 0
