@@ -30,6 +30,12 @@
 * **Dirty tracking**: trackers are harvested before the fork, so both processes' trackers
   hold every page dirtied until then; the child's new VM logs from the fork on.
 
+Only the forked machine is rebuilt: other machines of the process are not usable in the
+child (their KVM objects are the parent's); close them there, or fork before making them.
+Sectors of a copy-on-write disk the child has not written are read from the image, which
+the parent may still write: for fully independent disks keep the parent idle while
+children run (as :func:`run_variants` does) or make the disk read-only.
+
 A child that cannot rebuild its machine writes one line to stderr and ends with
 :data:`CHILD_FAILED` (it must never return into the parent's code path).
 
