@@ -133,8 +133,9 @@ def test_one_vcpu_completes_exactly_after_the_delay(tmp_path: Path) -> None:
     delay = 3 * TICKS_PER_MS
     m = Machine(MachineConfig(memory=0x80000), arch_plugin=_real_mode_arch(_guest(tmp_path)))
     try:
-        dev = m.add_device(LatencyMmio(m.device_context(), base=0xD0000, size=0x100,
-                                       delay=delay))
+        # through its entry point, as --device on the command line
+        dev = m.add_device_spec(f"latency-mmio,base=0xd0000,size=0x100,delay={delay}")
+        assert isinstance(dev, LatencyMmio)
         m.map_device(Range("pio", 0x13, 1, "exit"), _Exit(m))
         r = m.run(timeout=60)
         assert r.reason == "guest done", r
