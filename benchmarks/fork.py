@@ -18,8 +18,9 @@ are sequential (the parent waits for each child). Columns, medians over the fork
   ``round trip``: the parent's ``fork()`` to ``waitpid`` (the child's exit included);
 * ``forks/s``: forks completed per second of wall time.
 
-Then one child is held after its first entry and the RAM mapping's ``/proc/PID/smaps``
-figures of both processes are printed: resident, shared with the other process, private.
+Then one child is held after its first entry and after writing ``--dirty-mib`` of RAM, and
+the RAM mapping's ``/proc/PID/smaps`` figures of both processes are printed: resident,
+shared with the other process, private (the pages the child wrote, copied on write).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--forks", type=int, default=50)
     ap.add_argument("--memory-mib", type=int, default=256)
     ap.add_argument("--warm-mib", type=int, default=256)
+    ap.add_argument("--dirty-mib", type=int, default=16,
+                    help="RAM the held child writes after its first entry")
     a = ap.parse_args()
     m = Machine(MachineConfig(memory=a.memory_mib * MiB),
                 arch_plugin=CkptArch(0, GUEST.read_bytes()))
@@ -142,6 +145,8 @@ def main() -> None:
         if pid == 0:
             try:
                 m.run(timeout=60)
+                n = min(a.dirty_mib * MiB, warm)
+                ram.view[MiB:MiB + n] = b"\xa5" * n  # copied on write: private to the child
                 os.write(w2, b"x")
                 os.read(r, 1)
             finally:
