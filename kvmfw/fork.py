@@ -204,13 +204,23 @@ def rebuild_in_child(machine: Machine, state: MachineState) -> None:
 
 def _attach_run_area(cpu: Any) -> None:
     """Point the run loop's cached ``kvm_run`` references at the re-created vCPU (the
-    fields :class:`~kvmfw.cpu.KvmCPU` caches in ``__init__``)."""
+    fields :class:`~kvmfw.cpu.KvmCPU` caches in ``__init__``: keep this in step with it;
+    tests/test_fork.py fails if a cached fd or run area is missed)."""
     vcpu = cpu.vcpu
     cpu._fd = vcpu.fd
     cpu._run = vcpu.run
     cpu._map = vcpu.run_map
     cpu._run_addr = address_of(vcpu.run)
-    cpu.use_coalesced_mmio = cpu.use_coalesced_mmio and bool(vcpu.coalesced_ring_offset)
+    cpu._run_size = len(vcpu.run_map)
+    fs = getattr(cpu, "_fs", None)
+    if fs is not None:  # a C fast-path state that caches the fd and run area too
+        runs = cpu.runs  # counted partly in it: kept monotonic across the swap
+        cpu._fs = type(fs)(vcpu.fd, cpu._run_addr, cpu._run_size)
+        cpu._ctx = cpu._fs.ctx
+        cpu.runs = runs
+    for name in ("use_coalesced_mmio", "_use_coalesced_mmio"):
+        if name in vars(cpu):
+            setattr(cpu, name, getattr(cpu, name) and bool(vcpu.coalesced_ring_offset))
 
 
 # --- variants -------------------------------------------------------------------------
