@@ -87,6 +87,9 @@ def fork(machine: Machine) -> int:
 
     if machine._closed or machine.vm is None:
         raise ForkError("this machine is closed")
+    if any(c.parallel for c in machine.cpus):
+        raise ForkError("cannot fork during a parallel run: fork(2) would keep only this "
+                        "thread of the vCPU threads (fork between runs)")
     if machine.gdb is not None:
         raise ForkError("cannot fork a machine with a GDB server attached: its connection "
                         "would be shared by both processes (detach GDB first)")

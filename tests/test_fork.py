@@ -273,10 +273,15 @@ def test_a_child_that_cannot_rebuild_exits_and_never_returns(
     assert _finish(m, ports, 9) == expected(9)  # the parent's machine is unharmed
 
 
-def test_fork_refuses_gdb_and_shared_ram(warmed: tuple[Machine, Ports], tmp_path: Path) -> None:
+def test_fork_refuses_a_parallel_run_gdb_and_shared_ram(
+        warmed: tuple[Machine, Ports], tmp_path: Path) -> None:
     from kvmfw.memory import MemoryRegion
 
     m, _ = warmed
+    m.cpus[0].parallel = True  # as inside a parallel run
+    with pytest.raises(ForkError, match="parallel run"):
+        m.fork()
+    m.cpus[0].parallel = False
     m.gdb = object()  # type: ignore[assignment]
     with pytest.raises(ForkError, match="GDB"):
         m.fork()
