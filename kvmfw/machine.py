@@ -211,6 +211,8 @@ class Machine:
         self._irq_lines: dict[int, IrqLine] = {}
         self.stats_dumps: list[dict[str, dict[str, Any]]] = []
         self.checkpoints_taken: list[Path] = []
+        self.forks = 0
+        """Children :meth:`fork` made of this machine in this process."""
         """Checkpoint directories written by :meth:`checkpoint` or on request, in order."""
         """Every dump taken during the run (guest pseudo-ops, the CLI's final one)."""
         self.work_items: dict[tuple[int, int], int] = {}
@@ -330,6 +332,22 @@ class Machine:
         if self._closed:
             raise KvmfwError("this machine is closed")
         return reset_to(self, snap)
+
+    def fork(self) -> int:
+        """Drain and fork the process like :func:`os.fork` (child pid in the parent, 0 in
+        the child); the child's machine runs on its own VM from the same state, guest RAM
+        shared copy-on-write. See :mod:`kvmfw.fork`."""
+        from kvmfw.fork import fork
+
+        return fork(self)
+
+    def fork_variants(self, values: Any, fn: Any, *,
+                      max_parallel: int | None = None) -> list[Any]:
+        """Fork one child per value, each running ``fn(machine, value)``; returns their
+        :class:`kvmfw.fork.VariantResult` list. See :func:`kvmfw.fork.run_variants`."""
+        from kvmfw.fork import run_variants
+
+        return run_variants(self, values, fn, max_parallel=max_parallel)
 
     def irq(self, number: int) -> IrqLine:
         """The IRQ line for platform interrupt input ``number`` (arch hook, else KVM_IRQ_LINE
