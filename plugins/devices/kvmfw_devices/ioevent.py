@@ -107,6 +107,23 @@ class Doorbells:
             self.handler(key)
         return n
 
+    def after_fork(self) -> bool:
+        """In a forked child (:mod:`kvmfw.fork`), after its VM was rebuilt: the helper
+        thread did not survive fork(2), and the inherited eventfds are still the parent
+        VM's doorbells (one kernel object in both processes, so the child would see the
+        parent's rings). Drop them and ring the same addresses on the child's VM with new
+        eventfds. False if KVM refused one (the caller falls back to exits)."""
+        bells = list(self._bells.values())
+        for fd in self._bells:
+            os.close(fd)
+        self._bells.clear()
+        os.close(self._wakeup)
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = None
+        self._served, self._stop = threading.Event(), threading.Event()
+        return all(self.add(key, addr, length, pio=pio, datamatch=dm)
+                   for key, addr, length, pio, dm in bells)
+
     def close(self) -> None:
         """Stop the helper thread, take the doorbells out of KVM, close the eventfds."""
         self._stop.set()

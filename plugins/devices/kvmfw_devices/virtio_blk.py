@@ -194,6 +194,7 @@ class VirtioBlk(VirtioMmio):
         """The image is the parent's: this child writes to a private overlay (an unlinked
         sparse temporary file) and reads each sector from the overlay once written there,
         else from the image, which it never writes (a read-only disk stays read-only)."""
+        super().after_fork(child)
         if self.params["readonly"] or self._cow is not None:
             return
         fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)

@@ -99,6 +99,7 @@ class VirtioConsole(VirtioMmio):
     def after_fork(self, child: int) -> None:
         """Output to a file goes to ``<path>.<pid>``; input stays with the parent
         (:mod:`kvmfw_devices.console`)."""
+        super().after_fork(child)
         self.output.after_fork(child)
         self.input.after_fork()
 

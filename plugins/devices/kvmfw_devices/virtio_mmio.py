@@ -564,6 +564,13 @@ class VirtioMmio(Device):
             self.doorbells.serve_pending()
         return True
 
+    def after_fork(self, child: int) -> None:
+        """Doorbells move to the child's VM (:meth:`Doorbells.after_fork`); where KVM
+        refuses, the child's notifications take the exit path."""
+        if self.doorbells is not None and not self.doorbells.after_fork():
+            self.doorbells.close()
+            self.doorbells = None
+
     def close(self) -> None:
         if self.doorbells is not None:
             self.doorbells.close()
