@@ -165,6 +165,8 @@ class KvmCPU:
         self.suspended_ticks = 0
         """Simulated ticks spent IDLE (halted or suspended), as gem5 accounts them."""
         self._idle_since: int | None = None
+        self.switched_out = False
+        """True while an emulated CPU (:mod:`kvmfw.emu`) runs this vCPU: KVM must not."""
 
     # --- start-up --------------------------------------------------------------------
 

@@ -401,9 +401,13 @@ class Machine:
                                    plugin_src)
 
     def run(self, *, max_ticks: int | None = None, timeout: float | None = None,
-            hard_timeout: bool = False) -> RunResult:
+            hard_timeout: bool = False, until_instructions: int | None = None) -> RunResult:
         """Run until the guest or a device ends it, ``max_ticks`` simulated ticks pass
         (status 0), or ``timeout`` host seconds pass (:class:`RunTimeoutError`).
+
+        ``until_instructions``: stop after exactly that many guest instructions of vCPU 0
+        (status 0; see :func:`kvmfw.emu.stop.run_until_instructions` for how they are
+        counted and which stats say so).
 
         ``hard_timeout`` (the CLI's choice): if the run has still not stopped
         ``STOP_GRACE`` seconds after the timeout (a device blocked in a host call, e.g. a
@@ -412,6 +416,10 @@ class Machine:
         """
         if self._closed:
             raise KvmfwError("this machine is closed")
+        if until_instructions is not None:
+            from kvmfw.emu.stop import run_until_instructions
+
+            return run_until_instructions(self, until_instructions, timeout=timeout)
         eq = self.eventq
         self.stop_requested = self.checkpoint_pending  # (requested between runs: take it first)
         self.exit_status, self.exit_reason = 0, ""
@@ -676,6 +684,16 @@ class Machine:
                 cpu.parallel = False  # (each thread unbound its vCPU: rebound next run)
         if self._thread_error is not None:
             raise self._thread_error
+
+    # --- emulated CPU (kvmfw.emu) ---------------------------------------------------------
+
+    def emulate(self, insts: int, *, cpu: int = 0, trace: Any = None) -> int:
+        """Hand vCPU ``cpu`` to the emulated CPU (Unicorn), run exactly ``insts``
+        instructions (fewer before a wait instruction or a stop), hand it back to KVM;
+        returns how many ran. ``trace``: a :class:`kvmfw.emu.Trace`. Between runs."""
+        from kvmfw.emu import emulate
+
+        return emulate(self, insts, cpu=cpu, trace=trace)
 
     # --- checkpoints (kvmfw.checkpoint) --------------------------------------------------------
 
