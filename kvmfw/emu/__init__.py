@@ -504,6 +504,4 @@ def emulate(machine: Machine, insts: int, *, cpu: int = 0, trace: Trace | None =
     try:
         return e.run(insts)
     finally:
-        e.switch_out()
-        if emu is None and trace is not None:
-            trace.close()
+        e.switch_out()  # (the trace stays open: its owner closes it)

@@ -7,8 +7,8 @@ Taken: real mode (segment bases ``selector << 4``, 64 KiB limits), 16/32-bit pro
 virtual-8086 mode, "big"/unreal mode and any protected-mode segment whose cached base or
 limit differs from its descriptor (Unicorn reloads segments from the GDT, so it could not
 keep them), an event KVM still has to inject. Unicorn does not model the x87 stack, AVX or
-MSRs beyond EFER/FS/GS base: general, segment, control registers, RFLAGS and XMM0-15 with
-MXCSR move; the rest stays in the context untouched (a guest using x87/AVX under emulation
+MSRs beyond EFER/FS/GS base: general, segment, control registers, RFLAGS and XMM0-15 move
+(not MXCSR: Unicorn 2.1 does not expose it); the rest stays in the context untouched (a guest using x87/AVX under emulation
 sees Unicorn's reset values; documented, not checked).
 """
 
@@ -55,7 +55,13 @@ def _real_segment(sel: int, old: Segment) -> Segment:
 
 
 class X86EmuGlue:
-    """:class:`kvmfw.emu.EmuGlue` for x86."""
+    """:class:`kvmfw.emu.EmuGlue` for x86.
+
+    Unicorn names registers by its mode: ``RAX``..``R15``/``RIP``/``RFLAGS`` in 64-bit
+    mode, ``EAX``..``EDI``/``EIP``/``EFLAGS`` in 16/32-bit mode (a 64-bit name there is a
+    silent no-op, so :meth:`load` reads the PC back and refuses a mismatch). R8-R15 and the
+    upper halves are not touched outside long mode: code there cannot change them.
+    """
 
     arch = "x86"
 
@@ -118,6 +124,22 @@ class X86EmuGlue:
             mode, u.UC_MODE_64 if mode in ("long64", "compat") else u.UC_MODE_32)
         return u.Uc(u.UC_ARCH_X86, um)
 
+    @property
+    def _wide(self) -> bool:
+        return self._mode in ("long64", "compat")
+
+    def _gprs(self) -> list[tuple[str, int]]:
+        X = self.X
+        if self._wide:
+            return [(r, getattr(X, f"UC_X86_REG_{r.upper()}")) for r in GPRS]
+        return [(r, getattr(X, f"UC_X86_REG_E{r[1:].upper()}")) for r in GPRS[:8]]
+
+    def _ip_flags(self) -> tuple[int, int]:
+        X = self.X
+        if self._wide:
+            return X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS
+        return X.UC_X86_REG_EIP, X.UC_X86_REG_EFLAGS
+
     def load(self, uc: Any, cpu: KvmCPU) -> None:
         X = self.X
         ctx = cpu.get_context()
@@ -134,28 +156,38 @@ class X86EmuGlue:
                     and name != "cs":
                 continue
             uc.reg_write(getattr(X, f"UC_X86_REG_{name.upper()}"), seg.selector)
-        if self._mode in ("long64", "compat"):
+        if self._wide:
             uc.reg_write(X.UC_X86_REG_FS_BASE, ctx.fs.base)
             uc.reg_write(X.UC_X86_REG_GS_BASE, ctx.gs.base)
-        for r in GPRS:
-            uc.reg_write(getattr(X, f"UC_X86_REG_{r.upper()}"), getattr(ctx, r))
-        uc.reg_write(X.UC_X86_REG_RFLAGS, ctx.rflags)
+        mask = (1 << 64) - 1 if self._wide else 0xFFFFFFFF
+        for r, reg in self._gprs():
+            uc.reg_write(reg, getattr(ctx, r) & mask)
+        ip, flags = self._ip_flags()
+        uc.reg_write(flags, ctx.rflags & mask)
         if ctx.cr4 & (1 << 9):  # OSFXSR: the guest uses SSE
             for i in range(16 if self._mode == "long64" else 8):
                 uc.reg_write(getattr(X, f"UC_X86_REG_XMM{i}"), ctx.xmm(i))
-            uc.reg_write(X.UC_X86_REG_MXCSR, ctx.mxcsr)
-        uc.reg_write(X.UC_X86_REG_RIP, ctx.rip)
+        uc.reg_write(ip, ctx.rip & mask)
+        if uc.reg_read(ip) != ctx.rip & mask:
+            raise HandoverError(f"vcpu {cpu.id}: Unicorn did not take RIP {ctx.rip:#x} in "
+                                f"{self._mode} mode")
 
     def store(self, uc: Any, cpu: KvmCPU) -> None:
         X = self.X
         ctx = cpu.get_context()
         old_mode = self._mode
-        for r in GPRS:
-            v = uc.reg_read(getattr(X, f"UC_X86_REG_{r.upper()}"))
-            if v != getattr(ctx, r):
-                setattr(ctx, r, v)
-        ctx.rip = uc.reg_read(X.UC_X86_REG_RIP)
-        ctx.rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
+        for r, reg in self._gprs():
+            v = uc.reg_read(reg)
+            if self._wide:
+                if v != getattr(ctx, r):
+                    setattr(ctx, r, v)
+            elif v != getattr(ctx, r) & 0xFFFFFFFF:
+                # 16/32-bit code writes the low half and zero-extends nothing: keep the
+                # upper half KVM had (it is invisible here and unchanged by this code)
+                setattr(ctx, r, (getattr(ctx, r) & ~0xFFFFFFFF) | v)
+        ip, flags = self._ip_flags()
+        ctx.rip = uc.reg_read(ip)
+        ctx.rflags = uc.reg_read(flags)
         for cr in ("cr0", "cr2", "cr3", "cr4"):
             v = uc.reg_read(getattr(X, f"UC_X86_REG_{cr.upper()}"))
             if v != getattr(ctx, cr):
@@ -197,9 +229,6 @@ class X86EmuGlue:
                 v = uc.reg_read(getattr(X, f"UC_X86_REG_XMM{i}"))
                 if v != ctx.xmm(i):
                     ctx.set_xmm(i, v)
-            mx = uc.reg_read(X.UC_X86_REG_MXCSR)
-            if mx != ctx.mxcsr:
-                ctx.mxcsr = mx
 
     # --- running -------------------------------------------------------------------------
 
@@ -217,7 +246,7 @@ class X86EmuGlue:
 
     def pc(self, uc: Any) -> int:
         X = self.X
-        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        rip = uc.reg_read(self._ip_flags()[0])
         if self._mode in ("real", "protected16"):
             # Unicorn's 16-bit start address is linear (CS * 16 + IP)
             return uc.reg_read(X.UC_X86_REG_CS) * 16 + (rip & 0xFFFF)
@@ -242,8 +271,6 @@ class X86EmuGlue:
         return cs.Cs(cs.CS_ARCH_X86, cm)
 
     def registers(self, uc: Any) -> dict[str, int]:
-        X = self.X
-        names = GPRS if self._mode in ("long64", "compat") else GPRS[:8]
-        out = {r: uc.reg_read(getattr(X, f"UC_X86_REG_{r.upper()}")) for r in names}
-        out["rflags"] = uc.reg_read(X.UC_X86_REG_RFLAGS)
+        out = {r: uc.reg_read(reg) for r, reg in self._gprs()}
+        out["rflags"] = uc.reg_read(self._ip_flags()[1])
         return out
