@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from kvmfw.errors import StateError
+from kvmfw.errors import RunTimeoutError, StateError
 
 if TYPE_CHECKING:
     from kvmfw.cpu import KvmCPU
@@ -349,10 +349,11 @@ class EmulatedCPU:
 
     # --- running -------------------------------------------------------------------------
 
-    def run(self, max_insts: int) -> int:
+    def run(self, max_insts: int, *, timeout: float | None = None) -> int:
         """Emulate at most ``max_insts`` instructions; returns how many completed. Ends
         early before a wait instruction, when the machine is asked to stop, or on an error
-        (raised here, with the context still consistent at the last instruction)."""
+        (raised here, with the context still consistent at the last instruction).
+        ``timeout``: host seconds, then :class:`RunTimeoutError` (status 124)."""
         uc, glue, cpu = self.uc, self.glue, self.cpu
         if uc is None or glue is None or cpu is None:
             raise HandoverError("the emulated CPU runs no vCPU: call take_over_from first")
@@ -364,6 +365,7 @@ class EmulatedCPU:
         self.machine.stop_requested = False
         self.stop_reason = "instruction budget reached"
         self._error = None
+        self._deadline = None if timeout is None else time.monotonic() + timeout
         t0 = time.monotonic_ns()
         m = self.machine
         try:
@@ -395,9 +397,13 @@ class EmulatedCPU:
             eq.cur_tick += self._done * self.ticks_per_inst
         if self._error is not None:
             raise self._error
+        if self._deadline is not None and self.stop_reason == "host timeout":
+            m.request_exit(124, f"host timeout of {timeout:g} s reached")
+            raise RunTimeoutError(m.exit_reason)
         return self._done
 
     _stopped_on_purpose = False
+    _deadline: float | None = None
 
     def _stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -414,6 +420,10 @@ class EmulatedCPU:
         if self._done >= self._budget or self.machine.stop_requested:
             self._stop("instruction budget reached" if self._done >= self._budget
                        else "machine stop requested")
+            return
+        if self._deadline is not None and not self._done & 0xFFF \
+                and time.monotonic() > self._deadline:
+            self._stop("host timeout")
             return
         code = bytes(uc.mem_read(address, size)) if size <= 16 else b""
         assert self.glue is not None

@@ -22,13 +22,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from kvmfw.config import MAX_INSTS
 from kvmfw.errors import ConfigError
 
 if TYPE_CHECKING:
     from kvmfw.cpu import KvmCPU
     from kvmfw.machine import Machine, RunResult
-
-MAX_INSTS = 1 << 48
 
 
 def kvm_approach(machine: Machine, cpu: KvmCPU, n: int) -> int:
@@ -41,8 +40,8 @@ def kvm_approach(machine: Machine, cpu: KvmCPU, n: int) -> int:
     return 0
 
 
-def run_until_instructions(machine: Machine, n: int, *,
-                           timeout: float | None = None) -> RunResult:
+def run_until_instructions(machine: Machine, n: int, *, timeout: float | None = None,
+                           trace: Any = None) -> RunResult:
     """Run vCPU 0 for exactly ``n`` instructions (see the module docstring)."""
     from kvmfw.emu import EmulatedCPU, insts_stats
     from kvmfw.machine import RunResult
@@ -57,13 +56,17 @@ def run_until_instructions(machine: Machine, n: int, *,
     t0 = time.monotonic()
     measured = kvm_approach(machine, cpu, n)
     st["measured"] += measured
-    emu = EmulatedCPU(machine)
+    emu = EmulatedCPU(machine, trace=trace)
     emu.take_over_from(cpu)
     try:
-        done = emu.run(n - measured)
+        done = emu.run(n - measured, timeout=timeout)
     finally:
         emu.switch_out()
     st["method"] = "perf+emulated" if measured else "emulated"
+    if machine.stop_requested and machine.exit_reason:
+        reason = machine.exit_reason  # the guest ended the run meanwhile
+        return RunResult(machine.exit_status, reason, machine.eventq.cur_tick,
+                         time.monotonic() - t0)
     if measured + done < n:
         reason = (f"stopped after {measured + done} of {n} instructions: "
                   f"{emu.stop_reason}")
