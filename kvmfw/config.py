@@ -360,10 +360,10 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
             out[key] = n
         elif key in ("switch_at", "emulate_insts", "max_insts"):
             n = _number(name, value, int, "a whole number")
-            lo = 1 if key == "emulate_insts" else 0
-            hi = MAX_TICKS if key == "switch_at" else MAX_INSTS
-            if not lo <= n <= hi:
-                raise ConfigError(f"{name} {n}: must be between {lo} and {hi}")
+            least = 1 if key == "emulate_insts" else 0
+            most = MAX_TICKS if key == "switch_at" else MAX_INSTS
+            if not least <= n <= most:
+                raise ConfigError(f"{name} {n}: must be between {least} and {most}")
             out[key] = n
         elif key == "trace":
             _expect(name, value, (str,), "a file name")

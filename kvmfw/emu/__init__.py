@@ -22,7 +22,8 @@ extra ``kvmfw[emu]`` (with Capstone for the trace); without it a hand-over raise
 Rules while a CPU is emulated (one place, here):
 
 - **Instruction count** is exact: every instruction Unicorn completes is counted by a code
-  hook (``EmulatedCPU.instructions``, and ``emulated_instructions`` in the stats group ``system.cpu<i>.insts``).
+  hook (``EmulatedCPU.instructions``, and ``emulated`` in the stats group
+  ``system.cpu<i>.insts``).
 - **Interrupts are held**: an interrupt a device raises while the CPU is emulated (e.g. from
   an ``out`` the emulator forwarded) stays pending in the interrupt model
   (``cpu.interrupt_pending``) and is delivered by the arch's ``deliver_interrupts`` at the

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.emu import HandoverError, require_capstone, require_unicorn
-
 from kvmfw_armv8 import regs
 
 if TYPE_CHECKING:

@@ -11,16 +11,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from kvmfw_armv8 import regs
 from kvmfw_armv8.context import ArmV8Context
 
 unicorn = pytest.importorskip("unicorn", reason="the emulated CPU needs the 'emu' extra")
 pytest.importorskip("capstone", reason="the trace needs the 'emu' extra (capstone)")
 
-from kvmfw.emu import HandoverError  # noqa: E402
-
 from kvmfw_armv8.emu import SYSREGS, ArmV8EmuGlue  # noqa: E402
+
+from kvmfw.emu import HandoverError  # noqa: E402
 
 GUEST = (Path(__file__).parent / "guests" / "handover.bin").read_bytes()
 RAM, RAM_SIZE, DEV = 0x40000000, 4 << 20, 0x0A000000

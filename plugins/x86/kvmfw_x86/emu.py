@@ -8,8 +8,8 @@ virtual-8086 mode, "big"/unreal mode and any protected-mode segment whose cached
 limit differs from its descriptor (Unicorn reloads segments from the GDT, so it could not
 keep them), an event KVM still has to inject. Unicorn does not model the x87 stack, AVX or
 MSRs beyond EFER/FS/GS base: general, segment, control registers, RFLAGS and XMM0-15 move
-(not MXCSR: Unicorn 2.1 does not expose it); the rest stays in the context untouched (a guest using x87/AVX under emulation
-sees Unicorn's reset values; documented, not checked).
+(not MXCSR: Unicorn 2.1 does not expose it); the rest stays in the context untouched (a
+guest using x87/AVX under emulation sees Unicorn's reset values; documented, not checked).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class X86EmuGlue:
             raise HandoverError(f"{where}: VMX operation (CR4.VMXE) cannot be emulated; it "
                                 "stays on KVM")
         ev = getattr(ctx, "_events", None)
-        if ev is not None and getattr(getattr(ev, "smi", None), "smm", 0):
+        smi = getattr(ev, "smi", None) if ev is not None else None
+        if smi is not None and int(smi.smm):
             raise HandoverError(f"{where}: the CPU is in SMM, which the emulator does not "
                                 "model; switch after it leaves SMM")
         if mode == "vm86":

@@ -7,10 +7,10 @@ import io
 from typing import Any
 
 import pytest
+from conftest import GUESTS, make_machine, requires_kvm
 from kvmfw.device import Range
 from kvmfw.emu import EmulatedCPU, HandoverError, Trace
 
-from conftest import GUESTS, make_machine, requires_kvm
 from kvmfw_x86 import loaders
 
 pytest.importorskip("unicorn", reason="the emulated CPU needs the 'emu' extra (unicorn)")
