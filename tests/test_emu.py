@@ -12,8 +12,16 @@ import pytest
 
 from kvmfw import hookspecs
 from kvmfw.config import MAX_INSTS, Source, check_run_config
-from kvmfw.emu import (EmulatedCPU, EmuUnavailableError, HandoverError, Trace, TraceRecord,
-                       _runs, emulate, require_unicorn)
+from kvmfw.emu import (
+    EmulatedCPU,
+    EmuUnavailableError,
+    HandoverError,
+    Trace,
+    TraceRecord,
+    _runs,
+    emulate,
+    require_unicorn,
+)
 from kvmfw.errors import ConfigError, StateError
 
 
