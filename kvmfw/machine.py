@@ -766,6 +766,9 @@ class Machine:
         self._closed = True
         if self.gdb is not None:
             self.gdb.close()
+        emu = self.__dict__.get("_emulated_cpu")
+        if emu is not None:  # its engines map guest RAM: drop them before the RAM goes
+            emu.close()
         for d in self.devices:
             try:
                 d.close()

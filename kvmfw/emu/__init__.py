@@ -105,6 +105,10 @@ class EmuGlue(Protocol):
     def create(self, cpu: KvmCPU) -> Any:
         """A new ``unicorn.Uc`` for ``cpu``'s architecture and mode (RAM not yet mapped)."""
 
+    def uc_key(self, cpu: KvmCPU) -> Any:
+        """Which engines :meth:`create` makes for ``cpu`` now are interchangeable (e.g. the
+        x86 Unicorn mode): the core reuses a kept engine with the same key."""
+
     def load(self, uc: Any, cpu: KvmCPU) -> None:
         """Copy the thread context into ``uc`` (called after RAM and MMIO are mapped)."""
 
@@ -211,6 +215,7 @@ class EmulatedCPU:
         self._cs: Any = None
         self._cs_mode = ""
         self._error: BaseException | None = None
+        self._engines: dict[tuple[str, Any, int], tuple[Any, Any]] = {}
 
     # --- plugin hooks --------------------------------------------------------------------
 
@@ -244,14 +249,8 @@ class EmulatedCPU:
             raise HandoverError(f"the {machine.arch} plugin has no emulated CPU (emu_glue)")
         machine.drain()
         glue.verify(cpu)
-        uc = glue.create(cpu)
-        self._map_memory(uc_mod, uc, cpu)
+        uc = self._engine(uc_mod, glue, cpu)
         glue.load(uc, cpu)
-        glue.install_io(uc, self)
-        uc.hook_add(uc_mod.UC_HOOK_CODE, self._on_code)
-        if self._mem_hooks:
-            uc.hook_add(uc_mod.UC_HOOK_MEM_READ | uc_mod.UC_HOOK_MEM_WRITE, self._on_mem)
-        uc.hook_add(uc_mod.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self.uc, self.glue, self.cpu = uc, glue, cpu
         cpu.switched_out = True
         self.handovers += 1
@@ -272,6 +271,34 @@ class EmulatedCPU:
         cpu.switched_out = False
         self.cpu = self.uc = self.glue = None
         self._cs = None
+
+    def _engine(self, uc_mod: Any, glue: EmuGlue, cpu: KvmCPU) -> Any:
+        """A Unicorn for ``glue``'s current mode with RAM, devices and hooks in place.
+
+        Engines are kept per (arch, mode kind, vCPU) and reused while the RAM regions and
+        MMIO mappings are unchanged: creating one and mapping RAM costs milliseconds, a
+        reused one only has its translation caches flushed (KVM may have changed code and
+        page tables meanwhile; Unicorn cannot see stores it did not make)."""
+        kind = getattr(glue, "uc_key", lambda c: "")(cpu)
+        key = (glue.arch, kind, cpu.id)
+        layout = (tuple((r.gpa, r.size, r.host_addr, r.readonly) for r in self.machine.memory),
+                  tuple((m.base, m.size) for m in self.machine.bus.mmio.mappings()),
+                  len(self._mem_hooks))
+        cached = self._engines.get(key)
+        if cached is not None and cached[1] == layout:
+            uc = cached[0]
+            uc.ctl_flush_tb()
+            uc.ctl(uc_mod.UC_CTL_TLB_FLUSH, uc_mod.UC_CTL_IO_WRITE)
+            return uc
+        uc = glue.create(cpu)
+        self._map_memory(uc_mod, uc, cpu)
+        glue.install_io(uc, self)
+        uc.hook_add(uc_mod.UC_HOOK_CODE, self._on_code)
+        if self._mem_hooks:
+            uc.hook_add(uc_mod.UC_HOOK_MEM_READ | uc_mod.UC_HOOK_MEM_WRITE, self._on_mem)
+        uc.hook_add(uc_mod.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        self._engines[key] = (uc, layout)
+        return uc
 
     def _map_memory(self, uc_mod: Any, uc: Any, cpu: KvmCPU) -> None:
         ram = []
@@ -472,6 +499,7 @@ class EmulatedCPU:
     def close(self) -> None:
         if self.cpu is not None:
             self.switch_out()
+        self._engines.clear()
         if self.trace is not None:
             self.trace.close()
 
@@ -509,10 +537,20 @@ def emulate(machine: Machine, insts: int, *, cpu: int = 0, trace: Trace | None =
     the number emulated."""
     if not 0 <= cpu < len(machine.cpus):
         raise StateError(f"no vcpu {cpu} (the machine has {len(machine.cpus)})")
-    e = emu or EmulatedCPU(machine, trace=trace)
+    e = emu
+    if e is None:
+        # one emulator per machine, kept between calls: its engines (and their mapped
+        # RAM) are reused, which makes a round trip cheap
+        e = getattr(machine, "_emulated_cpu", None)
+        if e is None:
+            e = EmulatedCPU(machine)
+            machine._emulated_cpu = e  # type: ignore[attr-defined]
+        e.trace = trace
     kcpu = machine.cpus[cpu]
     e.take_over_from(kcpu)
     try:
         return e.run(insts)
     finally:
         e.switch_out()  # (the trace stays open: its owner closes it)
+        if emu is None:
+            e.trace = None

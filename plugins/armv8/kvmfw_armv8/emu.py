@@ -67,6 +67,9 @@ class ArmV8EmuGlue:
             if f is None:
                 raise HandoverError(f"vcpu {cpu.id}: no id for system register {name}")
 
+    def uc_key(self, cpu: Any) -> str:
+        return "aarch64"
+
     def create(self, cpu: Any) -> Any:
         u = self.uc_mod
         return u.Uc(u.UC_ARCH_ARM64, u.UC_MODE_ARM)

@@ -117,13 +117,18 @@ class X86EmuGlue:
 
     # --- state ---------------------------------------------------------------------------
 
-    def create(self, cpu: KvmCPU) -> Any:
+    def uc_key(self, cpu: KvmCPU) -> int:
+        """Unicorn's x86 mode for the vCPU's mode (it fixes register names and how the
+        start address is read): 16 (real, 16-bit protected), 32 or 64 (long mode)."""
         u = self.uc_mod
         mode = cpu.get_context().mode
         self._mode = mode
-        um = {"real": u.UC_MODE_16, "protected16": u.UC_MODE_16}.get(
-            mode, u.UC_MODE_64 if mode in ("long64", "compat") else u.UC_MODE_32)
-        return u.Uc(u.UC_ARCH_X86, um)
+        return int({"real": u.UC_MODE_16, "protected16": u.UC_MODE_16}.get(
+            mode, u.UC_MODE_64 if mode in ("long64", "compat") else u.UC_MODE_32))
+
+    def create(self, cpu: KvmCPU) -> Any:
+        u = self.uc_mod
+        return u.Uc(u.UC_ARCH_X86, self.uc_key(cpu))
 
     @property
     def _wide(self) -> bool:
