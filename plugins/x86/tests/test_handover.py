@@ -203,3 +203,32 @@ def test_until_instructions_stops_with_the_guest_counter_at_n() -> None:
             assert m.cpus[0].get_context().r12 == 4096
         finally:
             m.close()
+
+
+def test_interrupt_raised_while_emulated_is_held_until_kvm() -> None:
+    """The documented rule: an interrupt raised while the CPU is emulated is not delivered
+    by the emulator; it stays pending and KVM delivers it after the switch back (here at
+    the guest's ``sti; hlt``)."""
+    from kvmfw_x86.plugin import X86Plugin
+
+    m, rep = make_machine(irqchip="userspace")
+    try:
+        loaders.load(m, str(GUESTS / "irq.bin"), {"load_addr": 0x7C00})
+        st = X86Plugin.state(m.hooks.pm.get_plugin("arch:x86"), m)  # type: ignore[arg-type]
+        line = m.irq(0)
+        emu = EmulatedCPU(m)
+        # a plugin's per-instruction hook raises IRQ 0 at the 9th instruction (the IVT
+        # entries for it are written by then: 2 movs for DS, 6 for the IVT)
+        emu.add_instruction_hook(lambda e, pc, size: line.pulse() if e._done == 8 else None)
+        emu.take_over_from(m.cpus[0])
+        n = emu.run(12)
+        emu.switch_out()
+        assert n == 12 and m.cpus[0].get_context().mode == "real"
+        assert list(st.interrupts.delivered) == [] and rep.values == []  # held
+        assert m.cpus[0].interrupt_pending
+        r = m.run(timeout=60)
+        assert r.reason == "all vCPUs halted and no event is pending"
+        assert rep.values == [0x20]  # delivered by KVM after the switch back
+        assert list(st.interrupts.delivered) == [(0, 0x20)]
+    finally:
+        m.close()
