@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from kvmfw.errors import RunTimeoutError, StateError
+from kvmfw.hookspecs import SyncLevel
 
 if TYPE_CHECKING:
     from kvmfw.cpu import KvmCPU
@@ -234,10 +235,13 @@ class EmulatedCPU:
     def active(self) -> bool:
         return self.cpu is not None
 
-    def take_over_from(self, cpu: KvmCPU) -> None:
+    def take_over_from(self, cpu: KvmCPU, *, drain: bool = True) -> None:
         """Take ``cpu`` over from KVM (gem5's ``takeOverFrom``): drain the machine, check
         the mode, map RAM and devices, load the context. ``cpu`` is switched out; nothing
-        changes if the state is refused."""
+        changes if the state is refused.
+
+        ``drain=False`` (the machine is stopped mid-run, e.g. by the GDB stub): no drain,
+        but ``cpu`` must have no IO/MMIO completion pending."""
         uc_mod = require_unicorn()
         if self.cpu is not None:
             raise HandoverError(f"this emulated CPU already runs vcpu {self.cpu.id}")
@@ -247,7 +251,14 @@ class EmulatedCPU:
         glue = machine.hooks.call("emu_glue", cpu=cpu)
         if glue is None:
             raise HandoverError(f"the {machine.arch} plugin has no emulated CPU (emu_glue)")
-        machine.drain()
+        if drain:
+            machine.drain()
+        else:
+            if cpu.status.value in ("RunningServiceCompletion", "RunningMMIOPending") or \
+                    (cpu.status.value == "RunningService" and cpu.last_exit in (2, 6)):
+                raise HandoverError(f"vcpu {cpu.id} is in the middle of an IO/MMIO access; "
+                                    "step it on KVM first")
+            cpu.get_context(SyncLevel.FULL)
         glue.verify(cpu)
         uc = self._engine(uc_mod, glue, cpu)
         glue.load(uc, cpu)
@@ -388,9 +399,6 @@ class EmulatedCPU:
         if max_insts < 0:
             raise ValueError("max_insts must be >= 0")
         self._budget, self._done = max_insts, 0
-        # between runs the flag still says why the last run stopped: a new slice starts
-        # afresh (a device or the guest may stop it again)
-        self.machine.stop_requested = False
         self.stop_reason = "instruction budget reached"
         self._error = None
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -531,10 +539,10 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
 
 
 def emulate(machine: Machine, insts: int, *, cpu: int = 0, trace: Trace | None = None,
-            emu: EmulatedCPU | None = None) -> int:
+            emu: EmulatedCPU | None = None, drain: bool = True) -> int:
     """Switch vCPU ``cpu`` to an emulated CPU, run ``insts`` instructions exactly (fewer if
     it reaches a wait instruction or the machine stops) and switch it back to KVM; returns
-    the number emulated."""
+    the number emulated. ``drain=False``: called inside a stopped run (the GDB stub)."""
     if not 0 <= cpu < len(machine.cpus):
         raise StateError(f"no vcpu {cpu} (the machine has {len(machine.cpus)})")
     e = emu
@@ -547,7 +555,11 @@ def emulate(machine: Machine, insts: int, *, cpu: int = 0, trace: Trace | None =
             machine._emulated_cpu = e  # type: ignore[attr-defined]
         e.trace = trace
     kcpu = machine.cpus[cpu]
-    e.take_over_from(kcpu)
+    if drain:
+        # between runs the flag still says why the last run stopped: this slice starts
+        # afresh (a device or the guest may stop it again)
+        machine.stop_requested = False
+    e.take_over_from(kcpu, drain=drain)
     try:
         return e.run(insts)
     finally:

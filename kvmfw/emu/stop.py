@@ -56,6 +56,7 @@ def run_until_instructions(machine: Machine, n: int, *, timeout: float | None = 
     t0 = time.monotonic()
     measured = kvm_approach(machine, cpu, n)
     st["measured"] += measured
+    machine.stop_requested = False  # (why the previous run stopped: a new run)
     emu = EmulatedCPU(machine, trace=trace)
     emu.take_over_from(cpu)
     try:
