@@ -135,6 +135,13 @@ class EmuGlue(Protocol):
     def mode(self, uc: Any) -> str:
         """A short name of the mode ``uc`` is in (e.g. ``long64``, ``el1``)."""
 
+    # Optional (looked up with getattr): ``code_address(uc, vaddr) -> int | None``, the
+    # physical address of a virtual one under ``uc``'s current paging (Unicorn reads
+    # physical memory: without it the trace reads instruction bytes at the virtual
+    # address, right only where the guest maps code 1:1), and ``translation_key(uc)``,
+    # what those translations depend on (e.g. CR3): the core caches them per page until
+    # it changes.
+
 
 @dataclass
 class TraceRecord:
@@ -217,6 +224,8 @@ class EmulatedCPU:
         self._cs_mode = ""
         self._error: BaseException | None = None
         self._engines: dict[tuple[str, Any, int], tuple[Any, Any]] = {}
+        self._tcache: dict[int, int] = {}
+        self._tkey: Any = None
 
     # --- plugin hooks --------------------------------------------------------------------
 
@@ -262,6 +271,7 @@ class EmulatedCPU:
         glue.verify(cpu)
         uc = self._engine(uc_mod, glue, cpu)
         glue.load(uc, cpu)
+        self._tcache.clear()
         self.uc, self.glue, self.cpu = uc, glue, cpu
         cpu.switched_out = True
         self.handovers += 1
@@ -461,8 +471,8 @@ class EmulatedCPU:
                 and time.monotonic() > self._deadline:
             self._stop("host timeout")
             return
-        code = bytes(uc.mem_read(address, size)) if size <= 16 else b""
         assert self.glue is not None
+        code = self._code(uc, address, size)
         if self.glue.is_wait(code):
             self._stop("wait instruction (left for KVM)")
             return
@@ -475,6 +485,37 @@ class EmulatedCPU:
         if self.trace is not None:
             self._trace(uc, address, code)
         self._done += 1
+
+    def _code(self, uc: Any, address: int, size: int) -> bytes:
+        """The bytes of the instruction at virtual ``address``: Unicorn reads physical
+        memory, so the glue translates (``code_address``) when paging is on; a page's
+        translation is kept until the glue's translation key (e.g. CR3) changes or the
+        next hand-over."""
+        if size > 16:
+            return b""
+        fn = getattr(self.glue, "code_address", None)
+        if fn is None:
+            return bytes(uc.mem_read(address, size))
+        page, off = address & ~(PAGE - 1), address & (PAGE - 1)
+        if off + size > PAGE:  # crossing a page: both halves
+            first = PAGE - off
+            return self._code(uc, address, first) + self._code(uc, page + PAGE, size - first)
+        key = getattr(self.glue, "translation_key", lambda _u: None)(uc)
+        if key != self._tkey:
+            self._tcache.clear()
+            self._tkey = key
+        phys = self._tcache.get(page)
+        if phys is None:
+            phys = fn(uc, page)
+            if phys is None:
+                return b""
+            if len(self._tcache) >= 4096:
+                self._tcache.clear()
+            self._tcache[page] = phys
+        try:
+            return bytes(uc.mem_read(phys + off, size))
+        except Exception:  # an instruction fetched from a device page: no bytes to show
+            return b""
 
     def _trace(self, uc: Any, address: int, code: bytes) -> None:
         assert self.glue is not None and self.trace is not None

@@ -15,6 +15,7 @@ guest using x87/AVX under emulation sees Unicorn's reset values; documented, not
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.emu import HandoverError, require_capstone, require_unicorn
@@ -70,6 +71,7 @@ class X86EmuGlue:
         from unicorn import x86_const
         self.X = x86_const
         self._mode = "long64"
+        self._machine: Any = None
 
     # --- checks --------------------------------------------------------------------------
 
@@ -123,6 +125,7 @@ class X86EmuGlue:
         u = self.uc_mod
         mode = cpu.get_context().mode
         self._mode = mode
+        self._machine = cpu.machine
         return int({"real": u.UC_MODE_16, "protected16": u.UC_MODE_16}.get(
             mode, u.UC_MODE_64 if mode in ("long64", "compat") else u.UC_MODE_32))
 
@@ -257,6 +260,24 @@ class X86EmuGlue:
             # Unicorn's 16-bit start address is linear (CS * 16 + IP)
             return uc.reg_read(X.UC_X86_REG_CS) * 16 + (rip & 0xFFFF)
         return rip
+
+    def translation_key(self, uc: Any) -> tuple[int, int, int]:
+        """What a virtual-to-physical translation depends on (CR0.PG, CR3, CR4)."""
+        X = self.X
+        return (uc.reg_read(X.UC_X86_REG_CR0) >> 31, uc.reg_read(X.UC_X86_REG_CR3),
+                uc.reg_read(X.UC_X86_REG_CR4))
+
+    def code_address(self, uc: Any, vaddr: int) -> int | None:
+        """The physical address of linear ``vaddr`` under Unicorn's current paging state
+        (the plugin's page walk, on Unicorn's registers rather than the context's)."""
+        from kvmfw_x86.gdb import translate
+
+        X = self.X
+        regs = SimpleNamespace(cr0=uc.reg_read(X.UC_X86_REG_CR0),
+                               cr3=uc.reg_read(X.UC_X86_REG_CR3),
+                               cr4=uc.reg_read(X.UC_X86_REG_CR4), efer=uc.msr_read(MSR_EFER))
+        view = SimpleNamespace(machine=self._machine, get_context=lambda *_a: regs)
+        return translate(view, vaddr)
 
     def is_wait(self, code: bytes) -> bool:
         return code[:1] == b"\xf4"  # hlt

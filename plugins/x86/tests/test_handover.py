@@ -232,3 +232,24 @@ def test_interrupt_raised_while_emulated_is_held_until_kvm() -> None:
         assert list(st.interrupts.delivered) == [(0, 0x20)]
     finally:
         m.close()
+
+
+def test_trace_of_code_at_a_virtual_address_that_is_not_physical() -> None:
+    """gdb64.elf maps an alias of its first 2 MiB at 0xffff800000000000: code run there
+    under the emulator is traced with its own bytes (a page walk on Unicorn's CR3), and the
+    guest goes on correctly on KVM."""
+    high = 0xFFFF800000000000
+    m, rep = make_machine()
+    try:
+        loaders.load(m, str(GUESTS / "gdb64.elf"), {})
+        assert m.emulate(5) == 5  # rsp, the two page table entries, cr3, the PML4 entry
+        ctx = m.cpus[0].get_context()
+        rip = ctx.rip
+        ctx.rip = high + rip  # go on in the alias
+        lines: list[str] = []
+        assert m.emulate(2, trace=Trace(callback=lambda r: lines.append(str(r)))) == 2
+        assert f"{high + rip:#018x}: bf 03 00 00 00" in lines[0] and "mov edi, 3" in lines[0]
+        assert "mov esi, 4" in lines[1]
+        assert m.cpus[0].get_context().rip == high + rip + 10
+    finally:
+        m.close()
