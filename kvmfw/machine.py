@@ -416,6 +416,10 @@ class Machine:
         """
         if self._closed:
             raise KvmfwError("this machine is closed")
+        out = [c.id for c in self.cpus if c.switched_out]
+        if out:
+            raise StateError(f"vcpu {out[0]} is switched out (an emulated CPU runs it): "
+                             "take it back with cpu.take_over_from(emu) first")
         if until_instructions is not None:
             from kvmfw.emu.stop import run_until_instructions
 

@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from kvmfw.errors import RunTimeoutError, StateError
-from kvmfw.hookspecs import SyncLevel
 
 if TYPE_CHECKING:
     from kvmfw.cpu import KvmCPU
@@ -254,26 +253,20 @@ class EmulatedCPU:
         uc_mod = require_unicorn()
         if self.cpu is not None:
             raise HandoverError(f"this emulated CPU already runs vcpu {self.cpu.id}")
-        if getattr(cpu, "switched_out", False):
-            raise HandoverError(f"vcpu {cpu.id} is already switched out")
         machine = self.machine
         glue = machine.hooks.call("emu_glue", cpu=cpu)
         if glue is None:
             raise HandoverError(f"the {machine.arch} plugin has no emulated CPU (emu_glue)")
-        if drain:
-            machine.drain()
-        else:
-            if cpu.status.value in ("RunningServiceCompletion", "RunningMMIOPending") or \
-                    (cpu.status.value == "RunningService" and cpu.last_exit in (2, 6)):
-                raise HandoverError(f"vcpu {cpu.id} is in the middle of an IO/MMIO access; "
-                                    "step it on KVM first")
-            cpu.get_context(SyncLevel.FULL)
-        glue.verify(cpu)
-        uc = self._engine(uc_mod, glue, cpu)
-        glue.load(uc, cpu)
+        cpu.switch_out(drain=drain)
+        try:
+            glue.verify(cpu)
+            uc = self._engine(uc_mod, glue, cpu)
+            glue.load(uc, cpu)
+        except BaseException:
+            cpu.switched_out = False  # refused: the vCPU stays on KVM, unchanged
+            raise
         self._tcache.clear()
         self.uc, self.glue, self.cpu = uc, glue, cpu
-        cpu.switched_out = True
         self.handovers += 1
         machine.hooks.call("emu_started", emu=self)
 

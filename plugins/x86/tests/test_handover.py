@@ -10,6 +10,7 @@ import pytest
 from conftest import GUESTS, make_machine, requires_kvm
 from kvmfw.device import Range
 from kvmfw.emu import EmulatedCPU, HandoverError, Trace
+from kvmfw.errors import StateError
 
 from kvmfw_x86 import loaders
 
@@ -150,8 +151,12 @@ def test_trace_with_registers_and_plugin_hooks() -> None:
         emu.take_over_from(m.cpus[0])
         assert m.cpus[0].switched_out
         assert emu.run(17) == 17
-        emu.switch_out()
-        assert not m.cpus[0].switched_out
+        with pytest.raises(StateError, match="switched out"):
+            m.run(timeout=10)  # KVM must not run a vCPU the emulator holds
+        with pytest.raises(StateError, match="already switched out"):
+            EmulatedCPU(m).take_over_from(m.cpus[0])
+        m.cpus[0].take_over_from(emu)  # gem5's names: back to KVM
+        assert not m.cpus[0].switched_out and emu.cpu is None
         assert len(seen) == 17 and seen[0] == 0x100000
         assert ("read", 0xD0001000) in mem and ("write", 0xD0001000) in mem
         first = buf.getvalue().splitlines()[0]
