@@ -29,6 +29,9 @@ Rules while a CPU is emulated (one place, here):
   (``cpu.interrupt_pending``) and is delivered by the arch's ``deliver_interrupts`` at the
   first KVM entry after the switch back, i.e. at the instruction boundary where the
   emulated slice ended. The emulator never synthesises an IDT/vector-table entry.
+- **Exceptions end the slice**: an instruction that raises an exception or interrupt
+  under emulation (``int n``, a fault, an opcode Unicorn lacks) is not counted; the slice
+  ends before it and KVM executes it, delivering the event through the guest's tables.
 - **Waiting instructions end the slice**: the emulator stops *before* an instruction the
   glue calls a wait (x86 ``hlt``, AArch64 ``wfi``/``wfe``) and does not count it; the KVM
   CPU executes it after the switch back, so halting and wake-up stay KVM's.
@@ -120,6 +123,9 @@ class EmuGlue(Protocol):
 
     def pc(self, uc: Any) -> int:
         """The program counter (virtual address of the next instruction)."""
+
+    def set_pc(self, uc: Any, address: int) -> None:
+        """Point the next instruction at ``address`` (as the code hook reports it)."""
 
     def is_wait(self, code: bytes) -> bool:
         """Whether the instruction starting with ``code`` waits for an interrupt (hlt, wfi):
@@ -311,6 +317,7 @@ class EmulatedCPU:
         if self._mem_hooks:
             uc.hook_add(uc_mod.UC_HOOK_MEM_READ | uc_mod.UC_HOOK_MEM_WRITE, self._on_mem)
         uc.hook_add(uc_mod.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr)
         self._engines[key] = (uc, layout)
         return uc
 
@@ -413,14 +420,23 @@ class EmulatedCPU:
                     self.stop_reason = "machine stop requested"
                     break
                 before = self._done
+                self._stopped_on_purpose = False
+                self._rewind = None
                 try:
                     # count=0 is "no limit" in Unicorn; the code hook enforces the budget
                     uc.emu_start(glue.pc(uc), -1 & 0xFFFFFFFFFFFFFFFF, 0, 0)
                 except Exception as exc:  # UcError: the guest did what Unicorn cannot
+                    if self._error is None and self._last_pc is not None and \
+                            "INSN_INVALID" in str(getattr(exc, "args", [""])) + repr(exc):
+                        # an instruction Unicorn does not know (or #UD): KVM runs it
+                        self._hand_back(uc, "an instruction the emulator does not model")
+                        break
                     if self._error is None:
                         raise HandoverError(
                             f"vcpu {cpu.id}: the emulator failed at pc {glue.pc(uc):#x} "
                             f"after {self._done} instructions: {exc}") from None
+                if self._rewind is not None:
+                    glue.set_pc(uc, self._rewind)
                 if self._stopped_on_purpose:
                     break
                 if self._done == before:
@@ -442,6 +458,22 @@ class EmulatedCPU:
         return self._done
 
     _stopped_on_purpose = False
+    _rewind: int | None = None
+    _last_pc: int | None = None
+
+    def _hand_back(self, uc: Any, why: str) -> None:
+        """The instruction at the last code-hook address raised an exception or interrupt
+        (``int n``, a fault, an unknown opcode): it is not counted, the PC goes back to it
+        and the slice ends, so KVM executes it and delivers the event through the guest's
+        own tables (the emulator never synthesises an IDT/vector-table entry)."""
+        self._done -= 1
+        self._rewind = self._last_pc
+        if self.glue is not None and self._last_pc is not None:
+            self.glue.set_pc(uc, self._last_pc)
+        self._stop(f"{why} (left for KVM)")
+
+    def _on_intr(self, uc: Any, intno: int, _data: Any) -> None:
+        self._hand_back(uc, f"exception/interrupt {intno}")
     _deadline: float | None = None
 
     def _stop(self, reason: str) -> None:
@@ -455,7 +487,6 @@ class EmulatedCPU:
         self._stop(f"error: {exc}")
 
     def _on_code(self, uc: Any, address: int, size: int, _data: Any) -> None:
-        self._stopped_on_purpose = False
         if self._done >= self._budget or self.machine.stop_requested:
             self._stop("instruction budget reached" if self._done >= self._budget
                        else "machine stop requested")
@@ -477,6 +508,7 @@ class EmulatedCPU:
                 return
         if self.trace is not None:
             self._trace(uc, address, code)
+        self._last_pc = address
         self._done += 1
 
     def _code(self, uc: Any, address: int, size: int) -> bytes:

@@ -142,6 +142,9 @@ class ArmV8EmuGlue:
     def pc(self, uc: Any) -> int:
         return int(uc.reg_read(self.A.UC_ARM64_REG_PC))
 
+    def set_pc(self, uc: Any, address: int) -> None:
+        uc.reg_write(self.A.UC_ARM64_REG_PC, address)
+
     def is_wait(self, code: bytes) -> bool:
         return code[:4] in (WFI, WFE)
 

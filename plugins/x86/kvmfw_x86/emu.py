@@ -72,6 +72,7 @@ class X86EmuGlue:
         self.X = x86_const
         self._mode = "long64"
         self._machine: Any = None
+        self._cs_base = 0
 
     # --- checks --------------------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class X86EmuGlue:
         for r, reg in self._gprs():
             uc.reg_write(reg, getattr(ctx, r) & mask)
         ip, flags = self._ip_flags()
+        self._cs_base = 0 if self._mode == "long64" else ctx.cs.base
         uc.reg_write(flags, ctx.rflags & mask)
         if ctx.cr4 & (1 << 9):  # OSFXSR: the guest uses SSE
             for i in range(16 if self._mode == "long64" else 8):
@@ -278,6 +280,15 @@ class X86EmuGlue:
                                cr4=uc.reg_read(X.UC_X86_REG_CR4), efer=uc.msr_read(MSR_EFER))
         view = SimpleNamespace(machine=self._machine, get_context=lambda *_a: regs)
         return translate(view, vaddr)
+
+    def set_pc(self, uc: Any, address: int) -> None:
+        """``address`` is linear, as Unicorn's code hook gives it: IP/EIP is its offset in
+        CS (CS * 16 in 16-bit modes, the base KVM had for CS otherwise)."""
+        X = self.X
+        if self._mode in ("real", "protected16"):
+            uc.reg_write(X.UC_X86_REG_EIP, address - uc.reg_read(X.UC_X86_REG_CS) * 16)
+        else:
+            uc.reg_write(self._ip_flags()[0], address - self._cs_base)
 
     def is_wait(self, code: bytes) -> bool:
         return code[:1] == b"\xf4"  # hlt

@@ -258,3 +258,28 @@ def test_trace_of_code_at_a_virtual_address_that_is_not_physical() -> None:
         assert m.cpus[0].get_context().rip == high + rip + 10
     finally:
         m.close()
+
+
+def test_an_interrupt_instruction_is_left_to_kvm_which_delivers_it() -> None:
+    """``int $0x20`` under emulation is not counted: the slice ends before it and KVM
+    executes it through the guest's own IVT (irq.bin's handler reports the vector)."""
+    m, rep = make_machine()
+    try:
+        loaders.load(m, str(GUESTS / "irq.bin"), {"load_addr": 0x7C00})
+        assert m.emulate(4) == 4  # DS = 0 and the IVT entry for vector 0x20
+        m.memory.write(0x9000, b"\x90\xcd\x20\xf4")  # nop; int $0x20; hlt
+        ctx = m.cpus[0].get_context()
+        assert ctx.mode == "real" and ctx.cs.base == 0
+        ctx.rip = 0x9000
+        emu = EmulatedCPU(m)
+        emu.take_over_from(m.cpus[0])
+        assert emu.run(3) == 1  # the nop; the int is handed back
+        assert "exception/interrupt 32" in emu.stop_reason
+        m.cpus[0].take_over_from(emu)
+        assert m.cpus[0].get_context().rip == 0x9001
+        r = m.run(timeout=60)
+        assert r.reason == "all vCPUs halted and no event is pending"
+        assert rep.values == [0x20]
+        assert m.cpus[0].get_context().rip == 0x9004  # after the hlt
+    finally:
+        m.close()
