@@ -58,12 +58,15 @@ def rate(guest: str, insts: int, trace: bool, chunk: int) -> float:
         done = 0
         t0 = time.perf_counter()
         while done < insts:
-            n = emu.run(min(chunk, insts - done))
+            want = min(chunk, insts - done)
+            n = emu.run(want)
             done += n
-            if n < min(chunk, insts - done + n):  # the guest ended: start it again
+            if n < want:  # the guest ended (its exit port, or hlt): start it again
+                if not n and not m.stop_requested:
+                    raise SystemExit(f"the emulator made no progress: {emu.stop_reason}")
                 emu.switch_out()
-                ctx.rip = start["rip"]
-                ctx.r12 = 0
+                m.stop_requested = False
+                ctx.rip, ctx.rcx, ctx.r12 = start["rip"], start["rcx"], 0
                 emu.take_over_from(m.cpus[0])
         dt = time.perf_counter() - t0
         emu.switch_out()
