@@ -491,6 +491,16 @@ class _Signals:
 @click.option("--profile", is_flag=True, default=None,
               help="At the end, a table of exits by reason and device with their host time, "
                    "sync and timer costs, and the busiest ports and addresses (stderr).")
+@click.option("--switch-at", type=str, metavar="TICKS",
+              help="Hand vCPU 0 to the emulated CPU (Unicorn) at simulated tick TICKS for "
+              "--emulate-insts instructions, then back to KVM (needs kvmfw[emu]).")
+@click.option("--emulate-insts", type=str, metavar="N",
+              help="Instructions to emulate at --switch-at (exact; fewer before hlt/wfi).")
+@click.option("--trace", type=str, metavar="FILE",
+              help="Write every emulated instruction (address, bytes, disassembly) to FILE.")
+@click.option("--max-insts", type=str, metavar="N",
+              help="Stop after exactly N guest instructions of vCPU 0 (status 0; counted "
+              "by the emulated CPU without a PMU: see the stats group system.cpu0.insts).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits.
@@ -527,6 +537,7 @@ def _run(cfg: dict[str, Any]) -> int:
     if cfg.get("debug_flags"):
         debug.enable(cfg["debug_flags"])
     check_restore_keys(cfg)
+    _check_emu_keys(cfg)
     restore_dir = cfg.get("restore")
     arch = cfg.get("arch") or host_arch()
     plugin: Any = None
@@ -601,8 +612,7 @@ def _run(cfg: dict[str, Any]) -> int:
                 profile.install()
             t0 = time.monotonic()
             try:
-                result = machine.run(timeout=cfg.get("timeout"),
-                                     max_ticks=cfg.get("max_ticks"))
+                result = _run_machine(machine, cfg)
                 status, reason = result.status, result.reason
             except RunTimeoutError as exc:
                 status, reason, timed_out = exc.exit_status, str(exc), True
@@ -654,6 +664,57 @@ def _run(cfg: dict[str, Any]) -> int:
     if error is not None:
         raise error
     return host_status(status)
+
+
+def _check_emu_keys(cfg: dict[str, Any]) -> None:
+    """The hand-over and instruction-stop options go together only in these ways."""
+    has = {k for k in ("switch_at", "emulate_insts", "trace", "max_insts")
+           if cfg.get(k) is not None}
+    if ("switch_at" in has) != ("emulate_insts" in has):
+        raise ConfigError("--switch-at and --emulate-insts go together (when to hand the "
+                          "CPU to the emulator, and for how many instructions)")
+    if "max_insts" in has and "switch_at" in has:
+        raise ConfigError("--max-insts runs the whole budget itself: leave out --switch-at")
+    if "trace" in has and not has & {"emulate_insts", "max_insts"}:
+        raise ConfigError("--trace records emulated instructions: give --switch-at with "
+                          "--emulate-insts, or --max-insts")
+    if "switch_at" in has and cfg.get("max_ticks") is not None \
+            and cfg["switch_at"] >= cfg["max_ticks"]:
+        raise ConfigError("--switch-at must come before --max-ticks")
+
+
+def _run_machine(machine: Any, cfg: dict[str, Any]) -> Any:
+    """The run, with the emulated-CPU options (--switch-at, --max-insts) if given."""
+    timeout, max_ticks = cfg.get("timeout"), cfg.get("max_ticks")
+    if cfg.get("switch_at") is None and cfg.get("max_insts") is None:
+        return machine.run(timeout=timeout, max_ticks=max_ticks)
+    from kvmfw.emu import Trace
+
+    trace = Trace(cfg["trace"]) if cfg.get("trace") else None
+    try:
+        if cfg.get("max_insts") is not None:
+            from kvmfw.emu.stop import run_until_instructions
+
+            return run_until_instructions(machine, cfg["max_insts"], trace=trace,
+                                          timeout=timeout)
+        if cfg["switch_at"]:
+            result = machine.run(timeout=timeout, max_ticks=cfg["switch_at"])
+            if result.reason != "simulated tick limit reached":
+                return result  # the guest ended first
+        machine.emulate(cfg["emulate_insts"], trace=trace)
+        if machine.stop_requested:  # the guest ended the run while emulated
+            return machine_result(machine)
+        left = None if max_ticks is None else max(1, max_ticks - machine.eventq.cur_tick)
+        return machine.run(timeout=timeout, max_ticks=left)
+    finally:
+        if trace is not None:
+            trace.close()
+
+
+def machine_result(machine: Any) -> Any:
+    from kvmfw.machine import RunResult
+
+    return RunResult(machine.exit_status, machine.exit_reason, machine.eventq.cur_tick, 0.0)
 
 
 def _make_machine(mc: Any, plugin: Any, arch: str, restore_dir: str | None,

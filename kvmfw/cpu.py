@@ -192,6 +192,8 @@ class KvmCPU:
         self.suspended_ticks = 0
         """Simulated ticks spent IDLE (halted or suspended), as gem5 accounts them."""
         self._idle_since: int | None = None
+        self.switched_out = False
+        """True while an emulated CPU (:mod:`kvmfw.emu`) runs this vCPU: KVM must not."""
 
     # --- start-up --------------------------------------------------------------------
 
@@ -1042,6 +1044,33 @@ class KvmCPU:
         if self.status is RUNNING_SERVICE:
             self.status = RUNNING
         return True
+
+    # --- CPU-model switching (gem5's switchOut/takeOverFrom; kvmfw.emu) -------------------
+
+    def switch_out(self, *, drain: bool = True) -> None:
+        """Stop running this vCPU on KVM so another CPU model can take it over (gem5's
+        ``switchOut``): drain the machine (``drain=False``, inside a stopped run: only
+        refuse a pending IO/MMIO completion), pull the context in full, mark it
+        ``switched_out``. The other model's ``take_over_from(cpu)`` follows."""
+        if self.switched_out:
+            raise StateError(f"vcpu {self.id} is already switched out")
+        if drain:
+            self.machine.drain()
+        elif self.status in (RUNNING_SERVICE_COMPLETION, RUNNING_MMIO_PENDING) or (
+                self.status is RUNNING_SERVICE and self.last_exit in (ExitReason.IO,
+                                                                       ExitReason.MMIO)):
+            raise StateError(f"vcpu {self.id} is in the middle of an IO/MMIO access; step "
+                             "it on KVM first")
+        self.get_context(SyncLevel.FULL)
+        self.switched_out = True
+
+    def take_over_from(self, other: Any) -> None:
+        """Take this vCPU back from the CPU model running it (gem5's ``takeOverFrom``):
+        ``other`` (an :class:`kvmfw.emu.EmulatedCPU`) writes its state into the context,
+        which is pushed at the next entry."""
+        if getattr(other, "cpu", None) is not self:
+            raise StateError(f"vcpu {self.id} is not run by {other!r}")
+        other.switch_out()
 
     # --- drain -----------------------------------------------------------------------
 

@@ -524,7 +524,8 @@ class Machine:
 
     def run(self, *, max_ticks: int | None = None, timeout: float | None = None,
             until: str | bytes | re.Pattern[Any] | Callable[[Machine], bool] | None = None,
-            hard_timeout: bool = False) -> RunResult:
+            hard_timeout: bool = False,
+            until_instructions: int | None = None) -> RunResult:
         """Run until the guest or a device ends it, ``max_ticks`` simulated ticks pass
         (status 0), ``until`` is met (status 0), or ``timeout`` host seconds pass
         (:class:`RunTimeoutError`, whose ``result`` says how far it got).
@@ -533,6 +534,10 @@ class Machine:
         must show, from this run on; or a callable ``until(machine) -> bool`` asked every
         millisecond of simulated time.
 
+        ``until_instructions``: stop after exactly that many guest instructions of vCPU 0
+        (status 0; see :func:`kvmfw.emu.stop.run_until_instructions` for how they are
+        counted and which stats say so).
+
         ``hard_timeout`` (the CLI's choice): if the run has still not stopped
         ``STOP_GRACE`` seconds after the timeout (a device blocked in a host call, e.g. a
         console write to a pipe nobody reads), print where each thread is and end the
@@ -540,6 +545,14 @@ class Machine:
         """
         if self._closed:
             raise KvmfwError("this machine is closed")
+        out = [c.id for c in self.cpus if c.switched_out]
+        if out:
+            raise StateError(f"vcpu {out[0]} is switched out (an emulated CPU runs it): "
+                             "take it back with cpu.take_over_from(emu) first")
+        if until_instructions is not None:
+            from kvmfw.emu.stop import run_until_instructions
+
+            return run_until_instructions(self, until_instructions, timeout=timeout)
         eq = self.eventq
         self.stop_requested = self.checkpoint_pending  # (requested between runs: take it first)
         self.exit_status, self.exit_reason = 0, ""
@@ -848,6 +861,16 @@ class Machine:
         if self._thread_error is not None:
             raise self._thread_error
 
+    # --- emulated CPU (kvmfw.emu) ---------------------------------------------------------
+
+    def emulate(self, insts: int, *, cpu: int = 0, trace: Any = None) -> int:
+        """Hand vCPU ``cpu`` to the emulated CPU (Unicorn), run exactly ``insts``
+        instructions (fewer before a wait instruction or a stop), hand it back to KVM;
+        returns how many ran. ``trace``: a :class:`kvmfw.emu.Trace`. Between runs."""
+        from kvmfw.emu import emulate
+
+        return emulate(self, insts, cpu=cpu, trace=trace)
+
     # --- checkpoints (kvmfw.checkpoint) --------------------------------------------------------
 
     def checkpoint(self, path: str | os.PathLike[str], *,
@@ -919,6 +942,9 @@ class Machine:
         self._closed = True
         if self.gdb is not None:
             self.gdb.close()
+        emu = self.__dict__.get("_emulated_cpu")
+        if emu is not None:  # its engines map guest RAM: drop them before the RAM goes
+            emu.close()
         for d in self.devices:
             try:
                 d.close()

@@ -46,7 +46,7 @@ export DEBIAN_FRONTEND=noninteractive
 # with the boost/icu libraries its source-highlight needs, which --include does not pull).
 DEB_PKGS="python3,python3-dev,gcc,libc6-dev,linux-libc-dev,busybox-static,linux-image-arm64,device-tree-compiler,gdb,libboost-regex1.74.0,libicu72"
 # PyPI: aarch64 / pure-Python wheels of the runtime and test dependencies (host-side pip).
-PY_PKGS="cffi>=1.17 pycparser pluggy>=1.5 stevedore>=5.1 click>=8.1 fdt>=0.3 pytest>=8 setuptools"
+PY_PKGS="cffi>=1.17 pycparser pluggy>=1.5 stevedore>=5.1 click>=8.1 fdt>=0.3 pytest>=8 setuptools unicorn>=2.1 capstone>=5"
 ROOT_VERSION="3 $SUITE $DEB_PKGS"   # change to force a rebuild of the cached root
 WHEELS_VERSION="1 $PY_PKGS"
 

@@ -148,6 +148,14 @@ def arch_name() -> str:
 
 
 @hookimpl
+def emu_glue(cpu: KvmCPU) -> Any:
+    """The emulated CPU's AArch64 glue (:mod:`kvmfw_armv8.emu`; Unicorn is optional)."""
+    from kvmfw_armv8.emu import ArmV8EmuGlue
+
+    return ArmV8EmuGlue()
+
+
+@hookimpl
 def memory_layout(machine: Machine, size: int) -> list[tuple[int, int, str]]:
     """RAM at 1 GiB, as on QEMU's virt board."""
     return [(board.RAM_BASE, size, "ram")]

@@ -447,6 +447,13 @@ class X86Plugin:
 
         return dump(cpu)
 
+    # --- emulated CPU (kvmfw.emu; the glue is kvmfw_x86.emu) -----------------------------
+
+    @hookimpl
+    def emu_glue(self, cpu: Any) -> Any:
+        from kvmfw_x86.emu import X86EmuGlue  # Unicorn is optional: import on use
+        return X86EmuGlue()
+
     # --- GDB stub (kvmfw.gdb; the implementations are in kvmfw_x86.gdb) -------------------
 
     @hookimpl
