@@ -3,9 +3,6 @@ compiled-path exits, sync and timer costs; nothing installed when not profiling.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from kvmtest import PIO, SYNC, needs_kvm
 
 from kvmfw.abi import ExitReason
@@ -57,19 +54,3 @@ def test_a_machine_without_profile_has_no_timing_table(make_machine) -> None:
     m, _arch, _rec = make_machine(PIO)
     m.run(timeout=20)
     assert m.cpus[0].exit_table is None
-
-
-def test_cli_profile_prints_the_table_at_the_end() -> None:
-    def run(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "kvmfw.cli", "run", "--console", "none",
-                               *extra], capture_output=True, text=True, timeout=120, cwd="/")
-
-    r = run("--profile")
-    assert r.returncode == 0, r.stderr
-    err = r.stderr
-    assert "exit profile:" in err and "exits by reason" in err and "exits by device" in err
-    assert "pio uart16550" in err  # the embedded guest prints through the 16550
-    assert "top ports (Python-serviced): 0x03f" in err
-    assert "sync with KVM" in err and "run timer:" in err
-    plain = run()
-    assert plain.returncode == 0 and "exit profile" not in plain.stderr

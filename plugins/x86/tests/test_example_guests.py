@@ -131,7 +131,9 @@ def test_readme_python_example_runs_as_written(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "the README has no Python example"
     assert "hooks.call" not in text
-    r = subprocess.run([sys.executable, "-c", blocks[0]], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120, check=False)
+    # -I: the installed kvmfw, not the source tree's (cwd would come first on sys.path, and
+    # a wheel-installed test run has no compiled module in the tree)
+    r = subprocess.run([sys.executable, "-I", "-c", blocks[0]], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Hello, world!" in r.stdout
