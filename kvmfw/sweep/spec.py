@@ -286,7 +286,7 @@ def _variants(raw: dict[str, Any], where: str, root: Path, spec: SweepSpec
             if n * spec.repetitions > MAX_VARIANTS:
                 raise _err(where, f"[grid] has more than {MAX_VARIANTS} variants")
         keys = list(grid)
-        combos += [dict(zip(keys, vs)) for vs in itertools.product(*grid.values())]
+        combos += [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*grid.values())]
     if listed is not None:
         if not isinstance(listed, list) or not all(isinstance(v, dict) for v in listed):
             raise _err(where, "[[variant]] must be tables")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,7 @@ def read_guest_file(p: Path) -> str | None:
     except OSError:
         return None
     try:
-        if not os.path.stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         data = os.read(fd, MAX_FILE_BYTES + 1)
     finally:
@@ -186,7 +187,7 @@ def boot_base(job: dict[str, Any]) -> str:
     outdir = Path(job["out"]) / "base"
     outdir.mkdir(parents=True, exist_ok=True)
     console = Console()
-    host = {"console_output": console}
+    host: dict[str, Any] = {"console_output": console}
     if base["run"].get("pseudo_op_dir") is None:
         host["pseudo_op_dir"] = str(outdir)
     machine = build_fresh(base["run"], {}, host)
