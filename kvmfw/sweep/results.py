@@ -51,6 +51,8 @@ class ResultsWriter:
         self.columns = columns
         self.rows: dict[str, dict[str, Any]] = dict(previous or {})
         self._journal = open(out / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115
+        if self._journal.tell() and _last_byte(out / JOURNAL) != b"\n":
+            self._journal.write("\n")  # end a line torn by a crash: the next row is whole
         # the CSV holds exactly the journal's rows, in the table's columns, from the start
         tmp = out / (CSV + ".tmp")
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -103,3 +105,9 @@ def _cells(row: dict[str, Any]) -> dict[str, Any]:
     for k, v in row.items():
         out[k] = v if v is None or isinstance(v, (int, float, str, bool)) else json.dumps(v)
     return out
+
+
+def _last_byte(p: Path) -> bytes:
+    with open(p, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)

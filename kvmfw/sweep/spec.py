@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmfw.config import RESTORE_KEYS, RUN_KEYS, Source, check_run_config
-from kvmfw.errors import ConfigError
+from kvmfw.errors import ConfigError, KvmfwError
 
 MAX_VARIANTS = 1_000_000
 """Variants (times repetitions) one sweep may hold: a typo in a grid must not make a
@@ -248,10 +248,10 @@ def _base(b: Any, where: str, root: Path) -> dict[str, Any]:
     owned = sorted(set(raw) & _SWEEP_OWNED)
     if owned:
         raise _err(where, f"[base] options: {', '.join(owned)} is set by the sweep itself")
-    src = Source(str(root / "sweep.toml"))
+    src = Source(where if where != "<dict>" else str(root / "spec.toml"))
     try:
         out["run"] = check_run_config(raw, set(raw), src)
-    except ConfigError as exc:
+    except KvmfwError as exc:  # a missing kernel (ImageError) is a bad spec too
         raise _err(where, f"[base] {exc}") from None
     for k in ("checkpoint_at", "until", "boot_timeout"):
         if k in b:
@@ -302,7 +302,7 @@ def _variants(raw: dict[str, Any], where: str, root: Path, spec: SweepSpec
                 names.append(k)
     for k in names:
         _check_param(k, where, spec)
-    src = Source(str(root / "sweep.toml"))
+    src = Source(where if where != "<dict>" else str(root / "spec.toml"))
     out: list[Variant] = []
     seen: set[str] = set()
     for i, c in enumerate(combos):
@@ -347,7 +347,7 @@ def _check_value(k: str, v: Any, where: str, src: Source) -> None:
         return
     try:
         check_run_config({k: v}, {k}, src)
-    except ConfigError as exc:
+    except KvmfwError as exc:
         raise _err(where, str(exc)) from None
 
 
