@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kvmfw.errors import ConfigError
 from kvmfw.sweep import spec as sp
 

@@ -92,8 +92,7 @@ def _spec(spec: Any) -> specmod.SweepSpec:
 
 @contextlib.contextmanager
 def _client(client: Any, scheduler: str | None, workers: int | None) -> Any:
-    import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if client is not None:
         yield client
@@ -107,6 +106,17 @@ def _client(client: Any, scheduler: str | None, workers: int | None) -> Any:
         with c:
             yield c
         return
+    with local_client(workers) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def local_client(workers: int | None = None) -> Any:
+    """A client of a new LocalCluster: ``workers`` single-threaded worker processes
+    (default one per core), a task retried once when its worker dies."""
+    import dask
+    from distributed import Client, LocalCluster
+
     n = workers or os.cpu_count() or 1
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                           "distributed.worker.daemon": False}):
