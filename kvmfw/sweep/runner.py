@@ -55,6 +55,8 @@ def run(spec: Any, *, out: str | os.PathLike[str], resume: bool = False,
     s = _spec(spec)
     outdir = Path(out)
     say = echo or (lambda text: print(text, file=sys.stderr, flush=True))
+    if s.base.get("checkpoint"):
+        verify_once(s.base["checkpoint"])
     if (outdir / JOURNAL).exists() and not resume:
         raise ConfigError(f"--out {outdir} already holds a sweep's results: add --resume to "
                           "continue it, or give another directory")
@@ -150,7 +152,7 @@ def _job(s: specmod.SweepSpec, outdir: Path, c: Any, resume: bool) -> dict[str, 
                            "stats": s.stats, "console": s.console, "files": s.files,
                            "console_text": s.console_text, "base": s.base}
     if s.base.get("checkpoint"):
-        job["checkpoint"] = s.base["checkpoint"]
+        job["checkpoint"] = s.base["checkpoint"]  # verified in run(), before a cluster
     elif s.fresh:
         job["run"] = s.base["run"]
     else:
@@ -161,6 +163,16 @@ def _job(s: specmod.SweepSpec, outdir: Path, c: Any, resume: bool) -> dict[str, 
             fut = c.submit(boot_base, job, pure=False, key="kvmfw-sweep-base")
             job["checkpoint"] = fut.result()
     return job
+
+
+def verify_once(path: str) -> None:
+    """Check the checkpoint (every file's size and checksum, guest RAM included) here,
+    once: a broken one is one line before any task, and the tasks restore it trusting its
+    RAM (``verify_ram=False``) instead of hashing it once per variant."""
+    from kvmfw.checkpoint.reader import chain, verify
+
+    for link in chain(path):
+        verify(link, ram=True)
 
 
 def _sweep(c: Any, job: dict[str, Any], todo: list[specmod.Variant], writer: ResultsWriter,

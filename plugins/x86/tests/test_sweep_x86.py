@@ -144,3 +144,29 @@ def test_example_spec_runs_as_written(tmp_path: Path) -> None:
                          str(EXAMPLE / "sweep.toml"), "--out", str(out)],
                         capture_output=True, text=True, timeout=600)
     assert r2.returncode == 2 and "--resume" in r2.stderr and r2.stderr.count("\n") == 1
+
+
+def test_corrupt_checkpoint_is_one_line_before_any_task(base: Path, tmp_path: Path) -> None:
+    """The checkpoint is verified once, where the sweep starts (tasks then trust its RAM):
+    a changed byte of guest RAM is one error line, and no table is written."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    ram = bad / "ram" / "0.bin"
+    with open(ram, "r+b") as f:
+        f.seek(0x100000)  # the guest's code: a page the checkpoint stores
+        b = f.read(1)
+        f.seek(0x100000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    p = tmp_path / "s.toml"
+    p.write_text(f'[base]\ncheckpoint = "{bad}"\n[grid]\n"param.n" = [1, 2]\n')
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "kvmfw.cli", "sweep", str(p), "--out",
+                        str(out), "--workers", "1"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 9, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("kvmfw:")]
+    assert len(err) == 1 and err[0].startswith("kvmfw: error: "), r.stderr
+    assert "checksum mismatch" in err[0]
+    assert not out.exists()  # nothing started: no cluster, no table
