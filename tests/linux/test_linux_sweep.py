@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from linuxguest import BASE_CMDLINE, Boot, why_unavailable
+from linuxguest import BASE_CMDLINE, Boot, Interactive, why_unavailable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_linux_checkpoint import MEMORY_MIB, TIMEOUT, _start, initrd_with_kvmfwop  # noqa: E402
@@ -34,7 +34,6 @@ def test_linux_sweep_from_one_checkpoint(tmp_path: Path) -> None:
                         "(kvmfw[sweep]: Dask distributed)")
     pytest.importorskip("pyarrow", reason="the environment lacks the sweep extra (pyarrow)")
     import kvmfw.sweep
-    from linuxguest import Interactive
 
     ckdir = tmp_path / "ckpts"
     boot = Boot("kvmfw", "cloud-amd64", CMDLINE, memory_mib=MEMORY_MIB,
