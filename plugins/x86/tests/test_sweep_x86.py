@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,8 +150,6 @@ def test_example_spec_runs_as_written(tmp_path: Path) -> None:
 def test_corrupt_checkpoint_is_one_line_before_any_task(base: Path, tmp_path: Path) -> None:
     """The checkpoint is verified once, where the sweep starts (tasks then trust its RAM):
     a changed byte of guest RAM is one error line, and no table is written."""
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(base, bad)
     ram = bad / "ram" / "0.bin"
@@ -170,3 +169,21 @@ def test_corrupt_checkpoint_is_one_line_before_any_task(base: Path, tmp_path: Pa
     assert len(err) == 1 and err[0].startswith("kvmfw: error: "), r.stderr
     assert "checksum mismatch" in err[0]
     assert not out.exists()  # nothing started: no cluster, no table
+
+
+@pytest.mark.skipif(shutil.which("as") is None or shutil.which("objcopy") is None,
+                    reason="needs GNU as, ld and objcopy (binutils)")
+def test_committed_square_is_what_its_source_builds(tmp_path: Path) -> None:
+    work = tmp_path / "examples"
+    shutil.copytree(EXAMPLE, work / "sweep")
+    shutil.copytree(ROOT / "examples" / "guests", work / "guests")
+    (work / "sweep" / "square.elf").unlink()
+    subprocess.run(["sh", str(work / "sweep" / "build.sh")], check=True, capture_output=True)
+
+    def loaded(p: Path) -> bytes:  # ELF layout differs between binutils: compare the image
+        out = tmp_path / (p.parent.name + ".bin")
+        subprocess.run(["objcopy", "-O", "binary", str(p), str(out)], check=True)
+        return out.read_bytes()
+
+    assert loaded(work / "sweep" / "square.elf") == loaded(EXAMPLE / "square.elf"), \
+        "examples/sweep/square.elf is stale: run examples/sweep/build.sh"
