@@ -150,7 +150,8 @@ def _job(s: specmod.SweepSpec, outdir: Path, c: Any, resume: bool) -> dict[str, 
     job: dict[str, Any] = {"out": str(outdir.resolve()), "timeout": s.timeout,
                            "max_ticks": s.max_ticks, "ok_status": s.ok_status,
                            "stats": s.stats, "console": s.console, "files": s.files,
-                           "console_text": s.console_text, "base": s.base}
+                           "console_text": s.console_text, "base": s.base,
+                           "spec_path": str(s.path) if s.path is not None else None}
     if s.base.get("checkpoint"):
         job["checkpoint"] = s.base["checkpoint"]  # verified in run(), before a cluster
     elif s.fresh:

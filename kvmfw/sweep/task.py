@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvmfw.config import Source, check_run_config
 from kvmfw.errors import KvmfwError, RunTimeoutError
 
 from .spec import CONSOLE_TEXT, MAX_FILE_BYTES, PARAM_PREFIX
@@ -75,7 +76,9 @@ def _run(job: dict[str, Any], v: dict[str, Any], row: dict[str, Any]) -> None:
 
     params = v["params"]
     d = prepare_dir(job["out"], v["key"], params)
-    run_opts = {k: val for k, val in params.items() if not k.startswith(PARAM_PREFIX)}
+    raw = {k: val for k, val in params.items() if not k.startswith(PARAM_PREFIX)}
+    # as `kvmfw run` reads the same keys from a TOML file (sizes, paths relative to the spec)
+    run_opts = check_run_config(raw, set(raw), Source(job.get("spec_path")))
     timeout = float(run_opts.get("timeout", job["timeout"]))
     max_ticks = run_opts.get("max_ticks", job["max_ticks"])
     if run_opts.get("debug_flags"):
@@ -92,8 +95,13 @@ def _run(job: dict[str, Any], v: dict[str, Any], row: dict[str, Any]) -> None:
         machine = build_fresh(job["run"], run_opts, host)
     row["restore_seconds"] = round(time.monotonic() - t0, 6)
     with machine:
+        # a guest's checkpoint request in a fresh boot goes to the variant's directory
+        machine.checkpoint_dir = str(d)
         try:
-            result = machine.run(timeout=timeout, max_ticks=max_ticks)
+            # hard: a run stuck past its timeout (a device blocked in a host call) ends the
+            # worker process rather than hang the sweep; Dask retries it once, then the
+            # row says KilledWorker
+            result = machine.run(timeout=timeout, max_ticks=max_ticks, hard_timeout=True)
             row["exit_status"] = result.status
             row["end"] = result.end.value
             row["reason"] = result.reason

@@ -187,3 +187,17 @@ def test_committed_square_is_what_its_source_builds(tmp_path: Path) -> None:
 
     assert loaded(work / "sweep" / "square.elf") == loaded(EXAMPLE / "square.elf"), \
         "examples/sweep/square.elf is stale: run examples/sweep/build.sh"
+
+
+def test_fresh_boots_vary_machine_keys(client: Any, tmp_path: Path) -> None:
+    """boot = "fresh": no checkpoint; every variant boots the kernel, so machine keys
+    (memory here) may vary next to the guest's parameter."""
+    s = {"base": {"kernel": str(EXAMPLE / "square.elf"), "boot": "fresh"},
+         "grid": {"memory": ["16M", "32M"], "param.n": [5, 7]},
+         "collect": {"console": {"square": r"square=(\d+)"}, "files": ["result.txt"]},
+         "limits": {"timeout": 120}}
+    df = kvmfw.sweep.run(s, out=tmp_path / "out", client=client, progress=False)
+    assert len(df) == 4 and set(df["memory"]) == {"16M", "32M"}
+    for _, row in df.iterrows():
+        n = int(row["param.n"])
+        assert row["status"] == "ok" and row["console.square"] == str(n * n), row.to_dict()
