@@ -201,3 +201,20 @@ def test_fresh_boots_vary_machine_keys(client: Any, tmp_path: Path) -> None:
     for _, row in df.iterrows():
         n = int(row["param.n"])
         assert row["status"] == "ok" and row["console.square"] == str(n * n), row.to_dict()
+
+
+def test_failing_variants_are_rows_and_the_sweep_goes_on(client: Any, base: Path,
+                                                         tmp_path: Path) -> None:
+    """A guest failure (no parameter file: the guest's fail(1)), a simulated-tick limit and
+    a host timeout are rows with their status; the other variants run."""
+    s = spec(base, 2)
+    s["variant"] = [{"param.m": 1}, {"param.n": 9, "max_ticks": 1},
+                    {"param.n": 10, "timeout": 1e-6}]
+    s["limits"]["ok_status"] = [0]
+    df = kvmfw.sweep.run(s, out=tmp_path / "out", client=client, progress=False)
+    assert len(df) == 5
+    by = {i: r for i, r in df.iterrows()}
+    assert by[0]["status"] == by[1]["status"] == "ok"
+    assert by[2]["status"] == "failed" and by[2]["exit_status"] == 1
+    assert by[3]["end"] == "tick-limit" and pd.isna(by[3]["console.square"])
+    assert by[4]["status"] == "timeout" and "timeout" in by[4]["reason"]
