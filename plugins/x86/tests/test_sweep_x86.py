@@ -218,3 +218,19 @@ def test_failing_variants_are_rows_and_the_sweep_goes_on(client: Any, base: Path
     assert by[2]["status"] == "failed" and by[2]["exit_status"] == 1
     assert by[3]["end"] == "tick-limit" and pd.isna(by[3]["console.square"])
     assert by[4]["status"] == "timeout" and "timeout" in by[4]["reason"]
+
+
+def test_cli_on_an_existing_scheduler(client: Any, base: Path, tmp_path: Path) -> None:
+    """`kvmfw sweep --scheduler ADDRESS` sends the tasks to a running cluster."""
+    p = tmp_path / "s.toml"
+    p.write_text(f'[base]\ncheckpoint = "{base}"\n[grid]\n"param.n" = [2, 3, 4]\n'
+                 '[collect]\nconsole = { square = \'square=(\\d+)\' }\n')
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "kvmfw.cli", "sweep", str(p), "--out",
+                        str(out), "--scheduler", client.scheduler.address, "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert list(df["console.square"]) == ["4", "9", "16"]
+    pids = set(client.run(os.getpid).values())
+    assert set(df["pid"]) <= pids  # run by the cluster's workers
