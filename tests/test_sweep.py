@@ -133,3 +133,20 @@ def test_journal_resume_and_torn_line(tmp_path: Path) -> None:
     assert list(df["key"]) == ["a", "b"] and list(df["status"]) == ["ok", "ok"]
     assert len(pd.read_csv(tmp_path / CSV)) == 3  # the CSV is a log; the journal dedups
     assert json.loads((tmp_path / JOURNAL).read_text().splitlines()[-1])["status"] == "ok"
+
+
+def test_mixed_value_types_still_make_a_parquet_table(tmp_path: Path) -> None:
+    """A parameter given as a number in one variant and text in another (or a stat that is
+    missing in some rows) must not stop the table being written."""
+    pytest.importorskip("pyarrow", reason="the results table needs the sweep extra")
+    pd = pytest.importorskip("pandas", reason="the results table needs the sweep extra")
+    from kvmfw.sweep.results import PARQUET, ResultsWriter
+
+    w = ResultsWriter(tmp_path, ["variant", "rep", "key", "param.x", "stats.s"])
+    w.add({"variant": 0, "rep": 0, "key": "a", "param.x": 1, "stats.s": 3})
+    w.add({"variant": 1, "rep": 0, "key": "b", "param.x": "one", "stats.s": None})
+    w.add({"variant": 2, "rep": 0, "key": "c", "param.x": True, "stats.s": 2.5})
+    w.close()
+    df = pd.read_parquet(tmp_path / PARQUET)
+    assert list(df["param.x"]) == ["1", "one", "True"]
+    assert list(df["stats.s"])[0] == 3 and pd.isna(list(df["stats.s"])[1])

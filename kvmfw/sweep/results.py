@@ -81,6 +81,10 @@ class ResultsWriter:
         import pandas as pd
 
         df = pd.DataFrame([_cells(r) for r in self.rows.values()], columns=self.columns)
+        for c in df.columns:  # Parquet needs one type a column: mixed values become text
+            kinds = {type(v) for v in df[c] if v is not None and not _isnan(v)}
+            if len(kinds) > 1 and not kinds <= {int, float}:
+                df[c] = [None if v is None or _isnan(v) else str(v) for v in df[c]]
         if len(df):
             df = df.sort_values(["variant", "rep"], kind="stable").reset_index(drop=True)
         return df
@@ -111,3 +115,7 @@ def _last_byte(p: Path) -> bytes:
     with open(p, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and v != v
