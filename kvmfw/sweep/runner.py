@@ -123,7 +123,7 @@ def local_client(workers: int | None = None) -> Any:
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                           "distributed.worker.daemon": False}):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=":0" if _have_bokeh() else None,
+                               dashboard_address="127.0.0.1:0" if _have_bokeh() else None,
                                silence_logs=40)
         with cluster, Client(cluster) as c:
             yield c
