@@ -123,18 +123,10 @@ def local_client(workers: int | None = None) -> Any:
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                           "distributed.worker.daemon": False}):
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address="127.0.0.1:0" if _have_bokeh() else None,
+                               dashboard_address="127.0.0.1:0",
                                silence_logs=40)
         with cluster, Client(cluster) as c:
             yield c
-
-
-def _have_bokeh() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _dashboard(c: Any) -> str | None:
