@@ -4,30 +4,85 @@
 Runs inside the nested x86 KVM environment (a real /dev/kvm with hardware-virtualization
 semantics; this machine's own kvm_pvm cannot boot stock Linux):
 
-    envs/x86-linux-kvm/run.sh --bench [--runs 5] [--vmms kvmfw,qemu,qemu-microvm]
+    envs/x86-linux-kvm/run.sh --bench [--runs 5] [--cpus 1,2] [--disk no,yes] [--profile]
 
-Runs alternate between the VMMs (run 1 of each, then run 2 of each, ...). For each VMM it
+For every configuration (vCPU count x with/without a virtio-blk disk) the runs alternate
+between the VMMs (run 1 of each, then run 2 of each, ...). Per configuration and VMM it
 prints the median time from process start to the init marker (KVMFW-INIT-OK on the 16550
-console) and to the process exit (`reboot -f`), the ratios kvmfw/QEMU, and the peak RSS of
-the VMM process (for kvmfw also minus guest RAM). Exit status: 0 when every boot reached the
-marker and exited 0, 1 otherwise, 2 when Linux guests are not available here.
+console) and to the process exit (`reboot -f`), the ratios kvmfw/QEMU, and the peak RSS.
+With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
+gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
+virtio-blk). ``--profile`` adds one untimed kvmfw boot per configuration with ``--stats``
+and prints where its exits went (by kind, by device). Exit status: 0 when every boot
+reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not available here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "linux"))
 
-from linuxguest import BASE_CMDLINE, FLAVORS, VMMS, Boot, run, why_unavailable  # noqa: E402
+from linuxguest import (  # noqa: E402
+    BASE_CMDLINE,
+    FLAVORS,
+    VMMS,
+    Boot,
+    make_ext4,
+    run,
+    why_unavailable,
+)
 
 # The guest leaves through `reboot -f` (reboot=k: the i8042 reset line), which kvmfw and QEMU
 # -M pc turn into their exit; -M microvm has no i8042 and powers off through ACPI instead.
 CMDLINE = f"{BASE_CMDLINE} kvmfw.exit=reboot"
 CMDLINE_MICROVM = f"{BASE_CMDLINE} kvmfw.exit=poweroff"
+BLK_TEST = " kvmfw.test=blk"
+
+
+def _list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in out if x not in allowed]
+    if bad or not out:
+        raise SystemExit(f"boot.py: {what} must be a comma list of {', '.join(allowed)}")
+    return out
+
+
+def profile(boot: Boot, path: Path) -> str:
+    """One untimed kvmfw boot with --stats: exits by kind and accesses by device."""
+    boot.extra = [*boot.extra, "--stats", str(path)]
+    r = run(boot)
+    try:
+        dumps = json.loads(path.read_text())
+        last = dumps[-1] if isinstance(dumps, list) else dumps
+    except (OSError, ValueError, IndexError) as exc:
+        return f"  (no stats: {exc}; rc={r.rc})"
+    kinds: dict[str, int] = {}
+    devices: dict[str, int] = {}
+    for name, group in last.items():
+        if name.startswith("system.cpu"):
+            for k in ("vm_exits", "io", "mmio", "halt", "exit_signal", "interrupts",
+                      "coalesced_mmio"):
+                kinds[k] = kinds.get(k, 0) + int(group.get(k, 0))
+        elif name not in ("system", "system.bus", "system.work"):
+            n = int(group.get("reads", 0)) + int(group.get("writes", 0))
+            if n:
+                devices[name.removeprefix("system.")] = n
+        if name == "system.bus":
+            for k, v in group.items():
+                if v:
+                    devices[f"unclaimed {k}"] = int(v)
+    sim = last.get("system", {}).get("sim_seconds", 0)
+    top = sorted(devices.items(), key=lambda kv: -kv[1])[:8]
+    return (f"  exits {kinds}\n  simulated {sim:.2f} s, marker "
+            f"{r.t_marker if r.t_marker is None else round(r.t_marker, 2)} s, rc={r.rc}\n"
+            f"  device accesses (exits, plus coalesced/ioeventfd where noted): "
+            + ", ".join(f"{k} {v}" for k, v in top))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="boots per VMM (default 5)")
     ap.add_argument("--vmms", default="kvmfw,qemu,qemu-microvm",
                     help=f"comma list of {', '.join(VMMS)} (default: all)")
+    ap.add_argument("--cpus", default="1,2", help="comma list of vCPU counts (default 1,2)")
+    ap.add_argument("--disk", default="no,yes",
+                    help="comma list: no (no disk), yes (virtio-blk; default both)")
     ap.add_argument("--flavor", default="cloud-amd64", choices=FLAVORS, help="guest kernel")
     ap.add_argument("--cmdline", help=f"default {CMDLINE!r} ({CMDLINE_MICROVM!r} for "
                     "qemu-microvm)")
     ap.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default 256)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per boot, seconds")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more kvmfw boot per configuration with --stats: its exits")
+    ap.add_argument("--no-memory", action="store_true", help="skip the untimed RSS boots")
+    ap.add_argument("--kvmfw-option", action="append", default=[],
+                    help="extra kvmfw run argument (repeatable), e.g. --option=...")
     ap.add_argument("-v", "--verbose", action="store_true", help="console tail of failed boots")
     args = ap.parse_args(argv)
 
@@ -47,67 +110,93 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"boot.py: cannot run here: {why}", file=sys.stderr)
         return 2
-    vmms = [v.strip() for v in args.vmms.split(",") if v.strip()]
-    for v in vmms:
-        if v not in VMMS:
-            ap.error(f"unknown VMM {v!r}")
+    vmms = _list(args.vmms, tuple(VMMS), "--vmms")
+    disks = _list(args.disk, ("no", "yes"), "--disk")
+    try:
+        cpus_list = [int(c) for c in args.cpus.split(",") if c.strip()]
+    except ValueError:
+        ap.error("--cpus must be a comma list of numbers")
+    if not cpus_list or any(not 1 <= c <= 64 for c in cpus_list):
+        ap.error("--cpus must be a comma list of numbers from 1 to 64")
 
-    results: dict[str, list] = {v: [] for v in vmms}
+    tmp = Path(tempfile.mkdtemp(prefix="kvmfw-bootbench-"))
+    image = make_ext4(tmp / "disk.img", {"hello.txt": b"kvmfw boot benchmark\n"}) \
+        if "yes" in disks else None
+
+    def cmdline(vmm: str, disk: bool) -> str:
+        base = args.cmdline or (CMDLINE_MICROVM if vmm == "qemu-microvm" else CMDLINE)
+        return base + (BLK_TEST if disk else "")
+
+    def boot(vmm: str, cpus: int, disk: bool) -> Boot:
+        return Boot(vmm, args.flavor, cmdline(vmm, disk), cpus=cpus, memory_mib=args.memory,
+                    disk=image if disk else None, timeout=args.timeout,
+                    extra=list(args.kvmfw_option) if vmm == "kvmfw" else [])
+
     ok = True
-    def cmdline(vmm: str) -> str:
-        if args.cmdline:
-            return args.cmdline
-        return CMDLINE_MICROVM if vmm == "qemu-microvm" else CMDLINE
-
-    print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw')!r}, {args.memory} MiB, "
+    table: list[str] = []
+    print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw', False)!r}, {args.memory} MiB, "
           f"{args.runs} alternating runs per VMM", flush=True)
-    for i in range(1, args.runs + 1):
+    for cpus in cpus_list:
+        for d in disks:
+            disk = d == "yes"
+            conf = f"{cpus} vCPU{'s' if cpus > 1 else ''}, {'virtio-blk' if disk else 'no disk'}"
+            print(f"\n== {conf}", flush=True)
+            results: dict[str, list] = {v: [] for v in vmms}
+            for i in range(1, args.runs + 1):
+                for v in vmms:
+                    r = run(boot(v, cpus, disk))
+                    results[v].append(r)
+                    good = r.t_marker is not None and r.rc == 0 and \
+                        (not disk or b"KVMFW-BLK-END" in r.output)
+                    ok &= good
+                    marker = f"{r.t_marker:7.3f}" if r.t_marker is not None else "     NA"
+                    print(f"run {i:2d} {v:13s} marker {marker} s  exit {r.t_exit:7.3f} s  "
+                          f"rc={r.rc}  maxrss {r.maxrss_kib / 1024:6.1f} MiB"
+                          f"{'' if good else '  FAILED'}", flush=True)
+                    if not good and args.verbose:
+                        print(r.tail(20), flush=True)
+
+            def med(v: str, attr: str, results: dict[str, list] = results) -> float | None:
+                xs = [getattr(r, attr) for r in results[v]
+                      if r.t_marker is not None and r.rc == 0]
+                return statistics.median(xs) if xs else None
+
+            for v in vmms:
+                m, e = med(v, "t_marker"), med(v, "t_exit")
+                n_ok = sum(1 for r in results[v] if r.t_marker is not None and r.rc == 0)
+                fm = f"{m:7.3f}" if m is not None else "     NA"
+                fe = f"{e:7.3f}" if e is not None else "     NA"
+                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} |"
+                if v != "kvmfw" and "kvmfw" in vmms:
+                    km, ke = med("kvmfw", "t_marker"), med("kvmfw", "t_exit")
+                    rm = f"{km / m:.2f}" if km and m else "NA"
+                    re_ = f"{ke / e:.2f}" if ke and e else "NA"
+                    row += f" {rm} / {re_} |"
+                else:
+                    row += " |"
+                table.append(row + f" {n_ok}/{len(results[v])} |")
+            if args.profile and "kvmfw" in vmms:
+                print(f"kvmfw profile ({conf}):\n" +
+                      profile(boot("kvmfw", cpus, disk), tmp / f"stats-{cpus}-{d}.json"),
+                      flush=True)
+
+    print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit):")
+    print("| configuration          | vmm           | marker  | exit    | ratio | ok |")
+    print("|---|---|---|---|---|---|")
+    for row in table:
+        print(row)
+    if not args.no_memory:
+        # one more, untimed boot per VMM, sampling /proc/PID/smaps (the sampling costs CPU,
+        # so it is kept out of the timed runs)
+        print("\npeak resident memory outside guest RAM (one untimed boot each, "
+              f"{cpus_list[0]} vCPU, no disk, smaps every 0.2 s):")
         for v in vmms:
-            r = run(Boot(v, args.flavor, cmdline(v), memory_mib=args.memory,
-                         timeout=args.timeout))
-            results[v].append(r)
-            good = r.t_marker is not None and r.rc == 0
-            ok &= good
-            marker = f"{r.t_marker:7.3f}" if r.t_marker is not None else "     NA"
-            print(f"run {i:2d} {v:13s} marker {marker} s  exit {r.t_exit:7.3f} s  rc={r.rc}  "
-                  f"maxrss {r.maxrss_kib / 1024:6.1f} MiB{'' if good else '  FAILED'}",
+            r = run(boot(v, cpus_list[0], False), sample_memory=True)
+            n = r.peak_non_guest_kib
+            print(f"{v:13s} peak RSS {r.maxrss_kib / 1024:6.1f} MiB, outside guest RAM "
+                  + (f"{n / 1024:6.1f} MiB" if n is not None else "    NA") + f"  rc={r.rc}"
+                  + ("" if r.t_marker is not None and r.rc == 0 else "  FAILED boot"),
                   flush=True)
-            if not good and args.verbose:
-                print(r.tail(20), flush=True)
-
-    def med(v: str, attr: str) -> float | None:
-        xs = [getattr(r, attr) for r in results[v] if r.t_marker is not None and r.rc == 0]
-        return statistics.median(xs) if xs else None
-
-    print("\nmedians (successful boots):")
-    print(f"{'vmm':13s} {'to marker':>10s} {'to exit':>10s} {'peak RSS':>10s} {'ok':>6s}")
-    for v in vmms:
-        m, e = med(v, "t_marker"), med(v, "t_exit")
-        rss = max((r.maxrss_kib for r in results[v]), default=0) / 1024
-        n_ok = sum(1 for r in results[v] if r.t_marker is not None and r.rc == 0)
-        fm = f"{m:9.3f}s" if m is not None else "        NA"
-        fe = f"{e:9.3f}s" if e is not None else "        NA"
-        print(f"{v:13s} {fm:>10s} {fe:>10s} {rss:8.1f}MiB {n_ok:>3d}/{len(results[v])}")
-    if "kvmfw" in vmms:
-        for ref in ("qemu", "qemu-microvm"):
-            if ref not in vmms:
-                continue
-            for attr, what in (("t_marker", "marker"), ("t_exit", "exit")):
-                a, b = med("kvmfw", attr), med(ref, attr)
-                if a is not None and b:
-                    label = "qemu -M pc" if ref == "qemu" else "qemu -M microvm"
-                    print(f"ratio kvmfw / {label:15s} to {what:6s}: {a / b:.2f}")
-    # Memory: one more, untimed boot per VMM, sampling /proc/PID/smaps (the sampling costs
-    # CPU, so it is kept out of the timed runs).
-    print("\npeak resident memory outside guest RAM (one untimed boot each, smaps every 0.2 s):")
-    for v in vmms:
-        r = run(Boot(v, args.flavor, cmdline(v), memory_mib=args.memory, timeout=args.timeout),
-                sample_memory=True)
-        n = r.peak_non_guest_kib
-        print(f"{v:13s} peak RSS {r.maxrss_kib / 1024:6.1f} MiB, outside guest RAM "
-              + (f"{n / 1024:6.1f} MiB" if n is not None else "    NA") + f"  rc={r.rc}"
-              + ("" if r.t_marker is not None and r.rc == 0 else "  FAILED boot"),
-              flush=True)
     return 0 if ok else 1
 
 

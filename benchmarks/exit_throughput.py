@@ -6,9 +6,16 @@ loop and (when installed) QEMU, all measured in this one invocation on the same 
 
 Every variant runs tests/guests/realmode.bin's loop of ``out %al,%dx`` (or an MMIO byte
 store) N times. kvmfw's path is the real one: KvmCPU.tick -> KVM_RUN -> exit table ->
-the arch's handle_exit_io (the core's test arch) -> bus -> a no-op device. Ratios are
-per exit against the C loop (lower is better; 1.00 = as fast as C). The resident memory
-of this process (guest RAM is 64 KiB here) is printed at the end.
+the arch's handle_exit_io (the core's test arch) -> bus -> a no-op device ("kvmfw");
+the same under a tick limit (an event bounds every slice, the run timer is armed); and
+with the no-op device's registers declared sinks, so the compiled path (kvmfw.fastpath)
+answers the exits in C ("kvmfw compiled"). A third section runs ``kvmfw run`` as a user
+does, on the CLI's default x86 board, with a guest that writes and reads back the 16550's
+scratch register N times (two exits per iteration through the x86 plugin's port IO, the
+bus and the 16550), against QEMU/KVM running the same code as its BIOS; both per exit
+from the difference of two run lengths (start-up cancels out). Ratios are per exit
+against the C loop and against the raw Python loop (lower is better). The resident
+memory of this process (guest RAM is 64 KiB here) is printed at the end.
 """
 
 from __future__ import annotations
@@ -39,8 +46,11 @@ def build_c(tmp: Path) -> Path:
 
 
 def c_loop(exe: Path, kind: str, n: int) -> float:
+    u0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     out = subprocess.run([str(exe), str(GUEST), kind, str(n)], check=True,
                          capture_output=True, text=True).stdout.split()
+    USER_NS.setdefault("C loop", []).append(
+        (resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - u0) * 1e9 / int(out[0]))
     return int(out[1]) / int(out[0])
 
 
@@ -65,19 +75,24 @@ USER_NS: dict[str, list[float]] = {}
 barely moved by other load on the host)."""
 
 
-def kvmfw_loop(kind: str, n: int, limited: bool = False) -> float:
+def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False) -> float:
     """kvmfw's full path; ``limited``: under a tick limit, so an event bounds every slice
-    and the run timer is armed (the path of any run with a device timer pending)."""
+    and the run timer is armed (the path of any run with a device timer pending);
+    ``compiled``: the loop's registers are declared sinks (kvmfw.fastpath)."""
     from realmode_arch import RealModeArch
 
     from kvmfw.device import Range
     from kvmfw.eventq import TICKS_PER_SECOND
+    from kvmfw.fastpath import FastRange
     from kvmfw.machine import Machine, MachineConfig
 
     with Machine(MachineConfig(memory=0x10000), arch_plugin=RealModeArch(PROGRAM[kind])) as m:
         dev = NoOp(m)
         m.map_device(Range("pio", 0x10, 4, "noop"), dev)
         m.map_device(Range("mmio", 0x20000, 0x100, "noop-mmio"), dev)
+        if compiled:  # NoOp ignores writes below offset 3: say so
+            m.bus.pio.add_fast(FastRange("pio", 0x10, 3, sink=True))
+            m.bus.mmio.add_fast(FastRange("mmio", 0x20000, 0x100, sink=True))
         m.cpus[0].get_context().regs["rcx"] = n
         m.cpus[0].mark_context_dirty()
         u0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
@@ -85,7 +100,8 @@ def kvmfw_loop(kind: str, n: int, limited: bool = False) -> float:
         m.run(max_ticks=10**6 * TICKS_PER_SECOND if limited else None)
         ns = time.perf_counter_ns() - t0
         stats = m.cpus[0].stats
-        USER_NS.setdefault("kvmfw, tick limit" if limited else "kvmfw", []).append(
+        name = "kvmfw compiled" if compiled else "kvmfw, tick limit" if limited else "kvmfw"
+        USER_NS.setdefault(name, []).append(
             (resource.getrusage(resource.RUSAGE_SELF).ru_utime - u0) * 1e9 / stats.vm_exits)
         if limited:
             TIMER_ARMS.append(1000 * getattr(stats, "timer_settime", -1) / stats.vm_exits)
@@ -115,6 +131,7 @@ def python_loop(kind: str, n: int) -> float:
         run, view, fd, kvm_run = vcpu.run, vcpu.run_view, vcpu.fd, lib.kvmfw_run
         sink = bytearray(64)
         exits = 0
+        u0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
         t0 = time.perf_counter_ns()
         while True:
             if kvm_run(fd) < 0:
@@ -130,7 +147,10 @@ def python_loop(kind: str, n: int) -> float:
                 sink[exits & 63] = view[40]
             else:
                 raise RuntimeError(f"unexpected exit {reason}")
-        return (time.perf_counter_ns() - t0) / exits
+        ns = (time.perf_counter_ns() - t0) / exits
+        USER_NS.setdefault("raw Python loop", []).append(
+            (resource.getrusage(resource.RUSAGE_SELF).ru_utime - u0) * 1e9 / exits)
+        return ns
 
 
 def qemu_loop(kind: str, n: int, tmp: Path) -> float | None:
@@ -158,6 +178,70 @@ def qemu_loop(kind: str, n: int, tmp: Path) -> float | None:
     return (full - base) * 1e9 / n
 
 
+BOARD_GUEST = """
+    .code16
+    .globl _start
+_start:
+    mov $COUNT, %ecx
+    mov $0x3ff, %dx         /* COM1's scratch register */
+1:  mov %cl, %al
+    out %al, %dx
+    in %dx, %al
+    cmp %cl, %al            /* the value must read back */
+    jne 2f
+    dec %ecx
+    jnz 1b
+    xor %al, %al
+    out %al, $0xf4          /* debug-exit: status (0 << 1) | 1 */
+2:  mov $1, %al
+    out %al, $0xf4          /* read back wrong: status 3 */
+3:  hlt
+    jmp 3b
+    .org 0xfff0             /* as a 64 KiB BIOS (QEMU), the reset vector */
+    ljmp $0xf000, $_start
+    .org 0x10000
+"""
+
+
+def board_guest(tmp: Path, count: int) -> Path:
+    """The 16550 write+readback loop: flat at 0x7c00 for kvmfw, a 64 KiB BIOS for QEMU
+    (the code is position-independent; only the reset vector jumps to it)."""
+    src, obj, out = tmp / f"board{count}.S", tmp / f"board{count}.o", tmp / f"board{count}.bin"
+    src.write_text(BOARD_GUEST.replace("COUNT", str(count)))
+    subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0", "--oformat", "binary", "-o", str(out),
+                    str(obj)], check=True)
+    return out
+
+
+def board_loop(who: str, n: int, tmp: Path) -> float | None:
+    """ns per exit of the 16550 guest (2 exits per iteration) under ``kvmfw run`` with the
+    default x86 board, or QEMU/KVM ``-M pc`` with its COM1; from two run lengths."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if who == "qemu" and qemu is None:
+        return None
+
+    def timed(count: int) -> float:
+        image = board_guest(tmp, count)
+        if who == "kvmfw":
+            cmd = [sys.executable, "-m", "kvmfw.cli", "run", "--kernel", str(image),
+                   "--load-addr", "0x7c00", "--console", "none", "--no-summary",
+                   "--device", "debug-exit", "--memory", "16"]
+        else:
+            cmd = [str(qemu), "-accel", "kvm", "-M", "pc", "-m", "16", "-display", "none",
+                   "-nodefaults", "-no-user-config", "-serial", "null", "-bios", str(image),
+                   "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd="/")
+        if r.returncode != 1:
+            raise RuntimeError(f"{who} board run failed ({r.returncode}): {r.stderr.strip()}")
+        return time.perf_counter() - t0
+
+    base = min(timed(1) for _ in range(2))
+    full = min(timed(n // 2) for _ in range(2))
+    return (full - base) * 1e9 / (2 * (n // 2) - 2)
+
+
 def rss_mib() -> tuple[float, float]:
     status = Path("/proc/self/status").read_text()
     val = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
@@ -178,7 +262,18 @@ def main() -> int:
         tmp = Path(d)
         exe = build_c(tmp)
         print(f"{args.exits} exits per run, median of {args.reps} runs; ns per exit "
-              "(exits/s); ratio = per-exit time / C")
+              "(exits/s); per-exit time / the C loop's and / the raw Python loop's")
+        c_pio = raw_pio = 0.0
+
+        def show(res: dict[str, float], c: str = "C loop", py: str = "raw Python loop") -> None:
+            base, pyb = res[c], res.get(py)
+            for name, ns in res.items():
+                user = USER_NS.pop(name, None)
+                extra = f"  user CPU {statistics.median(user):6.0f} ns" if user else ""
+                vs_py = f"  vs Python {ns / pyb:5.2f}" if pyb else ""
+                print(f"  {name:<22} {ns:8.0f} ns  ({1e9 / ns:9.0f} /s)  vs C "
+                      f"{ns / base:5.2f}{vs_py}{extra}")
+
         for kind in ("pio", "mmio"):
             res = {
                 "C loop": statistics.median(c_loop(exe, kind, args.exits)
@@ -189,22 +284,31 @@ def main() -> int:
                                            for _ in range(args.reps)),
                 "kvmfw, tick limit": statistics.median(kvmfw_loop(kind, args.exits, True)
                                                        for _ in range(args.reps)),
+                "kvmfw compiled": statistics.median(kvmfw_loop(kind, args.exits, False, True)
+                                                    for _ in range(args.reps)),
             }
+            if kind == "pio":
+                c_pio, raw_pio = res["C loop"], res.get("raw Python loop")
             q = None if args.only else qemu_loop(kind, args.exits, tmp)
             if q is not None:
                 res["QEMU/KVM"] = q
-            base = res["C loop"]
             print(f"\n{kind.upper()}")
-            for name, ns in res.items():
-                user = USER_NS.pop(name, None)
-                extra = f"  user CPU {statistics.median(user):6.0f} ns" if user else ""
-                print(f"  {name:<18} {ns:8.0f} ns  ({1e9 / ns:9.0f} /s)  ratio "
-                      f"{ns / base:5.2f}{extra}")
+            show(res)
             if kind == "pio" and q is None and not args.only:
                 print("  QEMU/KVM         not measured (install qemu-system-x86 to compare)")
             arms = statistics.median(TIMER_ARMS)
             TIMER_ARMS.clear()
             print(f"  run timer: {arms:.2f} timer_settime per 1000 exits under a tick limit")
+        if not args.only:
+            print("\n16550 write+readback, `kvmfw run` on the CLI's default x86 board")
+            res = {"C loop (PIO)": c_pio}
+            if raw_pio is not None:
+                res["raw Python loop (PIO)"] = raw_pio
+            res["kvmfw run"] = board_loop("kvmfw", args.exits, tmp) or 0.0
+            q = board_loop("qemu", args.exits, tmp)
+            if q is not None:
+                res["QEMU/KVM -M pc"] = q
+            show(res, "C loop (PIO)", "raw Python loop (PIO)")
     rss, hwm = rss_mib()
     print(f"\nmemory: kvmfw process RSS {rss:.1f} MiB (peak {hwm:.1f} MiB) "
           "with 64 KiB of guest RAM")

@@ -16,7 +16,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kvmfw.errors import (
     BusError,
@@ -25,6 +25,9 @@ from kvmfw.errors import (
     GuestError,
     UnclaimedAccessError,
 )
+
+if TYPE_CHECKING:
+    from kvmfw.fastpath import FastRange, FastTable
 
 log = logging.getLogger("kvmfw.bus")
 
@@ -96,13 +99,34 @@ class AddressSpace:
             raise BusError(
                 f"unclaimed-access policy must be 'ignore' or 'fatal', not {unclaimed!r}")
         self.name = name
-        self.unclaimed = unclaimed
+        self._policy = unclaimed
         self.limit = limit
         self._maps: list[Mapping] = []
         self._starts: list[int] = []
         self._cache: dict[int, Mapping | None] = {}
+        self._fast: list[tuple[FastRange, Mapping]] = []
+        self._reserved: list[tuple[int, int, str]] = []
+        self.on_change: Callable[[], None] | None = None
+        """Called after any change the compiled exit path depends on (set by :class:`Bus`)."""
         self.unclaimed_reads = 0
         self.unclaimed_writes = 0
+
+    @property
+    def unclaimed(self) -> str:
+        """The unclaimed-access policy, ``ignore`` or ``fatal``."""
+        return self._policy
+
+    @unclaimed.setter
+    def unclaimed(self, policy: str) -> None:
+        if policy not in ("ignore", "fatal"):
+            raise BusError(f"unclaimed-access policy must be 'ignore' or 'fatal', not {policy!r}")
+        self._policy = policy
+        self._changed()
+
+    def _changed(self) -> None:
+        self._cache.clear()
+        if self.on_change is not None:
+            self.on_change()
 
     # --- registration --------------------------------------------------------------
 
@@ -123,7 +147,7 @@ class AddressSpace:
         i = bisect.bisect(self._starts, base)
         self._maps.insert(i, m)
         self._starts.insert(i, base)
-        self._cache.clear()
+        self._changed()
         return m
 
     def unregister(self, device_or_base: BusDevice | int) -> None:
@@ -131,12 +155,45 @@ class AddressSpace:
             if m.device is device_or_base or m.base == device_or_base:
                 del self._maps[i]
                 del self._starts[i]
-                self._cache.clear()
+                self._fast = [(f, fm) for f, fm in self._fast if fm is not m]
+                self._changed()
                 return
         raise BusError(f"{self.name}: nothing registered for {device_or_base!r}")
 
     def mappings(self) -> list[Mapping]:
         return list(self._maps)
+
+    # --- the compiled exit path's declarations (kvmfw.fastpath) --------------------------
+
+    def add_fast(self, fr: FastRange) -> None:
+        """Declare registers answered without Python (:class:`kvmfw.fastpath.FastRange`);
+        they must lie inside one mapped range, whose device they describe."""
+        fr.check()
+        if fr.space != self.name:
+            raise BusError(f"{self.name}: fast range of space {fr.space!r}")
+        end = fr.base + fr.size
+        m = self.lookup(fr.base)
+        if m is None or end > m.end:
+            raise BusError(f"{self.name}: fast range [{fr.base:#x}, {end:#x}) is not inside "
+                           "one mapped device range (map the device first)")
+        for f, _ in self._fast:
+            if fr.base < f.base + f.size and f.base < end:
+                raise BusOverlapError(f"{self.name}: fast range [{fr.base:#x}, {end:#x}) "
+                                      f"overlaps another at {f.base:#x}")
+        self._fast.append((fr, m))
+        self._changed()
+
+    def fast_ranges(self) -> list[tuple[FastRange, Mapping]]:
+        return list(self._fast)
+
+    def reserve(self, base: int, size: int, name: str) -> None:
+        """Addresses the architecture answers itself before the bus: the compiled path
+        never takes them for unclaimed."""
+        self._reserved.append((base, base + size, name))
+        self._changed()
+
+    def reserved(self) -> list[tuple[int, int, str]]:
+        return list(self._reserved)
 
     # --- lookup and access -----------------------------------------------------------
 
@@ -230,6 +287,21 @@ class Bus:
     def __init__(self, unclaimed: str = "ignore") -> None:
         self.pio = AddressSpace("pio", unclaimed=unclaimed, limit=1 << 16)
         self.mmio = AddressSpace("mmio", unclaimed=unclaimed, limit=1 << 64)
+        self.fast: FastTable | None = None
+        """The compiled exit path's table, built on demand (:meth:`fast_table`), dropped on
+        any change to either space."""
+        self.pio.on_change = self.mmio.on_change = self._drop_fast
+
+    def _drop_fast(self) -> None:
+        self.fast = None
+
+    def fast_table(self) -> FastTable:
+        """The current table for ``kvmfw_run_fast`` (built now if stale)."""
+        t = self.fast
+        if t is None:
+            from kvmfw.fastpath import FastTable, build_entries
+            t = self.fast = FastTable(build_entries(self))
+        return t
 
     def space(self, name: str) -> AddressSpace:
         if name == "pio":
@@ -244,6 +316,4 @@ class Bus:
 
     @unclaimed.setter
     def unclaimed(self, policy: str) -> None:
-        if policy not in ("ignore", "fatal"):
-            raise BusError(f"unclaimed-access policy must be 'ignore' or 'fatal', not {policy!r}")
         self.pio.unclaimed = self.mmio.unclaimed = policy

@@ -1,4 +1,4 @@
-"""The ``kvmfw`` command: ``run``, ``list-plugins``, ``info``.
+"""The ``kvmfw`` command: ``run``, ``list-plugins``, ``info``, ``doctor``.
 
 Every error reaches the user as one line (``kvmfw: error: ...``) with a distinct exit
 status per cause, plus a register dump for guest errors; never a traceback (set
@@ -55,8 +55,39 @@ def _echo_err(text: str) -> None:
         click.echo(f"kvmfw: {text}", err=True)
 
 
+def _version_text() -> str:
+    """kvmfw's version and every installed plugin distribution's (no plugin is imported)."""
+    import importlib.metadata
+
+    from kvmfw.plugins import GROUPS
+
+    lines = [f"kvmfw {__version__} (Python {platform.python_version()})"]
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for dist in importlib.metadata.distributions():
+        eps = [f"{ep.group.removeprefix('kvmfw.')} {ep.name}" for ep in dist.entry_points
+               if ep.group in GROUPS]
+        name = dist.metadata["Name"] or "?"
+        if eps and name not in seen:
+            seen[name] = (dist.version or "?", eps)
+    for name in sorted(seen):
+        version, eps = seen[name]
+        shown = ", ".join(eps[:4]) + (f", +{len(eps) - 4} more" if len(eps) > 4 else "")
+        lines.append(f"  {name} {version} ({shown})")
+    if not seen:
+        lines.append("  no plugins installed")
+    return "\n".join(lines)
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_text())
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="kvmfw")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_show_version,
+              help="Show kvmfw's version and every installed plugin's, and exit.")
 def cli() -> None:
     """Run real guests on /dev/kvm with a run loop you can script in Python."""
 
@@ -103,12 +134,13 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     from kvmfw.abi import constants
     from kvmfw.kvm import Kvm
     from kvmfw.plugins import host_arch
-    from kvmfw.timer import probe_perf
+    from kvmfw.timer import PERF_COUNT_HW_INSTRUCTIONS, probe_perf
 
     with Kvm(kvm_path) as kvm:
         caps = kvm.capabilities()
         limit, limit_why = vcpu_limit(kvm, host_arch())
         perf = probe_perf()
+        insns = probe_perf(PERF_COUNT_HW_INSTRUCTIONS)
         data: dict[str, Any] = {
             "kvm_path": kvm_path,
             "module": kvm.module,
@@ -123,7 +155,9 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
             "coalesced_mmio_page": kvm.coalesced_mmio_page,
             "host": {"arch": host_arch(), "machine": platform.machine(),
                      "kernel": platform.release()},
-            "perf": {"available": perf.available, "reason": perf.reason},
+            "perf": {"available": perf.available, "reason": perf.reason,
+                     "instructions": {"available": insns.available, "reason": insns.reason}},
+            "guest_features": guest_features(caps, host_arch()),
             "time_source": "perf hardware cycles" if perf.available else
             "architecture cycle source (e.g. x86 TSC) if the arch plugin offers one, "
             "else the monotonic clock",
@@ -141,11 +175,51 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     click.echo(f"{'host':<20} {h['arch']} ({h['machine']}, Linux {h['kernel']})")
     click.echo(f"{'perf':<20} {'available' if perf.available else 'unavailable'}: "
                f"{perf.reason}")
+    click.echo(f"{'perf instructions':<20} "
+               f"{'available' if insns.available else 'unavailable'}: {insns.reason}")
     click.echo(f"{'time source':<20} {data['time_source']}")
+    for name, (ok, why) in data["guest_features"].items():
+        click.echo(f"{name:<20} {'yes' if ok else 'no'}: {why}")
     supported = {k: v for k, v in caps.items() if v}
     click.echo(f"\ncapabilities: {len(supported)} of {len(caps)} supported")
     for name, value in caps.items():
         click.echo(f"  {name:<36} {value if value else 'no'}")
+
+
+def guest_features(caps: dict[str, int], arch: str) -> dict[str, tuple[bool, str]]:
+    """What the host's KVM offers guests beyond the basics, from the capabilities alone
+    (the core names no plugin): on arm64, 32-bit guests and the guest PMU."""
+    if arch not in ("armv8", "arm64", "aarch64"):
+        return {}
+    a32 = caps.get("ARM_EL1_32BIT", 0) > 0
+    pmu = caps.get("ARM_PMU_V3", 0) > 0
+    return {
+        "aarch32 guests": (a32, "KVM_CAP_ARM_EL1_32BIT: arm_features=el1_32bit runs ARMv7 "
+                           "guests" if a32 else "no KVM_CAP_ARM_EL1_32BIT: the host CPU has "
+                           "no AArch32 at EL1 (ID_AA64PFR0_EL1.EL1 != 2)"),
+        "guest pmu": (pmu, "KVM_CAP_ARM_PMU_V3: arm_features=pmu gives the guest a PMUv3"
+                      if pmu else "no KVM_CAP_ARM_PMU_V3"),
+    }
+
+
+# --- doctor ----------------------------------------------------------------------------
+
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--kvm", "kvm_path", default="/dev/kvm", show_default=True,
+              help="The KVM device to check.")
+def doctor_cmd(as_json: bool, kvm_path: str) -> None:
+    """Check the host: /dev/kvm, which KVM, capabilities, perf, build tools.
+
+    Each finding says what it costs and how to fix it. Exit status 0 when kvmfw can run
+    guests here, 3 (no usable /dev/kvm) when it cannot.
+    """
+    from kvmfw.doctor import HostPaths, diagnose, format_report
+
+    report = diagnose(HostPaths(kvm=kvm_path))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
+    if not report.usable:
+        sys.exit(3)
 
 
 # --- run -----------------------------------------------------------------------------
@@ -414,6 +488,19 @@ class _Signals:
               help="Continue the guest saved in checkpoint DIR (machine, devices and guest "
               "come from it; host options such as --console, --timeout, --stats and "
               "--checkpoint-dir may be given anew).")
+@click.option("--profile", is_flag=True, default=None,
+              help="At the end, a table of exits by reason and device with their host time, "
+                   "sync and timer costs, and the busiest ports and addresses (stderr).")
+@click.option("--switch-at", type=str, metavar="TICKS",
+              help="Hand vCPU 0 to the emulated CPU (Unicorn) at simulated tick TICKS for "
+              "--emulate-insts instructions, then back to KVM (needs kvmfw[emu]).")
+@click.option("--emulate-insts", type=str, metavar="N",
+              help="Instructions to emulate at --switch-at (exact; fewer before hlt/wfi).")
+@click.option("--trace", type=str, metavar="FILE",
+              help="Write every emulated instruction (address, bytes, disassembly) to FILE.")
+@click.option("--max-insts", type=str, metavar="N",
+              help="Stop after exactly N guest instructions of vCPU 0 (status 0; counted "
+              "by the emulated CPU without a PMU: see the stats group system.cpu0.insts).")
 @click.option("--help-flags", is_flag=True, help="List the debug flags and exit.")
 def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     """Boot a guest and run it until it exits.
@@ -474,6 +561,7 @@ def _run(cfg: dict[str, Any]) -> int:
     if cfg.get("debug_flags"):
         debug.enable(cfg["debug_flags"])
     check_restore_keys(cfg)
+    _check_emu_keys(cfg)
     restore_dir = cfg.get("restore")
     arch = cfg.get("arch") or host_arch()
     plugin: Any = None
@@ -540,10 +628,15 @@ def _run(cfg: dict[str, Any]) -> int:
             watchdog = sigs.watchdog = _Watchdog(terminal, cfg.get("timeout"))
             sigs.arm(machine)
             _arm_checkpoints(machine, cfg, sigs)
+            profile = None
+            if cfg.get("profile"):
+                from kvmfw.profile import ExitProfile
+
+                profile = ExitProfile(machine)
+                profile.install()
             t0 = time.monotonic()
             try:
-                result = machine.run(timeout=cfg.get("timeout"),
-                                     max_ticks=cfg.get("max_ticks"))
+                result = _run_machine(machine, cfg)
                 status, reason = result.status, result.reason
             except RunTimeoutError as exc:
                 status, reason, timed_out = exc.exit_status, str(exc), True
@@ -579,6 +672,9 @@ def _run(cfg: dict[str, Any]) -> int:
             if not cfg.get("no_summary"):
                 for path in machine.checkpoints_taken:
                     _echo_err(f"checkpoint: {path}")
+            if profile is not None:
+                profile.stop()
+                _echo_err(profile.report())
             if console.error is not None:
                 _echo_err(f"warning: console output to {console_spec} failed: "
                           f"{console.error}; the guest's output after that was lost")
@@ -592,6 +688,57 @@ def _run(cfg: dict[str, Any]) -> int:
     if error is not None:
         raise error
     return host_status(status)
+
+
+def _check_emu_keys(cfg: dict[str, Any]) -> None:
+    """The hand-over and instruction-stop options go together only in these ways."""
+    has = {k for k in ("switch_at", "emulate_insts", "trace", "max_insts")
+           if cfg.get(k) is not None}
+    if ("switch_at" in has) != ("emulate_insts" in has):
+        raise ConfigError("--switch-at and --emulate-insts go together (when to hand the "
+                          "CPU to the emulator, and for how many instructions)")
+    if "max_insts" in has and "switch_at" in has:
+        raise ConfigError("--max-insts runs the whole budget itself: leave out --switch-at")
+    if "trace" in has and not has & {"emulate_insts", "max_insts"}:
+        raise ConfigError("--trace records emulated instructions: give --switch-at with "
+                          "--emulate-insts, or --max-insts")
+    if "switch_at" in has and cfg.get("max_ticks") is not None \
+            and cfg["switch_at"] >= cfg["max_ticks"]:
+        raise ConfigError("--switch-at must come before --max-ticks")
+
+
+def _run_machine(machine: Any, cfg: dict[str, Any]) -> Any:
+    """The run, with the emulated-CPU options (--switch-at, --max-insts) if given."""
+    timeout, max_ticks = cfg.get("timeout"), cfg.get("max_ticks")
+    if cfg.get("switch_at") is None and cfg.get("max_insts") is None:
+        return machine.run(timeout=timeout, max_ticks=max_ticks)
+    from kvmfw.emu import Trace
+
+    trace = Trace(cfg["trace"]) if cfg.get("trace") else None
+    try:
+        if cfg.get("max_insts") is not None:
+            from kvmfw.emu.stop import run_until_instructions
+
+            return run_until_instructions(machine, cfg["max_insts"], trace=trace,
+                                          timeout=timeout)
+        if cfg["switch_at"]:
+            result = machine.run(timeout=timeout, max_ticks=cfg["switch_at"])
+            if result.reason != "simulated tick limit reached":
+                return result  # the guest ended first
+        machine.emulate(cfg["emulate_insts"], trace=trace)
+        if machine.stop_requested:  # the guest ended the run while emulated
+            return machine_result(machine)
+        left = None if max_ticks is None else max(1, max_ticks - machine.eventq.cur_tick)
+        return machine.run(timeout=timeout, max_ticks=left)
+    finally:
+        if trace is not None:
+            trace.close()
+
+
+def machine_result(machine: Any) -> Any:
+    from kvmfw.machine import RunResult
+
+    return RunResult(machine.exit_status, machine.exit_reason, machine.eventq.cur_tick, 0.0)
 
 
 def _make_machine(mc: Any, plugin: Any, arch: str, restore_dir: str | None,

@@ -34,6 +34,9 @@ PAGE = 4096
 MiB = 1 << 20
 MAX_TICKS = (1 << 63) - 1
 """Simulated ticks are signed 64-bit in the event queue's contract (1 tick = 1 ps)."""
+MAX_INSTS = 1 << 48
+"""The most instructions ``--max-insts``/``--emulate-insts`` may ask for (and
+``run(until_instructions=N)``): far beyond any run, far below any counter's overflow."""
 HOST_FACTOR_RANGE = (1e-6, 1e6)
 """Simulated/host time scale: beyond this a slice's host deadline over- or underflows."""
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
@@ -61,6 +64,7 @@ CORE_OPTIONS: dict[str, OptionSpec] = {
     "fw_cfg": None, "pseudo_op_dir": None, "reboot": bool, "reboot_limit": None,
     "max_cpus": None,  # fw_cfg's FW_CFG_MAX_CPUS
     "board": None,  # a kvmfw.boards entry point instead of the arch's default board
+    "fastpath": bool,  # the compiled exit path (kvmfw.fastpath); off: every exit to Python
 }
 """Options the core and every board read (``reboot``: :meth:`Machine.request_reset`)."""
 
@@ -250,13 +254,15 @@ RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus"
             "always_sync", "no_summary", "no_default_devices", "no_reboot", "host_factor",
             "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait",
             "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
-            "checkpoint_incremental", "restore")
+            "checkpoint_incremental", "restore", "profile", "switch_at", "emulate_insts",
+            "trace", "max_insts")
 """Every key of ``kvmfw run``: a command-line option each, and a TOML key each."""
 
 RESTORE_KEYS = ("restore", "console", "stats", "debug_flags", "timeout", "max_ticks",
                 "no_summary", "pseudo_op_dir", "gdb", "gdb_default", "gdb_wait",
                 "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
-                "checkpoint_incremental")
+                "checkpoint_incremental", "profile", "switch_at", "emulate_insts",
+                "trace", "max_insts")
 """The keys ``--restore`` may be given with: host-side ones. The machine, its devices and
 the guest come from the checkpoint."""
 CHECKPOINT_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -355,6 +361,17 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
                 raise ConfigError(f"{name} {n}: must be between 1 and {MAX_TICKS} "
                                   "(1 tick = 1 ps; leave it out for no limit)")
             out[key] = n
+        elif key in ("switch_at", "emulate_insts", "max_insts"):
+            n = _number(name, value, int, "a whole number")
+            least = 1 if key == "emulate_insts" else 0
+            most = MAX_TICKS if key == "switch_at" else MAX_INSTS
+            if not least <= n <= most:
+                raise ConfigError(f"{name} {n}: must be between {least} and {most}")
+            out[key] = n
+        elif key == "trace":
+            _expect(name, value, (str,), "a file name")
+            out[key] = source.path(value, f)
+            check_writable_file(out[key], name)
         elif key == "host_factor":
             h = _number(name, value, float, "a number")
             lo, hi = HOST_FACTOR_RANGE

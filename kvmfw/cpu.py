@@ -13,7 +13,11 @@ State machine (gem5 names)::
 ``tick()`` is the CPU's event. Each call runs KVM slices bounded by the next event in the
 queue, servicing exits in between, until an event is due, the CPU goes idle, or the
 machine stops. The exit path is the hot path: one table lookup, no pluggy call, no
-allocation beyond the IO tuple.
+allocation beyond the IO tuple. The entry itself is C (``kvmfw_run_ctx``): it reads the
+clock, counts exits and time in KVM (folded into the stats when ``tick`` returns), and
+answers the exits the bus's compiled-path table covers without returning to Python
+(:mod:`kvmfw.fastpath`). ``exit_table`` swaps in another exit table (the profiler's,
+:mod:`kvmfw.profile`), so the plain path tests no profiling flag.
 
 Thread context: the arch plugin's register cache. Two flags make sync lazy (gem5):
 ``_tc_dirty`` (someone changed the context: push before the next entry) and
@@ -48,6 +52,7 @@ from kvmfw.errors import (
     UnhandledExitError,
 )
 from kvmfw.eventq import PRIO_CPU_TICK, Event
+from kvmfw.fastpath import LATCH, FastState, FastTable
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.stats import KvmCpuStats
 from kvmfw.timer import CycleSource, RunTimer
@@ -66,7 +71,8 @@ log_ctx = logging.getLogger("kvmfw.context")
 _EINTR = -errno.EINTR
 _SYNC_NONE = SyncLevel.NONE
 _now = time.monotonic_ns
-_kvm_run = lib.kvmfw_run
+_run_ctx = lib.kvmfw_run_ctx
+_STALE = object()
 _new_tuple = tuple.__new__
 _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
@@ -123,16 +129,19 @@ class KvmCPU:
         self.id = vcpu.id
         self.hooks = hooks
         self.eventq = machine.eventq
-        self.always_sync = always_sync
+        self._always_sync = always_sync
         self.host_factor = host_factor
-        self.use_coalesced_mmio = (use_coalesced_mmio or bool(vcpu.vm.coalesced_zones)) \
+        self._extras = True
+        """Whether entries and exits need their cold parts (see :meth:`_run_slice`)."""
+        self._no_fast = always_sync
+        self._pre_run: Any = None
+        self._post_run: Any = None
+        self._trace = False
+        self._use_coalesced_mmio = (use_coalesced_mmio or bool(vcpu.vm.coalesced_zones)) \
             and bool(vcpu.coalesced_ring_offset)
-        """Replay the VM's coalesced-MMIO ring after each exit (forced on once a zone is
-        registered: its writes would otherwise be lost)."""
         self.status = IDLE
         self.stats = KvmCpuStats()
-        self.runs = 0
-        """Entries into KVM so far (never reset): a cache can tell whether KVM ran since."""
+        self._runs = 0  # half entries (KVM_RUN calls of the run loop are counted in C)
         self.context: Any = None
         self._tc_dirty = True
         self._pulled_level = SyncLevel.NONE
@@ -150,21 +159,41 @@ class KvmCPU:
         self._wake = threading.Event()
         self.tick_event = Event(self.tick, f"cpu{self.id}.tick", PRIO_CPU_TICK)
         self._timer: RunTimer | None = None
+        self._armed_bound: int | None = None
+        self._armed_clock: Any = None
         self.cycle_source: CycleSource | None = None
         self.cycle_source_reason = ""
         self._dispatch: list[Any] = []
-        self._trace = False
+        self.exit_table: list[Any] | None = None
+        """A replacement exit table (the profiler's, :mod:`kvmfw.profile`), taken from the
+        next :meth:`tick` on; None: the plain one."""
         self._cycles: Any = None
         self._insns: Any = None
         self._fd = vcpu.fd
         self._run: Any = vcpu.run
         self._map: Any = vcpu.run_map
         self._run_addr = address_of(vcpu.run)
+        self._run_size = len(vcpu.run_map)
+        self._bus = machine.bus
+        opt = machine.config.options.get("fastpath", True)
+        self.fastpath = opt is True or str(opt).lower() in ("on", "1", "true", "yes")
+        """Answer the exits the bus's table covers in C (:mod:`kvmfw.fastpath`);
+        ``--option fastpath=off`` sends every exit to Python."""
+        self._fs = FastState(vcpu.fd, self._run_addr, self._run_size)
+        self._ctx = self._fs.ctx
+        self._fast_table: Any = _STALE
+        """The bus table the compiled path uses (refreshed when the bus drops it)."""
         self._ticks_per_cycle = 1000.0 * host_factor
+        self._ctx.ticks_per_ns = self._ticks_per_cycle
         self.last_exit: int | None = None
+        self.mmio_remap = True
+        """False once the arch said (in ``vcpu_init``) that ``finalize_mmio_address`` never
+        changes this vCPU's addresses: the hook is then not called on each MMIO exit."""
         self.suspended_ticks = 0
         """Simulated ticks spent IDLE (halted or suspended), as gem5 accounts them."""
         self._idle_since: int | None = None
+        self.switched_out = False
+        """True while an emulated CPU (:mod:`kvmfw.emu`) runs this vCPU: KVM must not."""
 
     # --- start-up --------------------------------------------------------------------
 
@@ -193,6 +222,7 @@ class KvmCPU:
         self._handle_exit_io = h.bind("handle_exit_io")
         self._handle_arch_exit = h.bind("handle_arch_exit")
         self._finalize_mmio = h.bind("finalize_mmio_address")
+        self._update_extras()
 
     def bind_thread(self, cycle_source: CycleSource, reason: str) -> None:
         """Called on the thread that will run this vCPU: signals, run timer, cycle source.
@@ -212,6 +242,46 @@ class KvmCPU:
         self._cycles = None if monotonic else cycle_source.read
         self._insns = cycle_source.instructions
         self._ticks_per_cycle = cycle_source.ticks(1_000_000, self.host_factor) / 1_000_000
+        # the C entry accounts cycles and ticks itself when the clock is the cycle source
+        self._ctx.ticks_per_ns = self._ticks_per_cycle if monotonic else 0.0
+
+    @property
+    def runs(self) -> int:
+        """Entries into KVM so far (never reset): a cache can tell whether KVM ran since."""
+        return self._runs + int(self._ctx.entries)
+
+    @runs.setter
+    def runs(self, value: int) -> None:
+        self._runs = value - int(self._ctx.entries)
+
+    def fold_stats(self) -> None:
+        """Move the counts the C entry keeps (exits, time in KVM) into :attr:`stats`. The
+        run loop does it whenever :meth:`tick` returns (on the vCPU's thread, after each
+        entry in parallel mode); readers of the stats registry get it first."""
+        c = self._ctx
+        n = c.exits
+        if n:
+            st = self.stats
+            st.vm_exits += n
+            st.host_ns_in_kvm += c.ns
+            st.cycles += c.cycles
+            st.ticks_in_kvm += c.ticks
+            st.io += c.io
+            st.mmio += c.mmio
+            c.exits = c.ns = c.cycles = c.ticks = c.io = c.mmio = 0
+
+    def reset_stats(self) -> None:
+        """Zero the stats (and the counts not yet folded into them)."""
+        if not self.parallel:
+            self.fold_stats()
+        self.stats.reset()
+
+    def stats_dict(self) -> dict[str, int]:
+        """The stats registry's view of this vCPU (counts kept in C folded in first, unless
+        another thread is running the vCPU: then as of its last fold)."""
+        if not self.parallel:
+            self.fold_stats()
+        return self.stats.as_dict()
 
     def unbind_thread(self) -> None:
         """Called on the bound thread when it stops running this vCPU: the run timer is
@@ -384,30 +454,50 @@ class KvmCPU:
         machine = self.machine
         heap = eq._heap
         self._trace = log_run.isEnabledFor(logging.DEBUG) or log_io.isEnabledFor(logging.DEBUG)
+        self._update_extras()
+        # the exit table for this call: the plain one, or one that traces each IO/MMIO exit
+        # (so the plain handlers test no flag)
+        dispatch = self.exit_table or self._dispatch
+        if self._trace:
+            dispatch = self._traced_dispatch(dispatch)
+        try:
+            self._tick_loop(eq, machine, heap, dispatch)
+        finally:
+            self.fold_stats()
+
+    def _tick_loop(self, eq: Any, machine: Machine, heap: list[Any],
+                   dispatch: list[Any]) -> None:
         while True:
             st = self.status
-            if st is RUNNING_SERVICE:
-                self._dispatch_exit()
-            elif st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
+            if st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
                 if self.drain_pending:
                     self.run_drain()
                 elif not heap:
                     self._run_slice(None)
                 else:
-                    nxt = eq.next_tick()
+                    # eq.next_tick(), inlined for a live head (the common case)
+                    when, _, seq, ev = heap[0]
+                    nxt = when if ev._seq == seq and ev.when == when else eq.next_tick()
                     cur = eq.cur_tick
                     if nxt is None:
                         self._run_slice(None)
                     elif nxt > cur:
                         self._run_slice(nxt - cur)
-            else:
+            elif st is not RUNNING_SERVICE:
                 return  # IDLE or MMIO pending: someone else reschedules us
+            if self.status is RUNNING_SERVICE:
+                # service the exit at once, as gem5 does (it happened before any event now
+                # due); _dispatch_exit, inlined: one frame less per exit
+                try:
+                    dispatch[self.last_exit]()  # type: ignore[index]
+                except KvmfwError:
+                    raise
+                except Exception as exc:
+                    self._dispatch_failed(exc)
             if machine.stop_requested:
                 if self.status is not IDLE:
                     self._schedule_tick(eq.cur_tick)
                 return
-            # an event due now runs before we go on (a cheap peek; stale entries only cost
-            # one trip through the queue)
             if heap and heap[0][0] <= eq.cur_tick:
                 if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
                     self._schedule_tick(eq.cur_tick)
@@ -447,86 +537,69 @@ class KvmCPU:
         self._run_slice(ticks)
 
     def _run_slice(self, ticks: int | None) -> None:
-        """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time."""
-        if self._tc_dirty or self.always_sync:
-            self.sync_kvm_state(SyncLevel.FULL if self.always_sync else SyncLevel.RUNTIME)
-        if self.interrupt_pending and self._deliver_interrupts is not None:
-            if self.parallel:
-                with self.machine.lock:
-                    self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
-            else:
-                self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
-            if self.status is IDLE:
+        """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time.
+
+        The hot path: what only some runs need (a dirty context, an interrupt to deliver,
+        ``always_sync``, ``pre_run``/``post_run`` hooks, the coalesced ring, tracing) sits
+        behind one flag each side (``_extras``), so a plain exit pays for none of it."""
+        if self._tc_dirty or self.interrupt_pending or self._extras:
+            if self._before_entry():
                 return  # delivery suspended the CPU (x86 INIT): do not enter KVM
         timer = self._timer
         eq = self.eventq
-        bound = None if ticks is None else eq.cur_tick + ticks
-        if timer is not None:
-            if bound is None:
-                if timer.deadline_ns is not None:
-                    timer.disarm()
-            else:
-                # the host instant that maps to the bounding event, from the run's fixed
-                # clock base: the same event gives the same deadline, so the timer is armed
-                # once per event rather than on every exit
-                host0, tick0, per_ns = self.machine._clock
+        if ticks is None:
+            bound = None
+            if timer is not None and timer.deadline_ns is not None:
+                timer.disarm()
+        else:
+            bound = eq.cur_tick + ticks
+            # the host instant that maps to the bounding event, from the run's fixed clock
+            # base: the same event gives the same deadline, so the timer is armed once per
+            # event (and its deadline computed once) rather than on every exit
+            if timer is not None and (bound != self._armed_bound or timer.deadline_ns is None
+                                      or self._armed_clock is not self.machine._clock):
+                clock = self._armed_clock = self.machine._clock
+                host0, tick0, per_ns = clock
                 timer.arm_at(host0 - int((tick0 - bound) // per_ns))
-        if self._pre_run is not None:
-            try:
-                self._pre_run(self)
-            except KvmfwError:
-                raise
-            except Exception as exc:
-                raise PluginHookError("pre_run", _culprit(exc), exc) from exc
+                self._armed_bound = bound
+        if self._fast_table is not self._bus.fast:
+            self._refresh_fast()
         src = self._cycles
-        if src is None:  # the monotonic clock is the cycle source: read it once per side
-            t0 = _now()
-            r = _kvm_run(self._fd)
-            t1 = _now()
-            cycles = t1 - t0
-            executed = int(cycles * self._ticks_per_cycle)
+        if src is None:  # the monotonic clock is the cycle source: C reads it and accounts
+            ctx = self._ctx
+            r = _run_ctx(ctx)
+            t1 = ctx.t1
         else:
             insns = self._insns
             i0 = insns() if insns is not None else 0
             c0 = src()
-            t0 = _now()
-            r = _kvm_run(self._fd)
-            t1 = _now()
+            ctx = self._ctx
+            r = _run_ctx(ctx)
+            t1 = ctx.t1
             cycles = src() - c0
+            stats = self.stats
             if insns is not None:
-                self.stats.instructions += insns() - i0
-            executed = int(cycles * self._ticks_per_cycle)
-        self.runs += 1
-        stats = self.stats
-        stats.vm_exits += 1
-        stats.host_ns_in_kvm += t1 - t0
-        stats.cycles += cycles
-        stats.ticks_in_kvm += executed
+                stats.instructions += insns() - i0
+            stats.cycles += cycles
+            stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
+        if r:  # > 0: exits the compiled path answered before this one; < 0: -errno
+            if r > 0 or self._fs.counts[0]:
+                self._fold_fast()
+            if r > 0:
+                r = 0
         self._pulled_level = _SYNC_NONE
-        if self.always_sync:
-            self._pull(SyncLevel.FULL)
         if r < 0:
             if r != _EINTR and r != _EAGAIN:
                 raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
-            reason = ExitReason.INTR
+            reason = 10  # KVM_EXIT_INTR
         else:
             reason = self._run.exit_reason
         self.last_exit = reason
-        if self._post_run is not None:
-            try:
-                self._post_run(self, reason)
-            except KvmfwError:
-                raise
-            except Exception as exc:
-                raise PluginHookError("post_run", _culprit(exc), exc) from exc
-        if self.use_coalesced_mmio:
-            self._drain_coalesced_mmio()
-        if self._trace:
-            log_run.debug("cpu%d: ran %s ticks (%d ns), exit %s", self.id, ticks, t1 - t0,
-                          _exit_name(reason))
+        if self._extras:
+            self._after_exit(reason, ticks, t1)
         fired = False
         if reason == 10:  # KVM_EXIT_INTR
-            stats.exit_signal += 1
+            self.stats.exit_signal += 1
             self.status = RUNNING
             # a kick or the run timer set immediate_exit: clear it or every entry returns at
             # once. Kicks are requests whose state (stop, interrupt, event) the loop checks
@@ -540,7 +613,9 @@ class KvmCPU:
                 fired = bound is not None
         else:
             self.status = RUNNING_SERVICE
-        if not self.parallel:
+        if self.parallel:
+            self.fold_stats()  # here, on the vCPU's thread: nobody else touches the counts
+        else:
             # simulated time follows host time since the run began (service time included)
             # but never passes the event that bounded the slice; when the slice timer ended
             # the run, time is at that event (gem5's rule)
@@ -550,6 +625,143 @@ class KvmCPU:
                 now = bound
             if now > eq.cur_tick:
                 eq.cur_tick = now
+
+    def _before_entry(self) -> bool:
+        """The cold part of an entry: push a dirty context, deliver interrupts, ``pre_run``.
+        True when the CPU must not enter (interrupt delivery suspended it)."""
+        if self._tc_dirty or self.always_sync:
+            self.sync_kvm_state(SyncLevel.FULL if self.always_sync else SyncLevel.RUNTIME)
+        if self.interrupt_pending and self._deliver_interrupts is not None:
+            if self.parallel:
+                with self.machine.lock:
+                    self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+            else:
+                self._call_hook("deliver_interrupts", self._deliver_interrupts, self)
+            if self.status is IDLE:
+                return True
+        if self._pre_run is not None:
+            try:
+                self._pre_run(self)
+            except KvmfwError:
+                raise
+            except Exception as exc:
+                raise PluginHookError("pre_run", _culprit(exc), exc) from exc
+        return False
+
+    def _after_exit(self, reason: int, ticks: int | None, t1: int) -> None:
+        """The cold part of an exit: ``always_sync``'s pull, ``post_run``, the coalesced
+        ring, the trace."""
+        if self.always_sync:
+            self._pull(SyncLevel.FULL)
+        if self._post_run is not None:
+            try:
+                self._post_run(self, reason)
+            except KvmfwError:
+                raise
+            except Exception as exc:
+                raise PluginHookError("post_run", _culprit(exc), exc) from exc
+        if self._use_coalesced_mmio:
+            self._drain_coalesced_mmio()
+        if self._trace:
+            log_run.debug("cpu%d: ran for at most %s ticks, exit %s at host %d ns", self.id,
+                          ticks, _exit_name(reason), t1)
+
+    def _update_extras(self) -> None:
+        self._extras = bool(self._always_sync or self._pre_run is not None
+                            or self._post_run is not None or self._use_coalesced_mmio
+                            or self._trace)
+        no_fast = bool(self._always_sync or self._trace)
+        if no_fast != self._no_fast:
+            self._no_fast = no_fast
+            self._fast_table = _STALE
+
+    @property
+    def always_sync(self) -> bool:
+        """Push the whole context before every entry and pull it after every exit (each
+        exit then reaches Python: the compiled path is not used)."""
+        return self._always_sync
+
+    @always_sync.setter
+    def always_sync(self, on: bool) -> None:
+        self._always_sync = on
+        self._update_extras()
+
+    @property
+    def use_coalesced_mmio(self) -> bool:
+        """Replay the VM's coalesced-MMIO ring after each exit (forced on once a zone is
+        registered: its writes would otherwise be lost)."""
+        return self._use_coalesced_mmio
+
+    @use_coalesced_mmio.setter
+    def use_coalesced_mmio(self, on: bool) -> None:
+        self._use_coalesced_mmio = on
+        self._update_extras()
+
+    def set_fastpath(self, on: bool) -> None:
+        """Switch the compiled exit path on or off from the next entry (a tool that must
+        see every access, such as :func:`kvmfw.testing.trace`, switches it off)."""
+        self.fastpath = on
+        self._fast_table = _STALE
+
+    def _refresh_fast(self) -> None:
+        """Point the compiled path at the bus's current table (built now if needed), or
+        switch it off (``fastpath=off``, tracing, ``always_sync``)."""
+        if self.fastpath and not self._no_fast:
+            tbl: Any = self._bus.fast_table()
+            self._fs.use(tbl)
+        else:
+            tbl = self._bus.fast
+            self._fs.use(None)
+        self._fast_table = tbl
+
+    def _fold_fast(self) -> None:
+        """Account the exits the compiled path answered and deliver coalesced writes
+        (before Python services the exit that ended the call)."""
+        fs = self._fs
+        tbl = fs.table
+        if tbl is None:
+            return
+        c = fs.take()
+        stats = self.stats
+        n = c[0]
+        stats.fast_exits += n  # (vm_exits and the time: counted by the C entry)
+        stats.io += c[1]
+        stats.mmio += c[2]
+        bus = self._bus
+        by = fs.by_entry
+        latched = []
+        for i, e in enumerate(tbl.entries):
+            reads, writes = c[3 + 2 * i], c[4 + 2 * i]
+            if not (reads or writes):
+                continue
+            key = (e.space, e.name)
+            tot = by.get(key)
+            if tot is None:
+                tot = by[key] = [0, 0]
+            tot[0] += reads
+            tot[1] += writes
+            if e.mapping is None:  # unclaimed: counted as the bus's own path counts them
+                space = bus.pio if e.space == "pio" else bus.mmio
+                space.unclaimed_reads += reads
+                space.unclaimed_writes += writes
+            elif e.kind & LATCH and writes:
+                latched.append(i)
+        if latched:
+            if self.parallel:
+                with self.machine.lock:
+                    self._deliver_latched(fs, tbl, latched)
+            else:
+                self._deliver_latched(fs, tbl, latched)
+
+    def _deliver_latched(self, fs: FastState, tbl: FastTable, which: list[int]) -> None:
+        for i in which:
+            la = fs.latches[i]
+            if la.set:
+                la.set = 0
+                n = min(int(la.len), 8)
+                e = tbl.entries[i]
+                (self._bus.pio if e.space == "pio" else self._bus.mmio).write(
+                    int(la.addr), bytes(la.data[0:n]))
 
     def half_entry(self) -> None:
         """Enter KVM only to complete a pending IO/MMIO (``immediate_exit``), then exit.
@@ -562,7 +774,7 @@ class KvmCPU:
             raise KvmError("KVM_RUN", errno.EBADF, f"half entry: vcpu {self.id} is closed")
         r = lib.kvmfw_half_entry(self.vcpu.fd, self._run_addr)
         self.stats.vm_half_entries += 1
-        self.runs += 1
+        self._runs += 1
         self._pulled_level = SyncLevel.NONE
         if r < 0 and r != _EINTR and r != _EAGAIN:
             raise KvmError("KVM_RUN", -r, "half entry")
@@ -570,18 +782,47 @@ class KvmCPU:
             self.status = RUNNING
 
     def _dispatch_exit(self) -> None:
-        reason = self.last_exit or 0
         try:
-            self._dispatch[reason]()
+            (self.exit_table or self._dispatch)[self.last_exit]()  # type: ignore[index]
         except KvmfwError:
             raise
-        except IndexError:
-            if reason < _NUM_EXIT_SLOTS:
-                raise
-            self._exit_arch_or_unexpected()
         except Exception as exc:
-            raise PluginHookError(f"exit handler for {_exit_name(reason)}",
-                                  _culprit(exc), exc) from exc
+            self._dispatch_failed(exc)
+
+    def _dispatch_failed(self, exc: Exception) -> None:
+        """An exit handler raised (or the reason is beyond the table: the arch's)."""
+        reason = self.last_exit or 0
+        if isinstance(exc, IndexError | TypeError) and exc.__traceback__ is not None \
+                and exc.__traceback__.tb_next is None:  # the table lookup itself failed
+            try:
+                self._exit_arch_or_unexpected()
+            except KvmfwError:
+                raise
+            except Exception as exc2:
+                raise PluginHookError(f"exit handler for {_exit_name(reason)}",
+                                      _culprit(exc2), exc2) from exc2
+            return
+        raise PluginHookError(f"exit handler for {_exit_name(reason)}",
+                              _culprit(exc), exc) from exc
+
+    def _traced_dispatch(self, plain: list[Any]) -> list[Any]:
+        table = list(plain)
+        io, mmio = table[ExitReason.IO], table[ExitReason.MMIO]
+
+        def traced_io() -> None:
+            d, size, port, count, _ = _unpack_io(self._map, RUN_PAYLOAD)
+            log_io.debug("cpu%d: io %s port %#x size %d count %d", self.id,
+                         "out" if d == constants.KVM_EXIT_IO_OUT else "in", port, size, count)
+            io()
+
+        def traced_mmio() -> None:
+            addr, _, length, is_write = _unpack_mmio(self._map, RUN_PAYLOAD)
+            log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
+                         addr, length)
+            mmio()
+
+        table[ExitReason.IO], table[ExitReason.MMIO] = traced_io, traced_mmio
+        return table
 
     # --- exit handlers (one per reason; the table is built in _build_dispatch) ---------
 
@@ -589,7 +830,7 @@ class KvmCPU:
         self.status = RUNNING
 
     def _exit_io(self) -> None:
-        self.stats.io += 1
+        # (counted by the C entry: stats.io)
         io = _new_tuple(IoExit, _unpack_io(self._map, RUN_PAYLOAD))
         fn = self._handle_exit_io
         if fn is None or fn(self, io) is None:
@@ -598,21 +839,18 @@ class KvmCPU:
                               f"(size {io.size}, count {io.count}) that no plugin handles",
                               port=io.port, size=io.size, count=io.count,
                               direction="out" if io.is_write else "in")
-        if self._trace:
-            log_io.debug("cpu%d: io %s port %#x size %d count %d", self.id,
-                         "out" if io.is_write else "in", io.port, io.size, io.count)
         if self.status is RUNNING_SERVICE:
             self.status = RUNNING_SERVICE_COMPLETION
 
     def _exit_mmio(self) -> None:
-        self.stats.mmio += 1
+        # (counted by the C entry: stats.mmio)
         mm = self._map
         addr, data, length, is_write = _unpack_mmio(mm, RUN_PAYLOAD)
-        if self._finalize_mmio is not None:
+        if self._finalize_mmio is not None and self.mmio_remap:
             new = self._finalize_mmio(self, addr)
             if new is not None:
                 addr = new
-        mmio = self.machine.bus.mmio
+        mmio = self._bus.mmio
         if length > 8:  # the kernel's field is 8 bytes: a larger length is a corrupt exit
             raise self._error(UnhandledExitError, ExitReason.MMIO,
                               f"MMIO exit with length {length} (> 8)", address=addr)
@@ -624,9 +862,6 @@ class KvmCPU:
             if pending.__class__ is not PendingAccess:
                 mm[MMIO_DATA:MMIO_DATA + length] = pending
                 pending = None
-        if self._trace:
-            log_io.debug("cpu%d: mmio %s %#x size %d", self.id, "write" if is_write else "read",
-                         addr, length)
         if pending is not None:
             self._wait_mmio(pending)
         elif self.status is RUNNING_SERVICE:
@@ -809,6 +1044,33 @@ class KvmCPU:
         if self.status is RUNNING_SERVICE:
             self.status = RUNNING
         return True
+
+    # --- CPU-model switching (gem5's switchOut/takeOverFrom; kvmfw.emu) -------------------
+
+    def switch_out(self, *, drain: bool = True) -> None:
+        """Stop running this vCPU on KVM so another CPU model can take it over (gem5's
+        ``switchOut``): drain the machine (``drain=False``, inside a stopped run: only
+        refuse a pending IO/MMIO completion), pull the context in full, mark it
+        ``switched_out``. The other model's ``take_over_from(cpu)`` follows."""
+        if self.switched_out:
+            raise StateError(f"vcpu {self.id} is already switched out")
+        if drain:
+            self.machine.drain()
+        elif self.status in (RUNNING_SERVICE_COMPLETION, RUNNING_MMIO_PENDING) or (
+                self.status is RUNNING_SERVICE and self.last_exit in (ExitReason.IO,
+                                                                       ExitReason.MMIO)):
+            raise StateError(f"vcpu {self.id} is in the middle of an IO/MMIO access; step "
+                             "it on KVM first")
+        self.get_context(SyncLevel.FULL)
+        self.switched_out = True
+
+    def take_over_from(self, other: Any) -> None:
+        """Take this vCPU back from the CPU model running it (gem5's ``takeOverFrom``):
+        ``other`` (an :class:`kvmfw.emu.EmulatedCPU`) writes its state into the context,
+        which is pushed at the next entry."""
+        if getattr(other, "cpu", None) is not self:
+            raise StateError(f"vcpu {self.id} is not run by {other!r}")
+        other.switch_out()
 
     # --- drain -----------------------------------------------------------------------
 

@@ -16,6 +16,23 @@ RAM for DMA, a way to end the run) and its configuration keys; it never sees ``k
 the VM or another device. Device plugins publish classes under the ``kvmfw.devices``
 entry-point group; the entry-point name is the name used on the command line
 (``--device uart16550,port=0x3f8,irq=4``).
+
+Timing-mode MMIO (gem5's ``RunningMMIOPending``): an MMIO ``read`` or ``write`` may
+return a :class:`kvmfw.bus.PendingAccess` (``PendingAccess(size)`` for a read,
+``PendingAccess(len(data), is_write=True)`` for a write) instead of answering at once. The
+vCPU then waits in ``RunningMMIOPending`` without entering KVM, while simulated time, events
+and other vCPUs go on; the device later calls ``pending.complete(data)`` (a read's ``size``
+bytes; nothing for a write), normally from an :class:`~kvmfw.eventq.Event` it scheduled
+``delay`` ticks ahead, and the vCPU's ``finish_mmio_pending()`` resumes it. Rules: complete
+every access exactly once (twice, or with the wrong size, is a
+:class:`~kvmfw.errors.DeviceError`); keep what you owe in ``is_drained()`` (False while an
+access is outstanding) -- a drain runs device events until the access completes, and a
+device that never completes it fails the drain with :class:`~kvmfw.errors.StateError`;
+port IO and reads by devices or DMA (``AddressSpace.read``) cannot wait. The latency device
+(``kvmfw_devices.latency_mmio``) is the reference implementation.
+
+After a fork (:mod:`kvmfw.fork`), :meth:`Device.after_fork` runs in the child: the
+default keeps everything; a device holding host resources applies its policy there.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from kvmfw.bus import PendingAccess
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import EventQueue
 from kvmfw.memory import GuestMemory
@@ -213,12 +231,19 @@ class Device:
         """The address ranges this device occupies."""
         return []
 
+    def fast_ranges(self) -> list[Any]:
+        """Registers answered without Python (:class:`kvmfw.fastpath.FastRange`: sinks,
+        constant reads, coalescible writes), inside this device's ranges; none by default."""
+        return []
+
     def read(self, offset: int, size: int) -> bytes:
         self.stats["bad_accesses"] += 1
         return b"\xff" * size
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes) -> PendingAccess | None:
+        """Nothing, or a :class:`~kvmfw.bus.PendingAccess` completed later (MMIO only)."""
         self.stats["bad_accesses"] += 1
+        return None
 
     def reset(self) -> None:
         """Return to the power-on state."""
@@ -242,6 +267,19 @@ class Device:
         """The platform's interrupt input ``number``, or a line to nowhere if it is < 0
         (the convention for "irq=-1": no interrupt)."""
         return self.ctx.irq(number) if number >= 0 else NullIrqLine()
+
+    def after_fork(self, child: int) -> None:
+        """Called in a forked child (``child``: its pid, unique among live processes and
+        known to the parent as ``fork()``'s result) before the child's machine runs.
+
+        The device's guest-visible state is already the parent's; this is the place to
+        decide what the child does with the host resources it inherited, which are
+        otherwise shared with the parent: the policy of the built-in devices is console
+        output to a per-child file (``<path>.<pid>``; a terminal stays shared), no console
+        input (it stays with the parent), disk images copy-on-write in the child (its
+        writes kept in the child's memory, never in the image), host files a guest writes
+        to made per-child, listening or connected sockets closed. The default does
+        nothing: a device without host resources needs nothing here."""
 
     def close(self) -> None:
         """Release host resources (files, sockets, terminal modes)."""

@@ -430,3 +430,27 @@ def gdb_debug_exit(cpu: KvmCPU) -> Any:
     the exit was the guest's own breakpoint and the hook re-injected it (e.g.
     ``KVM_GUESTDBG_INJECT_BP``): the stub then does not stop. Called on the vCPU's thread
     from the core's exit table, before the machine is stopped; must not resume the vCPU."""
+
+
+# --- emulated CPU (issue 12: hand-over to Unicorn, kvmfw.emu) ---------------------------
+# The arch plugin provides the glue that moves a vCPU between KVM and the core's
+# :class:`kvmfw.emu.EmulatedCPU`; the core owns the protocol (drain, map RAM and devices,
+# count, trace, the interrupt rule). Both hooks are optional: without ``emu_glue`` a
+# hand-over is refused with :class:`kvmfw.emu.HandoverError`.
+
+@hookspec(firstresult=True)
+def emu_glue(cpu: KvmCPU) -> Any:
+    """A :class:`kvmfw.emu.EmuGlue` for ``cpu`` (a new one per hand-over: it may keep the
+    mode it found), or None if this arch has no emulated CPU. Called after the machine is
+    drained and the context pulled in full. The glue's ``verify`` refuses, with
+    ``HandoverError`` and nothing changed, every state Unicorn cannot model; its ``load``/
+    ``store`` move the whole architectural state the emulator models between the thread
+    context and Unicorn and mark the context dirty (``store``), so the next KVM entry
+    pushes it. Raise ``kvmfw.emu.EmuUnavailableError`` if Unicorn is missing."""
+
+
+@hookspec
+def emu_started(emu: Any) -> None:
+    """An :class:`kvmfw.emu.EmulatedCPU` has just taken a vCPU over (``emu.cpu``); plugins
+    may add per-instruction/memory hooks (``emu.add_instruction_hook``,
+    ``emu.add_memory_hook``) or read ``emu.instructions``. Must not run the guest."""

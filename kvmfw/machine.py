@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvmfw.abi import Cap
 from kvmfw.api import Console, RunEnd
 from kvmfw.bus import Bus
 from kvmfw.config import check_host_factor, check_machine_config, parse_size
@@ -210,6 +211,8 @@ class Machine:
         self._irq_lines: dict[int, IrqLine] = {}
         self.stats_dumps: list[dict[str, dict[str, Any]]] = []
         self.checkpoints_taken: list[Path] = []
+        self.forks = 0
+        """Children :meth:`fork` made of this machine in this process."""
         """Checkpoint directories written by :meth:`checkpoint` or on request, in order."""
         """Every dump taken during the run (guest pseudo-ops, the CLI's final one)."""
         self.work_items: dict[tuple[int, int], int] = {}
@@ -264,7 +267,7 @@ class Machine:
                          host_factor=cfg.host_factor, use_coalesced_mmio=cfg.use_coalesced_mmio)
             self.cpus.append(cpu)
             cpu.startup()
-            self.stats.add(f"system.cpu{cpu.id}", cpu.stats.as_dict, cpu.stats.reset)
+            self.stats.add(f"system.cpu{cpu.id}", cpu.stats_dict, cpu.reset_stats)
         self.stats.add("system", self._system_stats, None)
         self.stats.add("system.bus", self._bus_stats, self._reset_bus_stats)
         self.stats.add("system.work", lambda: dict(self._work), self._reset_work_stats)
@@ -330,6 +333,22 @@ class Machine:
             raise KvmfwError("this machine is closed")
         return reset_to(self, snap)
 
+    def fork(self) -> int:
+        """Drain and fork the process like :func:`os.fork` (child pid in the parent, 0 in
+        the child); the child's machine runs on its own VM from the same state, guest RAM
+        shared copy-on-write. See :mod:`kvmfw.fork`."""
+        from kvmfw.fork import fork
+
+        return fork(self)
+
+    def fork_variants(self, values: Any, fn: Any, *,
+                      max_parallel: int | None = None) -> list[Any]:
+        """Fork one child per value, each running ``fn(machine, value)``; returns their
+        :class:`kvmfw.fork.VariantResult` list. See :func:`kvmfw.fork.run_variants`."""
+        from kvmfw.fork import run_variants
+
+        return run_variants(self, values, fn, max_parallel=max_parallel)
+
     def irq(self, number: int) -> IrqLine:
         """The IRQ line for platform interrupt input ``number`` (arch hook, else KVM_IRQ_LINE
         on an in-kernel irqchip, else a line that goes nowhere)."""
@@ -356,7 +375,27 @@ class Machine:
             services={"dump_stats": self.dump_stats, "reset_stats": self.stats.reset,
                       "work_begin": self.work_begin, "work_end": self.work_end,
                       "kick": self.kick_all, "reset": self.request_reset,
-                      "checkpoint": self.request_checkpoint})
+                      "checkpoint": self.request_checkpoint,
+                      "ioeventfd": self._ioeventfd, "coalesced": self._coalesced})
+
+    def _ioeventfd(self, fd: int, addr: int, length: int, **kw: Any) -> bool:
+        """Device service: ``VM.ioeventfd`` (``deassign=True`` undoes it); False where KVM
+        has none (the device keeps taking the exit)."""
+        vm = self.vm
+        if vm is None or vm.fd < 0 or not vm.check_extension(Cap.IOEVENTFD):
+            return False
+        vm.ioeventfd(fd, addr, length, **kw)
+        return True
+
+    def _coalesced(self, addr: int, size: int, pio: bool = False) -> bool:
+        """Device service: queue writes to a range in the coalesced ring (drained before
+        the next exit is serviced); False where KVM has no such ring for ``pio``."""
+        vm = self.vm
+        if vm is None or vm.fd < 0 or not vm.check_extension(
+                Cap.COALESCED_PIO if pio else Cap.COALESCED_MMIO):
+            return False
+        vm.register_coalesced_mmio(addr, size, pio)
+        return True
 
     def add_device_spec(self, spec: str) -> Device:
         """Create a device from ``name,key=value,...`` and attach it."""
@@ -374,6 +413,8 @@ class Machine:
         for r in device.ranges():
             self.bus.space(r.space).register(r.base, r.size, r.handler or device,
                                              r.name or device.name)
+        for fr in device.fast_ranges():  # the compiled exit path (kvmfw.fastpath)
+            self.bus.space(fr.space).add_fast(fr)
         self.devices.append(device)
         self.pm.register(device, name=label)
         for cpu in self.cpus:  # a device's pre_run/post_run take part from the next entry
@@ -483,7 +524,8 @@ class Machine:
 
     def run(self, *, max_ticks: int | None = None, timeout: float | None = None,
             until: str | bytes | re.Pattern[Any] | Callable[[Machine], bool] | None = None,
-            hard_timeout: bool = False) -> RunResult:
+            hard_timeout: bool = False,
+            until_instructions: int | None = None) -> RunResult:
         """Run until the guest or a device ends it, ``max_ticks`` simulated ticks pass
         (status 0), ``until`` is met (status 0), or ``timeout`` host seconds pass
         (:class:`RunTimeoutError`, whose ``result`` says how far it got).
@@ -492,6 +534,10 @@ class Machine:
         must show, from this run on; or a callable ``until(machine) -> bool`` asked every
         millisecond of simulated time.
 
+        ``until_instructions``: stop after exactly that many guest instructions of vCPU 0
+        (status 0; see :func:`kvmfw.emu.stop.run_until_instructions` for how they are
+        counted and which stats say so).
+
         ``hard_timeout`` (the CLI's choice): if the run has still not stopped
         ``STOP_GRACE`` seconds after the timeout (a device blocked in a host call, e.g. a
         console write to a pipe nobody reads), print where each thread is and end the
@@ -499,6 +545,14 @@ class Machine:
         """
         if self._closed:
             raise KvmfwError("this machine is closed")
+        out = [c.id for c in self.cpus if c.switched_out]
+        if out:
+            raise StateError(f"vcpu {out[0]} is switched out (an emulated CPU runs it): "
+                             "take it back with cpu.take_over_from(emu) first")
+        if until_instructions is not None:
+            from kvmfw.emu.stop import run_until_instructions
+
+            return run_until_instructions(self, until_instructions, timeout=timeout)
         eq = self.eventq
         self.stop_requested = self.checkpoint_pending  # (requested between runs: take it first)
         self.exit_status, self.exit_reason = 0, ""
@@ -807,6 +861,16 @@ class Machine:
         if self._thread_error is not None:
             raise self._thread_error
 
+    # --- emulated CPU (kvmfw.emu) ---------------------------------------------------------
+
+    def emulate(self, insts: int, *, cpu: int = 0, trace: Any = None) -> int:
+        """Hand vCPU ``cpu`` to the emulated CPU (Unicorn), run exactly ``insts``
+        instructions (fewer before a wait instruction or a stop), hand it back to KVM;
+        returns how many ran. ``trace``: a :class:`kvmfw.emu.Trace`. Between runs."""
+        from kvmfw.emu import emulate
+
+        return emulate(self, insts, cpu=cpu, trace=trace)
+
     # --- checkpoints (kvmfw.checkpoint) --------------------------------------------------------
 
     def checkpoint(self, path: str | os.PathLike[str], *,
@@ -878,6 +942,9 @@ class Machine:
         self._closed = True
         if self.gdb is not None:
             self.gdb.close()
+        emu = self.__dict__.get("_emulated_cpu")
+        if emu is not None:  # its engines map guest RAM: drop them before the RAM goes
+            emu.close()
         for d in self.devices:
             try:
                 d.close()

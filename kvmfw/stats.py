@@ -19,7 +19,7 @@ class KvmCpuStats:
                  "halt", "interrupts", "hypercalls", "system_events", "cycles", "instructions",
                  "host_ns_in_kvm", "ticks_in_kvm", "syncs_to_kvm", "syncs_from_kvm",
                  "sync_ioctls_to_kvm", "sync_ioctls_from_kvm", "mmio_pending",
-                 "timer_settime")
+                 "timer_settime", "fast_exits")
 
     DESCRIPTIONS = {
         "vm_exits": "exits from KVM_RUN",
@@ -42,6 +42,7 @@ class KvmCpuStats:
         "sync_ioctls_from_kvm": "KVM ioctls issued by pulls (as the arch reports them)",
         "mmio_pending": "MMIO accesses a device completed later (RunningMMIOPending)",
         "timer_settime": "run-timer timer_settime calls (arm or disarm)",
+        "fast_exits": "exits answered by the compiled path without Python (kvmfw.fastpath)",
     }
 
     def __init__(self) -> None:
@@ -68,6 +69,7 @@ class KvmCpuStats:
         self.sync_ioctls_from_kvm = 0
         self.mmio_pending = 0
         self.timer_settime = 0
+        self.fast_exits = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -98,15 +98,20 @@ class PerfProbe:
     reason: str
 
 
-def probe_perf() -> PerfProbe:
-    """Open (and close) a guest-only hardware cycle counter to see if perf works."""
-    fd = lib.kvmfw_perf_open(PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES, 1)
+def probe_perf(config: int = PERF_COUNT_HW_CPU_CYCLES) -> PerfProbe:
+    """Open (and close) a guest-only hardware counter (cycles by default; or
+    ``PERF_COUNT_HW_INSTRUCTIONS``) to see if perf gives it here."""
+    what = "cycle" if config == PERF_COUNT_HW_CPU_CYCLES else "instruction"
+    fd = lib.kvmfw_perf_open(PERF_TYPE_HARDWARE, config, 1)
     if fd >= 0:
         os.close(fd)
-        return PerfProbe(True, "perf hardware cycle counter works")
+        return PerfProbe(True, f"perf hardware {what} counter works")
     err = -fd
     if err == errno.ENOENT:
         why = "no hardware PMU is exposed to this host (ENOENT)"
+        if what == "instruction" and probe_perf().available:
+            why = ("the PMU counts cycles but has no instructions-retired event (ENOENT; "
+                   "QEMU's emulated PMU counts instructions only with -icount)")
     elif err in (errno.EACCES, errno.EPERM):
         try:
             with open("/proc/sys/kernel/perf_event_paranoid") as f:
@@ -140,7 +145,10 @@ def select_cycle_source(prefer_perf: bool, host_frequency_hz: float,
     if prefer_perf:
         src = perf_source(host_frequency_hz)
         if src is not None:
-            return src, "perf hardware cycles (guest only)"
+            if src.instructions is not None:
+                return src, "perf hardware cycles (guest only), instructions counted"
+            why = probe_perf(PERF_COUNT_HW_INSTRUCTIONS).reason
+            return src, f"perf hardware cycles (guest only); no instruction count: {why}"
         why = probe_perf().reason
     else:
         why = "perf disabled by configuration"

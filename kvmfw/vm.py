@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from kvmfw.kvm import Kvm
     from kvmfw.vcpu import VCpu
 
+# <linux/kvm.h> values for the routing/eventfd ioctls below
+IRQ_ROUTING_IRQCHIP = 1
+IRQCHIP_PIC_MASTER, IRQCHIP_PIC_SLAVE, IRQCHIP_IOAPIC = 0, 1, 2
+IRQFD_FLAG_DEASSIGN = 1
+IOEVENTFD_FLAG_DATAMATCH, IOEVENTFD_FLAG_PIO, IOEVENTFD_FLAG_DEASSIGN = 1, 2, 4
+
 
 class KvmDevice:
     """An in-kernel device (``KVM_CREATE_DEVICE``) and its attributes."""
@@ -72,6 +78,8 @@ class VM:
         self.vcpus: list[VCpu] = []
         self.devices: list[KvmDevice] = []
         self.irqchip_in_kernel = False
+        self.gsi_routes: list[tuple[int, int, int]] | None = None
+        """The last table given to :meth:`set_gsi_routing` (None: KVM's default)."""
         self.coalesced_zones: list[tuple[int, int, bool]] = []
         self.on_coalesced_zone: Callable[[], None] | None = None
         """Called after a zone is registered (the machine turns on ring draining: a zone
@@ -213,6 +221,53 @@ class VM:
         lvl.irq = irq
         lvl.level = level
         ioctl(self.fd, IOCTLS.KVM_IRQ_LINE, self._irq_level_addr, f"irq {irq}")
+
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+        """``KVM_SET_GSI_ROUTING``: replace the whole table with irqchip routes
+        ``(gsi, irqchip, pin)`` (a GSI may be listed once per irqchip)."""
+        limit = self.check_extension(Cap.IRQ_ROUTING)
+        if not limit:
+            raise KvmfwError("this KVM has no GSI routing (KVM_CAP_IRQ_ROUTING)")
+        if len(routes) > limit:
+            raise KvmfwError(f"{len(routes)} GSI routes: this KVM takes at most {limit}")
+        hsize = ffi.sizeof("struct kvm_irq_routing")
+        esize = ffi.sizeof("struct kvm_irq_routing_entry")
+        buf = ffi.new("uint8_t[]", hsize + len(routes) * esize)
+        ffi.cast("struct kvm_irq_routing *", buf).nr = len(routes)
+        ents = ffi.cast("struct kvm_irq_routing_entry *", buf + hsize)
+        for i, (gsi, chip, pin) in enumerate(routes):
+            ents[i].gsi = gsi
+            ents[i].type = IRQ_ROUTING_IRQCHIP
+            ents[i].u.irqchip.irqchip = chip
+            ents[i].u.irqchip.pin = pin
+        ioctl(self.fd, IOCTLS.KVM_SET_GSI_ROUTING, address_of(buf), f"{len(routes)} routes")
+        self.gsi_routes = list(routes)
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        """``KVM_IRQFD``: a write to eventfd ``fd`` raises GSI ``gsi`` (an edge: the kernel
+        pulses the line) without a trip through userspace."""
+        f = ffi.new("struct kvm_irqfd *")
+        f.fd = fd
+        f.gsi = gsi
+        f.flags = IRQFD_FLAG_DEASSIGN if deassign else 0
+        ioctl(self.fd, IOCTLS.KVM_IRQFD, address_of(f), f"gsi {gsi}")
+
+    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False,
+                  datamatch: int | None = None, deassign: bool = False) -> None:
+        """``KVM_IOEVENTFD``: a guest write of ``length`` bytes (0: any) at ``addr`` (port
+        ``addr`` when ``pio``), with ``datamatch`` if given, completes in the kernel and
+        signals eventfd ``fd`` instead of exiting."""
+        e = ffi.new("struct kvm_ioeventfd *")
+        e.addr = addr
+        e.len = length
+        e.fd = fd
+        e.flags = (IOEVENTFD_FLAG_PIO if pio else 0) | \
+            (IOEVENTFD_FLAG_DEASSIGN if deassign else 0)
+        if datamatch is not None:
+            e.flags |= IOEVENTFD_FLAG_DATAMATCH
+            e.datamatch = datamatch
+        ioctl(self.fd, IOCTLS.KVM_IOEVENTFD, address_of(e),
+              f"{'port' if pio else 'addr'} {addr:#x} len {length}")
 
     # --- in-kernel devices and vCPUs --------------------------------------------------
 

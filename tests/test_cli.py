@@ -43,6 +43,23 @@ def test_info_lists_api_caps_limits_and_perf() -> None:
     assert isinstance(data["perf"]["available"], bool) and data["perf"]["reason"]
 
 
+@needs_kvm
+def test_info_says_whether_perf_counts_guest_instructions() -> None:
+    """Issue 17: the instruction counter is probed on its own (an emulated PMU may count
+    cycles only); the arm64 guest features are listed on arm64 hosts only."""
+    import platform
+    data = json.loads(kvmfw("info", "--json").stdout)
+    insns = data["perf"]["instructions"]
+    assert isinstance(insns["available"], bool) and insns["reason"]
+    assert "perf instructions" in kvmfw("info").stdout
+    if platform.machine() == "x86_64":
+        assert data["guest_features"] == {}
+    from kvmfw.cli import guest_features
+    f = guest_features({"ARM_EL1_32BIT": 0, "ARM_PMU_V3": 1}, "armv8")
+    assert f["aarch32 guests"][0] is False and "AArch32 at EL1" in f["aarch32 guests"][1]
+    assert f["guest pmu"][0] is True
+
+
 def test_info_without_kvm_is_one_line_with_a_status(tmp_path: Path) -> None:
     r = kvmfw("info", "--kvm", str(tmp_path / "nope"))
     assert r.returncode == 3

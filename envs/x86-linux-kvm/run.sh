@@ -46,6 +46,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=../host.sh
+. "$REPO/envs/host.sh"
 CACHE=${KVMFW_X86_CACHE:-${HOME:-/root}/.cache/kvmfw/x86-linux-kvm}
 TIMEOUT=${KVMFW_X86_TIMEOUT:-2400}
 SILENCE=${KVMFW_X86_SILENCE:-180}
@@ -101,7 +103,9 @@ if [ ${#need[@]} -gt 0 ]; then
     || die "apt-get install ${need[*]} failed"
 fi
 command -v python3 >/dev/null || die "python3 is needed on the host"
-python3 -m pip --version >/dev/null 2>&1 || die "python3 -m pip is needed on the host to fetch wheels from PyPI"
+# a pip for `pip download`: python3's own, or one made once in the cache (a tox-uv venv
+# has no pip)
+host_pip "$CACHE" || die "no pip for python3 on the host and none could be made (python3 -m venv, uv venv --seed): apt install python3-pip python3-venv"
 
 # ------------------------------------------------------------------ kernels + busybox (cached)
 step kernels
@@ -150,9 +154,8 @@ ROOT=$CACHE/rootfs
 if [ "${KVMFW_X86_REBUILD:-0}" = 1 ] || [ "$(cat "$CACHE/rootfs.stamp" 2>/dev/null)" != "$ROOT_VERSION" ]; then
   say "debootstrapping the outer root in $ROOT (one-off, 1-3 min)"
   rm -rf "$ROOT" "$ROOT.tmp" "$CACHE/rootfs.stamp" "$CACHE/venv.stamp"
-  MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-  [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
+  MIRROR=$(host_mirror "$SUITE")
+  [ -n "$MIRROR" ] || die "the host's apt configuration names no Debian mirror (apt-get indextargets): add one to /etc/apt/sources.list.d/ or set KVMFW_DEBIAN_MIRROR"
   debootstrap --variant=minbase --include="$ROOT_PKGS" "$SUITE" "$ROOT.tmp" "$MIRROR" \
       > "$CACHE/logs/debootstrap.log" 2>&1 \
     || { tail -20 "$CACHE/logs/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/logs/debootstrap.log)"; }
@@ -214,7 +217,7 @@ if [ "$(cat "$CACHE/venv.stamp" 2>/dev/null)" != "$WHEELS_VERSION" ]; then
   say "fetching wheels from PyPI: $PY_BASE $DEPS"
   rm -rf "$W" "$ROOT/opt/kvmfw-venv" "$CACHE/venv.stamp"; mkdir -p "$W"
   # shellcheck disable=SC2086
-  python3 -m pip download -q --only-binary=:all: --platform manylinux2014_x86_64 \
+  "${HOST_PIP[@]}" download -q --only-binary=:all: --platform manylinux2014_x86_64 \
       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
       --python-version 3.11 --implementation cp -d "$W" $PY_BASE $DEPS \
       > "$CACHE/logs/pip-download.log" 2>&1 \

@@ -15,6 +15,10 @@ POSIX timer aimed at one thread (``SIGEV_THREAD_ID``), and ``perf_event_open``.
 from cffi import FFI
 
 CDEF = r"""
+/* The kernel's own 64-bit type: `unsigned long long` on most ABIs, `unsigned long` where
+   asm/int-l64.h applies. An array field's pointer type must match it exactly, or compilers
+   where incompatible pointer types are errors (GCC 14) refuse cffi's field checks. */
+typedef int... __u64;
 struct kvm_userspace_memory_region {
     uint32_t slot; uint32_t flags; uint64_t guest_phys_addr; uint64_t memory_size;
     uint64_t userspace_addr; ...;
@@ -30,12 +34,23 @@ struct kvm_reg_list { uint64_t n; ...; };
 struct kvm_create_device { uint32_t type; uint32_t fd; uint32_t flags; ...; };
 struct kvm_device_attr { uint32_t flags; uint32_t group; uint64_t attr; uint64_t addr; ...; };
 struct kvm_signal_mask { uint32_t len; ...; };
-struct kvm_enable_cap { uint32_t cap; uint32_t flags; uint64_t args[4]; ...; };
+struct kvm_enable_cap { uint32_t cap; uint32_t flags; __u64 args[4]; ...; };
 struct kvm_dirty_log { uint32_t slot; void *dirty_bitmap; ...; };
 struct kvm_clear_dirty_log {
     uint32_t slot; uint32_t num_pages; uint64_t first_page; void *dirty_bitmap; ...;
 };
 struct kvm_guest_debug { uint32_t control; ...; };
+struct kvm_irq_routing_irqchip { uint32_t irqchip; uint32_t pin; };
+struct kvm_irq_routing_entry {
+    uint32_t gsi; uint32_t type; uint32_t flags;
+    union { struct kvm_irq_routing_irqchip irqchip; uint32_t pad[8]; } u;
+    ...;
+};
+struct kvm_irq_routing { uint32_t nr; uint32_t flags; ...; };
+struct kvm_irqfd { uint32_t fd; uint32_t gsi; uint32_t flags; uint32_t resamplefd; ...; };
+struct kvm_ioeventfd {
+    uint64_t datamatch; uint64_t addr; uint32_t len; int32_t fd; uint32_t flags; ...;
+};
 
 struct kvm_run {
     uint8_t request_interrupt_window;
@@ -82,10 +97,28 @@ int64_t kvmfw_timer_disarm(intptr_t timer);
 int kvmfw_timer_delete(intptr_t timer);
 int kvmfw_perf_open(uint32_t type, uint64_t config, int exclude_host);
 int64_t kvmfw_perf_read(int fd);
+
+struct kvmfw_fast_range {
+    uint64_t base; uint64_t end; uint32_t space; uint32_t kind; uint32_t value_off;
+    uint32_t pad;
+};
+struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
+int kvmfw_run_fast(int fd, uintptr_t run, uint32_t run_size,
+                   const struct kvmfw_fast_range *ranges, uint32_t n, const uint8_t *pool,
+                   uint64_t *counts, struct kvmfw_fast_latch *latches, uint32_t limit);
+struct kvmfw_run_ctx {
+    int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
+    uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
+    struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
+    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
+};
+int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
 """
 
 SOURCE = r"""
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <signal.h>
 #include <stdint.h>
@@ -225,6 +258,146 @@ static int64_t kvmfw_perf_read(int fd)
     uint64_t v;
     ssize_t n = read(fd, &v, sizeof(v));
     return n == (ssize_t)sizeof(v) ? (int64_t)v : -errno;
+}
+
+/* The compiled exit path (kvmfw/fastpath.py builds the table). Range kinds (bits): a sink
+   drops writes, a constant answers reads from the pool, a latch keeps the last write for
+   Python to deliver (coalescible posted writes). Space 0 is port IO, 1 MMIO. */
+#define KVMFW_FAST_SINK 1u
+#define KVMFW_FAST_CONST 2u
+#define KVMFW_FAST_LATCH 4u
+#define KVMFW_FAST_ONES 8u
+
+struct kvmfw_fast_range {
+    uint64_t base; uint64_t end; uint32_t space; uint32_t kind; uint32_t value_off;
+    uint32_t pad;
+};
+struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
+
+/* KVM_RUN, then answer the exits the table covers and re-enter, without Python. Returns
+   -errno of a failed KVM_RUN, else the number of exits answered here before the one
+   left for Python to service (counts[0] has it too, also after a failure). A
+   kick or the run timer sets immediate_exit, so the next KVM_RUN returns -EINTR (after
+   completing the answered access, as KVM does for any pending IO): both reach Python
+   exactly as in its own loop. ``limit`` bounds the time between returns, so a signal
+   handled by Python (Ctrl-C) and the machine's stop requests are seen promptly even
+   when the guest does nothing but fast exits (the exit after the limit goes to Python,
+   whose ordinary path answers it the same way). counts[0] counts the exits answered
+   here, counts[1] those of port IO, counts[2] those of MMIO, counts[3 + 2 * i + is_write]
+   those of range i. A range is in bytes [base, end); an access must lie inside one. */
+static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
+                          const struct kvmfw_fast_range *ranges, uint32_t n,
+                          const uint8_t *pool, uint64_t *counts,
+                          struct kvmfw_fast_latch *latches, uint32_t limit)
+{
+    struct kvm_run *run = (struct kvm_run *)run_addr;
+    uint32_t done = 0;
+    for (;;) {
+        int r = ioctl(fd, KVM_RUN, 0);
+        if (r < 0)
+            return -errno;
+        if (done >= limit)
+            return (int)done;
+        uint64_t addr;
+        uint32_t len, space, is_write;
+        uint8_t *data;
+        if (run->exit_reason == KVM_EXIT_IO) {
+            if (run->io.count != 1)
+                return (int)done;  /* string IO: Python checks and loops */
+            len = run->io.size;
+            if (len > 8 || run->io.data_offset > run_size
+                    || len > run_size - run->io.data_offset)
+                return (int)done;  /* inconsistent: Python reports it */
+            addr = run->io.port;
+            data = (uint8_t *)run + run->io.data_offset;
+            is_write = run->io.direction == KVM_EXIT_IO_OUT;
+            space = 0;
+        } else if (run->exit_reason == KVM_EXIT_MMIO) {
+            len = run->mmio.len;
+            if (len > 8)
+                return (int)done;
+            addr = run->mmio.phys_addr;
+            data = run->mmio.data;
+            is_write = run->mmio.is_write != 0;
+            space = 1;
+        } else {
+            return (int)done;
+        }
+        uint32_t i;
+        const struct kvmfw_fast_range *f = ranges;
+        for (i = 0; i < n; i++, f++)
+            if (f->space == space && addr >= f->base && addr < f->end && len <= f->end - addr)
+                break;
+        if (i == n || len == 0)
+            return (int)done;
+        if (is_write) {
+            if (f->kind & KVMFW_FAST_SINK) {
+            } else if (f->kind & KVMFW_FAST_LATCH) {
+                struct kvmfw_fast_latch *l = &latches[i];
+                if (l->set && (l->addr != addr || l->len != len))
+                    return (int)done;  /* another register: Python delivers the first */
+                l->addr = addr;
+                l->len = len;
+                memcpy(l->data, data, len);
+                l->set = 1;
+            } else {
+                return (int)done;
+            }
+        } else {
+            if (f->kind & KVMFW_FAST_ONES)
+                memset(data, 0xff, len);
+            else if (f->kind & KVMFW_FAST_CONST)
+                memcpy(data, pool + f->value_off + (addr - f->base), len);
+            else
+                return (int)done;
+        }
+        counts[0]++;
+        counts[1 + space]++;
+        counts[3 + 2 * i + is_write]++;
+        done++;
+    }
+}
+
+/* One vCPU's entry in one struct: the run loop passes a single pointer (each Python
+   argument or counter costs bytecodes on every exit). n = 0: a plain KVM_RUN. The clock
+   is read on both sides here; the time and exits are summed for Python to fold into the
+   stats (exits, ns, and with ticks_per_ns > 0, the monotonic clock being the cycle
+   source, cycles and simulated ticks), and the IO and MMIO exits left for Python; t1 is
+   when KVM_RUN returned, entries never resets. */
+struct kvmfw_run_ctx {
+    int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
+    uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
+    struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
+    uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
+};
+
+static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
+{
+    struct timespec a, b;
+    uint64_t before = c->counts[0];
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int r = kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->pool, c->counts,
+                           c->latches, c->limit);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    int64_t t0 = (int64_t)a.tv_sec * 1000000000LL + a.tv_nsec;
+    int64_t t1 = (int64_t)b.tv_sec * 1000000000LL + b.tv_nsec;
+    uint64_t n = 1 + (c->counts[0] - before), ns = (uint64_t)(t1 - t0);
+    c->t1 = t1;
+    c->entries += n;
+    c->exits += n;
+    c->ns += ns;
+    if (c->ticks_per_ns > 0) {
+        c->cycles += ns;
+        c->ticks += (uint64_t)((double)ns * c->ticks_per_ns);
+    }
+    if (r >= 0) {
+        uint32_t reason = ((struct kvm_run *)c->run)->exit_reason;
+        if (reason == KVM_EXIT_IO)
+            c->io++;
+        else if (reason == KVM_EXIT_MMIO)
+            c->mmio++;
+    }
+    return r;
 }
 """
 

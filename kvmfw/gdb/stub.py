@@ -92,6 +92,10 @@ class GdbStub:
         self._restop = False
         self._generation = 0
         self._stop_signal = SIGTRAP
+        self.emulated_steps = False
+        """``monitor emulate on``: single steps run on the emulated CPU (:mod:`kvmfw.emu`),
+        one exact instruction each, without entering KVM (``monitor emulate off``: KVM's
+        single step again)."""
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -424,7 +428,7 @@ class GdbStub:
                 self._set_pc(self._cpu(), int(body, 16))
             step = {self._c_cpu if self._c_cpu >= 0 else self._g_cpu} if c in (b"s", b"S") \
                 else set()
-            self._resume(step)
+            return self._resume(step)
         if c == b"D":
             self.send(b"OK")
             raise _Resume("detach")
@@ -474,9 +478,16 @@ class GdbStub:
 
     def _monitor(self, cmd: bytes) -> bytes:
         text = cmd.decode("utf-8", "replace").strip()
+        if text in ("emulate on", "emulate off"):
+            self.emulated_steps = text == "emulate on"
+            how = "the emulated CPU (exact, no KVM entry)" if self.emulated_steps \
+                else "KVM"
+            return _hex(f"single steps now run on {how}\n".encode())
         if text in ("info", "help", ""):
             lines = [f"kvmfw gdbstub: {len(self.cpus)} vCPU(s), arch {self.machine.arch}"]
             lines += list(self.target().notes)
+            lines.append("monitor emulate on|off: single-step on the emulated CPU or on KVM "
+                         f"(now {'on' if self.emulated_steps else 'off'})")
             return _hex(("\n".join(lines) + "\n").encode())
         return _hex(f"unknown monitor command {text!r} (try: monitor info)\n".encode())
 
@@ -495,7 +506,7 @@ class GdbStub:
                         step |= {c.id for c in self.cpus}
                     else:
                         step.add(tid)
-            self._resume(step)
+            return self._resume(step)
         if pkt.startswith(b"vKill"):
             self.send(b"OK")
             raise _Resume("kill")
@@ -503,10 +514,27 @@ class GdbStub:
             return b""
         return b""
 
-    def _resume(self, step: set[int]) -> None:
+    def _resume(self, step: set[int]) -> bytes:
+        """Resume (raises :class:`_Resume`), or with ``monitor emulate on`` and one vCPU to
+        step: step it on the emulated CPU here and answer with the stop at once."""
+        if self.emulated_steps and len(step) == 1:
+            return self._emulated_step(self.cpus[next(iter(step))])
         self.stepping = step
         self._awaiting_stop = True
         raise _Resume("resume")
+
+    def _emulated_step(self, cpu: KvmCPU) -> bytes:
+        from kvmfw.emu import emulate
+
+        try:
+            n = emulate(self.machine, 1, cpu=cpu.id, drain=False)
+        except KvmfwError as exc:  # a state the emulator refuses: say so, stay stopped
+            raise GdbError(f"emulated step refused: {exc}") from None
+        self.emulated_step_count += n
+        self._last_stop = self._stop_reply(cpu, Stop("step"), SIGTRAP)
+        return self._last_stop
+
+    emulated_step_count = 0
 
     # --- registers -------------------------------------------------------------------------
 

@@ -217,8 +217,11 @@ class _Traced:
 
 def trace(machine: Machine) -> Trace:
     """Record every port and MMIO access of ``machine`` from now on (devices mapped so far,
-    and accesses nobody claims). For tests: it costs a call per access."""
+    and accesses nobody claims). For tests: it costs a call per access, and it switches
+    the compiled exit path off (:mod:`kvmfw.fastpath`), so every access reaches Python."""
     out = Trace()
+    for cpu in machine.cpus:  # exits the compiled path answers never reach Python
+        cpu.set_fastpath(False)
     for space in (machine.bus.pio, machine.bus.mmio):
         for m in space.mappings():
             space.unregister(m.base)

@@ -35,6 +35,10 @@ STRUCT_FIELDS = {
     "struct kvm_enable_cap": ["cap", "flags", "args"],
     "struct kvm_dirty_log": ["slot", "dirty_bitmap"],
     "struct kvm_clear_dirty_log": ["slot", "num_pages", "first_page", "dirty_bitmap"],
+    "struct kvm_irq_routing": ["nr", "flags"],
+    "struct kvm_irq_routing_entry": ["gsi", "type", "flags", "u"],
+    "struct kvm_irqfd": ["fd", "gsi", "flags", "resamplefd"],
+    "struct kvm_ioeventfd": ["datamatch", "addr", "len", "fd", "flags"],
 }
 NESTED = {  # offsets inside the kvm_run exit union
     "io": ["direction", "size", "port", "count", "data_offset"],

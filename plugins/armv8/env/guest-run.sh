@@ -7,6 +7,8 @@ export PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8
 # the emulated host's GIC version (run-arm64-kvm.sh KVMFW_ARM64_GIC): the tests' gic= option
 KVMFW_ARM64_GIC=$(cat /cache/out/gic 2>/dev/null || echo 3)
 export KVMFW_ARM64_GIC
+# loopback up: the GDB stub tests talk to kvmfw over 127.0.0.1
+ip link set lo up 2>/dev/null || busybox ip link set lo up 2>/dev/null || true
 W=/tmp/src
 rc=3
 finish() { echo "$rc" > /cache/out/rc; sync; }

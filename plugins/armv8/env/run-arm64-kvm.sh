@@ -21,24 +21,32 @@
 #   KVMFW_ARM64_CACHE    cache dir                      KVMFW_ARM64_TIMEOUT  qemu timeout (s, 900)
 #   KVMFW_ARM64_SMP      guest CPUs (2)                 KVMFW_ARM64_MEM      guest MiB (2048)
 #   KVMFW_ARM64_REBUILD=1  rebuild the root file system
+#   KVMFW_ARM64_ARMHF=0  do not fetch Debian's armhf armmp kernel + busybox (AArch32 boot test)
+#   KVMFW_ARM64_ICOUNT   QEMU -icount shift (e.g. 0): the emulated PMU then counts retired
+#                        instructions (QEMU's TCG PMU has no INST_RETIRED without it);
+#                        single-threaded TCG, slower
 #   KVMFW_ARM64_GIC      the emulated host's GIC: 3 (default) or 2 (GICv2 with virtualization
 #                        extensions: KVM's vGICv2; the tests then build gic=v2 machines)
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
+# shellcheck source=../../envs/host.sh
+. "$REPO/envs/host.sh"
 CACHE=${KVMFW_ARM64_CACHE:-${HOME:-/root}/.cache/kvmfw-arm64}
 TIMEOUT=${KVMFW_ARM64_TIMEOUT:-900}
 SMP=${KVMFW_ARM64_SMP:-2}
 MEM=${KVMFW_ARM64_MEM:-2048}
 GIC=${KVMFW_ARM64_GIC:-3}
+ICOUNT=${KVMFW_ARM64_ICOUNT:-}
 SUITE=bookworm
 export DEBIAN_FRONTEND=noninteractive
 
 # Debian arm64 packages of the guest root (C toolchain + headers: the core's cffi module is
-# compiled inside the guest against the arm64 <linux/kvm.h>).
-DEB_PKGS="python3,python3-dev,gcc,libc6-dev,linux-libc-dev,busybox-static,linux-image-arm64,device-tree-compiler"
+# compiled inside the guest against the arm64 <linux/kvm.h>; gdb for the GDB stub tests,
+# with the boost/icu libraries its source-highlight needs, which --include does not pull).
+DEB_PKGS="python3,python3-dev,gcc,libc6-dev,linux-libc-dev,busybox-static,linux-image-arm64,device-tree-compiler,gdb,libboost-regex1.74.0,libicu72"
 # PyPI: aarch64 / pure-Python wheels of the runtime and test dependencies (host-side pip).
-PY_PKGS="cffi>=1.17 pycparser pluggy>=1.5 stevedore>=5.1 click>=8.1 fdt>=0.3 pytest>=8 setuptools"
+PY_PKGS="cffi>=1.17 pycparser pluggy>=1.5 stevedore>=5.1 click>=8.1 fdt>=0.3 pytest>=8 setuptools unicorn>=2.1 capstone>=5"
 ROOT_VERSION="3 $SUITE $DEB_PKGS"   # change to force a rebuild of the cached root
 WHEELS_VERSION="1 $PY_PKGS"
 
@@ -63,16 +71,18 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
     || die "apt-get install ${need[*]} failed"
 fi
-python3 -m pip --version >/dev/null 2>&1 || die "python3 -m pip is needed on the host to fetch aarch64 wheels"
+# a pip for `pip download`: python3's own, or one made once in the cache (a tox-uv venv
+# has no pip)
+host_pip "$CACHE" || die "no pip for python3 on the host and none could be made (python3 -m venv, uv venv --seed): apt install python3-pip python3-venv"
 
 # --------------------------------------------------------------- guest root (cached)
 ROOT=$CACHE/rootfs
 if [ "${KVMFW_ARM64_REBUILD:-0}" = 1 ] || [ "$(cat "$CACHE/rootfs.stamp" 2>/dev/null)" != "$ROOT_VERSION" ]; then
   say "building the arm64 root file system in $ROOT (one-off, a few minutes)"
-  rm -rf "$ROOT" "$ROOT.tmp" "$CACHE/rootfs.stamp" "$CACHE/initramfs.cpio.gz" "$CACHE/build"
-  MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-  [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
+  rm -rf "$ROOT" "$ROOT.tmp" "$CACHE/rootfs.stamp" "$CACHE/initramfs.cpio.gz" "$CACHE/build" \
+    "$CACHE/wheels.stamp"  # the wheels are unpacked into the root: unpack them again
+  MIRROR=$(host_mirror "$SUITE")
+  [ -n "$MIRROR" ] || die "the host's apt configuration names no Debian mirror (apt-get indextargets): add one to /etc/apt/sources.list.d/ or set KVMFW_DEBIAN_MIRROR"
   say "debootstrap --foreign arm64 $SUITE from $MIRROR"
   debootstrap --foreign --arch=arm64 --variant=minbase --include="$DEB_PKGS" \
       "$SUITE" "$ROOT.tmp" "$MIRROR" > "$CACHE/debootstrap.log" 2>&1 \
@@ -93,7 +103,7 @@ if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$WHEELS_VERSION" ]; then
   say "fetching aarch64/pure wheels from PyPI: $PY_PKGS"
   rm -rf "$CACHE/wheels" "$SITE" "$CACHE/wheels.stamp"
   # shellcheck disable=SC2086
-  python3 -m pip download -q --only-binary=:all: --platform manylinux2014_aarch64 \
+  "${HOST_PIP[@]}" download -q --only-binary=:all: --platform manylinux2014_aarch64 \
       --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \
       --python-version 3.11 --implementation cp -d "$CACHE/wheels" $PY_PKGS \
       2> "$CACHE/pip.log" || { tail -20 "$CACHE/pip.log" >&2; die "pip download of the aarch64 wheels failed"; }
@@ -105,6 +115,32 @@ fi
 KERNEL=$(ls "$ROOT"/boot/vmlinuz-* 2>/dev/null | head -1)
 [ -n "$KERNEL" ] || die "no arm64 kernel in $ROOT/boot (set KVMFW_ARM64_REBUILD=1)"
 KVER=${KERNEL##*/vmlinuz-}
+
+# --------------------------------------------------------------- armhf kernel (cached, optional)
+# Debian's 32-bit ARM kernel (linux-image-armmp zImage) and a static armhf busybox for the
+# AArch32 guest boot test (tests/test_aarch32_linux.py, which skips without them). Fetched
+# with apt-get download against a private armhf index (the host's apt state is untouched).
+A32=$CACHE/armhf
+if [ "${KVMFW_ARM64_ARMHF:-1}" = 1 ] && { [ ! -s "$A32/zImage" ] || [ ! -s "$A32/busybox" ]; }; then
+  say "fetching Debian's armhf armmp kernel and busybox-static (one-off)"
+  APTD=$CACHE/armhf-apt
+  mkdir -p "$APTD/lists/partial" "$APTD/cache/archives/partial" "$A32.tmp"
+  APTO="-o APT::Architecture=armhf -o APT::Architectures::=armhf -o Dir::State::Lists=$APTD/lists -o Dir::Cache=$APTD/cache -o Dir::State::status=/dev/null"
+  # shellcheck disable=SC2086
+  # update may report a failed optional index (exit 100) with the armhf main index in place
+  apt-get $APTO update -qq >/dev/null 2>&1 || true
+  if KPKG=$(apt-cache $APTO depends linux-image-armmp 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}') \
+     && [ -n "$KPKG" ] \
+     && (cd "$A32.tmp" && apt-get $APTO download "$KPKG" busybox-static >/dev/null 2>&1) \
+     && dpkg-deb -x "$A32.tmp"/linux-image-*.deb "$A32.tmp/k" \
+     && dpkg-deb -x "$A32.tmp"/busybox-static_*.deb "$A32.tmp/b"; then
+    mkdir -p "$A32"
+    cp "$A32.tmp"/k/boot/vmlinuz-* "$A32/zImage" && cp "$A32.tmp/b/bin/busybox" "$A32/busybox"
+  else
+    say "could not fetch the armhf files: the AArch32 Linux boot test will skip"
+  fi
+  rm -rf "$A32.tmp"
+fi
 
 # --------------------------------------------------------------- initramfs (cached)
 INITRD=$CACHE/initramfs.cpio.gz
@@ -131,6 +167,7 @@ say "booting $KVER under qemu-system-aarch64 (TCG, GICv$GIC, smp=$SMP, ${MEM} Mi
 set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-aarch64 \
     -M virt,virtualization=on,gic-version="$GIC" -cpu max,pauth=off -smp "$SMP" -m "$MEM" \
+    ${ICOUNT:+-icount shift=$ICOUNT} \
     -nographic -no-reboot -monitor none -serial stdio -nic none \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyAMA0 loglevel=3 panic=-1" \

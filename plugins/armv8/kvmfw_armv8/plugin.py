@@ -34,7 +34,7 @@ from kvmfw.device import CallbackIrqLine, IrqLine
 from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
 from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
-from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs, vgic
+from kvmfw_armv8 import KVMFW_PLUGIN_API, aarch32, abi, board, loader, regs, vgic
 from kvmfw_armv8 import state as arm_state
 from kvmfw_armv8.context import ArmV8Context, Group
 
@@ -119,6 +119,8 @@ class ArmBoard:
     the restored input level, so a device's next ``lower()`` is not skipped."""
     spi_levels: dict[int, int] = field(default_factory=dict)
     """Input levels by INTID from the last vGIC restore (for lines handed out after it)."""
+    inst_stops: dict[int, Any] = field(default_factory=dict)
+    """Armed instruction stops by vCPU index (:func:`set_inst_stop`)."""
 
 
 _BOARDS: weakref.WeakKeyDictionary[Any, ArmBoard] = weakref.WeakKeyDictionary()
@@ -143,6 +145,14 @@ def _vm_ioctl(machine: Machine, request: int, buf: Any = None, detail: str = "")
 @hookimpl
 def arch_name() -> str:
     return "armv8"
+
+
+@hookimpl
+def emu_glue(cpu: KvmCPU) -> Any:
+    """The emulated CPU's AArch64 glue (:mod:`kvmfw_armv8.emu`; Unicorn is optional)."""
+    from kvmfw_armv8.emu import ArmV8EmuGlue
+
+    return ArmV8EmuGlue()
 
 
 @hookimpl
@@ -212,6 +222,8 @@ def feature_word(cpu: KvmCPU, features: frozenset[str], psci: bool, power_off: b
     for name in sorted(features):
         bits, caps, capname = _FEATURE_BITS[name]
         if not all(vm.check_extension(c) > 0 for c in caps):
+            if name == aarch32.FEATURE:
+                raise ArmFeatureError(name, aarch32.host_support(vm)[1])
             raise ArmFeatureError(name, f"the kernel does not report {capname}")
         for bit in bits:
             word |= 1 << bit
@@ -325,9 +337,32 @@ def post_run(cpu: KvmCPU, exit_reason: int) -> None:
     """Restart the bring-up poll if it stopped (every vCPU was idle) and one still waits.
     No ioctl here: the poll runs as an event, rate-limited, under the machine lock."""
     b = board_of(cpu.machine)
+    if exit_reason == _EXIT_INTR and b.inst_stops:
+        stop = b.inst_stops.get(cpu.id)
+        if stop is not None and stop.check():
+            cpu.machine.request_exit(0, "instruction stop")
     if b.waiting and b.bring_up is not None and not b.bring_up.scheduled:
         with cpu.machine.lock:
             _schedule_bring_up(cpu.machine, b, BRING_UP_POLL_TICKS)
+
+
+_EXIT_INTR = 10
+
+
+def set_inst_stop(cpu: KvmCPU, instructions: int, tid: int | None = None) -> Any:
+    """End the run (reason ``instruction stop``) once ``cpu`` has retired ``instructions``
+    guest instructions, through a perf overflow (:mod:`kvmfw_armv8.perf`); returns the
+    :class:`~kvmfw_armv8.perf.InstStop` (its ``overshoot`` once taken). Raises
+    :class:`~kvmfw_armv8.perf.PerfUnavailable` where the PMU cannot count them."""
+    from kvmfw_armv8 import perf
+
+    b = board_of(cpu.machine)
+    old = b.inst_stops.pop(cpu.id, None)
+    if old is not None:
+        old.close()
+    stop = perf.open_inst_stop(cpu, instructions, tid)
+    b.inst_stops[cpu.id] = stop
+    return stop
 
 
 def _schedule_bring_up(machine: Machine, b: ArmBoard, interval: int) -> None:
@@ -641,6 +676,8 @@ def dump_state(cpu: KvmCPU) -> str:
     """Every register group plus the instruction words at the PC."""
     ctx: ArmV8Context = cpu.context
     text = format_context(ctx, cpu_state(cpu).sve)
+    if aarch32.is_aarch32(ctx):
+        text += "\n" + aarch32.format_context(ctx)
     try:
         code = cpu.machine.memory.read(ctx.pc, 16)
         words = " ".join(f"{int.from_bytes(code[i:i + 4], 'little'):08x}"
@@ -686,7 +723,25 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
     data = loader.maybe_decompress(Path(image).read_bytes())
     base, size = _ram(machine)
     b = board_of(machine)
-    if loader.is_image(data):
+    a32 = aarch32.FEATURE in b.config.features
+    if a32 and (loader.is_image(data) or (loader.is_elf(data) and not aarch32.is_elf32(data))):
+        raise ImageError("a 64-bit kernel cannot boot on an el1_32bit vCPU: give a zImage, "
+                         "an ARM ELF32 or a flat binary, or drop arm_features=el1_32bit")
+    if not a32 and (aarch32.is_zimage(data) or aarch32.is_elf32(data)):
+        raise ImageError("a 32-bit ARM image needs an AArch32 vCPU: add "
+                         "--option arm_features=el1_32bit")
+    if a32 and aarch32.is_zimage(data):
+        aarch32.parse_zimage(data)
+        entry = base + aarch32.ZIMAGE_LOAD_OFFSET
+        _write(machine, entry, data, "zImage")
+        end = entry + len(data)
+    elif a32 and aarch32.is_elf32(data):
+        entry, segs = aarch32.parse_elf32(data)
+        end = base
+        for s in segs:
+            _write(machine, s.addr, s.data + bytes(s.memsz - len(s.data)), "ELF32 segment")
+            end = max(end, s.addr + s.memsz)
+    elif loader.is_image(data):
         hdr = loader.parse_image_header(data)
         entry = loader.image_load_address(hdr, base)
         _write(machine, entry, data, "kernel Image")
@@ -718,6 +773,9 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
     b.dtb_addr, b.dtb, b.initrd = dtb_addr, dtb, initrd
     cpu = machine.cpus[0]
     ctx: ArmV8Context = cpu.get_context(SyncLevel.RUNTIME)
+    if a32:
+        aarch32.boot_registers(ctx, entry, dtb_addr)
+        return True
     ctx.x[:] = [dtb_addr, 0, 0, 0] + [0] * 27
     ctx.pstate = loader.PSTATE_EL1H_DAIF
     ctx.pc = entry
@@ -727,3 +785,47 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
 def board_len_2m() -> int:
     """Room reserved at the top of RAM for the device tree."""
     return loader.SZ_2M
+
+
+# --- GDB stub (kvmfw.gdb; the implementations are in kvmfw_armv8.gdb) -------------------------
+
+@hookimpl
+def gdb_target(cpu: KvmCPU) -> Any:
+    from kvmfw_armv8 import gdb
+
+    return gdb.target(cpu)
+
+
+@hookimpl
+def gdb_read_registers(cpu: KvmCPU) -> list[bytes]:
+    from kvmfw_armv8 import gdb
+
+    return gdb.read_registers(cpu)
+
+
+@hookimpl
+def gdb_write_register(cpu: KvmCPU, regnum: int, value: bytes) -> bool:
+    from kvmfw_armv8 import gdb
+
+    return gdb.write_register(cpu, regnum, value)
+
+
+@hookimpl
+def gdb_set_guest_debug(cpu: KvmCPU, step: bool, breakpoints: list[Any]) -> bool:
+    from kvmfw_armv8 import gdb
+
+    return gdb.set_guest_debug(cpu, step, breakpoints)
+
+
+@hookimpl
+def gdb_translate(cpu: KvmCPU, vaddr: int) -> int | None:
+    from kvmfw_armv8 import gdb
+
+    return gdb.translate(cpu, vaddr)
+
+
+@hookimpl
+def gdb_debug_exit(cpu: KvmCPU) -> Any:
+    from kvmfw_armv8 import gdb
+
+    return gdb.debug_exit(cpu)

@@ -34,8 +34,11 @@ class TestDevice:
     """The MMIO device the test guest reports to (offsets documented in testguest.S)."""
 
     def __init__(self, machine: Any, on_ready: Callable[[], None] | None = None,
-                 host_value: int = 0x1234) -> None:
+                 host_value: int = 0x1234, pause: bool = True) -> None:
         self.machine = machine
+        self.pause = pause
+        """Stop the run at the guest's pause write (0x28); False lets a guest that uses 0x28
+        for its own stop point (the AArch32 guest) decide."""
         self.on_ready = on_ready
         self.on_irq: Callable[[int], None] | None = None
         """Called with the INTID the guest's handler reports (before its EOI)."""
@@ -62,7 +65,7 @@ class TestDevice:
             self.results.append(val)
         elif offset in (0x08, 0x110):
             self.machine.request_exit(0, "test guest done")
-        elif offset == 0x28:
+        elif offset == 0x28 and self.pause:
             self.machine.request_exit(0, "test guest paused")
         elif offset == 0x18 and self.on_ready is not None:
             self.on_ready()

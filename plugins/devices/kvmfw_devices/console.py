@@ -78,6 +78,22 @@ class ConsoleOutput:
                 raise ConfigError(f"cannot open console output {path}: {exc.strerror}") from exc
             self.sink = self._owned
 
+    def after_fork(self, child: int) -> None:
+        """In a forked child: output to a file goes to ``<path>.<pid>`` from now on (the
+        parent's file keeps what was written before the fork); a terminal, standard output
+        or the machine's console sink stays shared."""
+        if self._owned is None:
+            return
+        path = f"{self._owned.name}.{child}"
+        self._owned.close()  # this process's descriptor; nothing is buffered (see write)
+        self._owned = None
+        self.sink = NullSink()
+        try:
+            self._owned = open(path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise ConfigError(f"cannot open console output {path}: {exc.strerror}") from exc
+        self.sink = self._owned
+
     def write(self, data: bytes) -> None:
         try:
             self.sink.write(data)
@@ -232,6 +248,27 @@ class ConsoleInput:
     def pending(self) -> int:
         """Host bytes read but not yet taken by the device."""
         return len(self._inbox)
+
+    def after_fork(self) -> None:
+        """In a forked child: console input stays with the parent. The reader thread does
+        not exist here; the inherited descriptors are closed (the parent's stay open: a
+        socket is closed, not shut down) and the terminal mode is left to the parent.
+        Bytes read before the fork and not yet delivered are delivered in both."""
+        self._lock = threading.Lock()  # the reader may have held them at the fork
+        self._room = threading.Condition(self._lock)
+        self._thread = None
+        self._closing = True
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        self._tty_saved = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        elif self._owned_fd and self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
 
     def close(self) -> None:
         """Stop the reader, restore the terminal, close what was opened."""

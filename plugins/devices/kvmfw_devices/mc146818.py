@@ -20,6 +20,11 @@ each second. The periodic interrupt runs at the rate in A (rates 1 and 2 mean 25
 128 Hz, 3..15 mean 32768 >> (rate - 1) Hz) when PIE is set; the update-ended and alarm
 interrupts are checked once a second when UIE or AIE is set (alarm bytes 0xc0-0xff match
 any value).
+
+Exits: with ``coalesce=on`` the index-port writes wait in KVM's coalesced PIO ring (as
+QEMU's RTC registers them): an index write only selects a register (and the NMI mask bit,
+which is state only), and the ring is replayed before the next exit, so the data port
+always sees it. Off by default: once any zone exists every exit checks the ring.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import datetime as dt
 import time
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_bool, parse_int
 from kvmfw.errors import CheckpointError, ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
@@ -103,6 +108,9 @@ class Mc146818(Device):
         "irq": ConfigKey(parse_int, 8, "interrupt line (-1: none)"),
         "clock": ConfigKey(str, "host", "host (wall clock, UTC) or fixed (time= + simulated time)"),
         "time": ConfigKey(str, "2000-01-01T00:00:00", "start time for clock=fixed (UTC)"),
+        "coalesce": ConfigKey(parse_bool, False, "index-port writes wait in KVM's coalesced "
+                              "PIO ring (as QEMU's) instead of exiting; off by default: "
+                              "once any zone exists every exit checks the ring"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
@@ -118,6 +126,13 @@ class Mc146818(Device):
         self._second_event = Event(self._second, name="cmos-rtc.second")
         self.offset = 0.0
         self.reset()
+        self.coalesced = False
+        """Index writes are posted (KVM_CAP_COALESCED_PIO): they select a register and
+        change nothing else, and the ring is replayed before the next exit is serviced,
+        so the data port always sees the latest index."""
+        if self.params["coalesce"]:
+            service = ctx.services.get("coalesced")
+            self.coalesced = bool(service and service(self.params["port"], 1, pio=True))
 
     def ranges(self) -> list[Range]:
         return [Range("pio", self.params["port"], 2, self.name)]

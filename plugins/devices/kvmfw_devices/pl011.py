@@ -298,6 +298,12 @@ class Pl011(Device):
         self._irq_level = not (self.ris & self.imsc)  # force the line to match
         self._update_irq()
 
+    def after_fork(self, child: int) -> None:
+        """Output to a file goes to ``<path>.<pid>``; input stays with the parent
+        (:mod:`kvmfw_devices.console`)."""
+        self.output.after_fork(child)
+        self.input.after_fork()
+
     def close(self) -> None:
         self.input.close()
         self.output.close()

@@ -269,11 +269,29 @@ class PseudoOp(Device):
                 return None if raw is None else bytes(raw).decode("utf-8", "replace")
         return None
 
-    def _host_path(self, name_addr: int) -> Path | None:
+    def after_fork(self, child: int) -> None:
+        """A forked child writes its host files into ``<dir>/fork.<pid>/`` (created now),
+        so parent and children never write the same file; it reads a file from there once
+        it wrote it, else from ``dir``."""
+        root = self.params["dir"] or self.ctx.options.get("pseudo_op_dir")
+        if root is None:
+            return
+        d = Path(root) / f"fork.{child}"
+        d.mkdir(exist_ok=True)
+        self._fork_dir = d
+
+    _fork_dir: Path | None = None
+
+    def _host_path(self, name_addr: int, *, write: bool = False) -> Path | None:
         root = self.params["dir"] or self.ctx.options.get("pseudo_op_dir")
         name = self._guest_string(name_addr)
         if root is None or not name:
             return None
+        if self._fork_dir is not None:
+            mine = self._fork_dir / name
+            if write or (not os.path.isabs(name) and mine.resolve().is_relative_to(
+                    self._fork_dir.resolve()) and mine.is_file()):
+                root = str(self._fork_dir)
         base = Path(root).resolve()
         path = (base / name).resolve()
         if os.path.isabs(name) or not path.is_relative_to(base) or path == base:
@@ -313,7 +331,7 @@ class PseudoOp(Device):
 
     def _write_file(self, addr: int, length: int, offset: int, name_addr: int) -> int | None:
         src = self._guest_range(addr, length)
-        path = self._host_path(name_addr)
+        path = self._host_path(name_addr, write=True)
         if src is None or path is None:
             return None
         try:

@@ -409,6 +409,12 @@ class Uart16550(Device):
             schedule_at(eq, self._timeout_event, eq.cur_tick + timeout_in)
         self._update_irq()
 
+    def after_fork(self, child: int) -> None:
+        """Output to a file goes to ``<path>.<pid>``; input stays with the parent
+        (:mod:`kvmfw_devices.console`)."""
+        self.output.after_fork(child)
+        self.input.after_fork()
+
     def close(self) -> None:
         self.input.close()
         self.output.close()

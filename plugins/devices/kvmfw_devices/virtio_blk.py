@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+import tempfile
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, DeviceContext, parse_bool
@@ -102,6 +103,10 @@ class VirtioBlk(VirtioMmio):
         except OSError as exc:
             raise ConfigError(f"virtio-blk: cannot open {path}: {exc.strerror}") from exc
         self.capacity = os.fstat(self.fd).st_size // SECTOR
+        self._cow_fd = -1
+        """In a forked child: the overlay file that takes this process's writes."""
+        self._cow: bytearray | None = None
+        """In a forked child: bit i set = sector i is in the overlay."""
         super().__init__(ctx, **params)
         self.stats.update(read_bytes=0, write_bytes=0, flushes=0, io_errors=0, unsupported=0)
 
@@ -164,6 +169,8 @@ class VirtioBlk(VirtioMmio):
         pos = sector * SECTOR
         views = list(self.views(buffers, to_guest, skip=skip, limit=length))
         try:
+            if self._cow is not None:
+                return self._cow_transfer(views, pos, length, to_guest)
             for i in range(0, len(views), IOV_BATCH):
                 batch = views[i:i + IOV_BATCH]
                 want = sum(len(v) for v in batch)
@@ -181,7 +188,58 @@ class VirtioBlk(VirtioMmio):
         self.stats["read_bytes" if to_guest else "write_bytes"] += length
         return True
 
+    # --- a forked child: copy-on-write ---------------------------------------------------
+
+    def after_fork(self, child: int) -> None:
+        """The image is the parent's: this child writes to a private overlay (an unlinked
+        sparse temporary file) and reads each sector from the overlay once written there,
+        else from the image, which it never writes (a read-only disk stays read-only)."""
+        super().after_fork(child)
+        if self.params["readonly"] or self._cow is not None:
+            return
+        fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
+        os.ftruncate(fd, self.capacity * SECTOR)
+        self._cow_fd = fd
+        self._cow = bytearray((self.capacity + 7) // 8)
+
+    def _cow_transfer(self, views: list[memoryview], pos: int, length: int,
+                      to_guest: bool) -> bool:
+        cow = self._cow
+        assert cow is not None
+        if not to_guest:  # a request is whole sectors: every sector it touches is replaced
+            done = 0
+            for i in range(0, len(views), IOV_BATCH):
+                done += _full_io(self._cow_fd, views[i:i + IOV_BATCH], pos + done, False)
+            if done < length:
+                return False
+            for s in range(pos // SECTOR, (pos + length) // SECTOR):
+                cow[s >> 3] |= 1 << (s & 7)
+            self.stats["write_bytes"] += length
+            return True
+        for v in views:  # runs of sectors from one source, per view
+            off = 0
+            while off < len(v):
+                a = pos + off
+                s = a // SECTOR
+                mine = bool(cow[s >> 3] >> (s & 7) & 1)
+                e = s + 1
+                last = (pos + len(v) - 1) // SECTOR
+                while e <= last and bool(cow[e >> 3] >> (e & 7) & 1) == mine:
+                    e += 1
+                chunk = v[off:min(len(v), e * SECTOR - pos)]
+                got = _full_io(self._cow_fd if mine else self.fd, [chunk], a, True)
+                if got < len(chunk):
+                    _zero_from([chunk], got)
+                off += len(chunk)
+            pos += len(v)
+        self.stats["read_bytes"] += length
+        return True
+
     def close(self) -> None:
+        super().close()
+        if self._cow_fd >= 0:
+            os.close(self._cow_fd)
+            self._cow_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

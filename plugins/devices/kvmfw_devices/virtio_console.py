@@ -96,6 +96,14 @@ class VirtioConsole(VirtioMmio):
             raise CheckpointError(f"{self.name}: bad saved input ({exc})") from None
         self.pending = bytearray(pending)
 
+    def after_fork(self, child: int) -> None:
+        """Output to a file goes to ``<path>.<pid>``; input stays with the parent
+        (:mod:`kvmfw_devices.console`)."""
+        super().after_fork(child)
+        self.output.after_fork(child)
+        self.input.after_fork()
+
     def close(self) -> None:
+        super().close()
         self.input.close()
         self.output.close()

@@ -31,6 +31,13 @@ Offered transport features: VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC and
 VIRTIO_F_EVENT_IDX (with event idx the device writes ``avail_event`` after each chain and
 interrupts only when the used index passes the driver's ``used_event``).
 
+Exits: QueueNotify is a doorbell through ``KVM_IOEVENTFD`` (``ioeventfd=on``, the default;
+:mod:`kvmfw_devices.ioevent`): the guest's write completes in KVM and the queue is served
+on the run loop's next event pass, as the exit path would serve it (a value that is not a
+queue index, or a write of another width, still exits). Interrupts are ``KVM_IRQ_LINE``
+calls (no exit). Every other register access exits: each one reads or changes state the
+next access sees.
+
 Subclasses (one module per device) set ``device_id``, ``device_features``, ``num_queues`` and
 implement :meth:`VirtioMmio.handle_chain` and the configuration space.
 """
@@ -42,11 +49,20 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, parse_int
+from kvmfw.device import (
+    ConfigKey,
+    Device,
+    DeviceContext,
+    FirmwareNode,
+    Range,
+    parse_bool,
+    parse_int,
+)
 from kvmfw.errors import CheckpointError, GuestMemoryError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_bytes, to_int
+from kvmfw_devices.ioevent import Doorbells
 from kvmfw_devices.irq import drive_irq
 
 MAGIC = 0x74726976  # "virt"
@@ -161,14 +177,32 @@ class VirtioMmio(Device):
     config: ClassVar[dict[str, ConfigKey]] = {
         "base": ConfigKey(parse_int, 0xD0000000, "MMIO base of the 512-byte window"),
         "irq": ConfigKey(parse_int, 5, "interrupt line (-1: none)"),
+        "ioeventfd": ConfigKey(parse_bool, True, "QueueNotify completes in KVM "
+                               "(KVM_IOEVENTFD) and is served on the event queue; off: "
+                               "every notify is an exit"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
         super().__init__(ctx, **params)
-        self.stats.update(notifications=0, chains=0, interrupts=0, bad_descriptors=0)
+        self.stats.update(notifications=0, chains=0, interrupts=0, bad_descriptors=0,
+                          ioeventfd_notifications=0)
         self.irq_line = self.optional_irq(self.params["irq"])
         self._irq_level = False
         self.reset()
+        self.doorbells: Doorbells | None = None
+        if self.params["ioeventfd"]:
+            bells = Doorbells(ctx, self.name, self._doorbell)
+            notify = self.params["base"] + REG_QUEUE_NOTIFY
+            if all(bells.add(i, notify, 4, datamatch=i) for i in range(self.num_queues)):
+                self.doorbells = bells
+            else:  # all queues or none: one path per device
+                bells.close()
+
+    def _doorbell(self, index: int) -> None:
+        """QueueNotify written with ``index``, completed in KVM (the exit path's twin)."""
+        self.stats["notifications"] += 1
+        self.stats["ioeventfd_notifications"] += 1
+        self.notify(index)
 
     def ranges(self) -> list[Range]:
         return [Range("mmio", self.params["base"], WINDOW_SIZE, self.name)]
@@ -523,6 +557,24 @@ class VirtioMmio(Device):
         return done
 
     # --- state ------------------------------------------------------------------------------------
+
+    def is_drained(self) -> bool:
+        """A doorbell rung but not yet served is an access in flight: serve it now."""
+        if self.doorbells is not None:
+            self.doorbells.serve_pending()
+        return True
+
+    def after_fork(self, child: int) -> None:
+        """Doorbells move to the child's VM (:meth:`Doorbells.after_fork`); where KVM
+        refuses, the child's notifications take the exit path."""
+        if self.doorbells is not None and not self.doorbells.after_fork():
+            self.doorbells.close()
+            self.doorbells = None
+
+    def close(self) -> None:
+        if self.doorbells is not None:
+            self.doorbells.close()
+            self.doorbells = None
 
     def save(self) -> dict[str, Any]:
         return {"status": self.status, "device_features_sel": self.device_features_sel,

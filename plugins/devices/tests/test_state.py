@@ -49,6 +49,8 @@ MUTATIONS: dict[str, list[Access]] = {
     "virtio-blk": [w2(0x70, 3, 4), w2(0x38, 16, 4), w2(0x80, 0x10000, 4)],
     "virtio-console": [w2(0x70, 1, 4), w2(0x30, 1, 4), w2(0x38, 32, 4)],
     "acpi-pm": [w2(2, 0x0121, 2), w2(4, 0x0C01, 2)],
+    "latency-mmio": [w2(0x10, 0x1234, 4)],  # built with delay=0: its timing path has its
+                                            # own tests (test_latency_mmio.py)
     "pl011": [w2(0x2C, 0x10, 4), w2(0x38, 0x70, 4), w2(0x30, 0x381, 4), w2(0, 0x41, 4),
               w2(0x24, 13, 4)],
 }
@@ -69,6 +71,8 @@ def build(name: str) -> tuple[Device, Any]:
         params["dir"] = tempfile.mkdtemp(prefix="kvmfw-pseudo-op-")
     if name in ("cmos-rtc", "acpi-pm"):
         params["clock"] = "fixed"
+    if name == "latency-mmio":
+        params["delay"] = 0
     if name == "virtio-blk":
         fd, path = tempfile.mkstemp(prefix="kvmfw-blk-", suffix=".img")
         os.write(fd, bytes(4096))

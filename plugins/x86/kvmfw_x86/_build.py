@@ -106,6 +106,7 @@ struct boot_params {
 /* the headers' own ioctl numbers, for the layout test */
 static const unsigned long HDR_KVM_GET_MSR_INDEX_LIST;
 static const unsigned long HDR_KVM_GET_SUPPORTED_CPUID;
+static const unsigned long HDR_KVM_GET_SUPPORTED_HV_CPUID;
 static const unsigned long HDR_KVM_GET_MSR_FEATURE_INDEX_LIST;
 static const unsigned long HDR_KVM_CREATE_PIT2;
 static const unsigned long HDR_KVM_GET_REGS;
@@ -146,6 +147,7 @@ SOURCE = r"""
 #include <asm/bootparam.h>
 static const unsigned long HDR_KVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
 static const unsigned long HDR_KVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long HDR_KVM_GET_SUPPORTED_HV_CPUID = KVM_GET_SUPPORTED_HV_CPUID;
 static const unsigned long HDR_KVM_GET_MSR_FEATURE_INDEX_LIST = KVM_GET_MSR_FEATURE_INDEX_LIST;
 static const unsigned long HDR_KVM_CREATE_PIT2 = KVM_CREATE_PIT2;
 static const unsigned long HDR_KVM_GET_REGS = KVM_GET_REGS;

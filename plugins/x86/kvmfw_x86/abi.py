@@ -25,6 +25,8 @@ class X:
                                           "struct kvm_msr_list", ffi)
     KVM_GET_SUPPORTED_CPUID = define_ioctl("KVM_GET_SUPPORTED_CPUID", _RW, 0x05,
                                            "struct kvm_cpuid2", ffi)
+    KVM_GET_SUPPORTED_HV_CPUID = define_ioctl("KVM_GET_SUPPORTED_HV_CPUID", _RW, 0xC1,
+                                              "struct kvm_cpuid2", ffi)
     KVM_GET_MSR_FEATURE_INDEX_LIST = define_ioctl("KVM_GET_MSR_FEATURE_INDEX_LIST", _RW, 0x0A,
                                                   "struct kvm_msr_list", ffi)
     KVM_CREATE_PIT2 = define_ioctl("KVM_CREATE_PIT2", _W, 0x77, "struct kvm_pit_config", ffi)

@@ -42,15 +42,21 @@ class _Field(click.ParamType):
               help="CPU model, 0..0xff")
 @click.option("--stepping", type=_Field(0xF, "a 4-bit field"), help="CPU stepping, 0..0xf")
 @click.option("--mask", multiple=True, help="feature to hide (repeatable or comma-separated)")
+@click.option("--hyperv", help="Hyper-V enlightenments, comma-separated, or all "
+              "(kvmfw_x86.hyperv)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--kvm", "kvm_path", default="/dev/kvm", show_default=True)
 def cpuid(vendor: str | None, family: int | None, model_: int | None, stepping: int | None,
-          mask: tuple[str, ...], as_json: bool, kvm_path: str) -> None:
+          mask: tuple[str, ...], hyperv: str | None, as_json: bool, kvm_path: str) -> None:
     """Print the CPUID table an x86 guest will see (KVM's supported set, or a model)."""
+    from kvmfw_x86.hyperv import expand
+
     names = [n for m in mask for n in m.split(",") if n]
-    model = CpuidModel(vendor, family, model_, stepping, None, names) \
+    hv = [h.strip().lower() for h in (hyperv or "").split(",") if h.strip()]
+    expand(hv)
+    model = CpuidModel(vendor, family, model_, stepping, None, names, hv) \
         if (vendor or family is not None or model_ is not None or stepping is not None
-            or names) else None
+            or names or hv) else None
     entries = guest_cpuid(model, kvm_path)
     if as_json:
         click.echo(json.dumps([vars(e) for e in entries], indent=1))

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmfw.abi import ioctl
+from kvmfw.abi import Cap, ioctl
 from kvmfw.errors import ConfigError, KvmError
 
 from kvmfw_x86.abi import X, addr, ffi
@@ -61,6 +61,47 @@ FEATURES.update({
     "sse4a": (0x80000001, 0, "ecx", 6), "topoext": (0x80000001, 0, "ecx", 22),
     "xsaveopt": (0xD, 1, "eax", 0), "xsavec": (0xD, 1, "eax", 1), "xsaves": (0xD, 1, "eax", 3),
 })
+KVM_SIGNATURE_LEAF = 0x40000000
+KVM_FEATURES_LEAF = 0x40000001
+_bits(KVM_FEATURES_LEAF, 0, "eax", "kvmclock kvm_nopiodelay kvm_mmu kvmclock2 kvm_asyncpf "
+      "kvm_steal_time kvm_pv_eoi kvm_pv_unhalt - kvm_pv_tlb_flush kvm_asyncpf_vmexit "
+      "kvm_pv_ipi kvm_poll_control kvm_pv_sched_yield kvm_asyncpf_int kvm_msi_ext_dest_id "
+      "kvm_hc_map_gpa_range kvm_migration_control - - - - - - kvmclock_stable_bit")
+HYPERVISOR_BIT = 31
+"""CPUID.1:ECX[31]: "running under a hypervisor". Guests look for hypervisor leaves (KVM's
+``KVMKVMKVM`` at 0x40000000) only when it is set; ``KVM_GET_SUPPORTED_CPUID`` does not set
+it on every host (a nested KVM leaves it clear), so kvmfw sets it, as QEMU does."""
+NEEDS_KERNEL_LAPIC = ("kvm_pv_eoi", "kvm_pv_unhalt", "kvm_pv_ipi", "kvm_asyncpf_int")
+"""KVM PV features served by the in-kernel local APIC (off with ``irqchip=userspace``)."""
+NEEDS_X2APIC_API = ("kvm_msi_ext_dest_id",)
+"""Needs ``KVM_CAP_X2APIC_API``, which kvmfw does not enable (QEMU sets it only then)."""
+
+
+def paravirt(entries: list[CpuidEntry], kernel_irqchip: bool = True,
+             tsc_deadline: bool = False) -> list[CpuidEntry]:
+    """What QEMU (``kvm_arch_get_supported_cpuid``) gives a KVM guest on top of the
+    supported table: the hypervisor bit; the TSC-deadline timer, which KVM emulates in its
+    local APIC but does not list (``tsc_deadline``: ``KVM_CAP_TSC_DEADLINE_TIMER``; else
+    Linux calibrates and runs the APIC timer in one-shot mode); no x2APIC without the
+    in-kernel LAPIC (kvmfw's userspace LAPIC is MMIO only); and KVM's PV feature leaf
+    without what this machine cannot serve. Linux then uses kvmclock, PV EOI, PV spinlocks
+    (unhalt), PV TLB flush, PV IPIs, steal time... as KVM offers."""
+    out = [CpuidEntry(**vars(e)) for e in entries]
+    leaf1 = find(out, 1)
+    if leaf1 is not None:
+        leaf1.ecx |= 1 << HYPERVISOR_BIT
+        if kernel_irqchip and tsc_deadline:
+            leaf1.ecx |= 1 << FEATURES["tsc_deadline"][3]
+        if not kernel_irqchip:
+            leaf1.ecx &= ~(1 << FEATURES["x2apic"][3])
+    feats = find(out, KVM_FEATURES_LEAF)
+    if feats is not None:
+        drop = NEEDS_X2APIC_API + (() if kernel_irqchip else NEEDS_KERNEL_LAPIC)
+        for name in drop:
+            feats.eax &= ~(1 << FEATURES[name][3])
+    return out
+
+
 # masking a feature masks what depends on it; XCR0 bits leave with their feature
 DEPENDS = {
     "xsave": ["avx", "osxsave", "xsaveopt", "xsavec", "xsaves", "pku"],
@@ -143,6 +184,9 @@ class CpuidModel:
     stepping: int | None = None
     brand: str | None = None
     mask: list[str] = field(default_factory=list)
+    hyperv: list[str] = field(default_factory=list)
+    """Hyper-V enlightenments (QEMU's ``hv-*`` names without the prefix, or ``all``):
+    see :mod:`kvmfw_x86.hyperv`."""
 
     @classmethod
     def from_options(cls, opts: dict[str, Any] | str | None) -> CpuidModel | None:
@@ -157,6 +201,15 @@ class CpuidModel:
 
         if not isinstance(mask, list) or not all(isinstance(m, str) for m in mask):
             raise ConfigError(f"CPUID mask must be feature names, not {mask!r}")
+        hv: Any = opts.get("hyperv", [])
+        if isinstance(hv, str):
+            hv = [h.strip() for h in hv.replace(" ", ",").split(",") if h.strip()]
+        if not isinstance(hv, list) or not all(isinstance(h, str) for h in hv):
+            raise ConfigError(f"CPUID hyperv must be enlightenment names, not {hv!r}")
+        from kvmfw_x86.hyperv import expand
+
+        expand(hv)  # checks the names; "all" stays "all" (filtered by what KVM offers)
+        hv = [h.lower() for h in hv]
 
         def num(k: str, top: int) -> int | None:
             v = opts.get(k)
@@ -177,7 +230,7 @@ class CpuidModel:
             return v
 
         return cls(text("vendor"), num("family", 0xFF + 0xF), num("model", 0xFF),
-                   num("stepping", 0xF), text("brand"), list(mask))
+                   num("stepping", 0xF), text("brand"), list(mask), hv)
 
     def apply(self, entries: list[CpuidEntry]) -> list[CpuidEntry]:
         out = [CpuidEntry(**vars(e)) for e in entries]
@@ -291,5 +344,13 @@ def guest_cpuid(model: CpuidModel | None = None, kvm_path: str = "/dev/kvm") -> 
     from kvmfw.kvm import Kvm
 
     with Kvm(kvm_path) as kvm:
-        entries = supported_cpuid(kvm.fd)
-    return model.apply(entries) if model else entries
+        entries = paravirt(supported_cpuid(kvm.fd),
+                           tsc_deadline=bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER)))
+        if model is None:
+            return entries
+        entries = model.apply(entries)
+        if model.hyperv:
+            from kvmfw_x86 import hyperv
+
+            entries = hyperv.apply(entries, hyperv.supported(kvm), model.hyperv)
+    return entries

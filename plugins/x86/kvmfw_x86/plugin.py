@@ -14,7 +14,9 @@ fault, reset control register 0xCF9, the ACPI reset register — resets the vCPU
 devices and the in-kernel irqchip and loads the guest again; ``off``, the CLI's
 ``--no-reboot``: the run ends with status 0; ``reboot_limit``, default 100, ends a reset
 loop; resets are counted in ``system.reset``), ``cpuid`` (a
-:class:`~kvmfw_x86.cpuid.CpuidModel` or its dict), ``x86_sync`` (``lazy`` — per-group —
+:class:`~kvmfw_x86.cpuid.CpuidModel` or its dict; ``hyperv`` in it adds Hyper-V
+enlightenments, :mod:`kvmfw_x86.hyperv`; every guest sees the hypervisor bit and KVM's PV
+leaf, :func:`~kvmfw_x86.cpuid.paravirt`), ``x86_sync`` (``lazy`` — per-group —
 or ``eager``: gem5's all-or-nothing pull).
 """
 
@@ -32,11 +34,12 @@ from kvmfw.timer import CycleSource
 
 from kvmfw_x86 import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API
 from kvmfw_x86 import cpuid as cpuid_mod
+from kvmfw_x86 import irqrouting
 from kvmfw_x86.abi import X, addr, ffi, lib
 from kvmfw_x86.context import CpuInfo, X86Context
 from kvmfw_x86.interrupts import UserspaceInterrupts
 from kvmfw_x86.lapic import LAPIC_ADDR, LAPIC_SIZE, UserspaceLapics, per_cpu_address
-from kvmfw_x86.pio import PortIo
+from kvmfw_x86.pio import PCI_ADDR_PORT, PortIo
 
 log = logging.getLogger("kvmfw.x86")
 
@@ -67,8 +70,12 @@ class X86Machine:
         self.pio = PortIo(machine)
         self.interrupts = UserspaceInterrupts(machine)
         self.lapics: UserspaceLapics | None = None
+        # what handle_exit_io and finalize_mmio_address answer before the bus: never taken
+        # for unclaimed by the compiled exit path (kvmfw.fastpath)
+        machine.bus.pio.reserve(PCI_ADDR_PORT, 8, "pci-config")
         if self.irqchip == "userspace":
             self.lapics = UserspaceLapics(machine, self.interrupts, machine.config.cpus)
+            machine.bus.mmio.reserve(LAPIC_ADDR, LAPIC_SIZE, "local-apic")
         self._cpuid: list[cpuid_mod.CpuidEntry] | None = None
         self._info: CpuInfo | None = None
         self.tsc_khz = 0
@@ -81,9 +88,18 @@ class X86Machine:
     def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
         """The CPUID table every vCPU gets (before per-vCPU APIC ids)."""
         if self._cpuid is None:
-            entries = cpuid_mod.supported_cpuid(self.machine.kvm.fd)
+            kvm = self.machine.kvm
+            entries = cpuid_mod.paravirt(
+                cpuid_mod.supported_cpuid(kvm.fd), self.irqchip == "kernel",
+                bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER)))
             if self.cpuid_model is not None:
                 entries = self.cpuid_model.apply(entries)
+                if self.cpuid_model.hyperv:
+                    from kvmfw_x86 import hyperv
+
+                    hv = hyperv.supported(self.machine.kvm, self.machine.vm.vcpus[0]
+                                          if self.machine.vm.vcpus else None)
+                    entries = hyperv.apply(entries, hv, self.cpuid_model.hyperv)
             self._cpuid = entries
         return self._cpuid
 
@@ -192,6 +208,7 @@ class X86Plugin:
         vm.set_tss_addr(TSS_ADDR)
         if st.irqchip == "kernel":
             vm.create_irqchip()
+            irqrouting.install(machine)
             pit = ffi.new("struct kvm_pit_config *")
             pit.flags = lib.KVM_PIT_SPEAKER_DUMMY
             from kvmfw.abi import ioctl
@@ -251,12 +268,20 @@ class X86Plugin:
         entries = cpuid_mod.for_vcpu(st.cpuid, cpu.id, cpu.machine.config.cpus)
         buf = cpuid_mod.pack_cpuid2(entries)
         cpu.vcpu.ioctl(X.KVM_SET_CPUID2, addr(buf), "KVM_SET_CPUID2")
+        if st.cpuid_model is not None and st.cpuid_model.hyperv:
+            from kvmfw_x86 import hyperv
+
+            hyperv.enable_vcpu(cpu.vcpu, st.cpuid)
         if st.irqchip == "kernel" and hasattr(cpu, "start_active"):
             # APs wait inside KVM (MP state UNINITIALIZED) until the in-kernel LAPIC
             # delivers INIT/SIPI, so every vCPU thread enters KVM from the start
             cpu.start_active = True
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
+        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
+        cpu.x86_port_io = st.pio.handle
+        cpu.mmio_remap = st.lapics is not None
 
     @hookimpl
     def create_thread_context(self, cpu: Any) -> X86Context:
@@ -280,7 +305,8 @@ class X86Plugin:
 
     @hookimpl
     def handle_exit_io(self, cpu: Any, io: Any) -> bool:
-        return self.state(cpu.machine).pio.handle(cpu, io)
+        handle = getattr(cpu, "x86_port_io", None) or self.state(cpu.machine).pio.handle
+        return handle(cpu, io)  # type: ignore[no-any-return]
 
     @hookimpl
     def finalize_mmio_address(self, cpu: Any, address: int) -> int | None:
@@ -320,6 +346,10 @@ class X86Plugin:
         st = self.state(cpu.machine)
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
+        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
+        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
+        cpu.x86_port_io = st.pio.handle
+        cpu.mmio_remap = st.lapics is not None
         khz = st.tsc_khz
         return CycleSource("tsc", lib.kvmfw_x86_rdtsc, khz * 1000.0,
                            note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall; "
@@ -416,6 +446,13 @@ class X86Plugin:
         from kvmfw_x86.dump import dump
 
         return dump(cpu)
+
+    # --- emulated CPU (kvmfw.emu; the glue is kvmfw_x86.emu) -----------------------------
+
+    @hookimpl
+    def emu_glue(self, cpu: Any) -> Any:
+        from kvmfw_x86.emu import X86EmuGlue  # Unicorn is optional: import on use
+        return X86EmuGlue()
 
     # --- GDB stub (kvmfw.gdb; the implementations are in kvmfw_x86.gdb) -------------------
 

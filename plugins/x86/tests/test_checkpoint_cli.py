@@ -179,8 +179,10 @@ def test_the_pseudo_op_checkpoint_is_taken_and_restores(tmp_path: Path) -> None:
 def test_periodic_incremental_checkpoints_restore_through_the_chain(
         tmp_path: Path, reference: str) -> None:
     ck = tmp_path / "ck"
+    # simulated time follows host time: the run lasts ~0.3-0.5 s on a quiet host (800k
+    # emulated instructions), longer on a busy one; a 50 ms period gives >= 3 either way
     r = kvmfw(*guest_args(tmp_path), "--console", "none", "--checkpoint-at",
-              "200000000000,200000000000", "--checkpoint-incremental", "--checkpoint-dir",
+              "50000000000,50000000000", "--checkpoint-incremental", "--checkpoint-dir",
               str(ck), cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     cpts = sorted(ck.iterdir(), key=lambda p: int(p.name[4:]))
@@ -192,7 +194,7 @@ def test_periodic_incremental_checkpoints_restore_through_the_chain(
         assert man["memory"][0]["pages"] < 64  # a few pages, not the board's tables
     out = tmp_path / "out.txt"
     r2 = kvmfw("--restore", str(cpts[1]), "--console", f"file:{out}", "--checkpoint-at",
-               str(int(cpts[1].name[4:]) + 200000000000), "--checkpoint-incremental",
+               str(int(cpts[1].name[4:]) + 50000000000), "--checkpoint-incremental",
                "--checkpoint-dir", str(tmp_path / "ck2"), cwd=tmp_path)
     assert r2.returncode == 1, r2.stderr
     assert reference.endswith(out.read_text())

@@ -1,0 +1,109 @@
+"""What devices do with their host resources in a forked child (``Device.after_fork``):
+console output to ``<path>.<pid>``, console input left to the parent, disk images
+copy-on-write, pseudo-op host files per child. The hook is called here as the fork calls
+it in the child; one test forks for real to show the parent's resources are untouched."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+from conftest import Harness
+from test_virtio import DATA, request
+from virtio_driver import Driver
+
+from kvmfw_devices import virtio_blk as b
+from kvmfw_devices.pseudo_op import PseudoOp
+from kvmfw_devices.uart16550 import Uart16550
+from kvmfw_devices.virtio_blk import VirtioBlk
+from kvmfw_devices.virtio_console import VirtioConsole
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_uart_output_file_goes_per_child(h: Harness, tmp_path: Path) -> None:
+    out = tmp_path / "console.txt"
+    u = Uart16550(h.ctx, output=f"file:{out}", input="none")
+    u.write(0, b"P")
+    n = _fds()
+    u.after_fork(4242)
+    assert _fds() == n  # the inherited descriptor closed, the child's own opened
+    u.write(0, b"C")
+    u.close()
+    assert out.read_bytes() == b"P"
+    assert (tmp_path / "console.txt.4242").read_bytes() == b"C"
+
+
+def test_virtio_console_input_socket_is_closed_not_shut_down(h: Harness,
+                                                              tmp_path: Path) -> None:
+    path = tmp_path / "sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    dev = VirtioConsole(h.ctx, input=f"unix:{path}", output="none")
+    peer, _ = srv.accept()
+    pid = os.fork()
+    if pid == 0:  # the child drops its references only
+        try:
+            dev.after_fork(os.getpid())
+            dev.close()
+        finally:
+            os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    peer.setblocking(False)
+    try:  # the connection is still open: no EOF (a shutdown in the child would give one)
+        assert peer.recv(1) != b""
+    except BlockingIOError:
+        pass
+    assert dev.input._sock is not None
+    dev.close()
+    peer.close()
+    srv.close()
+
+
+def test_virtio_blk_child_writes_to_an_overlay_never_the_image(h: Harness,
+                                                               tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    original = bytes(range(256)) * 2 * 8  # 8 sectors
+    image.write_bytes(original)
+    blk = VirtioBlk(h.ctx, file=str(image))
+    drv = Driver(blk, h.ctx.memory)
+    drv.start(1)
+    blk.after_fork(4242)
+    assert request(h, drv, b.T_OUT, 2, 0, b"\xab" * 1024) == b.S_OK  # sectors 2 and 3
+    assert image.read_bytes() == original
+    assert request(h, drv, b.T_IN, 1, 2048) == b.S_OK  # sectors 1..4: image, overlay, image
+    got = h.ctx.memory.read(DATA, 2048)
+    assert got == original[512:1024] + b"\xab" * 1024 + original[2048:2560]
+    # a read split over two buffers, across the image/overlay boundary mid-buffer
+    h.ctx.memory.write(0x40000, struct.pack("<IIQ", b.T_IN, 0, 1))
+    bufs = [(0x40000, 16, False), (DATA, 700, True), (DATA + 0x2000, 324, True),
+            (0x42000, 1, True)]
+    drv.post(0, bufs)
+    assert h.ctx.memory.read(0x42000, 1)[0] == b.S_OK
+    assert h.ctx.memory.read(DATA, 700) + h.ctx.memory.read(DATA + 0x2000, 324) == \
+        original[512:1024] + b"\xab" * 512
+    n = _fds()
+    blk.close()
+    assert _fds() == n - 2  # the image and the overlay
+
+
+def test_pseudo_op_child_writes_its_own_directory(h: Harness, tmp_path: Path) -> None:
+    d = PseudoOp(h.ctx, dir=str(tmp_path))
+    (tmp_path / "in.txt").write_bytes(b"shared")
+    d.after_fork(4242)
+    mine = tmp_path / "fork.4242"
+    assert mine.is_dir()
+    h.ctx.memory.write(0x1000, b"out.txt\0")
+    h.ctx.memory.write(0x2000, b"child")
+    assert d._write_file(0x2000, 5, 0, 0x1000) == 5
+    assert (mine / "out.txt").read_bytes() == b"child"
+    assert not (tmp_path / "out.txt").exists()
+    h.ctx.memory.write(0x1000, b"in.txt\0")
+    assert d._read_file(0x3000, 6, 0, 0x1000) == 6  # not written here: read from dir
+    assert h.ctx.memory.read(0x3000, 6) == b"shared"
