@@ -60,6 +60,7 @@ def test_linux_sweep_from_one_checkpoint(tmp_path: Path) -> None:
     assert len(df) == len(COMMANDS)
     for _, row in df.iterrows():
         want = COMMANDS[row["param.cmd"]]
-        assert row["status"] == "ok" and row["exit_status"] == 0, row.to_dict()
+        assert row["status"] == "ok" and row["exit_status"] == 0, \
+            (row["error"], row["reason"], row["status"])
         assert row["console.out"].strip() == want, row.to_dict()
         assert row["file.out"].strip() == want, row.to_dict()
