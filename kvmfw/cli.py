@@ -528,6 +528,30 @@ def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
     sys.exit(_run(cfg))
 
 
+@cli.command("sweep")
+@click.argument("spec", type=str)
+@click.option("--out", required=True, type=str, metavar="DIR",
+              help="Directory for the results table (results.parquet, results.csv, "
+              "rows.jsonl) and each variant's files.")
+@click.option("--resume", is_flag=True, help="Keep DIR's finished rows; run only the rest.")
+@click.option("--scheduler", type=str, metavar="ADDRESS",
+              help="An existing Dask scheduler (tcp://HOST:8786); default: a LocalCluster, "
+              "one worker process per core.")
+@click.option("--workers", type=int, metavar="N", help="LocalCluster workers (default: cores).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def sweep_cmd(spec: str, out: str, resume: bool, scheduler: str | None,
+              workers: int | None, no_progress: bool) -> None:
+    """Run every variant of the sweep SPEC (TOML) as a task on Dask; one row each in
+    DIR/results.parquet and DIR/results.csv (see README "Sweeps")."""
+    from kvmfw.sweep import load, run
+
+    s = load(spec)  # a bad spec is one line, before any cluster or task starts
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}: give at least 1")
+    run(s, out=out, resume=resume, scheduler=scheduler, workers=workers,
+        progress=not no_progress, echo=_echo_err)
+
+
 def _run(cfg: dict[str, Any]) -> int:
     """Check everything, build, run, and end (terminal, stats, summary) whatever happens;
     returns the process exit status."""

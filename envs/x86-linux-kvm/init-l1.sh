@@ -7,6 +7,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 up() { cut -d' ' -f1 /proc/uptime; }
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up  # loopback: Dask (tests/linux sweep)
 echo "KVMFW_L1_INIT uptime=$(up)"
 # modules in dependency order (built by run.sh); kvm_amd with nested paging
 while read -r ko; do

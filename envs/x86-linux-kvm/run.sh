@@ -204,6 +204,7 @@ for p in sys.argv[1:]:
     own.add(proj.get("name", ""))
     reqs = list(proj.get("dependencies", []))
     reqs += proj.get("optional-dependencies", {}).get("test", [])
+    reqs += proj.get("optional-dependencies", {}).get("sweep", [])  # tests/linux sweep
     reqs += meta.get("build-system", {}).get("requires", [])
     deps.update(r.replace(" ", "") for r in reqs)
 name = lambda r: re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-")

@@ -650,7 +650,11 @@ def check_cpu_model(st: X86Machine, model: Any) -> str | None:
     entries = model["cpuid"]
     if len(entries) > CPUID_LIMIT:
         return f"the CPU model has {len(entries)} CPUID entries (at most {CPUID_LIMIT})"
-    host = cpuid_mod.supported_cpuid(st.machine.kvm.fd)
+    kvm = st.machine.kvm
+    # the table this host gives a guest: the supported one plus what kvmfw adds as QEMU
+    # does (hypervisor bit, TSC-deadline): a checkpoint holds those bits too
+    host = cpuid_mod.paravirt(cpuid_mod.supported_cpuid(kvm.fd), tsc_deadline=bool(
+        kvm.check_extension(cpuid_mod.Cap.TSC_DEADLINE_TIMER)))
     for i, e in enumerate(entries):
         if not isinstance(e, list) or len(e) != 7 or not all(
                 isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32 for v in e):
