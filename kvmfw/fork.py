@@ -13,8 +13,9 @@
   devices, ``kvm_run`` mappings, perf counters; the parent's VM is untouched, since closing
   an inherited fd only drops the child's reference -- and builds a new VM in the same
   ``VM``/``VCpu`` objects (every closure and device that holds them stays valid): the arch's
-  ``machine_configure`` (VM-wide set-up; whatever RAM or bus mappings it adds are already
-  there and are discarded), the vCPUs (``vcpu_init``, ``create_thread_context``), the
+  ``fork_child`` (it forgets its per-VM state: the hook's contract), ``machine_configure``
+  (VM-wide set-up; whatever RAM or bus mappings it adds are already there and are
+  discarded), the vCPUs (``vcpu_init``, ``create_thread_context``), the
   arch's ``machine_created``, the coalesced-MMIO zones, then the state the parent captured
   just before the fork (``restore_vm_state``, ``restore_arch_state`` per vCPU, as
   :func:`kvmfw.checkpoint.state.apply` orders them). Devices, the event queue and
@@ -148,6 +149,7 @@ def rebuild_in_child(machine: Machine, state: MachineState) -> None:
     vm.devices.clear()
     os.close(vm.fd)
     vm.fd = -1
+    machine.hooks.call("fork_child", machine=machine)  # the arch forgets the old VM
     # 2. a new VM in the same object
     from kvmfw.abi import IOCTLS, ioctl
 

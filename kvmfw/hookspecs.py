@@ -305,6 +305,24 @@ def restore_vm_state(machine: Machine, state: dict[str, Any]) -> bool | None:
     """
 
 
+@hookspec
+def fork_child(machine: Machine) -> None:
+    """In a forked child, before its machine is rebuilt on a new VM: forget what the arch
+    keeps per VM, so the set-up hooks build it again for the child's VM.
+
+    Caller: :func:`kvmfw.fork.rebuild_in_child`, once, after the parent's VM, vCPU and
+    in-kernel device fds were closed in the child and before ``machine_configure``,
+    ``vcpu_init`` and ``create_thread_context`` per vCPU and ``machine_created`` run again,
+    followed by ``restore_vm_state`` and ``restore_arch_state`` with the state captured at
+    the fork. Drop handles of the parent's in-kernel devices, once-only initialisation
+    flags, lists those hooks append to, and host resources bound to the parent's process or
+    threads (perf counters: close the fd, never ``ioctl`` it, the event is the parent's
+    too). Keep the configuration and what the guest sees (board options, device tree).
+    No ioctl on the parent's objects. An arch keeping no per-VM state needs no
+    implementation.
+    """
+
+
 @hookspec(firstresult=True)
 def cpu_model(machine: Machine) -> dict[str, Any] | None:
     """What the guest sees of the CPU, as plain data for a checkpoint's manifest (x86: the

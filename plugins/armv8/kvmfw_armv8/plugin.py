@@ -121,6 +121,9 @@ class ArmBoard:
     """Input levels by INTID from the last vGIC restore (for lines handed out after it)."""
     inst_stops: dict[int, Any] = field(default_factory=dict)
     """Armed instruction stops by vCPU index (:func:`set_inst_stop`)."""
+    forked_waiting: set[int] | None = None
+    """In a forked child between ``fork_child`` and ``machine_created``: the indices of
+    the secondaries that were waiting for CPU_ON at the fork."""
 
 
 _BOARDS: weakref.WeakKeyDictionary[Any, ArmBoard] = weakref.WeakKeyDictionary()
@@ -268,6 +271,9 @@ def vcpu_init(cpu: KvmCPU) -> None:
 def machine_created(machine: Machine) -> None:
     """vGIC ``CTRL_INIT`` (needs every vCPU) and the PMU's interrupt per vCPU."""
     b = board_of(machine)
+    if b.forked_waiting is not None:  # vcpu_init listed every secondary: the fork's only
+        b.waiting = [c for c in b.waiting if c.id in b.forked_waiting]
+        b.forked_waiting = None
     if b.waiting:
         with machine.lock:
             _schedule_bring_up(machine, b, BRING_UP_POLL_TICKS)
@@ -281,6 +287,23 @@ def machine_created(machine: Machine) -> None:
                                ffi.new("int *", abi.PMU_PPI))
             _vcpu_set_attr(cpu, abi.KVM_ARM_VCPU_PMU_V3_CTRL, abi.KVM_ARM_VCPU_PMU_V3_INIT,
                            None)
+
+
+@hookimpl
+def fork_child(machine: Machine) -> None:
+    """Forget the parent's VM so the hooks rebuild the board on the child's: the vGIC
+    handle and its once-only ``CTRL_INIT``, the vCPUs' init results, the waiting list that
+    ``vcpu_init`` fills again (trimmed in ``machine_created`` to the secondaries waiting at
+    the fork: the others are running, their MP state comes with the restore), and armed
+    instruction stops (perf counters on the parent's threads: the fds are closed only)."""
+    b = board_of(machine)
+    b.vgic, b.vgic_ready = None, False
+    b.cpus = {}
+    b.forked_waiting = {c.id for c in b.waiting}
+    b.waiting = []
+    for stop in b.inst_stops.values():
+        stop.close()
+    b.inst_stops = {}
 
 
 def _vcpu_set_attr(cpu: KvmCPU, group: int, attr: int, buf: Any) -> None:
