@@ -595,13 +595,7 @@ def _run(cfg: dict[str, Any]) -> int:
     options["console_output"] = console
     if console_spec == "stdio":
         options["console_input"] = "stdin"  # the terminal, in raw mode; Ctrl-A x quits
-    mc = MachineConfig(
-        arch=arch, memory=cfg.get("memory", 256 << 20), cpus=cfg.get("cpus", 1),
-        devices=list(cfg.get("device", [])),
-        default_devices=not cfg.get("no_default_devices", False),
-        unclaimed=cfg.get("unclaimed", "ignore"),
-        always_sync=bool(cfg.get("always_sync", False)),
-        host_factor=cfg.get("host_factor", 1.0), options=options)
+    mc = MachineConfig.from_run(cfg, arch, options)
     terminal = _Terminal(console_spec == "stdio")
     error: BaseException | None = None
     status, reason, timed_out = 0, "", False

@@ -131,6 +131,17 @@ class MachineConfig:
     options: dict[str, Any] = field(default_factory=dict)
     """Arch and device options (``irqchip``, ``console``, ``cmdline``, ...)."""
 
+    @classmethod
+    def from_run(cls, cfg: dict[str, Any], arch: str, options: dict[str, Any]) -> MachineConfig:
+        """The machine of checked ``kvmfw run`` keys (:func:`kvmfw.config.check_run_config`;
+        the CLI and sweep tasks build theirs here)."""
+        return cls(arch=arch, memory=cfg.get("memory", 256 * MiB), cpus=cfg.get("cpus", 1),
+                   devices=list(cfg.get("device", [])),
+                   default_devices=not cfg.get("no_default_devices", False),
+                   unclaimed=cfg.get("unclaimed", "ignore"),
+                   always_sync=bool(cfg.get("always_sync", False)),
+                   host_factor=cfg.get("host_factor", 1.0), options=options)
+
 
 @dataclass
 class RunResult:

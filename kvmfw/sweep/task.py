@@ -131,13 +131,7 @@ def build_fresh(base: dict[str, Any], run_opts: dict[str, Any], host: dict[str, 
     if cfg.get("no_reboot"):
         options["reboot"] = False
     options.update(host)
-    mc = MachineConfig(
-        arch=arch, memory=cfg.get("memory", 256 << 20), cpus=cfg.get("cpus", 1),
-        devices=list(cfg.get("device", [])),
-        default_devices=not cfg.get("no_default_devices", False),
-        unclaimed=cfg.get("unclaimed", "ignore"),
-        always_sync=bool(cfg.get("always_sync", False)),
-        host_factor=cfg.get("host_factor", 1.0), options=options)
+    mc = MachineConfig.from_run(cfg, arch, options)
     machine = Machine(mc, arch_plugin=plugin, arch_name=arch)
     try:
         machine.load_guest(str(cfg["kernel"]), **options)
