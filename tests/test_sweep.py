@@ -16,7 +16,7 @@ from kvmfw.sweep import spec as sp
 
 
 def kvmfw(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kvmfw.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", *args], capture_output=True,
                           text=True, timeout=120, cwd=cwd)
 
 

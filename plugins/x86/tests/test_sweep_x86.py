@@ -48,7 +48,7 @@ def client() -> Any:
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The square guest booted once to its checkpoint request (as kvmfw run does it)."""
     d = tmp_path_factory.mktemp("base")
-    r = subprocess.run([sys.executable, "-m", "kvmfw.cli", "run", "--kernel",
+    r = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "run", "--kernel",
                         str(EXAMPLE / "square.elf"), "--memory", "16M", "--console", "none",
                         "--checkpoint-dir", str(d), "--exit-after-checkpoint"],
                        capture_output=True, text=True, timeout=300)
@@ -136,13 +136,13 @@ def test_worker_sigkilled_mid_sweep(base: Path, tmp_path: Path) -> None:
 def test_example_spec_runs_as_written(tmp_path: Path) -> None:
     """`kvmfw sweep examples/sweep/sweep.toml --out DIR`, as the README gives it."""
     out = tmp_path / "sq"
-    r = subprocess.run([sys.executable, "-m", "kvmfw.cli", "sweep",
+    r = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "sweep",
                         str(EXAMPLE / "sweep.toml"), "--out", str(out), "--workers", "2",
                         "--no-progress"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "16 ok, 0 failed, 0 timeout, 0 error" in r.stderr
     check_rows(pd.read_parquet(out / "results.parquet"))
-    r2 = subprocess.run([sys.executable, "-m", "kvmfw.cli", "sweep",
+    r2 = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "sweep",
                          str(EXAMPLE / "sweep.toml"), "--out", str(out)],
                         capture_output=True, text=True, timeout=600)
     assert r2.returncode == 2 and "--resume" in r2.stderr and r2.stderr.count("\n") == 1
@@ -162,7 +162,7 @@ def test_corrupt_checkpoint_is_one_line_before_any_task(base: Path, tmp_path: Pa
     p = tmp_path / "s.toml"
     p.write_text(f'[base]\ncheckpoint = "{bad}"\n[grid]\n"param.n" = [1, 2]\n')
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "kvmfw.cli", "sweep", str(p), "--out",
+    r = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "sweep", str(p), "--out",
                         str(out), "--workers", "1"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 9, r.stderr
@@ -232,7 +232,7 @@ def test_cli_on_an_existing_scheduler(client: Any, base: Path, tmp_path: Path) -
     p.write_text(f'[base]\ncheckpoint = "{base}"\n[grid]\n"param.n" = [2, 3, 4]\n'
                  '[collect]\nconsole = { square = \'square=(\\d+)\' }\n')
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "kvmfw.cli", "sweep", str(p), "--out",
+    r = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "sweep", str(p), "--out",
                         str(out), "--scheduler", client.scheduler.address, "--no-progress"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
