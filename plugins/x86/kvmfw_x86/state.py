@@ -129,6 +129,12 @@ FEATURE_LEAVES: dict[tuple[int, int], tuple[str, ...]] = {
     (0x80000007, 0): ("edx",),
     (0x80000008, 0): ("ebx",),
 }
+RUNTIME_BITS: dict[tuple[int, int], dict[str, int]] = {
+    (0x1, 0): {"ecx": 1 << 27, "edx": 1 << 9},  # OSXSAVE (CR4.OSXSAVE), APIC (APIC_BASE.EN)
+    (0x7, 0): {"ecx": 1 << 4},  # OSPKE (CR4.PKE)
+}
+"""Feature bits KVM itself turns on and off from the guest's state (``kvm_update_cpuid_runtime``):
+a checkpoint's table holds them as the guest left them, and no host "gives" them."""
 CPUID_LIMIT = 256
 """At most this many CPUID entries in a model (KVM's own limit is lower)."""
 
@@ -667,7 +673,7 @@ def check_cpu_model(st: X86Machine, model: Any) -> str | None:
         for r in regs:
             want = e[3 + ("eax", "ebx", "ecx", "edx").index(r)]
             got = getattr(have, r) if have is not None else 0
-            missing = want & ~got
+            missing = want & ~got & ~RUNTIME_BITS.get((fn, idx), {}).get(r, 0)
             if missing:
                 return (f"this host's KVM cannot give CPUID leaf {fn:#x}.{idx} {r} bits "
                         f"{missing:#x} that the checkpointed CPU has (KVM_GET_SUPPORTED_CPUID)")
