@@ -75,9 +75,22 @@ class ExitProfile:
     def _timed(self, cpu: KvmCPU, reason: int, fn: Any) -> Any:
         rec = self.by_reason.setdefault(reason, [0, 0])
         bus = self.machine.bus
-        if reason == ExitReason.IO:
-            def io() -> None:
-                port = _unpack_io(cpu._map, RUN_PAYLOAD)[2]
+        if reason in (ExitReason.IO, ExitReason.MMIO):
+            # one timed wrapper for both: where the access went (port or address) and the
+            # space its device sits in are all that differ
+            if reason == ExitReason.IO:
+                space, counts = bus.pio, self.ports
+
+                def where() -> int:
+                    return int(_unpack_io(cpu._map, RUN_PAYLOAD)[2])
+            else:
+                space, counts = bus.mmio, self.addresses
+
+                def where() -> int:
+                    return int(_unpack_mmio(cpu._map, RUN_PAYLOAD)[0])
+
+            def access() -> None:
+                at = where()
                 t0 = _now()
                 try:
                     fn()
@@ -85,22 +98,9 @@ class ExitProfile:
                     dt = _now() - t0
                     rec[0] += 1
                     rec[1] += dt
-                    self.ports[port] += 1
-                    self._device("pio", bus.pio, port, dt)
-            return io
-        if reason == ExitReason.MMIO:
-            def mmio() -> None:
-                addr = _unpack_mmio(cpu._map, RUN_PAYLOAD)[0]
-                t0 = _now()
-                try:
-                    fn()
-                finally:
-                    dt = _now() - t0
-                    rec[0] += 1
-                    rec[1] += dt
-                    self.addresses[addr] += 1
-                    self._device("mmio", bus.mmio, addr, dt)
-            return mmio
+                    counts[at] += 1
+                    self._device(space.name, space, at, dt)
+            return access
 
         def other() -> None:
             t0 = _now()
