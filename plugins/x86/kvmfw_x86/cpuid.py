@@ -115,17 +115,26 @@ _REG = {"eax": 0, "ebx": 1, "ecx": 2, "edx": 3}
 
 def supported_cpuid(kvm_fd: int) -> list[CpuidEntry]:
     """``KVM_GET_SUPPORTED_CPUID`` (grows its buffer until the kernel's list fits)."""
-    n = 128
+    return read_cpuid_table(kvm_fd, X.KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID",
+                            first=128, most=4096)
+
+
+def read_cpuid_table(fd: int, request: int, name: str, *, first: int,
+                     most: int) -> list[CpuidEntry]:
+    """A ``struct kvm_cpuid2`` table from ioctl ``request`` on ``fd``: starts with room for
+    ``first`` entries and doubles on E2BIG up to ``most`` (the kernel's count is clamped
+    to the buffer, never trusted to size a read)."""
+    n = first
     esize = ffi.sizeof("struct kvm_cpuid_entry2")
     hsize = ffi.sizeof("struct kvm_cpuid2")
     while True:
         buf = ffi.new("uint8_t[]", hsize + n * esize)
         ffi.cast("struct kvm_cpuid2 *", buf).nent = n
         try:
-            ioctl(kvm_fd, X.KVM_GET_SUPPORTED_CPUID, addr(buf))
+            ioctl(fd, request, addr(buf), name)
             break
         except KvmError as exc:
-            if exc.errno != errno.E2BIG or n >= 4096:
+            if exc.errno != errno.E2BIG or n >= most:
                 raise
             n *= 2
     count = min(int(ffi.cast("struct kvm_cpuid2 *", buf).nent), n)

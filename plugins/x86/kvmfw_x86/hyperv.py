@@ -17,16 +17,15 @@ tlbflush, ipi, spinlocks (notify after 0xfff retries, as Windows recommends).
 
 from __future__ import annotations
 
-import errno
 import struct
 from typing import Any
 
-from kvmfw.abi import IOCTLS, Cap, address_of, ioctl
+from kvmfw.abi import IOCTLS, Cap, address_of
 from kvmfw.abi import ffi as core_ffi
-from kvmfw.errors import ConfigError, KvmError
+from kvmfw.errors import ConfigError
 
-from kvmfw_x86.abi import X, addr, ffi
-from kvmfw_x86.cpuid import CpuidEntry, find
+from kvmfw_x86.abi import X
+from kvmfw_x86.cpuid import CpuidEntry, find, read_cpuid_table
 
 HV_BASE = 0x40000000
 HV_FEATURES = 0x40000003
@@ -89,23 +88,8 @@ def supported(kvm: Any, vcpu: Any = None) -> list[CpuidEntry]:
     else:
         raise ConfigError(f"this KVM ({kvm.module}) offers no Hyper-V enlightenments "
                           "(KVM_CAP_HYPERV_CPUID): run without the cpuid hyperv option")
-    n = 64
-    esize = ffi.sizeof("struct kvm_cpuid_entry2")
-    hsize = ffi.sizeof("struct kvm_cpuid2")
-    while True:
-        buf = ffi.new("uint8_t[]", hsize + n * esize)
-        ffi.cast("struct kvm_cpuid2 *", buf).nent = n
-        try:
-            ioctl(fd, X.KVM_GET_SUPPORTED_HV_CPUID, addr(buf), "KVM_GET_SUPPORTED_HV_CPUID")
-            break
-        except KvmError as exc:
-            if exc.errno != errno.E2BIG or n >= 1024:
-                raise
-            n *= 2
-    count = min(int(ffi.cast("struct kvm_cpuid2 *", buf).nent), n)
-    ents = ffi.cast("struct kvm_cpuid_entry2 *", buf + hsize)
-    return [CpuidEntry(int(e.function), int(e.index), int(e.flags), int(e.eax), int(e.ebx),
-                       int(e.ecx), int(e.edx)) for e in (ents[i] for i in range(count))]
+    return read_cpuid_table(fd, X.KVM_GET_SUPPORTED_HV_CPUID, "KVM_GET_SUPPORTED_HV_CPUID",
+                            first=64, most=1024)
 
 
 def apply(entries: list[CpuidEntry], hv: list[CpuidEntry], names: list[str]) -> \
