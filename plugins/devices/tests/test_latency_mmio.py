@@ -103,8 +103,11 @@ def _guest(tmp: Path) -> bytes:
 
 
 def _real_mode_arch(guest: bytes) -> Any:
-    """The core's plugin-free real-mode test arch (the repository's tests/ directory)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+    """The core's plugin-free real-mode test arch: the repository's tests/ directory, or
+    ``KVMFW_CORE_TESTS`` where these tests run from a copy (.ci/wheels)."""
+    here = Path(__file__).resolve()
+    core_tests = os.environ.get("KVMFW_CORE_TESTS") or here.parents[3] / "tests"
+    sys.path.insert(0, str(core_tests))
     try:
         from realmode_arch import RealModeArch
     finally:
