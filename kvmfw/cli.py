@@ -132,6 +132,7 @@ def list_plugins_cmd(as_json: bool, strict: bool) -> None:
 def info_cmd(as_json: bool, kvm_path: str) -> None:
     """KVM API version, every capability, vCPU limits, perf and the time source."""
     from kvmfw.abi import constants
+    from kvmfw.doctor import guest_features
     from kvmfw.kvm import Kvm
     from kvmfw.plugins import host_arch
     from kvmfw.timer import PERF_COUNT_HW_INSTRUCTIONS, probe_perf
@@ -184,22 +185,6 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
     click.echo(f"\ncapabilities: {len(supported)} of {len(caps)} supported")
     for name, value in caps.items():
         click.echo(f"  {name:<36} {value if value else 'no'}")
-
-
-def guest_features(caps: dict[str, int], arch: str) -> dict[str, tuple[bool, str]]:
-    """What the host's KVM offers guests beyond the basics, from the capabilities alone
-    (the core names no plugin): on arm64, 32-bit guests and the guest PMU."""
-    if arch not in ("armv8", "arm64", "aarch64"):
-        return {}
-    a32 = caps.get("ARM_EL1_32BIT", 0) > 0
-    pmu = caps.get("ARM_PMU_V3", 0) > 0
-    return {
-        "aarch32 guests": (a32, "KVM_CAP_ARM_EL1_32BIT: arm_features=el1_32bit runs ARMv7 "
-                           "guests" if a32 else "no KVM_CAP_ARM_EL1_32BIT: the host CPU has "
-                           "no AArch32 at EL1 (ID_AA64PFR0_EL1.EL1 != 2)"),
-        "guest pmu": (pmu, "KVM_CAP_ARM_PMU_V3: arm_features=pmu gives the guest a PMUv3"
-                      if pmu else "no KVM_CAP_ARM_PMU_V3"),
-    }
 
 
 # --- doctor ----------------------------------------------------------------------------

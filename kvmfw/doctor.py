@@ -231,6 +231,43 @@ def machine_is_arm() -> bool:
     return platform.machine() in ("aarch64", "arm64")
 
 
+def guest_features(caps: dict[str, int], arch: str) -> dict[str, tuple[bool, str]]:
+    """What the host's KVM offers guests beyond the basics, from the capabilities alone
+    (the core names no plugin): on arm64, 32-bit guests and the guest PMU."""
+    if arch not in ("armv8", "arm64", "aarch64"):
+        return {}
+    a32 = caps.get("ARM_EL1_32BIT", 0) > 0
+    pmu = caps.get("ARM_PMU_V3", 0) > 0
+    return {
+        "aarch32 guests": (a32, "KVM_CAP_ARM_EL1_32BIT: arm_features=el1_32bit runs ARMv7 "
+                           "guests" if a32 else "no KVM_CAP_ARM_EL1_32BIT: the host CPU has "
+                           "no AArch32 at EL1 (ID_AA64PFR0_EL1.EL1 != 2)"),
+        "guest pmu": (pmu, "KVM_CAP_ARM_PMU_V3: arm_features=pmu gives the guest a PMUv3"
+                      if pmu else "no KVM_CAP_ARM_PMU_V3"),
+    }
+
+
+def check_guest_features(fd: int) -> list[Finding]:
+    """On arm64 hosts: 32-bit guests and the guest PMU, each an ``info`` finding."""
+    from kvmfw.abi import IOCTLS, Cap, ioctl
+    from kvmfw.errors import KvmError
+
+    if not machine_is_arm():
+        return []
+    caps: dict[str, int] = {}
+    for name in ("ARM_EL1_32BIT", "ARM_PMU_V3"):
+        try:
+            caps[name] = ioctl(fd, IOCTLS.KVM_CHECK_EXTENSION, int(Cap[name]))
+        except KvmError:
+            caps[name] = 0
+    checks = {"aarch32 guests": ("guest-aarch32", "32-bit ARM guests are refused "
+                                                  "(arm_features=el1_32bit)"),
+              "guest pmu": ("guest-pmu", "guests see no PMU (arm_features=pmu is refused)")}
+    return [Finding(checks[name][0], OK if ok else INFO, why, "" if ok else checks[name][1],
+                    data={name: ok})
+            for name, (ok, why) in guest_features(caps, "aarch64").items()]
+
+
 # --- perf --------------------------------------------------------------------------------
 
 def _privileged() -> bool:
@@ -334,6 +371,7 @@ def diagnose(paths: HostPaths | None = None, privileged: bool | None = None) -> 
     if fd is not None:
         try:
             findings += check_api(fd, paths)
+            findings += check_guest_features(fd)
         finally:
             os.close(fd)
     findings += check_module(paths)

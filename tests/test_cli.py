@@ -54,7 +54,7 @@ def test_info_says_whether_perf_counts_guest_instructions() -> None:
     assert "perf instructions" in kvmfw("info").stdout
     if platform.machine() == "x86_64":
         assert data["guest_features"] == {}
-    from kvmfw.cli import guest_features
+    from kvmfw.doctor import guest_features
     f = guest_features({"ARM_EL1_32BIT": 0, "ARM_PMU_V3": 1}, "armv8")
     assert f["aarch32 guests"][0] is False and "AArch32 at EL1" in f["aarch32 guests"][1]
     assert f["guest pmu"][0] is True

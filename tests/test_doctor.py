@@ -249,3 +249,23 @@ def test_build_tools_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert found["build-compiler"].status == WARN and "apt install gcc" in found[
         "build-compiler"].fix
     assert "binutils" in found["build-assembler"].fix
+
+
+def test_arm64_guest_features_are_findings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: doctor says, as info, whether 32-bit guests and a guest PMU are offered
+    (on any host the capability query runs; x86's KVM answers 0 for ARM capabilities)."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this host")
+    import kvmfw.doctor as doctor
+
+    checks = {f.check: f for f in diagnose().findings}
+    arm = doctor.machine_is_arm()
+    assert ("guest-aarch32" in checks) is arm and ("guest-pmu" in checks) is arm
+    if arm:
+        return
+    monkeypatch.setattr(doctor, "machine_is_arm", lambda: True)
+    checks = {f.check: f for f in diagnose().findings}
+    a32, pmu = checks["guest-aarch32"], checks["guest-pmu"]
+    assert a32.status == pmu.status == "info"
+    assert "AArch32 at EL1" in a32.summary and "refused" in a32.cost
+    assert pmu.summary == "no KVM_CAP_ARM_PMU_V3" and "no PMU" in pmu.cost
