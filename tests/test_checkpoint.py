@@ -182,6 +182,23 @@ def test_kill_9_while_writing_never_leaves_a_checkpoint_that_restores(tmp_path: 
     assert complete + refused > 0
 
 
+def test_the_next_checkpoint_removes_temporaries_of_dead_writers(tmp_path: Path) -> None:
+    """A killed writer's temporary directory goes when the next checkpoint is written
+    beside it; a live writer's, and anything not named like one, stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f".cpt.tmp-{int(dead.stdout)}-0123abcd"
+    live = tmp_path / f".cpt.tmp-{os.getpid()}-89abcdef"
+    other = tmp_path / f".cpt.tmp-{int(dead.stdout)}-notours"
+    for d in (stale, live, other):
+        (d / "ram").mkdir(parents=True)
+    rig = build()
+    with rig.machine as m:
+        run_until(rig, 5)
+        m.checkpoint(tmp_path / "cpt2")
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 # --- refusals ------------------------------------------------------------------------------
 
 def _fds() -> int:

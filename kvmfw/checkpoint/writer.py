@@ -5,7 +5,8 @@ Everything goes into a temporary sibling directory (``.NAME.tmp-PID-RANDOM``): R
 and checksum; each file and directory is fsynced, then the directory is renamed to ``NAME``
 and the parent fsynced. A ``kill -9`` at any moment leaves either no ``NAME`` or a complete
 one; a temporary directory without a manifest, or whose files do not match it, is refused by
-the reader. On an error the temporary directory is removed.
+the reader. On an error the temporary directory is removed; one left by a writer that was
+killed is removed by the next checkpoint written beside it (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import fields
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 HOST_OPTIONS = frozenset({"console_output", "console_input"})
 """Machine options that are host-side objects, given anew at restore (never recorded)."""
 HOST_CONFIG = frozenset({"kvm_path", "options"})
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}")
 
 
 def _plain(v: Any) -> Any:
@@ -164,6 +167,31 @@ def _write_json(path: str, data: Any) -> dict[str, Any]:
     return {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Remove the temporary directories in ``directory`` whose writer is dead (a ``kill
+    -9`` mid-write leaves one). A writer still alive, or a process that may be one (a pid
+    this user cannot signal), keeps its directory; so does anything not named like ours."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if m is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
 def write(machine: Machine, path: str | os.PathLike[str], *,
           state: MachineState | None = None, parent: Manifest | None = None,
           dirty: dict[Any, bytearray] | None = None) -> Path:
@@ -188,6 +216,7 @@ def write(machine: Machine, path: str | os.PathLike[str], *,
     if (parent is None) != (dirty is None):
         raise CheckpointError("an incremental checkpoint needs both its parent and the "
                               "dirty pages since it")
+    remove_stale_temps(final.parent)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         os.mkdir(tmp)
