@@ -221,11 +221,14 @@ class Machine:
         self.exit_reason = ""
         self._irq_lines: dict[int, IrqLine] = {}
         self.stats_dumps: list[dict[str, dict[str, Any]]] = []
+        """Every dump taken during the run (guest pseudo-ops, the CLI's final one)."""
         self.checkpoints_taken: list[Path] = []
+        """Checkpoint directories written by :meth:`checkpoint` or on request, in order."""
+        self.checkpoints_refused: list[str] = []
+        """Requested checkpoints not written, one reason each (:attr:`checkpoint_limit`,
+        :attr:`checkpoint_min_free`)."""
         self.forks = 0
         """Children :meth:`fork` made of this machine in this process."""
-        """Checkpoint directories written by :meth:`checkpoint` or on request, in order."""
-        """Every dump taken during the run (guest pseudo-ops, the CLI's final one)."""
         self.work_items: dict[tuple[int, int], int] = {}
         self._work = {"work_items_begun": 0, "work_items_ended": 0, "work_ticks": 0}
         self.arch_state: Any = None
@@ -913,6 +916,14 @@ class Machine:
     checkpoint_incremental = False
     """Requested checkpoints after the first store only the pages changed since the
     previous one."""
+    checkpoint_limit = 1000
+    """At most this many requested checkpoints (tick, signal, guest) per machine: a guest
+    asking for one in a loop must not fill the disk. Those past it are refused, logged and
+    counted in :attr:`checkpoints_refused`; the run goes on. :meth:`checkpoint` called
+    from Python is not limited."""
+    checkpoint_min_free = 256 << 20
+    """A requested checkpoint is refused (as past the limit) when the filesystem of
+    :attr:`checkpoint_dir` has less than this many bytes free for this user."""
     def request_checkpoint(self) -> None:
         """Ask for a checkpoint at the next drainable point: the run loop stops between
         slices, writes it into :attr:`checkpoint_dir` and continues. The machine service

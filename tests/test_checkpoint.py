@@ -130,6 +130,30 @@ def test_exit_after_checkpoint_ends_the_run(tmp_path: Path) -> None:
         assert len(m.checkpoints_taken) == 1
 
 
+def test_requested_checkpoints_past_the_limit_or_the_disk_floor_are_refused(
+        tmp_path: Path, expected: tuple[bytes, int]) -> None:
+    """A guest (or anyone) asking for checkpoints in a loop cannot fill the disk: past
+    ``checkpoint_limit``, or below ``checkpoint_min_free``, each is refused with its
+    reason and the run goes on to the same result."""
+    rig = build()
+    with rig.machine as m:
+        m.checkpoint_dir = str(tmp_path)
+        m.checkpoint_limit = 2
+        for _ in range(4):
+            m.request_checkpoint()
+            m.run(max_ticks=TICKS_PER_MS // 4, timeout=60)
+        assert len(m.checkpoints_taken) == 2 and len(list(tmp_path.iterdir())) == 2
+        assert len(m.checkpoints_refused) == 2
+        assert "2 checkpoints written already" in m.checkpoints_refused[0]
+        m.checkpoint_limit = 10
+        m.checkpoint_min_free = 1 << 62
+        m.request_checkpoint()
+        m.run(max_ticks=TICKS_PER_MS // 4, timeout=60)
+        assert len(m.checkpoints_taken) == 2 and "below the floor" in m.checkpoints_refused[-1]
+        m.run(timeout=60)
+        assert (rig.result(), rig.ticker.count) == expected
+
+
 def test_a_checkpoint_requested_from_another_thread(
         tmp_path: Path, expected: tuple[bytes, int]) -> None:
     rig = build()

@@ -79,8 +79,31 @@ def take_requested(machine: Machine) -> None:
     is never lost silently."""
     machine.checkpoint_pending = False
     directory = machine.checkpoint_dir or "."
+    why = _refusal(machine, directory)
+    if why is not None:
+        if not machine.checkpoints_refused:
+            log.warning("checkpoint refused: %s (later refusals are counted, not logged)", why)
+        machine.checkpoints_refused.append(why)
+        return
     path = next_path(directory, machine.eventq.cur_tick)
     out = checkpoint(machine, path, incremental=machine.checkpoint_incremental)
     log.info("checkpoint written to %s", out)
     if machine.exit_after_checkpoint:
         machine.request_exit(0, f"checkpoint written to {out}")
+
+
+def _refusal(machine: Machine, directory: str) -> str | None:
+    """Why a requested checkpoint must not be written (a guest may ask in a loop)."""
+    if len(machine.checkpoints_taken) >= machine.checkpoint_limit:
+        return (f"{machine.checkpoint_limit} checkpoints written already (the limit; "
+                "raise Machine.checkpoint_limit or --checkpoint-limit)")
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None  # the write itself reports a directory that is not there
+    free = st.f_bavail * st.f_frsize
+    if free < machine.checkpoint_min_free:
+        return (f"{free >> 20} MiB free in {directory}, below the floor of "
+                f"{machine.checkpoint_min_free >> 20} MiB (free space or lower "
+                "Machine.checkpoint_min_free)")
+    return None
