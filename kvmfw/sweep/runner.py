@@ -40,13 +40,16 @@ def need_dask() -> None:
 
 
 def run(spec: Any, *, out: str | os.PathLike[str], resume: bool = False,
-        scheduler: str | None = None, client: Any = None, workers: int | None = None,
+        retry_failed: bool = False, scheduler: str | None = None, client: Any = None,
+        workers: int | None = None,
         progress: bool = True, on_row: Callable[[dict[str, Any]], None] | None = None,
         echo: Callable[[str], None] | None = None) -> Any:
     """Run ``spec`` (a path, a dict as TOML gives it, or a :class:`SweepSpec`) and return
     the results table (a pandas DataFrame, also written under ``out``).
 
-    ``resume``: keep ``out``'s finished rows and run only the variants without one.
+    ``resume``: keep ``out``'s finished rows and run only the variants without one;
+    with ``retry_failed`` also those whose row is not ``ok`` (failed, timeout, error: the
+    new row replaces it).
     ``scheduler``: the address of an existing Dask scheduler; ``client``: a
     ``distributed.Client`` to use as is; neither: a LocalCluster of ``workers`` processes
     (default: one per core). ``on_row(row)`` is called in this process for every new row.
@@ -65,7 +68,8 @@ def run(spec: Any, *, out: str | os.PathLike[str], resume: bool = False,
     except OSError as exc:
         raise ConfigError(f"cannot create --out {outdir}: {exc.strerror}") from None
     previous = read_journal(outdir) if resume else {}
-    todo = [v for v in s.variants if v.key not in previous]
+    todo = [v for v in s.variants if v.key not in previous
+            or (retry_failed and previous[v.key].get("status") != "ok")]
     writer = ResultsWriter(outdir, s.columns(), {k: r for k, r in previous.items()
                                                  if k in {v.key for v in s.variants}})
     try:

@@ -217,6 +217,14 @@ def test_failing_variants_are_rows_and_the_sweep_goes_on(client: Any, base: Path
     assert by[0]["status"] == by[1]["status"] == "ok"
     assert by[2]["status"] == "failed" and by[2]["exit_status"] == 1
     assert by[3]["end"] == "tick-limit" and pd.isna(by[3]["console.square"])
+    # --resume keeps the failed rows; with retry_failed only they run again
+    rows: list[dict[str, Any]] = []
+    kvmfw.sweep.run(s, out=tmp_path / "out", resume=True, client=client, progress=False,
+                    on_row=rows.append)
+    assert rows == []
+    df = kvmfw.sweep.run(s, out=tmp_path / "out", resume=True, retry_failed=True,
+                         client=client, progress=False, on_row=rows.append)
+    assert [r["variant"] for r in rows] == [2] and len(df) == 4  # the tick limit is ok
     # hello16 ends in cli; hlt, which the in-kernel irqchip sleeps in: only the host
     # timeout ends it
     hang = {"base": {"kernel": str(ROOT / "examples" / "guests" / "hello16.bin"),
