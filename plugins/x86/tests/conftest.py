@@ -24,12 +24,20 @@ def kvm_usable() -> bool:
 requires_kvm = pytest.mark.skipif(not kvm_usable(), reason="needs a working /dev/kvm")
 
 
+MARK = 2
+"""Reporter port offset (0xe2) where a guest marks a point the host may stop at."""
+
+
 class Reporter:
-    """Test device: port 0xe0 (and MMIO 0xd0000000) collect values, 0xe4/+8 end the run."""
+    """Test device: port 0xe0 (and MMIO 0xd0000000) collect values, 0xe4/+8 end the run;
+    port 0xe2 is a mark: counted, and it ends the run while ``stop_at_mark`` is set (the
+    host checkpoints or forks there: a point the guest chose, not a point in time)."""
 
     def __init__(self) -> None:
         self.values: list[int] = []
         self.machine: Machine | None = None
+        self.marks = 0
+        self.stop_at_mark = False
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(size)
@@ -37,6 +45,11 @@ class Reporter:
     def write(self, offset: int, data: bytes) -> None:
         if offset in (0, 0x1000):
             self.values.append(int.from_bytes(data, "little"))
+        elif offset == MARK:
+            self.marks += 1
+            if self.stop_at_mark:
+                assert self.machine is not None
+                self.machine.request_exit(0, "reporter: guest mark")
         else:
             assert self.machine is not None
             self.machine.request_exit(0, "reporter: guest done")
