@@ -24,12 +24,20 @@ def kvm_usable() -> bool:
 requires_kvm = pytest.mark.skipif(not kvm_usable(), reason="needs a working /dev/kvm")
 
 
+MARK = 2
+"""Reporter port offset (0xe2) where a guest marks a point the host may stop at."""
+
+
 class Reporter:
-    """Test device: port 0xe0 (and MMIO 0xd0000000) collect values, 0xe4/+8 end the run."""
+    """Test device: port 0xe0 (and MMIO 0xd0000000) collect values, 0xe4/+8 end the run;
+    port 0xe2 is a mark: counted, and it ends the run while ``stop_at_mark`` is set (the
+    host checkpoints or forks there: a point the guest chose, not a point in time)."""
 
     def __init__(self) -> None:
         self.values: list[int] = []
         self.machine: Machine | None = None
+        self.marks = 0
+        self.stop_at_mark = False
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(size)
@@ -37,6 +45,11 @@ class Reporter:
     def write(self, offset: int, data: bytes) -> None:
         if offset in (0, 0x1000):
             self.values.append(int.from_bytes(data, "little"))
+        elif offset == MARK:
+            self.marks += 1
+            if self.stop_at_mark:
+                assert self.machine is not None
+                self.machine.request_exit(0, "reporter: guest mark")
         else:
             assert self.machine is not None
             self.machine.request_exit(0, "reporter: guest done")
@@ -108,32 +121,3 @@ def bzimage(version: int = 0x20F, xload: int = 1, kernel: bytes = b"\x90" * 4096
     struct.pack_into("<Q", img, 0x258, 0x1000000)  # pref_address
     struct.pack_into("<I", img, 0x260, 0x10000)  # init_size
     return bytes(img) + kernel
-
-
-# Known failures on a hardware KVM (the nested environment's kvm_amd, where the runner sets
-# KVMFW_L1_SPEED). These tests place their checkpoint, fork or NMI by simulated time or
-# count timer ticks in the result, assuming kvm_pvm's speed: on a hardware KVM the guest
-# outruns them. Seen: the guest finishes before the checkpoint tick ("not
-# mid-computation"), one checkpoint instead of three, a tick count of 0 against 18 in the
-# result. They pass on this host's kvm_pvm. To do (issue 11's note): place the stop
-# by a guest event instead of a tick, then drop this list. strict=False, so a test that
-# passes shows as XPASS, not as a failure.
-HW_KVM_RESTORE_XFAIL = {
-    "test_checkpoint_cli.py::test_checkpoint_at_a_tick_then_restore_twice_continues_the_output",
-    "test_checkpoint_cli.py::test_exit_after_checkpoint_then_restore_gives_the_rest",
-    "test_checkpoint_cli.py::test_periodic_incremental_checkpoints_restore_through_the_chain",
-    "test_checkpoint_cli.py::test_the_avx_guest_continues_from_a_checkpoint_directory",
-    "test_checkpoint_x86.py::test_checkpoint_mid_computation_restores_in_new_process",
-    "test_fork_x86.py::test_fork_mid_computation_all_three_finish_right",
-    "test_state_checkpoint.py::test_pending_nmi_and_exception_survive_restore",
-}
-
-
-def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    if not os.environ.get("KVMFW_L1_SPEED"):
-        return
-    for item in items:
-        if f"{Path(str(item.fspath)).name}::{item.name}" in HW_KVM_RESTORE_XFAIL:
-            item.add_marker(pytest.mark.xfail(
-                strict=False,
-                reason="times its checkpoint by simulated time, which a hardware KVM outruns"))

@@ -2,7 +2,9 @@
 
 ``ckpt64.elf`` builds AVX/AVX2 (and AVX-512 where the host has it), x87, GPR and MSR
 state at CPL3 while the PIT (through the in-kernel 8259) and the local APIC timer
-interrupt it. It is stopped mid-computation and checkpointed (``Machine.checkpoint``); a
+interrupt it. It is stopped mid-computation, at the mark the guest makes half-way once
+both timers have ticked (so on any KVM, however fast or slow), and checkpointed
+(``Machine.checkpoint``); a
 new Python process restores it (``Machine.restore``), checks that every register group
 (``save_arch_state``, ``save_vm_state``) reads back equal to the checkpoint's, and runs the
 guest to its end. The result must equal an uninterrupted run's; restoring twice gives the
@@ -39,6 +41,8 @@ APIC_TMCCT = 0x390
 """The APIC timer's current count: KVM computes it when read, so it moves."""
 N_TICK_VALUES = 2
 """The guest's last two reports (PIT and APIC tick counts) depend on timing."""
+N = 0x10000000
+"""The guest's loop count (``progress`` counts down from it)."""
 
 
 def sym(name: str) -> int:
@@ -63,6 +67,24 @@ def build(avx512: bool | None = None) -> tuple[Any, Any, bool]:
     ctx.xcr0 = 0xE7 if avx512 else 0x7
     ctx.rdi = int(avx512)
     return m, rep, avx512
+
+
+def run_to_mark(m: Any, rep: Reporter) -> tuple[int, int]:
+    """Run ``ckpt64.elf`` to its half-way mark (the guest makes it once both timers have
+    ticked) and check it is mid-computation there; returns the tick counts."""
+    rep.stop_at_mark = True
+    try:
+        r = m.run(timeout=300)
+    finally:
+        rep.stop_at_mark = False
+    assert rep.values == [], "the guest finished (or failed) before its mark"
+    assert r.reason == "reporter: guest mark" and rep.marks == 1, r.reason
+    progress = m.memory.read_u(sym("progress"), 8)
+    assert 0 < progress < N, f"not mid-computation (progress {progress:#x})"
+    ticks = m.memory.read_u(sym("ticks_pic"), 8), m.memory.read_u(sym("ticks_apic"), 8)
+    assert all(ticks), f"no timer interrupt before the mark: {ticks}"
+    assert ticks == (m.memory.read_u(sym("mark_pic"), 8), m.memory.read_u(sym("mark_apic"), 8))
+    return ticks
 
 
 def comparable_cpu(state: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +139,7 @@ def restore(path: Path) -> dict[str, Any]:
     va, vb = comparable_vm(vm_after), comparable_vm(saved.vm)
     groups.update({f"vm.{g}": va[g] == vb[g] for g in vb})
     ticks_before = m.memory.read_u(sym("ticks_pic"), 8), m.memory.read_u(sym("ticks_apic"), 8)
-    r = m.run(timeout=120)
+    r = m.run(timeout=300)
     out = {"status": r.status, "values": rep.values, "groups": groups,
            "tsc_delta": tsc_back, "clock_delta": vm_after["clock"] - saved.vm["clock"],
            "ticks_before": ticks_before}
@@ -128,7 +150,8 @@ def restore(path: Path) -> dict[str, Any]:
 def uninterrupted(avx512: bool) -> list[int]:
     m, rep, _ = build(avx512)
     try:
-        assert m.run(timeout=120).status == 0
+        assert m.run(timeout=300).status == 0
+        assert rep.marks == 1
         return rep.values
     finally:
         m.close()
@@ -137,15 +160,7 @@ def uninterrupted(avx512: bool) -> list[int]:
 def test_checkpoint_mid_computation_restores_in_new_process(tmp_path: Path) -> None:
     m, rep, avx512 = build()
     try:
-        for _ in range(20):  # 20 ms slices of the guest's time until both timers ticked
-            m.run(max_ticks=TICKS_PER_S // 50, timeout=60)
-            ticks = m.memory.read_u(sym("ticks_pic"), 8), m.memory.read_u(sym("ticks_apic"), 8)
-            if all(ticks) or rep.values:
-                break
-        progress = m.memory.read_u(sym("progress"), 8)
-        assert rep.values == [], "the guest finished before the checkpoint"
-        assert 0 < progress < 0x10000000, f"not mid-computation (progress {progress:#x})"
-        assert all(ticks), f"no timer interrupt before the checkpoint: {ticks}"
+        run_to_mark(m, rep)
         ckpt = tmp_path / "cpt"
         m.checkpoint(ckpt)
     finally:

@@ -14,19 +14,19 @@ from typing import Any
 
 import pytest
 from conftest import requires_kvm
-from test_checkpoint_x86 import N_TICK_VALUES, TICKS_PER_S, build, sym, uninterrupted
+from test_checkpoint_x86 import N_TICK_VALUES, build, run_to_mark, sym, uninterrupted
 
 pytestmark = [requires_kvm, pytest.mark.kvm]
 
 
 def _warm() -> tuple[Any, Any, bool]:
+    """The guest at its half-way mark: mid-computation, both timers ticking."""
     m, rep, avx512 = build()
-    for _ in range(20):  # 20 ms slices of the guest's time until both timers ticked
-        m.run(max_ticks=TICKS_PER_S // 50, timeout=60)
-        ticks = m.memory.read_u(sym("ticks_pic"), 8), m.memory.read_u(sym("ticks_apic"), 8)
-        if all(ticks) or rep.values:
-            break
-    assert rep.values == [] and all(ticks), "not mid-computation with both timers"
+    try:
+        run_to_mark(m, rep)
+    except BaseException:
+        m.close()
+        raise
     return m, rep, avx512
 
 
@@ -43,7 +43,7 @@ def test_fork_mid_computation_all_three_finish_right(tmp_path: Path) -> None:
                 status = 99
                 try:
                     m.memory.write_u(scratch, 8, value)  # this child's own copy
-                    r = m.run(timeout=120)
+                    r = m.run(timeout=300)
                     out = {"status": r.status, "values": rep.values,
                            "value": m.memory.read_u(scratch, 8),
                            "ticks": [m.memory.read_u(sym("ticks_pic"), 8),
@@ -55,7 +55,7 @@ def test_fork_mid_computation_all_three_finish_right(tmp_path: Path) -> None:
                     os._exit(status)
             pids.append(pid)
         m.memory.write_u(scratch, 8, 0x3333)
-        assert m.run(timeout=120).status == 0
+        assert m.run(timeout=300).status == 0
         parent_values = list(rep.values)
         assert m.memory.read_u(scratch, 8) == 0x3333
         for pid in pids:

@@ -4,15 +4,24 @@
  *
  * CPL0 setup (emulated on kvm_pvm): own GDT with user segments and a 64-bit TSS (RSP0 for
  * interrupts from CPL3), an IDT, known MSRs (SYSENTER_*, STAR/LSTAR/FMASK, KERNEL_GS_BASE,
- * PAT, FS_BASE), 8259 + PIT at ~100 Hz, LAPIC timer periodic; then iretq to CPL3 with IF=1.
+ * PAT, FS_BASE; SYSENTER_ESP/EIP with 32-bit values: AMD keeps only their low half, and
+ * KVM on AMD reads back only that half where the CPU (e.g. TCG's) keeps more, so a
+ * 64-bit value would differ between a run and its restore for no fault of the restore),
+ * 8259 + PIT at ~100 Hz, LAPIC timer periodic; then iretq to CPL3 with IF=1.
  * CPL3 (native): N iterations of vector/x87/GPR mixing, `progress` updated every 2^20
- * iterations (the host checkpoints mid-way). Then `ud2` (#UD, vector 6) reports on port
+ * iterations. Half-way the guest marks the point where the host checkpoints or forks it:
+ * it waits until both timers have ticked, then `int3` (#BP, a DPL3 gate; kvm_pvm turns
+ * an `int $n` from CPL3 into #UD, not int3) copies the tick
+ * counts to mark_pic/mark_apic and writes port 0xe2 (the reporter's mark, which the host
+ * may stop at), so the stop is placed by the guest, not by the host's speed. After the
+ * loop it waits until both timers ticked again since the mark (so they provably interrupt
+ * a restored or forked guest). Then `ud2` (#UD, vector 6) reports on port
  * 0xe0, as dwords: the results (ymm0, ymm2, zmm17, zmm18, st0 as 10 bytes in 2 qwords, r8,
  * r9, the qword at %fs:0), the MSRs above read back, then the PIT and APIC tick counts
  * (timing-dependent: last), and ends the run (port 0xe4). Any other vector reports
  * 0xdead and ends the run. Host sets XCR0 (and CR4.OSXSAVE where CPUID has XSAVE). */
     .code64
-    .globl _start, progress, ticks_pic, ticks_apic
+    .globl _start, progress, ticks_pic, ticks_apic, mark_pic, mark_apic
     .set N, 0x10000000
     .set LAPIC, 0xfee00000
 _start:
@@ -68,6 +77,10 @@ _start:
     mov $6, %ecx
     lea finish(%rip), %rax
     call set_gate
+    mov $3, %ecx
+    lea mark(%rip), %rax
+    mov $0xee, %edx                 /* DPL3: CPL3 may `int3` */
+    call set_gate
     lidt idt_desc(%rip)
     /* MSRs with known values */
     mov $0x174, %ecx
@@ -76,11 +89,11 @@ _start:
     wrmsr
     mov $0x175, %ecx
     mov $0x9abcdef0, %eax
-    mov $0x12, %edx
+    xor %edx, %edx
     wrmsr
     mov $0x176, %ecx
     mov $0x13572468, %eax
-    mov $0xffffffff, %edx
+    xor %edx, %edx
     wrmsr
     mov $0xc0000081, %ecx           /* STAR */
     xor %eax, %eax
@@ -177,6 +190,17 @@ tick_apic:
 spurious:
     iretq
 
+/* int3 (#BP) from CPL3: the mark (interrupts off, so the counts are those at the stop) */
+mark:
+    push %rax
+    mov ticks_pic(%rip), %rax
+    mov %rax, mark_pic(%rip)
+    mov ticks_apic(%rip), %rax
+    mov %rax, mark_apic(%rip)
+    out %al, $0xe2
+    pop %rax
+    iretq
+
 unexpected:
     mov $0xdead, %eax
     out %eax, $0xe0
@@ -248,9 +272,19 @@ loop:
 2:  test $0xfffff, %ecx
     jnz 3f
     mov %rcx, progress(%rip)
+    cmp $N / 2, %rcx
+    jne 3f
+    call wait_and_mark
 3:  dec %rcx
     jnz loop
     movq $0, progress(%rip)
+6:  pause                           /* both timers ticked since the mark */
+    mov ticks_pic(%rip), %rax
+    cmp mark_pic(%rip), %rax
+    jbe 6b
+    mov ticks_apic(%rip), %rax
+    cmp mark_apic(%rip), %rax
+    jbe 6b
     lea results(%rip), %rsi
     vmovdqu %ymm0, (%rsi)
     vmovdqu %ymm2, 32(%rsi)
@@ -265,6 +299,20 @@ loop:
     mov %rax, 224(%rsi)
     ud2                             /* #UD: to `finish` at CPL0 */
 5:  jmp 5b
+
+/* CPL3: wait until both timers have ticked, then the mark */
+wait_and_mark:
+    push %rax
+1:  pause
+    mov ticks_pic(%rip), %rax
+    test %rax, %rax
+    jz 1b
+    mov ticks_apic(%rip), %rax
+    test %rax, %rax
+    jz 1b
+    int3
+    pop %rax
+    ret
 
     .data
     .align 16
@@ -302,6 +350,10 @@ flags:
 ticks_pic:
     .quad 0
 ticks_apic:
+    .quad 0
+mark_pic:
+    .quad 0
+mark_apic:
     .quad 0
     .set NRES, 29
     .align 64
