@@ -5,7 +5,6 @@ refusals that leave the machine as it was."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -158,30 +157,20 @@ def test_cpu_model_check(machine_factory) -> None:
     assert "at most" in hook(m).check_cpu_model(machine=m, model=big)
 
 
-def test_restore_is_fast_enough_for_a_reset_loop(machine_factory) -> None:
-    """``reset_to`` restores vCPU and VM state thousands of times a second: one restore of
-    both stays well under a millisecond of host CPU (a generous bound, in CPU time so a
-    busy host does not fail it)."""
+def test_restoring_the_same_state_again_and_again_changes_nothing(machine_factory) -> None:
+    """``reset_to`` restores vCPU and VM state in a loop: the state read back after 200
+    restores is the state saved. (How fast: ``benchmarks/snapshot.py``; tests time nothing.)"""
     m, _ = machine_factory(irqchip="kernel")
     loaders.load(m, str(GUESTS / "long64.elf"), {})
     cpu = m.cpus[0]
     vcpu_state = hook(m).save_arch_state(cpu=cpu)
     vm_state = hook(m).save_vm_state(machine=m)
-    n = 200
-    figures = {}
-    for what, restore in (
-            ("VM state", lambda: hook(m).restore_vm_state(machine=m, state=vm_state)),
-            ("vCPU state", lambda: hook(m).restore_arch_state(cpu=cpu, state=vcpu_state))):
-        restore()  # the first restore of a state checks it and keeps a rollback copy
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(n):
-            restore()
-        figures[what] = ((time.perf_counter() - t0) / n, (time.process_time() - c0) / n)
-    print("restore, per call: " + ", ".join(
-        f"{w} {wall * 1e6:.0f} us wall / {cpu_s * 1e6:.0f} us CPU"
-        for w, (wall, cpu_s) in figures.items()))
-    per = sum(c for _, c in figures.values())
-    assert per < 2e-3, f"{per * 1e6:.0f} us per restore"
+    for _ in range(200):
+        hook(m).restore_vm_state(machine=m, state=vm_state)
+        hook(m).restore_arch_state(cpu=cpu, state=vcpu_state)
+    again = hook(m).save_arch_state(cpu=cpu)
+    assert again["regs"] == vcpu_state["regs"] and again["sregs"] == vcpu_state["sregs"]
+    assert hook(m).save_vm_state(machine=m)["irqchip"] == vm_state["irqchip"]
 
 
 def test_every_listed_msr_is_checkpointed(machine_factory) -> None:
