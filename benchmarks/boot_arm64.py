@@ -165,6 +165,54 @@ def cprofile(b: ArmBoot, path: Path, top: int = 30) -> str:
     return head + "\n" + "\n".join(parts)
 
 
+PHASES = """
+import atexit, os, sys, time
+def say(what):
+    os.write(2, b"KVMFW-PHASE %s %.4f\\n" % (what.encode(), time.monotonic()))
+say("python-started")
+atexit.register(say, "atexit")  # registered first: runs last, after the threads' join
+import kvmfw.cli
+from kvmfw.machine import Machine
+say("imported")
+def wrap(name):
+    f = getattr(Machine, name)
+    def timed(self, *a, **k):
+        say(name + "-begin")
+        try:
+            return f(self, *a, **k)
+        finally:
+            say(name + "-end")
+    setattr(Machine, name, timed)
+for name in ("__init__", "load_guest", "run", "close"):
+    wrap(name)
+try:
+    kvmfw.cli.main()
+finally:
+    say("main-returned")
+"""
+"""A kvmfw start that prints when each phase begins and ends (CLOCK_MONOTONIC, on stderr)."""
+
+
+def phases(b: ArmBoot) -> str:
+    """One untimed kvmfw boot with time stamps: where start-up and shutdown go."""
+    b.kvmfw = [sys.executable, "-c", PHASES]
+    t0 = time.monotonic()
+    r = run(b)
+    rows = [("process started (parent)", 0.0)]
+    for m in re.finditer(rb"KVMFW-PHASE (\S+) ([0-9.]+)", r.output):
+        rows.append((m.group(1).decode(), float(m.group(2)) - t0))
+    if r.t_marker is not None:
+        rows.append(("init marker seen (parent)", r.t_marker))
+    rows.append(("process reaped (parent)", r.t_exit))
+    rows.sort(key=lambda x: x[1])
+    out = [f"kvmfw phases ({b.cpus} vCPU, untimed; rc={r.rc}): seconds from process start"]
+    prev = 0.0
+    for name, t in rows:
+        out.append(f"  {t:8.3f}  (+{t - prev:6.3f})  {name}")
+        prev = t
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5,
@@ -183,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="one more kvmfw boot per vCPU count with --profile: its exits")
     ap.add_argument("--importtime", action="store_true", help="list the slowest imports")
+    ap.add_argument("--phases", action="store_true",
+                    help="one more kvmfw boot (first vCPU count) with time stamps of its "
+                    "phases: start-up, imports, machine, load, run, close, exit")
     ap.add_argument("--cprofile", action="store_true",
                     help="one more kvmfw boot (first vCPU count) under cProfile: where the "
                     "Python time goes")
@@ -273,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (text[at:].rstrip() if at >= 0 else "  (no profile)\n" + r.tail(10)),
                   flush=True)
 
+    if args.phases and "kvmfw" in vmms:
+        print(phases(boot("kvmfw", cpus_list[0])), flush=True)
     if args.cprofile and "kvmfw" in vmms:
         print(cprofile(boot("kvmfw", cpus_list[0]), tmp / "kvmfw.prof"), flush=True)
     print("\nmedians (successful boots), host seconds from process start; uptime = the guest "
