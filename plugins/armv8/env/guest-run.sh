@@ -15,7 +15,7 @@ finish() { echo "$rc" > /cache/out/rc; sync; }
 trap finish EXIT
 mkdir -p $W/plugins/devices
 cd /project
-for p in kvmfw pyproject.toml tests plugins/armv8 plugins/devices/kvmfw_devices \
+for p in kvmfw pyproject.toml tests benchmarks plugins/armv8 plugins/devices/kvmfw_devices \
     plugins/devices/pyproject.toml; do
   [ -e "$p" ] && cp -a "$p" "$W/$(dirname "$p")/"
 done
@@ -56,6 +56,43 @@ fi
 python3 plugins/armv8/env/write_dist_info.py site . plugins/armv8 plugins/devices || { rc=5; exit; }
 export PYTHONPATH=$W/site:$W:$W/plugins/armv8:$W/plugins/devices
 python3 -c "import os, sys; print('KVMFW_GUEST python', sys.version.split()[0], 'kvm', os.path.exists('/dev/kvm'))"
+if [ "$(cat /cache/out/mode 2>/dev/null)" = bench ]; then
+  # run-arm64-kvm.sh --bench: the boot benchmark instead of the tests, with what an install
+  # has and this root lacks (no maintainer script ran): the dynamic linker's cache (QEMU
+  # links ~100 libraries) and kvmfw's modules compiled to bytecode (pip does it at install;
+  # one process: no /dev/shm for compileall -j here)
+  t0=$(cut -d' ' -f1 /proc/uptime)
+  ldconfig 2>/dev/null || true
+  python3 -m compileall -q kvmfw plugins/armv8/kvmfw_armv8 plugins/devices/kvmfw_devices \
+    tests/linux benchmarks site >/dev/null 2>&1 || echo "KVMFW_GUEST compileall failed"
+  # What both VMMs start from is on tmpfs, as a real host has it in its page cache: here
+  # the root is a 9p share, where every open and stat is a round trip through the emulated
+  # virtio transport (~10 ms each: seconds for Python's ~200 imports, QEMU's ~100 libraries).
+  # Copies bind-mounted over the originals (the big packages the benchmark never imports
+  # are left out).
+  R=/tmp/ram
+  for f in /usr/bin/python3.11 /usr/bin/qemu-system-aarch64 /boot/vmlinuz-* /bin/busybox \
+      $(ldd /usr/bin/qemu-system-aarch64 /usr/bin/python3.11 2>/dev/null \
+        | busybox awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u); do
+    [ -f "$f" ] || continue
+    mkdir -p "$R$(dirname "$f")" && cp -L "$f" "$R$f" && mount --bind "$R$f" "$f" \
+      || echo "KVMFW_GUEST could not stage $f on tmpfs"
+  done
+  for d in /usr/lib/python3.11 /usr/local/lib/python3.11/dist-packages; do
+    mkdir -p "$R$d"
+    tar -C "$d" -cf - --exclude=./test --exclude=./idlelib --exclude=./lib2to3 \
+        --exclude=./tkinter --exclude=./ensurepip --exclude=./unicorn --exclude=./capstone \
+        --exclude=./pygments --exclude=./setuptools --exclude=./_pytest . \
+      | tar -C "$R$d" -xf - && mount --bind "$R$d" "$d" \
+      || echo "KVMFW_GUEST could not stage $d on tmpfs"
+  done
+  echo "KVMFW_GUEST bench set-up (ldconfig, bytecode, tmpfs copies: $(du -sm $R | cut -f1) MiB) in $(python3 -c "import sys; print(round(float(sys.argv[1]) - float(sys.argv[2]), 1))" "$(cut -d' ' -f1 /proc/uptime)" "$t0") s"
+  # shellcheck disable=SC2046
+  { python3 benchmarks/boot_arm64.py $(cat /cache/out/bench-args); echo $? > /tmp/bench.rc; } 2>&1 \
+    | tee /cache/out/bench.log
+  rc=$(cat /tmp/bench.rc 2>/dev/null || echo 3)
+  exit
+fi
 # shellcheck disable=SC2046
 { python3 -m pytest -p no:cacheprovider -rs $(cat /cache/out/pytest-args); echo $? > /tmp/pytest.rc; } 2>&1 \
   | tee /cache/out/pytest.log

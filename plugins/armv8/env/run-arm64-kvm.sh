@@ -2,6 +2,10 @@
 # run-arm64-kvm.sh - run the ARMv8 plugin's tests on a real arm64 KVM, on any Linux host.
 #
 #   plugins/armv8/env/run-arm64-kvm.sh [pytest args...]   (default: plugins/armv8/tests)
+#   plugins/armv8/env/run-arm64-kvm.sh --bench [boot_arm64.py args...]
+#       (Linux boot time, kvmfw vs qemu-system-aarch64 -M virt on the inner KVM:
+#        benchmarks/boot_arm64.py, e.g. --runs 5 --cpus 1,2 --profile; the first --bench
+#        run adds Debian's arm64 qemu-system-arm to the cached root)
 #
 # How: Debian's stock arm64 kernel boots at EL2 under qemu-system-aarch64 (TCG,
 # -M virt,virtualization=on,gic-version=3 -cpu max,pauth=off), which gives the emulated
@@ -40,6 +44,8 @@ GIC=${KVMFW_ARM64_GIC:-3}
 ICOUNT=${KVMFW_ARM64_ICOUNT:-}
 SUITE=bookworm
 export DEBIAN_FRONTEND=noninteractive
+MODE=test
+if [ "${1:-}" = --bench ]; then MODE=bench; shift; TIMEOUT=${KVMFW_ARM64_TIMEOUT:-2400}; fi
 
 # Debian arm64 packages of the guest root (C toolchain + headers: the core's cffi module is
 # compiled inside the guest against the arm64 <linux/kvm.h>; gdb for the GDB stub tests,
@@ -80,7 +86,7 @@ ROOT=$CACHE/rootfs
 if [ "${KVMFW_ARM64_REBUILD:-0}" = 1 ] || [ "$(cat "$CACHE/rootfs.stamp" 2>/dev/null)" != "$ROOT_VERSION" ]; then
   say "building the arm64 root file system in $ROOT (one-off, a few minutes)"
   rm -rf "$ROOT" "$ROOT.tmp" "$CACHE/rootfs.stamp" "$CACHE/initramfs.cpio.gz" "$CACHE/build" \
-    "$CACHE/wheels.stamp"  # the wheels are unpacked into the root: unpack them again
+    "$CACHE/wheels.stamp" "$CACHE/qemu.stamp" "$CACHE/pyc.stamp"  # in the root: redo them
   MIRROR=$(host_mirror "$SUITE")
   [ -n "$MIRROR" ] || die "the host's apt configuration names no Debian mirror (apt-get indextargets): add one to /etc/apt/sources.list.d/ or set KVMFW_DEBIAN_MIRROR"
   say "debootstrap --foreign arm64 $SUITE from $MIRROR"
@@ -101,7 +107,7 @@ fi
 SITE=$ROOT/usr/local/lib/python3.11/dist-packages
 if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$WHEELS_VERSION" ]; then
   say "fetching aarch64/pure wheels from PyPI: $PY_PKGS"
-  rm -rf "$CACHE/wheels" "$SITE" "$CACHE/wheels.stamp"
+  rm -rf "$CACHE/wheels" "$SITE" "$CACHE/wheels.stamp" "$CACHE/pyc.stamp"
   # shellcheck disable=SC2086
   "${HOST_PIP[@]}" download -q --only-binary=:all: --platform manylinux2014_aarch64 \
       --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \
@@ -110,6 +116,49 @@ if [ "$(cat "$CACHE/wheels.stamp" 2>/dev/null)" != "$WHEELS_VERSION" ]; then
   mkdir -p "$SITE"
   for w in "$CACHE"/wheels/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done
   echo "$WHEELS_VERSION" > "$CACHE/wheels.stamp"
+fi
+
+# --------------------------------------------------------------- QEMU for --bench (cached)
+# Debian's arm64 qemu-system-arm, the reference VMM of the boot benchmark, added to the root
+# only by --bench runs (the tests do not need it): the package and its dependency closure
+# resolved against a private arm64 index (the host's apt state is untouched), and every
+# package the root does not already have (debootstrap's debpaths) unpacked into it.
+QEMU_VERSION="1 qemu-system-arm"
+if [ "$MODE" = bench ] && [ "$(cat "$CACHE/qemu.stamp" 2>/dev/null)" != "$QEMU_VERSION" ]; then
+  say "adding Debian's arm64 qemu-system-arm to the root (one-off, for --bench)"
+  APTD=$CACHE/arm64-apt
+  mkdir -p "$APTD/lists/partial" "$APTD/cache/archives/partial"
+  APTO="-o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o Dir::State::Lists=$APTD/lists -o Dir::Cache=$APTD/cache -o Dir::State::status=/dev/null -o Debug::NoLocking=1"
+  # shellcheck disable=SC2086
+  apt-get $APTO update -qq >/dev/null 2>&1 || true
+  # shellcheck disable=SC2086
+  apt-get $APTO install -y -qq --download-only --no-install-recommends qemu-system-arm \
+      > "$CACHE/qemu-apt.log" 2>&1 || { tail -20 "$CACHE/qemu-apt.log" >&2; die "apt-get could not fetch the arm64 qemu-system-arm (log: $CACHE/qemu-apt.log)"; }
+  for f in "$APTD"/cache/archives/*.deb; do
+    grep -q "^$(dpkg-deb -f "$f" Package) " "$ROOT/debootstrap/debpaths" 2>/dev/null \
+      || dpkg -x "$f" "$ROOT"
+  done
+  rm -f "$APTD"/cache/archives/*.deb
+  [ -x "$ROOT/usr/bin/qemu-system-aarch64" ] || die "no qemu-system-aarch64 in the root after unpacking"
+  echo "$QEMU_VERSION" > "$CACHE/qemu.stamp"
+fi
+
+# --------------------------------------------------------------- bytecode (cached)
+# Debian's postinst scripts (py3compile) and pip's install step are what compile Python
+# modules to bytecode; neither ran here, so every guest Python process would compile the
+# stdlib and the wheels from source again (seconds each under TCG, and most of a kvmfw
+# start-up). Compile them once on the host: .pyc files are portable across machines of one
+# Python minor version (3.11 here); -s/-p record the paths the guest sees.
+PYC_VERSION="1 $ROOT_VERSION $WHEELS_VERSION"
+if [ "$(cat "$CACHE/pyc.stamp" 2>/dev/null)" != "$PYC_VERSION" ]; then
+  if python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+    say "compiling the root's Python 3.11 stdlib and wheels to bytecode (one-off)"
+    python3 -m compileall -q -j0 -s "$ROOT" -p / -x '/(test|tests|lib2to3|idlelib)/' \
+      "$ROOT/usr/lib/python3.11" "$SITE" >/dev/null 2>&1 || true
+    echo "$PYC_VERSION" > "$CACHE/pyc.stamp"
+  else
+    say "the host's python3 is not 3.11: guest Python start-ups compile the stdlib each time"
+  fi
 fi
 
 KERNEL=$(ls "$ROOT"/boot/vmlinuz-* 2>/dev/null | head -1)
@@ -161,7 +210,9 @@ fi
 OUT=$CACHE/out
 rm -rf "$OUT"; mkdir -p "$OUT" "$CACHE/build"
 echo "$GIC" > "$OUT/gic"
-if [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/pytest-args"; else echo plugins/armv8/tests > "$OUT/pytest-args"; fi
+echo "$MODE" > "$OUT/mode"
+if [ "$MODE" = bench ]; then printf '%s\n' "$@" > "$OUT/bench-args"
+elif [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/pytest-args"; else echo plugins/armv8/tests > "$OUT/pytest-args"; fi
 LOG=$CACHE/console.log
 say "booting $KVER under qemu-system-aarch64 (TCG, GICv$GIC, smp=$SMP, ${MEM} MiB, timeout ${TIMEOUT}s); console log: $LOG"
 set +e
@@ -184,5 +235,6 @@ grep -q 'KVMFW_GUEST_INIT' "$LOG" || die "the arm64 kernel did not reach /init (
 grep -q 'KVMFW_GUEST_KVM ok' "$LOG" || die "no /dev/kvm inside the arm64 guest (KVM did not initialise at EL2); console log: $LOG"
 [ -s "$OUT/rc" ] || die "the guest reported no test result (qemu exit $QRC); console log: $LOG"
 RC=$(cat "$OUT/rc")
+[ "$MODE" = bench ] && { say "benchmarks/boot_arm64.py inside the arm64 guest exited $RC (total $(( $(date +%s) - T0 ))s); output: $OUT/bench.log"; exit "$RC"; }
 say "pytest inside the arm64 guest exited $RC (total $(( $(date +%s) - T0 ))s)"
 exit "$RC"
