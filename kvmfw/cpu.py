@@ -33,7 +33,8 @@ import mmap
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import ExitReason, InternalError, SystemEvent, address_of, constants, lib
 from kvmfw.bus import PendingAccess
@@ -73,7 +74,6 @@ _SYNC_NONE = SyncLevel.NONE
 _now = time.monotonic_ns
 _run_ctx = lib.kvmfw_run_ctx
 _STALE = object()
-_new_tuple = tuple.__new__
 _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
@@ -104,18 +104,28 @@ RUNNING_MMIO_PENDING = CpuStatus.RUNNING_MMIO_PENDING
 RUNNING_SERVICE_COMPLETION = CpuStatus.RUNNING_SERVICE_COMPLETION
 
 
-class IoExit(NamedTuple):
-    """A ``KVM_EXIT_IO``: ``data_offset`` is into the vCPU mapping (``vcpu.run_map``)."""
+class IoExit(tuple):  # type: ignore[type-arg]
+    """A ``KVM_EXIT_IO``: the tuple ``(direction, size, port, count, data_offset)``, with
+    those names as attributes too; ``data_offset`` is into the vCPU mapping
+    (``vcpu.run_map``). Built from one iterable, ``IoExit((1, 1, 0x3f8, 1, 4096))``: a
+    plain tuple subclass is built in C (a ``NamedTuple``'s Python ``__new__`` cost a
+    quarter of a port exit's Python time)."""
 
-    direction: int
-    size: int
-    port: int
-    count: int  # type: ignore[assignment]  # (shadows tuple.count, as the kernel names it)
-    data_offset: int
+    __slots__ = ()
+    _fields = ("direction", "size", "port", "count", "data_offset")
+    direction = property(itemgetter(0), doc="KVM_EXIT_IO_OUT (1) or KVM_EXIT_IO_IN (0)")
+    size = property(itemgetter(1), doc="bytes per access (1, 2 or 4)")
+    port = property(itemgetter(2))
+    count = property(itemgetter(3), doc="accesses (> 1: string IO)")  # type: ignore[assignment]
+    data_offset = property(itemgetter(4))
 
     @property
     def is_write(self) -> bool:
-        return self.direction == constants.KVM_EXIT_IO_OUT
+        return self[0] == constants.KVM_EXIT_IO_OUT
+
+    def __repr__(self) -> str:
+        return "IoExit(" + ", ".join(f"{n}={v}" for n, v in zip(self._fields, self,
+                                                                    strict=True)) + ")"
 
 
 class KvmCPU:
@@ -172,6 +182,7 @@ class KvmCPU:
         self._fd = vcpu.fd
         self._run: Any = vcpu.run
         self._map: Any = vcpu.run_map
+        self._view: Any = vcpu.run_view  # (unpacking from it is faster than from the mmap)
         self._run_addr = address_of(vcpu.run)
         self._run_size = len(vcpu.run_map)
         self._bus = machine.bus
@@ -450,9 +461,6 @@ class KvmCPU:
 
     def tick(self) -> None:
         """Run and service until an event is due, the CPU idles, or the machine stops."""
-        eq = self.eventq
-        machine = self.machine
-        heap = eq._heap
         self._trace = log_run.isEnabledFor(logging.DEBUG) or log_io.isEnabledFor(logging.DEBUG)
         self._update_extras()
         # the exit table for this call: the plain one, or one that traces each IO/MMIO exit
@@ -461,47 +469,9 @@ class KvmCPU:
         if self._trace:
             dispatch = self._traced_dispatch(dispatch)
         try:
-            self._tick_loop(eq, machine, heap, dispatch)
+            self._loop(dispatch, None)
         finally:
             self.fold_stats()
-
-    def _tick_loop(self, eq: Any, machine: Machine, heap: list[Any],
-                   dispatch: list[Any]) -> None:
-        while True:
-            st = self.status
-            if st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
-                if self.drain_pending:
-                    self.run_drain()
-                elif not heap:
-                    self._run_slice(None)
-                else:
-                    # eq.next_tick(), inlined for a live head (the common case)
-                    when, _, seq, ev = heap[0]
-                    nxt = when if ev._seq == seq and ev.when == when else eq.next_tick()
-                    cur = eq.cur_tick
-                    if nxt is None:
-                        self._run_slice(None)
-                    elif nxt > cur:
-                        self._run_slice(nxt - cur)
-            elif st is not RUNNING_SERVICE:
-                return  # IDLE or MMIO pending: someone else reschedules us
-            if self.status is RUNNING_SERVICE:
-                # service the exit at once, as gem5 does (it happened before any event now
-                # due); _dispatch_exit, inlined: one frame less per exit
-                try:
-                    dispatch[self.last_exit]()  # type: ignore[index]
-                except KvmfwError:
-                    raise
-                except Exception as exc:
-                    self._dispatch_failed(exc)
-            if machine.stop_requested:
-                if self.status is not IDLE:
-                    self._schedule_tick(eq.cur_tick)
-                return
-            if heap and heap[0][0] <= eq.cur_tick:
-                if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
-                    self._schedule_tick(eq.cur_tick)
-                return
 
     def run_thread(self) -> None:
         """The loop of a vCPU that has its own host thread (parallel mode).
@@ -526,7 +496,7 @@ class KvmCPU:
                     with lock:
                         self.run_drain()
                 else:
-                    self._run_slice(None)
+                    self._loop(None, None)
         except BaseException as exc:  # handed to the main thread
             m.thread_failed(exc)
 
@@ -534,97 +504,161 @@ class KvmCPU:
         """Enter KVM once for at most ``ticks`` simulated ticks (None: until an exit) and
         leave the exit unserviced (status RUNNING_SERVICE, or RUNNING after a kick). For
         arch plugins driving a vCPU towards a drainable point (``kvm_run_drain``)."""
-        self._run_slice(ticks)
+        self._loop(None, ticks)
 
-    def _run_slice(self, ticks: int | None) -> None:
-        """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time.
+    _run_slice = run_slice
 
-        The hot path: what only some runs need (a dirty context, an interrupt to deliver,
+    def _loop(self, dispatch: list[Any] | None, ticks: int | None) -> None:
+        """Enter KVM, account the time, service the exit; again.
+
+        With a ``dispatch`` table (:meth:`tick`): slices bounded by the next event, each
+        exit serviced at once (as gem5 does: it happened before any event now due), until
+        an event is due, the CPU idles or the machine stops. Without (:meth:`run_slice`):
+        one entry for at most ``ticks`` ticks (None: until an exit), left unserviced.
+
+        The hot path, one frame per exit: what stays fixed while it runs is bound to
+        locals once; what only some entries need (a dirty context, an interrupt to deliver,
         ``always_sync``, ``pre_run``/``post_run`` hooks, the coalesced ring, tracing) sits
         behind one flag each side (``_extras``), so a plain exit pays for none of it."""
-        if self._tc_dirty or self.interrupt_pending or self._extras:
-            if self._before_entry():
-                return  # delivery suspended the CPU (x86 INIT): do not enter KVM
-        timer = self._timer
         eq = self.eventq
-        if ticks is None:
-            bound = None
-            if timer is not None and timer.deadline_ns is not None:
-                timer.disarm()
-        else:
-            bound = eq.cur_tick + ticks
-            # the host instant that maps to the bounding event, from the run's fixed clock
-            # base: the same event gives the same deadline, so the timer is armed once per
-            # event (and its deadline computed once) rather than on every exit
-            if timer is not None and (bound != self._armed_bound or timer.deadline_ns is None
-                                      or self._armed_clock is not self.machine._clock):
-                clock = self._armed_clock = self.machine._clock
-                host0, tick0, per_ns = clock
-                timer.arm_at(host0 - int((tick0 - bound) // per_ns))
-                self._armed_bound = bound
-        if self._fast_table is not self._bus.fast:
-            self._refresh_fast()
-        src = self._cycles
-        if src is None:  # the monotonic clock is the cycle source: C reads it and accounts
-            ctx = self._ctx
-            r = _run_ctx(ctx)
-            t1 = ctx.t1
-        else:
-            insns = self._insns
-            i0 = insns() if insns is not None else 0
-            c0 = src()
-            ctx = self._ctx
-            r = _run_ctx(ctx)
-            t1 = ctx.t1
-            cycles = src() - c0
-            stats = self.stats
-            if insns is not None:
-                stats.instructions += insns() - i0
-            stats.cycles += cycles
-            stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
-        if r:  # > 0: exits the compiled path answered before this one; < 0: -errno
-            if r > 0 or self._fs.counts[0]:
-                self._fold_fast()
-            if r > 0:
-                r = 0
-        self._pulled_level = _SYNC_NONE
-        if r < 0:
-            if r != _EINTR and r != _EAGAIN:
-                raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
-            reason = 10  # KVM_EXIT_INTR
-        else:
-            reason = self._run.exit_reason
-        self.last_exit = reason
-        if self._extras:
-            self._after_exit(reason, ticks, t1)
-        fired = False
-        if reason == 10:  # KVM_EXIT_INTR
-            self.stats.exit_signal += 1
-            self.status = RUNNING
-            # a kick or the run timer set immediate_exit: clear it or every entry returns at
-            # once. Kicks are requests whose state (stop, interrupt, event) the loop checks
-            # before the next entry; the one kick that carries no state is the timer's
-            # expiry, so if the deadline has passed, it is treated as fired whether its
-            # signal ended this run or lands now, just before or after the clear.
-            self._run.immediate_exit = 0
-            if timer is not None and timer.deadline_ns is not None \
-                    and _now() >= timer.deadline_ns:
-                timer.deadline_ns = None  # one-shot: it has fired
-                fired = bound is not None
-        else:
-            self.status = RUNNING_SERVICE
-        if self.parallel:
-            self.fold_stats()  # here, on the vCPU's thread: nobody else touches the counts
-        else:
-            # simulated time follows host time since the run began (service time included)
-            # but never passes the event that bounded the slice; when the slice timer ended
-            # the run, time is at that event (gem5's rule)
-            host0, tick0, per_ns = self.machine._clock
-            now = tick0 + int((t1 - host0) * per_ns)
-            if bound is not None and (fired or now > bound):
-                now = bound
-            if now > eq.cur_tick:
-                eq.cur_tick = now
+        heap = eq._heap
+        machine = self.machine
+        bus = self._bus
+        ctx = self._ctx
+        run = self._run
+        timer = self._timer
+        src = self._cycles  # None: the monotonic clock is the cycle source (C accounts)
+        stats = self.stats
+        parallel = self.parallel  # (fixed for a run: set before the vCPU threads start)
+        table: list[Any] = dispatch if dispatch is not None else []
+        serve = dispatch is not None
+        bound: int | None = None
+        while True:
+            enter = True
+            if not serve:
+                bound = None if ticks is None else eq.cur_tick + ticks
+            else:
+                st = self.status
+                if st is RUNNING_SERVICE:
+                    enter = False  # an exit left unserviced (a half entry, a kick)
+                elif st is not RUNNING and st is not RUNNING_SERVICE_COMPLETION:
+                    return  # IDLE or MMIO pending: someone else reschedules us
+                elif self.drain_pending:
+                    self.run_drain()
+                    enter = False
+                elif heap:
+                    # eq.next_tick(), inlined for a live head (the common case)
+                    when, _, seq, ev = heap[0]
+                    bound = when if ev._seq == seq and ev.when == when else eq.next_tick()
+                    enter = bound is None or bound > eq.cur_tick  # else: an event is due
+                else:
+                    bound = None
+            if enter:
+                if self._tc_dirty or self.interrupt_pending or self._extras:
+                    if self._before_entry():  # delivery suspended the CPU (x86 INIT)
+                        if serve:
+                            continue
+                        return
+                if timer is not None:
+                    if bound is None:
+                        if timer.deadline_ns is not None:
+                            timer.disarm()
+                    elif bound != self._armed_bound or timer.deadline_ns is None \
+                            or self._armed_clock is not machine._clock:
+                        self._arm(timer, bound)
+                if self._fast_table is not bus.fast:
+                    self._refresh_fast()
+                if src is None:
+                    r = _run_ctx(ctx)
+                    t1 = ctx.t1
+                else:
+                    insns = self._insns
+                    i0 = insns() if insns is not None else 0
+                    c0 = src()
+                    r = _run_ctx(ctx)
+                    t1 = ctx.t1
+                    cycles = src() - c0
+                    if insns is not None:
+                        stats.instructions += insns() - i0
+                    stats.cycles += cycles
+                    stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
+                if r:  # > 0: exits the compiled path answered before this one; < 0: -errno
+                    if r > 0 or self._fs.counts[0]:
+                        self._fold_fast()
+                    if r > 0:
+                        r = 0
+                self._pulled_level = _SYNC_NONE
+                if r < 0:
+                    if r != _EINTR and r != _EAGAIN:
+                        raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
+                    reason = 10  # KVM_EXIT_INTR
+                else:
+                    reason = run.exit_reason
+                self.last_exit = reason
+                if self._extras:
+                    self._after_exit(reason, bound, t1)
+                if reason == 10:  # KVM_EXIT_INTR
+                    fired = self._interrupted(timer, bound)
+                else:
+                    fired = False
+                    self.status = RUNNING_SERVICE
+                if parallel:
+                    self.fold_stats()  # here, on the vCPU's thread: nobody else touches them
+                else:
+                    # simulated time follows host time since the run began (service time
+                    # included) but never passes the event that bounded the slice; when the
+                    # slice timer ended the run, time is at that event (gem5's rule)
+                    host0, tick0, per_ns = machine._clock
+                    now = tick0 + int((t1 - host0) * per_ns)
+                    if bound is not None and (fired or now > bound):
+                        now = bound
+                    if now > eq.cur_tick:
+                        eq.cur_tick = now
+                if not serve:
+                    return
+            if self.status is RUNNING_SERVICE:
+                # service the exit at once (it happened before any event now due); the
+                # table call is inline, as in _dispatch_exit: one frame less per exit
+                try:
+                    table[self.last_exit]()  # type: ignore[index]
+                except KvmfwError:
+                    raise
+                except Exception as exc:
+                    self._dispatch_failed(exc)
+            if machine.stop_requested:
+                if self.status is not IDLE:
+                    self._schedule_tick(eq.cur_tick)
+                return
+            if heap and heap[0][0] <= eq.cur_tick:
+                if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
+                    self._schedule_tick(eq.cur_tick)
+                return
+
+    def _arm(self, timer: RunTimer, bound: int) -> None:
+        """Arm the run timer for the host instant that maps to the bounding event, from
+        the run's fixed clock base: the same event gives the same deadline, so the timer
+        is armed once per event (and its deadline computed once), not on every exit."""
+        clock = self._armed_clock = self.machine._clock
+        host0, tick0, per_ns = clock
+        timer.arm_at(host0 - int((tick0 - bound) // per_ns))
+        self._armed_bound = bound
+
+    def _interrupted(self, timer: RunTimer | None, bound: int | None) -> bool:
+        """A ``KVM_EXIT_INTR`` (a kick or the run timer): True if the timer bounding the
+        slice has fired.
+
+        A kick or the run timer set immediate_exit: clear it or every entry returns at
+        once. Kicks are requests whose state (stop, interrupt, event) the loop checks
+        before the next entry; the one kick that carries no state is the timer's expiry,
+        so if the deadline has passed, it is treated as fired whether its signal ended
+        this run or lands now, just before or after the clear."""
+        self.stats.exit_signal += 1
+        self.status = RUNNING
+        self._run.immediate_exit = 0
+        if timer is not None and timer.deadline_ns is not None and _now() >= timer.deadline_ns:
+            timer.deadline_ns = None  # one-shot: it has fired
+            return bound is not None
+        return False
 
     def _before_entry(self) -> bool:
         """The cold part of an entry: push a dirty context, deliver interrupts, ``pre_run``.
@@ -648,7 +682,7 @@ class KvmCPU:
                 raise PluginHookError("pre_run", _culprit(exc), exc) from exc
         return False
 
-    def _after_exit(self, reason: int, ticks: int | None, t1: int) -> None:
+    def _after_exit(self, reason: int, bound: int | None, t1: int) -> None:
         """The cold part of an exit: ``always_sync``'s pull, ``post_run``, the coalesced
         ring, the trace."""
         if self.always_sync:
@@ -663,8 +697,8 @@ class KvmCPU:
         if self._use_coalesced_mmio:
             self._drain_coalesced_mmio()
         if self._trace:
-            log_run.debug("cpu%d: ran for at most %s ticks, exit %s at host %d ns", self.id,
-                          ticks, _exit_name(reason), t1)
+            log_run.debug("cpu%d: ran until at most tick %s, exit %s at host %d ns", self.id,
+                          bound, _exit_name(reason), t1)
 
     def _update_extras(self) -> None:
         self._extras = bool(self._always_sync or self._pre_run is not None
@@ -831,7 +865,7 @@ class KvmCPU:
 
     def _exit_io(self) -> None:
         # (counted by the C entry: stats.io)
-        io = _new_tuple(IoExit, _unpack_io(self._map, RUN_PAYLOAD))
+        io = IoExit(_unpack_io(self._view, RUN_PAYLOAD))
         fn = self._handle_exit_io
         if fn is None or fn(self, io) is None:
             raise self._error(UnhandledExitError, ExitReason.IO,
@@ -844,8 +878,7 @@ class KvmCPU:
 
     def _exit_mmio(self) -> None:
         # (counted by the C entry: stats.mmio)
-        mm = self._map
-        addr, data, length, is_write = _unpack_mmio(mm, RUN_PAYLOAD)
+        addr, data, length, is_write = _unpack_mmio(self._view, RUN_PAYLOAD)
         if self._finalize_mmio is not None and self.mmio_remap:
             new = self._finalize_mmio(self, addr)
             if new is not None:
@@ -860,7 +893,7 @@ class KvmCPU:
         else:
             pending = mmio.read_or_pending(addr, length)
             if pending.__class__ is not PendingAccess:
-                mm[MMIO_DATA:MMIO_DATA + length] = pending
+                self._map[MMIO_DATA:MMIO_DATA + length] = pending
                 pending = None
         if pending is not None:
             self._wait_mmio(pending)
@@ -1145,7 +1178,7 @@ class KvmCPU:
         if self.vcpu.bound_here:
             self.vcpu.unbind_thread()
         self._run = None
-        self._map = None
+        self._map = self._view = None
         if self._timer is not None:
             self._timer.close()
             self._timer = None

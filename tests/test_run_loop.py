@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pytest
 from kvmtest import (
@@ -20,6 +21,7 @@ from kvmtest import (
 
 from kvmfw.abi import ExitReason
 from kvmfw.cpu import CpuStatus
+from kvmfw.device import Range
 from kvmfw.errors import (
     EmulationFailureError,
     EntryFailureError,
@@ -350,3 +352,67 @@ def test_an_event_posted_from_another_thread_interrupts_a_spinning_guest(make_ma
     threading.Timer(0.2, post).start()
     result = m.run(timeout=10)  # no event bounds the slice: only the post can end it
     assert result.reason == "posted" and fired == [1]
+
+
+class _Counter:
+    """Counts port writes; after ``limit`` of them it unmaps itself and maps ``then``."""
+
+    def __init__(self, machine: Any, limit: int, then: Any = None) -> None:
+        self.machine, self.limit, self.then, self.writes = machine, limit, then, 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\0" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes += 1
+        if self.writes == self.limit:
+            self.machine.bus.pio.unregister(self)
+            if self.then is not None:
+                self.machine.map_device(Range("pio", 0x10, 1, "second"), self.then)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fastpath", "no-fastpath"])
+def test_devices_mapped_and_unmapped_during_a_run_take_effect_at_the_next_exit(
+        make_machine, fast: bool) -> None:
+    """The bus caches lookups (and the compiled path's table): a device mapped at a port
+    the guest has been writing, and one unmapped, are seen by the very next exit."""
+    m, _arch, rec = make_machine(PIOLOOP, options={"fastpath": fast})
+    m.bus.pio.unregister(rec)
+    m.map_device(Range("pio", 0x13, 1, "exit"), rec)  # (offset 0: recorded, then exit)
+    rec.write = lambda offset, data: m.request_exit(0, "guest wrote the exit port")
+    second = _Counter(m, 5)
+    first = _Counter(m, 5, then=second)
+    m.map_device(Range("pio", 0x10, 1, "first"), first)
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 20
+    cpu.mark_context_dirty()
+    result = m.run(timeout=30)
+    assert result.reason == "guest wrote the exit port"
+    assert (first.writes, second.writes) == (5, 5)
+    assert m.bus.pio.unclaimed_writes == 10  # after the second unmapped itself
+    assert cpu.stats.io == 21
+
+
+def test_port_exits_reach_the_arch_as_tuples_with_field_names(make_machine) -> None:
+    from kvmfw.cpu import IoExit
+
+    m, arch, rec = make_machine(PIO)
+    cpu = m.cpus[0]
+    plain = cpu._handle_exit_io
+    seen: list[Any] = []
+
+    def spy(c: Any, io: Any) -> Any:
+        seen.append(io)
+        return plain(c, io)
+
+    cpu._handle_exit_io = spy
+    m.run(timeout=10)
+    first = seen[0]
+    assert isinstance(first, tuple) and type(first) is IoExit
+    direction, size, port, count, off = first
+    assert (first.direction, first.size, first.port, first.count, first.data_offset) == (
+        direction, size, port, count, off) == (1, 1, 0x10, 1, off)
+    assert first.is_write and not seen[2].is_write  # 'O' out, then the in from 0x11
+    assert IoExit((0, 2, 0x12, 1, 4096)).size == 2
+    assert repr(IoExit((0, 2, 0x12, 1, 4096))) == \
+        "IoExit(direction=0, size=2, port=18, count=1, data_offset=4096)"
