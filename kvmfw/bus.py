@@ -106,6 +106,9 @@ class AddressSpace:
         self._cache: dict[int, Mapping | None] = {}
         self._fast: list[tuple[FastRange, Mapping]] = []
         self._reserved: list[tuple[int, int, str]] = []
+        self.reserved_ports: frozenset[int] = frozenset()
+        """The reserved addresses of a port space (:meth:`reserve`), as a set for the run
+        loop's direct port IO (``KvmCPU.direct_port_io``); empty for MMIO."""
         self.on_change: Callable[[], None] | None = None
         """Called after any change the compiled exit path depends on (set by :class:`Bus`)."""
         self.unclaimed_reads = 0
@@ -192,8 +195,13 @@ class AddressSpace:
 
     def reserve(self, base: int, size: int, name: str) -> None:
         """Addresses the architecture answers itself before the bus: the compiled path
-        never takes them for unclaimed."""
+        never takes them for unclaimed, and direct port IO leaves them to the arch."""
+        if size <= 0 or base < 0 or (self.limit is not None and base + size > self.limit):
+            raise BusError(f"{self.name}: reserved range {name} [{base:#x}, +{size:#x}) is "
+                           "empty or outside the address space")
         self._reserved.append((base, base + size, name))
+        if self.limit is not None and self.limit <= 1 << 16:
+            self.reserved_ports = self.reserved_ports | frozenset(range(base, base + size))
         self._changed()
 
     def reserved(self) -> list[tuple[int, int, str]]:

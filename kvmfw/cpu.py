@@ -200,6 +200,13 @@ class KvmCPU:
         self.mmio_remap = True
         """False once the arch said (in ``vcpu_init``) that ``finalize_mmio_address`` never
         changes this vCPU's addresses: the hook is then not called on each MMIO exit."""
+        self.direct_port_io = False
+        """True once the arch said (in ``vcpu_init``) that its ``handle_exit_io`` does for a
+        single port access outside its reserved ports (:meth:`AddressSpace.reserve
+        <kvmfw.bus.AddressSpace.reserve>`) only what the bus does: such exits then go
+        straight to the bus, as MMIO exits do, without the hook or an :class:`IoExit`
+        (string IO and reserved ports still reach it). The compiled exit path already
+        treats those ports so."""
         self.suspended_ticks = 0
         """Simulated ticks spent IDLE (halted or suspended), as gem5 accounts them."""
         self._idle_since: int | None = None
@@ -865,7 +872,20 @@ class KvmCPU:
 
     def _exit_io(self) -> None:
         # (counted by the C entry: stats.io)
-        io = IoExit(_unpack_io(self._view, RUN_PAYLOAD))
+        t = _unpack_io(self._view, RUN_PAYLOAD)
+        if self.direct_port_io and t[3] == 1:
+            direction, size, port, _, off = t
+            pio = self._bus.pio
+            if port not in pio.reserved_ports:
+                mm = self._map
+                if direction:
+                    pio.write(port, mm[off:off + size])
+                else:
+                    mm[off:off + size] = pio.read(port, size)
+                if self.status is RUNNING_SERVICE:
+                    self.status = RUNNING_SERVICE_COMPLETION
+                return
+        io = IoExit(t)
         fn = self._handle_exit_io
         if fn is None or fn(self, io) is None:
             raise self._error(UnhandledExitError, ExitReason.IO,

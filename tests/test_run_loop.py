@@ -416,3 +416,60 @@ def test_port_exits_reach_the_arch_as_tuples_with_field_names(make_machine) -> N
     assert IoExit((0, 2, 0x12, 1, 4096)).size == 2
     assert repr(IoExit((0, 2, 0x12, 1, 4096))) == \
         "IoExit(direction=0, size=2, port=18, count=1, data_offset=4096)"
+
+
+def _spy_io(cpu: Any) -> list[Any]:
+    plain, seen = cpu._handle_exit_io, []
+
+    def spy(c: Any, io: Any) -> Any:
+        seen.append(tuple(io))
+        return plain(c, io)
+
+    cpu._handle_exit_io = spy
+    return seen
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["via-arch", "direct"])
+def test_direct_port_io_gives_the_guest_the_same_and_skips_only_the_hook(
+        make_machine, direct: bool) -> None:
+    """An arch that sets ``cpu.direct_port_io`` (it does for a single access only what the
+    bus does) is not called for those exits; its reserved ports still reach it."""
+    m, arch, rec = make_machine(PIO)
+    m.bus.pio.reserve(0x12, 1, "arch-port")  # the 16-bit write of 0xbeef
+    cpu = m.cpus[0]
+    assert not cpu.direct_port_io  # (the default: every port exit reaches the arch)
+    cpu.direct_port_io = direct  # (as an arch's vcpu_init would)
+    seen = _spy_io(cpu)
+    result = m.run(timeout=10)
+    assert (result.status, result.reason) == (0, "guest wrote the exit port")
+    assert rec.writes == [(0, b"O"), (0, b"K"), (0, b"B"), (2, b"\xef\xbe")]
+    assert rec.reads == [(1, 1)]
+    assert cpu.stats.io == 6
+    ports = [port for _, _, port, _, _ in seen]
+    assert ports == ([0x12] if direct else [0x10, 0x10, 0x11, 0x10, 0x12, 0x13])
+
+
+def test_direct_port_io_leaves_string_io_to_the_arch(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+    cpu = m.cpus[0]
+    cpu.direct_port_io = True
+    m.run(timeout=10)  # a real run first: the vCPU is set up
+    seen = _spy_io(cpu)
+    run = cpu.vcpu.run
+    run.io.direction, run.io.size, run.io.port, run.io.count = 1, 1, 0x10, 3
+    run.io.data_offset = 4096
+    _inject_exit(cpu, ExitReason.IO)
+    cpu._dispatch_exit()
+    assert seen == [(1, 1, 0x10, 3, 4096)]  # (the test arch then does one write of it)
+
+
+def test_a_reserved_range_outside_the_space_is_refused() -> None:
+    from kvmfw.bus import AddressSpace
+    from kvmfw.errors import BusError
+
+    pio = AddressSpace("pio", limit=1 << 16)
+    for base, size in ((0xFFFF, 2), (0x10, 0), (-1, 2), (0, 1 << 40)):
+        with pytest.raises(BusError, match="reserved range"):
+            pio.reserve(base, size, "bad")
+    pio.reserve(0xCF8, 8, "pci")
+    assert pio.reserved_ports == frozenset(range(0xCF8, 0xD00))
