@@ -524,7 +524,8 @@ class KvmCPU:
         one entry for at most ``ticks`` ticks (None: until an exit), left unserviced.
 
         The hot path, one frame per exit: what stays fixed while it runs is bound to
-        locals once; what only some entries need (a dirty context, an interrupt to deliver,
+        locals once (the clock base too: :meth:`Machine._start_clock` moves it between
+        runs only); what only some entries need (a dirty context, an interrupt to deliver,
         ``always_sync``, ``pre_run``/``post_run`` hooks, the coalesced ring, tracing) sits
         behind one flag each side (``_extras``), so a plain exit pays for none of it."""
         eq = self.eventq
@@ -539,27 +540,35 @@ class KvmCPU:
         parallel = self.parallel  # (fixed for a run: set before the vCPU threads start)
         table: list[Any] = dispatch if dispatch is not None else []
         serve = dispatch is not None
+        clock = machine._clock
+        host0, tick0, per_ns = clock
+        # whole ticks per ns (host_factor 1: 1000): the time is then integer arithmetic
+        per_int = int(per_ns) if per_ns.is_integer() else 0
+        if self._armed_clock is not clock:
+            self._armed_bound = None  # armed in another run: its deadline is stale
         bound: int | None = None
         while True:
-            enter = True
-            if not serve:
-                bound = None if ticks is None else eq.cur_tick + ticks
-            else:
+            if serve:
                 st = self.status
-                if st is RUNNING_SERVICE:
+                if st is RUNNING_SERVICE_COMPLETION or st is RUNNING:
+                    if self.drain_pending:
+                        self.run_drain()
+                        enter = False
+                    elif heap:
+                        # eq.next_tick(), inlined for a live head (the common case)
+                        when, _, seq, ev = heap[0]
+                        bound = when if ev._seq == seq and ev.when == when else eq.next_tick()
+                        enter = bound is None or bound > eq.cur_tick  # else: an event is due
+                    else:
+                        bound = None
+                        enter = True
+                elif st is RUNNING_SERVICE:
                     enter = False  # an exit left unserviced (a half entry, a kick)
-                elif st is not RUNNING and st is not RUNNING_SERVICE_COMPLETION:
-                    return  # IDLE or MMIO pending: someone else reschedules us
-                elif self.drain_pending:
-                    self.run_drain()
-                    enter = False
-                elif heap:
-                    # eq.next_tick(), inlined for a live head (the common case)
-                    when, _, seq, ev = heap[0]
-                    bound = when if ev._seq == seq and ev.when == when else eq.next_tick()
-                    enter = bound is None or bound > eq.cur_tick  # else: an event is due
                 else:
-                    bound = None
+                    return  # IDLE or MMIO pending: someone else reschedules us
+            else:
+                bound = None if ticks is None else eq.cur_tick + ticks
+                enter = True
             if enter:
                 if self._tc_dirty or self.interrupt_pending or self._extras:
                     if self._before_entry():  # delivery suspended the CPU (x86 INIT)
@@ -570,8 +579,7 @@ class KvmCPU:
                     if bound is None:
                         if timer.deadline_ns is not None:
                             timer.disarm()
-                    elif bound != self._armed_bound or timer.deadline_ns is None \
-                            or self._armed_clock is not machine._clock:
+                    elif bound != self._armed_bound or timer.deadline_ns is None:
                         self._arm(timer, bound)
                 if self._fast_table is not bus.fast:
                     self._refresh_fast()
@@ -589,18 +597,9 @@ class KvmCPU:
                         stats.instructions += insns() - i0
                     stats.cycles += cycles
                     stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
-                if r:  # > 0: exits the compiled path answered before this one; < 0: -errno
-                    if r > 0 or self._fs.counts[0]:
-                        self._fold_fast()
-                    if r > 0:
-                        r = 0
                 self._pulled_level = _SYNC_NONE
-                if r < 0:
-                    if r != _EINTR and r != _EAGAIN:
-                        raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
-                    reason = 10  # KVM_EXIT_INTR
-                else:
-                    reason = run.exit_reason
+                # r > 0: exits the compiled path answered before this one; < 0: -errno
+                reason = self._run_returned(r) if r else run.exit_reason
                 self.last_exit = reason
                 if self._extras:
                     self._after_exit(reason, bound, t1)
@@ -615,8 +614,10 @@ class KvmCPU:
                     # simulated time follows host time since the run began (service time
                     # included) but never passes the event that bounded the slice; when the
                     # slice timer ended the run, time is at that event (gem5's rule)
-                    host0, tick0, per_ns = machine._clock
-                    now = tick0 + int((t1 - host0) * per_ns)
+                    if per_int:
+                        now = tick0 + (t1 - host0) * per_int
+                    else:
+                        now = tick0 + int((t1 - host0) * per_ns)
                     if bound is not None and (fired or now > bound):
                         now = bound
                     if now > eq.cur_tick:
@@ -640,6 +641,18 @@ class KvmCPU:
                 if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
                     self._schedule_tick(eq.cur_tick)
                 return
+
+    def _run_returned(self, r: int) -> int:
+        """The exit reason after ``kvmfw_run_ctx`` returned ``r`` != 0: > 0 after exits the
+        compiled path answered (accounted here); -EINTR/-EAGAIN (a kick): KVM_EXIT_INTR;
+        any other -errno is an error."""
+        if r > 0 or self._fs.counts[0]:
+            self._fold_fast()
+        if r > 0:
+            return int(self._run.exit_reason)
+        if r != _EINTR and r != _EAGAIN:
+            raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
+        return 10  # KVM_EXIT_INTR
 
     def _arm(self, timer: RunTimer, bound: int) -> None:
         """Arm the run timer for the host instant that maps to the bounding event, from
