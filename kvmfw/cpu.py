@@ -195,6 +195,9 @@ class KvmCPU:
         self._fast_table: Any = _STALE
         """The bus table the compiled path uses (refreshed when the bus drops it)."""
         self._ticks_per_cycle = 1000.0 * host_factor
+        self._cycles_per_ns = 1.0
+        """The cycle source's cycles per ns when the C entry times them (see
+        :meth:`bind_thread`; 1: the monotonic clock), 0 when Python reads the source."""
         self._ctx.ticks_per_ns = self._ticks_per_cycle
         self.last_exit: int | None = None
         self.mmio_remap = True
@@ -256,12 +259,16 @@ class KvmCPU:
             self.cycle_source.close()
         self.cycle_source = cycle_source
         self.cycle_source_reason = reason
-        monotonic = cycle_source.read is time.monotonic_ns
-        self._cycles = None if monotonic else cycle_source.read
+        # a source of host cycles (the monotonic clock, the TSC) counts, around KVM_RUN, the
+        # time the C entry already takes with CLOCK_MONOTONIC: the C entry accounts it (ns,
+        # scaled to the source's cycles when folded) and the exit path reads no counter; a
+        # guest-only counter (perf) is read around each entry
+        timed = not cycle_source.counts_guest_only and cycle_source.instructions is None
+        self._cycles = None if timed else cycle_source.read
         self._insns = cycle_source.instructions
         self._ticks_per_cycle = cycle_source.ticks(1_000_000, self.host_factor) / 1_000_000
-        # the C entry accounts cycles and ticks itself when the clock is the cycle source
-        self._ctx.ticks_per_ns = self._ticks_per_cycle if monotonic else 0.0
+        self._cycles_per_ns = cycle_source.frequency_hz / 1e9 if timed else 0.0
+        self._ctx.ticks_per_ns = self._ticks_per_cycle * self._cycles_per_ns
 
     @property
     def runs(self) -> int:
@@ -282,7 +289,9 @@ class KvmCPU:
             st = self.stats
             st.vm_exits += n
             st.host_ns_in_kvm += c.ns
-            st.cycles += c.cycles
+            cycles = c.cycles  # (ns of a source of host cycles: in its cycles)
+            st.cycles += cycles if self._cycles_per_ns == 1.0 else \
+                int(cycles * self._cycles_per_ns)
             st.ticks_in_kvm += c.ticks
             st.io += c.io
             st.mmio += c.mmio
@@ -535,7 +544,7 @@ class KvmCPU:
         ctx = self._ctx
         run = self._run
         timer = self._timer
-        src = self._cycles  # None: the monotonic clock is the cycle source (C accounts)
+        src = self._cycles  # None: the C entry times the cycles (see bind_thread)
         stats = self.stats
         parallel = self.parallel  # (fixed for a run: set before the vCPU threads start)
         table: list[Any] = dispatch if dispatch is not None else []
@@ -587,7 +596,7 @@ class KvmCPU:
                     r = _run_ctx(ctx)
                     t1 = ctx.t1
                 else:
-                    insns = self._insns
+                    insns = self._insns  # (a perf counter: then also instructions)
                     i0 = insns() if insns is not None else 0
                     c0 = src()
                     r = _run_ctx(ctx)

@@ -473,3 +473,35 @@ def test_a_reserved_range_outside_the_space_is_refused() -> None:
             pio.reserve(base, size, "bad")
     pio.reserve(0xCF8, 8, "pci")
     assert pio.reserved_ports == frozenset(range(0xCF8, 0xD00))
+
+
+@pytest.mark.parametrize("guest_only", [False, True], ids=["host-cycles", "guest-only"])
+def test_a_host_cycle_source_is_timed_by_the_entry_and_a_guest_only_one_is_read(
+        make_machine, guest_only: bool) -> None:
+    """A source of host cycles (x86: the TSC) counts the time the C entry already takes
+    around KVM_RUN: it is derived from that, at the source's rate, with no read per exit;
+    a guest-only counter (perf) is read around each entry. Both give cycles and ticks."""
+    from kvmfw.timer import CycleSource
+
+    reads = [0]
+
+    def read() -> int:
+        reads[0] += 1
+        return reads[0] * 1000
+
+    src = CycleSource("test-cycles", read, 2e9, counts_guest_only=guest_only)
+    m, arch, rec = make_machine(PIOLOOP)
+    m._cycle_source = lambda cpu: (src, "a test source")
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 50
+    cpu.mark_context_dirty()
+    m.run(timeout=20)
+    s = cpu.stats
+    assert s.vm_exits == 51
+    if guest_only:
+        assert reads[0] == 2 * s.vm_exits and s.cycles == 1000 * s.vm_exits
+        assert s.ticks_in_kvm == s.vm_exits * int(1000 * 1e12 / 2e9)
+    else:
+        assert reads[0] == 0
+        assert abs(s.cycles - 2 * s.host_ns_in_kvm) <= 2  # (2 GHz; rounded when folded)
+        assert abs(s.ticks_in_kvm - 1000 * s.host_ns_in_kvm) <= 1000 * s.vm_exits
