@@ -549,12 +549,15 @@ class KvmCPU:
         parallel = self.parallel  # (fixed for a run: set before the vCPU threads start)
         table: list[Any] = dispatch if dispatch is not None else []
         serve = dispatch is not None
-        clock = machine._clock
-        host0, tick0, per_ns = clock
-        # whole ticks per ns (host_factor 1: 1000): the time is then integer arithmetic
-        per_int = int(per_ns) if per_ns.is_integer() else 0
-        if self._armed_clock is not clock:
-            self._armed_bound = None  # armed in another run: its deadline is stale
+        host0 = tick0 = per_int = 0
+        per_ns = 1.0
+        if not parallel:  # (a vCPU thread of a parallel run accounts no time itself)
+            clock = machine._clock
+            host0, tick0, per_ns = clock
+            # whole ticks per ns (host_factor 1: 1000): the time is then integer arithmetic
+            per_int = int(per_ns) if per_ns.is_integer() else 0
+            if self._armed_clock is not clock:
+                self._armed_bound = None  # armed in another run: its deadline is stale
         bound: int | None = None
         while True:
             if serve:
