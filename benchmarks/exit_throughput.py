@@ -9,7 +9,11 @@ store) N times. kvmfw's path is the real one: KvmCPU.tick -> KVM_RUN -> exit tab
 the arch's handle_exit_io (the core's test arch) -> bus -> a no-op device ("kvmfw");
 the same under a tick limit (an event bounds every slice, the run timer is armed); and
 with the no-op device's registers declared sinks, so the compiled path (kvmfw.fastpath)
-answers the exits in C ("kvmfw compiled"). A third section runs ``kvmfw run`` as a user
+answers the exits in C ("kvmfw compiled"); for port IO also with the arch letting single
+accesses go straight to the bus ("kvmfw, direct port IO": ``KvmCPU.direct_port_io``, as
+MMIO exits always do). The reps are interleaved (each rep runs every variant once) and
+each ratio is the median of the per-rep ratios, so load that changes during the run
+(a busy host) hits the variants alike. A third section runs ``kvmfw run`` as a user
 does, on the CLI's default x86 board, with a guest that writes and reads back the 16550's
 scratch register N times (two exits per iteration through the x86 plugin's port IO, the
 bus and the 16550), against QEMU/KVM running the same code as its BIOS; both per exit
@@ -30,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,10 +81,12 @@ USER_NS: dict[str, list[float]] = {}
 barely moved by other load on the host)."""
 
 
-def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False) -> float:
+def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False,
+               direct: bool = False) -> float:
     """kvmfw's full path; ``limited``: under a tick limit, so an event bounds every slice
     and the run timer is armed (the path of any run with a device timer pending);
-    ``compiled``: the loop's registers are declared sinks (kvmfw.fastpath)."""
+    ``compiled``: the loop's registers are declared sinks (kvmfw.fastpath); ``direct``:
+    the arch lets single port accesses go straight to the bus (``KvmCPU.direct_port_io``)."""
     from realmode_arch import RealModeArch
 
     from kvmfw.device import Range
@@ -86,7 +94,8 @@ def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False)
     from kvmfw.fastpath import FastRange
     from kvmfw.machine import Machine, MachineConfig
 
-    with Machine(MachineConfig(memory=0x10000), arch_plugin=RealModeArch(PROGRAM[kind])) as m:
+    arch = RealModeArch(PROGRAM[kind], direct_port_io=direct)
+    with Machine(MachineConfig(memory=0x10000), arch_plugin=arch) as m:
         dev = NoOp(m)
         m.map_device(Range("pio", 0x10, 4, "noop"), dev)
         m.map_device(Range("mmio", 0x20000, 0x100, "noop-mmio"), dev)
@@ -100,7 +109,8 @@ def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False)
         m.run(max_ticks=10**6 * TICKS_PER_SECOND if limited else None)
         ns = time.perf_counter_ns() - t0
         stats = m.cpus[0].stats
-        name = "kvmfw compiled" if compiled else "kvmfw, tick limit" if limited else "kvmfw"
+        name = "kvmfw compiled" if compiled else "kvmfw, tick limit" if limited else \
+            "kvmfw, direct port IO" if direct else "kvmfw"
         USER_NS.setdefault(name, []).append(
             (resource.getrusage(resource.RUSAGE_SELF).ru_utime - u0) * 1e9 / stats.vm_exits)
         if limited:
@@ -264,29 +274,43 @@ def main() -> int:
         print(f"{args.exits} exits per run, median of {args.reps} runs; ns per exit "
               "(exits/s); per-exit time / the C loop's and / the raw Python loop's")
         c_pio = raw_pio = 0.0
+        paired: dict[str, list[float]] = {}
 
         def show(res: dict[str, float], c: str = "C loop", py: str = "raw Python loop") -> None:
             base, pyb = res[c], res.get(py)
+
+            def ratio(name: str, ref: str, ref_ns: float) -> float:
+                # the median of per-rep ratios when both were measured in each rep (paired:
+                # load that drifts during the run cancels), else the ratio of medians
+                a, b = paired.get(name, []), paired.get(ref, [])
+                if a and len(a) == len(b):
+                    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+                return res[name] / ref_ns
+
             for name, ns in res.items():
                 user = USER_NS.pop(name, None)
                 extra = f"  user CPU {statistics.median(user):6.0f} ns" if user else ""
-                vs_py = f"  vs Python {ns / pyb:5.2f}" if pyb else ""
+                vs_py = f"  vs Python {ratio(name, py, pyb):5.2f}" if pyb else ""
                 print(f"  {name:<22} {ns:8.0f} ns  ({1e9 / ns:9.0f} /s)  vs C "
-                      f"{ns / base:5.2f}{vs_py}{extra}")
+                      f"{ratio(name, c, base):5.2f}{vs_py}{extra}")
 
         for kind in ("pio", "mmio"):
-            res = {
-                "C loop": statistics.median(c_loop(exe, kind, args.exits)
-                                            for _ in range(args.reps)),
-                **({} if args.only else {"raw Python loop": statistics.median(
-                    python_loop(kind, args.exits) for _ in range(args.reps))}),
-                "kvmfw": statistics.median(kvmfw_loop(kind, args.exits)
-                                           for _ in range(args.reps)),
-                "kvmfw, tick limit": statistics.median(kvmfw_loop(kind, args.exits, True)
-                                                       for _ in range(args.reps)),
-                "kvmfw compiled": statistics.median(kvmfw_loop(kind, args.exits, False, True)
-                                                    for _ in range(args.reps)),
-            }
+            # the reps are interleaved (each rep runs every variant once), so a change in
+            # the host's load hits all variants alike
+            n = args.exits
+            variants: dict[str, Callable[[], float]] = {"C loop": partial(c_loop, exe, kind, n)}
+            if not args.only:
+                variants["raw Python loop"] = partial(python_loop, kind, n)
+            variants["kvmfw"] = partial(kvmfw_loop, kind, n)
+            if kind == "pio":
+                variants["kvmfw, direct port IO"] = partial(kvmfw_loop, kind, n, direct=True)
+            variants["kvmfw, tick limit"] = partial(kvmfw_loop, kind, n, limited=True)
+            variants["kvmfw compiled"] = partial(kvmfw_loop, kind, n, compiled=True)
+            paired.clear()
+            for _ in range(args.reps):
+                for name, fn in variants.items():
+                    paired.setdefault(name, []).append(fn())
+            res = {name: statistics.median(v) for name, v in paired.items()}
             if kind == "pio":
                 c_pio, raw_pio = res["C loop"], res.get("raw Python loop")
             q = None if args.only else qemu_loop(kind, args.exits, tmp)
@@ -299,6 +323,7 @@ def main() -> int:
             arms = statistics.median(TIMER_ARMS)
             TIMER_ARMS.clear()
             print(f"  run timer: {arms:.2f} timer_settime per 1000 exits under a tick limit")
+        paired.clear()
         if not args.only:
             print("\n16550 write+readback, `kvmfw run` on the CLI's default x86 board")
             res = {"C loop (PIO)": c_pio}

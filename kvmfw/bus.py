@@ -106,10 +106,17 @@ class AddressSpace:
         self._cache: dict[int, Mapping | None] = {}
         self._fast: list[tuple[FastRange, Mapping]] = []
         self._reserved: list[tuple[int, int, str]] = []
+        self.reserved_ports: frozenset[int] = frozenset()
+        """The reserved addresses of a port space (:meth:`reserve`), as a set for the run
+        loop's direct port IO (``KvmCPU.direct_port_io``); empty for MMIO."""
         self.on_change: Callable[[], None] | None = None
         """Called after any change the compiled exit path depends on (set by :class:`Bus`)."""
         self.unclaimed_reads = 0
         self.unclaimed_writes = 0
+        if name != "mmio":
+            # port IO is never pending (read_or_pending refuses a deferred answer outside
+            # MMIO): a port read skips read()'s check and its frame
+            self.read = self.read_or_pending  # type: ignore[method-assign,assignment]
 
     @property
     def unclaimed(self) -> str:
@@ -188,8 +195,13 @@ class AddressSpace:
 
     def reserve(self, base: int, size: int, name: str) -> None:
         """Addresses the architecture answers itself before the bus: the compiled path
-        never takes them for unclaimed."""
+        never takes them for unclaimed, and direct port IO leaves them to the arch."""
+        if size <= 0 or base < 0 or (self.limit is not None and base + size > self.limit):
+            raise BusError(f"{self.name}: reserved range {name} [{base:#x}, +{size:#x}) is "
+                           "empty or outside the address space")
         self._reserved.append((base, base + size, name))
+        if self.limit is not None and self.limit <= 1 << 16:
+            self.reserved_ports = self.reserved_ports | frozenset(range(base, base + size))
         self._changed()
 
     def reserved(self) -> list[tuple[int, int, str]]:
@@ -219,7 +231,10 @@ class AddressSpace:
 
     def read_or_pending(self, addr: int, size: int) -> Answer:
         """:meth:`read` for the vCPU's MMIO exit: may return a :class:`PendingAccess`."""
-        m = self._cache.get(addr) or self.lookup(addr)
+        try:
+            m = self._cache[addr]
+        except KeyError:
+            m = self.lookup(addr)
         if m is None or addr + size > m.end:
             return self._unclaimed(addr, size, None)
         try:
@@ -247,7 +262,10 @@ class AddressSpace:
 
     def write(self, addr: int, data: bytes) -> PendingAccess | None:
         """Write ``data``; returns a :class:`PendingAccess` if the device completes later."""
-        m = self._cache.get(addr) or self.lookup(addr)
+        try:
+            m = self._cache[addr]
+        except KeyError:
+            m = self.lookup(addr)
         if m is None or addr + len(data) > m.end:
             self._unclaimed(addr, len(data), data)
             return None

@@ -33,7 +33,8 @@ import mmap
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import ExitReason, InternalError, SystemEvent, address_of, constants, lib
 from kvmfw.bus import PendingAccess
@@ -73,7 +74,6 @@ _SYNC_NONE = SyncLevel.NONE
 _now = time.monotonic_ns
 _run_ctx = lib.kvmfw_run_ctx
 _STALE = object()
-_new_tuple = tuple.__new__
 _EAGAIN = -errno.EAGAIN
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
@@ -104,18 +104,28 @@ RUNNING_MMIO_PENDING = CpuStatus.RUNNING_MMIO_PENDING
 RUNNING_SERVICE_COMPLETION = CpuStatus.RUNNING_SERVICE_COMPLETION
 
 
-class IoExit(NamedTuple):
-    """A ``KVM_EXIT_IO``: ``data_offset`` is into the vCPU mapping (``vcpu.run_map``)."""
+class IoExit(tuple):  # type: ignore[type-arg]
+    """A ``KVM_EXIT_IO``: the tuple ``(direction, size, port, count, data_offset)``, with
+    those names as attributes too; ``data_offset`` is into the vCPU mapping
+    (``vcpu.run_map``). Built from one iterable, ``IoExit((1, 1, 0x3f8, 1, 4096))``: a
+    plain tuple subclass is built in C (a ``NamedTuple``'s Python ``__new__`` cost a
+    quarter of a port exit's Python time)."""
 
-    direction: int
-    size: int
-    port: int
-    count: int  # type: ignore[assignment]  # (shadows tuple.count, as the kernel names it)
-    data_offset: int
+    __slots__ = ()
+    _fields = ("direction", "size", "port", "count", "data_offset")
+    direction = property(itemgetter(0), doc="KVM_EXIT_IO_OUT (1) or KVM_EXIT_IO_IN (0)")
+    size = property(itemgetter(1), doc="bytes per access (1, 2 or 4)")
+    port = property(itemgetter(2))
+    count = property(itemgetter(3), doc="accesses (> 1: string IO)")  # type: ignore[assignment]
+    data_offset = property(itemgetter(4))
 
     @property
     def is_write(self) -> bool:
-        return self.direction == constants.KVM_EXIT_IO_OUT
+        return self[0] == constants.KVM_EXIT_IO_OUT
+
+    def __repr__(self) -> str:
+        return "IoExit(" + ", ".join(f"{n}={v}" for n, v in zip(self._fields, self,
+                                                                    strict=True)) + ")"
 
 
 class KvmCPU:
@@ -172,6 +182,7 @@ class KvmCPU:
         self._fd = vcpu.fd
         self._run: Any = vcpu.run
         self._map: Any = vcpu.run_map
+        self._view: Any = vcpu.run_view  # (unpacking from it is faster than from the mmap)
         self._run_addr = address_of(vcpu.run)
         self._run_size = len(vcpu.run_map)
         self._bus = machine.bus
@@ -184,11 +195,21 @@ class KvmCPU:
         self._fast_table: Any = _STALE
         """The bus table the compiled path uses (refreshed when the bus drops it)."""
         self._ticks_per_cycle = 1000.0 * host_factor
+        self._cycles_per_ns = 1.0
+        """The cycle source's cycles per ns when the C entry times them (see
+        :meth:`bind_thread`; 1: the monotonic clock), 0 when Python reads the source."""
         self._ctx.ticks_per_ns = self._ticks_per_cycle
         self.last_exit: int | None = None
         self.mmio_remap = True
         """False once the arch said (in ``vcpu_init``) that ``finalize_mmio_address`` never
         changes this vCPU's addresses: the hook is then not called on each MMIO exit."""
+        self.direct_port_io = False
+        """True once the arch said (in ``vcpu_init``) that its ``handle_exit_io`` does for a
+        single port access outside its reserved ports (:meth:`AddressSpace.reserve
+        <kvmfw.bus.AddressSpace.reserve>`) only what the bus does: such exits then go
+        straight to the bus, as MMIO exits do, without the hook or an :class:`IoExit`
+        (string IO and reserved ports still reach it). The compiled exit path already
+        treats those ports so."""
         self.suspended_ticks = 0
         """Simulated ticks spent IDLE (halted or suspended), as gem5 accounts them."""
         self._idle_since: int | None = None
@@ -238,12 +259,16 @@ class KvmCPU:
             self.cycle_source.close()
         self.cycle_source = cycle_source
         self.cycle_source_reason = reason
-        monotonic = cycle_source.read is time.monotonic_ns
-        self._cycles = None if monotonic else cycle_source.read
+        # a source of host cycles (the monotonic clock, the TSC) counts, around KVM_RUN, the
+        # time the C entry already takes with CLOCK_MONOTONIC: the C entry accounts it (ns,
+        # scaled to the source's cycles when folded) and the exit path reads no counter; a
+        # guest-only counter (perf) is read around each entry
+        timed = not cycle_source.counts_guest_only and cycle_source.instructions is None
+        self._cycles = None if timed else cycle_source.read
         self._insns = cycle_source.instructions
         self._ticks_per_cycle = cycle_source.ticks(1_000_000, self.host_factor) / 1_000_000
-        # the C entry accounts cycles and ticks itself when the clock is the cycle source
-        self._ctx.ticks_per_ns = self._ticks_per_cycle if monotonic else 0.0
+        self._cycles_per_ns = cycle_source.frequency_hz / 1e9 if timed else 0.0
+        self._ctx.ticks_per_ns = self._ticks_per_cycle * self._cycles_per_ns
 
     @property
     def runs(self) -> int:
@@ -264,7 +289,9 @@ class KvmCPU:
             st = self.stats
             st.vm_exits += n
             st.host_ns_in_kvm += c.ns
-            st.cycles += c.cycles
+            cycles = c.cycles  # (ns of a source of host cycles: in its cycles)
+            st.cycles += cycles if self._cycles_per_ns == 1.0 else \
+                int(cycles * self._cycles_per_ns)
             st.ticks_in_kvm += c.ticks
             st.io += c.io
             st.mmio += c.mmio
@@ -450,9 +477,6 @@ class KvmCPU:
 
     def tick(self) -> None:
         """Run and service until an event is due, the CPU idles, or the machine stops."""
-        eq = self.eventq
-        machine = self.machine
-        heap = eq._heap
         self._trace = log_run.isEnabledFor(logging.DEBUG) or log_io.isEnabledFor(logging.DEBUG)
         self._update_extras()
         # the exit table for this call: the plain one, or one that traces each IO/MMIO exit
@@ -461,47 +485,9 @@ class KvmCPU:
         if self._trace:
             dispatch = self._traced_dispatch(dispatch)
         try:
-            self._tick_loop(eq, machine, heap, dispatch)
+            self._loop(dispatch, None)
         finally:
             self.fold_stats()
-
-    def _tick_loop(self, eq: Any, machine: Machine, heap: list[Any],
-                   dispatch: list[Any]) -> None:
-        while True:
-            st = self.status
-            if st is RUNNING or st is RUNNING_SERVICE_COMPLETION:
-                if self.drain_pending:
-                    self.run_drain()
-                elif not heap:
-                    self._run_slice(None)
-                else:
-                    # eq.next_tick(), inlined for a live head (the common case)
-                    when, _, seq, ev = heap[0]
-                    nxt = when if ev._seq == seq and ev.when == when else eq.next_tick()
-                    cur = eq.cur_tick
-                    if nxt is None:
-                        self._run_slice(None)
-                    elif nxt > cur:
-                        self._run_slice(nxt - cur)
-            elif st is not RUNNING_SERVICE:
-                return  # IDLE or MMIO pending: someone else reschedules us
-            if self.status is RUNNING_SERVICE:
-                # service the exit at once, as gem5 does (it happened before any event now
-                # due); _dispatch_exit, inlined: one frame less per exit
-                try:
-                    dispatch[self.last_exit]()  # type: ignore[index]
-                except KvmfwError:
-                    raise
-                except Exception as exc:
-                    self._dispatch_failed(exc)
-            if machine.stop_requested:
-                if self.status is not IDLE:
-                    self._schedule_tick(eq.cur_tick)
-                return
-            if heap and heap[0][0] <= eq.cur_tick:
-                if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
-                    self._schedule_tick(eq.cur_tick)
-                return
 
     def run_thread(self) -> None:
         """The loop of a vCPU that has its own host thread (parallel mode).
@@ -526,7 +512,7 @@ class KvmCPU:
                     with lock:
                         self.run_drain()
                 else:
-                    self._run_slice(None)
+                    self._loop(None, None)
         except BaseException as exc:  # handed to the main thread
             m.thread_failed(exc)
 
@@ -534,97 +520,177 @@ class KvmCPU:
         """Enter KVM once for at most ``ticks`` simulated ticks (None: until an exit) and
         leave the exit unserviced (status RUNNING_SERVICE, or RUNNING after a kick). For
         arch plugins driving a vCPU towards a drainable point (``kvm_run_drain``)."""
-        self._run_slice(ticks)
+        self._loop(None, ticks)
 
-    def _run_slice(self, ticks: int | None) -> None:
-        """Push dirty state, enter KVM for at most ``ticks`` simulated ticks, account time.
+    _run_slice = run_slice
 
-        The hot path: what only some runs need (a dirty context, an interrupt to deliver,
+    def _loop(self, dispatch: list[Any] | None, ticks: int | None) -> None:
+        """Enter KVM, account the time, service the exit; again.
+
+        With a ``dispatch`` table (:meth:`tick`): slices bounded by the next event, each
+        exit serviced at once (as gem5 does: it happened before any event now due), until
+        an event is due, the CPU idles or the machine stops. Without (:meth:`run_slice`):
+        one entry for at most ``ticks`` ticks (None: until an exit), left unserviced.
+
+        The hot path, one frame per exit: what stays fixed while it runs is bound to
+        locals once (the clock base too: :meth:`Machine._start_clock` moves it between
+        runs only); what only some entries need (a dirty context, an interrupt to deliver,
         ``always_sync``, ``pre_run``/``post_run`` hooks, the coalesced ring, tracing) sits
         behind one flag each side (``_extras``), so a plain exit pays for none of it."""
-        if self._tc_dirty or self.interrupt_pending or self._extras:
-            if self._before_entry():
-                return  # delivery suspended the CPU (x86 INIT): do not enter KVM
-        timer = self._timer
         eq = self.eventq
-        if ticks is None:
-            bound = None
-            if timer is not None and timer.deadline_ns is not None:
-                timer.disarm()
-        else:
-            bound = eq.cur_tick + ticks
-            # the host instant that maps to the bounding event, from the run's fixed clock
-            # base: the same event gives the same deadline, so the timer is armed once per
-            # event (and its deadline computed once) rather than on every exit
-            if timer is not None and (bound != self._armed_bound or timer.deadline_ns is None
-                                      or self._armed_clock is not self.machine._clock):
-                clock = self._armed_clock = self.machine._clock
-                host0, tick0, per_ns = clock
-                timer.arm_at(host0 - int((tick0 - bound) // per_ns))
-                self._armed_bound = bound
-        if self._fast_table is not self._bus.fast:
-            self._refresh_fast()
-        src = self._cycles
-        if src is None:  # the monotonic clock is the cycle source: C reads it and accounts
-            ctx = self._ctx
-            r = _run_ctx(ctx)
-            t1 = ctx.t1
-        else:
-            insns = self._insns
-            i0 = insns() if insns is not None else 0
-            c0 = src()
-            ctx = self._ctx
-            r = _run_ctx(ctx)
-            t1 = ctx.t1
-            cycles = src() - c0
-            stats = self.stats
-            if insns is not None:
-                stats.instructions += insns() - i0
-            stats.cycles += cycles
-            stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
-        if r:  # > 0: exits the compiled path answered before this one; < 0: -errno
-            if r > 0 or self._fs.counts[0]:
-                self._fold_fast()
-            if r > 0:
-                r = 0
-        self._pulled_level = _SYNC_NONE
-        if r < 0:
-            if r != _EINTR and r != _EAGAIN:
-                raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
-            reason = 10  # KVM_EXIT_INTR
-        else:
-            reason = self._run.exit_reason
-        self.last_exit = reason
-        if self._extras:
-            self._after_exit(reason, ticks, t1)
-        fired = False
-        if reason == 10:  # KVM_EXIT_INTR
-            self.stats.exit_signal += 1
-            self.status = RUNNING
-            # a kick or the run timer set immediate_exit: clear it or every entry returns at
-            # once. Kicks are requests whose state (stop, interrupt, event) the loop checks
-            # before the next entry; the one kick that carries no state is the timer's
-            # expiry, so if the deadline has passed, it is treated as fired whether its
-            # signal ended this run or lands now, just before or after the clear.
-            self._run.immediate_exit = 0
-            if timer is not None and timer.deadline_ns is not None \
-                    and _now() >= timer.deadline_ns:
-                timer.deadline_ns = None  # one-shot: it has fired
-                fired = bound is not None
-        else:
-            self.status = RUNNING_SERVICE
-        if self.parallel:
-            self.fold_stats()  # here, on the vCPU's thread: nobody else touches the counts
-        else:
-            # simulated time follows host time since the run began (service time included)
-            # but never passes the event that bounded the slice; when the slice timer ended
-            # the run, time is at that event (gem5's rule)
-            host0, tick0, per_ns = self.machine._clock
-            now = tick0 + int((t1 - host0) * per_ns)
-            if bound is not None and (fired or now > bound):
-                now = bound
-            if now > eq.cur_tick:
-                eq.cur_tick = now
+        heap = eq._heap
+        machine = self.machine
+        bus = self._bus
+        ctx = self._ctx
+        run = self._run
+        timer = self._timer
+        src = self._cycles  # None: the C entry times the cycles (see bind_thread)
+        stats = self.stats
+        parallel = self.parallel  # (fixed for a run: set before the vCPU threads start)
+        table: list[Any] = dispatch if dispatch is not None else []
+        serve = dispatch is not None
+        host0 = tick0 = per_int = 0
+        per_ns = 1.0
+        if not parallel:  # (a vCPU thread of a parallel run accounts no time itself)
+            clock = machine._clock
+            host0, tick0, per_ns = clock
+            # whole ticks per ns (host_factor 1: 1000): the time is then integer arithmetic
+            per_int = int(per_ns) if per_ns.is_integer() else 0
+            if self._armed_clock is not clock:
+                self._armed_bound = None  # armed in another run: its deadline is stale
+        bound: int | None = None
+        while True:
+            if serve:
+                st = self.status
+                if st is RUNNING_SERVICE_COMPLETION or st is RUNNING:
+                    if self.drain_pending:
+                        self.run_drain()
+                        enter = False
+                    elif heap:
+                        # eq.next_tick(), inlined for a live head (the common case)
+                        when, _, seq, ev = heap[0]
+                        bound = when if ev._seq == seq and ev.when == when else eq.next_tick()
+                        enter = bound is None or bound > eq.cur_tick  # else: an event is due
+                    else:
+                        bound = None
+                        enter = True
+                elif st is RUNNING_SERVICE:
+                    enter = False  # an exit left unserviced (a half entry, a kick)
+                else:
+                    return  # IDLE or MMIO pending: someone else reschedules us
+            else:
+                bound = None if ticks is None else eq.cur_tick + ticks
+                enter = True
+            if enter:
+                if self._tc_dirty or self.interrupt_pending or self._extras:
+                    if self._before_entry():  # delivery suspended the CPU (x86 INIT)
+                        if serve:
+                            continue
+                        return
+                if timer is not None:
+                    if bound is None:
+                        if timer.deadline_ns is not None:
+                            timer.disarm()
+                    elif bound != self._armed_bound or timer.deadline_ns is None:
+                        self._arm(timer, bound)
+                if self._fast_table is not bus.fast:
+                    self._refresh_fast()
+                if src is None:
+                    r = _run_ctx(ctx)
+                    t1 = ctx.t1
+                else:
+                    insns = self._insns  # (a perf counter: then also instructions)
+                    i0 = insns() if insns is not None else 0
+                    c0 = src()
+                    r = _run_ctx(ctx)
+                    t1 = ctx.t1
+                    cycles = src() - c0
+                    if insns is not None:
+                        stats.instructions += insns() - i0
+                    stats.cycles += cycles
+                    stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
+                self._pulled_level = _SYNC_NONE
+                # r > 0: exits the compiled path answered before this one; < 0: -errno
+                reason = self._run_returned(r) if r else run.exit_reason
+                self.last_exit = reason
+                if self._extras:
+                    self._after_exit(reason, bound, t1)
+                if reason == 10:  # KVM_EXIT_INTR
+                    fired = self._interrupted(timer, bound)
+                else:
+                    fired = False
+                    self.status = RUNNING_SERVICE
+                if parallel:
+                    self.fold_stats()  # here, on the vCPU's thread: nobody else touches them
+                else:
+                    # simulated time follows host time since the run began (service time
+                    # included) but never passes the event that bounded the slice; when the
+                    # slice timer ended the run, time is at that event (gem5's rule)
+                    if per_int:
+                        now = tick0 + (t1 - host0) * per_int
+                    else:
+                        now = tick0 + int((t1 - host0) * per_ns)
+                    if bound is not None and (fired or now > bound):
+                        now = bound
+                    if now > eq.cur_tick:
+                        eq.cur_tick = now
+                if not serve:
+                    return
+            if self.status is RUNNING_SERVICE:
+                # service the exit at once (it happened before any event now due); the
+                # table call is inline, as in _dispatch_exit: one frame less per exit
+                try:
+                    table[self.last_exit]()  # type: ignore[index]
+                except KvmfwError:
+                    raise
+                except Exception as exc:
+                    self._dispatch_failed(exc)
+            if machine.stop_requested:
+                if self.status is not IDLE:
+                    self._schedule_tick(eq.cur_tick)
+                return
+            if heap and heap[0][0] <= eq.cur_tick:
+                if self.status is not IDLE and self.status is not RUNNING_MMIO_PENDING:
+                    self._schedule_tick(eq.cur_tick)
+                return
+
+    def _run_returned(self, r: int) -> int:
+        """The exit reason after ``kvmfw_run_ctx`` returned ``r`` != 0: > 0 after exits the
+        compiled path answered (accounted here); -EINTR/-EAGAIN (a kick): KVM_EXIT_INTR;
+        any other -errno is an error."""
+        if r > 0 or self._fs.counts[0]:
+            self._fold_fast()
+        if r > 0:
+            return int(self._run.exit_reason)
+        if r != _EINTR and r != _EAGAIN:
+            raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
+        return 10  # KVM_EXIT_INTR
+
+    def _arm(self, timer: RunTimer, bound: int) -> None:
+        """Arm the run timer for the host instant that maps to the bounding event, from
+        the run's fixed clock base: the same event gives the same deadline, so the timer
+        is armed once per event (and its deadline computed once), not on every exit."""
+        clock = self._armed_clock = self.machine._clock
+        host0, tick0, per_ns = clock
+        timer.arm_at(host0 - int((tick0 - bound) // per_ns))
+        self._armed_bound = bound
+
+    def _interrupted(self, timer: RunTimer | None, bound: int | None) -> bool:
+        """A ``KVM_EXIT_INTR`` (a kick or the run timer): True if the timer bounding the
+        slice has fired.
+
+        A kick or the run timer set immediate_exit: clear it or every entry returns at
+        once. Kicks are requests whose state (stop, interrupt, event) the loop checks
+        before the next entry; the one kick that carries no state is the timer's expiry,
+        so if the deadline has passed, it is treated as fired whether its signal ended
+        this run or lands now, just before or after the clear."""
+        self.stats.exit_signal += 1
+        self.status = RUNNING
+        self._run.immediate_exit = 0
+        if timer is not None and timer.deadline_ns is not None and _now() >= timer.deadline_ns:
+            timer.deadline_ns = None  # one-shot: it has fired
+            return bound is not None
+        return False
 
     def _before_entry(self) -> bool:
         """The cold part of an entry: push a dirty context, deliver interrupts, ``pre_run``.
@@ -648,7 +714,7 @@ class KvmCPU:
                 raise PluginHookError("pre_run", _culprit(exc), exc) from exc
         return False
 
-    def _after_exit(self, reason: int, ticks: int | None, t1: int) -> None:
+    def _after_exit(self, reason: int, bound: int | None, t1: int) -> None:
         """The cold part of an exit: ``always_sync``'s pull, ``post_run``, the coalesced
         ring, the trace."""
         if self.always_sync:
@@ -663,8 +729,8 @@ class KvmCPU:
         if self._use_coalesced_mmio:
             self._drain_coalesced_mmio()
         if self._trace:
-            log_run.debug("cpu%d: ran for at most %s ticks, exit %s at host %d ns", self.id,
-                          ticks, _exit_name(reason), t1)
+            log_run.debug("cpu%d: ran until at most tick %s, exit %s at host %d ns", self.id,
+                          bound, _exit_name(reason), t1)
 
     def _update_extras(self) -> None:
         self._extras = bool(self._always_sync or self._pre_run is not None
@@ -831,7 +897,20 @@ class KvmCPU:
 
     def _exit_io(self) -> None:
         # (counted by the C entry: stats.io)
-        io = _new_tuple(IoExit, _unpack_io(self._map, RUN_PAYLOAD))
+        t = _unpack_io(self._view, RUN_PAYLOAD)
+        if self.direct_port_io and t[3] == 1:
+            direction, size, port, _, off = t
+            pio = self._bus.pio
+            if port not in pio.reserved_ports:
+                mm = self._map
+                if direction:
+                    pio.write(port, mm[off:off + size])
+                else:
+                    mm[off:off + size] = pio.read(port, size)
+                if self.status is RUNNING_SERVICE:
+                    self.status = RUNNING_SERVICE_COMPLETION
+                return
+        io = IoExit(t)
         fn = self._handle_exit_io
         if fn is None or fn(self, io) is None:
             raise self._error(UnhandledExitError, ExitReason.IO,
@@ -844,8 +923,7 @@ class KvmCPU:
 
     def _exit_mmio(self) -> None:
         # (counted by the C entry: stats.mmio)
-        mm = self._map
-        addr, data, length, is_write = _unpack_mmio(mm, RUN_PAYLOAD)
+        addr, data, length, is_write = _unpack_mmio(self._view, RUN_PAYLOAD)
         if self._finalize_mmio is not None and self.mmio_remap:
             new = self._finalize_mmio(self, addr)
             if new is not None:
@@ -860,7 +938,7 @@ class KvmCPU:
         else:
             pending = mmio.read_or_pending(addr, length)
             if pending.__class__ is not PendingAccess:
-                mm[MMIO_DATA:MMIO_DATA + length] = pending
+                self._map[MMIO_DATA:MMIO_DATA + length] = pending
                 pending = None
         if pending is not None:
             self._wait_mmio(pending)
@@ -1145,7 +1223,7 @@ class KvmCPU:
         if self.vcpu.bound_here:
             self.vcpu.unbind_thread()
         self._run = None
-        self._map = None
+        self._map = self._view = None
         if self._timer is not None:
             self._timer.close()
             self._timer = None

@@ -215,6 +215,7 @@ def _attach_run_area(cpu: Any) -> None:
     cpu._fd = vcpu.fd
     cpu._run = vcpu.run
     cpu._map = vcpu.run_map
+    cpu._view = vcpu.run_view
     cpu._run_addr = address_of(vcpu.run)
     cpu._run_size = len(vcpu.run_map)
     fs = getattr(cpu, "_fs", None)

@@ -47,8 +47,12 @@ class RealModeContext:
 class RealModeArch:
     """Hook implementations; ``calls`` records hook calls for the tests."""
 
-    def __init__(self, program: int = 0, guest: bytes | None = None) -> None:
+    def __init__(self, program: int = 0, guest: bytes | None = None, *,
+                 direct_port_io: bool = False) -> None:
         self.program = program
+        self.direct_port_io = direct_port_io
+        """Let single port accesses bypass :meth:`handle_exit_io` (``KvmCPU.direct_port_io``:
+        it does only what the bus does)."""
         self.guest = guest if guest is not None else GUEST.read_bytes()
         self.calls: list[str] = []
         self.pio_handled = 0
@@ -66,6 +70,10 @@ class RealModeArch:
         rom = MemoryRegion.anonymous(ROM_BASE, 0x1000, "rom")
         rom.view[:len(self.guest)] = self.guest
         machine.vm.add_memory(rom)
+
+    @hookimpl
+    def vcpu_init(self, cpu: Any) -> None:
+        cpu.direct_port_io = self.direct_port_io
 
     @hookimpl
     def create_thread_context(self, cpu: Any) -> RealModeContext:

@@ -111,3 +111,37 @@ def test_unregister_frees_the_range_and_the_lookup_cache() -> None:
     assert space.read(0x10, 1) == b"\xff"
     with pytest.raises(BusError):
         space.unregister(dev)
+
+
+def test_a_device_mapped_after_an_unclaimed_access_is_found() -> None:
+    """The lookup cache remembers misses too: a later mapping must replace them."""
+    space = AddressSpace("pio")
+    assert space.read(0x10, 1) == b"\xff"
+    space.write(0x10, b"\x01")
+    dev = Reg()
+    space.register(0x10, 2, dev)
+    assert space.read(0x10, 1) == b"\x00"
+    space.write(0x10, b"\x03")
+    assert dev.log == [("r", 0, 1), ("w", 0, b"\x03")]
+    assert (space.unclaimed_reads, space.unclaimed_writes) == (1, 1)
+
+
+def test_only_vcpu_mmio_reads_may_be_deferred() -> None:
+    """A port read never waits (the port space's read is read_or_pending, which refuses
+    a deferred answer outside MMIO); an MMIO read() refuses one too."""
+    from kvmfw.bus import PendingAccess
+
+    class Late(Reg):
+        def read(self, offset: int, size: int) -> PendingAccess:  # type: ignore[override]
+            return PendingAccess(size)
+
+    pio = AddressSpace("pio")
+    pio.register(0x10, 1, Late())
+    for read in (pio.read, pio.read_or_pending):
+        with pytest.raises(DeviceError, match="mismatched pending access"):
+            read(0x10, 1)
+    mmio = AddressSpace("mmio")
+    mmio.register(0x1000, 8, Late())
+    with pytest.raises(DeviceError, match="deferred a read"):
+        mmio.read(0x1000, 4)
+    assert isinstance(mmio.read_or_pending(0x1000, 4), PendingAccess)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pytest
 from kvmtest import (
@@ -20,6 +21,7 @@ from kvmtest import (
 
 from kvmfw.abi import ExitReason
 from kvmfw.cpu import CpuStatus
+from kvmfw.device import Range
 from kvmfw.errors import (
     EmulationFailureError,
     EntryFailureError,
@@ -350,3 +352,156 @@ def test_an_event_posted_from_another_thread_interrupts_a_spinning_guest(make_ma
     threading.Timer(0.2, post).start()
     result = m.run(timeout=10)  # no event bounds the slice: only the post can end it
     assert result.reason == "posted" and fired == [1]
+
+
+class _Counter:
+    """Counts port writes; after ``limit`` of them it unmaps itself and maps ``then``."""
+
+    def __init__(self, machine: Any, limit: int, then: Any = None) -> None:
+        self.machine, self.limit, self.then, self.writes = machine, limit, then, 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\0" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes += 1
+        if self.writes == self.limit:
+            self.machine.bus.pio.unregister(self)
+            if self.then is not None:
+                self.machine.map_device(Range("pio", 0x10, 1, "second"), self.then)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fastpath", "no-fastpath"])
+def test_devices_mapped_and_unmapped_during_a_run_take_effect_at_the_next_exit(
+        make_machine, fast: bool) -> None:
+    """The bus caches lookups (and the compiled path's table): a device mapped at a port
+    the guest has been writing, and one unmapped, are seen by the very next exit."""
+    m, _arch, rec = make_machine(PIOLOOP, options={"fastpath": fast})
+    m.bus.pio.unregister(rec)
+    m.map_device(Range("pio", 0x13, 1, "exit"), rec)  # (offset 0: recorded, then exit)
+    rec.write = lambda offset, data: m.request_exit(0, "guest wrote the exit port")
+    second = _Counter(m, 5)
+    first = _Counter(m, 5, then=second)
+    m.map_device(Range("pio", 0x10, 1, "first"), first)
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 20
+    cpu.mark_context_dirty()
+    result = m.run(timeout=30)
+    assert result.reason == "guest wrote the exit port"
+    assert (first.writes, second.writes) == (5, 5)
+    assert m.bus.pio.unclaimed_writes == 10  # after the second unmapped itself
+    assert cpu.stats.io == 21
+
+
+def test_port_exits_reach_the_arch_as_tuples_with_field_names(make_machine) -> None:
+    from kvmfw.cpu import IoExit
+
+    m, arch, rec = make_machine(PIO)
+    cpu = m.cpus[0]
+    plain = cpu._handle_exit_io
+    seen: list[Any] = []
+
+    def spy(c: Any, io: Any) -> Any:
+        seen.append(io)
+        return plain(c, io)
+
+    cpu._handle_exit_io = spy
+    m.run(timeout=10)
+    first = seen[0]
+    assert isinstance(first, tuple) and type(first) is IoExit
+    direction, size, port, count, off = first
+    assert (first.direction, first.size, first.port, first.count, first.data_offset) == (
+        direction, size, port, count, off) == (1, 1, 0x10, 1, off)
+    assert first.is_write and not seen[2].is_write  # 'O' out, then the in from 0x11
+    assert IoExit((0, 2, 0x12, 1, 4096)).size == 2
+    assert repr(IoExit((0, 2, 0x12, 1, 4096))) == \
+        "IoExit(direction=0, size=2, port=18, count=1, data_offset=4096)"
+
+
+def _spy_io(cpu: Any) -> list[Any]:
+    plain, seen = cpu._handle_exit_io, []
+
+    def spy(c: Any, io: Any) -> Any:
+        seen.append(tuple(io))
+        return plain(c, io)
+
+    cpu._handle_exit_io = spy
+    return seen
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["via-arch", "direct"])
+def test_direct_port_io_gives_the_guest_the_same_and_skips_only_the_hook(
+        make_machine, direct: bool) -> None:
+    """An arch that sets ``cpu.direct_port_io`` (it does for a single access only what the
+    bus does) is not called for those exits; its reserved ports still reach it."""
+    m, arch, rec = make_machine(PIO)
+    m.bus.pio.reserve(0x12, 1, "arch-port")  # the 16-bit write of 0xbeef
+    cpu = m.cpus[0]
+    assert not cpu.direct_port_io  # (the default: every port exit reaches the arch)
+    cpu.direct_port_io = direct  # (as an arch's vcpu_init would)
+    seen = _spy_io(cpu)
+    result = m.run(timeout=10)
+    assert (result.status, result.reason) == (0, "guest wrote the exit port")
+    assert rec.writes == [(0, b"O"), (0, b"K"), (0, b"B"), (2, b"\xef\xbe")]
+    assert rec.reads == [(1, 1)]
+    assert cpu.stats.io == 6
+    ports = [port for _, _, port, _, _ in seen]
+    assert ports == ([0x12] if direct else [0x10, 0x10, 0x11, 0x10, 0x12, 0x13])
+
+
+def test_direct_port_io_leaves_string_io_to_the_arch(make_machine) -> None:
+    m, arch, rec = make_machine(PIO)
+    cpu = m.cpus[0]
+    cpu.direct_port_io = True
+    m.run(timeout=10)  # a real run first: the vCPU is set up
+    seen = _spy_io(cpu)
+    run = cpu.vcpu.run
+    run.io.direction, run.io.size, run.io.port, run.io.count = 1, 1, 0x10, 3
+    run.io.data_offset = 4096
+    _inject_exit(cpu, ExitReason.IO)
+    cpu._dispatch_exit()
+    assert seen == [(1, 1, 0x10, 3, 4096)]  # (the test arch then does one write of it)
+
+
+def test_a_reserved_range_outside_the_space_is_refused() -> None:
+    from kvmfw.bus import AddressSpace
+    from kvmfw.errors import BusError
+
+    pio = AddressSpace("pio", limit=1 << 16)
+    for base, size in ((0xFFFF, 2), (0x10, 0), (-1, 2), (0, 1 << 40)):
+        with pytest.raises(BusError, match="reserved range"):
+            pio.reserve(base, size, "bad")
+    pio.reserve(0xCF8, 8, "pci")
+    assert pio.reserved_ports == frozenset(range(0xCF8, 0xD00))
+
+
+@pytest.mark.parametrize("guest_only", [False, True], ids=["host-cycles", "guest-only"])
+def test_a_host_cycle_source_is_timed_by_the_entry_and_a_guest_only_one_is_read(
+        make_machine, guest_only: bool) -> None:
+    """A source of host cycles (x86: the TSC) counts the time the C entry already takes
+    around KVM_RUN: it is derived from that, at the source's rate, with no read per exit;
+    a guest-only counter (perf) is read around each entry. Both give cycles and ticks."""
+    from kvmfw.timer import CycleSource
+
+    reads = [0]
+
+    def read() -> int:
+        reads[0] += 1
+        return reads[0] * 1000
+
+    src = CycleSource("test-cycles", read, 2e9, counts_guest_only=guest_only)
+    m, arch, rec = make_machine(PIOLOOP)
+    m._cycle_source = lambda cpu: (src, "a test source")
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 50
+    cpu.mark_context_dirty()
+    m.run(timeout=20)
+    s = cpu.stats
+    assert s.vm_exits == 51
+    if guest_only:
+        assert reads[0] == 2 * s.vm_exits and s.cycles == 1000 * s.vm_exits
+        assert s.ticks_in_kvm == s.vm_exits * int(1000 * 1e12 / 2e9)
+    else:
+        assert reads[0] == 0
+        assert abs(s.cycles - 2 * s.host_ns_in_kvm) <= 2  # (2 GHz; rounded when folded)
+        assert abs(s.ticks_in_kvm - 1000 * s.host_ns_in_kvm) <= 1000 * s.vm_exits

@@ -70,9 +70,9 @@ def test_string_io_count_above_one_moves_every_element(machine_factory) -> None:
     view[16:24] = b"\x01\x02\x03\x04\x05\x06\x07\x08"
     cpu = SimpleNamespace(vcpu=SimpleNamespace(run_map=view))
     pio = PortIo(m)
-    assert pio.handle(cpu, IoExit(1, 2, 0xE8, 4, 16))
+    assert pio.handle(cpu, IoExit((1, 2, 0xE8, 4, 16)))
     assert fifo.written == [b"\x01\x02", b"\x03\x04", b"\x05\x06", b"\x07\x08"]
-    assert pio.handle(cpu, IoExit(0, 1, 0xE8, 3, 32))
+    assert pio.handle(cpu, IoExit((0, 1, 0xE8, 3, 32)))
     assert bytes(view[32:35]) == bytes([0xA4, 0xA4, 0xA4])
     assert pio.stats["string_io"] == 2
 

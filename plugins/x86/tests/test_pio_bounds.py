@@ -44,7 +44,7 @@ def test_string_io_count_is_bounded_by_the_data_page(machine_factory, size: int,
     for direction in (0, 1):
         for port in (0xE8, 0xCFC):
             with pytest.raises(InternalKvmError, match="outside KVM's"):
-                pio.handle(cpu, IoExit(direction, size, port, count, off))
+                pio.handle(cpu, IoExit((direction, size, port, count, off)))
     assert fifo.written == [] and fifo.reads == 0
 
 
@@ -55,5 +55,5 @@ def test_string_io_up_to_a_full_page_is_served(machine_factory) -> None:
     view = memoryview(bytearray(8192))
     cpu = SimpleNamespace(vcpu=SimpleNamespace(run_map=view))
     pio = PortIo(m)
-    assert pio.handle(cpu, IoExit(0, 4, 0xE8, 1024, 4096))
+    assert pio.handle(cpu, IoExit((0, 4, 0xE8, 1024, 4096)))
     assert bytes(view[4096:]) == b"\xA5" * 4096 and fifo.reads == 1024
