@@ -84,7 +84,24 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """The ``kvmfw`` group: built-in commands, and those plugins publish under the
+    ``kvmfw.cli`` entry-point group, imported only when asked for by name or listed (a
+    ``kvmfw run`` imports no plugin's CLI)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None:
+            _add_plugin_commands(cmd_name)
+            cmd = super().get_command(ctx, cmd_name)
+        return cmd
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _add_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=_show_version,
               help="Show kvmfw's version and every installed plugin's, and exit.")
@@ -818,14 +835,14 @@ def _write_stats(machine: Any, path: str) -> None:
         raise ConfigError(f"cannot write --stats {path}: {exc.strerror}") from None
 
 
-def _add_plugin_commands() -> None:
-    """Commands plugins publish under the ``kvmfw.cli`` entry-point group (e.g. the x86
-    plugin's ``kvmfw cpuid``); one that fails to load is skipped, and ``list-plugins``
-    still shows the plugin."""
-    import importlib.metadata
+def _add_plugin_commands(name: str | None = None) -> None:
+    """Add the commands plugins publish under the ``kvmfw.cli`` entry-point group (e.g. the
+    x86 plugin's ``kvmfw cpuid``), or only command ``name``; one that fails to load is
+    skipped, and ``list-plugins`` still shows the plugin."""
+    from kvmfw.plugins import CLI_GROUP, entry_points
 
-    for ep in importlib.metadata.entry_points(group="kvmfw.cli"):
-        if ep.name in cli.commands:
+    for ep in entry_points(CLI_GROUP):
+        if ep.name in cli.commands or (name is not None and ep.name != name):
             continue
         try:
             cmd = ep.load()
@@ -862,7 +879,6 @@ def _settle_output() -> None:
 
 def _main(argv: list[str] | None) -> None:
     try:
-        _add_plugin_commands()
         cli.main(args=argv, prog_name="kvmfw", standalone_mode=False)
     except click.exceptions.Abort:
         _echo_err("aborted")
