@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="one more kvmfw boot per configuration with --stats: its exits")
     ap.add_argument("--no-memory", action="store_true", help="skip the untimed RSS boots")
+    ap.add_argument("--console-times", action="store_true",
+                    help="first, one untimed boot per VMM without 'quiet': every console "
+                    "line with the host time it arrived (where the guest spends its time)")
     ap.add_argument("--kvmfw-option", action="append", default=[],
                     help="extra kvmfw run argument (repeatable), e.g. --option=...")
     ap.add_argument("-v", "--verbose", action="store_true", help="console tail of failed boots")
@@ -132,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
                     disk=image if disk else None, timeout=args.timeout,
                     extra=list(args.kvmfw_option) if vmm == "kvmfw" else [])
 
+    if args.console_times:
+        for v in vmms:
+            b = boot(v, cpus_list[0], False)
+            b.cmdline = b.cmdline.replace(" quiet", "")
+            r = run(b)
+            print(f"\n== console of one {v} boot ({cpus_list[0]} vCPU, no disk, no 'quiet'): "
+                  f"host s | guest line; marker {r.t_marker}, exit {r.t_exit:.3f}, rc={r.rc}")
+            for t, line in r.timed_lines():
+                print(f"{t:7.3f} | {line[:150]}")
+        print(flush=True)
+
     ok = True
     table: list[str] = []
     print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw', False)!r}, {args.memory} MiB, "
@@ -150,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                         (not disk or b"KVMFW-BLK-END" in r.output)
                     ok &= good
                     marker = f"{r.t_marker:7.3f}" if r.t_marker is not None else "     NA"
+                    up = f"{r.guest_uptime:6.2f}" if r.guest_uptime is not None else "    NA"
                     print(f"run {i:2d} {v:13s} marker {marker} s  exit {r.t_exit:7.3f} s  "
+                          f"guest uptime {up} s  "
                           f"rc={r.rc}  maxrss {r.maxrss_kib / 1024:6.1f} MiB"
                           f"{'' if good else '  FAILED'}", flush=True)
                     if not good and args.verbose:
@@ -161,12 +177,18 @@ def main(argv: list[str] | None = None) -> int:
                       if r.t_marker is not None and r.rc == 0]
                 return statistics.median(xs) if xs else None
 
+            def med_uptime(v: str, results: dict[str, list] = results) -> float | None:
+                xs = [r.guest_uptime for r in results[v] if r.guest_uptime is not None]
+                return statistics.median(xs) if xs else None
+
             for v in vmms:
                 m, e = med(v, "t_marker"), med(v, "t_exit")
+                u = med_uptime(v)
                 n_ok = sum(1 for r in results[v] if r.t_marker is not None and r.rc == 0)
                 fm = f"{m:7.3f}" if m is not None else "     NA"
                 fe = f"{e:7.3f}" if e is not None else "     NA"
-                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} |"
+                fu = f"{u:6.2f}" if u is not None else "    NA"
+                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} | {fu} |"
                 if v != "kvmfw" and "kvmfw" in vmms:
                     km, ke = med("kvmfw", "t_marker"), med("kvmfw", "t_exit")
                     rm = f"{km / m:.2f}" if km and m else "NA"
@@ -181,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
     print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit):")
-    print("| configuration          | vmm           | marker  | exit    | ratio | ok |")
-    print("|---|---|---|---|---|---|")
+    print("guest uptime = the guest's own clock at the marker (host time less the VMM's "
+          "start-up, firmware and decompression)")
+    print("| configuration          | vmm           | marker  | exit    | uptime | ratio | ok |")
+    print("|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
     if not args.no_memory:

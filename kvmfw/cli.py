@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import select
 import signal
@@ -18,7 +17,6 @@ import sys
 import termios
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +59,7 @@ def _version_text() -> str:
 
     from kvmfw.plugins import GROUPS
 
-    lines = [f"kvmfw {__version__} (Python {platform.python_version()})"]
+    lines = [f"kvmfw {__version__} (Python {sys.version.split()[0]})"]
     seen: dict[str, tuple[str, list[str]]] = {}
     for dist in importlib.metadata.distributions():
         eps = [f"{ep.group.removeprefix('kvmfw.')} {ep.name}" for ep in dist.entry_points
@@ -170,8 +168,8 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
             "guest_vcpu_limit_why": limit_why,
             "memory_slots": kvm.nr_memslots,
             "coalesced_mmio_page": kvm.coalesced_mmio_page,
-            "host": {"arch": host_arch(), "machine": platform.machine(),
-                     "kernel": platform.release()},
+            "host": {"arch": host_arch(), "machine": os.uname().machine,
+                     "kernel": os.uname().release},
             "perf": {"available": perf.available, "reason": perf.reason,
                      "instructions": {"available": insns.available, "reason": insns.reason}},
             "guest_features": guest_features(caps, host_arch()),
@@ -249,6 +247,8 @@ def _load_config(path: str | None) -> dict[str, Any]:
     """The ``[run]`` table (or the top level) of a TOML file, keys with ``_``."""
     if path is None:
         return {}
+    import tomllib  # (only for --config: its parser compiles regular expressions at import)
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -856,11 +856,42 @@ _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning every error into one line and an exit status."""
+    """Entry point: run the CLI, turning every error into one line and an exit status.
+
+    As the process entry (``argv`` None: the ``kvmfw`` script, ``python -m kvmfw.cli``) it
+    ends the process itself once the command is done: atexit handlers run (logging's flush
+    among them), stdout and stderr are flushed, then ``os._exit``. The interpreter's own
+    teardown, freeing every module and object one by one, has nothing left to do for the
+    user and costs a tenth of a second here, a second or more on a slow (emulated) host:
+    time between the guest's end and the shell prompt. With ``argv`` given (a caller in
+    Python) it raises ``SystemExit`` as usual."""
     try:
         _main(argv)
+        code: Any = 0
+    except SystemExit as exc:
+        if argv is not None:
+            raise
+        code = exc.code
     finally:
         _settle_output()
+    if argv is None:
+        _exit_process(code)
+
+
+def _exit_process(code: Any) -> None:
+    """End the process with ``code`` (a ``SystemExit`` code) without the interpreter's
+    teardown, unless a non-daemon thread is still running (the normal exit waits for it)
+    or the code is not a status (a message: Python prints it)."""
+    status = 0 if code is None else code
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not isinstance(status, int) or others:
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()  # (what a normal exit runs first: logging.shutdown, coverage, ...)
+    _settle_output()
+    os._exit(status & 0xFF)  # (what the OS keeps of sys.exit(status) too)
 
 
 def _settle_output() -> None:

@@ -23,8 +23,9 @@ import inspect
 import json
 import logging
 import os
-import platform
 import sys
+import types
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -64,7 +65,7 @@ _HOST_ARCH = {"x86_64": "x86", "amd64": "x86", "i686": "x86", "aarch64": "armv8"
 
 def host_arch() -> str:
     """The arch plugin name for this host (``x86`` on x86_64, ``armv8`` on aarch64)."""
-    m = platform.machine().lower()
+    m = os.uname().machine.lower()  # (platform.machine(); platform compiles regexes)
     return _HOST_ARCH.get(m, m)
 
 
@@ -128,12 +129,13 @@ def _path_fingerprint() -> _Fingerprint:
 
 
 def _index_file(key: _Fingerprint) -> str | None:
-    """Where the index for this interpreter and path lives (``$XDG_CACHE_HOME/kvmfw`` or
-    ``~/.cache/kvmfw``), or None when there is no home to put it in."""
+    """Where the index for this interpreter lives (``$XDG_CACHE_HOME/kvmfw`` or
+    ``~/.cache/kvmfw``; one file per interpreter, so a path that changes, as in tests,
+    replaces it instead of adding files), or None when there is no home to put it in."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if not base or base.startswith("~"):
         return None
-    tag = zlib.crc32(repr([p for p, _ in key]).encode()) & 0xFFFFFFFF
+    tag = zlib.crc32(f"{sys.executable}\0{sys.prefix}".encode()) & 0xFFFFFFFF
     return os.path.join(base, "kvmfw", f"entry-points-{tag:08x}.json")
 
 
@@ -434,6 +436,28 @@ class DeviceRegistry:
         return sorted(self._classes)
 
 
+_marked: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _marked_names(cls: type) -> frozenset[str]:
+    """The attribute names of ``cls`` (and its bases) that may be hook implementations:
+    values carrying the ``kvmfw_impl`` marker (on the function or on a classmethod or
+    staticmethod around it), and slots (read per instance). Cached per class: pluggy's own
+    search reads every attribute through ``inspect.getattr_static``, once per device."""
+    names = _marked.get(cls)
+    if names is None:
+        marker = hookspecs.PROJECT + "_impl"
+        found = set()
+        for klass in cls.__mro__:
+            for attr, value in vars(klass).items():
+                if isinstance(value, types.MemberDescriptorType) or \
+                        getattr(value, marker, None) is not None or \
+                        getattr(getattr(value, "__func__", None), marker, None) is not None:
+                    found.add(attr)
+        names = _marked[cls] = frozenset(found)
+    return names
+
+
 def check_device_hooks(device: Any, label: str) -> None:
     """Refuse a device that implements an architecture-only hook (or a misspelt one).
 
@@ -442,7 +466,7 @@ def check_device_hooks(device: Any, label: str) -> None:
     port, its ``update_kvm_state`` every sync). Devices observe through :data:`DEVICE_HOOKS`.
     """
     bad = []
-    for attr in dir(type(device)):
+    for attr in sorted(_marked_names(type(device))):
         fn = getattr(type(device), attr, None)
         if fn is None or not callable(fn):
             continue
@@ -458,8 +482,23 @@ def check_device_hooks(device: Any, label: str) -> None:
             f"{', '.join(sorted(DEVICE_HOOKS))} (the rest belong to the architecture plugin)")
 
 
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, asking pluggy only about the attributes that can be hooks (see
+    :func:`_marked_names`), and about everything an instance holds itself."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        if not isinstance(plugin, type | types.ModuleType):
+            try:
+                own = object.__getattribute__(plugin, "__dict__")
+            except AttributeError:
+                own = {}
+            if name not in own and name not in _marked_names(type(plugin)):
+                return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
 def make_plugin_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = _PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     return pm
 

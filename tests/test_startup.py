@@ -122,6 +122,11 @@ def test_a_new_distribution_on_the_path_makes_the_index_stale(
     _fake_dist(index_home / "site", "kvmfw-late", "[kvmfw.boards]\nlate = kvmfw.device:Device\n")
     monkeypatch.setattr(plugins, "_installed", None)
     assert ("kvmfw.boards", "late") in plugins._installed_entry_points()  # dir mtime moved
+    other = index_home / "other"
+    other.mkdir()
+    monkeypatch.syspath_prepend(str(other))
+    plugins._installed_entry_points()
+    assert len(_index_files(index_home)) == 1  # one per interpreter, whatever the path
 
 
 @pytest.mark.parametrize("content", [
@@ -184,3 +189,102 @@ def test_the_index_lives_under_xdg_cache_home(index_home: Path) -> None:
     key = plugins._path_fingerprint()
     path = plugins._index_file(key)
     assert path is not None and path.startswith(os.environ["XDG_CACHE_HOME"])
+
+
+# --- the end of the process --------------------------------------------------------------
+
+ENDING = textwrap.dedent("""
+    import atexit, sys, threading, time
+    import kvmfw.cli
+
+    class Teardown:
+        def __del__(self):
+            sys.stdout.write("TEARDOWN-RAN\\n")
+            sys.stdout.flush()
+
+    keep = Teardown()  # freed by the interpreter's teardown, if there is one
+    atexit.register(lambda: print("ATEXIT-RAN", flush=True))
+    if "thread" in sys.argv:
+        sys.argv.remove("thread")
+        threading.Thread(target=lambda: (time.sleep(0.5), print("THREAD-DONE", flush=True))
+                         ).start()
+    print("buffered before the end", end="")  # not flushed by anyone but the ending
+    kvmfw.cli.main()
+""")
+
+
+def ending(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-I", "-c", ENDING, *args], capture_output=True,
+                          text=True, timeout=60, cwd="/", stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(("args", "status"), [
+    (["list-plugins", "--json"], 0),
+    (["run", "--bogus"], 2),
+    (["info", "--kvm", "/nonexistent/kvm"], 3),
+])
+def test_the_process_entry_skips_the_interpreter_teardown_but_not_atexit(
+        args: list[str], status: int) -> None:
+    r = ending(*args)
+    assert r.returncode == status, r.stderr
+    assert "buffered before the end" in r.stdout and "ATEXIT-RAN" in r.stdout
+    assert "TEARDOWN-RAN" not in r.stdout  # os._exit after the atexit handlers
+    assert "Traceback" not in r.stderr
+
+
+def test_a_running_non_daemon_thread_gets_the_normal_exit() -> None:
+    r = ending("thread", "run", "--bogus")
+    assert r.returncode == 2
+    assert "THREAD-DONE" in r.stdout and "ATEXIT-RAN" in r.stdout
+
+
+# --- hook registration -------------------------------------------------------------------
+
+def test_the_plugin_manager_finds_exactly_the_hooks_plain_pluggy_finds() -> None:
+    import pluggy
+
+    from kvmfw import hookspecs
+    from kvmfw.device import Device
+
+    impl = hookspecs.hookimpl
+
+    class Base(Device):
+        name = "base"
+
+        @impl
+        def pre_run(self, cpu):  # inherited
+            return None
+
+    class Probe(Base):
+        name = "probe"
+        __slots__ = ()
+
+        @property
+        def explodes(self):  # a descriptor: never evaluated by the search
+            raise AssertionError("evaluated")
+
+        @impl(specname="post_run")
+        def after(self, cpu):
+            return None
+
+        @classmethod
+        @impl
+        def dump_state(cls, cpu):
+            return None
+
+        def plain(self):
+            return None
+
+    probe = Probe.__new__(Probe)
+    probe.__dict__["machine_created"] = impl(lambda machine: None)  # held by the instance
+
+    def found(pm: pluggy.PluginManager) -> set[tuple[str, str]]:
+        pm.add_hookspecs(hookspecs)
+        pm.register(probe, name="probe")
+        return {(hook, i.function.__name__) for hook in ("pre_run", "post_run", "dump_state",
+                                                         "machine_created")
+                for i in getattr(pm.hook, hook).get_hookimpls()}
+
+    ours = found(plugins.make_plugin_manager.__globals__["_PluginManager"](hookspecs.PROJECT))
+    assert ours == found(pluggy.PluginManager(hookspecs.PROJECT))
+    assert {h for h, _ in ours} == {"pre_run", "post_run", "dump_state", "machine_created"}
