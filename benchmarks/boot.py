@@ -55,13 +55,16 @@ def _list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def profile(boot: Boot, path: Path) -> str:
     """One untimed kvmfw boot with --stats: exits by kind and accesses by device."""
-    boot.extra = [*boot.extra, "--stats", str(path)]
+    boot.extra = [*boot.extra, "--stats", str(path), "--profile"]
     r = run(boot)
+    lines = r.text.replace("\r", "").splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("kvmfw: exit profile:")), None)
+    table = "\n".join("  " + ln for ln in lines[start:]) + "\n" if start is not None else ""
     try:
         dumps = json.loads(path.read_text())
         last = dumps[-1] if isinstance(dumps, list) else dumps
     except (OSError, ValueError, IndexError) as exc:
-        return f"  (no stats: {exc}; rc={r.rc})"
+        return f"{table}  (no stats: {exc}; rc={r.rc})"
     kinds: dict[str, int] = {}
     devices: dict[str, int] = {}
     for name, group in last.items():
@@ -79,7 +82,7 @@ def profile(boot: Boot, path: Path) -> str:
                     devices[f"unclaimed {k}"] = int(v)
     sim = last.get("system", {}).get("sim_seconds", 0)
     top = sorted(devices.items(), key=lambda kv: -kv[1])[:8]
-    return (f"  exits {kinds}\n  simulated {sim:.2f} s, marker "
+    return (table + f"  exits {kinds}\n  simulated {sim:.2f} s, marker "
             f"{r.t_marker if r.t_marker is None else round(r.t_marker, 2)} s, rc={r.rc}\n"
             f"  device accesses (exits, plus coalesced/ioeventfd where noted): "
             + ", ".join(f"{k} {v}" for k, v in top))

@@ -22,7 +22,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 CHILD = r"""
 import sys, time
@@ -66,8 +68,11 @@ def guest_args(kernel: str | None, initrd: str | None) -> list[str]:
 
 def child(argv: list[str], profile: bool = False, flags: tuple[str, ...] = ()) -> tuple:
     code = CHILD.replace("PROFILE", repr(profile)).replace("ARGV", repr(argv))
+    # a file named kvmfw, as the console script: kvmfw.cli.main ends the process as there
+    script = Path(tempfile.mkdtemp(prefix="kvmfw-startup-")) / "kvmfw"
+    script.write_text(code)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, *flags, str(script)], capture_output=True, text=True)
     t_end = time.monotonic()
     line = next((ln for ln in p.stderr.splitlines() if ln.startswith("KVMFW-STARTUP")), None)
     if line is None:

@@ -858,24 +858,40 @@ _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning every error into one line and an exit status.
 
-    As the process entry (``argv`` None: the ``kvmfw`` script, ``python -m kvmfw.cli``) it
-    ends the process itself once the command is done: atexit handlers run (logging's flush
-    among them), stdout and stderr are flushed, then ``os._exit``. The interpreter's own
-    teardown, freeing every module and object one by one, has nothing left to do for the
-    user and costs a tenth of a second here, a second or more on a slow (emulated) host:
-    time between the guest's end and the shell prompt. With ``argv`` given (a caller in
-    Python) it raises ``SystemExit`` as usual."""
+    As the program itself (the ``kvmfw`` script or ``python -m kvmfw.cli``, ``argv`` None,
+    no tracer or profiler attached) it ends the process once the command is done: atexit
+    handlers run (logging's flush among them), stdout and stderr are flushed, then
+    ``os._exit``. The interpreter's own teardown, freeing every module and object one by
+    one, has nothing left to do for the user and costs a tenth of a second here, a second
+    or more on a slow (emulated) host: time between the guest's end and the shell prompt.
+    Called any other way it raises ``SystemExit`` as usual."""
+    code: Any = 0
     try:
         _main(argv)
-        code: Any = 0
     except SystemExit as exc:
-        if argv is not None:
+        if argv is not None or not _is_the_program():
             raise
         code = exc.code
     finally:
         _settle_output()
-    if argv is None:
+    if argv is None and _is_the_program():
         _exit_process(code)
+
+
+def _is_the_program() -> bool:
+    """Whether this process is ``kvmfw`` itself: ``__main__`` is the console script or this
+    module, and nothing (coverage, cProfile, a debugger) traces it and would want to write
+    its results after ``main`` returns."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return False
+    mon = getattr(sys, "monitoring", None)  # (3.12+: coverage may use sys.monitoring)
+    if mon is not None and any(mon.get_tool(i) for i in range(6)):
+        return False
+    main_mod = sys.modules.get("__main__")
+    spec = getattr(main_mod, "__spec__", None)
+    if spec is not None and spec.name == "kvmfw.cli":
+        return True
+    return os.path.basename(str(getattr(main_mod, "__file__", "") or "")) == "kvmfw"
 
 
 def _exit_process(code: Any) -> None:

@@ -213,8 +213,14 @@ ENDING = textwrap.dedent("""
 """)
 
 
-def ending(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-I", "-c", ENDING, *args], capture_output=True,
+def ending(tmp_path: Path, *args: str, how: str = "script") -> subprocess.CompletedProcess[str]:
+    """Run ENDING as the ``kvmfw`` console script would be (a file named ``kvmfw``), as
+    ``python -c``, or under cProfile."""
+    script = tmp_path / "kvmfw"
+    script.write_text(ENDING)
+    argv = {"script": [str(script)], "c": ["-c", ENDING],
+            "cprofile": ["-m", "cProfile", "-o", str(tmp_path / "prof"), str(script)]}[how]
+    return subprocess.run([sys.executable, "-I", *argv, *args], capture_output=True,
                           text=True, timeout=60, cwd="/", stdin=subprocess.DEVNULL)
 
 
@@ -224,18 +230,37 @@ def ending(*args: str) -> subprocess.CompletedProcess[str]:
     (["info", "--kvm", "/nonexistent/kvm"], 3),
 ])
 def test_the_process_entry_skips_the_interpreter_teardown_but_not_atexit(
-        args: list[str], status: int) -> None:
-    r = ending(*args)
+        tmp_path: Path, args: list[str], status: int) -> None:
+    r = ending(tmp_path, *args)
     assert r.returncode == status, r.stderr
     assert "buffered before the end" in r.stdout and "ATEXIT-RAN" in r.stdout
     assert "TEARDOWN-RAN" not in r.stdout  # os._exit after the atexit handlers
     assert "Traceback" not in r.stderr
 
 
-def test_a_running_non_daemon_thread_gets_the_normal_exit() -> None:
-    r = ending("thread", "run", "--bogus")
+def test_a_running_non_daemon_thread_gets_the_normal_exit(tmp_path: Path) -> None:
+    r = ending(tmp_path, "thread", "run", "--bogus")
     assert r.returncode == 2
     assert "THREAD-DONE" in r.stdout and "ATEXIT-RAN" in r.stdout
+
+
+@pytest.mark.parametrize("how", ["c", "cprofile"])
+def test_main_called_by_other_code_or_under_a_profiler_exits_normally(
+        tmp_path: Path, how: str) -> None:
+    r = ending(tmp_path, "run", "--bogus", how=how)
+    assert r.returncode == (2 if how == "c" else 0), r.stderr  # (cProfile swallows exits)
+    assert "TEARDOWN-RAN" in r.stdout and "ATEXIT-RAN" in r.stdout
+    if how == "cprofile":
+        assert (tmp_path / "prof").stat().st_size > 0  # the profiler wrote its results
+
+
+def test_main_with_arguments_returns_or_raises_as_before() -> None:
+    import kvmfw.cli
+
+    with pytest.raises(SystemExit) as exc:
+        kvmfw.cli.main(["run", "--bogus"])
+    assert exc.value.code == 2
+    assert kvmfw.cli.main(["list-plugins", "--json"]) is None
 
 
 # --- hook registration -------------------------------------------------------------------
