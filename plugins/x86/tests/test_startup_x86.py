@@ -67,3 +67,22 @@ def test_plugin_commands_still_load_by_name() -> None:
     r = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "--help"],
                        capture_output=True, text=True, timeout=60, cwd="/")
     assert "cpuid" in r.stdout and "run" in r.stdout
+
+
+@pytest.mark.parametrize("user", [True, False])
+def test_identity_page_tables_map_4g_with_2m_pages(monkeypatch: pytest.MonkeyPatch,
+                                                   user: bool) -> None:
+    import struct
+
+    from kvmfw_x86 import loaders
+
+    written: dict[int, bytes] = {}
+    monkeypatch.setattr(loaders, "write", lambda m, addr, data, what: written.update({addr: data}))
+    base = loaders.identity_page_tables(None, user=user, base=0x9000)
+    u = 0x4 if user else 0
+    assert base == 0x9000 and sorted(written) == [0x9000, 0xA000, 0xB000]
+    assert struct.unpack_from("<Q", written[0x9000])[0] == 0xA000 | 0x3 | u
+    assert struct.unpack_from("<4Q", written[0xA000]) == tuple(
+        0xB000 + i * 0x1000 | 0x3 | u for i in range(4))
+    pd = struct.unpack("<2048Q", written[0xB000])
+    assert pd == tuple((i << 21) | 0x83 | u for i in range(2048))
