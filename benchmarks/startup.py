@@ -54,6 +54,9 @@ kvmfw.cli.main()
 """
 
 
+SCRIPT_DIR = Path(tempfile.mkdtemp(prefix="kvmfw-startup-"))
+
+
 def guest_args(kernel: str | None, initrd: str | None) -> list[str]:
     g = os.environ.get("KVMFW_LINUX_GUESTS")
     if kernel is None and g and os.path.exists(f"{g}/vmlinuz-cloud-amd64"):
@@ -68,8 +71,9 @@ def guest_args(kernel: str | None, initrd: str | None) -> list[str]:
 
 def child(argv: list[str], profile: bool = False, flags: tuple[str, ...] = ()) -> tuple:
     code = CHILD.replace("PROFILE", repr(profile)).replace("ARGV", repr(argv))
-    # a file named kvmfw, as the console script: kvmfw.cli.main ends the process as there
-    script = Path(tempfile.mkdtemp(prefix="kvmfw-startup-")) / "kvmfw"
+    # a file named kvmfw, as the console script: kvmfw.cli.main ends the process as there.
+    # One directory for every run: it is sys.path[0], part of the entry-point index's key.
+    script = SCRIPT_DIR / "kvmfw"
     script.write_text(code)
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, *flags, str(script)], capture_output=True, text=True)
