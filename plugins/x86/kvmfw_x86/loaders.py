@@ -22,6 +22,7 @@ import array
 import io
 import mmap
 import os
+import stat
 import struct
 import sys
 import weakref
@@ -266,6 +267,25 @@ def map_image(image: str | os.PathLike[str], what: str = "kernel") -> Any:
     except (OSError, ValueError) as exc:
         why = getattr(exc, "strerror", None) or str(exc)
         raise ImageError(f"cannot read {what} image {p}: {why}") from None
+
+
+def map_or_read_image(image: str | os.PathLike[str], what: str, limit: int) -> Any:
+    """A regular file that fits in ``limit`` mapped read-only (:func:`map_image`: its one
+    copy is the one into guest RAM, no buffer of its size is allocated and faulted in
+    first); anything else (a pipe, a device, a file too large or gone) exactly as
+    :func:`read_image` reads or refuses it. The caller closes a mapping."""
+    try:
+        st = os.stat(image)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or not 0 < st.st_size <= limit:
+        return read_image(image, what, limit)
+    data = map_image(image, what)
+    if len(data) > limit:  # it grew since the stat
+        if isinstance(data, mmap.mmap):
+            data.close()
+        return read_image(image, what, limit)
+    return data
 
 
 def detect(data: bytes) -> str:
@@ -612,7 +632,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
         raise ImageError(f"the Linux kernel needs {max(klen, int(hdr.init_size)) >> 20} MiB "
                          f"above 1 MiB (init_size), more than the {ram >> 20} MiB of guest RAM "
                          "below 4 GiB (increase --memory)")
-    kernel = data[koff:]
+    kernel = memoryview(data)[koff:]  # (a view: the one copy is into guest RAM)
     # the header as the kernel wrote it, up to its own end (0x202 + jump offset)
     end = min(0x202 + data[0x201], 0x1F1 + hsize)
     raw = bytearray(bytes(ffi.buffer(bp)))
@@ -638,17 +658,21 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
     hdr.cmd_line_ptr = CMDLINE_ADDR
     initrd = options.get("initrd")
     if initrd:
-        rd = read_image(initrd, "initrd", ram)
-        top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
-        addr_ = (top - len(rd)) & ~0xFFF
-        if addr_ < load_at + max(int(hdr.init_size), len(kernel)):
-            raise ImageError(f"initrd of {len(rd) >> 20} MiB does not fit in guest RAM "
-                             "above the kernel (increase --memory)")
-        write(machine, addr_, rd, "initrd")
-        hdr.ramdisk_image = addr_ & 0xFFFFFFFF
-        hdr.ramdisk_size = len(rd) & 0xFFFFFFFF
-        bp.ext_ramdisk_image = addr_ >> 32
-        bp.ext_ramdisk_size = len(rd) >> 32
+        rd = map_or_read_image(initrd, "initrd", ram)
+        try:
+            top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
+            addr_ = (top - len(rd)) & ~0xFFF
+            if addr_ < load_at + max(int(hdr.init_size), len(kernel)):
+                raise ImageError(f"initrd of {len(rd) >> 20} MiB does not fit in guest RAM "
+                                 "above the kernel (increase --memory)")
+            write(machine, addr_, rd, "initrd")
+            hdr.ramdisk_image = addr_ & 0xFFFFFFFF
+            hdr.ramdisk_size = len(rd) & 0xFFFFFFFF
+            bp.ext_ramdisk_image = addr_ >> 32
+            bp.ext_ramdisk_size = len(rd) >> 32
+        finally:
+            if isinstance(rd, mmap.mmap):
+                rd.close()
     e820 = e820_map(machine)
     for i, (b, n, t) in enumerate(e820):
         bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,62 @@ def test_identity_page_tables_map_4g_with_2m_pages(monkeypatch: pytest.MonkeyPat
         0xB000 + i * 0x1000 | 0x3 | u for i in range(4))
     pd = struct.unpack("<2048Q", written[0xB000])
     assert pd == tuple((i << 21) | 0x83 | u for i in range(2048))
+
+
+def _peak(fn) -> int:  # type: ignore[no-untyped-def]
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_bzimage_and_initrd_are_copied_once_into_guest_ram(machine_factory: Any,
+                                                          tmp_path: Path) -> None:
+    """A 4 MiB kernel and a 4 MiB initrd from files: no host buffer of either's size (each
+    page copied is a page faulted in on a slow host), and the guest sees both exactly."""
+    import struct
+
+    from conftest import bzimage
+
+    from kvmfw_x86 import loaders
+
+    m, _ = machine_factory(memory=64 << 20)
+    kernel_body = bytes(range(256)) * (4 << 12)
+    k = tmp_path / "bzImage"
+    k.write_bytes(bzimage(kernel=kernel_body))
+    rd_data = b"INITRD-" * (600 << 10)
+    rd = tmp_path / "initrd"
+    rd.write_bytes(rd_data)
+    peak = _peak(lambda: loaders.load(m, str(k), {"initrd": str(rd)}))
+    assert peak < 1 << 20, peak
+    bp = m.memory.read(loaders.BOOT_PARAMS_ADDR, 4096)
+    rd_addr, rd_size = struct.unpack_from("<II", bp, 0x218)
+    assert rd_size == len(rd_data) and m.memory.read(rd_addr, rd_size) == rd_data
+    assert m.memory.read(0x1000000, len(kernel_body)) == kernel_body
+
+
+def test_an_initrd_from_a_pipe_is_still_read(machine_factory: Any, tmp_path: Path) -> None:
+    import struct
+    import threading
+
+    from conftest import bzimage
+
+    from kvmfw_x86 import loaders
+
+    m, _ = machine_factory(memory=64 << 20)
+    k = tmp_path / "bzImage"
+    k.write_bytes(bzimage())
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = b"PIPED" * 1000
+    t = threading.Thread(target=lambda: fifo.write_bytes(data))
+    t.start()
+    loaders.load(m, str(k), {"initrd": str(fifo)})
+    t.join(10)
+    bp = m.memory.read(loaders.BOOT_PARAMS_ADDR, 4096)
+    rd_addr, rd_size = struct.unpack_from("<II", bp, 0x218)
+    assert rd_size == len(data) and m.memory.read(rd_addr, rd_size) == data
