@@ -24,6 +24,13 @@ if TYPE_CHECKING:
     from kvmfw.dirty import DirtyLog
 
 PAGE_SIZE = mmap.PAGESIZE
+HUGE_ALIGN = 2 << 20
+"""Anonymous RAM is placed so that its host address is congruent with its guest address
+modulo 2 MiB: only then can KVM map it into the guest with 2 MiB pages where the host
+backs it with a huge page (transparent huge pages), as QEMU aligns its RAM. A misaligned
+slot gets 4 KiB guest mappings only: one nested-paging fault per 4 KiB page the guest
+first touches (tens of thousands in a Linux boot; each a VM exit, costly under nested
+virtualization) and more TLB misses."""
 
 
 @dataclass(eq=False)
@@ -39,6 +46,7 @@ class MemoryRegion:
     slot: int | None = None
     _map: mmap.mmap | None = field(default=None, repr=False)
     _view: memoryview | None = field(default=None, repr=False)
+    _whole: memoryview | None = field(default=None, repr=False)
     host_addr: int = 0
 
     @classmethod
@@ -46,7 +54,12 @@ class MemoryRegion:
         """Zero-filled RAM backed by anonymous memory."""
         _check_aligned(gpa, size)
         region = cls(gpa, size, name)
-        region._attach(mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+        # (HUGE_ALIGN: a little more is mapped and the region starts at the offset that
+        # makes host and guest address congruent; the slack is never touched)
+        slack = HUGE_ALIGN - PAGE_SIZE if size >= HUGE_ALIGN else 0
+        mm = mmap.mmap(-1, size + slack, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = address_of(ffi.from_buffer(mm))
+        region._attach(mm, (gpa - base) % HUGE_ALIGN if slack else 0)
         return region
 
     @classmethod
@@ -76,13 +89,19 @@ class MemoryRegion:
         region._attach(mm)
         return region
 
-    def _attach(self, mm: mmap.mmap) -> None:
+    def _attach(self, mm: mmap.mmap, offset: int = 0) -> None:
+        """Use ``[offset, offset + size)`` of ``mm`` as the region."""
         self._map = mm
-        self._view = memoryview(mm)
-        if self.readonly:
-            self.host_addr = address_of(ffi.from_buffer(mm, require_writable=False))
+        whole = memoryview(mm)
+        if offset or len(mm) != self.size:
+            self._whole = whole
+            self._view = whole[offset:offset + self.size]
         else:
-            self.host_addr = address_of(ffi.from_buffer(mm))
+            self._view = whole
+        if self.readonly:
+            self.host_addr = address_of(ffi.from_buffer(mm, require_writable=False)) + offset
+        else:
+            self.host_addr = address_of(ffi.from_buffer(mm)) + offset
 
     @property
     def end(self) -> int:
@@ -99,6 +118,9 @@ class MemoryRegion:
         if self._view is not None:
             self._view.release()
             self._view = None
+        if self._whole is not None:
+            self._whole.release()
+            self._whole = None
         if self._map is not None:
             self._map.close()
             self._map = None

@@ -313,3 +313,29 @@ def test_the_plugin_manager_finds_exactly_the_hooks_plain_pluggy_finds() -> None
     ours = found(plugins.make_plugin_manager.__globals__["_PluginManager"](hookspecs.PROJECT))
     assert ours == found(pluggy.PluginManager(hookspecs.PROJECT))
     assert {h for h, _ in ours} == {"pre_run", "post_run", "dump_state", "machine_created"}
+
+
+# --- guest RAM placement -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("gpa", "size"), [(0, 256 << 20), (0x100000000, 64 << 20),
+                                           (0x1000, 4 << 20), (0x200000, 2 << 20),
+                                           (0x1000, 0x10000)])
+def test_anonymous_ram_is_congruent_with_its_guest_address_modulo_2m(gpa: int,
+                                                                    size: int) -> None:
+    """KVM maps guest RAM with 2 MiB pages only where host and guest addresses agree modulo
+    2 MiB (else a nested-paging fault per 4 KiB page the guest touches)."""
+    from kvmfw.abi import address_of, ffi
+    from kvmfw.memory import HUGE_ALIGN, MemoryRegion
+
+    r = MemoryRegion.anonymous(gpa, size)
+    try:
+        if size >= HUGE_ALIGN:
+            assert (r.host_addr - gpa) % HUGE_ALIGN == 0
+        assert len(r.view) == size
+        r.view[:4] = b"head"
+        r.view[-4:] = b"tail"
+        assert address_of(ffi.from_buffer(r.view)) == r.host_addr  # the view is the region
+        assert bytes(r.view[:4]) == b"head" and bytes(r.view[-4:]) == b"tail"
+    finally:
+        r.close()
+    r.close()  # twice: no error
