@@ -9,11 +9,15 @@ semantics; this machine's own kvm_pvm cannot boot stock Linux):
 For every configuration (vCPU count x with/without a virtio-blk disk) the runs alternate
 between the VMMs (run 1 of each, then run 2 of each, ...). Per configuration and VMM it
 prints the median time from process start to the init marker (KVMFW-INIT-OK on the 16550
-console) and to the process exit (`reboot -f`), the ratios kvmfw/QEMU, and the peak RSS.
+console) and to the process exit (`reboot -f`), the guest's own uptime at the marker (the
+rest is the VMM's start-up, firmware and the kernel's decompression), the ratios
+kvmfw/QEMU, and the peak RSS.
 With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
 virtio-blk). ``--profile`` adds one untimed kvmfw boot per configuration with ``--stats``
-and prints where its exits went (by kind, by device). Exit status: 0 when every boot
+and ``--profile`` and prints where its exits went (by kind, by device, with host time);
+``--console-times`` first boots each VMM once without ``quiet`` and prints every console
+line with the host time it arrived. Exit status: 0 when every boot
 reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not available here.
 """
 
