@@ -9,11 +9,15 @@ semantics; this machine's own kvm_pvm cannot boot stock Linux):
 For every configuration (vCPU count x with/without a virtio-blk disk) the runs alternate
 between the VMMs (run 1 of each, then run 2 of each, ...). Per configuration and VMM it
 prints the median time from process start to the init marker (KVMFW-INIT-OK on the 16550
-console) and to the process exit (`reboot -f`), the ratios kvmfw/QEMU, and the peak RSS.
+console) and to the process exit (`reboot -f`), the guest's own uptime at the marker (the
+rest is the VMM's start-up, firmware and the kernel's decompression), the ratios
+kvmfw/QEMU, and the peak RSS.
 With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
 virtio-blk). ``--profile`` adds one untimed kvmfw boot per configuration with ``--stats``
-and prints where its exits went (by kind, by device). Exit status: 0 when every boot
+and ``--profile`` and prints where its exits went (by kind, by device, with host time);
+``--console-times`` first boots each VMM once without ``quiet`` and prints every console
+line with the host time it arrived. Exit status: 0 when every boot
 reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not available here.
 """
 
@@ -55,13 +59,16 @@ def _list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def profile(boot: Boot, path: Path) -> str:
     """One untimed kvmfw boot with --stats: exits by kind and accesses by device."""
-    boot.extra = [*boot.extra, "--stats", str(path)]
+    boot.extra = [*boot.extra, "--stats", str(path), "--profile"]
     r = run(boot)
+    lines = r.text.replace("\r", "").splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("kvmfw: exit profile:")), None)
+    table = "\n".join("  " + ln for ln in lines[start:]) + "\n" if start is not None else ""
     try:
         dumps = json.loads(path.read_text())
         last = dumps[-1] if isinstance(dumps, list) else dumps
     except (OSError, ValueError, IndexError) as exc:
-        return f"  (no stats: {exc}; rc={r.rc})"
+        return f"{table}  (no stats: {exc}; rc={r.rc})"
     kinds: dict[str, int] = {}
     devices: dict[str, int] = {}
     for name, group in last.items():
@@ -79,7 +86,7 @@ def profile(boot: Boot, path: Path) -> str:
                     devices[f"unclaimed {k}"] = int(v)
     sim = last.get("system", {}).get("sim_seconds", 0)
     top = sorted(devices.items(), key=lambda kv: -kv[1])[:8]
-    return (f"  exits {kinds}\n  simulated {sim:.2f} s, marker "
+    return (table + f"  exits {kinds}\n  simulated {sim:.2f} s, marker "
             f"{r.t_marker if r.t_marker is None else round(r.t_marker, 2)} s, rc={r.rc}\n"
             f"  device accesses (exits, plus coalesced/ioeventfd where noted): "
             + ", ".join(f"{k} {v}" for k, v in top))
@@ -101,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="one more kvmfw boot per configuration with --stats: its exits")
     ap.add_argument("--no-memory", action="store_true", help="skip the untimed RSS boots")
+    ap.add_argument("--console-times", action="store_true",
+                    help="first, one untimed boot per VMM without 'quiet': every console "
+                    "line with the host time it arrived (where the guest spends its time)")
     ap.add_argument("--kvmfw-option", action="append", default=[],
                     help="extra kvmfw run argument (repeatable), e.g. --option=...")
     ap.add_argument("-v", "--verbose", action="store_true", help="console tail of failed boots")
@@ -132,6 +142,17 @@ def main(argv: list[str] | None = None) -> int:
                     disk=image if disk else None, timeout=args.timeout,
                     extra=list(args.kvmfw_option) if vmm == "kvmfw" else [])
 
+    if args.console_times:
+        for v in vmms:
+            b = boot(v, cpus_list[0], False)
+            b.cmdline = b.cmdline.replace(" quiet", "")
+            r = run(b)
+            print(f"\n== console of one {v} boot ({cpus_list[0]} vCPU, no disk, no 'quiet'): "
+                  f"host s | guest line; marker {r.t_marker}, exit {r.t_exit:.3f}, rc={r.rc}")
+            for t, line in r.timed_lines():
+                print(f"{t:7.3f} | {line[:150]}")
+        print(flush=True)
+
     ok = True
     table: list[str] = []
     print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw', False)!r}, {args.memory} MiB, "
@@ -150,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                         (not disk or b"KVMFW-BLK-END" in r.output)
                     ok &= good
                     marker = f"{r.t_marker:7.3f}" if r.t_marker is not None else "     NA"
+                    up = f"{r.guest_uptime:6.2f}" if r.guest_uptime is not None else "    NA"
                     print(f"run {i:2d} {v:13s} marker {marker} s  exit {r.t_exit:7.3f} s  "
+                          f"guest uptime {up} s  "
                           f"rc={r.rc}  maxrss {r.maxrss_kib / 1024:6.1f} MiB"
                           f"{'' if good else '  FAILED'}", flush=True)
                     if not good and args.verbose:
@@ -161,12 +184,18 @@ def main(argv: list[str] | None = None) -> int:
                       if r.t_marker is not None and r.rc == 0]
                 return statistics.median(xs) if xs else None
 
+            def med_uptime(v: str, results: dict[str, list] = results) -> float | None:
+                xs = [r.guest_uptime for r in results[v] if r.guest_uptime is not None]
+                return statistics.median(xs) if xs else None
+
             for v in vmms:
                 m, e = med(v, "t_marker"), med(v, "t_exit")
+                u = med_uptime(v)
                 n_ok = sum(1 for r in results[v] if r.t_marker is not None and r.rc == 0)
                 fm = f"{m:7.3f}" if m is not None else "     NA"
                 fe = f"{e:7.3f}" if e is not None else "     NA"
-                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} |"
+                fu = f"{u:6.2f}" if u is not None else "    NA"
+                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} | {fu} |"
                 if v != "kvmfw" and "kvmfw" in vmms:
                     km, ke = med("kvmfw", "t_marker"), med("kvmfw", "t_exit")
                     rm = f"{km / m:.2f}" if km and m else "NA"
@@ -181,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
     print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit):")
-    print("| configuration          | vmm           | marker  | exit    | ratio | ok |")
-    print("|---|---|---|---|---|---|")
+    print("guest uptime = the guest's own clock at the marker (host time less the VMM's "
+          "start-up, firmware and decompression)")
+    print("| configuration          | vmm           | marker  | exit    | uptime | ratio | ok |")
+    print("|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
     if not args.no_memory:

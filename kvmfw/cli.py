@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import select
 import signal
@@ -18,7 +17,6 @@ import sys
 import termios
 import threading
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +59,7 @@ def _version_text() -> str:
 
     from kvmfw.plugins import GROUPS
 
-    lines = [f"kvmfw {__version__} (Python {platform.python_version()})"]
+    lines = [f"kvmfw {__version__} (Python {sys.version.split()[0]})"]
     seen: dict[str, tuple[str, list[str]]] = {}
     for dist in importlib.metadata.distributions():
         eps = [f"{ep.group.removeprefix('kvmfw.')} {ep.name}" for ep in dist.entry_points
@@ -84,7 +82,24 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """The ``kvmfw`` group: built-in commands, and those plugins publish under the
+    ``kvmfw.cli`` entry-point group, imported only when asked for by name or listed (a
+    ``kvmfw run`` imports no plugin's CLI)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None:
+            _add_plugin_commands(cmd_name)
+            cmd = super().get_command(ctx, cmd_name)
+        return cmd
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _add_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=_show_version,
               help="Show kvmfw's version and every installed plugin's, and exit.")
@@ -154,8 +169,8 @@ def info_cmd(as_json: bool, kvm_path: str) -> None:
             "guest_vcpu_limit_why": limit_why,
             "memory_slots": kvm.nr_memslots,
             "coalesced_mmio_page": kvm.coalesced_mmio_page,
-            "host": {"arch": host_arch(), "machine": platform.machine(),
-                     "kernel": platform.release()},
+            "host": {"arch": host_arch(), "machine": os.uname().machine,
+                     "kernel": os.uname().release},
             "perf": {"available": perf.available, "reason": perf.reason,
                      "instructions": {"available": insns.available, "reason": insns.reason}},
             "guest_features": guest_features(caps, host_arch()),
@@ -217,6 +232,8 @@ def _load_config(path: str | None) -> dict[str, Any]:
     """The ``[run]`` table (or the top level) of a TOML file, keys with ``_``."""
     if path is None:
         return {}
+    import tomllib  # (only for --config: its parser compiles regular expressions at import)
+
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -803,14 +820,14 @@ def _write_stats(machine: Any, path: str) -> None:
         raise ConfigError(f"cannot write --stats {path}: {exc.strerror}") from None
 
 
-def _add_plugin_commands() -> None:
-    """Commands plugins publish under the ``kvmfw.cli`` entry-point group (e.g. the x86
-    plugin's ``kvmfw cpuid``); one that fails to load is skipped, and ``list-plugins``
-    still shows the plugin."""
-    import importlib.metadata
+def _add_plugin_commands(name: str | None = None) -> None:
+    """Add the commands plugins publish under the ``kvmfw.cli`` entry-point group (e.g. the
+    x86 plugin's ``kvmfw cpuid``), or only command ``name``; one that fails to load is
+    skipped, and ``list-plugins`` still shows the plugin."""
+    from kvmfw.plugins import CLI_GROUP, entry_points
 
-    for ep in importlib.metadata.entry_points(group="kvmfw.cli"):
-        if ep.name in cli.commands:
+    for ep in entry_points(CLI_GROUP):
+        if ep.name in cli.commands or (name is not None and ep.name != name):
             continue
         try:
             cmd = ep.load()
@@ -824,11 +841,58 @@ _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning every error into one line and an exit status."""
+    """Entry point: run the CLI, turning every error into one line and an exit status.
+
+    As the program itself (the ``kvmfw`` script or ``python -m kvmfw.cli``, ``argv`` None,
+    no tracer or profiler attached) it ends the process once the command is done: atexit
+    handlers run (logging's flush among them), stdout and stderr are flushed, then
+    ``os._exit``. The interpreter's own teardown, freeing every module and object one by
+    one, has nothing left to do for the user and costs a tenth of a second here, a second
+    or more on a slow (emulated) host: time between the guest's end and the shell prompt.
+    Called any other way it raises ``SystemExit`` as usual."""
+    code: Any = 0
     try:
         _main(argv)
+    except SystemExit as exc:
+        if argv is not None or not _is_the_program():
+            raise
+        code = exc.code
     finally:
         _settle_output()
+    if argv is None and _is_the_program():
+        _exit_process(code)
+
+
+def _is_the_program() -> bool:
+    """Whether this process is ``kvmfw`` itself: ``__main__`` is the console script or this
+    module, and nothing (coverage, cProfile, a debugger) traces it and would want to write
+    its results after ``main`` returns."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return False
+    mon = getattr(sys, "monitoring", None)  # (3.12+: coverage may use sys.monitoring)
+    if mon is not None and any(mon.get_tool(i) for i in range(6)):
+        return False
+    main_mod = sys.modules.get("__main__")
+    spec = getattr(main_mod, "__spec__", None)
+    if spec is not None and spec.name == "kvmfw.cli":
+        return True
+    return os.path.basename(str(getattr(main_mod, "__file__", "") or "")) == "kvmfw"
+
+
+def _exit_process(code: Any) -> None:
+    """End the process with ``code`` (a ``SystemExit`` code) without the interpreter's
+    teardown, unless a non-daemon thread is still running (the normal exit waits for it)
+    or the code is not a status (a message: Python prints it)."""
+    status = 0 if code is None else code
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not isinstance(status, int) or others:
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()  # (what a normal exit runs first: logging.shutdown, coverage, ...)
+    _settle_output()
+    os._exit(status & 0xFF)  # (what the OS keeps of sys.exit(status) too)
 
 
 def _settle_output() -> None:
@@ -847,7 +911,6 @@ def _settle_output() -> None:
 
 def _main(argv: list[str] | None) -> None:
     try:
-        _add_plugin_commands()
         cli.main(args=argv, prog_name="kvmfw", standalone_mode=False)
     except click.exceptions.Abort:
         _echo_err("aborted")

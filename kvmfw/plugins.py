@@ -1,10 +1,15 @@
-"""Plugin discovery (stevedore) and calling (pluggy).
+"""Plugin discovery (an entry-point index, and stevedore for listings) and calling (pluggy).
 
-stevedore finds what is installed under the entry-point groups ``kvmfw.arch`` (one object
-per architecture), ``kvmfw.devices`` (one :class:`~kvmfw.device.Device` class per
-name) and ``kvmfw.boards`` (one callable per board: ``board(machine) -> [device spec,
-...]``, so any package can contribute a board and no plugin imports another), and records
-every plugin that fails to import instead of dying. pluggy calls hooks:
+Plugins are entry points in the groups ``kvmfw.arch`` (one object per architecture),
+``kvmfw.devices`` (one :class:`~kvmfw.device.Device` class per name) and ``kvmfw.boards``
+(one callable per board: ``board(machine) -> [device spec, ...]``, so any package can
+contribute a board and no plugin imports another); a plugin that fails to import is recorded
+instead of dying. A run loads only what it names (its arch, its board, the devices it adds)
+from an index of kvmfw's entry points that is kept on disk while ``sys.path`` and its
+directories are unchanged (:func:`_installed_entry_points`): a scan of every installed
+distribution (``importlib.metadata``, each ``METADATA`` parsed) costs more than the rest of
+start-up on a slow host. ``kvmfw list-plugins`` loads everything through stevedore. pluggy
+calls hooks:
 one :class:`pluggy.PluginManager` per machine, the arch plugin registered first, device
 instances after it. :class:`BoundHooks` resolves the run-loop hooks once, so an exit costs
 a plain function call, not pluggy's dispatch; the machine rebinds them whenever a device
@@ -13,19 +18,20 @@ registers (see :data:`DEVICE_HOOKS` for what a device may implement).
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import inspect
+import json
 import logging
 import os
-import platform
 import sys
+import types
+import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pluggy
-from stevedore import DriverManager, ExtensionManager
-from stevedore.exception import MultipleMatches, NoMatches
 
 from kvmfw import hookspecs
 from kvmfw.errors import (
@@ -59,7 +65,7 @@ _HOST_ARCH = {"x86_64": "x86", "amd64": "x86", "i686": "x86", "aarch64": "armv8"
 
 def host_arch() -> str:
     """The arch plugin name for this host (``x86`` on x86_64, ``armv8`` on aarch64)."""
-    m = platform.machine().lower()
+    m = os.uname().machine.lower()  # (platform.machine(); platform compiles regexes)
     return _HOST_ARCH.get(m, m)
 
 
@@ -81,13 +87,39 @@ class PluginInfo:
 
 
 _Fingerprint = tuple[tuple[str, int], ...]
-_installed: tuple[_Fingerprint, dict[tuple[str, str], tuple[str, str, Any]]] | None = None
+_Found = dict[tuple[str, str], list[tuple[str, str, "EntryPoint"]]]
+_installed: tuple[_Fingerprint, _Found] | None = None
+
+INDEX_VERSION = 1
+INDEX_MAX_BYTES = 1 << 20
+"""Largest entry-point index file read (it is a file like any other: bounded, checked, and
+rebuilt rather than trusted when anything in it is off)."""
+_INDEX_MAX_ENTRIES = 4096
+_INDEX_MAX_TEXT = 1024
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """One ``kvmfw.*`` entry point: ``name = module:attr`` in ``group`` (what
+    ``importlib.metadata.EntryPoint`` offers kvmfw, without importing it)."""
+
+    name: str
+    value: str
+    group: str
+
+    def load(self) -> Any:
+        """Import the module and resolve the attribute path, as ``EntryPoint.load``."""
+        module, _, attr = self.value.partition("[")[0].partition(":")
+        obj: Any = importlib.import_module(module.strip())
+        for part in filter(None, attr.strip().split(".")):
+            obj = getattr(obj, part)
+        return obj
 
 
 def _path_fingerprint() -> _Fingerprint:
     """sys.path with each directory's mtime: installing or removing a package creates or
     deletes a ``*.dist-info`` entry in a path directory, which changes its mtime."""
-    out = []
+    out = [(sys.executable, 0)]
     for p in sys.path:
         try:
             out.append((p, os.stat(p or ".").st_mtime_ns))
@@ -96,33 +128,116 @@ def _path_fingerprint() -> _Fingerprint:
     return tuple(out)
 
 
-def _installed_entry_points() -> dict[tuple[str, str], tuple[str, str, Any]]:
-    """``{(group, name): (package, version, entry point)}`` for kvmfw's groups, from one
-    pass over the installed distributions, cached until sys.path or a path directory
-    changes (a full scan costs tens of milliseconds, once per machine otherwise)."""
+def _index_file(key: _Fingerprint) -> str | None:
+    """Where the index for this interpreter lives (``$XDG_CACHE_HOME/kvmfw`` or
+    ``~/.cache/kvmfw``; one file per interpreter, so a path that changes, as in tests,
+    replaces it instead of adding files), or None when there is no home to put it in."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not base or base.startswith("~"):
+        return None
+    tag = zlib.crc32(f"{sys.executable}\0{sys.prefix}".encode()) & 0xFFFFFFFF
+    return os.path.join(base, "kvmfw", f"entry-points-{tag:08x}.json")
+
+
+def _read_index(path: str, key: _Fingerprint) -> _Found | None:
+    """The index in ``path`` if it was written for exactly ``key``; None if it is missing,
+    stale, too large or malformed in any way (then it is rebuilt)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(INDEX_MAX_BYTES + 1)
+        if len(raw) > INDEX_MAX_BYTES:
+            return None
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("version") != INDEX_VERSION \
+                or data.get("key") != [list(k) for k in key]:
+            return None
+        rows = data.get("entry_points")
+        if not isinstance(rows, list) or len(rows) > _INDEX_MAX_ENTRIES:
+            return None
+        found: _Found = {}
+        for row in rows:
+            if not (isinstance(row, list) and len(row) == 5 and all(
+                    isinstance(x, str) and len(x) <= _INDEX_MAX_TEXT for x in row)):
+                return None
+            group, name, value, pkg, ver = row
+            if not group.startswith("kvmfw."):
+                return None
+            found.setdefault((group, name), []).append(
+                (pkg, ver, EntryPoint(name, value, group)))
+        return found
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _write_index(path: str, key: _Fingerprint, found: _Found) -> None:
+    """Store the index (atomically; a cache that cannot be written is no error)."""
+    rows = [[ep.group, ep.name, ep.value, pkg, ver]
+            for entries in found.values() for pkg, ver, ep in entries]
+    data = {"version": INDEX_VERSION, "key": [list(k) for k in key], "entry_points": rows}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _scan_distributions() -> _Found:
+    """Every installed distribution's ``kvmfw.*`` entry points (the slow way)."""
+    import importlib.metadata
+
+    found: _Found = {}
+    seen: set[str] = set()
+    for dist in importlib.metadata.distributions():
+        eps = [ep for ep in dist.entry_points if ep.group.startswith("kvmfw.")]
+        if not eps:
+            continue
+        pkg, ver = dist.metadata["Name"] or "?", dist.version or "?"
+        # the first of a distribution found twice on sys.path counts (as stevedore does)
+        norm = pkg.lower().replace("-", "_").replace(".", "_")
+        if norm in seen:
+            continue
+        seen.add(norm)
+        for ep in eps:
+            found.setdefault((ep.group, ep.name), []).append(
+                (pkg, ver, EntryPoint(ep.name, ep.value, ep.group)))
+    return found
+
+
+def _installed_entry_points() -> _Found:
+    """``{(group, name): [(package, version, entry point), ...]}`` for kvmfw's groups (one
+    entry per distribution declaring it, in sys.path order), from the index on disk while
+    sys.path and its directories are unchanged, else from a scan of every distribution (then
+    written to the index). Cached in the process too."""
     global _installed
     key = _path_fingerprint()
     if _installed is not None and _installed[0] == key:
         return _installed[1]
-    found: dict[tuple[str, str], tuple[str, str, Any]] = {}
-    for dist in importlib.metadata.distributions():
-        for ep in dist.entry_points:
-            if ep.group.startswith("kvmfw.") and (ep.group, ep.name) not in found:
-                found[(ep.group, ep.name)] = (dist.metadata["Name"] or "?",
-                                              dist.version or "?", ep)
+    path = _index_file(key)
+    found = _read_index(path, key) if path is not None else None
+    if found is None:
+        found = _scan_distributions()
+        if path is not None:
+            _write_index(path, key, found)
     _installed = (key, found)
     return found
 
 
-def entry_points(group: str) -> list[Any]:
+def entry_points(group: str) -> list[EntryPoint]:
     """The installed entry points of ``group`` (cached; see :func:`_installed_entry_points`)."""
-    return [ep for (g, _), (_, _, ep) in _installed_entry_points().items() if g == group]
+    return [ep for (g, _), entries in _installed_entry_points().items() if g == group
+            for _, _, ep in entries]
 
 
 def _dist_of(group: str, name: str) -> tuple[str, str]:
     """(package, version) of the distribution that declares entry point ``group:name``."""
-    pkg, ver, _ = _installed_entry_points().get((group, name), ("?", "?", None))
-    return pkg, ver
+    entries = _installed_entry_points().get((group, name))
+    return (entries[0][0], entries[0][1]) if entries else ("?", "?")
 
 
 def _api_of(obj: Any) -> tuple[int, int] | None:
@@ -151,13 +266,18 @@ def _forget_entry_points(group: str) -> None:
     """Drop stevedore's per-process list of ``group``'s entry points: it is filled by the
     first scan and never refreshed, so a package installed (or a path added) later in the
     same process would stay invisible. Its path-keyed cache underneath keeps rescans cheap."""
+    from stevedore import ExtensionManager
+
     cache = getattr(ExtensionManager, "ENTRY_POINT_CACHE", None)
     if isinstance(cache, dict):
         cache.pop(group, None)
 
 
 def scan(group: str) -> tuple[dict[str, Any], list[PluginInfo]]:
-    """Load every entry point of ``group``: ``({name: loaded object}, infos)``."""
+    """Load every entry point of ``group`` through stevedore: ``({name: loaded object},
+    infos)`` (the listing path: a run loads only what it names)."""
+    from stevedore import ExtensionManager
+
     failures: dict[str, BaseException] = {}
 
     def on_failure(manager: Any, ep: Any, exc: BaseException) -> None:
@@ -200,29 +320,23 @@ def list_plugins() -> list[PluginInfo]:
 def load_arch(name: str | None = None) -> tuple[str, Any]:
     """Load the arch plugin ``name`` (default: the host's) and return ``(name, plugin)``."""
     arch = name or host_arch()
-    failure: list[BaseException] = []
-
-    def on_failure(manager: Any, ep: Any, exc: BaseException) -> None:
-        failure.append(exc)
-
-    _forget_entry_points(ARCH_GROUP)
-    try:
-        drv = DriverManager(ARCH_GROUP, arch, invoke_on_load=False,
-                            on_load_failure_callback=on_failure)
-    except NoMatches:
-        if failure:
-            raise PluginLoadError(arch, ARCH_GROUP, failure[0]) from None
+    entries = _installed_entry_points().get((ARCH_GROUP, arch), [])
+    if not entries:
         installed = sorted(ep.name for ep in entry_points(ARCH_GROUP))
         raise ArchNotFoundError(
             f"no architecture plugin {arch!r} is installed (installed: "
             f"{', '.join(installed) or 'none'}); install it, e.g. pip install "
-            f"./plugins/{arch}") from None
-    except MultipleMatches:
+            f"./plugins/{arch}")
+    if len(entries) > 1:
         raise ArchNotFoundError(
             f"several packages provide architecture plugin {arch!r}: "
-            "uninstall all but one") from None
-    check_api(arch, drv.driver)
-    return arch, drv.driver
+            "uninstall all but one")
+    try:
+        plugin = entries[0][2].load()
+    except Exception as exc:
+        raise PluginLoadError(arch, ARCH_GROUP, exc) from None
+    check_api(arch, plugin)
+    return arch, plugin
 
 
 def board_names() -> list[str]:
@@ -264,39 +378,84 @@ def board_devices(name: str, machine: Any, *, missing_ok: bool = False) -> list[
 
 
 class DeviceRegistry:
-    """Device classes by name: the ``kvmfw.devices`` entry points plus hook additions."""
+    """Device classes by name: the ``kvmfw.devices`` entry points plus hook additions.
+
+    An entry point is imported when its name is first asked for (a run imports the devices
+    it adds, not every installed one); :meth:`names` loads them all."""
 
     def __init__(self) -> None:
         self._classes: dict[str, type] = {}
+        self._entry_points: dict[str, EntryPoint] = {}
         self.failures: dict[str, str] = {}
 
     @classmethod
     def from_entry_points(cls) -> DeviceRegistry:
         reg = cls()
-        loaded, infos = scan(DEVICE_GROUP)
-        for name, obj in loaded.items():
-            reg.add(name, obj)
-        for info in infos:
-            if info.status == "failed":
-                reg.failures[info.name] = info.error
+        for ep in entry_points(DEVICE_GROUP):
+            reg._entry_points[ep.name] = ep  # several with one name: the last (as stevedore)
         return reg
 
     def add(self, name: str, device_class: type) -> None:
         """Make ``device_class`` available as ``--device name``."""
         self._classes[name] = device_class
 
+    def _load(self, name: str) -> type | None:
+        """Import entry point ``name`` once; a failure is remembered in ``failures``."""
+        ep = self._entry_points.pop(name, None)
+        if ep is None:
+            return None
+        try:
+            obj = ep.load()
+            check_api(name, obj)
+        except PluginApiMismatchError as exc:
+            self.failures[name] = str(exc)
+            return None
+        except Exception as exc:
+            log.debug("plugin %s failed to load: %s", name, exc)
+            self.failures[name] = f"{type(exc).__name__}: {exc}"
+            return None
+        self._classes.setdefault(name, obj)  # a hook's addition of the same name wins
+        return self._classes[name]
+
     def get(self, name: str) -> type:
         try:
             return self._classes[name]
         except KeyError:
             pass
+        cls = self._load(name)
+        if cls is not None:
+            return cls
         if name in self.failures:
             raise PluginLoadError(name, DEVICE_GROUP, self.failures[name])
-        known = ", ".join(sorted(self._classes)) or "none installed"
+        known = ", ".join(self.names()) or "none installed"
         raise ConfigError(f"unknown device {name!r} (available: {known})")
 
     def names(self) -> list[str]:
+        for name in list(self._entry_points):
+            self._load(name)
         return sorted(self._classes)
+
+
+_marked: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def _marked_names(cls: type) -> frozenset[str]:
+    """The attribute names of ``cls`` (and its bases) that may be hook implementations:
+    values carrying the ``kvmfw_impl`` marker (on the function or on a classmethod or
+    staticmethod around it), and slots (read per instance). Cached per class: pluggy's own
+    search reads every attribute through ``inspect.getattr_static``, once per device."""
+    names = _marked.get(cls)
+    if names is None:
+        marker = hookspecs.PROJECT + "_impl"
+        found = set()
+        for klass in cls.__mro__:
+            for attr, value in vars(klass).items():
+                if isinstance(value, types.MemberDescriptorType) or \
+                        getattr(value, marker, None) is not None or \
+                        getattr(getattr(value, "__func__", None), marker, None) is not None:
+                    found.add(attr)
+        names = _marked[cls] = frozenset(found)
+    return names
 
 
 def check_device_hooks(device: Any, label: str) -> None:
@@ -307,7 +466,7 @@ def check_device_hooks(device: Any, label: str) -> None:
     port, its ``update_kvm_state`` every sync). Devices observe through :data:`DEVICE_HOOKS`.
     """
     bad = []
-    for attr in dir(type(device)):
+    for attr in sorted(_marked_names(type(device))):
         fn = getattr(type(device), attr, None)
         if fn is None or not callable(fn):
             continue
@@ -323,8 +482,23 @@ def check_device_hooks(device: Any, label: str) -> None:
             f"{', '.join(sorted(DEVICE_HOOKS))} (the rest belong to the architecture plugin)")
 
 
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, asking pluggy only about the attributes that can be hooks (see
+    :func:`_marked_names`), and about everything an instance holds itself."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        if not isinstance(plugin, type | types.ModuleType):
+            try:
+                own = object.__getattribute__(plugin, "__dict__")
+            except AttributeError:
+                own = {}
+            if name not in own and name not in _marked_names(type(plugin)):
+                return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
 def make_plugin_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm = _PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     return pm
 

@@ -91,14 +91,16 @@ def _maps() -> int:
 
 
 def _region_smaps(addr: int) -> dict[str, int]:
-    """The /proc/self/smaps fields (kB) of the mapping that starts at ``addr``."""
+    """The /proc/self/smaps fields (kB) of the mapping that holds ``addr`` (guest RAM's
+    mapping may start a little before the region: kvmfw.memory.HUGE_ALIGN)."""
     out: dict[str, int] = {}
     mine = False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split()
             if "-" in head[0] and not head[0].endswith(":"):
-                mine = int(head[0].split("-")[0], 16) == addr
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                mine = lo <= addr < hi
             elif mine and head[0].endswith(":") and len(head) >= 2 and head[1].isdigit():
                 out[head[0][:-1]] = int(head[1])
     return out

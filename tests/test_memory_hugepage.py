@@ -32,3 +32,16 @@ def test_small_regions_are_mapped_exactly() -> None:
         assert r._map is not None and len(r._map) == r.size
     finally:
         r.close()
+
+
+@pytest.mark.parametrize(("gpa", "size"), [(0x1000, 4 << 20), (0x200000, 2 << 20),
+                                           (0x100000000, 64 << 20)])
+def test_the_view_is_exactly_the_region_and_closes_twice(gpa: int, size: int) -> None:
+    from kvmfw.abi import address_of, ffi
+
+    r = MemoryRegion.anonymous(gpa, size)
+    try:
+        assert address_of(ffi.from_buffer(r.view)) == r.host_addr and len(r.view) == size
+    finally:
+        r.close()
+    r.close()  # twice: no error

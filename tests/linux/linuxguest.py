@@ -115,6 +115,29 @@ class Result:
     maxrss_kib: int
     # with run(..., sample_memory=True): peak of (resident set - resident guest RAM), KiB
     peak_non_guest_kib: int | None = None
+    # (seconds from the start, length of output so far) at every read of the console
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+
+    def timed_lines(self) -> list[tuple[float, str]]:
+        """Console lines with the host time (s from the start) the VMM had written each by."""
+        out, pos, ai = [], 0, 0
+        text = self.output
+        while pos < len(text):
+            nl = text.find(b"\n", pos)
+            end = len(text) if nl < 0 else nl + 1
+            while ai < len(self.arrivals) - 1 and self.arrivals[ai][1] < end:
+                ai += 1
+            t = self.arrivals[ai][0] if self.arrivals else self.t_exit
+            out.append((t, text[pos:end].decode(errors="replace").rstrip("\r\n")))
+            pos = end
+        return out
+
+    @property
+    def guest_uptime(self) -> float | None:
+        """The guest's own uptime at the init marker (init-l2.sh prints it): the host time
+        less the VMM's start-up, firmware and kernel decompression."""
+        m = re.search(rb"KVMFW-INIT-OK uptime=([0-9]+(?:\.[0-9]+)?)", self.output)
+        return float(m.group(1)) if m else None
 
     @property
     def text(self) -> str:
@@ -197,6 +220,7 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
     assert p.stdout is not None
     fd = p.stdout.fileno()
     out, t_marker, peak = b"", None, None
+    arrivals: list[tuple[float, int]] = []
     deadline = t0 + boot.timeout + 5
     while time.monotonic() < deadline:
         if sample_memory:
@@ -212,6 +236,7 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
         if not chunk:
             break
         out += chunk
+        arrivals.append((time.monotonic() - t0, len(out)))
         if t_marker is None and marker in out:
             t_marker = time.monotonic() - t0
     rc, rss = _wait(p.pid, deadline)
@@ -219,7 +244,7 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
     p.returncode = rc if rc is not None else -9  # reaped by _wait
     out += p.stdout.read() if rc is not None else b""
     p.stdout.close()
-    return Result(argv, rc, out, t_marker, t_exit, rss, peak)
+    return Result(argv, rc, out, t_marker, t_exit, rss, peak, arrivals)
 
 
 class Interactive:

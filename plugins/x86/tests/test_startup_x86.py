@@ -1,0 +1,148 @@
+"""A real ``kvmfw run`` (the embedded guest, default board) imports what it runs and nothing
+else once the entry-point index is written: no distribution scan (importlib.metadata,
+stevedore), no plugin CLI, no device the board does not hold. Behaviour, not timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
+                                reason="needs a readable and writable /dev/kvm")
+pytest.importorskip("kvmfw_devices", reason="the default board needs kvmfw-devices")
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    import kvmfw.cli
+    try:
+        kvmfw.cli.main(sys.argv[1:])
+    except SystemExit as e:
+        status = e.code
+    sys.stderr.write("KVMFW-PROBE " + json.dumps([status, sorted(sys.modules)]) + "\\n")
+""")
+
+NOT_FOR_A_RUN = ("importlib.metadata", "stevedore", "email", "kvmfw_x86.cli",
+                 "kvmfw_devices.virtio_blk", "kvmfw_devices.virtio_console",
+                 "kvmfw_devices.pl011", "kvmfw_devices.latency_mmio", "kvmfw.checkpoint",
+                 "kvmfw.sweep", "kvmfw.emu", "kvmfw.gdb", "dask", "pandas")
+
+
+def run_probe(cache: Path, *args: str) -> tuple[int, set[str]]:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    r = subprocess.run([sys.executable, "-I", "-c", PROBE, "run", "--console", "none",
+                        "--no-summary", *args], capture_output=True, text=True, timeout=120,
+                       cwd="/", env=env, stdin=subprocess.DEVNULL)
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("KVMFW-PROBE ")]
+    assert line, r.stderr
+    status, modules = json.loads(line[-1].split(" ", 1)[1])
+    return status, set(modules)
+
+
+def test_a_run_with_a_valid_index_imports_only_what_it_runs(tmp_path: Path) -> None:
+    status, first = run_probe(tmp_path)  # builds the index (one scan)
+    assert status == 0
+    assert list((tmp_path / "kvmfw").glob("entry-points-*.json"))
+    status, second = run_probe(tmp_path)
+    assert status == 0
+    assert "kvmfw_devices.uart16550" in second and "kvmfw_x86.plugin" in second
+    loaded = {m for m in second for n in NOT_FOR_A_RUN if m == n or m.startswith(n + ".")}
+    assert loaded == set()
+
+
+def test_a_device_given_on_the_command_line_is_loaded(tmp_path: Path) -> None:
+    status, mods = run_probe(tmp_path, "--device", "debug-exit,port=0xf4")
+    assert status == 0 and "kvmfw_devices.debug_exit" in mods
+
+
+def test_plugin_commands_still_load_by_name() -> None:
+    r = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "cpuid", "--help"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0 and "Usage: kvmfw cpuid" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-I", "-m", "kvmfw.cli", "--help"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert "cpuid" in r.stdout and "run" in r.stdout
+
+
+@pytest.mark.parametrize("user", [True, False])
+def test_identity_page_tables_map_4g_with_2m_pages(monkeypatch: pytest.MonkeyPatch,
+                                                   user: bool) -> None:
+    import struct
+
+    from kvmfw_x86 import loaders
+
+    written: dict[int, bytes] = {}
+    monkeypatch.setattr(loaders, "write", lambda m, addr, data, what: written.update({addr: data}))
+    base = loaders.identity_page_tables(None, user=user, base=0x9000)
+    u = 0x4 if user else 0
+    assert base == 0x9000 and sorted(written) == [0x9000, 0xA000, 0xB000]
+    assert struct.unpack_from("<Q", written[0x9000])[0] == 0xA000 | 0x3 | u
+    assert struct.unpack_from("<4Q", written[0xA000]) == tuple(
+        0xB000 + i * 0x1000 | 0x3 | u for i in range(4))
+    pd = struct.unpack("<2048Q", written[0xB000])
+    assert pd == tuple((i << 21) | 0x83 | u for i in range(2048))
+
+
+def _peak(fn) -> int:  # type: ignore[no-untyped-def]
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_bzimage_and_initrd_are_copied_once_into_guest_ram(machine_factory: Any,
+                                                          tmp_path: Path) -> None:
+    """A 4 MiB kernel and a 4 MiB initrd from files: no host buffer of either's size (each
+    page copied is a page faulted in on a slow host), and the guest sees both exactly."""
+    import struct
+
+    from conftest import bzimage
+
+    from kvmfw_x86 import loaders
+
+    m, _ = machine_factory(memory=64 << 20)
+    kernel_body = bytes(range(256)) * (4 << 12)
+    k = tmp_path / "bzImage"
+    k.write_bytes(bzimage(kernel=kernel_body))
+    rd_data = b"INITRD-" * (600 << 10)
+    rd = tmp_path / "initrd"
+    rd.write_bytes(rd_data)
+    peak = _peak(lambda: loaders.load(m, str(k), {"initrd": str(rd)}))
+    assert peak < 1 << 20, peak
+    bp = m.memory.read(loaders.BOOT_PARAMS_ADDR, 4096)
+    rd_addr, rd_size = struct.unpack_from("<II", bp, 0x218)
+    assert rd_size == len(rd_data) and m.memory.read(rd_addr, rd_size) == rd_data
+    assert m.memory.read(0x1000000, len(kernel_body)) == kernel_body
+
+
+def test_an_initrd_from_a_pipe_is_still_read(machine_factory: Any, tmp_path: Path) -> None:
+    import struct
+    import threading
+
+    from conftest import bzimage
+
+    from kvmfw_x86 import loaders
+
+    m, _ = machine_factory(memory=64 << 20)
+    k = tmp_path / "bzImage"
+    k.write_bytes(bzimage())
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = b"PIPED" * 1000
+    t = threading.Thread(target=lambda: fifo.write_bytes(data))
+    t.start()
+    loaders.load(m, str(k), {"initrd": str(fifo)})
+    t.join(10)
+    bp = m.memory.read(loaders.BOOT_PARAMS_ADDR, 4096)
+    rd_addr, rd_size = struct.unpack_from("<II", bp, 0x218)
+    assert rd_size == len(data) and m.memory.read(rd_addr, rd_size) == data

@@ -1,0 +1,315 @@
+"""Start-up: what a ``kvmfw`` command imports, and the on-disk entry-point index.
+
+Start-up is paid by every process, and on a slow host (the nested environment's TCG-emulated
+userspace) each imported module costs milliseconds to find, read and execute: these tests
+guard *which* modules a command imports (behaviour), never how long it takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kvmfw import plugins
+
+# Nothing `kvmfw run --help` (or the parsing of any run) needs: the machine and the plugins
+# come with the run itself, the rest belongs to other subcommands or optional extras.
+HEAVY = ("stevedore", "importlib.metadata", "email", "kvmfw.machine", "kvmfw.cpu",
+         "kvmfw.plugins", "kvmfw.checkpoint", "kvmfw.sweep", "kvmfw.emu", "kvmfw.gdb",
+         "kvmfw.profile", "kvmfw.fork", "kvmfw.doctor", "kvmfw_x86", "kvmfw_devices",
+         "dask", "pandas", "pyarrow", "numpy", "elftools", "hypothesis", "unicorn", "capstone")
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    import kvmfw.cli
+    try:
+        kvmfw.cli.main(sys.argv[1:])
+    except SystemExit:
+        pass
+    heavy = sorted(m for m in sys.modules for h in HEAVY if m == h or m.startswith(h + "."))
+    sys.stderr.write("KVMFW-MODULES " + json.dumps(heavy) + "\\n")
+""")
+
+
+def probe(*args: str, env: dict[str, str] | None = None) -> tuple[list[str], str]:
+    """Run ``kvmfw ARGS`` in a fresh isolated interpreter; (heavy modules loaded, stdout)."""
+    code = PROBE.replace("HEAVY", repr(HEAVY))
+    r = subprocess.run([sys.executable, "-I", "-c", code, *args], capture_output=True,
+                       text=True, timeout=120, cwd="/", env=env, stdin=subprocess.DEVNULL)
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("KVMFW-MODULES ")]
+    assert line, r.stderr
+    return json.loads(line[-1].split(" ", 1)[1]), r.stdout
+
+
+def test_run_help_imports_no_machine_plugin_or_extra() -> None:
+    heavy, out = probe("run", "--help")
+    assert "--kernel" in out
+    assert heavy == []
+
+
+def test_version_imports_no_machine_either() -> None:
+    heavy, out = probe("--version")  # reads every plugin distribution's version, nothing more
+    assert out.startswith("kvmfw ")
+    assert not {m for m in heavy if m.startswith(("kvmfw.machine", "kvmfw_x86", "dask"))}
+
+
+def test_importing_kvmfw_is_lazy_but_every_public_name_resolves() -> None:
+    code = ("import sys, kvmfw; assert 'kvmfw.machine' not in sys.modules; "
+            "from kvmfw import Machine, Device, hookimpl, RunEnd, PLUGIN_API; "
+            "assert 'kvmfw.machine' in sys.modules; import kvmfw as k; "
+            "assert all(hasattr(k, n) for n in k.__all__); print('ok')")
+    r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.stdout.strip() == "ok", r.stderr
+    import kvmfw
+
+    with pytest.raises(AttributeError):
+        kvmfw.NoSuchThing  # noqa: B018
+
+
+# --- the entry-point index ---------------------------------------------------------------
+
+def _fake_dist(root: Path, name: str, entry_points: str) -> None:
+    info = root / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+@pytest.fixture
+def index_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private cache home and a path directory with one fake plugin distribution."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    site = tmp_path / "site"
+    _fake_dist(site, "kvmfw-idx", "[kvmfw.devices]\nidx-dev = kvmfw.device:Device\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(plugins, "_installed", None)
+    return tmp_path
+
+
+def _index_files(home: Path) -> list[Path]:
+    return sorted((home / "cache" / "kvmfw").glob("entry-points-*.json"))
+
+
+def test_the_index_is_written_and_then_used_without_a_scan(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
+    (path,) = _index_files(index_home)
+    assert "idx-dev" in path.read_text()
+
+    def no_scan() -> None:
+        raise AssertionError("scanned although the index is valid")
+
+    monkeypatch.setattr(plugins, "_installed", None)  # a new process, as far as we care
+    monkeypatch.setattr(plugins, "_scan_distributions", no_scan)
+    found = plugins._installed_entry_points()
+    (pkg, ver, ep), = found[("kvmfw.devices", "idx-dev")]
+    assert (pkg, ver, ep.value) == ("kvmfw-idx", "0.1", "kvmfw.device:Device")
+    from kvmfw.device import Device
+
+    assert ep.load() is Device
+
+
+def test_a_new_distribution_on_the_path_makes_the_index_stale(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plugins._installed_entry_points()
+    _fake_dist(index_home / "site", "kvmfw-late", "[kvmfw.boards]\nlate = kvmfw.device:Device\n")
+    monkeypatch.setattr(plugins, "_installed", None)
+    assert ("kvmfw.boards", "late") in plugins._installed_entry_points()  # dir mtime moved
+    other = index_home / "other"
+    other.mkdir()
+    monkeypatch.syspath_prepend(str(other))
+    plugins._installed_entry_points()
+    assert len(_index_files(index_home)) == 1  # one per interpreter, whatever the path
+
+
+@pytest.mark.parametrize("content", [
+    b"not json", b"[]", b'{"version": 1}', b"\xff\xfe" * 10,
+    b"{" * 100000,  # deeper than the JSON parser goes
+    b" " * (plugins.INDEX_MAX_BYTES + 1),
+])
+def test_a_damaged_index_is_rebuilt_not_trusted(index_home: Path, content: bytes) -> None:
+    plugins._installed_entry_points()
+    (path,) = _index_files(index_home)
+    path.write_bytes(content)
+    plugins._installed = None
+    assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
+    assert json.loads(path.read_text())["version"] == plugins.INDEX_VERSION
+
+
+def test_an_index_with_a_forged_row_is_refused(index_home: Path) -> None:
+    plugins._installed_entry_points()
+    (path,) = _index_files(index_home)
+    data = json.loads(path.read_text())
+    for bad in (["os", "x", "os:system", "p", "v"], ["kvmfw.devices", "x", 5, "p", "v"],
+                ["kvmfw.devices", "x" * 5000, "m:a", "p", "v"], ["kvmfw.devices"]):
+        data["entry_points"] = [bad]
+        path.write_text(json.dumps(data))
+        assert plugins._read_index(str(path), plugins._path_fingerprint()) is None
+
+
+def test_an_unwritable_cache_home_is_no_error(index_home: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = index_home / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file: no directory under it
+    plugins._installed = None
+    assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
+
+
+def test_devices_are_imported_when_named(index_home: Path) -> None:
+    site = index_home / "site"
+    (site / "idx_lazy_mod.py").write_text("from kvmfw.device import Device\n"
+                                          "class Lazy(Device):\n    name = 'idx-lazy'\n")
+    (site / "idx_broken_mod.py").write_text("raise ImportError('needs libbar')\n")
+    _fake_dist(site, "kvmfw-idx2", "[kvmfw.devices]\nidx-lazy = idx_lazy_mod:Lazy\n"
+                                   "idx-broken = idx_broken_mod:X\n")
+    plugins._installed = None
+    reg = plugins.DeviceRegistry.from_entry_points()
+    assert "idx_lazy_mod" not in sys.modules and "idx_broken_mod" not in sys.modules
+    assert reg.get("idx-lazy").__name__ == "Lazy"
+    assert "idx_broken_mod" not in sys.modules
+    from kvmfw.errors import ConfigError, PluginLoadError
+
+    with pytest.raises(PluginLoadError, match="idx-broken.*needs libbar"):
+        reg.get("idx-broken")
+    with pytest.raises(ConfigError, match="unknown device 'nope'.*idx-lazy"):
+        reg.get("nope")
+    assert "idx-broken" not in reg.names() and "idx-lazy" in reg.names()
+    sys.modules.pop("idx_lazy_mod", None)
+
+
+def test_the_index_lives_under_xdg_cache_home(index_home: Path) -> None:
+    key = plugins._path_fingerprint()
+    path = plugins._index_file(key)
+    assert path is not None and path.startswith(os.environ["XDG_CACHE_HOME"])
+
+
+# --- the end of the process --------------------------------------------------------------
+
+ENDING = textwrap.dedent("""
+    import atexit, sys, threading, time
+    import kvmfw.cli
+
+    class Teardown:
+        def __del__(self):
+            sys.stdout.write("TEARDOWN-RAN\\n")
+            sys.stdout.flush()
+
+    keep = Teardown()  # freed by the interpreter's teardown, if there is one
+    atexit.register(lambda: print("ATEXIT-RAN", flush=True))
+    if "thread" in sys.argv:
+        sys.argv.remove("thread")
+        threading.Thread(target=lambda: (time.sleep(0.5), print("THREAD-DONE", flush=True))
+                         ).start()
+    print("buffered before the end", end="")  # not flushed by anyone but the ending
+    kvmfw.cli.main()
+""")
+
+
+def ending(tmp_path: Path, *args: str, how: str = "script") -> subprocess.CompletedProcess[str]:
+    """Run ENDING as the ``kvmfw`` console script would be (a file named ``kvmfw``), as
+    ``python -c``, or under cProfile."""
+    script = tmp_path / "kvmfw"
+    script.write_text(ENDING)
+    argv = {"script": [str(script)], "c": ["-c", ENDING],
+            "cprofile": ["-m", "cProfile", "-o", str(tmp_path / "prof"), str(script)]}[how]
+    return subprocess.run([sys.executable, "-I", *argv, *args], capture_output=True,
+                          text=True, timeout=60, cwd="/", stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize(("args", "status"), [
+    (["list-plugins", "--json"], 0),
+    (["run", "--bogus"], 2),
+    (["info", "--kvm", "/nonexistent/kvm"], 3),
+])
+def test_the_process_entry_skips_the_interpreter_teardown_but_not_atexit(
+        tmp_path: Path, args: list[str], status: int) -> None:
+    r = ending(tmp_path, *args)
+    assert r.returncode == status, r.stderr
+    assert "buffered before the end" in r.stdout and "ATEXIT-RAN" in r.stdout
+    assert "TEARDOWN-RAN" not in r.stdout  # os._exit after the atexit handlers
+    assert "Traceback" not in r.stderr
+
+
+def test_a_running_non_daemon_thread_gets_the_normal_exit(tmp_path: Path) -> None:
+    r = ending(tmp_path, "thread", "run", "--bogus")
+    assert r.returncode == 2
+    assert "THREAD-DONE" in r.stdout and "ATEXIT-RAN" in r.stdout
+
+
+@pytest.mark.parametrize("how", ["c", "cprofile"])
+def test_main_called_by_other_code_or_under_a_profiler_exits_normally(
+        tmp_path: Path, how: str) -> None:
+    r = ending(tmp_path, "run", "--bogus", how=how)
+    assert r.returncode == (2 if how == "c" else 0), r.stderr  # (cProfile swallows exits)
+    assert "TEARDOWN-RAN" in r.stdout and "ATEXIT-RAN" in r.stdout
+    if how == "cprofile":
+        assert (tmp_path / "prof").stat().st_size > 0  # the profiler wrote its results
+
+
+def test_main_with_arguments_returns_or_raises_as_before() -> None:
+    import kvmfw.cli
+
+    with pytest.raises(SystemExit) as exc:
+        kvmfw.cli.main(["run", "--bogus"])
+    assert exc.value.code == 2
+    assert kvmfw.cli.main(["list-plugins", "--json"]) is None
+
+
+# --- hook registration -------------------------------------------------------------------
+
+def test_the_plugin_manager_finds_exactly_the_hooks_plain_pluggy_finds() -> None:
+    import pluggy
+
+    from kvmfw import hookspecs
+    from kvmfw.device import Device
+
+    impl = hookspecs.hookimpl
+
+    class Base(Device):
+        name = "base"
+
+        @impl
+        def pre_run(self, cpu):  # inherited
+            return None
+
+    class Probe(Base):
+        name = "probe"
+        __slots__ = ()
+
+        @property
+        def explodes(self):  # a descriptor: never evaluated by the search
+            raise AssertionError("evaluated")
+
+        @impl(specname="post_run")
+        def after(self, cpu):
+            return None
+
+        @classmethod
+        @impl
+        def dump_state(cls, cpu):
+            return None
+
+        def plain(self):
+            return None
+
+    probe = Probe.__new__(Probe)
+    probe.__dict__["machine_created"] = impl(lambda machine: None)  # held by the instance
+
+    def found(pm: pluggy.PluginManager) -> set[tuple[str, str]]:
+        pm.add_hookspecs(hookspecs)
+        pm.register(probe, name="probe")
+        return {(hook, i.function.__name__) for hook in ("pre_run", "post_run", "dump_state",
+                                                         "machine_created")
+                for i in getattr(pm.hook, hook).get_hookimpls()}
+
+    ours = found(plugins.make_plugin_manager.__globals__["_PluginManager"](hookspecs.PROJECT))
+    assert ours == found(pluggy.PluginManager(hookspecs.PROJECT))
+    assert {h for h, _ in ours} == {"pre_run", "post_run", "dump_state", "machine_created"}
