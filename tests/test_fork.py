@@ -92,7 +92,7 @@ def _maps() -> int:
 
 def _region_smaps(addr: int) -> dict[str, int]:
     """The /proc/self/smaps fields (kB) of the mapping that holds ``addr`` (guest RAM's
-    mapping may start a little before the region: kvmfw.memory.HUGE_ALIGN)."""
+    mapping may start a little before the region: kvmfw.memory.HUGE_PAGE)."""
     out: dict[str, int] = {}
     mine = False
     with open("/proc/self/smaps") as f:
