@@ -65,7 +65,9 @@ class RunTimer:
 
 @dataclass
 class CycleSource:
-    """A counter of host cycles at ``frequency_hz`` (``read`` is called around each run)."""
+    """A counter of cycles at ``frequency_hz``. A guest-only counter (perf) is read around
+    each run; a host one (the TSC, the monotonic clock) is timed by the compiled entry
+    and scaled to ``frequency_hz``, so the exit path reads no counter."""
 
     name: str
     read: Callable[[], int]

@@ -278,10 +278,7 @@ class X86Plugin:
             cpu.start_active = True
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
-        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
-        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
-        cpu.x86_port_io = st.pio.handle
-        cpu.mmio_remap = st.lapics is not None
+        _exit_shortcuts(cpu, st)
 
     @hookimpl
     def create_thread_context(self, cpu: Any) -> X86Context:
@@ -329,9 +326,10 @@ class X86Plugin:
 
     @hookimpl
     def get_host_cycles(self, cpu: Any) -> CycleSource:
-        """The host TSC, read with ``rdtsc`` around each ``KVM_RUN``, at the rate KVM gives
-        the vCPU (``KVM_GET_TSC_KHZ``; measured against ``CLOCK_MONOTONIC`` if KVM does not
-        say).
+        """The host TSC at the rate KVM gives the vCPU (``KVM_GET_TSC_KHZ``; measured
+        against ``CLOCK_MONOTONIC`` if KVM does not say). A source of host cycles: the
+        core's compiled entry times each ``KVM_RUN`` and scales the time to this rate, so
+        the exit path reads no counter (``read`` serves the occasional direct reading).
 
         Which clock each part follows: simulated time (the event queue) advances by the
         host TSC cycles spent inside ``KVM_RUN`` (times ``host_factor``). The guest's TSC
@@ -346,10 +344,7 @@ class X86Plugin:
         st = self.state(cpu.machine)
         if not st.tsc_khz:
             st.tsc_khz, st.tsc_khz_source = vcpu_tsc_khz(cpu.vcpu)
-        # the exit path's per-vCPU shortcuts: the machine's port IO handler without the
-        # weak-dictionary lookup, and no finalize_mmio_address call when nothing remaps
-        cpu.x86_port_io = st.pio.handle
-        cpu.mmio_remap = st.lapics is not None
+        _exit_shortcuts(cpu, st)
         khz = st.tsc_khz
         return CycleSource("tsc", lib.kvmfw_x86_rdtsc, khz * 1000.0,
                            note=f"host TSC at {khz / 1000:.1f} MHz (rdtsc, no syscall; "
@@ -555,3 +550,13 @@ def host_tsc_khz(window_s: float = 0.05) -> tuple[int, str]:
 
 plugin = X86Plugin()
 """The object the ``kvmfw.arch`` entry point ``x86`` names."""
+
+
+def _exit_shortcuts(cpu: Any, st: Any) -> None:
+    """The exit path's per-vCPU shortcuts: the machine's port IO handler without the
+    weak-dictionary lookup; single port accesses straight to the bus (``direct_port_io``:
+    :meth:`PortIo.handle` does nothing else for them outside the reserved PCI
+    configuration ports); no ``finalize_mmio_address`` call when nothing remaps."""
+    cpu.x86_port_io = st.pio.handle
+    cpu.direct_port_io = True
+    cpu.mmio_remap = st.lapics is not None
