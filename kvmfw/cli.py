@@ -486,6 +486,10 @@ class _Signals:
 @click.option("--checkpoint-incremental", is_flag=True, default=None,
               help="Checkpoints after the first store only the pages changed since the "
               "previous one (a chain; restore needs every link).")
+@click.option("--checkpoint-limit", type=str, metavar="N",
+              help="At most N checkpoints asked for during the run (tick, signal, guest; "
+              "default 1000); those past it, or with under 256 MiB free, are refused with "
+              "a warning and the run goes on.")
 @click.option("--restore", type=str, metavar="DIR",
               help="Continue the guest saved in checkpoint DIR (machine, devices and guest "
               "come from it; host options such as --console, --timeout, --stats and "
@@ -536,21 +540,26 @@ def run_cmd(config_path: str | None, help_flags: bool, **opts: Any) -> None:
               help="Directory for the results table (results.parquet, results.csv, "
               "rows.jsonl) and each variant's files.")
 @click.option("--resume", is_flag=True, help="Keep DIR's finished rows; run only the rest.")
+@click.option("--retry-failed", is_flag=True,
+              help="With --resume: run again the variants whose row is not ok.")
 @click.option("--scheduler", type=str, metavar="ADDRESS",
               help="An existing Dask scheduler (tcp://HOST:8786); default: a LocalCluster, "
               "one worker process per core.")
 @click.option("--workers", type=int, metavar="N", help="LocalCluster workers (default: cores).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def sweep_cmd(spec: str, out: str, resume: bool, scheduler: str | None,
+def sweep_cmd(spec: str, out: str, resume: bool, retry_failed: bool, scheduler: str | None,
               workers: int | None, no_progress: bool) -> None:
     """Run every variant of the sweep SPEC (TOML) as a task on Dask; one row each in
     DIR/results.parquet and DIR/results.csv (see README "Sweeps")."""
     from kvmfw.sweep import load, run
 
+    if retry_failed and not resume:
+        raise ConfigError("--retry-failed needs --resume (it re-runs rows DIR already has)")
     s = load(spec)  # a bad spec is one line, before any cluster or task starts
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers {workers}: give at least 1")
-    run(s, out=out, resume=resume, scheduler=scheduler, workers=workers,
+    run(s, out=out, resume=resume, retry_failed=retry_failed, scheduler=scheduler,
+        workers=workers,
         progress=not no_progress, echo=_echo_err)
 
 
@@ -668,6 +677,10 @@ def _run(cfg: dict[str, Any]) -> int:
             if not cfg.get("no_summary"):
                 for path in machine.checkpoints_taken:
                     _echo_err(f"checkpoint: {path}")
+                refused = machine.checkpoints_refused
+                if refused:
+                    _echo_err(f"warning: {len(refused)} checkpoint(s) refused, the first: "
+                              f"{refused[0]}")
             if profile is not None:
                 profile.stop()
                 _echo_err(profile.report())
@@ -762,6 +775,8 @@ def _arm_checkpoints(machine: Any, cfg: dict[str, Any], sigs: _Signals) -> None:
     machine.checkpoint_dir = directory
     machine.exit_after_checkpoint = bool(cfg.get("exit_after_checkpoint"))
     machine.checkpoint_incremental = bool(cfg.get("checkpoint_incremental"))
+    if cfg.get("checkpoint_limit") is not None:
+        machine.checkpoint_limit = cfg["checkpoint_limit"]
     if machine.checkpoint_incremental and cfg.get("restore") is not None:
         from kvmfw.checkpoint.api import track_from_here
 

@@ -35,6 +35,8 @@ MiB = 1 << 20
 MAX_TICKS = (1 << 63) - 1
 """Simulated ticks are signed 64-bit in the event queue's contract (1 tick = 1 ps)."""
 MAX_INSTS = 1 << 48
+MAX_CHECKPOINTS = 1 << 20
+"""The most ``--checkpoint-limit`` allows (each checkpoint is a directory on disk)."""
 """The most instructions ``--max-insts``/``--emulate-insts`` may ask for (and
 ``run(until_instructions=N)``): far beyond any run, far below any counter's overflow."""
 HOST_FACTOR_RANGE = (1e-6, 1e6)
@@ -254,14 +256,16 @@ RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus"
             "always_sync", "no_summary", "no_default_devices", "no_reboot", "host_factor",
             "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait",
             "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
-            "checkpoint_incremental", "restore", "profile", "switch_at", "emulate_insts",
+            "checkpoint_incremental", "checkpoint_limit", "restore", "profile", "switch_at",
+            "emulate_insts",
             "trace", "max_insts")
 """Every key of ``kvmfw run``: a command-line option each, and a TOML key each."""
 
 RESTORE_KEYS = ("restore", "console", "stats", "debug_flags", "timeout", "max_ticks",
                 "no_summary", "pseudo_op_dir", "gdb", "gdb_default", "gdb_wait",
                 "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
-                "checkpoint_incremental", "profile", "switch_at", "emulate_insts",
+                "checkpoint_incremental", "checkpoint_limit", "profile", "switch_at",
+                "emulate_insts",
                 "trace", "max_insts")
 """The keys ``--restore`` may be given with: host-side ones. The machine, its devices and
 the guest come from the checkpoint."""
@@ -387,6 +391,11 @@ def check_run_config(cfg: dict[str, Any], file_keys: set[str], source: Source) -
             out[key] = value
         elif key == "checkpoint_at":
             out[key] = _checkpoint_at(name, value)
+        elif key == "checkpoint_limit":
+            n = _number(name, value, int, "a whole number of checkpoints")
+            if not 0 <= n <= MAX_CHECKPOINTS:
+                raise ConfigError(f"{name} {n}: must be between 0 and {MAX_CHECKPOINTS}")
+            out[key] = n
         elif key == "checkpoint_on":
             _expect(name, value, (str,), "a signal name such as SIGUSR1")
             sig = value.strip().upper()

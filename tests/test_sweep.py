@@ -108,6 +108,13 @@ def test_missing_spec_file(tmp_path: Path) -> None:
     assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_retry_failed_needs_resume(tmp_path: Path) -> None:
+    r = kvmfw("sweep", str(tmp_path / "none.toml"), "--out", str(tmp_path / "o"),
+              "--retry-failed")
+    assert r.returncode == 2 and "--retry-failed needs --resume" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
 def test_journal_resume_and_torn_line(tmp_path: Path) -> None:
     pytest.importorskip("pyarrow", reason="the results table needs the sweep extra "
                         "(pip install 'kvmfw[sweep]')")

@@ -219,6 +219,23 @@ def test_periodic_incremental_checkpoints_restore_through_the_chain(
     assert len(out3.read_text()) <= len(out.read_text())  # later in the run (or the idle)
 
 
+def test_checkpoints_past_the_limit_are_refused_and_the_run_goes_on(
+        tmp_path: Path, reference: str) -> None:
+    """--checkpoint-limit bounds what a run writes (a guest asking in a loop, a short
+    period): the rest are refused with one warning and the output is complete."""
+    ck, out = tmp_path / "ck", tmp_path / "out.txt"
+    r = kvmfw(*guest_args(tmp_path), "--console", f"file:{out}", "--checkpoint-at",
+              "50000000000,50000000000", "--checkpoint-limit", "2", "--checkpoint-dir",
+              str(ck), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert len(list(ck.iterdir())) == 2
+    assert "checkpoint(s) refused, the first: 2 checkpoints written already" in r.stderr
+    assert out.read_text() == reference
+    bad = kvmfw(*guest_args(tmp_path), "--checkpoint-limit", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--checkpoint-limit -1: must be between 0 and" in bad.stderr
+
+
 # --- the x86 long-mode AVX/x87/MSR guest through the checkpoint directory format -----------
 
 def _restore_avx_guest(path: str) -> dict[str, object]:
