@@ -218,7 +218,10 @@ def handle_exit_io(cpu: KvmCPU, io: IoExit) -> bool | None:
     mapping ``cpu.vcpu.run_map`` (slice it for bytes, assign a slice to answer an IN).
     Route the access to ``cpu.machine.bus.pio`` (x86 adds string IO and PCI configuration).
     Return True if handled, None if not yours (the run then ends with
-    :class:`~kvmfw.errors.UnhandledExitError`).
+    :class:`~kvmfw.errors.UnhandledExitError`). An arch that does nothing else for a single
+    access sets ``cpu.direct_port_io = True`` in ``vcpu_init``: those exits then go
+    straight to the bus and only string IO and the ports it reserved
+    (``bus.pio.reserve``) reach this hook.
     """
 
 
