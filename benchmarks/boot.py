@@ -49,12 +49,24 @@ CMDLINE_MICROVM = f"{BASE_CMDLINE} kvmfw.exit=poweroff"
 BLK_TEST = " kvmfw.test=blk"
 
 
-def _list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+def comma_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    """``--vmms``/``--disk``: a comma list of ``allowed`` words."""
     out = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in out if x not in allowed]
     if bad or not out:
-        raise SystemExit(f"boot.py: {what} must be a comma list of {', '.join(allowed)}")
+        raise SystemExit(f"{what} must be a comma list of {', '.join(allowed)}")
     return out
+
+
+def cpu_counts(ap: argparse.ArgumentParser, text: str, most: int) -> list[int]:
+    """``--cpus``: a comma list of vCPU counts from 1 to ``most``."""
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        ap.error("--cpus must be a comma list of numbers")
+    if not counts or any(not 1 <= c <= most for c in counts):
+        ap.error(f"--cpus must be a comma list of numbers from 1 to {most}")
+    return counts
 
 
 def profile(boot: Boot, path: Path) -> str:
@@ -120,14 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"boot.py: cannot run here: {why}", file=sys.stderr)
         return 2
-    vmms = _list(args.vmms, tuple(VMMS), "--vmms")
-    disks = _list(args.disk, ("no", "yes"), "--disk")
-    try:
-        cpus_list = [int(c) for c in args.cpus.split(",") if c.strip()]
-    except ValueError:
-        ap.error("--cpus must be a comma list of numbers")
-    if not cpus_list or any(not 1 <= c <= 64 for c in cpus_list):
-        ap.error("--cpus must be a comma list of numbers from 1 to 64")
+    vmms = comma_list(args.vmms, tuple(VMMS), "--vmms")
+    disks = comma_list(args.disk, ("no", "yes"), "--disk")
+    cpus_list = cpu_counts(ap, args.cpus, 64)
 
     tmp = Path(tempfile.mkdtemp(prefix="kvmfw-bootbench-"))
     image = make_ext4(tmp / "disk.img", {"hello.txt": b"kvmfw boot benchmark\n"}) \

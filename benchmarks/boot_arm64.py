@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "linux"))
 sys.path.insert(0, str(HERE))
 
-from boot import _list  # noqa: E402  (comma-list options, as the x86 benchmark's)
+from boot import comma_list, cpu_counts  # noqa: E402  (options as the x86 benchmark's)
 from linuxguest import MARKER, Result, kvmfw_argv, run  # noqa: E402
 
 VMMS = ("kvmfw", "qemu")
@@ -265,13 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"boot_arm64.py: cannot run here: {why}", file=sys.stderr)
         return 2
     assert kernel is not None
-    vmms = _list(args.vmms, VMMS, "--vmms")
-    try:
-        cpus_list = [int(c) for c in args.cpus.split(",") if c.strip()]
-    except ValueError:
-        ap.error("--cpus must be a comma list of numbers")
-    if not cpus_list or any(not 1 <= c <= 8 for c in cpus_list):
-        ap.error("--cpus must be a comma list of numbers from 1 to 8")
+    vmms = comma_list(args.vmms, VMMS, "--vmms")
+    cpus_list = cpu_counts(ap, args.cpus, 8)
 
     from kvmfw_armv8.testing import busybox_initramfs
     tmp = Path(tempfile.mkdtemp(prefix="kvmfw-bootbench-arm64-"))
