@@ -51,7 +51,9 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,20 @@ RESULT_MAX = 64 << 20
 
 class ForkError(KvmfwError):
     """The machine cannot be forked (a GDB server attached, a shared RAM mapping)."""
+
+
+def _fork() -> int:
+    """``os.fork()``, without Python's multi-threaded-fork warning when this process has no
+    thread but the caller's: KVM's per-VM kernel worker (``kvm-nx-lpage-recovery``) is
+    listed among the process's threads, so Python 3.12+ warns on every fork of a process
+    that has a VM, though no code of the process can hold a lock there. With another
+    Python thread running the warning stands (that thread is not copied)."""
+    if threading.active_count() > 1:
+        return os.fork()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*multi-threaded.*fork\(\)",
+                                category=DeprecationWarning)
+        return os.fork()
 
 
 def fork(machine: Machine) -> int:
@@ -109,7 +125,7 @@ def fork(machine: Machine) -> int:
             stream.flush()
         except (OSError, ValueError):
             pass
-    pid = os.fork()
+    pid = _fork()
     if pid:
         machine.forks += 1
         return pid

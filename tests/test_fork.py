@@ -295,3 +295,22 @@ def test_fork_refuses_a_parallel_run_gdb_and_shared_ram(
     with pytest.raises(ForkError, match="shm is a shared file mapping"):
         m.fork()
     assert m.forks == 0
+
+def test_fork_does_not_warn_about_kvms_own_kernel_threads(
+        warmed: tuple[Machine, Ports]) -> None:
+    """KVM's per-VM kernel worker counts as a thread of the process: Python 3.12+ would
+    warn on every fork ("multi-threaded, use of fork() may lead to deadlocks") though no
+    thread of the process but this one exists."""
+    import threading
+    import warnings
+
+    m, ports = warmed
+    assert threading.active_count() == 1
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pid = m.fork()
+    if pid == 0:
+        os._exit(0)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0
+    assert not [w for w in seen if "fork" in str(w.message)], [str(w.message) for w in seen]
