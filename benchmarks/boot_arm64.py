@@ -174,17 +174,32 @@ atexit.register(say, "atexit")  # registered first: runs last, after the threads
 import kvmfw.cli
 from kvmfw.machine import Machine
 say("imported")
-def wrap(name):
-    f = getattr(Machine, name)
-    def timed(self, *a, **k):
-        say(name + "-begin")
+import kvmfw.cpu
+import kvmfw_armv8.plugin as arm
+say("plugin-imported")
+def wrap(owner, name, label=None):
+    f = getattr(owner, name, None)
+    if f is None:
+        return
+    label = label or name
+    def timed(*a, **k):
+        say(label + "-begin")
         try:
-            return f(self, *a, **k)
+            return f(*a, **k)
         finally:
-            say(name + "-end")
-    setattr(Machine, name, timed)
+            say(label + "-end")
+    setattr(owner, name, timed)
 for name in ("__init__", "load_guest", "run", "close"):
-    wrap(name)
+    wrap(Machine, name)
+# inside load_guest (module globals: the plugin looks them up at call time)
+for name in ("_place_kernel", "_read_into", "make_dtb"):
+    wrap(arm, name, "  " + name.lstrip("_"))
+_run_ctx = kvmfw.cpu._run_ctx
+def first_run(ctx):  # the first KVM_RUN of any vCPU
+    kvmfw.cpu._run_ctx = _run_ctx
+    say("first-KVM_RUN")
+    return _run_ctx(ctx)
+kvmfw.cpu._run_ctx = first_run
 try:
     kvmfw.cli.main()
 except SystemExit as e:
@@ -246,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="one more kvmfw boot per vCPU count with --profile: its exits")
     ap.add_argument("--importtime", action="store_true", help="list the slowest imports")
     ap.add_argument("--phases", action="store_true",
-                    help="one more kvmfw boot (first vCPU count) with time stamps of its "
-                    "phases: start-up, imports, machine, load, run, close, exit")
+                    help="more kvmfw boots (one per vCPU count, and one without os._exit) "
+                    "with time stamps of their phases: start-up, imports, machine, load "
+                    "(kernel, initrd, device tree), first KVM_RUN, run, close, exit")
     ap.add_argument("--cprofile", action="store_true",
                     help="one more kvmfw boot (first vCPU count) under cProfile: where the "
                     "Python time goes")
@@ -335,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.phases and "kvmfw" in vmms:
         print(phases(boot("kvmfw", cpus_list[0])), flush=True)
-        print(phases(boot("kvmfw", cpus_list[0]), fast_exit=True), flush=True)
+        for cpus in cpus_list:  # as kvmfw runs (it leaves through os._exit itself)
+            print(phases(boot("kvmfw", cpus), fast_exit=True), flush=True)
     if args.cprofile and "kvmfw" in vmms:
         print(cprofile(boot("kvmfw", cpus_list[0]), tmp / "kvmfw.prof"), flush=True)
     print("\nmedians (successful boots), host seconds from process start; uptime = the guest "
