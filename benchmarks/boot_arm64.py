@@ -213,7 +213,7 @@ for name in ("__init__", "load_guest", "run", "close"):
     wrap(Machine, name)
 # inside load_guest (module globals: the plugin looks them up at call time)
 for name in ("_place_kernel", "_read_into", "make_dtb"):
-    wrap(arm, name, "  " + name.lstrip("_"))
+    wrap(arm, name, "load." + name.lstrip("_"))
 _run_ctx = kvmfw.cpu._run_ctx
 def first_run(ctx):  # the first KVM_RUN of any vCPU
     kvmfw.cpu._run_ctx = _run_ctx
