@@ -9,7 +9,6 @@ CPU starts at EL1h with DAIF masked and the MMU off. A gzip-compressed Image (De
 
 from __future__ import annotations
 
-import gzip
 import struct
 from dataclasses import dataclass
 
@@ -86,6 +85,8 @@ def image_load_address(hdr: ImageHeader, ram_base: int) -> int:
 def maybe_decompress(data: bytes) -> bytes:
     """Gunzip a compressed kernel (``vmlinuz``); other data is returned unchanged."""
     if data[:2] == b"\x1f\x8b":
+        import gzip  # (only here: a start-up with an uncompressed Image does without it)
+
         try:
             return gzip.decompress(data)
         except (OSError, EOFError) as exc:

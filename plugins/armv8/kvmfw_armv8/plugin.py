@@ -35,8 +35,7 @@ from kvmfw.device import CallbackIrqLine, IrqLine
 from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
 from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
-from kvmfw_armv8 import KVMFW_PLUGIN_API, aarch32, abi, board, loader, regs, vgic
-from kvmfw_armv8 import state as arm_state
+from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs, vgic
 from kvmfw_armv8.context import ArmV8Context, Group
 
 if TYPE_CHECKING:
@@ -56,6 +55,9 @@ BRING_UP_POLL_MAX_TICKS = 64_000_000_000
 """Longest interval (64 ms) of the bring-up poll while no secondary comes up."""
 DRAIN_SLICE_TICKS = 1_000_000_000
 """How long (1 ms) one drain step lets KVM run a vCPU to deliver a pending SError."""
+A32_FEATURE = "el1_32bit"
+"""``kvmfw_armv8.aarch32.FEATURE``: that module and ``state`` (checkpoints) are imported
+when first needed, so a start-up of an AArch64 guest pays for neither."""
 
 
 class ArmFeatureError(KvmfwError):
@@ -226,7 +228,9 @@ def feature_word(cpu: KvmCPU, features: frozenset[str], psci: bool, power_off: b
     for name in sorted(features):
         bits, caps, capname = _FEATURE_BITS[name]
         if not all(vm.check_extension(c) > 0 for c in caps):
-            if name == aarch32.FEATURE:
+            if name == A32_FEATURE:
+                from kvmfw_armv8 import aarch32
+
                 raise ArmFeatureError(name, aarch32.host_support(vm)[1])
             raise ArmFeatureError(name, f"the kernel does not report {capname}")
         for bit in bits:
@@ -588,6 +592,8 @@ def init_features(cpu: KvmCPU) -> int:
 def save_arch_state(cpu: KvmCPU) -> dict[str, Any]:
     """Every ONE_REG id of ``KVM_GET_REG_LIST`` (core, FP/SIMD or SVE, system, timer,
     firmware registers) and the MP state, as plain data (see ``state.py``)."""
+    from kvmfw_armv8 import state as arm_state
+
     st = cpu_state(cpu)
     cpu.sync_kvm_state()  # context writes not yet pushed are part of the state
     values, unreadable, mp = arm_state.save(cpu.vcpu, st.reg_ids)
@@ -601,6 +607,8 @@ def restore_arch_state(cpu: KvmCPU, state: dict[str, Any]) -> bool:
     """Check everything, then write in ``state.restore_order`` (firmware, system, SVE,
     timer counter before compare before control, core registers, MP state last); the
     context is re-read from KVM afterwards."""
+    from kvmfw_armv8 import state as arm_state
+
     st = cpu_state(cpu)
     values, mp = arm_state.check(state, st.reg_ids, st.mpidr, init_features(cpu))
     ctx: ArmV8Context = cpu.get_context(SyncLevel.FULL)  # pushes pending writes first
@@ -646,6 +654,8 @@ def restore_vm_state(machine: Machine, state: dict[str, Any]) -> bool:
 def cpu_model(machine: Machine) -> dict[str, Any]:
     """What the guest sees of the CPU: ``KVM_ARM_VCPU_INIT`` target and features, SVE,
     the GIC, and vCPU 0's ID registers, cache geometry and firmware registers."""
+    from kvmfw_armv8 import state as arm_state
+
     cpu = machine.cpus[0]
     st = cpu_state(cpu)
     return {"arch": "armv8", "target": st.target, "features": init_features(cpu),
@@ -656,6 +666,8 @@ def cpu_model(machine: Machine) -> dict[str, Any]:
 @hookimpl
 def check_cpu_model(machine: Machine, model: dict[str, Any]) -> str | None:
     """None if this host's KVM gives exactly ``model``, else the first field it cannot."""
+    from kvmfw_armv8 import state as arm_state
+
     return arm_state.compare_model(model, cpu_model(machine))
 
 
@@ -700,6 +712,8 @@ def dump_state(cpu: KvmCPU) -> str:
     """Every register group plus the instruction words at the PC."""
     ctx: ArmV8Context = cpu.context
     text = format_context(ctx, cpu_state(cpu).sve)
+    from kvmfw_armv8 import aarch32
+
     if aarch32.is_aarch32(ctx):
         text += "\n" + aarch32.format_context(ctx)
     try:
@@ -773,7 +787,7 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
     which is most of the loading time on a slow host."""
     base, size = _ram(machine)
     b = board_of(machine)
-    a32 = aarch32.FEATURE in b.config.features
+    a32 = A32_FEATURE in b.config.features
     entry, end = _place_kernel(machine, image, options, base, a32)
     top = base + size
     dtb_addr = (top - board_len_2m()) & ~(loader.SZ_2M - 1)
@@ -794,6 +808,8 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
     cpu = machine.cpus[0]
     ctx: ArmV8Context = cpu.get_context(SyncLevel.RUNTIME)
     if a32:
+        from kvmfw_armv8 import aarch32
+
         aarch32.boot_registers(ctx, entry, dtb_addr)
         return True
     ctx.x[:] = [dtb_addr, 0, 0, 0] + [0] * 27
@@ -814,6 +830,8 @@ def _place_kernel(machine: Machine, image: str, options: dict[str, Any], base: i
             length = _read_into(machine, entry, f, "kernel Image")
             return entry, entry + max(hdr.image_size, length)
         data = loader.maybe_decompress(head + f.read())
+    from kvmfw_armv8 import aarch32  # (not for the common case above: an arm64 Image)
+
     if a32 and (loader.is_image(data) or (loader.is_elf(data) and not aarch32.is_elf32(data))):
         raise ImageError("a 64-bit kernel cannot boot on an el1_32bit vCPU: give a zImage, "
                          "an ARM ELF32 or a flat binary, or drop arm_features=el1_32bit")
