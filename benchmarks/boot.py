@@ -10,7 +10,8 @@ For every configuration (vCPU count x with/without a virtio-blk disk) the runs a
 between the VMMs (run 1 of each, then run 2 of each, ...). Per configuration and VMM it
 prints the median time from process start to the init marker (KVMFW-INIT-OK on the 16550
 console) and to the process exit (`reboot -f`), the guest's own uptime at the marker (the
-rest is the VMM's start-up, firmware and the kernel's decompression), the ratios
+rest is the VMM's start-up, firmware and the kernel's decompression), the median gap from
+the marker to the exit (the guest's reboot path and the VMM's teardown), the ratios
 kvmfw/QEMU, and the peak RSS.
 With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
@@ -191,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                       if r.t_marker is not None and r.rc == 0]
                 return statistics.median(xs) if xs else None
 
+            def med_gap(v: str, results: dict[str, list] = results) -> float | None:
+                xs = [r.t_exit - r.t_marker for r in results[v]
+                      if r.t_marker is not None and r.rc == 0]
+                return statistics.median(xs) if xs else None
+
             def med_uptime(v: str, results: dict[str, list] = results) -> float | None:
                 xs = [r.guest_uptime for r in results[v] if r.guest_uptime is not None]
                 return statistics.median(xs) if xs else None
@@ -202,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                 fm = f"{m:7.3f}" if m is not None else "     NA"
                 fe = f"{e:7.3f}" if e is not None else "     NA"
                 fu = f"{u:6.2f}" if u is not None else "    NA"
-                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} | {fu} |"
+                g = med_gap(v)
+                fg = f"{g:5.2f}" if g is not None else "   NA"
+                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} | {fu} | {fg} |"
                 if v != "kvmfw" and "kvmfw" in vmms:
                     km, ke = med("kvmfw", "t_marker"), med("kvmfw", "t_exit")
                     rm = f"{km / m:.2f}" if km and m else "NA"
@@ -219,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit):")
     print("guest uptime = the guest's own clock at the marker (host time less the VMM's "
           "start-up, firmware and decompression)")
-    print("| configuration          | vmm           | marker  | exit    | uptime | ratio | ok |")
-    print("|---|---|---|---|---|---|---|")
+    print("gap = median of exit - marker per boot (the guest's reboot path and the VMM's "
+          "teardown)")
+    print("| configuration          | vmm           | marker  | exit    | uptime | gap   "
+          "| ratio | ok |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
     if not args.no_memory:

@@ -150,6 +150,12 @@ class I8042(Device):
                 line.lower()
             self._levels[i] = level
 
+    def _lower_all(self) -> None:
+        for i, line in enumerate((self.kbd_irq, self.aux_irq)):
+            if self._levels[i]:
+                line.lower()
+                self._levels[i] = False
+
     def status_byte(self) -> int:
         s = self.status & ~(STAT_OBF | STAT_AUXB)
         if self.obuf:
@@ -170,6 +176,12 @@ class I8042(Device):
             return bytes((self.status_byte(),))
         if self.obuf:
             self.last_data = self.obuf.popleft()[0]
+            # Reading deasserts the line; a byte still queued raises it anew (a fresh edge,
+            # as the 8042 loads its next byte and as QEMU's ps2_read_data does). Left high,
+            # the edge-triggered ISA pin would never fire for the second byte of a reply
+            # (0xfa 0xab 0x83 to GETID, 0xfa 0xaa to RESET): Linux's atkbd then waits out
+            # its 200-500 ms command timeouts, at boot and in its shutdown at reboot.
+            self._lower_all()
             self._update_irq()
         return bytes((self.last_data,))
 

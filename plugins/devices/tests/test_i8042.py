@@ -144,3 +144,22 @@ def test_output_buffer_is_bounded(kbc: I8042) -> None:
     for _ in range(40):
         data_out(kbc, k.KBD_CMD_ENABLE)
     assert len(drain(kbc)) == k.OBUF_LIMIT
+
+
+@pytest.mark.parametrize("command, reply", [(k.KBD_CMD_RESET, [0xFA, 0xAA]),
+                                            (k.KBD_CMD_IDENTIFY, [0xFA, 0xAB, 0x83])])
+def test_every_reply_byte_gets_its_own_interrupt_edge(kbc: I8042, h: Harness, command: int,
+                                                      reply: list[int]) -> None:
+    """Regression: a multi-byte reply kept IRQ 1 high from its first byte to its last, so the
+    edge-triggered IO-APIC pin fired once and Linux's atkbd (one byte per interrupt) waited
+    out its command timeouts for the rest, at boot and in its shutdown before a reboot."""
+    data_out(kbc, command)
+    line = h.irq(1)
+    assert line.history == [1]
+    got = []
+    for i in range(len(reply)):
+        got.append(kbc.read(k.DATA, 1)[0])
+        # every read lowers the line; a byte left behind raises it again: one edge per byte
+        assert line.history[-1] == (1 if i < len(reply) - 1 else 0)
+    assert got == reply
+    assert line.history == [1, 0] * len(reply)
