@@ -13,11 +13,10 @@ from kvmfw.dirty import bitmap_pages
 from test_checkpoint_x86 import (
     MEMORY,
     N_TICK_VALUES,
-    TICKS_PER_S,
     build,
     comparable_cpu,
     comparable_vm,
-    sym,
+    run_to_mark,
 )
 
 from kvmfw_x86 import loaders
@@ -34,12 +33,7 @@ def _state(m: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 def test_reset_to_mid_computation_gives_the_same_run() -> None:
     m, rep, _ = build()
     try:
-        for _ in range(20):  # 20 ms slices until both timers ticked
-            m.run(max_ticks=TICKS_PER_S // 50, timeout=60)
-            ticks = m.memory.read_u(sym("ticks_pic"), 8), m.memory.read_u(sym("ticks_apic"), 8)
-            if all(ticks) or rep.values:
-                break
-        assert rep.values == [] and all(ticks), "not mid-computation with both timers"
+        run_to_mark(m, rep)  # the guest's half-way mark, once both timers ticked
         snap = m.snapshot()
         cpus0, vm0 = _state(m)
         ram0 = m.memory.read(0, MEMORY)
