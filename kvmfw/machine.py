@@ -638,6 +638,9 @@ class Machine:
             if watchdog is not None:
                 finished.set()
                 watchdog.cancel()
+                # gone before run() returns: no thread outlives the run (a fork right after
+                # it would copy a process Python calls multi-threaded)
+                watchdog.join()
             for ev in (limit_event, until_event):
                 if ev is not None and ev.scheduled:
                     eq.deschedule(ev)

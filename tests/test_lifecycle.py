@@ -50,6 +50,22 @@ def test_permission_denied_says_how_to_fix() -> None:
 
 
 @needs_kvm
+def test_no_thread_outlives_a_run_with_a_timeout(make_machine) -> None:
+    """The run's timeout watchdog is joined before run() returns: a fork (or a test of
+    leaks) right after a run sees only the caller's thread."""
+    import threading
+
+    before = set(threading.enumerate())
+    m, _, _ = make_machine(PIO)
+    try:
+        for _ in range(3):
+            m.run(timeout=30)
+            assert set(threading.enumerate()) == before
+    finally:
+        m.close()
+
+
+@needs_kvm
 def test_close_releases_every_fd_and_mapping(make_machine) -> None:
     # warm up imports and one-time allocations first
     m, _, _ = make_machine(PIO)
