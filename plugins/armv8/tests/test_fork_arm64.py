@@ -10,12 +10,31 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_kvm_arm64 import run, start_at
 from test_state_arm64 import needs_gicv3
+
+
+def _fork_and_wait(m: Any, in_child: Callable[[], dict[str, Any]],
+                   tmp_path: Path) -> dict[str, Any]:
+    """Fork ``m``; the child runs ``in_child`` and leaves its result in a file, never
+    returning into pytest; the parent waits for it and returns that result."""
+    out = tmp_path / "child.json"
+    pid = m.fork()
+    if pid == 0:
+        status = 99
+        try:
+            out.write_text(json.dumps(in_child()))
+            status = 0
+        finally:
+            os._exit(status)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == 0, "the child failed (its stderr says why)"
+    return dict(json.loads(out.read_text()))
 
 
 @pytest.mark.arm64_kvm
@@ -36,27 +55,20 @@ def test_fork_at_a_pause_parent_and_child_take_the_spi_and_the_timer(
     b = board_of(m)
     waiting0 = [c.id for c in b.waiting]
     assert waiting0 == list(range(1, cpus))
-    pid = m.fork()
-    if pid == 0:
-        status = 99
-        try:
-            b = board_of(m)
-            out: dict[str, Any] = {
-                "vgic": b.vgic is not None and b.vgic_ready
-                and b.vgic in (m.vm.devices if m.vm else []),
-                "waiting": [c.id for c in b.waiting]}
-            r = run(m, dev, timeout=120)
-            out.update(reason=r.reason, irqs=sorted(dev.irqs), line=line.level)
-            (tmp_path / "child.json").write_text(json.dumps(out))
-            status = 0
-        finally:
-            os._exit(status)
-    _, st = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(st) == 0, "the child failed (its stderr says why)"
+    def in_child() -> dict[str, Any]:
+        b = board_of(m)
+        out: dict[str, Any] = {
+            "vgic": b.vgic is not None and b.vgic_ready
+            and b.vgic in (m.vm.devices if m.vm else []),
+            "waiting": [c.id for c in b.waiting]}
+        r = run(m, dev, timeout=120)
+        out.update(reason=r.reason, irqs=sorted(dev.irqs), line=line.level)
+        return out
+
+    child = _fork_and_wait(m, in_child, tmp_path)
     res = run(m, dev, timeout=120)
     assert res.reason == "test guest done"
     assert sorted(dev.irqs) == [27, 32 + guests.TEST_SPI] and line.level == 0
-    child = json.loads((tmp_path / "child.json").read_text())
     assert child == {"vgic": True, "waiting": waiting0, "reason": "test guest done",
                      "irqs": [27, 32 + guests.TEST_SPI], "line": 0}
 
@@ -81,22 +93,15 @@ def test_fork_after_cpu_on_keeps_the_secondary_running_in_the_child(
     start_at(m, "psci")
     res = run(m, dev)
     assert res.reason == "secondary reported" and board_of(m).waiting == []
-    pid = m.fork()
-    if pid == 0:
-        status = 99
-        try:
-            out: dict[str, Any] = {"waiting": [c.id for c in board_of(m).waiting]}
-            r = run(m, dev, timeout=120)
-            out.update(reason=r.reason, psci=dev.value(0x30), ctx=dev.value(0x48))
-            (tmp_path / "child.json").write_text(json.dumps(out))
-            status = 0
-        finally:
-            os._exit(status)
-    _, st = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(st) == 0, "the child failed (its stderr says why)"
+    def in_child() -> dict[str, Any]:
+        out: dict[str, Any] = {"waiting": [c.id for c in board_of(m).waiting]}
+        r = run(m, dev, timeout=120)
+        out.update(reason=r.reason, psci=dev.value(0x30), ctx=dev.value(0x48))
+        return out
+
+    child = _fork_and_wait(m, in_child, tmp_path)
     res = run(m, dev, timeout=120)
     assert "powered off" in res.reason and dev.value(0x30) == 0
-    child = json.loads((tmp_path / "child.json").read_text())
     assert child["waiting"] == [] and "powered off" in child["reason"], child
     assert (child["psci"], child["ctx"]) == (0, 0xBEEF)
 
