@@ -416,8 +416,7 @@ class _Signals:
                 machine.request_exit(128 + self.signum,
                                      f"stopped by {signal.Signals(self.signum).name}")
 
-        eq = machine.eventq
-        eq.schedule(Event(apply, "cli.signal-check"), eq.cur_tick)
+        machine.eventq.post(Event(apply, "cli.signal-check"))
 
 
 @cli.command("run")

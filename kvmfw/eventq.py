@@ -86,6 +86,27 @@ class EventQueue:
         if self.on_post is not None:
             self.on_post()
 
+    def post(self, event: Event, not_before: int = 0) -> bool:
+        """Schedule ``event`` as soon as possible (at ``not_before`` if that is later);
+        safe from any thread.
+
+        The vCPU thread moves ``cur_tick`` on without taking the lock (the exit path), so
+        another thread cannot schedule "at ``cur_tick``": by the time :meth:`schedule` checks
+        it, time may have moved. A posted event's tick may therefore be a little in the past;
+        it runs at the next service point, which never moves time backwards. Returns False if
+        ``event`` was already scheduled (it will run; posting it twice would be one run)."""
+        with self.lock:
+            if event.when is not None:
+                return False
+            when = max(self.cur_tick, not_before)
+            event.when = when
+            event._seq = next(self._seq)
+            event._queue = self
+            heapq.heappush(self._heap, (when, event.priority, event._seq, event))
+        if self.on_post is not None:
+            self.on_post()
+        return True
+
     def schedule_in(self, event: Event, delay: int) -> None:
         self.schedule(event, self.cur_tick + delay)
 

@@ -1067,7 +1067,7 @@ class Machine:
         ev = Event(lambda: self._do_reset(reason, wakeup), "machine-reset")
         self._reset_event: Event | None = ev
         self._reset_args = {"reason": reason, "wakeup": wakeup}  # for a checkpoint
-        self.eventq.schedule(ev, self.eventq.cur_tick)
+        self.eventq.post(ev)  # request_reset may come from any thread
         self.kick_all()
 
     def _do_reset(self, reason: str, wakeup: bool) -> None:

@@ -101,3 +101,39 @@ def test_clocked_object_edges_and_conversions() -> None:
 def test_tick_second_conversions() -> None:
     assert ticks_from_seconds(1.5) == 3 * TICKS_PER_SECOND // 2
     assert seconds_from_ticks(TICKS_PER_SECOND // 1000) == pytest.approx(0.001)
+
+
+class _TimeMovesOnEveryRead(EventQueue):
+    """A queue whose time moves on between any two reads of ``cur_tick``: what another
+    thread sees while the vCPU thread advances time without the lock."""
+
+    @property  # type: ignore[override]
+    def cur_tick(self) -> int:
+        self._t += 1000
+        return self._t
+
+    @cur_tick.setter
+    def cur_tick(self, value: int) -> None:
+        self._t = value
+
+
+def test_post_never_refuses_an_event_because_time_moved_on() -> None:
+    """The vCPU thread moves cur_tick on without the lock; a console or gdb thread that
+    scheduled "at cur_tick" had its event refused as being in the past (in CI: the console
+    reader died and the guest never got its input). post() reads the time once."""
+    eq = _TimeMovesOnEveryRead()
+    ev = Event(lambda: None, "input")
+    with pytest.raises(ValueError, match="cannot schedule"):
+        eq.schedule(ev, eq.cur_tick)  # the old way: read, then checked against a later time
+    assert eq.post(ev)
+    assert eq.service_one() is ev
+
+
+def test_post_is_a_no_op_for_a_pending_event_and_honours_not_before() -> None:
+    eq = EventQueue()
+    eq.cur_tick = 500
+    ev = Event(lambda: None, "e")
+    assert eq.post(ev, not_before=100) and ev.when == 500
+    assert not eq.post(ev)
+    eq.deschedule(ev)
+    assert eq.post(ev, not_before=900) and ev.when == 900

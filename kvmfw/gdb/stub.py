@@ -184,13 +184,7 @@ class GdbStub:
             self._stop_signal = signal
         eq = self.machine.eventq
         ev = Event(self._stop_event, "gdb-stop", PRIO_EXIT)
-        for _ in range(100):
-            try:
-                with eq.lock:
-                    eq.schedule(ev, eq.cur_tick)
-                break
-            except ValueError:  # the vCPU thread moved time on meanwhile: try again
-                continue
+        eq.post(ev)
         self.machine.kick_all()
 
     def _stop_event(self) -> None:
@@ -299,9 +293,8 @@ class GdbStub:
             self.machine.request_exit(0, "killed by GDB")
             # a kill before the run starts: the run clears stop requests, an event does not
             eq = self.machine.eventq
-            with eq.lock:
-                eq.schedule(Event(lambda: self.machine.request_exit(0, "killed by GDB"),
-                                  "gdb-kill", PRIO_EXIT), eq.cur_tick)
+            eq.post(Event(lambda: self.machine.request_exit(0, "killed by GDB"),
+                          "gdb-kill", PRIO_EXIT))
             self.machine.kick_all()
 
     def _serve(self, wait_for_client: bool) -> str:

@@ -23,7 +23,9 @@ def ones(size: int) -> bytes:
 def schedule_at(eventq: EventQueue, event: Event, when: int) -> None:
     """(Re)schedule ``event`` at ``when``, or now if ``when`` is already past."""
     with eventq.lock:
-        eventq.reschedule(event, max(when, eventq.cur_tick))
+        if event.scheduled:
+            eventq.deschedule(event)
+        eventq.post(event, when)  # not schedule(): another vCPU thread may move time on
 
 
 def cancel(eventq: EventQueue, event: Event) -> None:

@@ -216,14 +216,10 @@ class ConsoleInput:
     def _post_exit(self) -> None:
         ev = Event(lambda: self.ctx.request_exit(0, "console escape (Ctrl-A x)"),
                    name="console.escape")
-        with self.ctx.eventq.lock:
-            self.ctx.eventq.schedule(ev, self.ctx.eventq.cur_tick)
+        self.ctx.eventq.post(ev)
 
     def _post(self) -> None:
-        eq = self.ctx.eventq
-        with eq.lock:
-            if not self._event.scheduled:
-                eq.schedule(self._event, eq.cur_tick)
+        self.ctx.eventq.post(self._event)  # no-op if already pending
 
     def _flush_inbox(self) -> None:
         with self._lock:

@@ -78,10 +78,7 @@ class Doorbells:
             if not any(fd != self._wakeup for fd, _ in ready):
                 continue
             self._served.clear()
-            eq = self.ctx.eventq
-            with eq.lock:
-                if not self._event.scheduled:
-                    eq.schedule(self._event, eq.cur_tick)
+            self.ctx.eventq.post(self._event)  # no-op if already pending
             while not self._served.wait(POLL_SECONDS):
                 if self._stop.is_set():
                     return
