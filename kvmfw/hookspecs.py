@@ -332,6 +332,12 @@ def cpu_model(machine: Machine) -> dict[str, Any] | None:
     CPUID entries given to the vCPUs; ARMv8: the ID registers and vCPU features).
 
     Caller: checkpoint, on the drained machine. None: nothing to record.
+
+    On restore the model comes back as ``machine.cpu_model`` before any vCPU exists: an arch
+    that can set what the guest sees gives the vCPUs that model, not this host's (x86: the
+    CPUID table; a host that offers more shows the guest no more), after refusing with
+    :class:`~kvmfw.errors.CheckpointError` a model this host cannot give. One that cannot
+    set it (ARMv8: the ID registers are the host's) leaves it to ``check_cpu_model``.
     """
 
 

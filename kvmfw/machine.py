@@ -193,7 +193,7 @@ class Machine:
                  options: dict[str, Any] | None = None, console: Any = None,
                  arch_plugin: Any = None, arch_name: str | None = None,
                  device_registry: DeviceRegistry | None = None,
-                 kvm: Kvm | None = None) -> None:
+                 kvm: Kvm | None = None, cpu_model: dict[str, Any] | None = None) -> None:
         cfg = _config_from(config, arch=arch, memory=memory, cpus=cpus, devices=devices,
                            default_devices=default_devices, options=options)
         # what the guest prints is kept (bounded) and passed on to the sink the caller gave
@@ -203,6 +203,10 @@ class Machine:
         self.config = cfg = replace(cfg, options={**cfg.options, "console_output": self.console})
         if cfg.cpus < 1:
             raise ConfigError("a machine needs at least one vCPU (--cpus >= 1)")
+        self.cpu_model = cpu_model
+        """The CPU the vCPUs are to get instead of this host's (a checkpoint's ``cpu_model``,
+        given by restore; None: this host's). The arch applies it when it creates the vCPUs
+        and refuses one this host's KVM cannot give (see the ``cpu_model`` hook)."""
         self.eventq = EventQueue()
         self.lock = self.eventq.lock
         """Held while devices, the bus or the event queue are used from a vCPU thread."""

@@ -482,9 +482,12 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
         check_plugins(link)
     state = load_state(m)
     cfg = machine_config(m, options)
+    model = m.data.get("cpu_model")
     try:
+        # the vCPUs get the checkpointed CPU, not this host's (the arch checks it first)
         machine = Machine(cfg, arch_plugin=arch_plugin, arch_name=arch,
-                          device_registry=device_registry, kvm=kvm)
+                          device_registry=device_registry, kvm=kvm,
+                          cpu_model=model if isinstance(model, dict) else None)
     except CheckpointError:
         raise
     except KvmfwError as exc:
@@ -498,7 +501,6 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
             raise _bad(where, f"field 'arch': a checkpoint of a {arch} guest, not "
                               f"{machine.arch}")
         check_machine(machine, m)
-        model = m.data.get("cpu_model")
         if model is not None:
             why = machine.hooks.call("check_cpu_model", machine=machine, model=model)
             if why:

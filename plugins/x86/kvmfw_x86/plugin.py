@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmfw.abi import Cap
-from kvmfw.errors import ConfigError, KvmError, StateError
+from kvmfw.errors import CheckpointError, ConfigError, KvmError, StateError
 from kvmfw.hookspecs import SyncLevel, hookimpl
 from kvmfw.timer import CycleSource
 
@@ -86,7 +86,10 @@ class X86Machine:
 
     @property
     def cpuid(self) -> list[cpuid_mod.CpuidEntry]:
-        """The CPUID table every vCPU gets (before per-vCPU APIC ids)."""
+        """The CPUID table every vCPU gets (before per-vCPU APIC ids): a restored
+        checkpoint's (``machine.cpu_model``), else this host's with the ``cpuid`` option."""
+        if self._cpuid is None and getattr(self.machine, "cpu_model", None) is not None:
+            self._cpuid = _checkpointed_cpuid(self, self.machine.cpu_model)
         if self._cpuid is None:
             kvm = self.machine.kvm
             entries = cpuid_mod.paravirt(
@@ -124,6 +127,18 @@ class X86Machine:
                 has_debugregs=bool(kvm.check_extension(Cap.DEBUGREGS)),
                 has_events=bool(kvm.check_extension(Cap.VCPU_EVENTS)))
         return self._info
+
+
+def _checkpointed_cpuid(st: X86Machine, model: Any) -> list[cpuid_mod.CpuidEntry]:
+    """The CPUID table of a checkpoint's CPU model, once this host's KVM is known to give
+    every feature in it: the restored guest sees the CPU it was saved on (vendor,
+    family/model, cache and topology leaves, features), not whatever this host adds."""
+    from kvmfw_x86 import state
+
+    why = state.check_cpu_model(st, model)
+    if why:
+        raise CheckpointError(f"this host cannot give the guest its CPU: {why}")
+    return [cpuid_mod.CpuidEntry(*e) for e in model["cpuid"]]
 
 
 def msr_index_list(kvm_fd: int) -> list[int]:

@@ -12,7 +12,8 @@ channel's count from now.
 
 **Per vCPU** (:func:`restore_vcpu`), the order, and why:
 
-1. CPUID: set when the vCPU was created (``vcpu_init``); KVM sizes XSAVE, filters MSRs
+1. CPUID: the checkpoint's table, set when the vCPU was created (``vcpu_init``, from
+   ``machine.cpu_model``); KVM sizes XSAVE, filters MSRs
    and checks CR4/XCR0 bits against it, so everything below depends on it.
    The TSC rate next: a saved rate more than 250 ppm from this host's is given to the
    vCPU (``KVM_SET_TSC_KHZ``, TSC scaling) before any TSC value; without scaling, a warning.

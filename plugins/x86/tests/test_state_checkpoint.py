@@ -265,3 +265,77 @@ def test_restore_clears_a_slave_pic_request_without_a_spurious_irq2(machine_fact
     now = hook(m).save_vm_state(machine=m)
     assert now["pic_master"] == clean["pic_master"]
     assert now["pic_slave"] == clean["pic_slave"]
+
+
+def _newer_host(real: Any) -> Any:
+    """This host's KVM_GET_SUPPORTED_CPUID as another host's KVM would give it: another
+    model number, and a leaf-1 ECX feature bit this host lacks."""
+    def supported(fd: int) -> Any:
+        entries = real(fd)
+        for e in entries:
+            if e.function == 1:
+                e.eax ^= 0x10  # model + 1 (or - 1)
+                e.ecx |= 1 << next(b for b in range(1, 31) if not e.ecx >> b & 1 and b != 27)
+        return entries
+    return supported
+
+
+def test_a_restored_guest_sees_the_checkpointed_cpuid_not_this_hosts(
+        machine_factory, tmp_path, monkeypatch) -> None:
+    """Restored where KVM offers another CPU (a later model, one more feature), the guest
+    still sees the CPU it was checkpointed on: the checkpoint's CPUID table is given to the
+    vCPUs, checked first, not this host's (it was: the guest saw the host change under it)."""
+    from conftest import Reporter
+    from kvmfw.device import Range
+    from kvmfw.machine import Machine
+
+    from kvmfw_x86 import cpuid as cpuid_mod
+    from kvmfw_x86.plugin import X86Plugin
+
+    a, rep_a = machine_factory(irqchip="kernel")
+    loaders.load(a, str(GUESTS / "cpuid64.elf"), {})
+    cpt = a.checkpoint(tmp_path / "cpt")
+    a.run(timeout=30)
+    here = list(rep_a.values)
+    assert len(here) == 7
+
+    monkeypatch.setattr(cpuid_mod, "supported_cpuid", _newer_host(cpuid_mod.supported_cpuid))
+    b, rep_b = machine_factory(irqchip="kernel")  # a new machine there: the new CPU
+    loaders.load(b, str(GUESTS / "cpuid64.elf"), {})
+    b.run(timeout=30)
+    assert rep_b.values[3] != here[3]  # (KVM may mask the added bit itself)
+
+    rep = Reporter()
+
+    def setup(m: Machine) -> None:
+        rep.machine = m
+        m.map_device(Range("pio", 0xE0, 8, "reporter"), rep)
+
+    r = Machine.restore(cpt, arch_plugin=X86Plugin(), setup=setup)
+    try:
+        r.run(timeout=30)
+    finally:
+        r.close()
+    assert rep.values == here
+
+
+def test_a_checkpointed_cpu_this_host_cannot_give_is_refused_before_any_vcpu_runs(
+        machine_factory, tmp_path) -> None:
+    """The checkpoint's CPU model has a feature this host's KVM lacks: restore is refused
+    with one line naming the leaf, and builds nothing."""
+    from kvmfw.errors import CheckpointError
+    from kvmfw.machine import Machine
+
+    from kvmfw_x86.plugin import X86Plugin
+
+    a, _ = machine_factory(irqchip="kernel")
+    loaders.load(a, str(GUESTS / "cpuid64.elf"), {})
+    cpt = a.checkpoint(tmp_path / "cpt")
+    mf = cpt / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    leaf7 = next(e for e in manifest["cpu_model"]["cpuid"] if e[0] == 7 and e[1] == 0)
+    leaf7[4] |= 1 << next(b for b in range(32) if not leaf7[4] >> b & 1)
+    mf.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"0x7\.0 ebx") as exc:
+        Machine.restore(cpt, arch_plugin=X86Plugin())
+    assert "\n" not in str(exc.value)
