@@ -15,10 +15,12 @@ the marker to the exit (the guest's reboot path and the VMM's teardown), the rat
 kvmfw/QEMU, and the peak RSS.
 With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
-virtio-blk). ``--profile`` adds one untimed kvmfw boot per configuration with ``--stats``
-and ``--profile`` and prints where its exits went (by kind, by device, with host time);
-``--console-times`` first boots each VMM once without ``quiet`` and prints every console
-line with the host time it arrived. Exit status: 0 when every boot
+virtio-blk). -M microvm gets ``rtc=on`` (its KVM default has no CMOS RTC, and the guest's
+rtc_cmos probe of the absent chip costs seconds; -M pc and kvmfw have one); the output's
+header prints every VMM's full command line. ``--profile`` adds one untimed kvmfw boot per
+configuration with ``--stats`` and ``--profile`` and prints where its exits went (by kind,
+by device, with host time); ``--console-times`` first boots each VMM once without ``quiet``
+and prints every console line with the host time it arrived. Exit status: 0 when every boot
 reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not available here.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -38,6 +41,7 @@ from linuxguest import (  # noqa: E402
     FLAVORS,
     VMMS,
     Boot,
+    guests_dir,
     make_ext4,
     run,
     why_unavailable,
@@ -68,6 +72,13 @@ def cpu_counts(ap: argparse.ArgumentParser, text: str, most: int) -> list[int]:
     if not counts or any(not 1 <= c <= most for c in counts):
         ap.error(f"--cpus must be a comma list of numbers from 1 to {most}")
     return counts
+
+
+def command_line(boot: Boot) -> str:
+    """The VMM's command line for ``boot``, guest paths shortened to $KVMFW_LINUX_GUESTS."""
+    text = shlex.join(boot.argv())
+    d = guests_dir()
+    return text.replace(str(d), "$KVMFW_LINUX_GUESTS") if d is not None else text
 
 
 def profile(boot: Boot, path: Path) -> str:
@@ -164,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     table: list[str] = []
     print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw', False)!r}, {args.memory} MiB, "
-          f"{args.runs} alternating runs per VMM", flush=True)
+          f"{args.runs} alternating runs per VMM; each VMM's command ({cpus_list[0]} vCPU, no "
+          "disk; a disk adds its virtio-blk device and the cmdline kvmfw.test=blk):", flush=True)
+    for v in vmms:
+        print(f"  {v:13s} {command_line(boot(v, cpus_list[0], False))}", flush=True)
     for cpus in cpus_list:
         for d in disks:
             disk = d == "yes"

@@ -1,7 +1,8 @@
 """What Linux makes of kvmfw's x86 board, as of QEMU's (issue 13): the timer on IOAPIC pin 2
 (GSI routing), KVM detected through the hypervisor bit (kvmclock, PV features), the
-TSC-deadline timer; Hyper-V enlightenments on request; virtio-blk with its QueueNotify
-through KVM_IOEVENTFD, and the same guest with it off."""
+TSC-deadline timer, MTRRs and PAT on, the i8042 translating; Hyper-V enlightenments on
+request; virtio-blk with its QueueNotify through KVM_IOEVENTFD, and the same guest with it
+off."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ def test_timer_pv_clock_and_deadline_timer() -> None:
     assert "Calibrating delay loop (skipped)" in text, r.tail()
     assert "PV spinlocks enabled" in text, r.tail()
     assert "TSC deadline timer available" in text, r.tail()
+    # what firmware leaves (SeaBIOS under QEMU -M pc): MTRRs on, so Linux keeps PAT on
+    # (it turned PAT off with them: ioremap_wc uncached); the i8042 translating
+    assert "MTRRs disabled" not in text and "x86/PAT: Configuration [0-7]: WB  WC" in text, \
+        r.tail()
+    assert "AT Translated Set 2 keyboard" in text, r.tail()
 
 
 def test_hyperv_enlightenments_boot() -> None:

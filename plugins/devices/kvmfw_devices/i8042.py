@@ -15,6 +15,13 @@ KBD_DIS(4) AUX_DIS(5) XLATE(6)); 0xa7/0xa8 disable/enable aux; 0xa9 test aux (->
 keyboard/aux output buffer; 0xd4 write to aux device (none attached); 0xf0-0xff pulse output
 lines (bit 0 clear pulses the CPU reset line: 0xfe is the reset Linux uses with reboot=k).
 
+The command byte starts as firmware leaves it (SeaBIOS under QEMU -M pc: keyboard interrupt
+and XLATE on), since kvmfw boots kernels without firmware: with XLATE clear Linux takes the
+controller for a non-translating one and drives the keyboard raw ("AT Raw Set 2" instead of
+"AT Translated Set 2", the PC's usual mode). While XLATE is set the controller translates
+what the keyboard sends to scan code set 1, as the 8042 does: the identify reply is 0xab
+0x41 and the current scan code set reads 0x41 (set 2), as on QEMU.
+
 A CPU reset goes to the machine's ``reset`` service: it reboots the machine, or with the
 machine option ``reboot=off`` ends the run with ``reset_status`` (without the service:
 ``request_exit(reset_status, "reset ...")``). The keyboard
@@ -51,6 +58,8 @@ CB_AUX_INT = 0x02
 CB_SYS = 0x04
 CB_KBD_DIS = 0x10
 CB_AUX_DIS = 0x20
+CB_XLATE = 0x40
+CB_RESET_VALUE = CB_KBD_INT | CB_AUX_INT | CB_XLATE  # as firmware leaves it (see above)
 
 OUT_RESET = 0x01  # active low: 0 holds the CPU in reset
 OUT_A20 = 0x02
@@ -87,6 +96,9 @@ KBD_CMD_ENABLE = 0xF4
 KBD_CMD_DISABLE = 0xF5
 KBD_CMD_RESET = 0xFF
 KBD_ID = (0xAB, 0x83)
+# set 2 -> set 1 translation of the bytes this keyboard sends besides its fixed replies (the
+# 8042's table, as QEMU's translate_table: the ID's 0x83 and the scan code set numbers)
+XLATE_TABLE = {0x83: 0x41, 0x01: 0x43, 0x02: 0x41, 0x03: 0x3F}
 OBUF_LIMIT = 16
 
 WITH_ARGUMENT = (CMD_WRITE_CB, CMD_WRITE_OUTPORT, CMD_WRITE_KBD_OBUF, CMD_WRITE_AUX_OBUF,
@@ -121,7 +133,7 @@ class I8042(Device):
         return [Range("pio", self.params["port"], RANGE_SIZE, self.name)]
 
     def reset(self) -> None:
-        self.command_byte = CB_KBD_INT | CB_AUX_INT
+        self.command_byte = CB_RESET_VALUE
         self.status = STAT_A2 | STAT_UNLOCKED
         self.outport = OUT_RESET_VALUE
         self.obuf: deque[tuple[int, bool]] = deque()  # (byte, from aux)
@@ -259,13 +271,13 @@ class I8042(Device):
             self.kbd_pending, arg_of = 0, self.kbd_pending
             self._queue(KBD_ACK)
             if arg_of == KBD_CMD_SCANCODE and value == 0:
-                self._queue(0x02)  # current scancode set
+                self._queue(self._translated(0x02))  # current scancode set
             return
         if value == KBD_CMD_RESET:
             self.kbd_enabled = True
             self._queue(KBD_ACK, KBD_SELF_TEST_OK)
         elif value == KBD_CMD_IDENTIFY:
-            self._queue(KBD_ACK, *KBD_ID)
+            self._queue(KBD_ACK, KBD_ID[0], self._translated(KBD_ID[1]))
         elif value == KBD_ECHO:
             self._queue(KBD_ECHO)
         elif value in (KBD_CMD_SET_LEDS, KBD_CMD_SCANCODE, KBD_CMD_TYPEMATIC):
@@ -277,6 +289,12 @@ class I8042(Device):
             elif value == KBD_CMD_DISABLE:
                 self.kbd_enabled = False
             self._queue(KBD_ACK)
+
+    def _translated(self, value: int) -> int:
+        """``value`` as the controller passes it on: translated to set 1 while XLATE is on."""
+        if self.command_byte & CB_XLATE:
+            return XLATE_TABLE.get(value, value)
+        return value
 
     def _cpu_reset(self, why: str) -> None:
         self.stats["resets"] += 1

@@ -34,7 +34,34 @@ def test_ports_and_reset_status(kbc: I8042) -> None:
     assert (r.space, r.base, r.size) == ("pio", 0x60, 5)
     assert kbc.read(k.STATUS, 1)[0] == k.STAT_A2 | k.STAT_UNLOCKED
     cmd(kbc, k.CMD_READ_CB)
-    assert drain(kbc) == [k.CB_KBD_INT | k.CB_AUX_INT]
+    assert drain(kbc) == [k.CB_KBD_INT | k.CB_AUX_INT | k.CB_XLATE]
+
+
+def test_starts_translating_as_firmware_leaves_it(kbc: I8042) -> None:
+    """Regression: the command byte started without XLATE (no firmware sets it under kvmfw),
+    so Linux drove the keyboard raw ("AT Raw Set 2 keyboard"; QEMU's SeaBIOS leaves XLATE on:
+    "AT Translated Set 2 keyboard"). Translating, the keyboard's ID and scan code set
+    number reach the guest in set 1, as from an 8042 and from QEMU's."""
+    cmd(kbc, k.CMD_READ_CB)
+    assert drain(kbc)[0] & k.CB_XLATE
+    data_out(kbc, k.KBD_CMD_IDENTIFY)
+    assert drain(kbc) == [0xFA, 0xAB, 0x41]
+    data_out(kbc, k.KBD_CMD_SCANCODE)
+    data_out(kbc, 0)
+    assert drain(kbc) == [0xFA, 0xFA, 0x41]
+    kbc.reset()
+    cmd(kbc, k.CMD_READ_CB)
+    assert drain(kbc)[0] & k.CB_XLATE
+
+
+def test_untranslated_replies_once_xlate_is_cleared(kbc: I8042) -> None:
+    cmd(kbc, k.CMD_WRITE_CB)
+    data_out(kbc, k.CB_KBD_INT)
+    data_out(kbc, k.KBD_CMD_IDENTIFY)
+    assert drain(kbc) == [0xFA, 0xAB, 0x83]
+    data_out(kbc, k.KBD_CMD_SCANCODE)
+    data_out(kbc, 0)
+    assert drain(kbc) == [0xFA, 0xFA, 0x02]
 
 
 def test_reset_command_ends_the_run_cleanly(kbc: I8042, h: Harness) -> None:
@@ -79,13 +106,13 @@ def test_keyboard_commands(kbc: I8042) -> None:
     data_out(kbc, k.KBD_CMD_RESET)
     assert drain(kbc) == [0xFA, 0xAA]
     data_out(kbc, k.KBD_CMD_IDENTIFY)
-    assert drain(kbc) == [0xFA, 0xAB, 0x83]
+    assert drain(kbc) == [0xFA, 0xAB, 0x41]  # translated (XLATE on from reset)
     data_out(kbc, k.KBD_CMD_SET_LEDS)
     data_out(kbc, 0x07)
     assert drain(kbc) == [0xFA, 0xFA]
     data_out(kbc, k.KBD_CMD_SCANCODE)
     data_out(kbc, 0)
-    assert drain(kbc) == [0xFA, 0xFA, 0x02]
+    assert drain(kbc) == [0xFA, 0xFA, 0x41]
     data_out(kbc, k.KBD_ECHO)
     assert drain(kbc) == [0xEE]
     data_out(kbc, k.KBD_CMD_DISABLE)
@@ -147,7 +174,7 @@ def test_output_buffer_is_bounded(kbc: I8042) -> None:
 
 
 @pytest.mark.parametrize("command, reply", [(k.KBD_CMD_RESET, [0xFA, 0xAA]),
-                                            (k.KBD_CMD_IDENTIFY, [0xFA, 0xAB, 0x83])])
+                                            (k.KBD_CMD_IDENTIFY, [0xFA, 0xAB, 0x41])])
 def test_every_reply_byte_gets_its_own_interrupt_edge(kbc: I8042, h: Harness, command: int,
                                                       reply: list[int]) -> None:
     """Regression: a multi-byte reply kept IRQ 1 high from its first byte to its last, so the

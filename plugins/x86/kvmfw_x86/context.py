@@ -53,6 +53,18 @@ _PLAIN_ATTRS = frozenset(("cpu", "info", "eager", "fetches", "pushes", "ioctls_g
 
 MSR_IA32_TSC = 0x10
 U64 = 0xFFFFFFFFFFFFFFFF
+# MTRRs (Intel SDM vol. 3, 12.11): KVM emulates them but leaves them out of
+# KVM_GET_MSR_INDEX_LIST (QEMU saves them itself when the CPUID has MTRR); see
+# kvmfw_x86.plugin.mtrr_msrs
+MSR_MTRR_CAP = 0xFE
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRR_DEF_ENABLE = 1 << 11
+MTRR_TYPE_WB = 6
+MTRR_FIXED = (0x250, 0x258, 0x259, *range(0x268, 0x270))
+MTRR_VAR_BASE = 0x200
+MTRR_VAR_MAX = 32
+"""Variable-range pairs kvmfw syncs at most (MTRRcap.VCNT; KVM has 8; 0x200 + 2 * 32
+stays below the fixed-range MSRs)."""
 
 # XSAVE legacy area layout (Intel SDM vol. 1, 13.4.1)
 XS_FCW, XS_FSW, XS_FTW, XS_FOP, XS_FIP, XS_FDP, XS_MXCSR = 0, 2, 4, 6, 8, 16, 24

@@ -33,7 +33,7 @@ from kvmfw.errors import ConfigError, ImageError
 from kvmfw.hookspecs import SyncLevel
 
 from kvmfw_x86.abi import ffi
-from kvmfw_x86.context import Segment, X86Context
+from kvmfw_x86.context import MSR_MTRR_DEF_TYPE, MTRR_DEF_ENABLE, MTRR_TYPE_WB, Segment, X86Context
 
 GDT_ADDR = 0x500
 BOOT_PARAMS_ADDR = 0x7000
@@ -146,6 +146,20 @@ def boot_context(machine: Any) -> X86Context:
     cpu = machine.cpus[0]
     ctx: X86Context = cpu.get_context(SyncLevel.FULL)
     return ctx
+
+
+def enable_mtrrs(machine: Any) -> None:
+    """MTRRs on with write-back as the default type, on every vCPU, as firmware leaves them
+    (SeaBIOS; Firecracker does the same for its direct boot). A kernel entered without
+    firmware otherwise finds them off (MTRRdefType 0) and Linux turns PAT off with them:
+    "x86/PAT: MTRRs disabled, skipping PAT initialization too", every ioremap_wc mapping
+    then uncached. No variable ranges: MMIO gets its type from the guest's page tables (PAT
+    UC-), and under KVM guest RAM is write-back whatever the MTRRs say. Without MTRRs in
+    the CPUID (or a KVM that does not emulate them), nothing to do."""
+    for cpu in machine.cpus:
+        ctx: X86Context = cpu.get_context(SyncLevel.FULL)
+        if MSR_MTRR_DEF_TYPE in ctx.info.msr_indices:
+            ctx.set_msr(MSR_MTRR_DEF_TYPE, MTRR_DEF_ENABLE | MTRR_TYPE_WB)
 
 
 def enter_real_mode(machine: Any, cs: int, ip: int, sp: int = STACK_TOP) -> None:
@@ -679,6 +693,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
     bp.e820_entries = len(e820)
     write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
     install_firmware_tables(machine)  # CPUs, IO-APIC, PM, virtio-mmio
+    enable_mtrrs(machine)
     enter_long_mode(machine, load_at + 0x200, sse=False)
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR

@@ -36,7 +36,15 @@ from kvmfw_x86 import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API
 from kvmfw_x86 import cpuid as cpuid_mod
 from kvmfw_x86 import irqrouting
 from kvmfw_x86.abi import X, addr, ffi, lib
-from kvmfw_x86.context import CpuInfo, X86Context
+from kvmfw_x86.context import (
+    MSR_MTRR_CAP,
+    MSR_MTRR_DEF_TYPE,
+    MTRR_FIXED,
+    MTRR_VAR_BASE,
+    MTRR_VAR_MAX,
+    CpuInfo,
+    X86Context,
+)
 from kvmfw_x86.interrupts import UserspaceInterrupts
 from kvmfw_x86.lapic import LAPIC_ADDR, LAPIC_SIZE, UserspaceLapics, per_cpu_address
 from kvmfw_x86.pio import PCI_ADDR_PORT, PortIo
@@ -121,7 +129,7 @@ class X86Machine:
             self._info = CpuInfo(
                 use_sregs2=bool(kvm.check_extension(Cap.SREGS2)),
                 xsave_size=max(xsave2, 4096) if kvm.check_extension(Cap.XSAVE) else 4096,
-                msr_indices=readable_msrs(kvm.fd, vcpu),
+                msr_indices=readable_msrs(kvm.fd, vcpu) + mtrr_msrs(self.cpuid, vcpu),
                 xsave_offsets=offsets,
                 has_xcrs=bool(kvm.check_extension(Cap.XCRS)),
                 has_debugregs=bool(kvm.check_extension(Cap.DEBUGREGS)),
@@ -158,24 +166,43 @@ def msr_index_list(kvm_fd: int) -> list[int]:
             n = max(int(buf[0]), n * 2)
 
 
-def readable_msrs(kvm_fd: int, vcpu: Any) -> list[int]:
-    """The listed MSRs this vCPU reads back (KVM lists some it then refuses)."""
-    out = []
+def _read_msr(vcpu: Any, index: int) -> int | None:
+    """One MSR of ``vcpu`` (``KVM_GET_MSRS``), or None when KVM refuses it."""
     one = ffi.new("uint8_t[]", ffi.sizeof("struct kvm_msrs") + ffi.sizeof("struct kvm_msr_entry"))
     hdr = ffi.cast("struct kvm_msrs *", one)
     ent = ffi.cast("struct kvm_msr_entry *", one + ffi.sizeof("struct kvm_msrs"))
-    for m in msr_index_list(kvm_fd):
-        hdr.nmsrs = 1
-        ent.index = m
-        try:
-            if vcpu.ioctl(X.KVM_GET_MSRS, addr(one)) == 1:
-                out.append(m)
-        except KvmError:
-            pass
+    hdr.nmsrs = 1
+    ent.index = index
+    try:
+        return int(ent.data) if vcpu.ioctl(X.KVM_GET_MSRS, addr(one)) == 1 else None
+    except KvmError:
+        return None
+
+
+def readable_msrs(kvm_fd: int, vcpu: Any) -> list[int]:
+    """The listed MSRs this vCPU reads back (KVM lists some it then refuses)."""
+    out = [m for m in msr_index_list(kvm_fd) if _read_msr(vcpu, m) is not None]
     skipped = len(msr_index_list(kvm_fd)) - len(out)
     if skipped:
         log.debug("%d listed MSRs do not read back and are not synced", skipped)
     return out
+
+
+def mtrr_msrs(cpuid: list[cpuid_mod.CpuidEntry], vcpu: Any) -> list[int]:
+    """The MTRR MSRs to sync and checkpoint, when the CPUID offers MTRRs (as QEMU does):
+    the default type, the fixed ranges and MTRRcap.VCNT variable pairs (bounded by
+    :data:`MTRR_VAR_MAX`), those this vCPU reads back. KVM emulates them (the guest's
+    firmware, here the loader, enables them) but does not list them for saving. MTRRcap
+    itself is read-only."""
+    leaf1 = cpuid_mod.find(cpuid, 1)
+    if leaf1 is None or not leaf1.edx >> cpuid_mod.FEATURES["mtrr"][3] & 1:
+        return []
+    cap = _read_msr(vcpu, MSR_MTRR_CAP)
+    if cap is None:
+        return []
+    pairs = min(cap & 0xFF, MTRR_VAR_MAX)
+    wanted = [MSR_MTRR_DEF_TYPE, *MTRR_FIXED, *range(MTRR_VAR_BASE, MTRR_VAR_BASE + 2 * pairs)]
+    return [m for m in wanted if _read_msr(vcpu, m) is not None]
 
 
 class X86Plugin:

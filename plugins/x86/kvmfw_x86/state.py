@@ -28,7 +28,8 @@ channel's count from now.
    one that does not is skipped, as KVM cannot give its value either). On kvm_pvm all 40
    listed read back and take their own value back (TSC, TSC_DEADLINE, TSC_ADJUST, the
    SYSCALL/SYSENTER MSRs, PAT, the 8 KVM paravirt MSRs among them); it lists no MTRR,
-   EFER, FS/GS base (those are in sregs) or TSC_AUX MSR.
+   EFER, FS/GS base (those are in sregs) or TSC_AUX MSR. The MTRRs, which KVM emulates
+   but does not list, are added when the CPUID offers them (``plugin.mtrr_msrs``, as QEMU).
 6. Debug registers.
 7. Local APIC (``KVM_SET_LAPIC``) after the MSRs: its state is only accepted while the
    APIC base MSR enables it in the mode the state is in (xAPIC/x2APIC). Then

@@ -278,3 +278,34 @@ def test_flat_load_address_is_checked(machine_factory) -> None:
     with pytest.raises(ImageError, match="does not fit"):
         loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": -16})
     loaders.load(m, str(GUESTS / "real.bin"), {"load_addr": "0x7c00"})
+
+
+# mov eax, 1; cpuid; mov eax, edx; mov dx, 0xe0; out dx, eax   (CPUID.1:EDX)
+# mov ecx, 0x2ff; rdmsr; mov dx, 0xe0; out dx, eax               (MTRRdefType, low half)
+# out 0xe4, al; hlt                                              (done)
+_MTRR_PROBE = bytes.fromhex("b801000000" "0fa2" "89d0" "66bae000" "ef"
+                            "b9ff020000" "0f32" "66bae000" "ef" "e6e4" "f4")
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_bzimage_entered_with_mtrrs_on_as_firmware_leaves_them(machine_factory, tmp_path: Path,
+                                                               cpus: int) -> None:
+    """Regression: a kernel booted without firmware found the MTRRs off (MTRRdefType 0) and
+    Linux turned PAT off with them ("x86/PAT: MTRRs disabled, skipping PAT initialization
+    too"; under QEMU, SeaBIOS enables them). The guest reads MTRRdefType at the bzImage
+    entry: enabled, default type write-back, as firmware (and Firecracker) leaves it, on
+    every vCPU; and the MTRRs are synced (checkpointed) state."""
+    from kvmfw_x86.context import MSR_MTRR_DEF_TYPE
+    from kvmfw_x86.plugin import _read_msr
+
+    m, rep = machine_factory(memory=64 << 20, cpus=cpus, irqchip="kernel")
+    k = tmp_path / "bzImage"
+    k.write_bytes(bzimage(kernel=b"\x90" * 0x200 + _MTRR_PROBE.ljust(0x200, b"\xf4")))
+    loaders.load(m, str(k), {"cmdline": ""})
+    m.run(timeout=20)
+    edx, def_type = rep.values
+    assert edx >> 12 & 1, "the CPUID offers no MTRRs here"
+    assert def_type == 0x806  # E (bit 11) | WB (6); no fixed ranges (FE clear)
+    for cpu in m.cpus:  # in KVM, the APs' too (they read it at their own bring-up)
+        assert MSR_MTRR_DEF_TYPE in cpu.get_context().info.msr_indices
+        assert _read_msr(cpu.vcpu, MSR_MTRR_DEF_TYPE) == 0x806

@@ -176,24 +176,32 @@ def test_restoring_the_same_state_again_and_again_changes_nothing(machine_factor
 def test_every_listed_msr_is_checkpointed(machine_factory) -> None:
     """Every MSR in ``KVM_GET_MSR_INDEX_LIST`` that reads back is in the vCPU state (on this
     kvm_pvm: all 40 listed, the TSC, TSC_DEADLINE and the KVM paravirt MSRs among them, and
-    each also takes its value back), with its value restored."""
-    from kvmfw_x86.plugin import msr_index_list
+    each also takes its value back), with its value restored; so are the MTRRs KVM
+    emulates but does not list (the CPUID offers MTRRs: the default type, the fixed ranges,
+    the variable pairs), as QEMU saves them."""
+    from kvmfw_x86.context import MSR_MTRR_DEF_TYPE, MTRR_FIXED
+    from kvmfw_x86.plugin import msr_index_list, mtrr_msrs
 
     m, _ = machine_factory(irqchip="kernel")
     cpu = m.cpus[0]
     listed = msr_index_list(m.kvm.fd)
+    mtrrs = mtrr_msrs(m.hooks.pm.get_plugin("arch:x86").state(m).cpuid, cpu.vcpu)
+    assert MSR_MTRR_DEF_TYPE in mtrrs and set(MTRR_FIXED) <= set(mtrrs)
     saved = hook(m).save_arch_state(cpu=cpu)
     saved_idx = {int(k, 16) for k in saved["msrs"]}
-    assert saved_idx == set(cpu.context.info.msr_indices) and saved_idx <= set(listed)
+    assert saved_idx == set(cpu.context.info.msr_indices)
+    assert saved_idx <= set(listed) | set(mtrrs) and set(mtrrs) <= saved_idx
     for must in (0x10, 0x6E0, 0xC0000102):  # TSC, TSC_DEADLINE, KERNEL_GS_BASE
         if must in listed:
             assert must in saved_idx, hex(must)
     pv = {i for i in listed if 0x4B564D00 <= i <= 0x4B564DFF}  # MSR_KVM_* (kvmclock, ...)
     assert pv <= saved_idx
     saved["msrs"][f"{0xC0000102:#x}"] = 0x0000123456789000
+    saved["msrs"][f"{MSR_MTRR_DEF_TYPE:#x}"] = 0xC06  # E | FE | WB
     b, _ = machine_factory(irqchip="kernel")
     hook(b).restore_arch_state(cpu=b.cpus[0], state=saved)
     assert b.cpus[0].get_context().get_msr(0xC0000102) == 0x0000123456789000
+    assert b.cpus[0].get_context().get_msr(MSR_MTRR_DEF_TYPE) == 0xC06
 
 
 SHADOW_MOV_SS, SHADOW_STI = 1, 2
