@@ -379,6 +379,7 @@ class Uart16550(Device):
     # --- state -------------------------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
+        self.output.flush()  # before a checkpoint or fork: written once, by this process
         eq = self.ctx.eventq
         when = self._timeout_event.when
         return {
@@ -390,6 +391,7 @@ class Uart16550(Device):
         }
 
     def restore(self, state: dict[str, Any]) -> None:
+        self.output.flush()  # what the guest printed before it is restored
         s = SavedState(self.name, state)
         regs = {k: s.integer(k, 0, 0xFF) for k in ("dll", "dlm", "ier", "fcr", "lcr", "mcr",
                                                   "lsr", "msr", "scr")}
@@ -408,6 +410,9 @@ class Uart16550(Device):
             eq = self.ctx.eventq
             schedule_at(eq, self._timeout_event, eq.cur_tick + timeout_in)
         self._update_irq()
+
+    def flush(self) -> None:
+        self.output.flush()
 
     def after_fork(self, child: int) -> None:
         """Output to a file goes to ``<path>.<pid>``; input stays with the parent
