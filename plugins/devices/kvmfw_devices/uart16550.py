@@ -14,8 +14,8 @@ Interrupt priority (IIR bits 3..1): line status 0b011 > received data 0b010 > ch
 timeout 0b110 > THR empty 0b001 > modem status 0b000; IIR bit 0 set = none pending; IIR
 bits 7..6 = 0b11 when the FIFOs are enabled.
 
-Transmission is instantaneous: a byte written to THR goes to the output sink at once and
-THR is empty again, so THRE (and its interrupt, if enabled) is re-armed immediately, as in
+Transmission is instantaneous: a byte written to THR goes to the output (batched by line
+towards the host: :class:`~kvmfw_devices.console.ConsoleOutput`) and THR is empty again, so THRE (and its interrupt, if enabled) is re-armed immediately, as in
 kvmtool and vm-superio. Host input waits in a host queue and enters the 16-byte receive
 FIFO as room frees up (a console never loses keystrokes); bytes looped back with MCR.LOOP
 overrun the FIFO like the real part (LSR.OE). The character-timeout interrupt fires four
