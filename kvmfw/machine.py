@@ -668,11 +668,18 @@ class Machine:
 
     def _flush_devices(self) -> None:
         """Batched device output (consoles) is written out when a run ends, however."""
-        for d in self.devices:
-            try:
-                d.flush()
-            except Exception as exc:  # flush the rest; the run's own outcome comes first
-                log.warning("device %s failed to flush: %s", d.name, exc)
+        # under the lock: a vCPU thread that did not stop may still be inside a device
+        if not self.lock.acquire(timeout=1.0):
+            log.warning("device output not flushed: a vCPU thread holds the machine lock")
+            return
+        try:
+            for d in self.devices:
+                try:
+                    d.flush()
+                except Exception as exc:  # flush the rest; the run's own outcome comes first
+                    log.warning("device %s failed to flush: %s", d.name, exc)
+        finally:
+            self.lock.release()
 
     def _watch_until(self, until: Any, end: Callable[[RunEnd, str], None]) -> Event | None:
         """Arm ``run(until=...)``: a console watch, and for a callable a polling event."""
