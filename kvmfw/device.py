@@ -281,6 +281,10 @@ class Device:
         to made per-child, listening or connected sockets closed. The default does
         nothing: a device without host resources needs nothing here."""
 
+    def flush(self) -> None:
+        """Write out host output the device holds back (a console's batched bytes); called
+        when a run ends. The default does nothing."""
+
     def close(self) -> None:
         """Release host resources (files, sockets, terminal modes)."""
 

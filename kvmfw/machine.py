@@ -570,7 +570,10 @@ class Machine:
         if until_instructions is not None:
             from kvmfw.emu.stop import run_until_instructions
 
-            return run_until_instructions(self, until_instructions, timeout=timeout)
+            try:
+                return run_until_instructions(self, until_instructions, timeout=timeout)
+            finally:
+                self._flush_devices()
         eq = self.eventq
         self.stop_requested = self.checkpoint_pending  # (requested between runs: take it first)
         self.exit_status, self.exit_reason = 0, ""
@@ -648,7 +651,8 @@ class Machine:
             for ev in (limit_event, until_event):
                 if ev is not None and ev.scheduled:
                     eq.deschedule(ev)
-            self.console.watch(None, lambda: None)
+            self.console.watch(None, lambda: None)  # (the run has ended: no until any more)
+            self._flush_devices()  # before the result reads the console
             eq.on_post = None
             self._unbind(bound)
         kind = ended[0] if ended else RunEnd.GUEST
@@ -665,6 +669,21 @@ class Machine:
             exc.result = result  # type: ignore[attr-defined]
             raise exc
         return result
+
+    def _flush_devices(self) -> None:
+        """Batched device output (consoles) is written out when a run ends, however."""
+        # under the lock: a vCPU thread that did not stop may still be inside a device
+        if not self.lock.acquire(timeout=1.0):
+            log.warning("device output not flushed: a vCPU thread holds the machine lock")
+            return
+        try:
+            for d in self.devices:
+                try:
+                    d.flush()
+                except Exception as exc:  # flush the rest; the run's own outcome comes first
+                    log.warning("device %s failed to flush: %s", d.name, exc)
+        finally:
+            self.lock.release()
 
     def _watch_until(self, until: Any, end: Callable[[RunEnd, str], None]) -> Event | None:
         """Arm ``run(until=...)``: a console watch, and for a callable a polling event."""

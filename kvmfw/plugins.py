@@ -5,8 +5,8 @@ Plugins are entry points in the groups ``kvmfw.arch`` (one object per architectu
 (one callable per board: ``board(machine) -> [device spec, ...]``, so any package can
 contribute a board and no plugin imports another); a plugin that fails to import is recorded
 instead of dying. A run loads only what it names (its arch, its board, the devices it adds)
-from an index of kvmfw's entry points that is kept on disk while ``sys.path`` and its
-directories are unchanged (:func:`_installed_entry_points`): a scan of every installed
+from an index of kvmfw's entry points that is kept on disk while the distributions found on
+``sys.path`` are unchanged (:func:`_installed_entry_points`): a scan of every installed
 distribution (``importlib.metadata``, each ``METADATA`` parsed) costs more than the rest of
 start-up on a slow host. ``kvmfw list-plugins`` loads everything through stevedore. pluggy
 calls hooks:
@@ -86,9 +86,10 @@ class PluginInfo:
         return asdict(self)
 
 
-_Fingerprint = tuple[tuple[str, int], ...]
+_Stamp = tuple[tuple[str, int], ...]
+_Fingerprint = tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
 _Found = dict[tuple[str, str], list[tuple[str, str, "EntryPoint"]]]
-_installed: tuple[_Fingerprint, _Found] | None = None
+_installed: tuple[_Stamp, _Found] | None = None
 
 INDEX_VERSION = 1
 INDEX_MAX_BYTES = 1 << 20
@@ -116,10 +117,15 @@ class EntryPoint:
         return obj
 
 
-def _path_fingerprint() -> _Fingerprint:
-    """sys.path with each directory's mtime: installing or removing a package creates or
-    deletes a ``*.dist-info`` entry in a path directory, which changes its mtime."""
-    out = [(sys.executable, 0)]
+_META_SUFFIXES = (".dist-info", ".egg-info")
+_KEY_MAX_DISTS = 8192
+"""Metadata directories the key lists at most (a path with more is scanned every time)."""
+
+
+def _path_stamp() -> _Stamp:
+    """sys.path with each directory's mtime: cheap, for the in-process cache only (an
+    install or removal creates or deletes an entry in a path directory)."""
+    out = []
     for p in sys.path:
         try:
             out.append((p, os.stat(p or ".").st_mtime_ns))
@@ -128,15 +134,67 @@ def _path_fingerprint() -> _Fingerprint:
     return tuple(out)
 
 
+def _path_fingerprint() -> _Fingerprint | None:
+    """What decides the installed entry points: the distribution metadata directories
+    (``*.dist-info``, ``*.egg-info``) that ``importlib.metadata`` finds on sys.path, in its
+    order, each with its ``entry_points.txt`` mtime (rewritten by every install, editable or
+    not), and the mtime of any archive on the path. Entries that hold no metadata (the
+    script's directory of ``kvmfw``, the current directory of ``python -c`` and ``-m``, the
+    standard library) do not count, so the three ways to start kvmfw share one index.
+    None (no index) when the path holds more than ``_KEY_MAX_DISTS`` of them."""
+    out: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+    seen: set[str] = set()
+    total = 0
+    for p in sys.path:
+        d = os.path.abspath(p or ".")
+        if d in seen:
+            continue
+        seen.add(d)
+        egg = d.lower().endswith(".egg")
+        try:
+            with os.scandir(d) as it:
+                names = sorted(e.name for e in it
+                               if e.name.lower().endswith(_META_SUFFIXES)
+                               or (egg and e.name.lower() == "egg-info"))
+        except NotADirectoryError:
+            try:  # an archive (zip) on the path: its mtime stands for what it holds
+                out.append((d, (("", os.stat(d).st_mtime_ns),)))
+            except OSError:
+                pass
+            continue
+        except OSError:
+            continue  # missing, or a path-hook name rather than a directory
+        if not names:
+            continue
+        total += len(names)
+        if total > _KEY_MAX_DISTS:
+            return None
+        stamps = []
+        for name in names:
+            try:
+                stamps.append((name, os.stat(os.path.join(d, name, "entry_points.txt"))
+                               .st_mtime_ns))
+            except OSError:
+                stamps.append((name, -1))
+        out.append((d, tuple(stamps)))
+    return tuple(out)
+
+
 def _index_file(key: _Fingerprint) -> str | None:
     """Where the index for this interpreter lives (``$XDG_CACHE_HOME/kvmfw`` or
-    ``~/.cache/kvmfw``; one file per interpreter, so a path that changes, as in tests,
-    replaces it instead of adding files), or None when there is no home to put it in."""
+    ``~/.cache/kvmfw``; one file per interpreter and prefix (a venv) whichever name started
+    it (``python``, ``python3.11``), so a path that changes, as in tests, replaces it
+    instead of adding files), or None when there is no home to put it in."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if not base or base.startswith("~"):
         return None
-    tag = zlib.crc32(f"{sys.executable}\0{sys.prefix}".encode()) & 0xFFFFFFFF
+    exe = os.path.realpath(sys.executable) if sys.executable else ""
+    tag = zlib.crc32(f"{exe}\0{sys.prefix}".encode()) & 0xFFFFFFFF
     return os.path.join(base, "kvmfw", f"entry-points-{tag:08x}.json")
+
+
+def _key_json(key: _Fingerprint) -> list[Any]:
+    return [[d, [list(s) for s in stamps]] for d, stamps in key]
 
 
 def _read_index(path: str, key: _Fingerprint) -> _Found | None:
@@ -149,7 +207,7 @@ def _read_index(path: str, key: _Fingerprint) -> _Found | None:
             return None
         data = json.loads(raw)
         if not isinstance(data, dict) or data.get("version") != INDEX_VERSION \
-                or data.get("key") != [list(k) for k in key]:
+                or data.get("key") != _key_json(key):
             return None
         rows = data.get("entry_points")
         if not isinstance(rows, list) or len(rows) > _INDEX_MAX_ENTRIES:
@@ -173,7 +231,7 @@ def _write_index(path: str, key: _Fingerprint, found: _Found) -> None:
     """Store the index (atomically; a cache that cannot be written is no error)."""
     rows = [[ep.group, ep.name, ep.value, pkg, ver]
             for entries in found.values() for pkg, ver, ep in entries]
-    data = {"version": INDEX_VERSION, "key": [list(k) for k in key], "entry_points": rows}
+    data = {"version": INDEX_VERSION, "key": _key_json(key), "entry_points": rows}
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -212,19 +270,20 @@ def _scan_distributions() -> _Found:
 def _installed_entry_points() -> _Found:
     """``{(group, name): [(package, version, entry point), ...]}`` for kvmfw's groups (one
     entry per distribution declaring it, in sys.path order), from the index on disk while
-    sys.path and its directories are unchanged, else from a scan of every distribution (then
-    written to the index). Cached in the process too."""
+    the distributions on sys.path are unchanged (:func:`_path_fingerprint`), else from a
+    scan of every distribution (then written to the index). Cached in the process too."""
     global _installed
-    key = _path_fingerprint()
-    if _installed is not None and _installed[0] == key:
+    stamp = _path_stamp()
+    if _installed is not None and _installed[0] == stamp:
         return _installed[1]
-    path = _index_file(key)
-    found = _read_index(path, key) if path is not None else None
+    key = _path_fingerprint()
+    path = _index_file(key) if key is not None else None
+    found = _read_index(path, key) if path is not None and key is not None else None
     if found is None:
         found = _scan_distributions()
-        if path is not None:
+        if path is not None and key is not None:
             _write_index(path, key, found)
-    _installed = (key, found)
+    _installed = (stamp, found)
     return found
 
 

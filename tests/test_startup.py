@@ -185,6 +185,61 @@ def test_devices_are_imported_when_named(index_home: Path) -> None:
     sys.modules.pop("idx_lazy_mod", None)
 
 
+def test_path_entries_without_distributions_share_the_index(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script's directory (``kvmfw``), the current directory (``python -c``, ``-m``) and
+    path-hook names hold no distribution: they do not change the key, so no new scan."""
+    plugins._installed_entry_points()
+    empty = index_home / "bin"
+    empty.mkdir()
+    (empty / "kvmfw").write_text("# a console script\n")
+
+    def no_scan() -> None:
+        raise AssertionError("scanned although no distribution changed")
+
+    monkeypatch.setattr(plugins, "_scan_distributions", no_scan)
+    for entry in (str(empty), "", "__editable__.x-0.1.finder.__path_hook__"):
+        monkeypatch.syspath_prepend(entry)
+        monkeypatch.setattr(plugins, "_installed", None)
+        assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
+
+
+def test_an_entry_points_file_rewritten_in_place_makes_the_index_stale(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plugins._installed_entry_points()
+    eps = index_home / "site" / "kvmfw_idx-0.1.dist-info" / "entry_points.txt"
+    eps.write_text("[kvmfw.devices]\nidx-new = kvmfw.device:Device\n")
+    st = eps.stat()
+    os.utime(eps, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # (coarse clocks)
+    monkeypatch.setattr(plugins, "_installed", None)
+    found = plugins._installed_entry_points()
+    assert ("kvmfw.devices", "idx-new") in found and ("kvmfw.devices", "idx-dev") not in found
+
+
+def test_python_c_python_m_and_the_script_share_one_index(tmp_path: Path) -> None:
+    """Each way of starting kvmfw finds the index the first one wrote and scans nothing (the
+    index file is replaced by every scan: its inode would change)."""
+    script = Path(sys.executable).parent / "kvmfw"
+    if not script.exists():
+        pytest.skip("the kvmfw console script is not installed beside this interpreter")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ["run", "--arch", "no-such-arch", "--console", "none", "--no-summary"]
+    work = tmp_path / "work"
+    work.mkdir()
+    ways = [[sys.executable, "-I", "-c", "import kvmfw.cli; kvmfw.cli.main()", *args],
+            [sys.executable, "-c", "import kvmfw.cli; kvmfw.cli.main()", *args],
+            [sys.executable, "-m", "kvmfw.cli", *args],
+            [str(script), *args]]
+    seen = []
+    for cmd in ways:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=work,
+                           env=env, stdin=subprocess.DEVNULL)
+        assert "no-such-arch" in r.stderr, r.stderr  # the arch was looked up in the index
+        (path,) = _index_files(tmp_path)
+        seen.append(path.stat().st_ino)
+    assert len(set(seen)) == 1, seen
+
+
 def test_the_index_lives_under_xdg_cache_home(index_home: Path) -> None:
     key = plugins._path_fingerprint()
     path = plugins._index_file(key)

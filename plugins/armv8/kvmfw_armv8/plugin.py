@@ -12,13 +12,17 @@ devices -> ``machine_created`` (vGIC ``CTRL_INIT`` once every vCPU exists, then 
 PMU's interrupt and init) -> ``load_guest``.
 
 PSCI is handled by the kernel, which tells userspace nothing about a CPU_ON. A secondary
-vCPU stays idle in kvmfw until the kernel reports it runnable: a bring-up event polls
-``KVM_GET_MP_STATE`` of the secondaries still waiting, under the machine lock, every 1 ms
-after a start or a bring-up and backing off to every 64 ms while nothing changes, and only
-while some vCPU runs (one that could issue the CPU_ON). A vCPU that later does CPU_OFF
-sleeps inside ``KVM_RUN`` until the kernel wakes it for the next CPU_ON, as QEMU's vCPU
-threads do. SYSTEM_OFF and SYSTEM_RESET arrive as ``KVM_EXIT_SYSTEM_EVENT`` and end the
-run in the core.
+vCPU starts active (``start_active``): its thread enters ``KVM_RUN`` at once and sleeps
+there, powered off, until the kernel wakes it for a CPU_ON (and again after a CPU_OFF), as
+QEMU's vCPU threads do, so a CPU_ON takes effect at once. (It was left idle in kvmfw until
+the poll below saw it runnable: up to 64 ms late, the guest's boot CPU waiting meanwhile.)
+A secondary stays listed as waiting until its first exit that is not a kick (drain does
+not enter it; a fork keeps the list). One left idle in kvmfw (restored from a checkpoint
+taken while it was) is brought up as before: a bring-up event polls its
+``KVM_GET_MP_STATE`` under the machine lock, every 1 ms after a start or a bring-up and
+backing off to every 64 ms, only while some vCPU runs; a vCPU inside ``KVM_RUN`` is
+never polled (the ioctl would wait for it to leave). SYSTEM_OFF and SYSTEM_RESET arrive as
+``KVM_EXIT_SYSTEM_EVENT`` and end the run in the core.
 """
 
 from __future__ import annotations
@@ -270,6 +274,11 @@ def vcpu_init(cpu: KvmCPU) -> None:
     b.cpus[cpu.id] = st
     if word & (1 << abi.KVM_ARM_VCPU_POWER_OFF):
         b.waiting.append(cpu)
+        if hasattr(cpu, "start_active"):
+            # its thread enters KVM from the start and sleeps there (MP state STOPPED)
+            # until the kernel's PSCI CPU_ON wakes it, as QEMU's vCPU threads do: the
+            # guest's boot CPU, waiting for it, is not held up until the next poll
+            cpu.start_active = True
 
 
 @hookimpl
@@ -369,9 +378,24 @@ def post_run(cpu: KvmCPU, exit_reason: int) -> None:
         stop = b.inst_stops.get(cpu.id)
         if stop is not None and stop.check():
             cpu.machine.request_exit(0, "instruction stop")
-    if b.waiting and b.bring_up is not None and not b.bring_up.scheduled:
-        with cpu.machine.lock:
+    if b.waiting:
+        _waiting_exit(cpu, b, exit_reason)
+
+
+def _waiting_exit(cpu: KvmCPU, b: ArmBoard, exit_reason: int) -> None:
+    """An exit while some secondary is listed as waiting for CPU_ON: one of them that
+    exits for a reason other than a kick runs guest code (it started active and the
+    kernel's CPU_ON woke it), so it waits no more; the poll restarts while an idle one
+    waits (one left idle by a restored checkpoint)."""
+    with cpu.machine.lock:
+        if exit_reason != _EXIT_INTR and cpu.status.value != "Idle" and cpu in b.waiting:
+            b.waiting.remove(cpu)
+        if b.bring_up is not None and not b.bring_up.scheduled and _idle_waiting(b):
             _schedule_bring_up(cpu.machine, b, BRING_UP_POLL_TICKS)
+
+
+def _idle_waiting(b: ArmBoard) -> bool:
+    return any(c.status.value == "Idle" for c in b.waiting)
 
 
 _EXIT_INTR = 10
@@ -419,12 +443,14 @@ def bring_up_runnable(machine: Machine) -> int:
     with machine.lock:
         started = 0
         for other in list(b.waiting):
+            if other.status.value != "Idle":
+                continue  # started active, inside KVM_RUN: an ioctl would wait for it
             b.mp_state_polls += 1
             if mp_state(other) == abi.KVM_MP_STATE_RUNNABLE:
                 b.waiting.remove(other)
                 other.activate()
                 started += 1
-        if b.waiting and any(c.status.value != "Idle" for c in machine.cpus):
+        if _idle_waiting(b) and any(c.status.value != "Idle" for c in machine.cpus):
             _schedule_bring_up(machine, b, BRING_UP_POLL_TICKS if started
                                else min(b.poll_interval * 2, BRING_UP_POLL_MAX_TICKS))
         return started

@@ -161,3 +161,24 @@ def test_kvm_run_drain_runs_one_bounded_slice() -> None:
     assert m.cpus[0].slices == [plugin.DRAIN_SLICE_TICKS] and plugin.DRAIN_SLICE_TICKS == MS
     assert plugin.kvm_run_drain(m.cpus[1]) is True  # type: ignore[arg-type]
     assert m.cpus[1].slices == []
+
+
+def test_a_secondary_started_active_is_never_polled_and_leaves_the_list_at_its_first_exit(
+        ) -> None:
+    """Secondaries start active (``start_active``): their threads sleep inside KVM_RUN until
+    the kernel's CPU_ON, as QEMU's do. The poll must not ask KVM about one (the ioctl would
+    wait for the vCPU to leave KVM_RUN, holding the machine lock: a deadlock until the next
+    kick); a kick is no sign of life, its first other exit is."""
+    m = FakeMachine(cpus=2)
+    b = plugin.board_of(m)  # type: ignore[arg-type]
+    cpu1 = m.cpus[1]
+    cpu1.status = CpuStatus.RUNNING  # what Machine.run does for a start_active vCPU
+    for _ in range(10):
+        if m.eventq.service_one() is None:
+            break
+    assert polls(m) == 0 and b.mp_state_polls == 0
+    assert not b.bring_up.scheduled  # type: ignore[union-attr]  # nobody idle to bring up
+    plugin.post_run(cpu1, plugin._EXIT_INTR)  # type: ignore[arg-type]  # a kick
+    assert b.waiting == [cpu1]
+    plugin.post_run(cpu1, 6)  # type: ignore[arg-type]  # KVM_EXIT_MMIO: it runs guest code
+    assert b.waiting == [] and polls(m) == 0 and cpu1.activations == 0

@@ -275,6 +275,7 @@ class Pl011(Device):
     # --- state ------------------------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
+        self.output.flush()  # before a checkpoint or fork: written once, by this process
         when = self._timeout_event.when
         return {"rx_fifo": list(self.rx_fifo), "host_queue": list(self.host_queue),
                 "rsr": self.rsr, "ilpr": self.ilpr, "ibrd": self.ibrd, "fbrd": self.fbrd,
@@ -283,6 +284,7 @@ class Pl011(Device):
                 "timeout_in": None if when is None else max(0, when - self.ctx.eventq.cur_tick)}
 
     def restore(self, state: dict[str, Any]) -> None:
+        self.output.flush()  # what the guest printed before it is restored
         s = SavedState(self.name, state)
         rx = s.integers("rx_fifo", 0, 0xFFF, FIFO_DEPTH)
         host = s.integers("host_queue", 0, 0xFF, HOST_QUEUE_LIMIT)
@@ -297,6 +299,9 @@ class Pl011(Device):
             schedule_at(eq, self._timeout_event, eq.cur_tick + timeout_in)
         self._irq_level = not (self.ris & self.imsc)  # force the line to match
         self._update_irq()
+
+    def flush(self) -> None:
+        self.output.flush()
 
     def after_fork(self, child: int) -> None:
         """Output to a file goes to ``<path>.<pid>``; input stays with the parent

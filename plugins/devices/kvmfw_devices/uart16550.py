@@ -14,8 +14,8 @@ Interrupt priority (IIR bits 3..1): line status 0b011 > received data 0b010 > ch
 timeout 0b110 > THR empty 0b001 > modem status 0b000; IIR bit 0 set = none pending; IIR
 bits 7..6 = 0b11 when the FIFOs are enabled.
 
-Transmission is instantaneous: a byte written to THR goes to the output sink at once and
-THR is empty again, so THRE (and its interrupt, if enabled) is re-armed immediately, as in
+Transmission is instantaneous: a byte written to THR goes to the output (batched by line
+towards the host: :class:`~kvmfw_devices.console.ConsoleOutput`) and THR is empty again, so THRE (and its interrupt, if enabled) is re-armed immediately, as in
 kvmtool and vm-superio. Host input waits in a host queue and enters the 16-byte receive
 FIFO as room frees up (a console never loses keystrokes); bytes looped back with MCR.LOOP
 overrun the FIFO like the real part (LSR.OE). The character-timeout interrupt fires four
@@ -379,6 +379,7 @@ class Uart16550(Device):
     # --- state -------------------------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
+        self.output.flush()  # before a checkpoint or fork: written once, by this process
         eq = self.ctx.eventq
         when = self._timeout_event.when
         return {
@@ -390,6 +391,7 @@ class Uart16550(Device):
         }
 
     def restore(self, state: dict[str, Any]) -> None:
+        self.output.flush()  # what the guest printed before it is restored
         s = SavedState(self.name, state)
         regs = {k: s.integer(k, 0, 0xFF) for k in ("dll", "dlm", "ier", "fcr", "lcr", "mcr",
                                                   "lsr", "msr", "scr")}
@@ -408,6 +410,9 @@ class Uart16550(Device):
             eq = self.ctx.eventq
             schedule_at(eq, self._timeout_event, eq.cur_tick + timeout_in)
         self._update_irq()
+
+    def flush(self) -> None:
+        self.output.flush()
 
     def after_fork(self, child: int) -> None:
         """Output to a file goes to ``<path>.<pid>``; input stays with the parent

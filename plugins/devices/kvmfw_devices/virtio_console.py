@@ -85,9 +85,11 @@ class VirtioConsole(VirtioMmio):
         pass  # pending host input survives a driver reset
 
     def save(self) -> dict[str, Any]:
+        self.output.flush()  # before a checkpoint or fork: written once, by this process
         return {**super().save(), "pending": bytes(self.pending).hex()}
 
     def restore(self, state: dict[str, Any]) -> None:
+        self.output.flush()
         super().restore(state)
         text = str(state.get("pending", ""))[:2 * PENDING_LIMIT]
         try:
@@ -95,6 +97,9 @@ class VirtioConsole(VirtioMmio):
         except ValueError as exc:
             raise CheckpointError(f"{self.name}: bad saved input ({exc})") from None
         self.pending = bytearray(pending)
+
+    def flush(self) -> None:
+        self.output.flush()
 
     def after_fork(self, child: int) -> None:
         """Output to a file goes to ``<path>.<pid>``; input stays with the parent

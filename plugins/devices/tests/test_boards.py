@@ -26,7 +26,8 @@ def test_x86_default_board_builds_without_overlaps() -> None:
     # a polling guest finds THRE set on COM1's LSR through the bus
     assert bus.pio.read(0x3FD, 1)[0] & 0x20
     bus.pio.write(0x3F8, b"K")
-    assert h.output.getvalue() == b"K"
+    bus.pio.write(0x3F8, b"\n")  # (console output goes out by line)
+    assert h.output.getvalue() == b"K\n"
 
 
 def test_default_devices_by_arch() -> None:

@@ -61,8 +61,8 @@ def test_ctrl_a_x_ends_the_run_and_ctrl_a_ctrl_a_sends_one(h: Harness, pty_stdin
 
 
 def test_output_sinks(h: Harness, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ConsoleOutput(h.ctx, "console").write(b"to ctx")
-    assert h.output.getvalue() == b"to ctx"
+    ConsoleOutput(h.ctx, "console").write(b"to ctx\n")
+    assert h.output.getvalue() == b"to ctx\n"
     ConsoleOutput(h.ctx, "none").write(b"dropped")
     path = tmp_path / "out"
     out = ConsoleOutput(h.ctx, str(path))

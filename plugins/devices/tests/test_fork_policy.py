@@ -29,6 +29,7 @@ def test_uart_output_file_goes_per_child(h: Harness, tmp_path: Path) -> None:
     out = tmp_path / "console.txt"
     u = Uart16550(h.ctx, output=f"file:{out}", input="none")
     u.write(0, b"P")
+    u.save()  # a fork captures the state first (and so writes out batched output)
     n = _fds()
     u.after_fork(4242)
     assert _fds() == n  # the inherited descriptor closed, the child's own opened
