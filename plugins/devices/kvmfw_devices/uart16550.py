@@ -15,8 +15,9 @@ timeout 0b110 > THR empty 0b001 > modem status 0b000; IIR bit 0 set = none pendi
 bits 7..6 = 0b11 when the FIFOs are enabled.
 
 Transmission is instantaneous: a byte written to THR goes to the output (batched by line
-towards the host: :class:`~kvmfw_devices.console.ConsoleOutput`) and THR is empty again, so THRE (and its interrupt, if enabled) is re-armed immediately, as in
-kvmtool and vm-superio. Host input waits in a host queue and enters the 16-byte receive
+towards the host: :class:`~kvmfw_devices.console.ConsoleOutput`) and THR is empty again,
+so THRE (and its interrupt, if enabled) is re-armed immediately, as in kvmtool and
+vm-superio. Host input waits in a host queue and enters the 16-byte receive
 FIFO as room frees up (a console never loses keystrokes); bytes looped back with MCR.LOOP
 overrun the FIFO like the real part (LSR.OE). The character-timeout interrupt fires four
 character times after the last FIFO activity when data sits below the trigger level.
