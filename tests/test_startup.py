@@ -198,6 +198,9 @@ def test_path_entries_without_distributions_share_the_index(
         raise AssertionError("scanned although no distribution changed")
 
     monkeypatch.setattr(plugins, "_scan_distributions", no_scan)
+    # "" is the current directory: one without distributions (a source checkout that was
+    # built holds NAME.egg-info, a distribution importlib.metadata would see there)
+    monkeypatch.chdir(empty)
     for entry in (str(empty), "", "__editable__.x-0.1.finder.__path_hook__"):
         monkeypatch.syspath_prepend(entry)
         monkeypatch.setattr(plugins, "_installed", None)
