@@ -82,6 +82,11 @@ def warmed() -> Iterator[tuple[Machine, Ports]]:
 
 
 def _fds() -> list[str]:
+    """The open fds, after a collection: an earlier test's garbage that holds an fd would
+    otherwise be closed by whichever collection runs next, mid-comparison (a flake)."""
+    import gc
+
+    gc.collect()
     return sorted(os.listdir("/proc/self/fd"))
 
 
