@@ -79,12 +79,16 @@ class EventQueue:
                 raise ValueError(f"{event!r} is already scheduled")
             if when < self.cur_tick:
                 raise ValueError(f"cannot schedule {event.name} at {when} < now {self.cur_tick}")
-            event.when = when
-            event._seq = next(self._seq)
-            event._queue = self
-            heapq.heappush(self._heap, (when, event.priority, event._seq, event))
+            self._push(event, when)
         if self.on_post is not None:
             self.on_post()
+
+    def _push(self, event: Event, when: int) -> None:
+        """Put ``event`` on the heap at ``when`` (the lock is held)."""
+        event.when = when
+        event._seq = next(self._seq)
+        event._queue = self
+        heapq.heappush(self._heap, (when, event.priority, event._seq, event))
 
     def post(self, event: Event, not_before: int = 0) -> bool:
         """Schedule ``event`` as soon as possible (at ``not_before`` if that is later);
@@ -98,11 +102,7 @@ class EventQueue:
         with self.lock:
             if event.when is not None:
                 return False
-            when = max(self.cur_tick, not_before)
-            event.when = when
-            event._seq = next(self._seq)
-            event._queue = self
-            heapq.heappush(self._heap, (when, event.priority, event._seq, event))
+            self._push(event, max(self.cur_tick, not_before))
         if self.on_post is not None:
             self.on_post()
         return True
