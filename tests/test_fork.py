@@ -241,7 +241,7 @@ def test_two_vcpus_in_parallel_mode_run_on_in_parent_and_child(tmp_path: Path) -
         def progress_after_runs() -> list[int]:
             before = [c.get_context().regs["rsi"] for c in m.cpus]
             for _ in range(100):  # a busy host may end a slice before a thread entered KVM
-                m.run(max_ticks=20 * TICKS_PER_MS, timeout=20)
+                m.run(max_ticks=100 * TICKS_PER_MS, timeout=20)
                 after = [c.get_context().regs["rsi"] for c in m.cpus]
                 if all(a > b for a, b in zip(after, before, strict=True)):
                     break
