@@ -119,13 +119,27 @@ class MemoryRegion:
         return self._view
 
     def close(self) -> None:
+        """Unmap the region. A view of it that someone still holds (a slice kept past the
+        machine, or garbage not collected yet) keeps the mapping until the view goes; the
+        mapping is then unmapped with it. Closing never fails for it (it raised
+        ``BufferError`` out of ``Machine.close``)."""
         for v in (self._view, self._whole):
             if v is not None:
                 v.release()
         self._view = self._whole = None
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        mm, self._map = self._map, None
+        if mm is None:
+            return
+        try:
+            mm.close()
+        except BufferError:
+            import gc
+
+            gc.collect()  # the usual holder: a reference cycle (an exception's frames)
+            try:
+                mm.close()
+            except BufferError:
+                pass  # held for real: mmap unmaps when its last view is released
 
 
 class GuestMemory:

@@ -190,3 +190,24 @@ def test_rebinding_to_new_threads_leaks_no_perf_fd_or_timer(make_machine, monkey
     assert len(_fds()) == fds  # each bind reopens them (the numbers may differ)
     m.close()
     assert len(_fds()) < fds  # the last source's counters went with the machine
+
+
+@needs_kvm
+def test_close_with_a_view_of_ram_still_held(make_machine) -> None:
+    """A slice of guest RAM kept past the machine does not make close() fail (it raised
+    BufferError: a sweep worker's row said 'internal error'); the mapping goes when the
+    slice does."""
+    import gc
+
+    gc.collect()
+    maps0 = _maps()
+    m, _, _ = make_machine(PIO)
+    ram = next(iter(m.memory))
+    held = ram.view[0:16]
+    m.run(timeout=20)
+    m.close()
+    assert held.nbytes == 16  # still readable: the mapping lives while the view does
+    held.release()
+    del held, ram, m
+    gc.collect()
+    assert _maps() == maps0
