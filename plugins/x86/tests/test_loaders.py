@@ -308,4 +308,8 @@ def test_bzimage_entered_with_mtrrs_on_as_firmware_leaves_them(machine_factory, 
     assert def_type == 0x806  # E (bit 11) | WB (6); no fixed ranges (FE clear)
     for cpu in m.cpus:  # in KVM, the APs' too (they read it at their own bring-up)
         assert MSR_MTRR_DEF_TYPE in cpu.get_context().info.msr_indices
+        # An AP whose thread had not entered KVM yet when the BSP ended this short run still
+        # holds the loader's write in its (dirty) context: sync is lazy. Push it, then read
+        # what KVM itself holds.
+        cpu.sync_kvm_state()
         assert _read_msr(cpu.vcpu, MSR_MTRR_DEF_TYPE) == 0x806
