@@ -19,7 +19,6 @@ BIOS keeps them in ROM) and the multiboot information after the kernel.
 from __future__ import annotations
 
 import array
-import io
 import mmap
 import os
 import stat
@@ -330,7 +329,7 @@ def load(machine: Any, image: str, options: dict[str, Any]) -> bool:
         fmt = options.get("format") or ("flat" if options.get("load_addr") is not None
                                          else detect(data))
         if fmt == "bzimage":
-            load_bzimage(machine, data, options)
+            load_bzimage(machine, data, options, source=image)
         elif fmt == "multiboot":
             load_multiboot(machine, data, image, options)
         elif fmt == "elf":
@@ -387,40 +386,54 @@ class _Segment:
         return bytes(self.image[self.offset:self.offset + self.filesz])
 
 
-def parse_elf(data: bytes) -> tuple[int, int, list[_Segment]]:
-    """``(class bits, entry, loadable segments)``; truncation and bad headers raise."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+# ELF header fields after e_ident (type, machine, version, entry, phoff, shoff, flags,
+# ehsize, phentsize, phnum, ...) and program headers, little-endian, per ELF class; read
+# with struct rather than pyelftools, whose import alone costs a Linux boot ~50 ms of start-up
+_EHDR = {32: struct.Struct("<HHIIII4xHHH"), 64: struct.Struct("<HHIQQQ4xHHH")}
+_PHDR32 = struct.Struct("<IIIIII")  # type, offset, vaddr, paddr, filesz, memsz
+_PHDR64 = struct.Struct("<I4xQQQQQ")  # type, (flags), offset, vaddr, paddr, filesz, memsz
+_EM_X86 = {3: "EM_386", 62: "EM_X86_64"}
+_PT_LOAD = 1
 
+
+def parse_elf(data: Any) -> tuple[int, int, list[_Segment]]:
+    """``(class bits, entry, loadable segments)`` of a little-endian x86 ELF; truncation and
+    bad headers raise :class:`ImageError`. Every offset and size is checked against the
+    file before it is used; nothing is copied here (segments slice ``data`` when written)."""
     if data[:4] != b"\x7fELF":
         raise ImageError("not an ELF file (wrong magic)")
-    try:
-        elf = ELFFile(data if isinstance(data, mmap.mmap) else io.BytesIO(data))
-        bits = elf.elfclass
-        if elf["e_machine"] not in ("EM_386", "EM_X86_64"):
-            raise ImageError(f"ELF is for {elf['e_machine']}, not x86")
-        segs = []
-        for ph in elf.iter_segments():
-            if ph["p_type"] != "PT_LOAD" or ph["p_memsz"] == 0:
-                continue
-            off, fsz = ph["p_offset"], ph["p_filesz"]
-            if off + fsz > len(data):
-                raise ImageError(f"truncated ELF: segment at file offset {off:#x} needs "
-                                 f"{fsz:#x} bytes, the file has {len(data):#x}")
-            if fsz > ph["p_memsz"]:
-                raise ImageError("bad ELF: segment file size exceeds its memory size")
-            if ph["p_paddr"] + ph["p_memsz"] > 1 << (32 if elf.elfclass == 32 else 64):
-                raise ImageError(f"bad ELF: segment at {ph['p_paddr']:#x} of "
-                                 f"{ph['p_memsz']:#x} bytes wraps the address space")
-            segs.append(_Segment(ph["p_paddr"], ph["p_vaddr"], data, off, fsz,
-                                 ph["p_memsz"]))
-        entry = elf["e_entry"]
-    except ImageError:
-        raise
-    except (ELFError, struct.error, ValueError, KeyError, AssertionError, OverflowError,
-            IndexError, TypeError, EOFError) as exc:
-        # pyelftools seeks to header offsets as given: 2^63 overflows the stream
-        raise ImageError(f"bad or truncated ELF: {exc}") from None
+    if len(data) < 16 or data[4] not in (1, 2):
+        raise ImageError("bad or truncated ELF: no valid class in its identification")
+    if data[5] != 1:
+        raise ImageError("big-endian ELF: not an x86 image")
+    bits = 32 if data[4] == 1 else 64
+    eh = _EHDR[bits]
+    if len(data) < 16 + eh.size:
+        raise ImageError(f"truncated ELF: {len(data)} bytes, shorter than its header")
+    _, machine, _, entry, phoff, _, _, phentsize, phnum = eh.unpack_from(data, 16)
+    if machine not in _EM_X86:
+        raise ImageError(f"ELF is for machine {machine}, not x86 (EM_386 or EM_X86_64)")
+    ph = _PHDR32 if bits == 32 else _PHDR64
+    if phnum and phentsize < ph.size:
+        raise ImageError(f"bad ELF: program header entries of {phentsize} bytes (needs "
+                         f"{ph.size})")
+    if phoff + phnum * phentsize > len(data):
+        raise ImageError(f"bad or truncated ELF: {phnum} program headers at {phoff:#x} end "
+                         f"past the file ({len(data):#x} bytes)")
+    segs = []
+    for i in range(phnum):
+        typ, off, vaddr, paddr, fsz, msz = ph.unpack_from(data, phoff + i * phentsize)
+        if typ != _PT_LOAD or msz == 0:
+            continue
+        if off + fsz > len(data):
+            raise ImageError(f"truncated ELF: segment at file offset {off:#x} needs "
+                             f"{fsz:#x} bytes, the file has {len(data):#x}")
+        if fsz > msz:
+            raise ImageError("bad ELF: segment file size exceeds its memory size")
+        if paddr + msz > 1 << bits:
+            raise ImageError(f"bad ELF: segment at {paddr:#x} of {msz:#x} bytes wraps the "
+                             "address space")
+        segs.append(_Segment(paddr, vaddr, data, off, fsz, msz))
     if not segs:
         raise ImageError("ELF has no loadable segments")
     return bits, entry, segs
@@ -617,8 +630,14 @@ def load_multiboot(machine: Any, data: bytes, image: str, options: dict[str, Any
 
 # --- Linux bzImage -----------------------------------------------------------------------
 
-def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
-    """Linux through the x86 boot protocol's 64-bit entry (needs protocol >= 2.12)."""
+def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
+                 source: str | None = None) -> None:
+    """Linux through the x86 boot protocol's 64-bit entry (needs protocol >= 2.12).
+
+    With the kernel file's path (``source``) and unless ``decompress=guest`` is given, the
+    kernel proper is decompressed on the host and cached (:mod:`kvmfw_x86.vmlinux`) and
+    entered directly, as its decompressor would have; otherwise, or where that cannot be
+    done, the bzImage's own decompressor runs in the guest."""
     hsize = ffi.sizeof("struct setup_header")
     if len(data) < 0x1F1 + hsize:
         raise ImageError("truncated bzImage: shorter than its setup header")
@@ -658,7 +677,23 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
     align = int(hdr.kernel_alignment) or 0x200000
     if hdr.relocatable_kernel and load_at % align:
         load_at = (load_at + align - 1) // align * align
-    write(machine, load_at, kernel, "Linux kernel")
+    entry = load_at + 0x200  # the decompressor's 64-bit entry (startup_64)
+    how = options.get("decompress") or "host"
+    if how not in ("host", "guest"):
+        raise ConfigError(f"decompress={how!r}: give decompress=host (the kernel proper is "
+                          "decompressed on the host, cached) or decompress=guest")
+    proper = _kernel_proper(data, hdr, koff, load_at, ram, source) \
+        if how == "host" and source is not None else None
+    if proper is None:
+        write(machine, load_at, kernel, "Linux kernel")
+    else:
+        entry, segs, elf = proper
+        try:
+            _load_segments(machine, segs)
+        finally:
+            if isinstance(elf, mmap.mmap):
+                elf.close()
+        hdr.loadflags &= ~0x02  # KASLR_FLAG: not randomized (the decompressor sets it)
     hdr.type_of_loader = 0xFF
     hdr.loadflags = (hdr.loadflags | 0x80) & ~0x20  # CAN_USE_HEAP, KEEP_SEGMENTS off
     hdr.heap_end_ptr = 0xFE00
@@ -694,7 +729,41 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any]) -> None:
     write(machine, BOOT_PARAMS_ADDR, bytes(ffi.buffer(bp)), "boot_params")
     install_firmware_tables(machine)  # CPUs, IO-APIC, PM, virtio-mmio
     enable_mtrrs(machine)
-    enter_long_mode(machine, load_at + 0x200, sse=False)
+    enter_long_mode(machine, entry, sse=False)
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR
     ctx.rsp = STACK_TOP
+
+
+def _kernel_proper(data: Any, hdr: Any, koff: int, load_at: int, ram: int,
+                   source: str) -> tuple[int, list[_Segment], Any] | None:
+    """``(64-bit entry, segments, the ELF they slice: the caller closes it)`` of the bzImage's kernel proper decompressed on the host
+    (:mod:`kvmfw_x86.vmlinux`), when it can be entered as its decompressor would: an x86-64
+    ELF linked to run where this loader puts the kernel (``load_at``, so nothing needs
+    relocating) and inside the kernel's ``init_size``. None otherwise (logged): the guest
+    decompresses it."""
+    from kvmfw_x86 import vmlinux
+
+    if int(hdr.version) < 0x208:  # no payload_offset/payload_length before protocol 2.08
+        return None
+    p = vmlinux.payload(data, koff, int(hdr.payload_offset), int(hdr.payload_length))
+    if p is None:
+        return None
+    elf = vmlinux.cached(source, p, ram)
+    if elf is None:
+        return None
+    try:
+        bits, entry, segs = parse_elf(elf)
+        top = load_at + int(hdr.init_size)
+        lo = min(s.paddr for s in segs)
+        if bits != 64 or lo != load_at or any(s.paddr + s.memsz > top for s in segs) \
+                or not lo <= entry < top:
+            raise ImageError(f"linked at {lo:#x} (entry {entry:#x}), not in {load_at:#x}-"
+                             f"{top:#x} where it is loaded")
+    except ImageError as exc:
+        vmlinux.log.warning("%s: the decompressed kernel cannot be entered directly (%s); the "
+                            "kernel decompresses itself", source, exc)
+        if isinstance(elf, mmap.mmap):
+            elf.close()
+        return None
+    return entry, segs, elf
