@@ -737,11 +737,11 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
 
 def _kernel_proper(data: Any, hdr: Any, koff: int, load_at: int, ram: int,
                    source: str) -> tuple[int, list[_Segment], Any] | None:
-    """``(64-bit entry, segments, the ELF they slice: the caller closes it)`` of the bzImage's kernel proper decompressed on the host
-    (:mod:`kvmfw_x86.vmlinux`), when it can be entered as its decompressor would: an x86-64
-    ELF linked to run where this loader puts the kernel (``load_at``, so nothing needs
-    relocating) and inside the kernel's ``init_size``. None otherwise (logged): the guest
-    decompresses it."""
+    """``(64-bit entry, segments, the ELF they slice: the caller closes it)`` of the
+    bzImage's kernel proper decompressed on the host (:mod:`kvmfw_x86.vmlinux`), when it
+    can be entered as its decompressor would: an x86-64 ELF linked to run where this loader
+    puts the kernel (``load_at``, so nothing needs relocating) and inside the kernel's
+    ``init_size``. None otherwise (logged): the guest decompresses it."""
     from kvmfw_x86 import vmlinux
 
     if int(hdr.version) < 0x208:  # no payload_offset/payload_length before protocol 2.08

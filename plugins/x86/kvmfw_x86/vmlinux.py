@@ -53,6 +53,7 @@ def decompress(p: Any, limit: int) -> bytes | None:
     if not 0 < size <= limit:
         return None
     head = bytes(p[:6])
+    out: bytes | None
     if head[:2] == b"\x1f\x8b":
         import zlib
 

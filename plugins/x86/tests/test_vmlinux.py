@@ -1,0 +1,192 @@
+"""A bzImage's kernel proper decompressed on the host (cached) and entered directly.
+
+Each guest is a bzImage built here around two pieces of code: a stand-in "decompressor" at
+the 64-bit entry (it reports 1) and, as the compressed payload, an ELF "kernel proper"
+linked at 16 MiB (it reports the boot_params pointer it got in RSI, the loadflags byte
+there, and 2). Which one reports says which path booted; both run on the real /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import logging
+import lzma
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import bzimage
+
+from kvmfw_x86 import loaders, vmlinux
+
+# 64-bit: mov eax, 1; out 0xe0, eax; out 0xe4, al; hlt
+DECOMPRESSOR = bytes.fromhex("b801000000" "e7e0" "e6e4" "f4")
+# 64-bit: mov eax, esi; out 0xe0, eax; movzx eax, byte [rsi+0x211]; out 0xe0, eax;
+#         mov eax, 2; out 0xe0, eax; out 0xe4, al; hlt
+PROPER = bytes.fromhex("89f0" "e7e0" "0fb6861102" "0000" "e7e0" "b802000000" "e7e0" "e6e4"
+                       "f4")
+BOOTED_BY_HOST = [0x7000, 0x81, 2]  # loadflags: LOADED_HIGH | CAN_USE_HEAP, KASLR_FLAG clear
+BOOTED_BY_GUEST = [1]
+
+
+def elf64(code: bytes, paddr: int = 0x1000000, memsz: int = 0x3000) -> bytes:
+    """An x86-64 ELF with one PT_LOAD at ``paddr`` (the ELF and program headers, then
+    ``code``, which is the entry), ``memsz`` bytes in memory (the rest zero)."""
+    hdr = 64 + 56
+    entry = paddr + hdr
+    eh = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, entry, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    ph = struct.pack("<IIQQQQQQ", 1, 5, 0, 0xFFFFFFFF80000000 + paddr, paddr,
+                     hdr + len(code), memsz, 0x1000)
+    return eh + ph + code
+
+
+def _lz4_legacy(data: bytes) -> bytes:
+    import lz4.block
+
+    out = bytearray(struct.pack("<I", vmlinux.LZ4_LEGACY_MAGIC))
+    for i in range(0, len(data), vmlinux.LZ4_LEGACY_BLOCK):
+        block = lz4.block.compress(data[i:i + vmlinux.LZ4_LEGACY_BLOCK], store_size=False)
+        out += struct.pack("<I", len(block)) + block
+    return bytes(out)
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _size(data: bytes) -> bytes:  # the kernel build's size_append
+    return struct.pack("<I", len(data))
+
+
+COMPRESS = {
+    "gzip": lambda d: gzip.compress(d),  # its own ISIZE trailer is the size
+    "bzip2": lambda d: bz2.compress(d) + _size(d),
+    "lzma": lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE) + _size(d),
+    "xz": lambda d: lzma.compress(d, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32) + _size(d),
+    "lz4": lambda d: _lz4_legacy(d) + _size(d),
+    "zstd": lambda d: _zstd(d) + _size(d),
+}
+
+
+def kernel_file(tmp_path: Path, payload: bytes, name: str = "bzImage") -> Path:
+    """A bzImage: the stand-in decompressor at its 64-bit entry, ``payload`` after it."""
+    body = bytearray(DECOMPRESSOR.rjust(0x200 + len(DECOMPRESSOR), b"\x90").ljust(0x400,
+                                                                                b"\xf4"))
+    body += payload
+    body += bytes(-len(body) % 16)
+    img = bytearray(bzimage(kernel=bytes(body)))
+    img[0x211] = 0x03  # LOADED_HIGH | KASLR_FLAG (left set, as a decompressor would)
+    struct.pack_into("<II", img, 0x248, 0x400, len(payload))  # payload_offset, _length
+    p = tmp_path / name
+    p.write_bytes(bytes(img))
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KVMFW_CACHE", str(cache))
+    return cache
+
+
+def _boot(machine_factory, image: Path, **options: str) -> list[int]:  # type: ignore[no-untyped-def]
+    m, rep = machine_factory(memory=64 << 20)
+    loaders.load(m, str(image), {"cmdline": "", **options})
+    m.run(timeout=20)
+    return rep.values
+
+
+@pytest.mark.parametrize("fmt", sorted(COMPRESS))
+def test_the_kernel_proper_is_entered_directly(machine_factory, tmp_path: Path,
+                                              fmt: str) -> None:
+    """Every payload format the kernel builds (but LZO) is decompressed on the host; the
+    guest starts in the kernel proper with RSI at boot_params and KASLR_FLAG clear."""
+    image = kernel_file(tmp_path, COMPRESS[fmt](elf64(PROPER)))
+    assert _boot(machine_factory, image) == BOOTED_BY_HOST
+    assert _boot(machine_factory, image, decompress="guest") == BOOTED_BY_GUEST
+
+
+def test_decompressed_once_and_again_when_the_file_changes(machine_factory, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            _own_cache: Path) -> None:
+    calls = []
+    real = vmlinux.decompress
+    monkeypatch.setattr(vmlinux, "decompress", lambda p, limit: calls.append(1) or real(p, limit))
+    image = kernel_file(tmp_path, COMPRESS["gzip"](elf64(PROPER)))
+    for _ in range(3):
+        assert _boot(machine_factory, image) == BOOTED_BY_HOST
+    assert len(calls) == 1
+    assert len(list((_own_cache / "vmlinux").iterdir())) == 1
+    # the same path, a different kernel: never the stale entry
+    kernel_file(tmp_path, COMPRESS["xz"](elf64(PROPER + b"\x90")))
+    assert _boot(machine_factory, image) == BOOTED_BY_HOST
+    assert len(calls) == 2
+
+
+def test_without_a_cache_it_still_boots_from_the_host(machine_factory, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMFW_CACHE", "off")
+    image = kernel_file(tmp_path, COMPRESS["lz4"](elf64(PROPER)))
+    assert _boot(machine_factory, image) == BOOTED_BY_HOST
+
+
+def _bad_payloads() -> dict[str, bytes]:
+    good = elf64(PROPER)
+    gz = gzip.compress(good)
+    xz = COMPRESS["xz"](good)
+    lz = COMPRESS["lz4"](good)
+    return {
+        "size says more": xz[:-4] + struct.pack("<I", len(good) + 1),
+        "size says less": xz[:-4] + struct.pack("<I", len(good) - 1),
+        "larger than RAM": xz[:-4] + struct.pack("<I", 0xFFFFFFF0),
+        "corrupt xz": xz[:40] + bytes(len(xz) - 44) + xz[-4:],
+        "truncated gzip": gz[:len(gz) // 2] + gz[-4:],
+        "lz4 block past the end": lz[:8] + struct.pack("<I", 1 << 30) + lz[12:],
+        "lzo": b"\x89LZO\x00" + bytes(64) + _size(good),
+        "not an ELF": gzip.compress(bytes(4096)),
+        "linked elsewhere": gzip.compress(elf64(PROPER, paddr=0x2000000)),
+        "ELF32": gzip.compress(good[:4] + b"\x01" + good[5:]),
+        "past init_size": gzip.compress(elf64(PROPER, memsz=0x20000)),
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_payloads()))
+def test_a_payload_that_cannot_be_entered_directly_is_left_to_the_guest(
+        machine_factory, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str) -> None:
+    """Hostile or unusual payloads never fail the boot nor size a host buffer by what they
+    claim: the bzImage's own decompressor runs, and the log says why."""
+    image = kernel_file(tmp_path, _bad_payloads()[case])
+    with caplog.at_level(logging.INFO, logger="kvmfw.x86.vmlinux"):
+        assert _boot(machine_factory, image) == BOOTED_BY_GUEST
+    if case != "empty":
+        assert "decompresses itself" in caplog.text
+
+
+def test_a_payload_outside_the_file_is_left_to_the_guest(machine_factory,
+                                                         tmp_path: Path) -> None:
+    image = kernel_file(tmp_path, COMPRESS["gzip"](elf64(PROPER)))
+    data = bytearray(image.read_bytes())
+    struct.pack_into("<II", data, 0x248, 0xFFFFFF00, 0x1000)
+    image.write_bytes(bytes(data))
+    assert _boot(machine_factory, image) == BOOTED_BY_GUEST
+
+
+def test_a_decompression_bomb_is_stopped_at_the_size_it_declares(tmp_path: Path) -> None:
+    """64 MiB of zeros declaring 4 KiB: the decompressor stops one byte past 4 KiB."""
+    import tracemalloc
+
+    bomb = gzip.compress(bytes(64 << 20))
+    bomb = bomb[:-4] + struct.pack("<I", 4096)
+    tracemalloc.start()
+    try:
+        with pytest.raises(vmlinux._Corrupt):
+            vmlinux.decompress(memoryview(bomb), 1 << 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
