@@ -82,16 +82,28 @@ def image_load_address(hdr: ImageHeader, ram_base: int) -> int:
     return base + hdr.text_offset
 
 
-def maybe_decompress(data: bytes) -> bytes:
-    """Gunzip a compressed kernel (``vmlinuz``); other data is returned unchanged."""
-    if data[:2] == b"\x1f\x8b":
-        import gzip  # (only here: a start-up with an uncompressed Image does without it)
+GZIP_MAGIC = b"\x1f\x8b"
 
-        try:
-            return gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise ImageError(f"corrupt gzip-compressed kernel: {exc}") from exc
-    return data
+
+def maybe_decompress(data: bytes, limit: int) -> bytes:
+    """Gunzip a compressed kernel (``vmlinuz``) of at most ``limit`` bytes (the guest RAM:
+    a file claiming more is refused before it is inflated past it); other data is returned
+    unchanged."""
+    if data[:2] != GZIP_MAGIC:
+        return data
+    import zlib  # (only here: a start-up with an uncompressed Image does without it)
+
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ImageError(f"corrupt gzip-compressed kernel: {exc}") from None
+    if len(out) > limit:
+        raise ImageError(f"the gzip-compressed kernel inflates to more than the guest RAM "
+                         f"({limit:#x} bytes): give the machine more memory")
+    if not d.eof:
+        raise ImageError("corrupt gzip-compressed kernel: truncated")
+    return out
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import io
+import mmap
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -855,7 +856,25 @@ def _place_kernel(machine: Machine, image: str, options: dict[str, Any], base: i
             f.seek(0)
             length = _read_into(machine, entry, f, "kernel Image")
             return entry, entry + max(hdr.image_size, length)
-        data = loader.maybe_decompress(head + f.read())
+        if head[:2] == loader.GZIP_MAGIC:
+            # a vmlinuz: gunzipped once per kernel file and cached (every later boot maps
+            # the cached Image; seconds per boot where the host is emulated)
+            from kvmfw import cache
+
+            limit = _ram(machine)[1]
+            data = cache.derived(image, "arm64-kernel", "gunzip-1",
+                                 lambda: loader.maybe_decompress(head + f.read(), limit))
+        else:  # (one byte more than RAM holds is enough for _write to refuse it)
+            data = head + f.read(_ram(machine)[1] + 1)
+    try:
+        return _place_data(machine, data, options, base, a32)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+def _place_data(machine: Machine, data: Any, options: dict[str, Any], base: int,
+                a32: bool) -> tuple[int, int]:
     from kvmfw_armv8 import aarch32  # (not for the common case above: an arm64 Image)
 
     if a32 and (loader.is_image(data) or (loader.is_elf(data) and not aarch32.is_elf32(data))):

@@ -103,9 +103,27 @@ def test_bad_image_headers_are_refused(data: bytes, match: str) -> None:
 
 def test_gzip_kernels_are_decompressed() -> None:
     raw = _image()
-    assert loader.is_image(loader.maybe_decompress(gzip.compress(raw)))
+    assert loader.is_image(loader.maybe_decompress(gzip.compress(raw), 1 << 30))
     with pytest.raises(ImageError, match="gzip"):
-        loader.maybe_decompress(b"\x1f\x8b" + b"garbage")
+        loader.maybe_decompress(b"\x1f\x8b" + b"garbage", 1 << 30)
+    with pytest.raises(ImageError, match="truncated"):
+        gz = gzip.compress(raw)
+        loader.maybe_decompress(gz[:len(gz) // 2], 1 << 30)
+
+
+def test_a_gzip_bomb_stops_at_the_guest_ram() -> None:
+    """64 MiB of zeros for a 1 MiB guest: refused once 1 MiB + 1 byte is inflated."""
+    import tracemalloc
+
+    bomb = gzip.compress(bytes(64 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="more than the guest RAM"):
+            loader.maybe_decompress(bomb, 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
 
 
 def test_elf_parsing_of_the_test_guest() -> None:

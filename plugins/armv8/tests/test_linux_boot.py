@@ -134,8 +134,9 @@ def test_kvmfw_run_cli_boots_the_same_kernel(tmp_path: Path) -> None:
            "--kernel", str(_kernel()), "--initrd", str(initrd), "--memory", "256M",
            "--cmdline", f"console=ttyAMA0 earlycon=pl011,{board.UART_BASE:#x} quiet panic=-1",
            "--option", f"gic={host_gic()}", "--timeout", str(BOOT_TIMEOUT)]
+    cache = tmp_path / "cache"  # a vmlinuz is gunzipped into it, and booted from there
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env={**os.environ, "KVMFW_CACHE": str(cache)})
     assert proc.stdin is not None and proc.stdout is not None
     out = bytearray()
     deadline = time.monotonic() + BOOT_TIMEOUT + 30
@@ -162,3 +163,5 @@ def test_kvmfw_run_cli_boots_the_same_kernel(tmp_path: Path) -> None:
     assert f"{BOOT_MARKER} uptime=" in text and "got=from-the-cli" in text, f"{text}\n{err}"
     assert rc == 0, f"exit {rc}\n{text}\n{err}"
     assert "powered off" in err and "status 0" in err, err
+    if _kernel().read_bytes()[:2] == b"\x1f\x8b":
+        assert len(list((cache / "arm64-kernel").iterdir())) == 1
