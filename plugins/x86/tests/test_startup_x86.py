@@ -79,7 +79,6 @@ def test_vcpu_start_up_reads_the_msrs_in_batches(machine_factory) -> None:  # ty
     assert plugin.readable_msrs(m.kvm.fd, Counting()) == one_by_one
     n_get = calls.count(X.KVM_GET_MSRS)
     assert n_get <= len(listed) - len(one_by_one) + -(-len(listed) // plugin._MSR_BATCH)
-    assert n_get < len(listed) // 2
     bogus = 0x4B564DFF + 0x100  # no such MSR: refused, and the batch goes on after it
     got = plugin._read_msrs(vcpu, [0x10, bogus, 0xC0000102])
     assert list(got) == [0x10, 0xC0000102]
