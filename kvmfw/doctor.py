@@ -162,7 +162,7 @@ def check_api(fd: int, paths: HostPaths) -> list[Finding]:
     values: dict[str, int] = {}
     for name in KEY_CAPS:
         try:
-            values[name] = ioctl(fd, IOCTLS.KVM_CHECK_EXTENSION, int(Cap[name]))
+            values[name] = ioctl(fd, IOCTLS.KVM_CHECK_EXTENSION, getattr(Cap, name))
         except KvmError:
             values[name] = 0
     machine = platform.machine()
@@ -257,7 +257,7 @@ def check_guest_features(fd: int) -> list[Finding]:
     caps: dict[str, int] = {}
     for name in ("ARM_EL1_32BIT", "ARM_PMU_V3"):
         try:
-            caps[name] = ioctl(fd, IOCTLS.KVM_CHECK_EXTENSION, int(Cap[name]))
+            caps[name] = ioctl(fd, IOCTLS.KVM_CHECK_EXTENSION, getattr(Cap, name))
         except KvmError:
             caps[name] = 0
     checks = {"aarch32 guests": ("guest-aarch32", "32-bit ARM guests are refused "

@@ -69,7 +69,7 @@ class Kvm:
 
     def capabilities(self) -> dict[str, int]:
         """Every capability this kvmfw knows, by name, with the kernel's answer."""
-        return {c.name: self.check_extension(c) for c in Cap}
+        return {name: self.check_extension(c) for name, c in constants.cap_items()}
 
     @cached_property
     def nr_memslots(self) -> int:

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import sys
-import sysconfig
 import threading
 import time
 from collections.abc import Callable
@@ -89,6 +88,8 @@ STOP_GRACE = 5.0
 def _where(thread: threading.Thread) -> str:
     """Where ``thread`` is: its innermost frame outside Python's standard library (the
     device or hook that blocks), as ``file:line in function``."""
+    import sysconfig  # (only for this report: not at start-up)
+
     frame = sys._current_frames().get(thread.ident or -1)
     stdlib = sysconfig.get_paths()["stdlib"]
     inner = frame

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvmfw.abi import lib
 from kvmfw.eventq import TICKS_PER_SECOND
@@ -92,8 +93,7 @@ def monotonic_source() -> CycleSource:
     return CycleSource("monotonic", time.monotonic_ns, 1e9)
 
 
-@dataclass
-class PerfProbe:
+class PerfProbe(NamedTuple):
     """Whether perf hardware counters work here, and if not, why."""
 
     available: bool

@@ -108,7 +108,7 @@ class VM:
         ec.flags = flags
         for i, a in enumerate(args):
             ec.args[i] = a
-        ioctl(self.fd, IOCTLS.KVM_ENABLE_CAP, address_of(ec), Cap(cap).name)
+        ioctl(self.fd, IOCTLS.KVM_ENABLE_CAP, address_of(ec), constants.cap_name(cap))
 
     # --- memory -------------------------------------------------------------------
 

@@ -14,13 +14,30 @@ NEWER_EXITS = [("KVM_EXIT_LOONGARCH_IOCSR", 38), ("KVM_EXIT_MEMORY_FAULT", 39),
                ("KVM_EXIT_TDX", 40)]
 
 
+CAP_DOC = """Capabilities for ``KVM_CHECK_EXTENSION`` (KVM_CAP_*).
+
+    Plain ints rather than an IntEnum like the others: creating an enum of this many members
+    would cost every process ~2 ms at start-up. :func:`cap_name` names a value."""
+
+
 def defines(src: str, prefix: str) -> list[tuple[str, int]]:
     pat = r"^#define (" + prefix + r"[A-Z0-9_]+)\s+(0x[0-9a-fA-F]+|\d+)\s*(?:/\*.*)?$"
     return [(m.group(1), int(m.group(2), 0)) for m in re.finditer(pat, src, re.M)]
 
 
-def enum(cls: str, prefix: str, items: list[tuple[str, int]], doc: str) -> list[str]:
-    lines = [f"class {cls}(IntEnum):", f'    """{doc}"""', ""]
+CAP_HELPERS = '''def cap_items() -> list[tuple[str, int]]:
+    """Every :class:`Cap` as ``(name, value)``, in header order."""
+    return [(k, v) for k, v in vars(Cap).items() if not k.startswith("__")]
+
+
+def cap_name(value: int) -> str:
+    """The :class:`Cap` name of ``value`` (``"IRQCHIP"``), or the number if kvmfw has none."""
+    return next((k for k, v in cap_items() if v == value), str(int(value)))'''.splitlines()
+
+
+def enum(cls: str, prefix: str, items: list[tuple[str, int]], doc: str,
+         base: str = "(IntEnum)") -> list[str]:
+    lines = [f"class {cls}{base}:", f'    """{doc}"""', ""]
     seen = set()
     for name, value in items:
         short = name[len(prefix):]
@@ -50,8 +67,8 @@ def main() -> None:
         "",
     ]
     lines += enum("ExitReason", "KVM_EXIT_", exits, "``kvm_run.exit_reason`` values (KVM_EXIT_*).")
-    lines += enum("Cap", "KVM_CAP_", defines(src, "KVM_CAP_"),
-                  "Capabilities for ``KVM_CHECK_EXTENSION`` (KVM_CAP_*).")
+    lines += enum("Cap", "KVM_CAP_", defines(src, "KVM_CAP_"), CAP_DOC, base="")
+    lines += CAP_HELPERS + ["", ""]
     lines += enum("InternalError", "KVM_INTERNAL_ERROR_",
                   [x for x in defines(src, "KVM_INTERNAL_ERROR_") if "FLAG" not in x[0]],
                   "``kvm_run.internal.suberror`` values (KVM_INTERNAL_ERROR_*).")

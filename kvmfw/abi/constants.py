@@ -54,8 +54,11 @@ class ExitReason(IntEnum):
     TDX = 40
 
 
-class Cap(IntEnum):
-    """Capabilities for ``KVM_CHECK_EXTENSION`` (KVM_CAP_*)."""
+class Cap:
+    """Capabilities for ``KVM_CHECK_EXTENSION`` (KVM_CAP_*).
+
+    Plain ints rather than an IntEnum like the others: creating an enum of this many members
+    would cost every process ~2 ms at start-up. :func:`cap_name` names a value."""
 
     IRQCHIP = 0
     HLT = 1
@@ -275,6 +278,16 @@ class Cap(IntEnum):
     S390_ZPCI_OP = 221
     S390_CPU_TOPOLOGY = 222
     DIRTY_LOG_RING_ACQ_REL = 223
+
+
+def cap_items() -> list[tuple[str, int]]:
+    """Every :class:`Cap` as ``(name, value)``, in header order."""
+    return [(k, v) for k, v in vars(Cap).items() if not k.startswith("__")]
+
+
+def cap_name(value: int) -> str:
+    """The :class:`Cap` name of ``value`` (``"IRQCHIP"``), or the number if kvmfw has none."""
+    return next((k for k, v in cap_items() if v == value), str(int(value)))
 
 
 class InternalError(IntEnum):

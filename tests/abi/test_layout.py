@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmfw.abi import IOCTLS, Cap, ExitReason, InternalError, SystemEvent, ffi
+from kvmfw.abi import IOCTLS, Cap, ExitReason, InternalError, SystemEvent, constants, ffi
 
 HEADER = Path("/usr/include/linux/kvm.h")
 pytestmark = pytest.mark.skipif(not HEADER.exists() or shutil.which("gcc") is None,
@@ -106,10 +106,11 @@ def test_test_arch_kvm_regs_layout(tmp_path: Path) -> None:
                                          (SystemEvent, "KVM_SYSTEM_EVENT_")])
 def test_constants_match_host_headers(tmp_path: Path, enum: type, prefix: str) -> None:
     src = HEADER.read_text()
-    members = [m for m in enum if f"#define {prefix}{m.name.lstrip('_')}" in src]
+    items = constants.cap_items() if enum is Cap else [(m.name, int(m)) for m in enum]
+    members = [(n, v) for n, v in items if f"#define {prefix}{n.lstrip('_')}" in src]
     assert len(members) > 3
-    got = _probe(tmp_path, [(m.name, f"{prefix}{m.name.lstrip('_')}") for m in members])
-    assert {m.name: int(m) for m in members} == got
+    got = _probe(tmp_path, [(n, f"{prefix}{n.lstrip('_')}") for n, _ in members])
+    assert dict(members) == got
 
 
 def test_kvm_run_exit_union_is_where_the_hot_path_reads_it() -> None:
@@ -117,3 +118,17 @@ def test_kvm_run_exit_union_is_where_the_hot_path_reads_it() -> None:
 
     assert RUN_PAYLOAD == ffi.offsetof("struct kvm_run", "io") == 32
     assert MMIO_DATA == ffi.offsetof("struct kvm_run", "mmio", "data")
+
+
+def test_cap_is_plain_ints_with_names_and_no_enum_to_build() -> None:
+    """``Cap`` is a class of ints (an enum of 200+ members costs every process start-up);
+    its names come from :func:`constants.cap_name` / :func:`constants.cap_items`."""
+    from enum import Enum
+
+    assert not issubclass(Cap, Enum) and type(Cap.IRQCHIP) is int
+    assert constants.cap_name(Cap.IRQCHIP) == "IRQCHIP"
+    assert constants.cap_name(Cap.NR_VCPUS) == "NR_VCPUS"
+    assert constants.cap_name(0x7FFF_FFFF) == str(0x7FFF_FFFF)  # unknown: its number
+    items = dict(constants.cap_items())
+    assert len(items) > 200 and items["IOEVENTFD"] == Cap.IOEVENTFD
+    assert all(not n.startswith("__") for n in items)

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import sys
 import termios
 import threading
-import tty
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kvmfw.device import ConfigKey, DeviceContext
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND, Event
+
+if TYPE_CHECKING:
+    import socket
 
 CTRL_A = 0x01
 INBOX_LIMIT = 64 * 1024
@@ -188,9 +189,13 @@ class ConsoleInput:
         elif spec == "stdin":
             self._fd = sys.stdin.fileno()
             if os.isatty(self._fd):
+                import tty  # (this and socket: only for these inputs, not at start-up)
+
                 self._tty_saved = termios.tcgetattr(self._fd)
                 tty.setraw(self._fd)
         elif spec.startswith(("unix:", "tcp:")):
+            import socket
+
             try:
                 if spec.startswith("unix:"):
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

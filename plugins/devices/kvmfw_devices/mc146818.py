@@ -29,7 +29,6 @@ always sees it. Off by default: once any zone exists every exit checks the ring.
 
 from __future__ import annotations
 
-import calendar
 import datetime as dt
 import time
 from typing import Any, ClassVar
@@ -42,6 +41,8 @@ from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the
 from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import cancel, ones, schedule_at
 from kvmfw_devices.irq import drive_irq
+
+_EPOCH = dt.datetime(1970, 1, 1)
 
 REG_SECONDS = 0x00
 REG_SECONDS_ALARM = 0x01
@@ -210,7 +211,8 @@ class Mc146818(Device):
             when = dt.datetime(year, self._dec(regs[REG_MONTH]), self._dec(regs[REG_DAY]),
                                self._dec_hour(regs[REG_HOURS]), self._dec(regs[REG_MINUTES]),
                                self._dec(regs[REG_SECONDS]))
-            stamp = calendar.timegm(when.timetuple())
+            # calendar.timegm's value; calendar would import locale at start-up
+            stamp = (when - _EPOCH) // dt.timedelta(seconds=1)
         except (ValueError, OverflowError):
             self.stats["bad_time"] += 1
             return
