@@ -17,7 +17,9 @@ loop; resets are counted in ``system.reset``), ``cpuid`` (a
 :class:`~kvmfw_x86.cpuid.CpuidModel` or its dict; ``hyperv`` in it adds Hyper-V
 enlightenments, :mod:`kvmfw_x86.hyperv`; every guest sees the hypervisor bit and KVM's PV
 leaf, :func:`~kvmfw_x86.cpuid.paravirt`), ``x86_sync`` (``lazy`` — per-group —
-or ``eager``: gem5's all-or-nothing pull).
+or ``eager``: gem5's all-or-nothing pull), ``decompress`` (``host``, the default: a
+bzImage's kernel proper is decompressed on the host, cached, and entered directly,
+:mod:`kvmfw_x86.vmlinux`; ``guest``: the bzImage decompresses itself).
 """
 
 from __future__ import annotations
@@ -237,6 +239,7 @@ class X86Plugin:
         "acpi": ("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
         "cpuid": None, "x86_sync": ("lazy", "eager"),
         "format": ("flat", "elf", "multiboot", "bzimage"),
+        "decompress": ("host", "guest"),
     }
     host_machines = ("x86_64", "amd64")
     max_cpus = 255

@@ -190,3 +190,19 @@ def test_a_decompression_bomb_is_stopped_at_the_size_it_declares(tmp_path: Path)
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20
+
+
+@pytest.mark.parametrize("how, status", [("host", 0), ("guest", 0), ("gust", 2)])
+def test_the_cli_takes_the_decompress_option(tmp_path: Path, how: str, status: int) -> None:
+    import subprocess
+    import sys
+
+    image = kernel_file(tmp_path, COMPRESS["gzip"](elf64(PROPER)))
+    r = subprocess.run([sys.executable, "-c", "from kvmfw.cli import main; main()", "run",
+                        "--kernel", str(image), "--option", f"decompress={how}",
+                        "--max-ticks", "1", "--console", "none", "--no-summary",
+                        "--timeout", "60"],
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == status, r.stderr
+    if status:
+        assert "choose one of host, guest" in r.stderr
