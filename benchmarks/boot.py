@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """Linux boot time: kvmfw vs QEMU/KVM (-M pc and -M microvm), same kernel, initramfs, cmdline.
 
+kvmfw boots on its default PC board (``kvmfw``, against QEMU ``-M pc``) and on its board
+without PCI and i8042 (``kvmfw-microvm``, ``--option board=microvm``, against QEMU
+``-M microvm``): each ratio compares machines of the same kind.
+
 Runs inside the nested x86 KVM environment (a real /dev/kvm with hardware-virtualization
 semantics; this machine's own kvm_pvm cannot boot stock Linux):
 
@@ -48,10 +52,12 @@ from linuxguest import (  # noqa: E402
 )
 
 # The guest leaves through `reboot -f` (reboot=k: the i8042 reset line), which kvmfw and QEMU
-# -M pc turn into their exit; -M microvm has no i8042 and powers off through ACPI instead.
+# -M pc turn into their exit; the microvm machines have no i8042 and power off through ACPI.
 CMDLINE = f"{BASE_CMDLINE} kvmfw.exit=reboot"
 CMDLINE_MICROVM = f"{BASE_CMDLINE} kvmfw.exit=poweroff"
 BLK_TEST = " kvmfw.test=blk"
+REFERENCE = {"qemu": "kvmfw", "qemu-microvm": "kvmfw-microvm"}
+"""The kvmfw machine each QEMU machine's ratio is taken against (same kind of board)."""
 
 
 def comma_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -119,14 +125,14 @@ def profile(boot: Boot, path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="boots per VMM (default 5)")
-    ap.add_argument("--vmms", default="kvmfw,qemu,qemu-microvm",
+    ap.add_argument("--vmms", default="kvmfw,kvmfw-microvm,qemu,qemu-microvm",
                     help=f"comma list of {', '.join(VMMS)} (default: all)")
     ap.add_argument("--cpus", default="1,2", help="comma list of vCPU counts (default 1,2)")
     ap.add_argument("--disk", default="no,yes",
                     help="comma list: no (no disk), yes (virtio-blk; default both)")
     ap.add_argument("--flavor", default="cloud-amd64", choices=FLAVORS, help="guest kernel")
     ap.add_argument("--cmdline", help=f"default {CMDLINE!r} ({CMDLINE_MICROVM!r} for "
-                    "qemu-microvm)")
+                    "the microvm machines)")
     ap.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default 256)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per boot, seconds")
     ap.add_argument("--profile", action="store_true",
@@ -153,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         if "yes" in disks else None
 
     def cmdline(vmm: str, disk: bool) -> str:
-        base = args.cmdline or (CMDLINE_MICROVM if vmm == "qemu-microvm" else CMDLINE)
+        base = args.cmdline or (CMDLINE_MICROVM if vmm.endswith("microvm") else CMDLINE)
         return base + (BLK_TEST if disk else "")
 
     def boot(vmm: str, cpus: int, disk: bool) -> Boot:
         return Boot(vmm, args.flavor, cmdline(vmm, disk), cpus=cpus, memory_mib=args.memory,
                     disk=image if disk else None, timeout=args.timeout,
-                    extra=list(args.kvmfw_option) if vmm == "kvmfw" else [])
+                    extra=list(args.kvmfw_option) if vmm.startswith("kvmfw") else [])
 
     if args.console_times:
         for v in vmms:
@@ -225,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                 g = med_gap(v)
                 fg = f"{g:5.2f}" if g is not None else "   NA"
                 row = f"| {conf:22s} | {v:13s} | {fm} | {fe} | {fu} | {fg} |"
-                if v != "kvmfw" and "kvmfw" in vmms:
-                    km, ke = med("kvmfw", "t_marker"), med("kvmfw", "t_exit")
+                ref = REFERENCE.get(v, "")
+                if ref not in vmms:
+                    ref = "kvmfw" if v.startswith("qemu") else ""
+                if ref in vmms:
+                    km, ke = med(ref, "t_marker"), med(ref, "t_exit")
                     rm = f"{km / m:.2f}" if km and m else "NA"
                     re_ = f"{ke / e:.2f}" if ke and e else "NA"
                     row += f" {rm} / {re_} |"
@@ -238,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                       profile(boot("kvmfw", cpus, disk), tmp / f"stats-{cpus}-{d}.json"),
                       flush=True)
 
-    print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit):")
+    print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit), "
+          "kvmfw-microvm / qemu-microvm when both ran:")
     print("guest uptime = the guest's own clock at the marker (host time less the VMM's "
           "start-up, firmware and decompression)")
     print("gap = median of exit - marker per boot (the guest's reboot path and the VMM's "

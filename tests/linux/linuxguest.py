@@ -4,9 +4,9 @@ The guests (Debian's kernels and busybox initramfs images, see envs/x86-linux-kv
 are in ``$KVMFW_LINUX_GUESTS``, which only the nested x86 KVM environment sets
 (envs/x86-linux-kvm/run.sh). Used by tests/linux/ and benchmarks/boot.py.
 
-The VMM is one argument: ``"kvmfw"`` (``kvmfw run``), ``"qemu"`` (``qemu-system-x86_64
--enable-kvm -M pc``, the reference) or ``"qemu-microvm"`` (``-M microvm,rtc=on``, see
-:data:`MICROVM`).
+The VMM is one argument: ``"kvmfw"`` (``kvmfw run``), ``"kvmfw-microvm"`` (``kvmfw run
+--option board=microvm``: no PCI, no i8042), ``"qemu"`` (``qemu-system-x86_64 -enable-kvm
+-M pc``, the reference) or ``"qemu-microvm"`` (``-M microvm,rtc=on``, see :data:`MICROVM`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 MARKER = b"KVMFW-INIT-OK"
 FLAVORS = ("cloud-amd64", "amd64")
-VMMS = ("kvmfw", "qemu", "qemu-microvm")
+VMMS = ("kvmfw", "kvmfw-microvm", "qemu", "qemu-microvm")
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 # -M microvm as a user booting this kernel would start it: its defaults under KVM leave out the
 # CMOS RTC (rtc=auto is off with KVM), and Linux's rtc_cmos then probes the absent chip for
@@ -88,12 +88,14 @@ class Boot:
 
     def argv(self) -> list[str]:
         k, i = str(kernel(self.flavor)), str(initrd(self.flavor))
-        if self.vmm == "kvmfw":
+        if self.vmm in ("kvmfw", "kvmfw-microvm"):
             argv = [*kvmfw_argv(), "run", "--kernel", k, "--initrd", i,
                     "--cmdline", self.cmdline, "--memory", f"{self.memory_mib}M",
                     "--cpus", str(self.cpus), "--console", "stdio", "--no-summary",
                     "--timeout", str(self.timeout),
                     "--option", "reboot=off"]  # as QEMU's -no-reboot below: a reset ends it
+            if self.vmm == "kvmfw-microvm":  # no PCI, no i8042: as -M microvm
+                argv += ["--option", "board=microvm"]
             if self.disk is not None:
                 argv += ["--device", f"virtio-blk,file={self.disk}"]
             return argv + self.extra

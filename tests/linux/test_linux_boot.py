@@ -75,3 +75,17 @@ def test_interactive_console_on_a_pseudo_terminal(vmm: str) -> None:
         assert rc == 0, f"exit status {rc} after Ctrl-A x"
     finally:
         s.close()
+
+
+def test_microvm_board_boots_two_vcpus_with_a_disk_and_powers_off(tmp_path: Path) -> None:
+    """kvmfw's board without PCI and i8042 (``--option board=microvm``): the FADT says there
+    is no keyboard controller, so Linux probes none; the disk is virtio-mmio; the guest
+    leaves through ACPI power-off."""
+    _check_vmm("kvmfw")
+    img = make_ext4(tmp_path / "disk.img", {"hello.txt": b"microvm\n"})
+    r = run(Boot("kvmfw-microvm", "cloud-amd64",
+                 f"{BASE_CMDLINE} kvmfw.exit=poweroff kvmfw.test=blk", cpus=2, disk=img,
+                 timeout=TIMEOUT))
+    text = r.text.replace("\r", "")
+    assert "KVMFW-BLK-BEGIN\nmicrovm\nKVMFW-BLK-END" in text, r.tail()
+    assert "KVMFW-EXIT poweroff" in text and r.rc == 0, r.tail()

@@ -47,3 +47,10 @@ def test_benchmark_prints_each_vmms_command_line(guests: Path,
     line = boot.command_line(linuxguest.Boot("qemu-microvm"))
     assert "-M microvm,rtc=on" in line
     assert str(guests) not in line and "$KVMFW_LINUX_GUESTS/vmlinuz-cloud-amd64" in line
+
+
+def test_kvmfw_microvm_is_the_board_without_pci_and_i8042(guests: Path) -> None:
+    argv = linuxguest.Boot("kvmfw-microvm", disk=guests / "d.img").argv()
+    assert argv[argv.index("--option", argv.index("reboot=off")) + 1] == "board=microvm"
+    assert f"virtio-blk,file={guests / 'd.img'}" in argv
+    assert "board=microvm" not in linuxguest.Boot("kvmfw").argv()

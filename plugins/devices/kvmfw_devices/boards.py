@@ -33,6 +33,22 @@ def x86_default() -> list[str]:
     ]
 
 
+def x86_microvm() -> list[str]:
+    """A PC without PCI and without an i8042, as QEMU's ``-M microvm,rtc=on``: COM1, the
+    CMOS RTC, fw_cfg, the ACPI PM block (``poweroff``, and a reset through the ACPI reset
+    register: there is no ``reboot=k`` line) and the pseudo-op window. Disks and consoles
+    are virtio-mmio devices (``--device virtio-blk,...``). Linux boots faster on it: no
+    PCI bus to enumerate and no keyboard controller to probe (the x86 plugin's FADT then
+    says there is none)."""
+    return [
+        "uart16550,port=0x3f8,irq=4",
+        "cmos-rtc,port=0x70,irq=8",
+        "fw-cfg,port=0x510",
+        "acpi-pm,port=0x600,irq=9",
+        f"pseudo-op,base={X86_PSEUDO_OP_BASE:#x}",
+    ]
+
+
 ARMV8_UART_BASE, ARMV8_UART_SPI = 0x09000000, 1
 ARMV8_PSEUDO_OP_BASE = 0x10010000  # gem5's arm64 m5ops address, as the armv8 plugin's device tree
 
@@ -52,6 +68,18 @@ BOARDS = {"x86": x86_default, "armv8": armv8_default}
 def x86_board(machine: object) -> list[str]:
     """The ``kvmfw.boards`` entry point ``x86``: :func:`x86_default`."""
     return x86_default()
+
+
+def microvm_board(machine: object) -> list[str]:
+    """The ``kvmfw.boards`` entry point ``microvm`` (``--option board=microvm``, x86 only):
+    :func:`x86_microvm`."""
+    arch = getattr(machine, "arch", "x86")
+    if arch != "x86":
+        from kvmfw.errors import ConfigError
+
+        raise ConfigError(f"board=microvm is an x86 board; this machine is {arch} (drop "
+                          "--option board=microvm)")
+    return x86_microvm()
 
 
 def armv8_board(machine: object) -> list[str]:

@@ -4,11 +4,44 @@ from __future__ import annotations
 
 import importlib.metadata
 
+import pytest
 from conftest import make_harness
 from kvmfw.bus import Bus
 from kvmfw.device import parse_device_spec
 
 from kvmfw_devices import boards
+
+
+def test_x86_microvm_board_is_the_pc_without_pci_and_i8042() -> None:
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="kvmfw.boards")}
+    assert eps["microvm"].load()(None) == boards.x86_microvm()
+    names = [parse_device_spec(s)[0] for s in boards.x86_microvm()]
+    default = [parse_device_spec(s)[0] for s in boards.x86_default()]
+    assert sorted(names) == sorted(set(default) - {"pci-host", "i8042"})
+    bus = _build(boards.x86_microvm())
+    assert bus.pio.lookup(0x64) is None and bus.pio.lookup(0x3F8) is not None
+
+
+def test_microvm_board_is_x86_only() -> None:
+    from kvmfw.errors import ConfigError
+
+    class Arm:
+        arch = "armv8"
+
+    with pytest.raises(ConfigError, match="x86 board"):
+        boards.microvm_board(Arm())
+
+
+def _build(specs: list[str]) -> Bus:
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="kvmfw.devices")}
+    h = make_harness()
+    bus = Bus(unclaimed="fatal")
+    for spec in specs:
+        name, params = parse_device_spec(spec)
+        dev = eps[name].load()(h.ctx, **params)
+        for r in dev.ranges():
+            bus.space(r.space).register(r.base, r.size, dev, r.name)
+    return bus
 
 
 def test_x86_default_board_builds_without_overlaps() -> None:

@@ -9,7 +9,8 @@ the RSDP)::
 - FADT (revision 3, as QEMU's ``pc``): the PM1a event/control blocks and the PM timer of
   the board's ``acpi-pm`` device (QEMU's PIIX4 PM layout at 0x600), SCI on IRQ 9, no SMI
   command port (the machine is always in ACPI mode), IAPC_BOOT_ARCH "legacy devices" and
-  "8042", flags WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, RESET_REG_SUP, USE_PLATFORM_CLOCK;
+  "8042" (when a device answers port 0x64), flags WBINVD, PROC_C1, SLP_BUTTON, RTC_S4,
+  RESET_REG_SUP, USE_PLATFORM_CLOCK;
   the reset register is the PIIX reset control register (IO 0xCF9 <- 6), as QEMU's.
 - FACS at RSDP + 0x80: the OS writes its firmware waking vector there; an S3 wake-up
   enters it (the x86 plugin's ``reset_machine``).
@@ -132,9 +133,11 @@ def facs() -> bytes:
     return struct.pack("<4sIIIIIBB", b"FACS", 64, 0, 0, 0, 0, 1, 0).ljust(64, b"\0")
 
 
-def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = DEFAULT_PM) -> bytes:
+def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = DEFAULT_PM,
+         i8042: bool = True) -> bytes:
     """The Fixed ACPI Description Table, revision 3 (244 bytes; the X_ fields are left 0 so
-    the OS uses the 32-bit ones)."""
+    the OS uses the 32-bit ones). ``i8042``: IAPC_BOOT_ARCH says a keyboard controller is
+    there (without it, as on QEMU's ``microvm``, Linux does not probe one)."""
     body = bytearray(244 - 36)
 
     def put(offset: int, fmt: str, *values: int) -> None:
@@ -150,7 +153,7 @@ def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = DEFAULT_PM) -> bytes:
     put(88, "<BBBB", 4, 2, 0, 4)  # PM1_EVT_LEN, PM1_CNT_LEN, PM2_CNT_LEN, PM_TMR_LEN
     put(96, "<HH", 0xFFF, 0xFFF)  # no C2, no C3
     put(108, "<B", 0x32)  # CMOS century register
-    put(109, "<H", BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042)
+    put(109, "<H", BOOT_ARCH_LEGACY_DEVICES | (BOOT_ARCH_8042 if i8042 else 0))
     put(112, "<I", FADT_FLAGS)
     put(116, "<BBBBQ", 1, 8, 0, 1, RESET_PORT)  # RESET_REG: system IO, 8 bits, byte access
     put(128, "<B", RESET_VALUE)
@@ -280,7 +283,7 @@ def _align(value: int, to: int) -> int:
 
 
 def build(ncpus: int, base: int = ACPI_BASE, virtio: list[MmioDevice] | None = None,
-          pm: PmBlock = DEFAULT_PM) -> bytes:
+          pm: PmBlock = DEFAULT_PM, i8042: bool = True) -> bytes:
     """All tables as one blob to write at ``base``: RSDP (20 bytes, padded to 32), RSDT,
     FACS (64-byte aligned), DSDT, FADT, MADT."""
     out = bytearray(32)
@@ -292,7 +295,7 @@ def build(ncpus: int, base: int = ACPI_BASE, virtio: list[MmioDevice] | None = N
     dsdt_off = len(out)
     out += dsdt(virtio or [], pm)
     fadt_off = _align(len(out), 16)
-    out += bytes(fadt_off - len(out)) + fadt(base + dsdt_off, base + facs_off, pm)
+    out += bytes(fadt_off - len(out)) + fadt(base + dsdt_off, base + facs_off, pm, i8042)
     madt_off = _align(len(out), 16)
     out += bytes(madt_off - len(out)) + madt(ncpus, pm.sci)
     rsdt = _sdt(b"RSDT", 1, struct.pack("<II", base + fadt_off, base + madt_off))
@@ -336,11 +339,17 @@ def pm_block(machine: Any) -> PmBlock:
     return PmBlock()
 
 
+def has_i8042(machine: Any) -> bool:
+    """Whether a device answers the PC keyboard controller's command port (0x64)."""
+    bus = getattr(machine, "bus", None)
+    return bus is not None and bus.space("pio").lookup(0x64) is not None
+
+
 def install(machine: Any, base: int = ACPI_BASE) -> int:
-    """Write the tables for ``machine`` (its vCPUs, declared devices and PM block);
-    returns the RSDP address."""
+    """Write the tables for ``machine`` (its vCPUs, declared devices, PM block and whether
+    it has an i8042); returns the RSDP address."""
     machine.memory.write(base, build(machine.config.cpus, base, acpi_devices(machine),
-                                     pm_block(machine)))
+                                     pm_block(machine), has_i8042(machine)))
     return base
 
 

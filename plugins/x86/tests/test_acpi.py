@@ -337,9 +337,17 @@ def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
     assert (0xE0000, 0x20000, 2) in e820
     assert read(mptable.MP_TABLE_ADDR, 4) == b"_MP_"
 
+    assert struct.unpack_from("<H", f, 109)[0] == 1  # legacy devices; no i8042 on port 0x64
+
     m2, _ = machine_factory(acpi="off")
     loaders.load(m2, str(k), {"cmdline": "console=ttyS0"})
     assert find_rsdp(m2.memory.read) is None
+
+    m3, _ = machine_factory()
+    m3.add_device_spec("i8042,port=0x60,irq=1,aux_irq=12")
+    loaders.load(m3, str(k), {"cmdline": "console=ttyS0"})
+    f3 = rsdt_tables(m3.memory.read)[b"FACP"]
+    assert struct.unpack_from("<H", f3, 109)[0] == 3  # legacy devices, 8042
 
 
 @requires_kvm
