@@ -206,3 +206,21 @@ def test_the_cli_takes_the_decompress_option(tmp_path: Path, how: str, status: i
     assert r.returncode == status, r.stderr
     if status:
         assert "choose one of host, guest" in r.stderr
+
+
+def test_a_bzimage_run_imports_no_elf_library_hash_or_tempfile(tmp_path: Path,
+                                                                _own_cache: Path) -> None:
+    """The start-up cost this path must not pay (tens of ms each where the host is emulated):
+    pyelftools (the kernel proper's program headers are read with struct), hashlib and
+    tempfile (the cache names and writes its entries without them)."""
+    from test_startup_x86 import run_probe
+
+    image = kernel_file(tmp_path, COMPRESS["gzip"](elf64(PROPER)))
+    assert run_probe(tmp_path / "xdg", "--max-ticks", "1")[0] == 0  # the entry-point index
+    for _ in range(2):  # a cache miss, then a hit
+        status, modules = run_probe(tmp_path / "xdg", "--kernel", str(image), "--max-ticks", "1")
+        assert status == 0
+        assert "kvmfw_x86.vmlinux" in modules
+        assert not {m for m in modules if m.split(".")[0] in ("elftools", "hashlib",
+                                                                "tempfile", "_hashlib")}
+    assert len(list((_own_cache / "vmlinux").iterdir())) == 1  # ($KVMFW_CACHE)
