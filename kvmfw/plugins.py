@@ -180,16 +180,19 @@ def _path_fingerprint() -> _Fingerprint | None:
 
 
 def _index_file(key: _Fingerprint) -> str | None:
-    """Where the index for this interpreter lives (``$XDG_CACHE_HOME/kvmfw`` or
-    ``~/.cache/kvmfw``; one file per interpreter and prefix (a venv) whichever name started
-    it (``python``, ``python3.11``), so a path that changes, as in tests, replaces it
-    instead of adding files), or None when there is no home to put it in."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if not base or base.startswith("~"):
+    """Where the index for this interpreter lives (kvmfw's cache directory,
+    :func:`kvmfw.cache.base_dir`: ``$XDG_CACHE_HOME/kvmfw`` or ``~/.cache/kvmfw``; one file
+    per interpreter and prefix (a venv) whichever name started it (``python``,
+    ``python3.11``), so a path that changes, as in tests, replaces it instead of adding
+    files), or None when there is no cache directory."""
+    from kvmfw.cache import base_dir
+
+    base = base_dir()
+    if base is None:
         return None
     exe = os.path.realpath(sys.executable) if sys.executable else ""
     tag = zlib.crc32(f"{exe}\0{sys.prefix}".encode()) & 0xFFFFFFFF
-    return os.path.join(base, "kvmfw", f"entry-points-{tag:08x}.json")
+    return os.path.join(base, f"entry-points-{tag:08x}.json")
 
 
 def _key_json(key: _Fingerprint) -> list[Any]:
