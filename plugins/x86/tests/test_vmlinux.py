@@ -202,7 +202,8 @@ def test_the_cli_takes_the_decompress_option(tmp_path: Path, how: str, status: i
                         "--kernel", str(image), "--option", f"decompress={how}",
                         "--max-ticks", "1", "--console", "none", "--no-summary",
                         "--timeout", "60"],
-                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                       cwd="/")  # (not the checkout, whose kvmfw/ is not the built one)
     assert r.returncode == status, r.stderr
     if status:
         assert "choose one of host, guest" in r.stderr
