@@ -170,43 +170,23 @@ def msr_index_list(kvm_fd: int) -> list[int]:
 
 def _read_msr(vcpu: Any, index: int) -> int | None:
     """One MSR of ``vcpu`` (``KVM_GET_MSRS``), or None when KVM refuses it."""
-    return _read_msrs(vcpu, [index]).get(index)
-
-
-_MSR_BATCH = 64
-"""MSRs per ``KVM_GET_MSRS`` in :func:`_read_msrs` (KVM takes at most 255 at once)."""
-
-
-def _read_msrs(vcpu: Any, indices: list[int]) -> dict[int, int]:
-    """The MSRs of ``indices`` that ``vcpu`` reads back, with their values, in order.
-
-    One ``KVM_GET_MSRS`` per batch instead of one per MSR (start-up cost, ~11x in nested
-    KVM): KVM reads entries until the first it refuses and returns how many it read, so
-    that one is dropped and the rest of the batch asked again."""
-    out: dict[int, int] = {}
-    todo = list(indices)
-    while todo:
-        batch = todo[:_MSR_BATCH]
-        buf = ffi.new("uint8_t[]", ffi.sizeof("struct kvm_msrs")
-                      + len(batch) * ffi.sizeof("struct kvm_msr_entry"))
-        ffi.cast("struct kvm_msrs *", buf).nmsrs = len(batch)
-        ents = ffi.cast("struct kvm_msr_entry *", buf + ffi.sizeof("struct kvm_msrs"))
-        for i, index in enumerate(batch):
-            ents[i].index = index
-        try:
-            got = min(vcpu.ioctl(X.KVM_GET_MSRS, addr(buf)), len(batch))
-        except KvmError:
-            got = 0
-        for i in range(got):
-            out[batch[i]] = int(ents[i].data)
-        todo = todo[got + 1:]  # batch[got], if any, was refused
-    return out
+    one = ffi.new("uint8_t[]", ffi.sizeof("struct kvm_msrs") + ffi.sizeof("struct kvm_msr_entry"))
+    hdr = ffi.cast("struct kvm_msrs *", one)
+    ent = ffi.cast("struct kvm_msr_entry *", one + ffi.sizeof("struct kvm_msrs"))
+    hdr.nmsrs = 1
+    ent.index = index
+    try:
+        return int(ent.data) if vcpu.ioctl(X.KVM_GET_MSRS, addr(one)) == 1 else None
+    except KvmError:
+        return None
 
 
 def readable_msrs(kvm_fd: int, vcpu: Any) -> list[int]:
     """The listed MSRs this vCPU reads back (KVM lists some it then refuses)."""
+    # One KVM_GET_MSRS per MSR: a batch of them gave a different list on a nested SVM KVM
+    # (an MSR read alone was dropped from the batch), so the probe stays one by one.
     listed = msr_index_list(kvm_fd)
-    out = list(_read_msrs(vcpu, listed))
+    out = [m for m in listed if _read_msr(vcpu, m) is not None]
     skipped = len(listed) - len(out)
     if skipped:
         log.debug("%d listed MSRs do not read back and are not synced", skipped)
@@ -227,7 +207,7 @@ def mtrr_msrs(cpuid: list[cpuid_mod.CpuidEntry], vcpu: Any) -> list[int]:
         return []
     pairs = min(cap & 0xFF, MTRR_VAR_MAX)
     wanted = [MSR_MTRR_DEF_TYPE, *MTRR_FIXED, *range(MTRR_VAR_BASE, MTRR_VAR_BASE + 2 * pairs)]
-    return list(_read_msrs(vcpu, wanted))
+    return [m for m in wanted if _read_msr(vcpu, m) is not None]
 
 
 class X86Plugin:

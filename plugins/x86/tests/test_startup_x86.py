@@ -58,32 +58,6 @@ def test_a_run_with_a_valid_index_imports_only_what_it_runs(tmp_path: Path) -> N
     loaded = {m for m in second for n in NOT_FOR_A_RUN if m == n or m.startswith(n + ".")}
     assert loaded == set()
 
-
-def test_vcpu_start_up_reads_the_msrs_in_batches(machine_factory) -> None:  # type: ignore[no-untyped-def]
-    """The MSRs a vCPU syncs are found with one ``KVM_GET_MSRS`` per batch (plus one per MSR
-    KVM refuses), not one per MSR, and they are exactly those a per-MSR probe finds."""
-    from kvmfw_x86 import plugin
-    from kvmfw_x86.abi import X
-
-    m, _ = machine_factory(irqchip="kernel")
-    vcpu = m.cpus[0].vcpu
-    listed = plugin.msr_index_list(m.kvm.fd)
-    one_by_one = [i for i in listed if plugin._read_msr(vcpu, i) is not None]
-    calls = []
-
-    class Counting:
-        def ioctl(self, request: int, arg: int = 0, detail: str = "") -> int:
-            calls.append(request)
-            return vcpu.ioctl(request, arg, detail)
-
-    assert plugin.readable_msrs(m.kvm.fd, Counting()) == one_by_one
-    n_get = calls.count(X.KVM_GET_MSRS)
-    assert n_get <= len(listed) - len(one_by_one) + -(-len(listed) // plugin._MSR_BATCH)
-    bogus = 0x4B564DFF + 0x100  # no such MSR: refused, and the batch goes on after it
-    got = plugin._read_msrs(vcpu, [0x10, bogus, 0xC0000102])
-    assert list(got) == [0x10, 0xC0000102]
-
-
 def test_a_device_given_on_the_command_line_is_loaded(tmp_path: Path) -> None:
     status, mods = run_probe(tmp_path, "--device", "debug-exit,port=0xf4")
     assert status == 0 and "kvmfw_devices.debug_exit" in mods
