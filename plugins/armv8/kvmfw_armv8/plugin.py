@@ -861,9 +861,9 @@ def _place_kernel(machine: Machine, image: str, options: dict[str, Any], base: i
             # the cached Image; seconds per boot where the host is emulated)
             from kvmfw import cache
 
-            limit = _ram(machine)[1]
+            limit = _ram(machine)[1]  # (nor is more than it of the compressed file read)
             data = cache.derived(image, "arm64-kernel", "gunzip-1",
-                                 lambda: loader.maybe_decompress(head + f.read(), limit))
+                                 lambda: loader.maybe_decompress(head + f.read(limit), limit))
         else:  # (one byte more than RAM holds is enough for _write to refuse it)
             data = head + f.read(_ram(machine)[1] + 1)
     try:

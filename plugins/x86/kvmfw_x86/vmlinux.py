@@ -57,8 +57,10 @@ def decompress(p: Any, limit: int) -> bytes | None:
     if head[:2] == b"\x1f\x8b":
         import zlib
 
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out = d.decompress(p, size + 1)
+        try:
+            out = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(p, size + 1)
+        except zlib.error as exc:
+            raise _Corrupt(str(exc)) from None
     elif head == b"\xfd7zXZ\x00" or head[:3] == b"\x5d\x00\x00":
         import lzma
 

@@ -145,6 +145,7 @@ def _bad_payloads() -> dict[str, bytes]:
         "larger than RAM": xz[:-4] + struct.pack("<I", 0xFFFFFFF0),
         "corrupt xz": xz[:40] + bytes(len(xz) - 44) + xz[-4:],
         "truncated gzip": gz[:len(gz) // 2] + gz[-4:],
+        "corrupt gzip": gz[:10] + b"\xff" * (len(gz) - 14) + gz[-4:],
         "lz4 block past the end": lz[:8] + struct.pack("<I", 1 << 30) + lz[12:],
         "lzo": b"\x89LZO\x00" + bytes(64) + _size(good),
         "not an ELF": gzip.compress(bytes(4096)),
