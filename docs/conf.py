@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import kvmfw
-import kvmfw.cli
+import kvmfw.cli.commands
 
 project = "kvmfw"
 author = "the kvmfw authors"
@@ -43,7 +43,7 @@ html_theme = "alabaster"
 html_title = f"kvmfw {release}"
 
 # `kvmfw cpuid` and any other plugin command join the CLI as they do at run time
-kvmfw.cli._add_plugin_commands()
+kvmfw.cli.commands._add_plugin_commands()
 
 
 # The checkpoint format page (docs/checkpoint.md) is written with the checkpoint code; until

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import pytest
 
-import kvmfw.cli
+import kvmfw.cli.commands
 import kvmfw.hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def hook_names() -> list[str]:
 
 def cli_options() -> list[tuple[str, str]]:
     """(program, option string) for every option of every command, as sphinx-click names them."""
-    kvmfw.cli._add_plugin_commands()
+    kvmfw.cli.commands._add_plugin_commands()
     out: list[tuple[str, str]] = []
 
     def walk(cmd: click.Command, prog: str) -> None:
@@ -63,7 +63,7 @@ def cli_options() -> list[tuple[str, str]]:
             for name, sub in cmd.commands.items():
                 walk(sub, f"{prog}-{name}")
 
-    walk(kvmfw.cli.cli, "kvmfw")
+    walk(kvmfw.cli.commands.cli, "kvmfw")
     return out
 
 
@@ -87,7 +87,7 @@ def test_every_cli_option_is_in_the_reference(html: Path) -> None:
         if anchor not in text.lower() or f'<span class="pre">{opt}</span>' not in text:
             missing.append(f"{prog} {opt}")
     assert not missing, f"options missing from docs/cli.md's reference: {missing}"
-    for command in kvmfw.cli.cli.commands:
+    for command in kvmfw.cli.commands.cli.commands:
         assert f'id="kvmfw-{command}"' in text, command
 
 
