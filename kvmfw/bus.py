@@ -204,6 +204,15 @@ class AddressSpace:
             self.reserved_ports = self.reserved_ports | frozenset(range(base, base + size))
         self._changed()
 
+    def release(self, name: str) -> None:
+        """Drop the reserved ranges named ``name`` (the arch found it need not answer them,
+        e.g. no PCI host behind the PC's configuration ports): the bus and the compiled path
+        take those addresses again."""
+        self._reserved = [r for r in self._reserved if r[2] != name]
+        if self.limit is not None and self.limit <= 1 << 16:
+            self.reserved_ports = frozenset(a for b, e, _ in self._reserved for a in range(b, e))
+        self._changed()
+
     def reserved(self) -> list[tuple[int, int, str]]:
         return list(self._reserved)
 

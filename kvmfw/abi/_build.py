@@ -323,10 +323,14 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
         } else {
             return (int)done;
         }
+        /* An access lies wholly inside its range, except a port access to an unclaimed
+           port: the Python bus dispatches port IO by its first port, so a dword at 0xCF8
+           is unclaimed when 0xCF8 is, whatever answers 0xCF9. */
         uint32_t i;
         const struct kvmfw_fast_range *f = ranges;
         for (i = 0; i < n; i++, f++)
-            if (f->space == space && addr >= f->base && addr < f->end && len <= f->end - addr)
+            if (f->space == space && addr >= f->base && addr < f->end
+                    && (len <= f->end - addr || (space == 0 && (f->kind & KVMFW_FAST_ONES))))
                 break;
         if (i == n || len == 0)
             return (int)done;

@@ -7,6 +7,10 @@ PCI configuration goes to a *config-space object*: anything with
 finds one among the machine's devices (or ``machine.pci``); without one, every function
 reads as absent (all ones), as on a PC without PCI devices. A device that claims 0xCF8
 on the bus itself takes precedence: the plugin then routes those ports like any others.
+A machine with no configuration space at all (the microvm board) has no mechanism #1 either,
+as QEMU's microvm: 0xCF8-0xCFF are then plain unclaimed ports (all ones, answered by the
+compiled exit path without Python: Linux's early PCI scan makes over a thousand of these
+accesses), except the reset control register 0xCF9, which the plugin still answers.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class PortIo:
         self._pci: PciConfigSpace | None = None
         self._pci_checked = False
         self._bus_owns_cf8: bool | None = None
+        self.decode_pci = True
+        """Whether 0xCF8-0xCFF are PCI mechanism #1; decided at the first access to them
+        (a configuration space set on the machine before then counts)."""
         self.stats = {"string_io": 0, "pci_config": 0, "resets": 0}
 
     @property
@@ -73,7 +80,7 @@ class PortIo:
     def handle(self, cpu: Any, io: Any) -> bool:
         direction, size, port, count, off = io  # unpacking the exit tuple is the fastest
         mm = cpu.vcpu.run_map  # slicing the mmap gives bytes without a memoryview copy
-        if 0xCF8 <= port <= 0xCFF and self._intercept_pci():
+        if 0xCF8 <= port <= 0xCFF and self._intercept_pci(port):
             return self._pci_io(mm, off, io)
         pio = self.pio
         if count == 1:
@@ -94,10 +101,16 @@ class PortIo:
                 mm[o:o + size] = pio.read(port, size)
         return True
 
-    def _intercept_pci(self) -> bool:
+    def _intercept_pci(self, port: int) -> bool:
         if self._bus_owns_cf8 is None:
             self._bus_owns_cf8 = self.pio.lookup(PCI_ADDR_PORT) is not None
-        return not self._bus_owns_cf8
+            if not self._bus_owns_cf8 and self.pci is None:
+                # no PCI at all: no mechanism #1; the bus (and the compiled path) takes the
+                # ports from now on, the reset control register stays the plugin's
+                self.decode_pci = False
+                self.pio.release("pci-config")
+                self.pio.reserve(RESET_CONTROL_PORT, 1, "reset-control")
+        return not self._bus_owns_cf8 and (self.decode_pci or port == RESET_CONTROL_PORT)
 
     def _pci_io(self, view: Any, off: int, io: Any) -> bool:
         size, port = io.size, io.port
