@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import platform
 import re
 from pathlib import Path
 from typing import Any
@@ -480,7 +479,7 @@ def check_arch_host(arch: str, plugin: Any = None) -> None:
     hosts = getattr(plugin, "host_machines", None) if plugin is not None else None
     if not hosts:
         return
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()  # (platform.machine(): platform costs an import)
     if machine not in hosts:
         want = hosts[0]
         raise ConfigError(f"--arch {arch} needs an {want} host: KVM only runs guests of "

@@ -31,7 +31,6 @@ from the machine option ``fw_cfg`` (a list of such specs, what ``--fw-cfg`` coll
 from __future__ import annotations
 
 import struct
-import uuid
 from typing import Any, ClassVar
 
 from kvmfw.device import (
@@ -151,7 +150,11 @@ class FwCfg(Device):
         ram = int(opts.get("memory", opts.get("memory_size", self.ctx.memory.size)))
         cpus = int(opts.get("cpus", 1))
         dma = self.params["dma"]
-        uid = uuid.UUID(self.params["uuid"]).bytes if self.params["uuid"] else bytes(16)
+        uid = bytes(16)
+        if self.params["uuid"]:
+            import uuid  # (only for a given UUID: not at every start)
+
+            uid = uuid.UUID(self.params["uuid"]).bytes
         self.items = {
             FW_CFG_SIGNATURE: b"QEMU",
             FW_CFG_ID: struct.pack("<I", ID_TRADITIONAL | (ID_DMA if dma else 0)),

@@ -29,7 +29,6 @@ always sees it. Off by default: once any zone exists every exit checks the ring.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from typing import Any, ClassVar
 
@@ -41,8 +40,6 @@ from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the
 from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import cancel, ones, schedule_at
 from kvmfw_devices.irq import drive_irq
-
-_EPOCH = dt.datetime(1970, 1, 1)
 
 REG_SECONDS = 0x00
 REG_SECONDS_ALARM = 0x01
@@ -89,7 +86,14 @@ MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
 RESTORE_SLACK = 1e9  # seconds a clock set to the end of 9999 may have run on before a save
 
 
+_DEFAULT_TIME, _DEFAULT_STAMP = "2000-01-01T00:00:00", 946684800.0
+
+
 def _parse_time(text: str) -> float:
+    if text == _DEFAULT_TIME:
+        return _DEFAULT_STAMP  # (datetime is imported only for another time or a set clock)
+    import datetime as dt
+
     try:
         t = dt.datetime.fromisoformat(text)
     except ValueError as exc:
@@ -108,7 +112,7 @@ class Mc146818(Device):
         "port": ConfigKey(parse_int, 0x70, "index port (data port is port + 1)"),
         "irq": ConfigKey(parse_int, 8, "interrupt line (-1: none)"),
         "clock": ConfigKey(str, "host", "host (wall clock, UTC) or fixed (time= + simulated time)"),
-        "time": ConfigKey(str, "2000-01-01T00:00:00", "start time for clock=fixed (UTC)"),
+        "time": ConfigKey(str, _DEFAULT_TIME, "start time for clock=fixed (UTC)"),
         "coalesce": ConfigKey(parse_bool, False, "index-port writes wait in KVM's coalesced "
                               "PIO ring (as QEMU's) instead of exiting; off by default: "
                               "once any zone exists every exit checks the ring"),
@@ -206,13 +210,15 @@ class Mc146818(Device):
 
     def _load_time(self, regs: dict[int, int]) -> None:
         """Set the clock from register values (what the guest wrote)."""
+        import datetime as dt
+
         try:
             year = self._dec(regs[REG_CENTURY]) * 100 + self._dec(regs[REG_YEAR])
             when = dt.datetime(year, self._dec(regs[REG_MONTH]), self._dec(regs[REG_DAY]),
                                self._dec_hour(regs[REG_HOURS]), self._dec(regs[REG_MINUTES]),
                                self._dec(regs[REG_SECONDS]))
             # calendar.timegm's value; calendar would import locale at start-up
-            stamp = (when - _EPOCH) // dt.timedelta(seconds=1)
+            stamp = (when - dt.datetime(1970, 1, 1)) // dt.timedelta(seconds=1)
         except (ValueError, OverflowError):
             self.stats["bad_time"] += 1
             return

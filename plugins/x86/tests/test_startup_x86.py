@@ -35,8 +35,9 @@ NOT_FOR_A_RUN = ("importlib.metadata", "stevedore", "email", "kvmfw_x86.cli",
                  # standard modules only cold paths use: a socket console, a raw terminal,
                  # the stuck-thread report, the RTC set by the guest, --config
                  "socket", "selectors", "tty", "sysconfig", "calendar", "tomllib",
-                 # the CLI library: a plain `kvmfw run` is parsed by kvmfw.cli.run.parse
-                 "click")
+                 # the CLI library (a plain `kvmfw run` is parsed by kvmfw.cli.run.parse), and what
+                 # only a given machine UUID, a set RTC or platform.machine() would import
+                 "click", "uuid", "datetime", "platform")
 
 
 def run_probe(cache: Path, *args: str) -> tuple[int, set[str]]:
