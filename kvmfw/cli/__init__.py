@@ -6,8 +6,8 @@ status per cause, plus a register dump for guest errors; never a traceback (set
 ``KVMFW_TRACEBACK=1`` to see one when reporting a bug).
 
 Layout: this module is the entry point and the error reporting; :mod:`kvmfw.cli.run` holds
-``kvmfw run`` (its options, their parser and the run), without click, so that a plain
-``kvmfw run ...`` never imports it; :mod:`kvmfw.cli.commands` is the click application
+``kvmfw run`` (its options, their parser and the run) without click, so that a plain
+``kvmfw run ...`` never imports click; :mod:`kvmfw.cli.commands` is the click application
 (every other command, ``--help``, and the command lines :func:`kvmfw.cli.run.parse`
 leaves to click).
 """

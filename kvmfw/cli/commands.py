@@ -193,6 +193,7 @@ def doctor_cmd(as_json: bool, kvm_path: str) -> None:
 # --- run -------------------------------------------------------------------------------
 
 def _with_run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``f`` with a click option for each of :data:`kvmfw.cli.run.OPTIONS`, in order."""
     for o in reversed(run_.OPTIONS):
         kw: dict[str, Any] = {"help": o.help}
         if o.metavar is not None:
@@ -260,7 +261,6 @@ def _add_plugin_commands(name: str | None = None) -> None:
 
 
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
 
 
 def invoke(args: list[str]) -> None:
