@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
+from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_bool, parse_int
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND
 
@@ -75,6 +75,9 @@ class AcpiPm(Device):
         "s5_typ": ConfigKey(parse_int, 0, "SLP_TYP value of S5 (the DSDT's _S5 package)"),
         "s3_typ": ConfigKey(parse_int, 1, "SLP_TYP value of S3 (the DSDT's _S3; -1: no S3)"),
         "clock": ConfigKey(str, "host", "PM timer source: host (monotonic) or fixed (simulated)"),
+        "timer": ConfigKey(parse_bool, True, "offer the PM timer in the FADT (off: as QEMU's "
+                           "microvm, Linux then registers and verifies no acpi_pm clocksource "
+                           "at boot; the register still reads)"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:

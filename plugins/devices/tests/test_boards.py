@@ -20,6 +20,8 @@ def test_x86_microvm_board_is_the_pc_without_pci_and_i8042() -> None:
     assert sorted(names) == sorted(set(default) - {"pci-host", "i8042"})
     bus = _build(boards.x86_microvm())
     assert bus.pio.lookup(0x64) is None and bus.pio.lookup(0x3F8) is not None
+    pm = next(parse_device_spec(s)[1] for s in boards.x86_microvm() if s.startswith("acpi-pm"))
+    assert pm["timer"] == "off"  # no PM timer in its FADT, as QEMU's microvm
 
 
 def test_microvm_board_is_x86_only() -> None:

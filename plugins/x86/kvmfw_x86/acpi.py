@@ -92,6 +92,8 @@ class PmBlock(NamedTuple):
     s5_typ: int = S5_SLP_TYP
     s3_typ: int = S3_SLP_TYP
     """SLP_TYP of S3; negative: no S3 (no ``_S3`` object)."""
+    timer: bool = True
+    """Whether the FADT offers the PM timer (PM_TMR_BLK and PM_TMR_LEN 0 otherwise)."""
 
 
 DEFAULT_PM = PmBlock()
@@ -149,8 +151,8 @@ def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = DEFAULT_PM,
     put(48, "<IBBBB", 0, 0, 0, 0, 0)  # SMI_CMD 0: always in ACPI mode
     put(56, "<I", pm.port)  # PM1a_EVT_BLK
     put(64, "<I", pm.port + 4)  # PM1a_CNT_BLK
-    put(76, "<I", pm.port + 8)  # PM_TMR_BLK
-    put(88, "<BBBB", 4, 2, 0, 4)  # PM1_EVT_LEN, PM1_CNT_LEN, PM2_CNT_LEN, PM_TMR_LEN
+    put(76, "<I", pm.port + 8 if pm.timer else 0)  # PM_TMR_BLK
+    put(88, "<BBBB", 4, 2, 0, 4 if pm.timer else 0)  # PM1_EVT/PM1_CNT/PM2_CNT/PM_TMR_LEN
     put(96, "<HH", 0xFFF, 0xFFF)  # no C2, no C3
     put(108, "<B", 0x32)  # CMOS century register
     put(109, "<H", BOOT_ARCH_LEGACY_DEVICES | (BOOT_ARCH_8042 if i8042 else 0))
@@ -330,12 +332,13 @@ virtio_mmio_devices = acpi_devices
 
 
 def pm_block(machine: Any) -> PmBlock:
-    """The ``acpi-pm`` device's port, SCI and S5 type, or the defaults if there is none."""
+    """The ``acpi-pm`` device's port, SCI, S5 type and whether it offers its timer, or the
+    defaults if there is none."""
     for d in getattr(machine, "devices", []):
         if getattr(d, "name", None) == "acpi-pm":
             p = d.params
             return PmBlock(int(p["port"]), int(p["irq"]) if int(p["irq"]) >= 0 else SCI_IRQ,
-                           int(p["s5_typ"]))
+                           int(p["s5_typ"]), timer=bool(p.get("timer", True)))
     return PmBlock()
 
 

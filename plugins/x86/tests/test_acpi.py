@@ -225,6 +225,13 @@ def test_fadt_points_at_the_pm_block_dsdt_and_facs() -> None:
     assert not flags & (1 << 20), "not a hardware-reduced machine"
 
 
+def test_a_pm_block_without_its_timer_leaves_it_out_of_the_fadt() -> None:
+    f = acpi.fadt(0x1000, 0x2000, acpi.PmBlock(timer=False))
+    assert struct.unpack_from("<II", f, 56) == (0x600, 0)  # PM1a_EVT_BLK, PM1b_EVT_BLK
+    assert struct.unpack_from("<I", f, 76)[0] == 0  # PM_TMR_BLK
+    assert tuple(f[88:92]) == (4, 2, 0, 0)  # no PM_TMR_LEN: Linux has no acpi_pm clocksource
+
+
 def test_dsdt_aml_parses_back_to_s5_and_the_virtio_devices() -> None:
     read = _mem_with(acpi.build(1, virtio=VIRTIO))
     f = rsdt_tables(read)[b"FACP"]
@@ -348,6 +355,13 @@ def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
     loaders.load(m3, str(k), {"cmdline": "console=ttyS0"})
     f3 = rsdt_tables(m3.memory.read)[b"FACP"]
     assert struct.unpack_from("<H", f3, 109)[0] == 3  # legacy devices, 8042
+    assert struct.unpack_from("<I", f, 76)[0] == 0xB008  # the device's PM timer ...
+
+    m4, _ = machine_factory()
+    m4.add_device_spec("acpi-pm,port=0x600,irq=9,timer=off")  # ... unless it is off
+    loaders.load(m4, str(k), {"cmdline": "console=ttyS0"})
+    f4 = rsdt_tables(m4.memory.read)[b"FACP"]
+    assert struct.unpack_from("<I", f4, 76)[0] == 0 and f4[91] == 0
 
 
 @requires_kvm
