@@ -364,7 +364,8 @@ class VirtioMmio(Device):
                 self.negotiated(VIRTIO_F_VERSION_1)
             if not accepted:
                 value &= ~STATUS_FEATURES_OK  # the driver reads it back and gives up
-        self.status = (value & 0xFF) | (self.status & STATUS_NEEDS_RESET)
+        # DEVICE_NEEDS_RESET is the device's to set (when it is broken), never the driver's
+        self.status = (value & 0xFF & ~STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET)
 
     def _rings_ok(self, q: Queue) -> bool:
         mem, n = self.ctx.memory, q.num

@@ -342,3 +342,14 @@ TestVirtioStateful = VirtioMachine.TestCase
 def test_report_fuzz_counts() -> None:
     """Not a check: prints how many cases and steps the state machines ran (pytest -s)."""
     print(f"\nvirtio stateful: {RUN_COUNTS['cases']} cases, {RUN_COUNTS['steps']} steps")
+
+
+def test_the_driver_cannot_set_device_needs_reset() -> None:
+    """DEVICE_NEEDS_RESET is the device's: a driver writing it to the status register does
+    not mark a working device broken (found by the state machine above)."""
+    m = VirtioMachine()
+    m.start(kind="blk", features=1 << 32, num=1)
+    m.register_write(offset=0x70, size=4, value=v.STATUS_NEEDS_RESET)
+    m.needs_reset_iff_broken()
+    assert m.dev is not None and not m.dev.status & v.STATUS_NEEDS_RESET
+    m.teardown()
