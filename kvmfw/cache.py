@@ -18,11 +18,12 @@ as it would validate the image.
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from collections.abc import Callable
 from typing import Any
+
+from kvmfw.imagefile import map_file
 
 MAX_ENTRIES = 8
 """Entries kept per kind (the oldest by modification time are removed beyond it)."""
@@ -57,15 +58,10 @@ def _key(source: str, tag: str) -> str | None:
            f"{st.st_ctime_ns:x}"
 
 
-def _map(path: str) -> Any:
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b""
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-
 def derived(source: str, kind: str, tag: str, make: Callable[[], bytes | None]) -> Any:
-    """The cached file derived from ``source`` (a mapping, read-only), made by ``make()``
+    """The cached file derived from ``source`` (a read-only
+    :class:`~kvmfw.imagefile.FileMapping`: load it into guest RAM with
+    :meth:`~kvmfw.memory.GuestMemory.load`), made by ``make()``
     the first time; None when ``make`` returns None (nothing to derive). Without a usable
     cache directory ``make()``'s bytes are returned as they are. ``kind`` names the
     subdirectory; change ``tag`` when what ``make`` produces changes."""
@@ -76,8 +72,8 @@ def derived(source: str, kind: str, tag: str, make: Callable[[], bytes | None]) 
     d = os.path.join(base, kind)
     path = os.path.join(d, key)
     try:
-        hit = _map(path)
-    except OSError:
+        hit = map_file(path)
+    except (OSError, ValueError):
         pass
     else:
         try:

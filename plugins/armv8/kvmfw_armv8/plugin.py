@@ -40,6 +40,7 @@ from kvmfw.device import CallbackIrqLine, IrqLine
 from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
 from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
+from kvmfw.imagefile import FileMapping
 from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs, vgic
 from kvmfw_armv8.context import ArmV8Context, Group
 
@@ -759,12 +760,21 @@ def _ram(machine: Machine) -> tuple[int, int]:
     return board.RAM_BASE, machine.config.memory
 
 
-def _write(machine: Machine, addr: int, data: bytes, what: str) -> None:
+def _write(machine: Machine, addr: int, data: Any, what: str) -> None:
+    """Copy ``data`` into guest RAM at ``addr`` after checking that it fits; a cached
+    kernel (a :class:`~kvmfw.imagefile.FileMapping`) is read from its file instead, so
+    no page of the mapping is faulted in."""
     base, size = _ram(machine)
     if addr < base or addr + len(data) > base + size:
         raise ImageError(f"{what} ({len(data)} bytes at {addr:#x}) does not fit guest RAM "
                          f"{base:#x}-{base + size:#x}: give the machine more memory")
-    machine.memory.write(addr, data)
+    if not isinstance(data, FileMapping):
+        machine.memory.write(addr, data)
+        return
+    try:
+        machine.memory.load(addr, data.fd, 0, len(data))
+    except (OSError, EOFError) as exc:
+        raise ImageError(f"cannot read {what} from its cached file: {exc}") from None
 
 
 def _read_into(machine: Machine, addr: int, f: io.BufferedReader, what: str,

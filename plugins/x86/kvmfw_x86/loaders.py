@@ -30,6 +30,7 @@ from typing import Any
 
 from kvmfw.errors import ConfigError, ImageError
 from kvmfw.hookspecs import SyncLevel
+from kvmfw.imagefile import FileMapping, map_file
 
 from kvmfw_x86.abi import ffi
 from kvmfw_x86.context import MSR_MTRR_DEF_TYPE, MTRR_DEF_ENABLE, MTRR_TYPE_WB, Segment, X86Context
@@ -108,6 +109,27 @@ def write(machine: Any, gpa: int, data: Any, what: str) -> None:
         return
     check_fits(machine, gpa, len(data), what)
     machine.memory.write(gpa, data)
+
+
+def write_image(machine: Any, gpa: int, image: Any, offset: int, size: int,
+                what: str) -> None:
+    """Copy ``size`` bytes of ``image`` from ``offset`` into guest RAM: read from the
+    image's file when it is a :class:`~kvmfw.imagefile.FileMapping` (no source page is
+    faulted in), else sliced from its buffer. Fails with an :class:`ImageError`."""
+    if size <= 0:
+        return
+    check_fits(machine, gpa, size, what)
+    if offset < 0 or offset + size > len(image):
+        raise ImageError(f"{what}: {size:#x} bytes at offset {offset:#x} are past the end of "
+                         f"its image ({len(image):#x} bytes)")
+    if not isinstance(image, FileMapping):
+        machine.memory.write(gpa, memoryview(image)[offset:offset + size])
+        return
+    try:
+        machine.memory.load(gpa, image.fd, offset, size)
+    except (OSError, EOFError) as exc:
+        raise ImageError(f"cannot read {what} from its image: {exc} (was the file changed "
+                         "while kvmfw loaded it?)") from None
 
 
 _ZEROS = bytes(1 << 20)
@@ -269,10 +291,7 @@ def map_image(image: str | os.PathLike[str], what: str = "kernel") -> Any:
     whole; only the pieces the loader validated are. Empty files give ``b""``."""
     p = Path(image)
     try:
-        with p.open("rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return b""
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return map_file(p)
     except FileNotFoundError:
         raise ImageError(f"{what} image {p} does not exist") from None
     except IsADirectoryError:
@@ -373,19 +392,13 @@ def load_flat(machine: Any, data: bytes, load_addr: int = 0x7C00) -> None:
 
 
 class _Segment:
-    """A PT_LOAD segment; its bytes are sliced from the image only when written (after
-    the segment was checked against guest RAM)."""
+    """A PT_LOAD segment: where its bytes are in the image; they are read only when written
+    into guest RAM (:func:`write_image`, after the segment was checked against it)."""
 
     def __init__(self, paddr: int, vaddr: int, image: Any, offset: int, filesz: int,
                  memsz: int) -> None:
         self.paddr, self.vaddr, self.memsz = paddr, vaddr, memsz
         self.image, self.offset, self.filesz = image, offset, filesz
-
-    @property
-    def data(self) -> memoryview:
-        """The segment's file bytes, a view of the image: no copy is made on the way into
-        guest RAM (a kernel's tens of MiB would be faulted in twice more)."""
-        return memoryview(self.image)[self.offset:self.offset + self.filesz]
 
 
 # ELF header fields after e_ident (type, machine, version, entry, phoff, shoff, flags,
@@ -469,7 +482,7 @@ def _load_segments(machine: Any, segs: list[_Segment]) -> tuple[int, int]:
     check_segments(machine, segs)
     lo, hi = min(s.paddr for s in segs), max(s.paddr + s.memsz for s in segs)
     for s in segs:
-        write(machine, s.paddr, s.data, f"ELF segment at {s.paddr:#x}")
+        write_image(machine, s.paddr, s.image, s.offset, s.filesz, f"ELF segment at {s.paddr:#x}")
         zero_fill(machine, s.paddr + s.filesz, s.memsz - s.filesz,
                   f"ELF segment at {s.paddr:#x}")
     return lo, hi
@@ -687,7 +700,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
     proper = _kernel_proper(data, hdr, koff, load_at, ram, source) \
         if how == "host" and source is not None else None
     if proper is None:
-        write(machine, load_at, kernel, "Linux kernel")
+        write_image(machine, load_at, data, koff, len(kernel), "Linux kernel")
     else:
         entry, segs, elf = proper
         try:
@@ -716,7 +729,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
             if addr_ < load_at + max(int(hdr.init_size), len(kernel)):
                 raise ImageError(f"initrd of {len(rd) >> 20} MiB does not fit in guest RAM "
                                  "above the kernel (increase --memory)")
-            write(machine, addr_, rd, "initrd")
+            write_image(machine, addr_, rd, 0, len(rd), "initrd")
             hdr.ramdisk_image = addr_ & 0xFFFFFFFF
             hdr.ramdisk_size = len(rd) & 0xFFFFFFFF
             bp.ext_ramdisk_image = addr_ >> 32

@@ -250,6 +250,32 @@ def test_kernel_file_is_mapped_not_read_whole(machine_factory, tmp_path: Path) -
     assert m.cpus[0].get_context().rip == 0x100000
 
 
+def test_image_pieces_are_read_from_the_file_as_a_copy_would(machine_factory,
+                                                             tmp_path: Path) -> None:
+    """A mapped image's pieces go into guest RAM with pread from its file (no source page
+    faulted in): the same bytes as a copy from a buffer; a piece past the file's end is an
+    ImageError, not a short load."""
+    from kvmfw.imagefile import FileMapping
+
+    m, _ = machine_factory(memory=4 << 20)
+    data = bytes(range(256)) * 64
+    p = tmp_path / "image"
+    p.write_bytes(data)
+    img = loaders.map_image(p)
+    assert isinstance(img, FileMapping)
+    try:
+        loaders.write_image(m, 0x100000, img, 100, 9000, "piece")
+        loaders.write_image(m, 0x200000, data, 100, 9000, "piece")
+        assert m.memory.read(0x100000, 9000) == m.memory.read(0x200000, 9000) \
+            == data[100:9100]
+        with pytest.raises(ImageError, match="past the end of its image"):
+            loaders.write_image(m, 0x100000, img, len(data) - 10, 11, "piece")
+        with pytest.raises(ImageError, match="does not fit in guest RAM"):
+            loaders.write_image(m, (4 << 20) - 10, img, 0, 11, "piece")
+    finally:
+        img.close()
+
+
 @pytest.mark.parametrize("phoff", [1 << 63, (1 << 64) - 8])
 def test_elf64_program_header_offset_beyond_any_file(machine_factory, tmp_path: Path,
                                                      phoff: int) -> None:
