@@ -311,7 +311,7 @@ printf '%s\n' "$MODE" > "$OUT/mode"
 env | grep -E '^KVMFW_(LINUX|BENCH|TEST)_[A-Z0-9_]*=' | sed "s/'/'\\\\''/g; s/=\(.*\)/='\1'/; s/^/export /" > "$OUT/env" || true
 if [ $# -gt 0 ]; then printf '%s\n' "$@" > "$OUT/args"; elif [ "$MODE" = pytest ]; then echo tests > "$OUT/args"; else : > "$OUT/args"; fi
 LOG=$CACHE/logs/console.log
-APPEND="console=ttyS0 panic=-1 quiet loglevel=3"
+APPEND="console=ttyS0 panic=-1 quiet loglevel=3${KVMFW_X86_APPEND:+ $KVMFW_X86_APPEND}"
 QEMU=(qemu-system-x86_64 -accel tcg -cpu "$CPU" -smp 1 -m "$MEM" -nographic -no-reboot -nic none
       -kernel "$L1K" -initrd "$L1I"
       -virtfs "local,path=$ROOT,mount_tag=kvmfwroot,security_model=none,id=r0")
@@ -363,7 +363,7 @@ watch() {
     else
       continue
     fi
-    { echo "=== run.sh: the outer guest $WHY; its CPU state:"; monitor "info registers" "x/4i \$pc"; } \
+    { echo "=== run.sh: the outer guest $WHY; its CPU state:"; monitor "info registers" "x/4i \$pc" "info lapic" "info pic"; } \
       >> "$LOG.hang"
     kill "$pid" 2>/dev/null; sleep 2; kill -9 "$pid" 2>/dev/null
     break
