@@ -39,10 +39,12 @@
 #   KVMFW_X86_SILENCE (s without console output or heartbeat = frozen, 180), KVMFW_X86_CPU (EPYC),
 #   KVMFW_X86_SNAPSHOT=REV (test commit REV, e.g. HEAD, instead of the work tree as it is),
 #   KVMFW_X86_MEM (MiB, 2048), KVMFW_LINUX_* / KVMFW_BENCH_* / KVMFW_TEST_* (passed to the
-#   tests inside, e.g. KVMFW_LINUX_VMMS=qemu, KVMFW_TEST_TIMEOUT=600), KVMFW_X86_RETRIES (1:
-#   one more boot when a boot freezes or dies before reporting), KVMFW_X86_REBUILD=1 (rebuild
-#   the root file system), KVMFW_X86_FAULT_FREEZE=TEXT (self-test: pause the outer guest, as
-#   a freeze would, once the running test's id contains TEXT; first boot only).
+#   tests inside, e.g. KVMFW_LINUX_VMMS=qemu, KVMFW_TEST_TIMEOUT=600), KVMFW_X86_RETRIES (2:
+#   more boots when a boot freezes or dies before reporting; README "Known freezes"),
+#   KVMFW_X86_REBUILD=1 (rebuild the root file system), KVMFW_X86_APPEND (words added to the
+#   outer kernel's command line, e.g. idle=poll), KVMFW_X86_FAULT_FREEZE=TEXT (self-test:
+#   pause the outer guest, as a freeze would, once the running test's id contains TEXT;
+#   first boot only). A freeze's CPU and interrupt state: logs/console.log.hang.
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -53,7 +55,7 @@ TIMEOUT=${KVMFW_X86_TIMEOUT:-2400}
 SILENCE=${KVMFW_X86_SILENCE:-180}
 CPU=${KVMFW_X86_CPU:-EPYC}
 MEM=${KVMFW_X86_MEM:-2048}
-RETRIES=${KVMFW_X86_RETRIES:-1}
+RETRIES=${KVMFW_X86_RETRIES:-2}
 SUITE=bookworm
 export DEBIAN_FRONTEND=noninteractive
 

@@ -42,8 +42,17 @@ def _seeds() -> list[int]:
 
 COUNT = int(os.environ.get("KVMFW_FUZZ_COUNT", "5000"))
 
+NESTED_X86 = os.environ.get("KVMFW_NESTED_ENV") == "x86-linux-kvm" \
+    and not os.environ.get("KVMFW_TEST_FUZZ_NESTED")
+"""In the nested x86 environment these runs freeze its outer machine (QEMU 7.2's TCG
+emulating SVM), not kvmfw: see envs/x86-linux-kvm/README.md, "Known freezes"."""
+
 pytestmark = [
     pytest.mark.kvm,
+    pytest.mark.skipif(NESTED_X86, reason="freezes the nested environment's emulated outer "
+                       "machine (QEMU 7.2 TCG: a timer interrupt left pending in its local "
+                       "APIC, never taken); runs on every other KVM "
+                       "(KVMFW_TEST_FUZZ_NESTED=1: here too)"),
     pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK),
                        reason="needs a working /dev/kvm"),
     pytest.mark.skipif(shutil.which("as") is None or shutil.which("ld") is None,
