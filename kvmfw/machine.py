@@ -38,7 +38,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import Cap
@@ -74,6 +73,8 @@ from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from kvmfw.dirty import DirtyTracker
     from kvmfw.gdb import GdbServer
     from kvmfw.snapshot import Snapshot
@@ -472,7 +473,7 @@ class Machine:
         if cmdline is not None:
             options["cmdline"] = cmdline
         path = os.fspath(kernel)
-        if not Path(path).is_file():
+        if not os.path.isfile(path):
             raise ImageError(f"{path}: no such file (give the path of a guest image)")
         self.load_guest(path, **options)
 

@@ -14,13 +14,14 @@ import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmfw.abi import address_of, ffi
 from kvmfw.errors import GuestMemoryError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from kvmfw.dirty import DirtyLog
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -75,6 +76,8 @@ class MemoryRegion:
                   name: str | None = None) -> MemoryRegion:
         """RAM backed by a file: ``private`` maps it copy-on-write (the file never changes),
         otherwise guest writes reach the file."""
+        from pathlib import Path  # (not at import: pathlib is not on a run's path)
+
         p = Path(path)
         try:
             fd = os.open(p, os.O_RDONLY if (readonly or private) else os.O_RDWR)

@@ -19,7 +19,6 @@ import sys
 import termios
 import threading
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from kvmfw import debug
@@ -429,10 +428,10 @@ def _run(cfg: dict[str, Any]) -> int:
     if cfg.get("no_reboot"):
         options["reboot"] = False
     if cfg.get("initrd") and not re.search(r"[ ,]", cfg["initrd"]) \
-            and not Path(cfg["initrd"]).is_file():
+            and not os.path.isfile(cfg["initrd"]):
         raise ImageError(f"initrd {cfg['initrd']} does not exist or is not a file")
     kernel = cfg.get("kernel")
-    if kernel is not None and not Path(kernel).is_file():
+    if kernel is not None and not os.path.isfile(kernel):
         raise ImageError(f"kernel {kernel} does not exist or is not a file")
     stats_path: str = cfg.get("stats") or ""
     stats_made = False
@@ -672,7 +671,8 @@ def _write_stats(machine: Any, path: str) -> None:
     else:
         text = "".join(machine.stats.format(s) for s in machine.stats_dumps)
     try:
-        Path(path).write_text(text)
+        with open(path, "w") as f:
+            f.write(text)
     except OSError as exc:
         raise ConfigError(f"cannot write --stats {path}: {exc.strerror}") from None
 

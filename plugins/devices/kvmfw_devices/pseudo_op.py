@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 from kvmfw.errors import CheckpointError, ConfigError
@@ -43,6 +42,9 @@ from kvmfw.eventq import TICKS_PER_NS
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import ones, to_bytes, to_int
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 WINDOW_SIZE = 0x10000
 NUM_ARGS = 6
@@ -276,6 +278,8 @@ class PseudoOp(Device):
         root = self.params["dir"] or self.ctx.options.get("pseudo_op_dir")
         if root is None:
             return
+        from pathlib import Path  # (not at import: pathlib is not on a run's path)
+
         d = Path(root) / f"fork.{child}"
         d.mkdir(exist_ok=True)
         self._fork_dir = d
@@ -283,6 +287,8 @@ class PseudoOp(Device):
     _fork_dir: Path | None = None
 
     def _host_path(self, name_addr: int, *, write: bool = False) -> Path | None:
+        from pathlib import Path  # (not at import: pathlib is not on a run's path)
+
         root = self.params["dir"] or self.ctx.options.get("pseudo_op_dir")
         name = self._guest_string(name_addr)
         if root is None or not name:

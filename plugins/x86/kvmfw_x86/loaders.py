@@ -25,7 +25,6 @@ import stat
 import struct
 import sys
 import weakref
-from pathlib import Path
 from typing import Any
 
 from kvmfw.errors import ConfigError, ImageError
@@ -262,9 +261,9 @@ def read_image(image: str | os.PathLike[str], what: str = "kernel",
                limit: int | None = None) -> bytes:
     """The file's bytes; with ``limit`` (the guest RAM it must fit in), a larger file is
     refused from its size, before it is read."""
-    p = Path(image)
+    p = os.fspath(image)
     try:
-        with p.open("rb") as f:
+        with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if limit is not None and size > limit:
                 raise ImageError(f"{what} image {p} ({size:#x} bytes) is larger than the "
@@ -289,7 +288,7 @@ def map_image(image: str | os.PathLike[str], what: str = "kernel") -> Any:
     """The file mapped read-only (bytes-like: ``len``, slicing, ``struct``; and a stream
     for the ELF parser): a kernel with gigabytes of debug information is never copied
     whole; only the pieces the loader validated are. Empty files give ``b""``."""
-    p = Path(image)
+    p = os.fspath(image)
     try:
         return map_file(p)
     except FileNotFoundError:

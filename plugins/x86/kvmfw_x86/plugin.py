@@ -25,8 +25,8 @@ bzImage's kernel proper is decompressed on the host, cached, and entered directl
 from __future__ import annotations
 
 import logging
+import os
 import weakref
-from pathlib import Path
 from typing import Any
 
 from kvmfw.abi import Cap
@@ -53,7 +53,7 @@ from kvmfw_x86.pio import PCI_ADDR_PORT, PortIo
 
 log = logging.getLogger("kvmfw.x86")
 
-GUESTS = Path(__file__).parent / "guests"
+GUESTS = os.path.join(os.path.dirname(__file__), "guests")
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 PCI_HOLE = 0xC0000000
@@ -408,7 +408,7 @@ class X86Plugin:
 
     @hookimpl
     def default_guest(self, machine: Any) -> str:
-        return str(GUESTS / "default.elf")
+        return os.path.join(GUESTS, "default.elf")
 
     # no default_devices hook: the PC board is the ``kvmfw.boards`` entry point ``x86``
     # (kvmfw-devices publishes it; any package may), so this plugin imports no other

@@ -137,7 +137,7 @@ def test_a_32_bit_guest_gets_the_i386_description() -> None:
 
         out = run_gdb(k.port, "show architecture", "p/x $eip", "stepi 3", "p/x $eip",
                       "info registers", "x/2wx $eip", "continue",
-                      elf=kvmfw_x86.plugin.GUESTS / "default.elf")
+                      elf=Path(kvmfw_x86.plugin.GUESTS) / "default.elf")
         rc, err = k.finish()
     finally:
         k.kill()

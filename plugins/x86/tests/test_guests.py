@@ -126,7 +126,7 @@ def test_default_guest_prints_and_exits(machine_factory) -> None:
     uart = FakeUart()
     m.map_device(Range("pio", 0x3F8, 8, "uart"), uart)
     path = m.hooks.call("default_guest", machine=m)
-    assert Path(path).is_relative_to(EMBEDDED)
+    assert Path(path).is_relative_to(Path(EMBEDDED))
     assert m.hooks.call("load_guest", machine=m, image=path, options={"cmdline": "quiet"})
     r = m.run(timeout=20)
     assert r.status == 0
