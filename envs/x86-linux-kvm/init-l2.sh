@@ -1,8 +1,10 @@
 #!/bin/busybox sh
 # /init of the inner test guests (busybox-static initramfs, one per kernel, built by run.sh).
 # Prints KVMFW-INIT-OK, runs the test named on the kernel command line, then leaves.
-#   kvmfw.test=none (default) | cpus | blk | shell
+#   kvmfw.test=none (default) | cpus | blk | shell | dmesg
 #     cpus   prints KVMFW-CPUS=<n> KVMFW-ONLINE=<list>
+#     dmesg  prints the kernel log (with its timestamps) between KVMFW-DMESG-BEGIN and -END:
+#            where a boot spends its time, compared between VMMs
 #     blk    loads virtio-blk + ext4, mounts /dev/vda read-only, prints
 #            KVMFW-BLK-BEGIN, /mnt/hello.txt, KVMFW-BLK-END
 #     shell  an interactive busybox shell on the console (prompt "kvmfw# ")
@@ -37,6 +39,9 @@ case "$TEST" in
     else
       echo "KVMFW-BLK-FAIL $(ls /dev/vd* 2>&1) $(cat /proc/partitions | tail -n +3 | tr '\n' ' ')"
     fi
+    ;;
+  dmesg)
+    echo KVMFW-DMESG-BEGIN; dmesg; echo KVMFW-DMESG-END
     ;;
   shell)
     echo KVMFW-SHELL
