@@ -2,10 +2,10 @@
 
 A loader parses an image (an ELF's headers, a bzImage's setup header) through a read-only
 mapping, then copies the pieces it validated into guest RAM. Copying through the mapping
-faults every source page in one by one: for a Linux kernel's ~50 MiB that was a third of
-kvmfw's start-up where the host is emulated. A :class:`FileMapping` keeps its file open, so
-the pieces go in with :meth:`kvmfw.memory.GuestMemory.load` (``preadv`` from the kernel's
-page cache) instead.
+faults every source page in one by one (Debian's decompressed kernel: 46 MiB, 16 ms here
+against 6.5 ms with ``preadv``; page faults cost far more where the host is emulated). A
+:class:`FileMapping` keeps its file open, so the pieces go in with
+:meth:`kvmfw.memory.GuestMemory.load` (``preadv`` from the kernel's page cache) instead.
 """
 
 from __future__ import annotations
