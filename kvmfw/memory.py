@@ -244,9 +244,9 @@ class GuestMemory:
         """Read ``length`` bytes of the file ``fd`` from ``offset`` straight into guest RAM
         at ``gpa`` (the pages are marked dirty). The kernel copies from its page cache: no
         host buffer is made and the source is never faulted in page by page through a
-        mapping (:mod:`kvmfw.imagefile`). Raises :class:`GuestMemoryError` if the range is not in guest RAM and
-        :class:`EOFError` if the file ends first (nothing past its end is left unwritten
-        silently)."""
+        mapping (:mod:`kvmfw.imagefile`). Raises :class:`GuestMemoryError` if the range is
+        not in guest RAM and :class:`EOFError` if the file ends first (nothing past its
+        end is left unwritten silently)."""
         if length <= 0:
             return
         hit = self.find(gpa, length)

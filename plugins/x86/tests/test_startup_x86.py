@@ -27,7 +27,8 @@ PROBE = textwrap.dedent("""
         kvmfw.cli.main(sys.argv[1:])
     except SystemExit as e:
         status = e.code
-    sys.stderr.write("KVMFW-PROBE " + json.dumps([status, sorted(set(sys.modules) - before)]) + "\\n")
+    new = sorted(set(sys.modules) - before)
+    sys.stderr.write("KVMFW-PROBE " + json.dumps([status, new]) + "\\n")
 """)
 
 NOT_FOR_A_RUN = ("importlib.metadata", "stevedore", "email", "kvmfw_x86.cli",
