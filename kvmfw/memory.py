@@ -256,14 +256,16 @@ class GuestMemory:
         r, off = hit
         view = r.view[off:off + length]
         done = 0
-        while done < length:  # (a regular file reads short only at its end)
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise EOFError(f"the file ends at {offset + done:#x}, {length - done:#x} "
-                               "bytes short")
-            done += n
-        if self.dirty is not None:
-            self.dirty.mark(r, off, length)
+        try:
+            while done < length:  # (a regular file reads short only at its end)
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise EOFError(f"the file ends at {offset + done:#x}, "
+                                   f"{length - done:#x} bytes short")
+                done += n
+        finally:  # what was written is dirty, even when the read failed part way
+            if self.dirty is not None and done:
+                self.dirty.mark(r, off, done)
 
     def read_u(self, gpa: int, size: int) -> int:
         return int.from_bytes(self.view(gpa, size), "little")
