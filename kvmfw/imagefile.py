@@ -33,12 +33,16 @@ class FileMapping(mmap.mmap):
 
 def map_file(path: str | os.PathLike[str]) -> FileMapping | bytes:
     """``path`` mapped read-only as a :class:`FileMapping`, or ``b""`` for an empty file
-    (which cannot be mapped). Raises OSError (or ValueError) as ``open`` and ``mmap`` do."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    (which cannot be mapped). Raises OSError (or ValueError) as ``open`` and ``mmap`` do;
+    anything but a regular file (a FIFO, a device) with :class:`OSError` ``EINVAL``, at
+    once: the open does not wait for a FIFO's writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         if st.st_size == 0:
             os.close(fd)
             return b""

@@ -56,8 +56,12 @@ def test_empty_missing_and_directory_files(tmp_path: Path) -> None:
         map_file(tmp_path / "missing")
     with pytest.raises(IsADirectoryError):
         map_file(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):  # at once: no writer awaited
+        map_file(fifo)
     before = len(os.listdir("/proc/self/fd"))
-    for name in ("empty", "missing", "."):
+    for name in ("empty", "missing", ".", "fifo"):
         try:
             map_file(tmp_path / name)
         except OSError:
