@@ -16,6 +16,10 @@ import mmap
 import os
 import stat
 import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvmfw.memory import GuestMemory
 
 
 class FileMapping(mmap.mmap):
@@ -53,3 +57,13 @@ def map_file(path: str | os.PathLike[str]) -> FileMapping | bytes:
     m.fd = fd
     m._closer = weakref.finalize(m, os.close, fd)
     return m
+
+
+def copy_into(memory: GuestMemory, gpa: int, image: Any, offset: int, size: int) -> None:
+    """Put ``size`` bytes of ``image`` from ``offset`` into guest RAM at ``gpa``: read from
+    its file when it is a :class:`FileMapping`, else copied from its buffer. The caller has
+    checked both ranges; raises as :meth:`~kvmfw.memory.GuestMemory.load` does."""
+    if isinstance(image, FileMapping):
+        memory.load(gpa, image.fd, offset, size)
+    else:
+        memory.write(gpa, memoryview(image)[offset:offset + size])

@@ -40,7 +40,7 @@ from kvmfw.device import CallbackIrqLine, IrqLine
 from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
 from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
-from kvmfw.imagefile import FileMapping
+from kvmfw.imagefile import copy_into
 from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs, vgic
 from kvmfw_armv8.context import ArmV8Context, Group
 
@@ -768,11 +768,8 @@ def _write(machine: Machine, addr: int, data: Any, what: str) -> None:
     if addr < base or addr + len(data) > base + size:
         raise ImageError(f"{what} ({len(data)} bytes at {addr:#x}) does not fit guest RAM "
                          f"{base:#x}-{base + size:#x}: give the machine more memory")
-    if not isinstance(data, FileMapping):
-        machine.memory.write(addr, data)
-        return
     try:
-        machine.memory.load(addr, data.fd, 0, len(data))
+        copy_into(machine.memory, addr, data, 0, len(data))
     except (OSError, EOFError) as exc:
         raise ImageError(f"cannot read {what} from its cached file: {exc}") from None
 

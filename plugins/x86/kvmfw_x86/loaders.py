@@ -29,7 +29,7 @@ from typing import Any
 
 from kvmfw.errors import ConfigError, ImageError
 from kvmfw.hookspecs import SyncLevel
-from kvmfw.imagefile import FileMapping, map_file
+from kvmfw.imagefile import copy_into, map_file
 
 from kvmfw_x86.abi import ffi
 from kvmfw_x86.context import MSR_MTRR_DEF_TYPE, MTRR_DEF_ENABLE, MTRR_TYPE_WB, Segment, X86Context
@@ -121,11 +121,8 @@ def write_image(machine: Any, gpa: int, image: Any, offset: int, size: int,
     if offset < 0 or offset + size > len(image):
         raise ImageError(f"{what}: {size:#x} bytes at offset {offset:#x} are past the end of "
                          f"its image ({len(image):#x} bytes)")
-    if not isinstance(image, FileMapping):
-        machine.memory.write(gpa, memoryview(image)[offset:offset + size])
-        return
     try:
-        machine.memory.load(gpa, image.fd, offset, size)
+        copy_into(machine.memory, gpa, image, offset, size)
     except (OSError, EOFError) as exc:
         raise ImageError(f"cannot read {what} from its image: {exc} (was the file changed "
                          "while kvmfw loaded it?)") from None
