@@ -13,11 +13,11 @@ that ends the run for the guest's doing (a guest crash report) keeps that class 
 from __future__ import annotations
 
 import bisect
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from kvmfw.debug import get_logger
 from kvmfw.errors import (
     BusError,
     BusOverlapError,
@@ -29,7 +29,7 @@ from kvmfw.errors import (
 if TYPE_CHECKING:
     from kvmfw.fastpath import FastRange, FastTable
 
-log = logging.getLogger("kvmfw.bus")
+log = get_logger("kvmfw.bus")
 
 
 class PendingAccess:

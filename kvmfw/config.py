@@ -17,16 +17,16 @@ naming the value, the cause and what to do:
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
 from typing import Any
 
+from kvmfw.debug import get_logger
 from kvmfw.device import split_options
 from kvmfw.errors import ConfigError, ImageError
 
-log = logging.getLogger("kvmfw.config")
+log = get_logger("kvmfw.config")
 
 PAGE = 4096
 MiB = 1 << 20

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import logging
 import mmap
 import struct
 import threading
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import ExitReason, InternalError, SystemEvent, address_of, constants, lib
 from kvmfw.bus import PendingAccess
+from kvmfw.debug import DEBUG, get_logger
 from kvmfw.errors import (
     EmulationFailureError,
     EntryFailureError,
@@ -64,10 +64,10 @@ if TYPE_CHECKING:
     from kvmfw.plugins import BoundHooks
     from kvmfw.vcpu import VCpu
 
-log = logging.getLogger("kvmfw.cpu")
-log_run = logging.getLogger("kvmfw.run")
-log_io = logging.getLogger("kvmfw.io")
-log_ctx = logging.getLogger("kvmfw.context")
+log = get_logger("kvmfw.cpu")
+log_run = get_logger("kvmfw.run")
+log_io = get_logger("kvmfw.io")
+log_ctx = get_logger("kvmfw.context")
 
 _EINTR = -errno.EINTR
 _SYNC_NONE = SyncLevel.NONE
@@ -370,7 +370,7 @@ class KvmCPU:
                     self.stats.syncs_from_kvm += 1
             else:
                 self.stats.syncs_from_kvm += 1
-            if log_ctx.isEnabledFor(logging.DEBUG):
+            if log_ctx.isEnabledFor(DEBUG):
                 log_ctx.debug("cpu%d: pulled context at level %s (%s ioctls)", self.id,
                               level.name, n)
         self._pulled_level = level
@@ -392,7 +392,7 @@ class KvmCPU:
                     self.stats.syncs_to_kvm += 1
             else:
                 self.stats.syncs_to_kvm += 1
-            if log_ctx.isEnabledFor(logging.DEBUG):
+            if log_ctx.isEnabledFor(DEBUG):
                 log_ctx.debug("cpu%d: pushed context at level %s (%s ioctls)", self.id,
                               level.name, n)
         self._tc_dirty = False
@@ -477,7 +477,7 @@ class KvmCPU:
 
     def tick(self) -> None:
         """Run and service until an event is due, the CPU idles, or the machine stops."""
-        self._trace = log_run.isEnabledFor(logging.DEBUG) or log_io.isEnabledFor(logging.DEBUG)
+        self._trace = log_run.isEnabledFor(DEBUG) or log_io.isEnabledFor(DEBUG)
         self._update_extras()
         # the exit table for this call: the plain one, or one that traces each IO/MMIO exit
         # (so the plain handlers test no flag)

@@ -37,17 +37,17 @@ default keeps everything; a device holding host resources applies its policy the
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 from kvmfw.bus import PendingAccess
+from kvmfw.debug import get_logger
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import EventQueue
 from kvmfw.memory import GuestMemory
 
-log = logging.getLogger("kvmfw.device")
+log = get_logger("kvmfw.device")
 
 
 class IrqLine(Protocol):
@@ -203,7 +203,7 @@ class Device:
         self.ctx = ctx
         self.params = self.validate_params(params)
         self.stats: dict[str, int] = {"reads": 0, "writes": 0, "bad_accesses": 0}
-        self.log = logging.getLogger(f"kvmfw.device.{self.name}")
+        self.log = get_logger(f"kvmfw.device.{self.name}")
 
     @classmethod
     def validate_params(cls, params: dict[str, Any]) -> dict[str, Any]:

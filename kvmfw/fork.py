@@ -46,7 +46,6 @@ collects exit statuses and results.
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import sys
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import address_of, constants
 from kvmfw.bus import Bus
+from kvmfw.debug import get_logger
 from kvmfw.errors import KvmfwError
 from kvmfw.memory import GuestMemory
 
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from kvmfw.checkpoint.state import MachineState
     from kvmfw.machine import Machine
 
-log = logging.getLogger("kvmfw.fork")
+log = get_logger("kvmfw.fork")
 
 __all__ = ["fork", "run_variants", "VariantResult", "CHILD_FAILED", "RESULT_MAX"]
 

@@ -30,7 +30,6 @@ it is armed once per event (``timer_settime`` in the vCPU stats).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import sys
@@ -45,6 +44,7 @@ from kvmfw.api import Console, RunEnd
 from kvmfw.bus import Bus
 from kvmfw.config import check_host_factor, check_machine_config, parse_size
 from kvmfw.cpu import KvmCPU
+from kvmfw.debug import get_logger
 from kvmfw.device import (
     CallbackIrqLine,
     Device,
@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from kvmfw.gdb import GdbServer
     from kvmfw.snapshot import Snapshot
 
-log = logging.getLogger("kvmfw.cpu")
+log = get_logger("kvmfw.cpu")
 
 MiB = 1 << 20
 STOP_GRACE = 5.0

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import logging
 import os
 import sys
 import types
@@ -34,6 +33,7 @@ from typing import Any, NamedTuple
 import pluggy
 
 from kvmfw import hookspecs
+from kvmfw.debug import get_logger
 from kvmfw.errors import (
     ArchNotFoundError,
     ConfigError,
@@ -44,7 +44,7 @@ from kvmfw.errors import (
     PluginLoadError,
 )
 
-log = logging.getLogger("kvmfw.plugins")
+log = get_logger("kvmfw.plugins")
 
 ARCH_GROUP = "kvmfw.arch"
 DEVICE_GROUP = "kvmfw.devices"

@@ -1,8 +1,9 @@
 #!/bin/busybox sh
 # /init of the inner test guests (busybox-static initramfs, one per kernel, built by run.sh).
 # Prints KVMFW-INIT-OK, runs the test named on the kernel command line, then leaves.
-#   kvmfw.test=none (default) | cpus | blk | shell | dmesg
+#   kvmfw.test=none (default) | cpus | topology | blk | shell | dmesg
 #     cpus   prints KVMFW-CPUS=<n> KVMFW-ONLINE=<list>
+#     topology  prints the CPU topology Linux derived (cpuinfo's ids, sysfs sibling lists)
 #     dmesg  prints the kernel log (with its timestamps) between KVMFW-DMESG-BEGIN and -END:
 #            where a boot spends its time, compared between VMMs
 #     blk    loads virtio-blk + ext4, mounts /dev/vda read-only, prints
@@ -40,8 +41,24 @@ case "$TEST" in
       echo "KVMFW-BLK-FAIL $(ls /dev/vd* 2>&1) $(cat /proc/partitions | tail -n +3 | tr '\n' ' ')"
     fi
     ;;
+  topology)
+    grep -E '^(processor|physical id|siblings|core id|cpu cores|apicid)' /proc/cpuinfo
+    for c in /sys/devices/system/cpu/cpu[0-9]*; do
+      echo "KVMFW-TOPO ${c##*/} package=$(cat $c/topology/physical_package_id)" \
+        "core=$(cat $c/topology/core_id) threads=$(cat $c/topology/thread_siblings_list)" \
+        "cores=$(cat $c/topology/core_siblings_list)"
+    done
+    echo "KVMFW-CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)" \
+      "available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource)"
+    grep -E '^cpu' /proc/stat; cat /proc/interrupts
+    cat /proc/tty/driver/serial
+    ;;
   dmesg)
-    echo KVMFW-DMESG-BEGIN; dmesg; echo KVMFW-DMESG-END
+    # (line by line through the shell: busybox's dmesg and cat write nothing to this console)
+    echo KVMFW-DMESG-BEGIN
+    dmesg > /dmesg.txt
+    while IFS= read -r line; do echo "$line"; done < /dmesg.txt
+    echo KVMFW-DMESG-END
     ;;
   shell)
     echo KVMFW-SHELL

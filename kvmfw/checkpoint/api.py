@@ -3,7 +3,6 @@ and take one the guest or the host requested during a run."""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 from kvmfw.checkpoint import writer
 from kvmfw.checkpoint.reader import load_manifest
 from kvmfw.checkpoint.state import capture
+from kvmfw.debug import get_logger
 from kvmfw.errors import CheckpointError
 
 if TYPE_CHECKING:
     from kvmfw.machine import Machine
 
-log = logging.getLogger("kvmfw.checkpoint")
+log = get_logger("kvmfw.checkpoint")
 
 
 def checkpoint(machine: Machine, path: str | os.PathLike[str], *,

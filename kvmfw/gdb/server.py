@@ -9,11 +9,11 @@ detach; the server then waits for the next one.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+from kvmfw.debug import get_logger
 from kvmfw.errors import ConfigError
 from kvmfw.gdb.protocol import PacketReader, frame
 from kvmfw.gdb.stub import SIGTRAP, GdbStub
@@ -22,7 +22,7 @@ from kvmfw.gdb.target import Stop
 if TYPE_CHECKING:
     from kvmfw.machine import Machine
 
-log = logging.getLogger("kvmfw.gdb")
+log = get_logger("kvmfw.gdb")
 
 
 def parse_endpoint(spec: str) -> tuple[str, int]:

@@ -22,12 +22,12 @@ with ``KVM_RUN``. Resuming clears the flags and releases the lock.
 from __future__ import annotations
 
 import binascii
-import logging
 import queue
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kvmfw.debug import get_logger
 from kvmfw.errors import GuestMemoryError, KvmfwError
 from kvmfw.eventq import PRIO_EXIT, Event
 from kvmfw.gdb.protocol import MAX_PACKET, Received, unescape
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from kvmfw.cpu import KvmCPU
     from kvmfw.machine import Machine
 
-log = logging.getLogger("kvmfw.gdb")
+log = get_logger("kvmfw.gdb")
 
 SIGINT, SIGTRAP = 2, 5
 PAGE = 4096

@@ -127,6 +127,8 @@ class Result:
     peak_non_guest_kib: int | None = None
     # (seconds from the start, length of output so far) at every read of the console
     arrivals: list[tuple[float, int]] = field(default_factory=list)
+    # the VMM's host CPU seconds when the marker arrived: (outside the guest, in the guest)
+    cpu_at_marker: tuple[float, float] | None = None
 
     def timed_lines(self) -> list[tuple[float, str]]:
         """Console lines with the host time (s from the start) the VMM had written each by."""
@@ -229,7 +231,7 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
                          stderr=subprocess.STDOUT, bufsize=0)
     assert p.stdout is not None
     fd = p.stdout.fileno()
-    out, t_marker, peak = b"", None, None
+    out, t_marker, peak, cpu = b"", None, None, None
     arrivals: list[tuple[float, int]] = []
     deadline = t0 + boot.timeout + 5
     while time.monotonic() < deadline:
@@ -249,12 +251,28 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
         arrivals.append((time.monotonic() - t0, len(out)))
         if t_marker is None and marker in out:
             t_marker = time.monotonic() - t0
+            cpu = process_cpu(p.pid)
     rc, rss = _wait(p.pid, deadline)
     t_exit = time.monotonic() - t0
     p.returncode = rc if rc is not None else -9  # reaped by _wait
     out += p.stdout.read() if rc is not None else b""
     p.stdout.close()
-    return Result(argv, rc, out, t_marker, t_exit, rss, peak, arrivals)
+    return Result(argv, rc, out, t_marker, t_exit, rss, peak, arrivals, cpu)
+
+
+def process_cpu(pid: int) -> tuple[float, float] | None:
+    """Host CPU seconds of process ``pid`` so far, all its threads: (outside the guest, in
+    the guest). The kernel counts a vCPU thread's time in KVM_RUN's guest mode as both user
+    and guest time; the first figure is the VMM's own work, which on a one-CPU host (the
+    nested environment's outer guest) the guest's vCPUs wait for."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    user, system, guest = int(fields[11]), int(fields[12]), int(fields[40])
+    return (user + system - guest) / tick, guest / tick
 
 
 class Interactive:

@@ -15,7 +15,6 @@ free debug register instead, and the target's notes say so.
 
 from __future__ import annotations
 
-import logging
 import struct
 import weakref
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 from kvmfw.abi import IOCTLS, Cap, ExitReason
 from kvmfw.abi import lib as core_lib
+from kvmfw.debug import get_logger
 from kvmfw.errors import GuestMemoryError, KvmfwError
 from kvmfw.gdb import BreakKind, Breakpoint, Feature, GdbError, GdbTarget, GdbUnsupported, Reg, Stop
 from kvmfw.hookspecs import SyncLevel
@@ -31,7 +31,7 @@ from kvmfw.vcpu import RUN_PAYLOAD
 from kvmfw_x86.abi import X, addr, ffi
 from kvmfw_x86.context import XS_FDP, XS_FIP, XS_FOP, XS_FTW, X86Context
 
-log = logging.getLogger("kvmfw.x86.gdb")
+log = get_logger("kvmfw.x86.gdb")
 
 GUESTDBG_ENABLE = 0x1
 GUESTDBG_SINGLESTEP = 0x2

@@ -17,13 +17,14 @@ write that is not 4 bytes at a register's start is ignored. Both are logged, nev
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from typing import Any
 
+from kvmfw.debug import get_logger
+
 from kvmfw_x86.interrupts import RECORD_LIMIT
 
-log = logging.getLogger("kvmfw.x86.lapic")
+log = get_logger("kvmfw.x86.lapic")
 
 LAPIC_ADDR = 0xFEE00000
 LAPIC_SIZE = 0x1000

@@ -24,12 +24,12 @@ bzImage's kernel proper is decompressed on the host, cached, and entered directl
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 from typing import Any
 
 from kvmfw.abi import Cap
+from kvmfw.debug import get_logger
 from kvmfw.errors import CheckpointError, ConfigError, KvmError, StateError
 from kvmfw.hookspecs import SyncLevel, hookimpl
 from kvmfw.timer import CycleSource
@@ -51,7 +51,7 @@ from kvmfw_x86.interrupts import UserspaceInterrupts
 from kvmfw_x86.lapic import LAPIC_ADDR, LAPIC_SIZE, UserspaceLapics, per_cpu_address
 from kvmfw_x86.pio import PCI_ADDR_PORT, PortIo
 
-log = logging.getLogger("kvmfw.x86")
+log = get_logger("kvmfw.x86")
 
 GUESTS = os.path.join(os.path.dirname(__file__), "guests")
 TSS_ADDR = 0xFFFBD000

@@ -52,12 +52,12 @@ backed up again (see :func:`restore_vcpu`).
 from __future__ import annotations
 
 import copy
-import logging
 import struct
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import IOC_READ, IOC_WRITE, define_ioctl, ioctl
+from kvmfw.debug import get_logger
 from kvmfw.errors import KvmError, StateError
 from kvmfw.hookspecs import SyncLevel
 
@@ -79,7 +79,7 @@ from kvmfw_x86.context import (
 if TYPE_CHECKING:
     from kvmfw_x86.plugin import X86Machine
 
-log = logging.getLogger("kvmfw.x86")
+log = get_logger("kvmfw.x86")
 
 STATE_VERSION = 1
 MSR_TSC_DEADLINE = 0x6E0

@@ -18,12 +18,12 @@ no decompressor is allowed to produce more than it says.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from kvmfw import cache
+from kvmfw.debug import get_logger
 
-log = logging.getLogger("kvmfw.x86.vmlinux")
+log = get_logger("kvmfw.x86.vmlinux")
 
 TAG = "vmlinux-1"
 """Cache tag: what :func:`decompress` produces (change it when that changes)."""

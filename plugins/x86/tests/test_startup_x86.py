@@ -43,7 +43,10 @@ NOT_FOR_A_RUN = ("importlib.metadata", "stevedore", "email", "kvmfw_x86.cli",
                  "click", "uuid", "datetime", "platform",
                  # paths are strings on a run's path: pathlib (and the urllib.parse, ipaddress
                  # and fnmatch it imports) cost a run 3-5 ms of start-up
-                 "pathlib", "urllib", "ipaddress")
+                 "pathlib", "urllib", "ipaddress",
+                 # loggers are kvmfw.debug.get_logger's, which import logging (and the
+                 # traceback, textwrap and string it brings: ~5 ms) only when it is used
+                 "logging", "traceback", "textwrap", "string")
 
 
 def run_probe(cache: Path, *args: str) -> tuple[int, set[str]]:
