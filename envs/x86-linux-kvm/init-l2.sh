@@ -3,7 +3,8 @@
 # Prints KVMFW-INIT-OK, runs the test named on the kernel command line, then leaves.
 #   kvmfw.test=none (default) | cpus | topology | blk | shell | dmesg
 #     cpus   prints KVMFW-CPUS=<n> KVMFW-ONLINE=<list>
-#     topology  prints the CPU topology Linux derived (cpuinfo's ids, sysfs sibling lists)
+#     topology  prints the CPU topology Linux derived (cpuinfo's ids, sysfs sibling lists),
+#            the clocksource, /proc/stat's CPU times, /proc/interrupts and the 16550's counts
 #     dmesg  prints the kernel log (with its timestamps) between KVMFW-DMESG-BEGIN and -END:
 #            where a boot spends its time, compared between VMMs
 #     blk    loads virtio-blk + ext4, mounts /dev/vda read-only, prints
@@ -50,14 +51,13 @@ case "$TEST" in
     done
     echo "KVMFW-CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)" \
       "available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource)"
-    grep -E '^cpu' /proc/stat; cat /proc/interrupts
-    cat /proc/tty/driver/serial
+    grep -E '^cpu' /proc/stat; cat /proc/interrupts; cat /proc/tty/driver/serial
     ;;
   dmesg)
-    # (line by line through the shell: busybox's dmesg and cat write nothing to this console)
+    # (through a pipe and the shell's echo: busybox's dmesg writing to the console itself,
+    # and cat of a saved copy, printed nothing there)
     echo KVMFW-DMESG-BEGIN
-    dmesg > /dmesg.txt
-    while IFS= read -r line; do echo "$line"; done < /dmesg.txt
+    dmesg | while IFS= read -r line; do echo "$line"; done
     echo KVMFW-DMESG-END
     ;;
   shell)
