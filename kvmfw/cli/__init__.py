@@ -5,7 +5,9 @@ Every error reaches the user as one line (``kvmfw: error: ...``) with a distinct
 status per cause, plus a register dump for guest errors; never a traceback (set
 ``KVMFW_TRACEBACK=1`` to see one when reporting a bug).
 
-Layout: this module is the entry point and the error reporting; :mod:`kvmfw.cli.run` holds
+Layout: this module is the CLI's entry point and the error reporting (the console script
+enters through :mod:`kvmfw.entry`, which pauses the garbage collector while the CLI
+starts); :mod:`kvmfw.cli.run` holds
 ``kvmfw run`` (its options, their parser and the run) without click, so that a plain
 ``kvmfw run ...`` never imports click; :mod:`kvmfw.cli.commands` is the click application
 (every other command, ``--help``, and the command lines :func:`kvmfw.cli.run.parse`
@@ -23,6 +25,7 @@ from typing import Any
 from kvmfw.cli import run
 from kvmfw.cli.run import echo_err
 from kvmfw.config import parse_size as parse_size  # re-exported: the CLI's size syntax
+from kvmfw.entry import resume as resume_gc
 from kvmfw.errors import GuestError, KvmfwError
 
 EXIT_INTERNAL = 70
@@ -104,6 +107,7 @@ def _main(argv: list[str] | None) -> None:
         if opts is not None:
             run.command(opts)
         else:
+            resume_gc()  # (only `kvmfw run` keeps the start-up pause longer: kvmfw.entry)
             from kvmfw.cli.commands import invoke
 
             invoke(args)

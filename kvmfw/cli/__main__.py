@@ -1,5 +1,5 @@
 """``python -m kvmfw.cli``: the ``kvmfw`` command."""
 
-from kvmfw.cli import main
+from kvmfw.entry import main
 
 main()

@@ -31,6 +31,7 @@ from kvmfw.config import (
     parse_options,
 )
 from kvmfw.device import parse_device_spec
+from kvmfw.entry import resume as resume_gc
 from kvmfw.errors import ConfigError, ImageError, KvmfwError, RunTimeoutError, StoppedBySignal
 from kvmfw.eventq import Event
 
@@ -480,6 +481,7 @@ def _run(cfg: dict[str, Any]) -> int:
 
                 profile = ExitProfile(machine)
                 profile.install()
+            resume_gc()  # (the start-up is over: kvmfw.entry)
             t0 = time.monotonic()
             try:
                 result = _run_machine(machine, cfg)

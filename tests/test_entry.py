@@ -1,0 +1,91 @@
+"""The ``kvmfw`` console script (kvmfw.entry): the garbage collector is paused while the CLI
+starts and is back on, with start-up's objects frozen, before a guest runs or another
+command does its work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from kvmtest import needs_kvm
+
+PROBE = textwrap.dedent("""
+    import gc, json, sys
+    {before}
+    import kvmfw.entry
+    seen = {{}}
+
+    def at_import():  # (kvmfw.cli is imported by kvmfw.entry.main, under the pause)
+        import kvmfw.cli.commands as commands
+        import kvmfw.cli.run as run
+        seen["import"] = gc.isenabled()
+        make, go, invoke = run._make_machine, run._run_machine, commands.invoke
+
+        def make_probe(*a, **k):
+            seen["build"] = gc.isenabled()
+            return make(*a, **k)
+
+        def run_probe(machine, cfg):
+            seen["run"] = [gc.isenabled(), gc.get_freeze_count() > 0]
+            return go(machine, cfg)
+
+        def invoke_probe(args):
+            seen["command"] = gc.isenabled()
+            return invoke(args)
+
+        run._make_machine, run._run_machine = make_probe, run_probe
+        commands.invoke = invoke_probe
+
+    import builtins
+    real_import = builtins.__import__
+
+    def hook(name, *a, **k):
+        module = real_import(name, *a, **k)
+        if name == "kvmfw.cli" and "import" not in seen:
+            seen["import"] = None
+            at_import()
+        return module
+
+    builtins.__import__ = hook
+    sys.argv = ["kvmfw", *{args!r}]
+    try:
+        kvmfw.entry.main()
+    except SystemExit as exc:
+        seen["status"] = exc.code
+    builtins.__import__ = real_import
+    seen["after"] = gc.isenabled()
+    print("PROBE " + json.dumps(seen))
+""")
+
+
+def probe(args: list[str], before: str = "") -> dict[str, object]:
+    r = subprocess.run([sys.executable, "-c", PROBE.format(args=args, before=before)],
+                       capture_output=True, text=True, timeout=120, cwd="/")
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert line, r.stdout + r.stderr
+    return json.loads(line[-1][6:])
+
+
+@needs_kvm
+def test_a_run_starts_without_the_collector_and_runs_with_it() -> None:
+    seen = probe(["run", "--max-ticks", "1", "--console", "none", "--no-summary"])
+    assert seen["status"] == 0
+    assert seen["import"] is False and seen["build"] is False
+    assert seen["run"] == [True, True]  # on again, start-up's objects frozen
+    assert seen["after"] is True
+
+
+def test_other_commands_do_their_work_with_the_collector_on() -> None:
+    seen = probe(["list-plugins"])
+    assert seen.get("status") in (0, None)
+    assert seen["import"] is False and seen["command"] is True and seen["after"] is True
+
+
+@needs_kvm
+def test_a_collector_the_user_turned_off_stays_off() -> None:
+    seen = probe(["run", "--max-ticks", "1", "--console", "none", "--no-summary"],
+                 before="gc.disable()")
+    assert seen["status"] == 0
+    assert seen["run"] == [False, False] and seen["after"] is False
