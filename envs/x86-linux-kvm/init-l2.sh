@@ -3,7 +3,8 @@
 # Prints KVMFW-INIT-OK, runs the test named on the kernel command line, then leaves.
 #   kvmfw.test=none (default) | cpus | topology | blk | shell | dmesg
 #     cpus   prints KVMFW-CPUS=<n> KVMFW-ONLINE=<list>
-#     topology  prints the CPU topology Linux derived (cpuinfo's ids, sysfs sibling lists),
+#     topology  prints the CPU topology Linux derived (cpuinfo's ids, sysfs sibling lists,
+#            which vCPUs share each cache),
 #            the clocksource, /proc/stat's CPU times, /proc/interrupts and the 16550's counts
 #     dmesg  prints the kernel log (with its timestamps) between KVMFW-DMESG-BEGIN and -END:
 #            where a boot spends its time, compared between VMMs
@@ -47,7 +48,9 @@ case "$TEST" in
     for c in /sys/devices/system/cpu/cpu[0-9]*; do
       echo "KVMFW-TOPO ${c##*/} package=$(cat $c/topology/physical_package_id)" \
         "core=$(cat $c/topology/core_id) threads=$(cat $c/topology/thread_siblings_list)" \
-        "cores=$(cat $c/topology/core_siblings_list)"
+        "cores=$(cat $c/topology/core_siblings_list)" \
+        "caches=$(for i in $c/cache/index*; do printf 'L%s:%s ' "$(cat $i/level)" \
+          "$(cat $i/shared_cpu_list)"; done)"
     done
     echo "KVMFW-CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)" \
       "available: $(cat /sys/devices/system/clocksource/clocksource0/available_clocksource)"

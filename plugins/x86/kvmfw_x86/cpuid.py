@@ -302,7 +302,8 @@ def expand_mask(names: list[str]) -> list[str]:
 
 
 def for_vcpu(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> list[CpuidEntry]:
-    """Per-vCPU copy: initial APIC id in leaf 1 and the x2APIC id in leaves 0xB/0x1F."""
+    """Per-vCPU copy: the APIC ids (initial in leaf 1, x2APIC in 0xB/0x1F and AMD's
+    0x8000001E) and the machine's topology (:func:`_topology`)."""
     out = [CpuidEntry(**vars(e)) for e in entries]
     for e in out:
         if e.function == 1:
@@ -312,7 +313,45 @@ def for_vcpu(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> list[CpuidE
                 e.edx |= 1 << 28  # HTT: the logical-processor count field is valid
         elif e.function in (0xB, 0x1F):
             e.edx = apic_id
+    _topology(out, apic_id, ncpus)
     return out
+
+
+def _topology(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> None:
+    """One package of ``ncpus`` cores, one thread each, sharing the last-level cache (QEMU's
+    default for ``-smp N``), told the ways Linux reads it.
+
+    ``KVM_GET_SUPPORTED_CPUID`` carries the host's topology leaves or zeroes them (AMD's
+    0x8000001E), so left alone a guest sees every vCPU as core 0 and, where the host's
+    cache leaves say a cache is not shared (a one-CPU host, a nested one), each vCPU with
+    a last-level cache of its own: Linux then builds no multi-core scheduling domain and
+    wakes tasks on a busy vCPU while another idles. Only the topology fields change."""
+    bits = max(ncpus - 1, 0).bit_length()  # APIC-id bits of the core level
+    last = {f: max(((e.eax >> 5) & 7 for e in entries if e.function == f and e.eax & 0x1F),
+                   default=0) for f in (4, 0x8000001D)}
+    for e in entries:
+        f = e.function
+        if f in (4, 0x8000001D) and e.eax & 0x1F:  # a cache (type != 0): who shares it
+            sharing = ncpus - 1 if (e.eax >> 5) & 7 == last[f] else 0  # the last level: all
+            e.eax = (e.eax & ~(0xFFF << 14)) | (min(sharing, 0xFFF) << 14)
+            if f == 4:  # Intel: the package's core count, EAX[31:26]
+                e.eax = (e.eax & 0x03FFFFFF) | (min((1 << bits) - 1, 0x3F) << 26)
+        elif f in (0xB, 0x1F):
+            kind = (e.ecx >> 8) & 0xFF
+            if e.index == 0:  # the SMT level: one thread per core
+                e.eax, e.ebx, e.ecx = 0, 1, 1 << 8
+            elif e.index == 1:  # the core level: the whole package
+                e.eax, e.ebx, e.ecx = bits, ncpus, 2 << 8 | 1
+            elif kind:  # (no die or module level)
+                e.eax, e.ebx, e.ecx = 0, 0, e.index
+        elif f == 0x80000001 and ncpus > 1:
+            e.ecx |= 1 << 1  # CmpLegacy: the logical processors are cores
+        elif f == 0x80000008:  # AMD: NC (cores - 1) and the APIC-id bits of a core
+            e.ecx = (e.ecx & ~0xF0FF) | bits << 12 | (min(ncpus, 256) - 1)
+        elif f == 0x8000001E:  # AMD TOPOEXT: the core id, one thread per core, node 0
+            e.eax = apic_id
+            e.ebx = apic_id & 0xFF
+            e.ecx = 0
 
 
 def vendor_of(entries: list[CpuidEntry]) -> str:
