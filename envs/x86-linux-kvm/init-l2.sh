@@ -44,7 +44,7 @@ case "$TEST" in
     fi
     ;;
   topology)
-    grep -E '^(processor|physical id|siblings|core id|cpu cores|apicid)' /proc/cpuinfo
+    grep -E '^(processor|physical id|siblings|core id|cpu cores|apicid|cache size|cpu family|model\s)' /proc/cpuinfo
     for c in /sys/devices/system/cpu/cpu[0-9]*; do
       echo "KVMFW-TOPO ${c##*/} package=$(cat $c/topology/physical_package_id)" \
         "core=$(cat $c/topology/core_id) threads=$(cat $c/topology/thread_siblings_list)" \
