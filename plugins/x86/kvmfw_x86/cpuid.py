@@ -322,10 +322,10 @@ def _topology(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> None:
     default for ``-smp N``), told the ways Linux reads it.
 
     ``KVM_GET_SUPPORTED_CPUID`` carries the host's topology leaves or zeroes them (AMD's
-    0x8000001E), so left alone a guest sees every vCPU as core 0 and, where the host's
-    cache leaves say a cache is not shared (a one-CPU host, a nested one), each vCPU with
-    a last-level cache of its own: Linux then builds no multi-core scheduling domain and
-    wakes tasks on a busy vCPU while another idles. Only the topology fields change."""
+    0x8000001E), so left alone a guest sees every vCPU as core 0 (Linux did, on a nested
+    AMD host) and, where the host's cache leaves say a cache is not shared (a one-CPU
+    host), each vCPU with a last-level cache of its own, which is what Linux's scheduler
+    groups CPUs by. Only the topology fields change."""
     bits = max(ncpus - 1, 0).bit_length()  # APIC-id bits of the core level
     last = {f: max(((e.eax >> 5) & 7 for e in entries if e.function == f and e.eax & 0x1F),
                    default=0) for f in (4, 0x8000001D)}
