@@ -1,6 +1,6 @@
 """The ``kvmfw`` console script (kvmfw.entry): the garbage collector is paused while the CLI
-starts and is back on, with start-up's objects frozen, before a guest runs or another
-command does its work."""
+starts and is back on before a command other than ``run`` does its work. (A run, which
+needs an arch plugin, is checked in plugins/x86/tests/test_startup_x86.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import json
 import subprocess
 import sys
 import textwrap
-
-from kvmtest import needs_kvm
 
 PROBE = textwrap.dedent("""
     import gc, json, sys
@@ -68,24 +66,13 @@ def probe(args: list[str], before: str = "") -> dict[str, object]:
     return json.loads(line[-1][6:])
 
 
-@needs_kvm
-def test_a_run_starts_without_the_collector_and_runs_with_it() -> None:
-    seen = probe(["run", "--max-ticks", "1", "--console", "none", "--no-summary"])
-    assert seen["status"] == 0
-    assert seen["import"] is False and seen["build"] is False
-    assert seen["run"] == [True, True]  # on again, start-up's objects frozen
-    assert seen["after"] is True
-
-
 def test_other_commands_do_their_work_with_the_collector_on() -> None:
     seen = probe(["list-plugins"])
     assert seen.get("status") in (0, None)
     assert seen["import"] is False and seen["command"] is True and seen["after"] is True
 
 
-@needs_kvm
 def test_a_collector_the_user_turned_off_stays_off() -> None:
-    seen = probe(["run", "--max-ticks", "1", "--console", "none", "--no-summary"],
-                 before="gc.disable()")
-    assert seen["status"] == 0
-    assert seen["run"] == [False, False] and seen["after"] is False
+    seen = probe(["list-plugins"], before="gc.disable()")
+    assert seen.get("status") in (0, None)
+    assert seen["import"] is False and seen["command"] is False and seen["after"] is False

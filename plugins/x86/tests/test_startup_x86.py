@@ -160,3 +160,56 @@ def test_an_initrd_from_a_pipe_is_still_read(machine_factory: Any, tmp_path: Pat
     bp = m.memory.read(loaders.BOOT_PARAMS_ADDR, 4096)
     rd_addr, rd_size = struct.unpack_from("<II", bp, 0x218)
     assert rd_size == len(data) and m.memory.read(rd_addr, rd_size) == data
+
+
+ENTRY_PROBE = textwrap.dedent("""
+    import gc, json, sys
+    import kvmfw.cli.run as run
+    seen = {}
+    make, go = run._make_machine, run._run_machine
+
+    def make_probe(*a, **k):
+        seen["build"] = gc.isenabled()
+        return make(*a, **k)
+
+    def run_probe(machine, cfg):
+        seen["run"] = [gc.isenabled(), gc.get_freeze_count() > 0]
+        return go(machine, cfg)
+
+    run._make_machine, run._run_machine = make_probe, run_probe
+    sys.argv = ["kvmfw", "run", "--max-ticks", "1", "--console", "none", "--no-summary"]
+    BEFORE
+    import kvmfw.entry
+    try:
+        kvmfw.entry.main()
+    except SystemExit as exc:
+        seen["status"] = exc.code
+    seen["after"] = gc.isenabled()
+    sys.stderr.write("KVMFW-PROBE " + json.dumps(seen) + "\\n")
+""")
+
+
+def entry_probe(before: str = "") -> dict[str, object]:
+    r = subprocess.run([sys.executable, "-c", ENTRY_PROBE.replace("BEFORE", before)],
+                       capture_output=True, text=True, timeout=120, cwd="/",
+                       stdin=subprocess.DEVNULL)
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("KVMFW-PROBE ")]
+    assert line, r.stderr
+    return json.loads(line[-1].split(" ", 1)[1])
+
+
+def test_the_console_script_builds_without_the_collector_and_runs_with_it() -> None:
+    """kvmfw.entry: the machine is built with the garbage collector paused; the guest runs
+    with it on again and start-up's objects frozen."""
+    seen = entry_probe()
+    assert seen["status"] == 0, seen
+    assert seen["build"] is False
+    assert seen["run"] == [True, True]
+    assert seen["after"] is True
+
+
+def test_a_collector_the_user_turned_off_stays_off_through_a_run() -> None:
+    seen = entry_probe(before="gc.disable()")
+    assert seen["status"] == 0, seen
+    assert seen["build"] is False and seen["run"] == [False, False]
+    assert seen["after"] is False
