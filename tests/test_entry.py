@@ -17,23 +17,13 @@ PROBE = textwrap.dedent("""
 
     def at_import():  # (kvmfw.cli is imported by kvmfw.entry.main, under the pause)
         import kvmfw.cli.commands as commands
-        import kvmfw.cli.run as run
         seen["import"] = gc.isenabled()
-        make, go, invoke = run._make_machine, run._run_machine, commands.invoke
-
-        def make_probe(*a, **k):
-            seen["build"] = gc.isenabled()
-            return make(*a, **k)
-
-        def run_probe(machine, cfg):
-            seen["run"] = [gc.isenabled(), gc.get_freeze_count() > 0]
-            return go(machine, cfg)
+        invoke = commands.invoke
 
         def invoke_probe(args):
             seen["command"] = gc.isenabled()
             return invoke(args)
 
-        run._make_machine, run._run_machine = make_probe, run_probe
         commands.invoke = invoke_probe
 
     import builtins
