@@ -11,6 +11,7 @@ cffi module) and call :func:`ioctl` with a buffer address.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from kvmfw.abi import constants
@@ -137,15 +138,29 @@ def address_of(cdata: Any, ffi_: Any = None) -> int:
 
 
 _raw_ioctl = lib.kvmfw_ioctl
+_EINTR = errno.EINTR
+_KVM_RUN = IOCTLS.KVM_RUN
+
+
+EINTR_RETRIES = 100
+"""How often :func:`ioctl` reissues a call a signal interrupted before giving up."""
 
 
 def ioctl(fd: int, request: int, arg: int = 0, detail: str = "") -> int:
     """Issue one ioctl; return its non-negative result or raise :class:`KvmError`.
 
     ``arg`` is an integer (a value for ``_IO`` ioctls, or a buffer address from
-    :func:`address_of`).
+    :func:`address_of`). A call a signal interrupted (``EINTR``: KVM checks for pending
+    signals in long calls, e.g. ``KVM_CREATE_VM``, and a kick or run-timer signal can land
+    on any thread that ran a vCPU) did nothing and is issued again, up to
+    :data:`EINTR_RETRIES` times; ``KVM_RUN`` is not, there ``EINTR`` is the kick.
     """
     r = _raw_ioctl(fd, request, arg)
     if r < 0:
-        raise KvmError(IOCTLS.name(request), -r, detail)
+        tries = 0
+        while r == -_EINTR and request != _KVM_RUN and tries < EINTR_RETRIES:
+            tries += 1
+            r = _raw_ioctl(fd, request, arg)
+        if r < 0:
+            raise KvmError(IOCTLS.name(request), -r, detail)
     return r
