@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from kvmfw.debug import get_logger
 from kvmfw.errors import (
@@ -78,8 +77,7 @@ Answer = bytes | PendingAccess
 """What an MMIO read returns: the bytes, or a :class:`PendingAccess` completed later."""
 
 
-@dataclass(frozen=True, slots=True)
-class Mapping:
+class Mapping(NamedTuple):  # (not a frozen dataclass: far dearer to create at import)
     """One registered range (``end`` is exclusive)."""
 
     base: int

@@ -25,8 +25,7 @@ configuration ports, its per-CPU APIC page) reserves them
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmfw.abi import ffi
 from kvmfw.errors import BusError
@@ -42,8 +41,7 @@ MAX_CONSTANT = 4096
 _COUNTS = 3 + 2 * MAX_RANGES
 
 
-@dataclass(frozen=True)
-class FastRange:
+class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at import)
     """Registers a device can answer without Python (what :meth:`Device.fast_ranges`
     returns): absolute addresses in ``space`` (``"pio"`` or ``"mmio"``), inside one of the
     device's own ranges.
@@ -82,8 +80,7 @@ class FastRange:
                            f"({self.size}) bytes, at most {MAX_CONSTANT}")
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One row of a built table: where, what, and who it belongs to (for stats)."""
 
     space: str

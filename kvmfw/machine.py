@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvmfw.abi import Cap
 from kvmfw.api import Console, RunEnd
@@ -145,8 +145,7 @@ class MachineConfig:
                    host_factor=cfg.get("host_factor", 1.0), options=options)
 
 
-@dataclass
-class RunResult:
+class RunResult(NamedTuple):  # (not a dataclass: dearer to create at import)
     """How a run ended: ``end`` (why, a :class:`~kvmfw.api.RunEnd`), ``status`` (the
     guest's exit status: pseudo-op ``exit(n)``, debug-exit ``(v << 1) | 1``, 0 for a
     power-off, a halt, a tick limit or ``until``), ``reason`` (one line for people),

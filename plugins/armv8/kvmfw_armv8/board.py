@@ -20,6 +20,7 @@ from typing import Any
 import fdt
 
 from kvmfw.device import FirmwareNode
+from kvmfw.device import firmware_nodes as declared_nodes
 from kvmfw.errors import ConfigError
 from kvmfw_armv8 import abi
 
@@ -240,17 +241,9 @@ def _device_node(node: FirmwareNode) -> fdt.Node:
 
 
 def firmware_nodes(devices: list[Any]) -> list[FirmwareNode]:
-    """What ``devices`` declare through ``Device.firmware()`` (never guessed from class or
-    entry-point names, so a third-party device appears like a built-in one); nodes the
-    SPI range cannot carry are left out."""
-    out = []
-    for d in devices:
-        describe = getattr(d, "firmware", None)
-        for node in describe() if callable(describe) else []:
-            if node.irq >= NR_IRQS - 32:
-                continue
-            out.append(node)
-    return out
+    """What ``devices`` declare (:func:`kvmfw.device.firmware_nodes`), without the nodes
+    the SPI range cannot carry."""
+    return [node for node in declared_nodes(devices) if node.irq < NR_IRQS - 32]
 
 
 def _make(root: fdt.Node, spec: DeviceTreeSpec) -> fdt.FDT:

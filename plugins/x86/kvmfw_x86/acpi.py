@@ -30,6 +30,7 @@ from __future__ import annotations
 import struct
 from typing import Any, NamedTuple
 
+from kvmfw.device import firmware_nodes
 from kvmfw.errors import ConfigError
 
 from kvmfw_x86.mptable import IOAPIC_ADDR, LAPIC_ADDR, check_cpus
@@ -315,15 +316,13 @@ def acpi_devices(machine: Any) -> list[MmioDevice]:
     ``acpi_hid``), in the order they were added; never guessed from class names, so a
     third-party device appears exactly as a built-in one."""
     out = []
-    for d in getattr(machine, "devices", []):
-        describe = getattr(d, "firmware", None)
-        for node in describe() if callable(describe) else []:
-            if not node.acpi_hid or node.base + node.size > 1 << 32:
-                continue  # Memory32Fixed reaches 4 GiB; nothing to say otherwise
-            if node.space == "pio" and (node.base + node.size > 0x10000 or node.size > 0xFF):
-                continue
-            out.append(MmioDevice(node.base, node.size, node.irq, node.acpi_hid, node.space,
-                                  node.irq_trigger == "edge"))
+    for node in firmware_nodes(getattr(machine, "devices", [])):
+        if not node.acpi_hid or node.base + node.size > 1 << 32:
+            continue  # Memory32Fixed reaches 4 GiB; nothing to say otherwise
+        if node.space == "pio" and (node.base + node.size > 0x10000 or node.size > 0xFF):
+            continue
+        out.append(MmioDevice(node.base, node.size, node.irq, node.acpi_hid, node.space,
+                              node.irq_trigger == "edge"))
     return out
 
 
