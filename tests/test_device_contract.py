@@ -12,6 +12,8 @@ from kvmfw.device import (
     CallbackIrqLine,
     ConfigKey,
     Device,
+    FirmwareNode,
+    firmware_nodes,
     parse_bool,
     parse_device_spec,
     parse_int,
@@ -80,3 +82,27 @@ def test_debug_flags_enable_loggers_and_reject_unknown_names() -> None:
     for name in ("kvmfw.io", "kvmfw.bus", "kvmfw.run", "kvmfw.cpu", "kvmfw.int",
                  "kvmfw.context", "kvmfw.timer"):
         logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_firmware_nodes_are_collected_in_order_and_checked() -> None:
+    """What a table builder gets: every device's declared nodes, in the order the devices
+    came, each checked; a malformed node or a wrong type is a ConfigError naming it."""
+
+    class Dev:
+        def __init__(self, *nodes: object) -> None:
+            self.nodes = list(nodes)
+
+        def firmware(self) -> list[object]:
+            return self.nodes
+
+    a = FirmwareNode("uart-16550", "pio", 0x3F8, 8, irq=4, acpi_hid="PNP0501")
+    b = FirmwareNode("virtio-mmio", "mmio", 0xD000_0000, 0x200, irq=5, irq_trigger="edge")
+    assert firmware_nodes([Dev(a), object(), Dev(), Dev(b, a)]) == [a, b, a]
+    assert a.irq_trigger == "level" and a.compatible == () and not a.dma_coherent
+    for bad, why in ((a._replace(space="io"), "space must be pio or mmio"),
+                     (a._replace(irq_trigger="rising"), "irq_trigger must be level or edge"),
+                     (a._replace(size=0), "bad window"), (a._replace(base=-1), "bad window")):
+        with pytest.raises(ConfigError, match=why):
+            firmware_nodes([Dev(a, bad)])
+    with pytest.raises(ConfigError, match="returned tuple, not a FirmwareNode"):
+        firmware_nodes([Dev(("uart-16550", "pio", 0x3F8, 8))])
