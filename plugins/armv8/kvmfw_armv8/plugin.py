@@ -35,7 +35,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvmfw import initramfs
 from kvmfw.abi import IOCTLS, address_of, ffi, ioctl
+from kvmfw.debug import get_logger
 from kvmfw.device import CallbackIrqLine, IrqLine
 from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateError
 from kvmfw.eventq import Event
@@ -51,8 +53,11 @@ if TYPE_CHECKING:
 
 __all__ = ["KVMFW_PLUGIN_API", "ArmFeatureError", "ArmBoard", "ArmCpuState", "board_of"]
 
+log = get_logger("kvmfw.armv8")
+
 # What kvmfw.config checks before a machine is built (see its "declares" note).
-machine_options = {"gic": ("v3", "v2", "auto", "none"), "arm_features": None, "psci": bool}
+machine_options = {"gic": ("v3", "v2", "auto", "none"), "arm_features": None, "psci": bool,
+                   "decompress": ("host", "guest")}
 host_machines = ("arm64", "aarch64")  # the first names the host in messages
 
 BRING_UP_POLL_TICKS = 1_000_000_000
@@ -827,13 +832,7 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
     dtb_addr = (top - board_len_2m()) & ~(loader.SZ_2M - 1)
     initrd = None
     if options.get("initrd"):
-        with open(options["initrd"], "rb") as f:
-            n = os.fstat(f.fileno()).st_size
-            start = (dtb_addr - n) & ~0xFFFF
-            if start < end:
-                raise ImageError("the initrd overlaps the kernel: give the machine more memory")
-            _read_into(machine, start, f, "initrd", n)
-        initrd = (start, start + n)
+        initrd = _place_initrd(machine, options["initrd"], options, end, dtb_addr)
     dtb = make_dtb(machine, str(options.get("cmdline") or ""), initrd)
     if len(dtb) > loader.SZ_2M:
         raise ImageError("the generated device tree exceeds 2 MiB")
@@ -850,6 +849,31 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
     ctx.pstate = loader.PSTATE_EL1H_DAIF
     ctx.pc = entry
     return True
+
+
+def _place_initrd(machine: Machine, path: str, options: dict[str, Any], floor: int,
+                  top: int) -> tuple[int, int]:
+    """Put the initrd below ``top`` (64 KiB aligned) and above ``floor``; its guest range.
+    Unless ``decompress=guest``, a Linux initramfs goes in with its compressed parts
+    decompressed on the host, cached (:mod:`kvmfw.initramfs`), when that fits."""
+    if (options.get("decompress") or "host") == "host":
+        flat = initramfs.uncompressed(path, top - floor, log.info)
+        if flat is not None:
+            try:
+                start = (top - len(flat)) & ~0xFFFF
+                if start >= floor:
+                    copy_into(machine.memory, start, flat, 0, len(flat))
+                    return start, start + len(flat)
+            finally:
+                if isinstance(flat, mmap.mmap):
+                    flat.close()
+    with open(path, "rb") as f:
+        n = os.fstat(f.fileno()).st_size
+        start = (top - n) & ~0xFFFF
+        if start < floor:
+            raise ImageError("the initrd overlaps the kernel: give the machine more memory")
+        _read_into(machine, start, f, "initrd", n)
+    return start, start + n
 
 
 def _place_kernel(machine: Machine, image: str, options: dict[str, Any], base: int,

@@ -84,3 +84,26 @@ def test_what_does_not_fit_is_refused_before_it_is_read(build: Any, tmp_path: Pa
     rd = _blob(tmp_path / "initrd", 62 << 20, b"x")
     with pytest.raises(ImageError, match="initrd overlaps the kernel"):
         m.hooks.call("load_guest", machine=m, image=str(small), options={"initrd": str(rd)})
+
+
+def test_an_initramfs_goes_in_decompressed_unless_decompress_guest(
+        build: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on x86: what the guest would inflate is inflated on the host, once (cached)."""
+    import gzip
+
+    from kvmfw_armv8 import plugin
+
+    from kvmfw import initramfs
+
+    monkeypatch.setenv("KVMFW_CACHE", str(tmp_path / "cache"))
+    image = _image(tmp_path / "Image", 1 << 20)
+    cpio = initramfs.archive([("init", b"#!/bin/sh\necho hello\n" * 300)])
+    rd = tmp_path / "initrd.img"
+    rd.write_bytes(gzip.compress(cpio))
+    for opts, want in (({}, cpio), ({}, cpio), ({"decompress": "guest"}, rd.read_bytes())):
+        m, _ = build()
+        m.hooks.call("load_guest", machine=m, image=str(image),
+                     options={"initrd": str(rd), **opts})
+        start, end = plugin.board_of(m).initrd
+        assert start % 0x10000 == 0 and m.memory.read(start, end - start) == want
+    assert len(list((tmp_path / "cache" / "initramfs").iterdir())) == 1

@@ -27,12 +27,16 @@ import sys
 import weakref
 from typing import Any
 
+from kvmfw import initramfs
+from kvmfw.debug import get_logger
 from kvmfw.errors import ConfigError, ImageError
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.imagefile import copy_into, map_file
 
 from kvmfw_x86.abi import ffi
 from kvmfw_x86.context import MSR_MTRR_DEF_TYPE, MTRR_DEF_ENABLE, MTRR_TYPE_WB, Segment, X86Context
+
+log = get_logger("kvmfw.x86.loaders")
 
 GDT_ADDR = 0x500
 BOOT_PARAMS_ADDR = 0x7000
@@ -314,6 +318,20 @@ def map_or_read_image(image: str | os.PathLike[str], what: str, limit: int) -> A
             data.close()
         return read_image(image, what, limit)
     return data
+
+
+def initrd_image(image: str | os.PathLike[str], decompress: str, room: int, limit: int) -> Any:
+    """The initrd to load (a mapping the caller closes, or bytes): with ``decompress=host``
+    and a Linux initramfs whose compressed parts decompress to at most ``room`` bytes,
+    those parts decompressed on the host, cached (:mod:`kvmfw.initramfs`: the guest skips
+    inflating them); otherwise the file as it is, refused beyond ``limit``."""
+    if decompress == "host":
+        flat = initramfs.uncompressed(os.fspath(image), room, log.info)
+        if flat is not None and len(flat) <= room:
+            return flat
+        if isinstance(flat, mmap.mmap):
+            flat.close()
+    return map_or_read_image(image, "initrd", limit)
 
 
 def detect(data: bytes) -> str:
@@ -648,7 +666,8 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
     With the kernel file's path (``source``) and unless ``decompress=guest`` is given, the
     kernel proper is decompressed on the host and cached (:mod:`kvmfw_x86.vmlinux`) and
     entered directly, as its decompressor would have; otherwise, or where that cannot be
-    done, the bzImage's own decompressor runs in the guest."""
+    done, the bzImage's own decompressor runs in the guest. The initrd likewise
+    (:func:`initrd_image`)."""
     hsize = ffi.sizeof("struct setup_header")
     if len(data) < 0x1F1 + hsize:
         raise ImageError("truncated bzImage: shorter than its setup header")
@@ -691,8 +710,9 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
     entry = load_at + 0x200  # the decompressor's 64-bit entry (startup_64)
     how = options.get("decompress") or "host"
     if how not in ("host", "guest"):
-        raise ConfigError(f"decompress={how!r}: give decompress=host (the kernel proper is "
-                          "decompressed on the host, cached) or decompress=guest")
+        raise ConfigError(f"decompress={how!r}: give decompress=host (the kernel proper and "
+                          "the initramfs are decompressed on the host, cached) or "
+                          "decompress=guest")
     proper = _kernel_proper(data, hdr, koff, load_at, ram, source) \
         if how == "host" and source is not None else None
     if proper is None:
@@ -718,11 +738,12 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
     hdr.cmd_line_ptr = CMDLINE_ADDR
     initrd = options.get("initrd")
     if initrd:
-        rd = map_or_read_image(initrd, "initrd", ram)
+        top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
+        floor = load_at + max(int(hdr.init_size), len(kernel))
+        rd = initrd_image(initrd, how, top - floor, ram)
         try:
-            top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
             addr_ = (top - len(rd)) & ~0xFFF
-            if addr_ < load_at + max(int(hdr.init_size), len(kernel)):
+            if addr_ < floor:
                 raise ImageError(f"initrd of {len(rd) >> 20} MiB does not fit in guest RAM "
                                  "above the kernel (increase --memory)")
             write_image(machine, addr_, rd, 0, len(rd), "initrd")

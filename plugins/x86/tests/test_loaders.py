@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import struct
 from pathlib import Path
 
 import pytest
 from conftest import GUESTS, bzimage, requires_kvm
+from kvmfw import initramfs
 from kvmfw.errors import ImageError
 
 from kvmfw_x86 import loaders
@@ -83,6 +85,35 @@ def test_bzimage_boot_params_and_entry(machine_factory, tmp_path: Path) -> None:
     assert ctx.mode == "long64" and ctx.rip == 0x1000200 and ctx.rsi == loaders.BOOT_PARAMS_ADDR
     assert ctx.cs.selector == 0x10 and ctx.ds.selector == 0x18 and not ctx.rflags & 0x200
     assert m.memory.read(0x1000000, 4) == b"\x90" * 4
+
+
+def test_initramfs_goes_in_decompressed_unless_decompress_guest(
+        machine_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the guest would inflate is inflated on the host, once (cached); the guest gets
+    the same archive stored. ``decompress=guest``, or a file with nothing compressed, goes
+    in as it is."""
+    monkeypatch.setenv("KVMFW_CACHE", str(tmp_path / "cache"))
+    k = tmp_path / "bzImage"
+    k.write_bytes(bzimage())
+    cpio = initramfs.archive([("init", b"#!/bin/sh\necho hello\n" * 300)])
+    packed = gzip.compress(cpio)
+    rd = tmp_path / "initrd.img"
+    rd.write_bytes(packed)
+
+    def loaded(**opts: str) -> bytes:
+        m, _ = machine_factory(memory=64 << 20)
+        loaders.load(m, str(k), {"initrd": str(rd), **opts})
+        addr, size = struct.unpack_from("<II", m.memory.read(loaders.BOOT_PARAMS_ADDR, 4096),
+                                        0x218)
+        assert addr % 4096 == 0 and addr + size <= 64 << 20
+        return bytes(m.memory.read(addr, size))
+
+    assert loaded() == cpio
+    assert len(list((tmp_path / "cache" / "initramfs").iterdir())) == 1
+    assert loaded() == cpio  # from the cache
+    assert loaded(decompress="guest") == packed
+    rd.write_bytes(cpio)
+    assert loaded() == cpio
 
 
 # --- hostile images: every size from the file is bounded before anything is allocated ---
