@@ -35,15 +35,19 @@ ZSTD_FEED = 512
 128 KiB, so one feed can overshoot ``limit`` by at most ~22 MiB before it is refused."""
 
 
-def archive(files: Iterable[tuple[str, bytes]], mode: int = 0o100755) -> bytes:
-    """A stored ``newc`` archive of regular files ``(name, data)``, with its trailer: an
-    initramfs Linux unpacks as it is (compress it, and :func:`flatten` gives it back)."""
+def archive(entries: Iterable[tuple[Any, ...]]) -> bytes:
+    """A stored ``newc`` archive, with its trailer: an initramfs Linux unpacks as it is
+    (compress it, and :func:`flatten` gives it back). ``entries``: ``(path, mode, data)``
+    or ``(path, mode, data, (rdev_major, rdev_minor))``, in order (directories before what
+    they hold); a device node needs no privileges to describe here."""
     out = bytearray()
-    for ino, (name, data) in enumerate([*files, ("TRAILER!!!", b"")], 1):
-        raw = name.encode() + b"\0"
-        fields = (ino, 0 if name == "TRAILER!!!" else mode, 0, 0, 1, 0, len(data), 0, 0, 0,
-                  0, len(raw), 0)
-        out += b"070701" + b"".join(b"%08X" % f for f in fields) + raw
+    for ino, (path, mode, data, *rdev) in enumerate([*entries, ("TRAILER!!!", 0, b"")], 1):
+        name = path.lstrip("/").encode() + b"\0"
+        major, minor = rdev[0] if rdev else (0, 0)
+        fields = (0 if path == "TRAILER!!!" else ino, mode, 0, 0,
+                  2 if mode & 0o170000 == 0o040000 else 1, 0, len(data), 0, 0, major, minor,
+                  len(name), 0)
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + name
         out += bytes(-len(out) % 4)
         out += data
         out += bytes(-len(out) % 4)

@@ -14,7 +14,7 @@ from kvmfw import initramfs
 
 
 def cpio(*files: tuple[str, bytes]) -> bytes:
-    return initramfs.archive(files, mode=0o100644)
+    return initramfs.archive((name, 0o100644, data) for name, data in files)
 
 
 A = cpio(("init", b"#!/bin/sh\necho hello\n"), ("etc/motd", b"x" * 1000))
@@ -114,3 +114,21 @@ def test_uncompressed_caches_the_result(tmp_path: object, monkeypatch: pytest.Mo
     os.mkfifo(d / "fifo")
     assert initramfs.uncompressed(str(d / "fifo"), 1 << 20, why.append) is None
     assert "not a regular file" in why[-1]
+
+
+def test_archive_is_what_cpio_reads(tmp_path: object) -> None:
+    """The archive builder against GNU cpio (when installed): names, modes and bytes."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("cpio") is None:
+        pytest.skip("GNU cpio is not installed (apt install cpio)")
+    d = Path(str(tmp_path))
+    data = initramfs.archive([("/etc", 0o040755, b""), ("etc/motd", 0o100644, b"hi\n"),
+                              ("init", 0o100755, b"#!/bin/sh\n" + os.urandom(999))])
+    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=data, cwd=d,
+                   check=True)
+    assert (d / "etc" / "motd").read_bytes() == b"hi\n" and (d / "etc").is_dir()
+    assert (d / "init").read_bytes()[:10] == b"#!/bin/sh\n" and (d / "init").stat().st_size == 1009
+    assert (d / "init").stat().st_mode & 0o777 == 0o755

@@ -9,6 +9,8 @@ import platform
 from collections.abc import Callable
 from typing import Any
 
+from kvmfw import initramfs
+
 ENV_HINT = "run plugins/armv8/env/run-arm64-kvm.sh to run them in an emulated arm64 host"
 
 
@@ -88,27 +90,13 @@ _S_IFDIR, _S_IFREG, _S_IFCHR = 0o040000, 0o100000, 0o020000
 
 
 def newc_archive(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
-    """A cpio archive in the ``newc`` format the kernel unpacks into its initramfs.
+    """A cpio archive in the ``newc`` format the kernel unpacks into its initramfs
+    (:func:`kvmfw.initramfs.archive`).
 
     ``entries``: ``(path, mode, data, (rdev_major, rdev_minor))`` in order (directories
     before what they contain). Device nodes need no privileges to describe here.
     """
-    out = bytearray()
-
-    def add(name: str, mode: int, data: bytes, rdev: tuple[int, int], ino: int) -> None:
-        nlink = 2 if mode & _S_IFDIR else 1
-        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
-                  len(name) + 1, 0)
-        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields))
-        out.extend(name.encode() + b"\0")
-        out.extend(b"\0" * (-len(out) % 4))
-        out.extend(data)
-        out.extend(b"\0" * (-len(out) % 4))
-
-    for ino, (path, mode, data, rdev) in enumerate(entries, start=1):
-        add(path.lstrip("/"), mode, data, rdev, ino)
-    add("TRAILER!!!", 0, b"", (0, 0), 0)
-    return bytes(out)
+    return initramfs.archive(entries)
 
 
 def busybox_initramfs(busybox: bytes, marker: str = BOOT_MARKER,

@@ -97,7 +97,7 @@ def test_an_initramfs_goes_in_decompressed_unless_decompress_guest(
 
     monkeypatch.setenv("KVMFW_CACHE", str(tmp_path / "cache"))
     image = _image(tmp_path / "Image", 1 << 20)
-    cpio = initramfs.archive([("init", b"#!/bin/sh\necho hello\n" * 300)])
+    cpio = initramfs.archive([("init", 0o100755, b"#!/bin/sh\necho hello\n" * 300)])
     rd = tmp_path / "initrd.img"
     rd.write_bytes(gzip.compress(cpio))
     for opts, want in (({}, cpio), ({}, cpio), ({"decompress": "guest"}, rd.read_bytes())):

@@ -95,7 +95,7 @@ def test_initramfs_goes_in_decompressed_unless_decompress_guest(
     monkeypatch.setenv("KVMFW_CACHE", str(tmp_path / "cache"))
     k = tmp_path / "bzImage"
     k.write_bytes(bzimage())
-    cpio = initramfs.archive([("init", b"#!/bin/sh\necho hello\n" * 300)])
+    cpio = initramfs.archive([("init", 0o100755, b"#!/bin/sh\necho hello\n" * 300)])
     packed = gzip.compress(cpio)
     rd = tmp_path / "initrd.img"
     rd.write_bytes(packed)
