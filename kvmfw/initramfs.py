@@ -18,6 +18,8 @@ the result is at most ``limit`` bytes, and no decompressor is let produce more.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -197,7 +199,19 @@ def uncompressed(path: str, limit: int,
     """The initramfs at ``path`` with its compressed parts decompressed (a read-only
     :class:`~kvmfw.imagefile.FileMapping` of the cached file, or bytes), or None when
     there is nothing to gain or it cannot be done here (``log`` gets why, if given):
-    the loader then loads the file as it is."""
+    the loader then loads the file as it is. Only a regular file is opened: opening a
+    FIFO, even to look, would pair with its writer and take the data the loader reads."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:
+        regular, why = False, exc.strerror
+    else:
+        why = "not a regular file"
+    if not regular:
+        if log:
+            log(f"initramfs {path}: {why}; the guest unpacks it as it is")
+        return None
+
     def make() -> bytes | None:
         try:
             src = map_file(path)

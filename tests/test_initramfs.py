@@ -111,9 +111,19 @@ def test_uncompressed_caches_the_result(tmp_path: object, monkeypatch: pytest.Mo
     assert initramfs.uncompressed(str(stored), 1 << 20, why.append) is None
     assert "nothing compressed" in why[-1]
     assert initramfs.uncompressed(str(d / "missing"), 1 << 20, why.append) is None
+    # a FIFO is not even opened: an open would pair with its writer, which then hands
+    # its data to a reader that drops it, and the loader's own read would wait forever
+    import threading
+
     os.mkfifo(d / "fifo")
+    writer = threading.Thread(target=(d / "fifo").write_bytes, args=(A,))
+    writer.start()
     assert initramfs.uncompressed(str(d / "fifo"), 1 << 20, why.append) is None
     assert "not a regular file" in why[-1]
+    writer.join(0.2)
+    assert writer.is_alive()  # still waiting for the loader's reader
+    assert (d / "fifo").read_bytes() == A
+    writer.join(10)
 
 
 def test_archive_is_what_cpio_reads(tmp_path: object) -> None:
