@@ -320,14 +320,16 @@ def map_or_read_image(image: str | os.PathLike[str], what: str, limit: int) -> A
     return data
 
 
-def initrd_image(image: str | os.PathLike[str], decompress: str, room: int, limit: int) -> Any:
+def initrd_image(image: str | os.PathLike[str], decompress: str, top: int, floor: int,
+                 limit: int) -> Any:
     """The initrd to load (a mapping the caller closes, or bytes): with ``decompress=host``
-    and a Linux initramfs whose compressed parts decompress to at most ``room`` bytes,
-    those parts decompressed on the host, cached (:mod:`kvmfw.initramfs`: the guest skips
-    inflating them); otherwise the file as it is, refused beyond ``limit``."""
+    and a Linux initramfs whose compressed parts decompress to what still fits page
+    aligned between ``floor`` and ``top``, those parts decompressed on the host, cached
+    (:mod:`kvmfw.initramfs`: the guest skips inflating them); otherwise the file as it
+    is, refused beyond ``limit``."""
     if decompress == "host":
-        flat = initramfs.uncompressed(os.fspath(image), room, log.info)
-        if flat is not None and len(flat) <= room:
+        flat = initramfs.uncompressed(os.fspath(image), top - floor, log.info)
+        if flat is not None and (top - len(flat)) & ~0xFFF >= floor:
             return flat
         if isinstance(flat, mmap.mmap):
             flat.close()
@@ -740,7 +742,7 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
     if initrd:
         top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
         floor = load_at + max(int(hdr.init_size), len(kernel))
-        rd = initrd_image(initrd, how, top - floor, ram)
+        rd = initrd_image(initrd, how, top, floor, ram)
         try:
             addr_ = (top - len(rd)) & ~0xFFF
             if addr_ < floor:

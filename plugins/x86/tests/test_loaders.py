@@ -114,6 +114,10 @@ def test_initramfs_goes_in_decompressed_unless_decompress_guest(
     assert loaded(decompress="guest") == packed
     rd.write_bytes(cpio)
     assert loaded() == cpio
+    # decompressed it would not fit above the kernel in 64 MiB; compressed it does
+    big = initramfs.archive([("zeros", 0o100644, bytes(60 << 20))])
+    rd.write_bytes(gzip.compress(big, compresslevel=1))
+    assert loaded() == rd.read_bytes()
 
 
 # --- hostile images: every size from the file is bounded before anything is allocated ---
