@@ -7,6 +7,10 @@ import bz2
 import gzip
 import lzma
 import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -90,11 +94,9 @@ def test_zstd_output_is_bounded() -> None:
     assert flat(z, limit=len(big)) == big
 
 
-def test_uncompressed_caches_the_result(tmp_path: object, monkeypatch: pytest.MonkeyPatch
+def test_uncompressed_caches_the_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                         ) -> None:
-    from pathlib import Path
-
-    d = Path(str(tmp_path))
+    d = tmp_path
     monkeypatch.setenv("KVMFW_CACHE", str(d / "cache"))
     src = d / "initrd.img"
     src.write_bytes(gzip.compress(A))
@@ -113,8 +115,6 @@ def test_uncompressed_caches_the_result(tmp_path: object, monkeypatch: pytest.Mo
     assert initramfs.uncompressed(str(d / "missing"), 1 << 20, why.append) is None
     # a FIFO is not even opened: an open would pair with its writer, which then hands
     # its data to a reader that drops it, and the loader's own read would wait forever
-    import threading
-
     os.mkfifo(d / "fifo")
     writer = threading.Thread(target=(d / "fifo").write_bytes, args=(A,))
     writer.start()
@@ -126,15 +126,11 @@ def test_uncompressed_caches_the_result(tmp_path: object, monkeypatch: pytest.Mo
     writer.join(10)
 
 
-def test_archive_is_what_cpio_reads(tmp_path: object) -> None:
+def test_archive_is_what_cpio_reads(tmp_path: Path) -> None:
     """The archive builder against GNU cpio (when installed): names, modes and bytes."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
     if shutil.which("cpio") is None:
         pytest.skip("GNU cpio is not installed (apt install cpio)")
-    d = Path(str(tmp_path))
+    d = tmp_path
     data = initramfs.archive([("/etc", 0o040755, b""), ("etc/motd", 0o100644, b"hi\n"),
                               ("init", 0o100755, b"#!/bin/sh\n" + os.urandom(999))])
     subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=data, cwd=d,
