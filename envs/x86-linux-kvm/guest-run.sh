@@ -41,6 +41,12 @@ CALIBRATION=$2
 export KVMFW_TEST_TIMEOUT KVMFW_LINUX_TIMEOUT
 shift 4
 if [ -e $OUT/retry ]; then export KVMFW_L1_RETRY=1; else : > $OUT/done.list; fi
+# the time budget (run.sh: KVMFW_X86_BUDGET) as this boot's uptime past which no test starts
+if [ -s $OUT/budget ]; then
+  KVMFW_L1_DEADLINE=$(awk -v u="$(up)" -v b="$(cat $OUT/budget)" 'BEGIN { printf "%d", u + b }')
+  export KVMFW_L1_DEADLINE
+  echo "KVMFW_L1 time budget: $(cat $OUT/budget)s left; tests not started by uptime ${KVMFW_L1_DEADLINE}s are skipped"
+fi
 echo "KVMFW_L1 speed x$KVMFW_L1_SPEED (calibration loop ${CALIBRATION}s): per-test limit ${KVMFW_TEST_TIMEOUT}s, Linux boot limit ${KVMFW_LINUX_TIMEOUT}s$([ -e $OUT/retry ] && echo ", retry of the tests left ($(wc -l < $OUT/done.list) done)")"
 export PYTHONPATH=/opt/kvmfw-src/envs/x86-linux-kvm${PYTHONPATH:+:$PYTHONPATH}
 # one pytest session per group of arguments; groups are separated by ":::" (test trees with

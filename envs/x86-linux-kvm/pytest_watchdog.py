@@ -10,6 +10,9 @@
   in a lightly loaded outer guest, ``KVMFW_L1_CALIBRATION_REF``): guest-run.sh measures it
   first (``python3 pytest_watchdog.py --bounds``), and every session measures again and
   raises the limits it derived (``KVMFW_L1_DERIVED``) if the machine got slower since.
+- A time budget (run.sh's ``KVMFW_X86_BUDGET``, here ``KVMFW_L1_DEADLINE``: the uptime
+  past which no test starts): later tests are skipped, each saying so, and the session says
+  how many. What runs first is what runs only here (``tests/linux``).
 - Progress for the host: the test running now goes to ``$KVMFW_L1_OUT/current`` (the
   heartbeat of guest-run.sh reports it), each finished test is appended to
   ``$KVMFW_L1_OUT/done.list`` (``outcome<TAB>nodeid``). A retry (``KVMFW_L1_RETRY=1``)
@@ -217,8 +220,37 @@ def _rescale() -> None:
          f"{os.environ.get('KVMFW_LINUX_TIMEOUT')} s")
 
 
+class Budget:
+    """Skips every test that would start after ``deadline`` (seconds of uptime)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.skipped = 0
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if _uptime() > self.deadline:
+            self.skipped += 1
+            pytest.skip(f"not run: the nested environment's time budget (KVMFW_X86_BUDGET) "
+                        f"was spent at uptime {self.deadline:.0f}s; the host's own KVM ran "
+                        "the core, x86 and devices suites")
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.skipped:
+            _say(f"time budget spent: {self.skipped} tests of this session not run "
+                 "(skipped, each saying why)")
+
+
+def _uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _dog
+    deadline = os.environ.get("KVMFW_L1_DEADLINE", "")
+    if deadline and not config.pluginmanager.has_plugin("kvmfw-budget"):
+        config.pluginmanager.register(Budget(float(deadline)), "kvmfw-budget")
     _rescale()
     limit = float(os.environ.get("KVMFW_TEST_TIMEOUT", "0") or 0)
     if limit > 0 and _dog is None:

@@ -131,3 +131,16 @@ def test_a_session_on_a_slower_machine_raises_the_derived_limits(tmp_path: Path)
                         "-p", "no:cacheprovider", "test_limits.py"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert "LIMITS 300 60" in r.stdout
+
+
+def test_past_the_time_budget_no_test_starts_and_each_says_why(tmp_path: Path) -> None:
+    """run.sh's KVMFW_X86_BUDGET, as the boot's deadline: what would start after it is
+    skipped (not failed, and not run again by a retry), and the session says how many."""
+    r = _pytest(tmp_path, KVMFW_L1_DEADLINE="1")  # any uptime is past 1 s
+    assert r.returncode == 0 and "5 skipped" in r.stdout, r.stdout + r.stderr
+    assert "KVMFW_L1 time budget spent: 5 tests of this session not run" in r.stderr
+    done = (tmp_path / "out" / "done.list").read_text().splitlines()
+    assert len(done) == 5 and all(line.startswith("passed\t") for line in done)
+    (tmp_path / "out" / "done.list").unlink()
+    r = _pytest(tmp_path, KVMFW_L1_DEADLINE=str(10 ** 9), KVMFW_TEST_TIMEOUT="2")
+    assert "2 passed" in r.stdout and "3 failed" in r.stdout and "time budget spent" not in r.stderr
