@@ -1,11 +1,15 @@
 """tox's inline plugin for kvmfw: say plainly which Python of the README's matrix a run is
-about to skip, and how to get it (tox.ini skips a missing interpreter; .ci/run does not)."""
+about to skip, and how to get it (tox.ini skips a missing interpreter; .ci/run does not);
+and note when the run started (``KVMFW_TOX_STARTED``, seconds since the epoch), so the
+nested x86 environment, last in the list, fits its time budget in what the run has left."""
 
 from __future__ import annotations
 
 import configparser
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from tox.config.sets import EnvConfigSet
@@ -14,6 +18,7 @@ from tox.session.state import State
 
 _INI = configparser.ConfigParser(interpolation=None)
 _INI.read(Path(__file__).with_name("tox.ini"))
+os.environ.setdefault("KVMFW_TOX_STARTED", str(int(time.time())))
 
 
 @impl

@@ -40,7 +40,7 @@ CALIBRATION=$2
 [ -n "${KVMFW_LINUX_TIMEOUT:-}" ] || { KVMFW_LINUX_TIMEOUT=$4; KVMFW_L1_DERIVED="$KVMFW_L1_DERIVED,linux"; }
 export KVMFW_TEST_TIMEOUT KVMFW_LINUX_TIMEOUT
 shift 4
-if [ -e $OUT/retry ]; then export KVMFW_L1_RETRY=1; else : > $OUT/done.list; fi
+if [ -e $OUT/retry ]; then export KVMFW_L1_RETRY=1; else : > $OUT/done.list; : > $OUT/failures.log; fi
 # the time budget (run.sh: KVMFW_X86_BUDGET) as this boot's uptime past which no test starts
 if [ -s $OUT/budget ]; then
   KVMFW_L1_DEADLINE=$(awk -v u="$(up)" -v b="$(cat $OUT/budget)" 'BEGIN { printf "%d", u + b }')
@@ -51,17 +51,20 @@ echo "KVMFW_L1 speed x$KVMFW_L1_SPEED (calibration loop ${CALIBRATION}s): per-te
 export PYTHONPATH=/opt/kvmfw-src/envs/x86-linux-kvm${PYTHONPATH:+:$PYTHONPATH}
 # one pytest session per group of arguments; groups are separated by ":::" (test trees with
 # same-named conftest modules cannot share a session). rc: the first non-zero one.
+# /tmp is a 1 GiB tmpfs: a passed test's tmp_path goes at once (tmp_path_retention_policy),
+# or the checkpoints and disk images of earlier sessions leave later ones without room
+# (kvmfw refuses a requested checkpoint with under 256 MiB free)
 run_group() {
-  echo "KVMFW_L1 pytest $* uptime=$(up)"
+  echo "KVMFW_L1 pytest $* uptime=$(up) /tmp free=$(df -m /tmp | awk 'NR == 2 { print $4 }')MiB"
   n0=$(wc -l < $OUT/done.list)
-  { pytest -p no:cacheprovider -p pytest_watchdog -rs --durations=10 "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 \
+  { pytest -p no:cacheprovider -p pytest_watchdog -o tmp_path_retention_policy=failed -rs --durations=10 "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 \
     | tee -a $OUT/pytest.log
   g=$(cat /tmp/kvmfw-rc 2>/dev/null || echo 3)
   stuck=$(tail -n +$((n0 + 1)) $OUT/done.list | grep '^stuck' | cut -f2)
   if [ -n "$stuck" ]; then
     # a test that no signal could end took its session down: run what it left, once
     echo "KVMFW_L1 session ended by a stuck test ($stuck): running the rest of it"
-    { KVMFW_L1_RETRY=1 pytest -p no:cacheprovider -p pytest_watchdog -rs --durations=10 "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 \
+    { KVMFW_L1_RETRY=1 pytest -p no:cacheprovider -p pytest_watchdog -o tmp_path_retention_policy=failed -rs --durations=10 "$@"; echo $? > /tmp/kvmfw-rc; } 2>&1 \
       | tee -a $OUT/pytest.log
     g=$(cat /tmp/kvmfw-rc 2>/dev/null || echo 3)
     [ "$g" = 0 ] && g=1  # the stuck test failed

@@ -15,7 +15,8 @@
   how many. What runs first is what runs only here (``tests/linux``).
 - Progress for the host: the test running now goes to ``$KVMFW_L1_OUT/current`` (the
   heartbeat of guest-run.sh reports it), each finished test is appended to
-  ``$KVMFW_L1_OUT/done.list`` (``outcome<TAB>nodeid``). A retry (``KVMFW_L1_RETRY=1``)
+  ``$KVMFW_L1_OUT/done.list`` (``outcome<TAB>nodeid``), each failure's report to
+  ``$KVMFW_L1_OUT/failures.log`` and a line on the console at once. A retry (``KVMFW_L1_RETRY=1``)
   deselects the tests already done and counts the failures among them.
 """
 
@@ -316,10 +317,28 @@ def _phase() -> Any:
         _in_phase = False
 
 
+FAILURE_LOG_LIMIT = 20_000
+"""Characters of one failure's report kept in ``failures.log`` (its end: the assertion)."""
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     global _failed_now
     if report.failed:
         _failed_now = True
+        # pytest prints failures at the session's end, which a boot killed by run.sh's
+        # timeout never reaches: keep each one now, in full, on the share and the console
+        text = report.longreprtext[-FAILURE_LOG_LIMIT:]
+        try:
+            with open(OUT / "failures.log", "a") as f:
+                f.write(f"=== {report.nodeid} ({report.when})\n{text}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            pass
+        crash = getattr(report.longrepr, "reprcrash", None)
+        why = (crash.message if crash is not None else text.strip()).splitlines() or ["?"]
+        _say(f"FAILED {report.nodeid} ({report.when}): {why[0][:300]} "
+             "(the whole report: logs/failures.log on the host)")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

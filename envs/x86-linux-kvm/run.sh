@@ -35,7 +35,8 @@
 # KVMFW_X86_SILENCE s): its registers are dumped, it is killed, and the tests it had not
 # finished run once more in a fresh boot. The log says which of these happened.
 #
-# Knobs: KVMFW_X86_CACHE, KVMFW_X86_TIMEOUT (s per outer boot, a last resort: 2400),
+# Knobs: KVMFW_X86_CACHE, KVMFW_X86_TIMEOUT (s per outer boot, a last resort: what is left
+#   of the budget + 900, or 2400 without a budget),
 #   KVMFW_X86_SILENCE (s without console output or heartbeat = frozen, 180), KVMFW_X86_CPU (EPYC),
 #   KVMFW_X86_SNAPSHOT=REV (test commit REV, e.g. HEAD, instead of the work tree as it is),
 #   KVMFW_X86_MEM (MiB, 2048), KVMFW_LINUX_* / KVMFW_BENCH_* / KVMFW_TEST_* (passed to the
@@ -44,21 +45,24 @@
 #   KVMFW_X86_REBUILD=1 (rebuild the root file system), KVMFW_X86_APPEND (words added to the
 #   outer kernel's command line, e.g. idle=poll), KVMFW_X86_FAULT_FREEZE=TEXT (self-test:
 #   pause the outer guest, as a freeze would, once the running test's id contains TEXT;
-#   first boot only). A freeze's CPU and interrupt state: logs/console.log.hang.
+#   first boot only). A freeze's CPU and interrupt state: logs/console.log.hang; every
+#   failed test's whole report, kept as it happens: logs/failures.log.
 #   KVMFW_X86_BUDGET (s, 2700; 0: none): the tests' share of a CI run. Once that much time
 #   has passed since the first boot, every test not yet started is skipped, saying so (the
 #   core, x86 and devices suites ran on the host's own KVM before; tests/linux, which runs
-#   only here, comes first). On a quiet host the whole run takes 40-47 min, so its last
-#   tests may be skipped there too; on a host twice as slow it would take CI past its 90
-#   minutes.
+#   only here, comes first). Under tox the budget is also cut to what is left of
+#   KVMFW_TOX_LIMIT (s, 5400: CI's 90 minutes, counted from tox's start, toxfile.py's
+#   KVMFW_TOX_STARTED) less 1200 s for the test running at the deadline and the sessions
+#   that skip: on a slow host the environments before this one leave it less. On a quiet
+#   host the whole run takes 40-47 min, so its last tests may be skipped there too.
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 # shellcheck source=../host.sh
 . "$REPO/envs/host.sh"
 CACHE=${KVMFW_X86_CACHE:-${HOME:-/root}/.cache/kvmfw/x86-linux-kvm}
-TIMEOUT=${KVMFW_X86_TIMEOUT:-2400}
 BUDGET=${KVMFW_X86_BUDGET:-2700}
+TOX_LIMIT=${KVMFW_TOX_LIMIT:-5400}
 SILENCE=${KVMFW_X86_SILENCE:-180}
 CPU=${KVMFW_X86_CPU:-EPYC}
 MEM=${KVMFW_X86_MEM:-2048}
@@ -385,16 +389,32 @@ trap stop_qemu EXIT  # (a background QEMU ignores the terminal's Ctrl-C)
 trap 'stop_qemu; exit 130' INT TERM
 attempt=0
 HISTORY=""
-rm -f "$OUT/retry" "$OUT/done.list" "$OUT/current" "$OUT/alive" "$LOG.hang" "$LOG.1"
+rm -f "$OUT/retry" "$OUT/done.list" "$OUT/failures.log" "$OUT/current" "$OUT/alive" "$LOG.hang" \
+  "$LOG.1" "$CACHE/logs/failures.log"
 TB=$(date +%s)
+if [ "$BUDGET" -gt 0 ] && [ -n "${KVMFW_TOX_STARTED:-}" ]; then
+  # the rest of the tox run's limit, less the reserve for the test running at the deadline,
+  # the sessions that then skip, and a retry boot
+  left=$(( KVMFW_TOX_STARTED + TOX_LIMIT - TB - 1200 ))
+  [ "$left" -ge 600 ] || left=600
+  if [ "$left" -lt "$BUDGET" ]; then
+    say "time budget cut to ${left}s: tox started $(( TB - KVMFW_TOX_STARTED ))s ago and has ${TOX_LIMIT}s (KVMFW_TOX_LIMIT)"
+    BUDGET=$left
+  fi
+fi
 while :; do
   attempt=$((attempt + 1))
   rm -f "$OUT/rc" "$OUT/started" "$OUT/alive" "$OUT/current" "$MON" "$CACHE/qemu.pid"
   # what is left of the time budget, for the tests of this boot (pytest_watchdog.py)
+  # and this boot's last resort: the budget's rest plus time for the test then running
   if [ "$BUDGET" -gt 0 ]; then
-    echo "$(( BUDGET - ($(date +%s) - TB) ))" > "$OUT/budget"
+    left=$(( BUDGET - ($(date +%s) - TB) ))
+    echo "$left" > "$OUT/budget"
+    [ "$left" -gt 0 ] || left=0
+    TIMEOUT=${KVMFW_X86_TIMEOUT:-$(( left + 900 ))}
   else
     rm -f "$OUT/budget"
+    TIMEOUT=${KVMFW_X86_TIMEOUT:-2400}
   fi
   say "booting the outer guest ($KVER-amd64, -cpu $CPU -smp 1, ${MEM} MiB, TCG; silence limit ${SILENCE}s, timeout ${TIMEOUT}s, attempt $attempt$([ -e "$OUT/retry" ] && echo ": the tests left")); console log: $LOG"
   set +e
@@ -437,6 +457,13 @@ while :; do
 done
 step done
 RC=$(cat "$OUT/rc")
+if [ -s "$OUT/failures.log" ]; then
+  cp "$OUT/failures.log" "$CACHE/logs/failures.log"
+  say "failed tests (whole reports: $CACHE/logs/failures.log); the end of each:"
+  awk '/^=== /{ if (n) for (i = (n > 12 ? n - 11 : 1); i <= n; i++) print b[i]; n = 0; print; next }
+       { b[++n] = $0 } END { if (n) for (i = (n > 12 ? n - 11 : 1); i <= n; i++) print b[i] }' \
+    "$OUT/failures.log" >&2
+fi
 say "timings:$TIMINGS total=$(( $(date +%s) - T0 ))s"
 [ "$attempt" -gt 1 ] && say "boots:$HISTORY"
 say "$MODE inside the outer guest exited $RC"

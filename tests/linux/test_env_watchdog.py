@@ -51,6 +51,11 @@ def test_a_test_past_its_limit_fails_naming_itself_and_its_vmm_is_killed(tmp_pat
     done = (tmp_path / "out" / "done.list").read_text().splitlines()
     assert [line.split("\t")[0] for line in done] == ["passed", "failed", "failed", "failed",
                                                      "passed"]
+    # each failure's report is kept as it happens (a boot killed later would lose pytest's
+    # end-of-session summary), with a line on the console
+    log = (tmp_path / "out" / "failures.log").read_text()
+    assert log.count("=== test_suite.py::") == 3 and "assert False" in log
+    assert "KVMFW_L1 FAILED test_suite.py::test_fails (call): assert False" in r.stderr
 
 
 def test_a_retry_runs_only_the_tests_a_frozen_boot_left(tmp_path: Path) -> None:
