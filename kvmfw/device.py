@@ -38,7 +38,6 @@ default keeps everything; a device holding host resources applies its policy the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 from kvmfw.bus import PendingAccess
@@ -46,6 +45,7 @@ from kvmfw.debug import get_logger
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import EventQueue
 from kvmfw.memory import GuestMemory
+from kvmfw.record import Record
 
 log = get_logger("kvmfw.device")
 
@@ -169,23 +169,32 @@ def firmware_nodes(devices: Iterable[Any]) -> list[FirmwareNode]:
     return out
 
 
-@dataclass
-class DeviceContext:
-    """What the machine gives a device (and nothing more)."""
+class DeviceContext(Record):
+    """What the machine gives a device (and nothing more).
 
-    eventq: EventQueue
-    irq: Callable[[int], IrqLine]
-    """``irq(n)``: the line for interrupt input ``n`` of the platform's interrupt controller."""
-    memory: GuestMemory
-    request_exit: Callable[[int, str], None]
-    """``request_exit(status, reason)``: end the run after the current access."""
-    console_output: Any = None
-    """A binary file-like sink for console devices (None: the machine's default console)."""
-    console_input: Any = None
-    options: dict[str, Any] = field(default_factory=dict)
-    """Machine-wide options (memory size, CPU count, checkpoint directory, ...)."""
-    services: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    """Named machine services a device may call (``dump_stats``, ``reset_stats``, ...)."""
+    - ``eventq``: the machine's :class:`~kvmfw.eventq.EventQueue` (simulated time);
+    - ``irq(n)``: the line for interrupt input ``n`` of the platform's interrupt controller;
+    - ``memory``: guest memory (:class:`~kvmfw.memory.GuestMemory`);
+    - ``request_exit(status, reason)``: end the run after the current access;
+    - ``console_output``: a binary file-like sink for console devices (None: the machine's
+      default console); ``console_input``: its source;
+    - ``options``: machine-wide options (memory size, CPU count, checkpoint directory, ...);
+    - ``services``: named machine services a device may call (``dump_stats``,
+      ``reset_stats``, ...).
+    """
+
+    def __init__(self, eventq: EventQueue, irq: Callable[[int], IrqLine], memory: GuestMemory,
+                 request_exit: Callable[[int, str], None], console_output: Any = None,
+                 console_input: Any = None, options: dict[str, Any] | None = None,
+                 services: dict[str, Callable[..., Any]] | None = None) -> None:
+        self.eventq = eventq
+        self.irq = irq
+        self.memory = memory
+        self.request_exit = request_exit
+        self.console_output = console_output
+        self.console_input = console_input
+        self.options: dict[str, Any] = {} if options is None else options
+        self.services: dict[str, Callable[..., Any]] = {} if services is None else services
 
 
 class ConfigKey(NamedTuple):  # (not a frozen dataclass: ~8x dearer to create at import)

@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kvmfw.abi import Cap
@@ -68,6 +67,7 @@ from kvmfw.plugins import (
     load_arch,
     make_plugin_manager,
 )
+from kvmfw.record import Record
 from kvmfw.stats import StatsRegistry
 from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
@@ -112,26 +112,34 @@ def _die_stuck(what: str) -> None:
     os._exit(124)
 
 
-@dataclass
-class MachineConfig:
-    """Everything a machine is built from (the CLI and TOML config fill this in)."""
+class MachineConfig(Record):
+    """Everything a machine is built from (the CLI and TOML config fill this in).
 
-    arch: str | None = None
-    memory: int = 256 * MiB
-    cpus: int = 1
-    devices: list[str] = field(default_factory=list)
-    """Device specs added to the board (``name,key=value,...``)."""
-    default_devices: bool = True
-    """Start from the arch's default board (``default_devices`` hook); False: empty board."""
-    unclaimed: str = "ignore"
-    always_sync: bool = False
-    host_factor: float = 1.0
-    host_frequency_hz: float = 2e9
-    use_perf: bool = True
-    use_coalesced_mmio: bool = False
-    kvm_path: str = "/dev/kvm"
-    options: dict[str, Any] = field(default_factory=dict)
-    """Arch and device options (``irqchip``, ``console``, ``cmdline``, ...)."""
+    ``devices``: device specs added to the board (``name,key=value,...``);
+    ``default_devices``: start from the arch's default board (``default_devices`` hook),
+    False: an empty board; ``options``: arch and device options (``irqchip``, ``console``,
+    ``cmdline``, ...). :meth:`~kvmfw.record.Record.replace` gives a changed copy.
+    """
+
+    def __init__(self, arch: str | None = None, memory: int = 256 * MiB, cpus: int = 1,
+                 devices: list[str] | None = None, default_devices: bool = True,
+                 unclaimed: str = "ignore", always_sync: bool = False,
+                 host_factor: float = 1.0, host_frequency_hz: float = 2e9,
+                 use_perf: bool = True, use_coalesced_mmio: bool = False,
+                 kvm_path: str = "/dev/kvm", options: dict[str, Any] | None = None) -> None:
+        self.arch = arch
+        self.memory = memory
+        self.cpus = cpus
+        self.devices: list[str] = [] if devices is None else devices
+        self.default_devices = default_devices
+        self.unclaimed = unclaimed
+        self.always_sync = always_sync
+        self.host_factor = host_factor
+        self.host_frequency_hz = host_frequency_hz
+        self.use_perf = use_perf
+        self.use_coalesced_mmio = use_coalesced_mmio
+        self.kvm_path = kvm_path
+        self.options: dict[str, Any] = {} if options is None else options
 
     @classmethod
     def from_run(cls, cfg: dict[str, Any], arch: str, options: dict[str, Any]) -> MachineConfig:
@@ -201,7 +209,7 @@ class Machine:
         sink = cfg.options.get("console_output", console)
         self.console = sink if isinstance(sink, Console) else Console(tee=sink)
         """What the guest printed (:class:`~kvmfw.api.Console`: ``.text``, ``.data``)."""
-        self.config = cfg = replace(cfg, options={**cfg.options, "console_output": self.console})
+        self.config = cfg = cfg.replace(options={**cfg.options, "console_output": self.console})
         if cfg.cpus < 1:
             raise ConfigError("a machine needs at least one vCPU (--cpus >= 1)")
         self.cpu_model = cpu_model

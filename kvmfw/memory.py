@@ -13,7 +13,6 @@ import bisect
 import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvmfw.abi import address_of, ffi
@@ -32,21 +31,29 @@ two agree modulo the huge-page size, as QEMU's RAM does; with 4 KiB mappings a b
 takes many more nested-paging faults and TLB misses."""
 
 
-@dataclass(eq=False)
 class MemoryRegion:
-    """One host mapping seen by the guest at ``[gpa, gpa + size)``."""
+    """One host mapping seen by the guest at ``[gpa, gpa + size)``; equal only to itself.
+    (A plain class, not a dataclass: see :mod:`kvmfw.record`.)"""
 
-    gpa: int
-    size: int
-    name: str = "ram"
-    readonly: bool = False
-    path: Path | None = None
-    private: bool = False
-    slot: int | None = None
-    _map: mmap.mmap | None = field(default=None, repr=False)
-    _view: memoryview | None = field(default=None, repr=False)
-    _whole: memoryview | None = field(default=None, repr=False)
-    host_addr: int = 0
+    def __init__(self, gpa: int, size: int, name: str = "ram", readonly: bool = False,
+                 path: Path | None = None, private: bool = False,
+                 slot: int | None = None) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.name = name
+        self.readonly = readonly
+        self.path = path
+        self.private = private
+        self.slot = slot
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._whole: memoryview | None = None
+        self.host_addr = 0
+
+    def __repr__(self) -> str:
+        return (f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x}, name={self.name!r}, "
+                f"readonly={self.readonly}, path={self.path!r}, private={self.private}, "
+                f"slot={self.slot}, host_addr={self.host_addr:#x})")
 
     @classmethod
     def anonymous(cls, gpa: int, size: int, name: str = "ram") -> MemoryRegion:

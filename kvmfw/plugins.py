@@ -27,7 +27,6 @@ import types
 import weakref
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import pluggy
@@ -43,6 +42,7 @@ from kvmfw.errors import (
     PluginHookError,
     PluginLoadError,
 )
+from kvmfw.record import Record
 
 log = get_logger("kvmfw.plugins")
 
@@ -69,21 +69,20 @@ def host_arch() -> str:
     return _HOST_ARCH.get(m, m)
 
 
-@dataclass
-class PluginInfo:
-    """One entry point as ``kvmfw list-plugins`` shows it."""
+class PluginInfo(Record):
+    """One entry point as ``kvmfw list-plugins`` shows it (``status``: ``loaded`` or
+    ``failed``)."""
 
-    name: str
-    group: str
-    target: str
-    package: str
-    version: str
-    status: str  # "loaded" | "failed"
-    api: str = ""
-    error: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+    def __init__(self, name: str, group: str, target: str, package: str, version: str,
+                 status: str, api: str = "", error: str = "") -> None:
+        self.name = name
+        self.group = group
+        self.target = target
+        self.package = package
+        self.version = version
+        self.status = status
+        self.api = api
+        self.error = error
 
 
 _Stamp = tuple[tuple[str, int], ...]

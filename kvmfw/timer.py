@@ -17,11 +17,11 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvmfw.abi import lib
 from kvmfw.eventq import TICKS_PER_SECOND
+from kvmfw.record import Record
 from kvmfw.stats import KvmCpuStats
 
 PERF_TYPE_HARDWARE = 0
@@ -64,21 +64,24 @@ class RunTimer:
             self._timer = 0
 
 
-@dataclass
-class CycleSource:
+class CycleSource(Record):
     """A counter of cycles at ``frequency_hz``. A guest-only counter (perf) is read around
     each run; a host one (the TSC, the monotonic clock) is timed by the compiled entry
-    and scaled to ``frequency_hz``, so the exit path reads no counter."""
+    and scaled to ``frequency_hz``, so the exit path reads no counter. ``instructions``:
+    guest instructions retired, when a counter can measure them (perf only); ``fds``: file
+    descriptors this source owns (perf counters), closed by :meth:`close`."""
 
-    name: str
-    read: Callable[[], int]
-    frequency_hz: float
-    counts_guest_only: bool = False
-    note: str = ""
-    instructions: Callable[[], int] | None = None
-    """Guest instructions retired, when a counter can measure them (perf only)."""
-    fds: list[int] = field(default_factory=list)
-    """File descriptors this source owns (perf counters), closed by :meth:`close`."""
+    def __init__(self, name: str, read: Callable[[], int], frequency_hz: float,
+                 counts_guest_only: bool = False, note: str = "",
+                 instructions: Callable[[], int] | None = None,
+                 fds: list[int] | None = None) -> None:
+        self.name = name
+        self.read = read
+        self.frequency_hz = frequency_hz
+        self.counts_guest_only = counts_guest_only
+        self.note = note
+        self.instructions = instructions
+        self.fds: list[int] = [] if fds is None else fds
 
     def close(self) -> None:
         """Close the counters this source owns (idempotent)."""

@@ -345,13 +345,11 @@ def _major(version: str) -> str:
 def machine_config(m: Manifest, options: dict[str, Any] | None = None) -> Any:
     """The :class:`~kvmfw.machine.MachineConfig` recorded in the manifest, with host-side
     ``options`` (console, pseudo-op directory, ...) given anew."""
-    from dataclasses import fields
-
     from kvmfw.machine import MachineConfig
 
     where = f"{m.file(fmt.MANIFEST)}: field 'machine'"
     rec = m.data["machine"]
-    known = {f.name: f for f in fields(MachineConfig)}
+    known = MachineConfig().as_dict()
     kwargs: dict[str, Any] = {}
     for key, value in rec.items():
         if key not in known or key in ("kvm_path",):

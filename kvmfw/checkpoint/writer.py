@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,8 +49,7 @@ def machine_config(machine: Machine) -> dict[str, Any]:
     """The recorded :class:`~kvmfw.machine.MachineConfig`: enough to build the machine
     again (host-side objects such as the console are left out)."""
     cfg = machine.config
-    out = {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)
-           if f.name not in HOST_CONFIG}
+    out = {k: _plain(v) for k, v in cfg.as_dict().items() if k not in HOST_CONFIG}
     out["options"] = {k: _plain(v) for k, v in cfg.options.items()
                       if k not in HOST_OPTIONS and (v is None or isinstance(
                           v, bool | int | float | str | list | tuple | dict))}

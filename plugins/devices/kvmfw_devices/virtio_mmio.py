@@ -46,8 +46,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from kvmfw.device import (
     ConfigKey,
@@ -59,6 +58,7 @@ from kvmfw.device import (
     parse_int,
 )
 from kvmfw.errors import CheckpointError, GuestMemoryError
+from kvmfw.record import Record
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_bytes, to_int
@@ -134,21 +134,22 @@ class BadDescriptor(GuestMemoryError):
     needs a reset)."""
 
 
-@dataclass
-class Queue:
+class Queue(Record):
     """One split virtqueue's transport state (indices are the 16-bit ring indices)."""
 
-    num: int = QUEUE_NUM_MAX
-    ready: bool = False
-    desc: int = 0
-    avail: int = 0
-    used: int = 0
-    last_avail: int = 0
-    used_idx: int = 0
+    def __init__(self, num: int = QUEUE_NUM_MAX, ready: bool = False, desc: int = 0,
+                 avail: int = 0, used: int = 0, last_avail: int = 0,
+                 used_idx: int = 0) -> None:
+        self.num = num
+        self.ready = ready
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self.last_avail = last_avail
+        self.used_idx = used_idx
 
 
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(NamedTuple):  # (not a frozen dataclass: dearer to create, at import and per buffer)
     """One descriptor of a chain: guest-physical ``addr``, ``length``, device-writable?
     Already checked to lie in guest RAM (or to be empty)."""
 
@@ -583,7 +584,7 @@ class VirtioMmio(Device):
                 "driver_features": self.driver_features, "queue_sel": self.queue_sel,
                 "interrupt_status": self.interrupt_status,
                 "config_generation": self.config_generation, "broken": self.broken,
-                "queues": [asdict(q) for q in self.queues]}
+                "queues": [q.as_dict() for q in self.queues]}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load :meth:`save` output; values are masked to their register widths and a

@@ -29,12 +29,12 @@ against the destination first: an oversized, out-of-range or foreign value raise
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.cpu import RUNNING_SERVICE_COMPLETION
 from kvmfw.errors import KvmError, StateError
 from kvmfw.hookspecs import SyncLevel
+from kvmfw.record import Record
 
 from kvmfw_x86.abi import X, addr, ffi
 
@@ -126,22 +126,24 @@ def _index(i: Any, count: int, what: str) -> int:
     return i
 
 
-@dataclass
-class Segment:
-    """One segment register as ``struct kvm_segment`` holds it."""
+class Segment(Record):
+    """One segment register as ``struct kvm_segment`` holds it (its fields in that order)."""
 
-    base: int = 0
-    limit: int = 0xFFFF
-    selector: int = 0
-    type: int = 3
-    present: int = 1
-    dpl: int = 0
-    db: int = 0
-    s: int = 1
-    l: int = 0
-    g: int = 0
-    avl: int = 0
-    unusable: int = 0
+    def __init__(self, base: int = 0, limit: int = 0xFFFF, selector: int = 0, type: int = 3,
+                 present: int = 1, dpl: int = 0, db: int = 0, s: int = 1, l: int = 0,
+                 g: int = 0, avl: int = 0, unusable: int = 0) -> None:
+        self.base = base
+        self.limit = limit
+        self.selector = selector
+        self.type = type
+        self.present = present
+        self.dpl = dpl
+        self.db = db
+        self.s = s
+        self.l = l
+        self.g = g
+        self.avl = avl
+        self.unusable = unusable
 
     @classmethod
     def from_c(cls, c: Any) -> Segment:
@@ -152,7 +154,7 @@ class Segment:
     def to_c(self, c: Any) -> None:
         """Write into a ``struct kvm_segment`` (StateError, and nothing written, if a field
         does not fit)."""
-        vals = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        vals = list(vars(self).items())
         tmp = ffi.new("struct kvm_segment *")
         try:
             for name, v in vals:

@@ -7,26 +7,27 @@ from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvmfw.abi import Cap, ioctl
 from kvmfw.errors import ConfigError, KvmError
+from kvmfw.record import Record
 
 from kvmfw_x86.abi import X, addr, ffi
 
 
-@dataclass
-class CpuidEntry:
+class CpuidEntry(Record):
     """One ``struct kvm_cpuid_entry2``."""
 
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
+    def __init__(self, function: int, index: int, flags: int, eax: int, ebx: int, ecx: int,
+                 edx: int) -> None:
+        self.function = function
+        self.index = index
+        self.flags = flags
+        self.eax = eax
+        self.ebx = ebx
+        self.ecx = ecx
+        self.edx = edx
 
     def regs(self) -> tuple[int, int, int, int]:
         return self.eax, self.ebx, self.ecx, self.edx
@@ -183,19 +184,22 @@ def has_feature(entries: list[CpuidEntry], name: str) -> bool:
     return e is not None and bool(e.regs()[_REG[reg]] >> bit & 1)
 
 
-@dataclass
-class CpuidModel:
-    """A user CPU model applied on top of what KVM supports."""
+class CpuidModel(Record):
+    """A user CPU model applied on top of what KVM supports. ``hyperv``: Hyper-V
+    enlightenments (QEMU's ``hv-*`` names without the prefix, or ``all``): see
+    :mod:`kvmfw_x86.hyperv`."""
 
-    vendor: str | None = None
-    family: int | None = None
-    model: int | None = None
-    stepping: int | None = None
-    brand: str | None = None
-    mask: list[str] = field(default_factory=list)
-    hyperv: list[str] = field(default_factory=list)
-    """Hyper-V enlightenments (QEMU's ``hv-*`` names without the prefix, or ``all``):
-    see :mod:`kvmfw_x86.hyperv`."""
+    def __init__(self, vendor: str | None = None, family: int | None = None,
+                 model: int | None = None, stepping: int | None = None,
+                 brand: str | None = None, mask: list[str] | None = None,
+                 hyperv: list[str] | None = None) -> None:
+        self.vendor = vendor
+        self.family = family
+        self.model = model
+        self.stepping = stepping
+        self.brand = brand
+        self.mask: list[str] = [] if mask is None else mask
+        self.hyperv: list[str] = [] if hyperv is None else hyperv
 
     @classmethod
     def from_options(cls, opts: dict[str, Any] | str | None) -> CpuidModel | None:

@@ -16,11 +16,11 @@ does on resume (``CS = vector >> 4``, ``IP = vector & 0xF``).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvmfw.abi import IOC_READ, IOC_WRITE, ioctl, ioctl_number
 from kvmfw.hookspecs import SyncLevel
+from kvmfw.record import Record
 
 from kvmfw_x86.abi import X, addr, ffi, lib
 
@@ -35,15 +35,15 @@ IRQCHIPS = (0, 1, 2)  # PIC master, PIC slave, IO-APIC
 FACS_SIGNATURE = b"FACS"
 
 
-@dataclass
-class PowerOn:
+class PowerOn(Record):
     """What a reset loads back."""
 
-    contexts: dict[int, dict[str, Any]] = field(default_factory=dict)
-    lapics: dict[int, bytes] = field(default_factory=dict)
-    mp_states: dict[int, int] = field(default_factory=dict)
-    irqchips: list[bytes] = field(default_factory=list)
-    pit: bytes | None = None
+    def __init__(self) -> None:
+        self.contexts: dict[int, dict[str, Any]] = {}
+        self.lapics: dict[int, bytes] = {}
+        self.mp_states: dict[int, int] = {}
+        self.irqchips: list[bytes] = []
+        self.pit: bytes | None = None
 
 
 def _buf(size: int, data: bytes | None = None) -> Any:
