@@ -14,7 +14,6 @@ The map follows QEMU's ``virt`` board so stock arm64 kernels find what they expe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import fdt
@@ -22,6 +21,7 @@ import fdt
 from kvmfw.device import FirmwareNode
 from kvmfw.device import firmware_nodes as declared_nodes
 from kvmfw.errors import ConfigError
+from kvmfw.record import Record
 from kvmfw_armv8 import abi
 
 RAM_BASE = 0x4000_0000
@@ -41,8 +41,7 @@ FEATURES = ("pmu", "sve", "pauth", "el1_32bit")
 GIC_CHOICES = ("v3", "v2", "auto", "none")
 
 
-@dataclass
-class BoardConfig:
+class BoardConfig(Record):
     """The ARMv8 options of ``MachineConfig.options``.
 
     ``gic``: ``v3`` (default), ``v2``, ``auto`` (v3, else v2) or ``none`` (no in-kernel
@@ -51,9 +50,11 @@ class BoardConfig:
     (default True).
     """
 
-    gic: str = "v3"
-    features: frozenset[str] = frozenset()
-    psci: bool = True
+    def __init__(self, gic: str = "v3", features: frozenset[str] = frozenset(),
+                 psci: bool = True) -> None:
+        self.gic = gic
+        self.features = features
+        self.psci = psci
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> BoardConfig:
@@ -69,24 +70,27 @@ class BoardConfig:
         return cls(gic=gic, features=feats, psci=bool(options.get("psci", True)))
 
 
-@dataclass
-class DeviceTreeSpec:
-    """Everything the generated device tree describes."""
+class DeviceTreeSpec(Record):
+    """Everything the generated device tree describes. ``virtio``: virtio-mmio slot
+    numbers to describe; ``devices``: what the machine's devices declare
+    (:func:`firmware_nodes`): each ``mmio`` node with a ``compatible`` becomes a node; the
+    first ``pl011`` is the console (``stdout-path``)."""
 
-    ram_base: int
-    ram_size: int
-    mpidrs: list[int]
-    gic: str = "v3"
-    cmdline: str = ""
-    initrd: tuple[int, int] | None = None
-    uart: bool = True
-    pmu: bool = False
-    virtio: list[int] = field(default_factory=list)
-    """virtio-mmio slot numbers to describe."""
-    devices: list[FirmwareNode] = field(default_factory=list)
-    """What the machine's devices declare (:func:`firmware_nodes`): each ``mmio`` node with
-    a ``compatible`` becomes a node; the first ``pl011`` is the console (``stdout-path``)."""
-    psci_method: str = "hvc"
+    def __init__(self, ram_base: int, ram_size: int, mpidrs: list[int], gic: str = "v3",
+                 cmdline: str = "", initrd: tuple[int, int] | None = None, uart: bool = True,
+                 pmu: bool = False, virtio: list[int] | None = None,
+                 devices: list[FirmwareNode] | None = None, psci_method: str = "hvc") -> None:
+        self.ram_base = ram_base
+        self.ram_size = ram_size
+        self.mpidrs = mpidrs
+        self.gic = gic
+        self.cmdline = cmdline
+        self.initrd = initrd
+        self.uart = uart
+        self.pmu = pmu
+        self.virtio: list[int] = [] if virtio is None else virtio
+        self.devices: list[FirmwareNode] = [] if devices is None else devices
+        self.psci_method = psci_method
 
 
 PHANDLE_GIC = 1

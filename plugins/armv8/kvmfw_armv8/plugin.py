@@ -32,7 +32,6 @@ import io
 import mmap
 import os
 import weakref
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmfw import initramfs
@@ -43,6 +42,7 @@ from kvmfw.errors import ConfigError, ImageError, KvmError, KvmfwError, StateErr
 from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
 from kvmfw.imagefile import copy_into
+from kvmfw.record import Record
 from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs, vgic
 from kvmfw_armv8.context import ArmV8Context, Group
 
@@ -93,51 +93,54 @@ class RegisterSyncError(KvmfwError):
         super().__init__(f"KVM_SET_ONE_REG failed for {len(failures)} register(s): {shown}{more}")
 
 
-@dataclass
-class ArmCpuState:
-    """What the plugin knows about one vCPU."""
+class ArmCpuState(Record):
+    """What the plugin knows about one vCPU. ``other_ids``: reg-list ids outside the core
+    groups (system, firmware, demux, SVE, unknown)."""
 
-    index: int
-    target: int = -1
-    features: int = 0
-    mpidr: int = 0
-    reg_ids: list[int] = field(default_factory=list)
-    other_ids: list[int] = field(default_factory=list)
-    """Reg-list ids outside the core groups (system, firmware, demux, SVE, unknown)."""
-    sve: bool = False
+    def __init__(self, index: int, target: int = -1, features: int = 0, mpidr: int = 0,
+                 reg_ids: list[int] | None = None, other_ids: list[int] | None = None,
+                 sve: bool = False) -> None:
+        self.index = index
+        self.target = target
+        self.features = features
+        self.mpidr = mpidr
+        self.reg_ids: list[int] = [] if reg_ids is None else reg_ids
+        self.other_ids: list[int] = [] if other_ids is None else other_ids
+        self.sve = sve
 
 
-@dataclass
-class ArmBoard:
+class ArmBoard(Record):
     """The ARMv8 side of one machine."""
 
-    config: board.BoardConfig
-    gic: str = "none"
-    vgic: KvmDevice | None = None
-    layout2: bool = False
-    cpus: dict[int, ArmCpuState] = field(default_factory=dict)
-    waiting: list[KvmCPU] = field(default_factory=list)
-    """Secondary vCPUs powered off in KVM, activated when PSCI CPU_ON makes them runnable
-    (changed only under the machine lock)."""
-    bring_up: Event | None = None
-    """The event that polls the waiting vCPUs' MP state (scheduled while some wait)."""
-    poll_interval: int = BRING_UP_POLL_TICKS
-    mp_state_polls: int = 0
-    """``KVM_GET_MP_STATE`` calls made for bring-up (bounded by the poll's rate)."""
-    dtb_addr: int | None = None
-    dtb: bytes = b""
-    initrd: tuple[int, int] | None = None
-    vgic_ready: bool = False
-    spi_lines: dict[int, CallbackIrqLine] = field(default_factory=dict)
-    """The platform IRQ lines handed out, by SPI: a vGIC restore sets their cached level to
-    the restored input level, so a device's next ``lower()`` is not skipped."""
-    spi_levels: dict[int, int] = field(default_factory=dict)
-    """Input levels by INTID from the last vGIC restore (for lines handed out after it)."""
-    inst_stops: dict[int, Any] = field(default_factory=dict)
-    """Armed instruction stops by vCPU index (:func:`set_inst_stop`)."""
-    forked_waiting: set[int] | None = None
-    """In a forked child between ``fork_child`` and ``machine_created``: the indices of
-    the secondaries that were waiting for CPU_ON at the fork."""
+    def __init__(self, config: board.BoardConfig, gic: str = "none") -> None:
+        self.config = config
+        self.gic = gic
+        self.vgic: KvmDevice | None = None
+        self.layout2 = False
+        self.cpus: dict[int, ArmCpuState] = {}
+        self.waiting: list[KvmCPU] = []
+        """Secondary vCPUs powered off in KVM, activated when PSCI CPU_ON makes them
+        runnable (changed only under the machine lock)."""
+        self.bring_up: Event | None = None
+        """The event that polls the waiting vCPUs' MP state (scheduled while some wait)."""
+        self.poll_interval = BRING_UP_POLL_TICKS
+        self.mp_state_polls = 0
+        """``KVM_GET_MP_STATE`` calls made for bring-up (bounded by the poll's rate)."""
+        self.dtb_addr: int | None = None
+        self.dtb = b""
+        self.initrd: tuple[int, int] | None = None
+        self.vgic_ready = False
+        self.spi_lines: dict[int, CallbackIrqLine] = {}
+        """The platform IRQ lines handed out, by SPI: a vGIC restore sets their cached
+        level to the restored input level, so a device's next ``lower()`` is not skipped."""
+        self.spi_levels: dict[int, int] = {}
+        """Input levels by INTID from the last vGIC restore (for lines handed out after
+        it)."""
+        self.inst_stops: dict[int, Any] = {}
+        """Armed instruction stops by vCPU index (:func:`set_inst_stop`)."""
+        self.forked_waiting: set[int] | None = None
+        """In a forked child between ``fork_child`` and ``machine_created``: the indices of
+        the secondaries that were waiting for CPU_ON at the fork."""
 
 
 _BOARDS: weakref.WeakKeyDictionary[Any, ArmBoard] = weakref.WeakKeyDictionary()
