@@ -9,8 +9,8 @@ first KVM_RUN is issued (it wraps ``kvmfw.cpu._run_ctx`` for that one call), the
 through the same ``kvmfw run`` path a user takes (``--max-ticks 1``: it ends at the first
 exit). Printed: medians of spawn->interpreter, ->imports, ->first KVM_RUN, and the whole
 process; ``kvmfw run --help`` and ``python -c pass`` for scale. ``--profile`` adds one run
-under cProfile up to the first KVM_RUN (top functions by cumulative time); ``--importtime``
-one run with ``-X importtime`` (the slowest imports). The kernel defaults to the nested
+under cProfile up to the first KVM_RUN (top functions by cumulative time, then by
+own time); ``--importtime`` one run with ``-X importtime`` (the slowest imports). The kernel defaults to the nested
 environment's ($KVMFW_LINUX_GUESTS/vmlinuz-cloud-amd64 and its initramfs), else the
 embedded guest. Timing only: nothing here asserts a speed.
 """
@@ -44,7 +44,9 @@ def _first(ctx):
     if prof is not None:
         prof.disable()
         import pstats
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(45)
+        st = pstats.Stats(prof, stream=sys.stderr)
+        st.sort_stats("cumulative").print_stats(45)
+        st.sort_stats("tottime").print_stats(30)
     sys.stderr.write(f"KVMFW-STARTUP {t_interp!r} {t_imports!r} {t!r}\n")
     sys.stderr.flush()
     return _orig(ctx)
