@@ -49,7 +49,10 @@ def machine_config(machine: Machine) -> dict[str, Any]:
     """The recorded :class:`~kvmfw.machine.MachineConfig`: enough to build the machine
     again (host-side objects such as the console are left out)."""
     cfg = machine.config
-    out = {k: _plain(v) for k, v in cfg.as_dict().items() if k not in HOST_CONFIG}
+    from kvmfw.machine import MachineConfig
+
+    fields = MachineConfig().as_dict()  # its fields only, not attributes a caller added
+    out = {k: _plain(getattr(cfg, k)) for k in fields if k not in HOST_CONFIG}
     out["options"] = {k: _plain(v) for k, v in cfg.options.items()
                       if k not in HOST_OPTIONS and (v is None or isinstance(
                           v, bool | int | float | str | list | tuple | dict))}

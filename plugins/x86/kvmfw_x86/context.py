@@ -159,7 +159,7 @@ class Segment(Record):
         try:
             for name, v in vals:
                 setattr(tmp[0], name, v)
-        except (TypeError, OverflowError) as exc:
+        except (TypeError, OverflowError, AttributeError) as exc:  # (an unknown field)
             raise StateError(f"segment field out of range: {exc}") from None
         ffi.memmove(ffi.addressof(c), tmp, ffi.sizeof("struct kvm_segment"))
 
