@@ -10,9 +10,9 @@ through the same ``kvmfw run`` path a user takes (``--max-ticks 1``: it ends at 
 exit). Printed: medians of spawn->interpreter, ->imports, ->first KVM_RUN, and the whole
 process; ``kvmfw run --help`` and ``python -c pass`` for scale. ``--profile`` adds one run
 under cProfile up to the first KVM_RUN (top functions by cumulative time, then by
-own time); ``--importtime`` one run with ``-X importtime`` (the slowest imports). The kernel defaults to the nested
-environment's ($KVMFW_LINUX_GUESTS/vmlinuz-cloud-amd64 and its initramfs), else the
-embedded guest. Timing only: nothing here asserts a speed.
+own time); ``--importtime`` one run with ``-X importtime`` (the slowest imports). The
+kernel defaults to the nested environment's ($KVMFW_LINUX_GUESTS/vmlinuz-cloud-amd64 and
+its initramfs), else the embedded guest. Timing only: nothing here asserts a speed.
 """
 
 from __future__ import annotations
