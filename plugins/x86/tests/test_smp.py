@@ -31,6 +31,14 @@ def _threads(rep: Reporter) -> list[tuple[int, str]]:
     return seen
 
 
+def _at_its_hlt(m: Any, cpu: Any) -> bool:
+    """The AP ran its trampoline to the end: halted on its hlt, or stopped just before it.
+    The BSP ends the run once the last AP's counter increment lands, which may be before
+    that AP's thread executed the hlt (seen in the nested environment, on a busy host)."""
+    ctx = cpu.get_context()
+    return bool(cpu.halted) or m.memory.read(ctx.cs.base + ctx.rip, 1) == b"\xf4"
+
+
 @pytest.mark.parametrize("irqchip", ["kernel", "userspace"])
 @pytest.mark.parametrize("cpus", [2, 4])
 def test_every_cpu_comes_online(machine_factory: Any, cpus: int, irqchip: str) -> None:
@@ -58,7 +66,7 @@ def test_every_cpu_comes_online(machine_factory: Any, cpus: int, irqchip: str) -
         for cpu in m.cpus[1:]:
             ctx = cpu.get_context()
             assert ctx.mode == "real" and ctx.cs.selector == 0x600
-            assert cpu.halted
+            assert _at_its_hlt(m, cpu)
 
 
 def test_userspace_init_parks_a_running_cpu_until_sipi(machine_factory: Any) -> None:
@@ -70,7 +78,7 @@ def test_userspace_init_parks_a_running_cpu_until_sipi(machine_factory: Any) -> 
     m.run(timeout=300)
     st = X86Plugin.state(m.hooks.pm.get_plugin("arch:x86"), m)  # type: ignore[arg-type]
     ap = m.cpus[1]
-    assert ap.halted
+    assert _at_its_hlt(m, ap)
     m.memory.write(0x7000, bytes.fromhex("b8 0b 0a e7 e0 e6 e4 f4"))  # out 0xa0b; end
     parked: list[tuple[bool, int, int]] = []
 
