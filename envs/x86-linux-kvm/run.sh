@@ -52,9 +52,10 @@
 #   core, x86 and devices suites ran on the host's own KVM before; tests/linux, which runs
 #   only here, comes first). Under tox the budget is also cut to what is left of
 #   KVMFW_TOX_LIMIT (s, 5400: CI's 90 minutes, counted from tox's start, toxfile.py's
-#   KVMFW_TOX_STARTED) less 1200 s for the test running at the deadline and the sessions
-#   that skip: on a slow host the environments before this one leave it less. On a quiet
-#   host the whole run takes 40-47 min, so its last tests may be skipped there too.
+#   KVMFW_TOX_STARTED) less 1500 s: up to 900 s for the test running at the deadline (the
+#   boot's timeout), then a retry boot or the sessions that skip. On a slow host the
+#   environments before this one leave it less. On a quiet host the whole run takes 40-47
+#   min, so its last tests may be skipped there too.
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -393,9 +394,9 @@ rm -f "$OUT/retry" "$OUT/done.list" "$OUT/failures.log" "$OUT/current" "$OUT/ali
   "$LOG.1" "$CACHE/logs/failures.log"
 TB=$(date +%s)
 if [ "$BUDGET" -gt 0 ] && [ -n "${KVMFW_TOX_STARTED:-}" ]; then
-  # the rest of the tox run's limit, less the reserve for the test running at the deadline,
-  # the sessions that then skip, and a retry boot
-  left=$(( KVMFW_TOX_STARTED + TOX_LIMIT - TB - 1200 ))
+  # the rest of the tox run's limit, less the reserve for the test running at the deadline
+  # (900 s, the boot's timeout past the budget), the sessions that then skip, a retry boot
+  left=$(( KVMFW_TOX_STARTED + TOX_LIMIT - TB - 1500 ))
   [ "$left" -ge 600 ] || left=600
   if [ "$left" -lt "$BUDGET" ]; then
     say "time budget cut to ${left}s: tox started $(( TB - KVMFW_TOX_STARTED ))s ago and has ${TOX_LIMIT}s (KVMFW_TOX_LIMIT)"
