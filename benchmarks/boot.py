@@ -11,12 +11,15 @@ semantics; this machine's own kvm_pvm cannot boot stock Linux):
     envs/x86-linux-kvm/run.sh --bench [--runs 5] [--cpus 1,2] [--disk no,yes] [--profile]
 
 For every configuration (vCPU count x with/without a virtio-blk disk) the runs alternate
-between the VMMs (run 1 of each, then run 2 of each, ...). Per configuration and VMM it
+between the VMMs in rounds, the order reversed every other round (A B, B A, ...: a host whose
+speed drifts favours neither). Per configuration and VMM it
 prints the median time from process start to the init marker (KVMFW-INIT-OK on the 16550
 console) and to the process exit (`reboot -f`), the guest's own uptime at the marker (the
 rest is the VMM's start-up, firmware and the kernel's decompression), the median gap from
 the marker to the exit (the guest's reboot path and the VMM's teardown), the ratios
-kvmfw/QEMU, and the peak RSS. One untimed boot per VMM comes first (a warm-up: caches as a
+kvmfw/QEMU of the medians and the geometric mean of the per-round ratios (each round's two
+boots ran next to each other, so this one is the steadier on a drifting host), and the peak
+RSS. One untimed boot per VMM comes first (a warm-up: caches as a
 second boot finds them).
 With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
@@ -48,6 +51,8 @@ from linuxguest import (  # noqa: E402
     Boot,
     guests_dir,
     make_ext4,
+    paired_text,
+    round_order,
     run,
     why_unavailable,
 )
@@ -182,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     table: list[str] = []
     print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw', False)!r}, {args.memory} MiB, "
-          f"{args.runs} alternating runs per VMM; each VMM's command ({cpus_list[0]} vCPU, no "
-          "disk; a disk adds its virtio-blk device and the cmdline kvmfw.test=blk):", flush=True)
+          f"{args.runs} rounds of one boot per VMM (the order reversed every other round); "
+          f"each VMM's command ({cpus_list[0]} vCPU, no disk; a disk adds its virtio-blk "
+          "device and the cmdline kvmfw.test=blk):", flush=True)
     for v in vmms:
         print(f"  {v:13s} {command_line(boot(v, cpus_list[0], False))}", flush=True)
     # One untimed boot per VMM first: the timed ones then find what a user's second boot
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {conf}", flush=True)
             results: dict[str, list] = {v: [] for v in vmms}
             for i in range(1, args.runs + 1):
-                for v in vmms:
+                for v in round_order(vmms, i):
                     r = run(boot(v, cpus, disk))
                     results[v].append(r)
                     good = r.t_marker is not None and r.rc == 0 and \
@@ -253,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                     km, ke = med(ref, "t_marker"), med(ref, "t_exit")
                     rm = f"{km / m:.2f}" if km and m else "NA"
                     re_ = f"{ke / e:.2f}" if ke and e else "NA"
-                    row += f" {rm} / {re_} |"
+                    row += f" {rm} / {re_} | " + " / ".join(
+                        paired_text(results[ref], results[v], k)
+                        for k in ("t_marker", "t_exit")) + " |"
                 else:
-                    row += " |"
+                    row += " | |"
                 table.append(row + f" {n_ok}/{len(results[v])} |")
             if args.profile and "kvmfw" in vmms:
                 print(f"kvmfw profile ({conf}):\n" +
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
 
     print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit), "
-          "kvmfw-microvm / qemu-microvm when both ran:")
+          "kvmfw-microvm / qemu-microvm when both ran, of the medians;")
+    print("paired = geometric mean of the rounds' own ratios (lowest-highest), marker / exit")
     print("guest uptime = the guest's own clock at the marker (host time less the VMM's "
           "start-up, firmware and decompression)")
     print("gap = median of exit - marker per boot (the guest's reboot path and the VMM's "
@@ -272,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
           "marker (its start-up and exit handling; the nested environment's outer guest has "
           "one CPU, so the guest's vCPUs wait for it)")
     print("| configuration          | vmm           | marker  | exit    | uptime | gap   "
-          "| vmm cpu | ratio | ok |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| vmm cpu | ratio | paired | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
     if not args.no_memory:

@@ -9,11 +9,13 @@ Both VMMs boot Debian's arm64 kernel (``/boot/vmlinuz-*`` of the environment, or
 ``--kernel``) with one busybox initramfs whose /init prints ``KVMFW-INIT-OK uptime=<guest
 seconds>`` on the PL011 console and powers off (PSCI SYSTEM_OFF), the same command line,
 RAM and vCPU count; QEMU as ``qemu-system-aarch64 -M virt,gic-version=N -accel kvm -cpu
-host -nic none``. For every vCPU count the runs alternate (run 1 of each VMM, then run 2,
-...). Per VMM it prints the median time from process start to the init marker and to the
+host -nic none``. For every vCPU count the runs alternate in rounds, the order reversed
+every other round (A B, B A, ...: a host whose speed drifts favours neither). Per VMM it
+prints the median time from process start to the init marker and to the
 process exit, the guest's own uptime at the marker (so ``marker - uptime`` is roughly the
 VMM's start-up: interpreter, imports, machine set-up, image loading), the ratios
-kvmfw/QEMU and the peak RSS. It also times the interpreter's start-up alone (``python3 -c
+kvmfw/QEMU of the medians, the geometric mean of the rounds' own ratios (the steadier one on
+a drifting host) and the peak RSS. It also times the interpreter's start-up alone (``python3 -c
 pass``, ``import kvmfw.cli``, the armv8 plugin), which on the emulated arm64 host is a large
 share of a kvmfw boot. ``--profile`` adds one untimed kvmfw boot per vCPU count with
 ``kvmfw run --profile`` and prints its exit table; ``--importtime`` the slowest imports.
@@ -42,7 +44,14 @@ sys.path.insert(0, str(HERE.parent / "tests" / "linux"))
 sys.path.insert(0, str(HERE))
 
 from boot import comma_list, cpu_counts  # noqa: E402  (options as the x86 benchmark's)
-from linuxguest import MARKER, Result, kvmfw_argv, run  # noqa: E402
+from linuxguest import (  # noqa: E402
+    MARKER,
+    Result,
+    kvmfw_argv,
+    paired_text,
+    round_order,
+    run,
+)
 
 VMMS = ("kvmfw", "qemu")
 CMDLINE = "console=ttyAMA0 panic=-1 quiet"
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {conf}", flush=True)
         results: dict[str, list[Result]] = {v: [] for v in vmms}
         for i in range(1, args.runs + 1):
-            for v in vmms:
+            for v in round_order(vmms, i):
                 r = run(boot(v, cpus))
                 results[v].append(r)
                 good = r.t_marker is not None and r.rc == 0
@@ -357,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                 km, ke, ku = med("kvmfw", "t_marker"), med("kvmfw", "t_exit"), med("kvmfw",
                                                                                    "uptime")
                 row += " " + " / ".join(f"{a / b:.2f}" if a and b else "NA"
-                                        for a, b in ((km, m), (ke, e), (ku, u))) + " |"
+                                        for a, b in ((km, m), (ke, e), (ku, u))) + " | "
+                row += " / ".join(paired_text(results["kvmfw"], results[v], k)
+                                  for k in ("t_marker", "t_exit")) + " |"
             else:
-                row += " |"
+                row += " | |"
             table.append(row + f" {n_ok}/{len(results[v])} |")
         if args.profile and "kvmfw" in vmms:
             r = run(boot("kvmfw", cpus, ["--profile"]))
@@ -377,10 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cprofile and "kvmfw" in vmms:
         print(cprofile(boot("kvmfw", cpus_list[0]), tmp / "kvmfw.prof"), flush=True)
     print("\nmedians (successful boots), host seconds from process start; uptime = the guest "
-          "kernel's at the marker;\nratio = kvmfw / qemu (marker / exit / uptime); RSS = median "
-          "peak RSS (MiB, includes touched guest RAM):")
-    print("| vCPUs    | vmm   | marker  | exit    | uptime  | RSS    | ratio | ok |")
-    print("|---|---|---|---|---|---|---|---|")
+          "kernel's at the marker;\nratio = kvmfw / qemu (marker / exit / uptime) of the medians; "
+          "paired = geometric mean of the rounds' own ratios (lowest-highest), marker / exit;\n"
+          "RSS = median peak RSS (MiB, includes touched guest RAM):")
+    print("| vCPUs    | vmm   | marker  | exit    | uptime  | RSS    | ratio | paired | ok |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
     if not args.no_memory:

@@ -11,6 +11,7 @@ The VMM is one argument: ``"kvmfw"`` (``kvmfw run``), ``"kvmfw-microvm"`` (``kvm
 
 from __future__ import annotations
 
+import math
 import os
 import pty
 import re
@@ -34,6 +35,36 @@ BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 # PIC on (auto), the ISA serial port (console=ttyS0), ACPI with its GED (the guest powers off
 # through it: there is no i8042 to reset through).
 MICROVM = "microvm,rtc=on"
+
+
+def round_order(vmms: list[str], i: int) -> list[str]:
+    """The VMMs in the order round ``i`` (from 1) boots them: as given in odd rounds, reversed
+    in even ones (A B, B A, A B, ...). The emulated hosts these benchmarks run on change speed
+    by up to 2x within minutes; a fixed order would give the VMM booted second in every round
+    a steadily faster (or slower) host, this one gives each VMM both places."""
+    return list(vmms) if i % 2 else list(reversed(vmms))
+
+
+def paired_ratio(xs: list[float | None], ys: list[float | None]) \
+        -> tuple[float, float, float, int] | None:
+    """``x_i / y_i`` for the rounds where both are known (two boots next to each other in
+    time, on a host at about the same speed): (geometric mean, lowest, highest, pairs), or
+    None without a pair. Steadier than the ratio of two medians when the host drifts."""
+    rs = [x / y for x, y in zip(xs, ys, strict=True) if x and y]
+    if not rs:
+        return None
+    gm = math.exp(sum(math.log(r) for r in rs) / len(rs))
+    return gm, min(rs), max(rs), len(rs)
+
+
+def paired_text(xs: list[Result], ys: list[Result], attr: str) -> str:
+    """:func:`paired_ratio` of attribute ``attr`` (``"t_marker"``, ``"t_exit"``) of two VMMs'
+    boots, one per round, counting boots that reached the marker and exited 0; as
+    ``"0.97 (0.90-1.05)"`` (mean, lowest-highest), or ``"NA"``."""
+    def good(rs: list[Result]) -> list[float | None]:
+        return [getattr(r, attr) if r.t_marker is not None and r.rc == 0 else None for r in rs]
+    p = paired_ratio(good(xs), good(ys))
+    return f"{p[0]:.2f} ({p[1]:.2f}-{p[2]:.2f})" if p else "NA"
 
 
 def guests_dir() -> Path | None:
