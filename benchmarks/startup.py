@@ -2,6 +2,7 @@
 """kvmfw start-up: from process start to the first KVM_RUN, per phase.
 
     python benchmarks/startup.py [--runs 5] [--kernel K --initrd I] [--profile] [--importtime]
+                                 [-- more kvmfw run arguments, e.g. --cpus 2]
 
 Each run is a fresh ``python`` process that records CLOCK_MONOTONIC (system-wide, so the
 parent's clock) when the interpreter is up, when ``kvmfw.cli`` is imported and when the
@@ -100,8 +101,10 @@ def main() -> int:
     ap.add_argument("--initrd")
     ap.add_argument("--profile", action="store_true", help="one cProfile run (top 45)")
     ap.add_argument("--importtime", action="store_true", help="one -X importtime run")
+    ap.add_argument("extra", nargs="*", help="after --: more kvmfw run arguments "
+                    "(e.g. -- --cpus 2 --option board=microvm)")
     args = ap.parse_args()
-    argv = ["run", *guest_args(args.kernel, args.initrd)]
+    argv = ["run", *guest_args(args.kernel, args.initrd), *args.extra]
     print(f"python {sys.version.split()[0]} {sys.executable}; kvmfw {' '.join(argv)}",
           flush=True)
     rows: dict[str, list[float]] = {k: [] for k in

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, DeviceContext, parse_bool
@@ -197,6 +196,8 @@ class VirtioBlk(VirtioMmio):
         super().after_fork(child)
         if self.params["readonly"] or self._cow is not None:
             return
+        import tempfile  # here: only a fork needs it, and it costs a run ~20 ms of imports
+
         fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
         os.ftruncate(fd, self.capacity * SECTOR)
         self._cow_fd = fd
