@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import os
 import sys
 import types
@@ -90,7 +89,9 @@ _Fingerprint = tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
 _Found = dict[tuple[str, str], list[tuple[str, str, "EntryPoint"]]]
 _installed: tuple[_Stamp, _Found] | None = None
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+"""2: lines of tab-separated text (1 was JSON: the json package is ~5 modules a run would
+import for this file alone)."""
 INDEX_MAX_BYTES = 1 << 20
 """Largest entry-point index file read (it is a file like any other: bounded, checked, and
 rebuilt rather than trusted when anything in it is off)."""
@@ -191,32 +192,32 @@ def _index_file(key: _Fingerprint) -> str | None:
         return None
     exe = os.path.realpath(sys.executable) if sys.executable else ""
     tag = zlib.crc32(f"{exe}\0{sys.prefix}".encode()) & 0xFFFFFFFF
-    return os.path.join(base, f"entry-points-{tag:08x}.json")
+    return os.path.join(base, f"entry-points-{tag:08x}.txt")
 
 
-def _key_json(key: _Fingerprint) -> list[Any]:
-    return [[d, [list(s) for s in stamps]] for d, stamps in key]
+_INDEX_MAGIC = f"kvmfw entry points {INDEX_VERSION}"
 
 
 def _read_index(path: str, key: _Fingerprint) -> _Found | None:
     """The index in ``path`` if it was written for exactly ``key``; None if it is missing,
-    stale, too large or malformed in any way (then it is rebuilt)."""
+    stale, too large or malformed in any way (then it is rebuilt).
+
+    The file: a first line naming the format and its version, a second line with the key
+    (``repr`` of the fingerprint: one line, compared as text, never evaluated), then one
+    entry point per line: group, name, value, package and version, separated by tabs."""
     try:
         with open(path, "rb") as f:
             raw = f.read(INDEX_MAX_BYTES + 1)
         if len(raw) > INDEX_MAX_BYTES:
             return None
-        data = json.loads(raw)
-        if not isinstance(data, dict) or data.get("version") != INDEX_VERSION \
-                or data.get("key") != _key_json(key):
-            return None
-        rows = data.get("entry_points")
-        if not isinstance(rows, list) or len(rows) > _INDEX_MAX_ENTRIES:
+        lines = raw.decode().split("\n")
+        if len(lines) < 3 or lines[0] != _INDEX_MAGIC or lines[1] != repr(key) \
+                or lines[-1] != "" or len(lines) - 3 > _INDEX_MAX_ENTRIES:
             return None
         found: _Found = {}
-        for row in rows:
-            if not (isinstance(row, list) and len(row) == 5 and all(
-                    isinstance(x, str) and len(x) <= _INDEX_MAX_TEXT for x in row)):
+        for line in lines[2:-1]:
+            row = line.split("\t")
+            if len(row) != 5 or any(len(x) > _INDEX_MAX_TEXT for x in row):
                 return None
             group, name, value, pkg, ver = row
             if not group.startswith("kvmfw."):
@@ -224,22 +225,27 @@ def _read_index(path: str, key: _Fingerprint) -> _Found | None:
             found.setdefault((group, name), []).append(
                 (pkg, ver, EntryPoint(name, value, group)))
         return found
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError):  # (UnicodeDecodeError is a ValueError)
         return None
 
 
 def _write_index(path: str, key: _Fingerprint, found: _Found) -> None:
-    """Store the index (atomically; a cache that cannot be written is no error)."""
-    rows = [[ep.group, ep.name, ep.value, pkg, ver]
+    """Store the index (atomically; a cache that cannot be written is no error). Not
+    written when a field holds a tab or a line break, which the format cannot carry: then
+    every run scans, as without an index."""
+    rows = [(ep.group, ep.name, ep.value, pkg, ver)
             for entries in found.values() for pkg, ver, ep in entries]
-    data = {"version": INDEX_VERSION, "key": _key_json(key), "entry_points": rows}
+    if any(c in x for row in rows for x in row for c in "\t\n\r"):
+        return
+    text = "".join(f"{line}\n" for line in
+                   (_INDEX_MAGIC, repr(key), *("\t".join(row) for row in rows)))
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(data, f)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, ValueError):  # (a text the file system's encoding cannot hold)
         try:
             os.unlink(tmp)
         except OSError:

@@ -7,7 +7,6 @@ measure them), simulated and host seconds.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +102,8 @@ class StatsRegistry:
     def format(snap: dict[str, dict[str, Any]], fmt: str = "text") -> str:
         """One snapshot as text or JSON."""
         if fmt == "json":
+            import json  # here: only a JSON dump needs it (a run imports it no more)
+
             return json.dumps(snap, indent=2, sort_keys=True)
         lines = ["---------- Begin Simulation Statistics ----------"]
         for group, values in snap.items():

@@ -94,7 +94,7 @@ def index_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _index_files(home: Path) -> list[Path]:
-    return sorted((home / "cache" / "kvmfw").glob("entry-points-*.json"))
+    return sorted((home / "cache" / "kvmfw").glob("entry-points-*.txt"))
 
 
 def test_the_index_is_written_and_then_used_without_a_scan(
@@ -130,8 +130,9 @@ def test_a_new_distribution_on_the_path_makes_the_index_stale(
 
 
 @pytest.mark.parametrize("content", [
-    b"not json", b"[]", b'{"version": 1}', b"\xff\xfe" * 10,
-    b"{" * 100000,  # deeper than the JSON parser goes
+    b"not an index", b"", b"\n\n\n", b"kvmfw entry points 1\n", b"\xff\xfe" * 10,
+    b'{"version": 1}',  # the format before version 2
+    b"\t" * 100000,
     b" " * (plugins.INDEX_MAX_BYTES + 1),
 ])
 def test_a_damaged_index_is_rebuilt_not_trusted(index_home: Path, content: bytes) -> None:
@@ -140,18 +141,38 @@ def test_a_damaged_index_is_rebuilt_not_trusted(index_home: Path, content: bytes
     path.write_bytes(content)
     plugins._installed = None
     assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
-    assert json.loads(path.read_text())["version"] == plugins.INDEX_VERSION
+    assert path.read_text().splitlines()[0] == f"kvmfw entry points {plugins.INDEX_VERSION}"
 
 
 def test_an_index_with_a_forged_row_is_refused(index_home: Path) -> None:
     plugins._installed_entry_points()
     (path,) = _index_files(index_home)
-    data = json.loads(path.read_text())
-    for bad in (["os", "x", "os:system", "p", "v"], ["kvmfw.devices", "x", 5, "p", "v"],
-                ["kvmfw.devices", "x" * 5000, "m:a", "p", "v"], ["kvmfw.devices"]):
-        data["entry_points"] = [bad]
-        path.write_text(json.dumps(data))
-        assert plugins._read_index(str(path), plugins._path_fingerprint()) is None
+    head = path.read_text().splitlines()[:2]
+    key = plugins._path_fingerprint()
+    assert plugins._read_index(str(path), key) is not None
+    for bad in ("os\tx\tos:system\tp\tv", "kvmfw.devices\tx\tm:a\tp",
+                "kvmfw.devices\tx\tm:a\tp\tv\textra",
+                "kvmfw.devices\t" + "x" * 5000 + "\tm:a\tp\tv", "kvmfw.devices"):
+        path.write_text("\n".join([*head, bad]) + "\n")
+        assert plugins._read_index(str(path), key) is None
+    path.write_text("\n".join([head[0], repr(((str(index_home), ()),)), ""]) + "\n")
+    assert plugins._read_index(str(path), key) is None  # another key: stale
+    path.write_text("\n".join(head))  # cut short: no final line break
+    assert plugins._read_index(str(path), key) is None
+
+
+def test_an_entry_point_the_format_cannot_carry_leaves_no_index(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_dist(index_home / "site", "kvmfw-tab",
+               "[kvmfw.devices]\ntab-dev = kvmfw.device:Device [with\ttab]\n")
+    found = plugins._scan_distributions()
+    key = plugins._path_fingerprint()
+    path = plugins._index_file(key)
+    assert key is not None and path is not None
+    if not any("\t" in ep.value for entries in found.values() for _, _, ep in entries):
+        pytest.skip("this importlib.metadata drops the tab")
+    plugins._write_index(path, key, found)
+    assert not os.path.exists(path)
 
 
 def test_an_unwritable_cache_home_is_no_error(index_home: Path,

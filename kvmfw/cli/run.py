@@ -10,7 +10,6 @@ the command lines it can read exactly as click would, handing every other one to
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import select
@@ -669,6 +668,8 @@ def _write_stats(machine: Any, path: str) -> None:
     JSON list of dumps, anything else gem5-style text blocks."""
     machine.dump_stats()
     if path.endswith(".json"):
+        import json  # here: a run without --stats FILE.json does not need it
+
         text = json.dumps(machine.stats_dumps, indent=2, sort_keys=True)
     else:
         text = "".join(machine.stats.format(s) for s in machine.stats_dumps)
