@@ -54,3 +54,21 @@ def test_kvmfw_microvm_is_the_board_without_pci_and_i8042(guests: Path) -> None:
     assert argv[argv.index("--option", argv.index("reboot=off")) + 1] == "board=microvm"
     assert f"virtio-blk,file={guests / 'd.img'}" in argv
     assert "board=microvm" not in linuxguest.Boot("kvmfw").argv()
+
+
+def test_rounds_alternate_the_order_so_a_drifting_host_favours_neither() -> None:
+    vmms = ["kvmfw-microvm", "qemu-microvm"]
+    orders = [linuxguest.round_order(vmms, i) for i in range(1, 5)]
+    assert orders == [vmms, vmms[::-1], vmms, vmms[::-1]]
+    # over any two rounds each VMM boots first once and second once
+    assert [o[0] for o in orders[:2]] == vmms
+
+
+def test_paired_ratios_use_only_rounds_where_both_booted() -> None:
+    gm, lo, hi, n = linuxguest.paired_ratio([2.0, 1.0, None, 4.0], [1.0, 2.0, 3.0, None])
+    assert (lo, hi, n) == (0.5, 2.0, 2) and gm == pytest.approx(1.0)
+    assert linuxguest.paired_ratio([None], [1.0]) is None
+    ok = linuxguest.Result([], 0, b"", 5.0, 6.0, 0)
+    failed = linuxguest.Result([], 1, b"", 4.0, 6.0, 0)  # reached the marker, exited 1
+    assert linuxguest.paired_text([ok, failed], [ok, ok], "t_marker") == "1.00 (1.00-1.00)"
+    assert linuxguest.paired_text([failed], [ok], "t_exit") == "NA"
