@@ -502,26 +502,38 @@ class DeviceRegistry:
         return sorted(self._classes)
 
 
-_marked: weakref.WeakKeyDictionary[type, frozenset[str]] = weakref.WeakKeyDictionary()
+_Marks = tuple[dict[str, dict[str, Any]], frozenset[str]]
+_marked: weakref.WeakKeyDictionary[type, _Marks] = weakref.WeakKeyDictionary()
 
 
-def _marked_names(cls: type) -> frozenset[str]:
-    """The attribute names of ``cls`` (and its bases) that may be hook implementations:
-    values carrying the ``kvmfw_impl`` marker (on the function or on a classmethod or
-    staticmethod around it), and slots (read per instance). Cached per class: pluggy's own
-    search reads every attribute through ``inspect.getattr_static``, once per device."""
-    names = _marked.get(cls)
-    if names is None:
+def _class_marks(cls: type) -> _Marks:
+    """``({name: hookimpl options}, slot names)`` of ``cls``: the attributes whose
+    definition (the one lookup finds first along the MRO) carries the ``kvmfw_impl`` marker,
+    on the function or on a classmethod or staticmethod around it, with the options dict the
+    marker holds; and the slots, whose values are read per instance. Cached per class:
+    pluggy's own search reads every attribute through ``inspect.getattr_static``, once per
+    device, and that was a tenth of a run's start-up."""
+    marks = _marked.get(cls)
+    if marks is None:
         marker = hookspecs.PROJECT + "_impl"
-        found = set()
+        hooks: dict[str, dict[str, Any]] = {}
+        slots: set[str] = set()
+        seen: set[str] = set()
         for klass in cls.__mro__:
             for attr, value in vars(klass).items():
-                if isinstance(value, types.MemberDescriptorType) or \
-                        getattr(value, marker, None) is not None or \
-                        getattr(getattr(value, "__func__", None), marker, None) is not None:
-                    found.add(attr)
-        names = _marked[cls] = frozenset(found)
-    return names
+                if attr in seen:
+                    continue  # a subclass's definition hides this one
+                seen.add(attr)
+                if isinstance(value, types.MemberDescriptorType):
+                    slots.add(attr)
+                    continue
+                opts = getattr(value, marker, None)
+                if opts is None:
+                    opts = getattr(getattr(value, "__func__", None), marker, None)
+                if isinstance(opts, dict):
+                    hooks[attr] = opts
+        marks = _marked[cls] = (hooks, frozenset(slots))
+    return marks
 
 
 def check_device_hooks(device: Any, label: str) -> None:
@@ -532,13 +544,7 @@ def check_device_hooks(device: Any, label: str) -> None:
     port, its ``update_kvm_state`` every sync). Devices observe through :data:`DEVICE_HOOKS`.
     """
     bad = []
-    for attr in sorted(_marked_names(type(device))):
-        fn = getattr(type(device), attr, None)
-        if fn is None or not callable(fn):
-            continue
-        opts = getattr(fn, hookspecs.PROJECT + "_impl", None)
-        if opts is None:
-            continue
+    for attr, opts in sorted(_class_marks(type(device))[0].items()):
         name = opts.get("specname") or attr
         if name not in DEVICE_HOOKS:
             bad.append(name)
@@ -549,18 +555,26 @@ def check_device_hooks(device: Any, label: str) -> None:
 
 
 class _PluginManager(pluggy.PluginManager):
-    """pluggy's manager, asking pluggy only about the attributes that can be hooks (see
-    :func:`_marked_names`), and about everything an instance holds itself."""
+    """pluggy's manager, answering from the class's marks (:func:`_class_marks`) for the
+    methods of a plugin instance, and asking pluggy about the rest: what an instance holds
+    itself (in its ``__dict__`` or its slots), classes and modules."""
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
-        if not isinstance(plugin, type | types.ModuleType):
+        if not isinstance(plugin, _CLASS_OR_MODULE):
             try:
                 own = object.__getattribute__(plugin, "__dict__")
             except AttributeError:
                 own = {}
-            if name not in own and name not in _marked_names(type(plugin)):
-                return None
+            if name not in own:
+                hooks, slots = _class_marks(type(plugin))
+                if name in hooks:
+                    return hooks[name]  # what pluggy reads from the same definition
+                if name not in slots:
+                    return None
         return super().parse_hookimpl_opts(plugin, name)
+
+
+_CLASS_OR_MODULE = (type, types.ModuleType)
 
 
 def make_plugin_manager() -> pluggy.PluginManager:

@@ -150,3 +150,43 @@ def test_a_plugin_with_a_misspelt_hook_is_refused() -> None:
 
     with pytest.raises(PluginError, match="does not match the hook contract"):
         Machine(MachineConfig(memory=0x10000), arch_plugin=Misspelt(PIO), arch_name="x")
+
+
+def test_hook_discovery_follows_attribute_lookup() -> None:
+    """The manager reads a plugin instance's hooks from its class once (what pluggy would
+    find): the definition lookup finds first counts, and what an instance holds itself is
+    still pluggy's to judge."""
+
+    class Base:
+        @hookimpl
+        def pre_run(self, cpu: object) -> None:
+            pass
+
+        @hookimpl(specname="post_run")
+        def after(self, cpu: object, exit_reason: int) -> None:
+            pass
+
+        @hookimpl
+        @staticmethod
+        def machine_created(machine: object) -> None:
+            pass
+
+    class Hidden(Base):
+        def pre_run(self, cpu: object) -> None:  # no marker: hides the hook
+            pass
+
+    class Slotted:
+        __slots__ = ("pre_run",)
+
+    pm = make_plugin_manager()
+    base, hidden = Base(), Hidden()
+    pm.register(base, name="base")
+    pm.register(hidden, name="hidden")
+    assert [i.plugin for i in pm.hook.pre_run.get_hookimpls()] == [base]
+    assert {i.plugin for i in pm.hook.post_run.get_hookimpls()} == {base, hidden}
+    assert {i.plugin for i in pm.hook.machine_created.get_hookimpls()} == {base, hidden}
+
+    own = Slotted()
+    own.pre_run = hookimpl(lambda cpu: None)  # a hook held by the instance (a slot)
+    pm.register(own, name="own")
+    assert own in [i.plugin for i in pm.hook.pre_run.get_hookimpls()]
