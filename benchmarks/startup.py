@@ -2,7 +2,7 @@
 """kvmfw start-up: from process start to the first KVM_RUN, per phase.
 
     python benchmarks/startup.py [--runs 5] [--kernel K --initrd I] [--profile] [--importtime]
-                                 [-- more kvmfw run arguments, e.g. --cpus 2]
+                                 [--qemu] [-- more kvmfw run arguments, e.g. --cpus 2]
 
 Each run is a fresh ``python`` process that records CLOCK_MONOTONIC (system-wide, so the
 parent's clock) when the interpreter is up, when ``kvmfw.cli`` is imported and when the
@@ -11,7 +11,11 @@ through the same ``kvmfw run`` path a user takes (``--max-ticks 1``: it ends at 
 exit). Printed: medians of spawn->interpreter, ->imports, ->first KVM_RUN, and the whole
 process; ``kvmfw run --help`` and ``python -c pass`` for scale. ``--profile`` adds one run
 under cProfile up to the first KVM_RUN (top functions by cumulative time, then by
-own time); ``--importtime`` one run with ``-X importtime`` (the slowest imports). The
+own time); ``--importtime`` one run with ``-X importtime`` (the slowest imports);
+``--qemu`` the host CPU (user + system) of the whole ``kvmfw run --max-ticks 1`` process
+against QEMU's with the same kernel and initramfs (``-M microvm,rtc=on -S``, quit over QMP
+as soon as it answers: its start-up, up to where it would enter the guest), alternating,
+with the ratio. The
 kernel defaults to the nested environment's ($KVMFW_LINUX_GUESTS/vmlinuz-cloud-amd64 and
 its initramfs), else the embedded guest. Timing only: nothing here asserts a speed.
 """
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +94,47 @@ def child(argv: list[str], profile: bool = False, flags: tuple[str, ...] = ()) -
     return t0, ti, tm, tr, t_end, p.stderr
 
 
+def cpu(cmd: list[str], stdin: bytes = b"") -> tuple[float, int, str]:
+    """Host CPU seconds (user + system) of ``cmd`` run to its end, its exit status and the
+    last line it wrote to stderr."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, input=stdin, capture_output=True)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    last = (p.stderr.decode(errors="replace").strip().splitlines() or [""])[-1]
+    return (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), p.returncode, last
+
+
+def qemu_cpu_vs_kvmfw(argv: list[str], runs: int) -> None:
+    """Start-up CPU of kvmfw against QEMU's with the same guest, alternating A B, B A."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None or "--kernel" not in argv:
+        print("--qemu: needs qemu-system-x86_64 and a kernel (--kernel, or the nested "
+              "environment's $KVMFW_LINUX_GUESTS)")
+        return
+    kernel = argv[argv.index("--kernel") + 1]
+    q = [qemu, "-enable-kvm", "-cpu", "host", "-M", "microvm,rtc=on", "-m", "256",
+         "-display", "none", "-no-reboot", "-S", "-qmp", "stdio", "-kernel", kernel,
+         "-append", "console=ttyS0 quiet"]
+    if "--initrd" in argv:
+        q += ["-initrd", argv[argv.index("--initrd") + 1]]
+    quit_ = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+    k = [sys.executable, "-m", "kvmfw.cli", *argv]
+    xs: dict[str, list[float]] = {"kvmfw": [], "qemu": []}
+    failed: dict[str, str] = {}
+    for i in range(runs):
+        for name in (("kvmfw", "qemu") if i % 2 == 0 else ("qemu", "kvmfw")):
+            t, rc, last = cpu(k) if name == "kvmfw" else cpu(q, quit_)
+            xs[name].append(t)
+            if rc not in (0, 3):  # (3: kvmfw's --max-ticks limit)
+                failed[name] = f"exit status {rc}: {last}"
+    for name, why in failed.items():
+        print(f"--qemu: {name} failed ({why}): its figure is not a whole start-up")
+    km, qm = statistics.median(xs["kvmfw"]), statistics.median(xs["qemu"])
+    print(f"host CPU (user + system), medians of {runs}: kvmfw run --max-ticks 1 {km:.3f} s, "
+          f"QEMU -M microvm -S to its first QMP answer {qm:.3f} s: {km / qm:.2f}x")
+    print(f"  ({' '.join(q)})")
+
+
 def wall(cmd: list[str]) -> float:
     t0 = time.monotonic()
     subprocess.run(cmd, capture_output=True)
@@ -101,6 +148,8 @@ def main() -> int:
     ap.add_argument("--initrd")
     ap.add_argument("--profile", action="store_true", help="one cProfile run (top 45)")
     ap.add_argument("--importtime", action="store_true", help="one -X importtime run")
+    ap.add_argument("--qemu", action="store_true",
+                    help="host CPU of the whole kvmfw process against QEMU's start-up")
     ap.add_argument("extra", nargs="*", help="after --: more kvmfw run arguments "
                     "(e.g. -- --cpus 2 --option board=microvm)")
     args = ap.parse_args()
@@ -128,6 +177,8 @@ def main() -> int:
         lines.sort(key=lambda ln: -int(ln.split("|")[1]))
         print(f"-X importtime: {len(lines)} modules; slowest 35 (cumulative us):")
         print("\n".join(lines[:35]))
+    if args.qemu:
+        qemu_cpu_vs_kvmfw(argv, args.runs)
     if args.profile:
         *_, err = child(argv, profile=True)
         print("cProfile up to the first KVM_RUN:")
