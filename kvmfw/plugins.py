@@ -512,7 +512,7 @@ def _class_marks(cls: type) -> _Marks:
     on the function or on a classmethod or staticmethod around it, with the options dict the
     marker holds; and the slots, whose values are read per instance. Cached per class:
     pluggy's own search reads every attribute through ``inspect.getattr_static``, once per
-    device, and that was a tenth of a run's start-up."""
+    plugin instance."""
     marks = _marked.get(cls)
     if marks is None:
         marker = hookspecs.PROJECT + "_impl"
