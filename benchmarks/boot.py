@@ -12,15 +12,14 @@ semantics; this machine's own kvm_pvm cannot boot stock Linux):
 
 For every configuration (vCPU count x with/without a virtio-blk disk) the runs alternate
 between the VMMs in rounds, the order reversed every other round (A B, B A, ...: a host whose
-speed drifts favours neither). Per configuration and VMM it
-prints the median time from process start to the init marker (KVMFW-INIT-OK on the 16550
-console) and to the process exit (`reboot -f`), the guest's own uptime at the marker (the
-rest is the VMM's start-up, firmware and the kernel's decompression), the median gap from
-the marker to the exit (the guest's reboot path and the VMM's teardown), the ratios
-kvmfw/QEMU of the medians and the geometric mean of the per-round ratios (each round's two
-boots ran next to each other, so this one is the steadier on a drifting host), and the peak
-RSS. One untimed boot per VMM comes first (a warm-up: caches as a
-second boot finds them).
+speed drifts favours neither). Per configuration and VMM it prints the median time from
+process start to the init marker (KVMFW-INIT-OK on the 16550 console) and to the process
+exit (`reboot -f`), the guest's own uptime at the marker (the rest is the VMM's start-up,
+firmware and the kernel's decompression), the median gap from the marker to the exit (the
+guest's reboot path and the VMM's teardown), the ratios kvmfw/QEMU of the medians and the
+geometric mean of the per-round ratios (each round's two boots ran next to each other, so
+this one is the steadier on a drifting host), and the peak RSS. One untimed boot per VMM
+comes first (a warm-up: caches as a second boot finds them).
 With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
 virtio-blk). -M microvm gets ``rtc=on`` (its KVM default has no CMOS RTC, and the guest's
