@@ -196,7 +196,7 @@ class VirtioBlk(VirtioMmio):
         super().after_fork(child)
         if self.params["readonly"] or self._cow is not None:
             return
-        import tempfile  # here: only a fork needs it, and it costs a run ~20 ms of imports
+        import tempfile  # here: only a fork needs it (it brings shutil, random, bz2, lzma)
 
         fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
         os.ftruncate(fd, self.capacity * SECTOR)
