@@ -11,13 +11,13 @@ seconds>`` on the PL011 console and powers off (PSCI SYSTEM_OFF), the same comma
 RAM and vCPU count; QEMU as ``qemu-system-aarch64 -M virt,gic-version=N -accel kvm -cpu
 host -nic none``. For every vCPU count the runs alternate in rounds, the order reversed
 every other round (A B, B A, ...: a host whose speed drifts favours neither). Per VMM it
-prints the median time from process start to the init marker and to the
-process exit, the guest's own uptime at the marker (so ``marker - uptime`` is roughly the
-VMM's start-up: interpreter, imports, machine set-up, image loading), the ratios
-kvmfw/QEMU of the medians, the geometric mean of the rounds' own ratios (the steadier one on
-a drifting host) and the peak RSS. It also times the interpreter's start-up alone (``python3 -c
-pass``, ``import kvmfw.cli``, the armv8 plugin), which on the emulated arm64 host is a large
-share of a kvmfw boot. ``--profile`` adds one untimed kvmfw boot per vCPU count with
+prints the median time from process start to the init marker and to the process exit, the
+guest's own uptime at the marker (so ``marker - uptime`` is roughly the VMM's start-up:
+interpreter, imports, machine set-up, image loading), the ratios kvmfw/QEMU of the medians,
+the geometric mean of the rounds' own ratios (the steadier one on a drifting host) and the
+peak RSS. It also times the interpreter's start-up alone (``python3 -c pass``, ``import
+kvmfw.cli``, the armv8 plugin), which on the emulated arm64 host is a large share of a
+kvmfw boot. ``--profile`` adds one untimed kvmfw boot per vCPU count with
 ``kvmfw run --profile`` and prints its exit table; ``--importtime`` the slowest imports.
 
 Exit status: 0 when every boot reached the marker and exited 0, 1 otherwise, 2 when it

@@ -554,6 +554,9 @@ def check_device_hooks(device: Any, label: str) -> None:
             f"{', '.join(sorted(DEVICE_HOOKS))} (the rest belong to the architecture plugin)")
 
 
+_CLASS_OR_MODULE = (type, types.ModuleType)
+
+
 class _PluginManager(pluggy.PluginManager):
     """pluggy's manager, answering from the class's marks (:func:`_class_marks`) for the
     methods of a plugin instance, and asking pluggy about the rest: what an instance holds
@@ -572,9 +575,6 @@ class _PluginManager(pluggy.PluginManager):
                 if name not in slots:
                     return None
         return super().parse_hookimpl_opts(plugin, name)
-
-
-_CLASS_OR_MODULE = (type, types.ModuleType)
 
 
 def make_plugin_manager() -> pluggy.PluginManager:
