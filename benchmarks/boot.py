@@ -16,7 +16,8 @@ speed drifts favours neither). Per configuration and VMM it prints the median ti
 process start to the init marker (KVMFW-INIT-OK on the 16550 console) and to the process
 exit (`reboot -f`), the guest's own uptime at the marker (the rest is the VMM's start-up,
 firmware and the kernel's decompression), the median gap from the marker to the exit (the
-guest's reboot path and the VMM's teardown), the ratios kvmfw/QEMU of the medians and the
+guest's reboot path and the VMM's teardown), the time its threads spent on a CPU up to the
+marker (the scheduler's account, guest mode included), the ratios kvmfw/QEMU of the medians and the
 geometric mean of the per-round ratios (each round's two boots ran next to each other, so
 this one is the steadier on a drifting host), and the peak RSS. One untimed boot per VMM
 comes first (a warm-up: caches as a second boot finds them).
@@ -214,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                     up = f"{r.guest_uptime:6.2f}" if r.guest_uptime is not None else "    NA"
                     cpu = (f"{r.cpu_at_marker[0]:5.2f} / {r.cpu_at_marker[1]:5.2f}"
                            if r.cpu_at_marker else "   NA /    NA")
+                    sch = (f"{r.sched_at_marker[0]:5.2f} (waited {r.sched_at_marker[1]:4.2f})"
+                           if r.sched_at_marker else "   NA")
                     print(f"run {i:2d} {v:13s} marker {marker} s  exit {r.t_exit:7.3f} s  "
-                          f"guest uptime {up} s  cpu vmm/guest {cpu} s  "
+                          f"guest uptime {up} s  on-cpu {sch} s  cpu vmm/guest {cpu} s  "
                           f"rc={r.rc}  maxrss {r.maxrss_kib / 1024:6.1f} MiB"
                           f"{'' if good else '  FAILED'}", flush=True)
                     if not good and args.verbose:
@@ -239,18 +242,25 @@ def main(argv: list[str] | None = None) -> int:
                 xs = [r.cpu_at_marker[0] for r in results[v] if r.cpu_at_marker is not None]
                 return statistics.median(xs) if xs else None
 
+            def med_oncpu(v: str, results: dict[str, list] = results) -> float | None:
+                xs = [r.sched_at_marker[0] for r in results[v]
+                      if r.sched_at_marker is not None]
+                return statistics.median(xs) if xs else None
+
             for v in vmms:
                 m, e = med(v, "t_marker"), med(v, "t_exit")
                 u = med_uptime(v)
                 c = med_cpu(v)
                 fc = f"{c:5.2f}" if c is not None else "   NA"
+                o = med_oncpu(v)
+                fo = f"{o:6.2f}" if o is not None else "    NA"
                 n_ok = sum(1 for r in results[v] if r.t_marker is not None and r.rc == 0)
                 fm = f"{m:7.3f}" if m is not None else "     NA"
                 fe = f"{e:7.3f}" if e is not None else "     NA"
                 fu = f"{u:6.2f}" if u is not None else "    NA"
                 g = med_gap(v)
                 fg = f"{g:5.2f}" if g is not None else "   NA"
-                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} | {fu} | {fg} | {fc} |"
+                row = f"| {conf:22s} | {v:13s} | {fm} | {fe} | {fu} | {fg} | {fo} | {fc} |"
                 ref = REFERENCE.get(v, "")
                 if ref not in vmms:
                     ref = "kvmfw" if v.startswith("qemu") else ""
@@ -276,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
           "start-up, firmware and decompression)")
     print("gap = median of exit - marker per boot (the guest's reboot path and the VMM's "
           "teardown)")
+    print("on-cpu = median seconds the VMM's threads spent on a CPU up to the marker, guest "
+          "mode included (the scheduler's own account: the whole host cost of the boot)")
     print("vmm cpu = median host CPU seconds of the VMM process outside the guest up to the "
           "marker (its start-up and exit handling; the nested environment's outer guest has "
-          "one CPU, so the guest's vCPUs wait for it)")
+          "one CPU, so the guest's vCPUs wait for it; sampled at the timer tick, so only "
+          "indicative there)")
     print("| configuration          | vmm           | marker  | exit    | uptime | gap   "
-          "| vmm cpu | ratio | paired | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| on-cpu | vmm cpu | ratio | paired | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
     if not args.no_memory:

@@ -160,6 +160,9 @@ class Result:
     arrivals: list[tuple[float, int]] = field(default_factory=list)
     # the VMM's host CPU seconds when the marker arrived: (outside the guest, in the guest)
     cpu_at_marker: tuple[float, float] | None = None
+    # the scheduler's own account at the marker, all threads: (seconds on a CPU, seconds
+    # runnable but waiting for one); see process_sched
+    sched_at_marker: tuple[float, float] | None = None
 
     def timed_lines(self) -> list[tuple[float, str]]:
         """Console lines with the host time (s from the start) the VMM had written each by."""
@@ -262,7 +265,7 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
                          stderr=subprocess.STDOUT, bufsize=0)
     assert p.stdout is not None
     fd = p.stdout.fileno()
-    out, t_marker, peak, cpu = b"", None, None, None
+    out, t_marker, peak, cpu, sched = b"", None, None, None, None
     arrivals: list[tuple[float, int]] = []
     deadline = t0 + boot.timeout + 5
     while time.monotonic() < deadline:
@@ -283,12 +286,13 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
         if t_marker is None and marker in out:
             t_marker = time.monotonic() - t0
             cpu = process_cpu(p.pid)
+            sched = process_sched(p.pid)
     rc, rss = _wait(p.pid, deadline)
     t_exit = time.monotonic() - t0
     p.returncode = rc if rc is not None else -9  # reaped by _wait
     out += p.stdout.read() if rc is not None else b""
     p.stdout.close()
-    return Result(argv, rc, out, t_marker, t_exit, rss, peak, arrivals, cpu)
+    return Result(argv, rc, out, t_marker, t_exit, rss, peak, arrivals, cpu, sched)
 
 
 def process_cpu(pid: int) -> tuple[float, float] | None:
@@ -304,6 +308,37 @@ def process_cpu(pid: int) -> tuple[float, float] | None:
     tick = os.sysconf("SC_CLK_TCK")
     user, system, guest = int(fields[11]), int(fields[12]), int(fields[40])
     return (user + system - guest) / tick, guest / tick
+
+
+def process_sched(pid: int) -> tuple[float, float] | None:
+    """Seconds process ``pid``'s threads have spent on a CPU and runnable waiting for one,
+    summed over its threads, from the scheduler's nanosecond account
+    (``/proc/PID/task/TID/schedstat``). None without it: a kernel without CONFIG_SCHED_INFO,
+    or one that keeps the account only with delay accounting on (since Linux 5.14 its
+    figures read 0 until ``sysctl kernel.task_delayacct=1`` or the ``delayacct`` boot
+    parameter; the nested environment's outer kernel keeps it).
+
+    :func:`process_cpu`'s figures are sampled at the timer tick, which charges a whole tick
+    to whichever thread it finds running: in the nested environment's emulated outer guest
+    they drift far enough that a process's CPU time can exceed the wall time on its one
+    CPU. This account does not: on-CPU time (guest mode included) is the whole host cost
+    of a boot, comparable between VMMs, and the wait is what other processes took from it."""
+    run = wait = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    seen = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                fields = f.read().split()
+            run += int(fields[0])
+            wait += int(fields[1])
+            seen += 1
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile, or no schedstat
+    return (run / 1e9, wait / 1e9) if seen and run else None
 
 
 class Interactive:

@@ -3,6 +3,8 @@ user would start it for this kernel, and the boot benchmark says what each one g
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,3 +74,29 @@ def test_paired_ratios_use_only_rounds_where_both_booted() -> None:
     failed = linuxguest.Result([], 1, b"", 4.0, 6.0, 0)  # reached the marker, exited 1
     assert linuxguest.paired_text([ok, failed], [ok, ok], "t_marker") == "1.00 (1.00-1.00)"
     assert linuxguest.paired_text([failed], [ok], "t_exit") == "NA"
+
+
+def test_sched_account_sums_the_threads_and_tolerates_a_gone_process() -> None:
+    import threading
+
+    done = threading.Event()
+    t = threading.Thread(target=done.wait)
+    t.start()
+    try:
+        before = linuxguest.process_sched(os.getpid())
+        if before is None:
+            pytest.skip("this kernel keeps no schedstat account (CONFIG_SCHED_INFO, or "
+                        "kernel.task_delayacct=0)")
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            mine = int(f.read().split()[0]) / 1e9  # this thread's alone
+        after = linuxguest.process_sched(os.getpid())
+        # (the account of a running thread moves at scheduler events, so no growth is
+        # asserted: only that it never shrinks and that it sums every thread)
+        assert after is not None and after[0] >= mine > 0 and after[0] >= before[0]
+        assert after[1] >= before[1] >= 0
+    finally:
+        done.set()
+        t.join()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its /proc entry is gone
+    assert linuxguest.process_sched(child.pid) is None
