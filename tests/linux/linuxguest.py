@@ -313,10 +313,8 @@ def process_cpu(pid: int) -> tuple[float, float] | None:
 def process_sched(pid: int) -> tuple[float, float] | None:
     """Seconds process ``pid``'s threads have spent on a CPU and runnable waiting for one,
     summed over its threads, from the scheduler's nanosecond account
-    (``/proc/PID/task/TID/schedstat``). None without it: a kernel without CONFIG_SCHED_INFO,
-    or one that keeps the account only with delay accounting on (since Linux 5.14 its
-    figures read 0 until ``sysctl kernel.task_delayacct=1`` or the ``delayacct`` boot
-    parameter; the nested environment's outer kernel keeps it).
+    (``/proc/PID/task/TID/schedstat``). None without it (a kernel built without
+    CONFIG_SCHED_INFO reads 0 there) or when the process is gone.
 
     :func:`process_cpu`'s figures are sampled at the timer tick, which charges a whole tick
     to whichever thread it finds running: in the nested environment's emulated outer guest
