@@ -5,21 +5,24 @@ loop and (when installed) QEMU, all measured in this one invocation on the same 
     python benchmarks/exit_throughput.py [--exits 200000] [--reps 3] [--only kvmfw]
 
 Every variant runs tests/guests/realmode.bin's loop of ``out %al,%dx`` (or an MMIO byte
-store) N times. kvmfw's path is the real one: KvmCPU.tick -> KVM_RUN -> exit table ->
-the arch's handle_exit_io (the core's test arch) -> bus -> a no-op device ("kvmfw");
-the same under a tick limit (an event bounds every slice, the run timer is armed); and
-with the no-op device's registers declared sinks, so the compiled path (kvmfw.fastpath)
-answers the exits in C ("kvmfw compiled"); for port IO also with the arch letting single
-accesses go straight to the bus ("kvmfw, direct port IO": ``KvmCPU.direct_port_io``, as
-MMIO exits always do). The reps are interleaved (each rep runs every variant once) and
-each ratio is the median of the per-rep ratios, so load that changes during the run
-(a busy host) hits the variants alike. A third section runs ``kvmfw run`` as a user
-does, on the CLI's default x86 board, with a guest that writes and reads back the 16550's
-scratch register N times (two exits per iteration through the x86 plugin's port IO, the
-bus and the 16550), against QEMU/KVM running the same code as its BIOS; both per exit
-from the difference of two run lengths (start-up cancels out). Ratios are per exit
-against the C loop and against the raw Python loop (lower is better). The resident
-memory of this process (guest RAM is 64 KiB here) is printed at the end.
+store) N times. kvmfw's path is the real one: KvmCPU.tick -> KVM_RUN -> exit table -> the
+arch's handle_exit_io (the core's test arch) -> bus -> a no-op device ("kvmfw"); the same
+under a tick limit (an event bounds every slice, the run timer is armed); and with the
+no-op device's registers declared sinks, so the compiled path (kvmfw.fastpath) answers the
+exits in C ("kvmfw compiled"); for port IO also with the arch letting single accesses go
+straight to the bus ("kvmfw, direct port IO": ``KvmCPU.direct_port_io``, as MMIO exits
+always do); and with a coalesced PIO zone registered on a port the loop never touches
+("kvmfw, coalesced zone": as every run on the x86 boards, whose CMOS RTC posts its index
+writes there; an exit then costs what it costs without one). The reps are interleaved
+(each rep runs every variant once) and each ratio is the median of the per-rep ratios, so
+load that changes during the run (a busy host) hits the variants alike. A third section
+runs ``kvmfw run`` as a user does, on the CLI's default x86 board, with a guest that
+writes and reads back the 16550's scratch register N times (two exits per iteration
+through the x86 plugin's port IO, the bus and the 16550), against QEMU/KVM running the
+same code as its BIOS; both per exit from the difference of two run lengths (start-up
+cancels out). Ratios are per exit against the C loop and against the raw Python loop
+(lower is better). The resident memory of this process (guest RAM is 64 KiB here) is
+printed at the end.
 """
 
 from __future__ import annotations
@@ -82,11 +85,12 @@ barely moved by other load on the host)."""
 
 
 def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False,
-               direct: bool = False) -> float:
+               direct: bool = False, zone: bool = False) -> float:
     """kvmfw's full path; ``limited``: under a tick limit, so an event bounds every slice
     and the run timer is armed (the path of any run with a device timer pending);
     ``compiled``: the loop's registers are declared sinks (kvmfw.fastpath); ``direct``:
-    the arch lets single port accesses go straight to the bus (``KvmCPU.direct_port_io``)."""
+    the arch lets single port accesses go straight to the bus (``KvmCPU.direct_port_io``);
+    ``zone``: a coalesced PIO zone is registered (at port 0x70, which the loop never uses)."""
     from realmode_arch import RealModeArch
 
     from kvmfw.device import Range
@@ -102,6 +106,8 @@ def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False,
         if compiled:  # NoOp ignores writes below offset 3: say so
             m.bus.pio.add_fast(FastRange("pio", 0x10, 3, sink=True))
             m.bus.mmio.add_fast(FastRange("mmio", 0x20000, 0x100, sink=True))
+        if zone:
+            m.vm.register_coalesced_mmio(0x70, 1, pio=True)
         m.cpus[0].get_context().regs["rcx"] = n
         m.cpus[0].mark_context_dirty()
         u0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
@@ -110,7 +116,7 @@ def kvmfw_loop(kind: str, n: int, limited: bool = False, compiled: bool = False,
         ns = time.perf_counter_ns() - t0
         stats = m.cpus[0].stats
         name = "kvmfw compiled" if compiled else "kvmfw, tick limit" if limited else \
-            "kvmfw, direct port IO" if direct else "kvmfw"
+            "kvmfw, direct port IO" if direct else "kvmfw, coalesced zone" if zone else "kvmfw"
         USER_NS.setdefault(name, []).append(
             (resource.getrusage(resource.RUSAGE_SELF).ru_utime - u0) * 1e9 / stats.vm_exits)
         if limited:
@@ -305,6 +311,8 @@ def main() -> int:
             if kind == "pio":
                 variants["kvmfw, direct port IO"] = partial(kvmfw_loop, kind, n, direct=True)
             variants["kvmfw, tick limit"] = partial(kvmfw_loop, kind, n, limited=True)
+            if kind == "pio":
+                variants["kvmfw, coalesced zone"] = partial(kvmfw_loop, kind, n, zone=True)
             variants["kvmfw compiled"] = partial(kvmfw_loop, kind, n, compiled=True)
             paired.clear()
             for _ in range(args.reps):

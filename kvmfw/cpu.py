@@ -75,6 +75,7 @@ _now = time.monotonic_ns
 _run_ctx = lib.kvmfw_run_ctx
 _STALE = object()
 _EAGAIN = -errno.EAGAIN
+_RING_PENDING = lib.KVMFW_RING_PENDING
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
 _NUM_EXIT_SLOTS = 64
@@ -656,14 +657,21 @@ class KvmCPU:
 
     def _run_returned(self, r: int) -> int:
         """The exit reason after ``kvmfw_run_ctx`` returned ``r`` != 0: > 0 after exits the
-        compiled path answered (accounted here); -EINTR/-EAGAIN (a kick): KVM_EXIT_INTR;
-        any other -errno is an error."""
+        compiled path answered (accounted here, their coalescible writes delivered) or
+        with writes waiting in the coalesced ring (replayed here, after those: they came
+        later), both before the exit is serviced; -EINTR/-EAGAIN (a kick): KVM_EXIT_INTR,
+        the ring replayed too (a stop must not leave writes in it); any other -errno is
+        an error."""
         if r > 0 or self._fs.counts[0]:
             self._fold_fast()
         if r > 0:
+            if r & _RING_PENDING:
+                self._drain_coalesced_mmio()
             return int(self._run.exit_reason)
         if r != _EINTR and r != _EAGAIN:
             raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
+        if self._use_coalesced_mmio:
+            self._drain_coalesced_mmio()
         return 10  # KVM_EXIT_INTR
 
     def _arm(self, timer: RunTimer, bound: int) -> None:
@@ -715,8 +723,9 @@ class KvmCPU:
         return False
 
     def _after_exit(self, reason: int, bound: int | None, t1: int) -> None:
-        """The cold part of an exit: ``always_sync``'s pull, ``post_run``, the coalesced
-        ring, the trace."""
+        """The cold part of an exit: ``always_sync``'s pull, ``post_run``, the trace. (The
+        coalesced ring is not: the C entry reports writes waiting in it, see
+        :meth:`_run_returned`, so an exit with an empty ring pays nothing for it.)"""
         if self.always_sync:
             self._pull(SyncLevel.FULL)
         if self._post_run is not None:
@@ -726,16 +735,17 @@ class KvmCPU:
                 raise
             except Exception as exc:
                 raise PluginHookError("post_run", _culprit(exc), exc) from exc
-        if self._use_coalesced_mmio:
-            self._drain_coalesced_mmio()
         if self._trace:
             log_run.debug("cpu%d: ran until at most tick %s, exit %s at host %d ns", self.id,
                           bound, _exit_name(reason), t1)
 
     def _update_extras(self) -> None:
         self._extras = bool(self._always_sync or self._pre_run is not None
-                            or self._post_run is not None or self._use_coalesced_mmio
-                            or self._trace)
+                            or self._post_run is not None or self._trace)
+        # the C entry looks at the coalesced ring after each KVM_RUN (0: it does not); the
+        # offset is the kernel's, bounded here by the run area it has to lie in
+        off = self.vcpu.coalesced_ring_offset if self._use_coalesced_mmio else 0
+        self._ctx.ring_off = off if 0 < off <= self._run_size - 8 else 0
         no_fast = bool(self._always_sync or self._trace)
         if no_fast != self._no_fast:
             self._no_fast = no_fast
@@ -754,8 +764,8 @@ class KvmCPU:
 
     @property
     def use_coalesced_mmio(self) -> bool:
-        """Replay the VM's coalesced-MMIO ring after each exit (forced on once a zone is
-        registered: its writes would otherwise be lost)."""
+        """Replay the VM's coalesced-MMIO ring after each exit that finds writes in it
+        (forced on once a zone is registered: its writes would otherwise be lost)."""
         return self._use_coalesced_mmio
 
     @use_coalesced_mmio.setter

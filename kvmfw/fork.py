@@ -243,6 +243,7 @@ def _attach_run_area(cpu: Any) -> None:
     for name in ("use_coalesced_mmio", "_use_coalesced_mmio"):
         if name in vars(cpu):
             setattr(cpu, name, getattr(cpu, name) and bool(vcpu.coalesced_ring_offset))
+    cpu._update_extras()  # (sets the C entry state's ring offset, new with it)
 
 
 # --- variants -------------------------------------------------------------------------

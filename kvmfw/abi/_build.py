@@ -103,14 +103,17 @@ struct kvmfw_fast_range {
     uint32_t pad;
 };
 struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
+#define KVMFW_RING_PENDING ...
 int kvmfw_run_fast(int fd, uintptr_t run, uint32_t run_size,
                    const struct kvmfw_fast_range *ranges, uint32_t n, const uint8_t *pool,
-                   uint64_t *counts, struct kvmfw_fast_latch *latches, uint32_t limit);
+                   uint64_t *counts, struct kvmfw_fast_latch *latches, uint32_t limit,
+                   uint32_t ring_off);
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
+    uint32_t ring_off;
 };
 int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
 """
@@ -274,9 +277,16 @@ struct kvmfw_fast_range {
 };
 struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
 
+/* Returned with the count below when the VM's coalesced ring holds writes: Python replays
+   them before it services the exit (the exits answered here came before them). */
+#define KVMFW_RING_PENDING (1 << 30)
+
 /* KVM_RUN, then answer the exits the table covers and re-enter, without Python. Returns
    -errno of a failed KVM_RUN, else the number of exits answered here before the one
-   left for Python to service (counts[0] has it too, also after a failure). A
+   left for Python to service (counts[0] has it too, also after a failure), with
+   KVMFW_RING_PENDING set when ``ring_off`` (the coalesced ring's offset in the run area,
+   0: none) finds writes waiting there: that exit then goes to Python whatever it is, so
+   the ring is replayed in order, before anything else the guest did next. A
    kick or the run timer sets immediate_exit, so the next KVM_RUN returns -EINTR (after
    completing the answered access, as KVM does for any pending IO): both reach Python
    exactly as in its own loop. ``limit`` bounds the time between returns, so a signal
@@ -288,14 +298,19 @@ struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t dat
 static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
                           const struct kvmfw_fast_range *ranges, uint32_t n,
                           const uint8_t *pool, uint64_t *counts,
-                          struct kvmfw_fast_latch *latches, uint32_t limit)
+                          struct kvmfw_fast_latch *latches, uint32_t limit,
+                          uint32_t ring_off)
 {
     struct kvm_run *run = (struct kvm_run *)run_addr;
+    const volatile struct kvm_coalesced_mmio_ring *ring =
+        ring_off ? (const volatile struct kvm_coalesced_mmio_ring *)(run_addr + ring_off) : 0;
     uint32_t done = 0;
     for (;;) {
         int r = ioctl(fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
+        if (ring && ring->first != ring->last)
+            return (int)done | KVMFW_RING_PENDING;
         if (done >= limit)
             return (int)done;
         uint64_t addr;
@@ -367,12 +382,13 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
    is read on both sides here; the time and exits are summed for Python to fold into the
    stats (exits, ns, and with ticks_per_ns > 0, the monotonic clock being the cycle
    source, cycles and simulated ticks), and the IO and MMIO exits left for Python; t1 is
-   when KVM_RUN returned, entries never resets. */
+   when KVM_RUN returned, entries never resets; ring_off: see kvmfw_run_fast. */
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
+    uint32_t ring_off;
 };
 
 static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
@@ -381,7 +397,7 @@ static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
     uint64_t before = c->counts[0];
     clock_gettime(CLOCK_MONOTONIC, &a);
     int r = kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->pool, c->counts,
-                           c->latches, c->limit);
+                           c->latches, c->limit, c->ring_off);
     clock_gettime(CLOCK_MONOTONIC, &b);
     int64_t t0 = (int64_t)a.tv_sec * 1000000000LL + a.tv_nsec;
     int64_t t1 = (int64_t)b.tv_sec * 1000000000LL + b.tv_nsec;

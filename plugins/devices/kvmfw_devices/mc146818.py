@@ -21,10 +21,12 @@ each second. The periodic interrupt runs at the rate in A (rates 1 and 2 mean 25
 interrupts are checked once a second when UIE or AIE is set (alarm bytes 0xc0-0xff match
 any value).
 
-Exits: with ``coalesce=on`` the index-port writes wait in KVM's coalesced PIO ring (as
-QEMU's RTC registers them): an index write only selects a register (and the NMI mask bit,
-which is state only), and the ring is replayed before the next exit, so the data port
-always sees it. Off by default: once any zone exists every exit checks the ring.
+Exits: the index-port writes wait in KVM's coalesced PIO ring (``coalesce=on``, the
+default, where KVM has KVM_CAP_COALESCED_PIO; as QEMU's RTC registers them): an index write
+only selects a register (and the NMI mask bit, which is state only), and the ring is
+replayed before the next exit is serviced, so the data port always sees it. A guest
+reading the clock makes one exit per register instead of two. (The run loop's C entry
+tells it when the ring holds writes: exits pay nothing for the ring otherwise.)
 """
 
 from __future__ import annotations
@@ -113,9 +115,8 @@ class Mc146818(Device):
         "irq": ConfigKey(parse_int, 8, "interrupt line (-1: none)"),
         "clock": ConfigKey(str, "host", "host (wall clock, UTC) or fixed (time= + simulated time)"),
         "time": ConfigKey(str, _DEFAULT_TIME, "start time for clock=fixed (UTC)"),
-        "coalesce": ConfigKey(parse_bool, False, "index-port writes wait in KVM's coalesced "
-                              "PIO ring (as QEMU's) instead of exiting; off by default: "
-                              "once any zone exists every exit checks the ring"),
+        "coalesce": ConfigKey(parse_bool, True, "index-port writes wait in KVM's coalesced "
+                              "PIO ring (as QEMU's) instead of exiting"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
