@@ -40,7 +40,9 @@ import shlex
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "linux"))
 
@@ -234,25 +236,18 @@ def main(argv: list[str] | None = None) -> int:
                       if r.t_marker is not None and r.rc == 0]
                 return statistics.median(xs) if xs else None
 
-            def med_uptime(v: str, results: dict[str, list] = results) -> float | None:
-                xs = [r.guest_uptime for r in results[v] if r.guest_uptime is not None]
-                return statistics.median(xs) if xs else None
-
-            def med_cpu(v: str, results: dict[str, list] = results) -> float | None:
-                xs = [r.cpu_at_marker[0] for r in results[v] if r.cpu_at_marker is not None]
-                return statistics.median(xs) if xs else None
-
-            def med_oncpu(v: str, results: dict[str, list] = results) -> float | None:
-                xs = [r.sched_at_marker[0] for r in results[v]
-                      if r.sched_at_marker is not None]
+            def med_of(v: str, get: Callable[[Any], float | None],
+                       results: dict[str, list] = results) -> float | None:
+                """Median of ``get(result)`` over the boots where it is known."""
+                xs = [x for r in results[v] if (x := get(r)) is not None]
                 return statistics.median(xs) if xs else None
 
             for v in vmms:
                 m, e = med(v, "t_marker"), med(v, "t_exit")
-                u = med_uptime(v)
-                c = med_cpu(v)
+                u = med_of(v, lambda r: r.guest_uptime)
+                c = med_of(v, lambda r: r.cpu_at_marker and r.cpu_at_marker[0])
                 fc = f"{c:5.2f}" if c is not None else "   NA"
-                o = med_oncpu(v)
+                o = med_of(v, lambda r: r.sched_at_marker and r.sched_at_marker[0])
                 fo = f"{o:6.2f}" if o is not None else "    NA"
                 n_ok = sum(1 for r in results[v] if r.t_marker is not None and r.rc == 0)
                 fm = f"{m:7.3f}" if m is not None else "     NA"

@@ -662,7 +662,7 @@ class KvmCPU:
         later), both before the exit is serviced; -EINTR/-EAGAIN (a kick): KVM_EXIT_INTR,
         the ring replayed too (a stop must not leave writes in it); any other -errno is
         an error."""
-        if r > 0 or self._fs.counts[0]:
+        if self._fs.counts[0]:  # (not r: it may be the ring's flag alone)
             self._fold_fast()
         if r > 0:
             if r & _RING_PENDING:
