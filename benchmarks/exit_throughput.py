@@ -17,10 +17,11 @@ writes there; an exit then costs what it costs without one). The reps are interl
 (each rep runs every variant once) and each ratio is the median of the per-rep ratios, so
 load that changes during the run (a busy host) hits the variants alike. A third section
 runs ``kvmfw run`` as a user does, on the CLI's default x86 board, with a guest that
-writes and reads back the 16550's scratch register N times (two exits per iteration
-through the x86 plugin's port IO, the bus and the 16550), against QEMU/KVM running the
-same code as its BIOS; both per exit from the difference of two run lengths (start-up
-cancels out). Ratios are per exit against the C loop and against the raw Python loop
+writes and reads back the 16550's scratch register N times (two exits per iteration: the
+write through the x86 plugin's port IO, the bus and the 16550; the read answered in C from
+the 16550's live registers, or also through Python with ``--option fastpath=off``),
+against QEMU/KVM running the same code as its BIOS; all per exit from the difference of
+two run lengths (start-up cancels out). Ratios are per exit against the C loop and against the raw Python loop
 (lower is better). The resident memory of this process (guest RAM is 64 KiB here) is
 printed at the end.
 """
@@ -230,9 +231,10 @@ def board_guest(tmp: Path, count: int) -> Path:
     return out
 
 
-def board_loop(who: str, n: int, tmp: Path) -> float | None:
+def board_loop(who: str, n: int, tmp: Path, *extra: str) -> float | None:
     """ns per exit of the 16550 guest (2 exits per iteration) under ``kvmfw run`` with the
-    default x86 board, or QEMU/KVM ``-M pc`` with its COM1; from two run lengths."""
+    default x86 board (``extra``: more of its arguments), or QEMU/KVM ``-M pc`` with its
+    COM1; from two run lengths."""
     qemu = shutil.which("qemu-system-x86_64")
     if who == "qemu" and qemu is None:
         return None
@@ -242,7 +244,7 @@ def board_loop(who: str, n: int, tmp: Path) -> float | None:
         if who == "kvmfw":
             cmd = [sys.executable, "-m", "kvmfw.cli", "run", "--kernel", str(image),
                    "--load-addr", "0x7c00", "--console", "none", "--no-summary",
-                   "--device", "debug-exit", "--memory", "16"]
+                   "--device", "debug-exit", "--memory", "16", *extra]
         else:
             cmd = [str(qemu), "-accel", "kvm", "-M", "pc", "-m", "16", "-display", "none",
                    "-nodefaults", "-no-user-config", "-serial", "null", "-bios", str(image),
@@ -297,7 +299,7 @@ def main() -> int:
                 user = USER_NS.pop(name, None)
                 extra = f"  user CPU {statistics.median(user):6.0f} ns" if user else ""
                 vs_py = f"  vs Python {ratio(name, py, pyb):5.2f}" if pyb else ""
-                print(f"  {name:<22} {ns:8.0f} ns  ({1e9 / ns:9.0f} /s)  vs C "
+                print(f"  {name:<24} {ns:8.0f} ns  ({1e9 / ns:9.0f} /s)  vs C "
                       f"{ratio(name, c, base):5.2f}{vs_py}{extra}")
 
         for kind in ("pio", "mmio"):
@@ -338,6 +340,8 @@ def main() -> int:
             if raw_pio is not None:
                 res["raw Python loop (PIO)"] = raw_pio
             res["kvmfw run"] = board_loop("kvmfw", args.exits, tmp) or 0.0
+            res["kvmfw run, fastpath=off"] = board_loop("kvmfw", args.exits, tmp, "--option",
+                                                        "fastpath=off") or 0.0
             q = board_loop("qemu", args.exits, tmp)
             if q is not None:
                 res["QEMU/KVM -M pc"] = q

@@ -4,7 +4,10 @@ Some exits need no Python: writes to a sink port (port 0x80, Linux's ``io_delay`
 accesses where no device is mapped under the ``ignore`` policy, reads of a register whose
 value never changes, and posted writes to a register where only the last value matters.
 A device declares such registers with :meth:`Device.fast_ranges` (or anyone with
-:meth:`kvmfw.bus.AddressSpace.add_fast`); the bus builds one table per machine and the
+:meth:`kvmfw.bus.AddressSpace.add_fast`). Registers that change only when their device
+does something (a UART's line status, its control registers) are a :class:`LiveConstant`:
+the device rewrites them as they change and closes one while reading it would have a side
+effect, so their reads stay in C except then; the bus builds one table per machine and the
 vCPU hands it to ``kvmfw_run_fast`` (``kvmfw/abi/_build.py``), which re-enters KVM at
 once for every exit the table covers and returns to Python for anything else, for a kick
 or the run timer (``KVM_EXIT_INTR``, as the Python loop sees them) and after at most
@@ -41,13 +44,58 @@ MAX_CONSTANT = 4096
 _COUNTS = 3 + 2 * MAX_RANGES
 
 
+class LiveConstant:
+    """Registers whose current values their device keeps up to date for the compiled path.
+
+    Each byte is open (reads of it are answered in C with its current value) or closed
+    (reads that touch it reach the device's ``read``: one with side effects, e.g. that
+    clears error bits, or one the device must see); all start closed. A read at offset
+    ``o`` of ``n`` bytes is answered in C when bytes ``o .. o + n - 1`` are all open. The
+    device updates them whenever a register changes, wherever it changes it (under the
+    machine's lock, as all device code runs); a vCPU answering in C at that moment sees
+    the old value or the new, as if its read came just before or after. Bytes are written
+    one at a time: a register wider than a byte may be read half old, half new while it
+    changes, so keep multi-byte registers closed unless their bytes are independent.
+    """
+
+    __slots__ = ("size", "_gate", "_value")
+
+    def __init__(self, size: int) -> None:
+        if not 0 < size <= MAX_CONSTANT:
+            raise BusError(f"live constant: size {size} is not 1..{MAX_CONSTANT} bytes")
+        self.size = size
+        self._gate = ffi.new("uint8_t[]", size)  # C reads both
+        self._value = ffi.new("uint8_t[]", size)
+
+    def set(self, offset: int, value: int) -> None:
+        """Byte ``offset`` reads ``value`` (0..255) in C from now on."""
+        self._value[offset] = value
+        self._gate[offset] = 1
+
+    def close(self, offset: int) -> None:
+        """Reads of byte ``offset`` go to the device (until the next :meth:`set` of it)."""
+        self._gate[offset] = 0
+
+    def get(self, offset: int) -> int | None:
+        """What a read of byte ``offset`` answered in C returns now; None while closed."""
+        return int(self._value[offset]) if self._gate[offset] else None
+
+    def c_pointers(self) -> tuple[Any, Any]:
+        """(value, gate) for the C table."""
+        return self._value, self._gate
+
+
+Constant = bytes | LiveConstant
+
+
 class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at import)
     """Registers a device can answer without Python (what :meth:`Device.fast_ranges`
     returns): absolute addresses in ``space`` (``"pio"`` or ``"mmio"``), inside one of the
     device's own ranges.
 
     ``sink``: writes have no effect (dropped). ``constant``: reads return these bytes
-    (``size`` of them; a read at offset ``o`` of ``n`` bytes gets ``constant[o:o + n]``).
+    (``size`` of them; a read at offset ``o`` of ``n`` bytes gets ``constant[o:o + n]``),
+    or what a :class:`LiveConstant` holds now (reads of its closed bytes go to Python).
     ``coalesce``: posted writes whose only effect is the last value written: the device's
     ``write`` gets the last one before Python services any other exit. A range can be a
     sink or coalescible, not both; either can be combined with ``constant``.
@@ -57,7 +105,7 @@ class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at
     base: int
     size: int
     sink: bool = False
-    constant: bytes | None = None
+    constant: Constant | None = None
     coalesce: bool = False
 
     def kind(self) -> int:
@@ -74,8 +122,12 @@ class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at
         if not self.kind():
             raise BusError(f"fast range at {self.base:#x} declares nothing (sink, constant "
                            "or coalesce)")
-        if self.constant is not None and (len(self.constant) != self.size
-                                          or self.size > MAX_CONSTANT):
+        if isinstance(self.constant, LiveConstant):
+            if self.constant.size != self.size:
+                raise BusError(f"fast range at {self.base:#x}: its live constant holds "
+                               f"{self.constant.size} bytes, the range {self.size}")
+        elif self.constant is not None and (len(self.constant) != self.size
+                                            or self.size > MAX_CONSTANT):
             raise BusError(f"fast range at {self.base:#x}: constant must be exactly size "
                            f"({self.size}) bytes, at most {MAX_CONSTANT}")
 
@@ -91,25 +143,29 @@ class Entry(NamedTuple):
     """The device mapping's name, or ``unclaimed``."""
     mapping: Any
     """The bus mapping (a coalescible range's writes go to its device), or None."""
-    value: bytes | None
+    value: Constant | None
 
 
 class FastTable:
-    """The C view of a table: ``ranges``/``n``/``pool`` for ``kvmfw_run_fast``."""
+    """The C view of a table: ``ranges``/``n`` for ``kvmfw_run_fast``; it keeps alive the
+    memory its ranges point at (the constants' bytes, live ones' cells)."""
 
     def __init__(self, entries: list[Entry]) -> None:
         entries = entries[:MAX_RANGES]
         self.entries = entries
         self.n = len(entries)
         self.ranges = ffi.new("struct kvmfw_fast_range[]", max(self.n, 1))
-        pool = bytearray()
+        self._keep: list[Any] = []
         for i, e in enumerate(entries):
             r = self.ranges[i]
             r.base, r.end, r.space, r.kind = e.base, e.end, 0 if e.space == "pio" else 1, e.kind
-            r.value_off = len(pool)
-            if e.value is not None:
-                pool += e.value
-        self.pool = ffi.new("uint8_t[]", bytes(pool) or b"\0")
+            if isinstance(e.value, LiveConstant):
+                r.value, r.gate = e.value.c_pointers()
+                self._keep.append(e.value)
+            elif e.value is not None:
+                buf = ffi.new("uint8_t[]", e.value)
+                self._keep.append(buf)
+                r.value = buf
 
 
 class FastState:
@@ -135,9 +191,9 @@ class FastState:
         self.table = table
         c = self.ctx
         if table is None:
-            c.n, c.ranges, c.pool = 0, ffi.NULL, ffi.NULL
+            c.n, c.ranges = 0, ffi.NULL
         else:
-            c.n, c.ranges, c.pool = table.n, table.ranges, table.pool
+            c.n, c.ranges = table.n, table.ranges
 
     def take(self) -> list[int]:
         """The counters, zeroed."""

@@ -15,7 +15,7 @@ from kvmfw.config import parse_options
 from kvmfw.device import Range
 from kvmfw.errors import BusError, BusOverlapError
 from kvmfw.eventq import TICKS_PER_MS, Event
-from kvmfw.fastpath import LIMIT, FastRange
+from kvmfw.fastpath import LIMIT, FastRange, LiveConstant
 
 pytestmark = needs_kvm
 
@@ -97,6 +97,28 @@ def test_port_io_fast_paths_are_taken_and_the_guest_sees_the_same(make_machine) 
     # the guest read 0x41 in both (it wrote back 0x41 + 1 = 'B'); the device's register
     # holds the last write; the same number of exits, each counted once
     assert seen[True] == seen[False] == (0, {0: b"B"}, 6, 6)
+
+
+def test_a_live_constant_answers_with_its_current_value_and_closed_goes_to_python(
+        make_machine) -> None:
+    got = {}
+    for value in (0x50, None):
+        m, dev = _regs_machine(make_machine, PIO, True, declare=False, mmio=False)
+        live = LiveConstant(1)
+        m.bus.pio.add_fast(FastRange("pio", 0x11, 1, constant=live))
+        if value is not None:
+            live.set(0, 0x33)
+            live.close(0)
+            live.set(0, value)
+        m.run(timeout=20)
+        got[value] = (dev.last, ("read", 1) in dev.calls, m.cpus[0].stats.fast_exits,
+                      live.get(0))
+    # the guest writes back what it read + 1: 0x50 from C ('Q'); closed, the device's 0x41
+    assert got == {0x50: ({0: b"Q"}, False, 1, 0x50), None: ({0: b"B"}, True, 0, None)}
+    with pytest.raises(BusError):
+        m.bus.pio.add_fast(FastRange("pio", 0x12, 2, constant=LiveConstant(1)))
+    with pytest.raises(BusError):
+        LiveConstant(0)
 
 
 def test_mmio_fast_paths_are_taken_and_the_guest_sees_the_same(make_machine) -> None:

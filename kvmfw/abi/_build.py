@@ -99,18 +99,18 @@ int kvmfw_perf_open(uint32_t type, uint64_t config, int exclude_host);
 int64_t kvmfw_perf_read(int fd);
 
 struct kvmfw_fast_range {
-    uint64_t base; uint64_t end; uint32_t space; uint32_t kind; uint32_t value_off;
-    uint32_t pad;
+    uint64_t base; uint64_t end; uint32_t space; uint32_t kind; const uint8_t *value;
+    const uint8_t *gate;
 };
 struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
 #define KVMFW_RING_PENDING ...
 int kvmfw_run_fast(int fd, uintptr_t run, uint32_t run_size,
-                   const struct kvmfw_fast_range *ranges, uint32_t n, const uint8_t *pool,
+                   const struct kvmfw_fast_range *ranges, uint32_t n,
                    uint64_t *counts, struct kvmfw_fast_latch *latches, uint32_t limit,
                    uint32_t ring_off);
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
-    uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
+    uint32_t n; uint32_t limit; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
     uint32_t ring_off;
@@ -264,18 +264,34 @@ static int64_t kvmfw_perf_read(int fd)
 }
 
 /* The compiled exit path (kvmfw/fastpath.py builds the table). Range kinds (bits): a sink
-   drops writes, a constant answers reads from the pool, a latch keeps the last write for
-   Python to deliver (coalescible posted writes). Space 0 is port IO, 1 MMIO. */
+   drops writes, a constant answers reads with the bytes at ``value``, a latch keeps the
+   last write for Python to deliver (coalescible posted writes). A constant with ``gate``
+   (one byte per byte of the range) is live: its device rewrites ``value`` as registers
+   change and clears a byte's gate while reading it would have side effects or needs the
+   device; a read that touches a closed byte goes to Python. Space 0 is port IO, 1 MMIO. */
 #define KVMFW_FAST_SINK 1u
 #define KVMFW_FAST_CONST 2u
 #define KVMFW_FAST_LATCH 4u
 #define KVMFW_FAST_ONES 8u
 
 struct kvmfw_fast_range {
-    uint64_t base; uint64_t end; uint32_t space; uint32_t kind; uint32_t value_off;
-    uint32_t pad;
+    uint64_t base; uint64_t end; uint32_t space; uint32_t kind; const uint8_t *value;
+    const uint8_t *gate;
 };
 struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
+
+/* Whether a read of ``len`` bytes at ``off`` in a constant range may be answered here:
+   always for a fixed constant; for a live one, when every byte's gate is open (the
+   device writes the gates from another thread: read each once, as it stands). */
+static int kvmfw_fast_open(const struct kvmfw_fast_range *f, uint64_t off, uint32_t len)
+{
+    if (!f->gate)
+        return 1;
+    for (uint32_t k = 0; k < len; k++)
+        if (!((const volatile uint8_t *)f->gate)[off + k])
+            return 0;
+    return 1;
+}
 
 /* Returned with the count below when the VM's coalesced ring holds writes: Python replays
    them before it services the exit (the exits answered here came before them). */
@@ -297,7 +313,7 @@ struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t dat
    those of range i. A range is in bytes [base, end); an access must lie inside one. */
 static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
                           const struct kvmfw_fast_range *ranges, uint32_t n,
-                          const uint8_t *pool, uint64_t *counts,
+                          uint64_t *counts,
                           struct kvmfw_fast_latch *latches, uint32_t limit,
                           uint32_t ring_off)
 {
@@ -365,8 +381,8 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
         } else {
             if (f->kind & KVMFW_FAST_ONES)
                 memset(data, 0xff, len);
-            else if (f->kind & KVMFW_FAST_CONST)
-                memcpy(data, pool + f->value_off + (addr - f->base), len);
+            else if ((f->kind & KVMFW_FAST_CONST) && kvmfw_fast_open(f, addr - f->base, len))
+                memcpy(data, f->value + (addr - f->base), len);
             else
                 return (int)done;
         }
@@ -385,7 +401,7 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
    when KVM_RUN returned, entries never resets; ring_off: see kvmfw_run_fast. */
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
-    uint32_t n; uint32_t limit; const uint8_t *pool; uint64_t *counts;
+    uint32_t n; uint32_t limit; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
     uint32_t ring_off;
@@ -396,7 +412,7 @@ static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
     struct timespec a, b;
     uint64_t before = c->counts[0];
     clock_gettime(CLOCK_MONOTONIC, &a);
-    int r = kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->pool, c->counts,
+    int r = kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->counts,
                            c->latches, c->limit, c->ring_off);
     clock_gettime(CLOCK_MONOTONIC, &b);
     int64_t t0 = (int64_t)a.tv_sec * 1000000000LL + a.tv_nsec;

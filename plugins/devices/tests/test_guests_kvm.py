@@ -64,6 +64,20 @@ def test_16550_polling_and_debug_exit(build) -> None:  # type: ignore[no-untyped
     assert result.status == (0x21 << 1) | 1
 
 
+def test_16550_lsr_polls_are_answered_in_c_and_the_guest_sees_the_same(build) -> None:  # type: ignore[no-untyped-def]
+    seen = {}
+    for fast in (True, False):
+        result, out, m = run(build("uart_poll"), ["uart16550", "debug-exit"], fastpath=fast)
+        uart, cpu = m.devices[0], m.cpus[0].stats
+        seen[fast] = (out, result.status, uart.stats["writes"], cpu.io)
+        if fast:  # every poll of LSR (at least one per byte) stayed in C
+            assert cpu.fast_exits >= len(out) and uart.stats["reads"] == 0
+        else:
+            assert cpu.fast_exits == 0 and uart.stats["reads"] >= len(out)
+    assert seen[True] == seen[False]
+    assert seen[True][:3] == (b"kvmfw 16550\n", (0x21 << 1) | 1, len(b"kvmfw 16550\n"))
+
+
 def test_16550_interrupt_driven_output(build) -> None:  # type: ignore[no-untyped-def]
     result, out, m = run(build("uart_irq", flat=True), ["uart16550", "debug-exit"],
                          load={"load_addr": 0x7C00})

@@ -168,6 +168,52 @@ def test_loopback_echoes_and_overruns(uart: Uart16550, h: Harness) -> None:
     assert bytes(rd(uart, u.RBR) for _ in range(5)) == b"later"
 
 
+def test_the_compiled_path_reads_a_register_only_while_a_read_has_no_side_effect(
+        uart: Uart16550) -> None:
+    (fr,) = uart.fast_ranges()
+    assert (fr.space, fr.base, fr.size) == ("pio", 0x3F8, 8)
+    live = fr.constant
+
+    def c_view() -> list[int | None]:
+        return [live.get(i) for i in range(8)]
+
+    def python_view() -> list[int]:  # what reads through the device return (DLAB as set)
+        return [uart._read_reg(i) for i in range(8)]
+
+    empty = u.LSR_THRE | u.LSR_TEMT
+    assert c_view() == [None, 0, None, 0, 0, empty, u.DEFAULT_MSR, 0]
+    wr(uart, u.IER, 0x05)
+    wr(uart, u.LCR, 0x03)
+    wr(uart, u.MCR, 0x0B)
+    wr(uart, u.SCR, 0x5A)
+    assert c_view() == [None, 0x05, None, 0x03, 0x0B, empty, u.DEFAULT_MSR, 0x5A]
+    wr(uart, u.LCR, 0x83)  # DLAB: offsets 0 and 1 are the divisor latch
+    wr(uart, u.DLL, 0x01)
+    wr(uart, u.DLM, 0x02)
+    got = c_view()
+    assert got[:2] == [0x01, 0x02]
+    assert [g for g in got if g is not None] == [v for v, g in zip(python_view(), got)
+                                                  if g is not None]
+    wr(uart, u.LCR, 0x03)
+    uart.enqueue(b"x")  # data ready: C answers LSR with DR set
+    assert live.get(u.LSR) == empty | u.LSR_DR
+    rd(uart, u.RBR)
+    assert live.get(u.LSR) == empty
+    wr(uart, u.MCR, u.MCR_LOOP)
+    assert live.get(u.MSR) is None  # the loopback lines changed: deltas, cleared by a read
+    assert rd(uart, u.MSR) & u.MSR_DELTAS
+    assert live.get(u.MSR) == rd(uart, u.MSR)
+    wr(uart, u.THR, 1)
+    wr(uart, u.THR, 2)  # overrun: reading LSR now clears OE, so the read is the device's
+    assert live.get(u.LSR) is None
+    assert rd(uart, u.LSR) & u.LSR_OE
+    assert live.get(u.LSR) == empty | u.LSR_DR
+    uart.restore({**uart.save(), "lsr": u.LSR_THRE | u.LSR_BI, "scr": 7})  # restored state
+    assert (live.get(u.LSR), live.get(u.SCR)) == (None, 7)
+    uart.reset()
+    assert c_view() == [None, 0, None, 0, 0, empty, u.DEFAULT_MSR, 0]
+
+
 def test_loopback_fifo_overrun_after_sixteen(uart: Uart16550) -> None:
     wr(uart, u.FCR, u.FCR_ENABLE)
     wr(uart, u.MCR, u.MCR_LOOP)
