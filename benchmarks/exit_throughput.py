@@ -21,9 +21,9 @@ writes and reads back the 16550's scratch register N times (two exits per iterat
 write through the x86 plugin's port IO, the bus and the 16550; the read answered in C from
 the 16550's live registers, or also through Python with ``--option fastpath=off``),
 against QEMU/KVM running the same code as its BIOS; all per exit from the difference of
-two run lengths (start-up cancels out). Ratios are per exit against the C loop and against the raw Python loop
-(lower is better). The resident memory of this process (guest RAM is 64 KiB here) is
-printed at the end.
+two run lengths (start-up cancels out). Ratios are per exit against the C loop and against
+the raw Python loop (lower is better). The resident memory of this process (guest RAM is
+64 KiB here) is printed at the end.
 """
 
 from __future__ import annotations

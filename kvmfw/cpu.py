@@ -53,7 +53,7 @@ from kvmfw.errors import (
     UnhandledExitError,
 )
 from kvmfw.eventq import PRIO_CPU_TICK, Event
-from kvmfw.fastpath import LATCH, FastState, FastTable
+from kvmfw.fastpath import LATCHED, RANGE_COUNTS, FastState, FastTable
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.stats import KvmCpuStats
 from kvmfw.timer import CycleSource, RunTimer
@@ -284,6 +284,8 @@ class KvmCPU:
         """Move the counts the C entry keeps (exits, time in KVM) into :attr:`stats`. The
         run loop does it whenever :meth:`tick` returns (on the vCPU's thread, after each
         entry in parallel mode); readers of the stats registry get it first."""
+        if self._fs.counts[0]:
+            self._fold_fast()
         c = self._ctx
         n = c.exits
         if n:
@@ -662,8 +664,8 @@ class KvmCPU:
         later), both before the exit is serviced; -EINTR/-EAGAIN (a kick): KVM_EXIT_INTR,
         the ring replayed too (a stop must not leave writes in it); any other -errno is
         an error."""
-        if self._fs.counts[0]:  # (not r: it may be the ring's flag alone)
-            self._fold_fast()
+        if self._fs.counts[LATCHED]:  # coalesced writes the compiled path latched: first
+            self._deliver_latched()
         if r > 0:
             if r & _RING_PENDING:
                 self._drain_coalesced_mmio()
@@ -782,6 +784,8 @@ class KvmCPU:
     def _refresh_fast(self) -> None:
         """Point the compiled path at the bus's current table (built now if needed), or
         switch it off (``fastpath=off``, tracing, ``always_sync``)."""
+        if self._fs.counts[0]:  # the counters are per row of the table being replaced
+            self._fold_fast()
         if self.fastpath and not self._no_fast:
             tbl: Any = self._bus.fast_table()
             self._fs.use(tbl)
@@ -791,23 +795,22 @@ class KvmCPU:
         self._fast_table = tbl
 
     def _fold_fast(self) -> None:
-        """Account the exits the compiled path answered and deliver coalesced writes
-        (before Python services the exit that ended the call)."""
+        """Account the exits the compiled path answered since the last fold: the vCPU's
+        and the bus's counters, the profile's rows. Not on every exit (the counters add up
+        in C): with :meth:`fold_stats` and before the table changes."""
         fs = self._fs
         tbl = fs.table
+        c = fs.take()
         if tbl is None:
             return
-        c = fs.take()
         stats = self.stats
-        n = c[0]
-        stats.fast_exits += n  # (vm_exits and the time: counted by the C entry)
+        stats.fast_exits += c[0]  # (vm_exits and the time: counted by the C entry)
         stats.io += c[1]
         stats.mmio += c[2]
         bus = self._bus
         by = fs.by_entry
-        latched = []
         for i, e in enumerate(tbl.entries):
-            reads, writes = c[3 + 2 * i], c[4 + 2 * i]
+            reads, writes = c[RANGE_COUNTS + 2 * i], c[RANGE_COUNTS + 1 + 2 * i]
             if not (reads or writes):
                 continue
             key = (e.space, e.name)
@@ -820,17 +823,23 @@ class KvmCPU:
                 space = bus.pio if e.space == "pio" else bus.mmio
                 space.unclaimed_reads += reads
                 space.unclaimed_writes += writes
-            elif e.kind & LATCH and writes:
-                latched.append(i)
-        if latched:
-            if self.parallel:
-                with self.machine.lock:
-                    self._deliver_latched(fs, tbl, latched)
-            else:
-                self._deliver_latched(fs, tbl, latched)
 
-    def _deliver_latched(self, fs: FastState, tbl: FastTable, which: list[int]) -> None:
-        for i in which:
+    def _deliver_latched(self) -> None:
+        """Deliver the coalescible writes the compiled path latched (before Python
+        services the exit that ended its call)."""
+        fs = self._fs
+        fs.counts[LATCHED] = 0
+        tbl = fs.table
+        if tbl is None:
+            return
+        if self.parallel:
+            with self.machine.lock:
+                self._write_latched(fs, tbl)
+        else:
+            self._write_latched(fs, tbl)
+
+    def _write_latched(self, fs: FastState, tbl: FastTable) -> None:
+        for i in tbl.latch_rows:
             la = fs.latches[i]
             if la.set:
                 la.set = 0

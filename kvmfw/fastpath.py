@@ -41,7 +41,12 @@ MAX_RANGES = 128
 """Ranges in one table; accesses beyond them go to Python (counters are sized to this)."""
 MAX_CONSTANT = 4096
 """The largest constant range (its bytes are copied into the table)."""
-_COUNTS = 3 + 2 * MAX_RANGES
+LATCHED = 3
+"""The counter the C loop sets when a coalescible write waits in a latch."""
+RANGE_COUNTS = 4
+"""Where the per-range counters start: reads of range i at RANGE_COUNTS + 2 * i, writes
+next to them."""
+_COUNTS = RANGE_COUNTS + 2 * MAX_RANGES
 
 
 class LiveConstant:
@@ -154,6 +159,8 @@ class FastTable:
         entries = entries[:MAX_RANGES]
         self.entries = entries
         self.n = len(entries)
+        self.latch_rows = [i for i, e in enumerate(entries) if e.kind & LATCH]
+        """The rows whose writes are latched (what Python delivers when LATCHED is set)."""
         self.ranges = ffi.new("struct kvmfw_fast_range[]", max(self.n, 1))
         self._keep: list[Any] = []
         for i, e in enumerate(entries):
@@ -196,7 +203,8 @@ class FastState:
             c.n, c.ranges = table.n, table.ranges
 
     def take(self) -> list[int]:
-        """The counters, zeroed."""
+        """The counters, zeroed (exits answered since the last take: they add up in C
+        across entries; the vCPU folds them into its stats when it folds the C entry's)."""
         vals = self._view.tolist()
         ffi.memmove(self.counts, self._zero, len(self._zero))
         return vals

@@ -495,7 +495,15 @@ class Machine:
                 "sim_seconds": self.eventq.cur_tick / TICKS_PER_SECOND,
                 "host_seconds": getattr(self, "_host_seconds", 0.0)}
 
+    def _fold_cpus(self) -> None:
+        """Counts the C entry keeps (the unclaimed accesses it answered among them) into
+        the stats, for every vCPU not running on its own thread now."""
+        for c in self.cpus:
+            if not c.parallel:
+                c.fold_stats()
+
     def _bus_stats(self) -> dict[str, int]:
+        self._fold_cpus()
         b = self.bus
         return {"pio_unclaimed_reads": b.pio.unclaimed_reads,
                 "pio_unclaimed_writes": b.pio.unclaimed_writes,
@@ -503,6 +511,7 @@ class Machine:
                 "mmio_unclaimed_writes": b.mmio.unclaimed_writes}
 
     def _reset_bus_stats(self) -> None:
+        self._fold_cpus()
         for s in (self.bus.pio, self.bus.mmio):
             s.unclaimed_reads = s.unclaimed_writes = 0
 

@@ -299,7 +299,8 @@ static int kvmfw_fast_open(const struct kvmfw_fast_range *f, uint64_t off, uint3
 
 /* KVM_RUN, then answer the exits the table covers and re-enter, without Python. Returns
    -errno of a failed KVM_RUN, else the number of exits answered here before the one
-   left for Python to service (counts[0] has it too, also after a failure), with
+   left for Python to service (added to counts[0] too, also after a failure: the counters
+   add up until Python folds them into its stats), with
    KVMFW_RING_PENDING set when ``ring_off`` (the coalesced ring's offset in the run area,
    0: none) finds writes waiting there: that exit then goes to Python whatever it is, so
    the ring is replayed in order, before anything else the guest did next. A
@@ -309,7 +310,8 @@ static int kvmfw_fast_open(const struct kvmfw_fast_range *f, uint64_t off, uint3
    handled by Python (Ctrl-C) and the machine's stop requests are seen promptly even
    when the guest does nothing but fast exits (the exit after the limit goes to Python,
    whose ordinary path answers it the same way). counts[0] counts the exits answered
-   here, counts[1] those of port IO, counts[2] those of MMIO, counts[3 + 2 * i + is_write]
+   here, counts[1] those of port IO, counts[2] those of MMIO, counts[3] is set when a latch
+   took a write (Python delivers it before the exit), counts[4 + 2 * i + is_write]
    those of range i. A range is in bytes [base, end); an access must lie inside one. */
 static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
                           const struct kvmfw_fast_range *ranges, uint32_t n,
@@ -375,6 +377,7 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
                 l->len = len;
                 memcpy(l->data, data, len);
                 l->set = 1;
+                counts[3] = 1;
             } else {
                 return (int)done;
             }
@@ -388,7 +391,7 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
         }
         counts[0]++;
         counts[1 + space]++;
-        counts[3 + 2 * i + is_write]++;
+        counts[4 + 2 * i + is_write]++;
         done++;
     }
 }
