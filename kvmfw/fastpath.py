@@ -77,9 +77,17 @@ class LiveConstant:
         self._value[offset] = value
         self._gate[offset] = 1
 
-    def close(self, offset: int) -> None:
-        """Reads of byte ``offset`` go to the device (until the next :meth:`set` of it)."""
-        self._gate[offset] = 0
+    def set_int(self, offset: int, value: int, size: int) -> None:
+        """Bytes ``offset .. offset + size - 1`` read ``value``, little-endian, in C."""
+        for k in range(size):
+            self._value[offset + k] = value >> (8 * k) & 0xFF
+            self._gate[offset + k] = 1
+
+    def close(self, offset: int, size: int = 1) -> None:
+        """Reads that touch bytes ``offset .. offset + size - 1`` go to the device (until
+        they are set again)."""
+        for k in range(size):
+            self._gate[offset + k] = 0
 
     def get(self, offset: int) -> int | None:
         """What a read of byte ``offset`` answered in C returns now; None while closed."""
@@ -101,6 +109,9 @@ class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at
     ``sink``: writes have no effect (dropped). ``constant``: reads return these bytes
     (``size`` of them; a read at offset ``o`` of ``n`` bytes gets ``constant[o:o + n]``),
     or what a :class:`LiveConstant` holds now (reads of its closed bytes go to Python).
+    ``width``: the registers' width in bytes (0: any); a constant read is answered in C
+    only when it is one register or part of it from its start, so the device keeps the
+    say over odd accesses (a 16550's registers are 1 byte wide, a PL011's 4).
     ``coalesce``: posted writes whose only effect is the last value written: the device's
     ``write`` gets the last one before Python services any other exit. A range can be a
     sink or coalescible, not both; either can be combined with ``constant``.
@@ -112,6 +123,7 @@ class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at
     sink: bool = False
     constant: Constant | None = None
     coalesce: bool = False
+    width: int = 0
 
     def kind(self) -> int:
         k = (SINK if self.sink else 0) | (LATCH if self.coalesce else 0)
@@ -127,6 +139,9 @@ class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at
         if not self.kind():
             raise BusError(f"fast range at {self.base:#x} declares nothing (sink, constant "
                            "or coalesce)")
+        if self.width not in (0, 1, 2, 4, 8) or (self.width and self.size % self.width):
+            raise BusError(f"fast range at {self.base:#x}: width {self.width} is not 1, 2, "
+                           f"4 or 8 bytes dividing its size (or 0: any)")
         if isinstance(self.constant, LiveConstant):
             if self.constant.size != self.size:
                 raise BusError(f"fast range at {self.base:#x}: its live constant holds "
@@ -149,6 +164,8 @@ class Entry(NamedTuple):
     mapping: Any
     """The bus mapping (a coalescible range's writes go to its device), or None."""
     value: Constant | None
+    width: int = 0
+    """Register width of a constant range (see :class:`FastRange`)."""
 
 
 class FastTable:
@@ -166,6 +183,7 @@ class FastTable:
         for i, e in enumerate(entries):
             r = self.ranges[i]
             r.base, r.end, r.space, r.kind = e.base, e.end, 0 if e.space == "pio" else 1, e.kind
+            r.width = e.width
             if isinstance(e.value, LiveConstant):
                 r.value, r.gate = e.value.c_pointers()
                 self._keep.append(e.value)
@@ -217,7 +235,7 @@ def build_entries(bus: Any) -> list[Entry]:
     for space in (bus.pio, bus.mmio):
         for fr, m in space.fast_ranges():
             out.append(Entry(space.name, fr.base, fr.base + fr.size, fr.kind(), m.name, m,
-                             fr.constant))
+                             fr.constant, fr.width))
         if space.unclaimed != "ignore":
             continue
         taken = sorted([(m.base, m.end) for m in space.mappings()]

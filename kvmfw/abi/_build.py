@@ -100,7 +100,7 @@ int64_t kvmfw_perf_read(int fd);
 
 struct kvmfw_fast_range {
     uint64_t base; uint64_t end; uint32_t space; uint32_t kind; const uint8_t *value;
-    const uint8_t *gate;
+    const uint8_t *gate; uint32_t width; uint32_t pad;
 };
 struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
 #define KVMFW_RING_PENDING ...
@@ -268,7 +268,10 @@ static int64_t kvmfw_perf_read(int fd)
    last write for Python to deliver (coalescible posted writes). A constant with ``gate``
    (one byte per byte of the range) is live: its device rewrites ``value`` as registers
    change and clears a byte's gate while reading it would have side effects or needs the
-   device; a read that touches a closed byte goes to Python. Space 0 is port IO, 1 MMIO. */
+   device; a read that touches a closed byte goes to Python. ``width`` (0: any): the
+   registers' width; a read answered here is one register or part of it from its start
+   (others go to the device, which decides what odd accesses do). Space 0 is port IO,
+   1 MMIO. */
 #define KVMFW_FAST_SINK 1u
 #define KVMFW_FAST_CONST 2u
 #define KVMFW_FAST_LATCH 4u
@@ -276,15 +279,17 @@ static int64_t kvmfw_perf_read(int fd)
 
 struct kvmfw_fast_range {
     uint64_t base; uint64_t end; uint32_t space; uint32_t kind; const uint8_t *value;
-    const uint8_t *gate;
+    const uint8_t *gate; uint32_t width; uint32_t pad;
 };
 struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t data[8]; };
 
 /* Whether a read of ``len`` bytes at ``off`` in a constant range may be answered here:
-   always for a fixed constant; for a live one, when every byte's gate is open (the
-   device writes the gates from another thread: read each once, as it stands). */
+   when it fits the range's register width, and for a live constant, when every byte's
+   gate is open (the device may write the gates from another thread: read each once). */
 static int kvmfw_fast_open(const struct kvmfw_fast_range *f, uint64_t off, uint32_t len)
 {
+    if (f->width && (len > f->width || off % f->width))
+        return 0;
     if (!f->gate)
         return 1;
     for (uint32_t k = 0; k < len; k++)

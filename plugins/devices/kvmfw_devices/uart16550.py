@@ -146,7 +146,8 @@ class Uart16550(Device):
 
     def fast_ranges(self) -> list[FastRange]:
         """The registers, read in C while reading one has no side effect (module doc)."""
-        return [FastRange(self.params["space"], self.params["port"], 8, constant=self._live)]
+        return [FastRange(self.params["space"], self.params["port"], 8, constant=self._live,
+                          width=1)]
 
     @property
     def lsr(self) -> int:
