@@ -93,6 +93,11 @@ class LiveConstant:
         """What a read of byte ``offset`` answered in C returns now; None while closed."""
         return int(self._value[offset]) if self._gate[offset] else None
 
+    def snapshot(self) -> list[int | None]:
+        """:meth:`get` of every byte, at once."""
+        gate, value = bytes(ffi.buffer(self._gate)), bytes(ffi.buffer(self._value))
+        return [v if g else None for g, v in zip(gate, value, strict=True)]
+
     def c_pointers(self) -> tuple[Any, Any]:
         """(value, gate) for the C table."""
         return self._value, self._gate

@@ -381,32 +381,37 @@ class Uart16550(Device):
             return
         value = data[0]
         dlab = self.lcr & LCR_DLAB
+        live = self._live  # each branch rewrites the registers it changes, for C
         if offset == THR:
             if dlab:
                 self.dll = value
+                live.set(DLL, value)
             else:
                 self.thr_pending = False
                 self._transmit(value)
         elif offset == IER:
             if dlab:
                 self.dlm = value
+                live.set(DLM, value)
             else:
                 old = self.ier
                 self.ier = value & IER_MASK
+                live.set(IER, self.ier)
                 if not old & IER_THRE and self.ier & IER_THRE and self.lsr & LSR_THRE:
                     self.thr_pending = True  # enabling ETBEI with THR empty interrupts at once
         elif offset == FCR:
-            self._write_fcr(value)
+            self._write_fcr(value)  # (LSR follows through its setter)
         elif offset == LCR:
             self.lcr = value
+            self._publish()  # DLAB decides what offsets 0 and 1 read
         elif offset == MCR:
             self._write_mcr(value)
+            self._publish()  # loopback rewires MSR
         elif offset == LSR or offset == MSR:
             pass  # read-only on the 16550 (factory test registers); ignored like real parts
         else:
             self.scr = value
-        if offset != THR or dlab:
-            self._publish()
+            live.set(SCR, value)
         self._update_irq()
 
     def _write_fcr(self, value: int) -> None:
