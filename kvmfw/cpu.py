@@ -659,7 +659,8 @@ class KvmCPU:
 
     def _run_returned(self, r: int) -> int:
         """The exit reason after ``kvmfw_run_ctx`` returned ``r`` != 0: > 0 after exits the
-        compiled path answered (accounted here, their coalescible writes delivered) or
+        compiled path answered (their coalescible writes delivered here; their counts wait
+        in C for :meth:`fold_stats`) or
         with writes waiting in the coalesced ring (replayed here, after those: they came
         later), both before the exit is serviced; -EINTR/-EAGAIN (a kick): KVM_EXIT_INTR,
         the ring replayed too (a stop must not leave writes in it); any other -errno is
