@@ -88,6 +88,9 @@ MAX_DELAY_TICKS = 1 << 62  # a pending timeout further away than this is a corru
 REG_MASKS = {"rsr": 0xF, "ilpr": 0xFF, "ibrd": 0xFFFF, "fbrd": 0x3F, "lcr_h": 0xFF,
              "cr": 0xFFFF, "ifls": 0x3F, "imsc": INT_MASK, "ris": INT_MASK, "dmacr": 0x7}
 """Each register's writable bits (what restore accepts)."""
+LIVE_REGS = {RSR: "rsr", ILPR: "ilpr", IBRD: "ibrd", FBRD: "fbrd", LCR_H: "lcr_h", CR: "cr",
+             IFLS: "ifls", IMSC: "imsc", DMACR: "dmacr"}
+"""The registers the compiled path reads (besides FR and the IDs), by offset."""
 
 
 class Pl011(Device):
@@ -130,11 +133,9 @@ class Pl011(Device):
         """Rewrite the compiled path's copy of the open registers (after anything that may
         have changed one: a guest write, a DR read, host input, reset, restore)."""
         live = self._live
-        for offset, value in ((RSR, self.rsr), (FR, self._fr()), (ILPR, self.ilpr),
-                              (IBRD, self.ibrd), (FBRD, self.fbrd), (LCR_H, self.lcr_h),
-                              (CR, self.cr), (IFLS, self.ifls), (IMSC, self.imsc),
-                              (DMACR, self.dmacr)):
-            live.set_int(offset, value, 4)
+        live.set_int(FR, self._fr(), 4)
+        for offset, attr in LIVE_REGS.items():
+            live.set_int(offset, getattr(self, attr), 4)
 
     def firmware(self) -> list[FirmwareNode]:
         """An ARM PrimeCell UART in a device tree (the console: ``stdout-path``)."""
@@ -299,7 +300,11 @@ class Pl011(Device):
         else:
             self.stats["bad_accesses"] += 1  # read-only or unknown
             return
-        self._publish()
+        live = self._live  # for C: the register written, and FR (the FIFO may have changed)
+        attr = LIVE_REGS.get(offset)
+        if attr is not None:
+            live.set_int(offset, getattr(self, attr), 4)
+        live.set_int(FR, self._fr(), 4)
         self._update_irq()
 
     def _transmit(self, value: int) -> None:
