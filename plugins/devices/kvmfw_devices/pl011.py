@@ -90,7 +90,8 @@ REG_MASKS = {"rsr": 0xF, "ilpr": 0xFF, "ibrd": 0xFFFF, "fbrd": 0x3F, "lcr_h": 0x
 """Each register's writable bits (what restore accepts)."""
 LIVE_REGS = {RSR: "rsr", ILPR: "ilpr", IBRD: "ibrd", FBRD: "fbrd", LCR_H: "lcr_h", CR: "cr",
              IFLS: "ifls", IMSC: "imsc", DMACR: "dmacr"}
-"""The registers the compiled path reads (besides FR and the IDs), by offset."""
+"""The registers read as they are kept, by offset: what the device's read returns and the
+compiled path keeps a copy of (besides FR and the IDs)."""
 
 
 class Pl011(Device):
@@ -252,10 +253,12 @@ class Pl011(Device):
             return self._fr()
         if offset >= ID_BASE:
             return ID_BYTES[(offset - ID_BASE) // 4]
-        regs = {RSR: self.rsr, ILPR: self.ilpr, IBRD: self.ibrd, FBRD: self.fbrd,
-                LCR_H: self.lcr_h, CR: self.cr, IFLS: self.ifls, IMSC: self.imsc,
-                RIS: self.ris, MIS: self.ris & self.imsc, DMACR: self.dmacr}
-        return regs.get(offset)
+        if offset == RIS:
+            return self.ris
+        if offset == MIS:
+            return self.ris & self.imsc
+        attr = LIVE_REGS.get(offset)
+        return None if attr is None else int(getattr(self, attr))
 
     def write(self, offset: int, data: bytes) -> None:
         self.stats["writes"] += 1
