@@ -22,8 +22,12 @@ write through the x86 plugin's port IO, the bus and the 16550; the read answered
 the 16550's live registers, or also through Python with ``--option fastpath=off``),
 against QEMU/KVM running the same code as its BIOS; all per exit from the difference of
 two run lengths (start-up cancels out). Ratios are per exit against the C loop and against
-the raw Python loop (lower is better). The resident memory of this process (guest RAM is
-64 KiB here) is printed at the end.
+the raw Python loop (lower is better). A fourth section prints N/2 bytes to the 16550 as
+a console driver does (poll LSR until THR is empty, write THR: two exits a byte under
+QEMU) and gives the time per byte: ``kvmfw run`` on the default board (LSR answered in C,
+THR writes posted in KVM's coalesced ring), with ``uart16550,coalesce=off`` (each THR
+write an exit to Python) and QEMU/KVM ``-M pc``; ratios against QEMU. The resident memory
+of this process (guest RAM is 64 KiB here) is printed at the end.
 """
 
 from __future__ import annotations
@@ -219,28 +223,54 @@ _start:
     .org 0x10000
 """
 
+CONSOLE_GUEST = """
+    .code16
+    .globl _start
+_start:
+    mov $COUNT, %ecx
+1:  mov $0x3fd, %dx         /* COM1's LSR: wait until THR is empty */
+2:  in %dx, %al
+    test $0x20, %al
+    jz 2b
+    mov $0x3f8, %dx         /* THR: one byte of output */
+    mov $'.', %al
+    out %al, %dx
+    dec %ecx
+    jnz 1b
+    xor %al, %al
+    out %al, $0xf4          /* debug-exit: status (0 << 1) | 1 */
+3:  hlt
+    jmp 3b
+    .org 0xfff0             /* as a 64 KiB BIOS (QEMU), the reset vector */
+    ljmp $0xf000, $_start
+    .org 0x10000
+"""
 
-def board_guest(tmp: Path, count: int) -> Path:
-    """The 16550 write+readback loop: flat at 0x7c00 for kvmfw, a 64 KiB BIOS for QEMU
-    (the code is position-independent; only the reset vector jumps to it)."""
-    src, obj, out = tmp / f"board{count}.S", tmp / f"board{count}.o", tmp / f"board{count}.bin"
-    src.write_text(BOARD_GUEST.replace("COUNT", str(count)))
+
+def board_guest(tmp: Path, count: int, text: str = BOARD_GUEST) -> Path:
+    """A 16550 loop (``text``, COUNT iterations): flat at 0x7c00 for kvmfw, a 64 KiB BIOS
+    for QEMU (the code is position-independent; only the reset vector jumps to it)."""
+    tag = f"{abs(hash(text)) % 10**6}-{count}"
+    src, obj, out = tmp / f"board{tag}.S", tmp / f"board{tag}.o", tmp / f"board{tag}.bin"
+    src.write_text(text.replace("COUNT", str(count)))
     subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
     subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0", "--oformat", "binary", "-o", str(out),
                     str(obj)], check=True)
     return out
 
 
-def board_loop(who: str, n: int, tmp: Path, *extra: str) -> float | None:
-    """ns per exit of the 16550 guest (2 exits per iteration) under ``kvmfw run`` with the
-    default x86 board (``extra``: more of its arguments), or QEMU/KVM ``-M pc`` with its
-    COM1; from two run lengths."""
+def board_loop(who: str, n: int, tmp: Path, *extra: str, text: str = BOARD_GUEST,
+               per_iteration: int = 2) -> float | None:
+    """ns per exit of the 16550 guest ``text`` (``per_iteration`` exits per iteration
+    under QEMU; 1: ns per iteration) under ``kvmfw run`` with the default x86 board
+    (``extra``: more of its arguments), or QEMU/KVM ``-M pc`` with its COM1; from two run
+    lengths."""
     qemu = shutil.which("qemu-system-x86_64")
     if who == "qemu" and qemu is None:
         return None
 
     def timed(count: int) -> float:
-        image = board_guest(tmp, count)
+        image = board_guest(tmp, count, text)
         if who == "kvmfw":
             cmd = [sys.executable, "-m", "kvmfw.cli", "run", "--kernel", str(image),
                    "--load-addr", "0x7c00", "--console", "none", "--no-summary",
@@ -257,7 +287,7 @@ def board_loop(who: str, n: int, tmp: Path, *extra: str) -> float | None:
 
     base = min(timed(1) for _ in range(2))
     full = min(timed(n // 2) for _ in range(2))
-    return (full - base) * 1e9 / (2 * (n // 2) - 2)
+    return (full - base) * 1e9 / (per_iteration * (n // 2 - 1))
 
 
 def rss_mib() -> tuple[float, float]:
@@ -346,6 +376,19 @@ def main() -> int:
             if q is not None:
                 res["QEMU/KVM -M pc"] = q
             show(res, "C loop (PIO)", "raw Python loop (PIO)")
+            print(f"\n16550 console output, {args.exits // 2} bytes, each after an LSR poll; "
+                  "ns per byte, `kvmfw run` on the default x86 board")
+            console = partial(board_loop, text=CONSOLE_GUEST, per_iteration=1)
+            per_byte = {"kvmfw run": console("kvmfw", args.exits, tmp),
+                        "kvmfw run, coalesce=off": console(
+                            "kvmfw", args.exits, tmp, "--no-default-devices", "--device",
+                            "uart16550,coalesce=off"),
+                        "QEMU/KVM -M pc": console("qemu", args.exits, tmp)}
+            q = per_byte["QEMU/KVM -M pc"]
+            for name, ns in per_byte.items():
+                if ns is not None:
+                    vs = f"  vs QEMU {ns / q:5.2f}" if q else ""
+                    print(f"  {name:<24} {ns:8.0f} ns  ({1e9 / ns:9.0f} bytes/s){vs}")
     rss, hwm = rss_mib()
     print(f"\nmemory: kvmfw process RSS {rss:.1f} MiB (peak {hwm:.1f} MiB) "
           "with 64 KiB of guest RAM")

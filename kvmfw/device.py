@@ -180,7 +180,8 @@ class DeviceContext(Record):
       default console); ``console_input``: its source;
     - ``options``: machine-wide options (memory size, CPU count, checkpoint directory, ...);
     - ``services``: named machine services a device may call (``dump_stats``,
-      ``reset_stats``, ...).
+      ``reset_stats``, ``kick``, ``ioeventfd``, ``coalesced`` and ``replay_coalesced``
+      for KVM's coalesced ring, ...).
     """
 
     def __init__(self, eventq: EventQueue, irq: Callable[[int], IrqLine], memory: GuestMemory,

@@ -403,7 +403,8 @@ class Machine:
                       "work_begin": self.work_begin, "work_end": self.work_end,
                       "kick": self.kick_all, "reset": self.request_reset,
                       "checkpoint": self.request_checkpoint,
-                      "ioeventfd": self._ioeventfd, "coalesced": self._coalesced})
+                      "ioeventfd": self._ioeventfd, "coalesced": self._coalesced,
+                      "replay_coalesced": self.replay_coalesced})
 
     def _ioeventfd(self, fd: int, addr: int, length: int, **kw: Any) -> bool:
         """Device service: ``VM.ioeventfd`` (``deassign=True`` undoes it); False where KVM
@@ -414,15 +415,35 @@ class Machine:
         vm.ioeventfd(fd, addr, length, **kw)
         return True
 
-    def _coalesced(self, addr: int, size: int, pio: bool = False) -> bool:
-        """Device service: queue writes to a range in the coalesced ring (drained before
-        the next exit is serviced); False where KVM has no such ring for ``pio``."""
+    def _coalesced(self, addr: int, size: int, pio: bool = False, *,
+                   deassign: bool = False) -> bool:
+        """Device service: queue writes to a range in the coalesced ring (replayed before
+        the next exit is serviced); False where KVM has no such ring for ``pio``.
+        ``deassign=True``: writes to the range exit again (those already in the ring are
+        still replayed before the next exit is serviced; :meth:`replay_coalesced` first
+        delivers them now)."""
         vm = self.vm
-        if vm is None or vm.fd < 0 or not vm.check_extension(
-                Cap.COALESCED_PIO if pio else Cap.COALESCED_MMIO):
+        if vm is None or vm.fd < 0:
+            return False
+        if deassign:
+            if (addr, size, pio) not in vm.coalesced_zones:
+                return False
+            vm.unregister_coalesced_mmio(addr, size, pio)
+            return True
+        if not vm.check_extension(Cap.COALESCED_PIO if pio else Cap.COALESCED_MMIO):
             return False
         vm.register_coalesced_mmio(addr, size, pio)
         return True
+
+    def replay_coalesced(self) -> None:
+        """Deliver the writes waiting in the VM's coalesced ring now, in order, to their
+        devices (the run loop does it before it services each exit; a device whose posted
+        writes must not wait that long, a console's output, calls it from an event).
+        Takes the machine lock; any thread."""
+        for cpu in self.cpus:
+            if cpu.use_coalesced_mmio:
+                cpu._drain_coalesced_mmio()  # the ring is VM-wide: one vCPU's view is enough
+                return
 
     def add_device_spec(self, spec: str) -> Device:
         """Create a device from ``name,key=value,...`` and attach it."""

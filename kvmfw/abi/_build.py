@@ -299,7 +299,7 @@ static int kvmfw_fast_open(const struct kvmfw_fast_range *f, uint64_t off, uint3
 }
 
 /* Returned with the count below when the VM's coalesced ring holds writes: Python replays
-   them before it services the exit (the exits answered here came before them). */
+   them before it services the exit. */
 #define KVMFW_RING_PENDING (1 << 30)
 
 /* KVM_RUN, then answer the exits the table covers and re-enter, without Python. Returns
@@ -307,8 +307,13 @@ static int kvmfw_fast_open(const struct kvmfw_fast_range *f, uint64_t off, uint3
    left for Python to service (added to counts[0] too, also after a failure: the counters
    add up until Python folds them into its stats), with
    KVMFW_RING_PENDING set when ``ring_off`` (the coalesced ring's offset in the run area,
-   0: none) finds writes waiting there: that exit then goes to Python whatever it is, so
-   the ring is replayed in order, before anything else the guest did next. A
+   0: none) finds writes waiting there. Reads, sink writes and unclaimed accesses are
+   still answered here while writes wait in the ring: a device posts writes there only
+   when they change nothing the table answers (the ``coalesced`` service's contract), so
+   a console's polls of its status register stay here while its output bytes queue in
+   the ring. A latched write returns instead (Python delivers the ring first: writes to
+   devices stay in the guest's order), as does the ring filling up (KVM then exits for
+   the write that did not fit, which is not in the table). A
    kick or the run timer sets immediate_exit, so the next KVM_RUN returns -EINTR (after
    completing the answered access, as KVM does for any pending IO): both reach Python
    exactly as in its own loop. ``limit`` bounds the time between returns, so a signal
@@ -332,20 +337,21 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
         int r = ioctl(fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
+        int ret = (int)done;  /* what a return to Python says from here */
         if (ring && ring->first != ring->last)
-            return (int)done | KVMFW_RING_PENDING;
+            ret |= KVMFW_RING_PENDING;
         if (done >= limit)
-            return (int)done;
+            return ret;
         uint64_t addr;
         uint32_t len, space, is_write;
         uint8_t *data;
         if (run->exit_reason == KVM_EXIT_IO) {
             if (run->io.count != 1)
-                return (int)done;  /* string IO: Python checks and loops */
+                return ret;  /* string IO: Python checks and loops */
             len = run->io.size;
             if (len > 8 || run->io.data_offset > run_size
                     || len > run_size - run->io.data_offset)
-                return (int)done;  /* inconsistent: Python reports it */
+                return ret;  /* inconsistent: Python reports it */
             addr = run->io.port;
             data = (uint8_t *)run + run->io.data_offset;
             is_write = run->io.direction == KVM_EXIT_IO_OUT;
@@ -353,13 +359,13 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
         } else if (run->exit_reason == KVM_EXIT_MMIO) {
             len = run->mmio.len;
             if (len > 8)
-                return (int)done;
+                return ret;
             addr = run->mmio.phys_addr;
             data = run->mmio.data;
             is_write = run->mmio.is_write != 0;
             space = 1;
         } else {
-            return (int)done;
+            return ret;
         }
         /* An access lies wholly inside its range, except a port access to an unclaimed
            port: the Python bus dispatches port IO by its first port, so a dword at 0xCF8
@@ -371,20 +377,22 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
                     && (len <= f->end - addr || (space == 0 && (f->kind & KVMFW_FAST_ONES))))
                 break;
         if (i == n || len == 0)
-            return (int)done;
+            return ret;
         if (is_write) {
             if (f->kind & KVMFW_FAST_SINK) {
             } else if (f->kind & KVMFW_FAST_LATCH) {
                 struct kvmfw_fast_latch *l = &latches[i];
+                if (ret & KVMFW_RING_PENDING)
+                    return ret;  /* the ring's writes came first */
                 if (l->set && (l->addr != addr || l->len != len))
-                    return (int)done;  /* another register: Python delivers the first */
+                    return ret;  /* another register: Python delivers the first */
                 l->addr = addr;
                 l->len = len;
                 memcpy(l->data, data, len);
                 l->set = 1;
                 counts[3] = 1;
             } else {
-                return (int)done;
+                return ret;
             }
         } else {
             if (f->kind & KVMFW_FAST_ONES)
@@ -392,7 +400,7 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
             else if ((f->kind & KVMFW_FAST_CONST) && kvmfw_fast_open(f, addr - f->base, len))
                 memcpy(data, f->value + (addr - f->base), len);
             else
-                return (int)done;
+                return ret;
         }
         counts[0]++;
         counts[1 + space]++;

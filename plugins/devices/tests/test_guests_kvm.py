@@ -45,14 +45,14 @@ def build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 
 
 def run(image: Path, devices: list[str], *, load: dict[str, Any] | None = None,
-        **options: Any) -> tuple[Any, bytes, Machine]:
+        until: bytes | None = None, **options: Any) -> tuple[Any, bytes, Machine]:
     console = io.BytesIO()
     cfg = MachineConfig(arch="x86", memory=64 * MiB, devices=devices, default_devices=False,
                         options={"irqchip": "kernel", "console_output": console, **options})
     m = Machine(cfg, arch_plugin=x86.X86Plugin(), arch_name="x86")
     try:
         loaders.load(m, str(image), load or {})
-        result = m.run(timeout=20)
+        result = m.run(timeout=20, until=until)
     finally:
         m.close()
     return result, console.getvalue(), m
