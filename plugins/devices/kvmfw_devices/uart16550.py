@@ -34,13 +34,11 @@ console output. Reads answered in C are counted in the vCPU's ``fast_exits`` and
 Writes to THR need no exit either while they raise no interrupt and change no register
 (IER.ETBEI, MCR.LOOP and LCR.DLAB clear: how Linux's console and early console write,
 polling LSR): from the first such write that reaches Python, THR is a zone of KVM's
-coalesced ring (``coalesce=on``, the default). The ring is replayed, in order, before the
-next exit of any kind is serviced (so a write to IER, LCR or MCR, which ends the zone
-when it would allow an interrupt, loopback or the divisor latch, comes after every byte
-before it), and every ``FLUSH_MS`` by an event, so output never waits longer than that
-for a guest that stops exiting; the zone ends at a flush that finds no byte written since
-the one before (so a halted guest's run ends at most two flushes later). A console line
-then costs the exits around it, not one per byte.
+coalesced ring (``coalesce=on``, the default; :class:`~kvmfw_devices.console.PostedOutput`).
+The ring is replayed, in order, before the next exit of any kind is serviced (so a write
+to IER, LCR or MCR, which ends the zone when it would allow an interrupt, loopback or the
+divisor latch, comes after every byte before it) and within 20 ms for a guest that stops
+exiting. A console line then costs the exits around it, not one per byte.
 """
 
 from __future__ import annotations
@@ -48,22 +46,21 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, ClassVar
 
-from kvmfw.device import (
-    ConfigKey,
-    Device,
-    DeviceContext,
-    FirmwareNode,
-    Range,
-    parse_bool,
-    parse_int,
-)
-from kvmfw.eventq import TICKS_PER_MS, TICKS_PER_SECOND, Event
+from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, parse_int
+from kvmfw.eventq import TICKS_PER_SECOND, Event
 from kvmfw.fastpath import FastRange, LiveConstant
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._state import SavedState
 from kvmfw_devices._util import cancel, ones, schedule_at
-from kvmfw_devices.console import OUTPUT_KEY, ConsoleInput, ConsoleOutput, input_key
+from kvmfw_devices.console import (
+    COALESCE_KEY,
+    OUTPUT_KEY,
+    ConsoleInput,
+    ConsoleOutput,
+    PostedOutput,
+    input_key,
+)
 from kvmfw_devices.irq import drive_irq
 
 # Register offsets
@@ -135,7 +132,6 @@ DEFAULT_DIVISOR = 12  # 9600 baud, as firmware leaves it
 DEFAULT_MSR = MSR_DCD | MSR_DSR | MSR_CTS  # a terminal is attached (QEMU, kvmtool)
 HOST_QUEUE_LIMIT = 4096  # host bytes held beside the FIFO; the console input keeps the rest
 MAX_DELAY_TICKS = 1 << 62  # a pending timeout further away than this is a corrupt state
-FLUSH_MS = 20  # coalesced THR writes wait at most this long (simulated ms) for output
 
 
 class Uart16550(Device):
@@ -148,9 +144,7 @@ class Uart16550(Device):
         "space": ConfigKey(str, "pio", "address space: pio or mmio"),
         "output": OUTPUT_KEY,
         "input": input_key(),
-        "coalesce": ConfigKey(parse_bool, True, "THR writes that raise no interrupt wait in "
-                              "KVM's coalesced ring (replayed within 20 ms): console output "
-                              "without an exit per byte"),
+        "coalesce": COALESCE_KEY,
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
@@ -161,11 +155,9 @@ class Uart16550(Device):
         self._irq_level = False
         self._live = LiveConstant(8)
         self.output = ConsoleOutput(ctx, self.params["output"])
-        self.thr_zone = False
-        """THR writes wait in KVM's coalesced ring (module doc)."""
-        self._zone_refused = not self.params["coalesce"]  # off, or KVM has no such ring
-        self._flush_event = Event(self._flush, name=f"{self.name}.flush")
-        self._posted = 0  # THR writes since the zone's last flush
+        self.posted = PostedOutput(ctx, self.params["space"], self.params["port"], 1,
+                                   self.name, self.params["coalesce"])
+        """THR writes wait in KVM's coalesced ring while they may (module doc)."""
         self.reset()
         self.input = ConsoleInput(ctx, self.params["input"], self.enqueue, name=self.name)
 
@@ -417,9 +409,7 @@ class Uart16550(Device):
             else:
                 self.thr_pending = False
                 self._transmit(value)
-                self._posted += 1
-                if not self.thr_zone and not self._zone_refused and self._may_post():
-                    self._set_thr_zone(True)
+                self.posted.wrote(self._may_post())
         elif offset == IER:
             if dlab:
                 self.dlm = value
@@ -443,55 +433,14 @@ class Uart16550(Device):
         else:
             self.scr = value
             live.set(SCR, value)
-        if self.thr_zone and not self._may_post():
-            self._set_thr_zone(False)
+        self.posted.check(self._may_post())
         self._update_irq()
-
-    # --- coalesced THR writes -------------------------------------------------------------
 
     def _may_post(self) -> bool:
         """Whether a THR write may wait in the ring: it raises no interrupt (ETBEI clear),
         loops nothing back and writes no divisor latch, so nothing a read (in Python or
         in C) sees depends on when it is delivered."""
         return not (self.ier & IER_THRE or self.mcr & MCR_LOOP or self.lcr & LCR_DLAB)
-
-    def _set_thr_zone(self, on: bool) -> None:
-        service = self.ctx.services.get("coalesced")
-        if service is None:
-            self._zone_refused = True
-            return
-        space = self.params["space"] == "pio"
-        if on:
-            if not service(self.params["port"], 1, pio=space):
-                self._zone_refused = True  # KVM has no ring for this space
-                return
-            self.thr_zone = True
-            self._posted = 0
-            eq = self.ctx.eventq
-            schedule_at(eq, self._flush_event, eq.cur_tick + FLUSH_MS * TICKS_PER_MS)
-        else:
-            # what waits in the ring is written first, while the zone stands (a byte
-            # delivered after it ended would open it again)
-            replay = self.ctx.services.get("replay_coalesced")
-            if replay is not None:
-                replay()
-            self.thr_zone = False
-            cancel(self.ctx.eventq, self._flush_event)
-            service(self.params["port"], 1, pio=space, deassign=True)
-
-    def _flush(self) -> None:
-        """Every FLUSH_MS while the zone lasts: deliver what waits in the ring."""
-        replay = self.ctx.services.get("replay_coalesced")
-        if replay is not None:
-            replay()
-        if not self.thr_zone:
-            return  # (a write the replay delivered ended it)
-        if not self._posted:
-            self._set_thr_zone(False)  # the guest stopped writing: exits again from now
-            return
-        self._posted = 0
-        eq = self.ctx.eventq
-        schedule_at(eq, self._flush_event, eq.cur_tick + FLUSH_MS * TICKS_PER_MS)
 
     def _write_fcr(self, value: int) -> None:
         if (value ^ self.fcr) & FCR_ENABLE:
@@ -548,8 +497,7 @@ class Uart16550(Device):
         if timeout_in is not None:
             eq = self.ctx.eventq
             schedule_at(eq, self._timeout_event, eq.cur_tick + timeout_in)
-        if self.thr_zone and not self._may_post():
-            self._set_thr_zone(False)
+        self.posted.check(self._may_post())
         self._publish()
         self._update_irq()
 
@@ -566,4 +514,4 @@ class Uart16550(Device):
         self.input.close()
         self.output.close()
         cancel(self.ctx.eventq, self._timeout_event)
-        cancel(self.ctx.eventq, self._flush_event)
+        self.posted.close()

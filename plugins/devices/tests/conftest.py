@@ -59,3 +59,21 @@ def h() -> Harness:
     harness = make_harness()
     yield harness
     harness.ctx.memory.close()
+
+
+class RecordingRing:
+    """The machine's coalesced-ring services for a device under test, recorded: zones
+    opened and closed (each must be ``zone``: addr, size, pio) and replays."""
+
+    def __init__(self, h: Harness, zone: tuple[int, int, bool], ok: bool = True) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        self.zone = zone
+        self.ok = ok
+        h.ctx.services["coalesced"] = self.coalesced
+        h.ctx.services["replay_coalesced"] = lambda: self.calls.append(("replay", True))
+
+    def coalesced(self, addr: int, size: int, pio: bool = False,
+                  deassign: bool = False) -> bool:
+        assert (addr, size, pio) == self.zone
+        self.calls.append(("close" if deassign else "open", self.ok))
+        return self.ok

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Harness
+from conftest import Harness, RecordingRing
 
 from kvmfw_devices import pl011 as p
 from kvmfw_devices.pl011 import Pl011
@@ -147,3 +147,32 @@ def test_the_compiled_path_reads_what_the_device_would_while_a_read_is_harmless(
     agree()
     uart.reset()
     assert agree() == always | ids
+
+
+@pytest.mark.parametrize(("reg", "value"), [(p.IMSC, p.INT_TX), (p.CR, 0x300 | p.CR_LBE)])
+def test_dr_writes_are_posted_only_while_they_raise_no_interrupt(
+        h: Harness, reg: int, value: int) -> None:
+    ring = RecordingRing(h, (0x09000000, 4, False))
+    uart = Pl011(h.ctx)
+    wr(uart, p.IMSC, p.INT_RX | p.INT_RT)  # receive interrupts do not matter
+    wr(uart, p.DR, ord("a"))  # the first write reaches Python: it opens the zone
+    assert ring.calls == [("open", True)] and uart.posted.active
+    wr(uart, reg, value)  # a TX interrupt or loopback: the zone ends, after what waits
+    assert ring.calls[1:] == [("replay", True), ("close", True)] and not uart.posted.active
+    wr(uart, p.DR, ord("b"))
+    assert len(ring.calls) == 3
+    wr(uart, reg, 0x300 if reg == p.CR else 0)
+    wr(uart, p.DR, ord("c"))
+    assert ring.calls[3:] == [("open", True)]
+    wr(uart, p.DR, ord("\n"))
+    assert h.output.getvalue() == (b"ac\n" if reg == p.CR else b"abc\n")  # (LBE: b looped)
+
+
+def test_a_restored_state_with_tx_interrupts_ends_the_dr_zone(h: Harness) -> None:
+    ring = RecordingRing(h, (0x09000000, 4, False))
+    uart = Pl011(h.ctx)
+    wr(uart, p.DR, ord("a"))
+    state = uart.save()
+    state["imsc"] = p.INT_TX
+    uart.restore(state)
+    assert not uart.posted.active and ring.calls[-1] == ("close", True)

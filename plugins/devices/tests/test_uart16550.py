@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Harness
+from conftest import Harness, RecordingRing
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_MS
 
 from kvmfw_devices import uart16550 as u
+from kvmfw_devices.console import FLUSH_MS
 from kvmfw_devices.uart16550 import Uart16550
 
 
@@ -320,75 +321,59 @@ def test_unreachable_socket_is_a_config_error(h: Harness, tmp_path) -> None:  # 
         Uart16550(h.ctx, input=f"unix:{tmp_path / 'nobody'}")
 
 
-class _Ring:
-    """The machine's coalesced-ring services, recorded: zones opened and closed, replays."""
-
-    def __init__(self, h: Harness, ok: bool = True) -> None:
-        self.calls: list[tuple[str, bool]] = []
-        self.ok = ok
-        h.ctx.services["coalesced"] = self.coalesced
-        h.ctx.services["replay_coalesced"] = lambda: self.calls.append(("replay", True))
-
-    def coalesced(self, addr: int, size: int, pio: bool = False,
-                  deassign: bool = False) -> bool:
-        assert (addr, size, pio) == (0x3F8, 1, True)
-        self.calls.append(("close" if deassign else "open", self.ok))
-        return self.ok
-
-
 @pytest.mark.parametrize(("reg", "value"), [(u.IER, u.IER_THRE), (u.MCR, u.MCR_LOOP),
                                             (u.LCR, u.LCR_DLAB)])
 def test_thr_writes_are_posted_only_while_they_change_nothing_a_read_sees(
         h: Harness, reg: int, value: int) -> None:
-    ring = _Ring(h)
+    ring = RecordingRing(h, (0x3F8, 1, True))
     uart = Uart16550(h.ctx)
     wr(uart, u.IER, u.IER_RDA)  # receive interrupts do not matter
-    assert ring.calls == [] and not uart.thr_zone
+    assert ring.calls == [] and not uart.posted.active
     wr(uart, u.THR, ord("a"))  # the first write reaches Python: it opens the zone
-    assert ring.calls == [("open", True)] and uart.thr_zone
+    assert ring.calls == [("open", True)] and uart.posted.active
     wr(uart, reg, value)  # an interrupt, loopback or the divisor latch: the zone ends,
     assert ring.calls[1:] == [("replay", True), ("close", True)]  # after what waits in it
-    assert not uart.thr_zone and not uart._flush_event.scheduled
+    assert not uart.posted.active and not uart.posted._event.scheduled
     wr(uart, u.THR, ord("b"))  # (DLAB: this is DLL)
-    assert len(ring.calls) == 3 and not uart.thr_zone
+    assert len(ring.calls) == 3 and not uart.posted.active
     wr(uart, reg, 0)
     wr(uart, u.THR, ord("c"))
     assert ring.calls[3:] == [("open", True)]
 
 
 def test_the_thr_zone_is_flushed_while_written_and_ends_when_not(h: Harness) -> None:
-    ring = _Ring(h)
+    ring = RecordingRing(h, (0x3F8, 1, True))
     uart = Uart16550(h.ctx)
     eq = h.ctx.eventq
     wr(uart, u.THR, ord("x"))
-    flush = u.FLUSH_MS * TICKS_PER_MS
-    assert uart._flush_event.when == flush
+    flush = FLUSH_MS * TICKS_PER_MS
+    assert uart.posted._event.when == flush
     wr(uart, u.THR, ord("y"))  # (a replayed write, as far as the device can tell)
     eq.cur_tick = flush
     eq.service_due()  # a flush that found writes: again in FLUSH_MS
-    assert ring.calls == [("open", True), ("replay", True)] and uart._flush_event.when == 2 * flush
+    assert ring.calls == [("open", True), ("replay", True)] and uart.posted._event.when == 2 * flush
     eq.cur_tick = 2 * flush
     eq.service_due()  # none since: the zone ends
     assert ring.calls[2:] == [("replay", True), ("replay", True), ("close", True)]
-    assert not uart.thr_zone and not uart._flush_event.scheduled
+    assert not uart.posted.active and not uart.posted._event.scheduled
     assert h.output.getvalue() == b"xy"
 
 
 @pytest.mark.parametrize("why", ["coalesce=off", "no ring"])
 def test_thr_writes_exit_when_posting_is_off_or_kvm_has_no_ring(h: Harness, why: str) -> None:
-    ring = _Ring(h, ok=why != "no ring")
+    ring = RecordingRing(h, (0x3F8, 1, True), ok=why != "no ring")
     uart = Uart16550(h.ctx, **({"coalesce": "off"} if why == "coalesce=off" else {}))
     for ch in b"ab\n":
         wr(uart, u.THR, ch)
     assert ring.calls == ([] if why == "coalesce=off" else [("open", False)])  # asked once
-    assert not uart.thr_zone and h.output.getvalue() == b"ab\n"
+    assert not uart.posted.active and h.output.getvalue() == b"ab\n"
 
 
 def test_a_restored_state_that_forbids_posting_ends_the_zone(h: Harness) -> None:
-    ring = _Ring(h)
+    ring = RecordingRing(h, (0x3F8, 1, True))
     uart = Uart16550(h.ctx)
     wr(uart, u.THR, ord("a"))
     state = uart.save()
     state["ier"] = u.IER_THRE
     uart.restore(state)
-    assert not uart.thr_zone and ring.calls[-1] == ("close", True)
+    assert not uart.posted.active and ring.calls[-1] == ("close", True)

@@ -1,5 +1,5 @@
-"""KVM's coalesced PIO ring (issue 13): the RTC's index port and the 16550's THR writes go
-through it, and the guest sees the same either way."""
+"""KVM's coalesced ring (issue 13): the RTC's index port, the 16550's THR writes (PIO) and
+the PL011's DR writes (MMIO) go through it, and the guest sees the same either way."""
 
 from __future__ import annotations
 
@@ -26,24 +26,25 @@ def test_rtc_guest_reads_the_same_with_coalesced_index_writes(build, coalesce: s
         assert replayed == 0
 
 
-@pytest.mark.parametrize(("guest", "line", "status"), [
-    ("uart_poll", b"kvmfw 16550\n", 0x21),  # polls LSR, IER.ETBEI clear: posted writes
-    ("uart_irq", b"irq-driven\n", None),  # ETBEI set: each write interrupts, none waits
+@pytest.mark.parametrize(("guest", "device", "line", "status"), [
+    ("uart_poll", "uart16550", b"kvmfw 16550\n", 0x21),  # polls LSR, ETBEI clear: posted
+    ("uart_irq", "uart16550", b"irq-driven\n", None),  # ETBEI set: each write interrupts
+    ("pl011_poll", "pl011", b"kvmfw pl011\n", 0x11),  # polls FR, IMSC.TX clear: posted
 ])
-def test_16550_output_waits_in_the_ring_and_the_guest_sees_the_same(  # type: ignore[no-untyped-def]
-        build, guest: str, line: bytes, status: int | None) -> None:
+def test_console_output_waits_in_the_ring_and_the_guest_sees_the_same(  # type: ignore[no-untyped-def]
+        build, guest: str, device: str, line: bytes, status: int | None) -> None:
     seen = {}
     for coalesce in ("on", "off"):
         result, out, m = run(build(guest, flat=guest == "uart_irq"),
-                             [f"uart16550,coalesce={coalesce}", "debug-exit"],
+                             [f"{device},coalesce={coalesce}", "debug-exit"],
                              load={"load_addr": 0x7C00} if guest == "uart_irq" else None)
         uart, replayed = m.devices[0], m.cpus[0].stats.coalesced_mmio
         seen[coalesce] = (out, result.status, uart.stats["tx_bytes"], uart.stats["interrupts"])
         if coalesce == "on" and status is not None:
             # every byte but the first (it opens the zone) came through the ring
-            assert replayed == len(line) - 1 and uart.thr_zone
+            assert replayed == len(line) - 1 and uart.posted.active
         else:
-            assert replayed == 0 and not uart.thr_zone
+            assert replayed == 0 and not uart.posted.active
     assert seen["on"] == seen["off"]
     assert seen["on"][0] == line and seen["on"][2] == len(line)
     if status is not None:
