@@ -418,7 +418,9 @@ class Machine:
     def _coalesced(self, addr: int, size: int, pio: bool = False, *,
                    deassign: bool = False) -> bool:
         """Device service: queue writes to a range in the coalesced ring (replayed before
-        the next exit is serviced); False where KVM has no such ring for ``pio``.
+        the next exit is serviced); False where KVM has no such ring for ``pio``. The
+        device's contract: a write it lets wait there changes nothing the compiled path
+        answers (its live constants), since C goes on answering reads while writes wait.
         ``deassign=True``: writes to the range exit again (those already in the ring are
         still replayed before the next exit is serviced; :meth:`replay_coalesced` first
         delivers them now)."""
