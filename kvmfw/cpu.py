@@ -985,24 +985,27 @@ class KvmCPU:
         """Replay the VM-wide coalesced-MMIO ring (every vCPU maps the same page).
 
         One drainer at a time, under the machine lock (devices are only called under it
-        from vCPU threads): ``first`` is advanced past each entry before the next is read,
-        so no entry is replayed twice. The kernel's indices are bounded before use."""
+        from vCPU threads): ``first`` is advanced past each entry before it is delivered
+        and read again for the next, so no entry is replayed twice, also when a device
+        replays the ring itself from the write delivered to it (the lock is reentrant).
+        The kernel's indices are bounded before use."""
         view = self.vcpu.run_view
         base = self.vcpu.coalesced_ring_offset
         first, last = _unpack_ring(view, base)
         if first == last:
             return  # the common case, without the lock
         with self.machine.lock:
-            first, last = _unpack_ring(view, base)
-            if first >= _RING_MAX or last >= _RING_MAX:
-                raise StateError(f"coalesced-MMIO ring indices out of range (first {first}, "
-                                 f"last {last}, ring of {_RING_MAX})")
             bus = self.machine.bus
             stats = self.stats
-            while first != last:
+            while True:
+                first, last = _unpack_ring(view, base)
+                if first == last:
+                    return
+                if first >= _RING_MAX or last >= _RING_MAX:
+                    raise StateError(f"coalesced-MMIO ring indices out of range (first "
+                                     f"{first}, last {last}, ring of {_RING_MAX})")
                 addr, length, pio, data = _unpack_entry(view, base + 8 + first * _ENTRY_SIZE)
-                first = (first + 1) % _RING_MAX
-                _pack_first(view, base, first)  # consumed, even if the device raises
+                _pack_first(view, base, (first + 1) % _RING_MAX)  # consumed, even if it raises
                 if length > 8:
                     raise StateError(f"coalesced-MMIO entry at {addr:#x} has length "
                                      f"{length} (at most 8)")

@@ -184,6 +184,7 @@ class PostedOutput:
         self.active = False
         """Output writes wait in the ring now."""
         self._refused = not enabled  # off, or KVM has no ring for this space
+        self._ending = False  # the zone is being ended: what its replay delivers stays out
         self._writes = 0  # output writes since the zone's last flush
         self._event = Event(self._flush, name=f"{name}.flush")
 
@@ -191,7 +192,7 @@ class PostedOutput:
         """An output write reached the device (from an exit or the ring): open the zone if
         the next ones ``may_wait``."""
         self._writes += 1
-        if not self.active and may_wait and not self._refused:
+        if not self.active and may_wait and not self._refused and not self._ending:
             addr, size, pio = self.zone
             service = self.ctx.services.get("coalesced")
             if service is None or not service(addr, size, pio=pio):
@@ -229,10 +230,14 @@ class PostedOutput:
         self._schedule()
 
     def _end(self) -> None:
-        # what waits in the ring is written first, while the zone stands (a write delivered
-        # after it ended would open it again)
-        self._replay()
+        # what waits in the ring is delivered first; the writes it delivers must neither
+        # end the zone again nor open it (the device may call check() and wrote() for them)
         self.active = False
+        self._ending = True
+        try:
+            self._replay()
+        finally:
+            self._ending = False
         self.close()
         addr, size, pio = self.zone
         service = self.ctx.services.get("coalesced")
