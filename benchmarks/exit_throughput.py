@@ -250,7 +250,7 @@ _start:
 def board_guest(tmp: Path, count: int, text: str = BOARD_GUEST) -> Path:
     """A 16550 loop (``text``, COUNT iterations): flat at 0x7c00 for kvmfw, a 64 KiB BIOS
     for QEMU (the code is position-independent; only the reset vector jumps to it)."""
-    tag = f"{abs(hash(text)) % 10**6}-{count}"
+    tag = f"{'console' if text is CONSOLE_GUEST else 'board'}{count}"
     src, obj, out = tmp / f"board{tag}.S", tmp / f"board{tag}.o", tmp / f"board{tag}.bin"
     src.write_text(text.replace("COUNT", str(count)))
     subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
