@@ -35,6 +35,8 @@ from kvmfw.device import ConfigKey, DeviceContext, parse_bool
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import TICKS_PER_MS, TICKS_PER_SECOND, Event
 
+from kvmfw_devices._util import cancel, schedule_at
+
 if TYPE_CHECKING:
     import socket
 
@@ -209,10 +211,7 @@ class PostedOutput:
 
     def _schedule(self) -> None:
         eq = self.ctx.eventq
-        with eq.lock:
-            if self._event.scheduled:
-                eq.deschedule(self._event)
-            eq.post(self._event, eq.cur_tick + FLUSH_MS * TICKS_PER_MS)
+        schedule_at(eq, self._event, eq.cur_tick + FLUSH_MS * TICKS_PER_MS)
 
     def _replay(self) -> None:
         replay = self.ctx.services.get("replay_coalesced")
@@ -246,8 +245,7 @@ class PostedOutput:
 
     def close(self) -> None:
         """No more flushes (the device is closing; the zone goes with the VM)."""
-        if self._event.scheduled:
-            self.ctx.eventq.deschedule(self._event)
+        cancel(self.ctx.eventq, self._event)
 
 
 class ConsoleInput:
