@@ -5,7 +5,10 @@ timing wrappers around the thread-context sync hooks; without it the run loop pa
 nothing (the plain table has no profiling branch). At the end, :meth:`ExitProfile.report`
 gives a table of exits by reason and by device (count, share, host time servicing them),
 the exits the compiled path answered (:mod:`kvmfw.fastpath`), the sync and run-timer
-costs, time in KVM, and the busiest ports and MMIO addresses.
+costs, time in KVM, and the busiest ports and MMIO addresses; and, where KVM has binary
+statistics (:mod:`kvmfw.kvmstats`), the kernel's own counters over the run: every exit,
+including the ones KVM handled itself (halts, interrupt windows, page faults, in-kernel
+devices and emulation), which never reach kvmfw.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import ExitReason, lib
+from kvmfw.kvmstats import KvmStats, KvmStatsError
 from kvmfw.vcpu import KICK_SIGNAL, RUN_PAYLOAD
 
 if TYPE_CHECKING:
@@ -27,6 +31,8 @@ _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
 TOP = 8
 """Ports and addresses listed."""
+KERNEL_TOP = 20
+"""KVM counters listed (the largest; the rest are summed up as "others")."""
 
 
 def _reason_name(reason: int) -> str:
@@ -52,6 +58,13 @@ class ExitProfile:
         self.wall_ns = 0
         self._t0 = 0
         self._cpus: list[KvmCPU] = []
+        self._kstats: list[tuple[str, KvmStats, dict[str, int]]] = []
+        """("vm" or "vcpu", its statistics, their values at the start)"""
+        self.kernel: dict[str, dict[str, int]] = {"vm": {}, "vcpu": {}}
+        """KVM's counters over the run (set by :meth:`stop`): cumulative ones as the
+        change, the others (pages mapped, peaks) as at the end; vCPUs summed."""
+        self._kernel_ns: set[str] = set()
+        """The counters that are times in nanoseconds."""
 
     # --- installing ----------------------------------------------------------------------
 
@@ -59,7 +72,24 @@ class ExitProfile:
         """Start profiling every vCPU (call before :meth:`Machine.run`)."""
         for cpu in self.machine.cpus:
             self._install(cpu)
+        self._open_kernel_stats()
         self._t0 = _now()
+
+    def _open_kernel_stats(self) -> None:
+        """Open KVM's statistics of the VM and each vCPU (before the run: on a vCPU the
+        ioctl waits for KVM_RUN to return) and note where they start."""
+        vm = self.machine.vm
+        if vm is None:
+            return
+        owners = [("vm", vm.fd)] + [("vcpu", c.vcpu.fd) for c in self.machine.cpus]
+        try:
+            for kind, fd in owners:
+                st = KvmStats.open(fd, vm.kvm)
+                if st is None:
+                    break
+                self._kstats.append((kind, st, st.read()))
+        except KvmStatsError:
+            self._close_kernel_stats()
 
     def _install(self, cpu: KvmCPU) -> None:
         plain = cpu._dispatch
@@ -142,6 +172,23 @@ class ExitProfile:
         for cpu in self._cpus:
             cpu.exit_table = None
             cpu.bind_hooks()  # the plain sync hooks
+        try:
+            for kind, st, start in self._kstats:
+                sums = self.kernel[kind]
+                cumulative = {d.name for d in st.descriptors if d.cumulative}
+                self._kernel_ns.update(d.name for d in st.descriptors if d.nanoseconds)
+                for name, value in st.read().items():
+                    v = value - start.get(name, 0) if name in cumulative else value
+                    sums[name] = sums.get(name, 0) + v
+        except KvmStatsError:
+            self.kernel = {"vm": {}, "vcpu": {}}
+        finally:
+            self._close_kernel_stats()
+
+    def _close_kernel_stats(self) -> None:
+        for _, st, _ in self._kstats:
+            st.close()
+        self._kstats = []
 
     # --- the report ------------------------------------------------------------------------
 
@@ -198,7 +245,36 @@ class ExitProfile:
             if counter:
                 top = ", ".join(f"{a:#0{width + 2}x} {n}" for a, n in counter.most_common(TOP))
                 lines.append(f"  top {title} (Python-serviced): {top}")
+        lines += self._kernel_lines()
         return "\n".join(lines)
+
+    def _kernel_lines(self) -> list[str]:
+        """KVM's own counters: counts largest first, then times (ms), then the VM's page
+        mappings."""
+        vcpu, vm = self.kernel["vcpu"], self.kernel["vm"]
+        if not vcpu:
+            return []
+        rows = sorted(((n, v) for n, v in vcpu.items() if v and n not in self._kernel_ns),
+                      key=lambda r: (-r[1], r[0]))
+        shown = [f"{n} {v}" for n, v in rows[:KERNEL_TOP]]
+        if len(rows) > KERNEL_TOP:
+            shown.append(f"{len(rows) - KERNEL_TOP} others")
+        shown += [f"{n.removesuffix('_ns')} {v / 1e6:.1f} ms" for n, v in sorted(vcpu.items())
+                  if v and n in self._kernel_ns]
+        out = ["  KVM's own counters over the run (all vCPUs; every exit, the ones KVM "
+               "handled itself included):"]
+        line = "   "
+        for item in shown or ["(all zero)"]:
+            if len(line) + len(item) + 2 > 96:
+                out.append(line.rstrip(","))
+                line = "   "
+            line += f" {item},"
+        out.append(line.rstrip(","))
+        pages = [f"{k.removeprefix('pages_')} {vm[k]}" for k in ("pages_4k", "pages_2m", "pages_1g")
+                 if vm.get(k)]
+        if pages:
+            out.append(f"    guest RAM mapped by KVM at the end, in pages: {', '.join(pages)}")
+        return out
 
 
 def timer_settime_ns(n: int = 200) -> float:

@@ -126,8 +126,9 @@ OPTIONS: tuple[Option, ...] = (
            "(machine, devices and guest come from it; host options such as --console, "
            "--timeout, --stats and --checkpoint-dir may be given anew).", "DIR"),
     Option(("--profile",), "profile", "flag", "At the end, a table of exits by reason and "
-           "device with their host time, sync and timer costs, and the busiest ports and "
-           "addresses (stderr)."),
+           "device with their host time, sync and timer costs, the busiest ports and "
+           "addresses, and KVM's own counters (every exit, the ones the kernel handled "
+           "itself included) (stderr)."),
     Option(("--switch-at",), "switch_at", "value", "Hand vCPU 0 to the emulated CPU "
            "(Unicorn) at simulated tick TICKS for --emulate-insts instructions, then back "
            "to KVM (needs kvmfw[emu]).", "TICKS"),
