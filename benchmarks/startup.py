@@ -15,7 +15,8 @@ own time); ``--importtime`` one run with ``-X importtime`` (the slowest imports)
 ``--qemu`` the host CPU (user + system) of the whole ``kvmfw run --max-ticks 1`` process
 against QEMU's with the same kernel and initramfs (``-M microvm,rtc=on -S``, quit over QMP
 as soon as it answers: its start-up, up to where it would enter the guest), alternating,
-with the ratio. The
+with the ratio, and the floor under kvmfw's figure: ``python -c pass`` and ``python -c
+'import pluggy'`` (the interpreter and the hook library with its imports). The
 kernel defaults to the nested environment's ($KVMFW_LINUX_GUESTS/vmlinuz-cloud-amd64 and
 its initramfs), else the embedded guest. Timing only: nothing here asserts a speed.
 """
@@ -119,11 +120,19 @@ def qemu_cpu_vs_kvmfw(argv: list[str], runs: int) -> None:
         q += ["-initrd", argv[argv.index("--initrd") + 1]]
     quit_ = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
     k = [sys.executable, "-m", "kvmfw.cli", *argv]
-    xs: dict[str, list[float]] = {"kvmfw": [], "qemu": []}
+    # the floor under any start-up of kvmfw: the interpreter, and pluggy (the hook library
+    # the core calls plugins through) with what it imports (typing, inspect, ...)
+    floor = {"python": [sys.executable, "-c", "pass"],
+             "pluggy": [sys.executable, "-c", "import pluggy"]}
+    xs: dict[str, list[float]] = {"kvmfw": [], "qemu": [], "python": [], "pluggy": []}
     failed: dict[str, str] = {}
     for i in range(runs):
-        for name in (("kvmfw", "qemu") if i % 2 == 0 else ("qemu", "kvmfw")):
-            t, rc, last = cpu(k) if name == "kvmfw" else cpu(q, quit_)
+        order = ("kvmfw", "qemu", "python", "pluggy")
+        for name in (order if i % 2 == 0 else order[::-1]):
+            if name in floor:
+                t, rc, last = cpu(floor[name])
+            else:
+                t, rc, last = cpu(k) if name == "kvmfw" else cpu(q, quit_)
             xs[name].append(t)
             if rc not in (0, 3):  # (3: kvmfw's --max-ticks limit)
                 failed[name] = f"exit status {rc}: {last}"
@@ -133,6 +142,9 @@ def qemu_cpu_vs_kvmfw(argv: list[str], runs: int) -> None:
     print(f"host CPU (user + system), medians of {runs}: kvmfw run --max-ticks 1 {km:.3f} s, "
           f"QEMU -M microvm -S to its first QMP answer {qm:.3f} s: {km / qm:.2f}x")
     print(f"  ({' '.join(q)})")
+    pm, gm = statistics.median(xs["python"]), statistics.median(xs["pluggy"])
+    print(f"  the floor: python -c pass {pm:.3f} s, python -c 'import pluggy' {gm:.3f} s "
+          f"({gm / qm:.2f}x QEMU's whole start-up); kvmfw's own part above it {km - gm:.3f} s")
 
 
 def wall(cmd: list[str]) -> float:
