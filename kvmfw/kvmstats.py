@@ -31,10 +31,12 @@ MAX_DESCRIPTORS = 4096
 MAX_VALUES = 1 << 16
 """Most 64-bit values read in one snapshot (the kernel's vCPU set has a few hundred)."""
 MAX_OFFSET = 1 << 24
+"""Farthest offset of the id, the descriptors or the values accepted (16 MiB)."""
 
+# the descriptor's flags: type (bits 0-3), unit (4-7), base (8-11)
 TYPE_MASK = 0xF
 TYPE_CUMULATIVE, TYPE_INSTANT, TYPE_PEAK = 0, 1, 2
-UNIT_SHIFT, UNIT_MASK = 4, 0xF0
+UNIT_MASK = 0xF0
 UNIT_SECONDS = 0x2 << 4
 BASE_MASK = 0xF00
 BASE_POW10 = 0

@@ -32,7 +32,7 @@ _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
 TOP = 8
 """Ports and addresses listed."""
 KERNEL_TOP = 20
-"""KVM counters listed (the largest; the rest are summed up as "others")."""
+"""KVM counters listed (the largest; how many more there are is said)."""
 
 
 def _reason_name(reason: int) -> str:
