@@ -9,6 +9,7 @@ Runs inside the nested x86 KVM environment (a real /dev/kvm with hardware-virtua
 semantics; this machine's own kvm_pvm cannot boot stock Linux):
 
     envs/x86-linux-kvm/run.sh --bench [--runs 5] [--cpus 1,2] [--disk no,yes] [--profile]
+                                      [--kvm-stats]
 
 For every configuration (vCPU count x with/without a virtio-blk disk) the runs alternate
 between the VMMs in rounds, the order reversed every other round (A B, B A, ...: a host whose
@@ -25,11 +26,14 @@ With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
 virtio-blk). -M microvm gets ``rtc=on`` (its KVM default has no CMOS RTC, and the guest's
 rtc_cmos probe of the absent chip costs seconds; -M pc and kvmfw have one); the output's
-header prints every VMM's full command line. ``--profile`` adds one untimed kvmfw boot per
-configuration with ``--stats`` and ``--profile`` and prints where its exits went (by kind,
-by device, with host time); ``--console-times`` first boots each VMM once without ``quiet``
-and prints every console line with the host time it arrived. Exit status: 0 when every boot
-reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not available here.
+header prints every VMM's full command line. ``--kvm-stats`` adds one untimed boot per VMM
+and configuration and prints KVM's own counters at the marker side by side (debugfs, root:
+every exit, including those each VMM's KVM handled itself). ``--profile`` adds one untimed
+kvmfw boot per configuration with ``--stats`` and ``--profile`` and prints where its exits
+went (by kind, by device, with host time); ``--console-times`` first boots each VMM once
+without ``quiet`` and prints every console line with the host time it arrived. Exit status:
+0 when every boot reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not
+available here.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from linuxguest import (  # noqa: E402
     Boot,
     guests_dir,
     make_ext4,
+    mount_debugfs,
     paired_text,
     round_order,
     run,
@@ -130,6 +135,28 @@ def profile(boot: Boot, path: Path) -> str:
             + ", ".join(f"{k} {v}" for k, v in top))
 
 
+KVM_ROWS = 24
+"""KVM counters shown per configuration (the largest in any VMM)."""
+
+
+def kvm_table(conf: str, results: dict[str, Any]) -> str:
+    """KVM's counters at the marker of one untimed boot per VMM, side by side."""
+    got = {v: r.kvm_at_marker or {} for v, r in results.items()}
+    names = sorted({n for c in got.values() for n, x in c.items() if x},
+                   key=lambda n: -max(c.get(n, 0) for c in got.values()))
+    vmms = list(got)
+    lines = [f"KVM's own counters at the marker, one boot each ({conf}; every exit, the ones "
+             "KVM handled itself included; debugfs, vCPUs summed):",
+             f"  {'counter':28s}" + "".join(f" {v:>14s}" for v in vmms)]
+    for n in names[:KVM_ROWS]:
+        lines.append(f"  {n:28s}" + "".join(f" {got[v].get(n, 0):14d}" for v in vmms))
+    missing = [v for v in vmms if not got[v]]
+    if missing:
+        lines.append(f"  (no counters for {', '.join(missing)}: the boot failed before the "
+                     "marker, or the VM was not found)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="boots per VMM (default 5)")
@@ -146,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="one more kvmfw boot per configuration with --stats: its exits")
     ap.add_argument("--no-memory", action="store_true", help="skip the untimed RSS boots")
+    ap.add_argument("--kvm-stats", action="store_true",
+                    help="one more boot per VMM and configuration: KVM's own counters at the "
+                    "marker (every exit, the ones KVM handled itself included), side by side")
     ap.add_argument("--console-times", action="store_true",
                     help="first, one untimed boot per VMM without 'quiet': every console "
                     "line with the host time it arrived (where the guest spends its time)")
@@ -158,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"boot.py: cannot run here: {why}", file=sys.stderr)
         return 2
+    if args.kvm_stats:
+        why = mount_debugfs()
+        if why:
+            print(f"boot.py: --kvm-stats: {why}", file=sys.stderr)
+            return 2
     vmms = comma_list(args.vmms, tuple(VMMS), "--vmms")
     disks = comma_list(args.disk, ("no", "yes"), "--disk")
     cpus_list = cpu_counts(ap, args.cpus, 64)
@@ -269,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row += " | |"
                 table.append(row + f" {n_ok}/{len(results[v])} |")
+            if args.kvm_stats:
+                print(kvm_table(conf, {v: run(boot(v, cpus, disk), kvm_stats=True)
+                                       for v in vmms}), flush=True)
             if args.profile and "kvmfw" in vmms:
                 print(f"kvmfw profile ({conf}):\n" +
                       profile(boot("kvmfw", cpus, disk), tmp / f"stats-{cpus}-{d}.json"),

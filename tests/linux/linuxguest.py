@@ -163,6 +163,9 @@ class Result:
     # the scheduler's own account at the marker, all threads: (seconds on a CPU, seconds
     # runnable but waiting for one); see process_sched
     sched_at_marker: tuple[float, float] | None = None
+    # with run(..., kvm_stats=True): KVM's own counters of the VMM's VM at the marker
+    # (debugfs; see kvm_counters)
+    kvm_at_marker: dict[str, int] | None = None
 
     def timed_lines(self) -> list[tuple[float, str]]:
         """Console lines with the host time (s from the start) the VMM had written each by."""
@@ -256,16 +259,19 @@ def non_guest_rss_kib(pid: int, guest_mib: int) -> int | None:
     return total - guest
 
 
-def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Result:
+def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False,
+        kvm_stats: bool = False) -> Result:
     """Boot with the console on a pipe (stdin: /dev/null) until the VMM exits or times out.
-    sample_memory: read /proc/PID/smaps every 0.2 s (costs host CPU: not for timed runs)."""
+    sample_memory: read /proc/PID/smaps every 0.2 s (costs host CPU: not for timed runs).
+    kvm_stats: read KVM's counters of the VMM's VM when the marker arrives (debugfs, root;
+    costs host CPU after the marker: not for timed runs)."""
     argv = boot.argv()
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, bufsize=0)
     assert p.stdout is not None
     fd = p.stdout.fileno()
-    out, t_marker, peak, cpu, sched = b"", None, None, None, None
+    out, t_marker, peak, cpu, sched, kvm = b"", None, None, None, None, None
     arrivals: list[tuple[float, int]] = []
     deadline = t0 + boot.timeout + 5
     while time.monotonic() < deadline:
@@ -287,12 +293,57 @@ def run(boot: Boot, marker: bytes = MARKER, sample_memory: bool = False) -> Resu
             t_marker = time.monotonic() - t0
             cpu = process_cpu(p.pid)
             sched = process_sched(p.pid)
+            if kvm_stats:
+                kvm = kvm_counters(p.pid)
     rc, rss = _wait(p.pid, deadline)
     t_exit = time.monotonic() - t0
     p.returncode = rc if rc is not None else -9  # reaped by _wait
     out += p.stdout.read() if rc is not None else b""
     p.stdout.close()
-    return Result(argv, rc, out, t_marker, t_exit, rss, peak, arrivals, cpu, sched)
+    return Result(argv, rc, out, t_marker, t_exit, rss, peak, arrivals, cpu, sched, kvm)
+
+
+KVM_DEBUGFS = "/sys/kernel/debug/kvm"
+
+
+def kvm_counters(pid: int, base: str = KVM_DEBUGFS) -> dict[str, int] | None:
+    """KVM's counters of process ``pid``'s VMs, from debugfs (``<base>/<pid>-<fd>/<name>``,
+    the vCPUs' counters summed by the kernel; several VMs of one process summed here), or
+    None when there are none (no debugfs, not root, or the process has no VM). Any VMM's
+    VM reads the same way: the comparison between VMMs includes the exits each one's KVM
+    handled itself."""
+    try:
+        dirs = [d for d in os.listdir(base) if d.startswith(f"{pid}-")]
+    except OSError:
+        return None
+    out: dict[str, int] = {}
+    for d in dirs[:16]:
+        try:
+            names = sorted(os.listdir(os.path.join(base, d)))[:1024]
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(base, d, name)
+            try:
+                with open(path, "rb") as f:
+                    text = f.read(64)
+                value = int(text.split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a directory (vcpuN), a histogram, a file gone
+            out[name] = out.get(name, 0) + value
+    return out or None
+
+
+def mount_debugfs() -> str | None:
+    """Make KVM's debugfs counters readable (mounting debugfs where it is not, as root):
+    None, or why they cannot be read."""
+    if os.path.isdir(KVM_DEBUGFS):
+        return None
+    if os.geteuid() != 0:
+        return "KVM's counters are in debugfs, readable by root only"
+    subprocess.run(["mount", "-t", "debugfs", "none", "/sys/kernel/debug"],
+                   capture_output=True, check=False)
+    return None if os.path.isdir(KVM_DEBUGFS) else f"{KVM_DEBUGFS} is not there (no debugfs?)"
 
 
 def process_cpu(pid: int) -> tuple[float, float] | None:

@@ -99,3 +99,35 @@ def test_sched_account_sums_the_threads_and_tolerates_a_gone_process() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # reaped: its /proc entry is gone
     assert linuxguest.process_sched(child.pid) is None
+
+
+def test_kvm_counters_sum_a_processes_vms_and_skip_what_is_not_a_number(tmp_path: Path) -> None:
+    for d, files in {"4242-11": {"exits": "5\n", "io_exits": "3\n", "halt_wait_hist": "1 2 3"},
+                     "4242-12": {"exits": "2\n"}, "77-11": {"exits": "1000\n"}}.items():
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "vcpu0").mkdir()  # per-vCPU directories are not read
+        for name, text in files.items():
+            (tmp_path / d / name).write_text(text)
+    (tmp_path / "4242-11" / "garbage").write_text("not a number")
+    got = linuxguest.kvm_counters(4242, str(tmp_path))
+    assert got == {"exits": 7, "io_exits": 3, "halt_wait_hist": 1}
+    assert linuxguest.kvm_counters(99, str(tmp_path)) is None
+    assert linuxguest.kvm_counters(4242, str(tmp_path / "absent")) is None
+
+
+def test_the_kvm_table_sets_the_vmms_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("boot", None)
+    import boot
+
+    class R:
+        def __init__(self, kvm: dict[str, int] | None) -> None:
+            self.kvm_at_marker = kvm
+
+    text = boot.kvm_table("1 vCPU, no disk", {"kvmfw": R({"exits": 3100, "mmio_exits": 0}),
+                                               "qemu": R({"exits": 4200, "mmio_exits": 900}),
+                                               "qemu-microvm": R(None)})
+    rows = [ln.split() for ln in text.splitlines()[2:]]
+    assert rows[0] == ["exits", "3100", "4200", "0"]
+    assert rows[1] == ["mmio_exits", "0", "900", "0"]
+    assert "no counters for qemu-microvm" in text
