@@ -142,14 +142,19 @@ KVM_ROWS = 24
 def kvm_table(conf: str, results: dict[str, Any]) -> str:
     """KVM's counters at the marker of one untimed boot per VMM, side by side."""
     got = {v: r.kvm_at_marker or {} for v, r in results.items()}
+    # counts first, largest first; then the times (debugfs names them *_ns), in ms
     names = sorted({n for c in got.values() for n, x in c.items() if x},
-                   key=lambda n: -max(c.get(n, 0) for c in got.values()))
+                   key=lambda n: (n.endswith("_ns"), -max(c.get(n, 0) for c in got.values())))
     vmms = list(got)
     lines = [f"KVM's own counters at the marker, one boot each ({conf}; every exit, the ones "
              "KVM handled itself included; debugfs, vCPUs summed):",
              f"  {'counter':28s}" + "".join(f" {v:>14s}" for v in vmms)]
     for n in names[:KVM_ROWS]:
-        lines.append(f"  {n:28s}" + "".join(f" {got[v].get(n, 0):14d}" for v in vmms))
+        if n.endswith("_ns"):
+            lines.append(f"  {n[:-3] + ' (ms)':28s}" +
+                         "".join(f" {got[v].get(n, 0) / 1e6:14.1f}" for v in vmms))
+        else:
+            lines.append(f"  {n:28s}" + "".join(f" {got[v].get(n, 0):14d}" for v in vmms))
     missing = [v for v in vmms if not got[v]]
     if missing:
         lines.append(f"  (no counters for {', '.join(missing)}: the boot failed before the "

@@ -124,10 +124,12 @@ def test_the_kvm_table_sets_the_vmms_side_by_side(monkeypatch: pytest.MonkeyPatc
         def __init__(self, kvm: dict[str, int] | None) -> None:
             self.kvm_at_marker = kvm
 
-    text = boot.kvm_table("1 vCPU, no disk", {"kvmfw": R({"exits": 3100, "mmio_exits": 0}),
-                                               "qemu": R({"exits": 4200, "mmio_exits": 900}),
-                                               "qemu-microvm": R(None)})
+    text = boot.kvm_table("1 vCPU, no disk", {
+        "kvmfw": R({"exits": 3100, "mmio_exits": 0, "halt_wait_ns": 2_500_000_000}),
+        "qemu": R({"exits": 4200, "mmio_exits": 900, "halt_wait_ns": 1_250_000}),
+        "qemu-microvm": R(None)})
     rows = [ln.split() for ln in text.splitlines()[2:]]
     assert rows[0] == ["exits", "3100", "4200", "0"]
     assert rows[1] == ["mmio_exits", "0", "900", "0"]
+    assert rows[2] == ["halt_wait", "(ms)", "2500.0", "1.2", "0.0"]  # times after counts
     assert "no counters for qemu-microvm" in text
