@@ -638,7 +638,10 @@ def _arm_checkpoints(machine: Any, cfg: dict[str, Any], sigs: _Signals) -> None:
 
         def take() -> None:
             machine.request_checkpoint()
-            if period is not None:
+            # Past the limit every later request would be refused: say it once (this
+            # request's refusal) and stop firing, so a short period costs the run nothing.
+            if period is not None and \
+                    len(machine.checkpoints_taken) < machine.checkpoint_limit:
                 eq.schedule(ev, eq.cur_tick + period)
 
         ev = Event(take, "cli.checkpoint-at")
