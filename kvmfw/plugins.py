@@ -21,7 +21,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import stat
 import sys
+import time
 import types
 import weakref
 import zlib
@@ -84,19 +86,26 @@ class PluginInfo(Record):
         self.error = error
 
 
-_Stamp = tuple[tuple[str, int], ...]
-_Fingerprint = tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+_Stamp = tuple[tuple[str, int, bool], ...]
+_Fingerprint = tuple[tuple[str, int, tuple[tuple[str, int], ...]], ...]
+_Listings = dict[str, tuple[int, tuple[str, ...]]]
 _Found = dict[tuple[str, str], list[tuple[str, str, "EntryPoint"]]]
 _installed: tuple[_Stamp, _Found] | None = None
 
-INDEX_VERSION = 2
-"""2: lines of tab-separated text (1 was JSON: the json package is ~5 modules a run would
-import for this file alone)."""
+INDEX_VERSION = 3
+"""3: the key stamps each path directory (not each ``entry_points.txt``) and the file keeps
+the directories' listings; 2: lines of tab-separated text (1 was JSON: the json package is
+~5 modules a run would import for this file alone)."""
 INDEX_MAX_BYTES = 1 << 20
 """Largest entry-point index file read (it is a file like any other: bounded, checked, and
 rebuilt rather than trusted when anything in it is off)."""
 _INDEX_MAX_ENTRIES = 4096
+_INDEX_MAX_LISTINGS = 1024
 _INDEX_MAX_TEXT = 1024
+_RACY_NS = 2_000_000_000
+"""A directory changed this recently may change again within its timestamp's granularity
+(the kernel's coarse clock) without its mtime moving: its listing is not kept (as git
+treats a "racily clean" index entry)."""
 
 
 class EntryPoint(NamedTuple):  # (not a frozen dataclass: ~8x dearer to create at import)
@@ -119,67 +128,96 @@ class EntryPoint(NamedTuple):  # (not a frozen dataclass: ~8x dearer to create a
 _META_SUFFIXES = (".dist-info", ".egg-info")
 _KEY_MAX_DISTS = 8192
 """Metadata directories the key lists at most (a path with more is scanned every time)."""
+_STDLIB = os.path.dirname(os.path.abspath(os.__file__))
+_STDLIB_DIRS = frozenset({_STDLIB, os.path.join(_STDLIB, "lib-dynload")})
+"""The standard library's directories: they hold no distribution (site-packages is a
+directory of its own), so neither the key nor a start-up lists them (~250 entries)."""
 
 
 def _path_stamp() -> _Stamp:
-    """sys.path with each directory's mtime: cheap, for the in-process cache only (an
-    install or removal creates or deletes an entry in a path directory)."""
+    """Each sys.path entry with its mtime and whether it is a directory: cheap, and all the
+    key needs stat for (an install or removal creates or deletes an entry in a path
+    directory). The in-process cache compares it as it is."""
     out = []
     for p in sys.path:
         try:
-            out.append((p, os.stat(p or ".").st_mtime_ns))
+            st = os.stat(p or ".")
+            out.append((p, st.st_mtime_ns, stat.S_ISDIR(st.st_mode)))
         except OSError:
-            out.append((p, -1))
+            out.append((p, -1, False))
     return tuple(out)
 
 
-def _path_fingerprint() -> _Fingerprint | None:
-    """What decides the installed entry points: the distribution metadata directories
-    (``*.dist-info``, ``*.egg-info``) that ``importlib.metadata`` finds on sys.path, in its
-    order, each with its ``entry_points.txt`` mtime (rewritten by every install, editable or
-    not), and the mtime of any archive on the path. Entries that hold no metadata (the
-    script's directory of ``kvmfw``, the current directory of ``python -c`` and ``-m``, the
-    standard library) do not count, so the three ways to start kvmfw share one index.
-    None (no index) when the path holds more than ``_KEY_MAX_DISTS`` of them."""
-    out: list[tuple[str, tuple[tuple[str, int], ...]]] = []
+def _is_meta(name: str, egg: bool) -> bool:
+    low = name.lower()
+    return low.endswith(_META_SUFFIXES) or (egg and low == "egg-info")
+
+
+def _path_fingerprint(stamp: _Stamp | None = None, listings: _Listings | None = None
+                      ) -> tuple[_Fingerprint | None, _Listings]:
+    """What decides the installed entry points, and the listings it read afresh.
+
+    The key: the path directories that hold distribution metadata (``*.dist-info``,
+    ``*.egg-info``, as ``importlib.metadata`` finds them), in sys.path order, each with its
+    mtime (an install, reinstall or removal replaces a ``.dist-info`` in it) and those
+    names; an ``.egg-info`` also with its ``entry_points.txt`` mtime (``setup.py develop``
+    rewrites one in place, in a source tree); an archive (zip) on the path with its mtime.
+    Entries that hold no metadata (the script's directory of ``kvmfw``, the current
+    directory of ``python -c`` and ``-m``, the standard library) do not count, so the three
+    ways to start kvmfw share one index. The key is None (no index) when the path holds
+    more than ``_KEY_MAX_DISTS`` of them.
+
+    ``listings`` (from the index) are reused for a directory whose mtime is unchanged, so a
+    start-up stats each path directory instead of listing it; the listings read here, when
+    not racy (:data:`_RACY_NS`), are returned for the next index."""
+    if stamp is None:
+        stamp = _path_stamp()
+    listings = listings or {}
+    fresh: _Listings = {}
+    now = time.time_ns()
+    out: list[tuple[str, int, tuple[tuple[str, int], ...]]] = []
     seen: set[str] = set()
     total = 0
-    for p in sys.path:
+    for p, mtime, isdir in stamp:
         d = os.path.abspath(p or ".")
-        if d in seen:
-            continue
+        if d in seen or mtime < 0 or d in _STDLIB_DIRS:
+            continue  # (missing, or a path-hook name rather than a directory)
         seen.add(d)
-        egg = d.lower().endswith(".egg")
-        try:
-            with os.scandir(d) as it:
-                names = sorted(e.name for e in it
-                               if e.name.lower().endswith(_META_SUFFIXES)
-                               or (egg and e.name.lower() == "egg-info"))
-        except NotADirectoryError:
-            try:  # an archive (zip) on the path: its mtime stands for what it holds
-                out.append((d, (("", os.stat(d).st_mtime_ns),)))
-            except OSError:
-                pass
+        if not isdir:  # an archive (zip) on the path: its mtime stands for what it holds
+            out.append((d, mtime, ()))
             continue
-        except OSError:
-            continue  # missing, or a path-hook name rather than a directory
+        egg = d.lower().endswith(".egg")
+        old = listings.get(d)
+        if old is not None and old[0] == mtime:
+            names = old[1]
+        else:
+            try:
+                with os.scandir(d) as it:
+                    names = tuple(sorted(e.name for e in it if _is_meta(e.name, egg)))
+            except OSError:
+                continue
+            if now - mtime > _RACY_NS:
+                fresh[d] = (mtime, names)
         if not names:
             continue
         total += len(names)
         if total > _KEY_MAX_DISTS:
-            return None
+            return None, fresh
         stamps = []
         for name in names:
+            if name.lower().endswith(".dist-info"):
+                stamps.append((name, 0))  # replaced whole on every install: the dir's mtime
+                continue
             try:
                 stamps.append((name, os.stat(os.path.join(d, name, "entry_points.txt"))
                                .st_mtime_ns))
             except OSError:
                 stamps.append((name, -1))
-        out.append((d, tuple(stamps)))
-    return tuple(out)
+        out.append((d, mtime, tuple(stamps)))
+    return tuple(out), fresh
 
 
-def _index_file(key: _Fingerprint) -> str | None:
+def _index_file() -> str | None:
     """Where the index for this interpreter lives (kvmfw's cache directory,
     :func:`kvmfw.cache.base_dir`: ``$XDG_CACHE_HOME/kvmfw`` or ``~/.cache/kvmfw``; one file
     per interpreter and prefix (a venv) whichever name started it (``python``,
@@ -198,47 +236,75 @@ def _index_file(key: _Fingerprint) -> str | None:
 _INDEX_MAGIC = f"kvmfw entry points {INDEX_VERSION}"
 
 
-def _read_index(path: str, key: _Fingerprint) -> _Found | None:
-    """The index in ``path`` if it was written for exactly ``key``; None if it is missing,
-    stale, too large or malformed in any way (then it is rebuilt).
+class _Index(NamedTuple):
+    key: str
+    listings: _Listings
+    found: _Found
+
+
+def _read_index(path: str) -> _Index | None:
+    """The index in ``path``; None if it is missing, too large or malformed in any way
+    (then it is rebuilt). Its key is compared by the caller.
 
     The file: a first line naming the format and its version, a second line with the key
-    (``repr`` of the fingerprint: one line, compared as text, never evaluated), then one
-    entry point per line: group, name, value, package and version, separated by tabs."""
+    (``repr`` of the fingerprint: one line, compared as text, never evaluated), then the
+    path directories' listings (``L``, directory, mtime, then its metadata names), then one
+    entry point per line: group, name, value, package and version; fields separated by
+    tabs."""
     try:
         with open(path, "rb") as f:
             raw = f.read(INDEX_MAX_BYTES + 1)
         if len(raw) > INDEX_MAX_BYTES:
             return None
         lines = raw.decode().split("\n")
-        if len(lines) < 3 or lines[0] != _INDEX_MAGIC or lines[1] != repr(key) \
-                or lines[-1] != "" or len(lines) - 3 > _INDEX_MAX_ENTRIES:
+        if len(lines) < 3 or lines[0] != _INDEX_MAGIC or lines[-1] != "":
             return None
+        listings: _Listings = {}
         found: _Found = {}
+        entries = 0
         for line in lines[2:-1]:
             row = line.split("\t")
-            if len(row) != 5 or any(len(x) > _INDEX_MAX_TEXT for x in row):
+            if any(len(x) > _INDEX_MAX_TEXT for x in row):
+                return None
+            if row[0] == "L":
+                if len(row) < 3 or len(listings) >= _INDEX_MAX_LISTINGS \
+                        or len(row) - 3 > _KEY_MAX_DISTS or not os.path.isabs(row[1]):
+                    return None
+                egg = row[1].lower().endswith(".egg")
+                names = tuple(row[3:])
+                if any("/" in n or not _is_meta(n, egg) for n in names):
+                    return None
+                listings[row[1]] = (int(row[2]), names)
+                continue
+            entries += 1
+            if len(row) != 5 or entries > _INDEX_MAX_ENTRIES:
                 return None
             group, name, value, pkg, ver = row
             if not group.startswith("kvmfw."):
                 return None
             found.setdefault((group, name), []).append(
                 (pkg, ver, EntryPoint(name, value, group)))
-        return found
+        return _Index(lines[1], listings, found)
     except (OSError, ValueError):  # (UnicodeDecodeError is a ValueError)
         return None
 
 
-def _write_index(path: str, key: _Fingerprint, found: _Found) -> None:
+def _write_index(path: str, key: _Fingerprint, found: _Found,
+                 listings: _Listings | None = None) -> None:
     """Store the index (atomically; a cache that cannot be written is no error). Not
-    written when a field holds a tab or a line break, which the format cannot carry: then
-    every run scans, as without an index."""
+    written when an entry point's field holds a tab or a line break, which the format
+    cannot carry: then every run scans, as without an index (a listing that cannot be
+    carried is left out: that directory is listed by every run)."""
     rows = [(ep.group, ep.name, ep.value, pkg, ver)
             for entries in found.values() for pkg, ver, ep in entries]
     if any(c in x for row in rows for x in row for c in "\t\n\r"):
         return
-    text = "".join(f"{line}\n" for line in
-                   (_INDEX_MAGIC, repr(key), *("\t".join(row) for row in rows)))
+    lines = [_INDEX_MAGIC, repr(key)]
+    for d, (mtime, names) in (listings or {}).items():
+        if not any(c in x for x in (d, *names) for c in "\t\n\r"):
+            lines.append("\t".join(("L", d, str(mtime), *names)))
+    lines += ["\t".join(row) for row in rows]
+    text = "".join(f"{line}\n" for line in lines)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -283,13 +349,19 @@ def _installed_entry_points() -> _Found:
     stamp = _path_stamp()
     if _installed is not None and _installed[0] == stamp:
         return _installed[1]
-    key = _path_fingerprint()
-    path = _index_file(key) if key is not None else None
-    found = _read_index(path, key) if path is not None and key is not None else None
-    if found is None:
+    path = _index_file()
+    index = _read_index(path) if path is not None else None
+    key, fresh = _path_fingerprint(stamp, index.listings if index is not None else None)
+    if index is not None and key is not None and index.key == repr(key):
+        found = index.found
+        keyed = {d for d, _, _ in key}
+        if path is not None and keyed & set(fresh) - set(index.listings):
+            # a directory listed anew (no longer racy): keep its listing for next time
+            _write_index(path, key, found, {**index.listings, **fresh})
+    else:
         found = _scan_distributions()
         if path is not None and key is not None:
-            _write_index(path, key, found)
+            _write_index(path, key, found, fresh)
     _installed = (stamp, found)
     return found
 

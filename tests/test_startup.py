@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,17 +149,28 @@ def test_an_index_with_a_forged_row_is_refused(index_home: Path) -> None:
     plugins._installed_entry_points()
     (path,) = _index_files(index_home)
     head = path.read_text().splitlines()[:2]
-    key = plugins._path_fingerprint()
-    assert plugins._read_index(str(path), key) is not None
+    key, _ = plugins._path_fingerprint()
+    index = plugins._read_index(str(path))
+    assert index is not None and index.key == repr(key)
     for bad in ("os\tx\tos:system\tp\tv", "kvmfw.devices\tx\tm:a\tp",
                 "kvmfw.devices\tx\tm:a\tp\tv\textra",
-                "kvmfw.devices\t" + "x" * 5000 + "\tm:a\tp\tv", "kvmfw.devices"):
+                "kvmfw.devices\t" + "x" * 5000 + "\tm:a\tp\tv", "kvmfw.devices",
+                # listings: a relative directory, a bad mtime, names that are not metadata
+                # directories or that leave the directory, too short a line
+                "L\tsite\t1\tx-1.dist-info", "L\t/site\tsoon\tx-1.dist-info",
+                "L\t/site\t1\tx.py", "L\t/site\t1\t../x-1.dist-info", "L\t/site",
+                "L\t/site\t1\t" + "\t".join(["x.dist-info"] * 9000)):
         path.write_text("\n".join([*head, bad]) + "\n")
-        assert plugins._read_index(str(path), key) is None
-    path.write_text("\n".join([head[0], repr(((str(index_home), ()),)), ""]) + "\n")
-    assert plugins._read_index(str(path), key) is None  # another key: stale
+        assert plugins._read_index(str(path)) is None, bad
+    path.write_text("\n".join([*head, "L\t/site\t1\tx-1.dist-info\tEGG-INFO.egg-info"]) + "\n")
+    index = plugins._read_index(str(path))
+    assert index is not None and index.listings == {
+        "/site": (1, ("x-1.dist-info", "EGG-INFO.egg-info"))}
+    path.write_text("\n".join([head[0], repr(((str(index_home), 0, ()),))]) + "\n")
+    index = plugins._read_index(str(path))
+    assert index is not None and index.key != repr(key)  # another key: stale
     path.write_text("\n".join(head))  # cut short: no final line break
-    assert plugins._read_index(str(path), key) is None
+    assert plugins._read_index(str(path)) is None
 
 
 def test_an_entry_point_the_format_cannot_carry_leaves_no_index(
@@ -166,8 +178,8 @@ def test_an_entry_point_the_format_cannot_carry_leaves_no_index(
     _fake_dist(index_home / "site", "kvmfw-tab",
                "[kvmfw.devices]\ntab-dev = kvmfw.device:Device [with\ttab]\n")
     found = plugins._scan_distributions()
-    key = plugins._path_fingerprint()
-    path = plugins._index_file(key)
+    key, _ = plugins._path_fingerprint()
+    path = plugins._index_file()
     assert key is not None and path is not None
     if not any("\t" in ep.value for entries in found.values() for _, _, ep in entries):
         pytest.skip("this importlib.metadata drops the tab")
@@ -228,16 +240,127 @@ def test_path_entries_without_distributions_share_the_index(
         assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
 
 
-def test_an_entry_points_file_rewritten_in_place_makes_the_index_stale(
+def _age(path: Path, seconds: int = 60) -> None:
+    """Move ``path``'s mtime back, out of the racy window (and past coarse clocks)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 1_000_000_000))
+
+
+def test_a_distribution_reinstalled_under_the_same_name_makes_the_index_stale(
         index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip replaces a ``.dist-info`` whole: the path directory's mtime moves (the key stamps
+    the directory, not each ``entry_points.txt``)."""
+    import shutil
+
+    site = index_home / "site"
+    _age(site)
     plugins._installed_entry_points()
-    eps = index_home / "site" / "kvmfw_idx-0.1.dist-info" / "entry_points.txt"
-    eps.write_text("[kvmfw.devices]\nidx-new = kvmfw.device:Device\n")
+    shutil.rmtree(site / "kvmfw_idx-0.1.dist-info")
+    _fake_dist(site, "kvmfw-idx", "[kvmfw.devices]\nidx-new = kvmfw.device:Device\n")
+    monkeypatch.setattr(plugins, "_installed", None)
+    found = plugins._installed_entry_points()
+    assert ("kvmfw.devices", "idx-new") in found and ("kvmfw.devices", "idx-dev") not in found
+
+
+def test_an_egg_info_rewritten_in_place_makes_the_index_stale(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``setup.py develop`` rewrites a source tree's ``NAME.egg-info`` in place: its
+    ``entry_points.txt`` mtime is in the key."""
+    src = index_home / "src"
+    info = src / "kvmfw_egg.egg-info"
+    info.mkdir(parents=True)
+    (info / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: kvmfw-egg\nVersion: 0.1\n")
+    eps = info / "entry_points.txt"
+    eps.write_text("[kvmfw.devices]\negg-dev = kvmfw.device:Device\n")
+    monkeypatch.syspath_prepend(str(src))
+    assert ("kvmfw.devices", "egg-dev") in plugins._installed_entry_points()
+    eps.write_text("[kvmfw.devices]\negg-new = kvmfw.device:Device\n")
     st = eps.stat()
     os.utime(eps, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # (coarse clocks)
     monkeypatch.setattr(plugins, "_installed", None)
     found = plugins._installed_entry_points()
-    assert ("kvmfw.devices", "idx-new") in found and ("kvmfw.devices", "idx-dev") not in found
+    assert ("kvmfw.devices", "egg-new") in found and ("kvmfw.devices", "egg-dev") not in found
+
+
+def _listed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories ``os.scandir`` is asked to list from now on."""
+    listed: list[str] = []
+    real = os.scandir
+
+    def counting(path: Any = ".") -> Any:
+        listed.append(os.path.abspath(path))
+        return real(path)
+
+    monkeypatch.setattr(plugins.os, "scandir", counting)
+    return listed
+
+
+def test_a_start_up_stats_path_directories_instead_of_listing_them(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index keeps each path directory's listing with its mtime: a later start-up
+    lists none whose mtime is unchanged, and the standard library's never."""
+    site = index_home / "site"
+    _age(site)
+    plugins._installed_entry_points()
+    (path,) = _index_files(index_home)
+    assert f"L\t{site}\t" in path.read_text()
+    scan = plugins._scan_distributions
+    listed = _listed(monkeypatch)
+    monkeypatch.setattr(plugins, "_installed", None)
+    monkeypatch.setattr(plugins, "_scan_distributions", lambda: pytest.fail("scanned"))
+    assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
+    assert str(site) not in listed
+    assert not set(listed) & plugins._STDLIB_DIRS
+    # a directory that changed is listed again, and the change is seen
+    _fake_dist(site, "kvmfw-late", "[kvmfw.boards]\nlate = kvmfw.device:Device\n")
+    monkeypatch.setattr(plugins, "_scan_distributions", scan)
+    monkeypatch.setattr(plugins, "_installed", None)
+    assert ("kvmfw.boards", "late") in plugins._installed_entry_points()
+    assert str(site) in listed
+
+
+def test_a_racy_listing_is_not_kept_until_it_settles(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory changed within the last seconds may change again without its mtime
+    moving: its listing is not stored, and it is listed by every start-up until it
+    settles; then the index is rewritten once with it (no scan)."""
+    site = index_home / "site"
+    plugins._installed_entry_points()
+    (path,) = _index_files(index_home)
+    assert f"L\t{site}\t" not in path.read_text()
+    monkeypatch.setattr(plugins, "_scan_distributions", lambda: pytest.fail("scanned"))
+    monkeypatch.setattr(plugins, "_installed", None)
+    listed = _listed(monkeypatch)
+    plugins._installed_entry_points()
+    assert str(site) in listed and f"L\t{site}\t" not in path.read_text()
+    real_ns = plugins.time.time_ns
+    monkeypatch.setattr(plugins.time, "time_ns", lambda: real_ns() + 60_000_000_000)
+    monkeypatch.setattr(plugins, "_installed", None)
+    plugins._installed_entry_points()
+    assert f"L\t{site}\t" in path.read_text()
+    listed.clear()
+    monkeypatch.setattr(plugins, "_installed", None)
+    assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
+    assert str(site) not in listed
+
+
+def test_a_listing_with_another_mtime_is_not_used(
+        index_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored listing is only a cache of the directory at that mtime: a forged or stale
+    one (another mtime) is ignored and the directory listed."""
+    site = index_home / "site"
+    _age(site)
+    plugins._installed_entry_points()
+    (path,) = _index_files(index_home)
+    lines = path.read_text().splitlines()
+    forged = [f"L\t{site}\t1\tkvmfw_ghost-0.1.dist-info" if ln.startswith(f"L\t{site}\t")
+              else ln for ln in lines]
+    path.write_text("\n".join(forged) + "\n")
+    monkeypatch.setattr(plugins, "_installed", None)
+    monkeypatch.setattr(plugins, "_scan_distributions", lambda: pytest.fail("scanned"))
+    listed = _listed(monkeypatch)
+    assert ("kvmfw.devices", "idx-dev") in plugins._installed_entry_points()
+    assert str(site) in listed
 
 
 def test_python_c_python_m_and_the_script_share_one_index(tmp_path: Path) -> None:
@@ -265,8 +388,7 @@ def test_python_c_python_m_and_the_script_share_one_index(tmp_path: Path) -> Non
 
 
 def test_the_index_lives_under_xdg_cache_home(index_home: Path) -> None:
-    key = plugins._path_fingerprint()
-    path = plugins._index_file(key)
+    path = plugins._index_file()
     assert path is not None and path.startswith(os.environ["XDG_CACHE_HOME"])
 
 
