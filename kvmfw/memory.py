@@ -49,6 +49,12 @@ class MemoryRegion:
         self._view: memoryview | None = None
         self._whole: memoryview | None = None
         self.host_addr = 0
+        self.map_offset = 0
+        """Where the region starts in its host mapping (:meth:`_attach`)."""
+        self.discard = 0
+        """The granule :meth:`zero` hands back to the kernel with ``MADV_DONTNEED`` (0:
+        never): only a private anonymous mapping reads back zeros after it (a private file
+        mapping would read the file again, a shared one keeps its pages)."""
 
     def __repr__(self) -> str:
         return (f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x}, name={self.name!r}, "
@@ -65,6 +71,7 @@ class MemoryRegion:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         if size < HUGE_PAGE:
             region._attach(mmap.mmap(-1, size, flags))
+            region.discard = PAGE_SIZE
             return region
         mm = mmap.mmap(-1, size + HUGE_PAGE, flags)
         offset = (gpa - address_of(ffi.from_buffer(mm))) % HUGE_PAGE
@@ -75,6 +82,7 @@ class MemoryRegion:
             except OSError:  # a kernel without transparent huge pages
                 pass
         region._attach(mm, offset)
+        region.discard = HUGE_PAGE  # (a smaller discard would split a transparent huge page)
         return region
 
     @classmethod
@@ -109,6 +117,7 @@ class MemoryRegion:
     def _attach(self, mm: mmap.mmap, offset: int = 0) -> None:
         """Use ``mm`` from ``offset`` (``size`` bytes) as this region's memory."""
         self._map = mm
+        self.map_offset = offset
         self._whole = memoryview(mm)
         self._view = self._whole[offset:offset + self.size] if offset or len(mm) != self.size \
             else self._whole
@@ -116,6 +125,27 @@ class MemoryRegion:
             self.host_addr = address_of(ffi.from_buffer(mm, require_writable=False)) + offset
         else:
             self.host_addr = address_of(ffi.from_buffer(mm)) + offset
+
+    def zero(self, offset: int, length: int) -> None:
+        """Zero ``[offset, offset + length)`` of the region (the caller checked it lies in
+        it): whole :attr:`discard` granules are given back to the kernel (they read as zeros
+        and are faulted in again, zeroed, when touched), the rest is written with zeros."""
+        view = self.view
+        end = offset + length
+        lo = hi = end  # [lo, hi): discarded; [offset, lo) and [hi, end): written
+        g = self.discard
+        if g and self._map is not None:
+            a = -(-(self.host_addr + offset) // g) * g - self.host_addr
+            b = (self.host_addr + end) // g * g - self.host_addr
+            if a < b:
+                try:
+                    self._map.madvise(mmap.MADV_DONTNEED, self.map_offset + a, b - a)
+                except (OSError, ValueError):  # (locked pages: EINVAL) write them instead
+                    pass
+                else:
+                    lo, hi = a, b
+        _write_zeros(view, offset, lo)
+        _write_zeros(view, hi, end)
 
     @property
     def end(self) -> int:
@@ -225,6 +255,30 @@ class GuestMemory:
         if self.dirty is not None:
             self.dirty.mark(r, off, n)
 
+    def zero(self, gpa: int, length: int) -> None:
+        """Zero ``[gpa, gpa + length)`` of guest RAM (a BSS) with no host buffer of that
+        size; the pages are marked dirty for trackers (KVM's dirty log does not see this).
+        In anonymous RAM whole pages (whole 2 MiB huge pages in RAM from 2 MiB up) are
+        discarded (``MADV_DONTNEED``) rather than written: nothing is copied, and pages
+        never touched are not faulted in. Raises :class:`GuestMemoryError` if the range is
+        not wholly in one region or that region is mapped read-only on the host."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"cannot zero [{gpa:#x}, +{length:#x}): negative")
+        hit = self.find(gpa, length)
+        if hit is None:
+            raise GuestMemoryError(f"guest range [{gpa:#x}, {gpa + length:#x}) is not in guest RAM")
+        r, off = hit
+        if r.view.readonly:
+            raise GuestMemoryError(f"cannot zero [{gpa:#x}, {gpa + length:#x}): memory region "
+                                   f"{r.name} is mapped read-only")
+        if not length:
+            return
+        try:
+            r.zero(off, length)
+        finally:  # (marked even if zeroing failed part way: some of it may have changed)
+            if self.dirty is not None:
+                self.dirty.mark(r, off, length)
+
     def mark_dirty(self, gpa: int, length: int) -> None:
         """Record that kvmfw wrote ``[gpa, gpa + length)`` through a view (device DMA, a
         loader): KVM's dirty log sees only the guest's own stores. The range may span
@@ -285,6 +339,17 @@ class GuestMemory:
             r.close()
         self._regions.clear()
         self._starts.clear()
+
+
+_ZEROS = memoryview(bytes(256 << 10))
+
+
+def _write_zeros(view: memoryview, start: int, end: int) -> None:
+    """Write zeros to ``view[start:end]`` from a small shared buffer."""
+    step = len(_ZEROS)
+    for i in range(start, end, step):
+        n = min(step, end - i)
+        view[i:i + n] = _ZEROS[:n]
 
 
 def _check_aligned(gpa: int, size: int) -> None:

@@ -69,6 +69,21 @@ def test_reset_to_restores_pages_registers_and_time(machines: list[Machine]) -> 
     snap.close()
 
 
+def test_zeroed_pages_are_reset_discarded_ones_too(machines: list[Machine]) -> None:
+    """``GuestMemory.zero`` discards whole pages (KVM's dirty log never sees that) and
+    writes the partial ones: both are reset."""
+    m, _ = _make(machines, pages=0)
+    m.memory.write(0x40000, b"\x5a" * 0x20000)
+    snap = m.snapshot()
+    ram = _ram(m)
+    m.memory.zero(0x40000 + 9, 0x1E000)  # partial pages 0x40 and 0x5e, whole ones between
+    assert m.memory.read(0x40000, 0x20000) == b"\x5a" * 9 + bytes(0x1E000) + \
+        b"\x5a" * (0x20000 - 0x1E009)
+    assert m.reset_to(snap) == 0x1F
+    assert _ram(m) == ram
+    snap.close()
+
+
 def test_each_run_after_reset_is_the_same_run(machines: list[Machine]) -> None:
     m, _ = _make(machines, pages=8, first=1)
     snap = m.snapshot()  # before the first instruction
