@@ -58,7 +58,8 @@ def _key(source: str, tag: str) -> str | None:
            f"{st.st_ctime_ns:x}"
 
 
-def derived(source: str, kind: str, tag: str, make: Callable[[], bytes | None]) -> Any:
+def derived(source: str, kind: str, tag: str,
+            make: Callable[[], bytes | bytearray | None]) -> Any:
     """The cached file derived from ``source`` (a read-only
     :class:`~kvmfw.imagefile.FileMapping`: load it into guest RAM with
     :meth:`~kvmfw.memory.GuestMemory.load`), made by ``make()``

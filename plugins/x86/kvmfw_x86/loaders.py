@@ -132,18 +132,12 @@ def write_image(machine: Any, gpa: int, image: Any, offset: int, size: int,
                          "while kvmfw loaded it?)") from None
 
 
-_ZEROS = bytes(1 << 20)
-
-
 def zero_fill(machine: Any, gpa: int, size: int, what: str) -> None:
     """Zero ``size`` bytes of guest RAM at ``gpa`` in place (a BSS): no host buffer of
-    that size is made."""
+    that size is made, and whole pages of anonymous RAM are discarded rather than written
+    (:meth:`~kvmfw.memory.GuestMemory.zero`; marked dirty for trackers)."""
     check_fits(machine, gpa, size, what)
-    view = machine.memory.view(gpa, size)
-    machine.memory.mark_dirty(gpa, size)  # written through a view: tell dirty trackers
-    for i in range(0, size, len(_ZEROS)):
-        n = min(len(_ZEROS), size - i)
-        view[i:i + n] = _ZEROS[:n]
+    machine.memory.zero(gpa, size)
 
 
 def ram_below_4g(machine: Any) -> int:
@@ -412,9 +406,11 @@ class _Segment:
     into guest RAM (:func:`write_image`, after the segment was checked against it)."""
 
     def __init__(self, paddr: int, vaddr: int, image: Any, offset: int, filesz: int,
-                 memsz: int) -> None:
+                 memsz: int, phdr: int = 0) -> None:
         self.paddr, self.vaddr, self.memsz = paddr, vaddr, memsz
         self.image, self.offset, self.filesz = image, offset, filesz
+        self.phdr = phdr
+        """The file offset of its program header."""
 
 
 # ELF header fields after e_ident (type, machine, version, entry, phoff, shoff, flags,
@@ -453,7 +449,8 @@ def parse_elf(data: Any) -> tuple[int, int, list[_Segment]]:
                          f"past the file ({len(data):#x} bytes)")
     segs = []
     for i in range(phnum):
-        typ, off, vaddr, paddr, fsz, msz = ph.unpack_from(data, phoff + i * phentsize)
+        at = phoff + i * phentsize
+        typ, off, vaddr, paddr, fsz, msz = ph.unpack_from(data, at)
         if typ != _PT_LOAD or msz == 0:
             continue
         if off + fsz > len(data):
@@ -464,7 +461,7 @@ def parse_elf(data: Any) -> tuple[int, int, list[_Segment]]:
         if paddr + msz > 1 << bits:
             raise ImageError(f"bad ELF: segment at {paddr:#x} of {msz:#x} bytes wraps the "
                              "address space")
-        segs.append(_Segment(paddr, vaddr, data, off, fsz, msz))
+        segs.append(_Segment(paddr, vaddr, data, off, fsz, msz, at))
     if not segs:
         raise ImageError("ELF has no loadable segments")
     return bits, entry, segs

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import bzimage
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from kvmfw.errors import ImageError
 
 from kvmfw_x86 import loaders, vmlinux
 
@@ -226,3 +229,130 @@ def test_a_bzimage_run_imports_no_elf_library_hash_or_tempfile(tmp_path: Path,
         assert not {m for m in modules if m.split(".")[0] in ("elftools", "hashlib",
                                                                 "tempfile", "_hashlib")}
     assert len(list((_own_cache / "vmlinux").iterdir())) == 1  # ($KVMFW_CACHE)
+
+
+# --- zero tails --------------------------------------------------------------------------
+
+TAIL = 4 << 20
+"""Zeros at the end of the second segment's file image (a BSS the linker put in the file)."""
+
+
+def elf64_with_zero_tails(code: bytes = PROPER) -> bytes:
+    """An x86-64 ELF as a kernel's: the headers, then two PT_LOAD segments at 2 MiB-aligned
+    file offsets: ``code`` (the entry) at 16 MiB followed by 0x100 zeros, and at 18 MiB
+    b"data" followed by :data:`TAIL` zeros in the file, 6 MiB in memory."""
+    paddr = 0x1000000
+    eh = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, paddr, 64, 0, 0, 64, 56, 2, 64, 0, 0)
+    text = code + bytes(0x100)
+    data = b"data" + bytes(TAIL)
+    ph = b"".join(struct.pack("<IIQQQQQQ", 1, 7, off, 0xFFFFFFFF80000000 + pa, pa, len(b),
+                              msz, 0x200000)
+                  for off, pa, b, msz in ((0x1000, paddr, text, 0x3000),
+                                          (0x2000, paddr + (2 << 20), data, 6 << 20)))
+    return (eh + ph).ljust(0x1000, b"\0") + text.ljust(0x1000, b"\0") + data
+
+
+def _with_init_size(image: Path, size: int) -> Path:
+    data = bytearray(image.read_bytes())
+    struct.pack_into("<I", data, 0x260, size)
+    image.write_bytes(bytes(data))
+    return image
+
+
+def test_zero_tails_are_trimmed_in_the_cache_and_read_as_zeros_in_dirty_ram(
+        machine_factory, tmp_path: Path, _own_cache: Path) -> None:
+    """The cached vmlinux's segments end at their last non-zero byte (memory sizes kept);
+    loaded over RAM that held something else, the trimmed bytes read as zeros, and the RAM
+    past the segments keeps what it held."""
+    image = _with_init_size(kernel_file(tmp_path, gzip.compress(elf64_with_zero_tails())),
+                            8 << 20)
+    m, rep = machine_factory(memory=64 << 20)
+    lo, hi = 0x1000000, 0x1000000 + (8 << 20)
+    m.memory.write(lo, b"\xa5" * (hi + 0x1000 - lo))
+    loaders.load(m, str(image), {"cmdline": ""})
+    (entry,) = list((_own_cache / "vmlinux").iterdir())
+    assert entry.name.startswith(vmlinux.TAG + "-") and vmlinux.TAG == "vmlinux-2"
+    _, _, segs = loaders.parse_elf(entry.read_bytes())
+    assert [(s.paddr, s.filesz, s.memsz) for s in segs] == [
+        (lo, len(PROPER), 0x3000), (lo + (2 << 20), 4, 6 << 20)]
+    assert m.memory.read(lo, 0x3000) == PROPER + bytes(0x3000 - len(PROPER))
+    assert m.memory.read(lo + 0x3000, 0x1000) == b"\xa5" * 0x1000  # between the segments
+    assert m.memory.read(lo + (2 << 20), 6 << 20) == b"data" + bytes((6 << 20) - 4)
+    assert m.memory.read(hi, 0x1000) == b"\xa5" * 0x1000  # past them
+    m.run(timeout=20)
+    assert rep.values == BOOTED_BY_HOST
+
+
+def _loaded(elf: bytes) -> list[tuple[int, int, bytes]]:
+    """What a loader puts in guest RAM for ``elf``: each segment's file bytes, then zeros
+    to its memory size (so: where, how much, and the file bytes but their zero tail)."""
+    _, _, segs = loaders.parse_elf(elf)
+    return [(s.paddr, s.memsz, bytes(elf[s.offset:s.offset + s.filesz]).rstrip(b"\0"))
+            for s in segs]
+
+
+@st.composite
+def _elfs(draw: st.DrawFn) -> bytes:
+    """ELF64s with up to 4 program headers (PT_LOAD mostly) over file images with zero
+    tails, sometimes a segment loading the headers themselves, then bytes overwritten
+    anywhere (malformed headers, other classes and machines, offsets past the end)."""
+    n = draw(st.integers(0, 4))
+    start = 64 + 56 * n + draw(st.integers(0, 16))
+    body, phdrs = bytearray(), []
+    for i in range(n):
+        content = draw(st.binary(max_size=48)) + bytes(draw(st.integers(0, 200)))
+        off = start + len(body)
+        if i == 0 and draw(st.booleans()):
+            off = draw(st.integers(0, start))  # covers the program headers
+        fsz = start + len(body) + len(content) - off
+        msz = fsz + draw(st.integers(0, 64))
+        typ = draw(st.sampled_from([1, 1, 1, 4]))
+        phdrs.append(struct.pack("<IIQQQQQQ", typ, 7, off, 0, 0x100000 + i * 0x10000, fsz,
+                                 msz, 8))
+        body += content
+    elf = bytearray(b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, 0x100000, 64, 0, 0, 64, 56, n, 64, 0, 0))
+    elf += b"".join(phdrs)
+    elf = elf.ljust(start, b"\0") + body
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(elf) - 1))
+        elf[at] = draw(st.integers(0, 255))
+    if draw(st.integers(0, 3)) == 0:
+        del elf[draw(st.integers(0, len(elf))):]  # truncated
+    return bytes(elf)
+
+
+@given(_elfs())
+@settings(max_examples=400, deadline=None)
+def test_trimming_never_changes_what_is_loaded(elf: bytes) -> None:
+    """Whatever the headers say: no exception; an ELF the loader refuses comes back as it
+    is; otherwise only file sizes change, never upwards, over zeros only, and loading it
+    puts the same bytes in guest RAM."""
+    out = vmlinux.trim_zero_tails(elf)
+    try:
+        before = loaders.parse_elf(elf)
+    except ImageError:
+        assert out == elf
+        event("refused")
+        return
+    event("trimmed" if out != elf else "unchanged")
+    after = loaders.parse_elf(out)
+    assert len(out) == len(elf) and before[:2] == after[:2]
+    for a, b in zip(before[2], after[2], strict=True):
+        assert (a.paddr, a.offset, a.memsz, a.phdr) == (b.paddr, b.offset, b.memsz, b.phdr)
+        assert b.filesz <= a.filesz
+        assert not any(elf[b.offset + b.filesz:a.offset + a.filesz])
+    assert _loaded(out) == _loaded(elf)
+    changed = [i for i in range(len(elf)) if elf[i] != out[i]]
+    fields = [range(s.phdr + 32, s.phdr + 40) for s in after[2]]
+    assert all(any(i in f for f in fields) for i in changed)
+
+
+def test_trimming_leaves_elf32_and_loaded_headers_alone() -> None:
+    covering = elf64(PROPER + bytes(64))  # its one segment loads the headers too
+    assert vmlinux.trim_zero_tails(covering) is covering
+    good = elf64_with_zero_tails()
+    elf32 = good[:4] + b"\x01" + good[5:]
+    assert vmlinux.trim_zero_tails(elf32) is elf32
+    assert vmlinux.trim_zero_tails(good) != good
