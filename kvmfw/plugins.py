@@ -300,7 +300,8 @@ def _write_index(path: str, key: _Fingerprint, found: _Found,
     if any(c in x for row in rows for x in row for c in "\t\n\r"):
         return
     lines = [_INDEX_MAGIC, repr(key)]
-    for d, (mtime, names) in (listings or {}).items():
+    items = list((listings or {}).items())[-_INDEX_MAX_LISTINGS:]  # (the newest last)
+    for d, (mtime, names) in items:
         if not any(c in x for x in (d, *names) for c in "\t\n\r"):
             lines.append("\t".join(("L", d, str(mtime), *names)))
     lines += ["\t".join(row) for row in rows]
@@ -352,16 +353,17 @@ def _installed_entry_points() -> _Found:
     path = _index_file()
     index = _read_index(path) if path is not None else None
     key, fresh = _path_fingerprint(stamp, index.listings if index is not None else None)
+    kept = index.listings if index is not None else {}
     if index is not None and key is not None and index.key == repr(key):
         found = index.found
         keyed = {d for d, _, _ in key}
-        if path is not None and keyed & set(fresh) - set(index.listings):
+        if path is not None and keyed & set(fresh) - set(kept):
             # a directory listed anew (no longer racy): keep its listing for next time
-            _write_index(path, key, found, {**index.listings, **fresh})
+            _write_index(path, key, found, {**kept, **fresh})
     else:
         found = _scan_distributions()
-        if path is not None and key is not None:
-            _write_index(path, key, found, fresh)
+        if path is not None and key is not None:  # (a listing with an old mtime is unused)
+            _write_index(path, key, found, {**kept, **fresh})
     _installed = (stamp, found)
     return found
 
