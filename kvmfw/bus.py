@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kvmfw.debug import get_logger
 from kvmfw.errors import (
@@ -24,6 +24,7 @@ from kvmfw.errors import (
     GuestError,
     UnclaimedAccessError,
 )
+from kvmfw.record import Frozen
 
 if TYPE_CHECKING:
     from kvmfw.fastpath import FastRange, FastTable
@@ -77,7 +78,7 @@ Answer = bytes | PendingAccess
 """What an MMIO read returns: the bytes, or a :class:`PendingAccess` completed later."""
 
 
-class Mapping(NamedTuple):  # (not a frozen dataclass: far dearer to create at import)
+class Mapping(Frozen):
     """One registered range (``end`` is exclusive)."""
 
     base: int

@@ -38,14 +38,14 @@ default keeps everything; a device holding host resources applies its policy the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, Protocol
 
 from kvmfw.bus import PendingAccess
 from kvmfw.debug import get_logger
 from kvmfw.errors import ConfigError
 from kvmfw.eventq import EventQueue
 from kvmfw.memory import GuestMemory
-from kvmfw.record import Record
+from kvmfw.record import Frozen, Record
 
 log = get_logger("kvmfw.device")
 
@@ -95,7 +95,7 @@ class NullIrqLine(CallbackIrqLine):
         super().__init__(lambda level: None)
 
 
-class Range(NamedTuple):  # (not a frozen dataclass: ~8x dearer to create at import)
+class Range(Frozen):
     """One address range of a device: ``space`` is ``"pio"`` or ``"mmio"``.
 
     ``handler`` (optional) is the object whose ``read``/``write`` serve this range, for a
@@ -110,7 +110,7 @@ class Range(NamedTuple):  # (not a frozen dataclass: ~8x dearer to create at imp
     handler: Any = None
 
 
-class FirmwareNode(NamedTuple):  # (not a frozen dataclass: ~8x dearer to create at import)
+class FirmwareNode(Frozen):
     """One device as firmware tables describe it (what :meth:`Device.firmware` returns).
 
     ``kind`` names the programming model (``"virtio-mmio"``, ``"uart-16550"``, ``"pl011"``,
@@ -198,7 +198,7 @@ class DeviceContext(Record):
         self.services: dict[str, Callable[..., Any]] = {} if services is None else services
 
 
-class ConfigKey(NamedTuple):  # (not a frozen dataclass: ~8x dearer to create at import)
+class ConfigKey(Frozen):
     """One documented configuration key of a device."""
 
     type: Callable[[str], Any]

@@ -28,10 +28,11 @@ configuration ports, its per-CPU APIC page) reserves them
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from kvmfw.abi import ffi
 from kvmfw.errors import BusError
+from kvmfw.record import Frozen
 
 SINK, CONST, LATCH, ONES = 1, 2, 4, 8
 """Range kinds (bits), as the C loop reads them."""
@@ -106,7 +107,7 @@ class LiveConstant:
 Constant = bytes | LiveConstant
 
 
-class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at import)
+class FastRange(Frozen):
     """Registers a device can answer without Python (what :meth:`Device.fast_ranges`
     returns): absolute addresses in ``space`` (``"pio"`` or ``"mmio"``), inside one of the
     device's own ranges.
@@ -157,7 +158,7 @@ class FastRange(NamedTuple):  # (not a frozen dataclass: far dearer to create at
                            f"({self.size}) bytes, at most {MAX_CONSTANT}")
 
 
-class Entry(NamedTuple):
+class Entry(Frozen):
     """One row of a built table: where, what, and who it belongs to (for stats)."""
 
     space: str

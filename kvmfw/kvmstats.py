@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from kvmfw.abi import IOCTLS, Cap, ioctl
 from kvmfw.errors import KvmError, KvmfwError
+from kvmfw.record import Frozen
 
 if TYPE_CHECKING:
     from kvmfw.kvm import Kvm
@@ -46,7 +47,7 @@ class KvmStatsError(KvmfwError):
     """The statistics file was malformed or could not be read."""
 
 
-class StatDesc(NamedTuple):  # (not a frozen dataclass: dearer to create at import)
+class StatDesc(Frozen):
     """One statistic: its name, kind (``flags``: type, unit, base), the power its value
     is scaled by (``exponent``), how many 64-bit values it has and where they are."""
 

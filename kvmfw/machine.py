@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import Cap
 from kvmfw.api import Console, RunEnd
@@ -67,7 +67,7 @@ from kvmfw.plugins import (
     load_arch,
     make_plugin_manager,
 )
-from kvmfw.record import Record
+from kvmfw.record import Frozen, Record
 from kvmfw.stats import StatsRegistry
 from kvmfw.timer import CycleSource, select_cycle_source
 from kvmfw.vm import VM
@@ -153,7 +153,7 @@ class MachineConfig(Record):
                    host_factor=cfg.get("host_factor", 1.0), options=options)
 
 
-class RunResult(NamedTuple):  # (not a dataclass: dearer to create at import)
+class RunResult(Frozen):
     """How a run ended: ``end`` (why, a :class:`~kvmfw.api.RunEnd`), ``status`` (the
     guest's exit status: pseudo-op ``exit(n)``, debug-exit ``(v << 1) | 1``, 0 for a
     power-off, a halt, a tick limit or ``until``), ``reason`` (one line for people),

@@ -17,11 +17,10 @@ import errno
 import os
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 from kvmfw.abi import lib
 from kvmfw.eventq import TICKS_PER_SECOND
-from kvmfw.record import Record
+from kvmfw.record import Frozen, Record
 from kvmfw.stats import KvmCpuStats
 
 PERF_TYPE_HARDWARE = 0
@@ -96,7 +95,7 @@ def monotonic_source() -> CycleSource:
     return CycleSource("monotonic", time.monotonic_ns, 1e9)
 
 
-class PerfProbe(NamedTuple):
+class PerfProbe(Frozen):
     """Whether perf hardware counters work here, and if not, why."""
 
     available: bool

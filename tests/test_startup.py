@@ -514,3 +514,30 @@ def test_the_plugin_manager_finds_exactly_the_hooks_plain_pluggy_finds() -> None
     ours = found(plugins.make_plugin_manager.__globals__["_PluginManager"](hookspecs.PROJECT))
     assert ours == found(pluggy.PluginManager(hookspecs.PROJECT))
     assert {h for h, _ in ours} == {"pre_run", "post_run", "dump_state", "machine_created"}
+
+
+def test_the_run_path_generates_no_namedtuple_code() -> None:
+    """kvmfw's records are ``kvmfw.record.Frozen``: no module of the core or of an installed
+    plugin builds a class through ``collections.namedtuple`` (which compiles its
+    ``__new__`` from source at import, as ``typing.NamedTuple`` does)."""
+    code = textwrap.dedent("""
+        import collections, json, sys
+        made = []
+        real = collections.namedtuple
+        def spy(*a, **k):
+            f = sys._getframe(1)
+            while f is not None and f.f_globals.get("__name__", "") in ("typing", "collections"):
+                f = f.f_back
+            made.append((f.f_globals.get("__name__", "?") if f else "?", a[0]))
+            return real(*a, **k)
+        collections.namedtuple = spy
+        import kvmfw.cli.run, kvmfw.machine, kvmfw.cpu
+        from kvmfw import plugins
+        plugins.list_plugins()  # imports every installed plugin's entry points
+        print("KVMFW-MADE " + json.dumps([m for m in made if m[0].startswith("kvmfw")]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd="/", stdin=subprocess.DEVNULL)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("KVMFW-MADE ")]
+    assert line, r.stdout + r.stderr
+    assert json.loads(line[-1].split(" ", 1)[1]) == []

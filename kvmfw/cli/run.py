@@ -18,7 +18,7 @@ import sys
 import termios
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from kvmfw import debug
 from kvmfw.config import (
@@ -33,6 +33,7 @@ from kvmfw.device import parse_device_spec
 from kvmfw.entry import resume as resume_gc
 from kvmfw.errors import ConfigError, ImageError, KvmfwError, RunTimeoutError, StoppedBySignal
 from kvmfw.eventq import Event
+from kvmfw.record import Frozen
 
 
 def echo_err(text: str) -> None:
@@ -44,7 +45,7 @@ def echo_err(text: str) -> None:
 
 # --- the options -------------------------------------------------------------------------
 
-class Option(NamedTuple):
+class Option(Frozen):
     """One ``kvmfw run`` option. ``kind``: ``value`` (a string; the last one given wins),
     ``flag`` (True when given, else None) or ``multi`` (repeatable: a tuple)."""
 

@@ -10,9 +10,9 @@ CPU starts at EL1h with DAIF masked and the MMU off. A gzip-compressed Image (De
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from kvmfw.errors import ImageError
+from kvmfw.record import Frozen
 
 IMAGE_MAGIC = 0x644D5241  # "ARM\x64"
 _IMAGE_HDR = struct.Struct("<IIQQQQQQII")
@@ -29,7 +29,7 @@ PSTATE_EL1H_DAIF = 0x3C5
 """PSTATE for boot: EL1 using SP_EL1 (EL1h), D, A, I and F masked."""
 
 
-class ImageHeader(NamedTuple):  # (not a frozen dataclass: dearer to create at import)
+class ImageHeader(Frozen):
     """The fields of an arm64 ``Image`` header that the boot protocol uses."""
 
     text_offset: int
@@ -105,7 +105,7 @@ def maybe_decompress(data: bytes, limit: int) -> bytes:
     return out
 
 
-class Segment(NamedTuple):
+class Segment(Frozen):
     """Bytes to place at a guest-physical address (``memsz`` >= ``len(data)``, rest zero)."""
 
     addr: int

@@ -13,7 +13,7 @@ A KVM register id is ``KVM_REG_ARM64 | size | coproc | index`` (``<asm/kvm.h>``)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from kvmfw.record import Frozen
 
 KVM_REG_ARM64 = 0x6000000000000000
 KVM_REG_ARCH_MASK = 0xFF00000000000000
@@ -219,7 +219,7 @@ def fw_reg(index: int) -> int:
 KVM_REG_ARM_PSCI_VERSION = fw_reg(0)
 
 
-class RegInfo(NamedTuple):  # (not a frozen dataclass: dearer to create at import)
+class RegInfo(Frozen):
     """What a register id means: ``kind`` is core, sysreg, fw, fw_bmap, demux, sve or
     unknown; ``name`` is printable for every id (unknown ones by their hex id)."""
 

@@ -34,9 +34,10 @@ If KVM refuses a write midway, the state read before the restore is written back
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from kvmfw.errors import KvmError, StateError
+from kvmfw.record import Frozen
 from kvmfw_armv8 import abi
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ ICC_AP0R = tuple(_icc(0, 12, 8, 4 + n) for n in range(4))
 ICC_AP1R = tuple(_icc(0, 12, 9, n) for n in range(4))
 
 
-class Slot(NamedTuple):  # (not a frozen dataclass: dearer to create at import)
+class Slot(Frozen):
     """One attribute of the vGIC device: read on save, written on restore. ``clear``: the
     attr (same group) of the write-1-to-clear twin, written with all ones first."""
 

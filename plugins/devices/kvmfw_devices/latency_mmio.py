@@ -21,12 +21,13 @@ for tests and stats. Host resources: none, so a fork needs no policy.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 from kvmfw.bus import PendingAccess
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_int
 from kvmfw.errors import CheckpointError, ConfigError
 from kvmfw.eventq import Event
+from kvmfw.record import Frozen
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 
@@ -38,7 +39,7 @@ HISTORY = 64
 """Accesses remembered in :attr:`LatencyMmio.history`."""
 
 
-class Access(NamedTuple):
+class Access(Frozen):
     """One completed access: ``offset``, ``size``, ``is_write`` and the ticks at which it was
     issued, was due (``issued + delay``) and completed. ``completed == due`` when the event
     queue drives time (one vCPU); in parallel mode simulated time follows host time, so the

@@ -30,10 +30,11 @@ and calls :meth:`PciHost.config_read` / :meth:`PciHost.config_write` (its ``PciC
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_bool, parse_int
 from kvmfw.errors import CheckpointError
+from kvmfw.record import Frozen
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._state import SavedState
@@ -73,7 +74,7 @@ DEV_HOST_BRIDGE = 0x0008
 DEV_TESTDEV = 0x0005
 
 
-class Bar(NamedTuple):  # (a dataclass would cost ~5x its import)
+class Bar(Frozen):
     """One memory BAR: ``size`` is a power of two >= 16."""
 
     size: int

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 from kvmfw.device import (
     ConfigKey,
@@ -58,7 +58,7 @@ from kvmfw.device import (
     parse_int,
 )
 from kvmfw.errors import CheckpointError, GuestMemoryError
-from kvmfw.record import Record
+from kvmfw.record import Frozen, Record
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices._util import ones, to_bytes, to_int
@@ -149,7 +149,7 @@ class Queue(Record):
         self.used_idx = used_idx
 
 
-class Buffer(NamedTuple):  # (not a frozen dataclass: dearer to create, at import and per buffer)
+class Buffer(Frozen):
     """One descriptor of a chain: guest-physical ``addr``, ``length``, device-writable?
     Already checked to lie in guest RAM (or to be empty)."""
 
