@@ -139,7 +139,7 @@ class Frozen(tuple, metaclass=_FrozenMeta):  # type: ignore[type-arg]
         if len(values) != len(cls._fields):
             raise TypeError(f"{cls.__name__} takes {len(cls._fields)} values, "
                             f"not {len(values)}")
-        return tuple.__new__(cls, values)
+        return _tuple_new(cls, values)
 
     def _replace(self, **changes: Any) -> Any:
         """A new record with ``changes`` (TypeError for a name that is not a field)."""
