@@ -23,6 +23,17 @@ vector, RAM and device state kept, WAK_STS set (kvmfw has no wake sources to wai
 the wake event comes immediately; QEMU waits for an RTC alarm or a wake-up command). Other
 sleep types, and S3 without the service, are counted, not entered.
 
+Hardware-reduced ACPI (``reduced=on``, the ``microvm`` board's, as QEMU's ``microvm``): the
+machine has none of the fixed hardware above; the device is then the two ACPI 5.0 sleep
+registers the FADT points at instead (4.8.3.7 "Sleep Control and Status Registers")::
+
+    0x0  SLEEP_CONTROL_REG (8 bit, write-only)  SLP_TYP(2-4) SLP_EN(5)
+    0x1  SLEEP_STATUS_REG  (8 bit, write 1 to clear)  WAK_STS(7)
+
+with the same sleep types and the same S5/S3 behaviour, and no SCI. The OS then has no
+legacy 8259s, no PIT interrupt and no PM1 registers to set up (Linux skips its 8254 timer
+check and the ACPI mode switch), so the board describes its ISA devices in the DSDT.
+
 The timer runs from the host's monotonic clock (``clock=host``) or from simulated time
 (``clock=fixed``: reproducible runs). TMR_STS is set when the timer's bit 23 has changed
 since the status was last read (the carry is noticed at the next status read, so a guest
@@ -43,6 +54,8 @@ from kvmfw_devices._state import SavedState
 
 PM_TIMER_HZ = 3_579_545
 RANGE_SIZE = 12
+REDUCED_SIZE = 2
+"""The sleep control and status registers of a hardware-reduced machine."""
 REG_STS, REG_EN, REG_CNT, REG_TMR = 0x0, 0x2, 0x4, 0x8
 
 STS_TMR = 1 << 0
@@ -64,6 +77,11 @@ CNT_SLP_TYP = 7 << CNT_SLP_TYP_SHIFT
 CNT_SLP_EN = 1 << 13
 CNT_KEEP = CNT_SCI_EN | CNT_BM_RLD | CNT_SLP_TYP  # bits that read back
 
+SLEEP_TYP_SHIFT = 2
+SLEEP_TYP = 7 << SLEEP_TYP_SHIFT
+SLEEP_EN = 1 << 5
+SLEEP_WAK_STS = 1 << 7
+
 
 class AcpiPm(Device):
     """ACPI PM1 event/control registers and the PM timer (PIIX4 PM layout)."""
@@ -78,6 +96,9 @@ class AcpiPm(Device):
         "timer": ConfigKey(parse_bool, True, "offer the PM timer in the FADT (off: as QEMU's "
                            "microvm, Linux then registers and verifies no acpi_pm clocksource "
                            "at boot; the register still reads)"),
+        "reduced": ConfigKey(parse_bool, False, "hardware-reduced ACPI: only the ACPI 5.0 "
+                             "sleep control (port) and status (port + 1) registers, no PM1 "
+                             "block, timer or SCI (as QEMU's microvm)"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
@@ -87,7 +108,8 @@ class AcpiPm(Device):
         if not 0 <= self.params["s5_typ"] <= 7:
             raise ConfigError(f"acpi-pm: s5_typ is a 3-bit SLP_TYP value 0..7, not "
                               f"{self.params['s5_typ']}")
-        self.sci = self.optional_irq(self.params["irq"])
+        self.reduced = bool(self.params["reduced"])
+        self.sci = self.optional_irq(-1 if self.reduced else self.params["irq"])
         self.stats.update(poweroffs=0, sleeps_ignored=0, s3_suspends=0)
         self._sci_level = False
         self.sts = 0
@@ -139,7 +161,8 @@ class AcpiPm(Device):
     # --- bus interface ----------------------------------------------------------------------
 
     def ranges(self) -> list[Range]:
-        return [Range("pio", self.params["port"], RANGE_SIZE, self.name)]
+        size = REDUCED_SIZE if self.reduced else RANGE_SIZE
+        return [Range("pio", self.params["port"], size, self.name)]
 
     def _image(self, with_timer: bool) -> bytes:
         tmr = self.timer() if with_timer else 0
@@ -148,6 +171,12 @@ class AcpiPm(Device):
 
     def read(self, offset: int, size: int) -> bytes:
         self.stats["reads"] += 1
+        if self.reduced:
+            if offset < 0 or size <= 0 or offset + size > REDUCED_SIZE:
+                self.stats["bad_accesses"] += 1
+                return b"\xff" * max(size, 0)
+            status = SLEEP_WAK_STS if self.sts & STS_WAK else 0
+            return bytes((0, status))[offset:offset + size]
         if offset < 0 or size <= 0 or offset + size > RANGE_SIZE:
             self.stats["bad_accesses"] += 1
             return b"\xff" * max(size, 0)
@@ -158,6 +187,9 @@ class AcpiPm(Device):
 
     def write(self, offset: int, data: bytes) -> None:
         self.stats["writes"] += 1
+        if self.reduced:
+            self._write_reduced(offset, data)
+            return
         if offset < 0 or not data or offset + len(data) > RANGE_SIZE:
             self.stats["bad_accesses"] += 1
             return
@@ -184,6 +216,16 @@ class AcpiPm(Device):
             if value & CNT_SLP_EN:
                 self._sleep((value & CNT_SLP_TYP) >> CNT_SLP_TYP_SHIFT)
         self._update_sci()
+
+    def _write_reduced(self, offset: int, data: bytes) -> None:
+        if offset < 0 or not data or offset + len(data) > REDUCED_SIZE:
+            self.stats["bad_accesses"] += 1
+            return
+        for pos, byte in enumerate(data, offset):
+            if pos == 1 and byte & SLEEP_WAK_STS:
+                self.sts &= ~STS_WAK
+            elif pos == 0 and byte & SLEEP_EN:
+                self._sleep((byte & SLEEP_TYP) >> SLEEP_TYP_SHIFT)
 
     def _sleep(self, typ: int) -> None:
         if typ == self.params["s5_typ"]:

@@ -35,17 +35,18 @@ def x86_default() -> list[str]:
 
 def x86_microvm() -> list[str]:
     """A PC without PCI and without an i8042, as QEMU's ``-M microvm,rtc=on``: COM1, the
-    CMOS RTC, fw_cfg, the ACPI PM block (``poweroff``, and a reset through the ACPI reset
-    register: there is no ``reboot=k`` line) without the PM timer in the FADT, and the
-    pseudo-op window. Disks and consoles are virtio-mmio devices (``--device
+    CMOS RTC, fw_cfg, hardware-reduced ACPI (the ACPI 5.0 sleep registers for
+    ``poweroff``, and a reset through the ACPI reset register: there is no ``reboot=k``
+    line) and the pseudo-op window. Disks and consoles are virtio-mmio devices (``--device
     virtio-blk,...``). Linux boots faster on it: no PCI bus to enumerate, no keyboard
     controller to probe (the x86 plugin's FADT then says there is none) and, as on QEMU's
-    microvm, no PM timer to verify as a clocksource."""
+    microvm, no PM timer to verify as a clocksource and no 8259s, 8254 interrupt or PM1
+    registers to set up (so COM1 and the RTC are ACPI devices, ``pnp=on``)."""
     return [
-        "uart16550,port=0x3f8,irq=4",
-        "cmos-rtc,port=0x70,irq=8",
+        "uart16550,port=0x3f8,irq=4,pnp=on",
+        "cmos-rtc,port=0x70,irq=8,pnp=on",
         "fw-cfg,port=0x510",
-        "acpi-pm,port=0x600,irq=9,timer=off",
+        "acpi-pm,port=0x600,irq=-1,timer=off,reduced=on",
         f"pseudo-op,base={X86_PSEUDO_OP_BASE:#x}",
     ]
 

@@ -34,7 +34,15 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, Range, parse_bool, parse_int
+from kvmfw.device import (
+    ConfigKey,
+    Device,
+    DeviceContext,
+    FirmwareNode,
+    Range,
+    parse_bool,
+    parse_int,
+)
 from kvmfw.errors import CheckpointError, ConfigError
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 
@@ -117,6 +125,9 @@ class Mc146818(Device):
         "time": ConfigKey(str, _DEFAULT_TIME, "start time for clock=fixed (UTC)"),
         "coalesce": ConfigKey(parse_bool, True, "index-port writes wait in KVM's coalesced "
                               "PIO ring (as QEMU's) instead of exiting"),
+        "pnp": ConfigKey(parse_bool, False, "describe the RTC in ACPI as PNP0B00 (where the "
+                         "OS finds ISA interrupts only through ACPI: hardware-reduced ACPI, "
+                         "the microvm board, as QEMU's)"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
@@ -142,6 +153,14 @@ class Mc146818(Device):
 
     def ranges(self) -> list[Range]:
         return [Range("pio", self.params["port"], 2, self.name)]
+
+    def firmware(self) -> list[FirmwareNode]:
+        """ACPI ``PNP0B00`` (the index/data pair, edge-triggered IRQ) with ``pnp=on``;
+        otherwise none: Linux registers the RTC at 0x70 by itself."""
+        if not self.params["pnp"]:
+            return []
+        return [FirmwareNode("cmos-rtc", "pio", self.params["port"], 2,
+                             irq=self.params["irq"], irq_trigger="edge", acpi_hid="PNP0B00")]
 
     def reset(self) -> None:
         self.index = 0

@@ -46,7 +46,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, ClassVar
 
-from kvmfw.device import ConfigKey, Device, DeviceContext, FirmwareNode, Range, parse_int
+from kvmfw.device import (
+    ConfigKey,
+    Device,
+    DeviceContext,
+    FirmwareNode,
+    Range,
+    parse_bool,
+    parse_int,
+)
 from kvmfw.eventq import TICKS_PER_SECOND, Event
 from kvmfw.fastpath import FastRange, LiveConstant
 
@@ -145,6 +153,9 @@ class Uart16550(Device):
         "output": OUTPUT_KEY,
         "input": input_key(),
         "coalesce": COALESCE_KEY,
+        "pnp": ConfigKey(parse_bool, False, "describe the port in ACPI as PNP0501 (where the "
+                         "OS finds ISA interrupts only through ACPI: hardware-reduced ACPI, "
+                         "the microvm board, as QEMU's)"),
     }
 
     def __init__(self, ctx: DeviceContext, **params: Any) -> None:
@@ -203,11 +214,13 @@ class Uart16550(Device):
         live.set(SCR, self.scr)
 
     def firmware(self) -> list[FirmwareNode]:
-        """``ns16550a`` for a device tree (an MMIO UART); no ACPI ``_HID``: PC firmware
-        leaves COM ports to legacy probing, and Linux finds 0x3f8 that way."""
+        """``ns16550a`` for a device tree (an MMIO UART); ACPI ``PNP0501`` (an ISA COM port,
+        edge-triggered) only with ``pnp=on``: otherwise Linux finds 0x3f8 by legacy probing
+        and its IRQ through the legacy PIC's identity mapping."""
         return [FirmwareNode("uart-16550", self.params["space"], self.params["port"], 8,
                              irq=self.params["irq"], compatible=("ns16550a",),
-                             node_name="serial",
+                             node_name="serial", irq_trigger="edge" if self.params["pnp"]
+                             else "level", acpi_hid="PNP0501" if self.params["pnp"] else "",
                              properties=(("clock-frequency", 1843200),))]
 
     def reset(self) -> None:

@@ -24,6 +24,27 @@ def test_x86_microvm_board_is_the_pc_without_pci_and_i8042() -> None:
     assert pm["timer"] == "off"  # no PM timer in its FADT, as QEMU's microvm
 
 
+def test_microvm_board_is_hardware_reduced_with_its_isa_devices_in_acpi() -> None:
+    """As QEMU's microvm: no PM1 block (the sleep registers instead) and COM1 and the RTC
+    as ACPI devices, since the OS then sees no 8259s to take ISA interrupts through."""
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="kvmfw.devices")}
+    h = make_harness()
+    nodes = {}
+    for spec in boards.x86_microvm():
+        name, params = parse_device_spec(spec)
+        dev = eps[name].load()(h.ctx, **params)
+        if name == "acpi-pm":
+            assert dev.reduced and [r.size for r in dev.ranges()] == [2]
+        nodes.update({n.acpi_hid: n for n in dev.firmware() if n.acpi_hid})
+    assert (nodes["PNP0501"].base, nodes["PNP0501"].irq, nodes["PNP0501"].irq_trigger) == \
+        (0x3F8, 4, "edge")
+    assert (nodes["PNP0B00"].base, nodes["PNP0B00"].size, nodes["PNP0B00"].irq) == (0x70, 2, 8)
+    for spec in boards.x86_default():  # the PC keeps them to legacy probing
+        name, params = parse_device_spec(spec)
+        assert not any(n.acpi_hid for n in eps[name].load()(h.ctx, **params).firmware()
+                       if n.kind in ("uart-16550", "cmos-rtc"))
+
+
 def test_microvm_board_is_x86_only() -> None:
     from kvmfw.errors import ConfigError
 

@@ -23,6 +23,14 @@ the RSDP)::
   ``Memory32Fixed`` (or ``IO`` for a port range) and an extended ``Interrupt``.
 - MADT: one Processor Local APIC per vCPU, the IO-APIC, the ISA overrides IRQ 0 -> GSI 2
   and IRQ 9 (SCI) level/active high, LINT1 as NMI: the machine the MP tables describe.
+
+Hardware-reduced ACPI (the ``acpi-pm`` device with ``reduced=on``: the ``microvm`` board, as
+QEMU's ``microvm``): a revision 5 FADT with HW_REDUCED_ACPI, no PM1 blocks, PM timer or
+SCI, and the ACPI 5.0 sleep control/status registers (system IO, the device's port and
+port + 1) for S5 and S3; the reset register as above. The MADT then has no PCAT_COMPAT flag
+and no ISA overrides: Linux takes such a machine to have no 8259s and no PIT interrupt,
+and skips their set-up (and its check that the 8254 timer reaches the IO-APIC), so the
+ISA devices the OS should use (COM1, the RTC) are DSDT devices (``pnp=on``).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ FADT_SLP_BUTTON = 1 << 5
 FADT_RTC_S4 = 1 << 7
 FADT_RESET_REG_SUP = 1 << 10
 FADT_USE_PLATFORM_CLOCK = 1 << 15
+FADT_HW_REDUCED_ACPI = 1 << 20
 FADT_FLAGS = (FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
               | FADT_RESET_REG_SUP | FADT_USE_PLATFORM_CLOCK)
 RESET_PORT = 0xCF9
@@ -96,6 +105,9 @@ class PmBlock(Frozen):
     """SLP_TYP of S3; negative: no S3 (no ``_S3`` object)."""
     timer: bool = True
     """Whether the FADT offers the PM timer (PM_TMR_BLK and PM_TMR_LEN 0 otherwise)."""
+    reduced: bool = False
+    """Hardware-reduced ACPI: ``port`` is the sleep control register, ``port + 1`` the
+    sleep status register; no PM1 blocks, timer or SCI."""
 
 
 DEFAULT_PM = PmBlock()
@@ -117,15 +129,18 @@ def _sdt(signature: bytes, revision: int, body: bytes) -> bytes:
 
 # --- MADT ------------------------------------------------------------------------------
 
-def madt(ncpus: int, sci: int = SCI_IRQ) -> bytes:
-    """The Multiple APIC Description Table (revision 3)."""
+def madt(ncpus: int, sci: int = SCI_IRQ, legacy: bool = True) -> bytes:
+    """The Multiple APIC Description Table (revision 3). ``legacy``: the PC's 8259s are
+    there (PCAT_COMPAT) and the ISA overrides apply; without it (hardware-reduced ACPI)
+    neither is said."""
     check_cpus(ncpus)
     entries = [struct.pack("<BBBBI", 0, 8, i, i, 1) for i in range(ncpus)]  # enabled
     entries.append(struct.pack("<BBBBII", 1, 12, ncpus, 0, IOAPIC_ADDR, 0))  # GSI base 0
-    entries.append(struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0))  # ISA IRQ 0 -> GSI 2
-    entries.append(struct.pack("<BBBBIH", 2, 10, 0, sci, sci, 0x000D))  # SCI: level, high
+    if legacy:
+        entries.append(struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0))  # ISA IRQ 0 -> GSI 2
+        entries.append(struct.pack("<BBBBIH", 2, 10, 0, sci, sci, 0x000D))  # SCI: level
     entries.append(struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1))  # all CPUs: LINT1 is NMI
-    body = struct.pack("<II", LAPIC_ADDR, 1) + b"".join(entries)  # PCAT_COMPAT: 8259s
+    body = struct.pack("<II", LAPIC_ADDR, 1 if legacy else 0) + b"".join(entries)
     return _sdt(b"APIC", 3, body)
 
 
@@ -140,28 +155,33 @@ def facs() -> bytes:
 def fadt(dsdt_addr: int, facs_addr: int, pm: PmBlock = DEFAULT_PM,
          i8042: bool = True) -> bytes:
     """The Fixed ACPI Description Table, revision 3 (244 bytes; the X_ fields are left 0 so
-    the OS uses the 32-bit ones). ``i8042``: IAPC_BOOT_ARCH says a keyboard controller is
-    there (without it, as on QEMU's ``microvm``, Linux does not probe one)."""
-    body = bytearray(244 - 36)
+    the OS uses the 32-bit ones), or revision 5 (268 bytes) for a hardware-reduced
+    ``pm``. ``i8042``: IAPC_BOOT_ARCH says a keyboard controller is there (without it, as
+    on QEMU's ``microvm``, Linux does not probe one)."""
+    body = bytearray((268 if pm.reduced else 244) - 36)
 
     def put(offset: int, fmt: str, *values: int) -> None:
         struct.pack_into(fmt, body, offset - 36, *values)
 
     put(36, "<II", facs_addr, dsdt_addr)
     put(45, "<B", 0)  # preferred PM profile: unspecified
-    put(46, "<H", pm.sci)
     put(48, "<IBBBB", 0, 0, 0, 0, 0)  # SMI_CMD 0: always in ACPI mode
-    put(56, "<I", pm.port)  # PM1a_EVT_BLK
-    put(64, "<I", pm.port + 4)  # PM1a_CNT_BLK
-    put(76, "<I", pm.port + 8 if pm.timer else 0)  # PM_TMR_BLK
-    put(88, "<BBBB", 4, 2, 0, 4 if pm.timer else 0)  # PM1_EVT/PM1_CNT/PM2_CNT/PM_TMR_LEN
+    if not pm.reduced:
+        put(46, "<H", pm.sci)
+        put(56, "<I", pm.port)  # PM1a_EVT_BLK
+        put(64, "<I", pm.port + 4)  # PM1a_CNT_BLK
+        put(76, "<I", pm.port + 8 if pm.timer else 0)  # PM_TMR_BLK
+        put(88, "<BBBB", 4, 2, 0, 4 if pm.timer else 0)  # PM1_EVT/PM1_CNT/PM2_CNT/PM_TMR_LEN
     put(96, "<HH", 0xFFF, 0xFFF)  # no C2, no C3
     put(108, "<B", 0x32)  # CMOS century register
     put(109, "<H", BOOT_ARCH_LEGACY_DEVICES | (BOOT_ARCH_8042 if i8042 else 0))
-    put(112, "<I", FADT_FLAGS)
+    put(112, "<I", FADT_FLAGS | (FADT_HW_REDUCED_ACPI if pm.reduced else 0))
     put(116, "<BBBBQ", 1, 8, 0, 1, RESET_PORT)  # RESET_REG: system IO, 8 bits, byte access
     put(128, "<B", RESET_VALUE)
-    return _sdt(b"FACP", 3, bytes(body))
+    if pm.reduced:  # SLEEP_CONTROL_REG, SLEEP_STATUS_REG: system IO, 8 bits, byte access
+        put(244, "<BBBBQ", 1, 8, 0, 1, pm.port)
+        put(256, "<BBBBQ", 1, 8, 0, 1, pm.port + 1)
+    return _sdt(b"FACP", 5 if pm.reduced else 3, bytes(body))
 
 
 # --- AML (the DSDT) ---------------------------------------------------------------------------
@@ -301,7 +321,7 @@ def build(ncpus: int, base: int = ACPI_BASE, virtio: list[MmioDevice] | None = N
     fadt_off = _align(len(out), 16)
     out += bytes(fadt_off - len(out)) + fadt(base + dsdt_off, base + facs_off, pm, i8042)
     madt_off = _align(len(out), 16)
-    out += bytes(madt_off - len(out)) + madt(ncpus, pm.sci)
+    out += bytes(madt_off - len(out)) + madt(ncpus, pm.sci, legacy=not pm.reduced)
     rsdt = _sdt(b"RSDT", 1, struct.pack("<II", base + fadt_off, base + madt_off))
     out[32:32 + len(rsdt)] = rsdt
     rsdp = bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt_addr))
@@ -332,13 +352,15 @@ virtio_mmio_devices = acpi_devices
 
 
 def pm_block(machine: Any) -> PmBlock:
-    """The ``acpi-pm`` device's port, SCI, S5 type and whether it offers its timer, or the
-    defaults if there is none."""
+    """The ``acpi-pm`` device's port, SCI, sleep types, whether it offers its timer and
+    whether the machine is hardware-reduced, or the defaults if there is none."""
     for d in getattr(machine, "devices", []):
         if getattr(d, "name", None) == "acpi-pm":
             p = d.params
             return PmBlock(int(p["port"]), int(p["irq"]) if int(p["irq"]) >= 0 else SCI_IRQ,
-                           int(p["s5_typ"]), timer=bool(p.get("timer", True)))
+                           int(p["s5_typ"]), int(p.get("s3_typ", S3_SLP_TYP)),
+                           timer=bool(p.get("timer", True)),
+                           reduced=bool(p.get("reduced", False)))
     return PmBlock()
 
 

@@ -169,7 +169,8 @@ class Aml:
 
 
 def resources(buf: bytes) -> list[tuple[str, Any]]:
-    """Decode a _CRS buffer: Memory32Fixed and Extended Interrupt descriptors, end tag."""
+    """Decode a _CRS buffer: Memory32Fixed, IO and Extended Interrupt descriptors, end
+    tag."""
     out: list[tuple[str, Any]] = []
     at = 0
     while True:
@@ -178,7 +179,13 @@ def resources(buf: bytes) -> list[tuple[str, Any]]:
             assert sum(buf[:at + 2]) & 0xFF == 0 or buf[at + 1] == 0
             assert at + 2 == len(buf)
             return out
-        assert tag & 0x80, "only large descriptors expected"
+        if tag == 0x47:  # IO (Decode16, min, max, alignment, length)
+            decode, lo, hi, align, length = struct.unpack_from("<BHHBB", buf, at + 1)
+            assert decode == 1 and lo == hi and align == 1
+            out.append(("io", (lo, length)))
+            at += 8
+            continue
+        assert tag & 0x80, "only IO among the small descriptors expected"
         length = struct.unpack_from("<H", buf, at + 1)[0]
         body = buf[at + 3:at + 3 + length]
         if tag == 0x86:
@@ -245,6 +252,40 @@ def test_dsdt_aml_parses_back_to_s5_and_the_virtio_devices() -> None:
         assert aml.names[f"{dev}._UID"] == i
         assert resources(aml.names[f"{dev}._CRS"]) == [
             ("mem32", (d.base, d.size, True)), ("irq", ((d.irq,), "level", "high", True))]
+
+
+def test_hardware_reduced_fadt_madt_and_isa_devices_as_qemu_microvm() -> None:
+    """``PmBlock(reduced=True)``: a revision 5 FADT with HW_REDUCED_ACPI and the sleep
+    registers in place of the PM1 blocks, timer and SCI; a MADT without PCAT_COMPAT and
+    ISA overrides; COM1 and the RTC as PNP devices with IO windows and edge IRQs."""
+    isa = [acpi.MmioDevice(0x3F8, 8, 4, "PNP0501", "pio", edge=True),
+           acpi.MmioDevice(0x70, 2, 8, "PNP0B00", "pio", edge=True)]
+    read = _mem_with(acpi.build(2, virtio=isa + VIRTIO[:1],
+                                pm=acpi.PmBlock(0x600, timer=False, reduced=True), i8042=False))
+    t = rsdt_tables(read)
+    f = t[b"FACP"]
+    assert len(f) == 268 and f[8] == 5
+    assert struct.unpack_from("<I", f, 112)[0] & acpi.FADT_HW_REDUCED_ACPI
+    assert struct.unpack_from("<HI", f, 46) == (0, 0)  # no SCI, no SMI command port
+    assert struct.unpack_from("<IIII", f, 56) == (0, 0, 0, 0)  # no PM1a/b event/control
+    assert struct.unpack_from("<I", f, 76)[0] == 0 and tuple(f[88:92]) == (0, 0, 0, 0)
+    assert struct.unpack_from("<BBBBQ", f, 244) == (1, 8, 0, 1, 0x600)  # SLEEP_CONTROL_REG
+    assert struct.unpack_from("<BBBBQ", f, 256) == (1, 8, 0, 1, 0x601)  # SLEEP_STATUS_REG
+    assert struct.unpack_from("<BBBBQ", f, 116) == (1, 8, 0, 1, 0xCF9) and f[128] == 6
+    m = parse_madt(read)
+    assert m["cpus"] == [0, 1] and m["overrides"] == [] and m["nmis"] == 1
+    assert struct.unpack_from("<I", t[b"APIC"], 40)[0] == 0  # no PCAT_COMPAT: no 8259s
+    aml = Aml(table(read, struct.unpack_from("<I", f, 40)[0])[36:])
+    assert aml.names["\\_S5_"][:2] == [0, 0] and aml.names["\\_S3_"][:2] == [1, 1]
+    assert aml.names["\\_SB_.DV00._HID"] == "PNP0501"
+    assert resources(aml.names["\\_SB_.DV00._CRS"]) == [
+        ("io", (0x3F8, 8)), ("irq", ((4,), "edge", "high", True))]
+    assert aml.names["\\_SB_.DV01._HID"] == "PNP0B00"
+    assert resources(aml.names["\\_SB_.DV01._CRS"]) == [
+        ("io", (0x70, 2)), ("irq", ((8,), "edge", "high", True))]
+    assert aml.names["\\_SB_.VR00._HID"] == "LNRO0005"
+    full = rsdt_tables(_mem_with(acpi.build(2)))  # the PC's tables are as before
+    assert full[b"FACP"][8] == 3 and struct.unpack_from("<I", full[b"APIC"], 40)[0] == 1
 
 
 def test_fadt_reset_register_and_s3_as_qemu_pc() -> None:
@@ -362,6 +403,17 @@ def test_bzimage_gets_acpi_describing_the_machine(machine_factory: Any,
     loaders.load(m4, str(k), {"cmdline": "console=ttyS0"})
     f4 = rsdt_tables(m4.memory.read)[b"FACP"]
     assert struct.unpack_from("<I", f4, 76)[0] == 0 and f4[91] == 0
+
+    m5, _ = machine_factory(cpus=2)  # the microvm board's: hardware-reduced, ISA in ACPI
+    for spec in ("uart16550,port=0x3f8,irq=4,pnp=on", "cmos-rtc,port=0x70,irq=8,pnp=on",
+                 "acpi-pm,port=0x600,irq=-1,timer=off,reduced=on"):
+        m5.add_device_spec(spec)
+    loaders.load(m5, str(k), {"cmdline": "console=ttyS0"})
+    t5 = rsdt_tables(m5.memory.read)
+    assert t5[b"FACP"][8] == 5 and struct.unpack_from("<Q", t5[b"FACP"], 248)[0] == 0x600
+    assert parse_madt(m5.memory.read)["overrides"] == []
+    aml5 = Aml(table(m5.memory.read, struct.unpack_from("<I", t5[b"FACP"], 40)[0])[36:])
+    assert [aml5.names[f"{d}._HID"] for d in aml5.devices] == ["PNP0501", "PNP0B00"]
 
 
 @requires_kvm
