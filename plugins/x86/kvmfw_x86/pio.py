@@ -40,17 +40,25 @@ class PciConfigSpace(Protocol):
                      value: int) -> None: ...
 
 
+def _is_config_space(obj: Any) -> bool:
+    """``isinstance(obj, PciConfigSpace)``, without the protocol check's cost (Python 3.11
+    recomputes a protocol's members on every check: ~30 us per object, here ~0.3 ms at the
+    guest's first PCI probe, ~10 ms in a nested guest)."""
+    return callable(getattr(obj, "config_read", None)) \
+        and callable(getattr(obj, "config_write", None))
+
+
 def find_pci(machine: Any) -> PciConfigSpace | None:
     """The machine's PCI configuration space, if any device provides one."""
     obj = getattr(machine, "pci", None)
-    if isinstance(obj, PciConfigSpace):
-        return obj
+    if _is_config_space(obj):
+        return obj  # type: ignore[no-any-return]
     for d in getattr(machine, "devices", []):
-        if isinstance(d, PciConfigSpace):
-            return d
+        if _is_config_space(d):
+            return d  # type: ignore[no-any-return]
         cs = getattr(d, "config_space", None)
-        if isinstance(cs, PciConfigSpace):
-            return cs
+        if _is_config_space(cs):
+            return cs  # type: ignore[no-any-return]
     return None
 
 
