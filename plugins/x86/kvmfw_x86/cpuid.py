@@ -318,7 +318,34 @@ def for_vcpu(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> list[CpuidE
         elif e.function in (0xB, 0x1F):
             e.edx = apic_id
     _topology(out, apic_id, ncpus)
+    _legacy_l1_caches(out)
     return out
+
+
+def _legacy_l1_caches(entries: list[CpuidEntry]) -> None:
+    """AMD without TOPOEXT: Linux reads its caches from the legacy leaves, L1 data and
+    instruction from 0x80000005 ECX/EDX, and stops at the first it finds empty. A nested
+    host's KVM can leave those zero while 0x8000001D describes the caches (QEMU fills them
+    from its own model): the guest then saw no cache at all, not even the shared L3 that
+    groups its CPUs. Zero L1 fields are filled from the 0x8000001D level-1 subleaves
+    (size, ways, line; one line per tag), which is what a real part reports in both."""
+    legacy = find(entries, 0x80000005)
+    if legacy is None or (legacy.ecx and legacy.edx):
+        return
+    for e in entries:
+        kind = e.eax & 0x1F
+        if e.function != 0x8000001D or (e.eax >> 5) & 7 != 1 or kind not in (1, 2):
+            continue
+        ways, line = (e.ebx >> 22) + 1, (e.ebx & 0xFFF) + 1
+        kib = ways * (((e.ebx >> 12) & 0x3FF) + 1) * line * (e.ecx + 1) // 1024
+        if not 0 < kib <= 0xFF or line > 0xFF or ways > 0xFF:
+            continue  # (the legacy fields are a byte each)
+        assoc = 0xFF if e.eax & (1 << 9) else ways  # fully associative
+        value = kib << 24 | assoc << 16 | 1 << 8 | line
+        if kind == 1 and not legacy.ecx:
+            legacy.ecx = value
+        elif kind == 2 and not legacy.edx:
+            legacy.edx = value
 
 
 def _topology(entries: list[CpuidEntry], apic_id: int, ncpus: int) -> None:

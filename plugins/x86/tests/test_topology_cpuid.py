@@ -84,3 +84,25 @@ def test_kvm_takes_each_vcpus_topology(machine_factory) -> None:
             shared = sharing(t, leaf)
             if shared:
                 assert shared[-1] == 1 and set(shared[:-1]) <= {0}
+
+
+def test_empty_legacy_l1_leaf_is_filled_from_0x8000001d() -> None:
+    """A nested AMD host's KVM: no TOPOEXT and 0x80000005 zero, so Linux (which then reads
+    the legacy leaves and stops at the first empty one) found no cache at all; the L1 data
+    and instruction caches of 0x8000001D go into 0x80000005 ECX/EDX."""
+    l1d = CpuidEntry(0x8000001D, 0, 1, 0x121, 0x01C0003F, 0x3F, 0)  # 8 ways x 64 B x 64 sets
+    l1i = CpuidEntry(0x8000001D, 1, 1, 0x122, 0x00C0003F, 0xFF, 0)  # 4 ways x 64 B x 256
+    l2 = CpuidEntry(0x8000001D, 2, 1, 0x143, 0x01C0003F, 0x3FF, 0)
+    host = [CpuidEntry(1, 0, 0, 0x800F12, 0, 0, 0), CpuidEntry(0x80000001, 0, 0, 0, 0, 0x75, 0),
+            CpuidEntry(0x80000005, 0, 0, 0, 0, 0, 0), l1d, l1i, l2,
+            CpuidEntry(0x8000001D, 3, 1, 0, 0, 0, 0)]
+    t = for_vcpu(host, 1, 2)
+    legacy = find(t, 0x80000005)
+    assert legacy is not None
+    assert legacy.ecx == 32 << 24 | 8 << 16 | 1 << 8 | 64  # L1d: 32 KiB, 8-way, 64 B lines
+    assert legacy.edx == 64 << 24 | 4 << 16 | 1 << 8 | 64  # L1i: 64 KiB, 4-way
+    assert find(host, 0x80000005).ecx == 0  # type: ignore[union-attr]  (input unchanged)
+    real = [CpuidEntry(0x80000005, 0, 0, 0, 0, 0x20080140, 0x40040140), l1d, l1i]
+    kept = find(for_vcpu(real, 0, 1), 0x80000005)
+    assert kept is not None and (kept.ecx, kept.edx) == (0x20080140, 0x40040140)
+    assert find(for_vcpu(INTEL, 0, 2), 0x80000005) is None  # (nothing to fill on Intel)
