@@ -52,13 +52,13 @@ def find_pci(machine: Any) -> PciConfigSpace | None:
     """The machine's PCI configuration space, if any device provides one."""
     obj = getattr(machine, "pci", None)
     if _is_config_space(obj):
-        return obj  # type: ignore[no-any-return]
+        return obj
     for d in getattr(machine, "devices", []):
         if _is_config_space(d):
-            return d  # type: ignore[no-any-return]
+            return d
         cs = getattr(d, "config_space", None)
         if _is_config_space(cs):
-            return cs  # type: ignore[no-any-return]
+            return cs
     return None
 
 
