@@ -88,6 +88,9 @@ class Mapping(Frozen):
     end: int
 
 
+_Hit = tuple["BusDevice", int, int, Mapping]
+
+
 class AddressSpace:
     """One address space (``pio`` or ``mmio``)."""
 
@@ -102,7 +105,9 @@ class AddressSpace:
         self.limit = limit
         self._maps: list[Mapping] = []
         self._starts: list[int] = []
-        self._cache: dict[int, Mapping | None] = {}
+        self._cache: dict[int, _Hit | None] = {}
+        """Address -> (device, base, end, mapping) or None (nothing there): a plain tuple,
+        unpacked in one step on each access (three record fields cost ~60 ns more)."""
         self._fast: list[tuple[FastRange, Mapping]] = []
         self._reserved: list[tuple[int, int, str]] = []
         self.reserved_ports: frozenset[int] = frozenset()
@@ -219,15 +224,19 @@ class AddressSpace:
 
     def lookup(self, addr: int) -> Mapping | None:
         try:
-            return self._cache[addr]
+            hit = self._cache[addr]
         except KeyError:
-            pass
+            hit = self._fill(addr)
+        return None if hit is None else hit[3]
+
+    def _fill(self, addr: int) -> _Hit | None:
         i = bisect.bisect(self._starts, addr) - 1
         m = self._maps[i] if i >= 0 and addr < self._maps[i].end else None
+        hit = None if m is None else (m.device, m.base, m.end, m)
         if len(self._cache) >= self._CACHE_LIMIT:
             self._cache.clear()
-        self._cache[addr] = m
-        return m
+        self._cache[addr] = hit
+        return hit
 
     def read(self, addr: int, size: int) -> bytes:
         """Read ``size`` bytes at ``addr`` from whichever device is mapped there."""
@@ -240,13 +249,16 @@ class AddressSpace:
     def read_or_pending(self, addr: int, size: int) -> Answer:
         """:meth:`read` for the vCPU's MMIO exit: may return a :class:`PendingAccess`."""
         try:
-            m = self._cache[addr]
+            hit = self._cache[addr]
         except KeyError:
-            m = self.lookup(addr)
-        if m is None or addr + size > m.end:
+            hit = self._fill(addr)
+        if hit is None:
+            return self._unclaimed(addr, size, None)
+        device, base, end, m = hit
+        if addr + size > end:
             return self._unclaimed(addr, size, None)
         try:
-            data = m.device.read(addr - m.base, size)
+            data = device.read(addr - base, size)
         except GuestError:
             raise  # a device ending the run for the guest's doing keeps its class and status
         except Exception as exc:
@@ -271,14 +283,18 @@ class AddressSpace:
     def write(self, addr: int, data: bytes) -> PendingAccess | None:
         """Write ``data``; returns a :class:`PendingAccess` if the device completes later."""
         try:
-            m = self._cache[addr]
+            hit = self._cache[addr]
         except KeyError:
-            m = self.lookup(addr)
-        if m is None or addr + len(data) > m.end:
+            hit = self._fill(addr)
+        if hit is None:
+            self._unclaimed(addr, len(data), data)
+            return None
+        device, base, end, m = hit
+        if addr + len(data) > end:
             self._unclaimed(addr, len(data), data)
             return None
         try:
-            r = m.device.write(addr - m.base, data)
+            r = device.write(addr - base, data)
         except GuestError:
             raise
         except Exception as exc:

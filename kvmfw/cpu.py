@@ -53,7 +53,7 @@ from kvmfw.errors import (
     UnhandledExitError,
 )
 from kvmfw.eventq import PRIO_CPU_TICK, Event
-from kvmfw.fastpath import LATCHED, RANGE_COUNTS, FastState, FastTable
+from kvmfw.fastpath import LATCHED, NOW, RANGE_COUNTS, REASON, T1, FastState, FastTable
 from kvmfw.hookspecs import SyncLevel
 from kvmfw.stats import KvmCpuStats
 from kvmfw.timer import CycleSource, RunTimer
@@ -545,7 +545,7 @@ class KvmCPU:
         machine = self.machine
         bus = self._bus
         ctx = self._ctx
-        run = self._run
+        words = self._fs.words
         timer = self._timer
         src = self._cycles  # None: the C entry times the cycles (see bind_thread)
         stats = self.stats
@@ -557,10 +557,14 @@ class KvmCPU:
         if not parallel:  # (a vCPU thread of a parallel run accounts no time itself)
             clock = machine._clock
             host0, tick0, per_ns = clock
-            # whole ticks per ns (host_factor 1: 1000): the time is then integer arithmetic
-            per_int = int(per_ns) if per_ns.is_integer() else 0
+            # whole ticks per ns (host_factor 1: 1000): the C entry then computes the tick
+            # at each exit (words[NOW]) in 64 bits, far from overflowing (2**62 ps = 53 days)
+            if per_ns.is_integer() and 0 < per_ns < 1 << 20 and 0 <= tick0 < 1 << 62:
+                per_int = int(per_ns)
+                ctx.host0, ctx.tick0 = host0, tick0
             if self._armed_clock is not clock:
                 self._armed_bound = None  # armed in another run: its deadline is stale
+        ctx.ticks_per_ns_int = per_int
         bound: int | None = None
         while True:
             if serve:
@@ -600,13 +604,11 @@ class KvmCPU:
                     self._refresh_fast()
                 if src is None:
                     r = _run_ctx(ctx)
-                    t1 = ctx.t1
                 else:
                     insns = self._insns  # (a perf counter: then also instructions)
                     i0 = insns() if insns is not None else 0
                     c0 = src()
                     r = _run_ctx(ctx)
-                    t1 = ctx.t1
                     cycles = src() - c0
                     if insns is not None:
                         stats.instructions += insns() - i0
@@ -614,10 +616,10 @@ class KvmCPU:
                     stats.ticks_in_kvm += int(cycles * self._ticks_per_cycle)
                 self._pulled_level = _SYNC_NONE
                 # r > 0: exits the compiled path answered before this one; < 0: -errno
-                reason = self._run_returned(r) if r else run.exit_reason
+                reason = self._run_returned(r) if r else words[REASON]
                 self.last_exit = reason
                 if self._extras:
-                    self._after_exit(reason, bound, t1)
+                    self._after_exit(reason, bound, words[T1])
                 if reason == 10:  # KVM_EXIT_INTR
                     fired = self._interrupted(timer, bound)
                 else:
@@ -630,9 +632,9 @@ class KvmCPU:
                     # included) but never passes the event that bounded the slice; when the
                     # slice timer ended the run, time is at that event (gem5's rule)
                     if per_int:
-                        now = tick0 + (t1 - host0) * per_int
+                        now = words[NOW]
                     else:
-                        now = tick0 + int((t1 - host0) * per_ns)
+                        now = tick0 + int((words[T1] - host0) * per_ns)
                     if bound is not None and (fired or now > bound):
                         now = bound
                     if now > eq.cur_tick:

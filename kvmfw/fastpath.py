@@ -199,6 +199,18 @@ class FastTable:
                 r.value = buf
 
 
+def _word(field: str) -> int:
+    off = ffi.offsetof("struct kvmfw_run_ctx", field)
+    if off % 8:
+        raise ImportError(f"kvmfw_run_ctx.{field} is not 8-byte aligned: rebuild kvmfw.abi")
+    return off // 8
+
+
+T1, NOW, REASON = _word("t1"), _word("now"), _word("reason")
+"""Indices of ``kvmfw_run_ctx`` fields in :attr:`FastState.words`: when KVM_RUN returned
+(host ns), the simulated tick then (with ``ticks_per_ns_int`` set), the exit reason."""
+
+
 class FastState:
     """One vCPU's counters, coalescing latches and the argument block ``kvmfw_run_ctx``
     reads (never shared between threads)."""
@@ -213,6 +225,9 @@ class FastState:
         self.table: FastTable | None = None
         self.use(None)
         self._view = memoryview(ffi.buffer(self.counts)).cast("B").cast("Q")
+        self.words = memoryview(ffi.buffer(self.ctx)).cast("B").cast("q")
+        """The argument block as machine words: the run loop reads ``words[REASON]``,
+        ``words[NOW]`` and ``words[T1]`` (an index costs a third of a cffi field read)."""
         self._zero = bytes(8 * _COUNTS)
         self.by_entry: dict[tuple[str, str], list[int]] = {}
         """(space, name) -> [reads, writes] answered in C since the start (for profiles)."""

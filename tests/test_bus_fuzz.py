@@ -186,8 +186,9 @@ class BusMachine(RuleBasedStateMachine):
             for a, b in zip(maps, maps[1:], strict=False):
                 assert a.end <= b.base
             assert len(aspace._cache) <= AddressSpace._CACHE_LIMIT
-            for addr, m in aspace._cache.items():
-                assert m is None or m in maps, f"stale cache entry for {addr:#x}"
+            for addr, hit in aspace._cache.items():  # (device, base, end, mapping)
+                assert hit is None or (hit[3] in maps and hit[:3] == (hit[3].device,
+                                       hit[3].base, hit[3].end)), f"stale cache entry for {addr:#x}"
             for _, length, dev in entries:
                 assert all(0 <= off and off + size <= length for _, off, size in dev.seen)
 

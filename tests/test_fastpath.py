@@ -279,3 +279,28 @@ def test_stats_read_during_a_run_include_the_counts_kept_in_c(make_machine) -> N
     assert (s.vm_exits, s.io) == (1, 1)  # the exit write after the reset
     runs = m.cpus[0].runs
     assert runs >= 6  # never reset: every entry counts
+
+
+def test_the_c_entry_leaves_the_exit_reason_and_the_simulated_tick_for_the_loop(
+        make_machine) -> None:
+    """The run loop reads the reason and the tick from the C entry's words instead of the
+    cffi fields and Python arithmetic: they must be what those give, and the tick
+    saturates rather than wrapping."""
+    from kvmfw.abi import lib
+    from kvmfw.fastpath import NOW, REASON, T1
+
+    m, arch, rec = make_machine(PIOLOOP)
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 5
+    cpu.mark_context_dirty()
+    m.run(timeout=20)
+    ctx, words = cpu._fs.ctx, cpu._fs.words
+    assert ctx.ticks_per_ns_int == 1000  # host_factor 1: the C entry computes the tick
+    assert words[REASON] == cpu.vcpu.run.exit_reason == 2  # the guest's exit port write
+    assert words[T1] == ctx.t1
+    assert words[NOW] == ctx.tick0 + (ctx.t1 - ctx.host0) * 1000
+    assert m.eventq.cur_tick >= words[NOW]  # (the service after it took time too)
+    ctx.tick0, ctx.host0 = (1 << 63) - 5, 0
+    assert lib.kvmfw_run_ctx(ctx) >= 0  # one more exit of the guest's loop
+    assert words[NOW] == (1 << 63) - 1
+    assert words[REASON] == cpu.vcpu.run.exit_reason

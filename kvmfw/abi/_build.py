@@ -113,7 +113,8 @@ struct kvmfw_run_ctx {
     uint32_t n; uint32_t limit; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
-    uint32_t ring_off;
+    uint32_t ring_off; uint32_t pad;
+    int64_t host0; int64_t tick0; int64_t ticks_per_ns_int; int64_t now; int64_t reason;
 };
 int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
 """
@@ -414,13 +415,17 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
    is read on both sides here; the time and exits are summed for Python to fold into the
    stats (exits, ns, and with ticks_per_ns > 0, the monotonic clock being the cycle
    source, cycles and simulated ticks), and the IO and MMIO exits left for Python; t1 is
-   when KVM_RUN returned, entries never resets; ring_off: see kvmfw_run_fast. */
+   when KVM_RUN returned, entries never resets; ring_off: see kvmfw_run_fast. The exit's
+   reason and, with ticks_per_ns_int > 0, the simulated tick at t1 (tick0 + (t1 - host0) *
+   ticks_per_ns_int, saturated) are left in reason and now, where Python reads them as two
+   machine words: reading cffi fields and multiplying Python ints cost ~200 ns an exit. */
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
-    uint32_t ring_off;
+    uint32_t ring_off; uint32_t pad;
+    int64_t host0; int64_t tick0; int64_t ticks_per_ns_int; int64_t now; int64_t reason;
 };
 
 static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
@@ -442,8 +447,16 @@ static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
         c->cycles += ns;
         c->ticks += (uint64_t)((double)ns * c->ticks_per_ns);
     }
+    if (c->ticks_per_ns_int > 0) {
+        int64_t now;
+        if (__builtin_mul_overflow(t1 - c->host0, c->ticks_per_ns_int, &now)
+                || __builtin_add_overflow(now, c->tick0, &now))
+            now = INT64_MAX;
+        c->now = now;
+    }
     if (r >= 0) {
         uint32_t reason = ((struct kvm_run *)c->run)->exit_reason;
+        c->reason = reason;
         if (reason == KVM_EXIT_IO)
             c->io++;
         else if (reason == KVM_EXIT_MMIO)
