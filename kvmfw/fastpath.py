@@ -200,9 +200,13 @@ class FastTable:
 
 
 def _word(field: str) -> int:
-    off = ffi.offsetof("struct kvmfw_run_ctx", field)
-    if off % 8:
-        raise ImportError(f"kvmfw_run_ctx.{field} is not 8-byte aligned: rebuild kvmfw.abi")
+    try:
+        off = ffi.offsetof("struct kvmfw_run_ctx", field)
+    except KeyError:
+        off = -1
+    if off < 0 or off % 8:
+        raise ImportError(f"kvmfw.abi's compiled module has no aligned kvmfw_run_ctx.{field}: "
+                          "it is older than its source; reinstall kvmfw (pip install -e .)")
     return off // 8
 
 
