@@ -556,3 +556,44 @@ def test_a_host_cycle_source_is_timed_by_the_entry_and_a_guest_only_one_is_read(
         assert reads[0] == 0
         assert abs(s.cycles - 2 * s.host_ns_in_kvm) <= 2  # (2 GHz; rounded when folded)
         assert abs(s.ticks_in_kvm - 1000 * s.host_ns_in_kvm) <= 1000 * s.vm_exits
+
+
+class _Scheduler:
+    """Port 0x10: at its third write schedules an event 5 ms of simulated time ahead."""
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.writes = 0
+        self.fired_at: int | None = None
+        self.when: int | None = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes += 1
+        if self.writes == 3:
+            eq = self.machine.eventq
+            self.when = eq.cur_tick + 5 * TICKS_PER_MS
+            eq.schedule(Event(self.fire, "scheduled-by-a-device"), self.when)
+
+    def fire(self) -> None:
+        self.fired_at = self.machine.eventq.cur_tick
+        self.machine.request_exit(0, "the device's event")
+
+
+def test_an_event_a_device_schedules_during_an_exit_bounds_the_next_entries(
+        make_machine) -> None:
+    """Between plain exits the loop enters again without looking at the queue; an event a
+    device schedules while servicing one must still end the run on time."""
+    m, _arch, rec = make_machine(PIOLOOP)
+    m.bus.pio.unregister(rec)
+    dev = _Scheduler(m)
+    m.map_device(Range("pio", 0x10, 1, "scheduler"), dev)
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 10**8  # hours of exits: the event must end it
+    cpu.mark_context_dirty()
+    result = m.run(timeout=60)
+    assert result.reason == "the device's event"
+    assert dev.fired_at == dev.when
+    assert 3 <= dev.writes < 10**8
