@@ -14,10 +14,11 @@ State machine (gem5 names)::
 queue, servicing exits in between, until an event is due, the CPU goes idle, or the
 machine stops. The exit path is the hot path: one table lookup, no pluggy call, no
 allocation beyond the IO tuple. The entry itself is C (``kvmfw_run_ctx``): it reads the
-clock, counts exits and time in KVM (folded into the stats when ``tick`` returns), and
-answers the exits the bus's compiled-path table covers without returning to Python
-(:mod:`kvmfw.fastpath`). ``exit_table`` swaps in another exit table (the profiler's,
-:mod:`kvmfw.profile`), so the plain path tests no profiling flag.
+clock, counts exits and time in KVM (folded into the stats when ``tick`` returns), leaves
+the exit reason and the simulated tick of the exit in machine words the loop indexes
+(``FastState.words``), and answers the exits the bus's compiled-path table covers
+without returning to Python (:mod:`kvmfw.fastpath`). ``exit_table`` swaps in another exit
+table (the profiler's, :mod:`kvmfw.profile`), so the plain path tests no profiling flag.
 
 Thread context: the arch plugin's register cache. Two flags make sync lazy (gem5):
 ``_tc_dirty`` (someone changed the context: push before the next entry) and
