@@ -559,7 +559,7 @@ class KvmCPU:
             clock = machine._clock
             host0, tick0, per_ns = clock
             # whole ticks per ns (host_factor 1: 1000): the C entry then computes the tick
-            # at each exit (words[NOW]) in 64 bits, far from overflowing (2**62 ps = 53 days)
+            # at each exit (words[NOW], -1 past 64 bits: 2**63 ps are 106 days)
             if per_ns.is_integer() and 0 < per_ns < 1 << 20 and 0 <= tick0 < 1 << 62:
                 per_int = int(per_ns)
                 ctx.host0, ctx.tick0 = host0, tick0
@@ -632,9 +632,8 @@ class KvmCPU:
                     # simulated time follows host time since the run began (service time
                     # included) but never passes the event that bounded the slice; when the
                     # slice timer ended the run, time is at that event (gem5's rule)
-                    if per_int:
-                        now = words[NOW]
-                    else:
+                    now = words[NOW] if per_int else -1
+                    if now < 0:
                         now = tick0 + int((words[T1] - host0) * per_ns)
                     if bound is not None and (fired or now > bound):
                         now = bound

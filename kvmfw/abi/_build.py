@@ -417,8 +417,9 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
    source, cycles and simulated ticks), and the IO and MMIO exits left for Python; t1 is
    when KVM_RUN returned, entries never resets; ring_off: see kvmfw_run_fast. The exit's
    reason and, with ticks_per_ns_int > 0, the simulated tick at t1 (tick0 + (t1 - host0) *
-   ticks_per_ns_int, saturated) are left in reason and now, where Python reads them as two
-   machine words: reading cffi fields and multiplying Python ints cost ~200 ns an exit. */
+   ticks_per_ns_int; -1 if that overflows 64 bits: Python computes it then) are left in
+   reason and now, where Python reads them as two machine words: reading cffi fields and
+   multiplying Python ints cost ~200 ns an exit. */
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; uint64_t *counts;
@@ -451,7 +452,7 @@ static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
         int64_t now;
         if (__builtin_mul_overflow(t1 - c->host0, c->ticks_per_ns_int, &now)
                 || __builtin_add_overflow(now, c->tick0, &now))
-            now = INT64_MAX;
+            now = -1;
         c->now = now;
     }
     if (r >= 0) {
