@@ -584,8 +584,9 @@ class _Scheduler:
 
 def test_an_event_a_device_schedules_during_an_exit_bounds_the_next_entries(
         make_machine) -> None:
-    """Between plain exits the loop enters again without looking at the queue; an event a
-    device schedules while servicing one must still end the run on time."""
+    """The loop bounds each entry by the queue's head as it is after the last exit was
+    serviced: an event a device schedules from its handler ends the run at its tick, long
+    before the guest's loop would."""
     m, _arch, rec = make_machine(PIOLOOP)
     m.bus.pio.unregister(rec)
     dev = _Scheduler(m)
