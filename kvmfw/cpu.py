@@ -672,7 +672,7 @@ class KvmCPU:
         if r > 0:
             if r & _RING_PENDING:
                 self._drain_coalesced_mmio()
-            return int(self._run.exit_reason)
+            return int(self._fs.words[REASON])  # (left by the C entry, as for r == 0)
         if r != _EINTR and r != _EAGAIN:
             raise KvmError("KVM_RUN", -r, f"vcpu {self.id}")
         if self._use_coalesced_mmio:
