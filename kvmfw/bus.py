@@ -107,7 +107,8 @@ class AddressSpace:
         self._starts: list[int] = []
         self._cache: dict[int, _Hit | None] = {}
         """Address -> (device, base, end, mapping) or None (nothing there): a plain tuple,
-        unpacked in one step on each access (three record fields cost ~60 ns more)."""
+        unpacked in one step on each access (three record fields cost ~60 ns more). The
+        vCPU loop reads it too, for the MMIO exits it services inline (``KvmCPU._loop``)."""
         self._fast: list[tuple[FastRange, Mapping]] = []
         self._reserved: list[tuple[int, int, str]] = []
         self.reserved_ports: frozenset[int] = frozenset()
@@ -262,22 +263,9 @@ class AddressSpace:
         except GuestError:
             raise  # a device ending the run for the guest's doing keeps its class and status
         except Exception as exc:
-            raise DeviceError(f"device {m.name} raised on a {size}-byte read of {self.name} "
-                              f"{addr:#x} (offset {addr - m.base:#x}): "
-                              f"{type(exc).__name__}: {exc}") from exc
-        if data.__class__ is not bytes:
-            if data.__class__ is PendingAccess:
-                if data.is_write or data.size != size or self.name != "mmio":  # type: ignore
-                    raise DeviceError(f"device {m.name} answered a {size}-byte read of "
-                                      f"{self.name} {addr:#x} with a mismatched pending access")
-                return data
-            if not isinstance(data, bytearray | memoryview):
-                raise DeviceError(f"device {m.name} answered a {size}-byte read of "
-                                  f"{self.name} {addr:#x} with a {type(data).__name__}, "
-                                  "not bytes")
-        if len(data) != size:
-            raise DeviceError(f"device {m.name} answered a {size}-byte read of {self.name} "
-                              f"{addr:#x} with {len(data)} bytes")
+            raise self.device_raised(m, addr, size, "read", exc) from exc
+        if data.__class__ is not bytes or len(data) != size:
+            return self.odd_answer(m, addr, size, data)
         return data
 
     def write(self, addr: int, data: bytes) -> PendingAccess | None:
@@ -298,15 +286,46 @@ class AddressSpace:
         except GuestError:
             raise
         except Exception as exc:
-            raise DeviceError(f"device {m.name} raised on a {len(data)}-byte write of "
-                              f"{self.name} {addr:#x} (offset {addr - m.base:#x}): "
-                              f"{type(exc).__name__}: {exc}") from exc
-        if r is not None and r.__class__ is PendingAccess:
-            if self.name != "mmio" or not r.is_write:
-                raise DeviceError(f"device {m.name} deferred a {self.name} write: only MMIO "
-                                  "writes may be pending, as PendingAccess(size, is_write=True)")
-            return r  # type: ignore[no-any-return]
-        return None
+            raise self.device_raised(m, addr, len(data), "write", exc) from exc
+        return None if r is None else self.write_result(m, r)
+
+    # --- the rules on what a device may answer: here, also for the vCPU loop's inline
+    # MMIO access (KvmCPU._loop), which calls the device itself and these on the odd case
+
+    def device_raised(self, m: Mapping, addr: int, size: int, kind: str,
+                      exc: BaseException) -> DeviceError:
+        """The error for a device's ``read``/``write`` that raised (not a GuestError)."""
+        return DeviceError(f"device {m.name} raised on a {size}-byte {kind} of {self.name} "
+                           f"{addr:#x} (offset {addr - m.base:#x}): "
+                           f"{type(exc).__name__}: {exc}")
+
+    def odd_answer(self, m: Mapping, addr: int, size: int, data: object) -> Answer:
+        """A read answer that is not ``size`` bytes of :class:`bytes`: a bytearray or
+        memoryview of ``size`` bytes, or a matching :class:`PendingAccess` on MMIO, is
+        returned; anything else is a :class:`~kvmfw.errors.DeviceError`."""
+        if data.__class__ is PendingAccess:
+            if data.is_write or data.size != size or self.name != "mmio":  # type: ignore
+                raise DeviceError(f"device {m.name} answered a {size}-byte read of "
+                                  f"{self.name} {addr:#x} with a mismatched pending access")
+            return data  # type: ignore[return-value]
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise DeviceError(f"device {m.name} answered a {size}-byte read of "
+                              f"{self.name} {addr:#x} with a {type(data).__name__}, "
+                              "not bytes")
+        if len(data) != size:
+            raise DeviceError(f"device {m.name} answered a {size}-byte read of {self.name} "
+                              f"{addr:#x} with {len(data)} bytes")
+        return data  # type: ignore[return-value]
+
+    def write_result(self, m: Mapping, r: object) -> PendingAccess | None:
+        """What a device's ``write`` returned, when not None: a :class:`PendingAccess`
+        (MMIO only, a write's) is returned; anything else is ignored."""
+        if r.__class__ is not PendingAccess:
+            return None
+        if self.name != "mmio" or not r.is_write:  # type: ignore[attr-defined]
+            raise DeviceError(f"device {m.name} deferred a {self.name} write: only MMIO "
+                              "writes may be pending, as PendingAccess(size, is_write=True)")
+        return r  # type: ignore[return-value]
 
     def _unclaimed(self, addr: int, size: int, data: bytes | None) -> bytes:
         kind = "read" if data is None else "write"

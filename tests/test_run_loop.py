@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import logging
+import sys
 from typing import Any
 
 import pytest
@@ -21,9 +23,11 @@ from kvmtest import (
 )
 
 from kvmfw.abi import ExitReason
+from kvmfw.bus import PendingAccess
 from kvmfw.cpu import CpuStatus
 from kvmfw.device import Range
 from kvmfw.errors import (
+    DeviceError,
     EmulationFailureError,
     EntryFailureError,
     GuestExceptionError,
@@ -56,6 +60,102 @@ def test_mmio_reads_and_writes_go_through_the_bus(make_machine) -> None:
     assert rec.writes == [(0x10, b"\x5a"), (0x30, b"\x34\x12"), (0, b"\x33")]
     assert (0x20, 1) in rec.reads
     assert m.cpus[0].stats.mmio == 3
+
+
+# --- MMIO exits the run loop services in its own frame (an address the bus has cached) ---
+
+_MMIO_ADDRS = (0x20010, 0x20020, 0x20030)  # the MMIO program's byte write, read, word write
+
+
+class _Odd:
+    """The MMIO program's device, answering as ``mode`` says; records who called it."""
+
+    def __init__(self, machine: Any, mode: str) -> None:
+        self.machine, self.mode = machine, mode
+        self.log: list[tuple[str, int, bytes | int]] = []
+        self.callers: list[str] = []
+        self.pending: list[PendingAccess] = []
+
+    def _later(self, p: PendingAccess, data: bytes = b"") -> PendingAccess:
+        self.pending.append(p)
+        eq = self.machine.eventq
+        eq.schedule(Event(lambda: p.complete(data), "late"), eq.cur_tick + TICKS_PER_MS)
+        return p
+
+    def read(self, offset: int, size: int) -> Any:
+        self.callers.append(sys._getframe(1).f_code.co_name)
+        self.log.append(("r", offset, size))
+        if self.mode == "raise":
+            raise ValueError("no such register")
+        if self.mode == "short":
+            return b"\x33" * (size + 1)
+        if self.mode == "bytearray":
+            return bytearray(b"\x44" * size)
+        if self.mode == "pending":
+            return self._later(PendingAccess(size), b"\x55" * size)
+        return b"\x33" * size
+
+    def write(self, offset: int, data: bytes) -> Any:
+        self.callers.append(sys._getframe(1).f_code.co_name)
+        self.log.append(("w", offset, data))
+        if self.mode == "pending":
+            return self._later(PendingAccess(len(data), is_write=True))
+        return None
+
+
+def _run_odd(make_machine: Any, mode: str, how: str) -> tuple[Any, _Odd, Any, Any]:
+    """Run the MMIO program against an :class:`_Odd` device: ``how`` is "loop" (the bus
+    has the addresses cached: the loop services them), "handler" (not cached: the exit
+    handler and the bus do) or "traced" (cached, but IO tracing puts its own handler in
+    the exit table)."""
+    m, arch, rec = make_machine(MMIO)
+    m.bus.mmio.unregister(0x20000)
+    dev = _Odd(m, mode)
+    m.map_device(Range("mmio", 0x20000, 0x100, "odd"), dev)
+    if how != "handler":
+        for a in _MMIO_ADDRS:
+            m.bus.mmio.lookup(a)  # (fills the bus's cache, as an earlier access would)
+    io = logging.getLogger("kvmfw.io")
+    level = io.level
+    if how == "traced":
+        io.setLevel(logging.DEBUG)
+    try:
+        result: Any = m.run(timeout=10)
+    except DeviceError as exc:
+        result = exc
+    finally:
+        io.setLevel(level)
+    return m, dev, rec, result
+
+
+@pytest.mark.parametrize("mode", ["plain", "bytearray", "pending", "raise", "short"])
+def test_an_mmio_exit_the_loop_services_looks_the_same_to_the_guest_and_the_device(
+        make_machine, mode: str) -> None:
+    seen = {}
+    for how in ("loop", "handler", "traced"):
+        m, dev, rec, result = _run_odd(make_machine, mode, how)
+        cpu = m.cpus[0]
+        outcome = (f"{type(result).__name__}: {result}" if isinstance(result, Exception)
+                   else (result.status, result.reason))
+        seen[how] = (outcome, dev.log, rec.writes,  # (AL, as read, goes out on port 0x10)
+                     cpu.stats.mmio, cpu.stats.mmio_pending, [p.done for p in dev.pending])
+        # who called the device: the loop itself only when the address was cached
+        inline = {"_loop"}
+        if how == "loop":
+            assert set(dev.callers) == inline, dev.callers
+        else:
+            assert not set(dev.callers) & inline, dev.callers
+    assert seen["loop"] == seen["handler"] == seen["traced"]
+    outcome, log, out = seen["loop"][:3]
+    if mode in ("raise", "short"):
+        assert outcome.startswith("DeviceError: device odd ")
+        assert log == [("w", 0x10, b"\x5a"), ("r", 0x20, 1)]  # the run ended at the read
+    else:
+        assert outcome == (0, "guest wrote the exit port")
+        assert log == [("w", 0x10, b"\x5a"), ("r", 0x20, 1), ("w", 0x30, b"\x34\x12")]
+        assert out == [(0, bytes([{"plain": 0x33, "bytearray": 0x44, "pending": 0x55}[mode]]))]
+    if mode == "pending":
+        assert seen["loop"][4] == 3 and seen["loop"][5] == [True] * 3
 
 
 def test_context_written_before_entry_reaches_the_guest_and_reads_back(make_machine) -> None:
