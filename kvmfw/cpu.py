@@ -13,7 +13,10 @@ State machine (gem5 names)::
 ``tick()`` is the CPU's event. Each call runs KVM slices bounded by the next event in the
 queue, servicing exits in between, until an event is due, the CPU goes idle, or the
 machine stops. The exit path is the hot path: one table lookup, no pluggy call, no
-allocation beyond the IO tuple. The entry itself is C (``kvmfw_run_ctx``): it reads the
+allocation beyond the IO tuple; an MMIO exit, or a single port access with
+``direct_port_io``, to an address the bus has cached is serviced in the loop's own frame
+(the device called from there; :class:`~kvmfw.bus.AddressSpace` judges odd answers). The
+entry itself is C (``kvmfw_run_ctx``): it reads the
 clock, counts exits and time in KVM (folded into the stats when ``tick`` returns), leaves
 the exit reason and the simulated tick of the exit in machine words the loop indexes
 (``FastState.words``), and answers the exits the bus's compiled-path table covers
@@ -566,13 +569,15 @@ class KvmCPU:
             if self._armed_clock is not clock:
                 self._armed_bound = None  # armed in another run: its deadline is stale
         ctx.ticks_per_ns_int = per_int
-        # MMIO exits are serviced in this frame when the core's own handler would take them
-        # and the arch remaps no address (fixed for the loop: both are set up before a run)
-        mmio = bus.mmio
-        hits = mmio._cache
+        # Bus accesses are serviced in this frame when the core's own handler would take
+        # them (MMIO unless the arch remaps addresses; single port accesses with
+        # direct_port_io): fixed for the loop, as all three are set up before a run
+        mmio, pio = bus.mmio, bus.pio
+        mhits, phits = mmio._cache, pio._cache
         view, mm = self._view, self._map
         inline_mmio = serve and table[6] == self._exit_mmio and (
             self._finalize_mmio is None or not self.mmio_remap)
+        inline_pio = serve and table[2] == self._exit_io and self.direct_port_io
         bound: int | None = None
         while True:
             if serve:
@@ -653,45 +658,53 @@ class KvmCPU:
                 # table call is inline, as in _dispatch_exit: one frame less per exit
                 try:
                     last = self.last_exit
-                    if last != 6 or not inline_mmio:  # (6: KVM_EXIT_MMIO)
+                    # the handlers' common case, here: an access to an address the bus has
+                    # cached as (device, base, end, mapping), the device called from this
+                    # frame (the handler's and the bus's frames would cost a quarter of the
+                    # exit's Python time). The bus still judges odd answers; anything else
+                    # (uncached, unclaimed, across a range's end, reserved by the arch,
+                    # string IO) goes to the handler.
+                    hit = None
+                    if last == 6:  # KVM_EXIT_MMIO
+                        if inline_mmio:
+                            addr, data, size, is_write = _unpack_mmio(view, RUN_PAYLOAD)
+                            if size <= 8:
+                                space, hit, off, data = mmio, mhits.get(addr), MMIO_DATA, \
+                                    data[:size]
+                    elif last == 2 and inline_pio:  # KVM_EXIT_IO
+                        is_write, size, addr, count, off = _unpack_io(view, RUN_PAYLOAD)
+                        if count == 1 and addr not in pio.reserved_ports:
+                            space, hit = pio, phits.get(addr)
+                            data = mm[off:off + size] if is_write else None
+                    if hit is None or addr + size > hit[2]:
                         table[last]()  # type: ignore[index]
                     else:
-                        # _exit_mmio's common case, here: an address the bus has cached
-                        # (device, base, end, mapping), the device called from this frame
-                        # (the handler's and the bus's frames cost a quarter of the Python
-                        # time of an MMIO exit). The bus still judges odd answers; anything
-                        # else (uncached, unclaimed, across a range's end) takes the handler.
-                        addr, data, length, is_write = _unpack_mmio(view, RUN_PAYLOAD)
-                        hit = hits.get(addr)
-                        if hit is None or addr + length > hit[2] or length > 8:
-                            self._exit_mmio()
-                        else:
-                            device, base, _, mp = hit
-                            ans: Any
-                            try:
-                                if is_write:
-                                    ans = device.write(addr - base, data[:length])
-                                else:
-                                    ans = device.read(addr - base, length)
-                            except GuestError:
-                                raise
-                            except Exception as exc:
-                                raise mmio.device_raised(mp, addr, length,
-                                                         "write" if is_write else "read",
-                                                         exc) from exc
+                        device, base, _, mp = hit
+                        ans: Any
+                        try:
                             if is_write:
-                                if ans is not None:
-                                    ans = mmio.write_result(mp, ans)
+                                ans = device.write(addr - base, data)
                             else:
-                                if ans.__class__ is not bytes or len(ans) != length:
-                                    ans = mmio.odd_answer(mp, addr, length, ans)
-                                if ans.__class__ is not PendingAccess:
-                                    mm[MMIO_DATA:MMIO_DATA + length] = ans
-                                    ans = None
+                                ans = device.read(addr - base, size)
+                        except GuestError:
+                            raise
+                        except Exception as exc:
+                            raise space.device_raised(mp, addr, size,
+                                                      "write" if is_write else "read",
+                                                      exc) from exc
+                        if is_write:
                             if ans is not None:
-                                self._wait_mmio(ans)
-                            elif self.status is RUNNING_SERVICE:
-                                self.status = RUNNING_SERVICE_COMPLETION
+                                ans = space.write_result(mp, ans)
+                        else:
+                            if ans.__class__ is not bytes or len(ans) != size:
+                                ans = space.odd_answer(mp, addr, size, ans)
+                            if ans.__class__ is not PendingAccess:
+                                mm[off:off + size] = ans
+                                ans = None
+                        if ans is not None:
+                            self._wait_mmio(ans)
+                        elif self.status is RUNNING_SERVICE:
+                            self.status = RUNNING_SERVICE_COMPLETION
                 except KvmfwError:
                     raise
                 except Exception as exc:

@@ -62,16 +62,18 @@ def test_mmio_reads_and_writes_go_through_the_bus(make_machine) -> None:
     assert m.cpus[0].stats.mmio == 3
 
 
-# --- MMIO exits the run loop services in its own frame (an address the bus has cached) ---
+# --- bus accesses the run loop services in its own frame (an address the bus has cached) --
 
-_MMIO_ADDRS = (0x20010, 0x20020, 0x20030)  # the MMIO program's byte write, read, word write
+_CACHED = {"mmio": (0x20010, 0x20020, 0x20030),  # the MMIO program's write, read, word write
+           "pio": (0x10, 0x11, 0x12, 0x13)}  # the PIO program's ports
 
 
 class _Odd:
-    """The MMIO program's device, answering as ``mode`` says; records who called it."""
+    """The test programs' device, answering as ``mode`` says; records who called it. On
+    port IO, a write at offset 3 ends the run (the programs' exit port)."""
 
-    def __init__(self, machine: Any, mode: str) -> None:
-        self.machine, self.mode = machine, mode
+    def __init__(self, machine: Any, mode: str, space: str) -> None:
+        self.machine, self.mode, self.space = machine, mode, space
         self.log: list[tuple[str, int, bytes | int]] = []
         self.callers: list[str] = []
         self.pending: list[PendingAccess] = []
@@ -98,23 +100,27 @@ class _Odd:
     def write(self, offset: int, data: bytes) -> Any:
         self.callers.append(sys._getframe(1).f_code.co_name)
         self.log.append(("w", offset, data))
-        if self.mode == "pending":
+        if self.space == "pio" and offset == 3:
+            self.machine.request_exit(data[0], "guest wrote the exit port")
+        elif self.mode == "pending":
             return self._later(PendingAccess(len(data), is_write=True))
         return None
 
 
-def _run_odd(make_machine: Any, mode: str, how: str) -> tuple[Any, _Odd, Any, Any]:
-    """Run the MMIO program against an :class:`_Odd` device: ``how`` is "loop" (the bus
-    has the addresses cached: the loop services them), "handler" (not cached: the exit
-    handler and the bus do) or "traced" (cached, but IO tracing puts its own handler in
-    the exit table)."""
-    m, arch, rec = make_machine(MMIO)
-    m.bus.mmio.unregister(0x20000)
-    dev = _Odd(m, mode)
-    m.map_device(Range("mmio", 0x20000, 0x100, "odd"), dev)
+def _run_odd(make_machine: Any, space: str, mode: str, how: str) -> tuple[Any, _Odd, Any, Any]:
+    """Run the MMIO or PIO program against an :class:`_Odd` device: ``how`` is "loop" (the
+    bus has the addresses cached: the loop services them), "handler" (not cached: the exit
+    handler and the bus do) or "traced" (cached, but IO tracing puts its own handlers in
+    the exit table). Port IO goes straight to the bus (``direct_port_io``)."""
+    m, arch, rec = make_machine(MMIO if space == "mmio" else PIO)
+    base = 0x20000 if space == "mmio" else 0x10
+    m.bus.space(space).unregister(base)
+    dev = _Odd(m, mode, space)
+    m.map_device(Range(space, base, 0x100 if space == "mmio" else 4, "odd"), dev)
+    m.cpus[0].direct_port_io = True
     if how != "handler":
-        for a in _MMIO_ADDRS:
-            m.bus.mmio.lookup(a)  # (fills the bus's cache, as an earlier access would)
+        for a in _CACHED[space]:
+            m.bus.space(space).lookup(a)  # (fills the bus's cache, as an earlier access would)
     io = logging.getLogger("kvmfw.io")
     level = io.level
     if how == "traced":
@@ -129,33 +135,48 @@ def _run_odd(make_machine: Any, mode: str, how: str) -> tuple[Any, _Odd, Any, An
 
 
 @pytest.mark.parametrize("mode", ["plain", "bytearray", "pending", "raise", "short"])
-def test_an_mmio_exit_the_loop_services_looks_the_same_to_the_guest_and_the_device(
-        make_machine, mode: str) -> None:
+@pytest.mark.parametrize("space", ["mmio", "pio"])
+def test_an_access_the_loop_services_looks_the_same_to_the_guest_and_the_device(
+        make_machine, space: str, mode: str) -> None:
     seen = {}
     for how in ("loop", "handler", "traced"):
-        m, dev, rec, result = _run_odd(make_machine, mode, how)
+        m, dev, rec, result = _run_odd(make_machine, space, mode, how)
         cpu = m.cpus[0]
         outcome = (f"{type(result).__name__}: {result}" if isinstance(result, Exception)
                    else (result.status, result.reason))
-        seen[how] = (outcome, dev.log, rec.writes,  # (AL, as read, goes out on port 0x10)
-                     cpu.stats.mmio, cpu.stats.mmio_pending, [p.done for p in dev.pending])
-        # who called the device: the loop itself only when the address was cached
-        inline = {"_loop"}
+        seen[how] = (outcome, dev.log, rec.writes, cpu.get_context().regs["rax"] & 0xFFFF,
+                     cpu.stats.mmio, cpu.stats.io, cpu.stats.mmio_pending,
+                     [p.done for p in dev.pending])
+        # who called the device: the loop itself when the address was cached (in "handler",
+        # after the first access to it: the PIO program writes port 0x10 twice in a row)
         if how == "loop":
-            assert set(dev.callers) == inline, dev.callers
+            assert set(dev.callers) == {"_loop"}, dev.callers
+        elif how == "handler":
+            assert dev.callers[0] == "write", dev.callers  # the bus's
         else:
-            assert not set(dev.callers) & inline, dev.callers
+            assert "_loop" not in dev.callers, dev.callers
     assert seen["loop"] == seen["handler"] == seen["traced"]
     outcome, log, out = seen["loop"][:3]
-    if mode in ("raise", "short"):
+    w, r = ("w", 0x10, b"\x5a"), ("r", 0x20, 1)  # the MMIO program's write and read
+    if space == "pio":
+        w, r = ("w", 0, b"O"), ("r", 1, 1)
+    if mode in ("raise", "short") or (space, mode) == ("pio", "pending"):
+        # the run ended at the read (at the first write for a pending port write: port IO
+        # is answered at once), with the bus's error
         assert outcome.startswith("DeviceError: device odd ")
-        assert log == [("w", 0x10, b"\x5a"), ("r", 0x20, 1)]  # the run ended at the read
+        assert log == ([w] if mode == "pending" else [w, ("w", 0, b"K"), r] if space == "pio"
+                       else [w, r])
+        return
+    assert outcome == (0, "guest wrote the exit port")
+    value = {"plain": 0x33, "bytearray": 0x44, "pending": 0x55}[mode]
+    if space == "mmio":
+        assert log == [w, r, ("w", 0x30, b"\x34\x12")]
+        assert out == [(0, bytes([value]))]  # AL, as read, goes out on port 0x10
     else:
-        assert outcome == (0, "guest wrote the exit port")
-        assert log == [("w", 0x10, b"\x5a"), ("r", 0x20, 1), ("w", 0x30, b"\x34\x12")]
-        assert out == [(0, bytes([{"plain": 0x33, "bytearray": 0x44, "pending": 0x55}[mode]]))]
+        assert log == [w, ("w", 0, b"K"), r, ("w", 0, bytes([value + 1])),
+                       ("w", 2, b"\xef\xbe"), ("w", 3, b"\x00")]
     if mode == "pending":
-        assert seen["loop"][4] == 3 and seen["loop"][5] == [True] * 3
+        assert seen["loop"][6] == 3 and seen["loop"][7] == [True] * 3
 
 
 def test_context_written_before_entry_reaches_the_guest_and_reads_back(make_machine) -> None:
