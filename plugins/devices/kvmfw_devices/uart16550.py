@@ -419,8 +419,14 @@ class Uart16550(Device):
             self.stats["bad_accesses"] += 1
             return
         value = data[0]
-        dlab = self.lcr & LCR_DLAB
         live = self._live  # each branch rewrites the registers it changes, for C
+        if offset == SCR:
+            # the scratch register (drivers probe for a UART with it) changes nothing else:
+            # no interrupt, no posting rule to re-judge
+            self.scr = value
+            live.set(SCR, value)
+            return
+        dlab = self.lcr & LCR_DLAB
         if offset == THR:
             if dlab:
                 self.dll = value
@@ -447,11 +453,8 @@ class Uart16550(Device):
         elif offset == MCR:
             self._write_mcr(value)
             self._publish()  # loopback rewires MSR
-        elif offset == LSR or offset == MSR:
-            pass  # read-only on the 16550 (factory test registers); ignored like real parts
-        else:
-            self.scr = value
-            live.set(SCR, value)
+        else:  # LSR, MSR: read-only on the 16550 (factory test registers), ignored as parts do
+            return
         self.posted.check(self._may_post())
         self._update_irq()
 
