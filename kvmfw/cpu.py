@@ -16,12 +16,12 @@ machine stops. The exit path is the hot path: one table lookup, no pluggy call, 
 allocation beyond the IO tuple; an MMIO exit, or a single port access with
 ``direct_port_io``, to an address the bus has cached is serviced in the loop's own frame
 (the device called from there; :class:`~kvmfw.bus.AddressSpace` judges odd answers). The
-entry itself is C (``kvmfw_run_ctx``): it reads the
-clock, counts exits and time in KVM (folded into the stats when ``tick`` returns), leaves
-the exit reason and the simulated tick of the exit in machine words the loop indexes
-(``FastState.words``), and answers the exits the bus's compiled-path table covers
-without returning to Python (:mod:`kvmfw.fastpath`). ``exit_table`` swaps in another exit
-table (the profiler's, :mod:`kvmfw.profile`), so the plain path tests no profiling flag.
+entry itself is C (``kvmfw_run_ctx``): it reads the clock, counts exits and time in KVM
+(folded into the stats when ``tick`` returns), leaves the exit reason and the simulated
+tick of the exit in machine words the loop indexes (``FastState.words``), and answers the
+exits the bus's compiled-path table covers without returning to Python
+(:mod:`kvmfw.fastpath`). ``exit_table`` swaps in another exit table (the profiler's,
+:mod:`kvmfw.profile`), so the plain path tests no profiling flag.
 
 Thread context: the arch plugin's register cache. Two flags make sync lazy (gem5):
 ``_tc_dirty`` (someone changed the context: push before the next entry) and
