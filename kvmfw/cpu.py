@@ -82,6 +82,7 @@ _EAGAIN = -errno.EAGAIN
 _RING_PENDING = lib.KVMFW_RING_PENDING
 _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
+_unpack_mmio_head = struct.Struct("<Q8xIB").unpack_from  # (phys_addr, len, is_write)
 _NUM_EXIT_SLOTS = 64
 # the coalesced-MMIO ring: struct kvm_coalesced_mmio_ring (first, last) and its entries
 # (phys_addr, len, pio, data[8]) fill one page (KVM_COALESCED_MMIO_MAX)
@@ -664,18 +665,17 @@ class KvmCPU:
                     # exit's Python time). The bus still judges odd answers; anything else
                     # (uncached, unclaimed, across a range's end, reserved by the arch,
                     # string IO) goes to the handler.
-                    hit = None
-                    if last == 6:  # KVM_EXIT_MMIO
-                        if inline_mmio:
-                            addr, data, size, is_write = _unpack_mmio(view, RUN_PAYLOAD)
-                            if size <= 8:
-                                space, hit, off, data = mmio, mhits.get(addr), MMIO_DATA, \
-                                    data[:size]
+                    if last == 6 and inline_mmio:  # KVM_EXIT_MMIO
+                        addr, size, is_write = _unpack_mmio_head(view, RUN_PAYLOAD)
+                        hit = mhits.get(addr) if size <= 8 else None
+                        space, off = mmio, MMIO_DATA
                     elif last == 2 and inline_pio:  # KVM_EXIT_IO
                         is_write, size, addr, count, off = _unpack_io(view, RUN_PAYLOAD)
-                        if count == 1 and addr not in pio.reserved_ports:
-                            space, hit = pio, phits.get(addr)
-                            data = mm[off:off + size] if is_write else None
+                        hit = phits.get(addr) if count == 1 and addr not in pio.reserved_ports \
+                            else None
+                        space = pio
+                    else:
+                        hit = None
                     if hit is None or addr + size > hit[2]:
                         table[last]()  # type: ignore[index]
                     else:
@@ -683,7 +683,7 @@ class KvmCPU:
                         ans: Any
                         try:
                             if is_write:
-                                ans = device.write(addr - base, data)
+                                ans = device.write(addr - base, mm[off:off + size])
                             else:
                                 ans = device.read(addr - base, size)
                         except GuestError:
