@@ -31,6 +31,9 @@
 #                        single-threaded TCG, slower
 #   KVMFW_ARM64_GIC      the emulated host's GIC: 3 (default) or 2 (GICv2 with virtualization
 #                        extensions: KVM's vGICv2; the tests then build gic=v2 machines)
+#   KVMFW_ARM64_MONITOR  a socket path: the emulated host's QEMU serves its HMP monitor there
+#                        (-monitor unix:PATH,server,nowait, e.g. `socat - UNIX-CONNECT:PATH`
+#                        then `info jit`) instead of -monitor none; for debugging
 set -euo pipefail
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
@@ -42,6 +45,7 @@ SMP=${KVMFW_ARM64_SMP:-2}
 MEM=${KVMFW_ARM64_MEM:-2048}
 GIC=${KVMFW_ARM64_GIC:-3}
 ICOUNT=${KVMFW_ARM64_ICOUNT:-}
+MONITOR=${KVMFW_ARM64_MONITOR:+unix:$KVMFW_ARM64_MONITOR,server,nowait}
 SUITE=bookworm
 export DEBIAN_FRONTEND=noninteractive
 MODE=test
@@ -219,7 +223,8 @@ set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-aarch64 \
     -M virt,virtualization=on,gic-version="$GIC" -cpu max,pauth=off -smp "$SMP" -m "$MEM" \
     ${ICOUNT:+-icount shift=$ICOUNT} \
-    -nographic -no-reboot -monitor none -serial stdio -nic none \
+    -nographic -no-reboot -monitor "${MONITOR:-none}" \
+    -serial stdio -nic none \
     -kernel "$KERNEL" -initrd "$INITRD" \
     -append "console=ttyAMA0 loglevel=3 panic=-1" \
     -virtfs local,path="$ROOT",mount_tag=kvmfwroot,security_model=none,id=r0 \
