@@ -108,7 +108,7 @@ class AddressSpace:
         self._cache: dict[int, _Hit | None] = {}
         """Address -> (device, base, end, mapping) or None (nothing there): a plain tuple,
         unpacked in one step on each access (three record fields cost ~60 ns more). The
-        vCPU loop reads it too, for the MMIO exits it services inline (``KvmCPU._loop``)."""
+        vCPU loop reads it too, for the accesses it services inline (``KvmCPU._loop``)."""
         self._fast: list[tuple[FastRange, Mapping]] = []
         self._reserved: list[tuple[int, int, str]] = []
         self.reserved_ports: frozenset[int] = frozenset()
@@ -290,7 +290,7 @@ class AddressSpace:
         return None if r is None else self.write_result(m, r)
 
     # --- the rules on what a device may answer: here, also for the vCPU loop's inline
-    # MMIO access (KvmCPU._loop), which calls the device itself and these on the odd case
+    # MMIO and port accesses (KvmCPU._loop), which call the device and these on odd cases
 
     def device_raised(self, m: Mapping, addr: int, size: int, kind: str,
                       exc: BaseException) -> DeviceError:
