@@ -661,7 +661,7 @@ class KvmCPU:
                     last = self.last_exit
                     # the handlers' common case, here: an access to an address the bus has
                     # cached as (device, base, end, mapping), the device called from this
-                    # frame (the handler's and the bus's frames would cost a quarter of the
+                    # frame (the handler's and the bus's frames would cost a sixth of the
                     # exit's Python time). The bus still judges odd answers; anything else
                     # (uncached, unclaimed, across a range's end, reserved by the arch,
                     # string IO) goes to the handler.
