@@ -101,7 +101,8 @@ def command_line(boot: Boot) -> str:
 
 
 def profile(boot: Boot, path: Path) -> str:
-    """One untimed kvmfw boot with --stats: exits by kind and accesses by device."""
+    """One untimed boot of a kvmfw machine with --stats: exits by kind and accesses by
+    device."""
     boot.extra = [*boot.extra, "--stats", str(path), "--profile"]
     r = run(boot)
     lines = r.text.replace("\r", "").splitlines()
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default 256)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per boot, seconds")
     ap.add_argument("--profile", action="store_true",
-                    help="one more kvmfw boot per configuration with --stats: its exits")
+                    help="one more boot per kvmfw machine and configuration with --stats: its exits")
     ap.add_argument("--no-memory", action="store_true", help="skip the untimed RSS boots")
     ap.add_argument("--kvm-stats", action="store_true",
                     help="one more boot per VMM and configuration: KVM's own counters at the "
@@ -312,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.kvm_stats:
                 print(kvm_table(conf, {v: run(boot(v, cpus, disk), kvm_stats=True)
                                        for v in vmms}), flush=True)
-            if args.profile and "kvmfw" in vmms:
-                print(f"kvmfw profile ({conf}):\n" +
-                      profile(boot("kvmfw", cpus, disk), tmp / f"stats-{cpus}-{d}.json"),
-                      flush=True)
+            for v in vmms if args.profile else ():
+                if v.startswith("kvmfw"):
+                    print(f"{v} profile ({conf}):\n" +
+                          profile(boot(v, cpus, disk), tmp / f"stats-{v}-{cpus}-{d}.json"),
+                          flush=True)
 
     print("\nmedians (successful boots), seconds; ratio = kvmfw / this VMM (marker / exit), "
           "kvmfw-microvm / qemu-microvm when both ran, of the medians;")

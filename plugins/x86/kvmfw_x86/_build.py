@@ -2,7 +2,8 @@
 
 Every size and offset comes from the host's ``<linux/kvm.h>``/``<asm/kvm.h>`` and
 ``<asm/bootparam.h>``; the generic structs (``kvm_run``, ``kvm_one_reg``, ...) stay in the
-core's module and are not redeclared here. ``kvmfw_x86_rdtsc`` reads the host TSC.
+core's module and are not redeclared here. ``kvmfw_x86_rdtsc`` reads the host TSC,
+``kvmfw_x86_host_cpuid`` runs the host's CPUID instruction.
 """
 
 from cffi import FFI
@@ -139,6 +140,7 @@ static const unsigned long HDR_KVM_GET_XSAVE2;
 static const unsigned long HDR_KVM_GET_SREGS2;
 static const unsigned long HDR_KVM_SET_SREGS2;
 uint64_t kvmfw_x86_rdtsc(void);
+void kvmfw_x86_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 """
 
 SOURCE = r"""
@@ -183,6 +185,10 @@ static uint64_t kvmfw_x86_rdtsc(void) {
     uint32_t lo, hi;
     __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
     return ((uint64_t)hi << 32) | lo;
+}
+static void kvmfw_x86_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]) {
+    __asm__ __volatile__("cpuid" : "=a"(out[0]), "=b"(out[1]), "=c"(out[2]), "=d"(out[3])
+                         : "a"(leaf), "c"(subleaf));
 }
 """
 

@@ -13,7 +13,7 @@ from kvmfw.abi import Cap, ioctl
 from kvmfw.errors import ConfigError, KvmError
 from kvmfw.record import Record
 
-from kvmfw_x86.abi import X, addr, ffi
+from kvmfw_x86.abi import X, addr, ffi, lib
 
 
 class CpuidEntry(Record):
@@ -78,6 +78,25 @@ NEEDS_X2APIC_API = ("kvm_msi_ext_dest_id",)
 """Needs ``KVM_CAP_X2APIC_API``, which kvmfw does not enable (QEMU sets it only then)."""
 
 
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
+"""The processor brand string, 16 bytes per leaf (``model name`` in /proc/cpuinfo)."""
+
+
+def host_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    """EAX, EBX, ECX, EDX of the host's own CPUID instruction (not KVM's table)."""
+    out = ffi.new("uint32_t[4]")
+    lib.kvmfw_x86_host_cpuid(leaf, subleaf, out)
+    return out[0], out[1], out[2], out[3]
+
+
+def host_brand() -> bytes:
+    """The host CPU's brand string as CPUID gives it (48 bytes, NUL-padded), or b"" when
+    the host has none (its highest extended leaf is below 0x80000004)."""
+    if host_cpuid(0x80000000)[0] < BRAND_LEAVES[-1]:
+        return b""
+    return b"".join(struct.pack("<IIII", *host_cpuid(leaf)) for leaf in BRAND_LEAVES)
+
+
 def paravirt(entries: list[CpuidEntry], kernel_irqchip: bool = True,
              tsc_deadline: bool = False) -> list[CpuidEntry]:
     """What QEMU (``kvm_arch_get_supported_cpuid``) gives a KVM guest on top of the
@@ -86,8 +105,15 @@ def paravirt(entries: list[CpuidEntry], kernel_irqchip: bool = True,
     Linux calibrates and runs the APIC timer in one-shot mode); no x2APIC without the
     in-kernel LAPIC (kvmfw's userspace LAPIC is MMIO only); and KVM's PV feature leaf
     without what this machine cannot serve. Linux then uses kvmclock, PV EOI, PV spinlocks
-    (unhalt), PV TLB flush, PV IPIs, steal time... as KVM offers."""
+    (unhalt), PV TLB flush, PV IPIs, steal time... as KVM offers. And the host's brand
+    string where KVM leaves the brand leaves empty (as QEMU's ``-cpu host``): else the
+    guest names its CPU by family and model only ("17/01")."""
     out = [CpuidEntry(**vars(e)) for e in entries]
+    brand = [find(out, leaf) for leaf in BRAND_LEAVES]
+    raw = host_brand() if all(b is not None and not any(b.regs()) for b in brand) else b""
+    for i, b in enumerate(brand):
+        if raw and b is not None:
+            b.eax, b.ebx, b.ecx, b.edx = struct.unpack_from("<IIII", raw, 16 * i)
     leaf1 = find(out, 1)
     if leaf1 is not None:
         leaf1.ecx |= 1 << HYPERVISOR_BIT

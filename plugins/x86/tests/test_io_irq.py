@@ -7,6 +7,7 @@ from conftest import GUESTS, requires_kvm
 from kvmfw.device import Range
 from kvmfw.eventq import Event
 
+from kvmfw_x86 import cpuid as cpuid_mod
 from kvmfw_x86 import loaders
 from kvmfw_x86.cpuid import CpuidModel, find, supported_cpuid
 from kvmfw_x86.plugin import X86Plugin
@@ -157,13 +158,21 @@ def test_guest_sees_supported_and_masked_cpuid(machine_factory) -> None:
     assert leaf1 is not None
     feature, bit = ("cx16", 13) if leaf1.ecx >> 13 & 1 else ("x2apic", 21)
     model = CpuidModel(vendor="KvmfwTestCPU", family=0x6, model=0x55, stepping=4,
-                       mask=[feature])
+                       brand="kvmfw test CPU @ 1.00GHz", mask=[feature])
+    # the brand string: KVM's, or the host's where KVM's is empty (as QEMU's -cpu host)
+    sup_brand = b"".join(struct.pack("<IIII", *e.regs()) for e in sup
+                         if e.function in (0x80000002, 0x80000003, 0x80000004))
+    host_brand = sup_brand if sup_brand.strip(b"\0") else cpuid_mod.host_brand()
     for cpuid in (None, model):
         m, rep = machine_factory(cpuid=cpuid)
         loaders.load(m, str(GUESTS / "cpuid64.elf"), {})
         m.run(timeout=10)
-        b, d, c, eax1, ecx1, edx1, ebx7 = rep.values
+        assert len(rep.values) == 7 + 12
+        b, d, c, eax1, ecx1, edx1, ebx7 = rep.values[:7]
         vendor = struct.pack("<III", b, d, c)
+        brand = struct.pack("<12I", *rep.values[7:])
+        assert brand == (host_brand if cpuid is None else
+                         b"kvmfw test CPU @ 1.00GHz".ljust(48, b"\0"))
         if cpuid is None:
             l0 = find(sup, 0)
             assert l0 is not None and vendor == struct.pack("<III", l0.ebx, l0.edx, l0.ecx)
