@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=256, help="guest RAM in MiB (default 256)")
     ap.add_argument("--timeout", type=float, default=60.0, help="per boot, seconds")
     ap.add_argument("--profile", action="store_true",
-                    help="one more boot per kvmfw machine and configuration with --stats: its exits")
+                    help="one more boot per kvmfw machine and configuration with --stats: "
+                    "its exits")
     ap.add_argument("--no-memory", action="store_true", help="skip the untimed RSS boots")
     ap.add_argument("--kvm-stats", action="store_true",
                     help="one more boot per VMM and configuration: KVM's own counters at the "
