@@ -298,7 +298,7 @@ class CpuidModel(Record):
             leaf1.eax = eax
         if self.brand is not None:
             raw = self.brand.encode()[:47].ljust(48, b"\0")
-            for i, leaf in enumerate((0x80000002, 0x80000003, 0x80000004)):
+            for i, leaf in enumerate(BRAND_LEAVES):
                 ent = find(out, leaf)
                 if ent is not None:
                     ent.eax, ent.ebx, ent.ecx, ent.edx = struct.unpack_from("<IIII", raw, 16 * i)

@@ -161,7 +161,7 @@ def test_guest_sees_supported_and_masked_cpuid(machine_factory) -> None:
                        brand="kvmfw test CPU @ 1.00GHz", mask=[feature])
     # the brand string: KVM's, or the host's where KVM's is empty (as QEMU's -cpu host)
     sup_brand = b"".join(struct.pack("<IIII", *e.regs()) for e in sup
-                         if e.function in (0x80000002, 0x80000003, 0x80000004))
+                         if e.function in cpuid_mod.BRAND_LEAVES)
     host_brand = sup_brand if sup_brand.strip(b"\0") else cpuid_mod.host_brand()
     for cpuid in (None, model):
         m, rep = machine_factory(cpuid=cpuid)
