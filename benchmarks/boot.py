@@ -31,7 +31,10 @@ and configuration and prints KVM's own counters at the marker side by side (debu
 every exit, including those each VMM's KVM handled itself). ``--profile`` adds one untimed
 kvmfw boot per configuration with ``--stats`` and ``--profile`` and prints where its exits
 went (by kind, by device, with host time); ``--console-times`` first boots each VMM once
-without ``quiet`` and prints every console line with the host time it arrived. Exit status:
+without ``quiet`` and prints every console line with the host time it arrived;
+``--guest-timeline N`` first boots each VMM N times (alternating) with ``kvmfw.test=dmesg``
+and lines up the medians of the guest's own kernel-log timestamps by message, printing
+where the VMMs part (the guest's time, not the VMM's). Exit status:
 0 when every boot reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not
 available here.
 """
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -136,6 +140,49 @@ def profile(boot: Boot, path: Path) -> str:
             + ", ".join(f"{k} {v}" for k, v in top))
 
 
+TIMELINE_STEP = 0.015
+"""``--guest-timeline`` prints a line where the VMMs' difference moved by more than this
+(seconds of guest time)."""
+
+
+def guest_timeline(boots: dict[str, list[Any]]) -> str:
+    """The guest's own kernel log timestamps (``kvmfw.test=dmesg``), per VMM the median
+    over its boots, lined up by message (numbers masked): where the guest spends its time
+    and where the VMMs part. Host time measures the VMM; this measures the guest."""
+    logs: dict[str, list[dict[str, float]]] = {}
+    order: list[str] = []
+    for v, rs in boots.items():
+        for r in rs:
+            seen: dict[str, float] = {}
+            for m in re.finditer(rb"\[\s*([0-9]+\.[0-9]+)\] ([^\r\n]*)", r.output):
+                key = re.sub(r"[0-9a-f]{6,}|[0-9]+", "#", m.group(2).decode(errors="replace"))
+                seen.setdefault(key[:90], float(m.group(1)))
+            if seen:  # (a failed boot has none)
+                logs.setdefault(v, []).append(seen)
+                order = order or list(seen)
+    vmms = list(logs)
+    missing = [v for v in boots if v not in logs]
+    if not vmms or missing:
+        return f"  (no kernel log from {', '.join(missing) or 'any VMM'}: its boots failed)"
+    med: dict[str, dict[str, float]] = {v: {} for v in vmms}
+    for key in order:
+        if all(key in d for v in vmms for d in logs[v]):
+            for v in vmms:
+                med[v][key] = statistics.median(d[key] for d in logs[v])
+    keys = [k for k in order if k in med[vmms[0]]]
+    ref = vmms[0]
+    lines = [f"  {'':7s}" + "".join(f" {v:>14s}" for v in vmms) +
+             (f"  {'diff':>6s} (each VMM - {ref})" if len(vmms) > 1 else "")]
+    last: float | None = None
+    for i, k in enumerate(keys):
+        diff = max((med[v][k] - med[ref][k] for v in vmms[1:]), key=abs, default=0.0)
+        if last is None or abs(diff - last) > TIMELINE_STEP or i == len(keys) - 1:
+            lines.append(f"  {'':7s}" + "".join(f" {med[v][k]:14.3f}" for v in vmms) +
+                         (f"  {diff:+6.3f}" if len(vmms) > 1 else "") + f"  {k}")
+            last = diff
+    return "\n".join(lines)
+
+
 KVM_ROWS = 24
 """KVM counters shown per configuration (the largest in any VMM)."""
 
@@ -186,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--console-times", action="store_true",
                     help="first, one untimed boot per VMM without 'quiet': every console "
                     "line with the host time it arrived (where the guest spends its time)")
+    ap.add_argument("--guest-timeline", type=int, default=0, metavar="N",
+                    help="first, N rounds of quiet boots per VMM (first vCPU count, no disk) "
+                    "printing the kernel log (kvmfw.test=dmesg): the guest's own timestamps, "
+                    "medians lined up by message, where the VMMs part")
     ap.add_argument("--kvmfw-option", action="append", default=[],
                     help="extra kvmfw run argument (repeatable), e.g. --option=...")
     ap.add_argument("-v", "--verbose", action="store_true", help="console tail of failed boots")
@@ -227,6 +278,23 @@ def main(argv: list[str] | None = None) -> int:
             for t, line in r.timed_lines():
                 print(f"{t:7.3f} | {line[:150]}")
         print(flush=True)
+
+    if args.guest_timeline > 0:
+        got: dict[str, list[Any]] = {v: [] for v in vmms}
+        for v in vmms:  # (a warm-up each: kvmfw's first boot also decompresses the kernel)
+            run(boot(v, cpus_list[0], False))
+        for i in range(1, args.guest_timeline + 1):
+            for v in round_order(vmms, i):
+                b = boot(v, cpus_list[0], False)
+                b.cmdline += " kvmfw.test=dmesg"
+                got[v].append(run(b))
+        marks = ", ".join(f"{v} {statistics.median(r.t_marker for r in rs if r.t_marker):.3f} s"
+                          for v, rs in got.items() if any(r.t_marker for r in rs))
+        print(f"\n== the guest's own timeline ({cpus_list[0]} vCPU, no disk, quiet): kernel "
+              f"log timestamps, medians of {args.guest_timeline} boots per VMM, in guest "
+              f"seconds; a line where the difference moved by > {TIMELINE_STEP * 1000:.0f} ms "
+              f"(host time to the marker, medians: {marks})\n" + guest_timeline(got),
+              flush=True)
 
     ok = True
     table: list[str] = []
