@@ -29,8 +29,9 @@ rtc_cmos probe of the absent chip costs seconds; -M pc and kvmfw have one); the 
 header prints every VMM's full command line. ``--kvm-stats`` adds one untimed boot per VMM
 and configuration and prints KVM's own counters at the marker side by side (debugfs, root:
 every exit, including those each VMM's KVM handled itself). ``--profile`` adds one untimed
-kvmfw boot per configuration with ``--stats`` and ``--profile`` and prints where its exits
-went (by kind, by device, with host time); ``--console-times`` first boots each VMM once
+boot per kvmfw machine and configuration with ``--stats`` and ``--profile`` and prints
+where its exits went (by kind, by device, with host time); ``--console-times`` first boots
+each VMM once
 without ``quiet`` and prints every console line with the host time it arrived;
 ``--guest-timeline N`` first boots each VMM N times (alternating) with ``kvmfw.test=dmesg``
 and lines up the medians of the guest's own kernel-log timestamps by message, printing
