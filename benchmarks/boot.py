@@ -31,12 +31,11 @@ and configuration and prints KVM's own counters at the marker side by side (debu
 every exit, including those each VMM's KVM handled itself). ``--profile`` adds one untimed
 boot per kvmfw machine and configuration with ``--stats`` and ``--profile`` and prints
 where its exits went (by kind, by device, with host time); ``--console-times`` first boots
-each VMM once
-without ``quiet`` and prints every console line with the host time it arrived;
-``--guest-timeline N`` first boots each VMM N times (alternating) with ``kvmfw.test=dmesg``
-and lines up the medians of the guest's own kernel-log timestamps by message, printing
-where the VMMs part (the guest's time, not the VMM's). Exit status:
-0 when every boot reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not
+each VMM once without ``quiet`` and prints every console line with the host time it
+arrived; ``--guest-timeline N`` first boots each VMM N times (alternating) with
+``kvmfw.test=dmesg`` and lines up the medians of the guest's own kernel-log timestamps by
+message, printing where the VMMs part (the guest's time, not the VMM's). Exit status: 0
+when every boot reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not
 available here.
 """
 
