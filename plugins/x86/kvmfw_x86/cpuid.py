@@ -97,6 +97,15 @@ def host_brand() -> bytes:
     return b"".join(struct.pack("<IIII", *host_cpuid(leaf)) for leaf in BRAND_LEAVES)
 
 
+def brand_string(entries: list[CpuidEntry]) -> bytes:
+    """The brand string a table gives (48 bytes as CPUID returns them; b"" without the
+    brand leaves)."""
+    leaves = [e for e in (find(entries, leaf) for leaf in BRAND_LEAVES) if e is not None]
+    if len(leaves) < len(BRAND_LEAVES):
+        return b""
+    return b"".join(struct.pack("<IIII", *e.regs()) for e in leaves)
+
+
 def paravirt(entries: list[CpuidEntry], kernel_irqchip: bool = True,
              tsc_deadline: bool = False) -> list[CpuidEntry]:
     """What QEMU (``kvm_arch_get_supported_cpuid``) gives a KVM guest on top of the
@@ -109,11 +118,12 @@ def paravirt(entries: list[CpuidEntry], kernel_irqchip: bool = True,
     string where KVM leaves the brand leaves empty (as QEMU's ``-cpu host``): else the
     guest names its CPU by family and model only ("17/01")."""
     out = [CpuidEntry(**vars(e)) for e in entries]
-    brand = [find(out, leaf) for leaf in BRAND_LEAVES]
-    raw = host_brand() if all(b is not None and not any(b.regs()) for b in brand) else b""
-    for i, b in enumerate(brand):
-        if raw and b is not None:
-            b.eax, b.ebx, b.ecx, b.edx = struct.unpack_from("<IIII", raw, 16 * i)
+    if brand_string(out) == bytes(48):
+        raw = host_brand()
+        for i, leaf in enumerate(BRAND_LEAVES if raw else ()):
+            b = find(out, leaf)
+            if b is not None:
+                b.eax, b.ebx, b.ecx, b.edx = struct.unpack_from("<IIII", raw, 16 * i)
     leaf1 = find(out, 1)
     if leaf1 is not None:
         leaf1.ecx |= 1 << HYPERVISOR_BIT

@@ -160,8 +160,7 @@ def test_guest_sees_supported_and_masked_cpuid(machine_factory) -> None:
     model = CpuidModel(vendor="KvmfwTestCPU", family=0x6, model=0x55, stepping=4,
                        brand="kvmfw test CPU @ 1.00GHz", mask=[feature])
     # the brand string: KVM's, or the host's where KVM's is empty (as QEMU's -cpu host)
-    sup_brand = b"".join(struct.pack("<IIII", *e.regs()) for e in sup
-                         if e.function in cpuid_mod.BRAND_LEAVES)
+    sup_brand = cpuid_mod.brand_string(sup)
     host_brand = sup_brand if sup_brand.strip(b"\0") else cpuid_mod.host_brand()
     for cpuid in (None, model):
         m, rep = machine_factory(cpuid=cpuid)

@@ -125,13 +125,9 @@ def test_the_brand_string_is_kvms_else_the_hosts() -> None:
     """KVM_GET_SUPPORTED_CPUID leaves the brand leaves empty on some hosts (the guest then
     calls its CPU "17/01"): kvmfw gives the host's, read with the CPUID instruction, as
     QEMU's -cpu host does; a brand KVM gives is kept, and the cpuid option's wins."""
-    def brand(t: list[CpuidEntry]) -> bytes:
-        return b"".join(struct.pack("<IIII", *e.regs()) for e in t
-                        if e.function in cpuid_mod.BRAND_LEAVES)
-
     empty = [CpuidEntry(leaf, 0, 0, 0, 0, 0, 0) for leaf in cpuid_mod.BRAND_LEAVES]
     host = cpuid_mod.host_brand()
-    assert brand(cpuid_mod.paravirt([NESTED_LEAF1, *empty])) == (host or bytes(48))
+    assert cpuid_mod.brand_string(cpuid_mod.paravirt([NESTED_LEAF1, *empty])) == (host or bytes(48))
     if host:  # the CPUID instruction's string is the one Linux shows as the model name
         with open("/proc/cpuinfo") as f:
             names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
@@ -139,6 +135,6 @@ def test_the_brand_string_is_kvms_else_the_hosts() -> None:
     kvms = b"Some CPU KVM names".ljust(48, b"\0")
     given = [CpuidEntry(leaf, 0, 0, *struct.unpack_from("<IIII", kvms, 16 * i))
              for i, leaf in enumerate(cpuid_mod.BRAND_LEAVES)]
-    assert brand(cpuid_mod.paravirt([NESTED_LEAF1, *given])) == kvms
+    assert cpuid_mod.brand_string(cpuid_mod.paravirt([NESTED_LEAF1, *given])) == kvms
     out = CpuidModel(brand="Mine").apply(cpuid_mod.paravirt([NESTED_LEAF1, *empty]))
-    assert brand(out) == b"Mine".ljust(48, b"\0")
+    assert cpuid_mod.brand_string(out) == b"Mine".ljust(48, b"\0")
