@@ -112,7 +112,9 @@ COMPOUND = {"KvmAll": ["Kvm", "KvmRun", "KvmIO", "KvmInt", "KvmContext", "KvmTim
 
 
 def enable(flags: str | list[str], stream: object = None) -> list[str]:
-    """Turn on the named flags (comma-separated or a list); returns the loggers enabled."""
+    """Turn on the named flags (comma-separated or a list), or loggers by name (any
+    ``kvmfw.``-dotted name: a plugin's own, e.g. ``kvmfw.x86.vmlinux``); returns the
+    loggers enabled."""
     names = [f.strip() for f in (flags.split(",") if isinstance(flags, str) else flags)
              if f.strip()]
     expanded: list[str] = []
@@ -121,18 +123,22 @@ def enable(flags: str | list[str], stream: object = None) -> list[str]:
             expanded += COMPOUND[n]
         elif n in FLAGS:
             expanded.append(n)
+        elif n.startswith("kvmfw.") and all(p.isidentifier() for p in n.split(".")):
+            expanded.append(n)  # a logger by name
         else:
             known = ", ".join(list(FLAGS) + list(COMPOUND))
-            raise ConfigError(f"unknown debug flag {n!r} (known: {known})")
+            raise ConfigError(f"unknown debug flag {n!r} (known: {known}, or a logger name "
+                              "such as kvmfw.x86.vmlinux)")
     import logging
 
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     enabled = []
     for n in expanded:
-        logger = logging.getLogger(FLAGS[n][0])
+        name = FLAGS[n][0] if n in FLAGS else n
+        logger = logging.getLogger(name)
         logger.setLevel(logging.DEBUG)
         if not logger.handlers:
             logger.addHandler(handler)
-        enabled.append(FLAGS[n][0])
+        enabled.append(name)
     return enabled

@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # /init of the inner test guests (busybox-static initramfs, one per kernel, built by run.sh).
 # Prints KVMFW-INIT-OK, runs the test named on the kernel command line, then leaves.
-#   kvmfw.test=none (default) | cpus | topology | blk | shell | dmesg
+#   kvmfw.test=none (default) | cpus | topology | blk | shell | dmesg | kaslr
 #     cpus   prints KVMFW-CPUS=<n> KVMFW-ONLINE=<list>
 #     topology  prints the CPU topology Linux derived (cpuinfo's ids, sysfs sibling lists,
 #            which vCPUs share each cache),
@@ -11,6 +11,7 @@
 #     blk    loads virtio-blk + ext4, mounts /dev/vda read-only, prints
 #            KVMFW-BLK-BEGIN, /mnt/hello.txt, KVMFW-BLK-END
 #     shell  an interactive busybox shell on the console (prompt "kvmfw# ")
+#     kaslr  prints KVMFW-KASLR text=<_text's virtual address> code=<its physical address>
 #   kvmfw.exit=poweroff (default) | reboot   how to leave: `poweroff -f` / `reboot -f`
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -58,6 +59,10 @@ case "$TEST" in
     ;;
   dmesg)
     echo KVMFW-DMESG-BEGIN; dmesg; echo KVMFW-DMESG-END
+    ;;
+  kaslr)
+    echo "KVMFW-KASLR text=$(sed -n 's/^\([0-9a-f]*\) T _text$/\1/p' /proc/kallsyms)" \
+      "code=$(sed -n 's/^ *\([0-9a-f]*\)-[0-9a-f]* : Kernel code$/\1/p' /proc/iomem)"
     ;;
   shell)
     echo KVMFW-SHELL

@@ -198,6 +198,8 @@ def command(opts: dict[str, Any]) -> None:
             print(f"{name:<12} {text} ({logger})")
         for name, members in debug.COMPOUND.items():
             print(f"{name:<12} = {','.join(members)}")
+        print("kvmfw.NAME   any logger by name, e.g. a plugin's: kvmfw.x86.vmlinux (the "
+              "kernel's KASLR layout and its seed)")
         return
     source = Source(config_path)
     file_raw = _load_config(config_path)

@@ -5,6 +5,7 @@ marker and a clean exit, 2 vCPUs, a virtio-blk round trip, an interactive consol
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,28 @@ def test_microvm_board_boots_two_vcpus_with_a_disk_and_powers_off(tmp_path: Path
     text = r.text.replace("\r", "")
     assert "KVMFW-BLK-BEGIN\nmicrovm\nKVMFW-BLK-END" in text, r.tail()
     assert "KVMFW-EXIT poweroff" in text and r.rc == 0, r.tail()
+
+
+def _kaslr_layout(extra: list[str], cmdline: str = CMDLINE) -> tuple[int, int]:
+    r = run(Boot("kvmfw", "cloud-amd64", f"{cmdline} kvmfw.test=kaslr", extra=extra,
+                 timeout=TIMEOUT))
+    m = re.search(r"KVMFW-KASLR text=([0-9a-f]+) code=([0-9a-f]+)", r.text)
+    assert m is not None and r.rc == 0, r.tail()
+    return int(m[1], 16), int(m[2], 16)
+
+
+def test_kaslr_lays_the_kernel_out_as_its_seed_says() -> None:
+    """The host-decompressed kernel gets the decompressor's KASLR from kvmfw: where Linux
+    itself says its text is (``_text``, /proc/kallsyms) and its code lies in physical
+    memory (/proc/iomem) are what the seed chose, the same for the same seed and 2 MiB-
+    aligned; with ``nokaslr`` the kernel runs where it is linked."""
+    _check_vmm("kvmfw")
+    linked = (0xFFFFFFFF81000000, 0x1000000)
+    a = _kaslr_layout(["--option", "kaslr=7"])
+    assert a == _kaslr_layout(["--option", "kaslr=7"])
+    b = _kaslr_layout(["--option", "kaslr=8"])
+    for text, code in (a, b):
+        assert (text - linked[0]) % (2 << 20) == 0 and 0 <= text - linked[0] < 1 << 30
+        assert code % (2 << 20) == 0 and code >= linked[1]
+    assert a != b and linked not in (a, b)
+    assert _kaslr_layout([], f"{CMDLINE} nokaslr") == linked

@@ -714,45 +714,44 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
                           "decompress=guest")
     proper = _kernel_proper(data, hdr, koff, load_at, ram, source) \
         if how == "host" and source is not None else None
-    if proper is None:
-        write_image(machine, load_at, data, koff, len(kernel), "Linux kernel")
-    else:
-        entry, segs, elf = proper
-        try:
-            _load_segments(machine, segs)
-        finally:
-            if isinstance(elf, mmap.mmap):
-                elf.close()
-        hdr.loadflags &= ~0x02  # KASLR_FLAG: not randomized (the decompressor sets it)
-    hdr.type_of_loader = 0xFF
-    hdr.loadflags = (hdr.loadflags | 0x80) & ~0x20  # CAN_USE_HEAP, KEEP_SEGMENTS off
-    hdr.heap_end_ptr = 0xFE00
-    hdr.code32_start = load_at
     cmdline = (options.get("cmdline") or "").encode()
     limit = int(hdr.cmdline_size) or 255
     if len(cmdline) > limit:
         raise ImageError(f"kernel command line is {len(cmdline)} bytes, this kernel accepts "
                          f"at most {limit}")
-    write(machine, CMDLINE_ADDR, cmdline + b"\0", "kernel command line")
-    hdr.cmd_line_ptr = CMDLINE_ADDR
-    initrd = options.get("initrd")
-    if initrd:
-        top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
-        floor = load_at + max(int(hdr.init_size), len(kernel))
-        rd = initrd_image(initrd, how, top, floor, ram)
-        try:
-            addr_ = (top - len(rd)) & ~0xFFF
-            if addr_ < floor:
+    rd: Any = None
+    try:
+        rd_addr = ram  # (the initrd's address: the host-decompressed kernel goes below it)
+        initrd = options.get("initrd")
+        if initrd:
+            top = min(int(hdr.initrd_addr_max) + 1 if hdr.initrd_addr_max else ram, ram)
+            floor = load_at + max(int(hdr.init_size), len(kernel))
+            rd = initrd_image(initrd, how, top, floor, ram)
+            rd_addr = (top - len(rd)) & ~0xFFF
+            if rd_addr < floor:
                 raise ImageError(f"initrd of {len(rd) >> 20} MiB does not fit in guest RAM "
                                  "above the kernel (increase --memory)")
-            write_image(machine, addr_, rd, 0, len(rd), "initrd")
-            hdr.ramdisk_image = addr_ & 0xFFFFFFFF
+        if proper is None:
+            write_image(machine, load_at, data, koff, len(kernel), "Linux kernel")
+        else:
+            entry, load_at = _load_proper(machine, proper, hdr, load_at, rd_addr,
+                                          options.get("kaslr"), cmdline.decode())
+        if rd is not None:
+            write_image(machine, rd_addr, rd, 0, len(rd), "initrd")
+            hdr.ramdisk_image = rd_addr & 0xFFFFFFFF
             hdr.ramdisk_size = len(rd) & 0xFFFFFFFF
-            bp.ext_ramdisk_image = addr_ >> 32
+            bp.ext_ramdisk_image = rd_addr >> 32
             bp.ext_ramdisk_size = len(rd) >> 32
-        finally:
-            if isinstance(rd, mmap.mmap):
-                rd.close()
+    finally:
+        for mapping in (rd, proper[2] if proper is not None else None):
+            if isinstance(mapping, mmap.mmap):
+                mapping.close()
+    hdr.type_of_loader = 0xFF
+    hdr.loadflags = (hdr.loadflags | 0x80) & ~0x20  # CAN_USE_HEAP, KEEP_SEGMENTS off
+    hdr.heap_end_ptr = 0xFE00
+    hdr.code32_start = load_at
+    write(machine, CMDLINE_ADDR, cmdline + b"\0", "kernel command line")
+    hdr.cmd_line_ptr = CMDLINE_ADDR
     e820 = e820_map(machine)
     for i, (b, n, t) in enumerate(e820):
         bp.e820_table[i].addr, bp.e820_table[i].size, bp.e820_table[i].type = b, n, t
@@ -764,6 +763,42 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
     ctx = boot_context(machine)
     ctx.rsi = BOOT_PARAMS_ADDR
     ctx.rsp = STACK_TOP
+
+
+def _load_proper(machine: Any, proper: tuple[int, list[_Segment], Any], hdr: Any,
+                 link: int, limit: int, kaslr: Any, cmdline: str) -> tuple[int, int]:
+    """Load the host-decompressed kernel proper (``_kernel_proper``'s entry, segments and
+    ELF) linked at physical ``link``, and do the decompressor's KASLR
+    (:mod:`kvmfw_x86.vmlinux`): placed below ``limit`` as the ``kaslr`` option and
+    ``cmdline`` say, relocated, ``KASLR_FLAG`` set in ``hdr`` when it was randomized.
+    Returns (64-bit entry, physical load address)."""
+    from kvmfw_x86 import vmlinux
+
+    entry, segs, elf = proper
+    seed = vmlinux.kaslr_seed(kaslr, cmdline)
+    span = max(s.paddr + s.memsz for s in segs) - link
+    data_end = max(s.offset + s.filesz for s in segs)
+    table = vmlinux.reloc_table(elf, data_end, link, span) if seed is not None else None
+    place = vmlinux.kaslr_layout(
+        seed, link=link, need=max(int(hdr.init_size), span), align=int(hdr.kernel_alignment),
+        limit=limit, relocatable=table is not None and bool(hdr.relocatable_kernel))
+    shift = place.phys - link
+    if shift:
+        segs = [_Segment(s.paddr + shift, s.vaddr, s.image, s.offset, s.filesz, s.memsz,
+                         s.phdr) for s in segs]
+    _load_segments(machine, segs)
+    if place.seed is None:
+        hdr.loadflags &= ~0x02  # KASLR_FLAG: not randomized (the decompressor sets it)
+        return entry, link
+    if place.delta:
+        assert table is not None  # (a layout with a seed had a table)
+        vmlinux.relocate(machine.memory.view(place.phys, span), elf, table, link, place.delta)
+        machine.memory.mark_dirty(place.phys, span)
+    hdr.loadflags |= 0x02
+    vmlinux.log.info("KASLR: the kernel at physical %#x, virtual %#x (seed %d: --option "
+                     "kaslr=%d gives this layout again)", place.phys,
+                     vmlinux.START_KERNEL_MAP + link + place.delta, place.seed, place.seed)
+    return entry + shift, place.phys
 
 
 def _kernel_proper(data: Any, hdr: Any, koff: int, load_at: int, ram: int,

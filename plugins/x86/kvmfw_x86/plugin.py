@@ -247,7 +247,7 @@ class X86Plugin:
         "acpi": ("auto", "on", "off", "1", "0", "true", "false", "yes", "no"),
         "cpuid": None, "x86_sync": ("lazy", "eager"),
         "format": ("flat", "elf", "multiboot", "bzimage"),
-        "decompress": ("host", "guest"),
+        "decompress": ("host", "guest"), "kaslr": None,
     }
     host_machines = ("x86_64", "amd64")
     max_cpus = 255

@@ -6,8 +6,16 @@ kernel starts: about a quarter of a second under TCG, more under nested virtuali
 kvmfw decompresses the payload on the host instead, at most once per kernel file
 (:func:`kvmfw.cache.derived`), and the loader enters the kernel proper at its 64-bit entry
 with the same boot parameters, as the decompressor would have (Firecracker boots a vmlinux
-the same way). What the guest loses is the decompressor's own work: it does not randomize
-the kernel's address (KASLR), as with ``nokaslr``.
+the same way).
+
+The decompressor's other job, KASLR, is done here too (:func:`kaslr_layout`,
+:func:`relocate`), so the guest is laid out as under QEMU or on hardware: unless the
+command line says ``nokaslr`` (or ``--option kaslr=off``), the kernel goes to a random
+physical address and a random virtual one, its relocation table is applied, and
+boot_params says so (``KASLR_FLAG``: the kernel then randomizes its own memory regions).
+``--option kaslr=SEED`` gives the same layout on every run (the seed of a random layout is
+logged). A kernel built without ``CONFIG_RANDOMIZE_BASE`` has no relocation table and stays
+where it is linked, as its own decompressor would leave it.
 
 Payload formats: gzip, bzip2, LZMA and XZ (the standard library), LZ4 (the ``lz4``
 package: Debian's kernels) and zstd (the ``zstandard`` package: Ubuntu's and Fedora's). LZO,
@@ -24,11 +32,14 @@ zero-fills them instead, and mostly discards the pages rather than writes them
 
 from __future__ import annotations
 
+import os
+import struct
 from typing import Any
 
 from kvmfw import cache
 from kvmfw.debug import get_logger
-from kvmfw.errors import ImageError
+from kvmfw.errors import ConfigError, ImageError
+from kvmfw.record import Frozen
 
 log = get_logger("kvmfw.x86.vmlinux")
 
@@ -206,3 +217,123 @@ def cached(source: str, p: Any, limit: int) -> Any:
         return trim_zero_tails(out)
 
     return cache.derived(source, "vmlinux", TAG, make)
+
+
+# --- KASLR ---------------------------------------------------------------------------------
+
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+"""x86-64's ``__START_KERNEL_map``: a kernel virtual address is its link address plus this."""
+KERNEL_IMAGE_SIZE = 1 << 30
+"""The virtual window KASLR places the kernel in (``KERNEL_IMAGE_SIZE`` of a kernel built
+with ``CONFIG_RANDOMIZE_BASE``, the only kind that carries a relocation table)."""
+MIN_ALIGN = 2 << 20
+"""The smallest alignment of an x86-64 kernel (``MIN_KERNEL_ALIGN``, one large page)."""
+SEED_MAX = (1 << 64) - 1
+_OFF = ("off", "0", "no", "false")
+_ON = ("on", "yes", "true")
+_M64 = (1 << 64) - 1
+_ELF_TAIL = struct.Struct("<QQ6xHHHH")  # e_phoff, e_shoff, (flags, ehsize), phentsize,
+# phnum, shentsize, shnum
+
+
+class Kaslr(Frozen):
+    """Where a host-decompressed kernel goes: ``phys`` its physical load address, ``delta``
+    how far its virtual addresses move, ``seed`` what chose them (None: not randomized)."""
+
+    phys: int
+    delta: int
+    seed: int | None
+
+
+def kaslr_seed(setting: Any, cmdline: str) -> int | None:
+    """The seed of the layout the ``kaslr`` option asks for: a random one when it is unset
+    or ``on``, the number it gives (decimal or 0x hex, below 2**64), None when it is
+    ``off`` or the kernel command line says ``nokaslr`` (which the decompressor obeys)."""
+    text = str(setting).strip().lower() if setting is not None else ""
+    if "nokaslr" in cmdline.split() or text in _OFF:
+        return None
+    if text in ("", *_ON):
+        return int.from_bytes(os.urandom(8), "little")
+    try:
+        seed = int(text, 0)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"kaslr={setting!r}: give kaslr=on (a random layout, the default), "
+                          "kaslr=off, or a seed from 0 to 2**64-1 for the same layout every run")
+    return seed
+
+
+def _splitmix64(x: int) -> tuple[int, int]:
+    """(next state, output) of SplitMix64: two well-mixed numbers from one seed, without
+    the ``random`` module's import on the start-up path."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return x, z ^ (z >> 31)
+
+
+def reloc_table(elf: Any, data_end: int, link: int, span: int) -> tuple[int, int] | None:
+    """``(file offset, words)`` of the relocation table the kernel build appends to its
+    ELF (``vmlinux.bin`` + ``vmlinux.relocs``) when the bytes after the ELF (its headers
+    and ``data_end``, where its segments' file images end) are exactly one such table, with
+    at least one entry and every entry inside the ``span`` bytes of image from physical
+    ``link``; None otherwise (a kernel built without ``CONFIG_RANDOMIZE_BASE``, or anything
+    else there): then the kernel is not moved."""
+    if len(elf) < 64 or elf[4] != 2:
+        return None
+    phoff, shoff, phentsize, phnum, shentsize, shnum = _ELF_TAIL.unpack_from(elf, 32)
+    end = max(phoff + phnum * phentsize, shoff + shnum * shentsize, data_end, 64)
+    if end > len(elf) or (len(elf) - end) % 4 or len(elf) - end < 16:
+        return None
+    words = (len(elf) - end) // 4
+    return (end, words) if _walk(elf, (end, words), None, span, link, 0) > 0 else None
+
+
+def _walk(elf: Any, table: tuple[int, int], image: Any, span: int, link: int,
+          delta: int) -> int:
+    """``kvmfw_x86_relocs`` on ``table`` of ``elf``: the count, or < 0 (see the C);
+    ``image`` None only checks. Raises nothing: the caller decides."""
+    from kvmfw_x86.abi import ffi, lib
+
+    end, words = table
+    rest = ffi.new("uint64_t *")
+    tab = ffi.from_buffer("uint8_t[]", memoryview(elf)[end:end + 4 * words])
+    img = ffi.NULL if image is None else ffi.from_buffer("uint8_t[]", image,
+                                                         require_writable=True)
+    n = int(lib.kvmfw_x86_relocs(tab, words, img, span, (START_KERNEL_MAP + link) & _M64,
+                                 delta & _M64, rest))
+    return n if n < 0 or rest[0] == 0 else -3  # (-3: words before the table's last zero)
+
+
+def kaslr_layout(seed: int | None, *, link: int, need: int, align: int, limit: int,
+                 relocatable: bool) -> Kaslr:
+    """The decompressor's choice (``choose_random_location``) for a kernel linked at
+    physical ``link`` that needs ``need`` bytes from its start: a physical address from
+    ``link`` up to ``limit`` (where the initrd or the end of RAM below 4 GiB is) and a
+    virtual offset in :data:`KERNEL_IMAGE_SIZE`, both in steps of ``align``. ``seed``
+    None, a kernel without a relocation table (``relocatable`` False) or an alignment the
+    kernel could not have leaves it where it is linked."""
+    if seed is None or not relocatable or align < MIN_ALIGN or align & (align - 1) \
+            or align > KERNEL_IMAGE_SIZE or link % align:
+        return Kaslr(link, 0, None)
+    state, r1 = _splitmix64(seed)
+    _, r2 = _splitmix64(state)
+    phys_slots = (limit - need - link) // align + 1 if limit - link >= need else 1
+    virt_slots = (KERNEL_IMAGE_SIZE - link - need) // align + 1 \
+        if KERNEL_IMAGE_SIZE - link >= need else 1
+    return Kaslr(link + r1 % phys_slots * align, r2 % virt_slots * align, seed)
+
+
+def relocate(image: Any, elf: Any, table: tuple[int, int], link: int, delta: int) -> int:
+    """Apply the relocation table at ``table`` (:func:`reloc_table`) of ``elf`` to the
+    kernel's image in guest RAM (``image``, a writable view from the kernel's first byte,
+    which is linked at physical ``link``) for a virtual offset ``delta``, as the
+    decompressor's ``handle_relocations``; returns how many fields moved. Raises
+    :class:`ImageError`, before writing anything, if the table does not fit the image."""
+    n = _walk(elf, table, image, len(image), link, delta)
+    if n < 0:
+        raise ImageError(f"the kernel's relocation table does not fit its {len(image):#x}-"
+                         "byte image")
+    return n

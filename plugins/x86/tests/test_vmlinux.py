@@ -356,3 +356,138 @@ def test_trimming_leaves_elf32_and_loaded_headers_alone() -> None:
     elf32 = good[:4] + b"\x01" + good[5:]
     assert vmlinux.trim_zero_tails(elf32) is elf32
     assert vmlinux.trim_zero_tails(good) != good
+
+
+# --- KASLR -------------------------------------------------------------------------------
+# A kernel proper with a relocation table, as a kernel built with CONFIG_RANDOMIZE_BASE
+# carries one after its ELF. Its code reports boot_params, the loadflags byte, the address
+# it runs at, then three fields the table names (a 32-bit, an inverse 32-bit and a 64-bit
+# one), and 2.
+LINK = 0x1000000
+HDRS = 64 + 56  # elf64's ELF and program header: the code follows them
+F32, FINV, F64 = 0x81234567, 0x40000000, 0xFFFFFFFF81234567
+MIB2 = 2 << 20
+
+
+def _relocatable_proper() -> tuple[bytes, list[int]]:
+    """(code and data, the kernel virtual addresses of its three fields, low 32 bits)."""
+    code = bytearray(bytes.fromhex(
+        "89f0" "e7e0"                 # mov eax, esi; out 0xe0, eax
+        "0fb6861102" "0000" "e7e0"    # movzx eax, byte [rsi+0x211]; out 0xe0, eax
+        "488d05f9ffffff" "e7e0"       # lea rax, [rip-7] (its own address); out 0xe0, eax
+        "8b0500000000" "e7e0"         # mov eax, [rip+F32]; out
+        "8b0500000000" "e7e0"         # mov eax, [rip+FINV]; out
+        "488b0500000000" "e7e0"       # mov rax, [rip+F64]; out (low half)
+        "48c1e820" "e7e0"             # shr rax, 32; out (high half)
+        "b802000000" "e7e0" "e6e4" "f4"))  # mov eax, 2; out; out 0xe4 (done); hlt
+    data = len(code)
+    code += struct.pack("<IIQ", F32, FINV, F64)
+    for at, length, field in ((22, 6, data), (30, 6, data + 4), (38, 7, data + 8)):
+        struct.pack_into("<i", code, at + length - 4, field - (at + length))
+    return bytes(code), [0x80000000 + LINK + HDRS + data + d for d in (0, 4, 8)]
+
+
+def relocatable_elf(table: bytes | None = None) -> bytes:
+    """The ELF with its relocation table after it (or ``table`` instead)."""
+    code, (a32, ainv, a64) = _relocatable_proper()
+    if table is None:  # as the kernel's relocs tool writes it: read backwards from the end
+        table = struct.pack("<IIIIII", 0, a64, 0, ainv, 0, a32)
+    return elf64(code) + table
+
+
+def _expect(phys: int, delta: int, kaslr_flag: bool) -> list[int]:
+    d32 = delta & 0xFFFFFFFF
+    f64 = (F64 + delta) & (1 << 64) - 1
+    return [0x7000, 0x81 | (2 if kaslr_flag else 0), phys + HDRS + 13,
+            (F32 + d32) & 0xFFFFFFFF, (FINV - d32) & 0xFFFFFFFF, f64 & 0xFFFFFFFF, f64 >> 32, 2]
+
+
+def test_kaslr_moves_and_relocates_the_kernel_as_its_seed_says(machine_factory,
+                                                               tmp_path: Path) -> None:
+    """The decompressor's KASLR, done on the host: the kernel runs at a 2 MiB-aligned
+    physical address of its own, its fields named by the relocation table moved by the
+    virtual offset (+, -, + for the three kinds), KASLR_FLAG set; the same seed gives the
+    same layout; ``nokaslr`` or ``kaslr=off`` leave it linked and the flag clear."""
+    image = kernel_file(tmp_path, gzip.compress(relocatable_elf()))
+    layouts = set()
+    for seed in range(1, 7):
+        place = vmlinux.kaslr_layout(seed, link=LINK, need=0x10000, align=MIB2,
+                                     limit=64 << 20, relocatable=True)
+        assert place.phys % MIB2 == 0 and LINK <= place.phys <= (64 << 20) - 0x10000
+        assert place.delta % MIB2 == 0 and 0 <= place.delta < vmlinux.KERNEL_IMAGE_SIZE
+        got = _boot(machine_factory, image, kaslr=str(seed))
+        assert got == _expect(place.phys, place.delta, True)
+        assert _boot(machine_factory, image, kaslr=str(seed)) == got
+        layouts.add((place.phys, place.delta))
+    assert len(layouts) > 1
+    unmoved = _expect(LINK, 0, False)
+    assert _boot(machine_factory, image, kaslr="off") == unmoved
+    assert _boot(machine_factory, image, kaslr="1", cmdline="quiet nokaslr") == unmoved
+    assert _boot(machine_factory, image)[1] == 0x83  # on by default, as the decompressor
+
+
+def _bad_tables() -> dict[str, bytes]:
+    _, (a32, ainv, a64) = _relocatable_proper()
+    return {
+        "an entry past the image": struct.pack("<IIIIII", 0, a64, 0, ainv, 0, 0x81010000),
+        "an entry below the kernel": struct.pack("<IIIIII", 0, a64, 0, ainv, 0, 0x80FFFFFE),
+        "a 64-bit field across the end": struct.pack("<IIIIII", 0, 0x81003000 - 4, 0, ainv,
+                                                     0, a32),
+        "not a kernel address": struct.pack("<IIIIII", 0, 0x00001000, 0, ainv, 0, a32),
+        "two terminators": struct.pack("<IIIII", a64, 0, ainv, 0, a32),
+        "words before the table": struct.pack("<IIIIIII", 7, 0, a64, 0, ainv, 0, a32),
+        "no entries": bytes(12),
+        "a ragged end": struct.pack("<IIIIII", 0, a64, 0, ainv, 0, a32) + b"\x01",
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_tables()))
+def test_a_relocation_table_that_does_not_fit_leaves_the_kernel_linked(
+        machine_factory, tmp_path: Path, case: str) -> None:
+    """Anything after the ELF that is not exactly a relocation table inside the kernel's
+    image (read as the kernel's own tool writes it) is not used: the kernel is loaded
+    where it is linked, unrelocated, with KASLR_FLAG clear, as a kernel built without
+    KASLR; nothing outside the image is written."""
+    image = kernel_file(tmp_path, gzip.compress(relocatable_elf(_bad_tables()[case])))
+    assert _boot(machine_factory, image, kaslr="5") == _expect(LINK, 0, False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tail=st.binary(max_size=64), link=st.sampled_from([LINK, 0x2000000]),
+       delta=st.integers(0, (1 << 30) - MIB2).map(lambda d: d & ~(MIB2 - 1)))
+def test_any_tail_is_checked_before_a_byte_is_written(tail: bytes, link: int,
+                                                      delta: int) -> None:
+    """Arbitrary bytes after the ELF: either no table, or a table whose every entry lands
+    inside the image, whose relocation then changes only the fields it names."""
+    code, _ = _relocatable_proper()
+    elf = elf64(code) + tail
+    span = 0x3000
+    table = vmlinux.reloc_table(elf, len(elf64(code)), link, span)
+    event("a table" if table else "no table")
+    if table is None:
+        return
+    image = bytearray(span + 16)
+    n = vmlinux.relocate(memoryview(image)[:span], elf, table, link, delta)
+    assert n > 0 and not any(image[span:])
+
+
+def test_the_cli_takes_the_kaslr_option(tmp_path: Path) -> None:
+    """``--option kaslr=`` takes off, on or a seed below 2**64 (else status 2, with what to
+    give); ``--debug-flags kvmfw.x86.vmlinux`` shows the layout and its seed."""
+    import subprocess
+    import sys
+
+    image = kernel_file(tmp_path, gzip.compress(relocatable_elf()))
+    for value, status in (("off", 0), ("12345", 0), ("0x10", 0), ("on", 0), ("-1", 2),
+                          ("maybe", 2), (str(1 << 64), 2)):
+        r = subprocess.run([sys.executable, "-c", "from kvmfw.cli import main; main()", "run",
+                            "--kernel", str(image), "--option", f"kaslr={value}",
+                            "--max-ticks", "1", "--console", "none", "--no-summary",
+                            "--timeout", "60", "--debug-flags", "kvmfw.x86.vmlinux"],
+                           capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL, cwd="/")
+        assert r.returncode == status, (value, r.stderr)
+        if status:
+            assert "kaslr=" in r.stderr and "seed from 0 to 2**64-1" in r.stderr
+        elif value != "off":
+            assert "KASLR: the kernel at physical" in r.stderr, r.stderr
