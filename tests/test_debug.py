@@ -85,3 +85,23 @@ def test_debug_flags_turn_on_the_loggers_kvmfw_logs_through() -> None:
         real.handlers.clear()
     with pytest.raises(ConfigError, match="unknown debug flag 'Nope'"):
         enable("Nope")
+
+
+def test_a_debug_flag_may_name_any_kvmfw_logger() -> None:
+    """A plugin's own logger (``kvmfw.x86.vmlinux``) is reached by its name; names outside
+    kvmfw's tree, or not dotted identifiers, are refused as unknown flags."""
+    import io
+
+    out = io.StringIO()
+    try:
+        assert enable("Bus,kvmfw.plugin.thing", stream=out) == ["kvmfw.bus", "kvmfw.plugin.thing"]
+        get_logger("kvmfw.plugin.thing").info("layout %d", 7)
+        assert out.getvalue() == "kvmfw.plugin.thing: layout 7\n"
+    finally:
+        for name in ("kvmfw.bus", "kvmfw.plugin.thing"):
+            real = logging.getLogger(name)
+            real.setLevel(logging.NOTSET)
+            real.handlers.clear()
+    for bad in ("root", "kvmfw.", "kvmfw..x", "kvmfw.x-y", "other.kvmfw"):
+        with pytest.raises(ConfigError, match="unknown debug flag"):
+            enable(bad)

@@ -78,7 +78,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--stats",), "stats", "value", "Write statistics to FILE (.json for JSON) at "
            "every ending, also timeouts and signals."),
     Option(("--debug-flags",), "debug_flags", "value",
-           "Comma-separated debug flags (see --help-flags)."),
+           "Comma-separated debug flags (see --help-flags) or kvmfw.* logger names."),
     Option(("--timeout",), "timeout", "value",
            "Stop after this many host seconds (> 0; status 124).", "SECONDS"),
     Option(("--max-ticks",), "max_ticks", "value",
