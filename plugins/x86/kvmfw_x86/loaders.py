@@ -712,6 +712,10 @@ def load_bzimage(machine: Any, data: bytes, options: dict[str, Any], *,
         raise ConfigError(f"decompress={how!r}: give decompress=host (the kernel proper and "
                           "the initramfs are decompressed on the host, cached) or "
                           "decompress=guest")
+    if how == "guest" and options.get("kaslr") not in (None, ""):
+        raise ConfigError("kaslr= places the kernel kvmfw decompresses; with decompress=guest "
+                          "the kernel's own decompressor chooses (nokaslr on the kernel "
+                          "command line turns it off)")
     proper = _kernel_proper(data, hdr, koff, load_at, ram, source) \
         if how == "host" and source is not None else None
     cmdline = (options.get("cmdline") or "").encode()
@@ -788,6 +792,9 @@ def _load_proper(machine: Any, proper: tuple[int, list[_Segment], Any], hdr: Any
                          s.phdr) for s in segs]
     _load_segments(machine, segs)
     if place.seed is None:
+        if seed is not None:
+            vmlinux.log.info("KASLR: this kernel has no relocation table that fits it (built "
+                             "without CONFIG_RANDOMIZE_BASE?): it runs where it is linked")
         hdr.loadflags &= ~0x02  # KASLR_FLAG: not randomized (the decompressor sets it)
         return entry, link
     if place.delta:

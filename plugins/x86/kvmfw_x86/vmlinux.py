@@ -229,11 +229,11 @@ with ``CONFIG_RANDOMIZE_BASE``, the only kind that carries a relocation table)."
 MIN_ALIGN = 2 << 20
 """The smallest alignment of an x86-64 kernel (``MIN_KERNEL_ALIGN``, one large page)."""
 SEED_MAX = (1 << 64) - 1
-_OFF = ("off", "0", "no", "false")
+_OFF = ("off", "no", "false")  # (numbers are seeds: kaslr=0 is seed 0)
 _ON = ("on", "yes", "true")
 _M64 = (1 << 64) - 1
-_ELF_TAIL = struct.Struct("<QQ6xHHHH")  # e_phoff, e_shoff, (flags, ehsize), phentsize,
-# phnum, shentsize, shnum
+# e_phoff, e_shoff, (e_flags, e_ehsize), e_phentsize, e_phnum, e_shentsize, e_shnum
+_ELF_TAIL = struct.Struct("<QQ6xHHHH")
 
 
 class Kaslr(Frozen):

@@ -19,7 +19,7 @@ import pytest
 from conftest import bzimage
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from kvmfw.errors import ImageError
+from kvmfw.errors import ConfigError, ImageError
 
 from kvmfw_x86 import loaders, vmlinux
 
@@ -424,6 +424,8 @@ def test_kaslr_moves_and_relocates_the_kernel_as_its_seed_says(machine_factory,
     assert _boot(machine_factory, image, kaslr="off") == unmoved
     assert _boot(machine_factory, image, kaslr="1", cmdline="quiet nokaslr") == unmoved
     assert _boot(machine_factory, image)[1] == 0x83  # on by default, as the decompressor
+    with pytest.raises(ConfigError, match="kaslr= places the kernel kvmfw decompresses"):
+        _boot(machine_factory, image, kaslr="5", decompress="guest")
 
 
 def _bad_tables() -> dict[str, bytes]:
@@ -478,8 +480,8 @@ def test_the_cli_takes_the_kaslr_option(tmp_path: Path) -> None:
     import sys
 
     image = kernel_file(tmp_path, gzip.compress(relocatable_elf()))
-    for value, status in (("off", 0), ("12345", 0), ("0x10", 0), ("on", 0), ("-1", 2),
-                          ("maybe", 2), (str(1 << 64), 2)):
+    for value, status in (("off", 0), ("12345", 0), ("0x10", 0), ("0", 0), ("on", 0),
+                          ("-1", 2), ("maybe", 2), (str(1 << 64), 2)):
         r = subprocess.run([sys.executable, "-c", "from kvmfw.cli import main; main()", "run",
                             "--kernel", str(image), "--option", f"kaslr={value}",
                             "--max-ticks", "1", "--console", "none", "--no-summary",
