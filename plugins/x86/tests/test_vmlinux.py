@@ -454,23 +454,73 @@ def test_a_relocation_table_that_does_not_fit_leaves_the_kernel_linked(
     assert _boot(machine_factory, image, kaslr="5") == _expect(LINK, 0, False)
 
 
-@settings(max_examples=300, deadline=None)
-@given(tail=st.binary(max_size=64), link=st.sampled_from([LINK, 0x2000000]),
-       delta=st.integers(0, (1 << 30) - MIB2).map(lambda d: d & ~(MIB2 - 1)))
-def test_any_tail_is_checked_before_a_byte_is_written(tail: bytes, link: int,
-                                                      delta: int) -> None:
-    """Arbitrary bytes after the ELF: either no table, or a table whose every entry lands
-    inside the image, whose relocation then changes only the fields it names."""
+def _model_relocate(image: bytearray, words: list[int], base: int, delta: int) -> bool:
+    """The decompressor's ``handle_relocations`` in plain Python (the test's reference):
+    False, with ``image`` untouched, where the C walk must refuse the table."""
+    fields, i = [], len(words)
+    for kind in range(3):
+        while True:
+            if i == 0:
+                return False
+            i -= 1
+            if words[i] == 0:
+                break
+            off = (words[i] - (1 << 32) if words[i] >> 31 else words[i]) - (base - (1 << 64))
+            width = 8 if kind == 2 else 4
+            if not 0 <= off <= len(image) - width:
+                return False
+            fields.append((kind, off, width))
+    if i or not fields:
+        return False
+    for kind, off, width in fields:
+        x = int.from_bytes(image[off:off + width], "little")
+        x = x - delta if kind == 1 else x + delta
+        image[off:off + width] = (x % (1 << 8 * width)).to_bytes(width, "little")
+    return True
+
+
+# table words: terminators, kernel addresses in and around the image, anything
+_WORD = st.one_of(st.just(0), st.integers(0x80FFFFF0, 0x81003010), st.integers(0, 0xFFFFFFFF))
+_NEAR = st.integers(0x81000000 - 16, 0x81003000 + 16)  # the image is 0x81000000-0x81003000
+
+
+@st.composite
+def _table_words(draw: st.DrawFn) -> list[int]:
+    """Half shaped as the kernel's table (three lists of addresses near the image, some
+    then just outside it, perhaps one word changed), half any words."""
+    if not draw(st.booleans()):
+        return draw(st.lists(_WORD, max_size=24))
+    l64, linv, l32 = (draw(st.lists(_NEAR, max_size=6)) for _ in range(3))
+    words = [0, *l64, 0, *linv, 0, *l32]
+    if draw(st.booleans()):
+        words[draw(st.integers(0, len(words) - 1))] = draw(_WORD)
+    return words
+
+
+@settings(max_examples=400, deadline=None)
+@given(words=_table_words(), ragged=st.just(b"") | st.binary(min_size=1, max_size=3),
+       delta=st.integers(0, (1 << 30) - MIB2).map(lambda d: d & ~(MIB2 - 1)),
+       fill=st.integers(0, 255))
+def test_any_tail_is_checked_before_a_byte_is_written(words: list[int], ragged: bytes,
+                                                      delta: int, fill: int) -> None:
+    """Whatever follows the ELF, the C walk agrees with a plain Python model of the
+    decompressor's: a table is used only when every entry lies inside the image and the
+    table fills the tail exactly; then exactly the fields it names move, and nothing past
+    the image is written."""
     code, _ = _relocatable_proper()
-    elf = elf64(code) + tail
+    elf = elf64(code) + struct.pack(f"<{len(words)}I", *words) + ragged
     span = 0x3000
-    table = vmlinux.reloc_table(elf, len(elf64(code)), link, span)
-    event("a table" if table else "no table")
+    table = vmlinux.reloc_table(elf, len(elf64(code)), LINK, span)
+    seed = bytes((i * 131 + fill) & 0xFF for i in range(span))  # (the image's old bytes)
+    want = bytearray(seed)
+    ok = not ragged and _model_relocate(want, words, vmlinux.START_KERNEL_MAP + LINK, delta)
+    event("a table" if ok else "no table")
+    assert (table is not None) == ok
     if table is None:
         return
-    image = bytearray(span + 16)
-    n = vmlinux.relocate(memoryview(image)[:span], elf, table, link, delta)
-    assert n > 0 and not any(image[span:])
+    image = bytearray(seed) + bytes(16)
+    vmlinux.relocate(memoryview(image)[:span], elf, table, LINK, delta)
+    assert image[:span] == want and not any(image[span:])
 
 
 def test_the_cli_takes_the_kaslr_option(tmp_path: Path) -> None:
