@@ -74,12 +74,15 @@ class DeviceTreeSpec(Record):
     """Everything the generated device tree describes. ``virtio``: virtio-mmio slot
     numbers to describe; ``devices``: what the machine's devices declare
     (:func:`firmware_nodes`): each ``mmio`` node with a ``compatible`` becomes a node; the
-    first ``pl011`` is the console (``stdout-path``)."""
+    first ``pl011`` is the console (``stdout-path``). ``kaslr_seed``: the ``/chosen``
+    ``kaslr-seed`` the kernel randomizes its address with (nonzero; None: none, and the
+    kernel runs where it is loaded), as QEMU's ``virt`` board gives one."""
 
     def __init__(self, ram_base: int, ram_size: int, mpidrs: list[int], gic: str = "v3",
                  cmdline: str = "", initrd: tuple[int, int] | None = None, uart: bool = True,
                  pmu: bool = False, virtio: list[int] | None = None,
-                 devices: list[FirmwareNode] | None = None, psci_method: str = "hvc") -> None:
+                 devices: list[FirmwareNode] | None = None, psci_method: str = "hvc",
+                 kaslr_seed: int | None = None) -> None:
         self.ram_base = ram_base
         self.ram_size = ram_size
         self.mpidrs = mpidrs
@@ -91,6 +94,7 @@ class DeviceTreeSpec(Record):
         self.virtio: list[int] = [] if virtio is None else virtio
         self.devices: list[FirmwareNode] = [] if devices is None else devices
         self.psci_method = psci_method
+        self.kaslr_seed = kaslr_seed
 
 
 PHANDLE_GIC = 1
@@ -129,6 +133,8 @@ def build_fdt(spec: DeviceTreeSpec) -> fdt.FDT:
     if spec.initrd is not None:
         chosen.append(fdt.PropWords("linux,initrd-start", *_cells64(spec.initrd[0])))
         chosen.append(fdt.PropWords("linux,initrd-end", *_cells64(spec.initrd[1])))
+    if spec.kaslr_seed:
+        chosen.append(fdt.PropWords("kaslr-seed", *_cells64(spec.kaslr_seed)))
     root.append(chosen)
 
     mem = fdt.Node(f"memory@{spec.ram_base:x}")

@@ -43,6 +43,7 @@ from kvmfw.eventq import Event
 from kvmfw.hookspecs import SyncLevel, hookimpl
 from kvmfw.imagefile import copy_into
 from kvmfw.record import Record
+from kvmfw.seed import draw, seed_option
 from kvmfw_armv8 import KVMFW_PLUGIN_API, abi, board, loader, regs, vgic
 from kvmfw_armv8.context import ArmV8Context, Group
 
@@ -57,7 +58,7 @@ log = get_logger("kvmfw.armv8")
 
 # What kvmfw.config checks before a machine is built (see its "declares" note).
 machine_options = {"gic": ("v3", "v2", "auto", "none"), "arm_features": None, "psci": bool,
-                   "decompress": ("host", "guest")}
+                   "decompress": ("host", "guest"), "kaslr": None}
 host_machines = ("arm64", "aarch64")  # the first names the host in messages
 
 BRING_UP_POLL_TICKS = 1_000_000_000
@@ -806,7 +807,7 @@ def _read_into(machine: Machine, addr: int, f: io.BufferedReader, what: str,
 
 
 def make_dtb(machine: Machine, cmdline: str = "", initrd: tuple[int, int] | None = None,
-             virtio: list[int] | None = None) -> bytes:
+             virtio: list[int] | None = None, kaslr_seed: int | None = None) -> bytes:
     """The device tree of ``machine`` as booted (memory, vCPUs' MPIDRs, GIC, ...)."""
     b = board_of(machine)
     base, size = _ram(machine)
@@ -815,8 +816,16 @@ def make_dtb(machine: Machine, cmdline: str = "", initrd: tuple[int, int] | None
         mpidrs=[b.cpus[c.id].mpidr for c in machine.cpus if c.id in b.cpus],
         gic=b.gic, cmdline=cmdline, initrd=initrd, uart=not machine.devices,
         pmu="pmu" in b.config.features, virtio=virtio or [],
-        devices=board.firmware_nodes(machine.devices))
+        devices=board.firmware_nodes(machine.devices), kaslr_seed=kaslr_seed)
     return board.build_dtb(spec)
+
+
+def _kaslr_seed(options: dict[str, Any]) -> int | None:
+    """The device tree's ``kaslr-seed`` as the ``kaslr`` option asks (random unless it
+    gives a seed; None for ``off``): an arm64 kernel randomizes its own address with it,
+    unless its command line says ``nokaslr``. Never 0, which the kernel reads as none."""
+    seed = seed_option("kaslr", options.get("kaslr"))
+    return None if seed is None else draw(seed, 1)[0] or 1
 
 
 @hookimpl
@@ -836,7 +845,8 @@ def load_guest(machine: Machine, image: str, options: dict[str, Any]) -> bool:
     initrd = None
     if options.get("initrd"):
         initrd = _place_initrd(machine, options["initrd"], options, end, dtb_addr)
-    dtb = make_dtb(machine, str(options.get("cmdline") or ""), initrd)
+    dtb = make_dtb(machine, str(options.get("cmdline") or ""), initrd,
+                   kaslr_seed=_kaslr_seed(options))
     if len(dtb) > loader.SZ_2M:
         raise ImageError("the generated device tree exceeds 2 MiB")
     _write(machine, dtb_addr, dtb, "device tree")

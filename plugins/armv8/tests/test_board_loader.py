@@ -49,6 +49,23 @@ def test_dtb_gicv2_and_no_gic_variants() -> None:
     assert none.get_property("interrupt-parent", "/") is None
 
 
+def test_dtb_carries_the_kaslr_seed_it_is_given() -> None:
+    """``/chosen/kaslr-seed``, as QEMU's virt board gives one (the kernel randomizes its
+    address with it): the option's seed drawn to a nonzero 64-bit value; none for
+    ``kaslr=off``."""
+    from kvmfw_armv8.plugin import _kaslr_seed
+
+    tree = fdt.parse_dtb(board.build_dtb(_spec(kaslr_seed=0x0123_4567_89AB_CDEF)))
+    assert tree.get_property("kaslr-seed", "/chosen").data == [0x0123_4567, 0x89AB_CDEF]
+    assert fdt.parse_dtb(board.build_dtb(_spec())).get_property("kaslr-seed", "/chosen") is None
+    seven = _kaslr_seed({"kaslr": "7"})
+    assert seven == _kaslr_seed({"kaslr": "0x7"}) != _kaslr_seed({"kaslr": "8"})
+    assert _kaslr_seed({"kaslr": "off"}) is None
+    assert all(_kaslr_seed({}) for _ in range(8))  # random, never the "no seed" 0
+    with pytest.raises(ConfigError, match="kaslr='x'"):
+        _kaslr_seed({"kaslr": "x"})
+
+
 @pytest.mark.skipif(shutil.which("dtc") is None,
                     reason="dtc not installed (apt-get install device-tree-compiler)")
 def test_dtb_decompiles_cleanly_with_dtc(tmp_path: Path) -> None:

@@ -165,3 +165,41 @@ def test_kvmfw_run_cli_boots_the_same_kernel(tmp_path: Path) -> None:
     assert "powered off" in err and "status 0" in err, err
     if _kernel().read_bytes()[:2] == b"\x1f\x8b":
         assert len(list((cache / "arm64-kernel").iterdir())) == 1
+
+
+def _kernel_text(tmp_path: Path, **options: str) -> int:
+    """Where the booted kernel says its text is (``_stext`` in /proc/kallsyms: arm64 lists
+    no ``_text``)."""
+    import re
+
+    from kvmfw.machine import Machine, MachineConfig
+
+    script = ("#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+              "/bin/busybox grep -m1 ' _stext$' /proc/kallsyms | /bin/busybox sed "
+              "'s/^/KASLR-TEXT=/'\n/bin/busybox poweroff -f\n")
+    initrd = tmp_path / "kaslr.cpio.gz"
+    initrd.write_bytes(busybox_initramfs(_busybox(), init=script))
+    console = Console(reply=b"")
+    cfg = MachineConfig(arch="armv8", memory=256 << 20, cpus=1, use_perf=False,
+                        options={"console_output": console, "console_input": console.input_r,
+                                 "gic": host_gic()})
+    try:
+        with Machine(cfg) as m:
+            m.load_guest(str(_kernel()), initrd=str(initrd),
+                         cmdline="console=ttyAMA0 quiet panic=-1 rdinit=/init", **options)
+            m.run(timeout=BOOT_TIMEOUT)
+    finally:
+        console.close()
+    found = re.search(rb"KASLR-TEXT=([0-9a-f]{16}) [tT] _stext", console.data)
+    assert found is not None, f"console:\n{console.tail()}"
+    return int(found[1], 16)
+
+
+def test_the_kaslr_seed_in_the_device_tree_places_the_kernel(tmp_path: Path) -> None:
+    """kvmfw's device tree carries ``kaslr-seed`` as QEMU's virt board does: the kernel's
+    own text address (``_stext``) is the same for the same ``kaslr`` seed, differs for
+    another, and without a seed (``kaslr=off``) is where the kernel is linked."""
+    a = _kernel_text(tmp_path, kaslr="7")
+    assert a == _kernel_text(tmp_path, kaslr="7")
+    assert a != _kernel_text(tmp_path, kaslr="8")
+    assert a != _kernel_text(tmp_path, kaslr="off")

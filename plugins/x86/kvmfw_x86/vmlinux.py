@@ -32,14 +32,14 @@ zero-fills them instead, and mostly discards the pages rather than writes them
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any
 
 from kvmfw import cache
 from kvmfw.debug import get_logger
-from kvmfw.errors import ConfigError, ImageError
+from kvmfw.errors import ImageError
 from kvmfw.record import Frozen
+from kvmfw.seed import draw, seed_option
 
 log = get_logger("kvmfw.x86.vmlinux")
 
@@ -228,9 +228,6 @@ KERNEL_IMAGE_SIZE = 1 << 30
 with ``CONFIG_RANDOMIZE_BASE``, the only kind that carries a relocation table)."""
 MIN_ALIGN = 2 << 20
 """The smallest alignment of an x86-64 kernel (``MIN_KERNEL_ALIGN``, one large page)."""
-SEED_MAX = (1 << 64) - 1
-_OFF = ("off", "no", "false")  # (numbers are seeds: kaslr=0 is seed 0)
-_ON = ("on", "yes", "true")
 _M64 = (1 << 64) - 1
 # e_phoff, e_shoff, (e_flags, e_ehsize), e_phentsize, e_phnum, e_shentsize, e_shnum
 _ELF_TAIL = struct.Struct("<QQ6xHHHH")
@@ -246,32 +243,11 @@ class Kaslr(Frozen):
 
 
 def kaslr_seed(setting: Any, cmdline: str) -> int | None:
-    """The seed of the layout the ``kaslr`` option asks for: a random one when it is unset
-    or ``on``, the number it gives (decimal or 0x hex, below 2**64), None when it is
-    ``off`` or the kernel command line says ``nokaslr`` (which the decompressor obeys)."""
-    text = str(setting).strip().lower() if setting is not None else ""
-    if "nokaslr" in cmdline.split() or text in _OFF:
-        return None
-    if text in ("", *_ON):
-        return int.from_bytes(os.urandom(8), "little")
-    try:
-        seed = int(text, 0)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed <= SEED_MAX:
-        raise ConfigError(f"kaslr={setting!r}: give kaslr=on (a random layout, the default), "
-                          "kaslr=off, or a seed from 0 to 2**64-1 for the same layout every run")
-    return seed
-
-
-def _splitmix64(x: int) -> tuple[int, int]:
-    """(next state, output) of SplitMix64: two well-mixed numbers from one seed, without
-    the ``random`` module's import on the start-up path."""
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    z = x
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return x, z ^ (z >> 31)
+    """The seed of the layout the ``kaslr`` option asks for (:func:`kvmfw.seed.seed_option`:
+    random unless it gives one), None when it is ``off`` or the kernel command line says
+    ``nokaslr`` (which the decompressor obeys)."""
+    seed = seed_option("kaslr", setting)
+    return None if "nokaslr" in cmdline.split() else seed
 
 
 def reloc_table(elf: Any, data_end: int, link: int, span: int) -> tuple[int, int] | None:
@@ -318,8 +294,7 @@ def kaslr_layout(seed: int | None, *, link: int, need: int, align: int, limit: i
     if seed is None or not relocatable or align < MIN_ALIGN or align & (align - 1) \
             or align > KERNEL_IMAGE_SIZE or link % align:
         return Kaslr(link, 0, None)
-    state, r1 = _splitmix64(seed)
-    _, r2 = _splitmix64(state)
+    r1, r2 = draw(seed, 2)
     phys_slots = (limit - need - link) // align + 1 if limit - link >= need else 1
     virt_slots = (KERNEL_IMAGE_SIZE - link - need) // align + 1 \
         if KERNEL_IMAGE_SIZE - link >= need else 1
