@@ -413,10 +413,11 @@ class _Segment:
         """The file offset of its program header."""
 
 
-# ELF header fields after e_ident (type, machine, version, entry, phoff, shoff, flags,
-# ehsize, phentsize, phnum, ...) and program headers, little-endian, per ELF class; read
-# with struct rather than pyelftools, whose import alone costs a Linux boot ~50 ms of start-up
-_EHDR = {32: struct.Struct("<HHIIII4xHHH"), 64: struct.Struct("<HHIQQQ4xHHH")}
+# ELF header fields after e_ident (type, machine, version, entry, phoff, shoff, (flags),
+# ehsize, phentsize, phnum, shentsize, shnum, shstrndx) and program headers, little-endian,
+# per ELF class; read with struct rather than pyelftools, whose import alone costs a Linux
+# boot ~50 ms of start-up
+ELF_HEADER = {32: struct.Struct("<HHIIII4xHHHHHH"), 64: struct.Struct("<HHIQQQ4xHHHHHH")}
 _PHDR32 = struct.Struct("<IIIIII")  # type, offset, vaddr, paddr, filesz, memsz
 _PHDR64 = struct.Struct("<I4xQQQQQ")  # type, (flags), offset, vaddr, paddr, filesz, memsz
 _EM_X86 = {3: "EM_386", 62: "EM_X86_64"}
@@ -434,10 +435,10 @@ def parse_elf(data: Any) -> tuple[int, int, list[_Segment]]:
     if data[5] != 1:
         raise ImageError("big-endian ELF: not an x86 image")
     bits = 32 if data[4] == 1 else 64
-    eh = _EHDR[bits]
+    eh = ELF_HEADER[bits]
     if len(data) < 16 + eh.size:
         raise ImageError(f"truncated ELF: {len(data)} bytes, shorter than its header")
-    _, machine, _, entry, phoff, _, _, phentsize, phnum = eh.unpack_from(data, 16)
+    _, machine, _, entry, phoff, _, _, phentsize, phnum, _, _, _ = eh.unpack_from(data, 16)
     if machine not in _EM_X86:
         raise ImageError(f"ELF is for machine {machine}, not x86 (EM_386 or EM_X86_64)")
     ph = _PHDR32 if bits == 32 else _PHDR64

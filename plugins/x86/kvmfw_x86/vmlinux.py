@@ -32,7 +32,6 @@ zero-fills them instead, and mostly discards the pages rather than writes them
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from kvmfw import cache
@@ -229,8 +228,6 @@ with ``CONFIG_RANDOMIZE_BASE``, the only kind that carries a relocation table)."
 MIN_ALIGN = 2 << 20
 """The smallest alignment of an x86-64 kernel (``MIN_KERNEL_ALIGN``, one large page)."""
 _M64 = (1 << 64) - 1
-# e_phoff, e_shoff, (e_flags, e_ehsize), e_phentsize, e_phnum, e_shentsize, e_shnum
-_ELF_TAIL = struct.Struct("<QQ6xHHHH")
 
 
 class Kaslr(Frozen):
@@ -257,9 +254,12 @@ def reloc_table(elf: Any, data_end: int, link: int, span: int) -> tuple[int, int
     at least one entry and every entry inside the ``span`` bytes of image from physical
     ``link``; None otherwise (a kernel built without ``CONFIG_RANDOMIZE_BASE``, or anything
     else there): then the kernel is not moved."""
+    from kvmfw_x86.loaders import ELF_HEADER  # (it imports this module when it needs it)
+
     if len(elf) < 64 or elf[4] != 2:
         return None
-    phoff, shoff, phentsize, phnum, shentsize, shnum = _ELF_TAIL.unpack_from(elf, 32)
+    _, _, _, _, phoff, shoff, _, phentsize, phnum, shentsize, shnum, _ = \
+        ELF_HEADER[64].unpack_from(elf, 16)
     end = max(phoff + phnum * phentsize, shoff + shnum * shentsize, data_end, 64)
     if end > len(elf) or (len(elf) - end) % 4 or len(elf) - end < 16:
         return None
