@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import mmap
 import struct
 import threading
 import time
@@ -41,6 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from kvmfw.abi import ExitReason, InternalError, SystemEvent, address_of, constants, lib
 from kvmfw.bus import PendingAccess
+from kvmfw.coalesced import CURSOR as RING_CURSOR
+from kvmfw.coalesced import pending as ring_pending
+from kvmfw.coalesced import take as ring_take
 from kvmfw.debug import DEBUG, get_logger
 from kvmfw.errors import (
     EmulationFailureError,
@@ -84,13 +86,6 @@ _unpack_io = struct.Struct("<BBHIQ").unpack_from
 _unpack_mmio = struct.Struct("<Q8sIB").unpack_from
 _unpack_mmio_head = struct.Struct("<Q8xIB").unpack_from  # (phys_addr, len, is_write)
 _NUM_EXIT_SLOTS = 64
-# the coalesced-MMIO ring: struct kvm_coalesced_mmio_ring (first, last) and its entries
-# (phys_addr, len, pio, data[8]) fill one page (KVM_COALESCED_MMIO_MAX)
-_unpack_ring = struct.Struct("<II").unpack_from
-_pack_first = struct.Struct("<I").pack_into
-_unpack_entry = struct.Struct("<QII8s").unpack_from
-_ENTRY_SIZE = struct.calcsize("<QII8s")
-_RING_MAX = (mmap.PAGESIZE - 8) // _ENTRY_SIZE
 
 
 class CpuStatus(enum.Enum):
@@ -809,7 +804,9 @@ class KvmCPU:
         # the C entry looks at the coalesced ring after each KVM_RUN (0: it does not); the
         # offset is the kernel's, bounded here by the run area it has to lie in
         off = self.vcpu.coalesced_ring_offset if self._use_coalesced_mmio else 0
-        self._ctx.ring_off = off if 0 < off <= self._run_size - 8 else 0
+        ok = 0 < off and off + RING_CURSOR + 4 <= self._run_size
+        self._ctx.ring_off = off if ok else 0
+        self._ctx.cursor_off = off + RING_CURSOR if ok else 0
         no_fast = bool(self._always_sync or self._trace)
         if no_fast != self._no_fast:
             self._no_fast = no_fast
@@ -1046,31 +1043,20 @@ class KvmCPU:
         """Replay the VM-wide coalesced-MMIO ring (every vCPU maps the same page).
 
         One drainer at a time, under the machine lock (devices are only called under it
-        from vCPU threads): ``first`` is advanced past each entry before it is delivered
-        and read again for the next, so no entry is replayed twice, also when a device
-        replays the ring itself from the write delivered to it (the lock is reentrant).
-        The kernel's indices are bounded before use."""
+        from vCPU threads): each entry is consumed before it is delivered and the next
+        is read afresh, so none is replayed twice, also when a device replays the ring
+        itself from the write delivered to it (the lock is reentrant). :mod:`kvmfw.coalesced`
+        reads the ring so that none is lost on kernels whose test for room is wrong."""
         view = self.vcpu.run_view
         base = self.vcpu.coalesced_ring_offset
-        first, last = _unpack_ring(view, base)
-        if first == last:
+        if not ring_pending(view, base):
             return  # the common case, without the lock
         with self.machine.lock:
             bus = self.machine.bus
             stats = self.stats
-            while True:
-                first, last = _unpack_ring(view, base)
-                if first == last:
-                    return
-                if first >= _RING_MAX or last >= _RING_MAX:
-                    raise StateError(f"coalesced-MMIO ring indices out of range (first "
-                                     f"{first}, last {last}, ring of {_RING_MAX})")
-                addr, length, pio, data = _unpack_entry(view, base + 8 + first * _ENTRY_SIZE)
-                _pack_first(view, base, (first + 1) % _RING_MAX)  # consumed, even if it raises
-                if length > 8:
-                    raise StateError(f"coalesced-MMIO entry at {addr:#x} has length "
-                                     f"{length} (at most 8)")
-                (bus.pio if pio else bus.mmio).write(addr, data[:length])
+            while (entry := ring_take(view, base)) is not None:
+                addr, data, pio = entry
+                (bus.pio if pio else bus.mmio).write(addr, data)
                 stats.coalesced_mmio += 1
 
     def _exit_hlt(self) -> None:

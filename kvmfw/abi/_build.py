@@ -107,13 +107,13 @@ struct kvmfw_fast_latch { uint64_t addr; uint32_t len; uint32_t set; uint8_t dat
 int kvmfw_run_fast(int fd, uintptr_t run, uint32_t run_size,
                    const struct kvmfw_fast_range *ranges, uint32_t n,
                    uint64_t *counts, struct kvmfw_fast_latch *latches, uint32_t limit,
-                   uint32_t ring_off);
+                   uint32_t ring_off, uint32_t cursor_off);
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
-    uint32_t ring_off; uint32_t pad;
+    uint32_t ring_off; uint32_t cursor_off;
     int64_t host0; int64_t tick0; int64_t ticks_per_ns_int; int64_t now; int64_t reason;
 };
 int kvmfw_run_ctx(struct kvmfw_run_ctx *c);
@@ -304,42 +304,44 @@ static int kvmfw_fast_open(const struct kvmfw_fast_range *f, uint64_t off, uint3
 #define KVMFW_RING_PENDING (1 << 30)
 
 /* KVM_RUN, then answer the exits the table covers and re-enter, without Python. Returns
-   -errno of a failed KVM_RUN, else the number of exits answered here before the one
-   left for Python to service (added to counts[0] too, also after a failure: the counters
-   add up until Python folds them into its stats), with
-   KVMFW_RING_PENDING set when ``ring_off`` (the coalesced ring's offset in the run area,
-   0: none) finds writes waiting there. Reads, sink writes and unclaimed accesses are
-   still answered here while writes wait in the ring: a device posts writes there only
-   when they change nothing the table answers (the ``coalesced`` service's contract), so
-   a console's polls of its status register stay here while its output bytes queue in
-   the ring. A latched write returns instead (Python delivers the ring first: writes to
-   devices stay in the guest's order), as does the ring filling up (KVM then exits for
-   the write that did not fit, which is not in the table). A
-   kick or the run timer sets immediate_exit, so the next KVM_RUN returns -EINTR (after
-   completing the answered access, as KVM does for any pending IO): both reach Python
-   exactly as in its own loop. ``limit`` bounds the time between returns, so a signal
-   handled by Python (Ctrl-C) and the machine's stop requests are seen promptly even
-   when the guest does nothing but fast exits (the exit after the limit goes to Python,
-   whose ordinary path answers it the same way). counts[0] counts the exits answered
-   here, counts[1] those of port IO, counts[2] those of MMIO, counts[3] is set when a latch
-   took a write (Python delivers it before the exit), counts[4 + 2 * i + is_write]
-   those of range i. A range is in bytes [base, end); an access must lie inside one. */
+   -errno of a failed KVM_RUN, else the number of exits answered here before the one left
+   for Python to service (added to counts[0] too, also after a failure: the counters add up
+   until Python folds them into its stats), with KVMFW_RING_PENDING set when ``ring_off``
+   (the coalesced ring's offset in the run area, 0: none) finds writes waiting there:
+   ``last`` is not kvmfw's read cursor, the word at ``cursor_off`` (``first`` lags it at
+   the ring's wrap, see kvmfw.coalesced). Reads, sink writes and unclaimed accesses are
+   still answered here while writes wait in the ring: a device posts writes there only when
+   they change nothing the table answers (the ``coalesced`` service's contract), so a
+   console's polls of its status register stay here while its output bytes queue in the
+   ring. A latched write returns instead (Python delivers the ring first: writes to devices
+   stay in the guest's order), as does the ring filling up (KVM then exits for the write
+   that did not fit, which is not in the table). A kick or the run timer sets
+   immediate_exit, so the next KVM_RUN returns -EINTR (after completing the answered
+   access, as KVM does for any pending IO): both reach Python exactly as in its own loop.
+   ``limit`` bounds the time between returns, so a signal handled by Python (Ctrl-C) and
+   the machine's stop requests are seen promptly even when the guest does nothing but fast
+   exits (the exit after the limit goes to Python, whose ordinary path answers it the same
+   way). counts[0] counts the exits answered here, counts[1] those of port IO, counts[2]
+   those of MMIO, counts[3] is set when a latch took a write (Python delivers it before the
+   exit), counts[4 + 2 * i + is_write] those of range i. A range is in bytes [base, end);
+   an access must lie inside one. */
 static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
                           const struct kvmfw_fast_range *ranges, uint32_t n,
                           uint64_t *counts,
                           struct kvmfw_fast_latch *latches, uint32_t limit,
-                          uint32_t ring_off)
+                          uint32_t ring_off, uint32_t cursor_off)
 {
     struct kvm_run *run = (struct kvm_run *)run_addr;
     const volatile struct kvm_coalesced_mmio_ring *ring =
         ring_off ? (const volatile struct kvm_coalesced_mmio_ring *)(run_addr + ring_off) : 0;
+    const volatile uint32_t *cursor = (const volatile uint32_t *)(run_addr + cursor_off);
     uint32_t done = 0;
     for (;;) {
         int r = ioctl(fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
         int ret = (int)done;  /* what a return to Python says from here */
-        if (ring && ring->first != ring->last)
+        if (ring && ring->last != *cursor)
             ret |= KVMFW_RING_PENDING;
         if (done >= limit)
             return ret;
@@ -415,17 +417,17 @@ static int kvmfw_run_fast(int fd, uintptr_t run_addr, uint32_t run_size,
    is read on both sides here; the time and exits are summed for Python to fold into the
    stats (exits, ns, and with ticks_per_ns > 0, the monotonic clock being the cycle
    source, cycles and simulated ticks), and the IO and MMIO exits left for Python; t1 is
-   when KVM_RUN returned, entries never resets; ring_off: see kvmfw_run_fast. The exit's
-   reason and, with ticks_per_ns_int > 0, the simulated tick at t1 (tick0 + (t1 - host0) *
-   ticks_per_ns_int; -1 if that overflows 64 bits: Python computes it then) are left in
-   reason and now, where Python reads them as two machine words: reading cffi fields and
-   multiplying Python ints cost ~200 ns an exit. */
+   when KVM_RUN returned, entries never resets; ring_off and cursor_off: see
+   kvmfw_run_fast. The exit's reason and, with ticks_per_ns_int > 0, the simulated tick
+   at t1 (tick0 + (t1 - host0) * ticks_per_ns_int; -1 if that overflows 64 bits: Python
+   computes it then) are left in reason and now, where Python reads them as two machine
+   words: reading cffi fields and multiplying Python ints cost ~200 ns an exit. */
 struct kvmfw_run_ctx {
     int fd; uint32_t run_size; uintptr_t run; const struct kvmfw_fast_range *ranges;
     uint32_t n; uint32_t limit; uint64_t *counts;
     struct kvmfw_fast_latch *latches; double ticks_per_ns; int64_t t1; uint64_t entries;
     uint64_t exits; uint64_t ns; uint64_t cycles; uint64_t ticks; uint64_t io; uint64_t mmio;
-    uint32_t ring_off; uint32_t pad;
+    uint32_t ring_off; uint32_t cursor_off;
     int64_t host0; int64_t tick0; int64_t ticks_per_ns_int; int64_t now; int64_t reason;
 };
 
@@ -435,7 +437,7 @@ static int kvmfw_run_ctx(struct kvmfw_run_ctx *c)
     uint64_t before = c->counts[0];
     clock_gettime(CLOCK_MONOTONIC, &a);
     int r = kvmfw_run_fast(c->fd, c->run, c->run_size, c->ranges, c->n, c->counts,
-                           c->latches, c->limit, c->ring_off);
+                           c->latches, c->limit, c->ring_off, c->cursor_off);
     clock_gettime(CLOCK_MONOTONIC, &b);
     int64_t t0 = (int64_t)a.tv_sec * 1000000000LL + a.tv_nsec;
     int64_t t1 = (int64_t)b.tv_sec * 1000000000LL + b.tv_nsec;
