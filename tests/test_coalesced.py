@@ -13,6 +13,7 @@ import struct
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from kvmtest import needs_kvm
 
 from kvmfw.coalesced import CURSOR, ENTRY_SIZE, RING_MAX, pending, take
 from kvmfw.errors import StateError
@@ -176,3 +177,26 @@ def test_indices_out_of_range_are_refused() -> None:
     with pytest.raises(StateError, match="length 9"):
         take(memoryview(page), 0)
     assert not pending(memoryview(page), 0)  # consumed, not met again
+
+
+@needs_kvm
+def test_a_write_into_a_full_ring_arrives_once_on_the_real_kernel(make_machine) -> None:
+    """A full ring whose ``first`` is 0: a fixed kernel exits for the next write, an old
+    one (Debian 12's, in the nested environment) appends it and wraps ``last`` onto
+    ``first``. Either way the guest's store reaches the device exactly once."""
+    from kvmtest import MMIOLOOP
+
+    m, arch, rec = make_machine(MMIOLOOP, use_coalesced_mmio=True)
+    m.vm.register_coalesced_mmio(0x20000, 0x100)
+    cpu = m.cpus[0]
+    cpu.get_context().regs["rcx"] = 1
+    cpu.mark_context_dirty()
+    view, base = cpu.vcpu.run_view, cpu.vcpu.coalesced_ring_offset
+    struct.pack_into("<II", view, base, 0, RING_MAX - 1)  # entries 0..168 read already
+    struct.pack_into("<I", view, base + CURSOR, RING_MAX - 1)
+    result = m.run(timeout=60)
+    assert result.reason == "guest wrote the exit port"
+    assert rec.writes == [(0x10, b"\x09")]
+    old_kernel = cpu.stats.coalesced_mmio == 1
+    assert (cpu.stats.mmio, cpu.stats.coalesced_mmio) == ((0, 1) if old_kernel else (1, 0))
+    assert struct.unpack_from("<II", view, base) == ((0, 0) if old_kernel else (0, RING_MAX - 1))
