@@ -461,6 +461,9 @@ def test_a_coalesced_zone_keeps_exits_on_the_hot_path_and_a_stop_replays_the_rin
     # the C entry watches the ring (its offset set), so an exit pays for it only when
     # writes wait there: none of the run loop's cold parts is switched on for it
     assert cpu.use_coalesced_mmio and cpu._ctx.ring_off > 0 and not cpu._extras
+    from kvmfw.coalesced import CURSOR
+
+    assert cpu._ctx.cursor_off == cpu._ctx.ring_off + CURSOR  # it reads kvmfw's cursor
     n = 10**9
     cpu.get_context().regs["rcx"] = n
     cpu.mark_context_dirty()
