@@ -39,18 +39,18 @@ from kvmfw.errors import StateError
 
 __all__ = ["CURSOR", "ENTRY_SIZE", "RING_MAX", "pending", "take"]
 
-_header = struct.Struct("<II")  # first, last
+_HEADER = 8  # uint32 first, last
+_FIRST, _LAST = 0, 4
 _entry = struct.Struct("<QII8s")  # phys_addr, len, pio, data[8]
 _u32 = struct.Struct("<I")
-_unpack_header = _header.unpack_from
 _unpack_entry = _entry.unpack_from
 _unpack_u32 = _u32.unpack_from
 _pack_u32 = _u32.pack_into
 
 ENTRY_SIZE = _entry.size
-RING_MAX = (mmap.PAGESIZE - _header.size) // ENTRY_SIZE
+RING_MAX = (mmap.PAGESIZE - _HEADER) // ENTRY_SIZE
 """``KVM_COALESCED_MMIO_MAX``: entries in the ring (170 with 4 KiB pages)."""
-CURSOR = _header.size + RING_MAX * ENTRY_SIZE
+CURSOR = _HEADER + RING_MAX * ENTRY_SIZE
 """Offset in the ring page of kvmfw's read cursor: the page's spare tail, which the kernel
 never touches (8 bytes with 4, 16 and 64 KiB pages)."""
 if CURSOR + _u32.size > mmap.PAGESIZE:  # pragma: no cover - no such page size in Linux
@@ -59,7 +59,7 @@ if CURSOR + _u32.size > mmap.PAGESIZE:  # pragma: no cover - no such page size i
 
 def pending(view: memoryview, base: int) -> bool:
     """Whether the ring at ``base`` in ``view`` holds writes not read yet (no lock)."""
-    return _unpack_u32(view, base + CURSOR)[0] != _unpack_u32(view, base + 4)[0]
+    return _unpack_u32(view, base + CURSOR)[0] != _unpack_u32(view, base + _LAST)[0]
 
 
 def take(view: memoryview, base: int) -> tuple[int, bytes, bool] | None:
@@ -68,18 +68,18 @@ def take(view: memoryview, base: int) -> tuple[int, bytes, bool] | None:
     The entry is marked consumed before it is returned, so a caller that raises while
     delivering it never gets it twice. The caller holds the machine lock."""
     cursor = _unpack_u32(view, base + CURSOR)[0]
-    last = _unpack_header(view, base)[1]
+    last = _unpack_u32(view, base + _LAST)[0]
     if cursor == last:
         return None
     if cursor >= RING_MAX or last >= RING_MAX:
         raise StateError(f"coalesced-MMIO ring indices out of range (read at {cursor}, "
                          f"last {last}, ring of {RING_MAX}); the run area is corrupt: "
                          "report it with the kernel version")
-    addr, length, pio, data = _unpack_entry(view, base + _header.size + cursor * ENTRY_SIZE)
+    addr, length, pio, data = _unpack_entry(view, base + _HEADER + cursor * ENTRY_SIZE)
     nxt = cursor + 1 if cursor + 1 < RING_MAX else 0
     _pack_u32(view, base + CURSOR, nxt)
     if nxt:  # never first == 0 (see the module's docstring)
-        _pack_u32(view, base, nxt)
+        _pack_u32(view, base + _FIRST, nxt)
     if length > 8:
         raise StateError(f"coalesced-MMIO entry at {addr:#x} has length {length} (at most 8)")
     return addr, data[:length], bool(pio)
