@@ -1047,14 +1047,13 @@ class KvmCPU:
         is read afresh, so none is replayed twice, also when a device replays the ring
         itself from the write delivered to it (the lock is reentrant). :mod:`kvmfw.coalesced`
         reads the ring so that none is lost on kernels whose test for room is wrong."""
-        view = self.vcpu.run_view
-        base = self.vcpu.coalesced_ring_offset
-        if not ring_pending(view, base):
+        ring = self.vcpu.coalesced_ring
+        if ring is None or not ring_pending(ring):
             return  # the common case, without the lock
         with self.machine.lock:
             bus = self.machine.bus
             stats = self.stats
-            while (entry := ring_take(view, base)) is not None:
+            while (entry := ring_take(ring)) is not None:
                 addr, data, pio = entry
                 (bus.pio if pio else bus.mmio).write(addr, data)
                 stats.coalesced_mmio += 1

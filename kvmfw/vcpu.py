@@ -24,6 +24,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from kvmfw.abi import IOCTLS, address_of, ffi, ioctl, lib
+from kvmfw.coalesced import words as coalesced_words
 from kvmfw.errors import KvmError, StateError
 
 if TYPE_CHECKING:
@@ -75,7 +76,11 @@ class VCpu:
         self.run = ffi.from_buffer("struct kvm_run *", self._map)
         """``struct kvm_run`` as a cffi struct (valid until :meth:`close`)."""
         page = vm.kvm.coalesced_mmio_page
-        self.coalesced_ring_offset = page * mmap.PAGESIZE if page else 0
+        self.coalesced_ring = coalesced_words(self.run_view, page * mmap.PAGESIZE) \
+            if page else None
+        """KVM's coalesced-MMIO ring page as 32-bit words (:mod:`kvmfw.coalesced`); None
+        when KVM maps none."""
+        self.coalesced_ring_offset = page * mmap.PAGESIZE if self.coalesced_ring is not None else 0
         self.thread_ident: int | None = None
         self.thread_tid: int | None = None
         self._one_reg = ffi.new("struct kvm_one_reg *")
@@ -195,6 +200,9 @@ class VCpu:
         self.thread_ident = None
         self.thread_tid = None
         try:
+            if self.coalesced_ring is not None:
+                self.coalesced_ring.release()
+                self.coalesced_ring = None
             self.run_view.release()
             self.run = None  # type: ignore[assignment]
             self.run_map = None  # type: ignore[assignment]
