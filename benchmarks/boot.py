@@ -20,8 +20,11 @@ firmware and the kernel's decompression), the median gap from the marker to the 
 guest's reboot path and the VMM's teardown), the time its threads spent on a CPU up to the
 marker (the scheduler's account, guest mode included), the ratios kvmfw/QEMU of the medians and the
 geometric mean of the per-round ratios (each round's two boots ran next to each other, so
-this one is the steadier on a drifting host), and the peak RSS. One untimed boot per VMM
-comes first (a warm-up: caches as a second boot finds them).
+this one is the steadier on a drifting host), and the peak RSS. Then each pair's per-round
+ratios get a 95% confidence interval (a t interval on their logarithms), per configuration
+and pooled over all of them, with a verdict: faster or slower when the whole interval lies
+below or above 1, parity when it holds 1 (this host's noise hides any difference). One
+untimed boot per VMM comes first (a warm-up: caches as a second boot finds them).
 With a disk the guest also mounts it and prints a file from it (``kvmfw.test=blk``; QEMU
 gets virtio-blk-pci on -M pc and virtio-blk-device on -M microvm, kvmfw its virtio-mmio
 virtio-blk). -M microvm gets ``rtc=on`` (its KVM default has no CMOS RTC, and the guest's
@@ -60,10 +63,12 @@ from linuxguest import (  # noqa: E402
     VMMS,
     Boot,
     guests_dir,
+    interval_text,
     make_ext4,
     mount_debugfs,
     paired_text,
     round_order,
+    round_ratios,
     run,
     why_unavailable,
 )
@@ -298,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = True
     table: list[str] = []
+    intervals: list[str] = []
+    pooled: dict[tuple[str, str, str], list[float]] = {}
+    """(reference, VMM, time) -> every round's ratio, over all configurations."""
     print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw', False)!r}, {args.memory} MiB, "
           f"{args.runs} rounds of one boot per VMM (the order reversed every other round); "
           f"each VMM's command ({cpus_list[0]} vCPU, no disk; a disk adds its virtio-blk "
@@ -376,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
                     row += f" {rm} / {re_} | " + " / ".join(
                         paired_text(results[ref], results[v], k)
                         for k in ("t_marker", "t_exit")) + " |"
+                    for k in ("t_marker", "t_exit"):
+                        rs = round_ratios(results[ref], results[v], k)
+                        pooled.setdefault((ref, v, k), []).extend(rs)
+                        intervals.append(f"| {conf:22s} | {ref} / {v} | {k[2:]:6s} | "
+                                         f"{interval_text(rs)} |")
                 else:
                     row += " | |"
                 table.append(row + f" {n_ok}/{len(results[v])} |")
@@ -406,6 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
+    print("\npaired ratios with their 95% confidence interval (t on the logs of the rounds' "
+          "ratios): faster / slower when the whole interval is below / above 1, parity when "
+          "it holds 1 (these runs cannot tell the VMMs apart)")
+    print("| configuration          | pair | to | geometric mean [95% CI] verdict (rounds) |")
+    print("|---|---|---|---|")
+    for row in intervals:
+        print(row)
+    for (ref, v, k), rs in pooled.items():
+        print(f"| {'all configurations':22s} | {ref} / {v} | {k[2:]:6s} | "
+              f"{interval_text(rs)} |")
     if not args.no_memory:
         # one more, untimed boot per VMM, sampling /proc/PID/smaps (the sampling costs CPU,
         # so it is kept out of the timed runs)

@@ -57,14 +57,60 @@ def paired_ratio(xs: list[float | None], ys: list[float | None]) \
     return gm, min(rs), max(rs), len(rs)
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+"""Student's t, two-sided 95%, for 1..30 degrees of freedom (1.96 beyond)."""
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float] | None:
+    """The geometric mean of ``ratios`` and its 95% confidence interval, (mean, low, high):
+    a t interval on the logarithms (a ratio's log is symmetric where the ratio is not), or
+    None with fewer than two. An interval below 1 says the first VMM is faster beyond this
+    host's noise, one above 1 that it is slower, one across 1 that the runs cannot tell."""
+    n = len(ratios)
+    if n < 2:
+        return None
+    logs = [math.log(r) for r in ratios]
+    mean = sum(logs) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in logs) / (n - 1))
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * sd / math.sqrt(n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def verdict(interval: tuple[float, float, float] | None) -> str:
+    """``faster``, ``slower`` or ``parity`` (the interval holds 1), from
+    :func:`ratio_interval`; ``NA`` without one."""
+    if interval is None:
+        return "NA"
+    return "faster" if interval[2] < 1 else "slower" if interval[1] > 1 else "parity"
+
+
+def good_times(rs: list[Result], attr: str) -> list[float | None]:
+    """Attribute ``attr`` of each boot that reached the marker and exited 0, else None."""
+    return [getattr(r, attr) if r.t_marker is not None and r.rc == 0 else None for r in rs]
+
+
+def round_ratios(xs: list[Result], ys: list[Result], attr: str) -> list[float]:
+    """The per-round ratios ``x / y`` of ``attr`` over the rounds where both boots succeeded."""
+    return [x / y for x, y in zip(good_times(xs, attr), good_times(ys, attr), strict=True)
+            if x and y]
+
+
 def paired_text(xs: list[Result], ys: list[Result], attr: str) -> str:
     """:func:`paired_ratio` of attribute ``attr`` (``"t_marker"``, ``"t_exit"``) of two VMMs'
     boots, one per round, counting boots that reached the marker and exited 0; as
     ``"0.97 (0.90-1.05)"`` (mean, lowest-highest), or ``"NA"``."""
-    def good(rs: list[Result]) -> list[float | None]:
-        return [getattr(r, attr) if r.t_marker is not None and r.rc == 0 else None for r in rs]
-    p = paired_ratio(good(xs), good(ys))
+    p = paired_ratio(good_times(xs, attr), good_times(ys, attr))
     return f"{p[0]:.2f} ({p[1]:.2f}-{p[2]:.2f})" if p else "NA"
+
+
+def interval_text(ratios: list[float]) -> str:
+    """:func:`ratio_interval` and :func:`verdict` as ``"1.03 [0.98-1.08] parity (n=10)"``."""
+    ci = ratio_interval(ratios)
+    if ci is None:
+        return f"NA (n={len(ratios)})"
+    return f"{ci[0]:.3f} [{ci[1]:.3f}-{ci[2]:.3f}] {verdict(ci)} (n={len(ratios)})"
 
 
 def guests_dir() -> Path | None:

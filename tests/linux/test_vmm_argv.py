@@ -3,6 +3,7 @@ user would start it for this kernel, and the boot benchmark says what each one g
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -133,3 +134,31 @@ def test_the_kvm_table_sets_the_vmms_side_by_side(monkeypatch: pytest.MonkeyPatc
     assert rows[1] == ["mmio_exits", "0", "900", "0"]
     assert rows[2] == ["halt_wait", "(ms)", "2500.0", "1.2", "0.0"]  # times after counts
     assert "no counters for qemu-microvm" in text
+
+
+def test_ratio_intervals_say_faster_slower_or_parity() -> None:
+    ci = linuxguest.ratio_interval([0.9, 0.9, 0.9])
+    assert ci is not None and ci == pytest.approx((0.9, 0.9, 0.9))
+    assert linuxguest.verdict(ci) == "faster"
+    assert linuxguest.ratio_interval([1.1]) is None
+    assert linuxguest.verdict(None) == "NA"
+    # symmetric on the log scale: 0.5 and 2.0 average to 1, and the interval holds 1
+    mean, lo, hi = linuxguest.ratio_interval([0.5, 2.0]) or (0, 0, 0)
+    assert mean == pytest.approx(1.0) and lo < 1 < hi and lo * hi == pytest.approx(1.0)
+    assert linuxguest.verdict((1.0, lo, hi)) == "parity"
+    # t with n - 1 = 3 degrees of freedom: 3.182 * sd / sqrt(4) on the logs
+    rs = [1.05, 1.10, 1.08, 1.12]
+    logs = [math.log(r) for r in rs]
+    m = sum(logs) / 4
+    sd = math.sqrt(sum((v - m) ** 2 for v in logs) / 3)
+    mean, lo, hi = linuxguest.ratio_interval(rs) or (0, 0, 0)
+    assert lo == pytest.approx(math.exp(m - 3.182 * sd / 2))
+    assert hi == pytest.approx(math.exp(m + 3.182 * sd / 2))
+    assert linuxguest.verdict((mean, lo, hi)) == "slower"
+    ok = linuxguest.Result([], 0, b"", 5.0, 6.0, 0)
+    slow = linuxguest.Result([], 0, b"", 5.5, 6.0, 0)
+    failed = linuxguest.Result([], 1, b"", 4.0, 6.0, 0)
+    assert linuxguest.round_ratios([slow, failed, slow], [ok, ok, ok], "t_marker") \
+        == pytest.approx([1.1, 1.1])
+    assert linuxguest.interval_text([1.1, 1.1]) == "1.100 [1.100-1.100] slower (n=2)"
+    assert linuxguest.interval_text([]) == "NA (n=0)"
