@@ -63,7 +63,7 @@ from linuxguest import (  # noqa: E402
     VMMS,
     Boot,
     guests_dir,
-    interval_text,
+    interval_report,
     make_ext4,
     mount_debugfs,
     paired_text,
@@ -303,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = True
     table: list[str] = []
-    intervals: list[str] = []
-    pooled: dict[tuple[str, str, str], list[float]] = {}
-    """(reference, VMM, time) -> every round's ratio, over all configurations."""
+    intervals: list[tuple[str, str, str, list[float]]] = []
+    """(configuration, pair, time, the rounds' ratios) for :func:`interval_report`."""
     print(f"kernel {args.flavor}, cmdline {cmdline('kvmfw', False)!r}, {args.memory} MiB, "
           f"{args.runs} rounds of one boot per VMM (the order reversed every other round); "
           f"each VMM's command ({cpus_list[0]} vCPU, no disk; a disk adds its virtio-blk "
@@ -384,11 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                     row += f" {rm} / {re_} | " + " / ".join(
                         paired_text(results[ref], results[v], k)
                         for k in ("t_marker", "t_exit")) + " |"
-                    for k in ("t_marker", "t_exit"):
-                        rs = round_ratios(results[ref], results[v], k)
-                        pooled.setdefault((ref, v, k), []).extend(rs)
-                        intervals.append(f"| {conf:22s} | {ref} / {v} | {k[2:]:6s} | "
-                                         f"{interval_text(rs)} |")
+                    intervals += [(conf, f"{ref} / {v}", k[2:],
+                                   round_ratios(results[ref], results[v], k))
+                                  for k in ("t_marker", "t_exit")]
                 else:
                     row += " | |"
                 table.append(row + f" {n_ok}/{len(results[v])} |")
@@ -419,16 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
-    print("\npaired ratios with their 95% confidence interval (t on the logs of the rounds' "
-          "ratios): faster / slower when the whole interval is below / above 1, parity when "
-          "it holds 1 (these runs cannot tell the VMMs apart)")
-    print("| configuration          | pair | to | geometric mean [95% CI] verdict (rounds) |")
-    print("|---|---|---|---|")
-    for row in intervals:
-        print(row)
-    for (ref, v, k), rs in pooled.items():
-        print(f"| {'all configurations':22s} | {ref} / {v} | {k[2:]:6s} | "
-              f"{interval_text(rs)} |")
+    print("\n" + interval_report(intervals))
     if not args.no_memory:
         # one more, untimed boot per VMM, sampling /proc/PID/smaps (the sampling costs CPU,
         # so it is kept out of the timed runs)

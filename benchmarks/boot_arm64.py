@@ -47,9 +47,11 @@ from boot import comma_list, cpu_counts  # noqa: E402  (options as the x86 bench
 from linuxguest import (  # noqa: E402
     MARKER,
     Result,
+    interval_report,
     kvmfw_argv,
     paired_text,
     round_order,
+    round_ratios,
     run,
 )
 
@@ -329,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     print(startup_report(args.importtime), flush=True)
     ok = True
     table: list[str] = []
+    intervals: list[tuple[str, str, str, list[float]]] = []
     for cpus in cpus_list:
         conf = f"{cpus} vCPU{'s' if cpus > 1 else ''}"
         print(f"\n== {conf}", flush=True)
@@ -369,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                                         for a, b in ((km, m), (ke, e), (ku, u))) + " | "
                 row += " / ".join(paired_text(results["kvmfw"], results[v], k)
                                   for k in ("t_marker", "t_exit")) + " |"
+                intervals += [(conf, f"kvmfw / {v}", k[2:],
+                               round_ratios(results["kvmfw"], results[v], k))
+                              for k in ("t_marker", "t_exit")]
             else:
                 row += " | |"
             table.append(row + f" {n_ok}/{len(results[v])} |")
@@ -395,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in table:
         print(row)
+    print("\n" + interval_report(intervals))
     if not args.no_memory:
         print(f"\npeak resident memory outside guest RAM (one untimed boot each, {cpus_list[0]} "
               "vCPU, smaps every 0.2 s):")

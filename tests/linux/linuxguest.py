@@ -113,6 +113,27 @@ def interval_text(ratios: list[float]) -> str:
     return f"{ci[0]:.3f} [{ci[1]:.3f}-{ci[2]:.3f}] {verdict(ci)} (n={len(ratios)})"
 
 
+def interval_report(rows: list[tuple[str, str, str, list[float]]]) -> str:
+    """The benchmarks' confidence table: one row per (configuration, pair such as
+    ``"kvmfw / qemu"``, time such as ``"marker"``, the rounds' ratios), then each pair and
+    time pooled over every configuration (ratios are unitless, so rounds of different
+    configurations pool)."""
+    out = ["paired ratios with their 95% confidence interval (t on the logs of the rounds' "
+           "ratios): faster / slower when the whole interval is below / above 1, parity when "
+           "it holds 1 (these runs cannot tell the VMMs apart)",
+           "| configuration          | pair | time   | geometric mean [95% CI] verdict (rounds) |",
+           "|---|---|---|---|"]
+    pooled: dict[tuple[str, str], list[float]] = {}
+    for conf, pair, time_, rs in rows:
+        out.append(f"| {conf:22s} | {pair} | {time_:6s} | {interval_text(rs)} |")
+        pooled.setdefault((pair, time_), []).extend(rs)
+    if len({r[0] for r in rows}) > 1:
+        for (pair, time_), rs in pooled.items():
+            out.append(f"| {'all configurations':22s} | {pair} | {time_:6s} | "
+                       f"{interval_text(rs)} |")
+    return "\n".join(out)
+
+
 def guests_dir() -> Path | None:
     d = os.environ.get("KVMFW_LINUX_GUESTS")
     return Path(d) if d and Path(d, "vmlinuz-cloud-amd64").exists() else None

@@ -162,3 +162,13 @@ def test_ratio_intervals_say_faster_slower_or_parity() -> None:
         == pytest.approx([1.1, 1.1])
     assert linuxguest.interval_text([1.1, 1.1]) == "1.100 [1.100-1.100] slower (n=2)"
     assert linuxguest.interval_text([]) == "NA (n=0)"
+
+
+def test_the_interval_report_pools_rounds_over_configurations() -> None:
+    text = linuxguest.interval_report([("1 vCPU", "a / b", "marker", [1.1, 1.1]),
+                                       ("2 vCPUs", "a / b", "marker", [0.9, 0.9])])
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 3 and "slower (n=2)" in rows[0] and "faster (n=2)" in rows[1]
+    assert rows[2].startswith("| all configurations") and "parity (n=4)" in rows[2]
+    one = linuxguest.interval_report([("1 vCPU", "a / b", "exit", [1.0])])
+    assert "all configurations" not in one and "NA (n=1)" in one
