@@ -37,7 +37,10 @@ where its exits went (by kind, by device, with host time); ``--console-times`` f
 each VMM once without ``quiet`` and prints every console line with the host time it
 arrived; ``--guest-timeline N`` first boots each VMM N times (alternating) with
 ``kvmfw.test=dmesg`` and lines up the medians of the guest's own kernel-log timestamps by
-message, printing where the VMMs part (the guest's time, not the VMM's). Exit status: 0
+message, printing where the VMMs part (the guest's time, not the VMM's); ``--scrub`` writes
+the outer machine's free memory before every timed boot (:func:`scrub_free_memory`: the
+emulated host's stale code translations make a guest's first writes slow on some pages,
+by what ran before, and so vary its boot by up to 0.5 s). Exit status: 0
 when every boot reached the marker and exited 0, 1 otherwise, 2 when Linux guests are not
 available here.
 """
@@ -192,6 +195,39 @@ KVM_ROWS = 24
 """KVM counters shown per configuration (the largest in any VMM)."""
 
 
+SCRUB_KEEP = 300 << 20
+"""Bytes of available memory ``--scrub`` leaves alone (the VMM about to start needs them)."""
+
+
+def scrub_free_memory(keep: int = SCRUB_KEEP) -> tuple[int, float]:
+    """Write every page of the memory this machine has available (less ``keep``) once, then
+    free it: (bytes written, seconds). In the nested environment the outer machine is an
+    emulated one (QEMU TCG), whose stores to a page that still holds translations of code
+    that ran there earlier take a slow path until the page is rewritten; which pages a
+    guest's RAM gets, and so how slowly the guest first writes it, depends on what ran
+    before (the arm64 environment showed it, see the README). Scrubbing before each boot
+    gives every VMM fresh pages. (0, 0.0) when ``/proc/meminfo`` cannot say."""
+    import mmap
+    import time
+
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0, 0.0
+    chunk = 1 << 20
+    n = (avail - keep) // chunk * chunk
+    if n <= 0:
+        return 0, 0.0
+    t0 = time.monotonic()
+    page = b"\x01" * chunk
+    with mmap.mmap(-1, n) as m:
+        for off in range(0, n, chunk):
+            m[off:off + chunk] = page
+    return n, time.monotonic() - t0
+
+
 def kvm_table(conf: str, results: dict[str, Any]) -> str:
     """KVM's counters at the marker of one untimed boot per VMM, side by side."""
     got = {v: r.kvm_at_marker or {} for v, r in results.items()}
@@ -244,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                     "medians lined up by message, where the VMMs part")
     ap.add_argument("--kvmfw-option", action="append", default=[],
                     help="extra kvmfw run argument (repeatable), e.g. --option=...")
+    ap.add_argument("--scrub", action="store_true",
+                    help="before every timed boot, write the machine's available memory once "
+                    "(the emulated outer host's stale code translations, see "
+                    "scrub_free_memory): steadier guest times, ~5 s more per boot")
     ap.add_argument("-v", "--verbose", action="store_true", help="console tail of failed boots")
     args = ap.parse_args(argv)
 
@@ -325,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             results: dict[str, list] = {v: [] for v in vmms}
             for i in range(1, args.runs + 1):
                 for v in round_order(vmms, i):
+                    if args.scrub:
+                        scrubbed, took = scrub_free_memory()
+                        print(f"scrubbed {scrubbed >> 20} MiB in {took:.1f} s", flush=True)
                     r = run(boot(v, cpus, disk))
                     results[v].append(r)
                     good = r.t_marker is not None and r.rc == 0 and \

@@ -172,3 +172,17 @@ def test_the_interval_report_pools_rounds_over_configurations() -> None:
     assert rows[2].startswith("| all configurations") and "parity (n=4)" in rows[2]
     one = linuxguest.interval_report([("1 vCPU", "a / b", "exit", [1.0])])
     assert "all configurations" not in one and "NA (n=1)" in one
+
+
+def test_scrub_writes_what_is_available_less_what_it_keeps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import boot
+
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f
+                     if line.startswith("MemAvailable:"))
+    # keep all but ~8 MiB: a small, real scrub (the amount is whole MiB)
+    n, took = boot.scrub_free_memory(keep=avail - (8 << 20))
+    assert 0 <= n <= 8 << 20 and n % (1 << 20) == 0 and took >= 0
+    assert boot.scrub_free_memory(keep=1 << 60) == (0, 0.0)  # nothing to spare: nothing done
