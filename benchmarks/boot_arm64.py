@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "linux"))
 sys.path.insert(0, str(HERE))
 
-from boot import comma_list, cpu_counts  # noqa: E402  (options as the x86 benchmark's)
+from boot import comma_list, cpu_counts, scrub_free_memory  # noqa: E402  (as the x86 one's)
 from linuxguest import (  # noqa: E402
     MARKER,
     Result,
@@ -301,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the untimed RSS boots")
     ap.add_argument("--kvmfw-option", action="append", default=[],
                     help="extra kvmfw run argument (repeatable), e.g. --kvmfw-option=-o...")
+    ap.add_argument("--scrub", action="store_true",
+                    help="before every timed boot, write the machine's available memory once "
+                    "(the emulated outer host's stale code translations: boot.py's "
+                    "scrub_free_memory)")
     ap.add_argument("-v", "--verbose", action="store_true", help="console tail of failed boots")
     args = ap.parse_args(argv)
 
@@ -338,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list[Result]] = {v: [] for v in vmms}
         for i in range(1, args.runs + 1):
             for v in round_order(vmms, i):
+                if args.scrub:
+                    scrubbed, took = scrub_free_memory()
+                    print(f"scrubbed {scrubbed >> 20} MiB in {took:.1f} s", flush=True)
                 r = run(boot(v, cpus))
                 results[v].append(r)
                 good = r.t_marker is not None and r.rc == 0
