@@ -222,8 +222,10 @@ def scrub_free_memory(keep: int = SCRUB_KEEP) -> tuple[int, float]:
     if n <= 0:
         return 0, 0.0
     t0 = time.monotonic()
-    pid = os.fork()  # in a child: this process's peak RSS, which the VMMs it starts
-    if pid == 0:     # inherit as theirs (ru_maxrss), stays as it was
+    # in a child, so this process's peak RSS (which the VMMs it starts inherit as their
+    # ru_maxrss) stays as it was
+    pid = os.fork()
+    if pid == 0:
         try:
             page = b"\x01" * chunk
             with mmap.mmap(-1, n) as m:

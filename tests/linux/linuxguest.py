@@ -106,7 +106,7 @@ def paired_text(xs: list[Result], ys: list[Result], attr: str) -> str:
 
 
 def interval_text(ratios: list[float]) -> str:
-    """:func:`ratio_interval` and :func:`verdict` as ``"1.03 [0.98-1.08] parity (n=10)"``."""
+    """:func:`ratio_interval` and :func:`verdict` as ``"1.030 [0.980-1.080] parity (n=10)"``."""
     ci = ratio_interval(ratios)
     if ci is None:
         return f"NA (n={len(ratios)})"
