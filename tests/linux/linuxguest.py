@@ -45,12 +45,17 @@ def round_order(vmms: list[str], i: int) -> list[str]:
     return list(vmms) if i % 2 else list(reversed(vmms))
 
 
+def _ratios(xs: list[float | None], ys: list[float | None]) -> list[float]:
+    """``x_i / y_i`` where both are known."""
+    return [x / y for x, y in zip(xs, ys, strict=True) if x and y]
+
+
 def paired_ratio(xs: list[float | None], ys: list[float | None]) \
         -> tuple[float, float, float, int] | None:
     """``x_i / y_i`` for the rounds where both are known (two boots next to each other in
     time, on a host at about the same speed): (geometric mean, lowest, highest, pairs), or
     None without a pair. Steadier than the ratio of two medians when the host drifts."""
-    rs = [x / y for x, y in zip(xs, ys, strict=True) if x and y]
+    rs = _ratios(xs, ys)
     if not rs:
         return None
     gm = math.exp(sum(math.log(r) for r in rs) / len(rs))
@@ -93,8 +98,7 @@ def good_times(rs: list[Result], attr: str) -> list[float | None]:
 
 def round_ratios(xs: list[Result], ys: list[Result], attr: str) -> list[float]:
     """The per-round ratios ``x / y`` of ``attr`` over the rounds where both boots succeeded."""
-    return [x / y for x, y in zip(good_times(xs, attr), good_times(ys, attr), strict=True)
-            if x and y]
+    return _ratios(good_times(xs, attr), good_times(ys, attr))
 
 
 def paired_text(xs: list[Result], ys: list[Result], attr: str) -> str:
