@@ -200,12 +200,12 @@ SCRUB_KEEP = 300 << 20
 """Bytes of available memory ``--scrub`` leaves alone (the VMM about to start needs them)."""
 
 
-def scrub_free_memory(keep: int = SCRUB_KEEP) -> tuple[int, float]:
-    """Write every page of the memory this machine has available (less ``keep``) once, then
-    free it: (bytes written, seconds). In the nested environment the outer machine is an
-    emulated one (QEMU TCG), whose stores to a page that still holds translations of code
-    that ran there earlier take a slow path until the page is rewritten; which pages a
-    guest's RAM gets, and so how slowly the guest first writes it, depends on what ran
+def scrub_free_memory(keep: int = SCRUB_KEEP, most: int | None = None) -> tuple[int, float]:
+    """Write every page of the memory this machine has available (less ``keep``, at most
+    ``most`` bytes) once, then free it: (bytes written, whole MiB; seconds). In the nested
+    environment the outer machine is an emulated one (QEMU TCG), whose stores to a page that
+    still holds translations of code that ran there earlier take a slow path until the page
+    is rewritten; which pages a guest's RAM gets, and so how slowly the guest first writes it, depends on what ran
     before (the arm64 environment showed it, see the README). Scrubbing before each boot
     gives every VMM fresh pages. (0, 0.0) when ``/proc/meminfo`` cannot say."""
     import mmap
@@ -218,7 +218,7 @@ def scrub_free_memory(keep: int = SCRUB_KEEP) -> tuple[int, float]:
     except (OSError, StopIteration, ValueError, IndexError):
         return 0, 0.0
     chunk = 1 << 20
-    n = (avail - keep) // chunk * chunk
+    n = (min(avail - keep, most) if most is not None else avail - keep) // chunk * chunk
     if n <= 0:
         return 0, 0.0
     t0 = time.monotonic()
