@@ -203,11 +203,12 @@ SCRUB_KEEP = 300 << 20
 def scrub_free_memory(keep: int = SCRUB_KEEP, most: int | None = None) -> tuple[int, float]:
     """Write every page of the memory this machine has available (less ``keep``, at most
     ``most`` bytes) once, then free it: (bytes written, whole MiB; seconds). In the nested
-    environment the outer machine is an emulated one (QEMU TCG), whose stores to a page that
-    still holds translations of code that ran there earlier take a slow path until the page
-    is rewritten; which pages a guest's RAM gets, and so how slowly the guest first writes it, depends on what ran
-    before (the arm64 environment showed it, see the README). Scrubbing before each boot
-    gives every VMM fresh pages. (0, 0.0) when ``/proc/meminfo`` cannot say."""
+    environment the outer machine is an emulated one (QEMU TCG), whose stores to a page
+    that still holds translations of code that ran there earlier take a slow path until
+    the page is rewritten; which pages a guest's RAM gets, and so how slowly the guest
+    first writes it, depends on what ran before (the arm64 environment showed it, see the
+    README). Scrubbing before each boot gives every VMM fresh pages. (0, 0.0) when
+    ``/proc/meminfo`` cannot say."""
     import mmap
     import time
 
