@@ -77,9 +77,10 @@ run_group() {
 # page cache: kvmfw (Python: about 100 modules and their directories) reached its first
 # KVM_RUN 0.10 s later from the share than from RAM (0.58 against 0.47 s), QEMU (one binary,
 # its libraries and firmware) less. That is this environment's cost, not either VMM's, and
-# it decided a 6% difference (the arm64 environment stages its benchmark alike). Copied: Python's standard library and binary, the venv (less
-# the sweep's pandas, pyarrow and numpy), the checkout, the test guests, QEMU's binary,
-# modules and firmware, and each binary's shared libraries, each bound over its own path.
+# it decided a 6% difference (the arm64 environment stages its benchmark alike). Copied:
+# Python's standard library and binary, the venv (less the sweep's pandas, pyarrow and
+# numpy), the checkout, the test guests, QEMU's binary, modules and firmware, and each
+# binary's shared libraries, each bound over its own path.
 local_files() {
   L=/run/kvmfw-local
   mkdir -p $L && mount -t tmpfs -o size=768m kvmfw-local $L || return 1
