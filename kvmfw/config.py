@@ -263,8 +263,8 @@ RUN_KEYS = ("arch", "kernel", "load_addr", "initrd", "cmdline", "memory", "cpus"
             "always_sync", "no_summary", "no_default_devices", "no_reboot", "host_factor",
             "fw_cfg", "pseudo_op_dir", "option", "gdb", "gdb_default", "gdb_wait",
             "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
-            "checkpoint_incremental", "checkpoint_limit", "restore", "profile", "switch_at",
-            "emulate_insts",
+            "checkpoint_incremental", "checkpoint_limit", "restore", "trust_host_files",
+            "profile", "switch_at", "emulate_insts",
             "trace", "max_insts")
 """Every key of ``kvmfw run``: a command-line option each, and a TOML key each."""
 
@@ -272,7 +272,7 @@ RESTORE_KEYS = ("restore", "console", "stats", "debug_flags", "timeout", "max_ti
                 "no_summary", "pseudo_op_dir", "gdb", "gdb_default", "gdb_wait",
                 "checkpoint_at", "checkpoint_on", "checkpoint_dir", "exit_after_checkpoint",
                 "checkpoint_incremental", "checkpoint_limit", "profile", "switch_at",
-                "emulate_insts",
+                "emulate_insts", "trust_host_files",
                 "trace", "max_insts")
 """The keys ``--restore`` may be given with: host-side ones. The machine, its devices and
 the guest come from the checkpoint."""

@@ -285,6 +285,18 @@ class Device:
         """True when no access or event is in flight (safe to checkpoint)."""
         return True
 
+    def host_files(self) -> list[str]:
+        """Host files whose contents the guest sees through this device and that a
+        checkpoint names rather than copies (a disk image), as absolute paths.
+
+        The checkpoint writer (machine drained) records each one's size and modification
+        time; a restore refuses when one no longer matches, because the guest's RAM holds
+        its view of the file (page cache, file system state) and a changed file would
+        contradict it. Raise :class:`~kvmfw.errors.CheckpointError` when the file alone is
+        not what the guest sees (writes kept elsewhere, as in a forked child). The default:
+        none."""
+        return []
+
     def firmware(self) -> list[FirmwareNode]:
         """How this device appears in generated firmware tables; none by default."""
         return []

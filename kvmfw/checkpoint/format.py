@@ -27,7 +27,8 @@ from typing import Any
 from kvmfw.errors import CheckpointError
 
 FORMAT_NAME = "kvmfw-checkpoint"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
+"""1.1 added the manifest's optional ``host_files`` (1.0 checkpoints have none to check)."""
 MANIFEST = "manifest.json"
 STATE = "state.json"
 STATS = "stats.json"
@@ -41,6 +42,8 @@ REGIONS_MAX = 512
 """Guest RAM regions a manifest may list (KVM's slot limit is below this)."""
 CHAIN_MAX = 64
 """Incremental checkpoints a restore follows back to the full one."""
+HOST_FILES_MAX = 1024
+"""Host files (disk images) a manifest may list."""
 CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(CHUNK)
 _PRESENT = bytes(1 if b & 0xC0 else 0 for b in range(256))  # pagemap: present | swapped
@@ -56,6 +59,15 @@ def parse_version(text: Any, where: str) -> tuple[int, int]:
         raise CheckpointError(f"{where}: version must be MAJOR.MINOR, not {text!r}")
     a, b = text.split(".")
     return int(a), int(b)
+
+
+def file_identity(path: str) -> dict[str, int]:
+    """What a checkpoint records of a host file a device reads (:meth:`Device.host_files
+    <kvmfw.device.Device.host_files>`) and a restore compares: its size and modification
+    time. Not a hash: a disk image may be large, and every write changes the time (a copy
+    made with ``cp -p`` keeps it). Raises OSError."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def ram_file(index: int) -> str:

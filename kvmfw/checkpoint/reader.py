@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from kvmfw.checkpoint import format as fmt
 from kvmfw.checkpoint.state import MachineState, apply, device_key
+from kvmfw.debug import get_logger
 from kvmfw.errors import CheckpointError, KvmfwError
 
 if TYPE_CHECKING:
     from kvmfw.machine import Machine
 
+log = get_logger("kvmfw.checkpoint")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _RAM_NAME = re.compile(r"ram/(\d{1,4})\.(bin|map)")
 _U64 = (1 << 64) - 1
@@ -165,6 +167,17 @@ def _check_manifest(data: dict[str, Any], where: str) -> None:
     memory = _need(data, "memory", where, list)
     if not 0 < len(memory) <= fmt.REGIONS_MAX:
         raise _bad(where, f"field 'memory' must list 1 to {fmt.REGIONS_MAX} regions")
+    hosts = data.get("host_files", [])  # (format 1.1; a 1.0 checkpoint has none)
+    if not isinstance(hosts, list) or len(hosts) > fmt.HOST_FILES_MAX:
+        raise _bad(where, f"field 'host_files' must list at most {fmt.HOST_FILES_MAX} files")
+    for i, h in enumerate(hosts):
+        w = f"{where}: field 'host_files'[{i}]"
+        if not isinstance(h, dict):
+            raise _bad(w, "not a mapping")
+        _str(h.get("device"), f"{w}.device", 200)
+        _str(h.get("path"), f"{w}.path")
+        _int(h.get("size"), f"{w}.size", 0, _U64)
+        _int(h.get("mtime_ns"), f"{w}.mtime_ns", -(1 << 63), (1 << 63) - 1)
     parent = data.get("parent")
     if parent is not None:
         if not isinstance(parent, dict):
@@ -398,6 +411,37 @@ def check_machine(machine: Machine, m: Manifest) -> None:
                               "configured differently (another plugin version?)")
 
 
+def check_host_files(machine: Machine, m: Manifest, trust: bool = False) -> None:
+    """The host files the rebuilt devices read (a disk image) are the ones checkpointed
+    and unchanged since (:meth:`~kvmfw.device.Device.host_files`): the guest's RAM holds
+    its view of each. ``trust``: a changed file is only logged."""
+    where = f"{m.file(fmt.MANIFEST)}: field 'host_files'"
+    recorded = m.data.get("host_files", [])
+    now = [(device_key(i, d), path) for i, d in enumerate(machine.devices)
+           for path in d.host_files()]
+    if [(h["device"], h["path"]) for h in recorded] != now:
+        raise _bad(where, "the rebuilt devices read other host files ("
+                          + (", ".join(f"{k}: {p}" for k, p in now) or "none") + ")")
+    for i, h in enumerate(recorded):
+        try:
+            ident = fmt.file_identity(h["path"])
+        except OSError as exc:
+            raise _bad(f"{where}[{i}]", f"{h['device']}'s {h['path']}: {exc.strerror}") \
+                from None
+        if ident == {"size": h["size"], "mtime_ns": h["mtime_ns"]}:
+            continue
+        what = (f"{h['device']}'s {h['path']} changed since the checkpoint (size "
+                f"{h['size']} -> {ident['size']} bytes, modified {h['mtime_ns']} -> "
+                f"{ident['mtime_ns']} ns)")
+        if trust:
+            log.warning("%s; restoring anyway (trusted)", what)
+            continue
+        raise _bad(f"{where}[{i}]", f"{what}: the guest's RAM holds its view of that file, "
+                   "which the file no longer matches. Put the file back as it was (a copy "
+                   "made with the checkpoint: cp -p keeps its time), or restore with "
+                   "--trust-host-files (Python: trust_host_files=True) to take it as it is")
+
+
 # --- mapping RAM ----------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -445,8 +489,8 @@ def map_ram(machine: Machine, links: list[Manifest]) -> None:
 
 def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = None,
             arch_plugin: Any = None, device_registry: Any = None, kvm: Any = None,
-            verify_ram: bool = True, setup: Callable[[Machine], None] | None = None
-            ) -> Machine:
+            verify_ram: bool = True, setup: Callable[[Machine], None] | None = None,
+            trust_host_files: bool = False) -> Machine:
     """Build a machine from the checkpoint at ``path`` and load its state; it continues
     at the next :meth:`~kvmfw.machine.Machine.run` as if never stopped.
 
@@ -457,6 +501,8 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
     ``setup(machine)``: called on the rebuilt machine before any check, to add again what
     the original added in code rather than through its configuration
     (:meth:`~kvmfw.machine.Machine.add_device`, :meth:`~kvmfw.machine.Machine.map_device`).
+    ``trust_host_files``: restore even when a device's host file (a disk image) changed
+    since the checkpoint (:func:`check_host_files`; refused by default).
     """
     from kvmfw.machine import Machine
     from kvmfw.memory import PAGE_SIZE
@@ -499,6 +545,7 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
             raise _bad(where, f"field 'arch': a checkpoint of a {arch} guest, not "
                               f"{machine.arch}")
         check_machine(machine, m)
+        check_host_files(machine, m, trust_host_files)
         if model is not None:
             why = machine.hooks.call("check_cpu_model", machine=machine, model=model)
             if why:

@@ -214,6 +214,7 @@ def write(machine: Machine, path: str | os.PathLike[str], *,
                               "directory")
     if state is None:
         state = capture(machine)
+    host_files = _host_files(machine)
     if (parent is None) != (dirty is None):
         raise CheckpointError("an incremental checkpoint needs both its parent and the "
                               "dirty pages since it")
@@ -263,6 +264,7 @@ def write(machine: Machine, path: str | os.PathLike[str], *,
             "memory": memory,
             "time": {"tick": state.time["tick"],
                      "sim_seconds": state.time["tick"] / 10**12},
+            "host_files": host_files,
             "parent": None if parent is None else {
                 "path": os.path.relpath(parent.path.resolve(), final.resolve()),
                 "manifest_sha256": parent.sha256},
@@ -279,6 +281,24 @@ def write(machine: Machine, path: str | os.PathLike[str], *,
                                   " (check space and permissions)") from None
         raise
     return final
+
+
+def _host_files(machine: Machine) -> list[dict[str, Any]]:
+    """Every device's :meth:`~kvmfw.device.Device.host_files`, each with its
+    :func:`~kvmfw.checkpoint.format.file_identity` now (the machine is drained)."""
+    out = []
+    for i, d in enumerate(machine.devices):
+        for path in d.host_files():
+            try:
+                ident = fmt.file_identity(path)
+            except OSError as exc:
+                raise CheckpointError(f"{d.name}: cannot read {path} to record it in the "
+                                      f"checkpoint: {exc.strerror}") from None
+            out.append({"device": device_key(i, d), "path": path, **ident})
+    if len(out) > fmt.HOST_FILES_MAX:
+        raise CheckpointError(f"the devices name {len(out)} host files, more than a "
+                              f"checkpoint records ({fmt.HOST_FILES_MAX})")
+    return out
 
 
 def _write_raw(path: str, data: bytes | bytearray) -> dict[str, Any]:

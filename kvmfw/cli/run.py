@@ -126,6 +126,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--restore",), "restore", "value", "Continue the guest saved in checkpoint DIR "
            "(machine, devices and guest come from it; host options such as --console, "
            "--timeout, --stats and --checkpoint-dir may be given anew).", "DIR"),
+    Option(("--trust-host-files",), "trust_host_files", "flag", "With --restore: restore "
+           "even when a device's host file (a disk image) changed since the checkpoint "
+           "(refused by default: the guest's RAM holds its view of the file)."),
     Option(("--profile",), "profile", "flag", "At the end, a table of exits by reason and "
            "device with their host time, sync and timer costs, the busiest ports and "
            "addresses, and KVM's own counters (every exit, the ones the kernel handled "
@@ -419,6 +422,9 @@ def _run(cfg: dict[str, Any]) -> int:
     check_restore_keys(cfg)
     _check_emu_keys(cfg)
     restore_dir = cfg.get("restore")
+    if cfg.get("trust_host_files") and restore_dir is None:
+        raise ConfigError("--trust-host-files applies to --restore DIR (a checkpoint's disk "
+                          "images): give both, or neither")
     arch = cfg.get("arch") or host_arch()
     plugin: Any = None
     if restore_dir is None:
@@ -456,8 +462,8 @@ def _run(cfg: dict[str, Any]) -> int:
     error: BaseException | None = None
     status, reason, timed_out = 0, "", False
     try:
-        with _Signals() as sigs, _make_machine(mc, plugin, arch, restore_dir,
-                                               options) as machine:
+        with _Signals() as sigs, _make_machine(mc, plugin, arch, restore_dir, options,
+                                               bool(cfg.get("trust_host_files"))) as machine:
             if restore_dir is not None:
                 pass  # the guest is in the checkpoint
             else:
@@ -597,16 +603,17 @@ def machine_result(machine: Any) -> Any:
 
 
 def _make_machine(mc: Any, plugin: Any, arch: str, restore_dir: str | None,
-                  options: dict[str, Any]) -> Any:
+                  options: dict[str, Any], trust: bool = False) -> Any:
     """A new machine, or the one saved in checkpoint ``restore_dir`` with the host-side
-    ``options`` (console, pseudo-op directory) of this run."""
+    ``options`` (console, pseudo-op directory) of this run (``trust``: even when a disk
+    image changed since the checkpoint)."""
     from kvmfw.machine import Machine
 
     if restore_dir is None:
         return Machine(mc, arch_plugin=plugin, arch_name=arch)
     host = {k: v for k, v in options.items()
             if k in ("console_output", "console_input", "pseudo_op_dir")}
-    return Machine.restore(restore_dir, options=host)
+    return Machine.restore(restore_dir, options=host, trust_host_files=trust)
 
 
 def _arm_checkpoints(machine: Any, cfg: dict[str, Any], sigs: _Signals) -> None:

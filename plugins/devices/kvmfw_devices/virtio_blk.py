@@ -20,7 +20,7 @@ import struct
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, DeviceContext, parse_bool
-from kvmfw.errors import ConfigError
+from kvmfw.errors import CheckpointError, ConfigError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices.virtio_mmio import Buffer, VirtioMmio
@@ -101,6 +101,7 @@ class VirtioBlk(VirtioMmio):
             self.fd = os.open(path, os.O_RDONLY if ro else os.O_RDWR)
         except OSError as exc:
             raise ConfigError(f"virtio-blk: cannot open {path}: {exc.strerror}") from exc
+        self.path = os.path.abspath(path)
         self.capacity = os.fstat(self.fd).st_size // SECTOR
         self._cow_fd = -1
         """In a forked child: the overlay file that takes this process's writes."""
@@ -186,6 +187,16 @@ class VirtioBlk(VirtioMmio):
                 v.release()
         self.stats["read_bytes" if to_guest else "write_bytes"] += length
         return True
+
+    def host_files(self) -> list[str]:
+        """The image: a checkpoint names it (size, modification time) and a restore refuses
+        it changed. In a forked child that has written, the guest's disk is the image plus
+        a private overlay no checkpoint holds: refused."""
+        if self._cow is not None and self._cow.count(0) < len(self._cow):
+            raise CheckpointError(f"{self.name}: this forked child's disk writes are in a "
+                                  "private overlay that a checkpoint cannot name; checkpoint "
+                                  "before the child writes, or give it a read-only disk")
+        return [self.path]
 
     # --- a forked child: copy-on-write ---------------------------------------------------
 

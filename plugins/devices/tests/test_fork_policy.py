@@ -10,7 +10,9 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
 from conftest import Harness
+from kvmfw.errors import CheckpointError
 from test_virtio import DATA, request
 from virtio_driver import Driver
 
@@ -92,6 +94,25 @@ def test_virtio_blk_child_writes_to_an_overlay_never_the_image(h: Harness,
     n = _fds()
     blk.close()
     assert _fds() == n - 2  # the image and the overlay
+
+
+def test_virtio_blk_names_its_image_for_checkpoints_until_a_child_writes(
+        h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint names the image (absolute: a restore may run elsewhere); a forked
+    child's disk is the image only until it writes to its overlay."""
+    (tmp_path / "disk.img").write_bytes(bytes(4096))
+    monkeypatch.chdir(tmp_path)
+    blk = VirtioBlk(h.ctx, file="disk.img")
+    assert blk.host_files() == [str(tmp_path / "disk.img")]
+    drv = Driver(blk, h.ctx.memory)
+    drv.start(1)
+    blk.after_fork(4242)
+    assert blk.host_files() == [str(tmp_path / "disk.img")]  # nothing written yet
+    assert request(h, drv, b.T_OUT, 7, 0, b"\xab" * 512) == b.S_OK
+    with pytest.raises(CheckpointError, match="forked child's disk writes are in a private "
+                       "overlay"):
+        blk.host_files()
+    blk.close()
 
 
 def test_pseudo_op_child_writes_its_own_directory(h: Harness, tmp_path: Path) -> None:

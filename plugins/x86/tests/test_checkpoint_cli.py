@@ -151,6 +151,39 @@ def test_restore_refusals_are_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and "ram/0.bin: checksum mismatch" in lines[0]
 
 
+def test_a_disk_image_changed_since_the_checkpoint_is_refused(tmp_path: Path,
+                                                              reference: str) -> None:
+    """The checkpoint names the virtio-blk image (size, modification time); a restore
+    after something wrote to it is refused in one line unless --trust-host-files."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(64 * 1024))
+    blk = ["--device", f"virtio-blk,file={disk}"]
+    ck = tmp_path / "ck"
+    r = kvmfw(*guest_args(tmp_path), *blk, "--console", "none", "--checkpoint-at", str(AT),
+              "--checkpoint-dir", str(ck), "--exit-after-checkpoint", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    [cpt] = list(ck.iterdir())
+    [named] = json.loads((cpt / "manifest.json").read_text())["host_files"]
+    assert named["path"] == str(disk) and named["size"] == 64 * 1024
+    out = tmp_path / "out.txt"
+    r = kvmfw("--restore", str(cpt), "--console", f"file:{out}", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    with disk.open("r+b") as f:  # another run wrote to the disk
+        f.write(b"\x01")
+    os.utime(disk, ns=(0, named["mtime_ns"] + 10**9))
+    r = kvmfw("--restore", str(cpt), "--console", "none", cwd=tmp_path)
+    assert r.returncode == 9, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert "disk.img changed since the checkpoint" in line and "--trust-host-files" in line
+    out2 = tmp_path / "out2.txt"
+    r = kvmfw("--restore", str(cpt), "--trust-host-files", "--console", f"file:{out2}",
+              cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert out.read_text() == out2.read_text() and reference.endswith(out.read_text())
+    r = kvmfw(*guest_args(tmp_path), "--trust-host-files", cwd=tmp_path)
+    assert r.returncode == 2 and "--trust-host-files applies to --restore" in r.stderr
+
+
 # The same computation and output without the idle second, asking the pseudo-op device
 # for a checkpoint (op 0x43: a dword read at window offset 0x4300) after its 50th
 # character; the window sits at 0x100000, just above the 1 MiB of RAM, reached from real
