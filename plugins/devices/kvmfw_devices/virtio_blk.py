@@ -11,6 +11,12 @@ bounds it to ``MAX_CHAIN_BYTES``).
 
 Configuration space: 0x00 capacity (le64, in 512-byte sectors); the rest reads zero.
 Features offered: VIRTIO_BLK_F_FLUSH (9), VIRTIO_BLK_F_RO (5) with ``readonly=on``.
+
+With ``snapshot=on`` (QEMU's option of that name) the image is opened read-only and the
+guest's writes go to a private overlay, an unlinked sparse file in the temporary directory
+with a bitmap of the sectors it holds: each run starts from the image as it is, and the
+image never changes (so checkpoints that name it stay restorable, sweep variants stay
+apart). A forked child gets such an overlay too (:meth:`VirtioBlk.after_fork`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import struct
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, DeviceContext, parse_bool
-from kvmfw.errors import CheckpointError, ConfigError
+from kvmfw.errors import CheckpointError, ConfigError, DeviceError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
 from kvmfw_devices.virtio_mmio import Buffer, VirtioMmio
@@ -89,6 +95,9 @@ class VirtioBlk(VirtioMmio):
         **VirtioMmio.config,
         "file": ConfigKey(_opt_str, None, "raw disk image (required)"),
         "readonly": ConfigKey(parse_bool, False, "refuse writes (VIRTIO_BLK_F_RO)"),
+        "snapshot": ConfigKey(parse_bool, False, "the guest's writes go to a private "
+                              "overlay, never to the image, which is only read (QEMU's "
+                              "snapshot=on)"),
         "serial": ConfigKey(str, "kvmfw-disk", "the GET_ID answer (up to 20 bytes)"),
     }
 
@@ -97,18 +106,22 @@ class VirtioBlk(VirtioMmio):
         if path is None:
             raise ConfigError("virtio-blk: file=PATH (a raw disk image) is required")
         ro = self.validate_params(params)["readonly"]
+        snapshot = self.validate_params(params)["snapshot"]
         try:
-            self.fd = os.open(path, os.O_RDONLY if ro else os.O_RDWR)
+            self.fd = os.open(path, os.O_RDONLY if ro or snapshot else os.O_RDWR)
         except OSError as exc:
             raise ConfigError(f"virtio-blk: cannot open {path}: {exc.strerror}") from exc
         self.path = os.path.abspath(path)
         self.capacity = os.fstat(self.fd).st_size // SECTOR
         self._cow_fd = -1
-        """In a forked child: the overlay file that takes this process's writes."""
+        """With ``snapshot=on`` or in a forked child: the overlay file that takes this
+        process's writes."""
         self._cow: bytearray | None = None
-        """In a forked child: bit i set = sector i is in the overlay."""
+        """With an overlay: bit i set = sector i is in the overlay."""
         super().__init__(ctx, **params)
         self.stats.update(read_bytes=0, write_bytes=0, flushes=0, io_errors=0, unsupported=0)
+        if snapshot and not ro:
+            self._new_overlay()
 
     @property
     def device_features(self) -> int:  # type: ignore[override]
@@ -190,29 +203,56 @@ class VirtioBlk(VirtioMmio):
 
     def host_files(self) -> list[str]:
         """The image: a checkpoint names it (size, modification time) and a restore refuses
-        it changed. In a forked child that has written, the guest's disk is the image plus
-        a private overlay no checkpoint holds: refused."""
+        it changed. Once the guest has written to an overlay (``snapshot=on``, a forked
+        child), its disk is the image plus that overlay, which no checkpoint holds:
+        refused."""
         if self._cow is not None and self._cow.count(0) < len(self._cow):
-            raise CheckpointError(f"{self.name}: this forked child's disk writes are in a "
-                                  "private overlay that a checkpoint cannot name; checkpoint "
-                                  "before the child writes, or give it a read-only disk")
+            raise CheckpointError(f"{self.name}: the guest's disk writes are in a private "
+                                  "overlay (snapshot=on, or a forked child) that a checkpoint "
+                                  "cannot name; checkpoint before the guest writes, or give "
+                                  "it a read-only disk")
         return [self.path]
 
-    # --- a forked child: copy-on-write ---------------------------------------------------
+    # --- an overlay: snapshot=on, a forked child -------------------------------------------
 
     def after_fork(self, child: int) -> None:
         """The image is the parent's: this child writes to a private overlay (an unlinked
         sparse temporary file) and reads each sector from the overlay once written there,
-        else from the image, which it never writes (a read-only disk stays read-only)."""
+        else from the image, which it never writes (a read-only disk stays read-only). A
+        parent's overlay (``snapshot=on``, a fork of a fork) is the parent's too: the
+        child starts its own from a copy of it."""
         super().after_fork(child)
-        if self.params["readonly"] or self._cow is not None:
-            return
-        import tempfile  # here: only a fork needs it (it brings shutil, random, bz2, lzma)
+        if not self.params["readonly"]:
+            self._new_overlay()
+
+    def _new_overlay(self) -> None:
+        """Take writes in a new overlay from now on, holding what the current one holds
+        (sectors written before, copied in runs of 8)."""
+        import re
+        import tempfile  # here: only an overlay needs it (it brings shutil, random, bz2, lzma)
 
         fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
-        os.ftruncate(fd, self.capacity * SECTOR)
+        try:
+            os.ftruncate(fd, self.capacity * SECTOR)
+            old, bits = self._cow_fd, self._cow
+            if bits is not None:
+                for run in re.finditer(rb"[^\x00]+", bits):
+                    pos = run.start() * 8 * SECTOR
+                    end = min(run.end() * 8, self.capacity) * SECTOR
+                    while pos < end:
+                        n = os.copy_file_range(old, fd, end - pos, pos, pos)
+                        if n <= 0:
+                            raise OSError(0, "the overlay ended early")
+                        pos += n
+        except OSError as exc:
+            os.close(fd)
+            raise DeviceError(f"{self.name}: cannot make the disk's private overlay in "
+                              f"{tempfile.gettempdir()}: {exc.strerror or exc} (TMPDIR "
+                              "picks another directory)") from None
+        if old >= 0:
+            os.close(old)  # (a fork child's copy of the parent's descriptor)
         self._cow_fd = fd
-        self._cow = bytearray((self.capacity + 7) // 8)
+        self._cow = bytearray((self.capacity + 7) // 8) if bits is None else bytearray(bits)
 
     def _cow_transfer(self, views: list[memoryview], pos: int, length: int,
                       to_guest: bool) -> bool:

@@ -96,6 +96,38 @@ def test_virtio_blk_child_writes_to_an_overlay_never_the_image(h: Harness,
     assert _fds() == n - 2  # the image and the overlay
 
 
+def test_virtio_blk_snapshot_on_never_writes_the_image(h: Harness, tmp_path: Path) -> None:
+    """snapshot=on: the guest reads its own writes back, the image stays as it was (and
+    is opened read-only), and a fork of such a disk copies the overlay, never shares it."""
+    image = tmp_path / "disk.img"
+    original = bytes(range(256)) * 2 * 9  # 9 sectors: the bitmap's last byte is partial
+    image.write_bytes(original)
+    blk = VirtioBlk(h.ctx, file=str(image), snapshot="on")
+    with pytest.raises(OSError):  # the image is open read-only
+        os.pwrite(blk.fd, b"x", 0)
+    drv = Driver(blk, h.ctx.memory)
+    drv.start(1)
+    assert blk.host_files() == [str(image)]  # nothing written yet: the image is the disk
+    assert request(h, drv, b.T_OUT, 8, 0, b"\xcd" * 512) == b.S_OK  # the last sector
+    assert request(h, drv, b.T_IN, 7, 1024) == b.S_OK
+    assert h.ctx.memory.read(DATA, 1024) == original[3584:4096] + b"\xcd" * 512
+    assert image.read_bytes() == original
+    with pytest.raises(CheckpointError, match="snapshot=on"):
+        blk.host_files()
+    parent = os.dup(blk._cow_fd)  # the parent's overlay, as the parent keeps it
+    blk.after_fork(4242)
+    assert blk._cow_fd != parent
+    assert request(h, drv, b.T_IN, 8, 512) == b.S_OK  # the parent's write came along
+    assert h.ctx.memory.read(DATA, 512) == b"\xcd" * 512
+    assert request(h, drv, b.T_OUT, 8, 0, b"\xef" * 512) == b.S_OK  # the child's own
+    assert request(h, drv, b.T_IN, 8, 512) == b.S_OK
+    assert h.ctx.memory.read(DATA, 512) == b"\xef" * 512
+    assert os.pread(parent, 512, 8 * 512) == b"\xcd" * 512  # the parent's is untouched
+    os.close(parent)
+    assert image.read_bytes() == original
+    blk.close()
+
+
 def test_virtio_blk_names_its_image_for_checkpoints_until_a_child_writes(
         h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint names the image (absolute: a restore may run elsewhere); a forked
@@ -109,8 +141,8 @@ def test_virtio_blk_names_its_image_for_checkpoints_until_a_child_writes(
     blk.after_fork(4242)
     assert blk.host_files() == [str(tmp_path / "disk.img")]  # nothing written yet
     assert request(h, drv, b.T_OUT, 7, 0, b"\xab" * 512) == b.S_OK
-    with pytest.raises(CheckpointError, match="forked child's disk writes are in a private "
-                       "overlay"):
+    with pytest.raises(CheckpointError, match="disk writes are in a private overlay "
+                       r"\(snapshot=on, or a forked child\)"):
         blk.host_files()
     blk.close()
 

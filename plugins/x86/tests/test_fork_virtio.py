@@ -147,11 +147,11 @@ fail:
 """
 
 
-def _machine(image: Path, tmp_path: Path) -> tuple[Machine, io.BytesIO]:
+def _machine(image: Path, tmp_path: Path, extra: str = "") -> tuple[Machine, io.BytesIO]:
     console = io.BytesIO()
     cfg = MachineConfig(arch="x86", memory=64 << 20, default_devices=False,
                         devices=["uart16550", "debug-exit",
-                                 f"virtio-blk,file={image},base=0xd0000000,irq=5"],
+                                 f"virtio-blk,file={image},base=0xd0000000,irq=5{extra}"],
                         options={"irqchip": "kernel", "console_output": console})
     m = Machine(cfg, arch_plugin=X86Plugin(), arch_name="x86")
     guest = assemble(GUEST, out_dir=tmp_path, name="fork_virtio", bits=32)
@@ -210,3 +210,30 @@ def test_forked_child_virtio_blk_requests_go_through_its_own_doorbells(
         assert out["stats"]["ioeventfd_notifications"] == 2, \
             f"{who}: QueueNotify did not go through the doorbells"
     assert image.read_bytes() == original[:512] + _pattern(0x80) + original[1024:]
+
+
+def test_snapshot_on_the_guest_reads_its_writes_and_the_image_never_changes(
+        tmp_path: Path) -> None:
+    """virtio-blk snapshot=on on a real guest: its write and read-back of sector 1 match,
+    the image is as it was, and a checkpoint is taken before the guest wrote (the image
+    is its disk) and refused after (the overlay is)."""
+    from kvmfw.errors import CheckpointError
+
+    image = tmp_path / "disk.img"
+    original = bytes(512) + bytes([0xC3]) * 512 + bytes([0x5A]) * 512 + bytes(512)
+    image.write_bytes(original)
+    m, console = _machine(image, tmp_path, ",snapshot=on")
+    try:
+        r = m.run(timeout=60)
+        assert r.status == (PAUSE << 1) | 1, r.reason
+        m.checkpoint(tmp_path / "before")
+        out = _finish(m, console, 0x33)
+        assert out["status"] == 1, out["reason"]
+        assert bytes.fromhex(out["out"]) == b"\x00\x00\x01\x5a"  # OK, OK, matched, image
+        assert out["stats"]["write_bytes"] == 512
+        with pytest.raises(CheckpointError, match="snapshot=on"):
+            m.checkpoint(tmp_path / "after")
+    finally:
+        m.close()
+    assert image.read_bytes() == original
+    assert not (tmp_path / "after").exists()
