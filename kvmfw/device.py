@@ -37,12 +37,13 @@ default keeps everything; a device holding host resources applies its policy the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Protocol
 
 from kvmfw.bus import PendingAccess
 from kvmfw.debug import get_logger
-from kvmfw.errors import ConfigError
+from kvmfw.errors import CheckpointError, ConfigError
 from kvmfw.eventq import EventQueue
 from kvmfw.memory import GuestMemory
 from kvmfw.record import Frozen, Record
@@ -293,9 +294,28 @@ class Device:
         time; a restore refuses when one no longer matches, because the guest's RAM holds
         its view of the file (page cache, file system state) and a changed file would
         contradict it. Raise :class:`~kvmfw.errors.CheckpointError` when the file alone is
-        not what the guest sees (writes kept elsewhere, as in a forked child). The default:
+        not what the guest sees and :meth:`save_files` cannot hold the rest. The default:
         none."""
         return []
+
+    def save_files(self, directory: str) -> None:
+        """Write guest-visible state too large for :meth:`save`'s plain data (a disk's
+        private overlay) as files in ``directory``, a new directory of the checkpoint
+        being written (the machine drained). Names: up to 16 files of
+        ``[a-z0-9][a-z0-9._-]{0,63}``; the checkpoint lists each with its size and
+        sha256, and a restore verifies them before :meth:`load_files`. Leave the directory
+        empty when there is nothing. The default writes nothing."""
+
+    def load_files(self, directory: str) -> None:
+        """Read back what :meth:`save_files` wrote, on the restored machine before its
+        state is applied; ``directory`` holds exactly the files recorded (verified, but a
+        file is as hostile as a guest: bound every length and count read from one, and
+        raise :class:`~kvmfw.errors.CheckpointError`). Not called for a device that wrote
+        none. The default accepts nothing: files it did not expect are refused."""
+        names = sorted(os.listdir(directory))
+        if names:
+            raise CheckpointError(f"{self.name}: the checkpoint holds files for it "
+                                  f"({', '.join(names)}) that this device does not read")
 
     def firmware(self) -> list[FirmwareNode]:
         """How this device appears in generated firmware tables; none by default."""

@@ -86,7 +86,7 @@ def test_ram_files_are_sparse_and_hold_only_nonzero_pages(ckpt: Path) -> None:
     assert os.stat(ckpt / ram["file"]).st_blocks * 512 <= 64 * 1024
     assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "ram", "state.json",
                                                         "stats.json"]
-    assert man.data["version"] == "1.1" and man.data["arch"] == "realmode-test"
+    assert man.data["version"] == "1.2" and man.data["arch"] == "realmode-test"
     assert man.data["host_files"] == []  # (this machine's devices read no host file)
     assert man.data["cpu_model"]["vendor"] == "kvmfw-test"
     assert man.data["board"] == [{"key": "0:ticker", "name": "ticker",

@@ -1,5 +1,6 @@
 """Host files behind devices (a disk image) in checkpoints: named with their size and
-modification time, and a restore refuses one that changed since, unless trusted.
+modification time, and a restore refuses one that changed since, unless trusted; and the
+files a device writes into a checkpoint (a disk's overlay), verified and read back.
 
 A real guest on /dev/kvm (the test arch of ckpt_arch.py) with a device that names a host
 file, as virtio-blk names its image; ``plugins/devices/tests/test_virtio_checkpoint.py``
@@ -25,19 +26,33 @@ from kvmfw.errors import CheckpointError  # noqa: E402
 
 
 class Backed(Device):
-    """A device whose guest-visible contents live in a host file (as a disk's)."""
+    """A device whose guest-visible contents live in a host file (as a disk's), and whose
+    ``blob`` (as a disk's overlay) goes into checkpoints as files of its own."""
 
     name = "backed"
     config = {"file": ConfigKey(str, "", "the host file")}
+    blob = b""
+    names = ("blob.bin",)
+    loaded: list[bytes] = []
 
     def host_files(self) -> list[str]:
         return [os.path.abspath(self.params["file"])]
 
+    def save_files(self, directory: str) -> None:
+        for n in self.names if self.blob else ():
+            Path(directory, n).write_bytes(self.blob)
 
-def checkpoint(tmp_path: Path, image: Path | str) -> Path:
+    def load_files(self, directory: str) -> None:
+        Backed.loaded.append(Path(directory, "blob.bin").read_bytes())
+
+
+def checkpoint(tmp_path: Path, image: Path | str, blob: bytes = b"",
+               names: tuple[str, ...] = ("blob.bin",)) -> Path:
     rig = build()
     with rig.machine as m:
-        m.add_device(Backed(m.device_context(), file=str(image)))
+        d = Backed(m.device_context(), file=str(image))
+        d.blob, d.names = blob, names
+        m.add_device(d)
         m.run(max_ticks=10**9, timeout=60)
         return m.checkpoint(tmp_path / "cpt")
 
@@ -134,4 +149,46 @@ def test_a_hostile_field_is_refused_before_anything_is_built(
     data["host_files"] = value
     man.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match=why):
+        load_manifest(ckpt)
+
+
+def test_a_devices_files_are_listed_verified_and_read_back(tmp_path: Path,
+                                                            image: Path) -> None:
+    ckpt = checkpoint(tmp_path, image, blob=b"overlay" * 1000)
+    files = load_manifest(ckpt).data["files"]
+    assert files["dev/1/blob.bin"]["size"] == 7000
+    assert not (ckpt / "dev" / "0").exists()  # the ticker wrote none: no directory
+    Backed.loaded.clear()
+    do_restore(ckpt, image)
+    assert Backed.loaded == [b"overlay" * 1000]
+    (ckpt / "dev/1/blob.bin").write_bytes(b"x" * 7000)  # changed after it was written
+    with pytest.raises(CheckpointError, match=r"dev/1/blob\.bin: checksum mismatch"):
+        do_restore(ckpt, image)
+
+
+def test_a_file_the_manifest_does_not_name_is_refused(tmp_path: Path, image: Path) -> None:
+    ckpt = checkpoint(tmp_path, image, blob=b"b")
+    (ckpt / "dev/1/extra").write_bytes(b"?")
+    with pytest.raises(CheckpointError, match=r"dev/1: holds blob\.bin, extra, the manifest "
+                       r"names blob\.bin"):
+        do_restore(ckpt, image)
+
+
+def test_a_device_writing_badly_named_files_fails_the_checkpoint_cleanly(
+        tmp_path: Path, image: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"wrote \.\./x|wrote Bad"):
+        checkpoint(tmp_path, image, blob=b"b", names=("Bad",))
+    assert not (tmp_path / "cpt").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".cpt")] == []
+
+
+@pytest.mark.parametrize("rel", ["dev/9/blob.bin", "dev/1/../../x", "dev/1/Bad"])
+def test_a_manifest_naming_a_device_file_outside_the_rules_is_refused(
+        tmp_path: Path, image: Path, rel: str) -> None:
+    ckpt = checkpoint(tmp_path, image, blob=b"b")
+    man = ckpt / "manifest.json"
+    data = json.loads(man.read_text())
+    data["files"][rel] = data["files"].pop("dev/1/blob.bin")
+    man.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="names a file"):
         load_manifest(ckpt)

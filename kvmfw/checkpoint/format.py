@@ -27,8 +27,9 @@ from typing import Any
 from kvmfw.errors import CheckpointError
 
 FORMAT_NAME = "kvmfw-checkpoint"
-FORMAT_VERSION = (1, 1)
-"""1.1 added the manifest's optional ``host_files`` (1.0 checkpoints have none to check)."""
+FORMAT_VERSION = (1, 2)
+"""1.1 added the manifest's optional ``host_files``, 1.2 the devices' files
+(``dev/<index>/<name>``); an older checkpoint has none of either."""
 MANIFEST = "manifest.json"
 STATE = "state.json"
 STATS = "stats.json"
@@ -42,6 +43,13 @@ REGIONS_MAX = 512
 """Guest RAM regions a manifest may list (KVM's slot limit is below this)."""
 CHAIN_MAX = 64
 """Incremental checkpoints a restore follows back to the full one."""
+DEV_DIR = "dev"
+DEV_FILES_MAX = 16
+"""Files one device may write into a checkpoint (:meth:`Device.save_files
+<kvmfw.device.Device.save_files>`)."""
+DEV_FILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+DEV_FILE_MAX = 1 << 44
+"""Largest device file a reader hashes (a disk overlay holds at most the disk)."""
 HOST_FILES_MAX = 1024
 """Host files (disk images) a manifest may list."""
 CHUNK = 1 << 20
@@ -68,6 +76,11 @@ def file_identity(path: str) -> dict[str, int]:
     made with ``cp -p`` keeps it). Raises OSError."""
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def dev_dir(index: int) -> str:
+    """Where device ``index`` (its place on the board) keeps its files."""
+    return f"{DEV_DIR}/{index}"
 
 
 def ram_file(index: int) -> str:

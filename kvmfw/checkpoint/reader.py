@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = get_logger("kvmfw.checkpoint")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _RAM_NAME = re.compile(r"ram/(\d{1,4})\.(bin|map)")
+_DEV_NAME = re.compile(rf"{fmt.DEV_DIR}/(\d{{1,4}})/({fmt.DEV_FILE_NAME.pattern})")
 _U64 = (1 << 64) - 1
 
 
@@ -152,9 +153,17 @@ def _check_manifest(data: dict[str, Any], where: str) -> None:
     time = _need(data, "time", where, dict)
     _int(time.get("tick"), f"{where}: field 'time.tick'", 0, (1 << 63) - 1)
     files = _need(data, "files", where, dict)
+    per_device: dict[int, int] = {}
     for rel, info in files.items():
         w = f"{where}: field 'files'[{rel!r}]"
-        if rel not in (fmt.STATE, fmt.STATS) and not _RAM_NAME.fullmatch(rel):
+        dev = _DEV_NAME.fullmatch(rel) if isinstance(rel, str) else None
+        if dev is not None:
+            i = int(dev.group(1))
+            per_device[i] = per_device.get(i, 0) + 1
+            if i >= len(board) or per_device[i] > fmt.DEV_FILES_MAX:
+                raise _bad(w, f"names a file of no device on the board, or more than "
+                              f"{fmt.DEV_FILES_MAX} for one")
+        elif rel not in (fmt.STATE, fmt.STATS) and not _RAM_NAME.fullmatch(rel):
             raise _bad(w, "names a file that is not part of a checkpoint")
         if not isinstance(info, dict):
             raise _bad(w, "not a mapping")
@@ -261,10 +270,13 @@ def verify(m: Manifest, *, ram: bool = True) -> None:
         if st.st_size != info["size"]:
             raise CheckpointError(f"{where}: size {st.st_size} is not {info['size']} "
                                   "(truncated or changed)")
-        if rel.endswith(".bin"):
+        ram_name = _RAM_NAME.fullmatch(rel)
+        if _DEV_NAME.fullmatch(rel):
+            _size, digest = fmt.file_sha256(where, fmt.DEV_FILE_MAX)
+        elif ram_name is not None and rel.endswith(".bin"):
             if not ram:
                 continue
-            index = int(_RAM_NAME.fullmatch(rel).group(1))  # type: ignore[union-attr]
+            index = int(ram_name.group(1))
             mapping = m.memory[index].get("map")
             digest, pages = _ram_hash(where, info["size"], page,
                                       m.file(mapping) if mapping else None)
@@ -442,6 +454,30 @@ def check_host_files(machine: Machine, m: Manifest, trust: bool = False) -> None
                    "--trust-host-files (Python: trust_host_files=True) to take it as it is")
 
 
+def load_device_files(machine: Machine, m: Manifest) -> None:
+    """Each device's files (:meth:`~kvmfw.device.Device.load_files`), verified already:
+    the directory must hold exactly the files the manifest names for it."""
+    named: dict[int, set[str]] = {}
+    for rel in m.data["files"]:
+        dev = _DEV_NAME.fullmatch(rel)
+        if dev is not None:
+            named.setdefault(int(dev.group(1)), set()).add(dev.group(2))
+    for i, d in enumerate(machine.devices):
+        where = m.file(fmt.dev_dir(i))
+        try:
+            present = set(os.listdir(where))
+        except FileNotFoundError:
+            present = set()
+        except OSError as exc:
+            raise CheckpointError(f"{where}: cannot read: {exc.strerror}") from None
+        if present != named.get(i, set()):
+            raise CheckpointError(f"{where}: holds {', '.join(sorted(present)) or 'nothing'}"
+                                  f", the manifest names "
+                                  f"{', '.join(sorted(named.get(i, ()))) or 'nothing'}")
+        if present:
+            d.load_files(where)
+
+
 # --- mapping RAM ----------------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -552,6 +588,7 @@ def restore(path: str | os.PathLike[str], *, options: dict[str, Any] | None = No
                 raise _bad(where, f"field 'cpu_model': this host cannot give the guest its "
                                   f"CPU: {why}")
         map_ram(machine, links)
+        load_device_files(machine, m)
         apply(machine, state, rollback=False)
     except BaseException as exc:
         machine.close()

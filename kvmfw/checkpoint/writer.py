@@ -247,6 +247,7 @@ def write(machine: Machine, path: str | os.PathLike[str], *,
             stats = {"error": {"text": str(exc)}}
         files[fmt.STATS] = _write_json(str(tmp / fmt.STATS), _plain(stats))
         fmt.fsync_dir(str(tmp / fmt.RAM_DIR))
+        files.update(_device_files(machine, tmp))
         model = machine.hooks.call("cpu_model", machine=machine)
         manifest = {
             "format": fmt.FORMAT_NAME,
@@ -281,6 +282,44 @@ def write(machine: Machine, path: str | os.PathLike[str], *,
                                   " (check space and permissions)") from None
         raise
     return final
+
+
+def _device_files(machine: Machine, tmp: Path) -> dict[str, dict[str, Any]]:
+    """Each device's :meth:`~kvmfw.device.Device.save_files`, in ``dev/<index>/`` (a
+    directory only for a device that wrote something), each file fsynced and listed with
+    its size and sha256."""
+    out: dict[str, dict[str, Any]] = {}
+    for i, d in enumerate(machine.devices):
+        rel = fmt.dev_dir(i)
+        where = tmp / rel
+        where.mkdir(parents=True)
+        d.save_files(str(where))
+        names = sorted(os.listdir(where))
+        if not names:
+            where.rmdir()
+            continue
+        if len(names) > fmt.DEV_FILES_MAX or not all(
+                fmt.DEV_FILE_NAME.fullmatch(n) for n in names):
+            raise CheckpointError(f"{d.name}: wrote {', '.join(names)} into the checkpoint: "
+                                  f"at most {fmt.DEV_FILES_MAX} files named "
+                                  f"{fmt.DEV_FILE_NAME.pattern} (a plugin bug)")
+        for n in names:
+            path = str(where / n)
+            if not os.path.isfile(path) or os.path.islink(path):
+                raise CheckpointError(f"{d.name}: {rel}/{n} is not a regular file")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            size, digest = fmt.file_sha256(path, fmt.DEV_FILE_MAX)
+            out[f"{rel}/{n}"] = {"size": size, "sha256": digest}
+        fmt.fsync_dir(str(where))
+    if out:
+        fmt.fsync_dir(str(tmp / fmt.DEV_DIR))
+    elif (tmp / fmt.DEV_DIR).exists():
+        os.rmdir(tmp / fmt.DEV_DIR)
+    return out
 
 
 def _host_files(machine: Machine) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ apart). A forked child gets such an overlay too (:meth:`VirtioBlk.after_fork`).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from typing import Any, ClassVar
@@ -84,6 +85,48 @@ def _zero_from(views: list[memoryview], start: int) -> None:
             n = min(len(zero), len(v) - off)
             v[off:off + n] = zero[:n]
         start = 0
+
+
+def _sector_runs(bits: bytearray, capacity: int) -> list[tuple[int, int]]:
+    """Runs ``[start, end)`` of the sectors whose bit is set (bit i = sector i)."""
+    import re
+
+    runs: list[tuple[int, int]] = []
+    for m in re.finditer(rb"[^\x00]+", bits):
+        for sector in range(m.start() * 8, min(m.end() * 8, capacity)):
+            if bits[sector >> 3] >> (sector & 7) & 1:
+                if runs and runs[-1][1] == sector:
+                    runs[-1] = (runs[-1][0], sector + 1)
+                else:
+                    runs.append((sector, sector + 1))
+    return runs
+
+
+def _copy(src: int, src_pos: int, dst: int, dst_pos: int, length: int) -> int:
+    """``length`` bytes from ``src`` at ``src_pos`` to ``dst`` at ``dst_pos``: in the kernel
+    (``copy_file_range``), or through a 1 MiB buffer between file systems that cannot.
+    OSError if ``src`` ends first. Returns ``length``."""
+    done = 0
+    kernel = True
+    while done < length:
+        n = 0
+        if kernel:
+            try:
+                n = os.copy_file_range(src, dst, length - done, src_pos + done,
+                                       dst_pos + done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                                     errno.EOPNOTSUPP):
+                    raise
+                kernel = False
+                continue
+        else:
+            chunk = os.pread(src, min(length - done, 1 << 20), src_pos + done)
+            n = len(chunk) and os.pwrite(dst, chunk, dst_pos + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"the file ended {length - done} bytes early")
+        done += n
+    return length
 
 
 class VirtioBlk(VirtioMmio):
@@ -203,15 +246,63 @@ class VirtioBlk(VirtioMmio):
 
     def host_files(self) -> list[str]:
         """The image: a checkpoint names it (size, modification time) and a restore refuses
-        it changed. Once the guest has written to an overlay (``snapshot=on``, a forked
-        child), its disk is the image plus that overlay, which no checkpoint holds:
-        refused."""
-        if self._cow is not None and self._cow.count(0) < len(self._cow):
-            raise CheckpointError(f"{self.name}: the guest's disk writes are in a private "
-                                  "overlay (snapshot=on, or a forked child) that a checkpoint "
-                                  "cannot name; checkpoint before the guest writes, or give "
-                                  "it a read-only disk")
+        it changed. Writes kept in an overlay go into the checkpoint (:meth:`save_files`)."""
         return [self.path]
+
+    def save_files(self, directory: str) -> None:
+        """With an overlay that holds writes: ``overlay.map`` (its bitmap, a bit per
+        sector) and ``overlay.sectors`` (those sectors in order, nothing else)."""
+        bits = self._cow
+        if bits is None or bits.count(0) == len(bits):
+            return
+        with open(os.path.join(directory, "overlay.map"), "xb") as f:
+            f.write(bits)
+        fd = os.open(os.path.join(directory, "overlay.sectors"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            out = 0
+            for s, e in _sector_runs(bits, self.capacity):
+                out += _copy(self._cow_fd, s * SECTOR, fd, out, (e - s) * SECTOR)
+        finally:
+            os.close(fd)
+
+    def load_files(self, directory: str) -> None:
+        """Start from the checkpoint's overlay (:meth:`save_files`): its sectors into a new
+        private overlay, which takes this run's writes too (the image is never written)."""
+        names = sorted(os.listdir(directory))
+        if names != ["overlay.map", "overlay.sectors"]:
+            raise CheckpointError(f"{self.name}: the checkpoint holds {', '.join(names)}, "
+                                  "not overlay.map and overlay.sectors")
+        if self.params["readonly"]:
+            raise CheckpointError(f"{self.name}: the checkpoint holds writes to a disk this "
+                                  "machine has read-only")
+        want = (self.capacity + 7) // 8
+        path = os.path.join(directory, "overlay.map")
+        if os.path.getsize(path) != want:
+            raise CheckpointError(f"{path}: not {want} bytes (a bit per sector of this "
+                                  f"{self.capacity}-sector disk)")
+        with open(path, "rb") as f:
+            bits = bytearray(f.read(want))
+        if len(bits) != want or (self.capacity % 8 and bits[-1] >> (self.capacity % 8)):
+            raise CheckpointError(f"{path}: marks sectors past the disk's end")
+        runs = _sector_runs(bits, self.capacity)
+        n = sum(e - s for s, e in runs)
+        data = os.path.join(directory, "overlay.sectors")
+        if os.path.getsize(data) != n * SECTOR:
+            raise CheckpointError(f"{data}: not the {n} sectors its map marks")
+        self._new_overlay()
+        try:
+            fd = os.open(data, os.O_RDONLY)
+            try:
+                pos = 0
+                for s, e in runs:
+                    pos += _copy(fd, pos, self._cow_fd, s * SECTOR, (e - s) * SECTOR)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise CheckpointError(f"{data}: cannot read it into the disk's overlay: "
+                                  f"{exc.strerror or exc}") from None
+        self._cow = bits
 
     # --- an overlay: snapshot=on, a forked child -------------------------------------------
 
@@ -227,8 +318,7 @@ class VirtioBlk(VirtioMmio):
 
     def _new_overlay(self) -> None:
         """Take writes in a new overlay from now on, holding what the current one holds
-        (sectors written before, copied in runs of 8)."""
-        import re
+        (the sectors written before)."""
         import tempfile  # here: only an overlay needs it (it brings shutil, random, bz2, lzma)
 
         fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
@@ -236,14 +326,8 @@ class VirtioBlk(VirtioMmio):
             os.ftruncate(fd, self.capacity * SECTOR)
             old, bits = self._cow_fd, self._cow
             if bits is not None:
-                for run in re.finditer(rb"[^\x00]+", bits):
-                    pos = run.start() * 8 * SECTOR
-                    end = min(run.end() * 8, self.capacity) * SECTOR
-                    while pos < end:
-                        n = os.copy_file_range(old, fd, end - pos, pos, pos)
-                        if n <= 0:
-                            raise OSError(0, "the overlay ended early")
-                        pos += n
+                for s, e in _sector_runs(bits, self.capacity):
+                    _copy(old, s * SECTOR, fd, s * SECTOR, (e - s) * SECTOR)
         except OSError as exc:
             os.close(fd)
             raise DeviceError(f"{self.name}: cannot make the disk's private overlay in "

@@ -6,6 +6,7 @@ it in the child; one test forks for real to show the parent's resources are unto
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 from pathlib import Path
@@ -112,8 +113,7 @@ def test_virtio_blk_snapshot_on_never_writes_the_image(h: Harness, tmp_path: Pat
     assert request(h, drv, b.T_IN, 7, 1024) == b.S_OK
     assert h.ctx.memory.read(DATA, 1024) == original[3584:4096] + b"\xcd" * 512
     assert image.read_bytes() == original
-    with pytest.raises(CheckpointError, match="snapshot=on"):
-        blk.host_files()
+    assert blk.host_files() == [str(image)]  # (the overlay goes into save_files)
     parent = os.dup(blk._cow_fd)  # the parent's overlay, as the parent keeps it
     blk.after_fork(4242)
     assert blk._cow_fd != parent
@@ -128,10 +128,61 @@ def test_virtio_blk_snapshot_on_never_writes_the_image(h: Harness, tmp_path: Pat
     blk.close()
 
 
-def test_virtio_blk_names_its_image_for_checkpoints_until_a_child_writes(
+def test_virtio_blk_overlay_round_trips_through_checkpoint_files(
+        h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """save_files/load_files: the overlay's sectors (and only those) into the checkpoint,
+    back into a new device's own overlay; the image is named, never written; hostile
+    files are refused."""
+    (tmp_path / "disk.img").write_bytes(bytes(range(256)) * 2 * 20)  # 20 sectors
+    monkeypatch.chdir(tmp_path)
+    blk = VirtioBlk(h.ctx, file="disk.img", snapshot="on")
+    assert blk.host_files() == [str(tmp_path / "disk.img")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    blk.save_files(str(empty))
+    assert os.listdir(empty) == []  # nothing written: nothing saved
+    drv = Driver(blk, h.ctx.memory)
+    drv.start(1)
+    for sector, byte in ((3, 0x11), (4, 0x22), (19, 0x33)):
+        assert request(h, drv, b.T_OUT, sector, 0, bytes([byte]) * 512) == b.S_OK
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    blk.save_files(str(saved))
+    assert sorted(os.listdir(saved)) == ["overlay.map", "overlay.sectors"]
+    assert (saved / "overlay.sectors").read_bytes() == b"".join(
+        bytes([x]) * 512 for x in (0x11, 0x22, 0x33))
+    assert (saved / "overlay.map").read_bytes() == bytes([0x18, 0, 0x08])
+    blk.close()
+    again = VirtioBlk(h.ctx, file="disk.img", snapshot="on")
+    again.load_files(str(saved))
+    drv = Driver(again, h.ctx.memory)
+    drv.start(1)
+    assert request(h, drv, b.T_IN, 2, 4 * 512) == b.S_OK
+    assert h.ctx.memory.read(DATA, 4 * 512) == bytes(range(256)) * 2 + bytes([0x11]) * 512 \
+        + bytes([0x22]) * 512 + bytes(range(256)) * 2
+    assert (tmp_path / "disk.img").read_bytes() == bytes(range(256)) * 2 * 20
+    again.close()
+    # hostile files: a map marking a sector past the end, sectors not matching the map
+    for name, data, why in (("overlay.map", bytes([0x18, 0, 0x18]), "past the disk's end"),
+                            ("overlay.map", bytes(4), "not 3 bytes"),
+                            ("overlay.sectors", bytes(512), "not the 3 sectors")):
+        bad = tmp_path / f"bad-{name}-{len(data)}"
+        shutil.copytree(saved, bad)
+        (bad / name).write_bytes(data)
+        dev = VirtioBlk(h.ctx, file="disk.img", snapshot="on")
+        with pytest.raises(CheckpointError, match=why):
+            dev.load_files(str(bad))
+        dev.close()
+    ro = VirtioBlk(h.ctx, file="disk.img", readonly="on")
+    with pytest.raises(CheckpointError, match="read-only"):
+        ro.load_files(str(saved))
+    ro.close()
+
+
+def test_virtio_blk_names_its_image_for_checkpoints_and_saves_a_childs_overlay(
         h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint names the image (absolute: a restore may run elsewhere); a forked
-    child's disk is the image only until it writes to its overlay."""
+    child's writes, in its overlay, go into the checkpoint's files."""
     (tmp_path / "disk.img").write_bytes(bytes(4096))
     monkeypatch.chdir(tmp_path)
     blk = VirtioBlk(h.ctx, file="disk.img")
@@ -141,9 +192,11 @@ def test_virtio_blk_names_its_image_for_checkpoints_until_a_child_writes(
     blk.after_fork(4242)
     assert blk.host_files() == [str(tmp_path / "disk.img")]  # nothing written yet
     assert request(h, drv, b.T_OUT, 7, 0, b"\xab" * 512) == b.S_OK
-    with pytest.raises(CheckpointError, match="disk writes are in a private overlay "
-                       r"\(snapshot=on, or a forked child\)"):
-        blk.host_files()
+    assert blk.host_files() == [str(tmp_path / "disk.img")]  # and the overlay is saved
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    blk.save_files(str(saved))
+    assert (saved / "overlay.sectors").read_bytes() == b"\xab" * 512
     blk.close()
 
 
