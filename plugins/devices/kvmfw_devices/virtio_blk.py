@@ -321,15 +321,17 @@ class VirtioBlk(VirtioMmio):
         (the sectors written before)."""
         import tempfile  # here: only an overlay needs it (it brings shutil, random, bz2, lzma)
 
-        fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
+        old, bits = self._cow_fd, self._cow
+        fd = -1
         try:
+            fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
             os.ftruncate(fd, self.capacity * SECTOR)
-            old, bits = self._cow_fd, self._cow
             if bits is not None:
                 for s, e in _sector_runs(bits, self.capacity):
                     _copy(old, s * SECTOR, fd, s * SECTOR, (e - s) * SECTOR)
         except OSError as exc:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise DeviceError(f"{self.name}: cannot make the disk's private overlay in "
                               f"{tempfile.gettempdir()}: {exc.strerror or exc} (TMPDIR "
                               "picks another directory)") from None
