@@ -317,6 +317,21 @@ class Device:
             raise CheckpointError(f"{self.name}: the checkpoint holds files for it "
                                   f"({', '.join(names)}) that this device does not read")
 
+    def snapshot_take(self) -> Any:
+        """An in-process snapshot (:meth:`Machine.snapshot <kvmfw.machine.Machine.snapshot>`)
+        is being taken, the machine drained: return a handle to what
+        :meth:`snapshot_reset` needs to put back guest-visible host state that
+        :meth:`save` does not hold (a disk overlay's sectors), or None when there is none
+        (the default). Every handle is released with :meth:`snapshot_release`."""
+        return None
+
+    def snapshot_reset(self, handle: Any) -> None:
+        """``reset_to`` the snapshot :meth:`snapshot_take` gave ``handle`` for: put that
+        host state back (called with the machine settled, before :meth:`restore`)."""
+
+    def snapshot_release(self, handle: Any) -> None:
+        """The snapshot of ``handle`` is closed: free what it holds."""
+
     def firmware(self) -> list[FirmwareNode]:
         """How this device appears in generated firmware tables; none by default."""
         return []

@@ -29,10 +29,14 @@ memcpy calls into RAM that KVM keeps mapped; remapping pages (``MADV_DONTNEED`` 
 a second copy of RAM per snapshot (taken once; all-zero chunks of the baseline stay
 unallocated).
 
-Not covered: host files behind devices (a virtio-blk disk the guest wrote stays written:
-give fuzzed guests a read-only or scratch disk), and memory regions added or removed after
-the snapshot (``reset_to`` refuses). The state is trusted (this machine made it), so
-``reset_to`` does not roll back: if restoring fails it raises
+Host state behind devices that the device state refers to is put back where the device
+can (:meth:`~kvmfw.device.Device.snapshot_take`): a virtio-blk disk with ``snapshot=on``
+(or in a forked child) keeps its writes in an overlay, and ``reset_to`` puts back the
+overlay's sectors the guest overwrote since (kept once each, on their first write after
+the snapshot). Not covered: a plain writable disk (the guest's writes reach the image and
+stay: give fuzzed guests ``snapshot=on``, a read-only or a scratch disk), and memory
+regions added or removed after the snapshot (``reset_to`` refuses). The state is trusted
+(this machine made it), so ``reset_to`` does not roll back: if restoring fails it raises
 :class:`~kvmfw.errors.CheckpointError` and the machine must be reset to a snapshot again
 or closed.
 """
@@ -61,9 +65,13 @@ class Snapshot:
     """A machine's state and RAM at one instant; made by :meth:`Machine.snapshot`."""
 
     def __init__(self, machine: Machine, state: MachineState, tracker: DirtyTracker,
-                 baseline: dict[MemoryRegion, mmap.mmap]) -> None:
+                 baseline: dict[MemoryRegion, mmap.mmap],
+                 devices: list[tuple[Any, Any]] | None = None) -> None:
         self.machine = machine
         self.state = state
+        self._devices = devices or []
+        """(device, handle) of every device whose :meth:`~kvmfw.device.Device.snapshot_take`
+        gave one (a disk overlay's sectors)."""
         self.tracker: DirtyTracker | None = tracker
         self._baseline = baseline
         self._views = {r: memoryview(m) for r, m in baseline.items()}
@@ -82,6 +90,9 @@ class Snapshot:
         tracker, self.tracker = self.tracker, None
         if tracker is not None:
             tracker.close()
+        devices, self._devices = self._devices, []
+        for d, handle in devices:
+            d.snapshot_release(handle)
         for v in self._views.values():
             v.release()
         self._views.clear()
@@ -120,16 +131,23 @@ def take(machine: Machine) -> Snapshot:
     machine.drain()
     tracker = machine.dirty_tracker()  # before the copy: nothing written after is missed
     baseline: dict[MemoryRegion, mmap.mmap] = {}
+    devices: list[tuple[Any, Any]] = []
     try:
         state = capture(machine)
         for region in machine.memory:
             baseline[region] = _copy_region(region)
+        for d in machine.devices:
+            handle = d.snapshot_take()
+            if handle is not None:
+                devices.append((d, handle))
     except BaseException:
         tracker.close()
         for m in baseline.values():
             m.close()
+        for d, handle in devices:
+            d.snapshot_release(handle)
         raise
-    return Snapshot(machine, state, tracker, baseline)
+    return Snapshot(machine, state, tracker, baseline, devices)
 
 
 def _settle(machine: Machine) -> None:
@@ -183,6 +201,8 @@ def reset_to(machine: Machine, snap: Snapshot) -> int:
         for other in list(log.trackers):
             if other is not tracker:
                 other.add_bits(dirty)
+    for d, handle in snap._devices:  # host state the device state refers to (a disk)
+        d.snapshot_reset(handle)
     t3 = time.perf_counter()
     try:
         apply(machine, snap.state, rollback=False)

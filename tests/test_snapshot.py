@@ -7,11 +7,13 @@ import gc
 import os
 import resource
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import snap_arch as sa
 from kvmtest import needs_kvm
 
+from kvmfw.device import Device
 from kvmfw.dirty import bitmap_pages
 from kvmfw.errors import CheckpointError, KvmfwError
 from kvmfw.machine import Machine
@@ -208,3 +210,43 @@ def test_reset_to_with_parallel_vcpus(machines: list[Machine]) -> None:
         assert _copied(m.reset_to(snap), 8)
         assert _ram(m) == ram0
     snap.close()
+
+
+class _HostState(Device):
+    """A device with host state behind it (as a disk's overlay): a list the "guest"
+    appends to, which the snapshot hooks put back."""
+
+    name = "host-state"
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.items: list[int] = []
+        self.calls: list[str] = []
+
+    def snapshot_take(self) -> Any:
+        self.calls.append("take")
+        return list(self.items)
+
+    def snapshot_reset(self, handle: Any) -> None:
+        self.calls.append("reset")
+        self.items[:] = handle
+
+    def snapshot_release(self, handle: Any) -> None:
+        self.calls.append("release")
+
+
+def test_device_host_state_is_put_back_by_its_snapshot_hooks(
+        machines: list[Machine]) -> None:
+    m, _ = _make(machines, pages=2)
+    dev = _HostState(m.device_context())
+    m.add_device(dev)
+    dev.items.append(1)
+    with m.snapshot() as snap:
+        for i in range(3):
+            _run(m)
+            dev.items.append(10 + i)
+            m.reset_to(snap)
+            assert dev.items == [1]
+    assert dev.calls == ["take", "reset", "reset", "reset", "release"]
+    snap.close()  # (idempotent: released once)
+    assert dev.calls.count("release") == 1

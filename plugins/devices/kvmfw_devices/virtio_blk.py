@@ -129,6 +129,34 @@ def _copy(src: int, src_pos: int, dst: int, dst_pos: int, length: int) -> int:
     return length
 
 
+class _Undo:
+    """One in-process snapshot's undo log (:meth:`VirtioBlk.snapshot_take`): the overlay's
+    bitmap then, and in a sparse file the take-time contents of the sectors overwritten
+    since (``saved``: a bit per sector kept)."""
+
+    __slots__ = ("fd", "bits", "saved")
+
+    def __init__(self, fd: int, bits: bytearray, saved: bytearray) -> None:
+        self.fd, self.bits, self.saved = fd, bits, saved
+
+
+def _tmpfile(size: int, who: str) -> int:
+    """An unlinked sparse file of ``size`` bytes in the temporary directory."""
+    import tempfile  # here: only an overlay needs it (it brings shutil, random, bz2, lzma)
+
+    fd = -1
+    try:
+        fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        raise DeviceError(f"{who}: cannot make a private file in {tempfile.gettempdir()} "
+                          f"for the disk: {exc.strerror or exc} (TMPDIR picks another "
+                          "directory)") from None
+    return fd
+
+
 class VirtioBlk(VirtioMmio):
     """A raw image as a virtio block device."""
 
@@ -161,6 +189,8 @@ class VirtioBlk(VirtioMmio):
         process's writes."""
         self._cow: bytearray | None = None
         """With an overlay: bit i set = sector i is in the overlay."""
+        self._snaps: list[_Undo] = []
+        """The live in-process snapshots' undo logs (:meth:`snapshot_take`)."""
         super().__init__(ctx, **params)
         self.stats.update(read_bytes=0, write_bytes=0, flushes=0, io_errors=0, unsupported=0)
         if snapshot and not ro:
@@ -304,6 +334,51 @@ class VirtioBlk(VirtioMmio):
                                   f"{exc.strerror or exc}") from None
         self._cow = bits
 
+    # --- in-process snapshots: an undo log per snapshot -------------------------------------
+
+    def snapshot_take(self) -> _Undo | None:
+        """With an overlay: an undo log that keeps, on its first overwrite after now, each
+        sector the overlay holds now, and the overlay's bitmap. Without one, None: the
+        guest's writes reach the image and stay (module doc)."""
+        if self._cow is None:
+            return None
+        undo = _Undo(_tmpfile(self.capacity * SECTOR, self.name), bytearray(self._cow),
+                     bytearray(len(self._cow)))
+        self._snaps.append(undo)
+        return undo
+
+    def snapshot_reset(self, handle: _Undo) -> None:
+        """Put back the overlay's sectors overwritten since the snapshot, and its bitmap:
+        the disk reads as it did then. (The other live snapshots keep those sectors'
+        current contents first, as for any write.)"""
+        if handle not in self._snaps or self._cow is None:
+            raise DeviceError(f"{self.name}: reset to a snapshot this disk does not hold")
+        runs = _sector_runs(handle.saved, self.capacity)
+        others = [u for u in self._snaps if u is not handle]
+        try:
+            for s, e in runs:
+                self._preserve(others, s, e)
+                _copy(handle.fd, s * SECTOR, self._cow_fd, s * SECTOR, (e - s) * SECTOR)
+        except OSError as exc:
+            raise DeviceError(f"{self.name}: cannot put the disk back to the snapshot: "
+                              f"{exc.strerror or exc}") from None
+        self._cow[:] = handle.bits  # (the undo log stays valid: those sectors match it)
+
+    def snapshot_release(self, handle: _Undo) -> None:
+        if handle in self._snaps:
+            self._snaps.remove(handle)
+            os.close(handle.fd)
+
+    def _preserve(self, snaps: list[_Undo], first: int, end: int) -> None:
+        """Before sectors ``[first, end)`` of the overlay change: each live snapshot keeps
+        those it held in the overlay and has not kept yet."""
+        for undo in snaps:
+            for sector in range(first, end):
+                byte, bit = sector >> 3, 1 << (sector & 7)
+                if undo.bits[byte] & bit and not undo.saved[byte] & bit:
+                    _copy(self._cow_fd, sector * SECTOR, undo.fd, sector * SECTOR, SECTOR)
+                    undo.saved[byte] |= bit
+
     # --- an overlay: snapshot=on, a forked child -------------------------------------------
 
     def after_fork(self, child: int) -> None:
@@ -315,26 +390,31 @@ class VirtioBlk(VirtioMmio):
         super().after_fork(child)
         if not self.params["readonly"]:
             self._new_overlay()
+            for undo in self._snaps:  # the parent's logs too: the child's own copies
+                fd = _tmpfile(self.capacity * SECTOR, self.name)
+                try:
+                    for s, e in _sector_runs(undo.saved, self.capacity):
+                        _copy(undo.fd, s * SECTOR, fd, s * SECTOR, (e - s) * SECTOR)
+                except OSError as exc:
+                    os.close(fd)
+                    raise DeviceError(f"{self.name}: cannot copy a snapshot's undo log: "
+                                      f"{exc.strerror or exc}") from None
+                os.close(undo.fd)
+                undo.fd = fd
 
     def _new_overlay(self) -> None:
         """Take writes in a new overlay from now on, holding what the current one holds
         (the sectors written before)."""
-        import tempfile  # here: only an overlay needs it (it brings shutil, random, bz2, lzma)
-
         old, bits = self._cow_fd, self._cow
-        fd = -1
+        fd = _tmpfile(self.capacity * SECTOR, self.name)
         try:
-            fd = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
-            os.ftruncate(fd, self.capacity * SECTOR)
             if bits is not None:
                 for s, e in _sector_runs(bits, self.capacity):
                     _copy(old, s * SECTOR, fd, s * SECTOR, (e - s) * SECTOR)
         except OSError as exc:
-            if fd >= 0:
-                os.close(fd)
-            raise DeviceError(f"{self.name}: cannot make the disk's private overlay in "
-                              f"{tempfile.gettempdir()}: {exc.strerror or exc} (TMPDIR "
-                              "picks another directory)") from None
+            os.close(fd)
+            raise DeviceError(f"{self.name}: cannot copy the disk's overlay: "
+                              f"{exc.strerror or exc}") from None
         if old >= 0:
             os.close(old)  # (a fork child's copy of the parent's descriptor)
         self._cow_fd = fd
@@ -345,6 +425,7 @@ class VirtioBlk(VirtioMmio):
         cow = self._cow
         assert cow is not None
         if not to_guest:  # a request is whole sectors: every sector it touches is replaced
+            self._preserve(self._snaps, pos // SECTOR, (pos + length) // SECTOR)
             done = 0
             for i in range(0, len(views), IOV_BATCH):
                 done += _full_io(self._cow_fd, views[i:i + IOV_BATCH], pos + done, False)
@@ -375,6 +456,9 @@ class VirtioBlk(VirtioMmio):
 
     def close(self) -> None:
         super().close()
+        for undo in self._snaps:
+            os.close(undo.fd)
+        self._snaps.clear()
         if self._cow_fd >= 0:
             os.close(self._cow_fd)
             self._cow_fd = -1

@@ -240,3 +240,30 @@ def test_snapshot_on_the_guest_reads_its_writes_and_a_checkpoint_keeps_them(
             assert blk._cow is not None and blk._cow[0] == 0b10  # sector 1 only
             assert os.pread(blk._cow_fd, 512, 512) == _pattern(0x33)
     assert image.read_bytes() == original
+
+
+def test_reset_to_puts_a_snapshot_on_disk_back(tmp_path: Path) -> None:
+    """Machine.snapshot/reset_to with a snapshot=on disk on a real guest: each run from the
+    snapshot writes sector 1 with its own data and reads it back; after each reset the
+    disk is as it was at the snapshot (the sector is the image's again)."""
+    image = tmp_path / "disk.img"
+    original = bytes(512) + bytes([0xC3]) * 512 + bytes([0x5A]) * 512 + bytes(512)
+    image.write_bytes(original)
+    m, console = _machine(image, tmp_path, ",snapshot=on")
+    try:
+        r = m.run(timeout=60)
+        assert r.status == (PAUSE << 1) | 1, r.reason
+        blk = m.devices[2]
+        with m.snapshot() as snap:
+            for seed in (0x33, 0x44, 0x55):
+                console.seek(0)
+                console.truncate()
+                out = _finish(m, console, seed)
+                assert out["status"] == 1, out["reason"]
+                assert bytes.fromhex(out["out"]) == b"\x00\x00\x01\x5a"
+                assert os.pread(blk._cow_fd, 512, 512) == _pattern(seed)
+                m.reset_to(snap)
+                assert blk._cow is not None and not any(blk._cow)  # as at the snapshot
+    finally:
+        m.close()
+    assert image.read_bytes() == original
