@@ -373,11 +373,18 @@ class VirtioBlk(VirtioMmio):
         """Before sectors ``[first, end)`` of the overlay change: each live snapshot keeps
         those it held in the overlay and has not kept yet."""
         for undo in snaps:
-            for sector in range(first, end):
+            start = -1  # a run of sectors to keep, copied at once
+            for sector in range(first, end + 1):
                 byte, bit = sector >> 3, 1 << (sector & 7)
-                if undo.bits[byte] & bit and not undo.saved[byte] & bit:
-                    _copy(self._cow_fd, sector * SECTOR, undo.fd, sector * SECTOR, SECTOR)
+                keep = sector < end and undo.bits[byte] & bit and not undo.saved[byte] & bit
+                if keep:
                     undo.saved[byte] |= bit
+                    if start < 0:
+                        start = sector
+                elif start >= 0:
+                    _copy(self._cow_fd, start * SECTOR, undo.fd, start * SECTOR,
+                          (sector - start) * SECTOR)
+                    start = -1
 
     # --- an overlay: snapshot=on, a forked child -------------------------------------------
 
