@@ -410,13 +410,20 @@ class VirtioBlk(VirtioMmio):
                 undo.fd = fd
 
     def _new_overlay(self) -> None:
-        """Take writes in a new overlay from now on, holding what the current one holds
-        (the sectors written before)."""
+        """Take writes in a new overlay from now on, holding what the current one holds:
+        the sectors written before, and those a live snapshot's bitmap holds (a reset to
+        an older snapshot clears their bits, not their contents, which a reset to the
+        live one uses)."""
         old, bits = self._cow_fd, self._cow
         fd = _tmpfile(self.capacity * SECTOR, self.name)
         try:
             if bits is not None:
-                for s, e in _sector_runs(bits, self.capacity):
+                held = bytearray(bits)
+                for undo in self._snaps:
+                    held = bytearray((int.from_bytes(held, "little")
+                                      | int.from_bytes(undo.bits, "little")
+                                      ).to_bytes(len(held), "little"))
+                for s, e in _sector_runs(held, self.capacity):
                     _copy(old, s * SECTOR, fd, s * SECTOR, (e - s) * SECTOR)
         except OSError as exc:
             os.close(fd)

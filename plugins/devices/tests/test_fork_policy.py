@@ -276,3 +276,23 @@ def test_virtio_blk_without_an_overlay_takes_no_snapshot(h: Harness, tmp_path: P
     blk = VirtioBlk(h.ctx, file=str(image))
     assert blk.snapshot_take() is None  # a plain disk: its writes stay (documented)
     blk.close()
+
+
+def test_virtio_blk_fork_keeps_sectors_only_a_live_snapshot_holds(
+        h: Harness, tmp_path: Path) -> None:
+    """A reset to an older snapshot clears a sector's bit but keeps its contents for a
+    newer live snapshot; a fork then must copy it too."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(8 * 512))
+    blk = VirtioBlk(h.ctx, file=str(image), snapshot="on")
+    drv = Driver(blk, h.ctx.memory)
+    drv.start(1)
+    older = blk.snapshot_take()  # before sector 3 is written
+    assert request(h, drv, b.T_OUT, 3, 0, b"\x11" * 512) == b.S_OK
+    newer = blk.snapshot_take()  # holds sector 3
+    blk.snapshot_reset(older)
+    assert _disk(h, drv, 8) == bytes(8 * 512)
+    blk.after_fork(4242)
+    blk.snapshot_reset(newer)
+    assert _disk(h, drv, 8)[3 * 512:4 * 512] == b"\x11" * 512
+    blk.close()
