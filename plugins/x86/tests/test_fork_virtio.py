@@ -168,6 +168,10 @@ def _finish(m: Machine, console: io.BytesIO, seed: int) -> dict[str, Any]:
             "doorbells": blk.doorbells is not None, "stats": dict(blk.stats)}
 
 
+ORIGINAL = bytes(512) + bytes([0xC3]) * 512 + bytes([0x5A]) * 512 + bytes(512)
+"""The snapshot=on tests' image: sector 1 is what the guest writes and reads back."""
+
+
 def _pattern(seed: int) -> bytes:
     return bytes((seed + i) & 0xFF for i in range(512))
 
@@ -175,7 +179,7 @@ def _pattern(seed: int) -> bytes:
 def test_forked_child_virtio_blk_requests_go_through_its_own_doorbells(
         tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
-    original = bytes(512) + bytes([0xC3]) * 512 + bytes([0x5A]) * 512 + bytes(512)
+    original = ORIGINAL
     image.write_bytes(original)
     m, console = _machine(image, tmp_path)
     try:
@@ -212,18 +216,26 @@ def test_forked_child_virtio_blk_requests_go_through_its_own_doorbells(
     assert image.read_bytes() == original[:512] + _pattern(0x80) + original[1024:]
 
 
+def _paused_snapshot_disk(tmp_path: Path) -> tuple[Machine, io.BytesIO, Path]:
+    """The guest on a snapshot=on disk, run to its pause point (queue set up, nothing
+    written); the image holds ORIGINAL."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(ORIGINAL)
+    m, console = _machine(image, tmp_path, ",snapshot=on")
+    r = m.run(timeout=60)
+    if r.status != (PAUSE << 1) | 1:
+        m.close()
+        pytest.fail(f"the guest did not reach its pause point: {r.reason}")
+    return m, console, image
+
+
 def test_snapshot_on_the_guest_reads_its_writes_and_a_checkpoint_keeps_them(
         tmp_path: Path) -> None:
     """virtio-blk snapshot=on on a real guest: its write and read-back of sector 1 match,
     the image never changes, and a checkpoint taken after the write holds it (the
     overlay's files): restored twice, each machine's disk has it, in its own overlay."""
-    image = tmp_path / "disk.img"
-    original = bytes(512) + bytes([0xC3]) * 512 + bytes([0x5A]) * 512 + bytes(512)
-    image.write_bytes(original)
-    m, console = _machine(image, tmp_path, ",snapshot=on")
+    m, console, image = _paused_snapshot_disk(tmp_path)
     try:
-        r = m.run(timeout=60)
-        assert r.status == (PAUSE << 1) | 1, r.reason
         out = _finish(m, console, 0x33)
         assert out["status"] == 1, out["reason"]
         assert bytes.fromhex(out["out"]) == b"\x00\x00\x01\x5a"  # OK, OK, matched, image
@@ -231,7 +243,7 @@ def test_snapshot_on_the_guest_reads_its_writes_and_a_checkpoint_keeps_them(
         ckpt = m.checkpoint(tmp_path / "after")
     finally:
         m.close()
-    assert image.read_bytes() == original
+    assert image.read_bytes() == ORIGINAL
     assert (ckpt / "dev/2/overlay.sectors").read_bytes() == _pattern(0x33)
     for _ in range(2):
         with Machine.restore(ckpt, arch_plugin=X86Plugin(),
@@ -239,20 +251,15 @@ def test_snapshot_on_the_guest_reads_its_writes_and_a_checkpoint_keeps_them(
             blk = r2.devices[2]
             assert blk._cow is not None and blk._cow[0] == 0b10  # sector 1 only
             assert os.pread(blk._cow_fd, 512, 512) == _pattern(0x33)
-    assert image.read_bytes() == original
+    assert image.read_bytes() == ORIGINAL
 
 
 def test_reset_to_puts_a_snapshot_on_disk_back(tmp_path: Path) -> None:
     """Machine.snapshot/reset_to with a snapshot=on disk on a real guest: each run from the
     snapshot writes sector 1 with its own data and reads it back; after each reset the
     disk is as it was at the snapshot (the sector is the image's again)."""
-    image = tmp_path / "disk.img"
-    original = bytes(512) + bytes([0xC3]) * 512 + bytes([0x5A]) * 512 + bytes(512)
-    image.write_bytes(original)
-    m, console = _machine(image, tmp_path, ",snapshot=on")
+    m, console, image = _paused_snapshot_disk(tmp_path)
     try:
-        r = m.run(timeout=60)
-        assert r.status == (PAUSE << 1) | 1, r.reason
         blk = m.devices[2]
         with m.snapshot() as snap:
             for seed in (0x33, 0x44, 0x55):
@@ -266,4 +273,4 @@ def test_reset_to_puts_a_snapshot_on_disk_back(tmp_path: Path) -> None:
                 assert blk._cow is not None and not any(blk._cow)  # as at the snapshot
     finally:
         m.close()
-    assert image.read_bytes() == original
+    assert image.read_bytes() == ORIGINAL
