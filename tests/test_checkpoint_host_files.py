@@ -192,3 +192,15 @@ def test_a_manifest_naming_a_device_file_outside_the_rules_is_refused(
     man.write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="names a file"):
         load_manifest(ckpt)
+
+
+def test_a_format_1_0_checkpoint_without_host_files_restores(tmp_path: Path,
+                                                             image: Path) -> None:
+    """Checkpoints written before host files were recorded name none: nothing to compare."""
+    ckpt = checkpoint(tmp_path, image)
+    man = ckpt / "manifest.json"
+    data = json.loads(man.read_text())
+    del data["host_files"]
+    data["version"] = "1.0"
+    man.write_text(json.dumps(data))
+    do_restore(ckpt, image)

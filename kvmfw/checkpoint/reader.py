@@ -428,7 +428,11 @@ def check_host_files(machine: Machine, m: Manifest, trust: bool = False) -> None
     and unchanged since (:meth:`~kvmfw.device.Device.host_files`): the guest's RAM holds
     its view of each. ``trust``: a changed file is only logged."""
     where = f"{m.file(fmt.MANIFEST)}: field 'host_files'"
-    recorded = m.data.get("host_files", [])
+    if "host_files" not in m.data:  # format 1.0: nothing recorded, nothing to compare
+        log.info("%s: a format %s checkpoint records no host files: its disk images are "
+                 "not checked", m.file(fmt.MANIFEST), m.data["version"])
+        return
+    recorded = m.data["host_files"]
     now = [(device_key(i, d), path) for i, d in enumerate(machine.devices)
            for path in d.host_files()]
     if [(h["device"], h["path"]) for h in recorded] != now:
