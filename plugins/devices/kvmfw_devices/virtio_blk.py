@@ -27,6 +27,7 @@ import struct
 from typing import Any, ClassVar
 
 from kvmfw.device import ConfigKey, DeviceContext, parse_bool
+from kvmfw.dirty import bitmap_runs
 from kvmfw.errors import CheckpointError, ConfigError, DeviceError
 
 from kvmfw_devices import KVMFW_PLUGIN_API as KVMFW_PLUGIN_API  # checked by the core
@@ -87,19 +88,11 @@ def _zero_from(views: list[memoryview], start: int) -> None:
         start = 0
 
 
-def _sector_runs(bits: bytearray, capacity: int) -> list[tuple[int, int]]:
-    """Runs ``[start, end)`` of the sectors whose bit is set (bit i = sector i)."""
-    import re
-
-    runs: list[tuple[int, int]] = []
-    for m in re.finditer(rb"[^\x00]+", bits):
-        for sector in range(m.start() * 8, min(m.end() * 8, capacity)):
-            if bits[sector >> 3] >> (sector & 7) & 1:
-                if runs and runs[-1][1] == sector:
-                    runs[-1] = (runs[-1][0], sector + 1)
-                else:
-                    runs.append((sector, sector + 1))
-    return runs
+def _sector_runs(bits: bytes | bytearray, capacity: int) -> list[tuple[int, int]]:
+    """Runs ``[start, end)`` of the sectors whose bit is set (bit i = sector i), up to
+    ``capacity`` (the core's :func:`~kvmfw.dirty.bitmap_runs`)."""
+    value = int.from_bytes(bits, "little") & ((1 << capacity) - 1)
+    return [(s, s + n) for s, n in bitmap_runs(value)]
 
 
 def _copy(src: int, src_pos: int, dst: int, dst_pos: int, length: int) -> int:
@@ -418,12 +411,10 @@ class VirtioBlk(VirtioMmio):
         fd = _tmpfile(self.capacity * SECTOR, self.name)
         try:
             if bits is not None:
-                held = bytearray(bits)
+                held = int.from_bytes(bits, "little")
                 for undo in self._snaps:
-                    held = bytearray((int.from_bytes(held, "little")
-                                      | int.from_bytes(undo.bits, "little")
-                                      ).to_bytes(len(held), "little"))
-                for s, e in _sector_runs(held, self.capacity):
+                    held |= int.from_bytes(undo.bits, "little")
+                for s, e in _sector_runs(held.to_bytes(len(bits), "little"), self.capacity):
                     _copy(old, s * SECTOR, fd, s * SECTOR, (e - s) * SECTOR)
         except OSError as exc:
             os.close(fd)
